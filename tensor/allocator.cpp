@@ -1,0 +1,144 @@
+#include "tensor/allocator.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#include "tensor/dtype.h"
+#include "tensor/error.h"
+#ifdef LONGTAPE_WITH_CUDA
+#include "cuda/memory_pool.h"
+#include "cuda/runtime.h"
+#endif
+
+namespace longtape {
+
+namespace {
+// Host memory statistics: what the CPU backend allocated through tensors.
+struct HostCounters {
+  std::mutex mutex;
+  MemoryStats stats;
+} g_host;
+
+void host_count(int64_t delta) {
+  std::lock_guard<std::mutex> lock(g_host.mutex);
+  MemoryStats& s = g_host.stats;
+  s.allocated_bytes += delta;
+  s.reserved_bytes = s.allocated_bytes;
+  if (delta > 0) {
+    ++s.num_allocs;
+    ++s.device_allocs;
+  } else {
+    ++s.device_frees;
+  }
+  s.peak_allocated_bytes = std::max(s.peak_allocated_bytes, s.allocated_bytes);
+  s.peak_reserved_bytes = std::max(s.peak_reserved_bytes, s.reserved_bytes);
+}
+
+constexpr size_t kHostAlignment = 64;
+}  // namespace
+
+Storage::~Storage() {
+  if (!data) return;
+  if (device.is_cpu()) {
+    std::free(data);
+    host_count(-static_cast<int64_t>(nbytes));
+  } else {
+#ifdef LONGTAPE_WITH_CUDA
+    cuda::pool_free(device.index, data);
+#endif
+  }
+}
+
+std::shared_ptr<Storage> allocate_storage(Device device, size_t nbytes) {
+  if (device.is_cpu()) {
+    size_t rounded = std::max<size_t>(kHostAlignment, (nbytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment);
+    void* p = std::aligned_alloc(kHostAlignment, rounded);
+    if (!p) throw OutOfMemoryError(detail::concat("out of host memory: requested ", nbytes, " bytes"));
+    host_count(static_cast<int64_t>(nbytes));
+    return std::make_shared<Storage>(p, nbytes, device);
+  }
+#ifdef LONGTAPE_WITH_CUDA
+  void* p = nbytes ? cuda::pool_allocate(device.index, nbytes) : nullptr;
+  return std::make_shared<Storage>(p, nbytes, device);
+#else
+  throw Error("this build of longtape has no CUDA backend (rebuild with -DLONGTAPE_CUDA=ON); asked for " +
+              device.str());
+#endif
+}
+
+MemoryStats memory_stats(Device device) {
+  if (device.is_cpu()) {
+    std::lock_guard<std::mutex> lock(g_host.mutex);
+    return g_host.stats;
+  }
+#ifdef LONGTAPE_WITH_CUDA
+  return cuda::pool_stats(device.index);
+#else
+  throw Error("memory_stats: no CUDA backend in this build; asked for " + device.str());
+#endif
+}
+
+void reset_peak_memory(Device device) {
+  if (device.is_cpu()) {
+    std::lock_guard<std::mutex> lock(g_host.mutex);
+    g_host.stats.peak_allocated_bytes = g_host.stats.allocated_bytes;
+    g_host.stats.peak_reserved_bytes = g_host.stats.reserved_bytes;
+    return;
+  }
+#ifdef LONGTAPE_WITH_CUDA
+  cuda::pool_reset_peak(device.index);
+#endif
+}
+
+void empty_cache(Device device) {
+#ifdef LONGTAPE_WITH_CUDA
+  if (device.is_cuda()) cuda::pool_empty_cache(device.index);
+#endif
+}
+
+void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t nbytes) {
+  if (nbytes == 0) return;
+  if (dst_device.is_cpu() && src_device.is_cpu()) {
+    std::memcpy(dst, src, nbytes);
+    return;
+  }
+#ifdef LONGTAPE_WITH_CUDA
+  cuda::memcpy_any(dst, dst_device.is_cuda(), src, src_device.is_cuda(), nbytes);
+#else
+  throw Error("copy between " + src_device.str() + " and " + dst_device.str() +
+              " needs the CUDA backend, which this build does not have");
+#endif
+}
+
+#ifndef LONGTAPE_WITH_CUDA
+bool cuda_available() { return false; }
+int cuda_device_count() { return 0; }
+#endif
+
+Device Device::parse(const std::string& text) {
+  if (text == "cpu") return cpu();
+  if (text == "cuda") return cuda(0);
+  if (text.rfind("cuda:", 0) == 0) {
+    try {
+      size_t used = 0;
+      int n = std::stoi(text.substr(5), &used);
+      if (used == text.size() - 5 && n >= 0) return cuda(n);
+    } catch (const std::exception&) {
+    }
+  }
+  throw Error("device: expected 'cpu', 'cuda' or 'cuda:N', got '" + text + "'");
+}
+
+DType dtype_from_name(const std::string& name) {
+  if (name == "f32" || name == "float32" || name == "float") return DType::f32;
+  if (name == "f64" || name == "float64" || name == "double") return DType::f64;
+  if (name == "bf16" || name == "bfloat16") return DType::bf16;
+  if (name == "i32" || name == "int32") return DType::i32;
+  if (name == "i64" || name == "int64") return DType::i64;
+  throw Error("dtype: expected one of f32, f64, bf16, i32, i64, got '" + name + "'");
+}
+
+}  // namespace longtape

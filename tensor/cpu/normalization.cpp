@@ -1,0 +1,129 @@
+// Softmax and LayerNorm rows: forward and backward.
+#include <cmath>
+#include <limits>
+
+#include "tensor/cpu/cpu_kernels.h"
+#include "tensor/cpu/strided.h"
+
+namespace longtape::cpu {
+
+void softmax(void* out, const void* in, DType dtype, int64_t rows, int64_t cols, bool log) {
+  dispatch_float(dtype, "softmax", [&]<typename T>() {
+    const T* x = static_cast<const T*>(in);
+    T* y = static_cast<T*>(out);
+#pragma omp parallel for if (rows * cols > (1 << 16))
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * cols;
+      T* yr = y + r * cols;
+      T m = -std::numeric_limits<T>::infinity();
+      for (int64_t c = 0; c < cols; ++c) m = std::max(m, xr[c]);
+      if (m == -std::numeric_limits<T>::infinity()) m = 0;  // all -inf row: avoid inf - inf
+      double s = 0;
+      for (int64_t c = 0; c < cols; ++c) s += std::exp(static_cast<double>(xr[c] - m));
+      if (log) {
+        T lse = m + static_cast<T>(std::log(s));
+        for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] - lse;
+      } else {
+        T inv = static_cast<T>(1.0 / s);
+        for (int64_t c = 0; c < cols; ++c) yr[c] = std::exp(xr[c] - m) * inv;
+      }
+    }
+  });
+}
+
+void softmax_backward(void* dx, const void* y, const void* dy, DType dtype, int64_t rows, int64_t cols,
+                      bool log) {
+  dispatch_float(dtype, "softmax_backward", [&]<typename T>() {
+    const T* yp = static_cast<const T*>(y);
+    const T* gp = static_cast<const T*>(dy);
+    T* out = static_cast<T*>(dx);
+#pragma omp parallel for if (rows * cols > (1 << 16))
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* yr = yp + r * cols;
+      const T* gr = gp + r * cols;
+      T* o = out + r * cols;
+      double s = 0;
+      if (log) {
+        for (int64_t c = 0; c < cols; ++c) s += gr[c];
+        for (int64_t c = 0; c < cols; ++c) o[c] = gr[c] - std::exp(yr[c]) * static_cast<T>(s);
+      } else {
+        for (int64_t c = 0; c < cols; ++c) s += static_cast<double>(gr[c]) * yr[c];
+        for (int64_t c = 0; c < cols; ++c) o[c] = yr[c] * (gr[c] - static_cast<T>(s));
+      }
+    }
+  });
+}
+
+void layer_norm(void* y, void* mean, void* rstd, const void* x, const void* weight, const void* bias,
+                DType dtype, int64_t rows, int64_t cols, double eps) {
+  dispatch_float(dtype, "layer_norm", [&]<typename T>() {
+    const T* xp = static_cast<const T*>(x);
+    const T* w = static_cast<const T*>(weight);
+    const T* b = static_cast<const T*>(bias);
+    T* yp = static_cast<T*>(y);
+    T* mp = static_cast<T*>(mean);
+    T* rp = static_cast<T*>(rstd);
+#pragma omp parallel for if (rows * cols > (1 << 16))
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = xp + r * cols;
+      double s = 0;
+      for (int64_t c = 0; c < cols; ++c) s += xr[c];
+      double mu = s / cols, v = 0;
+      for (int64_t c = 0; c < cols; ++c) v += (xr[c] - mu) * (xr[c] - mu);
+      double rs = 1.0 / std::sqrt(v / cols + eps);
+      mp[r] = static_cast<T>(mu);
+      rp[r] = static_cast<T>(rs);
+      for (int64_t c = 0; c < cols; ++c) {
+        T h = static_cast<T>((xr[c] - mu) * rs);
+        yp[r * cols + c] = (w ? h * w[c] : h) + (b ? b[c] : T(0));
+      }
+    }
+  });
+}
+
+void layer_norm_backward(void* dx, void* dweight, void* dbias, const void* dy, const void* x,
+                         const void* mean, const void* rstd, const void* weight, DType dtype, int64_t rows,
+                         int64_t cols) {
+  dispatch_float(dtype, "layer_norm_backward", [&]<typename T>() {
+    const T* g = static_cast<const T*>(dy);
+    const T* xp = static_cast<const T*>(x);
+    const T* mp = static_cast<const T*>(mean);
+    const T* rp = static_cast<const T*>(rstd);
+    const T* w = static_cast<const T*>(weight);
+    T* out = static_cast<T*>(dx);
+#pragma omp parallel for if (rows * cols > (1 << 16))
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* gr = g + r * cols;
+      const T* xr = xp + r * cols;
+      double sum_g = 0, sum_gh = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        double gh = w ? gr[c] * w[c] : gr[c];
+        double h = (xr[c] - mp[r]) * rp[r];
+        sum_g += gh;
+        sum_gh += gh * h;
+      }
+      for (int64_t c = 0; c < cols; ++c) {
+        double gh = w ? gr[c] * w[c] : gr[c];
+        double h = (xr[c] - mp[r]) * rp[r];
+        out[r * cols + c] = static_cast<T>(rp[r] * (gh - sum_g / cols - h * sum_gh / cols));
+      }
+    }
+    // Parameter gradients: column sums in row order (fixed order, reproducible).
+    if (dweight || dbias) {
+      T* dw = static_cast<T*>(dweight);
+      T* db = static_cast<T*>(dbias);
+      for (int64_t c = 0; c < cols; ++c) {
+        double sw = 0, sb = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          double gv = g[r * cols + c];
+          sw += gv * (xp[r * cols + c] - mp[r]) * rp[r];
+          sb += gv;
+        }
+        if (dw) dw[c] = static_cast<T>(sw);
+        if (db) db[c] = static_cast<T>(sb);
+      }
+    }
+  });
+}
+
+}  // namespace longtape::cpu

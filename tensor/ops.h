@@ -1,0 +1,90 @@
+#pragma once
+// Differentiable operations. Every op records a node on the autograd tape when any input
+// requires grad and grad mode is on. Binary ops broadcast like NumPy. Float ops take f32 and
+// f64 on the CPU, f32 and bf16 on CUDA. Bad input throws longtape::Error naming the op, what
+// it expected and what it was given.
+#include <optional>
+#include <vector>
+
+#include "tensor/tensor.h"
+
+namespace longtape {
+
+// ---- elementwise (tensor/ops/elementwise.cpp) ----
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor sub(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor div(const Tensor& a, const Tensor& b);
+Tensor pow(const Tensor& a, const Tensor& b);
+Tensor maximum(const Tensor& a, const Tensor& b);
+Tensor add(const Tensor& a, double b);
+Tensor mul(const Tensor& a, double b);
+Tensor pow(const Tensor& a, double exponent);
+Tensor neg(const Tensor& a);
+Tensor exp(const Tensor& a);
+Tensor log(const Tensor& a);
+Tensor sqrt(const Tensor& a);
+Tensor rsqrt(const Tensor& a);
+Tensor tanh(const Tensor& a);
+Tensor relu(const Tensor& a);
+Tensor sigmoid(const Tensor& a);
+enum class GeluApprox { erf, tanh };
+Tensor gelu(const Tensor& a, GeluApprox approx = GeluApprox::erf);
+// Comparisons return a float mask of a's dtype (no gradient).
+Tensor gt(const Tensor& a, const Tensor& b);
+Tensor lt(const Tensor& a, const Tensor& b);
+Tensor eq(const Tensor& a, const Tensor& b);
+// out = cond ? a : b (cond: any dtype, nonzero = true), broadcasting all three.
+Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b);
+Tensor masked_fill(const Tensor& a, const Tensor& mask, double value);
+Tensor cast(const Tensor& a, DType dtype);
+
+inline Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
+inline Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
+inline Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
+inline Tensor operator/(const Tensor& a, const Tensor& b) { return div(a, b); }
+inline Tensor operator-(const Tensor& a) { return neg(a); }
+inline Tensor operator+(const Tensor& a, double b) { return add(a, b); }
+inline Tensor operator-(const Tensor& a, double b) { return add(a, -b); }
+inline Tensor operator*(const Tensor& a, double b) { return mul(a, b); }
+inline Tensor operator/(const Tensor& a, double b) { return mul(a, 1.0 / b); }
+inline Tensor operator*(double a, const Tensor& b) { return mul(b, a); }
+inline Tensor operator+(double a, const Tensor& b) { return add(b, a); }
+
+// Sums a broadcast gradient back to `shape` (the one helper every broadcast backward uses).
+Tensor sum_to_shape(const Tensor& grad, const Shape& shape);
+
+// ---- reductions (tensor/ops/reduce.cpp); dims may be negative; empty dims = all ----
+Tensor sum(const Tensor& a, const std::vector<int64_t>& dims = {}, bool keepdim = false);
+Tensor mean(const Tensor& a, const std::vector<int64_t>& dims = {}, bool keepdim = false);
+Tensor amax(const Tensor& a, const std::vector<int64_t>& dims = {}, bool keepdim = false);
+Tensor logsumexp(const Tensor& a, const std::vector<int64_t>& dims, bool keepdim = false);
+
+// ---- linear algebra (tensor/ops/matmul.cpp) ----
+// (..., M, K) @ (..., K, N) with broadcast batch dims; 1-D operands as in NumPy.
+Tensor matmul(const Tensor& a, const Tensor& b);
+
+// ---- neural-network functions (tensor/ops/nn_functional.cpp) ----
+Tensor softmax(const Tensor& a, int64_t dim = -1);
+Tensor log_softmax(const Tensor& a, int64_t dim = -1);
+// Normalises over the last dim; weight and bias (shape (C,)) may be undefined.
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5);
+// weight (V, E), indices i32/i64 of any shape -> (..., E).
+Tensor embedding(const Tensor& weight, const Tensor& indices);
+// logits (N, C) or (B, T, C); targets i64 of the leading shape; mean over non-ignored targets.
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
+// Seeded by the default generator unless a seed is given; identity when !training or p == 0.
+Tensor dropout(const Tensor& a, double p, bool training = true,
+               std::optional<uint64_t> seed = std::nullopt);
+
+// ---- joining and indexing (tensor/ops/indexing.cpp) ----
+Tensor cat(const std::vector<Tensor>& tensors, int64_t dim);
+std::vector<Tensor> split(const Tensor& a, const std::vector<int64_t>& sizes, int64_t dim);
+std::vector<Tensor> split(const Tensor& a, int64_t chunk, int64_t dim);
+Tensor stack(const std::vector<Tensor>& tensors, int64_t dim);
+Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index);
+Tensor gather(const Tensor& a, int64_t dim, const Tensor& index);
+// out = a with src added at index along dim (torch's scatter_add; a is not modified).
+Tensor scatter_add(const Tensor& a, int64_t dim, const Tensor& index, const Tensor& src);
+
+}  // namespace longtape
