@@ -1,0 +1,47 @@
+#pragma once
+// One configuration for every attention variant (see SPEC.md). Fields a variant does not use are
+// ignored by it; validate() checks the ones it does.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace longtape::attention {
+
+enum class Mixing { lse, head_groups };
+
+struct AttentionConfig {
+  int64_t num_heads = 8;
+  int64_t head_dim = 64;
+  // dilated
+  std::vector<int64_t> segment_lengths{2048};
+  std::vector<int64_t> dilation_rates{1};
+  Mixing mixing = Mixing::lse;
+  bool causal = false;
+  std::optional<double> softmax_scale;  // default 1/sqrt(head_dim)
+  double dropout = 0.0;                 // attention-probability dropout (training only)
+  // block-sparse (SPEC 4)
+  std::string pattern = "local_window";  // all, local_window, dilated, global_local, random, adaptive
+  int64_t block_size = 64;
+  double density = 0.25;
+  int64_t window = 256;
+  int64_t global_blocks = 1;
+  uint64_t seed = 0;
+  // ordering (SPEC 5)
+  std::string order = "natural";     // natural | hilbert
+  std::string grid;                  // "HxW" for hilbert; empty = square
+  std::string schedule = "natural";  // natural | hilbert (block-sparse only)
+  // parallel (SPEC 6)
+  std::string parallel = "none";  // none | ring | head
+  int64_t ranks = 1;
+  std::string inner_variant = "dilated";  // the core variant a wrapper (hilbert, ring, head) runs
+
+  double scale() const;
+};
+
+Mixing parse_mixing(const std::string& text);  // "lse" | "head_groups"
+std::string mixing_name(Mixing m);
+// Parses "2048,4096" into {2048, 4096}; throws on malformed text.
+std::vector<int64_t> parse_int_list(const std::string& text, const char* what);
+
+}  // namespace longtape::attention
