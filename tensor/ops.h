@@ -6,6 +6,7 @@
 #include <optional>
 #include <vector>
 
+#include "autograd/grad_mode.h"
 #include "tensor/tensor.h"
 
 namespace longtape {
