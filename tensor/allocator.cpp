@@ -47,7 +47,11 @@ Storage::~Storage() {
     host_count(-static_cast<int64_t>(nbytes));
   } else {
 #ifdef LONGTAPE_WITH_CUDA
-    cuda::pool_free(device.index, data);
+    try {
+      cuda::pool_free(device.index, data);
+    } catch (const std::exception&) {
+      // A destructor must not throw; a failed free (e.g. after a device fault) leaks the block.
+    }
 #endif
   }
 }

@@ -1,0 +1,144 @@
+#pragma once
+// The caching memory pool's policy, independent of CUDA so it can be tested on the CPU with a
+// fake device. Device memory is requested in segments (2 MiB for small requests, the rounded
+// request for large ones); segments are split into blocks that are handed out, and freed blocks
+// stay cached (merged with free neighbours) to serve later requests on the same stream without
+// another device malloc. Thread-safe: ranks run as threads and share one pool per device.
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "tensor/allocator.h"
+
+namespace longtape::cuda {
+
+// The raw device allocator under the pool (cudaMalloc/cudaFree on a GPU, a fake in tests).
+class DeviceMemory {
+ public:
+  virtual ~DeviceMemory() = default;
+  // Returns nullptr when the device is out of memory; throws on any other failure.
+  virtual void* malloc(size_t nbytes) = 0;
+  virtual void free(void* ptr) = 0;
+  // (free bytes, total bytes) of the device, for out-of-memory messages.
+  virtual std::pair<size_t, size_t> mem_info() = 0;
+  // How the device is named in messages, e.g. "cuda:0".
+  virtual std::string name() const { return "device"; }
+};
+
+struct CachingAllocatorOptions {
+  // Every allocate/free goes straight to the device (still counted in the stats), so tools
+  // such as compute-sanitizer see each allocation with its exact size.
+  bool bypass_cache = false;
+};
+
+// "1.50 MiB", "512 B": sizes in messages and tables.
+std::string format_bytes(size_t nbytes);
+
+class CachingAllocator {
+ public:
+  static constexpr size_t kAlignment = 512;             // every block size is a multiple of this
+  static constexpr size_t kSmallRequest = size_t{1} << 20;  // requests up to this share segments
+  static constexpr size_t kSmallSegment = size_t{2} << 20;  // segment size for small requests
+  static constexpr size_t kLargeGranularity = size_t{2} << 20;  // large segments are multiples
+
+  // `device` must outlive the allocator.
+  explicit CachingAllocator(DeviceMemory& device, CachingAllocatorOptions options = {});
+  // Returns every segment to the device, including blocks still handed out.
+  ~CachingAllocator();
+  CachingAllocator(const CachingAllocator&) = delete;
+  CachingAllocator& operator=(const CachingAllocator&) = delete;
+
+  // A block of at least `nbytes` (0 gives a valid, unique pointer) for work on `stream`.
+  // Throws OutOfMemoryError when the device has no room even after releasing the cache.
+  void* allocate(size_t nbytes, uintptr_t stream = 0);
+  // Returns a block to the cache (to the device in bypass mode). nullptr is ignored; a pointer
+  // this allocator did not hand out (or already took back) throws longtape::Error.
+  void free(void* ptr);
+
+  MemoryStats stats() const;
+  // Peaks restart from the current values.
+  void reset_peak();
+  // Returns every cached segment that has no block in use to the device.
+  void empty_cache();
+  bool bypass_cache() const { return options_.bypass_cache; }
+
+  // Size of the block behind a pointer handed out by allocate() (>= the rounded request).
+  size_t allocation_size(void* ptr) const;
+
+  static size_t round_size(size_t nbytes);
+  // Device bytes requested for a new segment that serves a request of `rounded` bytes.
+  static size_t segment_size(size_t rounded);
+
+  // A picture of the pool for tests and debugging: every segment with its blocks in address order.
+  struct BlockInfo {
+    uintptr_t address = 0;
+    size_t size = 0;
+    bool allocated = false;
+  };
+  struct SegmentInfo {
+    uintptr_t address = 0;
+    size_t size = 0;
+    uintptr_t stream = 0;
+    bool small = false;  // serves requests <= kSmallRequest
+    std::vector<BlockInfo> blocks;
+  };
+  std::vector<SegmentInfo> snapshot() const;
+
+ private:
+  struct Segment;
+  struct Block {
+    uintptr_t stream = 0;
+    size_t size = 0;
+    char* ptr = nullptr;
+    bool allocated = false;
+    Segment* segment = nullptr;
+    Block* prev = nullptr;  // neighbours inside the same segment, by address
+    Block* next = nullptr;
+  };
+  struct Segment {
+    char* base = nullptr;
+    size_t size = 0;
+    uintptr_t stream = 0;
+    bool small = false;
+    Block* head = nullptr;  // the block at `base`; merges always keep the lower block, so it stays
+  };
+  // Best fit: the smallest free block of the same stream that is large enough.
+  struct BlockOrder {
+    bool operator()(const Block* a, const Block* b) const {
+      if (a->stream != b->stream) return a->stream < b->stream;
+      if (a->size != b->size) return a->size < b->size;
+      return a->ptr < b->ptr;
+    }
+  };
+  using FreeBlocks = std::set<Block*, BlockOrder>;
+
+  FreeBlocks& pool_of(const Segment& segment) { return segment.small ? small_free_ : large_free_; }
+  Block* take_cached_block(FreeBlocks& pool, uintptr_t stream, size_t size);
+  Block* new_segment(size_t rounded, bool small, uintptr_t stream, size_t requested);
+  void* device_malloc_with_retry(size_t nbytes, size_t requested);
+  [[noreturn]] void throw_out_of_memory(size_t requested, size_t device_request);
+  static bool worth_splitting(bool small, size_t remaining);
+  void release_unused_segments();
+  void release_segment(Block* head);
+  void* bypass_allocate(size_t nbytes);
+  void bypass_free(void* ptr);
+  void count_allocated(int64_t delta);
+  void count_reserved(int64_t delta);
+
+  DeviceMemory& device_;
+  const CachingAllocatorOptions options_;
+  mutable std::mutex mutex_;
+  FreeBlocks small_free_;
+  FreeBlocks large_free_;
+  std::unordered_map<void*, Block*> allocated_blocks_;
+  std::unordered_map<char*, Segment*> segments_;          // by base address
+  std::unordered_map<void*, size_t> bypass_allocations_;  // bypass mode: pointer -> size
+  MemoryStats stats_;
+};
+
+}  // namespace longtape::cuda
