@@ -1,0 +1,261 @@
+// Neural-network functions: softmax, log_softmax, layer_norm, embedding, cross_entropy, dropout.
+// Each runs its forward through the row kernels of tensor/kernels.h and records one node whose
+// backward calls the matching backward kernel, so the tape stays short and the gradients are
+// computed in one pass.
+#include <cstring>
+
+#include "autograd/grad_mode.h"
+#include "autograd/node.h"
+#include "tensor/kernels.h"
+#include "tensor/ops.h"
+
+namespace longtape {
+
+using autograd::record;
+
+namespace {
+
+void check_floating(const Tensor& a, const char* op, const char* what) {
+  LT_CHECK(a.defined(), op, ": ", what, " is an undefined tensor");
+  LT_CHECK(is_floating(a.dtype()), op, ": ", what, " must be a floating tensor (f32, f64, bf16), got ",
+           dtype_name(a.dtype()));
+}
+
+// Integer index tensors are read as contiguous i64 on their own device.
+Tensor indices_as_i64(const Tensor& index, const Tensor& like, const char* op, const char* what) {
+  LT_CHECK(index.defined(), op, ": ", what, " is an undefined tensor");
+  LT_CHECK(index.dtype() == DType::i64 || index.dtype() == DType::i32, op, ": ", what,
+           " must be an i64 or i32 tensor, got ", dtype_name(index.dtype()));
+  LT_CHECK(index.device() == like.device(), op, ": ", what, " must be on ", like.device().str(), ", got ",
+           index.device().str());
+  return cast(index.detach(), DType::i64).contiguous();
+}
+
+const int64_t* index_ptr(const Tensor& i64) { return static_cast<const int64_t*>(i64.raw_data()); }
+
+// Permutation that moves `dim` to the end, and its inverse.
+struct MoveLast {
+  std::vector<int64_t> forward, inverse;
+  bool identity = true;
+};
+
+MoveLast move_last(int64_t dim, int64_t ndim) {
+  MoveLast m;
+  for (int64_t i = 0; i < ndim; ++i)
+    if (i != dim) m.forward.push_back(i);
+  m.forward.push_back(dim);
+  m.inverse.resize(ndim);
+  for (int64_t i = 0; i < ndim; ++i) {
+    m.inverse[m.forward[i]] = i;
+    if (m.forward[i] != i) m.identity = false;
+  }
+  return m;
+}
+
+Tensor softmax_impl(const Tensor& a, int64_t dim, bool log, const char* op) {
+  check_floating(a, op, "input");
+  if (a.dim() == 0) {  // a single element: treat as one row of one column
+    normalize_dim(dim, 0, op);
+    return softmax_impl(a.reshape({1}), 0, log, op).reshape({});
+  }
+  const int64_t d = normalize_dim(dim, a.dim(), op);
+  const MoveLast perm = move_last(d, a.dim());
+  Tensor rows_in = a.detach();
+  if (!perm.identity) rows_in = rows_in.permute(perm.forward);
+  rows_in = rows_in.contiguous();
+  const int64_t cols = a.shape()[d];
+  const int64_t rows = cols == 0 ? 0 : a.numel() / cols;
+  Tensor rows_out = Tensor::empty(rows_in.shape(), a.dtype(), a.device());
+  kernels::softmax(rows_out.raw_data(), rows_in.raw_data(), a.dtype(), rows, cols, log, a.device());
+  Tensor out = perm.identity ? rows_out : rows_out.permute(perm.inverse).contiguous();
+
+  Tensor saved = rows_out.detach();
+  record(log ? "log_softmax" : "softmax", {a}, {out},
+         [saved, perm, rows, cols, log](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+           Tensor dy = g[0].detach();
+           if (!perm.identity) dy = dy.permute(perm.forward);
+           dy = dy.contiguous();
+           Tensor dx = Tensor::empty(saved.shape(), saved.dtype(), saved.device());
+           kernels::softmax_backward(dx.raw_data(), saved.raw_data(), dy.raw_data(), saved.dtype(), rows, cols,
+                                     log, saved.device());
+           return {perm.identity ? dx : dx.permute(perm.inverse).contiguous()};
+         });
+  return out;
+}
+
+}  // namespace
+
+Tensor softmax(const Tensor& a, int64_t dim) { return softmax_impl(a, dim, false, "softmax"); }
+
+Tensor log_softmax(const Tensor& a, int64_t dim) { return softmax_impl(a, dim, true, "log_softmax"); }
+
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+  check_floating(x, "layer_norm", "input");
+  LT_CHECK(x.dim() >= 1, "layer_norm: input must have at least 1 dim, got a 0-d tensor");
+  LT_CHECK(eps >= 0, "layer_norm: eps must be >= 0, got ", eps);
+  const int64_t cols = x.shape().back();
+  LT_CHECK(cols > 0, "layer_norm: the normalised (last) dim must be non-empty, got shape ", shape_str(x.shape()));
+  const int64_t rows = x.numel() / cols;
+  auto check_param = [&](const Tensor& p, const char* what) {
+    if (!p.defined()) return;
+    LT_CHECK(p.shape() == Shape{cols}, "layer_norm: ", what, " must have shape [", cols, "] to match input ",
+             shape_str(x.shape()), ", got ", shape_str(p.shape()));
+    LT_CHECK(p.dtype() == x.dtype(), "layer_norm: ", what, " must have dtype ", dtype_name(x.dtype()), ", got ",
+             dtype_name(p.dtype()));
+    LT_CHECK(p.device() == x.device(), "layer_norm: ", what, " must be on ", x.device().str(), ", got ",
+             p.device().str());
+  };
+  check_param(weight, "weight");
+  check_param(bias, "bias");
+
+  Tensor xc = x.detach().contiguous();
+  Tensor wc = weight.defined() ? weight.detach().contiguous() : Tensor();
+  Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();
+  // Row statistics are kept in f32 (f64 for f64 input), as the kernel interface specifies.
+  const DType stat_dtype = x.dtype() == DType::f64 ? DType::f64 : DType::f32;
+  Tensor mean_rows = Tensor::empty({rows}, stat_dtype, x.device());
+  Tensor rstd_rows = Tensor::empty({rows}, stat_dtype, x.device());
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  kernels::layer_norm(out.raw_data(), mean_rows.raw_data(), rstd_rows.raw_data(), xc.raw_data(),
+                      wc.defined() ? wc.raw_data() : nullptr, bc.defined() ? bc.raw_data() : nullptr, x.dtype(),
+                      rows, cols, eps, x.device());
+
+  record("layer_norm", {x, weight, bias}, {out},
+         [xc, wc, bc, mean_rows, rstd_rows, rows, cols](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+           Tensor dy = g[0].detach().contiguous();
+           Tensor dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
+           Tensor dw = wc.defined() ? Tensor::empty({cols}, xc.dtype(), xc.device()) : Tensor();
+           Tensor db = bc.defined() ? Tensor::empty({cols}, xc.dtype(), xc.device()) : Tensor();
+           kernels::layer_norm_backward(dx.raw_data(), dw.defined() ? dw.raw_data() : nullptr,
+                                        db.defined() ? db.raw_data() : nullptr, dy.raw_data(), xc.raw_data(),
+                                        mean_rows.raw_data(), rstd_rows.raw_data(),
+                                        wc.defined() ? wc.raw_data() : nullptr, xc.dtype(), rows, cols,
+                                        xc.device());
+           return {dx, dw, db};
+         });
+  return out;
+}
+
+Tensor embedding(const Tensor& weight, const Tensor& indices) {
+  check_floating(weight, "embedding", "weight");
+  LT_CHECK(weight.dim() == 2, "embedding: weight must be 2-d (num_embeddings, dim), got shape ",
+           shape_str(weight.shape()));
+  Tensor idx = indices_as_i64(indices, weight, "embedding", "indices");
+  const int64_t vocab = weight.shape()[0], width = weight.shape()[1], n = idx.numel();
+  kernels::check_indices(index_ptr(idx), n, vocab, idx.device(), "embedding");
+
+  Shape out_shape = indices.shape();
+  out_shape.push_back(width);
+  Tensor table = weight.detach().contiguous();
+  Tensor out = Tensor::empty(out_shape, weight.dtype(), weight.device());
+  kernels::index_select(out.raw_data(), table.raw_data(), index_ptr(idx), weight.dtype(), 1, vocab, n, width,
+                        weight.device());
+
+  DType dt = weight.dtype();
+  Device dev = weight.device();
+  record("embedding", {weight}, {out}, [idx, vocab, width, n, dt, dev](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+    // index_add accumulates repeated indices in index order: deterministic on every backend.
+    Tensor dy = g[0].detach().contiguous();
+    Tensor dw = Tensor::zeros({vocab, width}, dt, dev);
+    kernels::index_add(dw.raw_data(), dy.raw_data(), index_ptr(idx), dt, 1, vocab, n, width, dev);
+    return {dw};
+  });
+  return out;
+}
+
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
+  check_floating(logits, "cross_entropy", "logits");
+  LT_CHECK(logits.dim() == 2 || logits.dim() == 3, "cross_entropy: logits must be (N, C) or (B, T, C), got shape ",
+           shape_str(logits.shape()));
+  const Shape lead(logits.shape().begin(), logits.shape().end() - 1);
+  LT_CHECK(targets.defined() && targets.shape() == lead, "cross_entropy: targets must have shape ", shape_str(lead),
+           " for logits of shape ", shape_str(logits.shape()), ", got ",
+           targets.defined() ? shape_str(targets.shape()) : std::string("undefined"));
+  const int64_t classes = logits.shape().back();
+  LT_CHECK(classes > 0, "cross_entropy: logits need at least one class, got shape ", shape_str(logits.shape()));
+  Tensor target_i64 = indices_as_i64(targets, logits, "cross_entropy", "targets");
+  const int64_t rows = target_i64.numel();
+  const DType dt = logits.dtype();
+  const Device dev = logits.device();
+
+  // Targets are read on the host once: validation needs them there anyway, and the per-row weights
+  // (1 = counted, 0 = ignored) and safe class indices are built from them.
+  std::vector<int64_t> host_targets(rows);
+  copy_bytes(host_targets.data(), Device::cpu(), target_i64.raw_data(), dev, rows * sizeof(int64_t));
+  std::vector<int64_t> safe_targets(rows);
+  std::vector<double> row_weights(rows);
+  int64_t counted = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = host_targets[r];
+    if (t == ignore_index) {
+      safe_targets[r] = 0;
+      row_weights[r] = 0.0;
+      continue;
+    }
+    LT_CHECK(t >= 0 && t < classes, "cross_entropy: target ", t, " at position ", r, " is out of range [0, ",
+             classes, ") and is not ignore_index (", ignore_index, ")");
+    safe_targets[r] = t;
+    row_weights[r] = 1.0;
+    ++counted;
+  }
+
+  // Everything below works on detached tensors, so none of it is recorded; one node is, at the end.
+  Tensor logit_rows = logits.detach().contiguous();
+  Tensor log_probs = Tensor::empty({rows, classes}, dt, dev);
+  kernels::softmax(log_probs.raw_data(), logit_rows.raw_data(), dt, rows, classes, true, dev);
+  Tensor safe = Tensor::from_vector(safe_targets, {rows, 1}, dev);
+  // Mean over counted rows; with nothing counted the scale is 0, so loss and gradient are 0, not NaN.
+  const double scale = counted > 0 ? 1.0 / static_cast<double>(counted) : 0.0;
+  Tensor counted_mask = cast(Tensor::from_vector(row_weights, {rows, 1}, dev), dt);
+  Tensor row_scale = mul(counted_mask, scale);
+
+  Tensor picked = Tensor::empty({rows, 1}, dt, dev);
+  kernels::gather(picked.raw_data(), log_probs.raw_data(), index_ptr(safe), dt, rows, classes, 1, 1, dev);
+  // where() rather than a multiply keeps an ignored row's -inf or NaN out of the sum.
+  Tensor zero = Tensor::zeros({}, dt, dev);
+  Tensor out = neg(sum(where(counted_mask, mul(picked, scale), zero)));
+
+  Shape logits_shape = logits.shape();
+  record("cross_entropy", {logits}, {out},
+         [log_probs, safe, row_scale, counted_mask, zero, logits_shape, rows, classes](
+             const std::vector<Tensor>& g) -> std::vector<Tensor> {
+           // d loss / d logits = (softmax - onehot(target)) * row_scale, times the incoming scalar.
+           Tensor d = where(counted_mask, mul(exp(log_probs), row_scale), zero).contiguous();
+           Tensor minus_scale = neg(row_scale).contiguous();
+           kernels::scatter_add(d.raw_data(), minus_scale.raw_data(), index_ptr(safe), d.dtype(), rows, classes, 1,
+                                1, d.device());
+           return {mul(d, g[0].detach()).reshape(logits_shape)};
+         });
+  return out;
+}
+
+Tensor dropout(const Tensor& a, double p, bool training, std::optional<uint64_t> seed) {
+  check_floating(a, "dropout", "input");
+  LT_CHECK(p >= 0.0 && p < 1.0, "dropout: p must be in [0, 1), got ", p);
+  if (!training || p == 0.0) return a;
+  const DType dt = a.dtype();
+  const Device dev = a.device();
+  Tensor mask = Tensor::empty(a.shape(), dt, dev);
+  uint64_t key = 0, offset = 0;
+  if (seed) {
+    key = *seed;
+  } else {
+    PhiloxState s = next_philox(static_cast<uint64_t>(a.numel() + 3) / 4 + 1);
+    key = s.seed;
+    offset = s.offset;
+  }
+  // Uniform draws in (0, 1): keep an element when its draw exceeds p (probability 1 - p), and
+  // scale the kept ones by 1 / (1 - p) so the expectation is unchanged.
+  kernels::uniform(kernels::make_view(mask), key, offset, 0.0, 1.0);
+  kernels::unary(kernels::UnaryOp::gt_scalar, kernels::make_view(mask), kernels::make_view(mask), p);
+  kernels::unary(kernels::UnaryOp::mul_scalar, kernels::make_view(mask), kernels::make_view(mask), 1.0 / (1.0 - p));
+
+  Tensor out = Tensor::empty(a.shape(), dt, dev);
+  kernels::binary(kernels::BinaryOp::mul, kernels::make_view(out), kernels::make_view(a), kernels::make_view(mask));
+  record("dropout", {a}, {out}, [mask](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+    return {mul(g[0], mask)};
+  });
+  return out;
+}
+
+}  // namespace longtape
