@@ -1,0 +1,318 @@
+#include "io/safetensors.h"
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+#include <optional>
+#include <set>
+#include <nlohmann/json.hpp>
+
+#include "io/atomic_file.h"
+
+namespace longtape::io {
+
+static_assert(std::endian::native == std::endian::little,
+              "array bytes are stored little-endian and copied as is");
+
+namespace {
+
+using Json = nlohmann::ordered_json;  // keeps the header's key order
+constexpr const char* kMetadataKey = "__metadata__";
+
+std::optional<DType> dtype_from_safetensors_name(const std::string& name) {
+  if (name == "F32") return DType::f32;
+  if (name == "F64") return DType::f64;
+  if (name == "BF16") return DType::bf16;
+  if (name == "I32") return DType::i32;
+  if (name == "I64") return DType::i64;
+  return std::nullopt;
+}
+
+bool is_known_unsupported_dtype(const std::string& name) {
+  static const std::set<std::string> known = {"BOOL", "U8", "I8", "U16", "I16", "F16", "U32",
+                                              "U64", "C64", "F8_E4M3", "F8_E5M2", "F8_E8M0",
+                                              "F4", "F6_E2M3", "F6_E3M2", "E8M0"};
+  return known.count(name) > 0;
+}
+
+uint64_t to_u64(const Json& value, const std::string& what, const std::string& source) {
+  LT_CHECK(value.is_number_unsigned(), source, ": ", what,
+           ": expected a non-negative integer, found ", value.dump());
+  return value.get<uint64_t>();
+}
+
+// Key of each JSON object seen twice (nlohmann keeps the last silently; safetensors forbids it).
+struct DuplicateKeyFinder {
+  std::vector<std::set<std::string>> open_objects;
+  std::optional<std::string> duplicate;
+
+  bool operator()(int /*depth*/, Json::parse_event_t event, Json& parsed) {
+    switch (event) {
+      case Json::parse_event_t::object_start:
+        open_objects.emplace_back();
+        break;
+      case Json::parse_event_t::object_end:
+        if (!open_objects.empty()) open_objects.pop_back();
+        break;
+      case Json::parse_event_t::key:
+        if (!open_objects.empty() && parsed.is_string() &&
+            !open_objects.back().insert(parsed.get<std::string>()).second && !duplicate)
+          duplicate = parsed.get<std::string>();
+        break;
+      default:
+        break;
+    }
+    return true;
+  }
+};
+
+struct TensorEntry {
+  std::string name;
+  DType dtype;
+  Shape shape;
+  uint64_t begin;
+  uint64_t end;
+};
+
+TensorEntry parse_tensor_entry(const std::string& name, const Json& info, const std::string& source) {
+  const std::string where = "tensor '" + name + "'";
+  LT_CHECK(info.is_object(), source, ": ", where,
+           ": expected an object with dtype, shape and data_offsets, found ", info.dump());
+  for (const auto& [key, value] : info.items()) {
+    LT_CHECK(key == "dtype" || key == "shape" || key == "data_offsets", source, ": ", where,
+             ": unexpected field '", key, "'; expected dtype, shape and data_offsets");
+  }
+  LT_CHECK(info.contains("dtype") && info.contains("shape") && info.contains("data_offsets"),
+           source, ": ", where, ": expected fields dtype, shape and data_offsets, found ", info.dump());
+
+  TensorEntry entry;
+  entry.name = name;
+  const Json& dtype = info["dtype"];
+  LT_CHECK(dtype.is_string(), source, ": ", where, ": expected dtype to be a string, found ",
+           dtype.dump());
+  const std::string dtype_text = dtype.get<std::string>();
+  std::optional<DType> parsed = dtype_from_safetensors_name(dtype_text);
+  LT_CHECK(parsed || !is_known_unsupported_dtype(dtype_text), source, ": ", where,
+           ": unsupported dtype ", dtype_text, "; supported are F32, F64, BF16, I32, I64");
+  LT_CHECK(parsed.has_value(), source, ": ", where, ": unknown dtype '", dtype_text,
+           "'; supported are F32, F64, BF16, I32, I64");
+  entry.dtype = *parsed;
+
+  const Json& shape = info["shape"];
+  LT_CHECK(shape.is_array(), source, ": ", where, ": expected shape to be an array, found ",
+           shape.dump());
+  for (const Json& dim : shape) {
+    uint64_t d = to_u64(dim, where + " shape", source);
+    LT_CHECK(d <= static_cast<uint64_t>(INT64_MAX), source, ": ", where, ": dimension ", d,
+             " does not fit in int64");
+    entry.shape.push_back(static_cast<int64_t>(d));
+  }
+
+  const Json& offsets = info["data_offsets"];
+  LT_CHECK(offsets.is_array() && offsets.size() == 2, source, ": ", where,
+           ": expected data_offsets to be [begin, end], found ", offsets.dump());
+  entry.begin = to_u64(offsets[0], where + " data_offsets", source);
+  entry.end = to_u64(offsets[1], where + " data_offsets", source);
+  LT_CHECK(entry.begin <= entry.end, source, ": ", where, ": data_offsets [", entry.begin, ", ",
+           entry.end, "] end before they begin");
+
+  const size_t expected = expected_nbytes(entry.dtype, entry.shape, source + ": " + where);
+  LT_CHECK(entry.end - entry.begin == expected, source, ": ", where, ": data_offsets [",
+           entry.begin, ", ", entry.end, "] span ", entry.end - entry.begin, " bytes, expected ",
+           expected, " for dtype ", dtype_text, " and shape ", shape_text(entry.shape));
+  return entry;
+}
+
+}  // namespace
+
+const char* safetensors_dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return "F32";
+    case DType::f64: return "F64";
+    case DType::bf16: return "BF16";
+    case DType::i32: return "I32";
+    case DType::i64: return "I64";
+  }
+  LT_CHECK(false, "safetensors: unknown dtype ", static_cast<int>(dtype));
+  return "";
+}
+
+// ---- SafetensorsFile ----
+
+const RawArray* SafetensorsFile::find(const std::string& name) const {
+  for (const auto& [n, array] : tensors)
+    if (n == name) return &array;
+  return nullptr;
+}
+
+RawArray* SafetensorsFile::find(const std::string& name) {
+  for (auto& [n, array] : tensors)
+    if (n == name) return &array;
+  return nullptr;
+}
+
+const RawArray& SafetensorsFile::at(const std::string& name) const {
+  const RawArray* array = find(name);
+  if (!array) {
+    std::string present;
+    for (const auto& [n, a] : tensors) present += (present.empty() ? "'" : ", '") + n + "'";
+    LT_CHECK(false, "safetensors: no tensor named '", name, "'; present are ",
+             present.empty() ? "none" : present);
+  }
+  return *array;
+}
+
+void SafetensorsFile::add(std::string name, RawArray array) {
+  LT_CHECK(!contains(name), "safetensors: duplicate tensor name '", name, "'");
+  tensors.emplace_back(std::move(name), std::move(array));
+}
+
+std::vector<std::string> SafetensorsFile::names() const {
+  std::vector<std::string> out;
+  out.reserve(tensors.size());
+  for (const auto& [n, a] : tensors) out.push_back(n);
+  return out;
+}
+
+// ---- writing ----
+
+std::vector<uint8_t> serialize_safetensors(const SafetensorsFile& file) {
+  Json header = Json::object();
+  if (!file.metadata.empty()) {
+    Json meta = Json::object();
+    for (const auto& [key, value] : file.metadata) meta[key] = value;
+    header[kMetadataKey] = std::move(meta);
+  }
+  std::set<std::string> seen;
+  uint64_t offset = 0;
+  for (const auto& [name, array] : file.tensors) {
+    LT_CHECK(!name.empty(), "write_safetensors: expected non-empty tensor names, got ''");
+    LT_CHECK(name != kMetadataKey, "write_safetensors: the tensor name '", kMetadataKey,
+             "' is reserved for the metadata");
+    LT_CHECK(seen.insert(name).second, "write_safetensors: duplicate tensor name '", name, "'");
+    check_raw_array(array, "write_safetensors: tensor '" + name + "'");
+    Json info = Json::object();
+    info["dtype"] = safetensors_dtype_name(array.dtype);
+    info["shape"] = array.shape;
+    info["data_offsets"] = {offset, offset + array.bytes.size()};
+    header[name] = std::move(info);
+    offset += array.bytes.size();
+  }
+
+  std::string text;
+  try {
+    text = header.dump(-1, ' ', false, Json::error_handler_t::strict);
+  } catch (const nlohmann::json::exception& e) {
+    LT_CHECK(false, "write_safetensors: tensor names and metadata must be valid UTF-8: ", e.what());
+  }
+  // Pad with spaces so the data buffer starts 8-byte aligned, as the reference writer does.
+  text.append((8 - text.size() % 8) % 8, ' ');
+
+  std::vector<uint8_t> out(8 + text.size() + offset);
+  uint8_t* p = out.data();
+  const uint64_t n = text.size();
+  for (int i = 0; i < 8; ++i) *p++ = static_cast<uint8_t>(n >> (8 * i));
+  std::memcpy(p, text.data(), text.size());
+  p += text.size();
+  for (const auto& [name, array] : file.tensors) {
+    if (array.bytes.empty()) continue;
+    std::memcpy(p, array.bytes.data(), array.bytes.size());
+    p += array.bytes.size();
+  }
+  return out;
+}
+
+void write_safetensors(const std::string& path, const SafetensorsFile& file) {
+  std::vector<uint8_t> bytes;
+  try {
+    bytes = serialize_safetensors(file);
+  } catch (const Error& e) {
+    throw Error(detail::concat(path, ": ", e.what()));
+  }
+  write_file_atomic(path, bytes);
+}
+
+// ---- reading ----
+
+SafetensorsFile parse_safetensors(const std::vector<uint8_t>& bytes, const std::string& source) {
+  const size_t size = bytes.size();
+  LT_CHECK(size >= 8, source, ": truncated safetensors file: expected at least 8 bytes for the "
+           "header length, found ", size);
+  uint64_t header_len = 0;
+  for (int i = 0; i < 8; ++i) header_len |= static_cast<uint64_t>(bytes[i]) << (8 * i);
+  LT_CHECK(header_len <= size - 8, source, ": safetensors header length ", header_len,
+           " exceeds the file: only ", size - 8, " bytes follow the length field");
+  const char* header_begin = reinterpret_cast<const char*>(bytes.data() + 8);
+
+  DuplicateKeyFinder duplicates;
+  Json header;
+  try {
+    header = Json::parse(header_begin, header_begin + header_len, std::ref(duplicates),
+                         /*allow_exceptions=*/true);
+  } catch (const nlohmann::json::exception& e) {
+    LT_CHECK(false, source, ": safetensors header is not valid JSON: ", e.what());
+  }
+  LT_CHECK(!duplicates.duplicate, source, ": safetensors header has duplicate key '",
+           *duplicates.duplicate, "'");
+  LT_CHECK(header.is_object(), source, ": safetensors header: expected a JSON object, found ",
+           header.type_name());
+
+  SafetensorsFile file;
+  std::vector<TensorEntry> entries;
+  for (const auto& [key, value] : header.items()) {
+    if (key == kMetadataKey) {
+      if (value.is_null()) continue;
+      LT_CHECK(value.is_object(), source, ": safetensors ", kMetadataKey,
+               ": expected an object of strings, found ", value.dump());
+      for (const auto& [meta_key, meta_value] : value.items()) {
+        LT_CHECK(meta_value.is_string(), source, ": safetensors ", kMetadataKey, " entry '",
+                 meta_key, "': expected a string value, found ", meta_value.dump());
+        file.metadata[meta_key] = meta_value.get<std::string>();
+      }
+      continue;
+    }
+    entries.push_back(parse_tensor_entry(key, value, source));
+  }
+
+  // The tensors must tile the data buffer: sorted by offset, each starts where the previous
+  // ended, the first at 0 and the last at the buffer's end (what the reference reader demands).
+  std::stable_sort(entries.begin(), entries.end(), [](const TensorEntry& a, const TensorEntry& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  const uint64_t data_start = 8 + header_len;
+  const uint64_t data_size = size - data_start;
+  uint64_t expected_begin = 0;
+  const TensorEntry* previous = nullptr;
+  for (const TensorEntry& entry : entries) {
+    LT_CHECK(entry.begin >= expected_begin, source, ": tensor '", entry.name, "' data_offsets [",
+             entry.begin, ", ", entry.end, "] overlap tensor '", previous ? previous->name : "",
+             "' which ends at ", expected_begin);
+    LT_CHECK(entry.begin == expected_begin, source, ": tensor '", entry.name, "' data_offsets [",
+             entry.begin, ", ", entry.end, "] leave a gap: expected it to begin at ",
+             expected_begin);
+    LT_CHECK(entry.end <= data_size, source, ": tensor '", entry.name, "' data_offsets [",
+             entry.begin, ", ", entry.end, "] exceed the data buffer of ", data_size,
+             " bytes (file truncated?)");
+    expected_begin = entry.end;
+    previous = &entry;
+  }
+  LT_CHECK(expected_begin == data_size, source, ": safetensors data buffer has ", data_size,
+           " bytes but the tensors cover only ", expected_begin);
+
+  file.tensors.reserve(entries.size());
+  for (const TensorEntry& entry : entries) {
+    RawArray array;
+    array.dtype = entry.dtype;
+    array.shape = entry.shape;
+    const uint8_t* begin = bytes.data() + data_start + entry.begin;
+    array.bytes.assign(begin, begin + (entry.end - entry.begin));
+    file.tensors.emplace_back(entry.name, std::move(array));
+  }
+  return file;
+}
+
+SafetensorsFile read_safetensors(const std::string& path) {
+  return parse_safetensors(read_file(path), path);
+}
+
+}  // namespace longtape::io
