@@ -1,0 +1,254 @@
+#pragma once
+// Pieces shared by the CUDA kernel files (cuda/*.cu): element types and their compute types,
+// a device guard, launch geometry, strided N-d indexing and deterministic block reductions.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+
+#include "cuda/check.cuh"
+#include "cuda/runtime.h"
+#include "tensor/allocator.h"
+#include "tensor/kernels.h"
+
+namespace longtape::cuda::impl {
+
+using bf16 = __nv_bfloat16;
+using kernels::kMaxDims;
+
+inline cudaStream_t stream() { return static_cast<cudaStream_t>(current_stream()); }
+
+// Makes a device current for one launch and restores the previous one afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(Device device) {
+    if (!device.is_cuda()) return;
+    CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device.index) {
+      CUDA_CHECK(cudaSetDevice(device.index));
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);  // a destructor must not throw
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
+// The device that owns `ptr`, for the kernels that receive bare pointers: launching on another
+// device than the one holding the data would fault. Host or unknown pointers give the current one.
+inline Device device_of(const void* ptr) {
+  cudaPointerAttributes attributes{};
+  if (ptr && cudaPointerGetAttributes(&attributes, ptr) == cudaSuccess && attributes.type == cudaMemoryTypeDevice)
+    return Device::cuda(attributes.device);
+  cudaGetLastError();  // an unregistered pointer is not an error here
+  return Device::cuda(current_device());
+}
+
+// Scratch device memory for one call, from the caching pool. Freed on scope exit; safe while
+// the kernels that use it are still queued, because the pool reuses blocks in stream order.
+inline std::shared_ptr<Storage> scratch(size_t nbytes) {
+  return allocate_storage(Device::cuda(current_device()), std::max<size_t>(nbytes, 1));
+}
+
+// Type tags for dispatching on a run-time dtype with generic lambdas (the .cu files build as C++17).
+template <typename T>
+struct Tag {
+  using type = T;
+};
+template <int B>
+struct SizeTag {
+  static constexpr int value = B;
+};
+
+// ---- launch geometry: grid-stride loops over int64 element counts ----
+constexpr int kThreads = 256;
+inline unsigned grid_for(int64_t n, int threads = kThreads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, 65536));
+}
+__device__ __forceinline__ int64_t global_tid() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
+// ---- element types: bf16 is stored as bf16 and computed in f32; integers compute in f64,
+// like the CPU backend (exact below 2^53) ----
+template <typename T>
+struct Elem {
+  using C = T;
+  __device__ __forceinline__ static C load(const T* p, int64_t i) { return p[i]; }
+  __device__ __forceinline__ static void store(T* p, int64_t i, C v) { p[i] = v; }
+};
+template <>
+struct Elem<bf16> {
+  using C = float;
+  __device__ __forceinline__ static C load(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
+  __device__ __forceinline__ static void store(bf16* p, int64_t i, C v) { p[i] = __float2bfloat16_rn(v); }
+};
+template <>
+struct Elem<int32_t> {
+  using C = double;
+  __device__ __forceinline__ static C load(const int32_t* p, int64_t i) { return static_cast<double>(p[i]); }
+  __device__ __forceinline__ static void store(int32_t* p, int64_t i, C v) { p[i] = static_cast<int32_t>(v); }
+};
+template <>
+struct Elem<int64_t> {
+  using C = double;
+  __device__ __forceinline__ static C load(const int64_t* p, int64_t i) { return static_cast<double>(p[i]); }
+  __device__ __forceinline__ static void store(int64_t* p, int64_t i, C v) { p[i] = static_cast<int64_t>(v); }
+};
+
+// Loads and stores through a dtype known only at run time (casts, where's condition). The
+// conversions match tensor/cpu/elementwise.cpp: through double, bf16 via float.
+__device__ __forceinline__ double load_any(DType t, const void* p, int64_t i) {
+  switch (t) {
+    case DType::f32: return static_cast<const float*>(p)[i];
+    case DType::f64: return static_cast<const double*>(p)[i];
+    case DType::bf16: return __bfloat162float(static_cast<const bf16*>(p)[i]);
+    case DType::i32: return static_cast<double>(static_cast<const int32_t*>(p)[i]);
+    case DType::i64: return static_cast<double>(static_cast<const int64_t*>(p)[i]);
+  }
+  return 0;
+}
+__device__ __forceinline__ void store_any(DType t, void* p, int64_t i, double v) {
+  switch (t) {
+    case DType::f32: static_cast<float*>(p)[i] = static_cast<float>(v); return;
+    case DType::f64: static_cast<double*>(p)[i] = v; return;
+    case DType::bf16: static_cast<bf16*>(p)[i] = __float2bfloat16_rn(static_cast<float>(v)); return;
+    case DType::i32: static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v); return;
+    case DType::i64: static_cast<int64_t*>(p)[i] = static_cast<int64_t>(v); return;
+  }
+}
+
+// The unsigned integer type of an element size, for copies that move bits.
+template <int Bytes>
+struct Bits;
+template <>
+struct Bits<2> { using type = uint16_t; };
+template <>
+struct Bits<4> { using type = uint32_t; };
+template <>
+struct Bits<8> { using type = uint64_t; };
+
+// ---- strided N-d indexing ----
+// K views of one shape; views[0] defines it. Passed to kernels by value.
+template <int K>
+struct Strided {
+  int ndim = 0;
+  int64_t shape[kMaxDims] = {};
+  int64_t strides[K][kMaxDims] = {};
+};
+
+// Builds the indexer, dropping size-1 dims and merging neighbouring dims that are contiguous
+// with each other in every view (a contiguous tensor becomes one dim of stride 1).
+template <int K>
+Strided<K> make_strided(const kernels::View* const (&views)[K]) {
+  Strided<K> s;
+  const kernels::View& v0 = *views[0];
+  for (int d = 0; d < v0.ndim; ++d) {
+    if (v0.shape[d] == 1) continue;
+    const int nd = s.ndim;
+    bool merge = nd > 0;
+    for (int k = 0; k < K && merge; ++k)
+      merge = s.strides[k][nd - 1] == views[k]->strides[d] * v0.shape[d];
+    if (merge) {
+      s.shape[nd - 1] *= v0.shape[d];
+      for (int k = 0; k < K; ++k) s.strides[k][nd - 1] = views[k]->strides[d];
+    } else {
+      s.shape[nd] = v0.shape[d];
+      for (int k = 0; k < K; ++k) s.strides[k][nd] = views[k]->strides[d];
+      s.ndim = nd + 1;
+    }
+  }
+  return s;
+}
+
+// True when every view walks memory linearly (offset of element i is i).
+template <int K>
+bool is_linear(const Strided<K>& s) {
+  if (s.ndim == 0) return true;
+  if (s.ndim > 1) return false;
+  for (int k = 0; k < K; ++k)
+    if (s.strides[k][0] != 1) return false;
+  return true;
+}
+
+// Element offsets of row-major element `i` in each view. Unrolled over kMaxDims so the shape
+// and strides stay in the kernel's parameter space.
+template <int K>
+__device__ __forceinline__ void strided_offsets(const Strided<K>& s, int64_t i, int64_t (&off)[K]) {
+  if (s.ndim == 1) {  // the common case after merging dims: no division
+#pragma unroll
+    for (int k = 0; k < K; ++k) off[k] = i * s.strides[k][0];
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) off[k] = 0;
+#pragma unroll
+  for (int d = kMaxDims - 1; d >= 0; --d) {
+    if (d < s.ndim) {
+      const int64_t size = s.shape[d];
+      const int64_t idx = i % size;
+      i /= size;
+#pragma unroll
+      for (int k = 0; k < K; ++k) off[k] += idx * s.strides[k][d];
+    }
+  }
+}
+
+// ---- deterministic reductions: a fixed shuffle tree in each warp, then a fixed tree over the
+// warps' results. The same block size gives the same bits on every run. ----
+template <typename A, typename F>
+__device__ __forceinline__ A warp_reduce(A v, F combine) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = combine(v, __shfl_down_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Every thread of the block must call this; all get the result. `shared` holds 32 values.
+template <typename A, typename F>
+__device__ A block_reduce(A v, F combine, A identity, A* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  v = warp_reduce(v, combine);
+  __syncthreads();  // `shared` may still be read by a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nwarps ? shared[lane] : identity;
+    v = warp_reduce(v, combine);
+    if (lane == 0) shared[0] = v;
+  }
+  __syncthreads();
+  return shared[0];
+}
+
+struct SumOp {
+  template <typename A>
+  __device__ __forceinline__ A operator()(A a, A b) const { return a + b; }
+};
+// max/min that propagate NaN, like the CPU kernels.
+struct MaxOp {
+  template <typename A>
+  __device__ __forceinline__ A operator()(A a, A b) const { return (a != a || b != b) ? (a != a ? a : b) : (b > a ? b : a); }
+};
+struct MinOp {
+  template <typename A>
+  __device__ __forceinline__ A operator()(A a, A b) const { return (a != a || b != b) ? (a != a ? a : b) : (b < a ? b : a); }
+};
+
+// Block size for one block per row of `cols` elements: a multiple of 32, at most `cap`.
+inline int row_block_size(int64_t cols, int cap = 512) {
+  int threads = 32;
+  while (threads < cap && threads < cols) threads *= 2;
+  return threads;
+}
+
+}  // namespace longtape::cuda::impl

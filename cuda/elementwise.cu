@@ -1,0 +1,294 @@
+// Elementwise kernels: unary, binary, where, copy (with dtype conversion) and fill, over strided
+// N-d views (broadcast = stride 0). A view set that walks memory linearly takes a fast path
+// with no index arithmetic. bf16 is stored as bf16 and computed in f32.
+#include "cuda/common.cuh"
+#include "cuda/kernels.h"
+
+namespace longtape::cuda {
+
+using namespace impl;
+
+namespace {
+
+// Math overloads so one template serves f32 (single-precision functions) and f64.
+__device__ __forceinline__ float m_exp(float x) { return expf(x); }
+__device__ __forceinline__ double m_exp(double x) { return exp(x); }
+__device__ __forceinline__ float m_log(float x) { return logf(x); }
+__device__ __forceinline__ double m_log(double x) { return log(x); }
+__device__ __forceinline__ float m_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double m_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float m_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double m_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ float m_erf(float x) { return erff(x); }
+__device__ __forceinline__ double m_erf(double x) { return erf(x); }
+__device__ __forceinline__ float m_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double m_abs(double x) { return fabs(x); }
+__device__ __forceinline__ float m_pow(float x, float y) { return powf(x, y); }
+__device__ __forceinline__ double m_pow(double x, double y) { return pow(x, y); }
+
+constexpr double kSqrt2OverPi = 0.7978845608028654;
+constexpr double kInvSqrt2 = 0.7071067811865476;
+constexpr double kInvSqrt2Pi = 0.3989422804014327;
+
+// Same formulas as tensor/cpu/elementwise.cpp.
+template <typename C>
+__device__ __forceinline__ C apply_unary(UnaryOp op, C x, C alpha) {
+  switch (op) {
+    case UnaryOp::neg: return -x;
+    case UnaryOp::exp: return m_exp(x);
+    case UnaryOp::log: return m_log(x);
+    case UnaryOp::sqrt: return m_sqrt(x);
+    case UnaryOp::rsqrt: return C(1) / m_sqrt(x);
+    case UnaryOp::tanh: return m_tanh(x);
+    case UnaryOp::relu: return x > C(0) ? x : C(0);
+    case UnaryOp::sigmoid: return C(1) / (C(1) + m_exp(-x));
+    case UnaryOp::abs: return m_abs(x);
+    case UnaryOp::square: return x * x;
+    case UnaryOp::reciprocal: return C(1) / x;
+    case UnaryOp::gelu_tanh: {
+      C u = C(kSqrt2OverPi) * (x + C(0.044715) * x * x * x);
+      return C(0.5) * x * (C(1) + m_tanh(u));
+    }
+    case UnaryOp::gelu_erf: return C(0.5) * x * (C(1) + m_erf(x * C(kInvSqrt2)));
+    case UnaryOp::gelu_tanh_grad: {
+      C u = C(kSqrt2OverPi) * (x + C(0.044715) * x * x * x);
+      C t = m_tanh(u);
+      C du = C(kSqrt2OverPi) * (C(1) + C(3 * 0.044715) * x * x);
+      return C(0.5) * (C(1) + t) + C(0.5) * x * (C(1) - t * t) * du;
+    }
+    case UnaryOp::gelu_erf_grad:
+      return C(0.5) * (C(1) + m_erf(x * C(kInvSqrt2))) + x * C(kInvSqrt2Pi) * m_exp(C(-0.5) * x * x);
+    case UnaryOp::step: return x > C(0) ? C(1) : C(0);
+    case UnaryOp::pow_scalar: return m_pow(x, alpha);
+    case UnaryOp::add_scalar: return x + alpha;
+    case UnaryOp::mul_scalar: return x * alpha;
+    case UnaryOp::rsub_scalar: return alpha - x;
+    case UnaryOp::gt_scalar: return x > alpha ? C(1) : C(0);
+    case UnaryOp::lt_scalar: return x < alpha ? C(1) : C(0);
+    case UnaryOp::eq_scalar: return x == alpha ? C(1) : C(0);
+  }
+  return x;
+}
+
+template <typename C>
+__device__ __forceinline__ C apply_binary(BinaryOp op, C a, C b) {
+  switch (op) {
+    case BinaryOp::add: return a + b;
+    case BinaryOp::sub: return a - b;
+    case BinaryOp::mul: return a * b;
+    case BinaryOp::div: return a / b;
+    case BinaryOp::pow: return m_pow(a, b);
+    case BinaryOp::maximum: return a > b ? a : b;
+    case BinaryOp::minimum: return a < b ? a : b;
+    case BinaryOp::gt: return a > b ? C(1) : C(0);
+    case BinaryOp::lt: return a < b ? C(1) : C(0);
+    case BinaryOp::ge: return a >= b ? C(1) : C(0);
+    case BinaryOp::le: return a <= b ? C(1) : C(0);
+    case BinaryOp::eq: return a == b ? C(1) : C(0);
+    case BinaryOp::ne: return a != b ? C(1) : C(0);
+  }
+  return a;
+}
+
+template <typename T>
+__global__ void unary_kernel(UnaryOp op, Strided<2> s, bool linear, T* out, const T* in,
+                             typename Elem<T>::C alpha, int64_t n) {
+  using E = Elem<T>;
+  for (int64_t i = global_tid(); i < n; i += grid_stride()) {
+    int64_t off[2] = {i, i};
+    if (!linear) strided_offsets(s, i, off);
+    E::store(out, off[0], apply_unary(op, E::load(in, off[1]), alpha));
+  }
+}
+
+template <typename T>
+__global__ void binary_kernel(BinaryOp op, Strided<3> s, bool linear, T* out, const T* a, const T* b, int64_t n) {
+  using E = Elem<T>;
+  for (int64_t i = global_tid(); i < n; i += grid_stride()) {
+    int64_t off[3] = {i, i, i};
+    if (!linear) strided_offsets(s, i, off);
+    E::store(out, off[0], apply_binary(op, E::load(a, off[1]), E::load(b, off[2])));
+  }
+}
+
+// where and same-dtype copies move bits: exact for every dtype.
+template <int Bytes>
+__global__ void where_kernel(Strided<4> s, bool linear, void* out, DType cond_dtype, const void* cond,
+                             const void* a, const void* b, int64_t n) {
+  using U = typename Bits<Bytes>::type;
+  for (int64_t i = global_tid(); i < n; i += grid_stride()) {
+    int64_t off[4] = {i, i, i, i};
+    if (!linear) strided_offsets(s, i, off);
+    const bool take_a = load_any(cond_dtype, cond, off[1]) != 0;
+    static_cast<U*>(out)[off[0]] = take_a ? static_cast<const U*>(a)[off[2]] : static_cast<const U*>(b)[off[3]];
+  }
+}
+
+template <int Bytes>
+__global__ void copy_bits_kernel(Strided<2> s, void* dst, const void* src, int64_t n) {
+  using U = typename Bits<Bytes>::type;
+  for (int64_t i = global_tid(); i < n; i += grid_stride()) {
+    int64_t off[2];
+    strided_offsets(s, i, off);
+    static_cast<U*>(dst)[off[0]] = static_cast<const U*>(src)[off[1]];
+  }
+}
+
+// Conversions go through double (bf16 through float), exactly like the CPU backend.
+__global__ void convert_kernel(Strided<2> s, bool linear, void* dst, DType dst_dtype, const void* src,
+                               DType src_dtype, int64_t n) {
+  for (int64_t i = global_tid(); i < n; i += grid_stride()) {
+    int64_t off[2] = {i, i};
+    if (!linear) strided_offsets(s, i, off);
+    store_any(dst_dtype, dst, off[0], load_any(src_dtype, src, off[1]));
+  }
+}
+
+template <int Bytes>
+__global__ void fill_kernel(Strided<1> s, bool linear, void* dst, uint64_t bits, int64_t n) {
+  using U = typename Bits<Bytes>::type;
+  const U value = static_cast<U>(bits);
+  for (int64_t i = global_tid(); i < n; i += grid_stride()) {
+    int64_t off[1] = {i};
+    if (!linear) strided_offsets(s, i, off);
+    static_cast<U*>(dst)[off[0]] = value;
+  }
+}
+
+void check_cuda_view(const View& v, const char* op) {
+  LT_CHECK(v.device.is_cuda(), op, ": expected a CUDA tensor, got one on ", v.device.str());
+}
+
+}  // namespace
+
+void unary(UnaryOp op, const View& out, const View& in, double alpha) {
+  LT_CHECK(out.dtype == in.dtype, "unary: dtype mismatch (", dtype_name(out.dtype), " vs ", dtype_name(in.dtype), ")");
+  check_cuda_view(in, "unary");
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  DeviceGuard guard(out.device);
+  const View* views[2] = {&out, &in};
+  const Strided<2> s = make_strided(views);
+  const bool linear = is_linear(s);
+  const unsigned grid = grid_for(n);
+  switch (out.dtype) {
+    case DType::f32:
+      unary_kernel<float><<<grid, kThreads, 0, stream()>>>(op, s, linear, static_cast<float*>(out.data),
+                                                            static_cast<const float*>(in.data), static_cast<float>(alpha), n);
+      break;
+    case DType::f64:
+      unary_kernel<double><<<grid, kThreads, 0, stream()>>>(op, s, linear, static_cast<double*>(out.data),
+                                                             static_cast<const double*>(in.data), alpha, n);
+      break;
+    case DType::bf16:
+      unary_kernel<bf16><<<grid, kThreads, 0, stream()>>>(op, s, linear, static_cast<bf16*>(out.data),
+                                                           static_cast<const bf16*>(in.data), static_cast<float>(alpha), n);
+      break;
+    default:
+      throw Error(detail::concat("unary op: the CUDA backend computes in f32, f64 or bf16, got ", dtype_name(out.dtype)));
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+void binary(BinaryOp op, const View& out, const View& a, const View& b) {
+  LT_CHECK(out.dtype == a.dtype && a.dtype == b.dtype, "binary: dtype mismatch (", dtype_name(out.dtype), ", ",
+           dtype_name(a.dtype), ", ", dtype_name(b.dtype), ")");
+  check_cuda_view(a, "binary");
+  check_cuda_view(b, "binary");
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  DeviceGuard guard(out.device);
+  const View* views[3] = {&out, &a, &b};
+  const Strided<3> s = make_strided(views);
+  const bool linear = is_linear(s);
+  const unsigned grid = grid_for(n);
+  auto launch = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    binary_kernel<T><<<grid, kThreads, 0, stream()>>>(op, s, linear, static_cast<T*>(out.data),
+                                                      static_cast<const T*>(a.data), static_cast<const T*>(b.data), n);
+  };
+  switch (out.dtype) {
+    case DType::f32: launch(Tag<float>{}); break;
+    case DType::f64: launch(Tag<double>{}); break;
+    case DType::bf16: launch(Tag<bf16>{}); break;
+    case DType::i32: launch(Tag<int32_t>{}); break;
+    case DType::i64: launch(Tag<int64_t>{}); break;
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+void where(const View& out, const View& cond, const View& a, const View& b) {
+  LT_CHECK(out.dtype == a.dtype && a.dtype == b.dtype, "where: a, b and the output must share a dtype, got ",
+           dtype_name(a.dtype), ", ", dtype_name(b.dtype), " and ", dtype_name(out.dtype));
+  check_cuda_view(cond, "where");
+  check_cuda_view(a, "where");
+  check_cuda_view(b, "where");
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  DeviceGuard guard(out.device);
+  const View* views[4] = {&out, &cond, &a, &b};
+  const Strided<4> s = make_strided(views);
+  const bool linear = is_linear(s);
+  const unsigned grid = grid_for(n);
+  switch (dtype_size(out.dtype)) {
+    case 2: where_kernel<2><<<grid, kThreads, 0, stream()>>>(s, linear, out.data, cond.dtype, cond.data, a.data, b.data, n); break;
+    case 4: where_kernel<4><<<grid, kThreads, 0, stream()>>>(s, linear, out.data, cond.dtype, cond.data, a.data, b.data, n); break;
+    default: where_kernel<8><<<grid, kThreads, 0, stream()>>>(s, linear, out.data, cond.dtype, cond.data, a.data, b.data, n); break;
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+void copy(const View& dst, const View& src) {
+  check_cuda_view(src, "copy");
+  LT_CHECK(dst.device == src.device, "copy: both views must be on one device, got ", dst.device.str(), " and ",
+           src.device.str());
+  const int64_t n = dst.numel();
+  if (n == 0) return;
+  DeviceGuard guard(dst.device);
+  const View* views[2] = {&dst, &src};
+  const Strided<2> s = make_strided(views);
+  const bool linear = is_linear(s);
+  const unsigned grid = grid_for(n);
+  if (dst.dtype == src.dtype) {
+    const size_t es = dtype_size(dst.dtype);
+    if (linear) {
+      CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, static_cast<size_t>(n) * es, cudaMemcpyDeviceToDevice, stream()));
+      return;
+    }
+    switch (es) {
+      case 2: copy_bits_kernel<2><<<grid, kThreads, 0, stream()>>>(s, dst.data, src.data, n); break;
+      case 4: copy_bits_kernel<4><<<grid, kThreads, 0, stream()>>>(s, dst.data, src.data, n); break;
+      default: copy_bits_kernel<8><<<grid, kThreads, 0, stream()>>>(s, dst.data, src.data, n); break;
+    }
+  } else {
+    convert_kernel<<<grid, kThreads, 0, stream()>>>(s, linear, dst.data, dst.dtype, src.data, src.dtype, n);
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+void fill(const View& dst, double value) {
+  const int64_t n = dst.numel();
+  if (n == 0) return;
+  DeviceGuard guard(dst.device);
+  // The element's bits, converted on the host exactly as the CPU backend stores them.
+  uint64_t bits = 0;
+  switch (dst.dtype) {
+    case DType::f32: { float f = static_cast<float>(value); std::memcpy(&bits, &f, 4); break; }
+    case DType::f64: std::memcpy(&bits, &value, 8); break;
+    case DType::bf16: bits = bfloat16(static_cast<float>(value)).bits; break;
+    case DType::i32: { int32_t v = static_cast<int32_t>(value); uint32_t u; std::memcpy(&u, &v, 4); bits = u; break; }
+    case DType::i64: { int64_t v = static_cast<int64_t>(value); std::memcpy(&bits, &v, 8); break; }
+  }
+  const View* views[1] = {&dst};
+  const Strided<1> s = make_strided(views);
+  const bool linear = is_linear(s);
+  const unsigned grid = grid_for(n);
+  switch (dtype_size(dst.dtype)) {
+    case 2: fill_kernel<2><<<grid, kThreads, 0, stream()>>>(s, linear, dst.data, bits, n); break;
+    case 4: fill_kernel<4><<<grid, kThreads, 0, stream()>>>(s, linear, dst.data, bits, n); break;
+    default: fill_kernel<8><<<grid, kThreads, 0, stream()>>>(s, linear, dst.data, bits, n); break;
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace longtape::cuda
