@@ -35,6 +35,11 @@ struct AttentionConfig {
   std::string parallel = "none";  // none | ring | head
   int64_t ranks = 1;
   std::string inner_variant = "dilated";  // the core variant a wrapper (hilbert, ring, head) runs
+  // A variant that runs on a slice of the heads (head_parallel gives each rank H/P of them) is told
+  // the global index of its first head and the total head count, so that dilation offsets (h mod r)
+  // and head groups follow the global head indices, exactly as on one device.
+  int64_t head_offset = 0;
+  int64_t total_heads = 0;  // 0 = num_heads
 
   double scale() const;
 };

@@ -1,0 +1,159 @@
+#include "attention/head_parallel.h"
+
+#include "attention/composed.h"
+#include "attention/registry.h"
+#include "attention/ring_attention.h"
+#include "autograd/grad_mode.h"
+#include "autograd/node.h"
+#include "nn/dist/functional.h"
+#include "tensor/error.h"
+#include "tensor/ops.h"
+
+namespace longtape::attention {
+
+namespace {
+
+std::string describe(const Tensor& t) {
+  if (!t.defined()) return "undefined";
+  return shape_str(t.shape()) + " " + dtype_name(t.dtype()) + " on " + t.device().str();
+}
+
+void check_heads(int64_t num_heads, int64_t ranks, const char* who) {
+  LT_CHECK(ranks >= 1, who, ": ranks must be >= 1, got ", ranks);
+  LT_CHECK(num_heads % ranks == 0, who, ": num_heads (", num_heads, ") must be divisible by the number of ranks (",
+           ranks, "): each rank takes num_heads / ranks heads");
+}
+
+// The config of rank `rank`'s inner variant: its H/P heads, told their global position.
+AttentionConfig inner_config(const AttentionConfig& config, int64_t rank, int64_t ranks) {
+  AttentionConfig inner = config;
+  const int64_t local = config.num_heads / ranks;
+  inner.num_heads = local;
+  inner.total_heads = config.total_heads > 0 ? config.total_heads : config.num_heads;
+  inner.head_offset = config.head_offset + rank * local;
+  inner.parallel = "none";
+  inner.ranks = 1;
+  return inner;
+}
+
+void check_inner_name(const AttentionConfig& config) {
+  LT_CHECK(config.inner_variant != "head_parallel" && config.inner_variant != "ring",
+           "attention 'head_parallel': inner_variant must be a single-device variant, got \"", config.inner_variant,
+           "\"");
+}
+
+void check_shards(const AttentionConfig& config, const Tensor& q, const Tensor& k, const Tensor& v, const char* who) {
+  LT_CHECK(q.defined() && k.defined() && v.defined() && q.dim() == 4, who,
+           ": q, k and v must be defined 4-d (batch, sequence, heads, head_dim) tensors, got q ", describe(q), ", k ",
+           describe(k), ", v ", describe(v));
+  LT_CHECK(k.shape() == q.shape() && v.shape() == q.shape(), who,
+           ": q, k and v must have one shape (self-attention over one sharded sequence), got q ", describe(q), ", k ",
+           describe(k), ", v ", describe(v));
+  LT_CHECK(q.size(2) == config.num_heads && q.size(3) == config.head_dim, who, ": expected ", config.num_heads,
+           " heads of dim ", config.head_dim, " (config), got q ", describe(q));
+  LT_CHECK(q.size(0) > 0 && q.size(1) > 0, who, ": batch and sequence must be non-empty, got q ", describe(q));
+}
+
+}  // namespace
+
+AttentionOutput head_parallel_attention(dist::Communicator& comm, const AttentionConfig& config, const Tensor& q,
+                                        const Tensor& k, const Tensor& v, bool training) {
+  check_shards(config, q, k, v, "head_parallel_attention");
+  check_inner_name(config);
+  const int64_t ranks = comm.size(), rank = comm.rank();
+  check_heads(q.size(2), ranks, "head_parallel_attention");
+  // Sequence lengths of every rank: the sizes of the return all-to-all.
+  std::vector<int64_t> lengths;
+  for (const Tensor& n : comm.all_gather(Tensor::from_vector(std::vector<int64_t>{q.size(1)}, {1})))
+    lengths.push_back(static_cast<int64_t>(n.item()));
+
+  // (B, n_r, H, D) -> (B, N, H/P, D): head group d goes to rank d, sequence chunks join in rank order.
+  const Tensor qf = dist::all_to_all(comm, q, 2, 1), kf = dist::all_to_all(comm, k, 2, 1),
+               vf = dist::all_to_all(comm, v, 2, 1);
+  std::shared_ptr<Attention> inner = make_attention(config.inner_variant, inner_config(config, rank, ranks));
+  inner->train(training);
+  AttentionOutput full = inner->forward_with_lse(qf, kf, vf);
+  // Back: sequence chunk s goes to rank s, head groups join in rank order.
+  return {dist::all_to_all(comm, full.out, 1, 2, lengths), dist::all_to_all(comm, full.lse, 2, 1, lengths)};
+}
+
+HeadParallelAttention::HeadParallelAttention(AttentionConfig config) : Attention(std::move(config)) {
+  validate_core_config(config_, "head_parallel");
+  check_heads(config_.num_heads, config_.ranks, "attention 'head_parallel'");
+  check_inner_name(config_);
+  // The inner variant checks its own config (one per rank differs only in the head offset).
+  make_attention(config_.inner_variant, inner_config(config_, 0, config_.ranks));
+}
+
+AttentionOutput HeadParallelAttention::forward_with_lse(const Tensor& q, const Tensor& k, const Tensor& v) {
+  check_inputs(q, k, v);
+  if (dist::Communicator* comm = dist::current_communicator())
+    return head_parallel_attention(*comm, config_, q, k, v, is_training());
+
+  // Outside a rank: run config.ranks ranks as threads on the full tensors.
+  check_shards(config_, q, k, v, "attention 'head_parallel'");
+  const bool training = is_training();
+  LT_CHECK(!(training && config_.dropout > 0.0),
+           "attention 'head_parallel': attention dropout is not supported when the ranks are simulated (dropout = ",
+           config_.dropout, "); set it to 0 or use eval mode");
+  const int64_t ranks = config_.ranks;
+  const std::vector<int64_t> starts = sequence_chunk_starts(q.size(1), ranks);
+  // Token chunk r of a (B, N, H, D) tensor (dim 1) or of a (B, H, N) lse (dim 2).
+  auto chunk = [starts](const Tensor& x, int64_t r, int64_t dim) {
+    const size_t i = static_cast<size_t>(r);
+    return x.narrow(dim, starts[i], starts[i + 1] - starts[i]).contiguous();
+  };
+  const Tensor qd = q.detach(), kd = k.detach(), vd = v.detach();
+  const AttentionConfig config = config_;
+  std::vector<AttentionOutput> parts(static_cast<size_t>(ranks));
+  {
+    NoGradGuard no_grad;
+    dist::run_ranks(static_cast<int>(ranks), [&](dist::Communicator& comm) {
+      const int64_t r = comm.rank();
+      parts[static_cast<size_t>(r)] =
+          head_parallel_attention(comm, config, chunk(qd, r, 1), chunk(kd, r, 1), chunk(vd, r, 1), training);
+    });
+  }
+  Tensor out, lse;
+  {
+    NoGradGuard no_grad;
+    std::vector<Tensor> outs, lses;
+    for (const AttentionOutput& p : parts) {
+      outs.push_back(p.out);
+      lses.push_back(p.lse);
+    }
+    out = ranks == 1 ? outs[0] : cat(outs, 1);
+    lse = ranks == 1 ? lses[0] : cat(lses, 2);
+  }
+  if (autograd::any_requires_grad({q, k, v})) {
+    // The backward runs the ranks again: each recomputes its forward with autograd and takes the
+    // gradients of its shards (the all-to-alls' backward communicates inside that run).
+    autograd::record(
+        "head_parallel_attention", {q, k, v}, {out, lse},
+        [config, qd, kd, vd, ranks, chunk, training](const std::vector<Tensor>& g) {
+          std::vector<std::vector<Tensor>> grads(static_cast<size_t>(ranks));
+          dist::run_ranks(static_cast<int>(ranks), [&](dist::Communicator& comm) {
+            autograd::set_grad_enabled(true);  // this rank's thread only
+            const int64_t r = comm.rank();
+            std::vector<Tensor> leaves;
+            for (const Tensor& x : {qd, kd, vd}) leaves.push_back(chunk(x, r, 1).detach().requires_grad_());
+            AttentionOutput res = head_parallel_attention(comm, config, leaves[0], leaves[1], leaves[2], training);
+            std::vector<Tensor> d =
+                autograd::grad({res.out, res.lse}, leaves, {chunk(g[0], r, 1), chunk(g[1], r, 2)});
+            for (size_t i = 0; i < d.size(); ++i)
+              if (!d[i].defined()) d[i] = Tensor::zeros(leaves[i].shape(), leaves[i].dtype(), leaves[i].device());
+            grads[static_cast<size_t>(r)] = d;
+          });
+          std::vector<Tensor> result;
+          for (size_t i = 0; i < 3; ++i) {
+            std::vector<Tensor> pieces;
+            for (const auto& d : grads) pieces.push_back(d[i]);
+            result.push_back(pieces.size() == 1 ? pieces[0] : cat(pieces, 1));
+          }
+          return result;
+        });
+  }
+  return {out, lse};
+}
+
+}  // namespace longtape::attention

@@ -1,0 +1,38 @@
+#pragma once
+// Head-parallel attention (SPEC 6, "Ulysses"): the input is sequence-sharded, rank r holding
+// (B, n_r, H, D). An all-to-all turns it into the full sequence for H/P heads, (B, N, H/P, D) with
+// rank r holding the global heads [r*H/P, (r+1)*H/P); the inner variant (config.inner_variant,
+// default "dilated") runs on them with GLOBAL head indices (config.head_offset = r*H/P and
+// config.total_heads = H, so dilation offsets h mod r and head groups are those of one device); a
+// second all-to-all brings out and lse back to the sequence sharding. Needs H % P == 0.
+//
+// The all-to-alls are differentiable (dist::all_to_all), so the inner variant's own autograd gives
+// the backward. Inner variants whose result depends on the head index must honour head_offset and
+// total_heads (dense and dilated do).
+#include <string>
+
+#include "attention/attention.h"
+#include "nn/dist/communicator.h"
+
+namespace longtape::attention {
+
+// Rank-local head-parallel attention: q, k, v are this rank's tokens (B, n_r, H, D), the chunks in
+// rank order; returns this rank's out (B, n_r, H, D) and lse (B, H, n_r). `training` is passed to
+// the inner variant. Every rank must call backward through it (see nn/dist/functional.h).
+AttentionOutput head_parallel_attention(dist::Communicator& comm, const AttentionConfig& config, const Tensor& q,
+                                        const Tensor& k, const Tensor& v, bool training = false);
+
+// The registered variant "head_parallel". Inside run_ranks, forward takes this rank's shards and
+// uses the rank's communicator. Anywhere else it takes the full (B, N, H, D) tensors and runs
+// config.ranks ranks as threads, returning the full result; its backward runs the ranks again,
+// recomputing each rank's forward with autograd (so attention dropout, whose draws would differ,
+// is refused there in training mode).
+class HeadParallelAttention : public Attention {
+ public:
+  // Throws unless num_heads % ranks == 0 and the inner variant accepts the per-rank config.
+  explicit HeadParallelAttention(AttentionConfig config);
+  AttentionOutput forward_with_lse(const Tensor& q, const Tensor& k, const Tensor& v) override;
+  std::string variant_name() const override { return "head_parallel"; }
+};
+
+}  // namespace longtape::attention

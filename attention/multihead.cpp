@@ -1,0 +1,140 @@
+#include "attention/multihead.h"
+
+#include <cmath>
+
+#include "attention/registry.h"
+#include "autograd/grad_mode.h"
+#include "tensor/error.h"
+#include "tensor/ops.h"
+
+namespace longtape::attention {
+
+namespace {
+
+// Xavier-normal (Glorot) for an x W weight of shape (fan_in, fan_out): std = gain sqrt(2 / (in + out)).
+Tensor xavier_normal(int64_t fan_in, int64_t fan_out, double gain, DType dtype, Device device) {
+  const double std = gain * std::sqrt(2.0 / static_cast<double>(fan_in + fan_out));
+  return mul(Tensor::randn({fan_in, fan_out}, DType::f64), std).to(dtype).to(device);
+}
+
+MultiheadAttentionOptions make_options(int64_t embed_dim, int64_t num_heads, std::string variant,
+                                       AttentionConfig config, bool fused_qkv, bool sub_layernorm, double gamma,
+                                       bool bias) {
+  MultiheadAttentionOptions o;
+  o.embed_dim = embed_dim;
+  o.num_heads = num_heads;
+  o.variant = std::move(variant);
+  o.attention = std::move(config);
+  o.fused_qkv = fused_qkv;
+  o.sub_layernorm = sub_layernorm;
+  o.gamma = gamma;
+  o.bias = bias;
+  return o;
+}
+
+}  // namespace
+
+MultiheadAttention::MultiheadAttention(int64_t embed_dim, int64_t num_heads, std::string variant,
+                                       AttentionConfig config, bool fused_qkv, bool sub_layernorm, double gamma,
+                                       bool bias)
+    : MultiheadAttention(make_options(embed_dim, num_heads, std::move(variant), std::move(config), fused_qkv,
+                                      sub_layernorm, gamma, bias)) {}
+
+MultiheadAttention::MultiheadAttention(MultiheadAttentionOptions options) : options_(std::move(options)) {
+  const int64_t e = options_.embed_dim, h = options_.num_heads;
+  LT_CHECK(e > 0, "MultiheadAttention: embed_dim must be > 0, got ", e);
+  LT_CHECK(h > 0, "MultiheadAttention: num_heads must be > 0, got ", h);
+  LT_CHECK(e % h == 0, "MultiheadAttention: embed_dim (", e, ") must be divisible by num_heads (", h, ")");
+  LT_CHECK(std::isfinite(options_.gamma) && options_.gamma > 0, "MultiheadAttention: gamma must be finite and > 0, got ",
+           options_.gamma);
+  LT_CHECK(options_.layer_norm_eps >= 0, "MultiheadAttention: layer_norm_eps must be >= 0, got ",
+           options_.layer_norm_eps);
+  LT_CHECK(is_floating(options_.dtype), "MultiheadAttention: dtype must be floating, got ",
+           dtype_name(options_.dtype));
+  head_dim_ = e / h;
+  options_.attention.num_heads = h;
+  options_.attention.head_dim = head_dim_;
+  core_ = register_module("attention", make_attention(options_.variant, options_.attention));
+
+  NoGradGuard no_grad;
+  const DType dt = options_.dtype;
+  const Device dev = options_.device;
+  const double gamma = options_.gamma;
+  if (options_.fused_qkv) {
+    Tensor w = cat({xavier_normal(e, e, 1.0, dt, dev), xavier_normal(e, e, 1.0, dt, dev),
+                    xavier_normal(e, e, gamma, dt, dev)},
+                   1);
+    w_qkv = register_parameter("qkv_weight", w);
+    if (options_.bias) b_qkv = register_parameter("qkv_bias", Tensor::zeros({3 * e}, dt, dev));
+  } else {
+    w_q = register_parameter("q_weight", xavier_normal(e, e, 1.0, dt, dev));
+    w_k = register_parameter("k_weight", xavier_normal(e, e, 1.0, dt, dev));
+    w_v = register_parameter("v_weight", xavier_normal(e, e, gamma, dt, dev));
+    if (options_.bias) {
+      b_q = register_parameter("q_bias", Tensor::zeros({e}, dt, dev));
+      b_k = register_parameter("k_bias", Tensor::zeros({e}, dt, dev));
+      b_v = register_parameter("v_bias", Tensor::zeros({e}, dt, dev));
+    }
+  }
+  if (options_.sub_layernorm) {
+    ln_weight = register_parameter("norm_weight", Tensor::ones({e}, dt, dev));
+    ln_bias = register_parameter("norm_bias", Tensor::zeros({e}, dt, dev));
+  }
+  w_out = register_parameter("out_weight", xavier_normal(e, e, gamma, dt, dev));
+  if (options_.bias) b_out = register_parameter("out_bias", Tensor::zeros({e}, dt, dev));
+}
+
+void MultiheadAttention::check_input(const Tensor& x, const char* what) const {
+  LT_CHECK(x.defined() && x.dim() == 3 && x.size(2) == options_.embed_dim, "MultiheadAttention: ", what,
+           " must be (batch, sequence, embed_dim = ", options_.embed_dim, "), got ",
+           x.defined() ? shape_str(x.shape()) : std::string("undefined"));
+}
+
+Tensor MultiheadAttention::project(const Tensor& x, int which) const {
+  const int64_t e = options_.embed_dim;
+  Tensor w, b;
+  if (options_.fused_qkv) {
+    w = w_qkv.narrow(1, which * e, e);
+    if (b_qkv.defined()) b = b_qkv.narrow(0, which * e, e);
+  } else {
+    w = which == 0 ? w_q : which == 1 ? w_k : w_v;
+    b = which == 0 ? b_q : which == 1 ? b_k : b_v;
+  }
+  Tensor y = matmul(x, w);
+  return b.defined() ? add(y, b) : y;
+}
+
+Tensor MultiheadAttention::attend(const Tensor& q, const Tensor& k, const Tensor& v) {
+  const int64_t h = options_.num_heads;
+  auto heads = [&](const Tensor& t) { return t.reshape({t.size(0), t.size(1), h, head_dim_}); };
+  Tensor o = core_->forward(heads(q), heads(k), heads(v));
+  Tensor merged = o.reshape({o.size(0), o.size(1), options_.embed_dim});
+  if (options_.sub_layernorm) merged = layer_norm(merged, ln_weight, ln_bias, options_.layer_norm_eps);
+  Tensor y = matmul(merged, w_out);
+  return b_out.defined() ? add(y, b_out) : y;
+}
+
+Tensor MultiheadAttention::forward(const Tensor& x) {
+  check_input(x, "x");
+  if (options_.fused_qkv) {
+    // One (E, 3E) product for all three projections.
+    Tensor qkv = matmul(x, w_qkv);
+    if (b_qkv.defined()) qkv = add(qkv, b_qkv);
+    const int64_t e = options_.embed_dim;
+    return attend(qkv.narrow(2, 0, e), qkv.narrow(2, e, e), qkv.narrow(2, 2 * e, e));
+  }
+  return attend(project(x, 0), project(x, 1), project(x, 2));
+}
+
+Tensor MultiheadAttention::forward(const Tensor& query, const Tensor& key, const Tensor& value) {
+  check_input(query, "query");
+  check_input(key, "key");
+  check_input(value, "value");
+  LT_CHECK(key.shape() == value.shape(), "MultiheadAttention: key and value must have the same shape, got key ",
+           shape_str(key.shape()), ", value ", shape_str(value.shape()));
+  LT_CHECK(query.size(0) == key.size(0), "MultiheadAttention: query and key must have the same batch size, got query ",
+           shape_str(query.shape()), ", key ", shape_str(key.shape()));
+  return attend(project(query, 0), project(key, 1), project(value, 2));
+}
+
+}  // namespace longtape::attention

@@ -1,0 +1,198 @@
+// `longtape attention`: runs one registered attention variant on .npy inputs and writes its
+// output (and, given --dout, the input gradients) as .npy files.
+//
+//   longtape attention --variant dilated --segments 2048,4096 --dilations 1,2 --q q.npy --k k.npy
+//       --v v.npy [--dout dout.npy] --out-dir out/ [--parallel ring|head --ranks P]
+//   longtape attention --variant block_sparse --pattern random --density 0.5 --block-size 64 ...
+//       [--schedule hilbert] [--order hilbert --grid 32x32]   (order applies to any variant)
+//
+// Inputs are (B, N, H, D) float32/float64 arrays in C order; H and D are read from q. Outputs:
+// DIR/o.npy (B, N, H, D), DIR/lse.npy (B, H, N) and with --dout DIR/dq.npy, dk.npy, dv.npy; all
+// float64 when computing in f64, float32 otherwise.
+#include <filesystem>
+#include <iostream>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "attention/config.h"
+#include "attention/registry.h"
+#include "cli/command_registry.h"
+#include "io/tensor_io.h"
+#include "tensor/error.h"
+#include "tensor/ops.h"
+
+namespace longtape::cli {
+
+namespace {
+
+// Options that become AttentionConfig fields. A variant that needs more settings adds its flags
+// in add_config_flags and turns them into config fields in to_config.
+struct ConfigFlags {
+  std::string segments;
+  std::string dilations;
+  std::string mixing = "lse";
+  bool causal = false;
+  std::optional<double> scale;
+  int64_t ranks = 1;
+  std::string parallel = "none";  // none | ring | head
+  // block_sparse (SPEC 4) and token ordering (SPEC 5)
+  std::string pattern = "local_window";
+  int64_t block_size = 64;
+  double density = 0.25;
+  int64_t window = 256;
+  int64_t global_blocks = 1;
+  uint64_t seed = 0;
+  std::string order = "natural";
+  std::string grid;
+  std::string schedule = "natural";
+};
+
+void add_config_flags(CLI::App& sub, ConfigFlags& f) {
+  sub.add_option("--segments", f.segments, "dilated: segment lengths, comma-separated (e.g. 2048,4096)");
+  sub.add_option("--dilations", f.dilations,
+                 "dilated: dilation rates, comma-separated, one per segment length (default: all 1)");
+  sub.add_option("--mixing", f.mixing, "dilated: how branches combine: lse (default) or head_groups");
+  sub.add_flag("--causal", f.causal, "causal attention: a query sees only keys at positions <= its own");
+  sub.add_option("--scale", f.scale, "softmax scale (default 1/sqrt(head_dim))");
+  sub.add_option("--ranks", f.ranks, "with --parallel: number of ranks P, run as threads of this process (default 1)");
+  sub.add_option("--parallel", f.parallel,
+                 "run --variant (dense or dilated for ring) on P ranks: none (default), ring (sequence parallel) or "
+                 "head (head parallel, needs heads % P == 0)");
+  sub.add_option("--pattern", f.pattern,
+                 "block_sparse: all, local_window (default), dilated (block distances from --dilations), "
+                 "global_local, random or adaptive");
+  sub.add_option("--block-size", f.block_size, "block_sparse: tokens per block (default 64)");
+  sub.add_option("--density", f.density, "block_sparse random/adaptive: fraction of key blocks kept (default 0.25)");
+  sub.add_option("--window", f.window, "block_sparse local_window/global_local: window in tokens (default 256)");
+  sub.add_option("--global-blocks", f.global_blocks, "block_sparse global_local: leading global blocks (default 1)");
+  sub.add_option("--seed", f.seed, "block_sparse random: seed of the drawn blocks (default 0)");
+  sub.add_option("--order", f.order, "token order: natural (default) or hilbert (any variant)");
+  sub.add_option("--grid", f.grid, "with --order hilbert: token grid HxW (default: a square, N must be one)");
+  sub.add_option("--schedule", f.schedule,
+                 "block_sparse: block processing order, natural (default) or hilbert (same output)");
+}
+
+attention::AttentionConfig to_config(const ConfigFlags& f, int64_t num_heads, int64_t head_dim) {
+  attention::AttentionConfig config;
+  config.num_heads = num_heads;
+  config.head_dim = head_dim;
+  if (!f.segments.empty()) {
+    config.segment_lengths = attention::parse_int_list(f.segments, "--segments");
+    config.dilation_rates = f.dilations.empty() ? std::vector<int64_t>(config.segment_lengths.size(), 1)
+                                                : attention::parse_int_list(f.dilations, "--dilations");
+  } else if (f.pattern == "dilated" && !f.dilations.empty()) {
+    config.dilation_rates = attention::parse_int_list(f.dilations, "--dilations");  // block_sparse block distances
+  } else {
+    LT_CHECK(f.dilations.empty(), "--dilations needs --segments (one segment length per dilation rate), or "
+             "--pattern dilated (block distances of block_sparse)");
+  }
+  config.mixing = attention::parse_mixing(f.mixing);
+  config.causal = f.causal;
+  config.softmax_scale = f.scale;
+  LT_CHECK(f.parallel == "none" || f.parallel == "ring" || f.parallel == "head",
+           "--parallel must be none, ring or head, got \"", f.parallel, "\"");
+  LT_CHECK(f.ranks >= 1, "--ranks must be >= 1, got ", f.ranks);
+  LT_CHECK(f.parallel != "none" || f.ranks == 1, "--ranks ", f.ranks, " needs --parallel ring or head");
+  config.parallel = f.parallel;
+  config.ranks = f.ranks;
+  config.pattern = f.pattern;
+  config.block_size = f.block_size;
+  config.density = f.density;
+  config.window = f.window;
+  config.global_blocks = f.global_blocks;
+  config.seed = f.seed;
+  config.order = f.order;
+  config.grid = f.grid;
+  config.schedule = f.schedule;
+  return config;
+}
+
+// The registered name to run: --variant itself, or the parallel wrapper running it as inner variant.
+std::string variant_to_run(const ConfigFlags& f, const std::string& variant, attention::AttentionConfig& config) {
+  if (f.parallel == "none") return variant;
+  config.inner_variant = variant;
+  return f.parallel == "ring" ? "ring" : "head_parallel";
+}
+
+Tensor load_input(const std::string& path, const char* what) {
+  Tensor t = io::load_npy(path);
+  LT_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64, "--", what, " ", path,
+           ": expected a float32 or float64 array, got ", dtype_name(t.dtype()));
+  LT_CHECK(t.dim() == 4, "--", what, " ", path, ": expected a 4-d (batch, sequence, heads, head_dim) array, got shape ",
+           shape_str(t.shape()));
+  return t;
+}
+
+struct AttentionArgs {
+  std::string variant;
+  ConfigFlags flags;
+  std::string device = "cpu";
+  std::string dtype;
+  std::string q, k, v, dout;
+  std::string out_dir;
+};
+
+int run_attention(const AttentionArgs& a) {
+  const Device device = Device::parse(a.device);
+  LT_CHECK(!device.is_cuda() || cuda_available(), "--device ", a.device,
+           ": no CUDA device is available (or longtape was built without CUDA)");
+  Tensor q_file = load_input(a.q, "q"), k_file = load_input(a.k, "k"), v_file = load_input(a.v, "v");
+  const DType dtype = a.dtype.empty() ? q_file.dtype() : dtype_from_name(a.dtype);
+  LT_CHECK(dtype == DType::f32 || dtype == DType::f64 || dtype == DType::bf16, "--dtype must be f32, f64 or bf16, got ",
+           a.dtype);
+  const DType out_dtype = dtype == DType::f64 ? DType::f64 : DType::f32;
+
+  auto config = to_config(a.flags, q_file.size(2), q_file.size(3));
+  auto attention = attention::make_attention(variant_to_run(a.flags, a.variant, config), config);
+  attention->eval();
+
+  const bool backward = !a.dout.empty();
+  auto prepare = [&](const Tensor& t) {
+    Tensor x = t.to(dtype).to(device).detach();
+    if (backward) x.requires_grad_();
+    return x;
+  };
+  Tensor q = prepare(q_file), k = prepare(k_file), v = prepare(v_file);
+  attention::AttentionOutput result = attention->forward_with_lse(q, k, v);
+
+  const std::filesystem::path dir(a.out_dir);
+  std::filesystem::create_directories(dir);
+  auto save = [&](const char* name, const Tensor& t) { io::save_npy((dir / name).string(), t.detach().to(out_dtype)); };
+  save("o.npy", result.out);
+  save("lse.npy", result.lse);
+  if (backward) {
+    Tensor dout = io::load_npy(a.dout);
+    LT_CHECK(dout.dtype() == DType::f32 || dout.dtype() == DType::f64, "--dout ", a.dout,
+             ": expected a float32 or float64 array, got ", dtype_name(dout.dtype()));
+    LT_CHECK(dout.shape() == result.out.shape(), "--dout ", a.dout, ": expected shape ",
+             shape_str(result.out.shape()), " (the output's), got ", shape_str(dout.shape()));
+    result.out.backward(dout.to(dtype).to(device));
+    save("dq.npy", q.grad());
+    save("dk.npy", k.grad());
+    save("dv.npy", v.grad());
+  }
+  std::cout << "attention " << a.variant << ": q " << shape_str(q.shape()) << " " << dtype_name(dtype) << " on "
+            << device.str() << " -> " << dir.string() << "/o.npy" << (backward ? " (+ dq, dk, dv)" : "") << "\n";
+  return 0;
+}
+
+const RegisterCommand attention_command(
+    "attention", "run one attention variant on .npy inputs (B, N, H, D); write o.npy, lse.npy [, dq, dk, dv]",
+    [](CLI::App& sub) -> std::function<int()> {
+      auto args = std::make_shared<AttentionArgs>();
+      sub.add_option("--variant", args->variant, "registered attention variant (dense, dilated, ...)")->required();
+      add_config_flags(sub, args->flags);
+      sub.add_option("--device", args->device, "cpu or cuda[:N] (default cpu)");
+      sub.add_option("--dtype", args->dtype, "compute dtype: f32, f64 or bf16 (default: the dtype of q.npy)");
+      sub.add_option("--q", args->q, "queries, .npy (B, N, H, D) float32/float64")->required();
+      sub.add_option("--k", args->k, "keys, .npy (B, N, H, D)")->required();
+      sub.add_option("--v", args->v, "values, .npy (B, N, H, D)")->required();
+      sub.add_option("--dout", args->dout, "gradient of the output, .npy (B, N, H, D): also write dq, dk, dv");
+      sub.add_option("--out-dir", args->out_dir, "folder for the output files (created if missing)")->required();
+      return [args] { return run_attention(*args); };
+    });
+
+}  // namespace
+
+}  // namespace longtape::cli

@@ -1,0 +1,467 @@
+#include "nn/dist/communicator.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <tuple>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "autograd/grad_mode.h"
+#include "cuda/runtime.h"
+#include "tensor/error.h"
+#include "tensor/ops.h"
+
+namespace longtape::dist {
+
+namespace {
+
+thread_local Communicator* g_current = nullptr;
+
+std::string describe(const Tensor& t) {
+  if (!t.defined()) return "undefined";
+  return shape_str(t.shape()) + " " + dtype_name(t.dtype()) + " on " + t.device().str();
+}
+
+double seconds(std::chrono::milliseconds d) { return static_cast<double>(d.count()) / 1000.0; }
+
+// Waits until the device has finished the work queued so far by every thread, so a tensor
+// written on one rank's stream is complete before another rank's stream reads it, and memory a
+// rank received is no longer in use when it is freed.
+void finish_device_work(Device device) {
+#ifdef LONGTAPE_WITH_CUDA
+  if (device.is_cuda()) cuda::synchronize(device.index);
+#else
+  (void)device;
+#endif
+}
+
+// A private, contiguous, history-free copy (what travels through a mailbox).
+Tensor private_copy(const Tensor& t) {
+  NoGradGuard no_grad;
+  Tensor copy = t.detach().clone();
+  finish_device_work(copy.device());
+  return copy;
+}
+
+struct Message {
+  Tensor tensor;
+  std::string op;  // "send" or the collective's name, to detect ranks calling different collectives
+};
+
+struct Group;
+
+// What every group of one run_ranks call shares: one lock and condition variable, the failure
+// state and which ranks have returned (by global rank), so that a failure anywhere wakes every
+// waiter of every group, sub-groups included.
+struct World {
+  explicit World(int n) : finished(static_cast<size_t>(n), false) {}
+
+  std::mutex mutex;
+  std::condition_variable changed;
+  bool failed = false;
+  int failed_rank = -1;  // global
+  std::string failed_message;
+  std::vector<bool> finished;  // the rank's body has returned
+  bool closed = false;         // run_ranks has returned
+  // Sub-groups being formed by split(): (parent group, split number, color) -> the group and how
+  // many of its members still have to pick it up.
+  std::map<std::tuple<const void*, int64_t, int64_t>, std::pair<std::shared_ptr<Group>, int>> forming;
+
+  void fail(int global_rank, const std::string& message) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (!failed) {
+        failed = true;
+        failed_rank = global_rank;
+        failed_message = message;
+      }
+    }
+    changed.notify_all();
+  }
+
+  void finish(int global_rank) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      finished[static_cast<size_t>(global_rank)] = true;
+    }
+    changed.notify_all();
+  }
+
+  void close() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      closed = true;
+    }
+    changed.notify_all();
+  }
+};
+
+// The mailboxes of one group (all ranks, or a sub-group made by split); collective number c
+// travels on tag -1 - c, user tags are >= 0. Ranks are local to the group; members maps them to
+// the global ranks of run_ranks.
+struct Group {
+  Group(std::shared_ptr<World> w, std::vector<int> m, CommOptions o)
+      : world(std::move(w)), members(std::move(m)), options(o) {}
+
+  std::shared_ptr<World> world;
+  const std::vector<int> members;
+  const CommOptions options;
+  std::map<std::tuple<int, int, int64_t>, std::deque<Message>> mailbox;  // (src, dst, tag), under world->mutex
+
+  int size() const { return static_cast<int>(members.size()); }
+  int global(int rank) const { return members[static_cast<size_t>(rank)]; }
+  bool is_world() const { return static_cast<int>(members.size()) == static_cast<int>(world->finished.size()); }
+
+  // "rank 1", or for a sub-group "rank 1 of sub-group [0, 2] (global rank 2)".
+  std::string who(int rank) const {
+    std::string text = "rank " + std::to_string(rank);
+    if (is_world()) return text;
+    text += " of sub-group [";
+    for (size_t i = 0; i < members.size(); ++i) text += (i ? ", " : "") + std::to_string(members[i]);
+    return text + "] (global rank " + std::to_string(global(rank)) + ")";
+  }
+
+  // Throws when the group can no longer communicate. Caller holds world->mutex.
+  void check_usable(int rank, const std::string& what) const {
+    LT_CHECK(!world->failed, "dist: ", who(rank), ": ", what, " aborted because rank ", world->failed_rank,
+             " failed: ", world->failed_message);
+    LT_CHECK(!world->closed, "dist: ", who(rank), ": ", what,
+             " called after run_ranks returned (a backward that communicates must run inside the rank's body)");
+  }
+
+  void ensure_usable(int rank, const std::string& what) {
+    std::lock_guard<std::mutex> lock(world->mutex);
+    check_usable(rank, what);
+  }
+
+  void post(int src, int dst, int64_t tag, Message message, const std::string& what) {
+    {
+      std::lock_guard<std::mutex> lock(world->mutex);
+      check_usable(src, what);
+      mailbox[{src, dst, tag}].push_back(std::move(message));
+    }
+    world->changed.notify_all();
+  }
+
+  Message take(int src, int dst, int64_t tag, const std::string& what) {
+    std::unique_lock<std::mutex> lock(world->mutex);
+    const auto deadline = std::chrono::steady_clock::now() + options.timeout;
+    auto& queue = mailbox[{src, dst, tag}];
+    while (true) {
+      check_usable(dst, what);
+      if (!queue.empty()) {
+        Message m = std::move(queue.front());
+        queue.pop_front();
+        if (queue.empty()) mailbox.erase({src, dst, tag});  // one key per collective: do not keep them
+        return m;
+      }
+      LT_CHECK(!world->finished[static_cast<size_t>(global(src))], "dist: ", who(dst), " waits for ", what,
+               " from rank ", src, ", but rank ", src, " has already returned from its body without sending it");
+      if (world->changed.wait_until(lock, deadline) == std::cv_status::timeout) {
+        check_usable(dst, what);
+        if (!queue.empty()) continue;
+        LT_CHECK(false, "dist: ", who(dst), " timed out after ", seconds(options.timeout), " s waiting for ", what,
+                 " from rank ", src);
+      }
+    }
+  }
+
+  // The sub-group of `members` formed by the split number `seq` of this group for `color`: the
+  // first member to arrive creates it, the last one to pick it up removes it from the registry.
+  std::shared_ptr<Group> sub_group(int64_t seq, int64_t color, const std::vector<int>& sub_members) {
+    std::lock_guard<std::mutex> lock(world->mutex);
+    auto key = std::make_tuple(static_cast<const void*>(this), seq, color);
+    auto it = world->forming.find(key);
+    if (it == world->forming.end())
+      it = world->forming
+               .emplace(key, std::make_pair(std::make_shared<Group>(world, sub_members, options),
+                                            static_cast<int>(sub_members.size())))
+               .first;
+    std::shared_ptr<Group> group = it->second.first;
+    if (--it->second.second == 0) world->forming.erase(it);
+    return group;
+  }
+};
+
+class InProcessCommunicator final : public Communicator {
+ public:
+  InProcessCommunicator(std::shared_ptr<Group> group, int rank) : group_(std::move(group)), rank_(rank) {}
+
+  int rank() const override { return rank_; }
+  int size() const override { return group_->size(); }
+  const CommOptions& options() const override { return group_->options; }
+
+  void send(const Tensor& tensor, int dst, int tag) override {
+    check_peer(dst, "send", "destination");
+    LT_CHECK(tag >= 0, "dist send: tag must be >= 0, got ", tag);
+    LT_CHECK(tensor.defined(), "dist send: rank ", rank_, " was given an undefined tensor to send to rank ", dst);
+    group_->post(rank_, dst, tag, {private_copy(tensor), "send"}, "send to rank " + std::to_string(dst));
+  }
+
+  Tensor recv(const Shape& shape, DType dtype, Device device, int src, int tag) override {
+    check_peer(src, "recv", "source");
+    LT_CHECK(tag >= 0, "dist recv: tag must be >= 0, got ", tag);
+    const std::string what = "a message with tag " + std::to_string(tag);
+    Message m = group_->take(src, rank_, tag, what);
+    LT_CHECK(m.tensor.shape() == shape && m.tensor.dtype() == dtype, "dist recv: rank ", rank_, " expected ",
+             shape_str(shape), " ", dtype_name(dtype), " from rank ", src, " (tag ", tag, "), got ",
+             describe(m.tensor));
+    return arrive(m.tensor, device);
+  }
+
+  std::vector<Tensor> all_gather(const Tensor& tensor) override {
+    LT_CHECK(tensor.defined(), "dist all_gather: rank ", rank_, " was given an undefined tensor");
+    const int64_t tag = next_collective();
+    const std::string what = collective_name("all_gather", tag);
+    for (int d = 0; d < size(); ++d)
+      if (d != rank_) group_->post(rank_, d, tag, {private_copy(tensor), "all_gather"}, what);
+    std::vector<Tensor> result(static_cast<size_t>(size()));
+    for (int s = 0; s < size(); ++s) {
+      if (s == rank_) {
+        result[static_cast<size_t>(s)] = private_copy(tensor);
+        continue;
+      }
+      Message m = expect(s, tag, "all_gather", what);
+      LT_CHECK(m.tensor.shape() == tensor.shape() && m.tensor.dtype() == tensor.dtype(), "dist all_gather: rank ",
+               rank_, " has ", describe(tensor), " but rank ", s, " sent ", describe(m.tensor),
+               " (every rank must contribute the same shape and dtype)");
+      result[static_cast<size_t>(s)] = arrive(m.tensor, tensor.device());
+    }
+    return result;
+  }
+
+  std::vector<Tensor> all_to_all(const std::vector<Tensor>& to_each) override {
+    LT_CHECK(static_cast<int>(to_each.size()) == size(), "dist all_to_all: rank ", rank_,
+             " must give one tensor per rank (", size(), "), got ", to_each.size());
+    for (size_t d = 0; d < to_each.size(); ++d)
+      LT_CHECK(to_each[d].defined(), "dist all_to_all: rank ", rank_, " gave an undefined tensor for rank ", d);
+    const int64_t tag = next_collective();
+    const std::string what = collective_name("all_to_all", tag);
+    for (int d = 0; d < size(); ++d)
+      if (d != rank_) group_->post(rank_, d, tag, {private_copy(to_each[static_cast<size_t>(d)]), "all_to_all"}, what);
+    const Device device = to_each[static_cast<size_t>(rank_)].device();
+    std::vector<Tensor> result(static_cast<size_t>(size()));
+    for (int s = 0; s < size(); ++s) {
+      if (s == rank_) {
+        result[static_cast<size_t>(s)] = private_copy(to_each[static_cast<size_t>(s)]);
+        continue;
+      }
+      result[static_cast<size_t>(s)] = arrive(expect(s, tag, "all_to_all", what).tensor, device);
+    }
+    return result;
+  }
+
+  Tensor all_reduce(const Tensor& tensor, ReduceOp op) override {
+    LT_CHECK(tensor.defined(), "dist all_reduce: rank ", rank_, " was given an undefined tensor");
+    LT_CHECK(op == ReduceOp::sum || is_floating(tensor.dtype()), "dist all_reduce: mean needs a floating tensor, got ",
+             describe(tensor));
+    const int64_t tag = next_collective();
+    const std::string what = collective_name("all_reduce", tag);
+    for (int d = 0; d < size(); ++d)
+      if (d != rank_) group_->post(rank_, d, tag, {private_copy(tensor), "all_reduce"}, what);
+    std::vector<Tensor> parts(static_cast<size_t>(size()));
+    for (int s = 0; s < size(); ++s) {
+      if (s == rank_) {
+        parts[static_cast<size_t>(s)] = tensor.detach();
+        continue;
+      }
+      Message m = expect(s, tag, "all_reduce", what);
+      LT_CHECK(m.tensor.shape() == tensor.shape() && m.tensor.dtype() == tensor.dtype(), "dist all_reduce: rank ",
+               rank_, " has ", describe(tensor), " but rank ", s, " sent ", describe(m.tensor),
+               " (every rank must contribute the same shape and dtype)");
+      parts[static_cast<size_t>(s)] = arrive(m.tensor, tensor.device());
+    }
+    // The same order of additions on every rank, so every rank holds bitwise the same result.
+    NoGradGuard no_grad;
+    Tensor total = parts[0].clone();
+    for (size_t s = 1; s < parts.size(); ++s) total = add(total, parts[s]);
+    if (op == ReduceOp::mean) total = mul(total, 1.0 / size());
+    return total;
+  }
+
+  Tensor broadcast(const Tensor& tensor, int root) override {
+    check_peer(root, "broadcast", "root");
+    LT_CHECK(tensor.defined(), "dist broadcast: rank ", rank_, " was given an undefined tensor");
+    const int64_t tag = next_collective();
+    const std::string what = collective_name("broadcast", tag);
+    if (rank_ == root) {
+      for (int d = 0; d < size(); ++d)
+        if (d != rank_) group_->post(rank_, d, tag, {private_copy(tensor), "broadcast"}, what);
+      return private_copy(tensor);
+    }
+    Message m = expect(root, tag, "broadcast", what);
+    LT_CHECK(m.tensor.shape() == tensor.shape() && m.tensor.dtype() == tensor.dtype(), "dist broadcast: rank ", rank_,
+             " expected ", describe(tensor), " but root ", root, " sent ", describe(m.tensor));
+    return arrive(m.tensor, tensor.device());
+  }
+
+  void barrier() override {
+    const int64_t tag = next_collective();
+    const std::string what = collective_name("barrier", tag);
+    const Tensor token = Tensor::zeros({1});
+    for (int d = 0; d < size(); ++d)
+      if (d != rank_) group_->post(rank_, d, tag, {token, "barrier"}, what);
+    for (int s = 0; s < size(); ++s)
+      if (s != rank_) expect(s, tag, "barrier", what);
+  }
+
+  void abort(const std::string& why) override { group_->world->fail(group_->global(rank_), why); }
+
+  std::shared_ptr<Communicator> split(int64_t color, int64_t key) override {
+    const int64_t seq = -1 - next_collective();
+    const std::string what = collective_name("split", -1 - seq);
+    const Tensor mine = Tensor::from_vector(std::vector<int64_t>{color, key}, {2});
+    for (int d = 0; d < size(); ++d)
+      if (d != rank_) group_->post(rank_, d, -1 - seq, {mine, "split"}, what);
+    // (key, rank) of every rank with my color, in the order of the new ranks.
+    std::vector<std::pair<int64_t, int>> same;
+    for (int s = 0; s < size(); ++s) {
+      const std::vector<int64_t> ck =
+          s == rank_ ? std::vector<int64_t>{color, key} : expect(s, -1 - seq, "split", what).tensor.to_vector_as<int64_t>();
+      if (ck[0] == color) same.emplace_back(ck[1], s);
+    }
+    std::sort(same.begin(), same.end());
+    std::vector<int> members;
+    int new_rank = 0;
+    for (size_t i = 0; i < same.size(); ++i) {
+      members.push_back(group_->global(same[i].second));
+      if (same[i].second == rank_) new_rank = static_cast<int>(i);
+    }
+    return std::make_shared<InProcessCommunicator>(group_->sub_group(seq, color, members), new_rank);
+  }
+
+ private:
+  void check_peer(int peer, const char* op, const char* role) const {
+    LT_CHECK(peer >= 0 && peer < size(), "dist ", op, ": ", role, " rank must be in [0, ", size(), "), got ", peer);
+  }
+
+  // Every collective starts here: even one with nothing to exchange (a single rank) fails when
+  // the group has failed or run_ranks has returned.
+  int64_t next_collective() {
+    const int64_t tag = -1 - collective_count_++;
+    group_->ensure_usable(rank_, "collective #" + std::to_string(-1 - tag));
+    return tag;
+  }
+
+  static std::string collective_name(const char* op, int64_t tag) {
+    return std::string(op) + " (collective #" + std::to_string(-1 - tag) + ")";
+  }
+
+  Message expect(int src, int64_t tag, const char* op, const std::string& what) {
+    Message m = group_->take(src, rank_, tag, what);
+    LT_CHECK(m.op == op, "dist: collective mismatch: rank ", rank_, " called ", what, " but rank ", src,
+             " called ", m.op, " at the same position (every rank must call the same collectives in the same order)");
+    return m;
+  }
+
+  // The received copy as a tensor this rank owns, on `device`.
+  static Tensor arrive(const Tensor& message, Device device) {
+    NoGradGuard no_grad;
+    if (message.device() == device && device.is_cpu()) return message;
+    // A CUDA tensor is copied on this rank's own stream (same GPU) or across devices, and the
+    // work is finished before the sender's buffer is released.
+    Tensor out = message.device() == device ? message.clone() : message.to(device);
+    finish_device_work(device);
+    finish_device_work(message.device());
+    return out;
+  }
+
+  std::shared_ptr<Group> group_;
+  int rank_;
+  int64_t collective_count_ = 0;
+};
+
+}  // namespace
+
+Tensor Communicator::all_to_all(const Tensor& tensor, int64_t split_dim, int64_t concat_dim,
+                                const std::vector<int64_t>& split_sizes) {
+  LT_CHECK(tensor.defined(), "dist all_to_all: rank ", rank(), " was given an undefined tensor");
+  const int64_t sd = normalize_dim(split_dim, tensor.dim(), "dist all_to_all (split_dim)");
+  const int64_t cd = normalize_dim(concat_dim, tensor.dim(), "dist all_to_all (concat_dim)");
+  std::vector<int64_t> sizes = split_sizes;
+  if (sizes.empty()) {
+    LT_CHECK(tensor.size(sd) % size() == 0, "dist all_to_all: dim ", sd, " of ", describe(tensor),
+             " must divide evenly into ", size(), " ranks, or split sizes must be given");
+    sizes.assign(static_cast<size_t>(size()), tensor.size(sd) / size());
+  }
+  LT_CHECK(static_cast<int>(sizes.size()) == size(), "dist all_to_all: expected one split size per rank (", size(),
+           "), got ", sizes.size());
+  NoGradGuard no_grad;
+  std::vector<Tensor> pieces = longtape::split(tensor.detach(), sizes, sd);
+  std::vector<Tensor> received = all_to_all(pieces);
+  return received.size() == 1 ? received[0] : cat(received, cd);
+}
+
+Communicator* current_communicator() { return g_current; }
+
+CommunicatorScope::CommunicatorScope(Communicator& comm) : previous_(g_current) { g_current = &comm; }
+CommunicatorScope::~CommunicatorScope() { g_current = previous_; }
+
+std::shared_ptr<Communicator> keep_alive(Communicator& comm) {
+  try {
+    return comm.shared_from_this();
+  } catch (const std::bad_weak_ptr&) {
+    LT_CHECK(false, "dist: this communicator is not owned by a std::shared_ptr; create it with std::make_shared "
+                    "(run_ranks does) so that a backward pass can keep it alive");
+  }
+  return nullptr;
+}
+
+void run_ranks(int size, const std::function<void(Communicator&)>& body, const CommOptions& options) {
+  LT_CHECK(size >= 1, "run_ranks: expected at least 1 rank, got ", size);
+  LT_CHECK(static_cast<bool>(body), "run_ranks: expected a body to run on every rank");
+  LT_CHECK(options.timeout.count() > 0, "run_ranks: the timeout must be > 0 ms, got ", options.timeout.count());
+  auto world = std::make_shared<World>(size);
+  std::vector<int> everyone;
+  for (int r = 0; r < size; ++r) everyone.push_back(r);
+  auto group = std::make_shared<Group>(world, everyone, options);
+  std::vector<std::shared_ptr<InProcessCommunicator>> comms;
+  for (int r = 0; r < size; ++r) comms.push_back(std::make_shared<InProcessCommunicator>(group, r));
+  const bool grad_mode = autograd::grad_enabled();
+#ifdef _OPENMP
+  // The ranks share the cores: each one gets its share of the OpenMP threads.
+  const int omp_threads = std::max(1, omp_get_max_threads() / size);
+#endif
+
+  auto rank_main = [&](int r) {
+    autograd::set_grad_enabled(grad_mode);
+#ifdef _OPENMP
+    omp_set_num_threads(omp_threads);
+#endif
+    g_current = comms[static_cast<size_t>(r)].get();
+    try {
+      body(*comms[static_cast<size_t>(r)]);
+#ifdef LONGTAPE_WITH_CUDA
+      // Results handed to the caller's thread are complete.
+      if (cuda_available()) cuda::synchronize(cuda::current_device());
+#endif
+      world->finish(r);
+    } catch (const std::exception& e) {
+      world->fail(r, e.what());
+    } catch (...) {
+      world->fail(r, "an exception that is not a std::exception");
+    }
+    g_current = nullptr;
+  };
+
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(size));
+  try {
+    for (int r = 0; r < size; ++r) threads.emplace_back(rank_main, r);
+  } catch (const std::exception& e) {
+    world->fail(static_cast<int>(threads.size()), std::string("could not start the rank's thread: ") + e.what());
+  }
+  for (std::thread& t : threads) t.join();
+  world->close();
+  std::lock_guard<std::mutex> lock(world->mutex);
+  LT_CHECK(!world->failed, "run_ranks: rank ", world->failed_rank, " of ", size, " failed: ", world->failed_message);
+}
+
+}  // namespace longtape::dist

@@ -1,0 +1,121 @@
+#include "nn/layers.h"
+
+#include <cmath>
+
+#include "autograd/grad_mode.h"
+
+#include "attention/multihead.h"
+
+namespace longtape::nn {
+
+namespace {
+Tensor uniform_tensor(const Shape& shape, double bound) {
+  NoGradGuard guard;
+  return add(mul(Tensor::rand(shape), 2.0 * bound), -bound);  // U(-bound, bound)
+}
+}  // namespace
+
+// ---------------------------------------------------------------- Linear
+
+Linear::Linear(int64_t in_features, int64_t out_features, bool with_bias)
+    : in_features_(in_features), out_features_(out_features) {
+  LT_CHECK(in_features >= 1 && out_features >= 1, "Linear: in_features and out_features must be >= 1, got ",
+           in_features, " and ", out_features);
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
+  weight = register_parameter("weight", uniform_tensor({out_features, in_features}, bound));
+  if (with_bias) bias = register_parameter("bias", uniform_tensor({out_features}, bound));
+}
+
+Tensor Linear::forward(const Tensor& x) {
+  LT_CHECK(x.defined() && x.dim() >= 1 && x.shape().back() == in_features_, "Linear: input must be (..., ",
+           in_features_, "), got ", x.defined() ? shape_str(x.shape()) : std::string("undefined"));
+  // Flatten the leading dims so the weight enters one 2-D product (no per-batch weight copies).
+  Shape out_shape = x.shape();
+  out_shape.back() = out_features_;
+  Tensor rows = x.dim() == 2 ? x : x.reshape({-1, in_features_});
+  Tensor y = matmul(rows, weight.transpose(0, 1));
+  if (bias.defined()) y = add(y, bias);
+  return x.dim() == 2 ? y : y.reshape(out_shape);
+}
+
+// ---------------------------------------------------------------- LayerNorm
+
+LayerNorm::LayerNorm(int64_t dim, double eps, bool affine) : dim_(dim), eps_(eps) {
+  LT_CHECK(dim >= 1, "LayerNorm: dim must be >= 1, got ", dim);
+  LT_CHECK(eps >= 0, "LayerNorm: eps must be >= 0, got ", eps);
+  if (affine) {
+    weight = register_parameter("weight", Tensor::ones({dim}));
+    bias = register_parameter("bias", Tensor::zeros({dim}));
+  }
+}
+
+Tensor LayerNorm::forward(const Tensor& x) {
+  LT_CHECK(x.defined() && x.dim() >= 1 && x.shape().back() == dim_, "LayerNorm: input must be (..., ", dim_,
+           "), got ", x.defined() ? shape_str(x.shape()) : std::string("undefined"));
+  return layer_norm(x, weight, bias, eps_);
+}
+
+// ---------------------------------------------------------------- Embedding
+
+Embedding::Embedding(int64_t num_embeddings, int64_t dim, double init_std)
+    : num_embeddings_(num_embeddings), dim_(dim) {
+  LT_CHECK(num_embeddings >= 1 && dim >= 1, "Embedding: num_embeddings and dim must be >= 1, got ", num_embeddings,
+           " and ", dim);
+  LT_CHECK(init_std >= 0, "Embedding: init_std must be >= 0, got ", init_std);
+  NoGradGuard guard;
+  weight = register_parameter("weight", mul(Tensor::randn({num_embeddings, dim}), init_std));
+}
+
+Tensor Embedding::forward(const Tensor& indices) { return embedding(weight, indices); }
+
+// ---------------------------------------------------------------- Dropout
+
+Dropout::Dropout(double p) : p_(p) { LT_CHECK(p >= 0 && p < 1, "Dropout: p must be in [0, 1), got ", p); }
+
+Tensor Dropout::forward(const Tensor& x) { return dropout(x, p_, is_training()); }
+
+// ---------------------------------------------------------------- MLP
+
+MLP::MLP(int64_t dim, int64_t hidden, double dropout_p) {
+  LT_CHECK(hidden >= 0, "MLP: hidden must be >= 0 (0 = 4 * dim), got ", hidden);
+  const int64_t h = hidden == 0 ? 4 * dim : hidden;
+  fc1 = register_module("fc1", std::make_shared<Linear>(dim, h));
+  act = register_module("act", std::make_shared<GELU>());
+  fc2 = register_module("fc2", std::make_shared<Linear>(h, dim));
+  drop = register_module("drop", std::make_shared<Dropout>(dropout_p));
+}
+
+Tensor MLP::forward(const Tensor& x) { return fc2->forward(drop->forward(act->forward(fc1->forward(x)))); }
+
+// ---------------------------------------------------------------- ModuleList
+
+std::shared_ptr<Module> ModuleList::at(size_t i) const {
+  LT_CHECK(i < items_.size(), "ModuleList: index ", i, " is out of range for ", items_.size(), " items");
+  return items_[i];
+}
+
+// ---------------------------------------------------------------- TransformerBlock
+
+TransformerBlock::TransformerBlock(const TransformerBlockConfig& config) {
+  LT_CHECK(config.embed_dim >= 1 && config.num_heads >= 1 && config.embed_dim % config.num_heads == 0,
+           "TransformerBlock: embed_dim must be a positive multiple of num_heads, got embed_dim ", config.embed_dim,
+           " and num_heads ", config.num_heads);
+  ln1 = register_module("ln1", std::make_shared<LayerNorm>(config.embed_dim));
+  attention::AttentionConfig ac = config.attention_config;
+  ac.num_heads = config.num_heads;
+  ac.head_dim = config.embed_dim / config.num_heads;
+  attn = register_module("attn", std::make_shared<attention::MultiheadAttention>(config.embed_dim, config.num_heads,
+                                                                                 config.attention, ac));
+  ln2 = register_module("ln2", std::make_shared<LayerNorm>(config.embed_dim));
+  mlp = register_module("mlp", std::make_shared<MLP>(config.embed_dim, config.mlp_hidden));
+  drop = register_module("drop", std::make_shared<Dropout>(config.dropout));
+}
+
+Tensor TransformerBlock::forward(const Tensor& x) {
+  LT_CHECK(x.defined() && x.dim() == 3, "TransformerBlock: input must be (B, N, E), got ",
+           x.defined() ? shape_str(x.shape()) : std::string("undefined"));
+  Tensor h = add(x, drop->forward(attn->forward(ln1->forward(x))));
+  return add(h, drop->forward(mlp->forward(ln2->forward(h))));
+}
+
+}  // namespace longtape::nn

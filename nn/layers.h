@@ -1,0 +1,146 @@
+#pragma once
+// Standard layers on top of Module: Linear, LayerNorm, Embedding, Dropout, GELU, MLP, ModuleList
+// and the pre-LN TransformerBlock. Parameter names follow PyTorch ("weight", "bias") so state
+// dicts read like PyTorch's. Initialisation draws from the default generator (manual_seed).
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attention/config.h"
+#include "nn/module.h"
+#include "tensor/ops.h"
+
+namespace longtape::attention {
+class MultiheadAttention;
+}
+
+namespace longtape::nn {
+
+// y = x W^T + b with W of shape (out_features, in_features), as in PyTorch. Init: W and b uniform
+// in [-1/sqrt(in), 1/sqrt(in)] (PyTorch's kaiming_uniform(a=sqrt(5)) bound).
+class Linear : public Module {
+ public:
+  Linear(int64_t in_features, int64_t out_features, bool bias = true);
+  Tensor forward(const Tensor& x);  // (..., in) -> (..., out)
+  int64_t in_features() const { return in_features_; }
+  int64_t out_features() const { return out_features_; }
+  std::string type_name() const override { return "Linear"; }
+
+  Tensor weight;
+  Tensor bias;  // undefined without bias
+
+ private:
+  int64_t in_features_, out_features_;
+};
+
+// Normalises over the last dim; weight = 1, bias = 0 initially.
+class LayerNorm : public Module {
+ public:
+  explicit LayerNorm(int64_t dim, double eps = 1e-5, bool affine = true);
+  Tensor forward(const Tensor& x);
+  std::string type_name() const override { return "LayerNorm"; }
+
+  Tensor weight;  // undefined when !affine
+  Tensor bias;
+
+ private:
+  int64_t dim_;
+  double eps_;
+};
+
+// Lookup table (num_embeddings, dim), initialised N(0, init_std^2).
+class Embedding : public Module {
+ public:
+  Embedding(int64_t num_embeddings, int64_t dim, double init_std = 1.0);
+  Tensor forward(const Tensor& indices);  // i32/i64 (...) -> (..., dim)
+  int64_t num_embeddings() const { return num_embeddings_; }
+  int64_t dim() const { return dim_; }
+  std::string type_name() const override { return "Embedding"; }
+
+  Tensor weight;
+
+ private:
+  int64_t num_embeddings_, dim_;
+};
+
+// Zeroes elements with probability p while training (scaling the rest by 1/(1-p)); identity in eval().
+class Dropout : public Module {
+ public:
+  explicit Dropout(double p = 0.1);
+  Tensor forward(const Tensor& x);
+  double p() const { return p_; }
+  std::string type_name() const override { return "Dropout"; }
+
+ private:
+  double p_;
+};
+
+class GELU : public Module {
+ public:
+  explicit GELU(GeluApprox approx = GeluApprox::erf) : approx_(approx) {}
+  Tensor forward(const Tensor& x) { return gelu(x, approx_); }
+  std::string type_name() const override { return "GELU"; }
+
+ private:
+  GeluApprox approx_;
+};
+
+// Linear(dim, hidden) - GELU - Linear(hidden, dim); hidden defaults to 4 * dim.
+class MLP : public Module {
+ public:
+  explicit MLP(int64_t dim, int64_t hidden = 0, double dropout = 0.0);
+  Tensor forward(const Tensor& x);
+  std::string type_name() const override { return "MLP"; }
+
+  std::shared_ptr<Linear> fc1, fc2;
+  std::shared_ptr<GELU> act;
+  std::shared_ptr<Dropout> drop;
+};
+
+// An ordered list of child modules named "0", "1", ...
+class ModuleList : public Module {
+ public:
+  template <typename M>
+  std::shared_ptr<M> push_back(std::shared_ptr<M> module) {
+    register_module(std::to_string(items_.size()), module);
+    items_.push_back(module);
+    return module;
+  }
+  size_t size() const { return items_.size(); }
+  std::shared_ptr<Module> at(size_t i) const;  // throws when out of range
+  template <typename M>
+  std::shared_ptr<M> at_as(size_t i) const {
+    auto m = std::dynamic_pointer_cast<M>(at(i));
+    LT_CHECK(m != nullptr, "ModuleList: item ", i, " is a ", at(i)->type_name(), ", not the requested type");
+    return m;
+  }
+  std::string type_name() const override { return "ModuleList"; }
+
+ private:
+  std::vector<std::shared_ptr<Module>> items_;
+};
+
+struct TransformerBlockConfig {
+  int64_t embed_dim = 256;
+  int64_t num_heads = 4;
+  std::string attention = "dilated";  // a name from attention::registered_attention_names()
+  attention::AttentionConfig attention_config;  // num_heads and head_dim are set from the fields above
+  int64_t mlp_hidden = 0;                       // 0: 4 * embed_dim
+  double dropout = 0.0;                         // on both residual branches
+};
+
+// Pre-LN block: x = x + drop(attn(ln1(x))); x = x + drop(mlp(ln2(x))). Input and output (B, N, E).
+class TransformerBlock : public Module {
+ public:
+  explicit TransformerBlock(const TransformerBlockConfig& config);
+  Tensor forward(const Tensor& x);
+  std::string type_name() const override { return "TransformerBlock"; }
+
+  std::shared_ptr<LayerNorm> ln1, ln2;
+  std::shared_ptr<attention::MultiheadAttention> attn;
+  std::shared_ptr<MLP> mlp;
+  std::shared_ptr<Dropout> drop;
+};
+
+}  // namespace longtape::nn

@@ -1,0 +1,323 @@
+#include "nn/optim.h"
+
+#include <cmath>
+#include <cstring>
+#include <numbers>
+#include <set>
+#include <type_traits>
+
+#include "autograd/grad_mode.h"
+#include "tensor/ops.h"
+
+#ifdef LONGTAPE_WITH_CUDA
+#include "cuda/optim_kernels.h"
+#endif
+
+namespace longtape::nn {
+
+// ---------------------------------------------------------------- Optimizer
+
+Optimizer::Optimizer(NamedTensors parameters, double lr) : parameters_(std::move(parameters)), lr_(lr) {
+  LT_CHECK(std::isfinite(lr) && lr >= 0, "Optimizer: lr must be finite and >= 0, got ", lr);
+  std::set<std::string> names;
+  std::set<const TensorImpl*> seen;
+  for (auto& [name, p] : parameters_) {
+    LT_CHECK(p.defined(), "Optimizer: parameter '", name, "' is undefined");
+    LT_CHECK(is_floating(p.dtype()), "Optimizer: parameter '", name, "' must be floating, got ",
+             dtype_name(p.dtype()));
+    LT_CHECK(p.is_leaf(), "Optimizer: parameter '", name, "' must be a leaf tensor (not the result of an op)");
+    LT_CHECK(names.insert(name).second, "Optimizer: parameter name '", name, "' appears twice");
+    LT_CHECK(seen.insert(p.impl_ptr().get()).second, "Optimizer: parameter '", name,
+             "' is the same tensor as an earlier one (pass tied weights once)");
+  }
+  slots_.resize(parameters_.size());
+}
+
+void Optimizer::zero_grad() {
+  for (auto& [name, p] : parameters_) p.set_grad(Tensor());
+}
+
+void Optimizer::set_lr(double lr) {
+  LT_CHECK(std::isfinite(lr) && lr >= 0, "Optimizer::set_lr: lr must be finite and >= 0, got ", lr);
+  lr_ = lr;
+}
+
+void Optimizer::set_step_count(int64_t steps) {
+  LT_CHECK(steps >= 0, "Optimizer::set_step_count: expected >= 0, got ", steps);
+  step_count_ = steps;
+}
+
+Tensor& Optimizer::slot(size_t i, const std::string& name) {
+  auto& slots = slots_[i];
+  auto it = slots.find(name);
+  if (it == slots.end()) {
+    const Tensor& p = parameters_[i].second;
+    it = slots.emplace(name, Tensor::zeros(p.shape(), p.dtype(), p.device())).first;
+  }
+  return it->second;
+}
+
+bool Optimizer::has_slot(size_t i, const std::string& name) const { return slots_[i].count(name) > 0; }
+
+Tensor Optimizer::grad_of(size_t i) const {
+  const auto& [name, p] = parameters_[i];
+  Tensor g = p.grad();
+  if (!g.defined()) return g;
+  LT_CHECK(g.shape() == p.shape() && g.device() == p.device(), type_name(), ": gradient of '", name,
+           "' has shape ", shape_str(g.shape()), " on ", g.device().str(), ", expected ", shape_str(p.shape()),
+           " on ", p.device().str());
+  return g.dtype() == p.dtype() ? g : cast(g, p.dtype());
+}
+
+std::map<std::string, Tensor> Optimizer::state() const {
+  std::map<std::string, Tensor> out;
+  for (size_t i = 0; i < parameters_.size(); ++i)
+    for (auto& [slot_name, t] : slots_[i]) out[parameters_[i].first + "." + slot_name] = t;
+  return out;
+}
+
+namespace {
+std::string joined(const std::vector<std::string>& names) {
+  std::string out;
+  for (auto& n : names) out += (out.empty() ? "" : "|") + n;
+  return out;
+}
+}  // namespace
+
+void Optimizer::check_state(const std::map<std::string, Tensor>& state) const {
+  const std::vector<std::string> slots = slot_names();
+  std::map<std::string, size_t> known;
+  for (size_t i = 0; i < parameters_.size(); ++i)
+    for (auto& s : slots) known[parameters_[i].first + "." + s] = i;
+  for (auto& [key, value] : state) {
+    auto it = known.find(key);
+    LT_CHECK(it != known.end(), type_name(), ": state entry '", key,
+             "' is not <parameter>.<", joined(slots), "> for any parameter of this optimizer");
+    const Tensor& p = parameters_[it->second].second;
+    LT_CHECK(value.defined() && value.shape() == p.shape(), type_name(), ": state entry '", key, "' has shape ",
+             value.defined() ? shape_str(value.shape()) : std::string("undefined"), ", its parameter has ",
+             shape_str(p.shape()));
+  }
+}
+
+void Optimizer::load_state(const std::map<std::string, Tensor>& state, int64_t step_count) {
+  NoGradGuard guard;
+  check_state(state);
+  LT_CHECK(step_count >= 0, type_name(), "::load_state: step_count must be >= 0, got ", step_count);
+  std::map<std::string, std::pair<size_t, std::string>> known;
+  for (size_t i = 0; i < parameters_.size(); ++i)
+    for (auto& s : slot_names()) known[parameters_[i].first + "." + s] = {i, s};
+  for (auto& slots : slots_) slots.clear();
+  for (auto& [key, value] : state) {
+    auto [i, s] = known.at(key);
+    const Tensor& p = parameters_[i].second;
+    Tensor t = Tensor::empty(p.shape(), p.dtype(), p.device());
+    t.copy_(value);
+    slots_[i][s] = t;
+  }
+  step_count_ = step_count;
+}
+
+// ---------------------------------------------------------------- SGD
+
+SGD::SGD(NamedTensors parameters, SGDOptions options) : Optimizer(std::move(parameters), options.lr), options_(options) {
+  LT_CHECK(options.momentum >= 0, "SGD: momentum must be >= 0, got ", options.momentum);
+  LT_CHECK(options.weight_decay >= 0, "SGD: weight_decay must be >= 0, got ", options.weight_decay);
+  LT_CHECK(!options.nesterov || (options.momentum > 0 && options.dampening == 0),
+           "SGD: nesterov needs momentum > 0 and dampening 0, got momentum ", options.momentum, " and dampening ",
+           options.dampening);
+}
+
+void SGD::step() {
+  NoGradGuard guard;
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    Tensor& p = parameters_[i].second;
+    Tensor g = grad_of(i);
+    if (!g.defined()) continue;
+    if (options_.weight_decay != 0) g = add(g, mul(p, options_.weight_decay));
+    if (options_.momentum != 0) {
+      const bool first = !has_slot(i, "momentum_buffer");
+      Tensor& buf = slot(i, "momentum_buffer");
+      if (first) buf.copy_(g);
+      else buf.copy_(add(mul(buf, options_.momentum), mul(g, 1.0 - options_.dampening)));
+      g = options_.nesterov ? add(g, mul(buf, options_.momentum)) : buf;
+    }
+    p.copy_(sub(p, mul(g, lr_)));
+  }
+  ++step_count_;
+}
+
+// ---------------------------------------------------------------- AdamW
+
+bool decay_matrices_only(const std::string&, const Tensor& parameter) { return parameter.dim() >= 2; }
+
+#ifdef LONGTAPE_WITH_CUDA
+// Device copies of the tensor list and chunk table; rebuilt only when a pointer or size changes.
+struct AdamW::FusedTable {
+  std::vector<cuda::AdamWTensor> host_tensors;
+  std::vector<cuda::AdamWChunk> host_chunks;
+  Tensor device_tensors, device_chunks;  // i64 tensors used as raw device memory
+};
+#else
+struct AdamW::FusedTable {};
+#endif
+
+AdamW::AdamW(NamedTensors parameters, AdamWOptions options)
+    : Optimizer(std::move(parameters), options.lr), options_(std::move(options)) {
+  LT_CHECK(options_.beta1 >= 0 && options_.beta1 < 1, "AdamW: beta1 must be in [0, 1), got ", options_.beta1);
+  LT_CHECK(options_.beta2 >= 0 && options_.beta2 < 1, "AdamW: beta2 must be in [0, 1), got ", options_.beta2);
+  LT_CHECK(options_.eps > 0, "AdamW: eps must be > 0, got ", options_.eps);
+  LT_CHECK(options_.weight_decay >= 0, "AdamW: weight_decay must be >= 0, got ", options_.weight_decay);
+}
+
+AdamW::~AdamW() = default;
+
+bool AdamW::decays(size_t i) const {
+  if (options_.weight_decay == 0) return false;
+  return !options_.decays || options_.decays(parameters_[i].first, parameters_[i].second);
+}
+
+void AdamW::step_with_ops(const std::vector<size_t>& which, double bias1, double bias2) {
+  const double b1 = options_.beta1, b2 = options_.beta2;
+  const double step_size = lr_ / bias1, bias2_sqrt = std::sqrt(bias2);
+  for (size_t i : which) {
+    Tensor& p = parameters_[i].second;
+    Tensor g = grad_of(i);
+    Tensor& m = slot(i, "exp_avg");
+    Tensor& v = slot(i, "exp_avg_sq");
+    m.copy_(add(mul(m, b1), mul(g, 1.0 - b1)));
+    v.copy_(add(mul(v, b2), mul(mul(g, g), 1.0 - b2)));
+    Tensor denom = add(mul(sqrt(v), 1.0 / bias2_sqrt), options_.eps);
+    Tensor decayed = decays(i) ? mul(p, 1.0 - lr_ * options_.weight_decay) : p;
+    p.copy_(sub(decayed, mul(div(m, denom), step_size)));
+  }
+}
+
+void AdamW::step() {
+  NoGradGuard guard;
+  const int64_t t = step_count_ + 1;
+  const double bias1 = 1.0 - std::pow(options_.beta1, static_cast<double>(t));
+  const double bias2 = 1.0 - std::pow(options_.beta2, static_cast<double>(t));
+  std::vector<size_t> composed;
+#ifdef LONGTAPE_WITH_CUDA
+  // Contiguous f32 parameters on one CUDA device go to the fused kernel; everything else (CPU,
+  // other dtypes, strided tensors) takes the composed path, which computes the same update.
+  std::vector<size_t> fused;
+  Device fused_device;
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    const Tensor& p = parameters_[i].second;
+    if (!p.grad().defined()) continue;
+    const bool eligible = options_.fused && p.device().is_cuda() && p.dtype() == DType::f32 && p.is_contiguous() &&
+                          (fused.empty() || p.device() == fused_device);
+    if (eligible) {
+      fused_device = p.device();
+      fused.push_back(i);
+    } else {
+      composed.push_back(i);
+    }
+  }
+  if (!fused.empty()) {
+    constexpr int64_t kChunk = 4096;
+    if (!fused_table_) fused_table_ = std::make_unique<FusedTable>();
+    std::vector<cuda::AdamWTensor> tensors;
+    std::vector<cuda::AdamWChunk> chunks;
+    std::vector<Tensor> keep_alive;  // gradients made contiguous for this step
+    for (size_t i : fused) {
+      Tensor& p = parameters_[i].second;
+      Tensor g = grad_of(i).contiguous();
+      keep_alive.push_back(g);
+      Tensor& m = slot(i, "exp_avg");
+      Tensor& v = slot(i, "exp_avg_sq");
+      const float wd = decays(i) ? static_cast<float>(options_.weight_decay) : 0.0f;
+      const int64_t index = static_cast<int64_t>(tensors.size());
+      tensors.push_back({p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), p.numel(), wd});
+      for (int64_t start = 0; start < p.numel(); start += kChunk) chunks.push_back({index, start});
+    }
+    FusedTable& table = *fused_table_;
+    auto upload = [&](auto& host, const auto& fresh, Tensor& device) {
+      using Item = typename std::decay_t<decltype(fresh)>::value_type;
+      const size_t bytes = fresh.size() * sizeof(Item);
+      const bool same = host.size() == fresh.size() && device.defined() && device.device() == fused_device &&
+                        std::memcmp(host.data(), fresh.data(), bytes) == 0;
+      if (same) return;
+      host = fresh;
+      device = Tensor::empty({static_cast<int64_t>((bytes + 7) / 8)}, DType::i64, fused_device);
+      copy_bytes(device.raw_data(), fused_device, fresh.data(), Device::cpu(), bytes);
+    };
+    upload(table.host_tensors, tensors, table.device_tensors);
+    upload(table.host_chunks, chunks, table.device_chunks);
+    cuda::AdamWHyper hyper{static_cast<float>(lr_),   static_cast<float>(options_.beta1),
+                           static_cast<float>(options_.beta2), static_cast<float>(options_.eps),
+                           static_cast<float>(bias1), static_cast<float>(std::sqrt(bias2))};
+    cuda::fused_adamw(static_cast<const cuda::AdamWTensor*>(table.device_tensors.raw_data()),
+                      static_cast<const cuda::AdamWChunk*>(table.device_chunks.raw_data()),
+                      static_cast<int64_t>(chunks.size()), kChunk, hyper);
+    ++fused_steps_;
+  }
+#else
+  for (size_t i = 0; i < parameters_.size(); ++i)
+    if (parameters_[i].second.grad().defined()) composed.push_back(i);
+#endif
+  step_with_ops(composed, bias1, bias2);
+  ++step_count_;
+}
+
+// ---------------------------------------------------------------- clipping
+
+namespace {
+// Sum of squares of all gradients, accumulated per device in f32 (f64 when a gradient is f64),
+// read back once per device.
+double squared_norm(const std::vector<Tensor>& parameters) {
+  std::vector<std::pair<Device, Tensor>> partial;
+  for (const Tensor& p : parameters) {
+    Tensor g = p.grad();
+    if (!g.defined() || g.numel() == 0) continue;
+    Tensor gs = g.dtype() == DType::bf16 ? cast(g, DType::f32) : g;
+    Tensor s = sum(mul(gs, gs));
+    bool merged = false;
+    for (auto& [device, acc] : partial) {
+      if (device == g.device()) {
+        acc = add(acc, cast(s, acc.dtype() == DType::f64 || s.dtype() == DType::f64 ? DType::f64 : acc.dtype()));
+        merged = true;
+        break;
+      }
+    }
+    if (!merged) partial.emplace_back(g.device(), s);
+  }
+  double total = 0;
+  for (auto& [device, acc] : partial) total += acc.item();
+  return total;
+}
+}  // namespace
+
+double grad_norm(const std::vector<Tensor>& parameters) {
+  NoGradGuard guard;
+  return std::sqrt(squared_norm(parameters));
+}
+
+double clip_grad_norm(const std::vector<Tensor>& parameters, double max_norm) {
+  LT_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
+  NoGradGuard guard;
+  const double norm = std::sqrt(squared_norm(parameters));
+  if (!std::isfinite(norm) || norm <= max_norm) return norm;
+  const double coef = max_norm / (norm + 1e-6);
+  for (const Tensor& p : parameters) {
+    Tensor g = p.grad();
+    if (g.defined()) g.copy_(mul(g, coef));
+  }
+  return norm;
+}
+
+// ---------------------------------------------------------------- schedule
+
+double CosineSchedule::lr_at(int64_t step) const {
+  LT_CHECK(step >= 0, "CosineSchedule: step must be >= 0, got ", step);
+  LT_CHECK(total_steps >= 1 && warmup_steps >= 0, "CosineSchedule: need total_steps >= 1 and warmup_steps >= 0, got ",
+           total_steps, " and ", warmup_steps);
+  if (step < warmup_steps) return base_lr * static_cast<double>(step + 1) / static_cast<double>(warmup_steps);
+  const int64_t decay_steps = std::max<int64_t>(1, total_steps - warmup_steps);
+  const double progress = std::min(1.0, static_cast<double>(step - warmup_steps) / static_cast<double>(decay_steps));
+  return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + std::cos(std::numbers::pi * progress));
+}
+
+}  // namespace longtape::nn

@@ -1,0 +1,133 @@
+// CPU/CUDA parity of the composed attention path: f32 and bf16 on the GPU against float64 on the
+// CPU, forward (out, lse) and backward (dq, dk, dv). Skips with a message when no GPU is present.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+#include "attention/multihead.h"
+#include "attention/registry.h"
+#include "tensor/ops.h"
+
+using namespace longtape;
+using namespace longtape::attention;
+
+namespace {
+
+uint64_t fresh_seed() {
+  static std::random_device device;
+  return (static_cast<uint64_t>(device()) << 32) ^ device();
+}
+
+struct Result {
+  Tensor out, lse, dq, dk, dv;
+};
+
+Result run_on(Attention& attn, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, Device device,
+              DType dtype) {
+  auto prepare = [&](const Tensor& t) { return t.to(dtype).to(device).detach().requires_grad_(); };
+  Tensor ql = prepare(q), kl = prepare(k), vl = prepare(v);
+  AttentionOutput r = attn.forward_with_lse(ql, kl, vl);
+  r.out.backward(dout.to(dtype).to(device));
+  auto host = [](const Tensor& t) { return t.detach().cpu().to(DType::f64); };
+  return {host(r.out), host(r.lse), host(ql.grad()), host(kl.grad()), host(vl.grad())};
+}
+
+// max |a - b| <= rtol * max |b| + atol, ignoring equal infinities (lse of rows without keys).
+void check_close(const Tensor& got, const Tensor& expected, double rtol, double atol, const char* what) {
+  auto a = got.to_vector(), b = expected.to_vector();
+  REQUIRE(a.size() == b.size());
+  double worst = 0, scale = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isinf(b[i])) {
+      CHECK(a[i] == b[i]);
+      continue;
+    }
+    scale = std::max(scale, std::abs(b[i]));
+    worst = std::max(worst, std::abs(a[i] - b[i]));
+  }
+  INFO(what << ": max error " << worst << " for values up to " << scale);
+  CHECK(worst <= rtol * scale + atol);
+}
+
+// Dense reads only heads, head dim and causal; dilated: ragged segments, w % r != 0, H % r != 0.
+AttentionConfig make_config(Mixing mixing, bool causal) {
+  AttentionConfig c;
+  c.num_heads = 5;
+  c.head_dim = 32;
+  c.segment_lengths = {16, 48, 100};
+  c.dilation_rates = {1, 3, 4};
+  c.mixing = mixing;
+  c.causal = causal;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("CUDA parity: dense and dilated, f32 and bf16 against CPU f64") {
+  if (!cuda_available()) {
+    MESSAGE("skipped: no CUDA device available (or built without CUDA)");
+    return;
+  }
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  const int64_t B = 2, N = 90, H = 5, D = 32;
+  struct Case {
+    std::string variant;
+    Mixing mixing;
+  };
+  for (const Case& c : {Case{"dense", Mixing::lse}, Case{"dilated", Mixing::lse}, Case{"dilated", Mixing::head_groups}})
+    for (bool causal : {false, true}) {
+      INFO(c.variant << " " << mixing_name(c.mixing) << " causal " << causal);
+      auto attn = make_attention(c.variant, make_config(c.mixing, causal));
+      Tensor q = Tensor::randn({B, N, H, D}, DType::f64), k = Tensor::randn({B, N, H, D}, DType::f64);
+      Tensor v = Tensor::randn({B, N, H, D}, DType::f64), dout = Tensor::randn({B, N, H, D}, DType::f64);
+      Result ref = run_on(*attn, q, k, v, dout, Device::cpu(), DType::f64);
+      Result f32 = run_on(*attn, q, k, v, dout, Device::cuda(), DType::f32);
+      check_close(f32.out, ref.out, 1e-4, 1e-5, "f32 out");
+      check_close(f32.lse, ref.lse, 1e-5, 1e-5, "f32 lse");
+      check_close(f32.dq, ref.dq, 1e-4, 1e-5, "f32 dq");
+      check_close(f32.dk, ref.dk, 1e-4, 1e-5, "f32 dk");
+      check_close(f32.dv, ref.dv, 1e-4, 1e-5, "f32 dv");
+      // bf16: compare with f64 on the same bf16-rounded inputs, so only the computation's error counts.
+      auto rounded = [](const Tensor& t) { return t.to(DType::bf16).to(DType::f64); };
+      Tensor qb = rounded(q), kb = rounded(k), vb = rounded(v), db = rounded(dout);
+      Result ref_b = run_on(*attn, qb, kb, vb, db, Device::cpu(), DType::f64);
+      Result bf = run_on(*attn, qb, kb, vb, db, Device::cuda(), DType::bf16);
+      check_close(bf.out, ref_b.out, 2e-2, 1e-3, "bf16 out");
+      check_close(bf.lse, ref_b.lse, 1e-4, 1e-4, "bf16 lse (computed in f32)");
+      check_close(bf.dq, ref_b.dq, 3e-2, 1e-3, "bf16 dq");
+      check_close(bf.dk, ref_b.dk, 3e-2, 1e-3, "bf16 dk");
+      check_close(bf.dv, ref_b.dv, 3e-2, 1e-3, "bf16 dv");
+    }
+}
+
+TEST_CASE("CUDA parity: multihead layer forward and parameter gradients") {
+  if (!cuda_available()) {
+    MESSAGE("skipped: no CUDA device available (or built without CUDA)");
+    return;
+  }
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  AttentionConfig c = make_config(Mixing::lse, true);
+  MultiheadAttention cpu_layer(64, 4, "dilated", c, true, true, 1.0, true);
+  MultiheadAttention gpu_layer(64, 4, "dilated", c, true, true, 1.0, true);
+  gpu_layer.load_state_dict(cpu_layer.state_dict());
+  gpu_layer.to(Device::cuda());
+  Tensor x = Tensor::randn({2, 70, 64}), g = Tensor::randn({2, 70, 64});
+  Tensor y_cpu = cpu_layer.forward(x);
+  Tensor y_gpu = gpu_layer.forward(x.to(Device::cuda()));
+  check_close(y_gpu.cpu().to(DType::f64), y_cpu.to(DType::f64), 1e-4, 1e-5, "multihead out");
+  y_cpu.backward(g);
+  y_gpu.backward(g.to(Device::cuda()));
+  auto cpu_params = cpu_layer.named_parameters(), gpu_params = gpu_layer.named_parameters();
+  REQUIRE(cpu_params.size() == gpu_params.size());
+  for (size_t i = 0; i < cpu_params.size(); ++i) {
+    INFO(cpu_params[i].first);
+    check_close(gpu_params[i].second.grad().cpu().to(DType::f64), cpu_params[i].second.grad().to(DType::f64), 1e-3,
+                1e-4, "parameter gradient");
+  }
+}
