@@ -10,7 +10,6 @@
 #include <fstream>
 #include <string>
 #if defined(__GLIBC__)
-#include <malloc.h>
 #endif
 
 #include "attention/registry.h"
@@ -48,12 +47,6 @@ double peak_rss_mib() {
 
 int main(int argc, char** argv) {
   try {
-#if defined(__GLIBC__)
-    // Large blocks straight from mmap and back to the system on free: otherwise glibc keeps the
-    // freed probability matrices of one run in its heap, and the resident size says nothing about
-    // what the next run needs.
-    mallopt(M_MMAP_THRESHOLD, 1 << 20);
-#endif
     const int64_t max_n = argc > 1 ? std::atoll(argv[1]) : 65536;
     attention::AttentionConfig config;
     config.num_heads = 8;

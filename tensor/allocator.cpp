@@ -5,6 +5,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include "tensor/dtype.h"
 #include "tensor/error.h"
@@ -58,6 +61,12 @@ Storage::~Storage() {
 
 std::shared_ptr<Storage> allocate_storage(Device device, size_t nbytes) {
   if (device.is_cpu()) {
+#if defined(__GLIBC__)
+    // Serve tensors of 1 MiB and more straight from mmap: otherwise glibc raises its threshold
+    // after the first large free and keeps freed activations in the heap (RSS far above use).
+    static const bool mmap_threshold_set = mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1;
+    (void)mmap_threshold_set;
+#endif
     size_t rounded = std::max<size_t>(kHostAlignment, (nbytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment);
     void* p = std::aligned_alloc(kHostAlignment, rounded);
     if (!p) throw OutOfMemoryError(detail::concat("out of host memory: requested ", nbytes, " bytes"));
