@@ -9,8 +9,6 @@
 #include <cstdlib>
 #include <fstream>
 #include <string>
-#if defined(__GLIBC__)
-#endif
 
 #include "attention/registry.h"
 #include "tensor/error.h"
