@@ -63,7 +63,7 @@ struct TrainArgs {
   std::string dilations = "1,2";
   std::string mixing = "lse";
   VariantFlags variant_flags;
-  double lr = 1e-2;
+  double lr = 3e-3;
   double min_lr = -1;  // < 0: lr / 10
   int64_t warmup = 30;
   double weight_decay = 0.01;

@@ -74,6 +74,9 @@ std::shared_ptr<Storage> allocate_storage(Device device, size_t nbytes) {
     return std::make_shared<Storage>(p, nbytes, device);
   }
 #ifdef LONGTAPE_WITH_CUDA
+  static const int device_count = cuda_device_count();
+  LT_CHECK(device.index >= 0 && device.index < device_count, "cannot allocate on ", device.str(),
+           ": this machine has ", device_count, " CUDA device(s)");
   void* p = nbytes ? cuda::pool_allocate(device.index, nbytes) : nullptr;
   return std::make_shared<Storage>(p, nbytes, device);
 #else

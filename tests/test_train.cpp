@@ -101,6 +101,20 @@ TEST_CASE("one training step on CUDA matches the CPU" * doctest::skip(!cuda_avai
   CHECK(gpu_loss.item() == doctest::Approx(cpu_loss.item()).epsilon(1e-4));
   cpu_loss.backward();
   gpu_loss.backward();
+  {
+    // Every gradient, the key bias included, agrees relative to the largest gradient entry.
+    auto want = cpu_model.named_parameters(), got = gpu_model.named_parameters();
+    double largest = 0;
+    for (auto& [name, p] : want)
+      for (double g : p.grad().to_vector()) largest = std::max(largest, std::abs(g));
+    REQUIRE(largest > 0);
+    for (size_t i = 0; i < want.size(); ++i) {
+      auto w = want[i].second.grad().to_vector(), g = got[i].second.grad().to_vector();
+      double worst = 0;
+      for (size_t j = 0; j < w.size(); ++j) worst = std::max(worst, std::abs(w[j] - g[j]));
+      CHECK_MESSAGE(worst < 1e-4 * largest, want[i].first << ": gradient difference " << worst);
+    }
+  }
   const double cpu_norm = clip_grad_norm(cpu_model.parameters(), 1.0);
   const double gpu_norm = clip_grad_norm(gpu_model.parameters(), 1.0);
   CHECK(gpu_norm == doctest::Approx(cpu_norm).epsilon(1e-3));
@@ -110,6 +124,10 @@ TEST_CASE("one training step on CUDA matches the CPU" * doctest::skip(!cuda_avai
   auto want = cpu_model.named_parameters(), got = gpu_model.named_parameters();
   REQUIRE(want.size() == got.size());
   for (size_t i = 0; i < want.size(); ++i) {
+    // Softmax ignores a shift of a whole score row, so the key bias has zero gradient in exact
+    // arithmetic: what each device computes is rounding noise, which Adam's normalisation blows
+    // up to a step of order lr. Its gradient is compared above through the global norm.
+    if (want[i].first.ends_with("attn.k_bias")) continue;
     auto w = want[i].second.to_vector(), g = got[i].second.to_vector();
     double worst = 0, scale = 0;
     for (size_t j = 0; j < w.size(); ++j) {
