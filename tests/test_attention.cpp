@@ -13,7 +13,6 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
-#include <random>
 #include <sstream>
 
 #include "attention/composed.h"
@@ -26,19 +25,17 @@
 #include "io/npy.h"
 #include "io/tensor_io.h"
 #include "support/attention_oracle.h"
+#include "support/test_utils.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
 using namespace longtape::attention;
 
+using testing::fresh_seed;
+
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-uint64_t fresh_seed() {
-  static std::random_device device;
-  return (static_cast<uint64_t>(device()) << 32) ^ device();
-}
 
 // Seeds the default generator with a fresh seed, reported with any failure so it can be replayed.
 #define SEED_FRESH()                       \

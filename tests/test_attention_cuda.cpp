@@ -2,54 +2,20 @@
 // CPU, forward (out, lse) and backward (dq, dk, dv). Skips with a message when no GPU is present.
 #include <doctest/doctest.h>
 
-#include <algorithm>
-#include <cmath>
-#include <random>
-
 #include "attention/multihead.h"
 #include "attention/registry.h"
+#include "support/test_utils.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
 using namespace longtape::attention;
 
+using testing::check_close;
+using testing::fresh_seed;
+using testing::Result;
+using testing::run_on;
+
 namespace {
-
-uint64_t fresh_seed() {
-  static std::random_device device;
-  return (static_cast<uint64_t>(device()) << 32) ^ device();
-}
-
-struct Result {
-  Tensor out, lse, dq, dk, dv;
-};
-
-Result run_on(Attention& attn, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, Device device,
-              DType dtype) {
-  auto prepare = [&](const Tensor& t) { return t.to(dtype).to(device).detach().requires_grad_(); };
-  Tensor ql = prepare(q), kl = prepare(k), vl = prepare(v);
-  AttentionOutput r = attn.forward_with_lse(ql, kl, vl);
-  r.out.backward(dout.to(dtype).to(device));
-  auto host = [](const Tensor& t) { return t.detach().cpu().to(DType::f64); };
-  return {host(r.out), host(r.lse), host(ql.grad()), host(kl.grad()), host(vl.grad())};
-}
-
-// max |a - b| <= rtol * max |b| + atol, ignoring equal infinities (lse of rows without keys).
-void check_close(const Tensor& got, const Tensor& expected, double rtol, double atol, const char* what) {
-  auto a = got.to_vector(), b = expected.to_vector();
-  REQUIRE(a.size() == b.size());
-  double worst = 0, scale = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isinf(b[i])) {
-      CHECK(a[i] == b[i]);
-      continue;
-    }
-    scale = std::max(scale, std::abs(b[i]));
-    worst = std::max(worst, std::abs(a[i] - b[i]));
-  }
-  INFO(what << ": max error " << worst << " for values up to " << scale);
-  CHECK(worst <= rtol * scale + atol);
-}
 
 // Dense reads only heads, head dim and causal; dilated: ragged segments, w % r != 0, H % r != 0.
 AttentionConfig make_config(Mixing mixing, bool causal) {

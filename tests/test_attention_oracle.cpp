@@ -6,24 +6,20 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
-#include <random>
 #include <set>
 
 #include "attention/hilbert.h"
 #include "attention/patterns.h"
 #include "support/attention_oracle.h"
+#include "support/test_utils.h"
 
 using namespace longtape;
 using namespace longtape::attention;
 using namespace longtape::oracle;
 
-namespace {
+using testing::fresh_seed;
 
-// Fresh inputs every run; the seed is printed on failure through doctest's INFO.
-uint64_t fresh_seed() {
-  static std::random_device device;
-  return (static_cast<uint64_t>(device()) << 32) ^ device();
-}
+namespace {
 
 struct Problem {
   int64_t B, N, H, D;

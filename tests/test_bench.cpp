@@ -22,18 +22,16 @@
 #include "attention/pattern_map.h"
 #include "attention/registry.h"
 #include "support/attention_oracle.h"
+#include "support/test_utils.h"
 
 using namespace longtape;
 using namespace longtape::attention;
 namespace fs = std::filesystem;
 using Json = nlohmann::json;
 
-namespace {
+using testing::fresh_seed;
 
-uint64_t fresh_seed() {
-  static std::random_device device;
-  return (static_cast<uint64_t>(device()) << 32) ^ device();
-}
+namespace {
 
 int64_t uniform(std::mt19937_64& rng, int64_t lo, int64_t hi) {
   return std::uniform_int_distribution<int64_t>(lo, hi)(rng);

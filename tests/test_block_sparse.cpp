@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <random>
 
 #include "attention/block_sparse.h"
 #include "attention/dense.h"
@@ -13,40 +12,19 @@
 #include "autograd/gradcheck.h"
 #include "autograd/grad_mode.h"
 #include "support/attention_oracle.h"
+#include "support/test_utils.h"
 #include "tensor/allocator.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
 using namespace longtape::attention;
 
+using testing::fresh_seed;
+using testing::make_problem;
+using testing::max_scaled_error;
+using testing::Problem;
+
 namespace {
-
-uint64_t fresh_seed() {
-  static std::random_device device;
-  return (static_cast<uint64_t>(device()) << 32) ^ device();
-}
-
-// q, k, v, dout (B, N, H, D) as f64 leaves, with their values as vectors for the oracle.
-struct Problem {
-  int64_t B, N, H, D;
-  Tensor q, k, v, dout;
-  std::vector<double> qv, kv, vv, doutv;
-};
-
-Problem make_problem(int64_t B, int64_t N, int64_t H, int64_t D, uint64_t seed) {
-  Problem p{B, N, H, D, {}, {}, {}, {}, {}, {}, {}, {}};
-  const size_t size = static_cast<size_t>(B * N * H * D);
-  p.qv = oracle::random_values(size, seed + 1, -1.5, 1.5);
-  p.kv = oracle::random_values(size, seed + 2, -1.5, 1.5);
-  p.vv = oracle::random_values(size, seed + 3, -1.0, 1.0);
-  p.doutv = oracle::random_values(size, seed + 4, -1.0, 1.0);
-  const Shape shape{B, N, H, D};
-  p.q = Tensor::from_vector(p.qv, shape).requires_grad_();
-  p.k = Tensor::from_vector(p.kv, shape).requires_grad_();
-  p.v = Tensor::from_vector(p.vv, shape).requires_grad_();
-  p.dout = Tensor::from_vector(p.doutv, shape);
-  return p;
-}
 
 void reset_grads(Problem& p) {
   p.q.zero_grad_();
@@ -56,10 +34,6 @@ void reset_grads(Problem& p) {
 
 bool all_finite(const std::vector<double>& values) {
   return std::all_of(values.begin(), values.end(), [](double x) { return std::isfinite(x); });
-}
-
-double max_scaled_error(const Tensor& got, const std::vector<double>& want, double tol) {
-  return oracle::max_scaled_error(got.to_vector(), want, tol, tol);
 }
 
 // Small shapes where every pattern is distinct: 6 blocks of 4 tokens (the last one ragged when

@@ -3,49 +3,24 @@
 #include <doctest/doctest.h>
 
 #include <limits>
-#include <random>
 
 #include "attention/block_sparse.h"
 #include "attention/hilbert.h"
 #include "attention/hilbert_order.h"
 #include "attention/registry.h"
 #include "support/attention_oracle.h"
+#include "support/test_utils.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
 using namespace longtape::attention;
 
+using testing::fresh_seed;
+using testing::make_problem;
+using testing::max_scaled_error;
+using testing::Problem;
+
 namespace {
-
-uint64_t fresh_seed() {
-  static std::random_device device;
-  return (static_cast<uint64_t>(device()) << 32) ^ device();
-}
-
-struct Problem {
-  int64_t B, N, H, D;
-  Tensor q, k, v, dout;
-  std::vector<double> qv, kv, vv, doutv;
-};
-
-Problem make_problem(int64_t B, int64_t N, int64_t H, int64_t D, uint64_t seed) {
-  Problem p{B, N, H, D, {}, {}, {}, {}, {}, {}, {}, {}};
-  const size_t size = static_cast<size_t>(B * N * H * D);
-  p.qv = oracle::random_values(size, seed + 1, -1.5, 1.5);
-  p.kv = oracle::random_values(size, seed + 2, -1.5, 1.5);
-  p.vv = oracle::random_values(size, seed + 3, -1.0, 1.0);
-  p.doutv = oracle::random_values(size, seed + 4, -1.0, 1.0);
-  const Shape shape{B, N, H, D};
-  p.q = Tensor::from_vector(p.qv, shape).requires_grad_();
-  p.k = Tensor::from_vector(p.kv, shape).requires_grad_();
-  p.v = Tensor::from_vector(p.vv, shape).requires_grad_();
-  p.dout = Tensor::from_vector(p.doutv, shape);
-  return p;
-}
-
-double max_scaled_error(const Tensor& got, const std::vector<double>& want, double tol) {
-  return oracle::max_scaled_error(got.to_vector(), want, tol, tol);
-}
 
 // lse (B, H, N) computed on permuted tokens, put back: result[b, h, perm[i]] = lse[b, h, i].
 std::vector<double> unpermute_lse(const std::vector<double>& lse, int64_t B, int64_t H, int64_t N,

@@ -5,7 +5,7 @@
 #include <limits>
 #include <vector>
 
-#include "autograd/grad_mode.h"
+#include "support/test_utils.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
@@ -14,26 +14,9 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// Central difference of the scalar loss() with respect to element `i` of the contiguous f64 leaf x.
-double central_difference(const std::function<Tensor()>& loss, const Tensor& x, int64_t i, double h = 1e-6) {
-  NoGradGuard no_grad;
-  double* p = x.data<double>() + i;
-  const double saved = *p;
-  *p = saved + h;
-  const double up = loss().item();
-  *p = saved - h;
-  const double down = loss().item();
-  *p = saved;
-  return (up - down) / (2 * h);
-}
-
-// Checks every element of x.grad() (already computed from loss()) against central differences.
+// Every element of x.grad() against central differences, to a relative 1e-5.
 void check_grad_by_differences(const std::function<Tensor()>& loss, const Tensor& x) {
-  REQUIRE(x.grad().defined());
-  const std::vector<double> analytic = x.grad().to_vector();
-  REQUIRE(analytic.size() == static_cast<size_t>(x.numel()));
-  for (int64_t i = 0; i < x.numel(); ++i)
-    CHECK(analytic[i] == doctest::Approx(central_difference(loss, x, i)).epsilon(1e-5).scale(1.0));
+  testing::check_grad_by_differences(loss, x, 1e-5);
 }
 
 // Reference softmax of a row (float64), log form optional.
