@@ -14,12 +14,6 @@ namespace {
 template <typename T>
 using AccT = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-__device__ __forceinline__ float m_exp(float x) { return expf(x); }
-__device__ __forceinline__ double m_exp(double x) { return exp(x); }
-__device__ __forceinline__ float m_log(float x) { return logf(x); }
-__device__ __forceinline__ double m_log(double x) { return log(x); }
-__device__ __forceinline__ float m_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double m_sqrt(double x) { return sqrt(x); }
 
 template <typename T>
 __global__ void softmax_kernel(T* out, const T* in, int64_t rows, int64_t cols, bool log) {
