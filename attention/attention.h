@@ -23,11 +23,24 @@ class Attention : public nn::Module {
   const AttentionConfig& config() const { return config_; }
   virtual std::string variant_name() const = 0;
   std::string type_name() const override { return "Attention(" + variant_name() + ")"; }
+  // What ran the last forward ("fused-cuda", "fused-cpu", "composed"; "none" before any) and the
+  // precision its math ran in (e.g. "bf16 tensor cores, f32 accumulation"), for reports.
+  const std::string& last_backend() const { return last_backend_; }
+  const std::string& last_precision() const { return last_precision_; }
 
  protected:
   // Throws a clear error unless q, k, v are (B, N, H, D) with H and D matching the config.
   void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) const;
+  // Called by variants after each forward with what ran it.
+  void note_backend(const std::string& backend, const std::string& precision) {
+    last_backend_ = backend;
+    last_precision_ = precision;
+  }
   AttentionConfig config_;
+
+ private:
+  std::string last_backend_ = "none";
+  std::string last_precision_ = "none";
 };
 
 }  // namespace longtape::attention

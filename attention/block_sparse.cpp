@@ -1,5 +1,7 @@
 #include "attention/block_sparse.h"
 
+#include "attention/fused/fused_attention.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -286,6 +288,24 @@ BlockSparseOptions sparse_options(const AttentionConfig& config, bool training) 
   return options;
 }
 
+// The key set and options of the attention core for block lists (shared, per head or per (b, h)).
+CoreKeys block_core_keys(const std::vector<BlockLists>& patterns, const AttentionConfig& config) {
+  CoreKeys keys;
+  keys.kind = fused::KeySet::blocks;
+  keys.block_lists = patterns;
+  keys.block_size = config.block_size;
+  return keys;
+}
+
+CoreOptions block_core_options(const BlockSparseOptions& options, const AttentionConfig& config) {
+  CoreOptions core;
+  core.scale = options.scale;
+  core.causal = options.causal;
+  core.dropout = options.dropout;
+  core.impl = parse_impl(config.impl);
+  return core;
+}
+
 }  // namespace
 
 BlockSparseAttention::BlockSparseAttention(AttentionConfig config) : Attention(std::move(config)) {
@@ -321,7 +341,13 @@ AttentionOutput BlockSparseAttention::forward_with_lse(const Tensor& q, const Te
   check_inputs(q, k, v);
   LT_CHECK(q.size(1) == k.size(1), "attention 'block_sparse': block patterns are defined on one sequence, so q and "
            "k need the same length, got q ", describe(q), ", k ", describe(k));
-  return block_sparse_attention(q, k, v, head_patterns(q.size(1)), sparse_options(config_, is_training()));
+  const std::vector<BlockLists> patterns = head_patterns(q.size(1));
+  const BlockSparseOptions options = sparse_options(config_, is_training());
+  CoreRun run;
+  AttentionOutput result = attention_core(q, k, v, block_core_keys(patterns, config_), block_core_options(options, config_),
+                                          [&] { return block_sparse_attention(q, k, v, patterns, options); }, run);
+  note_backend(run.backend, run.precision);
+  return result;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -439,7 +465,15 @@ AttentionOutput AdaptiveBlockSparseAttention::forward_with_lse(const Tensor& q, 
   if (q.size(1) == 0) return block_sparse_attention(q, k, v, {BlockLists{}}, sparse_options(config_, is_training()));
   Tensor scores = block_scores(q, k);
   last_pattern_ = select(scores);
-  return block_sparse_attention(q, k, v, last_pattern_, sparse_options(config_, is_training()), scores);
+  const BlockSparseOptions options = sparse_options(config_, is_training());
+  CoreKeys keys = block_core_keys(last_pattern_, config_);
+  keys.block_bias = scores;
+  CoreRun run;
+  AttentionOutput result = attention_core(q, k, v, keys, block_core_options(options, config_),
+                                          [&] { return block_sparse_attention(q, k, v, last_pattern_, options, scores); },
+                                          run);
+  note_backend(run.backend, run.precision);
+  return result;
 }
 
 std::shared_ptr<Attention> make_block_sparse(const AttentionConfig& config) {

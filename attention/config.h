@@ -20,6 +20,9 @@ struct AttentionConfig {
   bool causal = false;
   std::optional<double> softmax_scale;  // default 1/sqrt(head_dim)
   double dropout = 0.0;                 // attention-probability dropout (training only)
+  // Implementation of the attention core: "auto" (fused kernels where supported, else the
+  // composed path), "fused" (fused or an error saying why not) or "composed".
+  std::string impl = "auto";
   // block-sparse (SPEC 4)
   std::string pattern = "local_window";  // all, local_window, dilated, global_local, random, adaptive
   int64_t block_size = 64;

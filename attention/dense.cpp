@@ -1,6 +1,7 @@
 #include "attention/dense.h"
 
 #include "attention/composed.h"
+#include "attention/fused/fused_attention.h"
 #include "tensor/error.h"
 
 namespace longtape::attention {
@@ -14,13 +15,23 @@ AttentionOutput DenseAttention::forward_with_lse(const Tensor& q, const Tensor& 
   LT_CHECK(!config_.causal || q.size(1) == k.size(1),
            "attention 'dense': causal attention needs as many queries as keys, got q ", shape_str(q.shape()), ", k ",
            shape_str(k.shape()));
-  const DType work = compute_dtype(q.dtype());
-  StreamOptions options;
-  options.scale = config_.scale();
-  options.causal = config_.causal;
-  options.dropout = is_training() ? config_.dropout : 0.0;
-  AttentionOutput result = stream_attention(q.to(work), k.to(work), v.to(work), options);
-  return {result.out.to(q.dtype()), result.lse};
+  CoreOptions core;
+  core.scale = config_.scale();
+  core.causal = config_.causal;
+  core.dropout = is_training() ? config_.dropout : 0.0;
+  core.impl = parse_impl(config_.impl);
+  CoreRun run;
+  AttentionOutput result = attention_core(q, k, v, CoreKeys{}, core, [&] {
+    const DType work = compute_dtype(q.dtype());
+    StreamOptions options;
+    options.scale = core.scale;
+    options.causal = core.causal;
+    options.dropout = core.dropout;
+    AttentionOutput composed = stream_attention(q.to(work), k.to(work), v.to(work), options);
+    return AttentionOutput{composed.out.to(q.dtype()), composed.lse};
+  }, run);
+  note_backend(run.backend, run.precision);
+  return result;
 }
 
 }  // namespace longtape::attention

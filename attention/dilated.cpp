@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "attention/composed.h"
+#include "attention/fused/fused_attention.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 
@@ -104,6 +105,24 @@ AttentionOutput DilatedAttention::forward_with_lse(const Tensor& q, const Tensor
   check_inputs(q, k, v);
   LT_CHECK(k.size(1) == q.size(1), "attention 'dilated': q, k, v must have the same sequence length, got q ",
            shape_str(q.shape()), ", k ", shape_str(k.shape()));
+  CoreKeys keys;
+  keys.kind = fused::KeySet::dilated;
+  keys.branches = branches_;
+  keys.mixing = config_.mixing == Mixing::lse ? fused::BranchMixing::lse : fused::BranchMixing::head_groups;
+  keys.head_offset = config_.head_offset;
+  keys.total_heads = config_.total_heads;
+  CoreOptions core;
+  core.scale = config_.scale();
+  core.causal = config_.causal;
+  core.dropout = is_training() ? config_.dropout : 0.0;
+  core.impl = parse_impl(config_.impl);
+  CoreRun run;
+  AttentionOutput result = attention_core(q, k, v, keys, core, [&] { return composed_forward(q, k, v); }, run);
+  note_backend(run.backend, run.precision);
+  return result;
+}
+
+AttentionOutput DilatedAttention::composed_forward(const Tensor& q, const Tensor& k, const Tensor& v) {
   const DType work = compute_dtype(q.dtype());
   const int64_t num_heads = q.size(2);
   // Head-major copies, made once: every branch gathers its stream rows from them.

@@ -24,6 +24,8 @@ class DilatedAttention : public Attention {
   // q, k, v (B, N, H, D), all with the same N.
   AttentionOutput forward_with_lse(const Tensor& q, const Tensor& k, const Tensor& v) override;
   std::string variant_name() const override { return "dilated"; }
+  // The composed reference path (gather, attend, scatter, lse merge), whatever config.impl says.
+  AttentionOutput composed_forward(const Tensor& q, const Tensor& k, const Tensor& v);
   const std::vector<DilatedBranch>& branches() const { return branches_; }
 
  private:

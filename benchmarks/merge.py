@@ -6,7 +6,9 @@
 
 Rows are matched on (variant, dtype, batch, N, heads, head_dim, causal) and, for dilated attention,
 (segment lengths, dilation rates, mixing). Ratios are longtape / PyTorch: below 1 means longtape is
-faster or uses less memory. Rows measured by only one side are listed too. With --plots, writes
+faster or uses less memory. Rows measured by only one side are listed too. Each side's implementation
+and compute precision (what ran, and the precision its math ran in) are columns of their own: the
+dtype column is only the inputs' dtype. With --plots, writes
 merged_time_vs_n_<dtype>.png and merged_memory_vs_n_<dtype>.png (longtape solid, PyTorch dashed)
 through gnuplot when it is installed (the .gp script and data are written either way).
 Standard library only.
@@ -89,6 +91,22 @@ def config_text(row):
     return row.get("config_label", "-")
 
 
+def ran(row, key):
+    """implementation or compute_precision of a row: the forward's, and the forward+backward's when
+    that phase ran differently (longtape records both); '-' for a side that has no row."""
+    if row is None:
+        return "-"
+    cell = str(row.get(key) or "-")
+    fwdbwd = (row.get("forward_backward") or {}).get(key)
+    if fwdbwd and fwdbwd != row.get(key):
+        cell += " (fwd+bwd: %s)" % fwdbwd
+    return cell
+
+
+def md_cell(text):
+    return str(text).replace("|", "\\|")
+
+
 def markdown(ours, theirs):
     lines = ["# longtape vs PyTorch: attention forward and forward+backward", "",
              "- longtape: " + machine_line(ours), "- PyTorch: " + machine_line(theirs),
@@ -102,14 +120,16 @@ def markdown(ours, theirs):
     for note in theirs.get("notes", []):
         lines.append("- PyTorch note: " + note)
     lines += ["",
-              "| variant | config | dtype | B | N | H | D | fwd ms longtape | fwd ms torch | fwd ratio | "
+              "| variant | config | dtype | B | N | H | D | implementation longtape | precision longtape | "
+              "implementation torch | precision torch | fwd ms longtape | fwd ms torch | fwd ratio | "
               "f+b ms longtape | f+b ms torch | f+b ratio | f+b TFLOP/s longtape | f+b TFLOP/s torch | "
               "peak MiB longtape | peak MiB torch | mem ratio |",
-              "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+              "|---|---|---|--:|--:|--:|--:|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for k, a, b in merge(ours, theirs):
         row = a if a is not None else b
-        cells = [row["variant"], config_text(row).replace("|", "\\|"), row["dtype"], str(row["batch"]),
+        cells = [row["variant"], md_cell(config_text(row)), row["dtype"], str(row["batch"]),
                  str(row["seq_len"]), str(row["heads"]), str(row["head_dim"])]
+        cells += [md_cell(ran(r, key)) for r in (a, b) for key in ("implementation", "compute_precision")]
         fa, fb = fig(a, "forward", "median_ms"), fig(b, "forward", "median_ms")
         ba, bb = fig(a, "forward_backward", "median_ms"), fig(b, "forward_backward", "median_ms")
         ta, tb = fig(a, "forward_backward", "tflops"), fig(b, "forward_backward", "tflops")
@@ -150,7 +170,8 @@ def markdown(ours, theirs):
 
 def csv_text(ours, theirs):
     header = ["variant", "config_label", "dtype", "batch", "seq_len", "heads", "head_dim", "causal",
-              "longtape_fwd_ms", "torch_fwd_ms", "fwd_ratio", "longtape_fwdbwd_ms", "torch_fwdbwd_ms", "fwdbwd_ratio",
+              "longtape_implementation", "longtape_compute_precision", "torch_implementation",
+              "torch_compute_precision", "longtape_fwd_ms", "torch_fwd_ms", "fwd_ratio", "longtape_fwdbwd_ms", "torch_fwdbwd_ms", "fwdbwd_ratio",
               "longtape_peak_bytes", "torch_peak_bytes", "mem_ratio", "longtape_status", "torch_status"]
     out = [",".join(header)]
     for k, a, b in merge(ours, theirs):
@@ -158,11 +179,18 @@ def csv_text(ours, theirs):
         fa, fb = fig(a, "forward", "median_ms"), fig(b, "forward", "median_ms")
         ba, bb = fig(a, "forward_backward", "median_ms"), fig(b, "forward_backward", "median_ms")
         ma, mb = fig(a, "forward_backward", "peak_allocated_bytes"), fig(b, "forward_backward", "peak_allocated_bytes")
-        cells = [row["variant"], '"%s"' % config_text(row), row["dtype"], row["batch"], row["seq_len"], row["heads"],
-                 row["head_dim"], row["causal"], fa, fb, ratio(fa, fb), ba, bb, ratio(ba, bb), ma, mb,
+        cells = [row["variant"], csv_quote(config_text(row)), row["dtype"], row["batch"], row["seq_len"], row["heads"],
+                 row["head_dim"], row["causal"]]
+        cells += [csv_quote(ran(r, key)) if r is not None else None
+                  for r in (a, b) for key in ("implementation", "compute_precision")]
+        cells += [fa, fb, ratio(fa, fb), ba, bb, ratio(ba, bb), ma, mb,
                  ratio(ma, mb) if mb else None, a["status"] if a else "not run", b["status"] if b else "not run"]
         out.append(",".join("" if c is None else str(c) for c in cells))
     return "\n".join(out) + "\n"
+
+
+def csv_quote(text):
+    return '"%s"' % str(text).replace('"', '""')
 
 
 def write_plots(ours, theirs, out_dir):
@@ -171,10 +199,12 @@ def write_plots(ours, theirs, out_dir):
     # solid, PyTorch dashed.
     series = {}  # dtype -> (tool, label) -> [(N, ms, MiB)]
     label = lambda r: ("%s %s" % (r["variant"], "" if r.get("config_label") in (None, "-") else r["config_label"])).strip()
-    in_torch = {label(r) for r in theirs.get("results", []) if measured(r)}
+    # longtape labels name a requested implementation (impl=fused); PyTorch has none to match.
+    same_setting = lambda r: " ".join(item for item in label(r).split() if not item.startswith("impl="))
+    in_torch = {same_setting(r) for r in theirs.get("results", []) if measured(r)}
     for tool, doc in (("longtape", ours), ("torch", theirs)):
         for r in doc.get("results", []):
-            if not measured(r) or label(r) not in in_torch:
+            if not measured(r) or same_setting(r) not in in_torch:
                 continue
             series.setdefault(r["dtype"], {}).setdefault((tool, label(r)), []).append(
                 (r["seq_len"], r["forward_backward"]["median_ms"], r["forward_backward"]["peak_allocated_bytes"] / MIB))

@@ -23,6 +23,8 @@ Timing: CUDA events (or a monotonic clock on the CPU) after warm-up, median of t
 forward timed under no_grad, forward+backward back-propagates a random output gradient. Peak
 memory: torch.cuda max_memory_allocated / max_memory_reserved after emptying the cache and
 resetting the peak (CPU memory is not measured: reported as 0 with a note).
+Every row records its implementation and compute_precision, the precision the attention math ran in
+(benchmarks/torch_precision.py): the dtype column is only the inputs' dtype.
 Writes DIR/torch_bench.json (validates against benchmarks/bench_schema.json) and DIR/torch_bench.md.
 """
 import argparse
@@ -39,6 +41,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from torch_precision import compute_precision, sdpa_kernel
 
 GIB = 1024.0 ** 3
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "f64": torch.float64}
@@ -393,6 +397,9 @@ class Variant:
         self.scale = 1.0 / math.sqrt(cfg["head_dim"])
         self.causal = cfg["causal"]
         self.sdpa, sdpa_name = public_sdpa()
+        # The kernel doing the math (flash, efficient, flash_cpu or math), for compute_precision.
+        self.kernel = (sdpa_kernel(torch, device, dtype, cfg["head_dim"], self.causal) if sdpa_name == "sdpa"
+                       else "math")
         if name == "dense":
             self.implementation = sdpa_name
         else:
@@ -401,8 +408,8 @@ class Variant:
                 self.implementation = "gather -> %s -> scatter" % sdpa_name
             else:
                 self.ops = lse_ops
-                self.implementation = "gather -> %s (with lse) -> scatter -> lse merge" % (
-                    lse_ops.name if lse_ops else "math")
+                self.kernel = lse_ops.name if lse_ops else "math"
+                self.implementation = "gather -> %s (with lse) -> scatter -> lse merge" % self.kernel
 
     def __call__(self, q, k, v):
         if self.name == "dense":
@@ -532,7 +539,8 @@ def make_inputs(b, n, h, d, device, dtype, seed):
 def run_case(variant, cfg, b, n, device, dtype, args, lse_ops, series):
     row = {"variant": variant, "status": "measured", "reason": "", "config_label": config_label(variant, cfg),
            "config": dict(cfg), "device": str(device), "dtype": args.dtype_names[dtype], "batch": b, "seq_len": n,
-           "heads": cfg["num_heads"], "head_dim": cfg["head_dim"], "causal": cfg["causal"]}
+           "heads": cfg["num_heads"], "head_dim": cfg["head_dim"], "causal": cfg["causal"],
+           "implementation": "none", "compute_precision": "none"}  # until a variant is built
     if series.get("stop"):
         row.update(status="skipped", reason=series["stop"])
         return row
@@ -540,6 +548,7 @@ def run_case(variant, cfg, b, n, device, dtype, args, lse_ops, series):
     try:
         fn = Variant(variant, cfg, n, device, dtype, lse_ops)
         row["implementation"] = fn.implementation
+        row["compute_precision"] = compute_precision(torch, device, args.dtype_names[dtype], fn.kernel)
         row["config"]["implementation"] = fn.implementation
         q, k, v, g = make_inputs(b, n, cfg["num_heads"], cfg["head_dim"], device, dtype, args.seed)
         row["inputs_bytes"] = 4 * q.numel() * q.element_size()
@@ -716,11 +725,13 @@ def markdown(doc):
              "- torch " + doc["machine"]["torch_version"] + ("; GPU " + doc["machine"]["gpu"]["name"]
                                                               if doc["machine"]["gpu"] else "; CPU"),
              "- command: `" + doc["config"]["command_line"] + "`", "",
-             "| variant | config | dtype | B | N | H | D | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB (fwd+bwd) | status |",
-             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+             "| variant | config | dtype | implementation | precision | B | N | H | D | fwd ms | fwd+bwd ms | "
+             "fwd+bwd TFLOP/s | peak MiB (fwd+bwd) | status |",
+             "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in doc["results"]:
-        head = "| %s | %s | %s | %d | %d | %d | %d | " % (r["variant"], r["config_label"], r["dtype"], r["batch"],
-                                                         r["seq_len"], r["heads"], r["head_dim"])
+        head = "| %s | %s | %s | %s | %s | %d | %d | %d | %d | " % (
+            r["variant"], r["config_label"], r["dtype"], r["implementation"], r["compute_precision"], r["batch"],
+            r["seq_len"], r["heads"], r["head_dim"])
         if r["status"] == "measured":
             lines.append(head + "%.3g | %.3g | %.3g | %.1f | ok |" % (
                 r["forward"]["median_ms"], r["forward_backward"]["median_ms"], r["forward_backward"]["tflops"],

@@ -8,6 +8,8 @@ properties, required, additionalProperties, items, minItems, minLength, pattern,
 exclusiveMinimum, exclusiveMaximum, $ref to "#/$defs/...", anyOf, oneOf, allOf, if/then/else.
 Any other keyword is an error, so the schema cannot silently rely on something unchecked.
 Exit status 0 when every file is valid, 1 otherwise (each problem printed with its JSON path).
+Warnings (printed, not failing) flag what the schema cannot: measured rows that do not say which
+implementation ran them or in what precision ("none").
 """
 import argparse
 import json
@@ -139,10 +141,25 @@ class Validator:
         return out
 
 
+def unreported_rows(document):
+    """One warning per field for the measured results rows whose implementation or
+    compute_precision is "none": figures that cannot say what produced them."""
+    rows = document.get("results", []) if isinstance(document, dict) else []
+    measured = [(i, r) for i, r in enumerate(rows) if isinstance(r, dict) and r.get("status") == "measured"]
+    out = []
+    for key in ("implementation", "compute_precision"):
+        silent = [i for i, r in measured if r.get(key) == "none"]
+        if silent:
+            out.append("%d of %d measured rows report %s 'none' (first: $.results[%d])" % (
+                len(silent), len(measured), key, silent[0]))
+    return out
+
+
 def validate_file(path, schema):
+    """Returns (problems, warnings)."""
     with open(path) as f:
         document = json.load(f)
-    return Validator(schema).errors(document, schema)
+    return Validator(schema).errors(document, schema), unreported_rows(document)
 
 
 def main(argv=None):
@@ -155,8 +172,9 @@ def main(argv=None):
         schema = json.load(f)
     status = 0
     for path in args.files:
+        warnings = []
         try:
-            problems = validate_file(path, schema)
+            problems, warnings = validate_file(path, schema)
         except (OSError, ValueError) as e:
             problems = ["cannot read: %s" % e]
         except SchemaError as e:
@@ -171,6 +189,8 @@ def main(argv=None):
                 print("  ... and %d more" % (len(problems) - 50))
         else:
             print("%s: valid" % path)
+        for w in warnings:
+            print("  warning: " + w)
     return status
 
 

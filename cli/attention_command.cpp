@@ -5,10 +5,12 @@
 //       --v v.npy [--dout dout.npy] --out-dir out/ [--parallel ring|head --ranks P]
 //   longtape attention --variant block_sparse --pattern random --density 0.5 --block-size 64 ...
 //       [--schedule hilbert] [--order hilbert --grid 32x32]   (order applies to any variant)
+//       [--impl auto|fused|composed]
 //
 // Inputs are (B, N, H, D) float32/float64 arrays in C order; H and D are read from q. Outputs:
 // DIR/o.npy (B, N, H, D), DIR/lse.npy (B, H, N) and with --dout DIR/dq.npy, dk.npy, dv.npy; all
-// float64 when computing in f64, float32 otherwise.
+// float64 when computing in f64, float32 otherwise. One line on stdout says which implementation
+// ran the forward and in what precision.
 #include <filesystem>
 #include <iostream>
 #include <memory>
@@ -18,6 +20,7 @@
 #include "attention/config.h"
 #include "attention/registry.h"
 #include "cli/command_registry.h"
+#include "cli/impl_flag.h"
 #include "io/tensor_io.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
@@ -46,6 +49,7 @@ struct ConfigFlags {
   std::string order = "natural";
   std::string grid;
   std::string schedule = "natural";
+  std::string impl = "auto";
 };
 
 void add_config_flags(CLI::App& sub, ConfigFlags& f) {
@@ -71,6 +75,7 @@ void add_config_flags(CLI::App& sub, ConfigFlags& f) {
   sub.add_option("--grid", f.grid, "with --order hilbert: token grid HxW (default: a square, N must be one)");
   sub.add_option("--schedule", f.schedule,
                  "block_sparse: block processing order, natural (default) or hilbert (same output)");
+  sub.add_option("--impl", f.impl, impl_help());
 }
 
 attention::AttentionConfig to_config(const ConfigFlags& f, int64_t num_heads, int64_t head_dim) {
@@ -105,6 +110,7 @@ attention::AttentionConfig to_config(const ConfigFlags& f, int64_t num_heads, in
   config.order = f.order;
   config.grid = f.grid;
   config.schedule = f.schedule;
+  config.impl = checked_impl(f.impl);
   return config;
 }
 
@@ -174,6 +180,7 @@ int run_attention(const AttentionArgs& a) {
   }
   std::cout << "attention " << a.variant << ": q " << shape_str(q.shape()) << " " << dtype_name(dtype) << " on "
             << device.str() << " -> " << dir.string() << "/o.npy" << (backward ? " (+ dq, dk, dv)" : "") << "\n";
+  std::cout << "attention " << a.variant << ": " << ran_with(*attention) << "; --impl " << config.impl << "\n";
   return 0;
 }
 

@@ -4,6 +4,7 @@
 //   longtape bench [--variants dense,dilated] [--device cpu|cuda] [--dtype f32,bf16]
 //       [--seq-lens 1024,2048] [--batch 1] [--heads 8] [--head-dim 64]
 //       [--segments "512,1024;2048" --dilations "1,2;1"] [--mixing lse,head_groups] [--causal off|on|both]
+//       [--impl auto|fused|composed, or a comma-separated list of them]
 //       [--warmup 3] [--repeats 10] [--max-len-budget-gib 8] [--quality] [--quick] --out-dir DIR
 //
 // Protocol: a fresh module and fresh random inputs per case; `warmup` untimed runs, then `repeats`
@@ -17,6 +18,9 @@
 // Useful FLOPs count only attended (query, key) pairs with their multiplicity: forward 4 * pairs *
 // head_dim (QK^T and PV), backward 2.5 times that. Pairs come from the variant's definition
 // (attention/pattern_map.h) or, for variants it does not know, from running the variant.
+//
+// Every row records the implementation that ran it and the precision of its math, as the module
+// reports them after the timed runs (forward at the row's top level, each phase in its figures).
 //
 // A case that cannot run (a config the variant rejects, out of memory, too slow for
 // --case-time-limit) is reported as skipped with its reason; an unexpected error as failed. No
@@ -47,11 +51,13 @@
 #endif
 
 #include "attention/config.h"
+#include "attention/multihead.h"
 #include "attention/pattern_map.h"
 #include "attention/registry.h"
 #include "autograd/grad_mode.h"
 #include "cli/bench.h"
 #include "cli/command_registry.h"
+#include "cli/impl_flag.h"
 #include "cli/variant_flags.h"
 #include "nn/data.h"
 #include "nn/language_model.h"
@@ -86,6 +92,7 @@ struct BenchArgs {
   std::string dilations = "1,2,4";
   std::string mixings = "lse";
   std::string causal = "off";
+  std::string impls = "auto";
   VariantFlags flags;
   int warmup = 3;
   int repeats = 10;
@@ -346,6 +353,7 @@ Json config_json(const AttentionConfig& c) {
   j["parallel"] = c.parallel;
   j["ranks"] = c.ranks;
   j["inner_variant"] = c.inner_variant;
+  j["impl"] = c.impl;
   return j;
 }
 
@@ -364,6 +372,7 @@ struct Grid {
   std::vector<DType> dtypes;
   std::vector<int64_t> seq_lens, batches, heads, head_dims;
   std::vector<AttentionConfig> configs;  // variant settings (heads and head_dim filled per case)
+  std::vector<std::string> impls;        // requested implementations, one more grid dimension
   bool grid_given = false;
 };
 
@@ -420,6 +429,7 @@ Grid build_grid(const BenchArgs& a) {
   else LT_CHECK(false, "--causal must be off, on or both, got ", a.causal);
   const std::vector<std::string> mixings = split_list(a.mixings, ',');
   LT_CHECK(!mixings.empty(), "--mixing: expected lse, head_groups or both comma-separated");
+  g.impls = parse_impl_list(a.impls);
   for (size_t s = 0; s < segment_sets.size(); ++s) {
     const std::vector<int64_t> segments = parse_positive_list(segment_sets[s], "--segments");
     const std::vector<int64_t> dilations = dilation_sets.empty() ? std::vector<int64_t>(segments.size(), 1)
@@ -427,15 +437,17 @@ Grid build_grid(const BenchArgs& a) {
     LT_CHECK(dilations.size() == segments.size(), "--dilations: set ", s, " has ", dilations.size(),
              " rates but its --segments set has ", segments.size(), " lengths");
     for (const std::string& mixing : mixings)
-      for (bool causal : causal_modes) {
-        AttentionConfig c;
-        apply_variant_flags(a.flags, c);
-        c.segment_lengths = segments;
-        c.dilation_rates = dilations;
-        c.mixing = attention::parse_mixing(mixing);
-        c.causal = causal;
-        g.configs.push_back(c);
-      }
+      for (bool causal : causal_modes)
+        for (const std::string& impl : g.impls) {
+          AttentionConfig c;
+          apply_variant_flags(a.flags, c);
+          c.segment_lengths = segments;
+          c.dilation_rates = dilations;
+          c.mixing = attention::parse_mixing(mixing);
+          c.causal = causal;
+          c.impl = impl;
+          g.configs.push_back(c);
+        }
   }
   return g;
 }
@@ -506,7 +518,15 @@ Json case_header(const CaseShape& s, Device device) {
   row["head_dim"] = s.config.head_dim;
   row["causal"] = s.config.causal;
   row["config"] = config_json(s.config);
+  row["implementation"] = "none";  // until a forward has run
+  row["compute_precision"] = "none";
   return row;
+}
+
+// What ran the module's last forward, into a row or a phase's figures.
+void record_ran(Json& where, const attention::Attention& module) {
+  where["implementation"] = module.last_backend();
+  where["compute_precision"] = module.last_precision();
 }
 
 struct SeriesState {
@@ -576,6 +596,7 @@ Json run_case(const CaseShape& s, const BenchArgs& a, Device device, SeriesState
     stage = "forward+backward";
     // The first run doubles as the time-limit check.
     const double first_ms = timed_fwdbwd();
+    record_ran(row, *module);
     if (a.case_time_limit > 0 && first_ms > limit_ms) {
       series.stop_reason = "too slow: one forward+backward took " + format_number(first_ms / 1000.0) + " s at N = " +
                            std::to_string(s.seq_len) + " (--case-time-limit " + format_number(a.case_time_limit) + " s)";
@@ -585,11 +606,15 @@ Json run_case(const CaseShape& s, const BenchArgs& a, Device device, SeriesState
     std::vector<double> fwdbwd_ms;
     for (int i = 0; i < a.repeats; ++i) fwdbwd_ms.push_back(timed_fwdbwd());
     clear_grads(in, *module);
+    Json fwdbwd_ran;
+    record_ran(fwdbwd_ran, *module);
 
     stage = "forward";
     for (int i = 0; i < a.warmup; ++i) timer.milliseconds(forward_once);
     std::vector<double> forward_ms;
     for (int i = 0; i < a.repeats; ++i) forward_ms.push_back(timer.milliseconds(forward_once));
+    Json forward_ran;
+    record_ran(forward_ran, *module);
 
     stage = "memory";
     const Peak forward_peak = measure_peak(device, forward_once);
@@ -600,17 +625,19 @@ Json run_case(const CaseShape& s, const BenchArgs& a, Device device, SeriesState
     clear_grads(in, *module);
 
     const double tokens = static_cast<double>(s.batch * s.seq_len);
-    auto figures = [&](const std::vector<double>& ms, double flops, const Peak& peak) {
+    auto figures = [&](const std::vector<double>& ms, double flops, const Peak& peak, const Json& ran) {
       Json t = timing_json(ms);
       const double seconds = t["median_ms"].get<double>() / 1000.0;
       t["tokens_per_s"] = tokens / seconds;
       t["tflops"] = flops / seconds / 1e12;
       t["peak_allocated_bytes"] = peak.allocated;
       t["peak_reserved_bytes"] = peak.reserved;
+      t.update(ran);
       return t;
     };
-    row["forward"] = figures(forward_ms, forward_flops, forward_peak);
-    row["forward_backward"] = figures(fwdbwd_ms, fwdbwd_flops, fwdbwd_peak);
+    row.update(forward_ran);
+    row["forward"] = figures(forward_ms, forward_flops, forward_peak, forward_ran);
+    row["forward_backward"] = figures(fwdbwd_ms, fwdbwd_flops, fwdbwd_peak, fwdbwd_ran);
     series.last_fwdbwd_ms = median(fwdbwd_ms);
     series.last_seq_len = s.seq_len;
   } catch (const std::exception& e) {
@@ -790,6 +817,7 @@ AttentionConfig quality_attention_config(const BenchArgs& a) {
   c.block_size = std::max<int64_t>(1, std::min(c.block_size, a.quality_seq_len / 8));
   c.window = std::max<int64_t>(c.block_size, std::min(c.window, a.quality_seq_len / 4));
   c.causal = true;  // the language model is causal
+  c.impl = parse_impl_list(a.impls).front();
   return c;
 }
 
@@ -867,6 +895,7 @@ Json run_quality(const std::string& variant, const BenchArgs& a, Device device) 
       schedule.apply(optimizer, step);
       optimizer.step();
       losses.push_back(loss.item());  // item() waits for the device
+      if (step == 0) record_ran(row, model.blocks->at_as<nn::TransformerBlock>(0)->attn->core());
       step_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s0).count());
     }
     const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -919,6 +948,7 @@ Json options_json(const BenchArgs& a, const Grid& g) {
   o["dilations"] = a.dilations;
   o["mixing"] = a.mixings;
   o["causal"] = a.causal;
+  o["impls"] = g.impls;
   o["pattern"] = a.flags.pattern;
   o["block_size"] = a.flags.block_size;
   o["window"] = a.flags.window;
@@ -1012,9 +1042,11 @@ int run_bench(BenchArgs a) {
     for (Series& series : all_series) {
       CaseShape s{series.variant, config_for_length(series.variant, series.base, n, g.grid_given), series.dtype,
                   series.batch, n};
-      std::cerr << "bench: " << s.variant << " [" << config_label(s.variant, s.config) << "] " << dtype_name(s.dtype)
+      AttentionConfig unlabelled = s.config;  // the requested implementation gets its own column here
+      unlabelled.impl = "auto";
+      std::cerr << "bench: " << s.variant << " [" << config_label(s.variant, unlabelled) << "] " << dtype_name(s.dtype)
                 << " B=" << s.batch << " N=" << n << " H=" << s.config.num_heads << " D=" << s.config.head_dim
-                << std::flush;
+                << " impl=" << s.config.impl << std::flush;
       Json row;
       if (over_budget()) {
         row = case_header(s, g.device);
@@ -1025,7 +1057,9 @@ int run_bench(BenchArgs a) {
       }
       std::cerr << " -> " << row["status"].get<std::string>();
       if (row.contains("forward_backward"))
-        std::cerr << " fwd+bwd " << row["forward_backward"]["median_ms"].get<double>() << " ms";
+        std::cerr << " [" << row["implementation"].get<std::string>() << "; "
+                  << row["compute_precision"].get<std::string>() << "] fwd+bwd "
+                  << row["forward_backward"]["median_ms"].get<double>() << " ms";
       else
         std::cerr << ": " << row["reason"].get<std::string>();
       std::cerr << "\n";
@@ -1124,6 +1158,8 @@ const RegisterCommand bench_command(
                                        "dilation rates, one ';'-separated set per --segments set (default 1,2,4)");
       sub.add_option("--mixing", a->mixings, "dilated mixing modes to run: lse, head_groups or lse,head_groups");
       sub.add_option("--causal", a->causal, "off (default), on, or both");
+      sub.add_option("--impl", a->impls,
+                     std::string(impl_help()) + "; a comma-separated list runs each (e.g. fused,composed)");
       add_variant_flags(sub, a->flags);
       auto* warmup = sub.add_option("--warmup", a->warmup, "untimed runs before timing (default 3)");
       auto* repeats = sub.add_option("--repeats", a->repeats, "timed runs; the median is reported (default 10)");

@@ -68,6 +68,17 @@ double number_at(const Json& j, const char* object, const char* key) {
 
 bool measured(const Json& row) { return row.value("status", "") == "measured"; }
 
+// What ran a row (`key` "implementation" or "compute_precision"): the forward's, followed by the
+// forward+backward's when that phase ran differently, so no cell claims more than ran.
+std::string ran_cell(const Json& row, const char* key) {
+  std::string cell = text_of(row, key);
+  if (row.contains("forward_backward") && row["forward_backward"].is_object()) {
+    const std::string fwdbwd = text_of(row["forward_backward"], key);
+    if (!fwdbwd.empty() && fwdbwd != cell) cell += " (fwd+bwd: " + fwdbwd + ")";
+  }
+  return cell;
+}
+
 // Key joining a timing row with its max-length row.
 std::string series_key(const Json& row) {
   return text_of(row, "variant") + "|" + text_of(row, "config_label") + "|" + text_of(row, "dtype") + "|" +
@@ -127,10 +138,11 @@ std::string machine_summary(const Json& doc) {
 std::string csv_report(const Json& doc) {
   std::ostringstream out;
   const char* header =
-      "tool,variant,status,reason,config_label,device,dtype,batch,seq_len,heads,head_dim,causal,attended_pairs,"
-      "pairs_method,fwd_median_ms,fwd_min_ms,fwd_tokens_per_s,fwd_tflops,fwd_peak_allocated_bytes,"
-      "fwd_peak_reserved_bytes,fwdbwd_median_ms,fwdbwd_min_ms,fwdbwd_tokens_per_s,fwdbwd_tflops,"
-      "fwdbwd_peak_allocated_bytes,fwdbwd_peak_reserved_bytes,max_seq_len\n";
+      "tool,variant,status,reason,config_label,device,dtype,implementation,compute_precision,batch,seq_len,heads,"
+      "head_dim,causal,attended_pairs,pairs_method,fwd_median_ms,fwd_min_ms,fwd_tokens_per_s,fwd_tflops,"
+      "fwd_peak_allocated_bytes,fwd_peak_reserved_bytes,fwdbwd_median_ms,fwdbwd_min_ms,fwdbwd_tokens_per_s,"
+      "fwdbwd_tflops,fwdbwd_peak_allocated_bytes,fwdbwd_peak_reserved_bytes,fwdbwd_implementation,"
+      "fwdbwd_compute_precision,max_seq_len\n";
   out << header;
   const auto max_len = max_len_by_series(doc);
   const std::string tool = text_of(doc, "tool");
@@ -142,6 +154,8 @@ std::string csv_report(const Json& doc) {
                                       text_of(row, "config_label"),
                                       text_of(row, "device"),
                                       text_of(row, "dtype"),
+                                      text_of(row, "implementation"),
+                                      text_of(row, "compute_precision"),
                                       text_of(row, "batch"),
                                       text_of(row, "seq_len"),
                                       text_of(row, "heads"),
@@ -157,6 +171,9 @@ std::string csv_report(const Json& doc) {
           cells.push_back("");
         }
       }
+    const bool has_fwdbwd = row.contains("forward_backward") && row["forward_backward"].is_object();
+    for (const char* key : {"implementation", "compute_precision"})
+      cells.push_back(has_fwdbwd ? text_of(row["forward_backward"], key) : "");
     cells.push_back(max_len_cell(max_len, row));
     for (size_t i = 0; i < cells.size(); ++i) out << (i ? "," : "") << csv_escape(cells[i]);
     out << "\n";
@@ -174,17 +191,20 @@ std::string markdown_report(const Json& doc) {
   out << "- timing: " << text_of(config, "timing") << "; " << text_of(config, "warmup") << " warm-up, "
       << text_of(config, "repeats") << " timed runs\n";
   out << "- useful FLOPs: " << text_of(config, "flops") << "\n";
-  out << "- peak memory includes the inputs (q, k, v, output gradient)\n\n";
+  out << "- peak memory includes the inputs (q, k, v, output gradient)\n";
+  out << "- implementation and precision: what ran each case, as reported after its timed runs (dtype is the "
+         "dtype of the inputs)\n\n";
 
   const auto max_len = max_len_by_series(doc);
   out << "## Time and memory\n\n";
-  out << "| variant | config | dtype | B | N | H | D | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | "
-         "tokens/s (fwd+bwd) | peak MiB (fwd+bwd) | max N | status |\n";
-  out << "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n";
+  out << "| variant | config | dtype | implementation | precision | B | N | H | D | fwd ms | fwd TFLOP/s | "
+         "fwd+bwd ms | fwd+bwd TFLOP/s | tokens/s (fwd+bwd) | peak MiB (fwd+bwd) | max N | status |\n";
+  out << "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n";
   for (const Json& row : doc.value("results", Json::array())) {
     out << "| " << md_escape(text_of(row, "variant")) << " | " << md_escape(text_of(row, "config_label")) << " | "
-        << text_of(row, "dtype") << " | " << text_of(row, "batch") << " | " << text_of(row, "seq_len") << " | "
-        << text_of(row, "heads") << " | " << text_of(row, "head_dim") << " | ";
+        << text_of(row, "dtype") << " | " << md_escape(ran_cell(row, "implementation")) << " | "
+        << md_escape(ran_cell(row, "compute_precision")) << " | " << text_of(row, "batch") << " | "
+        << text_of(row, "seq_len") << " | " << text_of(row, "heads") << " | " << text_of(row, "head_dim") << " | ";
     if (measured(row)) {
       auto tflops = [&](const char* phase) {
         const double t = number_at(row, phase, "tflops");
@@ -221,10 +241,12 @@ std::string markdown_report(const Json& doc) {
 
   if (doc.contains("quality") && !doc["quality"].empty()) {
     out << "\n## Quality: recall accuracy after a fixed training budget\n\n";
-    out << "| variant | config | steps | T | batch | accuracy | chance | final loss | ms/step | status |\n";
-    out << "|---|---|--:|--:|--:|--:|--:|--:|--:|---|\n";
+    out << "| variant | config | implementation | precision | steps | T | batch | accuracy | chance | final loss | "
+           "ms/step | status |\n";
+    out << "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|\n";
     for (const Json& row : doc["quality"]) {
       out << "| " << md_escape(text_of(row, "variant")) << " | " << md_escape(text_of(row, "config_label")) << " | "
+          << md_escape(text_of(row, "implementation")) << " | " << md_escape(text_of(row, "compute_precision")) << " | "
           << text_of(row, "steps") << " | " << text_of(row, "seq_len") << " | " << text_of(row, "batch") << " | ";
       if (measured(row)) {
         out << fixed(row["accuracy"].get<double>(), 3) << " | " << fixed(row["chance"].get<double>(), 3) << " | "
@@ -254,12 +276,24 @@ std::string terminal_table(const Json& doc) {
     config_width = std::max(config_width, text_of(row, "config_label").size() + 2);
   config_width = std::min<size_t>(config_width, 60);
   const int cw = static_cast<int>(config_width);
-  out << std::left << std::setw(14) << "variant" << std::setw(cw) << "config" << std::setw(6) << "dtype" << std::right
+  // What ran each row; skipped rows that never ran say "none".
+  size_t impl_width = 6, precision_width = 11;
+  for (const Json& row : doc.value("results", Json::array())) {
+    impl_width = std::max(impl_width, ran_cell(row, "implementation").size() + 2);
+    precision_width = std::max(precision_width, ran_cell(row, "compute_precision").size() + 2);
+  }
+  impl_width = std::min<size_t>(impl_width, 40);
+  precision_width = std::min<size_t>(precision_width, 60);
+  const int iw = static_cast<int>(impl_width), pw = static_cast<int>(precision_width);
+  out << std::left << std::setw(14) << "variant" << std::setw(cw) << "config" << std::setw(6) << "dtype"
+      << std::setw(iw) << "impl" << std::setw(pw) << "precision" << std::right
       << std::setw(8) << "N" << std::setw(11) << "fwd ms" << std::setw(12) << "f+b ms" << std::setw(9) << "f+b TF/s"
       << std::setw(11) << "peak MiB" << std::setw(9) << "max N" << "  status\n";
   for (const Json& row : doc.value("results", Json::array())) {
     out << std::left << std::setw(14) << cut(text_of(row, "variant"), 13) << std::setw(cw)
-        << cut(text_of(row, "config_label"), config_width - 1) << std::setw(6) << text_of(row, "dtype") << std::right << std::setw(8)
+        << cut(text_of(row, "config_label"), config_width - 1) << std::setw(6) << text_of(row, "dtype")
+        << std::setw(iw) << cut(ran_cell(row, "implementation"), impl_width - 1) << std::setw(pw)
+        << cut(ran_cell(row, "compute_precision"), precision_width - 1) << std::right << std::setw(8)
         << text_of(row, "seq_len");
     if (measured(row)) {
       const double tf = number_at(row, "forward_backward", "tflops");

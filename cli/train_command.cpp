@@ -3,7 +3,8 @@
 //
 //   longtape train [--device auto|cpu|cuda] [--steps N] [--batch B] [--seq-len T] [--layers L]
 //       [--width E] [--heads H] [--variant dilated] [--segments 32,256] [--dilations 1,2]
-//       [--mixing lse|head_groups] [--lr 1e-2] [--warmup W] [--eval-every N] [--metrics run.csv|run.json]
+//       [--mixing lse|head_groups] [--impl auto|fused|composed] [--lr 1e-2] [--warmup W] [--eval-every N]
+//       [--metrics run.csv|run.json]
 //       [--checkpoint PATH] [--checkpoint-every K] [--resume PATH] [--seed S] [--threads T] [--text FILE]
 //
 // The defaults are the README's main job: a 2-layer, width-32 model with causal dilated attention
@@ -31,9 +32,11 @@
 #endif
 
 #include "attention/config.h"
+#include "attention/multihead.h"
 #include "attention/registry.h"
 #include "autograd/grad_mode.h"
 #include "cli/command_registry.h"
+#include "cli/impl_flag.h"
 #include "cli/variant_flags.h"
 #include "io/atomic_file.h"
 #include "nn/checkpoint.h"
@@ -62,6 +65,7 @@ struct TrainArgs {
   std::string segments = "32,256";
   std::string dilations = "1,2";
   std::string mixing = "lse";
+  std::string impl = "auto";
   VariantFlags variant_flags;
   double lr = 3e-3;
   double min_lr = -1;  // < 0: lr / 10
@@ -224,6 +228,7 @@ int run_train(const TrainArgs& a) {
   LT_CHECK(a.eval_every >= 0 && a.eval_batches >= 1, "train: --eval-every must be >= 0 and --eval-batches >= 1");
   LT_CHECK(a.checkpoint_every >= 0, "train: --checkpoint-every must be >= 0");
   LT_CHECK(a.checkpoint_every == 0 || !a.checkpoint.empty(), "train: --checkpoint-every needs --checkpoint PATH");
+  checked_impl(a.impl);
   const Device device = pick_device(a.device);
   manual_seed(a.seed);
 
@@ -259,6 +264,7 @@ int run_train(const TrainArgs& a) {
   mc.attention_config.dilation_rates = attention::parse_int_list(a.dilations, "--dilations");
   mc.attention_config.mixing = attention::parse_mixing(a.mixing);
   apply_variant_flags(a.variant_flags, mc.attention_config);
+  mc.attention_config.impl = a.impl;
   mc.tied_embeddings = !a.untied;
   mc.dropout = a.dropout;
   mc.position_init = a.position_init;
@@ -284,6 +290,7 @@ int run_train(const TrainArgs& a) {
                   {"parameters", model.num_parameters()}};
   run["optim"] = {{"lr", a.lr}, {"min_lr", schedule.min_lr}, {"warmup", a.warmup}, {"weight_decay", a.weight_decay},
                   {"clip", a.clip}, {"batch", a.batch}, {"steps", a.steps}, {"seed", a.seed}};
+  run["impl"] = a.impl;  // not part of "model": a checkpoint resumes under any implementation
 
   int64_t start_step = 0;
   if (!a.resume.empty()) {
@@ -315,6 +322,11 @@ int run_train(const TrainArgs& a) {
   std::vector<MetricsRow> rows;
   ProgressBar bar(start_step, a.steps);
   const auto t_start = Clock::now();
+  // What ran the first block's attention in training (read after the first step), for the summary.
+  std::shared_ptr<attention::MultiheadAttention> first_attention;
+  if (model.blocks->size() > 0) first_attention = model.blocks->at_as<nn::TransformerBlock>(0)->attn;
+  std::string attention_ran;
+  Json attention_json;
   double window_tokens = 0, window_seconds = 0;  // recent throughput, for tokens/s and the ETA
   for (int64_t step = start_step; step < a.steps; ++step) {
     const auto t0 = Clock::now();
@@ -326,6 +338,11 @@ int run_train(const TrainArgs& a) {
     schedule.apply(optimizer, step);
     optimizer.step();
     const double loss_value = loss.item();  // also waits for the device
+    if (first_attention && attention_ran.empty()) {
+      const attention::Attention& core = first_attention->core();
+      attention_ran = ran_with(core);
+      attention_json = {{"implementation", core.last_backend()}, {"compute_precision", core.last_precision()}};
+    }
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     const double tokens = static_cast<double>(a.batch * a.seq_len);
     window_tokens = 0.9 * window_tokens + tokens;
@@ -368,8 +385,10 @@ int run_train(const TrainArgs& a) {
               human_count(elapsed > 0 ? (a.steps - start_step) * a.batch * a.seq_len / elapsed : 0).c_str());
   std::printf("peak memory on %s: allocated %s, reserved %s\n", device.str().c_str(),
               human_bytes(mem.peak_allocated_bytes).c_str(), human_bytes(mem.peak_reserved_bytes).c_str());
+  if (!attention_ran.empty()) std::printf("attention in training: %s\n", attention_ran.c_str());
   if (!a.checkpoint.empty()) std::printf("checkpoint written to %s\n", a.checkpoint.c_str());
   if (!a.metrics.empty()) {
+    if (!attention_json.is_null()) run["attention"] = attention_json;
     run["final"] = {{"eval_loss", final_eval.loss}, {"eval_accuracy", final_eval.accuracy.value()},
                     {"elapsed_s", elapsed}, {"peak_allocated_bytes", mem.peak_allocated_bytes},
                     {"peak_reserved_bytes", mem.peak_reserved_bytes}};
@@ -395,6 +414,7 @@ const RegisterCommand kTrainCommand{
       sub.add_option("--segments", a->segments, "dilated: segment lengths, comma-separated")->capture_default_str();
       sub.add_option("--dilations", a->dilations, "dilated: dilation rates, comma-separated")->capture_default_str();
       sub.add_option("--mixing", a->mixing, "dilated: lse or head_groups")->capture_default_str();
+      sub.add_option("--impl", a->impl, impl_help());
       add_variant_flags(sub, a->variant_flags);
       sub.add_option("--lr", a->lr, "peak learning rate (AdamW)")->capture_default_str();
       sub.add_option("--min-lr", a->min_lr, "final learning rate of the cosine schedule (default lr / 10)");

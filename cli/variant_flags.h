@@ -127,6 +127,7 @@ inline std::vector<std::string> relevant_config_items(const std::string& name, c
     items.push_back("inner=" + c.inner_variant);
   }
   if (c.causal) items.push_back("causal");
+  if (c.impl != "auto") items.push_back("impl=" + c.impl);  // a requested implementation changes the cost
   return items;
 }
 

@@ -93,6 +93,14 @@ if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] && [ -x "$build_dir/bin/test_cuda_parity" 
     -tc="*softmax*,*dim sets*,*reduce kernels*" >"$log_dir/racecheck.log" 2>&1
   sanitize_lines+=("racecheck: exit $? ($(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$log_dir/racecheck.log" | tail -1)) $(grep -E "^\[doctest\] assertions" "$log_dir/racecheck.log" | tr -s ' ')")
 fi
+if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] && [ -x "$build_dir/bin/test_fused_attention_cuda" ]; then
+  LONGTAPE_NO_CACHING_ALLOCATOR=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$build_dir/bin/test_fused_attention_cuda" >"$log_dir/memcheck_fused.log" 2>&1
+  sanitize_lines+=("fused attention memcheck: exit $? ($(grep -E "ERROR SUMMARY" "$log_dir/memcheck_fused.log" | tail -1)) $(grep -E "^\[doctest\] assertions" "$log_dir/memcheck_fused.log" | tr -s ' ')")
+  timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 "$build_dir/bin/test_fused_attention_cuda" \
+    >"$log_dir/racecheck_fused.log" 2>&1
+  sanitize_lines+=("fused attention racecheck: exit $? ($(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$log_dir/racecheck_fused.log" | tail -1)) $(grep -E "^\[doctest\] assertions" "$log_dir/racecheck_fused.log" | tr -s ' ')")
+fi
 
 echo "== SUMMARY"
 echo "GPU: ${gpu:-none found}"

@@ -1,7 +1,9 @@
 // Benchmark plumbing: pattern maps read off the variants agree with the oracle's masks and with
 // the analytic pair counts behind the FLOP figures; `longtape bench` reports every registered
 // variant with its configuration, positive figures and the documented FLOP formula, and its JSON
-// validates against benchmarks/bench_schema.json; `longtape patterns` writes PNG files.
+// validates against benchmarks/bench_schema.json; every row says which implementation ran it and in
+// what precision, and --impl (bench, attention, train) is honoured or rejected with a clear message;
+// `longtape patterns` writes PNG files.
 #include <doctest/doctest.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -21,6 +23,7 @@
 #include "attention/block_sparse.h"
 #include "attention/pattern_map.h"
 #include "attention/registry.h"
+#include "io/tensor_io.h"
 #include "support/attention_oracle.h"
 #include "support/test_utils.h"
 
@@ -96,6 +99,23 @@ CommandResult run_command(const std::string& command, const fs::path& log) {
 }
 
 bool python_available() { return std::system("python3 -c 'import json' > /dev/null 2>&1") == 0; }
+
+// A results row says what ran it: implementation and compute_precision at the top (the forward's)
+// and in each phase's figures when measured; "none" only where no forward ran.
+void check_ran_fields(const Json& row) {
+  INFO("row ", row.dump());
+  for (const char* key : {"implementation", "compute_precision"}) {
+    REQUIRE(row.contains(key));
+    CHECK(row[key].is_string());
+    CHECK(!row[key].get<std::string>().empty());
+    if (row["status"] != "measured") continue;
+    for (const char* phase : {"forward", "forward_backward"}) {
+      REQUIRE(row[phase].contains(key));
+      CHECK(!row[phase][key].get<std::string>().empty());
+    }
+  }
+  CHECK(row["config"].contains("impl"));
+}
 
 }  // namespace
 
@@ -281,6 +301,8 @@ TEST_CASE("longtape bench --quick reports every registered variant with its conf
     CHECK(row["config"].contains("segment_lengths"));
     CHECK(row["config"]["num_heads"] == row["heads"]);
     CHECK(row["config"]["head_dim"] == row["head_dim"]);
+    CHECK(row["config"]["impl"] == "auto");
+    check_ran_fields(row);
     if (status != "measured") {
       CHECK(!row["reason"].get<std::string>().empty());
       continue;
@@ -344,6 +366,7 @@ TEST_CASE("longtape bench --quick reports every registered variant with its conf
   std::string header;
   std::getline(csv, header);
   CHECK(header.find("fwdbwd_median_ms") != std::string::npos);
+  CHECK(header.find(",implementation,compute_precision,") != std::string::npos);
   size_t lines = 0;
   for (std::string line; std::getline(csv, line);) ++lines;
   CHECK(lines == doc["results"].size());
@@ -407,6 +430,80 @@ TEST_CASE("longtape bench --time-budget reports the cases it had no time for as 
     CHECK_FALSE(row.contains("forward"));
   }
   CHECK(doc["config"]["time_budget_s"].get<double>() == doctest::Approx(1e-6));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("longtape bench --impl composed runs the composed path and records it in every view") {
+  const fs::path binary = longtape_binary();
+  if (!fs::exists(binary)) {
+    WARN_MESSAGE(false, "longtape executable not found at ", binary.string());
+    return;
+  }
+  const fs::path dir = fresh_dir("bench_impl");
+  const CommandResult r = run_command("OMP_NUM_THREADS=1 '" + binary.string() +
+                                          "' bench --variants dense,dilated --device cpu --dtype f32 --seq-lens 16,32 "
+                                          "--heads 2 --head-dim 4 --segments 8,16 --dilations 1,2 --warmup 0 "
+                                          "--repeats 2 --no-plots --impl composed --out-dir '" + dir.string() + "'",
+                                      dir / "log.txt");
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  CHECK(r.output.find("impl=composed") != std::string::npos);  // the progress line's column
+  std::ifstream in(dir / "bench.json");
+  const Json doc = Json::parse(in);
+  CHECK(doc["config"]["impls"] == Json::array({"composed"}));
+  REQUIRE(doc["results"].size() == 4);
+  for (const Json& row : doc["results"]) {
+    INFO("row ", row.dump());
+    REQUIRE(row["status"] == "measured");
+    check_ran_fields(row);
+    CHECK(row["config"]["impl"] == "composed");
+    CHECK(row["config_label"].get<std::string>().find("impl=composed") != std::string::npos);
+    CHECK(row["implementation"] == "composed");
+    CHECK(row["forward_backward"]["implementation"] == "composed");
+    // f32 inputs, composed on the CPU: whatever the precision text, it must not claim bf16.
+    const std::string precision = row["compute_precision"];
+    CHECK(precision.find("f32") != std::string::npos);
+    CHECK(precision.find("bf16") == std::string::npos);
+  }
+  std::ifstream md(dir / "bench.md");
+  std::stringstream markdown;
+  markdown << md.rdbuf();
+  CHECK(markdown.str().find("| implementation | precision |") != std::string::npos);
+  CHECK(markdown.str().find("| composed |") != std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("longtape bench, attention and train reject a bad --impl naming the flag, the choices and the value") {
+  const fs::path binary = longtape_binary();
+  if (!fs::exists(binary)) {
+    WARN_MESSAGE(false, "longtape executable not found at ", binary.string());
+    return;
+  }
+  const fs::path dir = fresh_dir("impl_bad");
+  const std::string bin = "'" + binary.string() + "'";
+  auto fails_with = [&](const std::string& args, const std::string& text) {
+    INFO(args);
+    const CommandResult r = run_command(bin + " " + args, dir / "log.txt");
+    INFO(r.output);
+    CHECK(r.code != 0);
+    CHECK(r.output.find(text) != std::string::npos);
+  };
+  const std::string expected = "--impl must be auto, fused or composed, got \"fast\"";
+  fails_with("bench --variants dense --seq-lens 16 --impl fast --out-dir '" + dir.string() + "'", expected);
+  fails_with("bench --variants dense --seq-lens 16 --impl composed,fast --out-dir '" + dir.string() + "'", expected);
+  fails_with("train --steps 1 --seq-len 32 --impl fast", expected);
+
+  // attention: the flag is checked, and a good value prints one line saying what ran.
+  const Tensor x = Tensor::randn({1, 8, 2, 4}, DType::f32);
+  for (const char* name : {"q.npy", "k.npy", "v.npy"}) io::save_npy((dir / name).string(), x);
+  const std::string inputs = " --q '" + (dir / "q.npy").string() + "' --k '" + (dir / "k.npy").string() + "' --v '" +
+                             (dir / "v.npy").string() + "' --out-dir '" + (dir / "out").string() + "'";
+  fails_with("attention --variant dense --impl fast" + inputs, expected);
+  const CommandResult ok = run_command(bin + " attention --variant dense --impl composed" + inputs, dir / "ok.txt");
+  INFO(ok.output);
+  CHECK(ok.code == 0);
+  CHECK(ok.output.find("implementation composed; precision ") != std::string::npos);
+  CHECK(ok.output.find("--impl composed") != std::string::npos);
   fs::remove_all(dir);
 }
 

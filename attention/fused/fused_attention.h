@@ -1,0 +1,71 @@
+#pragma once
+// The attention core as one differentiable op over (B, N, H, D) tensors: builds a fused::Problem,
+// asks select_backend, runs the fused CPU or CUDA kernel, and records one tape node whose backward
+// runs the fused backward kernel. Variants call attention_core(), which falls back to the composed
+// path (attention/composed.h) when the selector says the fused kernels cannot run the problem.
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "attention/attention.h"
+#include "attention/fused/backends.h"
+#include "attention/patterns.h"
+#include "tensor/tensor.h"
+
+namespace longtape::attention {
+
+// Which implementation a layer uses: auto = fused where supported, else composed;
+// fused = fused or a clear error saying why not; composed = the composed reference path.
+enum class Impl : uint8_t { automatic, fused, composed };
+Impl parse_impl(const std::string& text);  // "auto" | "fused" | "composed"
+std::string impl_name(Impl impl);
+
+// The key set of one attention core call (see attention/fused/problem.h).
+struct CoreKeys {
+  fused::KeySet kind = fused::KeySet::dense;
+  // dilated
+  std::vector<DilatedBranch> branches;
+  fused::BranchMixing mixing = fused::BranchMixing::lse;
+  int64_t head_offset = 0;  // global index of local head 0
+  int64_t total_heads = 0;  // 0 = the local head count (head groups are those of all total_heads)
+  // blocks: one list (shared), H lists (per head) or B*H lists (per (b, h)); optional bias
+  // (B, H, nqb, nkb), differentiable.
+  std::vector<BlockLists> block_lists;
+  int64_t block_size = 64;
+  Tensor block_bias;
+};
+
+struct CoreOptions {
+  double scale = 1.0;
+  bool causal = false;
+  double dropout = 0.0;  // > 0 is only supported on the composed path
+  Impl impl = Impl::automatic;
+};
+
+// The precision the math of `backend` runs in for inputs of `dtype`, as reports state it.
+std::string compute_precision(fused::Backend backend, DType dtype);
+
+// What attention_core would run for these inputs, and why not fused when it does not.
+fused::Selection select_core(const Tensor& q, const Tensor& k, const Tensor& v, const CoreKeys& keys,
+                             const CoreOptions& options);
+
+// The fused op itself (no fallback): q (B, Nq, H, D), k, v (B, Nk, H, D), one floating dtype, one
+// device. Returns out (B, Nq, H, D) in q's dtype and lse (B, H, Nq) (f32; f64 for f64 inputs).
+// Throws the selector's reason when the fused kernels cannot run the problem.
+AttentionOutput fused_attention(const Tensor& q, const Tensor& k, const Tensor& v, const CoreKeys& keys,
+                                const CoreOptions& options);
+
+// What ran one attention_core call, for Attention::note_backend.
+struct CoreRun {
+  std::string backend;
+  std::string precision;
+};
+
+// The attention core every variant calls: the fused kernels when options.impl and the selector
+// allow them, otherwise `composed` (the variant's composed path). impl = fused on a problem the
+// fused kernels cannot run throws the selector's reason.
+AttentionOutput attention_core(const Tensor& q, const Tensor& k, const Tensor& v, const CoreKeys& keys,
+                               const CoreOptions& options, const std::function<AttentionOutput()>& composed,
+                               CoreRun& run);
+
+}  // namespace longtape::attention

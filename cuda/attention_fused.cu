@@ -1,0 +1,162 @@
+// Entry points of the fused CUDA attention kernels: the launch plan of a Problem (which streams
+// each launch covers), output fills and the f32 accumulator store shared by forward and backward.
+#include <algorithm>
+#include <cmath>
+
+#include "attention/fused/backends.h"
+#include "cuda/attention_launch.h"
+#include "cuda/common.cuh"
+
+namespace longtape::cuda::attn {
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Branch slot `br` of a launch: segments of w tokens, row step r.
+void set_branch(Streams& st, int br, int64_t w, int64_t r) {
+  const int64_t n = std::max(st.seq_q, st.seq_k);
+  st.segment[br] = w;
+  st.dilation[br] = r;
+  st.tiles_per_stream[br] = ceil_div(ceil_div(std::min(w, n), r), kTile);
+  st.num_tiles[br] = ceil_div(n, w) * st.tiles_per_stream[br];
+}
+
+Streams empty_streams(const attention::fused::Problem& p) {
+  Streams st{};
+  st.seq_q = p.seq_q;
+  st.seq_k = p.seq_k;
+  std::fill(std::begin(st.branch_of_head), std::end(st.branch_of_head), static_cast<int8_t>(-1));
+  return st;
+}
+
+__global__ void fill_lse_kernel(float* lse, int64_t n) {
+  for (int64_t i = impl::global_tid(); i < n; i += impl::grid_stride()) lse[i] = -INFINITY;
+}
+
+__global__ void zero_rows_kernel(bf16* dst, RowStrides s, int64_t rows, int64_t heads, int64_t dim, int64_t n) {
+  for (int64_t i = impl::global_tid(); i < n; i += impl::grid_stride()) {
+    const int64_t d = i % dim, h = (i / dim) % heads, r = (i / dim / heads) % rows, b = i / dim / heads / rows;
+    dst[b * s.batch + r * s.row + h * s.head + d] = __float2bfloat16_rn(0.f);
+  }
+}
+
+__global__ void store_accumulator_kernel(bf16* dst, bf16* residual, RowStrides s, const float* acc, int64_t rows,
+                                         int64_t heads, int64_t dim, int64_t n) {
+  for (int64_t i = impl::global_tid(); i < n; i += impl::grid_stride()) {
+    const int64_t d = i % dim, h = (i / dim) % heads, r = (i / dim / heads) % rows, b = i / dim / heads / rows;
+    const int64_t at = b * s.batch + r * s.row + h * s.head + d;
+    const bf16 rounded = __float2bfloat16_rn(acc[i]);
+    dst[at] = rounded;
+    if (residual) residual[at] = __float2bfloat16_rn(acc[i] - __bfloat162float(rounded));
+  }
+}
+
+}  // namespace
+
+LaunchPlan plan_launches(const attention::fused::Problem& p) {
+  using attention::fused::BranchMixing;
+  using attention::fused::KeySet;
+  LaunchPlan plan;
+  if (p.key_set == KeySet::dense || p.key_set == KeySet::blocks) {
+    Streams st = empty_streams(p);
+    set_branch(st, 0, std::max(p.seq_q, p.seq_k), 1);
+    for (int64_t h = 0; h < p.heads; ++h) {
+      st.branch_of_head[h] = 0;
+      st.offset_of_head[h] = 0;
+    }
+    plan.launches.push_back(st);
+    if (p.key_set == KeySet::blocks) {
+      const auto& bl = p.blocks;
+      plan.lists.row_begin = bl.row_begin;
+      plan.lists.col_index = bl.col_index;
+      plan.lists.col_begin = bl.col_begin;
+      plan.lists.row_index = bl.row_index;
+      plan.lists.num_lists = bl.num_lists;
+      plan.lists.nqb = bl.num_query_blocks;
+      plan.lists.nkb = bl.num_key_blocks;
+      plan.lists.block_tiles = static_cast<int>(bl.block_size / kTile);
+      plan.lists.bias = static_cast<const float*>(bl.bias);
+    }
+    return plan;
+  }
+  const auto& dl = p.dilated;
+  plan.prefill = true;
+  if (dl.mixing == BranchMixing::lse) {
+    plan.merge = dl.num_branches > 1;
+    for (int br = 0; br < dl.num_branches; ++br) {
+      Streams st = empty_streams(p);
+      set_branch(st, br, dl.segment[br], dl.dilation[br]);
+      for (int64_t h = 0; h < p.heads; ++h) {
+        st.branch_of_head[h] = static_cast<int8_t>(br);
+        st.offset_of_head[h] = static_cast<int16_t>((dl.head_offset + h) % dl.dilation[br]);
+      }
+      plan.launches.push_back(st);
+    }
+  } else {
+    Streams st = empty_streams(p);
+    for (int br = 0; br < dl.num_branches; ++br) set_branch(st, br, dl.segment[br], dl.dilation[br]);
+    for (int64_t h = 0; h < p.heads; ++h) {
+      st.branch_of_head[h] = dl.branch_of_head[h];
+      st.offset_of_head[h] = static_cast<int16_t>(dl.offset_of_head[h]);
+    }
+    plan.launches.push_back(st);
+    plan.out_scale = 1.f / static_cast<float>(dl.num_branches);
+  }
+  return plan;
+}
+
+void fill_outputs(const attention::fused::Problem& p) {
+  const int64_t n_lse = p.batch * p.heads * p.seq_q;
+  if (n_lse == 0) return;
+  fill_lse_kernel<<<impl::grid_for(n_lse), impl::kThreads, 0, impl::stream()>>>(static_cast<float*>(p.lse), n_lse);
+  CUDA_CHECK_LAUNCH();
+  zero_rows(p.out, p.out_stride, p, p.seq_q);
+  if (p.out_residual) zero_rows(p.out_residual, p.out_stride, p, p.seq_q);
+}
+
+void zero_rows(void* dst, const attention::fused::Strides& s, const attention::fused::Problem& p, int64_t rows) {
+  const int64_t n = p.batch * rows * p.heads * p.head_dim;
+  if (n == 0) return;
+  zero_rows_kernel<<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(
+      static_cast<bf16*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void store_accumulator(void* dst, const attention::fused::Strides& s, const float* acc,
+                       const attention::fused::Problem& p, int64_t rows, void* residual) {
+  const int64_t n = p.batch * rows * p.heads * p.head_dim;
+  if (n == 0) return;
+  store_accumulator_kernel<<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(
+      static_cast<bf16*>(dst), static_cast<bf16*>(residual), {s.batch, s.row, s.head}, acc, rows, p.heads,
+      p.head_dim, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace longtape::cuda::attn
+
+namespace longtape::attention::fused {
+
+namespace {
+void check_supported(const Problem& problem) {
+  const std::string reason = cuda_unsupported_reason(problem);
+  LT_CHECK(reason.empty(), "fused attention (CUDA): ", reason);
+}
+}  // namespace
+
+void cuda_forward(const Problem& problem) {
+  check_supported(problem);
+  if (problem.batch == 0 || problem.seq_q == 0 || problem.heads == 0) return;
+  cuda::impl::DeviceGuard guard(cuda::impl::device_of(problem.q));
+  cuda::attn::run_forward(problem, cuda::attn::plan_launches(problem));
+}
+
+void cuda_backward(const BackwardProblem& problem) {
+  check_supported(problem.forward);
+  const Problem& f = problem.forward;
+  if (f.batch == 0 || f.heads == 0 || (f.seq_q == 0 && f.seq_k == 0)) return;
+  cuda::impl::DeviceGuard guard(cuda::impl::device_of(f.q));
+  cuda::attn::run_backward(problem, cuda::attn::plan_launches(f));
+}
+
+}  // namespace longtape::attention::fused

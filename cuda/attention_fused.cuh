@@ -1,0 +1,179 @@
+#pragma once
+// Shared pieces of the fused attention kernels (attention_fused_fwd.cu, attention_fused_bwd.cu):
+// the per-launch parameters, the stream/tile geometry every kernel uses, and the warp-level
+// tensor-core primitives (ldmatrix, mma.sync m16n8k16 bf16 with f32 accumulation, cp.async).
+//
+// Work decomposition: a launch covers one set of (head -> dilated branch, offset) assignments.
+// A stream is a strided run of rows (first, first + step, ...) of one (batch, head); a CTA owns
+// one 64-row tile of one stream. Dense attention is one stream of step 1; block-sparse attention
+// is one stream whose key tiles come from block lists.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "attention/fused/problem.h"
+
+namespace longtape::cuda::attn {
+
+using bf16 = __nv_bfloat16;
+using attention::fused::kMaxBranches;
+using attention::fused::kMaxHeads;
+
+constexpr int kTile = 64;     // query rows per CTA and keys per inner step
+constexpr int kWarps = 4;     // 16 rows each
+constexpr int kThreads = kWarps * 32;
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct RowStrides {
+  int64_t batch, row, head;
+};
+
+// The (head -> branch) table and stream geometry of one launch.
+struct Streams {
+  int64_t segment[kMaxBranches];   // tokens per segment
+  int64_t dilation[kMaxBranches];  // row step inside a stream
+  int64_t tiles_per_stream[kMaxBranches];
+  int64_t num_tiles[kMaxBranches];  // segments * tiles_per_stream
+  int8_t branch_of_head[kMaxHeads];  // -1: the head takes no part in this launch
+  int16_t offset_of_head[kMaxHeads];
+  int64_t seq_q, seq_k;
+};
+
+// Block lists (CSR, int32) of a block-sparse launch; null row_begin = key tiles are a range.
+struct Lists {
+  const int32_t* row_begin = nullptr;
+  const int32_t* col_index = nullptr;
+  const int32_t* col_begin = nullptr;
+  const int32_t* row_index = nullptr;
+  int64_t num_lists = 1, nqb = 0, nkb = 0;
+  int block_tiles = 1;  // block_size / kTile
+  const float* bias = nullptr;  // (B, H, nqb, nkb) or null
+  float* dbias = nullptr;
+};
+
+// One stream of one (batch, head): rows first, first + step, ... (length rows) of q (or k).
+struct StreamRows {
+  int64_t first_q, first_k, step, len_q, len_k;
+};
+
+// Stream `s` of branch `br` at offset `o`; segment t covers [t*w, min((t+1)*w, n)).
+__device__ __forceinline__ StreamRows stream_rows(const Streams& st, int br, int64_t o, int64_t t) {
+  const int64_t w = st.segment[br], r = st.dilation[br];
+  StreamRows s;
+  s.step = r;
+  s.first_q = t * w + o;
+  s.first_k = s.first_q;
+  const int64_t end_q = min(t * w + w, st.seq_q), end_k = min(t * w + w, st.seq_k);
+  s.len_q = s.first_q < end_q ? (end_q - s.first_q + r - 1) / r : 0;
+  s.len_k = s.first_k < end_k ? (end_k - s.first_k + r - 1) / r : 0;
+  return s;
+}
+
+// ---- warp-level primitives -------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; bytes beyond src_bytes (0 or 16) are zero-filled.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c (16x8 f32) += a (16x16 bf16, row) * b (16x8 bf16, col).
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Shared-memory tile of kTile rows x D bf16, rows padded by 16 bytes so ldmatrix is conflict-free.
+template <int D>
+struct TileLayout {
+  static constexpr int kLd = D + 8;
+  static constexpr int kElems = kTile * kLd;
+  static constexpr int kChunksPerRow = D / 8;  // 16-byte chunks
+  static constexpr int kChunksPerThread = kTile * kChunksPerRow / kThreads;
+};
+
+// Starts the copy of rows [row0, row0 + kTile) of one stream into a shared tile; rows at or beyond
+// `len` are zero-filled. `base` points at the stream's first row, `step` is the row step in elements.
+template <int D>
+__device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* base, int64_t step, int64_t row0,
+                                                int64_t len) {
+  using L = TileLayout<D>;
+#pragma unroll
+  for (int i = 0; i < L::kChunksPerThread; ++i) {
+    const int chunk = threadIdx.x + i * kThreads;
+    const int row = chunk / L::kChunksPerRow, col = (chunk % L::kChunksPerRow) * 8;
+    const bool valid = row0 + row < len;
+    const bf16* src = valid ? base + (row0 + row) * step + col : base;
+    cp_async_16(tile + row * L::kLd + col, src, valid ? 16 : 0);
+  }
+}
+
+// A fragments (16 rows x 16 k) of rows [row0, row0 + 16) of a shared tile, k block kk.
+template <int D>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* tile, int row0, int kk) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4(a, tile + (row0 + (lane & 15)) * TileLayout<D>::kLd + kk * 16 + (lane >> 4) * 8);
+}
+// B fragments for two n-tiles (n0..n0+15) where the tile stores B as [n][k] (k contiguous).
+template <int D>
+__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const bf16* tile, int n0, int kk) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4(b, tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * TileLayout<D>::kLd + kk * 16 + ((lane >> 3) & 1) * 8);
+}
+// B fragments for two n-tiles (n0..n0+15) where the tile stores B as [k][n] (n contiguous).
+template <int D>
+__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const bf16* tile, int n0, int kk) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4_trans(b, tile + (kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3)) * TileLayout<D>::kLd + n0 +
+                           ((lane >> 4) << 3));
+}
+
+// Row reductions over the 4 lanes that share a row of an mma accumulator.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// The key tiles a query tile visits: a range [0, end) of the stream or the tiles of a block list.
+struct KeyTiles {
+  int64_t count;      // number of key tiles
+  const int32_t* list;  // key blocks (null: tiles 0..count-1)
+  int block_tiles;
+  __device__ __forceinline__ int64_t tile(int64_t i) const {
+    return list ? static_cast<int64_t>(list[i / block_tiles]) * block_tiles + i % block_tiles : i;
+  }
+};
+
+}  // namespace longtape::cuda::attn

@@ -1,0 +1,525 @@
+// Fused attention backward on tensor cores, flash style and deterministic (no atomics):
+//   delta = rowsum(dO * O) - dlse                       (one small kernel)
+//   dK, dV: a CTA owns 64 keys of a stream and loops over the query tiles that see them
+//   dQ (and the block-bias gradient): a CTA owns 64 queries and loops over their key tiles
+// P is recomputed from the saved lse; every output row is written by exactly one CTA per launch,
+// and launches of several dilated branches accumulate in f32 in a fixed order.
+#include <cmath>
+
+#include "attention/fused/backends.h"
+#include "cuda/attention_fused.cuh"
+#include "cuda/attention_launch.h"
+#include "cuda/common.cuh"
+
+namespace longtape::cuda::attn {
+
+namespace {
+
+struct BwdParams {
+  const bf16 *q, *k, *v, *dout;
+  RowStrides qs, ks, vs, dos;
+  const float* lse;    // (B, H, Nq), natural log
+  const float* delta;  // (B, H, Nq)
+  // write mode: bf16 gradients with strides; accumulate mode: contiguous f32 (B, N, H, D) buffers
+  bf16 *dq, *dk, *dv;
+  RowStrides dqs, dks, dvs;
+  float *dq_acc, *dk_acc, *dv_acc;
+  bool accumulate;
+  int64_t heads;
+  float scale, scale_log2, do_scale;
+  bool causal;
+  Streams st;
+  Lists lists;
+};
+
+__global__ void delta_kernel(float* delta, const bf16* out, const bf16* residual, RowStrides os, const bf16* dout,
+                             RowStrides ds,
+                             const float* dlse, int64_t batch, int64_t heads, int64_t rows,
+                             int dim) {
+  const int64_t warp_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (warp_id >= batch * heads * rows) return;
+  const int64_t r = warp_id % rows, h = (warp_id / rows) % heads, b = warp_id / rows / heads;
+  const bf16* o = out + b * os.batch + h * os.head + r * os.row;
+  const bf16* g = dout + b * ds.batch + h * ds.head + r * ds.row;
+  float acc = 0.f;
+  const bf16* lo = residual ? residual + (o - out) : nullptr;
+  for (int d = lane; d < dim; d += 32)
+    acc += (__bfloat162float(o[d]) + (lo ? __bfloat162float(lo[d]) : 0.f)) * __bfloat162float(g[d]);
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) delta[warp_id] = acc - (dlse ? dlse[warp_id] : 0.f);
+}
+
+// lse in log2 units; rows that saw no key get +inf so that their P is 0.
+__device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// The block list (or range) of tiles of the other side that a tile meets.
+struct Partners {
+  KeyTiles tiles;
+  int64_t block = 0;  // this tile's block index (lists only)
+};
+
+// Stores a 16 x D accumulator row pair of one warp: bf16 write or f32 accumulate.
+template <int D>
+__device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float factor, int64_t row_a, int64_t len,
+                                           const StreamRows& s, bool accumulate, bf16* dst, RowStrides ds,
+                                           float* dst_acc, int64_t b, int64_t h, int64_t heads, int64_t seq) {
+  const int col = ((threadIdx.x & 31) & 3) * 2;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t row = row_a + half * 8;
+    if (row >= len) continue;
+    const int64_t pos = s.first_k + row * s.step;  // first_q == first_k for every stream
+    if (!accumulate) {
+      bf16* out = dst + b * ds.batch + h * ds.head + pos * ds.row;
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d)
+        *reinterpret_cast<uint32_t*>(out + d * 8 + col) =
+            pack_bf16(acc[d][2 * half] * factor, acc[d][2 * half + 1] * factor);
+    } else {
+      float* out = dst_acc + ((b * seq + pos) * heads + h) * D;
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d) {
+        float2* cell = reinterpret_cast<float2*>(out + d * 8 + col);
+        float2 v = *cell;
+        v.x += acc[d][2 * half] * factor;
+        v.y += acc[d][2 * half + 1] * factor;
+        *cell = v;
+      }
+    }
+  }
+}
+
+// Which stream and tile a CTA owns (the same mapping as the forward kernel); false when none.
+__device__ __forceinline__ bool tile_of_cta(const Streams& st, int h, int64_t& tile, StreamRows& s, int& br) {
+  br = st.branch_of_head[h];
+  if (br < 0) return false;
+  const int64_t num_tiles = st.num_tiles[br];
+  if (blockIdx.x >= num_tiles) return false;
+  const int64_t id = num_tiles - 1 - blockIdx.x;
+  const int64_t tps = st.tiles_per_stream[br];
+  s = stream_rows(st, br, st.offset_of_head[h], id / tps);
+  tile = id % tps;
+  return true;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const BwdParams p) {
+  using L = TileLayout<D>;
+  constexpr int kNT = kTile / 8, kDT = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);
+  bf16* sV = sK + L::kElems;
+  bf16* sQ = sV + L::kElems;         // 2 stages
+  bf16* sdO = sQ + 2 * L::kElems;    // 2 stages
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * L::kElems);  // 2 x kTile
+  float* sDelta = sLse + 2 * kTile;
+
+  const int h = blockIdx.y, b = blockIdx.z;
+  int64_t kt;
+  StreamRows s;
+  int br;
+  if (!tile_of_cta(p.st, h, kt, s, br)) return;
+  const int64_t k0 = kt * kTile;
+  if (k0 >= s.len_k) return;
+
+  const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
+  const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
+  const bf16* vb = p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row;
+  const bf16* gb = p.dout + b * p.dos.batch + h * p.dos.head + s.first_q * p.dos.row;
+  const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row,
+                g_step = s.step * p.dos.row;
+  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.st.seq_q + s.first_q;
+
+  // Query tiles that see this key tile.
+  KeyTiles queries{0, nullptr, 1};
+  int64_t block_col = 0;
+  if (p.lists.row_begin) {
+    const int64_t list = p.lists.num_lists == 1 ? 0 : (p.lists.num_lists == p.heads ? h : b * p.heads + h);
+    block_col = kt / p.lists.block_tiles;
+    const int32_t* cb = p.lists.col_begin + list * (p.lists.nkb + 1);
+    queries.list = p.lists.row_index + cb[block_col];
+    queries.block_tiles = p.lists.block_tiles;
+    queries.count = static_cast<int64_t>(cb[block_col + 1] - cb[block_col]) * p.lists.block_tiles;
+  } else {
+    queries.count = (s.len_q + kTile - 1) / kTile;
+  }
+  // Causal: query tiles before this key tile see none of its keys.
+  auto visible = [&](int64_t qt) { return qt * kTile < s.len_q && (!p.causal || qt * kTile + kTile - 1 >= k0); };
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int col_in_quad = (lane & 3) * 2;
+  const int64_t key_a = k0 + warp * 16 + (lane >> 2);  // this thread's two key rows: key_a, key_a + 8
+
+  load_tile_async<D>(sK, kb, k_step, k0, s.len_k);
+  load_tile_async<D>(sV, vb, v_step, k0, s.len_k);
+  auto load_query_tile = [&](int st, int64_t qt) {
+    load_tile_async<D>(sQ + st * L::kElems, qb, q_step, qt * kTile, s.len_q);
+    load_tile_async<D>(sdO + st * L::kElems, gb, g_step, qt * kTile, s.len_q);
+    if (threadIdx.x < kTile) {
+      const int64_t row = qt * kTile + threadIdx.x;
+      const bool valid = row < s.len_q;
+      sLse[st * kTile + threadIdx.x] = valid ? lse_log2(p.lse[lse_row0 + row * s.step]) : INFINITY;
+      sDelta[st * kTile + threadIdx.x] = valid ? p.delta[lse_row0 + row * s.step] : 0.f;
+    }
+  };
+  int64_t i = 0;
+  while (i < queries.count && !visible(queries.tile(i))) ++i;
+  if (i < queries.count) load_query_tile(0, queries.tile(i));
+  cp_async_commit();
+
+  float dk[kDT][4], dv[kDT][4];
+#pragma unroll
+  for (int d = 0; d < kDT; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.f;
+
+  int stage = 0;
+  while (i < queries.count) {
+    const int64_t qt = queries.tile(i);
+    int64_t after = i + 1;
+    while (after < queries.count && !visible(queries.tile(after))) ++after;
+    __syncthreads();  // the other stage is free (its last readers finished)
+    if (after < queries.count) load_query_tile(stage ^ 1, queries.tile(after));
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const bf16* tQ = sQ + stage * L::kElems;
+    const bf16* tG = sdO + stage * L::kElems;
+    const float* tLse = sLse + stage * kTile;
+    const float* tDelta = sDelta + stage * kTile;
+
+    // S^T = K Q^T: 16 keys of this warp x 64 queries.
+    float st[kNT][4];
+    float dpt[kNT][4];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ak[4], av[4];
+      load_a<D>(ak, sK, warp * 16, kk);
+      load_a<D>(av, sV, warp * 16, kk);
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bq[4], bg[4];
+        load_b_nk<D>(bq, tQ, np * 16, kk);
+        load_b_nk<D>(bg, tG, np * 16, kk);
+        mma_bf16(st[2 * np], ak, bq[0], bq[1]);
+        mma_bf16(st[2 * np + 1], ak, bq[2], bq[3]);
+        mma_bf16(dpt[2 * np], av, bg[0], bg[1]);
+        mma_bf16(dpt[2 * np + 1], av, bg[2], bg[3]);
+      }
+    }
+    float bias = 0.f;
+    if (p.lists.bias)
+      bias = p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + qt / p.lists.block_tiles) *
+                              p.lists.nkb + block_col] * kLog2e;
+    const int64_t q0 = qt * kTile;
+    const bool need_mask = p.causal && k0 + kTile - 1 > q0;
+    // P^T and dS^T in place.
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qc = j * 8 + col_in_quad + (e & 1);
+        float pr = exp2f(st[j][e] * p.scale_log2 + bias - tLse[qc]);
+        if (need_mask && key_a + (e >> 1) * 8 > q0 + qc) pr = 0.f;
+        st[j][e] = pr;
+        dpt[j][e] = pr * (dpt[j][e] * p.do_scale - tDelta[qc]);
+      }
+    }
+    // dV += P^T dO, dK += dS^T Q (k = queries).
+#pragma unroll
+    for (int kk = 0; kk < kTile / 16; ++kk) {
+      uint32_t ap[4], as[4];
+      ap[0] = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
+      ap[1] = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
+      ap[2] = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      ap[3] = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+      as[0] = pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]);
+      as[1] = pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]);
+      as[2] = pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+      as[3] = pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < kDT / 2; ++dp) {
+        uint32_t bg[4], bq[4];
+        load_b_kn<D>(bg, tG, dp * 16, kk);
+        load_b_kn<D>(bq, tQ, dp * 16, kk);
+        mma_bf16(dv[2 * dp], ap, bg[0], bg[1]);
+        mma_bf16(dv[2 * dp + 1], ap, bg[2], bg[3]);
+        mma_bf16(dk[2 * dp], as, bq[0], bq[1]);
+        mma_bf16(dk[2 * dp + 1], as, bq[2], bq[3]);
+      }
+    }
+    stage ^= 1;
+    i = after;
+  }
+  cp_async_wait<0>();
+  const int64_t nk = p.st.seq_k;
+  store_rows<D>(dk, p.scale, key_a, s.len_k, s, p.accumulate, p.dk, p.dks, p.dk_acc, b, h, p.heads, nk);
+  store_rows<D>(dv, p.do_scale, key_a, s.len_k, s, p.accumulate, p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const BwdParams p) {
+  using L = TileLayout<D>;
+  constexpr int kNT = kTile / 8, kDT = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
+  bf16* sdO = sQ + L::kElems;
+  bf16* sK = sdO + L::kElems;  // 2 stages
+  bf16* sV = sK + 2 * L::kElems;  // 2 stages
+  __shared__ float bias_part[kWarps];
+
+  const int h = blockIdx.y, b = blockIdx.z;
+  int64_t qt;
+  StreamRows s;
+  int br;
+  if (!tile_of_cta(p.st, h, qt, s, br)) return;
+  const int64_t q0 = qt * kTile;
+  if (q0 >= s.len_q) return;
+
+  const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
+  const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
+  const bf16* vb = p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row;
+  const bf16* gb = p.dout + b * p.dos.batch + h * p.dos.head + s.first_q * p.dos.row;
+  const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row,
+                g_step = s.step * p.dos.row;
+
+  KeyTiles keys{0, nullptr, 1};
+  int64_t block_row = 0, list = 0;
+  if (p.lists.row_begin) {
+    list = p.lists.num_lists == 1 ? 0 : (p.lists.num_lists == p.heads ? h : b * p.heads + h);
+    block_row = qt / p.lists.block_tiles;
+    const int32_t* rb = p.lists.row_begin + list * (p.lists.nqb + 1);
+    keys.list = p.lists.col_index + rb[block_row];
+    keys.block_tiles = p.lists.block_tiles;
+    keys.count = static_cast<int64_t>(rb[block_row + 1] - rb[block_row]) * p.lists.block_tiles;
+  } else {
+    const int64_t k_tiles = (s.len_k + kTile - 1) / kTile;
+    keys.count = p.causal ? min(k_tiles, qt + 1) : k_tiles;
+  }
+  auto visible = [&](int64_t kt) { return kt * kTile < s.len_k && (!p.causal || kt * kTile <= q0 + kTile - 1); };
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int col_in_quad = (lane & 3) * 2;
+  const int64_t row_a = q0 + warp * 16 + (lane >> 2), row_b = row_a + 8;
+  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.st.seq_q + s.first_q;
+  const float lse_a = row_a < s.len_q ? lse_log2(p.lse[lse_row0 + row_a * s.step]) : INFINITY;
+  const float lse_b = row_b < s.len_q ? lse_log2(p.lse[lse_row0 + row_b * s.step]) : INFINITY;
+  const float delta_a = row_a < s.len_q ? p.delta[lse_row0 + row_a * s.step] : 0.f;
+  const float delta_b = row_b < s.len_q ? p.delta[lse_row0 + row_b * s.step] : 0.f;
+
+  load_tile_async<D>(sQ, qb, q_step, q0, s.len_q);
+  load_tile_async<D>(sdO, gb, g_step, q0, s.len_q);
+  int64_t i = 0;
+  while (i < keys.count && !visible(keys.tile(i))) ++i;
+  if (i < keys.count) {
+    load_tile_async<D>(sK, kb, k_step, keys.tile(i) * kTile, s.len_k);
+    load_tile_async<D>(sV, vb, v_step, keys.tile(i) * kTile, s.len_k);
+  }
+  cp_async_commit();
+
+  float dq[kDT][4];
+#pragma unroll
+  for (int d = 0; d < kDT; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
+
+  int stage = 0;
+  while (i < keys.count) {
+    const int64_t kt = keys.tile(i);
+    int64_t after = i + 1;
+    while (after < keys.count && !visible(keys.tile(after))) ++after;
+    __syncthreads();
+    if (after < keys.count) {
+      load_tile_async<D>(sK + (stage ^ 1) * L::kElems, kb, k_step, keys.tile(after) * kTile, s.len_k);
+      load_tile_async<D>(sV + (stage ^ 1) * L::kElems, vb, v_step, keys.tile(after) * kTile, s.len_k);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const bf16* tK = sK + stage * L::kElems;
+    const bf16* tV = sV + stage * L::kElems;
+
+    float sc[kNT][4], dp[kNT][4];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t aq[4], ag[4];
+      load_a<D>(aq, sQ, warp * 16, kk);
+      load_a<D>(ag, sdO, warp * 16, kk);
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bk[4], bv[4];
+        load_b_nk<D>(bk, tK, np * 16, kk);
+        load_b_nk<D>(bv, tV, np * 16, kk);
+        mma_bf16(sc[2 * np], aq, bk[0], bk[1]);
+        mma_bf16(sc[2 * np + 1], aq, bk[2], bk[3]);
+        mma_bf16(dp[2 * np], ag, bv[0], bv[1]);
+        mma_bf16(dp[2 * np + 1], ag, bv[2], bv[3]);
+      }
+    }
+    float bias = 0.f;
+    const int64_t kblock = kt / p.lists.block_tiles;
+    if (p.lists.bias)
+      bias = p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb + kblock] *
+             kLog2e;
+    const int64_t k0 = kt * kTile;
+    const bool need_mask = k0 + kTile > s.len_k || (p.causal && k0 + kTile - 1 > q0);
+    float ds_sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t key = k0 + j * 8 + col_in_quad + (e & 1);
+        const int64_t row = e < 2 ? row_a : row_b;
+        float pr = exp2f(sc[j][e] * p.scale_log2 + bias - (e < 2 ? lse_a : lse_b));
+        if (need_mask && (key >= s.len_k || (p.causal && key > row))) pr = 0.f;
+        const float ds = pr * (dp[j][e] * p.do_scale - (e < 2 ? delta_a : delta_b));
+        sc[j][e] = ds;
+        ds_sum += ds;
+      }
+    }
+    if (p.lists.dbias) {  // block bias gradient: the sum of dS over the (query block, key block) pair
+      ds_sum = quad_sum(ds_sum);
+      for (int off = 4; off < 32; off <<= 1) ds_sum += __shfl_xor_sync(0xffffffffu, ds_sum, off);
+      if (lane == 0) bias_part[warp] = ds_sum;
+      __syncthreads();
+      if (threadIdx.x == 0)
+        p.lists.dbias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb + kblock] =
+            bias_part[0] + bias_part[1] + bias_part[2] + bias_part[3];
+    }
+    // dQ += dS K.
+#pragma unroll
+    for (int kk = 0; kk < kTile / 16; ++kk) {
+      uint32_t as[4];
+      as[0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
+      as[1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
+      as[2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      as[3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+      for (int dpair = 0; dpair < kDT / 2; ++dpair) {
+        uint32_t bk[4];
+        load_b_kn<D>(bk, tK, dpair * 16, kk);
+        mma_bf16(dq[2 * dpair], as, bk[0], bk[1]);
+        mma_bf16(dq[2 * dpair + 1], as, bk[2], bk[3]);
+      }
+    }
+    stage ^= 1;
+    i = after;
+  }
+  cp_async_wait<0>();
+  StreamRows qs_rows = s;
+  qs_rows.first_k = s.first_q;
+  store_rows<D>(dq, p.scale, row_a, s.len_q, qs_rows, p.accumulate, p.dq, p.dqs, p.dq_acc, b, h, p.heads,
+                p.st.seq_q);
+}
+
+template <int D>
+void launch_backward(const BwdParams& params, int64_t max_tiles, int64_t batch) {
+  using L = TileLayout<D>;
+  const size_t smem_dkdv = 6 * L::kElems * sizeof(bf16) + 4 * kTile * sizeof(float);
+  const size_t smem_dq = 6 * L::kElems * sizeof(bf16);
+  static bool configured = false;
+  if (!configured) {
+    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dkdv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem_dkdv)));
+    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dq_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem_dq)));
+    configured = true;
+  }
+  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(params.heads), static_cast<unsigned>(batch));
+  attention_backward_dkdv_kernel<D><<<grid, kThreads, smem_dkdv, impl::stream()>>>(params);
+  CUDA_CHECK_LAUNCH();
+  attention_backward_dq_kernel<D><<<grid, kThreads, smem_dq, impl::stream()>>>(params);
+  CUDA_CHECK_LAUNCH();
+}
+
+RowStrides strides_of(const attention::fused::Strides& s) { return {s.batch, s.row, s.head}; }
+
+}  // namespace
+
+void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan& plan) {
+  const attention::fused::Problem& f = bp.forward;
+  const cudaStream_t stream = impl::stream();
+  BwdParams p{};
+  p.q = static_cast<const bf16*>(f.q);
+  p.k = static_cast<const bf16*>(f.k);
+  p.v = static_cast<const bf16*>(f.v);
+  p.dout = static_cast<const bf16*>(bp.dout);
+  p.qs = strides_of(f.q_stride);
+  p.ks = strides_of(f.k_stride);
+  p.vs = strides_of(f.v_stride);
+  p.dos = strides_of(bp.dout_stride);
+  p.lse = static_cast<const float*>(f.lse);
+  p.dq = static_cast<bf16*>(bp.dq);
+  p.dk = static_cast<bf16*>(bp.dk);
+  p.dv = static_cast<bf16*>(bp.dv);
+  p.dqs = strides_of(bp.dq_stride);
+  p.dks = strides_of(bp.dk_stride);
+  p.dvs = strides_of(bp.dv_stride);
+  p.heads = f.heads;
+  p.scale = static_cast<float>(f.scale);
+  p.scale_log2 = p.scale * kLog2e;
+  p.do_scale = plan.out_scale;
+  p.causal = f.causal;
+  p.lists = plan.lists;
+  p.lists.dbias = static_cast<float*>(bp.dbias);
+
+  const int64_t rows_q = f.batch * f.heads * f.seq_q;
+  auto delta = impl::scratch(static_cast<size_t>(rows_q) * sizeof(float));
+  p.delta = static_cast<const float*>(delta->data);
+  if (rows_q > 0) {
+    const int64_t threads = rows_q * 32;
+    delta_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
+        static_cast<float*>(delta->data), static_cast<const bf16*>(f.out), static_cast<const bf16*>(f.out_residual),
+        strides_of(f.out_stride), p.dout, p.dos,
+        static_cast<const float*>(bp.dlse), f.batch, f.heads, f.seq_q, static_cast<int>(f.head_dim));
+    CUDA_CHECK_LAUNCH();
+  }
+  if (p.lists.dbias) {
+    const size_t n = static_cast<size_t>(f.batch * f.heads * plan.lists.nqb * plan.lists.nkb);
+    CUDA_CHECK(cudaMemsetAsync(p.lists.dbias, 0, n * sizeof(float), stream));
+  }
+
+  // Several lse branches add into f32 accumulators; otherwise each row is written once (rows that
+  // no stream reaches are zeroed first).
+  p.accumulate = plan.merge;
+  const size_t per_q = static_cast<size_t>(f.batch * f.seq_q * f.heads * f.head_dim);
+  const size_t per_k = static_cast<size_t>(f.batch * f.seq_k * f.heads * f.head_dim);
+  std::shared_ptr<Storage> acc;
+  if (p.accumulate) {
+    acc = impl::scratch((per_q + 2 * per_k) * sizeof(float));
+    CUDA_CHECK(cudaMemsetAsync(acc->data, 0, (per_q + 2 * per_k) * sizeof(float), stream));
+    p.dq_acc = static_cast<float*>(acc->data);
+    p.dk_acc = p.dq_acc + per_q;
+    p.dv_acc = p.dk_acc + per_k;
+  } else {
+    zero_rows(bp.dq, bp.dq_stride, f, f.seq_q);
+    zero_rows(bp.dk, bp.dk_stride, f, f.seq_k);
+    zero_rows(bp.dv, bp.dv_stride, f, f.seq_k);
+  }
+  for (const Streams& launch : plan.launches) {
+    p.st = launch;
+    int64_t max_tiles = 0;
+    for (int br = 0; br < kMaxBranches; ++br) max_tiles = std::max(max_tiles, launch.num_tiles[br]);
+    if (max_tiles == 0) continue;
+    switch (f.head_dim) {
+      case 32: launch_backward<32>(p, max_tiles, f.batch); break;
+      case 64: launch_backward<64>(p, max_tiles, f.batch); break;
+      case 128: launch_backward<128>(p, max_tiles, f.batch); break;
+      default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", f.head_dim);
+    }
+  }
+  if (p.accumulate) {
+    store_accumulator(bp.dq, bp.dq_stride, p.dq_acc, f, f.seq_q);
+    store_accumulator(bp.dk, bp.dk_stride, p.dk_acc, f, f.seq_k);
+    store_accumulator(bp.dv, bp.dv_stride, p.dv_acc, f, f.seq_k);
+  }
+}
+
+}  // namespace longtape::cuda::attn

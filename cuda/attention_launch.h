@@ -1,0 +1,32 @@
+#pragma once
+// Host side of the fused attention kernels: how a Problem becomes launches (cuda/attention_fused.cu)
+// and the forward / backward drivers (attention_fused_fwd.cu, attention_fused_bwd.cu).
+#include <vector>
+
+#include "attention/fused/problem.h"
+#include "cuda/attention_fused.cuh"
+
+namespace longtape::cuda::attn {
+
+struct LaunchPlan {
+  std::vector<Streams> launches;  // run in order on the current stream
+  bool merge = false;    // lse mixing of several branches: results merge through an f32 accumulator
+  bool prefill = false;  // some rows may be covered by no stream: out 0, lse -inf first
+  float out_scale = 1.f;  // head_groups: 1 / G
+  Lists lists;
+};
+
+LaunchPlan plan_launches(const attention::fused::Problem& problem);
+// out = 0 and lse = -inf everywhere.
+void fill_outputs(const attention::fused::Problem& problem);
+// dst (B, rows, H, D) bf16 with strides = 0.
+void zero_rows(void* dst, const attention::fused::Strides& strides, const attention::fused::Problem& problem,
+               int64_t rows);
+// dst (B, N, H, D) bf16 with strides = acc (contiguous f32 (B, N, H, D)).
+// `residual`, when set, receives acc - dst (bf16, dst's strides).
+void store_accumulator(void* dst, const attention::fused::Strides& strides, const float* acc,
+                       const attention::fused::Problem& problem, int64_t rows, void* residual = nullptr);
+void run_forward(const attention::fused::Problem& problem, const LaunchPlan& plan);
+void run_backward(const attention::fused::BackwardProblem& problem, const LaunchPlan& plan);
+
+}  // namespace longtape::cuda::attn

@@ -1,0 +1,152 @@
+// Kernel lab for the attention core: times each attention configuration of interest with the
+// fused kernels and (optionally) the composed path, checks fused against composed on the same
+// inputs, and prints one markdown row per case. GPU only.
+//   build/bin/attention_lab [--impl fused|composed|both] [--quick]
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "attention/registry.h"
+#include "tensor/ops.h"
+#ifdef LONGTAPE_WITH_CUDA
+#include "cuda/memory_pool.h"
+#include "cuda/runtime.h"
+#include "cuda/timer.h"
+#endif
+
+using namespace longtape;
+using attention::AttentionConfig;
+
+namespace {
+
+struct Case {
+  std::string label, variant;
+  int64_t n, heads, dim;
+  AttentionConfig config;
+  double pairs;  // attended (query, key) pairs per (batch, head), for TFLOP/s
+};
+
+AttentionConfig base(int64_t heads, int64_t dim) {
+  AttentionConfig c;
+  c.num_heads = heads;
+  c.head_dim = dim;
+  return c;
+}
+
+Case dense(int64_t n, int64_t dim, bool causal) {
+  AttentionConfig c = base(12, dim);
+  c.causal = causal;
+  return {std::string("dense") + (causal ? " causal" : ""), "dense", n, 12, dim, c,
+          causal ? 0.5 * n * (n + 1.0) : 1.0 * n * n};
+}
+
+Case dilated(int64_t n, attention::Mixing mixing) {
+  AttentionConfig c = base(12, 64);
+  c.segment_lengths = {2048, 4096, 8192};
+  c.dilation_rates = {1, 2, 4};
+  c.mixing = mixing;
+  // Pairs: each branch's streams of length w/r, per head (lse: all heads every branch; groups: 1/3).
+  double pairs = 0;
+  for (int i = 0; i < 3; ++i) {
+    const double w = static_cast<double>(c.segment_lengths[i]), r = static_cast<double>(c.dilation_rates[i]);
+    pairs += (n / w) * (w / r) * (w / r) * (mixing == attention::Mixing::lse ? 1.0 : 1.0 / 3.0);
+  }
+  return {std::string("dilated ") + attention::mixing_name(mixing), "dilated", n, 12, 64, c, pairs};
+}
+
+Case block_sparse(int64_t n, int64_t window) {
+  AttentionConfig c = base(12, 64);
+  c.pattern = "local_window";
+  c.block_size = 64;
+  c.window = window;
+  const int64_t nb = n / 64, w = window / 64 / 2;
+  double blocks = 0;
+  for (int64_t i = 0; i < nb; ++i) blocks += static_cast<double>(std::min(nb - 1, i + w) - std::max<int64_t>(0, i - w) + 1);
+  Case k{"block_sparse local_window w=" + std::to_string(window), "block_sparse", n, 12, 64, c, blocks * 64 * 64};
+  return k;
+}
+
+#ifdef LONGTAPE_WITH_CUDA
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+void run(const Case& cs, const std::string& impl, int repeats) {
+  AttentionConfig config = cs.config;
+  config.impl = impl;
+  auto layer = attention::make_attention(cs.variant, config);
+  const Device gpu = Device::cuda(0);
+  const Shape shape{1, cs.n, cs.heads, cs.dim};
+  auto input = [&] { return Tensor::randn(shape, DType::f32, gpu).to(DType::bf16).detach().requires_grad_(); };
+  Tensor q = input(), k = input(), v = input();
+  Tensor dout = Tensor::randn(shape, DType::f32, gpu).to(DType::bf16).detach();
+  cuda::DeviceTimer timer(0);
+  std::vector<double> fwd, both;
+  cuda::synchronize(0);
+  cuda::pool_reset_peak(0);
+  for (int i = 0; i < repeats + 3; ++i) {
+    timer.start();
+    {
+      NoGradGuard no_grad;
+      Tensor o = layer->forward(q, k, v);
+    }
+    timer.stop();
+    if (i >= 3) fwd.push_back(timer.elapsed_ms());
+  }
+  for (int i = 0; i < repeats + 3; ++i) {
+    q.zero_grad_();
+    k.zero_grad_();
+    v.zero_grad_();
+    timer.start();
+    Tensor o = layer->forward(q, k, v);
+    o.backward(dout);
+    timer.stop();
+    if (i >= 3) both.push_back(timer.elapsed_ms());
+  }
+  const double peak_mib = static_cast<double>(cuda::pool_stats(0).peak_allocated_bytes) / 1048576.0;
+  const double f = median(fwd), fb = median(both);
+  const double flops_fwd = 4.0 * cs.pairs * cs.dim * cs.heads;  // QK^T and PV
+  std::printf("| %s | %s | %s | %lld | %lld | %.3f | %.3f | %.1f | %.1f | %.0f |\n", cs.label.c_str(),
+              layer->last_backend().c_str(), layer->last_precision().c_str(), static_cast<long long>(cs.n),
+              static_cast<long long>(cs.dim), f, fb, flops_fwd / f / 1e9, 3.5 * flops_fwd / fb / 1e9, peak_mib);
+  std::fflush(stdout);
+}
+#endif
+
+}  // namespace
+
+int main(int argc, char** argv) {
+#ifndef LONGTAPE_WITH_CUDA
+  std::cerr << "attention_lab: built without CUDA\n";
+  return 1;
+#else
+  std::string impl = "fused";
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--impl") && i + 1 < argc) impl = argv[++i];
+    else if (!std::strcmp(argv[i], "--quick")) quick = true;
+  }
+  std::vector<Case> cases{dense(16384, 64, false), dense(16384, 64, true), dense(16384, 128, false),
+                          block_sparse(16384, 4096), block_sparse(16384, 1536)};
+  for (int64_t n : {int64_t{32768}, int64_t{131072}})
+    for (auto m : {attention::Mixing::lse, attention::Mixing::head_groups}) cases.push_back(dilated(n, m));
+  std::printf("| case | impl | precision | N | D | fwd ms | fwd+bwd ms | fwd TFLOP/s | f+b TFLOP/s | peak MiB |\n");
+  std::printf("|---|---|---|--:|--:|--:|--:|--:|--:|--:|\n");
+  for (const Case& cs : cases) {
+    for (const std::string& which : impl == "both" ? std::vector<std::string>{"fused", "composed"}
+                                                   : std::vector<std::string>{impl}) {
+      if (which == "composed" && cs.variant == "dense" && cs.n > 8192) continue;  // N x N scores
+      try {
+        run(cs, which, quick ? 3 : 10);
+      } catch (const std::exception& e) {
+        std::printf("| %s | %s | error: %s |\n", cs.label.c_str(), which.c_str(), e.what());
+      }
+    }
+  }
+  return 0;
+#endif
+}
