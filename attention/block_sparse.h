@@ -1,9 +1,9 @@
 #pragma once
-// Block-sparse attention (SPEC 4) on the composed path. The sequence is cut into blocks of
-// `block_size` tokens (the last one may be shorter); a pattern lists, for every query block I, the
-// key blocks J it attends to. Each query row takes ONE softmax over all keys of all its active
-// blocks (joint normalisation), causal masking works by position inside blocks, and a row that
-// sees no key gives O = 0 and lse = -inf with no NaN in the forward or the backward.
+// Block-sparse attention (docs/attention.md, block-sparse) on the composed path. The sequence is
+// cut into blocks of `block_size` tokens (the last one may be shorter); a pattern lists, for every
+// query block I, the key blocks J it attends to. Each query row takes ONE softmax over all keys of
+// all its active blocks (joint normalisation), causal masking works by position inside blocks, and
+// a row that sees no key gives O = 0 and lse = -inf with no NaN in the forward or the backward.
 //
 // How it is computed: query blocks are grouped by their number of active key blocks c. For a chunk
 // of R query blocks with c key blocks each, the c key (and value) blocks of every query block are
@@ -68,7 +68,8 @@ std::vector<int64_t> query_block_order(const BlockLists& pattern, bool hilbert_s
 // The BlockPatternOptions a config describes for the fixed patterns: block_size, window,
 // global_blocks, density, seed and causal copied; dilation_rates of the config are used directly as
 // the block distances of the `dilated` pattern (J in {I} and I +- r for r in config.dilation_rates),
-// as SPEC 4 defines it (the token-level dilated variant reads the same field as token strides).
+// as docs/attention.md defines it (the token-level dilated variant reads the same field as token
+// strides).
 BlockPatternOptions block_pattern_options(const AttentionConfig& config);
 
 // variant "block_sparse": a fixed pattern (config.pattern = all | local_window | dilated |

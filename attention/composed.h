@@ -1,8 +1,9 @@
 #pragma once
-// Building blocks of the composed attention path: every variant of SPEC.md written with ordinary
-// differentiable tensor ops (matmul, softmax, gather, index_select, cat, elementwise), so autograd
-// gives its exact gradients and it runs wherever those ops run (CPU f32/f64, CUDA f32/bf16). It is
-// the reference the fused kernels are checked against, and the fallback where there is none.
+// Building blocks of the composed attention path: every variant of docs/attention.md written with
+// ordinary differentiable tensor ops (matmul, softmax, gather, index_select, cat, elementwise), so
+// autograd gives its exact gradients and it runs wherever those ops run (CPU f32/f64, CUDA
+// f32/bf16). It is the reference the fused kernels are checked against, and the fallback where
+// there is none.
 //
 // Memory: scores are only ever formed for one chunk of queries of one group of streams at a time
 // (at most StreamOptions::max_score_elements of them), so the transient peak is bounded. What the
@@ -23,7 +24,7 @@ namespace longtape::attention {
 void validate_core_config(const AttentionConfig& config, const std::string& variant);
 
 // The dtype the composed path computes in: f64 for f64 inputs, f32 otherwise (bf16 is upcast, so
-// scores, softmax and lse are f32 as SPEC.md asks).
+// scores, softmax and lse are f32).
 DType compute_dtype(DType input);
 
 struct StreamOptions {
@@ -64,7 +65,7 @@ Tensor gather_rows(const Tensor& x, int64_t dim, const std::vector<int64_t>& pos
 Tensor scatter_rows(const std::vector<Tensor>& pieces, int64_t dim, const std::vector<int64_t>& positions,
                     int64_t n, double fill);
 
-// Merges partial results over key sets through their lse (SPEC 2a):
+// Merges partial results over key sets through their lse (docs/attention.md, lse mixing):
 //   O = sum_i exp(lse_i - lse) O_i,  lse = logsumexp_i lse_i.
 // Rows where every lse_i is -inf give O = 0, lse = -inf and zero gradient, with no NaN in the
 // forward or backward. Parts must share shapes, dtype and device.

@@ -1,6 +1,6 @@
 #pragma once
-// One configuration for every attention variant (see SPEC.md). Fields a variant does not use are
-// ignored by it; validate() checks the ones it does.
+// One configuration for every attention variant (see docs/attention.md). Fields a variant does not
+// use are ignored by it; validate() checks the ones it does.
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -23,18 +23,18 @@ struct AttentionConfig {
   // Implementation of the attention core: "auto" (fused kernels where supported, else the
   // composed path), "fused" (fused or an error saying why not) or "composed".
   std::string impl = "auto";
-  // block-sparse (SPEC 4)
+  // block-sparse
   std::string pattern = "local_window";  // all, local_window, dilated, global_local, random, adaptive
   int64_t block_size = 64;
   double density = 0.25;
   int64_t window = 256;
   int64_t global_blocks = 1;
   uint64_t seed = 0;
-  // ordering (SPEC 5)
+  // ordering
   std::string order = "natural";     // natural | hilbert
   std::string grid;                  // "HxW" for hilbert; empty = square
   std::string schedule = "natural";  // natural | hilbert (block-sparse only)
-  // parallel (SPEC 6)
+  // parallel
   std::string parallel = "none";  // none | ring | head
   int64_t ranks = 1;
   std::string inner_variant = "dilated";  // the core variant a wrapper (hilbert, ring, head) runs

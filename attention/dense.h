@@ -1,5 +1,5 @@
 #pragma once
-// Dense softmax attention (SPEC 1), causal or not, on the composed path: queries are processed in
+// Dense softmax attention, causal or not, on the composed path: queries are processed in
 // chunks (StreamOptions::max_score_elements), so the transient scores stay bounded; the tape keeps
 // the B x H x N x Nk probabilities, as any dense attention backward must.
 #include "attention/attention.h"

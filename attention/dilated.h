@@ -1,5 +1,5 @@
 #pragma once
-// Dilated attention (LongNet, SPEC 2) on the composed path, both mixing modes:
+// Dilated attention (LongNet; docs/attention.md, dilated) on the composed path, both mixing modes:
 //   lse          every head takes part in every branch (offset h mod r_i); branches merge by lse.
 //   head_groups  heads split into G contiguous groups, group i runs branch i alone, output / G.
 // Segments of a branch with equal stream length (all full segments, and the ragged last one when

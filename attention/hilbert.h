@@ -1,8 +1,9 @@
 #pragma once
-// Hilbert-curve token ordering (SPEC 5): tokens laid row-major on a height x width grid are
-// visited along a space-filling curve, so that 2-D neighbours stay close in the 1-D order.
-// Any rectangle is supported through a generalized Hilbert curve that splits the rectangle
-// recursively, preferring even sub-rectangles so that consecutive cells stay grid neighbours.
+// Hilbert-curve token ordering (docs/attention.md, Hilbert ordering): tokens laid row-major on a
+// height x width grid are visited along a space-filling curve, so that 2-D neighbours stay close in
+// the 1-D order. Any rectangle is supported through a generalized Hilbert curve that splits the
+// rectangle recursively, preferring even sub-rectangles so that consecutive cells stay grid
+// neighbours.
 #include <cstdint>
 #include <string_view>
 #include <utility>

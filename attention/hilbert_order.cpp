@@ -53,6 +53,7 @@ AttentionOutput HilbertOrderAttention::forward_with_lse(const Tensor& q, const T
   const Tensor inverse_index = index_tensor(inverse_permutation(perm), q.device());
   AttentionOutput result = inner_->forward_with_lse(index_select(q, 1, forward_index), index_select(k, 1, forward_index),
                                                     index_select(v, 1, forward_index));
+  note_backend(inner_->last_backend(), inner_->last_precision());
   return {index_select(result.out, 1, inverse_index), index_select(result.lse, 2, inverse_index)};
 }
 

@@ -1,11 +1,12 @@
 #pragma once
-// Hilbert token ordering (SPEC 5) around any registered attention variant: the tokens of q, k and v
-// are laid row-major on a grid (config.grid = "HxW", or a square side x side grid when empty, which
-// needs N to be a perfect square), re-ordered along the Hilbert curve of that grid, attended by the
-// inner variant, and the output (and lse) are put back in the original order. The gathers are
-// index_select, whose backward is the exact scatter, so the gradients are those of the permuted
-// function. Dense non-causal attention is unchanged by the ordering (permutation equivariance);
-// every other variant sees a different neighbourhood structure (2-D neighbours stay close in 1-D).
+// Hilbert token ordering (docs/attention.md, Hilbert ordering) around any registered attention
+// variant: the tokens of q, k and v are laid row-major on a grid (config.grid = "HxW", or a square
+// side x side grid when empty, which needs N to be a perfect square), re-ordered along the Hilbert
+// curve of that grid, attended by the inner variant, and the output (and lse) are put back in the
+// original order. The gathers are index_select, whose backward is the exact scatter, so the
+// gradients are those of the permuted function. Dense non-causal attention is unchanged by the
+// ordering (permutation equivariance); every other variant sees a different neighbourhood structure
+// (2-D neighbours stay close in 1-D).
 #include <memory>
 #include <string>
 #include <vector>

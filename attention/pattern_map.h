@@ -50,10 +50,11 @@ PatternMap attention_pattern_map(Attention& attention, int64_t n);
 PatternMap attention_pattern_map(const std::string& name, AttentionConfig config, int64_t n);
 
 // Attended (query, key) pairs for one sequence of n tokens, summed over heads and counted with
-// multiplicity, computed from the definitions in SPEC.md (the same index lists the variants use):
-// dense, dilated (both mixing modes), block_sparse with a fixed pattern, and the wrappers hilbert,
-// ring and head_parallel (the pairs of config.inner_variant: reordering and splitting over ranks
-// do not change them). nullopt for any other variant or pattern (the adaptive one depends on data).
+// multiplicity, computed from the definitions in docs/attention.md (the same index lists the
+// variants use): dense, dilated (both mixing modes), block_sparse with a fixed pattern, and the
+// wrappers hilbert, ring and head_parallel (the pairs of config.inner_variant: reordering and
+// splitting over ranks do not change them). nullopt for any other variant or pattern (the adaptive
+// one depends on data).
 std::optional<int64_t> analytic_attended_pairs(const std::string& name, const AttentionConfig& config, int64_t n);
 
 // The same counted by running the module once (batch 1, Q = K = V = 0, no recording) on `device`

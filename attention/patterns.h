@@ -1,6 +1,6 @@
 #pragma once
-// Which keys each query sees, for every sparse variant of SPEC.md: dilated streams (section 2),
-// head groups (2b) and block-sparse patterns (4). Plain index arithmetic on std::vector, shared
+// Which keys each query sees, for every sparse variant of docs/attention.md: dilated streams,
+// head groups and block-sparse patterns. Plain index arithmetic on std::vector, shared
 // by the composed reference path, the fused kernels (which receive the lists built here) and the
 // float64 test oracle, so all of them agree on one definition.
 #include <cstdint>
@@ -12,7 +12,7 @@
 namespace longtape::attention {
 
 // ---------------------------------------------------------------------------------------------
-// Dilated attention (SPEC 2)
+// Dilated attention
 
 // One branch of dilated attention: segments of `segment` tokens, every `dilation`-th token.
 struct DilatedBranch {
@@ -40,7 +40,7 @@ std::vector<std::vector<int64_t>> dilated_streams(int64_t n, int64_t segment, in
 int64_t lse_head_offset(int64_t head, int64_t dilation);
 
 // ---------------------------------------------------------------------------------------------
-// Head groups (SPEC 2b): H heads in G contiguous groups, sizes H / G, the first H % G one larger.
+// Head groups: H heads in G contiguous groups, sizes H / G, the first H % G one larger.
 
 std::vector<int> head_group_sizes(int num_heads, int num_groups);
 // First head of group g.
@@ -49,7 +49,7 @@ int head_group_start(int group, int num_heads, int num_groups);
 int head_group_of(int head, int num_heads, int num_groups);
 
 // ---------------------------------------------------------------------------------------------
-// Block-sparse patterns (SPEC 4)
+// Block-sparse patterns
 
 enum class BlockPattern { all, local_window, dilated, global_local, random };
 

@@ -41,29 +41,31 @@ void add_entry(Registry& r, const std::string& name, const std::string& descript
 // The built-in variants, listed explicitly (a static library would drop self-registering objects
 // that nothing references). A new variant adds one line here.
 void register_builtins(Registry& r) {
-  add_entry(r, "dense", "softmax attention over all keys (causal: keys <= query), SPEC 1",
+  add_entry(r, "dense", "softmax attention over all keys (causal: keys <= query); docs/attention.md, dense",
             [](const AttentionConfig& c) { return std::make_shared<DenseAttention>(c); });
   add_entry(r, "dilated",
-            "LongNet dilated attention: segments x dilation rates, branches mixed by lse or head_groups, SPEC 2",
+            "LongNet dilated attention: segments x dilation rates, branches mixed by lse or head_groups; "
+            "docs/attention.md, dilated",
             [](const AttentionConfig& c) { return std::make_shared<DilatedAttention>(c); });
   add_entry(r, "block_sparse",
             "block-sparse attention, one joint softmax over the active key blocks; config.pattern = all, "
-            "local_window, dilated, global_local, random or adaptive, SPEC 4",
+            "local_window, dilated, global_local, random or adaptive; docs/attention.md, block-sparse",
             [](const AttentionConfig& c) { return make_block_sparse(c); });
   add_entry(r, "block_sparse_adaptive",
             "block-sparse attention with a learned pattern: top-k blocks of a trained scorer, whose score biases "
-            "the kept blocks' logits, SPEC 4",
+            "the kept blocks' logits; docs/attention.md, block-sparse",
             [](const AttentionConfig& c) { return std::make_shared<AdaptiveBlockSparseAttention>(c); });
   add_entry(r, "hilbert",
-            "Hilbert token ordering (config.grid or a square N) around config.inner_variant, SPEC 5",
+            "Hilbert token ordering (config.grid or a square N) around config.inner_variant; "
+            "docs/attention.md, Hilbert ordering",
             [](const AttentionConfig& c) { return std::make_shared<HilbertOrderAttention>(c); });
   add_entry(r, "ring",
             "sequence parallel over config.ranks ranks: K/V chunks travel a ring, partials merge by lse; wraps "
-            "config.inner_variant (dense or dilated), SPEC 6",
+            "config.inner_variant (dense or dilated); docs/attention.md, parallel variants",
             [](const AttentionConfig& c) { return std::make_shared<RingAttention>(c); });
   add_entry(r, "head_parallel",
             "Ulysses head parallel over config.ranks ranks: all-to-all to H/P heads of the full sequence, wraps "
-            "config.inner_variant with global head indices, SPEC 6",
+            "config.inner_variant with global head indices; docs/attention.md, parallel variants",
             [](const AttentionConfig& c) { return std::make_shared<HeadParallelAttention>(c); });
 }
 
@@ -97,7 +99,7 @@ std::shared_ptr<Attention> make_attention(const std::string& name, const Attenti
              joined_names(r));
     factory = it->second.factory;
   }
-  // config.order = hilbert puts any variant inside the Hilbert token ordering (SPEC 5).
+  // config.order = hilbert puts any variant inside the Hilbert token ordering.
   if (config.order != "natural" && name != "hilbert") return apply_token_order(name, config);
   // Constructed outside the lock: a wrapper variant may itself call make_attention.
   std::shared_ptr<Attention> attention = factory(config);

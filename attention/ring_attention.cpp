@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "attention/composed.h"
+#include "attention/fused/fused_attention.h"
 #include "attention/patterns.h"
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
@@ -295,8 +296,9 @@ void forward_block(const RingPlan& plan, const Block& b, const Tensor& qh, int64
   cur_lse.copy_(merged_lse);
 }
 
-// Gradients of one block with the final lse (SPEC 7), accumulated into dq (query chunk) and dk, dv
-// (key chunk). lse_safe has +inf where the final lse is -inf, so such rows get P = 0.
+// Gradients of one block with the final lse (docs/attention.md, brute-force oracle), accumulated
+// into dq (query chunk) and dk, dv (key chunk). lse_safe has +inf where the final lse is -inf, so
+// such rows get P = 0.
 void backward_block(const RingPlan& plan, const Block& b, const Tensor& qh, const Tensor& du, const Tensor& lse_safe,
                     const Tensor& delta, int64_t qs, const Tensor& kc, const Tensor& vc, int64_t ks, Tensor& dq,
                     Tensor& dk, Tensor& dv) {
@@ -507,6 +509,8 @@ AttentionOutput RingAttention::forward_with_lse(const Tensor& q, const Tensor& k
 
   // Outside a rank: run config.ranks ranks as threads on the full tensors.
   check_ring_inputs(config_, q, k, v, "attention 'ring'");
+  // The ring step still runs its own composed block core (the fused core takes whole streams).
+  note_backend("composed", compute_precision(fused::Backend::composed, q.dtype()));
   const int64_t ranks = config_.ranks;
   const std::vector<int64_t> starts = sequence_chunk_starts(q.size(1), ranks);
   auto plan = std::make_shared<const RingPlan>(config_, q.size(2), starts);

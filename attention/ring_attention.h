@@ -1,30 +1,30 @@
 #pragma once
-// Ring attention (SPEC 6, sequence parallel): rank r of P holds the tokens [start_r, start_{r+1}) of
-// q, k and v (B, n_r, H, D); the K/V chunks travel around the ring and every rank merges the
-// partial results of its queries against each arriving chunk by lse. The inner variant
-// (config.inner_variant) is "dense" or "dilated" (both mixing modes, causal or not), and the result
-// equals that variant on one device, forward and backward.
+// Ring attention (sequence parallel; docs/attention.md, parallel variants): rank r of P holds the
+// tokens [start_r, start_{r+1}) of q, k and v (B, n_r, H, D); the K/V chunks travel around the ring
+// and every rank merges the partial results of its queries against each arriving chunk by lse. The
+// inner variant (config.inner_variant) is "dense" or "dilated" (both mixing modes, causal or not),
+// and the result equals that variant on one device, forward and backward.
 //
 // Dilated attention in the ring: lse mixing is ONE softmax over the multiset of keys a query sees
-// in all branches (SPEC 2a), so each (branch, head offset, key chunk) contributes a partial result
-// that merges by lse like any other. For a pair (query chunk, key chunk) only the segments that
-// overlap both chunks are computed, and only the stream rows inside them (strided views, no
-// gather copies). Branches whose segments lie inside one chunk are thus local (they only produce
-// work when the chunk meets itself). Chunks travel only as far as some segment reaches: from lower
-// ranks over the steps 1..up (received from r - 1), and, when segments also reach forward
-// (non-causal), from higher ranks over the steps 1..down (received from r + 1), choosing up and
-// down with the fewest steps in all. When every distance is needed that is the classic one-way
-// ring of P - 1 steps; with segments barely crossing chunk edges, one step each way; with only
-// local, aligned branches no K/V moves at all. Whole chunks travel, not only the stream rows: the
-// dilated rows of a segment are a strided view of the chunk, and one chunk serves every branch.
-// head_groups mixing: group g's heads see branch g only; out is scaled by 1/G.
+// in all branches (docs/attention.md, lse mixing), so each (branch, head offset, key chunk)
+// contributes a partial result that merges by lse like any other. For a pair (query chunk, key
+// chunk) only the segments that overlap both chunks are computed, and only the stream rows inside
+// them (strided views, no gather copies). Branches whose segments lie inside one chunk are thus
+// local (they only produce work when the chunk meets itself). Chunks travel only as far as some
+// segment reaches: from lower ranks over the steps 1..up (received from r - 1), and, when segments
+// also reach forward (non-causal), from higher ranks over the steps 1..down (received from r + 1),
+// choosing up and down with the fewest steps in all. When every distance is needed that is the
+// classic one-way ring of P - 1 steps; with segments barely crossing chunk edges, one step each
+// way; with only local, aligned branches no K/V moves at all. Whole chunks travel, not only the
+// stream rows: the dilated rows of a segment are a strided view of the chunk, and one chunk serves
+// every branch. head_groups mixing: group g's heads see branch g only; out is scaled by 1/G.
 //
 // Causal: a chunk from a later rank is skipped, and within the diagonal chunk keys after the query
 // are masked by their stream index.
 //
 // Backward is one autograd node per ring call: with the final lse it recomputes every block's
 // probabilities P = exp(S - lse), accumulates dQ locally and dK/dV into buffers that travel the
-// ring with their K/V chunk (SPEC 7: dS = P * (dP - rowsum(dO * O)) with the lse gradient folded
+// ring with their K/V chunk (dS = P * (dP - rowsum(dO * O)) with the lse gradient folded
 // in); at the end of each direction's pass every dK/dV buffer goes straight back to its owner.
 #include <cstdint>
 #include <string>

@@ -5,17 +5,17 @@
         --heads 8 --head-dim 64 --segments 2048,4096 --dilations 1,2 --mixing lse,head_groups \
         --out-dir bench-out
 
-Variants (SPEC.md semantics, inputs (B, N, H, D) like longtape):
+Variants (the semantics of docs/attention.md, inputs (B, N, H, D) like longtape):
   dense    torch.nn.functional.scaled_dot_product_attention (PyTorch picks its fastest kernel).
   dilated  gather -> attention -> scatter per branch and head offset:
            head_groups: heads in G contiguous groups, group g runs branch g at offset g mod r_g with
-             scaled_dot_product_attention, output divided by G (SPEC 2b).
-           lse: every head in every branch (offset h mod r_i), branches merged by their log-sum-exp
-             (SPEC 2a). PyTorch's public SDPA does not return the lse, so the fast path calls the
-             attention kernels behind it (flash for bf16/f16, memory-efficient for f32 on CUDA, the
-             flash CPU kernel on the CPU) through a custom autograd function whose backward is the
-             kernels' own backward run per branch with the FINAL output and lse, which gives the
-             exact gradient of the merged softmax (the lse weights are not detached). A plain
+             scaled_dot_product_attention, output divided by G.
+           lse: every head in every branch (offset h mod r_i), branches merged by their log-sum-exp.
+             PyTorch's public SDPA does not return the lse, so the fast path calls the attention
+             kernels behind it (flash for bf16/f16, memory-efficient for f32 on CUDA, the flash CPU
+             kernel on the CPU) through a custom autograd function whose backward is the kernels'
+             own backward run per branch with the FINAL output and lse, which gives the exact
+             gradient of the merged softmax (the lse weights are not detached). A plain
              matmul/softmax implementation ("math") is the reference: the fast path is checked
              against it at start-up (forward and gradients) and replaced by it if it disagrees or
              the kernels are missing in this PyTorch build.
@@ -295,7 +295,7 @@ def from_head_rows(y, n, h):
 
 
 def merge_by_lse(outs, lses):
-    """outs: list of (B, H*N, D) f32, lses: list of (B, H*N); SPEC 2a merge; rows no branch covers -> 0."""
+    """outs: list of (B, H*N, D) f32, lses: list of (B, H*N); lse merge; rows no branch covers -> 0."""
     lse = torch.logsumexp(torch.stack(lses), dim=0)
     finite = torch.isfinite(lse)
     safe = torch.where(finite, lse, torch.zeros_like(lse))
@@ -307,7 +307,7 @@ def merge_by_lse(outs, lses):
 
 
 def dilated_lse_reference(q, k, v, plan, causal, scale):
-    """Plain autograd implementation of SPEC 2a (the reference): matmul, softmax, index_copy."""
+    """Plain autograd implementation of lse mixing (the reference): matmul, softmax, index_copy."""
     b, n, h, d = q.shape
     work = torch.promote_types(q.dtype, torch.float32)
     outs = [q.new_zeros((b, h * n, d), dtype=work) for _ in range(plan.num_branches)]
@@ -322,7 +322,7 @@ def dilated_lse_reference(q, k, v, plan, causal, scale):
 
 
 class DilatedLseFunction(torch.autograd.Function):
-    """SPEC 2a with PyTorch's attention kernels: forward per part with lse, merge by lse; backward per
+    """lse mixing with PyTorch's attention kernels: forward per part with lse, merge by lse; backward per
     part with the FINAL output and lse (exact gradient of the merged softmax, nothing detached)."""
 
     @staticmethod
@@ -368,7 +368,7 @@ class DilatedLseFunction(torch.autograd.Function):
 
 
 def dilated_head_groups(q, k, v, plan, causal, scale, sdpa):
-    """SPEC 2b: group g's heads run branch g alone (public SDPA), output / G, uncovered rows 0."""
+    """head_groups mixing: group g's heads run branch g alone (public SDPA), output / G, uncovered rows 0."""
     b, n, h, d = q.shape
     out = q.new_zeros((b, h * n, d))
     for part in plan.parts:

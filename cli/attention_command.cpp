@@ -39,7 +39,7 @@ struct ConfigFlags {
   std::optional<double> scale;
   int64_t ranks = 1;
   std::string parallel = "none";  // none | ring | head
-  // block_sparse (SPEC 4) and token ordering (SPEC 5)
+  // block_sparse and token ordering
   std::string pattern = "local_window";
   int64_t block_size = 64;
   double density = 0.25;

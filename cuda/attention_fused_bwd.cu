@@ -1,9 +1,11 @@
-// Fused attention backward on tensor cores, flash style and deterministic (no atomics):
+// Fused attention backward on tensor cores, flash style:
 //   delta = rowsum(dO * O) - dlse                       (one small kernel)
-//   dK, dV: a CTA owns 64 keys of a stream and loops over the query tiles that see them
-//   dQ (and the block-bias gradient): a CTA owns 64 queries and loops over their key tiles
-// P is recomputed from the saved lse; every output row is written by exactly one CTA per launch,
-// and launches of several dilated branches accumulate in f32 in a fixed order.
+//   dK, dV: a CTA owns 64 keys of a stream and loops over the query tiles that see them; by
+//           default it also adds dQ = dS K into an f32 accumulator with atomics
+//   deterministic mode (set_deterministic_algorithms): no atomics; dQ (and the block-bias
+//           gradient) come from a second kernel in which a CTA owns 64 queries
+// P is recomputed from the saved lse; dK/dV rows are written by exactly one CTA per launch, and
+// launches of several dilated branches accumulate in f32 in a fixed order.
 #include <cmath>
 
 #include "attention/fused/backends.h"
@@ -103,17 +105,22 @@ __device__ __forceinline__ bool tile_of_cta(const Streams& st, int h, int64_t& t
   return true;
 }
 
-template <int D>
+// kFuseDq: the CTA also adds its dQ = dS K share into the f32 dq_acc with atomics (dS^T goes
+// through shared memory so that warps split dQ by query rows), saving the dQ kernel's recompute.
+template <int D, bool kFuseDq>
 __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const BwdParams p) {
   using L = TileLayout<D>;
   constexpr int kNT = kTile / 8, kDT = D / 8;
+  constexpr int kLdS = kTile + 8;  // dS^T tile [key][query], padded like the others
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);
   bf16* sV = sK + L::kElems;
   bf16* sQ = sV + L::kElems;         // 2 stages
   bf16* sdO = sQ + 2 * L::kElems;    // 2 stages
-  float* sLse = reinterpret_cast<float*>(sdO + 2 * L::kElems);  // 2 x kTile
+  bf16* sdS = sdO + 2 * L::kElems;   // kTile x kLdS (kFuseDq only)
+  float* sLse = reinterpret_cast<float*>(sdS + (kFuseDq ? kTile * kLdS : 0));  // 2 x kTile
   float* sDelta = sLse + 2 * kTile;
+  __shared__ float bias_part[kWarps];
 
   const int h = blockIdx.y, b = blockIdx.z;
   int64_t kt;
@@ -219,16 +226,37 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
     const int64_t q0 = qt * kTile;
     const bool need_mask = p.causal && k0 + kTile - 1 > q0;
     // P^T and dS^T in place.
+    float ds_sum = 0.f;
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int qc = j * 8 + col_in_quad + (e & 1);
         float pr = exp2f(st[j][e] * p.scale_log2 + bias - tLse[qc]);
-        if (need_mask && key_a + (e >> 1) * 8 > q0 + qc) pr = 0.f;
+        const int64_t key = key_a + (e >> 1) * 8;
+        if ((need_mask && key > q0 + qc) || key >= s.len_k) pr = 0.f;  // padded keys add nothing to dbias
         st[j][e] = pr;
         dpt[j][e] = pr * (dpt[j][e] * p.do_scale - tDelta[qc]);
+        ds_sum += dpt[j][e];
       }
+    }
+    if (p.lists.dbias) {  // block bias gradient: the sum of dS over the (query block, key block) pair
+      ds_sum = quad_sum(ds_sum);
+      for (int off = 4; off < 32; off <<= 1) ds_sum += __shfl_xor_sync(0xffffffffu, ds_sum, off);
+      if (lane == 0) bias_part[warp] = ds_sum;
+      __syncthreads();
+      if (threadIdx.x == 0)
+        p.lists.dbias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + qt / p.lists.block_tiles) *
+                          p.lists.nkb + block_col] = bias_part[0] + bias_part[1] + bias_part[2] + bias_part[3];
+    }
+    if constexpr (kFuseDq) {
+      // dS^T (this warp's 16 keys x 64 queries) to shared memory as bf16.
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + hf * 8 + (lane >> 2)) * kLdS + j * 8 + col_in_quad) =
+              pack_bf16(dpt[j][2 * hf], dpt[j][2 * hf + 1]);
     }
     // dV += P^T dO, dK += dS^T Q (k = queries).
 #pragma unroll
@@ -253,6 +281,38 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
         mma_bf16(dk[2 * dp + 1], as, bq[2], bq[3]);
       }
     }
+    if constexpr (kFuseDq) {
+      __syncthreads();  // every warp's dS^T rows are in shared memory
+      // dQ (this warp's 16 queries x D) += dS K over the CTA's 64 keys; A = dS read transposed.
+      float dq[kDT][4];
+#pragma unroll
+      for (int d = 0; d < kDT; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kTile / 16; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4_trans(a, sdS + (kk * 16 + (lane & 7) + ((lane >> 4) << 3)) * kLdS + warp * 16 +
+                                 (((lane >> 3) & 1) << 3));
+#pragma unroll
+        for (int dp = 0; dp < kDT / 2; ++dp) {
+          uint32_t bk[4];
+          load_b_kn<D>(bk, sK, dp * 16, kk);
+          mma_bf16(dq[2 * dp], a, bk[0], bk[1]);
+          mma_bf16(dq[2 * dp + 1], a, bk[2], bk[3]);
+        }
+      }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int64_t row = q0 + warp * 16 + hf * 8 + (lane >> 2);
+        if (row >= s.len_q) continue;
+        const int64_t pos = s.first_q + row * s.step;
+        float* dst = p.dq_acc + ((static_cast<int64_t>(b) * p.st.seq_q + pos) * p.heads + h) * D + col_in_quad;
+#pragma unroll
+        for (int d = 0; d < kDT; ++d) {
+          atomicAdd(dst + d * 8, dq[d][2 * hf] * p.scale);
+          atomicAdd(dst + d * 8 + 1, dq[d][2 * hf + 1] * p.scale);
+        }
+      }
+    }
     stage ^= 1;
     i = after;
   }
@@ -271,7 +331,6 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const B
   bf16* sdO = sQ + L::kElems;
   bf16* sK = sdO + L::kElems;  // 2 stages
   bf16* sV = sK + 2 * L::kElems;  // 2 stages
-  __shared__ float bias_part[kWarps];
 
   const int h = blockIdx.y, b = blockIdx.z;
   int64_t qt;
@@ -370,7 +429,6 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const B
              kLog2e;
     const int64_t k0 = kt * kTile;
     const bool need_mask = k0 + kTile > s.len_k || (p.causal && k0 + kTile - 1 > q0);
-    float ds_sum = 0.f;
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
 #pragma unroll
@@ -379,19 +437,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const B
         const int64_t row = e < 2 ? row_a : row_b;
         float pr = exp2f(sc[j][e] * p.scale_log2 + bias - (e < 2 ? lse_a : lse_b));
         if (need_mask && (key >= s.len_k || (p.causal && key > row))) pr = 0.f;
-        const float ds = pr * (dp[j][e] * p.do_scale - (e < 2 ? delta_a : delta_b));
-        sc[j][e] = ds;
-        ds_sum += ds;
+        sc[j][e] = pr * (dp[j][e] * p.do_scale - (e < 2 ? delta_a : delta_b));
       }
-    }
-    if (p.lists.dbias) {  // block bias gradient: the sum of dS over the (query block, key block) pair
-      ds_sum = quad_sum(ds_sum);
-      for (int off = 4; off < 32; off <<= 1) ds_sum += __shfl_xor_sync(0xffffffffu, ds_sum, off);
-      if (lane == 0) bias_part[warp] = ds_sum;
-      __syncthreads();
-      if (threadIdx.x == 0)
-        p.lists.dbias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb + kblock] =
-            bias_part[0] + bias_part[1] + bias_part[2] + bias_part[3];
     }
     // dQ += dS K.
 #pragma unroll
@@ -419,22 +466,33 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const B
                 p.st.seq_q);
 }
 
-template <int D>
-void launch_backward(const BwdParams& params, int64_t max_tiles, int64_t batch) {
+template <int D, bool kFuseDq>
+void launch_dkdv(const BwdParams& params, const dim3 grid) {
   using L = TileLayout<D>;
-  const size_t smem_dkdv = 6 * L::kElems * sizeof(bf16) + 4 * kTile * sizeof(float);
-  const size_t smem_dq = 6 * L::kElems * sizeof(bf16);
+  const size_t smem = 6 * L::kElems * sizeof(bf16) + (kFuseDq ? kTile * (kTile + 8) * sizeof(bf16) : 0) +
+                      4 * kTile * sizeof(float);
+  static bool configured = false;  // the attribute is per function; setting it again is harmless
+  if (!configured) {
+    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dkdv_kernel<D, kFuseDq>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    configured = true;
+  }
+  attention_backward_dkdv_kernel<D, kFuseDq><<<grid, kThreads, smem, impl::stream()>>>(params);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <int D>
+void launch_backward(const BwdParams& params, int64_t max_tiles, int64_t batch, bool deterministic) {
+  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(params.heads), static_cast<unsigned>(batch));
+  if (!deterministic) return launch_dkdv<D, true>(params, grid);
+  launch_dkdv<D, false>(params, grid);
+  const size_t smem_dq = 6 * TileLayout<D>::kElems * sizeof(bf16);
   static bool configured = false;
   if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dkdv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem_dkdv)));
     CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dq_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem_dq)));
     configured = true;
   }
-  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(params.heads), static_cast<unsigned>(batch));
-  attention_backward_dkdv_kernel<D><<<grid, kThreads, smem_dkdv, impl::stream()>>>(params);
-  CUDA_CHECK_LAUNCH();
   attention_backward_dq_kernel<D><<<grid, kThreads, smem_dq, impl::stream()>>>(params);
   CUDA_CHECK_LAUNCH();
 }
@@ -487,19 +545,24 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
   }
 
   // Several lse branches add into f32 accumulators; otherwise each row is written once (rows that
-  // no stream reaches are zeroed first).
+  // no stream reaches are zeroed first). Without the deterministic switch dQ always gathers in an
+  // f32 accumulator through atomics from the dK/dV kernel.
   p.accumulate = plan.merge;
+  const bool fuse_dq = !bp.deterministic;
   const size_t per_q = static_cast<size_t>(f.batch * f.seq_q * f.heads * f.head_dim);
   const size_t per_k = static_cast<size_t>(f.batch * f.seq_k * f.heads * f.head_dim);
+  const size_t acc_elems = (p.accumulate || fuse_dq ? per_q : 0) + (p.accumulate ? 2 * per_k : 0);
   std::shared_ptr<Storage> acc;
-  if (p.accumulate) {
-    acc = impl::scratch((per_q + 2 * per_k) * sizeof(float));
-    CUDA_CHECK(cudaMemsetAsync(acc->data, 0, (per_q + 2 * per_k) * sizeof(float), stream));
+  if (acc_elems > 0) {
+    acc = impl::scratch(acc_elems * sizeof(float));
+    CUDA_CHECK(cudaMemsetAsync(acc->data, 0, acc_elems * sizeof(float), stream));
     p.dq_acc = static_cast<float*>(acc->data);
+  }
+  if (p.accumulate) {
     p.dk_acc = p.dq_acc + per_q;
     p.dv_acc = p.dk_acc + per_k;
   } else {
-    zero_rows(bp.dq, bp.dq_stride, f, f.seq_q);
+    if (!fuse_dq) zero_rows(bp.dq, bp.dq_stride, f, f.seq_q);
     zero_rows(bp.dk, bp.dk_stride, f, f.seq_k);
     zero_rows(bp.dv, bp.dv_stride, f, f.seq_k);
   }
@@ -509,14 +572,14 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
     for (int br = 0; br < kMaxBranches; ++br) max_tiles = std::max(max_tiles, launch.num_tiles[br]);
     if (max_tiles == 0) continue;
     switch (f.head_dim) {
-      case 32: launch_backward<32>(p, max_tiles, f.batch); break;
-      case 64: launch_backward<64>(p, max_tiles, f.batch); break;
-      case 128: launch_backward<128>(p, max_tiles, f.batch); break;
+      case 32: launch_backward<32>(p, max_tiles, f.batch, !fuse_dq); break;
+      case 64: launch_backward<64>(p, max_tiles, f.batch, !fuse_dq); break;
+      case 128: launch_backward<128>(p, max_tiles, f.batch, !fuse_dq); break;
       default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", f.head_dim);
     }
   }
+  if (p.accumulate || fuse_dq) store_accumulator(bp.dq, bp.dq_stride, p.dq_acc, f, f.seq_q);
   if (p.accumulate) {
-    store_accumulator(bp.dq, bp.dq_stride, p.dq_acc, f, f.seq_q);
     store_accumulator(bp.dk, bp.dk_stride, p.dk_acc, f, f.seq_k);
     store_accumulator(bp.dv, bp.dv_stride, p.dv_acc, f, f.seq_k);
   }

@@ -1,7 +1,7 @@
 // Kernel lab for the attention core: times each attention configuration of interest with the
 // fused kernels and (optionally) the composed path, checks fused against composed on the same
 // inputs, and prints one markdown row per case. GPU only.
-//   build/bin/attention_lab [--impl fused|composed|both] [--quick]
+//   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq]
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "attention/registry.h"
+#include "tensor/backend_options.h"
 #include "tensor/ops.h"
 #ifdef LONGTAPE_WITH_CUDA
 #include "cuda/memory_pool.h"
@@ -129,6 +130,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--impl") && i + 1 < argc) impl = argv[++i];
     else if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--atomic-dq")) set_deterministic_algorithms(false);
   }
   std::vector<Case> cases{dense(16384, 64, false), dense(16384, 64, true), dense(16384, 128, false),
                           block_sparse(16384, 4096), block_sparse(16384, 1536)};

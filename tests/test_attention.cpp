@@ -1,6 +1,6 @@
-// Dense and dilated attention (SPEC 1-2), the composed building blocks, the registry, the
-// multihead layer (SPEC 3) and the `longtape attention` command, checked against the float64
-// brute-force oracle (SPEC 7) and float64 gradcheck.
+// Dense and dilated attention, the composed building blocks, the registry, the multihead layer
+// and the `longtape attention` command, checked against the float64 brute-force oracle and
+// float64 gradcheck (docs/attention.md, invariants).
 #include <doctest/doctest.h>
 
 #include <sys/wait.h>

@@ -181,7 +181,7 @@ TEST_CASE("lse mixing with w = [N], r = [1] equals dense, and head_groups with o
   }
 }
 
-TEST_CASE("lse mixing equals the per-branch merge of SPEC 2a") {
+TEST_CASE("lse mixing equals the per-branch merge O = sum_i exp(lse_i - lse) O_i") {
   // O = sum_i exp(lse_i - lse) O_i with lse = logsumexp_i lse_i, each branch on its own streams.
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);

@@ -1,5 +1,6 @@
-// Block-sparse attention (SPEC 4) against the float64 oracle: every fixed pattern, the adaptive
-// (learned) pattern, fully masked rows, ragged last blocks, and the Hilbert block schedule.
+// Block-sparse attention (docs/attention.md, block-sparse) against the float64 oracle: every fixed
+// pattern, the adaptive (learned) pattern, fully masked rows, ragged last blocks, and the Hilbert
+// block schedule.
 #include <doctest/doctest.h>
 
 #include <algorithm>

@@ -1,9 +1,9 @@
 // The fused CPU attention kernels (dense, dilated with both mixings, block lists with a bias,
 // forward and backward) against the float64 oracle. In f64 they must agree to rounding; in f32 their
 // error may be at most twice the composed path's error on the same f32 inputs, for the output, the
-// lse and every gradient. Every case runs through make_attention with impl = "fused" and through
-// fused_attention directly. The loss weighs both the output and the finite lse entries, so the
-// backward of the lse is exercised too.
+// lse and every gradient. The variants run through make_attention with impl = "fused", and the
+// fused op runs directly on the same key sets. The loss weighs both the output and the finite lse
+// entries, so the backward of the lse is exercised too.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -245,6 +245,7 @@ Results run_case(const AttendFn& attend, const Inputs& in, const std::vector<dou
 // wrong infinity here.
 struct Deviation {
   double max_error = 0.0, max_magnitude = 0.0;
+  size_t worst = 0;  // index of the largest error
   int64_t broken = 0;
   size_t first_broken = 0;
 };
@@ -259,6 +260,7 @@ Deviation deviation(const std::vector<double>& got, const std::vector<double>& w
       continue;
     }
     if (!std::isfinite(want[i])) continue;
+    if (std::abs(got[i] - want[i]) > dev.max_error) dev.worst = i;
     dev.max_error = std::max(dev.max_error, std::abs(got[i] - want[i]));
     dev.max_magnitude = std::max(dev.max_magnitude, std::abs(want[i]));
   }
@@ -286,7 +288,7 @@ void check_matches_oracle(const Results& got, const Results& want, const std::st
     const auto& w = want.*field.values;
     if (w.empty()) continue;
     const auto& g = got.*field.values;
-    INFO(what << " " << field.name);
+    INFO(what << " " << std::string(field.name));
     const Deviation dev = deviation(g, w);
     check_pattern(dev, g, w);
     INFO("max error " << dev.max_error << " for values up to " << dev.max_magnitude);
@@ -301,11 +303,12 @@ void check_no_worse_than_composed(const Results& fused, const Results& composed,
   for (const Field& field : kFields) {
     const auto& w = want.*field.values;
     if (w.empty()) continue;
-    INFO(what << " " << field.name);
+    INFO(what << " " << std::string(field.name));
     const Deviation f = deviation(fused.*field.values, w), c = deviation(composed.*field.values, w);
     check_pattern(f, fused.*field.values, w);
     const double bound = 2.0 * c.max_error + floor * std::max(1.0, f.max_magnitude);
-    INFO("fused error " << f.max_error << ", composed error " << c.max_error << ", values up to " << f.max_magnitude);
+    INFO("fused error " << f.max_error << " at " << f.worst << " (oracle " << w[f.worst] << "), composed error "
+                        << c.max_error << ", values up to " << f.max_magnitude);
     CHECK(f.max_error <= bound);
     // The composed error must itself be small, or the comparison above would prove nothing.
     CHECK(c.max_error <= 1e-3 * std::max(1.0, c.max_magnitude));
@@ -497,7 +500,8 @@ TEST_CASE("fused dilated attention, lse mixing: ragged segments, w % r != 0, w >
   };
   // {8, 16, 64} x {1, 2, 3}: ragged last segments, w > N, 37 % 3 != 0. {5, 7, 20} x {2, 3, 4} leaves
   // some (position, head) pairs in no stream; N = 33 leaves a last segment shorter than a dilation.
-  const std::vector<Setup> setups{{{8, 16, 64}, {1, 2, 3}, 37}, {{5, 7, 20}, {2, 3, 4}, 37}, {{8, 16, 64}, {1, 2, 3}, 33}};
+  const std::vector<Setup> setups{
+      {{8, 16, 64}, {1, 2, 3}, 37}, {{5, 7, 20}, {2, 3, 4}, 37}, {{8, 16, 64}, {1, 2, 3}, 33}};
   bool saw_uncovered = false;
   for (const Setup& setup : setups)
     for (int64_t head_dim : {8, 16})
@@ -661,7 +665,8 @@ TEST_CASE("fused block-sparse op: shared, per-head and per-(batch, head) lists w
         if (lists_per == 1)
           lists.push_back(block_pattern(BlockPattern::global_local, blocks, options));
         else
-          for (int64_t l = 0; l < lists_per; ++l) lists.push_back(block_pattern(BlockPattern::random, blocks, options, l));
+          for (int64_t l = 0; l < lists_per; ++l)
+            lists.push_back(block_pattern(BlockPattern::random, blocks, options, l));
         oracle::HeadMasks masks = oracle::block_mask(lists, block_size, dims.Nq, causal);
         if (lists_per == 1) masks = oracle::repeat_heads(masks[0], dims.H);
         const double scale = 0.4;
@@ -689,8 +694,8 @@ TEST_CASE("fused block-sparse op: rows that see no key give out 0, lse -inf and 
   for (bool causal : {false, true})
     for (bool biased : {false, true}) {
       const double scale = 0.5;
-      const KeyMasks keys{oracle::repeat_heads(oracle::block_mask(lists[0], block_size, dims.Nq, causal), dims.H), scale,
-                          1.0};
+      const oracle::MultiplicityMask mask = oracle::block_mask(lists[0], block_size, dims.Nq, causal);
+      const KeyMasks keys{oracle::repeat_heads(mask, dims.H), scale, 1.0};
       CHECK(count_empty_rows(keys.masks, dims.Nq) == dims.H * (causal ? 10 : 5));
       const Inputs inputs = random_inputs(dims, seed + (causal ? 1 : 0), biased ? block_size : 0);
       CoreKeys core;
@@ -733,7 +738,8 @@ TEST_CASE("fused adaptive block-sparse: output, input and scorer gradients match
       auto make = [&](const std::string& impl) {
         config.impl = impl;
         manual_seed(seed);  // the scorer draws its weights: the same for both implementations
-        auto module = std::dynamic_pointer_cast<AdaptiveBlockSparseAttention>(make_attention("block_sparse_adaptive", config));
+        auto module =
+            std::dynamic_pointer_cast<AdaptiveBlockSparseAttention>(make_attention("block_sparse_adaptive", config));
         REQUIRE(module != nullptr);
         module->to(dtype);
         return module;
@@ -758,7 +764,8 @@ TEST_CASE("fused adaptive block-sparse: output, input and scorer gradients match
         AttentionOutput r = attend(q, k, v);
         weighted_loss(r, inputs, loss_lse, Device::cpu()).backward();
         auto host = [](const Tensor& x) { return x.detach().to(DType::f64).to_vector(); };
-        return AdaptiveResults{{host(r.out), host(r.lse), gradient_of(q, "q"), gradient_of(k, "k"), gradient_of(v, "v"), {}},
+        return AdaptiveResults{{host(r.out), host(r.lse), gradient_of(q, "q"), gradient_of(k, "k"),
+                                gradient_of(v, "v"), {}},
                                gradient_of(scorer_q, "scorer_q"), gradient_of(scorer_k, "scorer_k")};
       };
 
@@ -801,7 +808,8 @@ TEST_CASE("fused adaptive block-sparse: output, input and scorer gradients match
           DType::f64, ref_scorer_q, ref_scorer_k);
       // The reference itself agrees with the oracle where the oracle applies (v has no scorer path).
       check_matches_oracle({want.attention.out, want.attention.lse, {}, {}, want.attention.dv, {}},
-                           {want_attention.out, want_attention.lse, {}, {}, want_attention.dv, {}}, what + " reference");
+                           {want_attention.out, want_attention.lse, {}, {}, want_attention.dv, {}},
+                           what + " reference");
 
       auto through = [&](const std::shared_ptr<AdaptiveBlockSparseAttention>& module, const std::string& backend) {
         return [module, backend](const Tensor& q, const Tensor& k, const Tensor& v) {
@@ -819,10 +827,12 @@ TEST_CASE("fused adaptive block-sparse: output, input and scorer gradients match
       const Deviation scorer_k_dev = deviation(got.dscorer_k, want.dscorer_k);
       if (dtype == DType::f64) {
         check_matches_oracle(got_all, want_all, what + " (dbias = scorer_q)");
-        INFO("scorer_k gradient error " << scorer_k_dev.max_error << " for values up to " << scorer_k_dev.max_magnitude);
+        INFO("scorer_k gradient error " << scorer_k_dev.max_error << " for values up to "
+                                        << scorer_k_dev.max_magnitude);
         CHECK(scorer_k_dev.max_error <= 1e-10 * scorer_k_dev.max_magnitude + 1e-13);
       } else {
-        const AdaptiveResults ref = run(through(composed, "composed"), dtype, composed->scorer_q(), composed->scorer_k());
+        const AdaptiveResults ref =
+            run(through(composed, "composed"), dtype, composed->scorer_q(), composed->scorer_k());
         CHECK(composed->last_pattern() == pattern);
         const Results ref_all{ref.attention.out, ref.attention.lse, ref.attention.dq, ref.attention.dk,
                               ref.attention.dv,  ref.dscorer_q};
@@ -830,7 +840,8 @@ TEST_CASE("fused adaptive block-sparse: output, input and scorer gradients match
         const Deviation ref_k_dev = deviation(ref.dscorer_k, want.dscorer_k);
         INFO("scorer_k gradient: fused error " << scorer_k_dev.max_error << ", composed error " << ref_k_dev.max_error);
         CHECK(scorer_k_dev.broken == 0);
-        CHECK(scorer_k_dev.max_error <= 2.0 * ref_k_dev.max_error + kF32Floor * std::max(1.0, scorer_k_dev.max_magnitude));
+        CHECK(scorer_k_dev.max_error <=
+              2.0 * ref_k_dev.max_error + kF32Floor * std::max(1.0, scorer_k_dev.max_magnitude));
       }
     }
 }
@@ -931,8 +942,10 @@ TEST_CASE("fused dense f32 at N = 4096: no N x N memory, rows agree with the com
     add(sum(mul(want.out, g.narrow(1, start, rows).to(DType::f64))),
         sum(mul(want.lse, h.narrow(2, start, rows).to(DType::f64))))
         .backward();
-    testing::check_close(r.out.detach().narrow(1, start, rows).to(DType::f64), want.out.detach(), 1e-5, 1e-6, "out rows");
-    testing::check_close(r.lse.detach().narrow(2, start, rows).to(DType::f64), want.lse.detach(), 1e-5, 1e-6, "lse rows");
+    testing::check_close(r.out.detach().narrow(1, start, rows).to(DType::f64), want.out.detach(), 1e-5, 1e-6,
+                         "out rows");
+    testing::check_close(r.lse.detach().narrow(2, start, rows).to(DType::f64), want.lse.detach(), 1e-5, 1e-6,
+                         "lse rows");
     testing::check_close(q.grad().narrow(1, start, rows).to(DType::f64), q_rows.grad(), 1e-4, 1e-6, "dq rows");
   }
 

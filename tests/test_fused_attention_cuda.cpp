@@ -257,6 +257,7 @@ Results run_case(const AttendFn& attend, const Inputs& in, const std::vector<dou
 // Outputs come from a pool poisoned with NaN, so an element a kernel skips shows up here.
 struct Deviation {
   double max_error = 0.0, max_magnitude = 0.0;
+  size_t worst = 0;  // index of the largest error
   int64_t broken = 0;
   size_t first_broken = 0;
 };
@@ -271,6 +272,7 @@ Deviation deviation(const std::vector<double>& got, const std::vector<double>& w
       continue;
     }
     if (!std::isfinite(want[i])) continue;
+    if (std::abs(got[i] - want[i]) > dev.max_error) dev.worst = i;
     dev.max_error = std::max(dev.max_error, std::abs(got[i] - want[i]));
     dev.max_magnitude = std::max(dev.max_magnitude, std::abs(want[i]));
   }
@@ -293,7 +295,9 @@ void check_pattern(const Deviation& dev, const std::vector<double>& got, const s
 }
 
 // Below this (relative to max(1, magnitude)) two errors are not told apart: far under bf16's
-// resolution (4e-3), near f32 rounding of the accumulations.
+// resolution (4e-3), near f32 rounding of the accumulations. The bf16 results (out, dq, dk, dv) get
+// no wider floor: the fused kernels feed P and dS to bf16 tensor cores, one rounding more than the
+// composed path, and where that shows (seen at 2.1-2.5x on some seeds) this test reports it.
 constexpr double kErrorFloor = 1e-4;
 
 // The fused error against the oracle is at most twice the composed path's error on the same inputs.
@@ -302,11 +306,12 @@ void check_no_worse_than_composed(const Results& fused, const Results& composed,
   for (const Field& field : kFields) {
     const auto& w = want.*field.values;
     if (w.empty()) continue;
-    INFO(what << " " << field.name);
+    INFO(what << " " << std::string(field.name));
     const Deviation f = deviation(fused.*field.values, w), c = deviation(composed.*field.values, w);
     check_pattern(f, fused.*field.values, w);
     const double bound = 2.0 * c.max_error + kErrorFloor * std::max(1.0, f.max_magnitude);
-    INFO("fused error " << f.max_error << ", composed error " << c.max_error << ", values up to " << f.max_magnitude);
+    INFO("fused error " << f.max_error << " at " << f.worst << " (oracle " << w[f.worst] << "), composed error "
+                        << c.max_error << ", values up to " << f.max_magnitude);
     CHECK(f.max_error <= bound);
     // The composed error must itself be small, or the comparison above would prove nothing.
     CHECK(c.max_error <= 3e-2 * std::max(1.0, c.max_magnitude));
@@ -499,7 +504,8 @@ TEST_CASE("fused CUDA block-sparse attention (bf16): local_window, random, all; 
         const AttentionConfig config = block_config(name, block_size, causal, seed);
         const BlockPatternOptions options = block_options(block_size, causal, seed);
         const KeyMasks keys{oracle::block_pattern_masks(pattern, dims.Nq, dims.H, options), config.scale(), 1.0};
-        const Inputs inputs = random_inputs(dims, seed + static_cast<uint64_t>(block_size) + 31 * static_cast<uint64_t>(pattern));
+        const Inputs inputs =
+            random_inputs(dims, seed + static_cast<uint64_t>(block_size) + 31 * static_cast<uint64_t>(pattern));
         const std::string what =
             "block_sparse " + name + " block_size " + std::to_string(block_size) + (causal ? " causal" : "");
         CoreKeys core;
@@ -525,7 +531,8 @@ TEST_CASE("fused CUDA block-sparse op (bf16) with a block bias, per-(batch, head
     std::vector<std::pair<std::string, std::vector<BlockLists>>> arrangements;
     arrangements.push_back({"shared global_local", {block_pattern(BlockPattern::global_local, blocks, options)}});
     std::vector<BlockLists> per_batch_head;
-    for (int64_t l = 0; l < dims.B * dims.H; ++l) per_batch_head.push_back(block_pattern(BlockPattern::random, blocks, options, l));
+    for (int64_t l = 0; l < dims.B * dims.H; ++l)
+      per_batch_head.push_back(block_pattern(BlockPattern::random, blocks, options, l));
     arrangements.push_back({"random per (batch, head)", per_batch_head});
     // Query block 1 sees nothing; under causal masking query block 2 sees only a later block.
     arrangements.push_back({"empty rows", {BlockLists{{0}, {}, {3}, {1, 3}, {4}, {0, 5}, {6}}}});
@@ -560,7 +567,8 @@ TEST_CASE("fused CUDA adaptive block-sparse (bf16): outputs, input and scorer gr
     auto make = [&](const std::string& impl) {
       config.impl = impl;
       manual_seed(seed);  // the scorer draws its weights: the same for both implementations
-      auto module = std::dynamic_pointer_cast<AdaptiveBlockSparseAttention>(make_attention("block_sparse_adaptive", config));
+      auto module =
+          std::dynamic_pointer_cast<AdaptiveBlockSparseAttention>(make_attention("block_sparse_adaptive", config));
       REQUIRE(module != nullptr);
       module->to(kGpu);
       return module;
@@ -580,7 +588,8 @@ TEST_CASE("fused CUDA adaptive block-sparse (bf16): outputs, input and scorer gr
       AttentionOutput r = attend(q, k, v);
       weighted_loss(r, inputs, loss_lse).backward();
       auto host = [](const Tensor& x) { return x.detach().cpu().to(DType::f64).to_vector(); };
-      return AdaptiveResults{{host(r.out), host(r.lse), gradient_of(q, "q"), gradient_of(k, "k"), gradient_of(v, "v"), {}},
+      return AdaptiveResults{{host(r.out), host(r.lse), gradient_of(q, "q"), gradient_of(k, "k"),
+                              gradient_of(v, "v"), {}},
                              gradient_of(scorer_q, "scorer_q"), gradient_of(scorer_k, "scorer_k")};
     };
 
@@ -629,7 +638,8 @@ TEST_CASE("fused CUDA adaptive block-sparse (bf16): outputs, input and scorer gr
         return r;
       };
     };
-    const AdaptiveResults got = run(through(fused, "fused-cuda"), DType::bf16, kGpu, fused->scorer_q(), fused->scorer_k());
+    const AdaptiveResults got =
+        run(through(fused, "fused-cuda"), DType::bf16, kGpu, fused->scorer_q(), fused->scorer_k());
     const AdaptiveResults ref =
         run(through(composed, "composed"), DType::bf16, kGpu, composed->scorer_q(), composed->scorer_k());
     CHECK(fused->last_pattern() == pattern);
@@ -639,7 +649,8 @@ TEST_CASE("fused CUDA adaptive block-sparse (bf16): outputs, input and scorer gr
       return Results{r.attention.out, r.attention.lse, r.attention.dq, r.attention.dk, r.attention.dv, r.dscorer_q};
     };
     check_no_worse_than_composed(as_results(got), as_results(ref), as_results(want), what + " (dbias = scorer_q)");
-    const Deviation fused_k = deviation(got.dscorer_k, want.dscorer_k), composed_k = deviation(ref.dscorer_k, want.dscorer_k);
+    const Deviation fused_k = deviation(got.dscorer_k, want.dscorer_k);
+    const Deviation composed_k = deviation(ref.dscorer_k, want.dscorer_k);
     INFO("scorer_k gradient: fused error " << fused_k.max_error << ", composed error " << composed_k.max_error);
     CHECK(fused_k.broken == 0);
     CHECK(fused_k.max_error <= 2.0 * composed_k.max_error + kErrorFloor * std::max(1.0, fused_k.max_magnitude));
@@ -686,7 +697,9 @@ TEST_CASE("fused CUDA selection: bf16 selects the CUDA kernels, f32 says why not
             config.scale(), 1.0};
         const Results want = oracle_results(inputs, keys);
         const Results got = run_case(
-            [&](const Tensor& a, const Tensor& b, const Tensor& c, const Tensor&) { return module->forward_with_lse(a, b, c); },
+            [&](const Tensor& a, const Tensor& b, const Tensor& c, const Tensor&) {
+              return module->forward_with_lse(a, b, c);
+            },
             inputs, want.lse, dtype, kGpu);
         CHECK(module->last_backend() == (selection.fused() ? "fused-cuda" : "composed"));
         // f32 tolerances where the composed f32 path runs; bf16 rounding of out and gradients otherwise.
@@ -694,7 +707,7 @@ TEST_CASE("fused CUDA selection: bf16 selects the CUDA kernels, f32 says why not
         for (const Field& field : kFields) {
           const auto& w = want.*field.values;
           if (w.empty()) continue;
-          INFO(field.name);
+          INFO(std::string(field.name));
           const Deviation dev = deviation(got.*field.values, w);
           check_pattern(dev, got.*field.values, w);
           INFO("max error " << dev.max_error << " for values up to " << dev.max_magnitude);

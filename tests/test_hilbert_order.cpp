@@ -1,5 +1,5 @@
-// Hilbert token ordering (SPEC 5) around core variants, against the float64 oracle run on the
-// permuted tokens.
+// Hilbert token ordering (docs/attention.md, Hilbert ordering) around core variants, against the
+// float64 oracle run on the permuted tokens.
 #include <doctest/doctest.h>
 
 #include <limits>

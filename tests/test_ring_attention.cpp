@@ -1,6 +1,6 @@
-// The parallel variants of SPEC 6 against the single-device variants, forward and backward:
-// ring (dense and dilated, both mixings, causal and not) and head_parallel, P = 1, 2, 3, 4 ranks,
-// simulated by the registered modules and rank-local inside run_ranks.
+// The parallel variants (docs/attention.md, parallel variants) against the single-device variants,
+// forward and backward: ring (dense and dilated, both mixings, causal and not) and head_parallel,
+// P = 1, 2, 3, 4 ranks, simulated by the registered modules and rank-local inside run_ranks.
 #include <doctest/doctest.h>
 
 #include <sys/wait.h>
@@ -132,7 +132,7 @@ TEST_CASE("ring and head_parallel are registered and take the parallel settings 
   auto names = registered_attention_names();
   CHECK(std::find(names.begin(), names.end(), "ring") != names.end());
   CHECK(std::find(names.begin(), names.end(), "head_parallel") != names.end());
-  CHECK(attention_description("ring").find("SPEC 6") != std::string::npos);
+  CHECK(attention_description("ring").find("parallel variants") != std::string::npos);
   AttentionConfig c;
   c.num_heads = 4;
   c.head_dim = 8;

@@ -238,6 +238,7 @@ AttentionOutput fused_attention(const Tensor& q_in, const Tensor& k_in, const Te
         [p, qd, kd, vd, od, ld, residual, csr, bias, bias_needs_grad, bias_in, on_cuda](const std::vector<Tensor>& grads) {
           BackwardProblem bp;
           bp.forward = p;
+          bp.deterministic = deterministic_algorithms();
           const Tensor dout = grads[0].defined() ? grads[0].contiguous() : Tensor::zeros(od.shape(), od.dtype(), od.device());
           const Tensor dlse = grads[1].defined() ? grads[1].contiguous() : Tensor();
           bp.dout = dout.raw_data();

@@ -1,8 +1,8 @@
 #pragma once
-// Communicator: the point-to-point and collective operations that the parallel variants of SPEC 6
-// (ring, head_parallel, data parallel) are written against, and an in-process implementation in
-// which P ranks run as P threads of one process, so the real distributed code paths run in tests
-// and CI without several GPUs.
+// Communicator: the point-to-point and collective operations that the parallel variants
+// (ring, head_parallel, data parallel; docs/attention.md, parallel variants) are written against,
+// and an in-process implementation in which P ranks run as P threads of one process, so the real
+// distributed code paths run in tests and CI without several GPUs.
 //
 // The interface is shaped so that a NCCL implementation (one process or thread per GPU, one
 // ncclComm_t per rank) can be added behind it without touching its users:

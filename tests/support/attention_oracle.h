@@ -1,9 +1,9 @@
 #pragma once
-// Float64 brute-force reference for every attention variant (SPEC.md section 7).
-// A variant is reduced to one N x N multiplicity mask per head (how many times query p reaches
-// key k), then P = M * exp(S - m) / rowsum(M * exp(S - m)), O = P V, and the gradients follow
-// the closed-form softmax backward. Deliberately slow and simple: O(B H N^2 D), no tiling, no
-// tensors, so that it can be trusted as the ground truth for the composed and fused paths.
+// Float64 brute-force reference for every attention variant (docs/attention.md, brute-force
+// oracle). A variant is reduced to one N x N multiplicity mask per head (how many times query p
+// reaches key k), then P = M * exp(S - m) / rowsum(M * exp(S - m)), O = P V, and the gradients
+// follow the closed-form softmax backward. Deliberately slow and simple: O(B H N^2 D), no tiling,
+// no tensors, so that it can be trusted as the ground truth for the composed and fused paths.
 //
 // Layouts: q, k, v, out, dout, dq, dk, dv are (B, N, H, D) row-major; lse is (B, H, N);
 // bias and dbias are (B, H, N, N). Header-only (needs attention/patterns.cpp from the library).
@@ -95,7 +95,7 @@ inline MultiplicityMask branch_mask(int64_t n, const DilatedBranch& branch, int6
   return mask;
 }
 
-// mixing = lse (SPEC 2a): head h sums, over branches, the co-membership of its stream at offset
+// mixing = lse: head h sums, over branches, the co-membership of its stream at offset
 // h mod r_i. A key reached by two branches counts twice.
 inline HeadMasks dilated_lse_mask(int64_t n, int64_t num_heads,
                                   const std::vector<DilatedBranch>& branches, bool causal) {
@@ -114,7 +114,7 @@ inline HeadMasks dilated_lse_mask(int64_t n, int64_t num_heads,
   return masks;
 }
 
-// mixing = head_groups (SPEC 2b): head h in group i sees only branch i at offset i mod r_i.
+// mixing = head_groups: head h in group i sees only branch i at offset i mod r_i.
 // Use with out_scale = head_groups_out_scale(branches); uncovered rows are empty, hence zero.
 inline HeadMasks dilated_head_groups_mask(int64_t n, int64_t num_heads,
                                           const std::vector<DilatedBranch>& branches, bool causal) {
@@ -134,7 +134,7 @@ inline double head_groups_out_scale(const std::vector<DilatedBranch>& branches) 
   return 1.0 / static_cast<double>(branches.size());
 }
 
-// Block-sparse (SPEC 4): (p, k) is active when (p / block_size, k / block_size) is a pair of the
+// Block-sparse: (p, k) is active when (p / block_size, k / block_size) is a pair of the
 // pattern; causal additionally masks k > p inside blocks.
 inline MultiplicityMask block_mask(const BlockLists& pattern, int64_t block_size, int64_t n,
                                    bool causal) {
@@ -339,7 +339,7 @@ inline ForwardResult attention_forward_with_bias(const std::vector<double>& q, c
   return detail::forward({B, N, H, D}, q, k, v, masks, &bias, scale, out_scale);
 }
 
-// Gradients of sum(O * dout) with respect to q, k, v (SPEC 7). Rows with no keys get zero.
+// Gradients of sum(O * dout) with respect to q, k, v. Rows with no keys get zero.
 inline Gradients attention_backward(const std::vector<double>& q, const std::vector<double>& k,
                                     const std::vector<double>& v, const std::vector<double>& dout,
                                     int64_t B, int64_t N, int64_t H, int64_t D, const HeadMasks& masks,
