@@ -288,22 +288,13 @@ BlockSparseOptions sparse_options(const AttentionConfig& config, bool training) 
   return options;
 }
 
-// The key set and options of the attention core for block lists (shared, per head or per (b, h)).
+// The key set of the attention core for block lists (shared, per head or per (b, h)).
 CoreKeys block_core_keys(const std::vector<BlockLists>& patterns, const AttentionConfig& config) {
   CoreKeys keys;
   keys.kind = fused::KeySet::blocks;
   keys.block_lists = patterns;
   keys.block_size = config.block_size;
   return keys;
-}
-
-CoreOptions block_core_options(const BlockSparseOptions& options, const AttentionConfig& config) {
-  CoreOptions core;
-  core.scale = options.scale;
-  core.causal = options.causal;
-  core.dropout = options.dropout;
-  core.impl = parse_impl(config.impl);
-  return core;
 }
 
 }  // namespace
@@ -344,7 +335,8 @@ AttentionOutput BlockSparseAttention::forward_with_lse(const Tensor& q, const Te
   const std::vector<BlockLists> patterns = head_patterns(q.size(1));
   const BlockSparseOptions options = sparse_options(config_, is_training());
   CoreRun run;
-  AttentionOutput result = attention_core(q, k, v, block_core_keys(patterns, config_), block_core_options(options, config_),
+  AttentionOutput result = attention_core(q, k, v, block_core_keys(patterns, config_),
+                                          core_options(config_, is_training()),
                                           [&] { return block_sparse_attention(q, k, v, patterns, options); }, run);
   note_backend(run.backend, run.precision);
   return result;
@@ -469,7 +461,7 @@ AttentionOutput AdaptiveBlockSparseAttention::forward_with_lse(const Tensor& q, 
   CoreKeys keys = block_core_keys(last_pattern_, config_);
   keys.block_bias = scores;
   CoreRun run;
-  AttentionOutput result = attention_core(q, k, v, keys, block_core_options(options, config_),
+  AttentionOutput result = attention_core(q, k, v, keys, core_options(config_, is_training()),
                                           [&] { return block_sparse_attention(q, k, v, last_pattern_, options, scores); },
                                           run);
   note_backend(run.backend, run.precision);

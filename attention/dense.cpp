@@ -15,11 +15,7 @@ AttentionOutput DenseAttention::forward_with_lse(const Tensor& q, const Tensor& 
   LT_CHECK(!config_.causal || q.size(1) == k.size(1),
            "attention 'dense': causal attention needs as many queries as keys, got q ", shape_str(q.shape()), ", k ",
            shape_str(k.shape()));
-  CoreOptions core;
-  core.scale = config_.scale();
-  core.causal = config_.causal;
-  core.dropout = is_training() ? config_.dropout : 0.0;
-  core.impl = parse_impl(config_.impl);
+  const CoreOptions core = core_options(config_, is_training());
   CoreRun run;
   AttentionOutput result = attention_core(q, k, v, CoreKeys{}, core, [&] {
     const DType work = compute_dtype(q.dtype());

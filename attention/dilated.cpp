@@ -111,13 +111,9 @@ AttentionOutput DilatedAttention::forward_with_lse(const Tensor& q, const Tensor
   keys.mixing = config_.mixing == Mixing::lse ? fused::BranchMixing::lse : fused::BranchMixing::head_groups;
   keys.head_offset = config_.head_offset;
   keys.total_heads = config_.total_heads;
-  CoreOptions core;
-  core.scale = config_.scale();
-  core.causal = config_.causal;
-  core.dropout = is_training() ? config_.dropout : 0.0;
-  core.impl = parse_impl(config_.impl);
   CoreRun run;
-  AttentionOutput result = attention_core(q, k, v, keys, core, [&] { return composed_forward(q, k, v); }, run);
+  AttentionOutput result = attention_core(q, k, v, keys, core_options(config_, is_training()),
+                                          [&] { return composed_forward(q, k, v); }, run);
   note_backend(run.backend, run.precision);
   return result;
 }

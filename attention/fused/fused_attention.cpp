@@ -158,6 +158,15 @@ std::string impl_name(Impl impl) {
   return "auto";
 }
 
+CoreOptions core_options(const AttentionConfig& config, bool training) {
+  CoreOptions core;
+  core.scale = config.scale();
+  core.causal = config.causal;
+  core.dropout = training ? config.dropout : 0.0;
+  core.impl = parse_impl(config.impl);
+  return core;
+}
+
 std::string compute_precision(fused::Backend backend, DType dtype) {
   if (dtype == DType::f64) return "f64";
   if (backend == fused::Backend::cuda_fused) return "bf16 tensor cores, f32 accumulation";
@@ -174,6 +183,13 @@ fused::Selection select_core(const Tensor& q, const Tensor& k, const Tensor& v, 
     return none;
   }
   check_inputs(q, k, v);
+  // Problems the fixed-size kernel parameters cannot describe run composed.
+  if (keys.kind == fused::KeySet::dilated &&
+      (keys.branches.size() > static_cast<size_t>(fused::kMaxBranches) || q.size(2) > fused::kMaxHeads)) {
+    none.reason = detail::concat("the fused kernels take at most ", fused::kMaxBranches, " dilated branches and ",
+                                 fused::kMaxHeads, " heads, got ", keys.branches.size(), " and ", q.size(2));
+    return none;
+  }
   Problem p = describe_problem(q, k, v, keys, options);
   if (keys.kind == fused::KeySet::blocks && keys.block_bias.defined()) p.blocks.bias = keys.block_bias.raw_data();
   // Inputs whose last dim is strided are copied before the kernel, which makes them contiguous.

@@ -42,6 +42,10 @@ struct CoreOptions {
   Impl impl = Impl::automatic;
 };
 
+// The core options a layer's config asks for: its scale, causal flag, impl, and its dropout when
+// training (none in eval mode).
+CoreOptions core_options(const AttentionConfig& config, bool training);
+
 // The precision the math of `backend` runs in for inputs of `dtype`, as reports state it.
 std::string compute_precision(fused::Backend backend, DType dtype);
 
