@@ -8,8 +8,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
-#include <limits>
 #include <string>
 #include <vector>
 
@@ -18,269 +16,20 @@
 #include "attention/fused/fused_attention.h"
 #include "attention/registry.h"
 #include "support/attention_oracle.h"
+#include "support/fused_attention_cases.h"
 #include "support/test_utils.h"
 #include "tensor/allocator.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
 using namespace longtape::attention;
+using namespace longtape::testing::fused_cases;
 
 using testing::fresh_seed;
 
 namespace {
 
-constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-
-// ------------------------------------------------------------------------------------------------
-// Inputs and the float64 reference
-
-// q, out (B, Nq, H, D); k, v (B, Nk, H, D); lse (B, H, Nq).
-struct Dims {
-  int64_t B = 1, Nq = 0, Nk = 0, H = 1, D = 1;
-  Shape q_shape() const { return {B, Nq, H, D}; }
-  Shape k_shape() const { return {B, Nk, H, D}; }
-  Shape lse_shape() const { return {B, H, Nq}; }
-};
-
-// The values of one case. The loss is sum(out * g) + sum(lse * h) over the finite lse entries;
-// `bias` (B, H, nqb, nkb) is an optional block bias.
-struct Inputs {
-  Dims dims;
-  std::vector<double> q, k, v, g, h, bias;
-  int64_t bias_block_size = 0;  // > 0 when `bias` is set
-};
-
-int64_t num_values(const Shape& shape) { return shape_numel(shape); }
-
-Inputs random_inputs(const Dims& dims, uint64_t seed, int64_t bias_block_size = 0) {
-  Inputs in;
-  in.dims = dims;
-  in.q = oracle::random_values(num_values(dims.q_shape()), seed + 1, -1.5, 1.5);
-  in.k = oracle::random_values(num_values(dims.k_shape()), seed + 2, -1.5, 1.5);
-  in.v = oracle::random_values(num_values(dims.k_shape()), seed + 3, -1.0, 1.0);
-  in.g = oracle::random_values(num_values(dims.q_shape()), seed + 4, -1.0, 1.0);
-  in.h = oracle::random_values(num_values(dims.lse_shape()), seed + 5, -1.0, 1.0);
-  if (bias_block_size > 0) {
-    LT_CHECK(dims.Nq == dims.Nk, "a block bias needs Nq == Nk in these tests");
-    const int64_t nb = num_blocks_for(dims.Nq, bias_block_size);
-    in.bias = oracle::random_values(static_cast<size_t>(dims.B * dims.H * nb * nb), seed + 6, -1.0, 1.0);
-    in.bias_block_size = bias_block_size;
-  }
-  return in;
-}
-
-// The values as `dtype` holds them, so that the oracle sees exactly what the kernels see.
-std::vector<double> round_to(const std::vector<double>& values, DType dtype) {
-  if (values.empty() || dtype == DType::f64) return values;
-  return Tensor::from_vector(values, {static_cast<int64_t>(values.size())}).to(dtype).to(DType::f64).to_vector();
-}
-
-Inputs rounded_to(const Inputs& in, DType dtype) {
-  Inputs out = in;
-  for (auto* values : {&out.q, &out.k, &out.v, &out.g, &out.h, &out.bias}) *values = round_to(*values, dtype);
-  return out;
-}
-
-// The key set for the oracle: masks over max(Nq, Nk) positions, one per head or per (batch, head).
-struct KeyMasks {
-  oracle::HeadMasks masks;
-  double scale = 1.0;
-  double out_scale = 1.0;
-};
-
-// Forward values and gradients of one run (or of the oracle), as float64 on the host.
-struct Results {
-  std::vector<double> out, lse, dq, dk, dv, dbias;
-};
-
-size_t at(const Dims& d, int64_t rows, int64_t b, int64_t n, int64_t h, int64_t e) {
-  return static_cast<size_t>(((b * rows + n) * d.H + h) * d.D + e);
-}
-
-// (B, rows, H, D) -> (B, n, H, D) with zero rows appended, and back.
-std::vector<double> pad_rows(const Dims& d, const std::vector<double>& x, int64_t rows, int64_t n) {
-  std::vector<double> y(static_cast<size_t>(d.B * n * d.H * d.D), 0.0);
-  for (int64_t b = 0; b < d.B; ++b)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t h = 0; h < d.H; ++h)
-        for (int64_t e = 0; e < d.D; ++e) y[at(d, n, b, r, h, e)] = x[at(d, rows, b, r, h, e)];
-  return y;
-}
-
-std::vector<double> first_rows(const Dims& d, const std::vector<double>& x, int64_t n, int64_t rows) {
-  std::vector<double> y(static_cast<size_t>(d.B * rows * d.H * d.D));
-  for (int64_t b = 0; b < d.B; ++b)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t h = 0; h < d.H; ++h)
-        for (int64_t e = 0; e < d.D; ++e) y[at(d, rows, b, r, h, e)] = x[at(d, n, b, r, h, e)];
-  return y;
-}
-
-// The oracle's results for the loss sum(out * g) + sum(lse * h) (finite lse only). The oracle takes
-// one square problem: q is padded to max(Nq, Nk) rows and k, v too; the masks keep padded rows
-// empty and padded keys unseen. The lse term adds d lse[p] / d logit[p, j] = P[p, j] to dS.
-Results oracle_results(const Inputs& in, const KeyMasks& keys) {
-  const Dims& d = in.dims;
-  const int64_t n = std::max(d.Nq, d.Nk);
-  const std::vector<double> q = pad_rows(d, in.q, d.Nq, n), k = pad_rows(d, in.k, d.Nk, n),
-                            v = pad_rows(d, in.v, d.Nk, n), g = pad_rows(d, in.g, d.Nq, n);
-  const bool biased = in.bias_block_size > 0;
-  const std::vector<double> bias =
-      biased ? oracle::expand_block_bias(in.bias, d.B, d.H, n, in.bias_block_size) : std::vector<double>{};
-  const oracle::ForwardResult forward =
-      biased ? oracle::attention_forward_with_bias(q, k, v, bias, d.B, n, d.H, d.D, keys.masks, keys.scale,
-                                                   keys.out_scale)
-             : oracle::attention_forward(q, k, v, d.B, n, d.H, d.D, keys.masks, keys.scale, keys.out_scale);
-  oracle::Gradients grads =
-      biased ? oracle::attention_backward_with_bias(q, k, v, bias, g, d.B, n, d.H, d.D, keys.masks, keys.scale,
-                                                    keys.out_scale)
-             : oracle::attention_backward(q, k, v, g, d.B, n, d.H, d.D, keys.masks, keys.scale, keys.out_scale);
-
-  const oracle::detail::Dims square{d.B, n, d.H, d.D};
-  std::vector<double> prob, row_lse;
-  for (int64_t b = 0; b < d.B; ++b)
-    for (int64_t h = 0; h < d.H; ++h) {
-      oracle::detail::probabilities(square, q, k, oracle::detail::mask_for(keys.masks, b, h, d.H),
-                                    biased ? &bias : nullptr, keys.scale, b, h, prob, row_lse);
-      for (int64_t p = 0; p < d.Nq; ++p) {
-        if (row_lse[static_cast<size_t>(p)] == kNegInf) continue;
-        const double weight_of_lse = in.h[static_cast<size_t>((b * d.H + h) * d.Nq + p)];
-        for (int64_t j = 0; j < n; ++j) {
-          const double ds = weight_of_lse * prob[static_cast<size_t>(p * n + j)];
-          if (ds == 0.0) continue;
-          for (int64_t e = 0; e < d.D; ++e) {
-            grads.dq[square.index(b, p, h, e)] += ds * k[square.index(b, j, h, e)] * keys.scale;
-            grads.dk[square.index(b, j, h, e)] += ds * q[square.index(b, p, h, e)] * keys.scale;
-          }
-          if (biased) grads.dbias[square.pair(b, h, p, j)] += ds;
-        }
-      }
-    }
-
-  Results r;
-  r.out = first_rows(d, forward.out, n, d.Nq);
-  r.lse.resize(static_cast<size_t>(d.B * d.H * d.Nq));
-  for (int64_t bh = 0; bh < d.B * d.H; ++bh)
-    for (int64_t p = 0; p < d.Nq; ++p)
-      r.lse[static_cast<size_t>(bh * d.Nq + p)] = forward.lse[static_cast<size_t>(bh * n + p)];
-  r.dq = first_rows(d, grads.dq, n, d.Nq);
-  r.dk = first_rows(d, grads.dk, n, d.Nk);
-  r.dv = first_rows(d, grads.dv, n, d.Nk);
-  if (biased) r.dbias = oracle::reduce_to_block_bias(grads.dbias, d.B, d.H, n, in.bias_block_size);
-  return r;
-}
-
-// A square dense mask for Nq queries over Nk keys (non-causal), padded to max(Nq, Nk).
-oracle::MultiplicityMask rectangular_dense_mask(int64_t nq, int64_t nk) {
-  oracle::MultiplicityMask mask(std::max(nq, nk));
-  for (int64_t p = 0; p < nq; ++p)
-    for (int64_t j = 0; j < nk; ++j) mask.at(p, j) = 1;
-  return mask;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Running an implementation
-
-DType lse_dtype_for(DType dtype) { return dtype == DType::f64 ? DType::f64 : DType::f32; }
-
-// One attention computation: q, k, v and the block bias (undefined when the case has none).
-using AttendFn = std::function<AttentionOutput(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias)>;
-
-std::vector<double> gradient_of(const Tensor& leaf, const char* name) {
-  INFO("gradient of " << name);
-  REQUIRE(leaf.grad().defined());
-  return leaf.grad().cpu().to(DType::f64).to_vector();
-}
-
-// The loss of Inputs on an output: sum(out * g) + sum(lse * h) over the entries where the oracle's
-// lse is finite (the others are masked with where(), so -inf never meets a multiplication).
-Tensor weighted_loss(const AttentionOutput& r, const Inputs& in, const std::vector<double>& oracle_lse, Device device) {
-  const DType lse_dtype = r.lse.dtype();
-  std::vector<double> finite(oracle_lse.size());
-  for (size_t i = 0; i < finite.size(); ++i) finite[i] = std::isfinite(oracle_lse[i]) ? 1.0 : 0.0;
-  const Shape lse_shape = in.dims.lse_shape();
-  auto constant = [&](const std::vector<double>& x, const Shape& shape) {
-    return Tensor::from_vector(x, shape).to(lse_dtype).to(device);
-  };
-  Tensor zeros = Tensor::zeros(lse_shape, lse_dtype, device);
-  return add(sum(mul(r.out.to(lse_dtype), constant(in.g, in.dims.q_shape()))),
-             sum(mul(where(constant(finite, lse_shape), r.lse, zeros), constant(in.h, lse_shape))));
-}
-
-// Runs `attend` on leaves of `dtype` on `device`, checks the output shapes and dtypes, and
-// backpropagates the loss of Inputs.
-Results run_case(const AttendFn& attend, const Inputs& in, const std::vector<double>& oracle_lse, DType dtype,
-                 Device device = Device::cpu()) {
-  const Dims& d = in.dims;
-  auto leaf = [&](const std::vector<double>& x, const Shape& shape, DType t) {
-    return Tensor::from_vector(x, shape).to(t).to(device).detach().requires_grad_();
-  };
-  Tensor q = leaf(in.q, d.q_shape(), dtype), k = leaf(in.k, d.k_shape(), dtype), v = leaf(in.v, d.k_shape(), dtype);
-  Tensor bias;
-  if (in.bias_block_size > 0) {
-    const int64_t nqb = num_blocks_for(d.Nq, in.bias_block_size), nkb = num_blocks_for(d.Nk, in.bias_block_size);
-    bias = leaf(in.bias, {d.B, d.H, nqb, nkb}, lse_dtype_for(dtype));
-  }
-  AttentionOutput r = attend(q, k, v, bias);
-  REQUIRE(r.out.defined());
-  REQUIRE(r.lse.defined());
-  REQUIRE(r.out.shape() == d.q_shape());
-  REQUIRE(r.lse.shape() == d.lse_shape());
-  CHECK(r.out.dtype() == dtype);
-  CHECK(r.lse.dtype() == lse_dtype_for(dtype));
-  CHECK(r.out.device() == device);
-  weighted_loss(r, in, oracle_lse, device).backward();
-  auto host = [](const Tensor& t) { return t.detach().cpu().to(DType::f64).to_vector(); };
-  Results got{host(r.out), host(r.lse), gradient_of(q, "q"), gradient_of(k, "k"), gradient_of(v, "v"), {}};
-  if (bias.defined()) got.dbias = gradient_of(bias, "block bias");
-  return got;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Comparisons
-
-// Largest |got - want| where want is finite, the largest |want|, and how many entries break the
-// pattern of infinities: got must be finite wherever want is and equal to it wherever it is not.
-// Outputs are allocated by the op, so a kernel that skips an element shows up as garbage, NaN or a
-// wrong infinity here.
-struct Deviation {
-  double max_error = 0.0, max_magnitude = 0.0;
-  size_t worst = 0;  // index of the largest error
-  int64_t broken = 0;
-  size_t first_broken = 0;
-};
-
-Deviation deviation(const std::vector<double>& got, const std::vector<double>& want) {
-  REQUIRE(got.size() == want.size());
-  Deviation dev;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const bool ok = std::isfinite(want[i]) ? std::isfinite(got[i]) : got[i] == want[i];
-    if (!ok) {
-      if (dev.broken++ == 0) dev.first_broken = i;
-      continue;
-    }
-    if (!std::isfinite(want[i])) continue;
-    if (std::abs(got[i] - want[i]) > dev.max_error) dev.worst = i;
-    dev.max_error = std::max(dev.max_error, std::abs(got[i] - want[i]));
-    dev.max_magnitude = std::max(dev.max_magnitude, std::abs(want[i]));
-  }
-  return dev;
-}
-
-struct Field {
-  const char* name;
-  std::vector<double> Results::*values;
-};
-
-const Field kFields[] = {{"out", &Results::out}, {"lse", &Results::lse}, {"dq", &Results::dq},
-                         {"dk", &Results::dk},   {"dv", &Results::dv},   {"dbias", &Results::dbias}};
-
-void check_pattern(const Deviation& dev, const std::vector<double>& got, const std::vector<double>& want) {
-  INFO(dev.broken << " entries break the finite/infinite pattern; first at " << dev.first_broken << ": got "
-                  << (dev.broken ? got[dev.first_broken] : 0.0) << ", oracle "
-                  << (dev.broken ? want[dev.first_broken] : 0.0));
-  CHECK(dev.broken == 0);
-}
+constexpr fused::Backend kCpuFused = fused::Backend::cpu_fused;
 
 // f64: agreement to rounding (relative to the largest magnitude of each tensor).
 void check_matches_oracle(const Results& got, const Results& want, const std::string& what) {
@@ -296,32 +45,10 @@ void check_matches_oracle(const Results& got, const Results& want, const std::st
   }
 }
 
-// Lower precision: the fused error against the oracle is at most twice the composed path's error on
-// the same inputs, plus a floor (relative to max(1, magnitude)) so that two tiny errors do not flake.
-void check_no_worse_than_composed(const Results& fused, const Results& composed, const Results& want, double floor,
-                                  const std::string& what) {
-  for (const Field& field : kFields) {
-    const auto& w = want.*field.values;
-    if (w.empty()) continue;
-    INFO(what << " " << std::string(field.name));
-    const Deviation f = deviation(fused.*field.values, w), c = deviation(composed.*field.values, w);
-    check_pattern(f, fused.*field.values, w);
-    const double bound = 2.0 * c.max_error + floor * std::max(1.0, f.max_magnitude);
-    INFO("fused error " << f.max_error << " at " << f.worst << " (oracle " << w[f.worst] << "), composed error "
-                        << c.max_error << ", values up to " << f.max_magnitude);
-    CHECK(f.max_error <= bound);
-    // The composed error must itself be small, or the comparison above would prove nothing.
-    CHECK(c.max_error <= 1e-3 * std::max(1.0, c.max_magnitude));
-  }
-}
-
+// f32: the floor keeps two tiny errors from flaking; a composed error above 1e-3 would make the
+// comparison meaningless.
 constexpr double kF32Floor = 1e-6;
-
-// An implementation under test and how a failure names it.
-struct Labeled {
-  std::string label;
-  AttendFn attend;
-};
+constexpr ErrorBounds kF32Bounds{kF32Floor, 1e-3};
 
 // The whole check of one case: f64 against the oracle, then f32 against the oracle on f32-rounded
 // inputs, next to the composed path on the same inputs. The oracle runs once for all of `fused`.
@@ -342,67 +69,14 @@ void check_case(const std::string& what, const Inputs& inputs, const KeyMasks& k
     for (const Labeled& impl : fused) {
       const std::string name = what + " (" + impl.label + ") f32";
       INFO(name);
-      check_no_worse_than_composed(run_case(impl.attend, in, want.lse, DType::f32), ref, want, kF32Floor, name);
+      check_no_worse_than_composed(run_case(impl.attend, in, want.lse, DType::f32), ref, want, kF32Bounds, name);
     }
   }
-}
-
-// ------------------------------------------------------------------------------------------------
-// The implementations under test
-
-AttendFn through_variant(const std::string& name, AttentionConfig config, const std::string& impl) {
-  config.impl = impl;
-  auto module = make_attention(name, config);
-  const std::string expected_backend = impl == "fused" ? "fused-cpu" : "composed";
-  return [module, expected_backend](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&) {
-    AttentionOutput r = module->forward_with_lse(q, k, v);
-    CHECK(module->last_backend() == expected_backend);
-    return r;
-  };
-}
-
-AttendFn through_op(CoreKeys keys, double scale, bool causal) {
-  return [keys, scale, causal](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias) {
-    CoreKeys with_bias = keys;
-    with_bias.block_bias = bias;
-    CoreOptions options;
-    options.scale = scale;
-    options.causal = causal;
-    options.impl = Impl::fused;
-    const fused::Selection selection = select_core(q, k, v, with_bias, options);
-    INFO("selector reason: " << selection.reason);
-    CHECK(selection.backend == fused::Backend::cpu_fused);
-    return fused_attention(q, k, v, with_bias, options);
-  };
-}
-
-AttendFn composed_blocks(const std::vector<BlockLists>& lists, int64_t block_size, double scale, bool causal) {
-  return [=](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias) {
-    BlockSparseOptions options;
-    options.block_size = block_size;
-    options.scale = scale;
-    options.causal = causal;
-    return block_sparse_attention(q, k, v, lists, options, bias);
-  };
-}
-
-AttentionConfig core_config(int64_t heads, int64_t head_dim, bool causal) {
-  AttentionConfig c;
-  c.num_heads = heads;
-  c.head_dim = head_dim;
-  c.causal = causal;
-  return c;
 }
 
 // Masks of heads [offset, offset + count) of a list of per-head masks.
 oracle::HeadMasks head_slice(const oracle::HeadMasks& all, int64_t offset, int64_t count) {
   return {all.begin() + offset, all.begin() + offset + count};
-}
-
-std::vector<DilatedBranch> branches_of(const std::vector<int64_t>& segments, const std::vector<int64_t>& dilations) {
-  std::vector<DilatedBranch> branches;
-  for (size_t i = 0; i < segments.size(); ++i) branches.push_back({segments[i], dilations[i]});
-  return branches;
 }
 
 int64_t count_empty_rows(const oracle::HeadMasks& masks, int64_t rows) {
@@ -466,10 +140,10 @@ TEST_CASE("fused dense attention on the CPU matches the oracle: non-causal, caus
     const KeyMasks keys{oracle::repeat_heads(oracle::dense_mask(dims.Nq, causal), dims.H), config.scale(), 1.0};
     const Inputs inputs = random_inputs(dims, seed);
     const std::string what = std::string("dense") + (causal ? " causal" : "");
-    const AttendFn composed = through_variant("dense", config, "composed");
+    const AttendFn composed = through_variant("dense", config, kComposed);
     check_case(what, inputs, keys,
-               {{"variant", through_variant("dense", config, "fused")},
-                {"op", through_op(CoreKeys{}, config.scale(), causal)}},
+               {{"variant", through_variant("dense", config, kCpuFused)},
+                {"op", through_op(CoreKeys{}, config.scale(), causal, kCpuFused)}},
                composed);
   }
   // More queries than keys and the other way round: the fused op and the variant, both non-causal.
@@ -480,10 +154,10 @@ TEST_CASE("fused dense attention on the CPU matches the oracle: non-causal, caus
     const KeyMasks keys{oracle::repeat_heads(rectangular_dense_mask(nq, nk), dims.H), 0.35, 1.0};
     const Inputs inputs = random_inputs(dims, seed + 100 + static_cast<uint64_t>(nq));
     const std::string what = "dense Nq " + std::to_string(nq) + " Nk " + std::to_string(nk);
-    const AttendFn composed = through_variant("dense", config, "composed");
+    const AttendFn composed = through_variant("dense", config, kComposed);
     check_case(what, inputs, keys,
-               {{"op", through_op(CoreKeys{}, 0.35, false)},
-                {"variant", through_variant("dense", config, "fused")}},
+               {{"op", through_op(CoreKeys{}, 0.35, false, kCpuFused)},
+                {"variant", through_variant("dense", config, kCpuFused)}},
                composed);
   }
 }
@@ -521,10 +195,10 @@ TEST_CASE("fused dilated attention, lse mixing: ragged segments, w % r != 0, w >
         core.kind = fused::KeySet::dilated;
         core.branches = branches;
         core.mixing = fused::BranchMixing::lse;
-        const AttendFn composed = through_variant("dilated", config, "composed");
+        const AttendFn composed = through_variant("dilated", config, kComposed);
         check_case(what, inputs, keys,
-                   {{"variant", through_variant("dilated", config, "fused")},
-                    {"op", through_op(core, config.scale(), causal)}},
+                   {{"variant", through_variant("dilated", config, kCpuFused)},
+                    {"op", through_op(core, config.scale(), causal, kCpuFused)}},
                    composed);
       }
   CHECK(saw_uncovered);  // the setups include rows that see no key
@@ -553,10 +227,10 @@ TEST_CASE("fused dilated attention, head_groups mixing: H % G != 0, empty stream
         core.kind = fused::KeySet::dilated;
         core.branches = branches;
         core.mixing = fused::BranchMixing::head_groups;
-        const AttendFn composed = through_variant("dilated", config, "composed");
+        const AttendFn composed = through_variant("dilated", config, kComposed);
         check_case(what, inputs, keys,
-                   {{"variant", through_variant("dilated", config, "fused")},
-                    {"op", through_op(core, config.scale(), causal)}},
+                   {{"variant", through_variant("dilated", config, kCpuFused)},
+                    {"op", through_op(core, config.scale(), causal, kCpuFused)}},
                    composed);
       }
 
@@ -584,10 +258,10 @@ TEST_CASE("fused dilated attention, head_groups mixing: H % G != 0, empty stream
       core.mixing = groups ? fused::BranchMixing::head_groups : fused::BranchMixing::lse;
       core.head_offset = first;
       core.total_heads = total;
-      const AttendFn composed = through_variant("dilated", config, "composed");
+      const AttendFn composed = through_variant("dilated", config, kComposed);
       check_case(what, inputs, keys,
-                 {{"variant", through_variant("dilated", config, "fused")},
-                  {"op", through_op(core, config.scale(), causal)}},
+                 {{"variant", through_variant("dilated", config, kCpuFused)},
+                  {"op", through_op(core, config.scale(), causal, kCpuFused)}},
                  composed);
     }
 }
@@ -644,10 +318,10 @@ TEST_CASE("fused block-sparse attention: every fixed pattern, ragged last block,
       core.block_size = options.block_size;
       const int64_t blocks = num_blocks_for(dims.Nq, options.block_size);
       for (int64_t h = 0; h < dims.H; ++h) core.block_lists.push_back(block_pattern(pattern, blocks, options, h));
-      const AttendFn composed = through_variant("block_sparse", config, "composed");
+      const AttendFn composed = through_variant("block_sparse", config, kComposed);
       check_case(what, inputs, keys,
-                 {{"variant", through_variant("block_sparse", config, "fused")},
-                  {"op", through_op(core, config.scale(), causal)}},
+                 {{"variant", through_variant("block_sparse", config, kCpuFused)},
+                  {"op", through_op(core, config.scale(), causal, kCpuFused)}},
                  composed);
     }
 }
@@ -678,7 +352,7 @@ TEST_CASE("fused block-sparse op: shared, per-head and per-(batch, head) lists w
         core.block_lists = lists;
         const std::string what = "blocks, " + std::to_string(lists_per) + " lists" + (biased ? ", bias" : "") +
                                  (causal ? ", causal" : "");
-        check_case(what, inputs, keys, {{"op", through_op(core, scale, causal)}},
+        check_case(what, inputs, keys, {{"op", through_op(core, scale, causal, kCpuFused)}},
                    composed_blocks(lists, block_size, scale, causal));
       }
 }
@@ -703,12 +377,12 @@ TEST_CASE("fused block-sparse op: rows that see no key give out 0, lse -inf and 
       core.block_size = block_size;
       core.block_lists = lists;
       const std::string what = std::string("empty rows") + (biased ? ", bias" : "") + (causal ? ", causal" : "");
-      check_case(what, inputs, keys, {{"op", through_op(core, scale, causal)}},
+      check_case(what, inputs, keys, {{"op", through_op(core, scale, causal, kCpuFused)}},
                  composed_blocks(lists, block_size, scale, causal));
 
       // Exactly zero output and -inf lse on the empty rows (the oracle comparison allows rounding).
       const Results want = oracle_results(inputs, keys);
-      const Results got = run_case(through_op(core, scale, causal), inputs, want.lse, DType::f64);
+      const Results got = run_case(through_op(core, scale, causal, kCpuFused), inputs, want.lse, DType::f64);
       int64_t wrong = 0;
       for (int64_t b = 0; b < dims.B; ++b)
         for (int64_t h = 0; h < dims.H; ++h)
@@ -735,95 +409,36 @@ TEST_CASE("fused adaptive block-sparse: output, input and scorer gradients match
       INFO(what);
       AttentionConfig config = block_config("adaptive", causal, seed);
       config.density = 0.5;  // 3 of 6 blocks per row
-      auto make = [&](const std::string& impl) {
-        config.impl = impl;
-        manual_seed(seed);  // the scorer draws its weights: the same for both implementations
-        auto module =
-            std::dynamic_pointer_cast<AdaptiveBlockSparseAttention>(make_attention("block_sparse_adaptive", config));
-        REQUIRE(module != nullptr);
-        module->to(dtype);
-        return module;
-      };
-      auto fused = make("fused"), composed = make("composed");
+      auto fused = adaptive_module(config, "fused", seed), composed = adaptive_module(config, "composed", seed);
+      fused->to(dtype);
+      composed->to(dtype);
       const Inputs inputs = rounded_to(random_inputs(dims, seed + (causal ? 7 : 0)), dtype);
-
-      // Output, lse and gradients of q, k, v, scorer_q, scorer_k for the loss of Inputs.
-      struct AdaptiveResults {
-        Results attention;
-        std::vector<double> dscorer_q, dscorer_k;
-      };
-      auto leaf = [&](const std::vector<double>& x, const Shape& shape, DType t) {
-        return Tensor::from_vector(x, shape).to(t).detach().requires_grad_();
-      };
-      // The oracle's lse of the pattern the first run selects (for the loss mask); set below.
-      std::vector<double> loss_lse;
-      auto run = [&](const std::function<AttentionOutput(const Tensor&, const Tensor&, const Tensor&)>& attend,
-                     DType t, const Tensor& scorer_q, const Tensor& scorer_k) {
-        Tensor q = leaf(inputs.q, dims.q_shape(), t), k = leaf(inputs.k, dims.k_shape(), t),
-               v = leaf(inputs.v, dims.k_shape(), t);
-        AttentionOutput r = attend(q, k, v);
-        weighted_loss(r, inputs, loss_lse, Device::cpu()).backward();
-        auto host = [](const Tensor& x) { return x.detach().to(DType::f64).to_vector(); };
-        return AdaptiveResults{{host(r.out), host(r.lse), gradient_of(q, "q"), gradient_of(k, "k"),
-                                gradient_of(v, "v"), {}},
-                               gradient_of(scorer_q, "scorer_q"), gradient_of(scorer_k, "scorer_k")};
-      };
-
+      const Device cpu = Device::cpu();
       // A first forward (no backward) fixes the pattern both implementations select.
-      {
-        NoGradGuard no_grad;
-        fused->forward_with_lse(leaf(inputs.q, dims.q_shape(), dtype), leaf(inputs.k, dims.k_shape(), dtype),
-                                leaf(inputs.v, dims.k_shape(), dtype));
-      }
-      const std::vector<BlockLists> pattern = fused->last_pattern();
-      REQUIRE(pattern.size() == static_cast<size_t>(dims.B * dims.H));
-      Tensor scores_f64;
-      {
-        NoGradGuard no_grad;
-        scores_f64 = adaptive_block_scores(leaf(inputs.q, dims.q_shape(), DType::f64),
-                                           leaf(inputs.k, dims.k_shape(), DType::f64),
-                                           fused->scorer_q().detach().to(DType::f64),
-                                           fused->scorer_k().detach().to(DType::f64), config.block_size);
-      }
-      Inputs biased = inputs;
-      biased.bias = scores_f64.to_vector();
-      biased.bias_block_size = config.block_size;
+      const std::vector<BlockLists> pattern = selected_pattern(*fused, inputs, dtype, cpu);
+      const Tensor scorer_q64 = fused->scorer_q().detach().to(DType::f64);
+      const Tensor scorer_k64 = fused->scorer_k().detach().to(DType::f64);
       const KeyMasks keys{oracle::block_mask(pattern, config.block_size, dims.Nq, causal), config.scale(), 1.0};
-      const Results want_attention = oracle_results(biased, keys);
-      loss_lse = want_attention.lse;
+      const Results want_attention =
+          oracle_results(with_adaptive_scores(inputs, scorer_q64, scorer_k64, config.block_size), keys);
+      // The oracle's lse of the selected pattern masks the loss.
+      const std::vector<double>& loss_lse = want_attention.lse;
 
       // The reference: the composed path in f64 on the same pattern, scores as bias, so that the
       // scorer gradients have a float64 reference too.
-      Tensor ref_scorer_q = fused->scorer_q().detach().to(DType::f64).requires_grad_();
-      Tensor ref_scorer_k = fused->scorer_k().detach().to(DType::f64).requires_grad_();
-      const AdaptiveResults want = run(
-          [&](const Tensor& q, const Tensor& k, const Tensor& v) {
-            BlockSparseOptions options;
-            options.block_size = config.block_size;
-            options.scale = config.scale();
-            options.causal = causal;
-            return block_sparse_attention(q, k, v, pattern, options,
-                                          adaptive_block_scores(q, k, ref_scorer_q, ref_scorer_k, config.block_size));
-          },
-          DType::f64, ref_scorer_q, ref_scorer_k);
+      Tensor ref_scorer_q = scorer_q64.detach().requires_grad_(), ref_scorer_k = scorer_k64.detach().requires_grad_();
+      const AdaptiveResults want = run_adaptive_case(
+          composed_with_scores(pattern, config.block_size, config.scale(), causal, ref_scorer_q, ref_scorer_k),
+          inputs, loss_lse, DType::f64, cpu, ref_scorer_q, ref_scorer_k);
       // The reference itself agrees with the oracle where the oracle applies (v has no scorer path).
       check_matches_oracle({want.attention.out, want.attention.lse, {}, {}, want.attention.dv, {}},
                            {want_attention.out, want_attention.lse, {}, {}, want_attention.dv, {}},
                            what + " reference");
 
-      auto through = [&](const std::shared_ptr<AdaptiveBlockSparseAttention>& module, const std::string& backend) {
-        return [module, backend](const Tensor& q, const Tensor& k, const Tensor& v) {
-          AttentionOutput r = module->forward_with_lse(q, k, v);
-          CHECK(module->last_backend() == backend);
-          return r;
-        };
-      };
-      const AdaptiveResults got = run(through(fused, "fused-cpu"), dtype, fused->scorer_q(), fused->scorer_k());
+      const AdaptiveResults got = run_adaptive_case(through_adaptive(fused, kCpuFused), inputs, loss_lse, dtype, cpu,
+                                                    fused->scorer_q(), fused->scorer_k());
       CHECK(fused->last_pattern() == pattern);
-      const Results want_all{want.attention.out, want.attention.lse, want.attention.dq, want.attention.dk,
-                             want.attention.dv,  want.dscorer_q};
-      const Results got_all{got.attention.out, got.attention.lse, got.attention.dq, got.attention.dk,
-                            got.attention.dv,  got.dscorer_q};
+      const Results want_all = with_scorer_q_as_dbias(want), got_all = with_scorer_q_as_dbias(got);
       const Deviation scorer_k_dev = deviation(got.dscorer_k, want.dscorer_k);
       if (dtype == DType::f64) {
         check_matches_oracle(got_all, want_all, what + " (dbias = scorer_q)");
@@ -831,12 +446,11 @@ TEST_CASE("fused adaptive block-sparse: output, input and scorer gradients match
                                         << scorer_k_dev.max_magnitude);
         CHECK(scorer_k_dev.max_error <= 1e-10 * scorer_k_dev.max_magnitude + 1e-13);
       } else {
-        const AdaptiveResults ref =
-            run(through(composed, "composed"), dtype, composed->scorer_q(), composed->scorer_k());
+        const AdaptiveResults ref = run_adaptive_case(through_adaptive(composed, kComposed), inputs, loss_lse, dtype,
+                                                      cpu, composed->scorer_q(), composed->scorer_k());
         CHECK(composed->last_pattern() == pattern);
-        const Results ref_all{ref.attention.out, ref.attention.lse, ref.attention.dq, ref.attention.dk,
-                              ref.attention.dv,  ref.dscorer_q};
-        check_no_worse_than_composed(got_all, ref_all, want_all, kF32Floor, what + " (dbias = scorer_q)");
+        check_no_worse_than_composed(got_all, with_scorer_q_as_dbias(ref), want_all, kF32Bounds,
+                                     what + " (dbias = scorer_q)");
         const Deviation ref_k_dev = deviation(ref.dscorer_k, want.dscorer_k);
         INFO("scorer_k gradient: fused error " << scorer_k_dev.max_error << ", composed error " << ref_k_dev.max_error);
         CHECK(scorer_k_dev.broken == 0);
@@ -973,4 +587,23 @@ TEST_CASE("fused dense f32 at N = 4096: no N x N memory, rows agree with the com
   INFO("column sums: dv off by " << worst_dv << ", dk off by " << worst_dk);
   CHECK(worst_dv <= 1e-5 * size_dv / (H * D));
   CHECK(worst_dk <= 1e-5 * size_dk / (H * D));
+}
+
+TEST_CASE("dilated attention with more branches than the fused kernels take falls back under auto, throws under fused") {
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  AttentionConfig config;
+  config.num_heads = 2;
+  config.head_dim = 4;
+  config.segment_lengths = {2, 3, 4, 5, 6, 7, 8, 9, 10};  // one more than fused::kMaxBranches
+  config.dilation_rates = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+  const Tensor q = Tensor::randn({1, 12, 2, 4}), k = Tensor::randn({1, 12, 2, 4}), v = Tensor::randn({1, 12, 2, 4});
+  auto automatic = make_attention("dilated", config);
+  const Tensor out = automatic->forward(q, k, v);
+  CHECK(automatic->last_backend() == "composed");
+  for (double x : out.to_vector()) CHECK(std::isfinite(x));
+  config.impl = "fused";
+  auto fused_only = make_attention("dilated", config);
+  CHECK_THROWS_WITH_AS(fused_only->forward(q, k, v), doctest::Contains("at most 8 dilated branches"), Error);
 }
