@@ -31,11 +31,7 @@ AttentionConfig make_config(Mixing mixing, bool causal) {
 
 }  // namespace
 
-TEST_CASE("CUDA parity: dense and dilated, f32 and bf16 against CPU f64") {
-  if (!cuda_available()) {
-    MESSAGE("skipped: no CUDA device available (or built without CUDA)");
-    return;
-  }
+TEST_CASE("CUDA parity: dense and dilated, f32 and bf16 against CPU f64" * doctest::skip(!cuda_available())) {
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   manual_seed(seed);
@@ -70,11 +66,7 @@ TEST_CASE("CUDA parity: dense and dilated, f32 and bf16 against CPU f64") {
     }
 }
 
-TEST_CASE("CUDA parity: multihead layer forward and parameter gradients") {
-  if (!cuda_available()) {
-    MESSAGE("skipped: no CUDA device available (or built without CUDA)");
-    return;
-  }
+TEST_CASE("CUDA parity: multihead layer forward and parameter gradients" * doctest::skip(!cuda_available())) {
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   manual_seed(seed);

@@ -44,11 +44,8 @@ AttentionConfig make_config(const std::string& pattern, bool causal) {
 
 }  // namespace
 
-TEST_CASE("CUDA parity: block_sparse patterns, adaptive and the Hilbert schedule, f32 against CPU f64") {
-  if (!cuda_available()) {
-    MESSAGE("skipped: no CUDA device available (or built without CUDA)");
-    return;
-  }
+TEST_CASE("CUDA parity: block_sparse patterns, adaptive and the Hilbert schedule, f32 against CPU f64" *
+          doctest::skip(!cuda_available())) {
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   manual_seed(seed);
@@ -86,11 +83,8 @@ TEST_CASE("CUDA parity: block_sparse patterns, adaptive and the Hilbert schedule
   }
 }
 
-TEST_CASE("CUDA: the Hilbert schedule gives the same block-sparse output as the natural one") {
-  if (!cuda_available()) {
-    MESSAGE("skipped: no CUDA device available (or built without CUDA)");
-    return;
-  }
+TEST_CASE("CUDA: the Hilbert schedule gives the same block-sparse output as the natural one" *
+          doctest::skip(!cuda_available())) {
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   manual_seed(seed);
@@ -110,11 +104,7 @@ TEST_CASE("CUDA: the Hilbert schedule gives the same block-sparse output as the 
   }
 }
 
-TEST_CASE("CUDA parity: Hilbert token ordering around block_sparse and dense") {
-  if (!cuda_available()) {
-    MESSAGE("skipped: no CUDA device available (or built without CUDA)");
-    return;
-  }
+TEST_CASE("CUDA parity: Hilbert token ordering around block_sparse and dense" * doctest::skip(!cuda_available())) {
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   manual_seed(seed);

@@ -24,14 +24,6 @@ namespace {
 const Device kGpu = Device::cuda(0);
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-#define SKIP_WITHOUT_CUDA()                \
-  do {                                     \
-    if (!cuda_available()) {               \
-      MESSAGE("no CUDA device: skipped");  \
-      return;                              \
-    }                                      \
-  } while (0)
-
 // Fills the caching pool with NaN-filled blocks of many sizes and frees them, so outputs that a
 // kernel forgets to write show up as NaN instead of passing with stale or zero memory.
 void poison_gpu_pool() {
@@ -168,8 +160,8 @@ TEST_CASE("TF32 for f32 matmuls is off by default and can be switched") {
   CHECK_FALSE(allow_tf32());
 }
 
-TEST_CASE("cuda: unary ops match the CPU forward and backward, contiguous and strided") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: unary ops match the CPU forward and backward, contiguous and strided" *
+          doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   manual_seed(101);
   const Shape s{7, 33};
@@ -194,8 +186,8 @@ TEST_CASE("cuda: unary ops match the CPU forward and backward, contiguous and st
   check_parity_all(cases);
 }
 
-TEST_CASE("cuda: binary ops with broadcasting, comparisons and where match the CPU") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: binary ops with broadcasting, comparisons and where match the CPU" *
+          doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   manual_seed(102);
   const Shape sa{3, 1, 5}, sb{4, 5};
@@ -223,8 +215,8 @@ TEST_CASE("cuda: binary ops with broadcasting, comparisons and where match the C
   check_parity_all(cases);
 }
 
-TEST_CASE("cuda: casts and copies agree bit for bit with the CPU, including bf16 and integers") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: casts and copies agree bit for bit with the CPU, including bf16 and integers" *
+          doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   manual_seed(103);
   Tensor x = mul(Tensor::randn({37, 19}), 50.0);  // f32 on the CPU
@@ -270,8 +262,7 @@ TEST_CASE("cuda: casts and copies agree bit for bit with the CPU, including bf16
   }
 }
 
-TEST_CASE("cuda: sum, mean, amax and logsumexp over dim sets match the CPU") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: sum, mean, amax and logsumexp over dim sets match the CPU" * doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   manual_seed(104);
   const Shape s{6, 37, 129};
@@ -297,8 +288,7 @@ TEST_CASE("cuda: sum, mean, amax and logsumexp over dim sets match the CPU") {
   check_parity_all(cases);
 }
 
-TEST_CASE("cuda: reduce kernels (sum, max, min) match the CPU and propagate NaN") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: reduce kernels (sum, max, min) match the CPU and propagate NaN" * doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   manual_seed(105);
   for (int64_t cols : {1, 31, 700, 20000}) {
@@ -328,8 +318,8 @@ TEST_CASE("cuda: reduce kernels (sum, max, min) match the CPU and propagate NaN"
   CHECK(sum(Tensor::zeros({5, 0}, DType::f32, kGpu), {0}).shape() == Shape{0});
 }
 
-TEST_CASE("cuda: matmul 2-D, batched and broadcast, with TF32 off and on, matches the CPU") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: matmul 2-D, batched and broadcast, with TF32 off and on, matches the CPU" *
+          doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   manual_seed(106);
   REQUIRE_FALSE(allow_tf32());
@@ -370,8 +360,8 @@ TEST_CASE("cuda: matmul 2-D, batched and broadcast, with TF32 off and on, matche
   CHECK_THROWS_AS(matmul(ag, b.to(DType::f32)), Error);
 }
 
-TEST_CASE("cuda: softmax, log_softmax and layer_norm match the CPU forward and backward") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: softmax, log_softmax and layer_norm match the CPU forward and backward" *
+          doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   manual_seed(107);
   std::vector<ParityCase> cases;
@@ -392,8 +382,8 @@ TEST_CASE("cuda: softmax, log_softmax and layer_norm match the CPU forward and b
   check_parity_all(cases);
 }
 
-TEST_CASE("cuda: embedding, cross_entropy, cat, split, index_select, gather and scatter_add match the CPU") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: embedding, cross_entropy, cat, split, index_select, gather and scatter_add match the CPU" *
+          doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   manual_seed(108);
   Tensor targets = random_indices({37}, 11);
@@ -431,8 +421,8 @@ TEST_CASE("cuda: embedding, cross_entropy, cat, split, index_select, gather and 
   check_parity_all(cases);
 }
 
-TEST_CASE("cuda: embedding and index_select backward in f32 equal the CPU's bit for bit") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: embedding and index_select backward in f32 equal the CPU's bit for bit" *
+          doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   manual_seed(109);
   // Repeated indices are accumulated in index order on both devices: the same f32 additions.
@@ -452,8 +442,8 @@ TEST_CASE("cuda: embedding and index_select backward in f32 equal the CPU's bit 
   CHECK(bitwise_equal(xg.grad(), x.grad()));
 }
 
-TEST_CASE("cuda: the same seed gives the same random numbers and dropout masks on CPU and GPU") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: the same seed gives the same random numbers and dropout masks on CPU and GPU" *
+          doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   for (DType dt : {DType::f32, DType::bf16, DType::f64}) {
     INFO(dtype_name(dt));
@@ -482,8 +472,7 @@ TEST_CASE("cuda: the same seed gives the same random numbers and dropout masks o
   }
 }
 
-TEST_CASE("cuda: views, contiguous and zero-size tensors") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: views, contiguous and zero-size tensors" * doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   manual_seed(110);
   std::vector<ParityCase> cases = {
@@ -501,8 +490,7 @@ TEST_CASE("cuda: views, contiguous and zero-size tensors") {
   CHECK(e.contiguous().numel() == 0);
 }
 
-TEST_CASE("cuda: ops on bad input throw clear errors") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: ops on bad input throw clear errors" * doctest::skip(!cuda_available())) {
   Tensor w = Tensor::randn({10, 4}, DType::f32, kGpu);
   CHECK_THROWS_WITH_AS(embedding(w, Tensor::from_vector(std::vector<int64_t>{1, 12}, {2}, kGpu)),
                        doctest::Contains("out of range"), Error);
@@ -510,8 +498,8 @@ TEST_CASE("cuda: ops on bad input throw clear errors") {
   CHECK_THROWS_AS(matmul(w, Tensor::randn({4, 3}, DType::f32, kGpu).to(DType::bf16)), Error);
 }
 
-TEST_CASE("cuda: the same computation run twice with the same seed is bitwise identical") {
-  SKIP_WITHOUT_CUDA();
+TEST_CASE("cuda: the same computation run twice with the same seed is bitwise identical" *
+          doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   // An MLP-like chain: embedding -> layer_norm -> matmul -> gelu -> dropout -> matmul ->
   // cross_entropy + softmax terms, plus large reductions; forward and backward.
