@@ -57,7 +57,7 @@ void check_shards(const AttentionConfig& config, const Tensor& q, const Tensor& 
 }  // namespace
 
 AttentionOutput head_parallel_attention(dist::Communicator& comm, const AttentionConfig& config, const Tensor& q,
-                                        const Tensor& k, const Tensor& v, bool training) {
+                                        const Tensor& k, const Tensor& v, bool training, CoreRun* run) {
   check_shards(config, q, k, v, "head_parallel_attention");
   check_inner_name(config);
   const int64_t ranks = comm.size(), rank = comm.rank();
@@ -73,6 +73,7 @@ AttentionOutput head_parallel_attention(dist::Communicator& comm, const Attentio
   std::shared_ptr<Attention> inner = make_attention(config.inner_variant, inner_config(config, rank, ranks));
   inner->train(training);
   AttentionOutput full = inner->forward_with_lse(qf, kf, vf);
+  if (run) *run = {inner->last_backend(), inner->last_precision()};
   // Back: sequence chunk s goes to rank s, head groups join in rank order.
   return {dist::all_to_all(comm, full.out, 1, 2, lengths), dist::all_to_all(comm, full.lse, 2, 1, lengths)};
 }
@@ -87,8 +88,12 @@ HeadParallelAttention::HeadParallelAttention(AttentionConfig config) : Attention
 
 AttentionOutput HeadParallelAttention::forward_with_lse(const Tensor& q, const Tensor& k, const Tensor& v) {
   check_inputs(q, k, v);
-  if (dist::Communicator* comm = dist::current_communicator())
-    return head_parallel_attention(*comm, config_, q, k, v, is_training());
+  if (dist::Communicator* comm = dist::current_communicator()) {
+    CoreRun run;
+    AttentionOutput result = head_parallel_attention(*comm, config_, q, k, v, is_training(), &run);
+    note_backend(run.backend, run.precision);
+    return result;
+  }
 
   // Outside a rank: run config.ranks ranks as threads on the full tensors.
   check_shards(config_, q, k, v, "attention 'head_parallel'");
@@ -106,14 +111,17 @@ AttentionOutput HeadParallelAttention::forward_with_lse(const Tensor& q, const T
   const Tensor qd = q.detach(), kd = k.detach(), vd = v.detach();
   const AttentionConfig config = config_;
   std::vector<AttentionOutput> parts(static_cast<size_t>(ranks));
+  CoreRun run;  // written by rank 0 only
   {
     NoGradGuard no_grad;
     dist::run_ranks(static_cast<int>(ranks), [&](dist::Communicator& comm) {
       const int64_t r = comm.rank();
       parts[static_cast<size_t>(r)] =
-          head_parallel_attention(comm, config, chunk(qd, r, 1), chunk(kd, r, 1), chunk(vd, r, 1), training);
+          head_parallel_attention(comm, config, chunk(qd, r, 1), chunk(kd, r, 1), chunk(vd, r, 1), training,
+                                  r == 0 ? &run : nullptr);
     });
   }
+  note_backend(run.backend, run.precision);
   Tensor out, lse;
   {
     NoGradGuard no_grad;

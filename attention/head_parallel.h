@@ -13,15 +13,18 @@
 #include <string>
 
 #include "attention/attention.h"
+#include "attention/fused/fused_attention.h"
 #include "nn/dist/communicator.h"
 
 namespace longtape::attention {
 
 // Rank-local head-parallel attention: q, k, v are this rank's tokens (B, n_r, H, D), the chunks in
 // rank order; returns this rank's out (B, n_r, H, D) and lse (B, H, n_r). `training` is passed to
-// the inner variant. Every rank must call backward through it (see nn/dist/functional.h).
+// the inner variant. Every rank must call backward through it (see nn/dist/functional.h). `run`,
+// when given, receives what ran the inner variant's core.
 AttentionOutput head_parallel_attention(dist::Communicator& comm, const AttentionConfig& config, const Tensor& q,
-                                        const Tensor& k, const Tensor& v, bool training = false);
+                                        const Tensor& k, const Tensor& v, bool training = false,
+                                        CoreRun* run = nullptr);
 
 // The registered variant "head_parallel". Inside run_ranks, forward takes this rank's shards and
 // uses the rank's communicator. Anywhere else it takes the full (B, N, H, D) tensors and runs

@@ -607,3 +607,26 @@ TEST_CASE("dilated attention with more branches than the fused kernels take fall
   auto fused_only = make_attention("dilated", config);
   CHECK_THROWS_WITH_AS(fused_only->forward(q, k, v), doctest::Contains("at most 8 dilated branches"), Error);
 }
+
+TEST_CASE("wrapper variants report what ran their core: hilbert and head_parallel their inner's, ring composed") {
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  AttentionConfig config;
+  config.num_heads = 4;
+  config.head_dim = 8;
+  config.segment_lengths = {8, 16};
+  config.dilation_rates = {1, 2};
+  config.ranks = 2;
+  config.grid = "4x4";
+  const Tensor q = Tensor::randn({1, 16, 4, 8}), k = Tensor::randn({1, 16, 4, 8}), v = Tensor::randn({1, 16, 4, 8});
+  for (const auto& [variant, expected] : std::vector<std::pair<std::string, std::string>>{
+           {"hilbert", "fused-cpu"}, {"head_parallel", "fused-cpu"}, {"ring", "composed"}}) {
+    INFO(variant);
+    auto layer = make_attention(variant, config);
+    CHECK(layer->last_backend() == "none");
+    layer->forward(q, k, v);
+    CHECK(layer->last_backend() == expected);
+    CHECK(layer->last_precision() == "f32");
+  }
+}
