@@ -1,0 +1,550 @@
+#pragma once
+// Fused attention on the CPU: tiled online-softmax forward and flash-style backward for every key
+// set of problem.h (dense, dilated with lse or head_groups mixing, block lists with bias).
+//
+// Every key set is reduced to the same two shapes of work: a tile of query rows against a list of
+// key runs (forward, dQ), or a tile of key rows against a list of query runs (dK, dV). A run is an
+// arithmetic sequence of positions (first, count, step) with one bias value, so a dense stream, a
+// dilated stream and the key blocks of one query block are all a few runs. Tiles are copied from
+// the strided tensors into per-thread scratch whose size depends on the tile and head dims only
+// (memory O(N) overall); no N x N matrix is ever formed.
+//
+// Layout of the scores: in the query-tile loops the scores are kept key-major (key x query), so the
+// per-query softmax statistics are vectors over the query lanes; in the key-tile loop (dK, dV) they
+// are query-major. Either way every product is C += A * B with B read by rows, computed by one
+// register-blocked kernel on the compiler's vector types.
+//
+// Internal to the fused CPU attention (cpu_attention_forward.cpp, cpu_attention_backward.cpp): the
+// pieces both passes share. Not part of the library's interface.
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention/fused/problem.h"
+
+#ifdef _OPENMP
+#define LT_OMP(directive) _Pragma(#directive)
+#else
+#define LT_OMP(directive)
+#endif
+
+namespace longtape::attention::fused::cpu_detail {
+
+inline constexpr int64_t kQueryTile = 64;
+inline constexpr int64_t kKeyTile = 64;
+
+template <typename Real>
+inline constexpr Real kNegInf = -std::numeric_limits<Real>::infinity();
+template <typename Real>
+inline constexpr Real kPosInf = std::numeric_limits<Real>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// Vectors: the widest registers the target has (SSE2 is the x86-64 baseline).
+
+#if defined(__AVX512F__)
+inline constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+inline constexpr int kVectorBytes = 32;
+#else
+inline constexpr int kVectorBytes = 16;
+#endif
+
+template <typename Real>
+struct Simd {
+  typedef Real type __attribute__((vector_size(kVectorBytes)));
+  static constexpr int64_t lanes = kVectorBytes / static_cast<int>(sizeof(Real));
+};
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------
+// exp
+
+// What the softmax loops step by: a vector of floats, or one double. The float exp is written out
+// (libm's has no vector form without -ffast-math); double keeps std::exp for its accuracy.
+template <typename Real>
+struct Pack;
+
+template <>
+struct Pack<float> {
+  typedef Simd<float>::type type;
+  typedef int32_t bits __attribute__((vector_size(kVectorBytes)));
+  static constexpr int64_t width = kVectorBytes / 4;
+  static type splat(float x) { return type{} + x; }
+  static type load(const float* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(float* p, type v) { std::memcpy(p, &v, sizeof(v)); }
+  // Cephes range reduction and degree-6 polynomial (about 2 ulp). Inputs below -87 give exactly 0,
+  // -inf included, so masked scores vanish without a NaN.
+  static type exp(type x) {
+    const type low = splat(-87.0f), high = splat(88.0f);
+    type clamped = x < low ? low : x;
+    clamped = clamped > high ? high : clamped;
+    // Round to nearest with the 1.5 * 2^23 trick: no rounding call.
+    const type n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    type r = clamped - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    type p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const bits exponent = (__builtin_convertvector(n, bits) + 127) << 23;
+    return x < low ? splat(0.0f) : p * std::bit_cast<type>(exponent);
+  }
+};
+
+template <>
+struct Pack<double> {
+  typedef double type;
+  static constexpr int64_t width = 1;
+  static type splat(double x) { return x; }
+  static type load(const double* p) { return *p; }
+  static void store(double* p, type v) { *p = v; }
+  static type exp(type x) { return std::exp(x); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Tile products: C (M x N, row-major, ldc) = or += A (M x K) * B (K x N)
+//
+// B is read by rows through row pointers (b_rows[k] + n, n contiguous). A is either read by rows
+// (a.rows[m][k], k contiguous) or stored k-major (a.data[k * a.ld + m], m contiguous): the scores
+// are the left operand of P V and dS K without being transposed.
+
+template <typename Real>
+struct Operand {
+  const Real* const* rows = nullptr;  // a_rows[m] (A by rows) or b_rows[k] (B)
+  const Real* data = nullptr;         // A k-major
+  int64_t ld = 0;
+};
+
+template <typename Real, bool kAKMajor>
+inline Real a_at(const Operand<Real>& a, int64_t m, int64_t k) {
+  if constexpr (kAKMajor) return a.data[k * a.ld + m];
+  return a.rows[m][k];
+}
+
+// MR rows x NV vectors of C, accumulated in registers over all of K (6 x 2 vectors: 12
+// accumulators, enough independent FMAs to hide their latency).
+template <typename Real, int MR, int NV, bool kAKMajor>
+inline void micro_tile(int64_t K, const Operand<Real>& a, int64_t m0, const Real* const* b_rows, int64_t n0,
+                       Real* c, int64_t ldc, bool accumulate) {
+  using V = typename Simd<Real>::type;
+  constexpr int64_t W = Simd<Real>::lanes;
+  V acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[i][j] = V{};
+  const Real* a_row[MR] = {};
+  if constexpr (!kAKMajor) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) a_row[i] = a.rows[m0 + i];
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const Real* b = b_rows[k] + n0;
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) std::memcpy(&bv[j], b + j * W, sizeof(V));
+    const Real* ak = kAKMajor ? a.data + k * a.ld + m0 : nullptr;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const Real s = kAKMajor ? ak[i] : a_row[i][k];
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[i][j] += bv[j] * s;
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      Real* out = c + (m0 + i) * ldc + n0 + j * W;
+      if (accumulate) {
+        V old;
+        std::memcpy(&old, out, sizeof(V));
+        acc[i][j] += old;
+      }
+      std::memcpy(out, &acc[i][j], sizeof(V));
+    }
+}
+
+// All rows of one column band of NV vectors.
+template <typename Real, int NV, bool kAKMajor>
+inline void column_band(int64_t M, int64_t K, const Operand<Real>& a, const Real* const* b_rows, int64_t n0,
+                        Real* c, int64_t ldc, bool accumulate) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) micro_tile<Real, 6, NV, kAKMajor>(K, a, m, b_rows, n0, c, ldc, accumulate);
+  if (m + 4 <= M) {
+    micro_tile<Real, 4, NV, kAKMajor>(K, a, m, b_rows, n0, c, ldc, accumulate);
+    m += 4;
+  }
+  if (m + 2 <= M) {
+    micro_tile<Real, 2, NV, kAKMajor>(K, a, m, b_rows, n0, c, ldc, accumulate);
+    m += 2;
+  }
+  if (m < M) micro_tile<Real, 1, NV, kAKMajor>(K, a, m, b_rows, n0, c, ldc, accumulate);
+}
+
+template <typename Real, bool kAKMajor>
+void gemm(int64_t M, int64_t N, int64_t K, const Operand<Real>& a, const Real* const* b_rows, Real* c, int64_t ldc,
+          bool accumulate) {
+  constexpr int64_t W = Simd<Real>::lanes;
+  int64_t n = 0;
+  for (; n + 2 * W <= N; n += 2 * W) column_band<Real, 2, kAKMajor>(M, K, a, b_rows, n, c, ldc, accumulate);
+  for (; n + W <= N; n += W) column_band<Real, 1, kAKMajor>(M, K, a, b_rows, n, c, ldc, accumulate);
+  if (n == N) return;
+  // Columns past the last full vector (head dims that are not a multiple of the vector width).
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t col = n; col < N; ++col) {
+      Real sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += a_at<Real, kAKMajor>(a, m, k) * b_rows[k][col];
+      c[m * ldc + col] = accumulate ? c[m * ldc + col] + sum : sum;
+    }
+}
+
+template <typename Real>
+Operand<Real> by_rows(const Real* const* rows) {
+  Operand<Real> a;
+  a.rows = rows;
+  return a;
+}
+
+template <typename Real>
+Operand<Real> k_major(const Real* data, int64_t ld) {
+  Operand<Real> a;
+  a.data = data;
+  a.ld = ld;
+  return a;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs of positions
+
+// Positions first, first + step, ..., first + (count - 1) * step, all with one logit bias; `tag`
+// is the block index of the run for block key sets.
+template <typename Real>
+struct Run {
+  int64_t first = 0, count = 0, step = 1;
+  Real bias = 0;
+  int64_t tag = 0;
+};
+
+// Drops the positions after `last` (causal keys of a query tile).
+template <typename Real>
+void keep_until(Run<Real>& run, int64_t last) {
+  if (run.count == 0) return;
+  if (last < run.first) {
+    run.count = 0;
+    return;
+  }
+  run.count = std::min(run.count, (last - run.first) / run.step + 1);
+}
+
+// Drops the positions before `first` (causal queries of a key tile).
+template <typename Real>
+void keep_from(Run<Real>& run, int64_t first) {
+  if (run.count == 0 || first <= run.first) return;
+  const int64_t skipped = (first - run.first + run.step - 1) / run.step;
+  run.count = std::max<int64_t>(0, run.count - skipped);
+  run.first += skipped * run.step;
+}
+
+// Where the next tile starts inside a list of runs.
+struct Cursor {
+  size_t run = 0;
+  int64_t next = 0;
+};
+
+// The next up to `limit` positions of `runs`: positions, the bias of their run and the index of
+// their run. Returns how many (0 at the end).
+template <typename Real>
+int64_t take(const std::vector<Run<Real>>& runs, Cursor& cursor, int64_t limit, int64_t* pos, Real* bias,
+             int32_t* run_index) {
+  int64_t n = 0;
+  while (n < limit && cursor.run < runs.size()) {
+    const Run<Real>& run = runs[cursor.run];
+    const int64_t count = std::min(limit - n, run.count - cursor.next);
+    for (int64_t j = 0; j < count; ++j) {
+      pos[n + j] = run.first + (cursor.next + j) * run.step;
+      bias[n + j] = run.bias;
+      run_index[n + j] = static_cast<int32_t>(cursor.run);
+    }
+    n += count;
+    cursor.next += count;
+    if (cursor.next >= run.count) {
+      ++cursor.run;
+      cursor.next = 0;
+    }
+  }
+  return n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operands and scratch
+
+// One (B, N, H, D) operand: base pointer and strides in elements.
+template <typename Real>
+struct View {
+  Real* data = nullptr;
+  Strides stride;
+  Real* rows(int64_t b, int64_t h) const { return data + b * stride.batch + h * stride.head; }
+  Real* row(int64_t b, int64_t h, int64_t pos) const { return rows(b, h) + pos * stride.row; }
+};
+
+// Row pointers of the positions pos[0..n) of one (b, h).
+template <typename Real>
+void row_pointers(const View<const Real>& x, int64_t b, int64_t h, const int64_t* pos, int64_t n,
+                  const Real** out) {
+  const Real* base = x.rows(b, h);
+  for (int64_t i = 0; i < n; ++i) out[i] = base + pos[i] * x.stride.row;
+}
+
+// Copies the rows at pos[0..n) of one (b, h) into dst (n x dim, contiguous). Products read their
+// operands many times; rows a large power-of-two stride apart would share a few cache sets.
+template <typename Real>
+void pack_rows(const View<const Real>& x, int64_t b, int64_t h, const int64_t* pos, int64_t n, int64_t dim,
+               Real* dst) {
+  const Real* base = x.rows(b, h);
+  for (int64_t i = 0; i < n; ++i)
+    std::memcpy(dst + i * dim, base + pos[i] * x.stride.row, static_cast<size_t>(dim) * sizeof(Real));
+}
+
+// dst[d * ld + i] = factor * rows[i][d] for i < n, d < dim; lanes [n, padded) are zeroed so that
+// products over whole vectors read finite values there.
+template <typename Real>
+void transpose_rows(const Real* const* rows, int64_t n, int64_t padded, int64_t dim, Real factor, Real* dst,
+                    int64_t ld) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Real* __restrict src = rows[i];
+    for (int64_t d = 0; d < dim; ++d) dst[d * ld + i] = factor * src[d];
+  }
+  for (int64_t d = 0; d < dim; ++d) std::fill(dst + d * ld + n, dst + d * ld + padded, Real(0));
+}
+
+// rows[i][:] += factor * src[i * dim + :].
+template <typename Real>
+void add_rows(Real* const* rows, int64_t n, int64_t dim, Real factor, const Real* src) {
+  for (int64_t i = 0; i < n; ++i) {
+    Real* __restrict out = rows[i];
+    const Real* __restrict in = src + i * dim;
+    for (int64_t e = 0; e < dim; ++e) out[e] += factor * in[e];
+  }
+}
+
+// Sets every (b, pos, h, :) row of x to zero.
+template <typename Real>
+void zero_all(const View<Real>& x, int64_t batch, int64_t n, int64_t heads, int64_t dim) {
+  const int64_t count = batch * n;
+  LT_OMP(omp parallel for schedule(static) if (count * heads * dim > 65536))
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t b = i / n, pos = i % n;
+    for (int64_t h = 0; h < heads; ++h) std::fill_n(x.row(b, h, pos), dim, Real(0));
+  }
+}
+
+template <typename Real>
+struct Scratch {
+  // Transposed tiles (dim x tile): queries and dout of a query tile, or keys and values of a key
+  // tile; their row pointers for the products.
+  std::vector<Real> t0, t1;
+  std::vector<const Real*> t0_rows, t1_rows;
+  // Packed row tiles (tile x dim): keys and values of a key tile, or queries and dout.
+  std::vector<Real> p0, p1;
+  std::vector<const Real*> p0_rows, p1_rows;
+  std::vector<Real> s, dp;         // scores and their gradient (kKeyTile x kQueryTile or transposed)
+  std::vector<Real> acc0, acc1;    // accumulators: out or dQ (query tile), dK and dV (key tile)
+  std::vector<Real> row_max, row_sum, row_shift, row_scale, row_lse, row_delta, row_bias;
+  std::vector<Real> col_bias;
+  std::vector<int64_t> row_pos, col_pos;
+  std::vector<int32_t> row_run, col_run;
+  std::vector<const Real*> a_rows, b_rows, c_rows, d_rows;  // tensor rows in place (transposes)
+  std::vector<Real*> out_rows;
+  std::vector<Run<Real>> runs;
+  std::vector<Real> run_sum;  // dbias per run of a block query row
+  int64_t q_first = 0, q_step = 1;  // the query tile, an arithmetic run (forward and dQ)
+  int64_t k_first = 0, k_step = 1;  // the key tile, an arithmetic run (dK and dV)
+
+  explicit Scratch(int64_t dim) {
+    const int64_t tile = std::max(kQueryTile, kKeyTile);
+    t0.resize(static_cast<size_t>(dim * tile));
+    t1.resize(static_cast<size_t>(dim * tile));
+    t0_rows.resize(static_cast<size_t>(dim));
+    t1_rows.resize(static_cast<size_t>(dim));
+    for (int64_t d = 0; d < dim; ++d) {
+      t0_rows[d] = t0.data() + d * tile;
+      t1_rows[d] = t1.data() + d * tile;
+    }
+    p0.resize(static_cast<size_t>(tile * dim));
+    p1.resize(static_cast<size_t>(tile * dim));
+    for (int64_t i = 0; i < tile; ++i) {
+      p0_rows.push_back(p0.data() + i * dim);
+      p1_rows.push_back(p1.data() + i * dim);
+    }
+    s.resize(static_cast<size_t>(kQueryTile * kKeyTile));
+    dp.resize(static_cast<size_t>(kQueryTile * kKeyTile));
+    acc0.resize(static_cast<size_t>(tile * dim));
+    acc1.resize(static_cast<size_t>(tile * dim));
+    for (auto* v : {&row_max, &row_sum, &row_shift, &row_scale, &row_lse, &row_delta, &row_bias, &col_bias})
+      v->resize(static_cast<size_t>(tile));
+    row_pos.resize(tile);
+    col_pos.resize(tile);
+    row_run.resize(tile);
+    col_run.resize(tile);
+    for (auto* v : {&a_rows, &b_rows, &c_rows, &d_rows}) v->resize(tile);
+    out_rows.resize(tile);
+  }
+  int64_t ld() const { return std::max(kQueryTile, kKeyTile); }  // leading dim of t0, t1
+};
+
+// Runs fn(item, scratch) for item in [0, count) on all threads, one scratch per thread.
+template <typename Real, typename Fn>
+void parallel_items(int64_t count, int64_t dim, const Fn& fn) {
+  if (count <= 0) return;
+  LT_OMP(omp parallel if (count > 1)) {
+    Scratch<Real> scratch(dim);
+    LT_OMP(omp for schedule(dynamic))
+    for (int64_t item = 0; item < count; ++item) fn(item, scratch);
+  }
+}
+
+template <typename Real>
+struct Context {
+  int64_t B = 0, H = 0, D = 0, Nq = 0, Nk = 0;
+  Real scale = 1;
+  bool causal = false;
+  bool has_bias = false;
+  View<const Real> q, k, v;
+  const Problem* problem = nullptr;
+
+  explicit Context(const Problem& p)
+      : B(p.batch), H(p.heads), D(p.head_dim), Nq(p.seq_q), Nk(p.seq_k), scale(static_cast<Real>(p.scale)),
+        causal(p.causal), problem(&p) {
+    q = {static_cast<const Real*>(p.q), p.q_stride};
+    k = {static_cast<const Real*>(p.k), p.k_stride};
+    v = {static_cast<const Real*>(p.v), p.v_stride};
+    has_bias = p.key_set == KeySet::blocks && p.blocks.bias != nullptr;
+  }
+
+  // Index of (b, h, pos) in the (B, H, Nq) row statistics.
+  int64_t stat(int64_t b, int64_t h, int64_t pos) const { return (b * H + h) * Nq + pos; }
+};
+
+// How many rows of an arithmetic query tile (first, step, rows) lie before key position `key`:
+// under the causal mask they do not see it.
+inline int64_t rows_before(int64_t key, int64_t first, int64_t step, int64_t rows) {
+  if (key <= first) return 0;
+  return std::min(rows, (key - first + step - 1) / step);
+}
+
+// How many keys of an arithmetic key tile (first, step, cols) lie at or before query `query`.
+inline int64_t keys_until(int64_t query, int64_t first, int64_t step, int64_t cols) {
+  if (query < first) return 0;
+  return std::min(cols, (query - first) / step + 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key-set geometry
+
+// Block lists of one (b, h): list index 0, h or b * H + h by the number of lists.
+inline int64_t list_of(const BlockSpec& blocks, int64_t b, int64_t h, int64_t heads, int64_t batch) {
+  if (blocks.num_lists == batch * heads) return b * heads + h;
+  if (blocks.num_lists == heads) return h;
+  return 0;
+}
+
+// One branch of a dilated problem: segment w, dilation r; the streams of every segment.
+struct Branch {
+  int64_t segment = 1, dilation = 1, segments = 0;
+  int64_t max_stream = 0;  // longest stream (offset 0, full segment)
+
+  Branch(const DilatedSpec& spec, int index, int64_t n) {
+    dilation = spec.dilation[index];
+    segment = std::min(spec.segment[index], std::max<int64_t>(n, 1));
+    segments = n == 0 ? 0 : (n + segment - 1) / segment;
+    max_stream = (segment + dilation - 1) / dilation;
+  }
+
+  // The stream of segment t at `offset` over a sequence of n positions.
+  template <typename Real>
+  Run<Real> stream(int64_t t, int64_t offset, int64_t n) const {
+    Run<Real> run;
+    run.first = t * segment + offset;
+    run.step = dilation;
+    const int64_t end = std::min((t + 1) * segment, n);
+    run.count = run.first < end ? (end - run.first + dilation - 1) / dilation : 0;
+    return run;
+  }
+};
+
+// Stream offset of head h in branch i, or -1 when the head does not run the branch.
+inline int64_t branch_offset(const DilatedSpec& spec, int branch, int64_t h) {
+  if (spec.mixing == BranchMixing::lse) return (spec.head_offset + h) % spec.dilation[branch];
+  return spec.branch_of_head[h] == branch ? spec.offset_of_head[h] : -1;
+}
+
+// How the items of a dilated branch cover its streams: streams are grouped when short, split into
+// tiles when long.
+struct StreamItems {
+  int64_t tiles = 1;    // tiles per stream
+  int64_t group = 1;    // streams per item
+  int64_t groups = 0;   // items per (b, h)
+  StreamItems(const Branch& branch, int64_t tile) {
+    tiles = std::max<int64_t>(1, (branch.max_stream + tile - 1) / tile);
+    group = tiles == 1 ? std::max<int64_t>(1, tile / std::max<int64_t>(1, branch.max_stream)) : 1;
+    groups = (branch.segments + group - 1) / group * tiles;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Query tiles and block runs (forward and dQ)
+
+// Makes the query tile first + r * step (r < rows) current: positions, and the scaled queries
+// transposed into t0.
+template <typename Real>
+void load_query_tile(const Context<Real>& c, int64_t b, int64_t h, int64_t first, int64_t step, int64_t rows,
+                     Scratch<Real>& sc) {
+  sc.q_first = first;
+  sc.q_step = step;
+  for (int64_t r = 0; r < rows; ++r) sc.row_pos[r] = first + r * step;
+  row_pointers(c.q, b, h, sc.row_pos.data(), rows, sc.a_rows.data());
+  transpose_rows(sc.a_rows.data(), rows, round_up(rows, Simd<Real>::lanes), c.D, c.scale, sc.t0.data(), sc.ld());
+}
+
+// The key runs of one query block I of a block problem (tag J, bias of (I, J)), causal-clipped.
+template <typename Real>
+void block_key_runs(const Context<Real>& c, int64_t b, int64_t h, int64_t block, int64_t last_query,
+                    std::vector<Run<Real>>& runs) {
+  const BlockSpec& bs = c.problem->blocks;
+  const int64_t list = list_of(bs, b, h, c.H, c.B);
+  const int32_t* begin = bs.row_begin + list * (bs.num_query_blocks + 1);
+  const Real* bias = static_cast<const Real*>(bs.bias);
+  runs.clear();
+  for (int32_t e = begin[block]; e < begin[block + 1]; ++e) {
+    const int64_t J = bs.col_index[e];
+    Run<Real> run;
+    run.first = J * bs.block_size;
+    run.count = std::min(bs.block_size, c.Nk - run.first);
+    run.tag = J;
+    if (bias) run.bias = bias[((b * c.H + h) * bs.num_query_blocks + block) * bs.num_key_blocks + J];
+    if (c.causal) keep_until(run, last_query);
+    runs.push_back(run);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+
+// Throws unless the fused CPU kernels can run `p` (with `backward`, also the transposed block
+// lists). Defined in cpu_attention_forward.cpp.
+void check_problem(const Problem& p, bool backward);
+
+}  // namespace longtape::attention::fused::cpu_detail
