@@ -54,10 +54,35 @@ void check_shards(const AttentionConfig& config, const Tensor& q, const Tensor& 
   LT_CHECK(q.size(0) > 0 && q.size(1) > 0, who, ": batch and sequence must be non-empty, got q ", describe(q));
 }
 
+// The name under which HeadParallelAttention registers rank r's inner module.
+std::string inner_name(int64_t rank) { return "rank" + std::to_string(rank); }
+
+// The parameters of an inner module that take gradients (the adaptive scorer; none for most).
+std::vector<Tensor> trainable(const Attention& inner) {
+  std::vector<Tensor> out;
+  for (const Tensor& t : inner.parameters())
+    if (t.requires_grad()) out.push_back(t);
+  return out;
+}
+
+// head_parallel_attention with the inner module given: `inner` (the caller's, persistent) or, when
+// null, one built from the config for this call (fine for the variants without parameters).
+AttentionOutput head_parallel_with(dist::Communicator& comm, const AttentionConfig& config, const Tensor& q,
+                                   const Tensor& k, const Tensor& v, bool training, CoreRun* run,
+                                   std::shared_ptr<Attention> inner);
+
 }  // namespace
 
 AttentionOutput head_parallel_attention(dist::Communicator& comm, const AttentionConfig& config, const Tensor& q,
                                         const Tensor& k, const Tensor& v, bool training, CoreRun* run) {
+  return head_parallel_with(comm, config, q, k, v, training, run, nullptr);
+}
+
+namespace {
+
+AttentionOutput head_parallel_with(dist::Communicator& comm, const AttentionConfig& config, const Tensor& q,
+                                   const Tensor& k, const Tensor& v, bool training, CoreRun* run,
+                                   std::shared_ptr<Attention> inner) {
   check_shards(config, q, k, v, "head_parallel_attention");
   check_inner_name(config);
   const int64_t ranks = comm.size(), rank = comm.rank();
@@ -70,7 +95,7 @@ AttentionOutput head_parallel_attention(dist::Communicator& comm, const Attentio
   // (B, n_r, H, D) -> (B, N, H/P, D): head group d goes to rank d, sequence chunks join in rank order.
   const Tensor qf = dist::all_to_all(comm, q, 2, 1), kf = dist::all_to_all(comm, k, 2, 1),
                vf = dist::all_to_all(comm, v, 2, 1);
-  std::shared_ptr<Attention> inner = make_attention(config.inner_variant, inner_config(config, rank, ranks));
+  if (!inner) inner = make_attention(config.inner_variant, inner_config(config, rank, ranks));
   inner->train(training);
   AttentionOutput full = inner->forward_with_lse(qf, kf, vf);
   if (run) *run = {inner->last_backend(), inner->last_precision()};
@@ -78,19 +103,34 @@ AttentionOutput head_parallel_attention(dist::Communicator& comm, const Attentio
   return {dist::all_to_all(comm, full.out, 1, 2, lengths), dist::all_to_all(comm, full.lse, 2, 1, lengths)};
 }
 
+}  // namespace
+
 HeadParallelAttention::HeadParallelAttention(AttentionConfig config) : Attention(std::move(config)) {
   validate_core_config(config_, "head_parallel");
   check_heads(config_.num_heads, config_.ranks, "attention 'head_parallel'");
   check_inner_name(config_);
-  // The inner variant checks its own config (one per rank differs only in the head offset).
-  make_attention(config_.inner_variant, inner_config(config_, 0, config_.ranks));
+  // One inner module per rank (their configs differ only in the head offset), registered as
+  // submodules "rank0", "rank1", ...: variants with parameters (the adaptive scorer) keep them
+  // across calls, train them, save and move them with this module. Each checks its own config.
+  for (int64_t r = 0; r < config_.ranks; ++r)
+    register_module(inner_name(r), make_attention(config_.inner_variant, inner_config(config_, r, config_.ranks)));
 }
 
 AttentionOutput HeadParallelAttention::forward_with_lse(const Tensor& q, const Tensor& k, const Tensor& v) {
   check_inputs(q, k, v);
+  auto inner_of = [this](int64_t r) { return std::dynamic_pointer_cast<Attention>(child(inner_name(r))); };
   if (dist::Communicator* comm = dist::current_communicator()) {
+    std::shared_ptr<Attention> inner;
+    if (comm->size() == config_.ranks) {
+      inner = inner_of(comm->rank());
+    } else {
+      // A group of another size than config.ranks: rank r's registered module is for other heads.
+      LT_CHECK(trainable(*inner_of(0)).empty(), "attention 'head_parallel': the inner variant '",
+               config_.inner_variant, "' has parameters, held per rank for config.ranks = ", config_.ranks,
+               " ranks, but the communicator has ", comm->size(), " ranks; set config.ranks to the group size");
+    }
     CoreRun run;
-    AttentionOutput result = head_parallel_attention(*comm, config_, q, k, v, is_training(), &run);
+    AttentionOutput result = head_parallel_with(*comm, config_, q, k, v, is_training(), &run, inner);
     note_backend(run.backend, run.precision);
     return result;
   }
@@ -110,6 +150,14 @@ AttentionOutput HeadParallelAttention::forward_with_lse(const Tensor& q, const T
   };
   const Tensor qd = q.detach(), kd = k.detach(), vd = v.detach();
   const AttentionConfig config = config_;
+  // Rank r runs the registered module "rank<r>" (its own, so the ranks never share a module), and
+  // the parameters of those modules take gradients through the recomputing backward below.
+  std::vector<std::shared_ptr<Attention>> inners;
+  std::vector<std::vector<Tensor>> params;  // per rank, the ones that take gradients
+  for (int64_t r = 0; r < ranks; ++r) {
+    inners.push_back(inner_of(r));
+    params.push_back(trainable(*inners.back()));
+  }
   std::vector<AttentionOutput> parts(static_cast<size_t>(ranks));
   CoreRun run;  // written by rank 0 only
   {
@@ -117,8 +165,8 @@ AttentionOutput HeadParallelAttention::forward_with_lse(const Tensor& q, const T
     dist::run_ranks(static_cast<int>(ranks), [&](dist::Communicator& comm) {
       const int64_t r = comm.rank();
       parts[static_cast<size_t>(r)] =
-          head_parallel_attention(comm, config, chunk(qd, r, 1), chunk(kd, r, 1), chunk(vd, r, 1), training,
-                                  r == 0 ? &run : nullptr);
+          head_parallel_with(comm, config, chunk(qd, r, 1), chunk(kd, r, 1), chunk(vd, r, 1), training,
+                             r == 0 ? &run : nullptr, inners[static_cast<size_t>(r)]);
     });
   }
   note_backend(run.backend, run.precision);
@@ -133,22 +181,32 @@ AttentionOutput HeadParallelAttention::forward_with_lse(const Tensor& q, const T
     out = ranks == 1 ? outs[0] : cat(outs, 1);
     lse = ranks == 1 ? lses[0] : cat(lses, 2);
   }
-  if (autograd::any_requires_grad({q, k, v})) {
-    // The backward runs the ranks again: each recomputes its forward with autograd and takes the
-    // gradients of its shards (the all-to-alls' backward communicates inside that run).
+  std::vector<Tensor> inputs{q, k, v}, saved{qd, kd, vd};
+  for (const auto& ps : params)
+    for (const Tensor& p : ps) {
+      inputs.push_back(p);
+      saved.push_back(p);
+    }
+  if (autograd::any_requires_grad(inputs)) {
+    // The backward runs the ranks again: each recomputes its forward with autograd (with its own
+    // inner module) and takes the gradients of its shards and of its module's parameters (the
+    // all-to-alls' backward communicates inside that run). q, k, v and the parameters are saved:
+    // modified in place before the backward, they make it throw instead of giving wrong gradients.
     autograd::record(
-        "head_parallel_attention", {q, k, v}, {out, lse},
-        [config, qd, kd, vd, ranks, chunk, training](const std::vector<Tensor>& g) {
+        "head_parallel_attention", inputs, {out, lse},
+        [config, qd, kd, vd, ranks, chunk, training, inners, params](const std::vector<Tensor>& g) {
           std::vector<std::vector<Tensor>> grads(static_cast<size_t>(ranks));
           dist::run_ranks(static_cast<int>(ranks), [&](dist::Communicator& comm) {
             autograd::set_grad_enabled(true);  // this rank's thread only
             const int64_t r = comm.rank();
             std::vector<Tensor> leaves;
             for (const Tensor& x : {qd, kd, vd}) leaves.push_back(chunk(x, r, 1).detach().requires_grad_());
-            AttentionOutput res = head_parallel_attention(comm, config, leaves[0], leaves[1], leaves[2], training);
-            std::vector<Tensor> d =
-                autograd::grad({res.out, res.lse}, leaves, {chunk(g[0], r, 1), chunk(g[1], r, 2)});
-            for (size_t i = 0; i < d.size(); ++i)
+            AttentionOutput res = head_parallel_with(comm, config, leaves[0], leaves[1], leaves[2], training, nullptr,
+                                                     inners[static_cast<size_t>(r)]);
+            std::vector<Tensor> wrt = leaves;
+            for (const Tensor& p : params[static_cast<size_t>(r)]) wrt.push_back(p);
+            std::vector<Tensor> d = autograd::grad({res.out, res.lse}, wrt, {chunk(g[0], r, 1), chunk(g[1], r, 2)});
+            for (size_t i = 0; i < leaves.size(); ++i)
               if (!d[i].defined()) d[i] = Tensor::zeros(leaves[i].shape(), leaves[i].dtype(), leaves[i].device());
             grads[static_cast<size_t>(r)] = d;
           });
@@ -158,8 +216,12 @@ AttentionOutput HeadParallelAttention::forward_with_lse(const Tensor& q, const T
             for (const auto& d : grads) pieces.push_back(d[i]);
             result.push_back(pieces.size() == 1 ? pieces[0] : cat(pieces, 1));
           }
+          // Then each rank's parameter gradients, in the order of `inputs` (undefined = none).
+          for (const auto& d : grads)
+            for (size_t i = 3; i < d.size(); ++i) result.push_back(d[i]);
           return result;
-        });
+        },
+        saved);
   }
   return {out, lse};
 }

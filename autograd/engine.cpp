@@ -36,15 +36,31 @@ Node::~Node() {
   g_draining = false;
 }
 
+void check_saved_version(const std::string& op, const SavedVersion& saved) {
+  if (!saved.storage) return;
+  const uint64_t now = saved.storage->version.load(std::memory_order_relaxed);
+  LT_CHECK(now == saved.version,
+           "one of the tensors needed for gradient computation has been modified by an in-place operation: ", op,
+           " saved a tensor at version ", saved.version, ", now at version ", now,
+           " (recompute the forward after the in-place change, or modify a clone() instead)");
+}
+
+const Tensor& SavedTensor::unpack(const std::string& op) const {
+  if (tensor_.defined()) check_saved_version(op, {tensor_.storage(), version_});
+  return tensor_;
+}
+
 std::vector<Tensor> Node::apply(const std::vector<Tensor>& grad_outputs) {
   LT_CHECK(!released && backward_fn, "autograd: trying to backward through '", op_name,
            "' a second time, but its saved tensors were freed by the first backward; pass "
            "retain_graph=true to the first backward() if you need to backward twice");
+  for (const SavedVersion& s : saved) check_saved_version(op_name, s);
   return backward_fn(grad_outputs);
 }
 
 void Node::release() {
   backward_fn = nullptr;
+  saved.clear();
   released = true;
 }
 
@@ -79,7 +95,7 @@ static Edge edge_for(const Tensor& t) {
 }
 
 void record(const char* op_name, const std::vector<Tensor>& inputs,
-            const std::vector<Tensor>& outputs, BackwardFn backward) {
+            const std::vector<Tensor>& outputs, BackwardFn backward, const std::vector<Tensor>& saved) {
   if (!any_requires_grad(inputs)) return;
   // Edges first: a leaf's accumulator must be older than the node that feeds it.
   std::vector<Edge> edges;
@@ -99,6 +115,9 @@ void record(const char* op_name, const std::vector<Tensor>& inputs,
   }
   node->retained.resize(outputs.size());
   node->backward_fn = std::move(backward);
+  node->saved.reserve(saved.size());
+  for (const Tensor& t : saved)
+    if (t.defined() && t.storage()) node->saved.push_back({t.storage(), t.version()});
 }
 
 namespace {

@@ -125,6 +125,7 @@ GradcheckResult gradcheck(GradcheckFn fn, std::vector<Tensor> inputs, GradcheckO
       p[j] = original - options.eps;
       const double minus = evaluate();
       p[j] = original;
+      xs[i].bump_version();  // written in place (and restored)
       const double numeric = (plus - minus) / (2.0 * options.eps);
       const double a = analytic[i][static_cast<size_t>(j)];
       const double err = std::fabs(a - numeric);

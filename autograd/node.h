@@ -29,6 +29,33 @@ struct OutputMeta {
 
 using BackwardFn = std::function<std::vector<Tensor>(const std::vector<Tensor>& grad_outputs)>;
 
+// A tensor an op's backward reads, with the version (Tensor::version) of its storage at the time
+// it was saved. Cheap: one storage reference and one integer.
+struct SavedVersion {
+  std::shared_ptr<Storage> storage;
+  uint64_t version = 0;
+};
+
+// A saved tensor for code that unpacks it itself (outside record()'s `saved` list): the detached
+// tensor and the version it was saved at. unpack() throws if it was modified in place since.
+class SavedTensor {
+ public:
+  SavedTensor() = default;
+  explicit SavedTensor(const Tensor& t)
+      : tensor_(t.defined() ? t.detach() : Tensor()), version_(t.defined() ? t.version() : 0) {}
+  bool defined() const { return tensor_.defined(); }
+  uint64_t saved_version() const { return version_; }
+  // The tensor; throws longtape::Error naming `op` when its storage was modified in place.
+  const Tensor& unpack(const std::string& op) const;
+
+ private:
+  Tensor tensor_;
+  uint64_t version_ = 0;
+};
+
+// Throws the in-place modification error for `op` when the storage's version moved on.
+void check_saved_version(const std::string& op, const SavedVersion& saved);
+
 struct Node {
   uint64_t sequence_nr;
   std::string op_name;
@@ -36,6 +63,7 @@ struct Node {
   std::vector<OutputMeta> outputs;      // one per output of the op
   std::vector<std::weak_ptr<TensorImpl>> retained;  // outputs that asked for retain_grad()
   BackwardFn backward_fn;               // gradients of the inputs, one per input (undefined = none)
+  std::vector<SavedVersion> saved;      // what backward_fn reads, checked before it runs
   bool released = false;
 
   Node();
@@ -60,8 +88,13 @@ bool any_requires_grad(const std::vector<Tensor>& inputs);
 // (marking them requires_grad). `backward` must capture only detached tensors (t.detach()),
 // never the outputs themselves, or the graph keeps itself alive. No-op when no input requires
 // grad or grad mode is off.
+// `saved` lists the tensors (inputs, outputs or views of them) that `backward` reads: their
+// versions are recorded now, and the backward throws longtape::Error ("one of the tensors needed
+// for gradient computation has been modified by an in-place operation: ...") if any of them was
+// modified in place in between (copy_, fill_, zero_, an optimizer step, ...).
 void record(const char* op_name, const std::vector<Tensor>& inputs,
-            const std::vector<Tensor>& outputs, BackwardFn backward);
+            const std::vector<Tensor>& outputs, BackwardFn backward,
+            const std::vector<Tensor>& saved = {});
 
 // Runs backward from `roots` with the given output gradients (undefined = ones for scalars).
 void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grad_roots,

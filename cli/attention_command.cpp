@@ -10,17 +10,25 @@
 // Inputs are (B, N, H, D) float32/float64 arrays in C order; H and D are read from q. Outputs:
 // DIR/o.npy (B, N, H, D), DIR/lse.npy (B, H, N) and with --dout DIR/dq.npy, dk.npy, dv.npy; all
 // float64 when computing in f64, float32 otherwise. One line on stdout says which implementation
-// ran the forward and in what precision.
+// ran the forward and in what precision. Every input is read and checked before anything is
+// computed, and the outputs are written only when the whole command succeeded.
+#include <unistd.h>
+
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "attention/config.h"
 #include "attention/registry.h"
 #include "cli/command_registry.h"
 #include "cli/impl_flag.h"
+#include "cli/numeric_flags.h"
+#include "cli/size_limits.h"
 #include "io/tensor_io.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
@@ -58,19 +66,26 @@ void add_config_flags(CLI::App& sub, ConfigFlags& f) {
                  "dilated: dilation rates, comma-separated, one per segment length (default: all 1)");
   sub.add_option("--mixing", f.mixing, "dilated: how branches combine: lse (default) or head_groups");
   sub.add_flag("--causal", f.causal, "causal attention: a query sees only keys at positions <= its own");
-  sub.add_option("--scale", f.scale, "softmax scale (default 1/sqrt(head_dim))");
-  sub.add_option("--ranks", f.ranks, "with --parallel: number of ranks P, run as threads of this process (default 1)");
+  sub.add_option("--scale", f.scale, "softmax scale (default 1/sqrt(head_dim))")
+      ->transform(real_in(0.0, std::numeric_limits<double>::max(), /*lo_open=*/true));
+  sub.add_option("--ranks", f.ranks, "with --parallel: number of ranks P, run as threads of this process (default 1)")
+      ->transform(integer_in<int64_t>(1, kMaxRanks));
   sub.add_option("--parallel", f.parallel,
                  "run --variant (dense or dilated for ring) on P ranks: none (default), ring (sequence parallel) or "
                  "head (head parallel, needs heads % P == 0)");
   sub.add_option("--pattern", f.pattern,
                  "block_sparse: all, local_window (default), dilated (block distances from --dilations), "
                  "global_local, random or adaptive");
-  sub.add_option("--block-size", f.block_size, "block_sparse: tokens per block (default 64)");
-  sub.add_option("--density", f.density, "block_sparse random/adaptive: fraction of key blocks kept (default 0.25)");
-  sub.add_option("--window", f.window, "block_sparse local_window/global_local: window in tokens (default 256)");
-  sub.add_option("--global-blocks", f.global_blocks, "block_sparse global_local: leading global blocks (default 1)");
-  sub.add_option("--seed", f.seed, "block_sparse random: seed of the drawn blocks (default 0)");
+  sub.add_option("--block-size", f.block_size, "block_sparse: tokens per block (default 64)")
+      ->transform(count_in<int64_t>(1));
+  sub.add_option("--density", f.density, "block_sparse random/adaptive: fraction of key blocks kept (default 0.25)")
+      ->transform(real_in(0.0, 1.0));
+  sub.add_option("--window", f.window, "block_sparse local_window/global_local: window in tokens (default 256)")
+      ->transform(count_in<int64_t>(0));
+  sub.add_option("--global-blocks", f.global_blocks, "block_sparse global_local: leading global blocks (default 1)")
+      ->transform(count_in<int64_t>(0));
+  sub.add_option("--seed", f.seed, "block_sparse random: seed of the drawn blocks (default 0)")
+      ->transform(integer_in<uint64_t>());
   sub.add_option("--order", f.order, "token order: natural (default) or hilbert (any variant)");
   sub.add_option("--grid", f.grid, "with --order hilbert: token grid HxW (default: a square, N must be one)");
   sub.add_option("--schedule", f.schedule,
@@ -121,13 +136,45 @@ std::string variant_to_run(const ConfigFlags& f, const std::string& variant, att
   return f.parallel == "ring" ? "ring" : "head_parallel";
 }
 
+// Flag values the library would otherwise meet only after the inputs are read: every list value
+// and the grid within the command line's size limits (size_limits.h).
+void check_flag_sizes(const ConfigFlags& f) {
+  if (!f.segments.empty()) check_list_bound(attention::parse_int_list(f.segments, "--segments"), "--segments");
+  if (!f.dilations.empty()) check_list_bound(attention::parse_int_list(f.dilations, "--dilations"), "--dilations");
+  check_grid_text(f.grid, "--grid");
+}
+
 Tensor load_input(const std::string& path, const char* what) {
   Tensor t = io::load_npy(path);
   LT_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64, "--", what, " ", path,
            ": expected a float32 or float64 array, got ", dtype_name(t.dtype()));
   LT_CHECK(t.dim() == 4, "--", what, " ", path, ": expected a 4-d (batch, sequence, heads, head_dim) array, got shape ",
            shape_str(t.shape()));
+  for (int64_t d = 0; d < 4; ++d)
+    LT_CHECK(t.size(d) >= 1, "--", what, " ", path, ": every dimension of (batch, sequence, heads, head_dim) must be "
+             ">= 1, got shape ", shape_str(t.shape()));
   return t;
+}
+
+// Writes every (file name, tensor) into `dir` or none of them: each goes to a temporary name
+// first, and only when all are written are they renamed into place (earlier outputs of the same
+// names stay untouched when anything fails).
+void save_all(const std::filesystem::path& dir, const std::vector<std::pair<std::string, Tensor>>& outputs) {
+  std::filesystem::create_directories(dir);
+  const std::string suffix = ".partial." + std::to_string(getpid());
+  std::vector<std::filesystem::path> written;
+  try {
+    for (const auto& [name, tensor] : outputs) {
+      const std::filesystem::path temp = dir / (name + suffix);
+      written.push_back(temp);
+      io::save_npy(temp.string(), tensor);
+    }
+    for (const auto& [name, tensor] : outputs) std::filesystem::rename(dir / (name + suffix), dir / name);
+  } catch (...) {
+    std::error_code ignored;
+    for (const auto& temp : written) std::filesystem::remove(temp, ignored);
+    throw;
+  }
 }
 
 struct AttentionArgs {
@@ -139,21 +186,37 @@ struct AttentionArgs {
   std::string out_dir;
 };
 
+// Reads and checks every input (flags, q, k, v, dout) before computing, and writes the outputs
+// only once everything has been computed: a failing command leaves no output behind.
 int run_attention(const AttentionArgs& a) {
+  check_flag_sizes(a.flags);
   const Device device = Device::parse(a.device);
   LT_CHECK(!device.is_cuda() || cuda_available(), "--device ", a.device,
            ": no CUDA device is available (or longtape was built without CUDA)");
   Tensor q_file = load_input(a.q, "q"), k_file = load_input(a.k, "k"), v_file = load_input(a.v, "v");
+  LT_CHECK(k_file.shape() == v_file.shape(), "--k and --v must have the same shape, got ", shape_str(k_file.shape()),
+           " and ", shape_str(v_file.shape()));
+  LT_CHECK(q_file.size(0) == k_file.size(0) && q_file.size(2) == k_file.size(2) && q_file.size(3) == k_file.size(3),
+           "--q ", shape_str(q_file.shape()), " and --k ", shape_str(k_file.shape()),
+           " must agree in batch, heads and head_dim");
   const DType dtype = a.dtype.empty() ? q_file.dtype() : dtype_from_name(a.dtype);
   LT_CHECK(dtype == DType::f32 || dtype == DType::f64 || dtype == DType::bf16, "--dtype must be f32, f64 or bf16, got ",
            a.dtype);
   const DType out_dtype = dtype == DType::f64 ? DType::f64 : DType::f32;
+  const bool backward = !a.dout.empty();
+  Tensor dout_file;
+  if (backward) {
+    dout_file = io::load_npy(a.dout);
+    LT_CHECK(dout_file.dtype() == DType::f32 || dout_file.dtype() == DType::f64, "--dout ", a.dout,
+             ": expected a float32 or float64 array, got ", dtype_name(dout_file.dtype()));
+    LT_CHECK(dout_file.shape() == q_file.shape(), "--dout ", a.dout, ": expected shape ", shape_str(q_file.shape()),
+             " (the output's, which is q's), got ", shape_str(dout_file.shape()));
+  }
 
   auto config = to_config(a.flags, q_file.size(2), q_file.size(3));
   auto attention = attention::make_attention(variant_to_run(a.flags, a.variant, config), config);
   attention->eval();
 
-  const bool backward = !a.dout.empty();
   auto prepare = [&](const Tensor& t) {
     Tensor x = t.to(dtype).to(device).detach();
     if (backward) x.requires_grad_();
@@ -161,23 +224,18 @@ int run_attention(const AttentionArgs& a) {
   };
   Tensor q = prepare(q_file), k = prepare(k_file), v = prepare(v_file);
   attention::AttentionOutput result = attention->forward_with_lse(q, k, v);
-
-  const std::filesystem::path dir(a.out_dir);
-  std::filesystem::create_directories(dir);
-  auto save = [&](const char* name, const Tensor& t) { io::save_npy((dir / name).string(), t.detach().to(out_dtype)); };
-  save("o.npy", result.out);
-  save("lse.npy", result.lse);
+  auto host = [&](const Tensor& t) { return t.detach().to(out_dtype).to(Device::cpu()); };
+  std::vector<std::pair<std::string, Tensor>> outputs{{"o.npy", host(result.out)}, {"lse.npy", host(result.lse)}};
   if (backward) {
-    Tensor dout = io::load_npy(a.dout);
-    LT_CHECK(dout.dtype() == DType::f32 || dout.dtype() == DType::f64, "--dout ", a.dout,
-             ": expected a float32 or float64 array, got ", dtype_name(dout.dtype()));
-    LT_CHECK(dout.shape() == result.out.shape(), "--dout ", a.dout, ": expected shape ",
-             shape_str(result.out.shape()), " (the output's), got ", shape_str(dout.shape()));
-    result.out.backward(dout.to(dtype).to(device));
-    save("dq.npy", q.grad());
-    save("dk.npy", k.grad());
-    save("dv.npy", v.grad());
+    LT_CHECK(dout_file.shape() == result.out.shape(), "--dout ", a.dout, ": expected shape ",
+             shape_str(result.out.shape()), " (the output's), got ", shape_str(dout_file.shape()));
+    result.out.backward(dout_file.to(dtype).to(device));
+    outputs.emplace_back("dq.npy", host(q.grad()));
+    outputs.emplace_back("dk.npy", host(k.grad()));
+    outputs.emplace_back("dv.npy", host(v.grad()));
   }
+  const std::filesystem::path dir(a.out_dir);
+  save_all(dir, outputs);
   std::cout << "attention " << a.variant << ": q " << shape_str(q.shape()) << " " << dtype_name(dtype) << " on "
             << device.str() << " -> " << dir.string() << "/o.npy" << (backward ? " (+ dq, dk, dv)" : "") << "\n";
   std::cout << "attention " << a.variant << ": " << ran_with(*attention) << "; --impl " << config.impl << "\n";

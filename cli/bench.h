@@ -24,6 +24,9 @@ std::string terminal_table(const Json& doc);
 // configuration). Returns the PNG files drawn; a reason why none were drawn goes to `notes`.
 std::vector<std::string> write_plots(const Json& doc, const std::filesystem::path& dir, std::vector<std::string>& notes);
 
+// Rows with status "measured" in results, max_seq_len and quality: 0 means no case could run.
+size_t measured_rows(const Json& doc);
+
 // True when `program` is an executable file in a folder of PATH.
 bool program_on_path(const std::string& program);
 

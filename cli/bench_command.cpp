@@ -58,6 +58,8 @@
 #include "cli/bench.h"
 #include "cli/command_registry.h"
 #include "cli/impl_flag.h"
+#include "cli/numeric_flags.h"
+#include "cli/size_limits.h"
 #include "cli/variant_flags.h"
 #include "nn/data.h"
 #include "nn/language_model.h"
@@ -79,6 +81,7 @@ using bench::Json;
 using attention::AttentionConfig;
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+constexpr double kMaxSeconds = 1e9;  // --case-time-limit, --time-budget
 
 struct BenchArgs {
   std::string variants;
@@ -275,12 +278,14 @@ Peak measure_peak(Device device, const std::function<void()>& fn) {
 }
 
 double median(std::vector<double> v) {
+  LT_CHECK(!v.empty(), "bench: no timed run to take the median of");
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 Json timing_json(const std::vector<double>& ms) {
+  LT_CHECK(!ms.empty(), "bench: no timed run to report");
   Json t;
   double sum = 0.0;
   for (double x : ms) sum += x;
@@ -360,6 +365,7 @@ Json config_json(const AttentionConfig& c) {
 std::vector<int64_t> parse_positive_list(const std::string& text, const char* what) {
   std::vector<int64_t> values = attention::parse_int_list(text, what);
   for (int64_t v : values) LT_CHECK(v > 0, what, ": every value must be > 0, got ", text);
+  check_list_bound(values, what);
   return values;
 }
 
@@ -416,6 +422,11 @@ Grid build_grid(const BenchArgs& a) {
   LT_CHECK(a.max_len_cap >= a.max_len_granule, "--max-len-cap must be >= --max-len-granule (", a.max_len_granule,
            "), got ", a.max_len_cap);
   LT_CHECK(a.time_budget >= 0 && a.case_time_limit >= 0, "--time-budget and --case-time-limit must be >= 0");
+  size_t dtype_bytes = 1;
+  for (DType t : g.dtypes) dtype_bytes = std::max(dtype_bytes, dtype_size(t));
+  check_input_sizes(g.batches, g.seq_lens, g.heads, g.head_dims, dtype_bytes);
+  if (a.quality)
+    check_count("tokens per training step", {{"--quality-batch", a.quality_batch}, {"--quality-seq-len", a.quality_seq_len}});
 
   const std::vector<std::string> segment_sets = split_list(a.segments, ';');
   const std::vector<std::string> dilation_sets = split_list(a.dilations, ';');
@@ -1123,6 +1134,11 @@ int run_bench(BenchArgs a) {
   std::cout << "wrote " << (dir / "bench.json").string() << ", bench.csv, bench.md";
   for (const std::string& png : pngs) std::cout << ", " << png;
   std::cout << "\n";
+  if (bench::measured_rows(doc) == 0) {
+    std::cerr << "longtape bench: error: no case could run (every case was skipped or failed; the reasons are in "
+              << (dir / "bench.md").string() << ")\n";
+    return 1;
+  }
   return 0;
 }
 
@@ -1161,29 +1177,40 @@ const RegisterCommand bench_command(
       sub.add_option("--impl", a->impls,
                      std::string(impl_help()) + "; a comma-separated list runs each (e.g. fused,composed)");
       add_variant_flags(sub, a->flags);
-      auto* warmup = sub.add_option("--warmup", a->warmup, "untimed runs before timing (default 3)");
-      auto* repeats = sub.add_option("--repeats", a->repeats, "timed runs; the median is reported (default 10)");
+      auto* warmup = sub.add_option("--warmup", a->warmup, "untimed runs before timing (default 3)")
+          ->transform(count_in<int>(0));
+      auto* repeats = sub.add_option("--repeats", a->repeats, "timed runs; the median is reported (default 10)")
+          ->transform(count_in<int>(1));
       sub.add_flag("--quick", a->quick,
                    "a grid small enough for a 2-core CPU in a few minutes (options given explicitly still apply)");
       auto* budget = sub.add_option("--max-len-budget-gib", a->max_len_budget_gib,
-                                    "longest N whose forward+backward peak memory fits this many GiB (0 = skip)");
-      auto* cap = sub.add_option("--max-len-cap", a->max_len_cap, "largest N the search tries (default 1048576)");
-      sub.add_option("--max-len-granule", a->max_len_granule, "resolution of the search in tokens (default 256)");
+                                    "longest N whose forward+backward peak memory fits this many GiB (0 = skip)")
+          ->transform(real_in(0.0, 1024.0));
+      auto* cap = sub.add_option("--max-len-cap", a->max_len_cap, "largest N the search tries (default 1048576)")
+          ->transform(count_in<int64_t>(1));
+      sub.add_option("--max-len-granule", a->max_len_granule, "resolution of the search in tokens (default 256)")
+          ->transform(count_in<int64_t>(1));
       auto* limit = sub.add_option("--case-time-limit", a->case_time_limit,
                                    "skip a case (and longer ones) once one forward+backward takes longer, seconds "
-                                   "(default 60; 0 = no limit)");
+                                   "(default 60; 0 = no limit)")
+          ->transform(real_in(0.0, kMaxSeconds));
       sub.add_option("--time-budget", a->time_budget,
                      "seconds for the whole run: cases left when it is spent are reported as skipped, longest "
-                     "sequences first (default 0 = no budget)");
+                     "sequences first (default 0 = no budget)")
+          ->transform(real_in(0.0, kMaxSeconds));
       sub.add_option("--max-len-dtype", a->max_len_dtypes,
                      "comma-separated dtypes for the max-length search (default: every dtype of the grid)");
       sub.add_option("--out-dir", a->out_dir, "folder for bench.json, bench.csv, bench.md and plots (default bench-out)");
       sub.add_flag("--no-plots", a->no_plots, "do not write or draw the gnuplot plots");
-      sub.add_option("--seed", a->seed, "seed of the random inputs (default 0)");
+      sub.add_option("--seed", a->seed, "seed of the random inputs (default 0)")
+          ->transform(integer_in<uint64_t>());
       sub.add_flag("--quality", a->quality, "also train a small model per variant on the recall task");
-      auto* quality_steps = sub.add_option("--quality-steps", a->quality_steps, "training steps per variant (default 200)");
-      auto* quality_len = sub.add_option("--quality-seq-len", a->quality_seq_len, "recall sequence length (default 256)");
-      auto* quality_batch = sub.add_option("--quality-batch", a->quality_batch, "training batch size (default 16)");
+      auto* quality_steps = sub.add_option("--quality-steps", a->quality_steps, "training steps per variant (default 200)")
+          ->transform(count_in<int64_t>(1));
+      auto* quality_len = sub.add_option("--quality-seq-len", a->quality_seq_len, "recall sequence length (default 256)")
+          ->transform(count_in<int64_t>(1));
+      auto* quality_batch = sub.add_option("--quality-batch", a->quality_batch, "training batch size (default 16)")
+          ->transform(count_in<int64_t>(1));
       auto* quality_segments = sub.add_option("--quality-segments", a->quality_segments,
                                               "dilated segments of the quality model (default 64,256)");
       auto* quality_dilations = sub.add_option("--quality-dilations", a->quality_dilations,

@@ -422,4 +422,12 @@ std::vector<std::string> write_plots(const Json& doc, const std::filesystem::pat
   return pngs;
 }
 
+size_t measured_rows(const Json& doc) {
+  size_t n = 0;
+  for (const char* section : {"results", "max_seq_len", "quality"})
+    if (doc.contains(section))
+      for (const Json& row : doc[section]) n += row.value("status", "") == "measured" ? 1 : 0;
+  return n;
+}
+
 }  // namespace longtape::cli::bench

@@ -1,7 +1,14 @@
 // The longtape command line: `longtape <subcommand> [options]`.
+//
+// Exit status: 0 success; 2 (kUsageExitCode) a command line refused before any work: an unknown
+// or missing option, a flag value that is not a number in the flag's range, sizes too large to
+// run (cli/numeric_flags.h, cli/size_limits.h); 1 an error while running. Errors are one line on
+// stderr.
+#include <cstring>
 #include <iostream>
 
 #include "cli/command_registry.h"
+#include "cli/numeric_flags.h"
 #include "tensor/error.h"
 
 namespace longtape::cli {
@@ -21,13 +28,24 @@ int main(int argc, char** argv) {
     auto body = std::make_shared<std::function<int()>>(cmd.setup(*sub));
     sub->callback([body, &run] { run = *body; });
   }
+  enforce_numeric_checks(app);
+  // "longtape train" when argv names a subcommand, for the error line.
+  std::string who = "longtape";
+  if (argc > 1)
+    for (const auto& cmd : commands())
+      if (cmd.name == argv[1]) who += " " + cmd.name;
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);  // --help
+    std::cerr << one_line(who + ": error: " + e.what()) << "\n";
+    return kUsageExitCode;
   }
   try {
     return run ? run() : 0;
+  } catch (const FlagError& e) {
+    std::cerr << one_line(who + ": error: " + e.what()) << "\n";
+    return kUsageExitCode;
   } catch (const longtape::Error& e) {
     std::cerr << "longtape: error: " << e.what() << "\n";
     return 1;

@@ -10,6 +10,7 @@
 // with the configuration and the attended pairs of each head.
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -21,6 +22,8 @@
 #include "attention/pattern_map.h"
 #include "attention/registry.h"
 #include "cli/command_registry.h"
+#include "cli/numeric_flags.h"
+#include "cli/size_limits.h"
 #include "cli/variant_flags.h"
 #include "tensor/error.h"
 
@@ -92,7 +95,23 @@ std::vector<unsigned char> render(const attention::PatternMap& map, int cell, in
   return pixels;
 }
 
+// The picture of `a` (heads panels of n x n cells of cell x cell pixels, RGB) must stay at most
+// kMaxImagePixels, checked before anything is computed or written.
+constexpr int64_t kMaxImagePixels = int64_t{1} << 26;  // 64 Mpixel, 192 MiB of RGB
+
+void check_image_size(const PatternsArgs& a) {
+  const int64_t gap = std::max<int64_t>(4, a.cell);
+  const long double width = static_cast<long double>(a.heads) * a.n * a.cell + static_cast<long double>(a.heads - 1) * gap;
+  const long double pixels = width * static_cast<long double>(a.n) * a.cell;
+  if (pixels <= static_cast<long double>(kMaxImagePixels)) return;
+  char size[64];
+  std::snprintf(size, sizeof size, "%.0Lf x %lld pixels", width, static_cast<long long>(a.n * a.cell));
+  throw FlagError(terms_text({{"--heads", a.heads}, {"--n", a.n}, {"--cell", a.cell}}) + " makes an image of " + size +
+                  ", over the limit of " + std::to_string(kMaxImagePixels) + " pixels; lower --cell, --n or --heads");
+}
+
 int run_patterns(const PatternsArgs& a) {
+  check_image_size(a);
 #ifndef LONGTAPE_WITH_STB
   (void)a;
   LT_CHECK(false,
@@ -121,6 +140,8 @@ int run_patterns(const PatternsArgs& a) {
   config.segment_lengths = attention::parse_int_list(a.segments, "--segments");
   config.dilation_rates = a.dilations.empty() ? std::vector<int64_t>(config.segment_lengths.size(), 1)
                                               : attention::parse_int_list(a.dilations, "--dilations");
+  check_list_bound(config.segment_lengths, "--segments");
+  check_list_bound(config.dilation_rates, "--dilations");
   config.mixing = attention::parse_mixing(a.mixing);
   config.causal = a.causal;
   if (config.grid.empty()) {
@@ -172,14 +193,15 @@ const RegisterCommand patterns_command(
       a->flags.block_size = 8;  // blocks and windows that show at N = 64
       a->flags.window = 16;
       sub.add_option("--variants", a->variants, "comma-separated variants (default: every registered one)");
-      sub.add_option("--n", a->n, "sequence length (default 64)");
-      sub.add_option("--heads", a->heads, "number of heads, one panel each (default 4)");
+      sub.add_option("--n", a->n, "sequence length (default 64)")->transform(integer_in<int64_t>(2, 1024));
+      sub.add_option("--heads", a->heads, "number of heads, one panel each (default 4)")
+          ->transform(integer_in<int64_t>(1, 64));
       sub.add_option("--segments", a->segments, "dilated segment lengths (default 16,32,64)");
       sub.add_option("--dilations", a->dilations, "dilation rates (default 1,2,4)");
       sub.add_option("--mixing", a->mixing, "dilated mixing: lse (default) or head_groups");
       sub.add_flag("--causal", a->causal, "causal attention");
       add_variant_flags(sub, a->flags);
-      sub.add_option("--cell", a->cell, "pixels per (query, key) cell (default 6)");
+      sub.add_option("--cell", a->cell, "pixels per (query, key) cell (default 6)")->transform(integer_in<int>(1, 64));
       sub.add_option("--out-dir", a->out_dir, "folder for the PNG files and patterns.md (default patterns)");
       return [a] { return run_patterns(*a); };
     });

@@ -5,7 +5,8 @@
 //       [--width E] [--heads H] [--variant dilated] [--segments 32,256] [--dilations 1,2]
 //       [--mixing lse|head_groups] [--impl auto|fused|composed] [--lr 1e-2] [--warmup W] [--eval-every N]
 //       [--metrics run.csv|run.json]
-//       [--checkpoint PATH] [--checkpoint-every K] [--resume PATH] [--seed S] [--threads T] [--text FILE]
+//       [--checkpoint PATH] [--checkpoint-every K] [--resume PATH [--fresh-optimizer]] [--seed S] [--threads T]
+//       [--text FILE]
 //
 // The defaults are the README's main job: a 2-layer, width-32 model with causal dilated attention
 // (segments 32 and 256, dilations 1 and 2) learns recall over 256-token sequences in 500 steps,
@@ -15,12 +16,18 @@
 // function of (seed, i), and checkpoints hold the model, the optimizer and the generator, so a
 // resumed run continues exactly where the saved one was. Progress goes to stderr; held-out
 // loss/accuracy lines and the final summary go to stdout.
+//
+// Before training: sizes are checked against the command line's limits, --checkpoint and --metrics
+// are checked writable, and a --resume checkpoint must hold complete optimizer state with a sane
+// step count (--fresh-optimizer resumes the weights with fresh AdamW moments instead). A
+// non-finite loss or gradient norm stops the run with an error and writes no checkpoint.
 #include <unistd.h>
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -37,6 +44,9 @@
 #include "autograd/grad_mode.h"
 #include "cli/command_registry.h"
 #include "cli/impl_flag.h"
+#include "cli/numeric_flags.h"
+#include "cli/size_limits.h"
+#include "cli/train_guards.h"
 #include "cli/variant_flags.h"
 #include "io/atomic_file.h"
 #include "nn/checkpoint.h"
@@ -52,6 +62,7 @@ namespace {
 
 using Json = nlohmann::ordered_json;
 using Clock = std::chrono::steady_clock;
+constexpr double kMaxReal = std::numeric_limits<double>::max();
 
 struct TrainArgs {
   std::string device = "auto";
@@ -84,6 +95,7 @@ struct TrainArgs {
   std::string checkpoint;
   int64_t checkpoint_every = 0;
   std::string resume;
+  bool fresh_optimizer = false;
   uint64_t seed = 0;
   int threads = 0;
 };
@@ -229,6 +241,14 @@ int run_train(const TrainArgs& a) {
   LT_CHECK(a.checkpoint_every >= 0, "train: --checkpoint-every must be >= 0");
   LT_CHECK(a.checkpoint_every == 0 || !a.checkpoint.empty(), "train: --checkpoint-every needs --checkpoint PATH");
   checked_impl(a.impl);
+  check_train_sizes({a.batch, a.seq_len, a.layers, a.width, a.heads,
+                     a.text.empty() ? a.keys + a.values + a.filler + 8 : nn::CharTextDataset::vocab_size(), a.untied});
+  check_list_bound(attention::parse_int_list(a.segments, "--segments"), "--segments");
+  check_list_bound(attention::parse_int_list(a.dilations, "--dilations"), "--dilations");
+  check_writable(a.checkpoint, "--checkpoint");
+  check_writable(a.metrics, "--metrics");
+  LT_CHECK(!a.fresh_optimizer || !a.resume.empty(), "train: --fresh-optimizer needs --resume PATH");
+  if (!a.resume.empty()) check_resume_metadata(a.resume, a.fresh_optimizer);
   const Device device = pick_device(a.device);
   manual_seed(a.seed);
 
@@ -294,7 +314,8 @@ int run_train(const TrainArgs& a) {
 
   int64_t start_step = 0;
   if (!a.resume.empty()) {
-    nn::CheckpointInfo info = nn::load_checkpoint(a.resume, model, &optimizer);
+    nn::CheckpointInfo info = nn::load_checkpoint(a.resume, model, a.fresh_optimizer ? nullptr : &optimizer);
+    if (!a.fresh_optimizer) check_optimizer_state_complete(a.resume, optimizer);
     start_step = info.step;
     auto saved = info.metadata.find("train_run");
     if (saved != info.metadata.end()) {
@@ -302,7 +323,12 @@ int run_train(const TrainArgs& a) {
       if (!before.is_discarded() && (before["task"] != run["task"] || before["model"] != run["model"]))
         std::fprintf(stderr, "train: warning: %s was written with a different task or model setting\n",
                      a.resume.c_str());
+      if (!before.is_discarded() && before.is_object() && before.contains("optim"))
+        warn_schedule_changes(a.resume, before["optim"], run["optim"]);
     }
+    if (a.fresh_optimizer)
+      std::fprintf(stderr, "train: --fresh-optimizer: the AdamW moments start from zero at step %lld\n",
+                   static_cast<long long>(info.step));
     std::printf("resumed from %s at step %lld\n", a.resume.c_str(), static_cast<long long>(start_step));
     LT_CHECK(start_step <= a.steps, "train: the checkpoint is at step ", start_step, ", beyond --steps ", a.steps);
   }
@@ -335,6 +361,13 @@ int run_train(const TrainArgs& a) {
     optimizer.zero_grad();
     loss.backward();
     const double norm = a.clip > 0 ? nn::clip_grad_norm(model.parameters(), a.clip) : nn::grad_norm(model.parameters());
+    // A diverged step stops the run before it changes the weights; no checkpoint is written, so
+    // the last one saved (if any) stays as it was.
+    if (!std::isfinite(norm)) {
+      bar.break_line();
+      LT_CHECK(false, "train: the gradient norm became ", norm, " at step ", step + 1, " (loss ", loss.item(),
+               "); stopped without saving a checkpoint (try a lower --lr)");
+    }
     schedule.apply(optimizer, step);
     optimizer.step();
     const double loss_value = loss.item();  // also waits for the device
@@ -351,8 +384,11 @@ int run_train(const TrainArgs& a) {
     const double eta = (a.steps - step - 1) * window_seconds / (window_tokens / tokens);
     MetricsRow row{step + 1, loss_value, optimizer.lr(), norm, tokens_per_s,
                    std::chrono::duration<double>(Clock::now() - t_start).count(), {}, {}};
-    LT_CHECK(std::isfinite(loss_value), "train: the loss became ", loss_value, " at step ", step + 1,
-             " (try a lower --lr)");
+    if (!std::isfinite(loss_value)) {
+      bar.break_line();
+      LT_CHECK(false, "train: the loss became ", loss_value, " at step ", step + 1,
+               "; stopped without saving a checkpoint (try a lower --lr)");
+    }
     bar.update(step + 1, loss_value, tokens_per_s, eta);
     if (a.eval_every > 0 && (step + 1) % a.eval_every == 0 && step + 1 < a.steps) {
       EvalResult e = run_eval(model);
@@ -403,12 +439,18 @@ const RegisterCommand kTrainCommand{
     [](CLI::App& sub) -> std::function<int()> {
       auto a = std::make_shared<TrainArgs>();
       sub.add_option("--device", a->device, "auto (cuda when available), cpu, cuda or cuda:N");
-      sub.add_option("--steps", a->steps, "optimizer steps")->capture_default_str();
-      sub.add_option("--batch", a->batch, "sequences per step")->capture_default_str();
-      sub.add_option("--seq-len", a->seq_len, "tokens per sequence")->capture_default_str();
-      sub.add_option("--layers", a->layers, "transformer blocks")->capture_default_str();
-      sub.add_option("--width", a->width, "embedding width")->capture_default_str();
-      sub.add_option("--heads", a->heads, "attention heads")->capture_default_str();
+      sub.add_option("--steps", a->steps, "optimizer steps")->capture_default_str()
+          ->transform(count_in<int64_t>(1));
+      sub.add_option("--batch", a->batch, "sequences per step")->capture_default_str()
+          ->transform(count_in<int64_t>(1));
+      sub.add_option("--seq-len", a->seq_len, "tokens per sequence")->capture_default_str()
+          ->transform(count_in<int64_t>(1));
+      sub.add_option("--layers", a->layers, "transformer blocks")->capture_default_str()
+          ->transform(count_in<int64_t>(1));
+      sub.add_option("--width", a->width, "embedding width")->capture_default_str()
+          ->transform(count_in<int64_t>(1));
+      sub.add_option("--heads", a->heads, "attention heads")->capture_default_str()
+          ->transform(count_in<int64_t>(1));
       sub.add_option("--variant", a->variant, "attention variant (see `longtape attention --list`)")
           ->capture_default_str();
       sub.add_option("--segments", a->segments, "dilated: segment lengths, comma-separated")->capture_default_str();
@@ -416,33 +458,52 @@ const RegisterCommand kTrainCommand{
       sub.add_option("--mixing", a->mixing, "dilated: lse or head_groups")->capture_default_str();
       sub.add_option("--impl", a->impl, impl_help());
       add_variant_flags(sub, a->variant_flags);
-      sub.add_option("--lr", a->lr, "peak learning rate (AdamW)")->capture_default_str();
-      sub.add_option("--min-lr", a->min_lr, "final learning rate of the cosine schedule (default lr / 10)");
-      sub.add_option("--warmup", a->warmup, "linear warmup steps")->capture_default_str();
+      sub.add_option("--lr", a->lr, "peak learning rate (AdamW)")->capture_default_str()
+          ->transform(real_in(0.0, kMaxReal));
+      sub.add_option("--min-lr", a->min_lr, "final learning rate of the cosine schedule (default lr / 10)")
+          ->transform(real_in(-kMaxReal, kMaxReal));
+      sub.add_option("--warmup", a->warmup, "linear warmup steps")->capture_default_str()
+          ->transform(count_in<int64_t>(0));
       sub.add_option("--weight-decay", a->weight_decay, "AdamW decoupled weight decay (matrices only)")
-          ->capture_default_str();
-      sub.add_option("--clip", a->clip, "global gradient-norm clip (0 = off)")->capture_default_str();
-      sub.add_option("--dropout", a->dropout, "dropout on embeddings and residual branches")->capture_default_str();
+          ->capture_default_str()
+          ->transform(real_in(0.0, kMaxReal));
+      sub.add_option("--clip", a->clip, "global gradient-norm clip (0 = off)")->capture_default_str()
+          ->transform(real_in(0.0, kMaxReal));
+      sub.add_option("--dropout", a->dropout, "dropout on embeddings and residual branches")->capture_default_str()
+          ->transform(real_in(0.0, 1.0, false, /*hi_open=*/true));
       sub.add_flag("--untied", a->untied, "separate output head instead of the tied token embedding");
       sub.add_option("--position-init", a->position_init, "initial positional table: sinusoidal or normal")
           ->capture_default_str();
-      sub.add_option("--keys", a->keys, "recall: key tokens")->capture_default_str();
+      sub.add_option("--keys", a->keys, "recall: key tokens")->capture_default_str()
+          ->transform(count_in<int64_t>(0));
       sub.add_option("--values", a->values, "recall: value tokens (chance accuracy = 1 / values)")
-          ->capture_default_str();
-      sub.add_option("--filler", a->filler, "recall: noise tokens")->capture_default_str();
-      sub.add_option("--pairs", a->pairs, "recall: key/value pairs planted per sequence")->capture_default_str();
+          ->capture_default_str()
+          ->transform(count_in<int64_t>(0));
+      sub.add_option("--filler", a->filler, "recall: noise tokens")->capture_default_str()
+          ->transform(count_in<int64_t>(0));
+      sub.add_option("--pairs", a->pairs, "recall: key/value pairs planted per sequence")->capture_default_str()
+          ->transform(count_in<int64_t>(0));
       sub.add_option("--queries", a->queries, "recall: queried keys at the end of each sequence")
-          ->capture_default_str();
+          ->capture_default_str()
+          ->transform(count_in<int64_t>(0));
       sub.add_option("--text", a->text, "train a byte-level model on this file instead of the recall task");
       sub.add_option("--eval-every", a->eval_every, "held-out evaluation every N steps (0 = only at the end)")
-          ->capture_default_str();
-      sub.add_option("--eval-batches", a->eval_batches, "held-out batches per evaluation")->capture_default_str();
+          ->capture_default_str()
+          ->transform(count_in<int64_t>(0));
+      sub.add_option("--eval-batches", a->eval_batches, "held-out batches per evaluation")->capture_default_str()
+          ->transform(count_in<int64_t>(1));
       sub.add_option("--metrics", a->metrics, "write per-step metrics to PATH (.json, else CSV)");
       sub.add_option("--checkpoint", a->checkpoint, "safetensors checkpoint written at the end (and every K steps)");
-      sub.add_option("--checkpoint-every", a->checkpoint_every, "also write the checkpoint every K steps");
+      sub.add_option("--checkpoint-every", a->checkpoint_every, "also write the checkpoint every K steps")
+          ->transform(count_in<int64_t>(0));
       sub.add_option("--resume", a->resume, "continue from this checkpoint (same flags as the run that wrote it)");
-      sub.add_option("--seed", a->seed, "seed of the initialisation, dropout and data")->capture_default_str();
-      sub.add_option("--threads", a->threads, "CPU threads (default: all)");
+      sub.add_flag("--fresh-optimizer", a->fresh_optimizer,
+                   "with --resume: load the weights only and start the AdamW moments from zero (for a checkpoint "
+                   "without optimizer state)");
+      sub.add_option("--seed", a->seed, "seed of the initialisation, dropout and data")->capture_default_str()
+          ->transform(integer_in<uint64_t>());
+      sub.add_option("--threads", a->threads, "CPU threads (default: all)")
+          ->transform(integer_in<int>(0, 4096));
       return [a] { return run_train(*a); };
     }};
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "attention/config.h"
+#include "cli/numeric_flags.h"
 #include "tensor/error.h"
 
 namespace longtape::cli {
@@ -31,14 +32,20 @@ struct VariantFlags {
 inline void add_variant_flags(CLI::App& sub, VariantFlags& f) {
   sub.add_option("--pattern", f.pattern,
                  "block_sparse: all, local_window, dilated, global_local, random or adaptive (default local_window)");
-  sub.add_option("--block-size", f.block_size, "block_sparse: tokens per block (default 64)");
-  sub.add_option("--window", f.window, "block_sparse local_window/global_local: window in tokens (default 256)");
-  sub.add_option("--global-blocks", f.global_blocks, "block_sparse global_local: leading global blocks (default 1)");
-  sub.add_option("--density", f.density, "block_sparse random/adaptive: fraction of key blocks kept (default 0.25)");
-  sub.add_option("--pattern-seed", f.seed, "block_sparse random: seed of the drawn blocks (default 0)");
+  sub.add_option("--block-size", f.block_size, "block_sparse: tokens per block (default 64)")
+      ->transform(count_in<int64_t>(1));
+  sub.add_option("--window", f.window, "block_sparse local_window/global_local: window in tokens (default 256)")
+      ->transform(count_in<int64_t>(0));
+  sub.add_option("--global-blocks", f.global_blocks, "block_sparse global_local: leading global blocks (default 1)")
+      ->transform(count_in<int64_t>(0));
+  sub.add_option("--density", f.density, "block_sparse random/adaptive: fraction of key blocks kept (default 0.25)")
+      ->transform(real_in(0.0, 1.0));
+  sub.add_option("--pattern-seed", f.seed, "block_sparse random: seed of the drawn blocks (default 0)")
+      ->transform(integer_in<uint64_t>());
   sub.add_option("--schedule", f.schedule, "block_sparse: block processing order, natural or hilbert");
   sub.add_option("--order", f.order, "token order of the core variant: natural or hilbert (default natural)");
-  sub.add_option("--ranks", f.ranks, "ring, head_parallel: number of ranks P (default 1)");
+  sub.add_option("--ranks", f.ranks, "ring, head_parallel: number of ranks P (default 1)")
+      ->transform(integer_in<int64_t>(1, kMaxRanks));
   sub.add_option("--inner", f.inner, "hilbert, ring, head_parallel: the core variant they run (default dilated)");
 }
 

@@ -1,5 +1,6 @@
 #include "io/npy.h"
 
+#include <algorithm>
 #include <bit>
 #include <cctype>
 #include <cstring>
@@ -8,6 +9,7 @@
 #include <string_view>
 
 #include "io/atomic_file.h"
+#include "io/regular_file.h"
 
 namespace longtape::io {
 
@@ -19,6 +21,8 @@ namespace {
 constexpr char kMagic[] = "\x93NUMPY";
 constexpr size_t kMagicLen = 6;
 constexpr size_t kAlign = 64;  // numpy aligns the data start to 64 bytes
+// numpy writes headers of a few hundred bytes; anything near this is hostile.
+constexpr size_t kMaxHeaderBytes = 100'000'000;
 
 // ---- a Python literal subset: the header is the repr() of a dict ----
 
@@ -60,24 +64,7 @@ class LiteralParser {
 
   [[noreturn]] void fail(const std::string& what) {
     throw Error(detail::concat(source_, ": npy header: ", what, " at offset ", pos_, " of header '",
-                               printable(text_), "'"));
-  }
-
-  static std::string printable(std::string_view s) {
-    std::string out;
-    for (char c : s.substr(0, 200)) {
-      auto u = static_cast<unsigned char>(c);
-      if (u >= 0x20 && u < 0x7f) {
-        out += c;
-      } else {
-        static const char hex[] = "0123456789abcdef";
-        out += "\\x";
-        out += hex[u >> 4];
-        out += hex[u & 15];
-      }
-    }
-    if (s.size() > 200) out += "...";
-    return out;
+                               io::printable(text_), "'"));
   }
 
   void skip_space() {
@@ -100,7 +87,7 @@ class LiteralParser {
     if (consume_word("True")) return make_bool(true);
     if (consume_word("False")) return make_bool(false);
     if (consume_word("None")) return PyValue{};
-    fail(detail::concat("unexpected character '", printable(std::string_view(&text_[pos_], 1)), "'"));
+    fail(detail::concat("unexpected character '", io::printable(text_.substr(pos_, 1)), "'"));
   }
 
   static PyValue make_bool(bool b) {
@@ -232,12 +219,13 @@ DType dtype_from_descr(const std::string& descr, const std::string& source) {
   if (code == "f8") dtype = DType::f64;
   if (code == "i4") dtype = DType::i32;
   if (code == "i8") dtype = DType::i64;
-  LT_CHECK(!(big_endian && dtype), source, ": big-endian data ('", descr,
-           "') is not supported; expected little-endian ('<", code, "'), e.g. save with arr.astype('<",
-           code, "')");
-  LT_CHECK(dtype.has_value(), source, ": unsupported npy dtype '", descr,
+  const std::string shown = printable(descr), shown_code = printable(code);
+  LT_CHECK(!(big_endian && dtype), source, ": big-endian data ('", shown,
+           "') is not supported; expected little-endian ('<", shown_code, "'), e.g. save with arr.astype('<",
+           shown_code, "')");
+  LT_CHECK(dtype.has_value(), source, ": unsupported npy dtype '", shown,
            "'; supported are '<f4' (float32), '<f8' (float64), '<i4' (int32), '<i8' (int64)");
-  LT_CHECK(order != '|', source, ": npy dtype '", descr, "' has no byte order; expected '<", code,
+  LT_CHECK(order != '|', source, ": npy dtype '", shown, "' has no byte order; expected '<", shown_code,
            "'");
   return *dtype;
 }
@@ -261,9 +249,17 @@ const char* descr_of(DType dtype) {
 
 }  // namespace
 
-RawArray parse_npy(const std::vector<uint8_t>& bytes, const std::string& source) {
-  const size_t size = bytes.size();
-  LT_CHECK(size >= kMagicLen + 2 && std::memcmp(bytes.data(), kMagic, kMagicLen) == 0, source,
+namespace {
+
+// Where the header lies, from the first min(file_size, 12) bytes of a file of `file_size` bytes.
+struct NpyPrefix {
+  size_t prefix = 0;      // magic, version and header length field
+  size_t header_len = 0;  // header bytes after the prefix
+};
+
+NpyPrefix parse_npy_prefix(const uint8_t* bytes, uint64_t file_size, const std::string& source) {
+  const uint64_t size = file_size;
+  LT_CHECK(size >= kMagicLen + 2 && std::memcmp(bytes, kMagic, kMagicLen) == 0, source,
            ": not an npy file: expected the magic bytes \\x93NUMPY followed by a version, found ",
            size < kMagicLen + 2 ? "a file of only " + std::to_string(size) + " bytes"
                                 : std::string("other bytes"));
@@ -272,15 +268,29 @@ RawArray parse_npy(const std::vector<uint8_t>& bytes, const std::string& source)
   LT_CHECK((major == 1 || major == 2 || major == 3) && minor == 0, source,
            ": unsupported npy format version ", major, ".", minor,
            "; supported are 1.0, 2.0 and 3.0");
+  NpyPrefix out;
   const size_t length_bytes = major == 1 ? 2 : 4;
-  const size_t prefix = kMagicLen + 2 + length_bytes;
-  LT_CHECK(size >= prefix, source, ": truncated npy file: expected at least ", prefix,
+  out.prefix = kMagicLen + 2 + length_bytes;
+  LT_CHECK(size >= out.prefix, source, ": truncated npy file: expected at least ", out.prefix,
            " bytes for the header length, found ", size);
-  const size_t header_len = read_le(bytes.data() + kMagicLen + 2, length_bytes);
-  LT_CHECK(header_len <= size - prefix, source, ": npy header length ", header_len,
-           " exceeds the file: only ", size - prefix, " bytes follow the header length field");
+  out.header_len = read_le(bytes + kMagicLen + 2, length_bytes);
+  LT_CHECK(out.header_len <= size - out.prefix, source, ": npy header length ", out.header_len,
+           " exceeds the file: only ", size - out.prefix, " bytes follow the header length field");
+  LT_CHECK(out.header_len <= kMaxHeaderBytes, source, ": npy header length ", out.header_len,
+           " exceeds the limit of ", kMaxHeaderBytes, " bytes");
+  return out;
+}
 
-  std::string_view header(reinterpret_cast<const char*>(bytes.data() + prefix), header_len);
+// The array described by the header (dtype, shape; no bytes yet) and where its data starts,
+// checked against the file size before any data is read or allocated.
+struct NpyLayout {
+  RawArray array;  // bytes empty
+  size_t data_start = 0;
+  size_t nbytes = 0;
+};
+
+NpyLayout parse_npy_header(std::string_view header, const NpyPrefix& where, uint64_t file_size,
+                           const std::string& source) {
   PyValue dict = LiteralParser(header, source).parse_document();
   LT_CHECK(dict.kind == PyValue::Kind::dict, source, ": npy header: expected a dict, found ",
            kind_name(dict));
@@ -292,7 +302,7 @@ RawArray parse_npy(const std::vector<uint8_t>& bytes, const std::string& source)
   for (const auto& [key, value] : dict.entries) {
     LT_CHECK(key.kind == PyValue::Kind::string, source, ": npy header: expected string keys, found ",
              kind_name(key));
-    LT_CHECK(seen.insert(key.text).second, source, ": npy header: duplicate key '", key.text, "'");
+    LT_CHECK(seen.insert(key.text).second, source, ": npy header: duplicate key '", printable(key.text), "'");
     if (key.text == "descr") {
       descr = &value;
     } else if (key.text == "fortran_order") {
@@ -300,7 +310,7 @@ RawArray parse_npy(const std::vector<uint8_t>& bytes, const std::string& source)
     } else if (key.text == "shape") {
       shape_value = &value;
     } else {
-      LT_CHECK(false, source, ": npy header: unexpected key '", key.text,
+      LT_CHECK(false, source, ": npy header: unexpected key '", printable(key.text),
                "'; expected exactly 'descr', 'fortran_order' and 'shape'");
     }
   }
@@ -318,24 +328,47 @@ RawArray parse_npy(const std::vector<uint8_t>& bytes, const std::string& source)
   LT_CHECK(shape_value->kind == PyValue::Kind::sequence, source,
            ": npy header: expected shape to be a tuple of integers, found ", kind_name(*shape_value));
 
-  RawArray array;
+  NpyLayout layout;
+  RawArray& array = layout.array;
   array.dtype = dtype_from_descr(descr->text, source);
   for (const PyValue& dim : shape_value->items) {
     LT_CHECK(dim.kind == PyValue::Kind::integer, source,
              ": npy header: expected shape entries to be integers, found ", kind_name(dim));
     array.shape.push_back(dim.integer);
   }
-  const size_t expected = expected_nbytes(array.dtype, array.shape, source);
-  const size_t data_start = prefix + header_len;
-  const size_t found = size - data_start;
+  const size_t expected = expected_nbytes(array.dtype, array.shape, source + ": npy shape");
+  layout.data_start = where.prefix + where.header_len;
+  layout.nbytes = expected;
+  const uint64_t found = file_size - layout.data_start;
   LT_CHECK(found == expected, source, ": npy data size mismatch: expected ", expected,
-           " bytes for dtype ", descr->text, " and shape ", shape_text(array.shape), ", found ", found,
-           found < expected ? " (file truncated)" : " (trailing bytes)");
-  array.bytes.assign(bytes.begin() + static_cast<std::ptrdiff_t>(data_start), bytes.end());
-  return array;
+           " bytes for dtype ", printable(descr->text), " and shape ", shape_text(array.shape), ", found ",
+           found, found < expected ? " (file truncated)" : " (trailing bytes)");
+  return layout;
 }
 
-RawArray read_npy(const std::string& path) { return parse_npy(read_file(path), path); }
+}  // namespace
+
+RawArray parse_npy(const std::vector<uint8_t>& bytes, const std::string& source) {
+  const NpyPrefix where = parse_npy_prefix(bytes.data(), bytes.size(), source);
+  std::string_view header(reinterpret_cast<const char*>(bytes.data() + where.prefix), where.header_len);
+  NpyLayout layout = parse_npy_header(header, where, bytes.size(), source);
+  layout.array.bytes.assign(bytes.begin() + static_cast<std::ptrdiff_t>(layout.data_start), bytes.end());
+  return std::move(layout.array);
+}
+
+// Reads the header first and checks the file size against it before allocating the data.
+RawArray read_npy(const std::string& path) {
+  RegularFile file(path, "npy file");
+  const uint64_t size = file.size();
+  uint8_t head[kMagicLen + 2 + 4] = {};
+  file.read_at(0, head, static_cast<size_t>(std::min<uint64_t>(size, sizeof head)));
+  const NpyPrefix where = parse_npy_prefix(head, size, path);
+  const std::vector<uint8_t> header_bytes = file.read_at(where.prefix, where.header_len);
+  std::string_view header(reinterpret_cast<const char*>(header_bytes.data()), header_bytes.size());
+  NpyLayout layout = parse_npy_header(header, where, size, path);
+  layout.array.bytes = file.read_at(layout.data_start, layout.nbytes);
+  return std::move(layout.array);
+}
 
 std::vector<uint8_t> serialize_npy(const RawArray& array) {
   const char* descr = descr_of(array.dtype);

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/atomic_file.h"
+#include "io/regular_file.h"
 
 namespace longtape::io {
 
@@ -18,6 +19,55 @@ namespace {
 
 using Json = nlohmann::ordered_json;  // keeps the header's key order
 constexpr const char* kMetadataKey = "__metadata__";
+// The reference implementation refuses headers over 100 MB as well.
+constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+// Deeper JSON is refused before parsing (a valid header nests 3 levels).
+constexpr int kMaxJsonDepth = 64;
+
+// A JSON value for an error message: its type and a short, printable excerpt; never the whole
+// value (which may be megabytes).
+std::string describe(const Json& value) {
+  std::string text;
+  try {
+    text = value.dump(-1, ' ', false, Json::error_handler_t::replace);
+  } catch (const std::exception&) {
+    text = "?";
+  }
+  return std::string(value.type_name()) + " " + printable(text);
+}
+
+// Refuses a NUL byte anywhere, and [ / { nesting deeper than kMaxJsonDepth outside strings; runs
+// before the JSON parser so that no recursive code (parsing, printing, destroying) ever sees a
+// deep value.
+void check_header_bytes(const char* header, size_t n, const std::string& source) {
+  int depth = 0;
+  bool in_string = false;
+  bool escaped = false;
+  for (size_t i = 0; i < n; ++i) {
+    const char c = header[i];
+    LT_CHECK(c != '\0', source, ": safetensors header contains a NUL byte at offset ", i, " of ", n,
+             "; expected UTF-8 JSON text");
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      ++depth;
+      LT_CHECK(depth <= kMaxJsonDepth, source, ": safetensors header: JSON nesting depth ", depth,
+               " at offset ", i, " exceeds the limit of ", kMaxJsonDepth);
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+}
 
 std::optional<DType> dtype_from_safetensors_name(const std::string& name) {
   if (name == "F32") return DType::f32;
@@ -37,7 +87,7 @@ bool is_known_unsupported_dtype(const std::string& name) {
 
 uint64_t to_u64(const Json& value, const std::string& what, const std::string& source) {
   LT_CHECK(value.is_number_unsigned(), source, ": ", what,
-           ": expected a non-negative integer, found ", value.dump());
+           ": expected a non-negative integer, found ", describe(value));
   return value.get<uint64_t>();
 }
 
@@ -75,32 +125,32 @@ struct TensorEntry {
 };
 
 TensorEntry parse_tensor_entry(const std::string& name, const Json& info, const std::string& source) {
-  const std::string where = "tensor '" + name + "'";
+  const std::string where = "tensor '" + printable(name) + "'";
   LT_CHECK(info.is_object(), source, ": ", where,
-           ": expected an object with dtype, shape and data_offsets, found ", info.dump());
+           ": expected an object with dtype, shape and data_offsets, found ", describe(info));
   for (const auto& [key, value] : info.items()) {
     LT_CHECK(key == "dtype" || key == "shape" || key == "data_offsets", source, ": ", where,
-             ": unexpected field '", key, "'; expected dtype, shape and data_offsets");
+             ": unexpected field '", printable(key), "'; expected dtype, shape and data_offsets");
   }
   LT_CHECK(info.contains("dtype") && info.contains("shape") && info.contains("data_offsets"),
-           source, ": ", where, ": expected fields dtype, shape and data_offsets, found ", info.dump());
+           source, ": ", where, ": expected fields dtype, shape and data_offsets, found ", describe(info));
 
   TensorEntry entry;
   entry.name = name;
   const Json& dtype = info["dtype"];
   LT_CHECK(dtype.is_string(), source, ": ", where, ": expected dtype to be a string, found ",
-           dtype.dump());
+           describe(dtype));
   const std::string dtype_text = dtype.get<std::string>();
   std::optional<DType> parsed = dtype_from_safetensors_name(dtype_text);
   LT_CHECK(parsed || !is_known_unsupported_dtype(dtype_text), source, ": ", where,
-           ": unsupported dtype ", dtype_text, "; supported are F32, F64, BF16, I32, I64");
-  LT_CHECK(parsed.has_value(), source, ": ", where, ": unknown dtype '", dtype_text,
+           ": unsupported dtype ", printable(dtype_text), "; supported are F32, F64, BF16, I32, I64");
+  LT_CHECK(parsed.has_value(), source, ": ", where, ": unknown dtype '", printable(dtype_text),
            "'; supported are F32, F64, BF16, I32, I64");
   entry.dtype = *parsed;
 
   const Json& shape = info["shape"];
   LT_CHECK(shape.is_array(), source, ": ", where, ": expected shape to be an array, found ",
-           shape.dump());
+           describe(shape));
   for (const Json& dim : shape) {
     uint64_t d = to_u64(dim, where + " shape", source);
     LT_CHECK(d <= static_cast<uint64_t>(INT64_MAX), source, ": ", where, ": dimension ", d,
@@ -110,16 +160,16 @@ TensorEntry parse_tensor_entry(const std::string& name, const Json& info, const 
 
   const Json& offsets = info["data_offsets"];
   LT_CHECK(offsets.is_array() && offsets.size() == 2, source, ": ", where,
-           ": expected data_offsets to be [begin, end], found ", offsets.dump());
+           ": expected data_offsets to be [begin, end], found ", describe(offsets));
   entry.begin = to_u64(offsets[0], where + " data_offsets", source);
   entry.end = to_u64(offsets[1], where + " data_offsets", source);
   LT_CHECK(entry.begin <= entry.end, source, ": ", where, ": data_offsets [", entry.begin, ", ",
            entry.end, "] end before they begin");
 
-  const size_t expected = expected_nbytes(entry.dtype, entry.shape, source + ": " + where);
+  const size_t expected = expected_nbytes(entry.dtype, entry.shape, source + ": " + where + " shape");
   LT_CHECK(entry.end - entry.begin == expected, source, ": ", where, ": data_offsets [",
            entry.begin, ", ", entry.end, "] span ", entry.end - entry.begin, " bytes, expected ",
-           expected, " for dtype ", dtype_text, " and shape ", shape_text(entry.shape));
+           expected, " for dtype ", printable(dtype_text), " and shape ", shape_text(entry.shape));
   return entry;
 }
 
@@ -234,44 +284,74 @@ void write_safetensors(const std::string& path, const SafetensorsFile& file) {
 
 // ---- reading ----
 
-SafetensorsFile parse_safetensors(const std::vector<uint8_t>& bytes, const std::string& source) {
-  const size_t size = bytes.size();
-  LT_CHECK(size >= 8, source, ": truncated safetensors file: expected at least 8 bytes for the "
-           "header length, found ", size);
+namespace {
+
+struct SafetensorsLayout {
+  std::map<std::string, std::string> metadata;
+  std::vector<TensorEntry> entries;  // in data-offset order, tiling the data buffer
+  uint64_t data_start = 0;           // file offset of the data buffer
+};
+
+// Header length from the first 8 bytes of a file of `file_size` bytes, checked against the file
+// and the limit.
+uint64_t parse_header_length(const uint8_t* bytes, uint64_t file_size, const std::string& source) {
+  LT_CHECK(file_size >= 8, source, ": truncated safetensors file: expected at least 8 bytes for the "
+           "header length, found ", file_size);
   uint64_t header_len = 0;
   for (int i = 0; i < 8; ++i) header_len |= static_cast<uint64_t>(bytes[i]) << (8 * i);
-  LT_CHECK(header_len <= size - 8, source, ": safetensors header length ", header_len,
-           " exceeds the file: only ", size - 8, " bytes follow the length field");
-  const char* header_begin = reinterpret_cast<const char*>(bytes.data() + 8);
+  LT_CHECK(header_len <= file_size - 8, source, ": safetensors header length ", header_len,
+           " exceeds the file: only ", file_size - 8, " bytes follow the length field");
+  LT_CHECK(header_len <= kMaxHeaderBytes, source, ": safetensors header length ", header_len,
+           " exceeds the limit of ", kMaxHeaderBytes, " bytes");
+  return header_len;
+}
 
+// Everything but the data: JSON, dtypes, shapes, offsets tiling the data buffer of a file of
+// `file_size` bytes. Nothing is allocated in proportion to what the header claims.
+SafetensorsLayout parse_header(const char* header_begin, uint64_t header_len, uint64_t file_size,
+                               const std::string& source) {
+  check_header_bytes(header_begin, header_len, source);
   DuplicateKeyFinder duplicates;
   Json header;
   try {
     header = Json::parse(header_begin, header_begin + header_len, std::ref(duplicates),
                          /*allow_exceptions=*/true);
+  } catch (const nlohmann::json::parse_error& e) {
+    // e.what() is "[json.exception.parse_error.101] parse error at line 1, column 7: <reason>"
+    // and may quote raw header bytes: keep the reason, escaped and short.
+    std::string reason = e.what();
+    const size_t colon = reason.find(": ");
+    if (reason.rfind("[json.exception", 0) == 0 && colon != std::string::npos) reason = reason.substr(colon + 2);
+    LT_CHECK(false, source, ": safetensors header is not valid JSON at byte ", e.byte, " of ", header_len, ": ",
+             printable(reason));
   } catch (const nlohmann::json::exception& e) {
-    LT_CHECK(false, source, ": safetensors header is not valid JSON: ", e.what());
+    LT_CHECK(false, source, ": safetensors header is not valid JSON (error ", e.id, ")");
   }
   LT_CHECK(!duplicates.duplicate, source, ": safetensors header has duplicate key '",
-           *duplicates.duplicate, "'");
+           printable(*duplicates.duplicate), "'");
   LT_CHECK(header.is_object(), source, ": safetensors header: expected a JSON object, found ",
            header.type_name());
 
-  SafetensorsFile file;
-  std::vector<TensorEntry> entries;
-  for (const auto& [key, value] : header.items()) {
-    if (key == kMetadataKey) {
-      if (value.is_null()) continue;
-      LT_CHECK(value.is_object(), source, ": safetensors ", kMetadataKey,
-               ": expected an object of strings, found ", value.dump());
-      for (const auto& [meta_key, meta_value] : value.items()) {
-        LT_CHECK(meta_value.is_string(), source, ": safetensors ", kMetadataKey, " entry '",
-                 meta_key, "': expected a string value, found ", meta_value.dump());
-        file.metadata[meta_key] = meta_value.get<std::string>();
+  SafetensorsLayout layout;
+  std::vector<TensorEntry>& entries = layout.entries;
+  try {
+    for (const auto& [key, value] : header.items()) {
+      if (key == kMetadataKey) {
+        if (value.is_null()) continue;
+        LT_CHECK(value.is_object(), source, ": safetensors ", kMetadataKey,
+                 ": expected an object of strings, found ", describe(value));
+        for (const auto& [meta_key, meta_value] : value.items()) {
+          LT_CHECK(meta_value.is_string(), source, ": safetensors ", kMetadataKey, " entry '",
+                   printable(meta_key), "': expected a string value, found ", describe(meta_value));
+          layout.metadata[meta_key] = meta_value.get<std::string>();
+        }
+        continue;
       }
-      continue;
+      entries.push_back(parse_tensor_entry(key, value, source));
     }
-    entries.push_back(parse_tensor_entry(key, value, source));
+  } catch (const nlohmann::json::exception& e) {
+    // Every access above is type-checked first; this is a safety net, not an expected path.
+    LT_CHECK(false, source, ": safetensors header: unexpected JSON value (error ", e.id, ")");
   }
 
   // The tensors must tile the data buffer: sorted by offset, each starts where the previous
@@ -279,18 +359,18 @@ SafetensorsFile parse_safetensors(const std::vector<uint8_t>& bytes, const std::
   std::stable_sort(entries.begin(), entries.end(), [](const TensorEntry& a, const TensorEntry& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
   });
-  const uint64_t data_start = 8 + header_len;
-  const uint64_t data_size = size - data_start;
+  layout.data_start = 8 + header_len;
+  const uint64_t data_size = file_size - layout.data_start;
   uint64_t expected_begin = 0;
   const TensorEntry* previous = nullptr;
   for (const TensorEntry& entry : entries) {
-    LT_CHECK(entry.begin >= expected_begin, source, ": tensor '", entry.name, "' data_offsets [",
-             entry.begin, ", ", entry.end, "] overlap tensor '", previous ? previous->name : "",
+    LT_CHECK(entry.begin >= expected_begin, source, ": tensor '", printable(entry.name), "' data_offsets [",
+             entry.begin, ", ", entry.end, "] overlap tensor '", previous ? printable(previous->name) : "",
              "' which ends at ", expected_begin);
-    LT_CHECK(entry.begin == expected_begin, source, ": tensor '", entry.name, "' data_offsets [",
+    LT_CHECK(entry.begin == expected_begin, source, ": tensor '", printable(entry.name), "' data_offsets [",
              entry.begin, ", ", entry.end, "] leave a gap: expected it to begin at ",
              expected_begin);
-    LT_CHECK(entry.end <= data_size, source, ": tensor '", entry.name, "' data_offsets [",
+    LT_CHECK(entry.end <= data_size, source, ": tensor '", printable(entry.name), "' data_offsets [",
              entry.begin, ", ", entry.end, "] exceed the data buffer of ", data_size,
              " bytes (file truncated?)");
     expected_begin = entry.end;
@@ -298,21 +378,51 @@ SafetensorsFile parse_safetensors(const std::vector<uint8_t>& bytes, const std::
   }
   LT_CHECK(expected_begin == data_size, source, ": safetensors data buffer has ", data_size,
            " bytes but the tensors cover only ", expected_begin);
+  return layout;
+}
 
-  file.tensors.reserve(entries.size());
-  for (const TensorEntry& entry : entries) {
+}  // namespace
+
+SafetensorsFile parse_safetensors(const std::vector<uint8_t>& bytes, const std::string& source) {
+  const uint64_t header_len = parse_header_length(bytes.data(), bytes.size(), source);
+  SafetensorsLayout layout =
+      parse_header(reinterpret_cast<const char*>(bytes.data() + 8), header_len, bytes.size(), source);
+  SafetensorsFile file;
+  file.metadata = std::move(layout.metadata);
+  file.tensors.reserve(layout.entries.size());
+  for (const TensorEntry& entry : layout.entries) {
     RawArray array;
     array.dtype = entry.dtype;
     array.shape = entry.shape;
-    const uint8_t* begin = bytes.data() + data_start + entry.begin;
+    const uint8_t* begin = bytes.data() + layout.data_start + entry.begin;
     array.bytes.assign(begin, begin + (entry.end - entry.begin));
     file.tensors.emplace_back(entry.name, std::move(array));
   }
   return file;
 }
 
+// Reads the length and the header first; the data is read (and allocated) only once the header
+// has been checked against the file's size.
 SafetensorsFile read_safetensors(const std::string& path) {
-  return parse_safetensors(read_file(path), path);
+  RegularFile in(path, "safetensors file");
+  const uint64_t size = in.size();
+  uint8_t head[8] = {};
+  in.read_at(0, head, static_cast<size_t>(std::min<uint64_t>(size, 8)));
+  const uint64_t header_len = parse_header_length(head, size, path);
+  const std::vector<uint8_t> header = in.read_at(8, static_cast<size_t>(header_len));
+  SafetensorsLayout layout =
+      parse_header(reinterpret_cast<const char*>(header.data()), header_len, size, path);
+  SafetensorsFile file;
+  file.metadata = std::move(layout.metadata);
+  file.tensors.reserve(layout.entries.size());
+  for (const TensorEntry& entry : layout.entries) {
+    RawArray array;
+    array.dtype = entry.dtype;
+    array.shape = entry.shape;
+    array.bytes = in.read_at(layout.data_start + entry.begin, static_cast<size_t>(entry.end - entry.begin));
+    file.tensors.emplace_back(entry.name, std::move(array));
+  }
+  return file;
 }
 
 }  // namespace longtape::io

@@ -1,9 +1,12 @@
 #include "nn/data.h"
 
 #include <algorithm>
+#include <new>
+#include <stdexcept>
 
 #include "autograd/grad_mode.h"
-#include "io/atomic_file.h"
+#include "io/regular_file.h"
+#include "tensor/checked_math.h"
 #include "tensor/ops.h"
 
 namespace longtape::nn {
@@ -40,6 +43,25 @@ namespace {
 constexpr uint64_t kTrainStream = 0x7472616;  // distinct streams for the two splits
 constexpr uint64_t kHeldoutStream = 0x686f6c64;
 uint64_t stream_of(Split split) { return split == Split::train ? kTrainStream : kHeldoutStream; }
+
+// Token ids must fit in i32 (the model accepts i32 tokens); keys are shuffled per sequence, so
+// their count bounds the work (and memory) of every batch.
+constexpr int64_t kMaxVocab = INT32_MAX;
+constexpr int64_t kMaxKeys = int64_t{1} << 24;
+
+// batch_size * seq_len tokens, all `fill`: the product is overflow-checked and an allocation
+// failure becomes longtape::OutOfMemoryError naming both sizes.
+std::vector<int64_t> token_buffer(int64_t batch_size, int64_t seq_len, int64_t fill, const char* op) {
+  const int64_t n = checked::mul(batch_size, seq_len, std::string(op) + ": batch_size * seq_len");
+  checked::mul(n, static_cast<int64_t>(sizeof(int64_t)), std::string(op) + ": bytes of batch_size * seq_len tokens");
+  try {
+    return std::vector<int64_t>(static_cast<size_t>(n), fill);
+  } catch (const std::bad_alloc&) {
+  } catch (const std::length_error&) {
+  }
+  throw OutOfMemoryError(detail::concat(op, ": cannot allocate ", n, " tokens (batch_size ", batch_size,
+                                        " * seq_len ", seq_len, ")"));
+}
 }  // namespace
 
 // ---------------------------------------------------------------- RecallTask
@@ -52,9 +74,19 @@ RecallTask::RecallTask(RecallTaskConfig config) : config_(config) {
            c.num_keys, "] (planted keys are distinct), got ", c.num_pairs);
   LT_CHECK(c.num_queries >= 1 && c.num_queries <= c.num_pairs, "RecallTask: num_queries must be in [1, num_pairs = ",
            c.num_pairs, "], got ", c.num_queries);
+  LT_CHECK(c.num_keys <= kMaxKeys, "RecallTask: num_keys ", c.num_keys, " exceeds the limit ", kMaxKeys);
+  const int64_t vocab = checked::add(
+      checked::add(checked::add(c.num_keys, c.num_values, "RecallTask: num_keys + num_values"), c.num_filler,
+                   "RecallTask: num_keys + num_values + num_filler"),
+      1, "RecallTask: vocabulary size");
+  LT_CHECK(vocab <= kMaxVocab, "RecallTask: vocabulary size num_keys + num_values + num_filler + 1 = ", vocab,
+           " exceeds the limit ", kMaxVocab);
+  LT_CHECK(c.seq_len >= 1, "RecallTask: seq_len must be >= 1, got ", c.seq_len);
+  // Q <= K <= num_keys <= 2^24, so these cannot overflow.
+  const int64_t needed = 2 * c.num_pairs + 1 + 2 * c.num_queries;
+  LT_CHECK(c.seq_len >= needed, "RecallTask: seq_len ", c.seq_len, " is too short for ", c.num_pairs,
+           " pairs and ", c.num_queries, " queries (needs at least ", needed, ")");
   const int64_t context = c.seq_len - 1 - 2 * c.num_queries;
-  LT_CHECK(context >= 2 * c.num_pairs, "RecallTask: seq_len ", c.seq_len, " is too short for ", c.num_pairs,
-           " pairs and ", c.num_queries, " queries (needs at least ", 2 * c.num_pairs + 1 + 2 * c.num_queries, ")");
   LT_CHECK(c.num_filler > 0 || context == 2 * c.num_pairs,
            "RecallTask: num_filler must be > 0 when the context has room beyond the pairs");
 }
@@ -68,7 +100,8 @@ Batch RecallTask::batch(int64_t batch_size, int64_t index, Split split, Device d
   const int64_t T = c.seq_len, K = c.num_pairs, Q = c.num_queries;
   const int64_t context = T - 1 - 2 * Q;
   const int64_t value_base = c.num_keys, filler_base = c.num_keys + c.num_values;
-  std::vector<int64_t> inputs(batch_size * T), targets(batch_size * T, kIgnoreIndex);
+  std::vector<int64_t> inputs = token_buffer(batch_size, T, 0, "RecallTask::batch");
+  std::vector<int64_t> targets = token_buffer(batch_size, T, kIgnoreIndex, "RecallTask::batch");
   DataRng rng(DataRng::mix(c.seed, stream_of(split), static_cast<uint64_t>(index)));
   std::vector<int64_t> keys(c.num_keys), slots(context - K), starts(K), values(K), order(K);
   for (int64_t b = 0; b < batch_size; ++b) {
@@ -109,7 +142,7 @@ Batch RecallTask::batch(int64_t batch_size, int64_t index, Split split, Device d
 // ---------------------------------------------------------------- CharTextDataset
 
 CharTextDataset::CharTextDataset(const std::string& path, int64_t seq_len, uint64_t seed, double holdout_fraction)
-    : CharTextDataset(io::read_file(path), seq_len, seed, holdout_fraction, path) {}
+    : CharTextDataset(io::RegularFile(path, "text file").read_all(), seq_len, seed, holdout_fraction, path) {}
 
 CharTextDataset::CharTextDataset(std::vector<uint8_t> bytes, int64_t seq_len, uint64_t seed, double holdout_fraction,
                                  const std::string& source)
@@ -137,7 +170,8 @@ Batch CharTextDataset::batch(int64_t batch_size, int64_t index, Split split, Dev
   }
   const uint64_t starts = end - begin - static_cast<size_t>(T);  // number of valid window starts
   DataRng rng(DataRng::mix(seed_, stream_of(split), static_cast<uint64_t>(index)));
-  std::vector<int64_t> inputs(batch_size * T), targets(batch_size * T);
+  std::vector<int64_t> inputs = token_buffer(batch_size, T, 0, "CharTextDataset::batch");
+  std::vector<int64_t> targets = token_buffer(batch_size, T, 0, "CharTextDataset::batch");
   for (int64_t b = 0; b < batch_size; ++b) {
     const size_t start = begin + rng.below(starts);
     for (int64_t t = 0; t < T; ++t) {

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "tensor/checked_math.h"
 #include "tensor/ops.h"
 
 namespace longtape::nn {
@@ -14,6 +15,11 @@ LanguageModel::LanguageModel(const LanguageModelConfig& config) : config_(config
   LT_CHECK(config.embed_dim >= 1 && config.num_heads >= 1 && config.embed_dim % config.num_heads == 0,
            "LanguageModel: embed_dim must be a positive multiple of num_heads, got embed_dim ", config.embed_dim,
            " and num_heads ", config.num_heads);
+  // Parameter tables, checked before anything is allocated so that the error names the flags.
+  checked::mul(checked::mul(config.vocab_size, config.embed_dim, "LanguageModel: vocab_size * embed_dim"),
+               static_cast<int64_t>(sizeof(double)), "LanguageModel: bytes of the vocab_size * embed_dim table");
+  checked::mul(checked::mul(config.max_seq_len, config.embed_dim, "LanguageModel: max_seq_len * embed_dim"),
+               static_cast<int64_t>(sizeof(double)), "LanguageModel: bytes of the max_seq_len * embed_dim table");
   config_.attention_config.causal = true;
   config_.attention_config.num_heads = config.num_heads;
   config_.attention_config.head_dim = config.embed_dim / config.num_heads;
@@ -26,7 +32,7 @@ LanguageModel::LanguageModel(const LanguageModelConfig& config) : config_(config
     if (config.position_init == "sinusoidal") {
       // table[p, 2i] = sin(p / 10000^(2i/E)), table[p, 2i+1] = cos(...), times sqrt(2) * init_std.
       const int64_t T = config.max_seq_len, E = config.embed_dim;
-      std::vector<double> table(T * E);
+      std::vector<double> table(static_cast<size_t>(checked::mul(T, E, "LanguageModel: max_seq_len * embed_dim")));
       const double scale = std::sqrt(2.0) * config.init_std;
       for (int64_t p = 0; p < T; ++p)
         for (int64_t i = 0; i < E; ++i) {
@@ -74,7 +80,8 @@ Tensor LanguageModel::forward(const Tensor& tokens) {
   x = ln_f->forward(x);
   if (head) return head->forward(x);
   const int64_t B = x.shape()[0], E = x.shape()[2];
-  return matmul(x.reshape({B * T, E}), tok_emb->weight.transpose(0, 1)).reshape({B, T, config_.vocab_size});
+  const int64_t rows = checked::mul(B, T, "LanguageModel: batch * sequence length");
+  return matmul(x.reshape({rows, E}), tok_emb->weight.transpose(0, 1)).reshape({B, T, config_.vocab_size});
 }
 
 }  // namespace longtape::nn

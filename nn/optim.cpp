@@ -252,6 +252,8 @@ void AdamW::step() {
     cuda::fused_adamw(static_cast<const cuda::AdamWTensor*>(table.device_tensors.raw_data()),
                       static_cast<const cuda::AdamWChunk*>(table.device_chunks.raw_data()),
                       static_cast<int64_t>(chunks.size()), kChunk, hyper);
+    // The kernel wrote the parameters in place: graphs that saved them must see it.
+    for (size_t i : fused) parameters_[i].second.bump_version();
     ++fused_steps_;
   }
 #else

@@ -2,6 +2,7 @@
 // Storage: one reference-counted block of device or host memory. Allocation goes through
 // allocate_storage(), which uses an aligned, counted host allocator on the CPU and the
 // caching memory pool (cuda/memory_pool.h) on CUDA devices.
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -26,6 +27,9 @@ struct Storage {
   void* data = nullptr;
   size_t nbytes = 0;
   Device device;
+  // In-place modification count, shared by every tensor (view) of this storage: each in-place
+  // write bumps it, and autograd compares it with the count an op saved (tensor.h, version()).
+  std::atomic<uint64_t> version{0};
   Storage(void* d, size_t n, Device dev) : data(d), nbytes(n), device(dev) {}
   ~Storage();
   Storage(const Storage&) = delete;

@@ -7,6 +7,7 @@
 
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
+#include "tensor/checked_math.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
 
@@ -19,17 +20,24 @@ std::string shape_str(const Shape& s) {
 }
 
 int64_t shape_numel(const Shape& s) {
+  // Fast path for the common small shapes; anything unusual goes through the full checks, which
+  // refuse negative dims and overflow of the non-zero dims' product (even beside a zero dim).
   int64_t n = 1;
-  for (int64_t d : s) n *= d;
-  return n;
+  bool ok = true;
+  for (int64_t d : s) ok &= d > 0 && !__builtin_mul_overflow(n, d, &n);
+  return ok ? n : checked::numel(s, "shape");
 }
 
 Shape contiguous_strides(const Shape& s) {
   Shape st(s.size());
   int64_t acc = 1;
   for (size_t i = s.size(); i-- > 0;) {
+    LT_CHECK(s[i] >= 0, "contiguous_strides: expected non-negative sizes, got ", s[i], " at dim ", i,
+             " of shape ", shape_str(s));
     st[i] = acc;
-    acc *= std::max<int64_t>(s[i], 1);
+    LT_CHECK(!__builtin_mul_overflow(acc, std::max<int64_t>(s[i], 1), &acc), "contiguous_strides: shape ",
+             shape_str(s), " overflows 64 bits: the product of its dims from dim ", i,
+             " on exceeds the limit ", checked::kInt64Max);
   }
   return st;
 }
@@ -54,8 +62,9 @@ static void check_shape(const Shape& shape, const char* op) {
 
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
   check_shape(shape, "empty");
+  const int64_t numel = checked::numel_for_bytes(shape, dtype_size(dtype), "empty");
   auto impl = std::make_shared<TensorImpl>();
-  impl->storage = allocate_storage(device, static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype));
+  impl->storage = allocate_storage(device, static_cast<size_t>(numel) * dtype_size(dtype));
   impl->shape = shape;
   impl->strides = contiguous_strides(shape);
   impl->dtype = dtype;
@@ -84,18 +93,43 @@ Tensor Tensor::arange(double start, double end, double step, DType dtype, Device
 namespace {
 std::mutex g_rng_mutex;
 PhiloxState g_rng{0x5eed, 0};
+thread_local PhiloxState* g_thread_rng = nullptr;  // set by ThreadGeneratorScope
 }  // namespace
 
 void manual_seed(uint64_t seed) {
+  if (g_thread_rng) {
+    *g_thread_rng = {seed, 0};
+    return;
+  }
   std::lock_guard<std::mutex> lock(g_rng_mutex);
   g_rng = {seed, 0};
 }
 
 PhiloxState next_philox(uint64_t blocks) {
+  if (g_thread_rng) {
+    PhiloxState s = *g_thread_rng;
+    g_thread_rng->offset += blocks;
+    return s;
+  }
   std::lock_guard<std::mutex> lock(g_rng_mutex);
   PhiloxState s = g_rng;
   g_rng.offset += blocks;
   return s;
+}
+
+ThreadGeneratorScope::ThreadGeneratorScope(PhiloxState initial) : state_(initial), previous_(g_thread_rng) {
+  g_thread_rng = &state_;
+}
+ThreadGeneratorScope::~ThreadGeneratorScope() { g_thread_rng = previous_; }
+
+uint64_t derive_stream_seed(uint64_t seed, uint64_t offset, uint64_t stream) {
+  auto mix = [](uint64_t z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  };
+  return mix(mix(mix(seed) ^ offset) ^ stream);
 }
 
 Tensor Tensor::rand(const Shape& shape, DType dtype, Device device) {
@@ -229,11 +263,13 @@ Tensor& Tensor::copy_(const Tensor& src) {
   if (s.device() != device()) s = s.to(device());
   Tensor b = s.shape() == shape() ? s : s.expand(shape());
   kernels::copy(kernels::make_view(*this), kernels::make_view(b));
+  bump_version();
   return *this;
 }
 
 Tensor& Tensor::fill_(double value) {
   kernels::fill(kernels::make_view(*this), value);
+  bump_version();
   return *this;
 }
 

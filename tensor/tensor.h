@@ -125,6 +125,18 @@ class Tensor {
   Tensor& copy_(const Tensor& src);  // src broadcast to this shape, dtype cast, cross-device
   Tensor& fill_(double value);
   Tensor& zero_() { return fill_(0.0); }
+  // In-place modification count of this tensor's storage, shared by all its views (like torch's
+  // _version). copy_, fill_, zero_ and every other in-place write bump it; an op that saved the
+  // tensor for backward compares it with the count at save time and refuses a stale tensor.
+  uint64_t version() const {
+    const Storage* s = impl().storage.get();
+    return s ? s->version.load(std::memory_order_relaxed) : 0;
+  }
+  // Marks an in-place write: code that writes a tensor's memory in place through raw pointers or
+  // kernels (outside copy_/fill_) must call it.
+  void bump_version() const {
+    if (Storage* s = impl().storage.get()) s->version.fetch_add(1, std::memory_order_relaxed);
+  }
 
   std::string str() const;  // readable printing
   TensorImpl& impl() const;
@@ -144,7 +156,29 @@ struct PhiloxState {
   uint64_t offset;  // in 128-bit counter blocks
 };
 // Reserves `blocks` counter blocks of the default generator and returns where they start.
+// On a thread inside a ThreadGeneratorScope (each rank of dist::run_ranks), the thread's own stream.
 PhiloxState next_philox(uint64_t blocks);
+
+// A random stream of the calling thread's own. While the scope lives, manual_seed and next_philox
+// (so rand, randn, dropout, module initialisation) on this thread use `initial` and its
+// continuation instead of the shared default generator, which stays untouched; scopes nest.
+// dist::run_ranks gives every rank one, so ranks simulated as threads draw reproducibly whatever
+// the interleaving of the threads.
+class ThreadGeneratorScope {
+ public:
+  explicit ThreadGeneratorScope(PhiloxState initial);
+  ~ThreadGeneratorScope();
+  ThreadGeneratorScope(const ThreadGeneratorScope&) = delete;
+  ThreadGeneratorScope& operator=(const ThreadGeneratorScope&) = delete;
+  const PhiloxState& state() const { return state_; }
+
+ private:
+  PhiloxState state_;
+  PhiloxState* previous_;
+};
+// The seed of stream `stream` derived from (seed, offset): a SplitMix64 mix, so different
+// streams (ranks) and different starting points give unrelated Philox keys.
+uint64_t derive_stream_seed(uint64_t seed, uint64_t offset, uint64_t stream);
 
 // Makes a tensor from its parts (used by ops to build views).
 Tensor make_view(const Tensor& base, const Shape& shape, const Shape& strides, int64_t offset);

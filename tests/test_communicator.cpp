@@ -458,3 +458,55 @@ TEST_CASE("CUDA tensors travel between ranks sharing one GPU (CPU/CUDA parity)")
     CHECK(max_abs_diff(grads[static_cast<size_t>(r)], mul(xs[static_cast<size_t>(r)], 2.0)) < 1e-5);
   }
 }
+
+TEST_CASE("every rank draws from a random stream of its own: reproducible whatever the thread interleaving") {
+  constexpr int p = 4, draws = 200;
+  // Each rank draws many small tensors, yielding between draws so the threads interleave
+  // differently from run to run; with one shared generator the values a rank got depended on that.
+  auto run = [&](uint64_t seed) {
+    std::vector<std::vector<double>> got(p);
+    manual_seed(seed);
+    dist::run_ranks(p, [&](Communicator& comm) {
+      std::vector<double>& mine = got[static_cast<size_t>(comm.rank())];
+      for (int i = 0; i < draws; ++i) {
+        for (double x : Tensor::randn({3}, DType::f64).to_vector()) mine.push_back(x);
+        if ((i + comm.rank()) % 3 == 0) std::this_thread::yield();
+      }
+      // Dropout draws from the same stream.
+      Tensor kept = dropout(Tensor::ones({64}, DType::f64), 0.5, true);
+      for (double x : kept.to_vector()) mine.push_back(x);
+    });
+    return got;
+  };
+  const auto first = run(2024), second = run(2024), third = run(2024);
+  for (int r = 0; r < p; ++r) {
+    INFO("rank " << r);
+    CHECK(first[static_cast<size_t>(r)] == second[static_cast<size_t>(r)]);
+    CHECK(first[static_cast<size_t>(r)] == third[static_cast<size_t>(r)]);
+    for (int s = 0; s < r; ++s) CHECK(first[static_cast<size_t>(r)] != first[static_cast<size_t>(s)]);
+  }
+  // Another seed gives other streams; so does the next run_ranks without reseeding.
+  CHECK(run(2025)[0] != first[0]);
+  manual_seed(2024);
+  std::vector<double> again, next;
+  dist::run_ranks(1, [&](Communicator&) { again = Tensor::randn({3}, DType::f64).to_vector(); });
+  dist::run_ranks(1, [&](Communicator&) { next = Tensor::randn({3}, DType::f64).to_vector(); });
+  CHECK(again != next);
+}
+
+TEST_CASE("manual_seed inside a rank reseeds that rank's stream only, like a process of its own") {
+  manual_seed(42);
+  const std::vector<double> want = Tensor::randn({5}, DType::f64).to_vector();
+  manual_seed(9);
+  std::vector<std::vector<double>> got(3);
+  dist::run_ranks(3, [&](Communicator& comm) {
+    manual_seed(42);
+    got[static_cast<size_t>(comm.rank())] = Tensor::randn({5}, DType::f64).to_vector();
+  });
+  for (const auto& g : got) CHECK(g == want);
+  // The caller's generator moved on by the one block run_ranks reserves, not by the ranks' draws.
+  const std::vector<double> after = Tensor::randn({5}, DType::f64).to_vector();
+  manual_seed(9);
+  next_philox(1);
+  CHECK(after == Tensor::randn({5}, DType::f64).to_vector());
+}

@@ -1,10 +1,20 @@
 // Bad input raises longtape::Error whose message names the op, what it expected and what it got.
 #include <doctest/doctest.h>
 
+#include <sys/stat.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "autograd/node.h"
+#include "nn/data.h"
+#include "nn/language_model.h"
+#include "tensor/checked_math.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
@@ -212,4 +222,77 @@ TEST_CASE("item on a multi-element tensor") {
   // the one-element cases work
   Tensor one = Tensor::from_vector(std::vector<double>{2.5}, {1, 1});
   CHECK(one.item() == 2.5);
+}
+
+TEST_CASE("size arithmetic refuses overflow and negative sizes instead of wrapping") {
+  const int64_t big = int64_t{1} << 62;
+  // Every partial product of the non-zero dims is checked: a zero does not hide the overflow.
+  CHECK_THROWS_WITH_AS(shape_numel({0, big, big, 4}), Contains("overflows 64 bits"), Error);
+  CHECK_THROWS_WITH_AS(shape_numel({0, big, big, 4}), Contains("9223372036854775807"), Error);
+  CHECK_THROWS_WITH_AS(shape_numel({int64_t{1} << 32, int64_t{1} << 32}), Contains("overflows 64 bits"), Error);
+  CHECK_THROWS_WITH_AS(shape_numel({2, -3}), Contains("expected non-negative dimensions, got -3 at axis 1"), Error);
+  CHECK(shape_numel({}) == 1);
+  CHECK(shape_numel({0, int64_t{1} << 40}) == 0);
+  CHECK(shape_numel({3, 4, 5}) == 60);
+  CHECK(shape_numel({big, 1}) == big);
+  CHECK_THROWS_WITH_AS(contiguous_strides({int64_t{1} << 32, int64_t{1} << 32}), Contains("overflows 64 bits"), Error);
+  CHECK_THROWS_WITH_AS(contiguous_strides({0, big, big}), Contains("contiguous_strides"), Error);
+  CHECK_THROWS_WITH_AS(contiguous_strides({2, -1}), Contains("expected non-negative sizes, got -1"), Error);
+  CHECK(contiguous_strides({2, 0, 3}) == Shape{3, 3, 1});
+  CHECK(contiguous_strides({}) == Shape{});
+  // Element count fits, byte count does not: used to allocate a wrapped-around (tiny) buffer.
+  CHECK_THROWS_WITH_AS(Tensor::empty({int64_t{1} << 61, 2}, DType::f64), Contains("byte size"), Error);
+  CHECK_THROWS_WITH_AS(Tensor::zeros({0, big, big}), Contains("overflow"), Error);
+  CHECK(Tensor::empty({0, 1 << 20, 1 << 20}).numel() == 0);
+
+  CHECK(checked::mul(6, 7, "x") == 42);
+  CHECK_THROWS_WITH_AS(checked::mul(big, 4, "flag --a * --b"),
+                       Contains("flag --a * --b: 4611686018427387904 * 4 overflows int64 (limit 9223372036854775807)"),
+                       Error);
+  CHECK_THROWS_WITH_AS(checked::mul(-1, 4, "n"), Contains("expected non-negative sizes"), Error);
+  CHECK_THROWS_WITH_AS(checked::add(INT64_MAX, 1, "n"), Contains("overflows int64"), Error);
+}
+
+TEST_CASE("data and model sizes from flags are overflow-checked") {
+  using nn::RecallTask;
+  // The vocabulary size used to wrap around (signed overflow).
+  CHECK_THROWS_WITH_AS(RecallTask({.num_filler = INT64_MAX - 10}), Contains("num_keys + num_values + num_filler"),
+                       Error);
+  CHECK_THROWS_WITH_AS(RecallTask({.num_values = int64_t{1} << 40}), Contains("exceeds the limit 2147483647"), Error);
+  CHECK_THROWS_WITH_AS(RecallTask({.num_keys = int64_t{1} << 40}), Contains("num_keys 1099511627776 exceeds the limit"),
+                       Error);
+  RecallTask task({.seq_len = 32});
+  CHECK_THROWS_WITH_AS(task.batch(INT64_MAX / 2, 0), Contains("batch_size * seq_len"), Error);
+  // A product that fits but cannot be allocated is an out-of-memory error, not std::bad_alloc.
+  CHECK_THROWS_AS(task.batch(int64_t{1} << 50, 0), OutOfMemoryError);
+  CHECK(task.batch(2, 0).inputs.shape() == Shape{2, 32});
+
+  nn::CharTextDataset text(std::vector<uint8_t>(100, 'a'), 8);
+  CHECK_THROWS_WITH_AS(text.batch(INT64_MAX / 4, 0), Contains("batch_size * seq_len"), Error);
+
+  nn::LanguageModelConfig mc;
+  mc.vocab_size = int64_t{1} << 62;
+  mc.embed_dim = 8;
+  mc.num_heads = 1;
+  mc.num_layers = 0;
+  CHECK_THROWS_WITH_AS(nn::LanguageModel{mc}, Contains("vocab_size * embed_dim"), Error);
+  mc.vocab_size = 16;
+  mc.max_seq_len = int64_t{1} << 61;
+  CHECK_THROWS_WITH_AS(nn::LanguageModel{mc}, Contains("max_seq_len * embed_dim"), Error);
+}
+
+TEST_CASE("the text dataset reads only regular files") {
+  // /dev/zero never ends; a FIFO blocks on open until a writer comes.
+  CHECK_THROWS_WITH_AS(nn::CharTextDataset("/dev/zero", 8), Contains("expected a regular file, got a character device"),
+                       Error);
+  std::string dir_pattern = (std::filesystem::temp_directory_path() / "longtape_err_XXXXXX").string();
+  REQUIRE(::mkdtemp(dir_pattern.data()) != nullptr);
+  const std::filesystem::path dir = dir_pattern;
+  const std::string fifo = (dir / "fifo.txt").string();
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  CHECK_THROWS_WITH_AS(nn::CharTextDataset(fifo, 8), Contains("fifo.txt': expected a regular file, got a FIFO"), Error);
+  CHECK_THROWS_WITH_AS(nn::CharTextDataset(dir.string(), 8), Contains("got a directory"), Error);
+  CHECK_THROWS_WITH_AS(nn::CharTextDataset((dir / "absent.txt").string(), 8), Contains("No such file"), Error);
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
 }

@@ -787,3 +787,225 @@ TEST_CASE("read_file errors name the file and the reason") {
   write_file_atomic(dir.file("big.bin"), big);
   CHECK(read_file(dir.file("big.bin")) == big);
 }
+
+// ---------------------------------------------------------------- hostile input
+
+namespace {
+
+// The message of the longtape::Error that `fn` throws ("" when it throws nothing).
+template <typename Fn>
+std::string error_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// Short and printable: no control characters, no invalid UTF-8 (so a terminal or log shows it).
+void check_printable(const std::string& message, size_t max_size = 1000) {
+  INFO("message: " << message);
+  CHECK(!message.empty());
+  CHECK(message.size() <= max_size);
+  size_t i = 0;
+  while (i < message.size()) {
+    const auto u = static_cast<unsigned char>(message[i]);
+    if (u < 0x80) {
+      CHECK((u >= 0x20 && u != 0x7f));
+      ++i;
+      continue;
+    }
+    const size_t len = u >= 0xf0 ? 4 : u >= 0xe0 ? 3 : u >= 0xc2 ? 2 : 0;
+    REQUIRE(len > 0);
+    REQUIRE(i + len <= message.size());
+    for (size_t k = 1; k < len; ++k) REQUIRE((static_cast<unsigned char>(message[i + k]) & 0xc0) == 0x80);
+    i += len;
+  }
+}
+
+std::string npy_dict(const std::string& descr, const std::string& shape) {
+  return "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape + ", }";
+}
+
+}  // namespace
+
+TEST_CASE("npy and safetensors refuse shapes whose non-zero dimensions overflow, even beside a zero") {
+  auto npy = [](const std::string& shape, const std::vector<uint8_t>& data = {}) {
+    return [bytes = npy_by_hand(1, npy_dict("<f4", shape), data)] { parse_npy(bytes, "z.npy"); };
+  };
+  // 2^62 * 2^62 overflows although the element count is 0.
+  check_error(npy("(0, 4611686018427387904, 4611686018427387904, 4)"), {"z.npy", "overflow", "axis 2", "9223372036854775807"});
+  check_error(npy("(4611686018427387904, 4611686018427387904, 0)"), {"z.npy", "overflow"});
+  // Element count fits, byte size (x4) does not.
+  check_error(npy("(0, 4611686018427387904)"), {"byte size", "overflow"});
+  check_error(npy("(3, 0, -1)"), {"non-negative", "-1", "axis 2"});
+  // A zero dimension with modest others is still an empty array.
+  RawArray empty = parse_npy(npy_by_hand(1, npy_dict("<f4", "(0, 1048576, 1048576)"), {}), "ok.npy");
+  CHECK(empty.bytes.empty());
+  CHECK(empty.shape == Shape{0, 1048576, 1048576});
+  // Shape far larger than the bytes that follow: refused before any data is allocated.
+  check_error(npy("(1099511627776,)", {1, 2, 3, 4}), {"expected 4398046511104 bytes", "found 4", "truncated"});
+
+  const std::string hand = R"({"x": {"dtype": "F32", "shape": [0, 4611686018427387904, 4611686018427387904, 4], "data_offsets": [0, 0]}})";
+  check_error([&] { parse_safetensors(safetensors_by_hand(hand, {}), "z.safetensors"); },
+              {"z.safetensors", "tensor 'x'", "overflow"});
+  check_error([&] {
+    parse_safetensors(safetensors_by_hand(
+        R"({"x": {"dtype": "F64", "shape": [0, 2305843009213693952], "data_offsets": [0, 0]}})", {}), "z.safetensors");
+  }, {"tensor 'x'", "byte size", "overflow"});
+
+  // checked_numel, used by the writers too.
+  check_error([] { checked_numel({0, int64_t{1} << 62, int64_t{1} << 62}, 1, "w"); }, {"w:", "overflow"});
+  CHECK(checked_numel({0, int64_t{1} << 40}, 8, "w") == 0);
+  RawArray zero_but_huge;
+  zero_but_huge.shape = {0, int64_t{1} << 62, int64_t{1} << 62, 4};
+  check_error([&] { serialize_npy(zero_but_huge); }, {"overflow"});
+  SafetensorsFile sf;
+  sf.add("t", zero_but_huge);
+  check_error([&] { serialize_safetensors(sf); }, {"tensor 't'", "overflow"});
+}
+
+TEST_CASE("safetensors refuses deep nesting, NUL bytes and oversized headers without crashing") {
+  auto parse = [](const std::string& header, const std::vector<uint8_t>& data = {}) {
+    return [bytes = safetensors_by_hand(header, data)] { parse_safetensors(bytes, "d.safetensors"); };
+  };
+  // Valid JSON nested a million levels deep in a shape: used to overflow the stack when the value
+  // was printed into the error message.
+  const size_t deep = 1000000;
+  const std::string nested = std::string(deep, '[') + std::string(deep, ']');
+  std::string message = error_of(parse(R"({"x": {"dtype": "F32", "shape": )" + nested + R"(, "data_offsets": [0, 0]}})"));
+  check_printable(message);
+  CHECK(message.find("nesting depth 65") != std::string::npos);
+  CHECK(message.find("limit of 64") != std::string::npos);
+  check_error(parse(std::string(deep, '{')), {"d.safetensors", "nesting depth 65", "limit of 64"});
+  // At the limit the structure is parsed (and then refused for what it is, printed briefly).
+  message = error_of(parse(R"({"x": {"dtype": "F32", "shape": )" + std::string(62, '[') + std::string(62, ']') +
+                           R"(, "data_offsets": [0, 0]}})"));
+  check_printable(message);
+  CHECK(message.find("non-negative integer") != std::string::npos);
+  // Brackets inside strings (and escaped quotes) do not count as nesting.
+  SafetensorsFile ok = parse_safetensors(
+      safetensors_by_hand(R"({"__metadata__": {"k": "\")" + std::string(500, '[') + R"("}, "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})",
+                          {0, 0, 0, 0}));
+  CHECK(ok.metadata.at("k") == "\"" + std::string(500, '['));
+
+  // A NUL byte used to end the header silently, ignoring the rest.
+  std::string with_nul = R"({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})";
+  with_nul += std::string("\0 garbage }", 11);
+  check_error(parse(with_nul, {0, 0, 0, 0}), {"d.safetensors", "NUL byte", "offset 61"});
+
+  // Header over 100 MB: refused from its length field, before reading it (sparse file).
+  TempDir dir;
+  const std::string path = dir.file("big_header.safetensors");
+  {
+    std::vector<uint8_t> head;
+    append_value<uint64_t>(head, 150000000);
+    write_file_atomic(path, head);
+    fs::resize_file(path, 8 + 150000000 + 64);
+  }
+  check_error([&] { read_safetensors(path); }, {"big_header.safetensors", "header length 150000000", "limit of 100000000"});
+}
+
+TEST_CASE("file-format errors are short and printable, never raw header bytes") {
+  const std::vector<uint8_t> data(16, 0);
+  auto st = [&](const std::string& header) {
+    return error_of([bytes = safetensors_by_hand(header, data)] { parse_safetensors(bytes, "p.safetensors"); });
+  };
+  const std::string junk = std::string("\x01\x02\x1b[31m\x7f", 8) + std::string(5000, 'A');
+  const std::string junk_json = R"(\u0001\u0002\u001b[31m\u007f)" + std::string(5000, 'A');  // the same, as JSON
+  // Long and non-printable values are escaped and cut.
+  std::string message = st(R"({"x": {"dtype": ")" + junk_json + R"(", "shape": [4], "data_offsets": [0, 16]}})");
+  check_printable(message);
+  CHECK(message.find("\\x01\\x02\\x1b[31m\\x7f") != std::string::npos);
+  CHECK(message.find("...") != std::string::npos);
+  message = st(R"({"x": {"dtype": "F32", "shape": [")" + junk_json + R"("], "data_offsets": [0, 16]}})");
+  check_printable(message);
+  CHECK(message.find("tensor 'x' shape: expected a non-negative integer, found string") != std::string::npos);
+  std::string many = "1";
+  for (int i = 0; i < 9999; ++i) many += ", 1";
+  message = st(R"({"x": {"dtype": "F32", "shape": [)" + many + R"(], "data_offsets": [0, 16]}})");
+  CHECK(message.find("span 16 bytes, expected 4") != std::string::npos);
+  check_printable(message);  // a 10000-entry shape is shown in brief
+  // Names with control characters or invalid UTF-8, keys of metadata.
+  message = st(R"({"a)" + std::string("\x01", 1) + R"(b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})");
+  check_printable(message);
+  CHECK(message.find("tensor 'a\\x01b'") == std::string::npos);  // raw control bytes are not even valid JSON
+  message = st(R"({"a\u0001b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}})");
+  check_printable(message);
+  CHECK(message.find("tensor 'a\\x01b'") != std::string::npos);
+  message = st(R"({"__metadata__": {"k\u001b": 1}, "x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})");
+  check_printable(message);
+  CHECK(message.find("entry 'k\\x1b'") != std::string::npos);
+  // Invalid UTF-8 and parse errors: the reason, escaped, with the byte offset; no library prefix.
+  message = st("{\"a\": \"\xff\xfe\"}");
+  check_printable(message);
+  CHECK(message.find("not valid JSON at byte") != std::string::npos);
+  CHECK(message.find("[json.exception") == std::string::npos);
+  message = st(R"({"x": )" + std::string(3000, '"'));
+  check_printable(message);
+  // Valid UTF-8 stays readable.
+  message = st(R"({"é": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}})");
+  check_printable(message);
+  CHECK(message.find("tensor 'é'") != std::string::npos);
+
+  // npy: descr and keys are escaped too.
+  message = error_of([&] { parse_npy(npy_by_hand(1, npy_dict(junk, "(4,)"), data), "p.npy"); });
+  check_printable(message);
+  CHECK(message.find("\\x01\\x02") != std::string::npos);
+  message = error_of([&] {
+    parse_npy(npy_by_hand(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4,), '" + junk + "': 1}", data), "p.npy");
+  });
+  check_printable(message);
+  CHECK(message.find("unexpected key") != std::string::npos);
+
+  CHECK(printable("ok") == "ok");
+  CHECK(printable(std::string("a\0b", 3)) == "a\\x00b");
+  CHECK(printable("\xc3\xa9\xff") == "\xc3\xa9\\xff");
+  CHECK(printable("\xed\xa0\x80") == "\\xed\\xa0\\x80");  // a UTF-16 surrogate is not UTF-8
+  CHECK(printable(std::string(300, 'x')) == std::string(200, 'x') + "...");
+}
+
+TEST_CASE("readers accept only regular files and check the size before reading the data") {
+  TempDir dir;
+  // Devices and FIFOs are refused without reading (reading /dev/zero never ends; opening a FIFO
+  // blocks until a writer comes).
+  check_error([] { read_npy("/dev/zero"); }, {"/dev/zero", "expected a regular file", "character device"});
+  check_error([] { read_safetensors("/dev/zero"); }, {"/dev/zero", "expected a regular file", "character device"});
+  const std::string fifo = dir.file("pipe.npy");
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  check_error([&] { read_npy(fifo); }, {"pipe.npy", "expected a regular file", "FIFO"});
+  check_error([&] { read_safetensors(fifo); }, {"pipe.npy", "FIFO"});
+  check_error([&] { read_npy(dir.path.string()); }, {"expected a regular file", "directory"});
+  check_error([&] { read_safetensors(dir.file("absent.safetensors")); }, {"absent.safetensors", "No such file"});
+
+  // A header promising far more data than the file has is refused from the header alone.
+  const std::string npy_path = dir.file("huge.npy");
+  write_file_atomic(npy_path, npy_by_hand(1, npy_dict("<f8", "(1099511627776, 1024)"), {1, 2, 3}));
+  check_error([&] { read_npy(npy_path); }, {"huge.npy", "expected 9007199254740992 bytes", "found 3", "truncated"});
+  const std::string st_path = dir.file("huge.safetensors");
+  write_file_atomic(st_path, safetensors_by_hand(
+      R"({"x": {"dtype": "F64", "shape": [1099511627776, 1024], "data_offsets": [0, 9007199254740992]}})", {1, 2, 3}));
+  check_error([&] { read_safetensors(st_path); }, {"huge.safetensors", "exceed the data buffer of 3 bytes"});
+
+  // Valid files read from disk are identical to what was written, in every format path.
+  RawArray a = random_array(DType::f64, {3, 5});
+  write_npy(dir.file("a.npy"), a);
+  RawArray back = read_npy(dir.file("a.npy"));
+  CHECK(back.shape == a.shape);
+  CHECK(back.bytes == a.bytes);
+  SafetensorsFile f;
+  f.metadata["m"] = "v";
+  f.add("b", random_array(DType::bf16, {4, 2}));
+  f.add("e", random_array(DType::i32, {0, 3}));
+  f.add("s", random_array(DType::i64, {}));
+  write_safetensors(dir.file("f.safetensors"), f);
+  SafetensorsFile g = read_safetensors(dir.file("f.safetensors"));
+  CHECK(g.metadata == f.metadata);
+  REQUIRE(g.tensors.size() == 3);
+  for (size_t i = 0; i < 3; ++i) {
+    CHECK(g.tensors[i].first == f.tensors[i].first);
+    CHECK(g.tensors[i].second.shape == f.tensors[i].second.shape);
+    CHECK(g.tensors[i].second.bytes == f.tensors[i].second.bytes);
+  }
+}

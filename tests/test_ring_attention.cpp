@@ -15,10 +15,12 @@
 #include <string>
 #include <vector>
 
+#include "attention/block_sparse.h"
 #include "attention/head_parallel.h"
 #include "attention/multihead.h"
 #include "attention/registry.h"
 #include "attention/ring_attention.h"
+#include "autograd/grad_mode.h"
 #include "autograd/node.h"
 #include "io/tensor_io.h"
 #include "nn/dist/data_parallel.h"
@@ -545,4 +547,54 @@ TEST_CASE("command line: `longtape attention --parallel ring|head --ranks P` equ
   CHECK(run_cli(" --parallel head --ranks 3", "bad_heads") != 0);
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
+}
+
+TEST_CASE("head_parallel over block_sparse_adaptive keeps one scorer per rank: same output every call, trained") {
+  AttentionConfig config;
+  config.num_heads = 4;
+  config.head_dim = 8;
+  config.block_size = 4;
+  config.density = 0.5;
+  config.inner_variant = "block_sparse_adaptive";
+  config.ranks = 2;
+  manual_seed(17);
+  auto attention = make_attention("head_parallel", config);
+  attention->to(DType::f64);
+  // The inner modules are submodules: their scorers are parameters of the head_parallel module.
+  const auto params = attention->named_parameters();
+  std::vector<std::string> names;
+  for (const auto& [name, t] : params) names.push_back(name);
+  CHECK(names == std::vector<std::string>{"rank0.scorer_q", "rank0.scorer_k", "rank1.scorer_q", "rank1.scorer_k"});
+  Tensor q = Tensor::randn({1, 32, 4, 8}, DType::f64).requires_grad_(), k = Tensor::randn({1, 32, 4, 8}, DType::f64),
+         v = Tensor::randn({1, 32, 4, 8}, DType::f64), w = Tensor::randn({1, 32, 4, 8}, DType::f64);
+  const AttentionOutput first = attention->forward_with_lse(q, k, v);
+  const AttentionOutput second = attention->forward_with_lse(q, k, v);
+  CHECK(max_diff(first.out.detach(), second.out.detach()) == 0.0);
+  CHECK(max_diff(first.lse.detach(), second.lse.detach()) == 0.0);
+  // The same as running each rank's module on its heads directly (global head h = rank * 2 + local).
+  for (int64_t r = 0; r < 2; ++r) {
+    auto inner = std::dynamic_pointer_cast<Attention>(attention->child("rank" + std::to_string(r)));
+    REQUIRE(inner != nullptr);
+    NoGradGuard no_grad;
+    Tensor want = inner->forward(q.detach().narrow(2, 2 * r, 2), k.narrow(2, 2 * r, 2), v.narrow(2, 2 * r, 2));
+    CHECK(max_diff(first.out.detach().narrow(2, 2 * r, 2), want) < 1e-12);
+  }
+  // The task loss trains every rank's scorer (and q still gets its gradient).
+  sum(mul(first.out, w)).backward();
+  REQUIRE(q.grad().defined());
+  for (const auto& [name, param] : params) {
+    INFO(name);
+    REQUIRE(param.grad().defined());
+    double norm = 0.0;
+    for (double x : param.grad().to_vector()) norm += x * x;
+    CHECK(norm > 1e-12);
+  }
+  // Scorer gradients equal those of the rank's module run on its heads alone.
+  for (int64_t r = 0; r < 2; ++r) {
+    auto inner = std::dynamic_pointer_cast<Attention>(attention->child("rank" + std::to_string(r)));
+    std::vector<Tensor> scorer = inner->parameters();
+    Tensor y = inner->forward(q.detach().narrow(2, 2 * r, 2), k.narrow(2, 2 * r, 2), v.narrow(2, 2 * r, 2));
+    std::vector<Tensor> want = autograd::grad({sum(mul(y, w.narrow(2, 2 * r, 2)))}, scorer);
+    for (size_t i = 0; i < scorer.size(); ++i) CHECK(max_diff(scorer[i].grad(), want[i]) < 1e-10);
+  }
 }

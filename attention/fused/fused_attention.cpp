@@ -281,7 +281,8 @@ AttentionOutput fused_attention(const Tensor& q_in, const Tensor& k_in, const Te
           std::vector<Tensor> result{dq, dk, dv};
           if (bias_needs_grad) result.push_back(dbias.to(bias_in.dtype()));
           return result;
-        });
+        },
+        {qd, kd, vd, od, ld, residual, bias});  // the backward refuses these if modified in place
   }
   return {out, lse};
 }

@@ -425,6 +425,10 @@ void run_ranks(int size, const std::function<void(Communicator&)>& body, const C
   std::vector<std::shared_ptr<InProcessCommunicator>> comms;
   for (int r = 0; r < size; ++r) comms.push_back(std::make_shared<InProcessCommunicator>(group, r));
   const bool grad_mode = autograd::grad_enabled();
+  // Every rank draws from a random stream of its own, keyed by the caller's generator state and the
+  // rank, so what a rank draws never depends on how the threads interleave. The caller's generator
+  // moves on by one block, so the next run_ranks gets fresh streams.
+  const PhiloxState base = next_philox(1);
 #ifdef _OPENMP
   // The ranks share the cores: each one gets its share of the OpenMP threads.
   const int omp_threads = std::max(1, omp_get_max_threads() / size);
@@ -432,6 +436,7 @@ void run_ranks(int size, const std::function<void(Communicator&)>& body, const C
 
   auto rank_main = [&](int r) {
     autograd::set_grad_enabled(grad_mode);
+    ThreadGeneratorScope rng({derive_stream_seed(base.seed, base.offset, static_cast<uint64_t>(r)), 0});
 #ifdef _OPENMP
     omp_set_num_threads(omp_threads);
 #endif

@@ -81,7 +81,10 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 // ---- the in-process group ----
 
 // Runs body(comm) on `size` threads, one per rank, each with its own communicator of one group,
-// its own autograd tape and the caller's grad mode; returns when every rank has returned. When a
+// its own autograd tape, the caller's grad mode and its own random stream (a ThreadGeneratorScope
+// seeded from the caller's generator state and the rank: manual_seed before run_ranks makes every
+// rank's draws reproducible, whatever the thread interleaving; manual_seed inside a rank reseeds
+// only that rank's stream, as in a process of its own); returns when every rank has returned. When a
 // rank throws, the group is marked failed (so the other ranks throw too instead of waiting), and
 // once all have stopped run_ranks throws longtape::Error naming the first failed rank and its
 // original message. Ranks may exchange CPU and CUDA tensors (several ranks may share one GPU).

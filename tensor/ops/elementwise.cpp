@@ -94,7 +94,7 @@ Tensor mul(const Tensor& a, const Tensor& b) {
   Tensor ad = a.detach(), bd = b.detach();
   record("mul", {a, b}, {out}, [ad, bd](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     return {sum_to_shape(mul(g[0], bd), ad.shape()), sum_to_shape(mul(g[0], ad), bd.shape())};
-  });
+  }, {ad, bd});
   return out;
 }
 
@@ -105,7 +105,7 @@ Tensor div(const Tensor& a, const Tensor& b) {
     Tensor ga = div(g[0], bd);
     Tensor gb = neg(div(mul(ga, ad), bd));
     return {sum_to_shape(ga, ad.shape()), sum_to_shape(gb, bd.shape())};
-  });
+  }, {ad, bd});
   return out;
 }
 
@@ -119,7 +119,7 @@ Tensor pow(const Tensor& a, const Tensor& b) {
                                 Tensor::ones({}, ad.dtype(), ad.device())));
     Tensor gb = mul(g[0], mul(od, safe_log));
     return {sum_to_shape(ga, ad.shape()), sum_to_shape(gb, bd.shape())};
-  });
+  }, {ad, bd, od});
   return out;
 }
 
@@ -133,7 +133,7 @@ Tensor maximum(const Tensor& a, const Tensor& b) {
     Tensor wa = add(a_wins, mul(tie, 0.5));
     Tensor wb = add(mul(wa, -1.0), 1.0);
     return {sum_to_shape(mul(g[0], wa), ad.shape()), sum_to_shape(mul(g[0], wb), bd.shape())};
-  });
+  }, {ad, bd});
   return out;
 }
 
@@ -158,7 +158,7 @@ Tensor pow(const Tensor& a, double exponent) {
   Tensor ad = a.detach();
   record("pow_scalar", {a}, {out}, [ad, exponent](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     return {mul(g[0], mul(pow(ad, exponent - 1.0), exponent))};
-  });
+  }, {ad});
   return out;
 }
 
@@ -171,14 +171,16 @@ Tensor neg(const Tensor& a) {
 Tensor exp(const Tensor& a) {
   Tensor out = unary_raw(UnaryOp::exp, a, 0, "exp");
   Tensor od = out.detach();
-  record("exp", {a}, {out}, [od](const std::vector<Tensor>& g) -> std::vector<Tensor> { return {mul(g[0], od)}; });
+  record(
+      "exp", {a}, {out}, [od](const std::vector<Tensor>& g) -> std::vector<Tensor> { return {mul(g[0], od)}; }, {od});
   return out;
 }
 
 Tensor log(const Tensor& a) {
   Tensor out = unary_raw(UnaryOp::log, a, 0, "log");
   Tensor ad = a.detach();
-  record("log", {a}, {out}, [ad](const std::vector<Tensor>& g) -> std::vector<Tensor> { return {div(g[0], ad)}; });
+  record(
+      "log", {a}, {out}, [ad](const std::vector<Tensor>& g) -> std::vector<Tensor> { return {div(g[0], ad)}; }, {ad});
   return out;
 }
 
@@ -187,7 +189,7 @@ Tensor sqrt(const Tensor& a) {
   Tensor od = out.detach();
   record("sqrt", {a}, {out}, [od](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     return {div(mul(g[0], 0.5), od)};
-  });
+  }, {od});
   return out;
 }
 
@@ -196,7 +198,7 @@ Tensor rsqrt(const Tensor& a) {
   Tensor od = out.detach();
   record("rsqrt", {a}, {out}, [od](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     return {mul(g[0], mul(pow(od, 3.0), -0.5))};  // d/dx x^-1/2 = -1/2 x^-3/2
-  });
+  }, {od});
   return out;
 }
 
@@ -205,7 +207,7 @@ Tensor tanh(const Tensor& a) {
   Tensor od = out.detach();
   record("tanh", {a}, {out}, [od](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     return {mul(g[0], unary_raw(UnaryOp::rsub_scalar, unary_raw(UnaryOp::square, od, 0, "tanh"), 1.0, "tanh"))};
-  });
+  }, {od});
   return out;
 }
 
@@ -214,7 +216,7 @@ Tensor relu(const Tensor& a) {
   Tensor ad = a.detach();
   record("relu", {a}, {out}, [ad](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     return {mul(g[0], unary_raw(UnaryOp::step, ad, 0, "relu"))};
-  });
+  }, {ad});
   return out;
 }
 
@@ -223,7 +225,7 @@ Tensor sigmoid(const Tensor& a) {
   Tensor od = out.detach();
   record("sigmoid", {a}, {out}, [od](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     return {mul(g[0], mul(od, unary_raw(UnaryOp::rsub_scalar, od, 1.0, "sigmoid")))};
-  });
+  }, {od});
   return out;
 }
 
@@ -233,7 +235,7 @@ Tensor gelu(const Tensor& a, GeluApprox approx) {
   Tensor ad = a.detach();
   record("gelu", {a}, {out}, [ad, use_tanh](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     return {mul(g[0], unary_raw(use_tanh ? UnaryOp::gelu_tanh_grad : UnaryOp::gelu_erf_grad, ad, 0, "gelu"))};
-  });
+  }, {ad});
   return out;
 }
 
@@ -250,7 +252,7 @@ Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b) {
   record("where", {a, b}, {out}, [cd, sa, sb](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     Tensor zero = Tensor::zeros({}, g[0].dtype(), g[0].device());
     return {sum_to_shape(where(cd, g[0], zero), sa), sum_to_shape(where(cd, zero, g[0]), sb)};
-  });
+  }, {cd});
   return out;
 }
 

@@ -179,7 +179,7 @@ Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index) {
            kernels::index_add(dx.raw_data(), dy.raw_data(), index_ptr(idx), dy.dtype(), outer, in_dim, n, inner,
                               dy.device());
            return {dx};
-         });
+         }, {idx});
   return out;
 }
 
@@ -205,7 +205,7 @@ Tensor gather(const Tensor& a, int64_t dim, const Tensor& index) {
     kernels::scatter_add(dx.raw_data(), dy.raw_data(), index_ptr(idx), dy.dtype(), product(is, 0, d), used[d], is[d],
                          product(is, d + 1, is.size()), dy.device());
     return {pad_to(dx, in_shape)};
-  });
+  }, {idx});
   return out;
 }
 
@@ -240,7 +240,7 @@ Tensor scatter_add(const Tensor& a, int64_t dim, const Tensor& index, const Tens
   record("scatter_add", {a, src}, {out}, [idx, d, used, src_shape](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     Tensor dsrc = gather_raw(corner(g[0], used).contiguous(), d, idx);
     return {g[0], pad_to(dsrc, src_shape)};
-  });
+  }, {idx});
   return out;
 }
 

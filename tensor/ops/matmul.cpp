@@ -73,7 +73,7 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
     Tensor go = g[0].contiguous();
     // dA = dC B^T, dB = A^T dC
     return {bmm_raw(go, bd.contiguous(), false, true), bmm_raw(ad.contiguous(), go, true, false)};
-  });
+  }, {ad, bd});
   if (a_in.dim() == 1) out = out.squeeze(-2);
   if (b_in.dim() == 1) out = out.squeeze(-1);
   return out;

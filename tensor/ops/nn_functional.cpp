@@ -79,7 +79,7 @@ Tensor softmax_impl(const Tensor& a, int64_t dim, bool log, const char* op) {
            kernels::softmax_backward(dx.raw_data(), saved.raw_data(), dy.raw_data(), saved.dtype(), rows, cols,
                                      log, saved.device());
            return {perm.identity ? dx : dx.permute(perm.inverse).contiguous()};
-         });
+         }, {saved});
   return out;
 }
 
@@ -132,7 +132,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
                                         wc.defined() ? wc.raw_data() : nullptr, xc.dtype(), rows, cols,
                                         xc.device());
            return {dx, dw, db};
-         });
+         }, {xc, wc, bc});
   return out;
 }
 
@@ -159,7 +159,7 @@ Tensor embedding(const Tensor& weight, const Tensor& indices) {
     Tensor dw = Tensor::zeros({vocab, width}, dt, dev);
     kernels::index_add(dw.raw_data(), dy.raw_data(), index_ptr(idx), dt, 1, vocab, n, width, dev);
     return {dw};
-  });
+  }, {idx});
   return out;
 }
 

@@ -107,7 +107,7 @@ Tensor amax(const Tensor& a, const std::vector<int64_t>& dims, bool keepdim) {
     Tensor is_max = eq(ad, md);
     Tensor ties = reduce_raw(kernels::ReduceOp::sum, is_max, plan);
     return {mul(is_max, div(g[0].reshape(plan.kept_shape), ties))};
-  });
+  }, {ad, md});
   return out;
 }
 
