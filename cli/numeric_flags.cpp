@@ -90,12 +90,12 @@ std::string one_line(const std::string& message) {
   return out;
 }
 
-std::string check_signed(std::string& text, int64_t lo, int64_t hi) {
-  const std::string range = range_text(std::to_string(lo), std::to_string(hi));
-  if (text.empty()) return "empty value; expected an integer in " + range;
-  const char* first = skip_plus(text);
+// Parses `first..end of text` as a decimal integer of type T within [lo, hi]; on success text
+// becomes its canonical form.
+template <typename T>
+std::string parse_integer(std::string& text, const char* first, T lo, T hi, const std::string& range) {
   const char* last = text.data() + text.size();
-  int64_t value = 0;
+  T value = 0;
   const auto [end, ec] = std::from_chars(first, last, value);
   if (end != last || (ec != std::errc() && ec != std::errc::result_out_of_range))
     return refuse(text, "is not a decimal integer", "an integer", range);
@@ -103,6 +103,12 @@ std::string check_signed(std::string& text, int64_t lo, int64_t hi) {
     return refuse(text, "is out of range", "an integer", range);
   text = std::to_string(value);
   return "";
+}
+
+std::string check_signed(std::string& text, int64_t lo, int64_t hi) {
+  const std::string range = range_text(std::to_string(lo), std::to_string(hi));
+  if (text.empty()) return "empty value; expected an integer in " + range;
+  return parse_integer(text, skip_plus(text), lo, hi, range);
 }
 
 std::string check_unsigned(std::string& text, uint64_t lo, uint64_t hi) {
@@ -118,16 +124,7 @@ std::string check_unsigned(std::string& text, uint64_t lo, uint64_t hi) {
     text = "0";
     return lo == 0 ? "" : refuse("-0", "is out of range", "an integer", range);
   }
-  const char* first = skip_plus(text);
-  const char* last = text.data() + text.size();
-  uint64_t value = 0;
-  const auto [end, ec] = std::from_chars(first, last, value);
-  if (end != last || (ec != std::errc() && ec != std::errc::result_out_of_range))
-    return refuse(text, "is not a decimal integer", "an integer", range);
-  if (ec == std::errc::result_out_of_range || value < lo || value > hi)
-    return refuse(text, "is out of range", "an integer", range);
-  text = std::to_string(value);
-  return "";
+  return parse_integer(text, skip_plus(text), lo, hi, range);
 }
 
 std::string check_real(std::string& text, double lo, double hi, bool lo_open, bool hi_open) {

@@ -25,6 +25,7 @@
 #include "attention/registry.h"
 #include "io/tensor_io.h"
 #include "support/attention_oracle.h"
+#include "support/cli_runner.h"
 #include "support/test_utils.h"
 
 using namespace longtape;
@@ -32,7 +33,11 @@ using namespace longtape::attention;
 namespace fs = std::filesystem;
 using Json = nlohmann::json;
 
+using testing::CommandResult;
+using testing::fresh_dir;
 using testing::fresh_seed;
+using testing::longtape_binary;
+using testing::run_command;
 
 namespace {
 
@@ -64,39 +69,7 @@ void check_map_equals(const PatternMap& map, const oracle::HeadMasks& masks) {
   }
 }
 
-fs::path fresh_dir(const std::string& name) {
-  static int counter = 0;
-  fs::path dir = fs::temp_directory_path() /
-                 ("longtape_" + name + "_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
-fs::path longtape_binary() {
-  const char* bin = std::getenv("LONGTAPE_BIN");
-  return fs::path(bin ? bin : "bin") / "longtape";
-}
-
 fs::path source_root() { return fs::path(__FILE__).parent_path().parent_path(); }
-
-struct CommandResult {
-  int code = -1;
-  std::string output;
-};
-
-// Runs a shell command, output (stdout and stderr) captured through a file.
-CommandResult run_command(const std::string& command, const fs::path& log) {
-  const std::string full = command + " > '" + log.string() + "' 2>&1";
-  const int status = std::system(full.c_str());
-  CommandResult r;
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream in(log);
-  std::stringstream text;
-  text << in.rdbuf();
-  r.output = text.str();
-  return r;
-}
 
 bool python_available() { return std::system("python3 -c 'import json' > /dev/null 2>&1") == 0; }
 

@@ -27,45 +27,25 @@
 #include "io/tensor_io.h"
 #include "tensor/ops.h"
 #include "tensor/tensor.h"
+#include "support/cli_runner.h"
 
 using namespace longtape;
 namespace fs = std::filesystem;
+using testing::CommandResult;
+using testing::fresh_dir;
+using testing::longtape_binary;
+using testing::run_command;
 
 namespace {
-
-fs::path fresh_dir(const std::string& name) {
-  static int counter = 0;
-  fs::path dir = fs::temp_directory_path() /
-                 ("longtape_cli_" + name + "_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
-fs::path longtape_binary() {
-  const char* bin = std::getenv("LONGTAPE_BIN");
-  return fs::path(bin ? bin : "bin") / "longtape";
-}
-
-struct CommandResult {
-  int code = -1;
-  std::string output;
-};
 
 // Runs `longtape ARGS` in `dir` with OMP_NUM_THREADS=1 and a time limit (a refused command
 // returns at once; a wrongly accepted one must not run a default-sized job), stdout and stderr
 // captured through a file.
 CommandResult run_longtape(const std::string& args, const fs::path& dir) {
   const fs::path log = dir / "log.txt";
-  const std::string full = "cd '" + dir.string() + "' && OMP_NUM_THREADS=1 timeout 60 '" +
-                           fs::absolute(longtape_binary()).string() + "' " + args + " > '" + log.string() + "' 2>&1";
-  const int status = std::system(full.c_str());
-  CommandResult r;
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream in(log);
-  std::stringstream text;
-  text << in.rdbuf();
-  r.output = text.str();
+  CommandResult r = run_command("cd '" + dir.string() + "' && OMP_NUM_THREADS=1 timeout 60 '" +
+                                    fs::absolute(longtape_binary()).string() + "' " + args,
+                                log);
   fs::remove(log);
   return r;
 }
