@@ -232,12 +232,9 @@ TEST_CASE("pattern map rejects bad input") {
   CHECK_THROWS_AS(map.count(0, 4, 0), Error);
 }
 
-TEST_CASE("longtape bench --quick reports every registered variant with its config and FLOPs") {
+TEST_CASE("longtape bench --quick reports every registered variant with its config and FLOPs" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path binary = longtape_binary();
-  if (!fs::exists(binary)) {
-    WARN_MESSAGE(false, "longtape executable not found at ", binary.string(), " (set LONGTAPE_BIN)");
-    return;
-  }
   const fs::path dir = fresh_dir("bench");
   // Tiny: two lengths, two heads, both causal modes (for the dense FLOP formula), a small
   // max-length search and two training steps per variant.
@@ -357,12 +354,9 @@ TEST_CASE("longtape bench --quick reports every registered variant with its conf
   fs::remove_all(dir);
 }
 
-TEST_CASE("longtape bench rejects an unknown variant and a bad option with a clear message") {
+TEST_CASE("longtape bench rejects an unknown variant and a bad option with a clear message" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path binary = longtape_binary();
-  if (!fs::exists(binary)) {
-    WARN_MESSAGE(false, "longtape executable not found at ", binary.string());
-    return;
-  }
   const fs::path dir = fresh_dir("bench_bad");
   CommandResult r = run_command("'" + binary.string() + "' bench --variants dense,nosuch --out-dir '" + dir.string() + "'",
                                 dir / "log1.txt");
@@ -380,12 +374,9 @@ TEST_CASE("longtape bench rejects an unknown variant and a bad option with a cle
   fs::remove_all(dir);
 }
 
-TEST_CASE("longtape bench --time-budget reports the cases it had no time for as skipped (and fails: none ran)") {
+TEST_CASE("longtape bench --time-budget reports the cases it had no time for as skipped (and fails: none ran)" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path binary = longtape_binary();
-  if (!fs::exists(binary)) {
-    WARN_MESSAGE(false, "longtape executable not found at ", binary.string());
-    return;
-  }
   const fs::path dir = fresh_dir("bench_budget");
   const CommandResult r = run_command("OMP_NUM_THREADS=1 '" + binary.string() +
                                           "' bench --variants dense,dilated --seq-lens 16,32 --heads 2 --head-dim 4 "
@@ -408,12 +399,9 @@ TEST_CASE("longtape bench --time-budget reports the cases it had no time for as 
   fs::remove_all(dir);
 }
 
-TEST_CASE("longtape bench --impl composed runs the composed path and records it in every view") {
+TEST_CASE("longtape bench --impl composed runs the composed path and records it in every view" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path binary = longtape_binary();
-  if (!fs::exists(binary)) {
-    WARN_MESSAGE(false, "longtape executable not found at ", binary.string());
-    return;
-  }
   const fs::path dir = fresh_dir("bench_impl");
   const CommandResult r = run_command("OMP_NUM_THREADS=1 '" + binary.string() +
                                           "' bench --variants dense,dilated --device cpu --dtype f32 --seq-lens 16,32 "
@@ -448,12 +436,9 @@ TEST_CASE("longtape bench --impl composed runs the composed path and records it 
   fs::remove_all(dir);
 }
 
-TEST_CASE("longtape bench, attention and train reject a bad --impl naming the flag, the choices and the value") {
+TEST_CASE("longtape bench, attention and train reject a bad --impl naming the flag, the choices and the value" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path binary = longtape_binary();
-  if (!fs::exists(binary)) {
-    WARN_MESSAGE(false, "longtape executable not found at ", binary.string());
-    return;
-  }
   const fs::path dir = fresh_dir("impl_bad");
   const std::string bin = "'" + binary.string() + "'";
   auto fails_with = [&](const std::string& args, const std::string& text) {
@@ -482,12 +467,9 @@ TEST_CASE("longtape bench, attention and train reject a bad --impl naming the fl
   fs::remove_all(dir);
 }
 
-TEST_CASE("longtape patterns writes one PNG per variant") {
+TEST_CASE("longtape patterns writes one PNG per variant" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path binary = longtape_binary();
-  if (!fs::exists(binary)) {
-    WARN_MESSAGE(false, "longtape executable not found at ", binary.string());
-    return;
-  }
   const fs::path dir = fresh_dir("patterns");
   const CommandResult r = run_command(
       "'" + binary.string() + "' patterns --n 16 --heads 2 --segments 4,8,16 --dilations 1,2,4 --block-size 4 "

@@ -73,12 +73,6 @@ size_t entries(const fs::path& dir) {
   return n;
 }
 
-#define REQUIRE_BINARY()                                                                       \
-  if (!fs::exists(longtape_binary())) {                                                        \
-    WARN_MESSAGE(false, "longtape executable not found at ", longtape_binary().string());      \
-    return;                                                                                    \
-  }
-
 // The numeric options of a subcommand, read off its --help: name -> type (INT, UINT, FLOAT).
 std::map<std::string, std::string> numeric_options(const std::string& command, const fs::path& dir) {
   const CommandResult help = run_longtape(command + " --help", dir);
@@ -104,8 +98,8 @@ std::string required_args(const std::string& command) {
 
 }  // namespace
 
-TEST_CASE("every numeric flag of every command refuses empty, garbage and non-finite values with exit code 2") {
-  REQUIRE_BINARY();
+TEST_CASE("every numeric flag of every command refuses empty, garbage and non-finite values with exit code 2" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path dir = fresh_dir("numeric");
   size_t checked = 0;
   std::set<std::string> seen;  // flags shared by several commands (add_variant_flags) are tried once
@@ -130,8 +124,8 @@ TEST_CASE("every numeric flag of every command refuses empty, garbage and non-fi
   fs::remove_all(dir);
 }
 
-TEST_CASE("out-of-range integers are refused, not clamped or wrapped, and the message shows the range") {
-  REQUIRE_BINARY();
+TEST_CASE("out-of-range integers are refused, not clamped or wrapped, and the message shows the range" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path dir = fresh_dir("range");
   const fs::path ck = dir / "ck.safetensors", metrics = dir / "m.csv";
   const std::string outputs = " --checkpoint " + quoted(ck) + " --metrics " + quoted(metrics);
@@ -158,8 +152,8 @@ TEST_CASE("out-of-range integers are refused, not clamped or wrapped, and the me
   fs::remove_all(dir);
 }
 
-TEST_CASE("sizes whose products overflow are refused up front, naming the flags") {
-  REQUIRE_BINARY();
+TEST_CASE("sizes whose products overflow are refused up front, naming the flags" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path dir = fresh_dir("sizes");
   const fs::path out = dir / "out";
   const std::string o = " --out-dir " + quoted(out);
@@ -196,8 +190,8 @@ TEST_CASE("sizes whose products overflow are refused up front, naming the flags"
   fs::remove_all(dir);
 }
 
-TEST_CASE("longtape bench fails when no case could run, still writing its report") {
-  REQUIRE_BINARY();
+TEST_CASE("longtape bench fails when no case could run, still writing its report" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path dir = fresh_dir("bench_none");
   // block_sparse rejects an unknown pattern: its only case is skipped.
   const CommandResult r = run_longtape("bench --variants block_sparse --pattern nosuch --seq-lens 8 --heads 1 "
@@ -218,8 +212,8 @@ TEST_CASE("longtape bench fails when no case could run, still writing its report
   fs::remove_all(dir);
 }
 
-TEST_CASE("longtape attention writes no output unless the whole command succeeds") {
-  REQUIRE_BINARY();
+TEST_CASE("longtape attention writes no output unless the whole command succeeds" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path dir = fresh_dir("attention");
   const Tensor x = Tensor::randn({1, 8, 2, 4}, DType::f32);
   for (const char* name : {"q.npy", "k.npy", "v.npy"}) io::save_npy((dir / name).string(), x);
@@ -269,8 +263,8 @@ std::string read_text(const fs::path& p) {
 
 }  // namespace
 
-TEST_CASE("longtape train stops on a non-finite loss without writing over the checkpoint") {
-  REQUIRE_BINARY();
+TEST_CASE("longtape train stops on a non-finite loss without writing over the checkpoint" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path dir = fresh_dir("train_nan");
   const fs::path ck = dir / "ck.safetensors";
   { std::ofstream(ck) << "the last good checkpoint"; }
@@ -287,8 +281,8 @@ TEST_CASE("longtape train stops on a non-finite loss without writing over the ch
   fs::remove_all(dir);
 }
 
-TEST_CASE("longtape train finds unwritable --checkpoint and --metrics paths before training") {
-  REQUIRE_BINARY();
+TEST_CASE("longtape train finds unwritable --checkpoint and --metrics paths before training" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path dir = fresh_dir("train_paths");
   { std::ofstream(dir / "file") << "a file, not a folder"; }
   for (const std::string flag : {"--checkpoint", "--metrics"}) {
@@ -306,8 +300,8 @@ TEST_CASE("longtape train finds unwritable --checkpoint and --metrics paths befo
   fs::remove_all(dir);
 }
 
-TEST_CASE("longtape train --resume refuses damaged optimizer state and warns when --steps changes") {
-  REQUIRE_BINARY();
+TEST_CASE("longtape train --resume refuses damaged optimizer state and warns when --steps changes" *
+          doctest::skip(testing::longtape_binary_missing())) {
   const fs::path dir = fresh_dir("train_resume");
   const fs::path good = dir / "good.safetensors";
   const CommandResult made = run_longtape(kTinyTrain + " --steps 2 --checkpoint " + quoted(good), dir);

@@ -27,6 +27,10 @@ inline std::filesystem::path longtape_binary() {
   return std::filesystem::path(bin ? bin : "bin") / "longtape";
 }
 
+// Tests that run the executable are skipped (doctest's skip), never passed, when it was not built
+// (LONGTAPE_BUILD_EXAMPLES=OFF) or LONGTAPE_BIN points elsewhere.
+inline bool longtape_binary_missing() { return !std::filesystem::exists(longtape_binary()); }
+
 struct CommandResult {
   int code = -1;
   std::string output;
