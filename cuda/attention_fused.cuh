@@ -156,6 +156,13 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const bf16* tile, in
                            ((lane >> 4) << 3));
 }
 
+// 2^x in one MUFU instruction (flushes denormal results to 0, which a probability can afford).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Row reductions over the 4 lanes that share a row of an mma accumulator.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -166,13 +173,15 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// The key tiles a query tile visits: a range [0, end) of the stream or the tiles of a block list.
+// The key tiles a query tile visits: a range [0, count) of the stream or the tiles of a block list.
+// 32-bit: a stream has fewer than 2^31 rows.
 struct KeyTiles {
-  int64_t count;      // number of key tiles
+  int count;            // number of key tiles
   const int32_t* list;  // key blocks (null: tiles 0..count-1)
   int block_tiles;
-  __device__ __forceinline__ int64_t tile(int64_t i) const {
-    return list ? static_cast<int64_t>(list[i / block_tiles]) * block_tiles + i % block_tiles : i;
+  __device__ __forceinline__ int tile(int i) const {
+    if (!list) return i;
+    return block_tiles == 1 ? list[i] : list[i / block_tiles] * block_tiles + i % block_tiles;
   }
 };
 

@@ -1,9 +1,13 @@
 // Kernel lab for the attention core: times each attention configuration of interest with the
 // fused kernels and (optionally) the composed path, checks fused against composed on the same
 // inputs, and prints one markdown row per case. GPU only.
-//   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq]
+//   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
+//                           [--fwd-min-blocks 0|3|4]
+// (--only runs the cases whose label contains TEXT, e.g. for a profiler run of one case;
+// --fwd-min-blocks picks the forward kernel's register bound, default: per head dim.)
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <string>
@@ -13,6 +17,7 @@
 #include "tensor/backend_options.h"
 #include "tensor/ops.h"
 #ifdef LONGTAPE_WITH_CUDA
+#include "cuda/attention_tuning.h"
 #include "cuda/memory_pool.h"
 #include "cuda/runtime.h"
 #include "cuda/timer.h"
@@ -127,10 +132,18 @@ int main(int argc, char** argv) {
 #else
   std::string impl = "fused";
   bool quick = false;
+  std::string only;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--impl") && i + 1 < argc) impl = argv[++i];
     else if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--atomic-dq")) set_deterministic_algorithms(false);
+    else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+    else if (!std::strcmp(argv[i], "--fwd-min-blocks") && i + 1 < argc)
+      cuda::attn::kernel_tuning().forward_min_blocks = std::atoi(argv[++i]);
+    else {
+      std::cerr << "attention_lab: unknown argument '" << argv[i] << "'\n";
+      return 2;
+    }
   }
   std::vector<Case> cases{dense(16384, 64, false), dense(16384, 64, true), dense(16384, 128, false),
                           block_sparse(16384, 4096), block_sparse(16384, 1536)};
@@ -139,6 +152,7 @@ int main(int argc, char** argv) {
   std::printf("| case | impl | precision | N | D | fwd ms | fwd+bwd ms | fwd TFLOP/s | f+b TFLOP/s | peak MiB |\n");
   std::printf("|---|---|---|--:|--:|--:|--:|--:|--:|--:|\n");
   for (const Case& cs : cases) {
+    if (!only.empty() && cs.label.find(only) == std::string::npos) continue;
     for (const std::string& which : impl == "both" ? std::vector<std::string>{"fused", "composed"}
                                                    : std::vector<std::string>{impl}) {
       if (which == "composed" && cs.variant == "dense" && cs.n > 8192) continue;  // N x N scores
