@@ -111,6 +111,26 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// The A fragment (16 rows x 16 k, bf16) made of two adjacent accumulator n-tiles f0, f1.
+__device__ __forceinline__ void a_fragment(uint32_t (&a)[4], const float (&f0)[4], const float (&f1)[4]) {
+  a[0] = pack_bf16(f0[0], f0[1]);
+  a[1] = pack_bf16(f0[2], f0[3]);
+  a[2] = pack_bf16(f1[0], f1[1]);
+  a[3] = pack_bf16(f1[2], f1[3]);
+}
+// The same as bf16 hi + lo parts: hi + lo carries ~16 bits, for products whose terms cancel
+// (dS = P (dP - delta) feeding dQ and dK), where one bf16 rounding per term shows in the result.
+__device__ __forceinline__ void a_fragment_split(uint32_t (&hi)[4], uint32_t (&lo)[4], const float (&f0)[4],
+                                                 const float (&f1)[4]) {
+  a_fragment(hi, f0, f1);
+  const float vals[8] = {f0[0], f0[1], f0[2], f0[3], f1[0], f1[1], f1[2], f1[3]};
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi[r]);
+    lo[r] = pack_bf16(vals[2 * r] - __low2float(h), vals[2 * r + 1] - __high2float(h));
+  }
+}
+
 // Shared-memory tile of kTile rows x D bf16, rows padded by 16 bytes so ldmatrix is conflict-free.
 template <int D>
 struct TileLayout {
@@ -184,5 +204,17 @@ struct KeyTiles {
     return block_tiles == 1 ? list[i] : list[i / block_tiles] * block_tiles + i % block_tiles;
   }
 };
+
+// A CTA's block list goes to shared memory (when it has at most kListCache entries) so that the
+// tile loop does not wait on a dependent global load per tile. Call with every thread of the
+// CTA; a __syncthreads() must follow before the list is read.
+constexpr int kListCache = 512;
+__device__ __forceinline__ void cache_block_list(KeyTiles& tiles, int32_t* cache) {
+  if (!tiles.list) return;
+  const int entries = tiles.count / tiles.block_tiles;
+  if (entries > kListCache) return;
+  for (int i = threadIdx.x; i < entries; i += kThreads) cache[i] = tiles.list[i];
+  tiles.list = cache;
+}
 
 }  // namespace longtape::cuda::attn

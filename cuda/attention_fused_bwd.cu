@@ -146,6 +146,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
   } else {
     queries.count = (len_q + kTile - 1) / kTile;
   }
+  __shared__ int32_t list_cache[kListCache];
+  cache_block_list(queries, list_cache);
+  __syncthreads();
   // Causal: query tiles before this key tile see none of its keys.
   auto visible = [&](int qt) { return qt * kTile < len_q && (!p.causal || qt * kTile + kTile - 1 >= k0); };
 
@@ -271,15 +274,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
     // dV += P^T dO, dK += dS^T Q (k = queries).
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
-      uint32_t ap[4], as[4];
-      ap[0] = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
-      ap[1] = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
-      ap[2] = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      ap[3] = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-      as[0] = pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]);
-      as[1] = pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]);
-      as[2] = pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-      as[3] = pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      uint32_t ap[4], as[4], as_lo[4];
+      a_fragment(ap, st[2 * kk], st[2 * kk + 1]);
+      a_fragment_split(as, as_lo, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t bg[4], bq[4];
@@ -289,6 +286,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
         mma_bf16(dv[2 * dp + 1], ap, bg[2], bg[3]);
         mma_bf16(dk[2 * dp], as, bq[0], bq[1]);
         mma_bf16(dk[2 * dp + 1], as, bq[2], bq[3]);
+        mma_bf16(dk[2 * dp], as_lo, bq[0], bq[1]);
+        mma_bf16(dk[2 * dp + 1], as_lo, bq[2], bq[3]);
       }
     }
     if constexpr (kFuseDq) {
@@ -332,8 +331,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
   store_rows<D>(dv, p.do_scale, key_a, s.len_k, s, p.accumulate, p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
 }
 
+// Three resident CTAs per SM for D <= 64 (the registers fit without spilling).
 template <int D>
-__global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_dq_kernel(const BwdParams p) {
   using L = TileLayout<D>;
   constexpr int kNT = kTile / 8, kDT = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -372,6 +372,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const B
     const int k_tiles = (len_k + kTile - 1) / kTile;
     keys.count = p.causal ? min(k_tiles, static_cast<int>(qt) + 1) : k_tiles;
   }
+  __shared__ int32_t list_cache[kListCache];
+  cache_block_list(keys, list_cache);
+  __syncthreads();
   auto visible = [&](int kt) { return kt * kTile < len_k && (!p.causal || kt * kTile <= q0 + kTile - 1); };
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -466,17 +469,16 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const B
     // dQ += dS K.
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
-      uint32_t as[4];
-      as[0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
-      as[1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
-      as[2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-      as[3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+      uint32_t as[4], as_lo[4];
+      a_fragment_split(as, as_lo, sc[2 * kk], sc[2 * kk + 1]);
 #pragma unroll
       for (int dpair = 0; dpair < kDT / 2; ++dpair) {
         uint32_t bk[4];
         load_b_kn<D>(bk, tK, dpair * 16, kk);
         mma_bf16(dq[2 * dpair], as, bk[0], bk[1]);
         mma_bf16(dq[2 * dpair + 1], as, bk[2], bk[3]);
+        mma_bf16(dq[2 * dpair], as_lo, bk[0], bk[1]);
+        mma_bf16(dq[2 * dpair + 1], as_lo, bk[2], bk[3]);
       }
     }
     stage ^= 1;

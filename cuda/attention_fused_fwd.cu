@@ -29,20 +29,21 @@ struct FwdParams {
   float scale_log2;  // softmax scale * log2(e)
   float out_scale;
   bool causal, merge;
+  bool lazy_rescale;  // skip the O rescale of a tile when no row's max grew
   Streams st;
   Lists lists;
 };
 
 // A CTA owns 64 query rows of one stream (4 warps x 16 rows) and walks its key tiles with a
-// two-stage cp.async pipeline. Per key tile each warp computes S = Q K^T (16 x 64), the online
+// kStages-deep cp.async pipeline (one barrier per key tile). Per key tile each warp computes S = Q K^T (16 x 64), the online
 // softmax on unscaled scores (one FFMA + one MUFU per element: exp2(s * scale_log2 + bias - max)),
 // and O += P V. Masking runs (behind a warp-uniform branch) only on ragged or causal-diagonal tiles.
 // kSplitP: P enters P V as bf16 hi + lo parts, so O is accurate to ~16 bits (used when a block bias
 // needs its gradient, whose rowsum(dO * O) must not carry bf16 rounding of P).
-// kMinBlocks: resident CTAs per SM asked of the register allocator (0: no bound).
-template <int D, bool kSplitP, int kMinBlocks>
-__global__ void __launch_bounds__(kThreads, kMinBlocks > 0 ? kMinBlocks : 1)
-    attention_forward_kernel(const FwdParams p) {
+// kStages: K/V tiles in flight. Three resident CTAs per SM for D <= 64 (168 registers, no spills;
+// D = 128 needs ~240).
+template <int D, bool kSplitP, int kStages>
+__global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_kernel(const FwdParams p) {
   using L = TileLayout<D>;
   constexpr int kNT = kTile / 8;  // key n-tiles per step
   constexpr int kDT = D / 8;      // output n-tiles
@@ -50,8 +51,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks > 0 ? kMinBlocks : 1)
   constexpr bool kQInRegisters = D <= 64;  // D = 128 would need 32 more registers
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
-  bf16* sK = sQ + L::kElems;  // 2 stages
-  bf16* sV = sK + 2 * L::kElems;
+  bf16* sK = sQ + L::kElems;  // kStages stages
+  bf16* sV = sK + kStages * L::kElems;
 
   const int h = blockIdx.y, b = blockIdx.z;
   const int br = p.st.branch_of_head[h];
@@ -87,6 +88,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks > 0 ? kMinBlocks : 1)
     const int k_tiles = (len_k + kTile - 1) / kTile;
     keys.count = p.causal ? min(k_tiles, qt + 1) : k_tiles;
   }
+  __shared__ int32_t list_cache[kListCache];
+  cache_block_list(keys, list_cache);
+  __syncthreads();
   const float* bias_row =
       p.lists.bias ? p.lists.bias + ((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb
                    : nullptr;
@@ -106,19 +110,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks > 0 ? kMinBlocks : 1)
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
   // Skip key tiles that lie entirely in the causal future of every row of this query tile.
-  auto visible = [&](int kt) { return !p.causal || kt * kTile <= q0 + kTile - 1; };
-  int next = 0;
-  while (next < keys.count && !visible(keys.tile(next))) ++next;
-  if (next < keys.count) {
-    const int kt = keys.tile(next);
-    load_tile_async<D>(sK, kb, k_step, static_cast<int64_t>(kt) * kTile, len_k);
-    load_tile_async<D>(sV, vb, v_step, static_cast<int64_t>(kt) * kTile, len_k);
+  auto next_visible = [&](int i) {
+    while (p.causal && i < keys.count && keys.tile(i) * kTile > q0 + kTile - 1) ++i;
+    return i;
+  };
+  // One cp.async group per stage, empty past the last tile, so that group counts stay fixed.
+  auto fetch_tile = [&](int stage, int i) {
+    if (i < keys.count) {
+      const int64_t k0 = static_cast<int64_t>(keys.tile(i)) * kTile;
+      load_tile_async<D>(sK + stage * L::kElems, kb, k_step, k0, len_k);
+      load_tile_async<D>(sV + stage * L::kElems, vb, v_step, k0, len_k);
+    }
+    cp_async_commit();
+  };
+  const int first = next_visible(0);
+  int fetch = first;
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    fetch_tile(st, fetch);
+    fetch = next_visible(fetch + 1);
   }
-  cp_async_commit();
 
   uint32_t qf[kQInRegisters ? kKD : 1][4];
   if constexpr (kQInRegisters) {
-    cp_async_wait<1>();
+    cp_async_wait<kStages - 1>();
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kKD; ++kk) load_a<D>(qf[kk], sQ, warp_row0, kk);
@@ -156,20 +171,32 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks > 0 ? kMinBlocks : 1)
       mx[0] = fmaxf(mx[0], fmaxf(sc[j][0], sc[j][1]));
       mx[1] = fmaxf(mx[1], fmaxf(sc[j][2], sc[j][3]));
     }
+    float m_new[2];
+    bool grew = false;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      m_new[hf] = fmaxf(m_run[hf], quad_max(mx[hf]) * p.scale_log2 + bias);
+      grew |= m_new[hf] != m_run[hf];
+    }
+    // Rescale O and l only when some row's running max grew (the factor is exactly 1 otherwise,
+    // and after the first tiles it rarely grows).
+    if (!p.lazy_rescale || __any_sync(0xffffffffu, grew)) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const float corr = fast_exp2(m_run[hf] - (m_new[hf] == -INFINITY ? 0.f : m_new[hf]));
+        l_run[hf] *= corr;
+#pragma unroll
+        for (int d = 0; d < kDT; ++d) {
+          o[d][2 * hf] *= corr;
+          o[d][2 * hf + 1] *= corr;
+        }
+      }
+    }
     float shift[2];  // bias - new running max, in log2 units
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const float m_new = fmaxf(m_run[hf], quad_max(mx[hf]) * p.scale_log2 + bias);
-      const float base = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = fast_exp2(m_run[hf] - base);
-      m_run[hf] = m_new;
-      shift[hf] = bias - base;
-      l_run[hf] *= corr;
-#pragma unroll
-      for (int d = 0; d < kDT; ++d) {
-        o[d][2 * hf] *= corr;
-        o[d][2 * hf + 1] *= corr;
-      }
+      m_run[hf] = m_new[hf];
+      shift[hf] = bias - (m_new[hf] == -INFINITY ? 0.f : m_new[hf]);
     }
 #pragma unroll
     for (int j = 0; j < kNT; ++j)
@@ -182,17 +209,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks > 0 ? kMinBlocks : 1)
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
       uint32_t a[4], a_lo[4];
-      const float* f0 = sc[2 * kk];
-      const float* f1 = sc[2 * kk + 1];
-      const float vals[8] = {f0[0], f0[1], f0[2], f0[3], f1[0], f1[1], f1[2], f1[3]};
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        a[r] = pack_bf16(vals[2 * r], vals[2 * r + 1]);
-        if constexpr (kSplitP) {
-          const __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(&a[r]);
-          a_lo[r] = pack_bf16(vals[2 * r] - __low2float(hi), vals[2 * r + 1] - __high2float(hi));
-        }
-      }
+      if constexpr (kSplitP)
+        a_fragment_split(a, a_lo, sc[2 * kk], sc[2 * kk + 1]);
+      else
+        a_fragment(a, sc[2 * kk], sc[2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t bb[4];
@@ -208,18 +228,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks > 0 ? kMinBlocks : 1)
   };
 
   int stage = 0;
-  for (int i = next; i < keys.count;) {
+  for (int i = first; i < keys.count; i = next_visible(i + 1)) {
     const int kt = keys.tile(i);
-    int after = i + 1;
-    while (after < keys.count && !visible(keys.tile(after))) ++after;
-    if (after < keys.count) {  // prefetch the next key tile into the other stage
-      const int64_t nk0 = static_cast<int64_t>(keys.tile(after)) * kTile;
-      load_tile_async<D>(sK + (stage ^ 1) * L::kElems, kb, k_step, nk0, len_k);
-      load_tile_async<D>(sV + (stage ^ 1) * L::kElems, vb, v_step, nk0, len_k);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
+    // Tile i has landed for every thread, and every thread is done with the stage it read in the
+    // previous iteration, which the next fetch overwrites.
+    cp_async_wait<kStages - 2>();
     __syncthreads();
+    fetch_tile((stage + kStages - 1) % kStages, fetch);
+    fetch = next_visible(fetch + 1);
     const float bias = bias_row ? bias_row[kt / p.lists.block_tiles] * kLog2e : 0.f;
     const int k0 = kt * kTile;
     const bf16* tK = sK + stage * L::kElems;
@@ -229,9 +245,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks > 0 ? kMinBlocks : 1)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) lim[hf] = min(len_k - k0, p.causal ? row_of(hf) - k0 + 1 : kTile) - 1;
     step(tK, tV, bias, masked, lim);
-    __syncthreads();  // the stage is overwritten by the prefetch of the next iteration
-    stage ^= 1;
-    i = after;
+    stage = stage + 1 == kStages ? 0 : stage + 1;
   }
   cp_async_wait<0>();
 
@@ -294,17 +308,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks > 0 ? kMinBlocks : 1)
   }
 }
 
-template <int D, bool kSplitP, int kMinBlocks>
+template <int D, bool kSplitP, int kStages>
 void launch_forward_variant(const FwdParams& params, int64_t max_tiles, int64_t batch) {
-  const size_t smem = 5 * TileLayout<D>::kElems * sizeof(bf16);
+  const size_t smem = (1 + 2 * kStages) * TileLayout<D>::kElems * sizeof(bf16);
   static bool configured = false;  // the attribute is per function; setting it again is harmless
   if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<D, kSplitP, kMinBlocks>,
+    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<D, kSplitP, kStages>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(params.heads), static_cast<unsigned>(batch));
-  attention_forward_kernel<D, kSplitP, kMinBlocks><<<grid, kThreads, smem, impl::stream()>>>(params);
+  attention_forward_kernel<D, kSplitP, kStages><<<grid, kThreads, smem, impl::stream()>>>(params);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -317,16 +331,14 @@ void launch_forward(const FwdParams& params, const Streams& streams, int64_t bat
   if (max_tiles == 0) return;
   FwdParams p = params;
   p.st = streams;
-  int min_blocks = kernel_tuning().forward_min_blocks;
-  if (min_blocks < 0) min_blocks = D <= 32 ? 4 : (D == 64 ? 3 : 0);
+  // Three stages only where three CTAs still fit in shared memory (D <= 64).
+  int stages = kernel_tuning().forward_stages;
+  if (stages < 0 || D > 64) stages = D <= 64 ? 3 : 2;
   if (split_p)
-    launch_forward_variant<D, true, 0>(p, max_tiles, batch);
-  else if (min_blocks == 4)
-    launch_forward_variant<D, false, 4>(p, max_tiles, batch);
-  else if (min_blocks == 3)
-    launch_forward_variant<D, false, 3>(p, max_tiles, batch);
-  else
-    launch_forward_variant<D, false, 0>(p, max_tiles, batch);
+    return launch_forward_variant<D, true, 2>(p, max_tiles, batch);
+  if constexpr (D <= 64)
+    if (stages == 3) return launch_forward_variant<D, false, 3>(p, max_tiles, batch);
+  launch_forward_variant<D, false, 2>(p, max_tiles, batch);
 }
 
 }  // namespace
@@ -346,6 +358,7 @@ void run_forward(const attention::fused::Problem& pr, const LaunchPlan& plan) {
   p.heads = pr.heads;
   p.scale_log2 = static_cast<float>(pr.scale) * kLog2e;
   p.causal = pr.causal;
+  p.lazy_rescale = kernel_tuning().lazy_rescale;
   p.lists = plan.lists;
 
   // lse mixing with several branches: merge into an f32 accumulator, then convert once.

@@ -5,9 +5,10 @@
 namespace longtape::cuda::attn {
 
 struct KernelTuning {
-  // Resident forward CTAs per SM asked of the register allocator: 0 (no bound), 3 or 4;
-  // -1 picks per head dim.
-  int forward_min_blocks = -1;
+  // K/V tiles in flight in the forward kernel: 2 or 3 (D <= 64 only); -1 picks per head dim.
+  int forward_stages = -1;
+  // Forward: rescale the output accumulator only on tiles where some row's running max grew.
+  bool lazy_rescale = true;
 };
 KernelTuning& kernel_tuning();
 

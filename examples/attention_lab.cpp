@@ -2,9 +2,10 @@
 // fused kernels and (optionally) the composed path, checks fused against composed on the same
 // inputs, and prints one markdown row per case. GPU only.
 //   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
-//                           [--fwd-min-blocks 0|3|4]
+//                           [--fwd-stages 2|3] [--eager-rescale]
 // (--only runs the cases whose label contains TEXT, e.g. for a profiler run of one case;
-// --fwd-min-blocks picks the forward kernel's register bound, default: per head dim.)
+// --fwd-stages picks the forward kernel's K/V pipeline depth, default: per head dim;
+// --eager-rescale rescales the forward accumulator on every key tile.)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -138,8 +139,10 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--atomic-dq")) set_deterministic_algorithms(false);
     else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
-    else if (!std::strcmp(argv[i], "--fwd-min-blocks") && i + 1 < argc)
-      cuda::attn::kernel_tuning().forward_min_blocks = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--fwd-stages") && i + 1 < argc)
+      cuda::attn::kernel_tuning().forward_stages = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--eager-rescale"))
+      cuda::attn::kernel_tuning().lazy_rescale = false;
     else {
       std::cerr << "attention_lab: unknown argument '" << argv[i] << "'\n";
       return 2;

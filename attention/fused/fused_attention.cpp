@@ -1,7 +1,9 @@
 #include "attention/fused/fused_attention.h"
 
 #include <cmath>
+#include <deque>
 #include <limits>
+#include <mutex>
 
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
@@ -33,33 +35,72 @@ struct BlockCsr {
   int64_t nqb = 0, nkb = 0;
 };
 
-BlockCsr build_csr(const std::vector<BlockLists>& lists, int64_t nqb, int64_t nkb, Device device) {
+struct HostCsr {
   std::vector<int32_t> row_begin, col_index, col_begin, row_index;
+};
+
+HostCsr host_csr(const std::vector<BlockLists>& lists, int64_t nqb, int64_t nkb) {
+  HostCsr c;
   for (const BlockLists& list : lists) {
     LT_CHECK(static_cast<int64_t>(list.size()) == nqb, "fused attention: a block list must have ", nqb,
              " query blocks, got ", list.size());
     std::vector<std::vector<int32_t>> by_key(static_cast<size_t>(nkb));
     for (int64_t I = 0; I < nqb; ++I) {
-      row_begin.push_back(static_cast<int32_t>(col_index.size()));
+      c.row_begin.push_back(static_cast<int32_t>(c.col_index.size()));
       for (int64_t J : list[static_cast<size_t>(I)]) {
         LT_CHECK(J >= 0 && J < nkb, "fused attention: key block ", J, " of query block ", I, " is outside [0, ", nkb,
                  ")");
-        col_index.push_back(static_cast<int32_t>(J));
+        c.col_index.push_back(static_cast<int32_t>(J));
         by_key[static_cast<size_t>(J)].push_back(static_cast<int32_t>(I));
       }
     }
-    row_begin.push_back(static_cast<int32_t>(col_index.size()));
+    c.row_begin.push_back(static_cast<int32_t>(c.col_index.size()));
     for (const auto& rows : by_key) {
-      col_begin.push_back(static_cast<int32_t>(row_index.size()));
-      row_index.insert(row_index.end(), rows.begin(), rows.end());
+      c.col_begin.push_back(static_cast<int32_t>(c.row_index.size()));
+      c.row_index.insert(c.row_index.end(), rows.begin(), rows.end());
     }
-    col_begin.push_back(static_cast<int32_t>(row_index.size()));
+    c.col_begin.push_back(static_cast<int32_t>(c.row_index.size()));
   }
+  return c;
+}
+
+BlockCsr upload(HostCsr c, int64_t nqb, int64_t nkb, Device device) {
   auto tensor = [&](std::vector<int32_t>& values) {
     if (values.empty()) values.push_back(0);  // a valid pointer even with no active pair
     return Tensor::from_vector(values, {static_cast<int64_t>(values.size())}).to(device);
   };
-  return {tensor(row_begin), tensor(col_index), tensor(col_begin), tensor(row_index), nqb, nkb};
+  return {tensor(c.row_begin), tensor(c.col_index), tensor(c.col_begin), tensor(c.row_index), nqb, nkb};
+}
+
+// Device copies of the most recently used block lists: a layer's fixed pattern is uploaded once
+// instead of on every call (an upload from pageable memory waits until the stream has drained,
+// which leaves the GPU idle while the host prepares the next call).
+BlockCsr device_csr(const std::vector<BlockLists>& lists, int64_t nqb, int64_t nkb, Device device) {
+  HostCsr host = host_csr(lists, nqb, nkb);
+  if (!device.is_cuda()) return upload(std::move(host), nqb, nkb, device);
+  struct Entry {
+    Device device;
+    HostCsr host;
+    BlockCsr csr;
+  };
+  constexpr size_t kEntries = 8;
+  static std::mutex mutex;
+  // Most recent first; never destroyed, so no device tensor outlives the CUDA runtime at exit.
+  static auto& cache = *new std::deque<Entry>();
+  std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = cache.begin(); it != cache.end(); ++it) {
+    if (it->device == device && it->csr.nqb == nqb && it->csr.nkb == nkb && it->host.row_begin == host.row_begin &&
+        it->host.col_index == host.col_index) {
+      Entry hit = std::move(*it);
+      cache.erase(it);
+      cache.push_front(std::move(hit));
+      return cache.front().csr;
+    }
+  }
+  BlockCsr csr = upload(host, nqb, nkb, device);
+  cache.push_front({device, std::move(host), csr});
+  if (cache.size() > kEntries) cache.pop_back();
+  return csr;
 }
 
 struct Inputs {
@@ -209,7 +250,7 @@ AttentionOutput fused_attention(const Tensor& q_in, const Tensor& k_in, const Te
   BlockCsr csr;
   Tensor bias;
   if (keys.kind == fused::KeySet::blocks) {
-    csr = build_csr(keys.block_lists, p.blocks.num_query_blocks, p.blocks.num_key_blocks, device);
+    csr = device_csr(keys.block_lists, p.blocks.num_query_blocks, p.blocks.num_key_blocks, device);
     p.blocks.row_begin = csr.row_begin.data<int32_t>();
     p.blocks.col_index = csr.col_index.data<int32_t>();
     p.blocks.col_begin = csr.col_begin.data<int32_t>();
