@@ -146,13 +146,19 @@ template <int D>
 __device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* base, int64_t step, int64_t row0,
                                                 int64_t len) {
   using L = TileLayout<D>;
+  constexpr int kRowsPerPass = kThreads / L::kChunksPerRow;
+  // This thread copies rows r, r + kRowsPerPass, ... at one 16-byte column: one 64-bit multiply
+  // per tile, then pointer increments.
+  const int r = threadIdx.x / L::kChunksPerRow, col = (threadIdx.x % L::kChunksPerRow) * 8;
+  const bf16* src = base + (row0 + r) * step + col;
+  const int64_t pass_step = kRowsPerPass * step;
+  const int64_t rows_left = len - row0 - r;  // rows of this thread's column still inside the stream
+  bf16* dst = tile + r * L::kLd + col;
 #pragma unroll
   for (int i = 0; i < L::kChunksPerThread; ++i) {
-    const int chunk = threadIdx.x + i * kThreads;
-    const int row = chunk / L::kChunksPerRow, col = (chunk % L::kChunksPerRow) * 8;
-    const bool valid = row0 + row < len;
-    const bf16* src = valid ? base + (row0 + row) * step + col : base;
-    cp_async_16(tile + row * L::kLd + col, src, valid ? 16 : 0);
+    const bool valid = i * kRowsPerPass < rows_left;
+    cp_async_16(dst + i * kRowsPerPass * L::kLd, valid ? src : base, valid ? 16 : 0);
+    src += pass_step;
   }
 }
 

@@ -101,8 +101,10 @@ __device__ __forceinline__ bool tile_of_cta(const Streams& st, int h, int64_t& t
 
 // kFuseDq: the CTA also adds its dQ = dS K share into the f32 dq_acc with atomics (dS^T goes
 // through shared memory so that warps split dQ by query rows), saving the dQ kernel's recompute.
+// Three resident CTAs per SM for D <= 64 in the deterministic form (its registers fit in 170).
 template <int D, bool kFuseDq>
-__global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
+    attention_backward_dkdv_kernel(const BwdParams p) {
   using L = TileLayout<D>;
   constexpr int kNT = kTile / 8, kDT = D / 8;
   constexpr int kLdS = kTile + 8;  // dS^T tile [key][query], padded like the others

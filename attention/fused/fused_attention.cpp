@@ -72,15 +72,16 @@ BlockCsr upload(HostCsr c, int64_t nqb, int64_t nkb, Device device) {
   return {tensor(c.row_begin), tensor(c.col_index), tensor(c.col_begin), tensor(c.row_index), nqb, nkb};
 }
 
-// Device copies of the most recently used block lists: a layer's fixed pattern is uploaded once
-// instead of on every call (an upload from pageable memory waits until the stream has drained,
-// which leaves the GPU idle while the host prepares the next call).
-BlockCsr device_csr(const std::vector<BlockLists>& lists, int64_t nqb, int64_t nkb, Device device) {
-  HostCsr host = host_csr(lists, nqb, nkb);
-  if (!device.is_cuda()) return upload(std::move(host), nqb, nkb, device);
+// Device copies of the most recently used block lists, found by the identity of the (immutable)
+// list object: a layer's fixed pattern is converted and uploaded once instead of on every call (an
+// upload from pageable memory waits until the stream has drained, and the conversion is host time
+// during which the GPU may run dry).
+BlockCsr device_csr(const std::shared_ptr<const std::vector<BlockLists>>& lists, int64_t nqb, int64_t nkb,
+                    Device device) {
+  if (!device.is_cuda()) return upload(host_csr(*lists, nqb, nkb), nqb, nkb, device);
   struct Entry {
     Device device;
-    HostCsr host;
+    std::weak_ptr<const std::vector<BlockLists>> lists;
     BlockCsr csr;
   };
   constexpr size_t kEntries = 8;
@@ -89,16 +90,15 @@ BlockCsr device_csr(const std::vector<BlockLists>& lists, int64_t nqb, int64_t n
   static auto& cache = *new std::deque<Entry>();
   std::lock_guard<std::mutex> lock(mutex);
   for (auto it = cache.begin(); it != cache.end(); ++it) {
-    if (it->device == device && it->csr.nqb == nqb && it->csr.nkb == nkb && it->host.row_begin == host.row_begin &&
-        it->host.col_index == host.col_index) {
+    if (it->device == device && it->csr.nqb == nqb && it->csr.nkb == nkb && it->lists.lock() == lists) {
       Entry hit = std::move(*it);
       cache.erase(it);
       cache.push_front(std::move(hit));
       return cache.front().csr;
     }
   }
-  BlockCsr csr = upload(host, nqb, nkb, device);
-  cache.push_front({device, std::move(host), csr});
+  BlockCsr csr = upload(host_csr(*lists, nqb, nkb), nqb, nkb, device);
+  cache.push_front({device, lists, csr});
   if (cache.size() > kEntries) cache.pop_back();
   return csr;
 }
@@ -169,7 +169,8 @@ Problem describe_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
     }
   } else if (keys.kind == fused::KeySet::blocks) {
     LT_CHECK(keys.block_size > 0, "fused attention: block_size must be > 0, got ", keys.block_size);
-    const int64_t lists = static_cast<int64_t>(keys.block_lists.size());
+    LT_CHECK(keys.block_lists != nullptr, "fused attention: block lists are required for a block key set");
+    const int64_t lists = static_cast<int64_t>(keys.block_lists->size());
     LT_CHECK(lists == 1 || lists == p.heads || lists == p.batch * p.heads,
              "fused attention: expected 1, H = ", p.heads, " or B*H = ", p.batch * p.heads, " block lists, got ", lists);
     p.blocks.block_size = keys.block_size;
