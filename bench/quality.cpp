@@ -6,13 +6,13 @@
 
 #include "attention/config_text.h"
 #include "attention/multihead.h"
-#include "autograd/grad_mode.h"
 #include "bench/cases.h"
 #include "bench/grid.h"
 #include "bench/timing.h"
 #include "nn/data.h"
 #include "nn/language_model.h"
 #include "nn/optim.h"
+#include "nn/trainer.h"
 #include "tensor/allocator.h"
 #include "tensor/ops.h"
 
@@ -79,36 +79,30 @@ Json run_quality(const std::string& variant, const QualityOptions& a, Device dev
     adamw.weight_decay = 0.01;
     adamw.decays = nn::decay_matrices_only;
     nn::AdamW optimizer(model.named_parameters(), adamw);
-    nn::CosineSchedule schedule{3e-3, 3e-4, std::max<int64_t>(1, a.steps / 10), a.steps};
+    const nn::CosineSchedule schedule{3e-3, 3e-4, std::max<int64_t>(1, a.steps / 10), a.steps};
+    nn::TrainerOptions options;
+    options.steps = a.steps;
+    options.batch_size = a.batch;
+    options.clip = 1.0;
+    options.stop_on_non_finite = false;  // a diverged model still gets its (poor) accuracy
+    options.eval_batches = 4;
+    options.eval_batch_size = 32;
+    nn::Trainer trainer(model, optimizer, schedule, options);
+    const nn::BatchSource data = nn::batches_of(task, device);
 
     stage = "training";
     std::vector<double> step_ms, losses;
+    trainer.on_step = [&](const nn::StepResult& r) {
+      losses.push_back(r.loss);
+      if (r.step == 1) record_ran(row, model.blocks->at_as<nn::TransformerBlock>(0)->attn->core());
+      step_ms.push_back(r.seconds * 1000.0);
+    };
     const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t step = 0; step < a.steps; ++step) {
-      const auto s0 = std::chrono::steady_clock::now();
-      nn::Batch batch = task.batch(a.batch, step, nn::Split::train, device);
-      Tensor loss = cross_entropy(model.forward(batch.inputs), batch.targets, nn::kIgnoreIndex);
-      optimizer.zero_grad();
-      loss.backward();
-      nn::clip_grad_norm(model.parameters(), 1.0);
-      schedule.apply(optimizer, step);
-      optimizer.step();
-      losses.push_back(loss.item());  // item() waits for the device
-      if (step == 0) record_ran(row, model.blocks->at_as<nn::TransformerBlock>(0)->attn->core());
-      step_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s0).count());
-    }
+    trainer.fit(data);
     const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
     stage = "evaluation";
-    model.eval();
-    NoGradGuard no_grad;
-    nn::AccuracyCount total;
-    for (int64_t i = 0; i < 4; ++i) {
-      nn::Batch test = task.batch(32, i, nn::Split::heldout, device);
-      const nn::AccuracyCount part = nn::accuracy(model.forward(test.inputs), test.targets);
-      total.correct += part.correct;
-      total.total += part.total;
-    }
+    const nn::AccuracyCount total = trainer.evaluate(data).accuracy;
     const size_t tail = std::min<size_t>(10, losses.size());
     double tail_loss = 0.0;
     for (size_t i = losses.size() - tail; i < losses.size(); ++i) tail_loss += losses[i];
@@ -128,4 +122,5 @@ Json run_quality(const std::string& variant, const QualityOptions& a, Device dev
   }
   return row;
 }
+
 }  // namespace longtape::bench

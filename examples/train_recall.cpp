@@ -5,6 +5,7 @@
 #include "nn/data.h"
 #include "nn/language_model.h"
 #include "nn/optim.h"
+#include "nn/trainer.h"
 
 using namespace longtape;
 
@@ -27,21 +28,16 @@ int main() {
   nn::AdamW optimizer(model.named_parameters(), {.lr = 1e-2, .weight_decay = 0.01});
   nn::CosineSchedule schedule{.base_lr = 1e-2, .min_lr = 1e-3, .warmup_steps = 30, .total_steps = 300};
 
-  for (int64_t step = 0; step < 300; ++step) {
-    nn::Batch batch = task.batch(/*batch_size=*/16, /*index=*/step);
-    Tensor logits = model.forward(batch.inputs);                      // (B, T, V)
-    Tensor loss = cross_entropy(logits, batch.targets, nn::kIgnoreIndex);
-    optimizer.zero_grad();
-    loss.backward();
-    nn::clip_grad_norm(model.parameters(), 1.0);
-    schedule.apply(optimizer, step);
-    optimizer.step();
-    if (step % 30 == 0) std::printf("step %3lld  loss %.4f\n", static_cast<long long>(step), loss.item());
-  }
+  // Each step: batch -> logits -> cross-entropy -> backward -> clip to norm 1 -> AdamW.
+  nn::Trainer trainer(model, optimizer, schedule,
+                      {.steps = 300, .batch_size = 16, .clip = 1.0, .eval_batches = 1, .eval_batch_size = 64});
+  trainer.on_step = [](const nn::StepResult& r) {
+    const int64_t index = r.step - 1;
+    if (index % 30 == 0) std::printf("step %3lld  loss %.4f\n", static_cast<long long>(index), r.loss);
+  };
+  trainer.fit(nn::batches_of(task));
 
-  model.eval();
-  nn::Batch test = task.batch(64, 0, nn::Split::heldout);
-  NoGradGuard no_grad;
-  nn::AccuracyCount acc = nn::accuracy(model.forward(test.inputs), test.targets);
-  std::printf("held-out recall accuracy: %.3f (chance %.3f)\n", acc.value(), 1.0 / task.config().num_values);
+  const nn::EvalResult heldout = trainer.evaluate(nn::batches_of(task));
+  std::printf("held-out recall accuracy: %.3f (chance %.3f)\n", heldout.accuracy.value(),
+              1.0 / task.config().num_values);
 }
