@@ -1,6 +1,9 @@
 #include "attention/config_text.h"
 
+#include <optional>
 #include <sstream>
+
+#include "attention/registry.h"
 
 namespace longtape::attention {
 
@@ -29,48 +32,58 @@ std::string format_number(double value) {
   return os.str();
 }
 
-// The config fields that change what variant `name` computes or how fast, as "field=value" items.
-// Unknown variants list every field. Used to label results and to run each distinct setting once.
-std::vector<std::string> relevant_config_items(const std::string& name, const attention::AttentionConfig& c) {
+std::vector<std::string> dilated_config_items(const AttentionConfig& c) {
+  return {"w=" + join_ints(c.segment_lengths), "r=" + join_ints(c.dilation_rates), mixing_name(c.mixing)};
+}
+
+std::vector<std::string> block_sparse_config_items(const AttentionConfig& c, bool adaptive) {
   std::vector<std::string> items;
-  auto dilated_items = [&] {
-    items.push_back("w=" + join_ints(c.segment_lengths));
-    items.push_back("r=" + join_ints(c.dilation_rates));
-    items.push_back(mixing_name(c.mixing));
-  };
-  auto block_items = [&](bool adaptive) {
-    const std::string pattern = adaptive ? std::string("adaptive") : c.pattern;
-    items.push_back(pattern);
-    items.push_back("bs=" + std::to_string(c.block_size));
-    if (pattern == "local_window" || pattern == "global_local") items.push_back("win=" + std::to_string(c.window));
-    if (pattern == "global_local") items.push_back("global=" + std::to_string(c.global_blocks));
-    if (pattern == "random" || pattern == "adaptive") items.push_back("density=" + format_number(c.density));
-    if (pattern == "random") items.push_back("seed=" + std::to_string(c.seed));
-    if (pattern == "dilated") items.push_back("r=" + join_ints(c.dilation_rates));
-    if (c.schedule != "natural") items.push_back("schedule=" + c.schedule);
-  };
-  auto core_items = [&](const std::string& core) {
-    if (core == "dense") {
-    } else if (core == "dilated") {
-      dilated_items();
-    } else if (core == "block_sparse") {
-      block_items(c.pattern == "adaptive");
-    } else if (core == "block_sparse_adaptive") {
-      block_items(true);
-    } else {
-      dilated_items();
-      block_items(false);
-    }
-  };
-  if (name == "hilbert" || name == "ring" || name == "head_parallel") {
+  const std::string pattern = adaptive ? std::string("adaptive") : c.pattern;
+  items.push_back(pattern);
+  items.push_back("bs=" + std::to_string(c.block_size));
+  if (pattern == "local_window" || pattern == "global_local") items.push_back("win=" + std::to_string(c.window));
+  if (pattern == "global_local") items.push_back("global=" + std::to_string(c.global_blocks));
+  if (pattern == "random" || pattern == "adaptive") items.push_back("density=" + format_number(c.density));
+  if (pattern == "random") items.push_back("seed=" + std::to_string(c.seed));
+  if (pattern == "dilated") items.push_back("r=" + join_ints(c.dilation_rates));
+  if (c.schedule != "natural") items.push_back("schedule=" + c.schedule);
+  return items;
+}
+
+namespace {
+
+void append(std::vector<std::string>& items, const std::vector<std::string>& more) {
+  items.insert(items.end(), more.begin(), more.end());
+}
+
+// The fields of a variant that declares none (or is not registered): every field it might read.
+std::vector<std::string> every_core_item(const AttentionConfig& c) {
+  std::vector<std::string> items = dilated_config_items(c);
+  append(items, block_sparse_config_items(c, false));
+  return items;
+}
+
+// The fields of the core variant a wrapper runs.
+std::vector<std::string> inner_items(const std::string& inner, const AttentionConfig& c) {
+  const std::optional<VariantTraits> traits = find_variant_traits(inner);
+  if (traits && !traits->wraps_inner_variant && traits->config_items) return traits->config_items(c);
+  return every_core_item(c);
+}
+
+}  // namespace
+
+std::vector<std::string> relevant_config_items(const std::string& name, const AttentionConfig& c) {
+  std::vector<std::string> items;
+  const std::optional<VariantTraits> traits = find_variant_traits(name);
+  if (traits && traits->wraps_inner_variant) {
     items.push_back("inner=" + c.inner_variant);
-    core_items(c.inner_variant);
-    if (name != "hilbert") items.push_back("P=" + std::to_string(c.ranks));
-  } else if (name == "dense" || name == "dilated" || name == "block_sparse" || name == "block_sparse_adaptive") {
-    core_items(name);
+    append(items, inner_items(c.inner_variant, c));
+    if (traits->splits_over_ranks) items.push_back("P=" + std::to_string(c.ranks));
+  } else if (traits && traits->config_items) {
+    append(items, traits->config_items(c));
     if (c.order != "natural") items.push_back("order=" + c.order);
   } else {
-    core_items(name);
+    append(items, every_core_item(c));
     items.push_back("order=" + c.order);
     items.push_back("P=" + std::to_string(c.ranks));
     items.push_back("inner=" + c.inner_variant);
@@ -80,10 +93,16 @@ std::vector<std::string> relevant_config_items(const std::string& name, const at
   return items;
 }
 
-std::string config_label(const std::string& name, const attention::AttentionConfig& c) {
+std::string config_label(const std::string& name, const AttentionConfig& c) {
   std::string label;
   for (const std::string& item : relevant_config_items(name, c)) label += (label.empty() ? "" : " ") + item;
   return label.empty() ? "-" : label;
+}
+
+bool uses_token_grid(const std::string& name, const AttentionConfig& c) {
+  if (c.order == "hilbert") return true;
+  const std::optional<VariantTraits> traits = find_variant_traits(name);
+  return traits && traits->uses_token_grid;
 }
 
 }  // namespace longtape::attention

@@ -17,12 +17,8 @@ std::string near_square_grid(int64_t n) {
   return std::to_string(h) + "x" + std::to_string(n / h);
 }
 
-bool uses_token_grid(const std::string& variant, const AttentionConfig& c) {
-  return variant == "hilbert" || c.order == "hilbert";
-}
-
 AttentionConfig config_for_length(const std::string& variant, AttentionConfig c, int64_t n, bool grid_given) {
-  if (uses_token_grid(variant, c) && !grid_given) c.grid = near_square_grid(n);
+  if (attention::uses_token_grid(variant, c) && !grid_given) c.grid = near_square_grid(n);
   return c;
 }
 

@@ -37,9 +37,6 @@ struct CaseShape {
 // H x W with H * W = n and H <= W as close as possible: the token grid of the Hilbert order.
 std::string near_square_grid(int64_t n);
 
-// Whether the variant runs on a 2-d token grid (the Hilbert order), which must fit the length.
-bool uses_token_grid(const std::string& variant, const attention::AttentionConfig& c);
-
 // The config for one sequence length: a Hilbert grid that fits n when none was given.
 attention::AttentionConfig config_for_length(const std::string& variant, attention::AttentionConfig c, int64_t n,
                                              bool grid_given);

@@ -59,7 +59,8 @@ Json run_quality(const std::string& variant, const QualityOptions& a, Device dev
     mc.num_heads = 4;
     mc.attention = variant;
     mc.attention_config = attention_config;
-    if (uses_token_grid(variant, attention_config)) mc.attention_config.grid = near_square_grid(task.seq_len());
+    if (attention::uses_token_grid(variant, attention_config))
+      mc.attention_config.grid = near_square_grid(task.seq_len());
     row["config"] = config_json([&] {
       AttentionConfig shown = mc.attention_config;
       shown.num_heads = mc.num_heads;
