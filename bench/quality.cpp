@@ -10,7 +10,7 @@
 #include "bench/grid.h"
 #include "bench/timing.h"
 #include "nn/data.h"
-#include "nn/language_model.h"
+#include "models/language_model.h"
 #include "nn/optim.h"
 #include "nn/trainer.h"
 #include "tensor/allocator.h"
@@ -51,7 +51,7 @@ Json run_quality(const std::string& variant, const QualityOptions& a, Device dev
     task_config.seed = a.seed;
     nn::RecallTask task(task_config);
 
-    nn::LanguageModelConfig mc;
+    models::LanguageModelConfig mc;
     mc.vocab_size = task.vocab_size();
     mc.max_seq_len = task.seq_len();
     mc.embed_dim = 64;
@@ -73,7 +73,7 @@ Json run_quality(const std::string& variant, const QualityOptions& a, Device dev
                     {"vocab_size", mc.vocab_size},
                     {"optimizer", "AdamW lr 3e-3 cosine to 3e-4, weight decay 0.01, clip 1.0"}};
     manual_seed(a.seed);
-    nn::LanguageModel model(mc);
+    models::LanguageModel model(mc);
     model.to(device);
     nn::AdamWOptions adamw;
     adamw.lr = 3e-3;
@@ -95,7 +95,7 @@ Json run_quality(const std::string& variant, const QualityOptions& a, Device dev
     std::vector<double> step_ms, losses;
     trainer.on_step = [&](const nn::StepResult& r) {
       losses.push_back(r.loss);
-      if (r.step == 1) record_ran(row, model.blocks->at_as<nn::TransformerBlock>(0)->attn->core());
+      if (r.step == 1) record_ran(row, model.attention_layer(0)->core());
       step_ms.push_back(r.seconds * 1000.0);
     };
     const auto t0 = std::chrono::steady_clock::now();

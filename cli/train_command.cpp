@@ -50,7 +50,7 @@
 #include "cli/variant_flags.h"
 #include "nn/checkpoint.h"
 #include "nn/data.h"
-#include "nn/language_model.h"
+#include "models/language_model.h"
 #include "nn/optim.h"
 #include "nn/trainer.h"
 #include "tensor/allocator.h"
@@ -202,7 +202,7 @@ int run_train(const TrainArgs& a) {
   }
   const nn::BatchSource data = task ? nn::batches_of(*task, device) : nn::batches_of(*text, device);
 
-  nn::LanguageModelConfig mc;
+  models::LanguageModelConfig mc;
   mc.vocab_size = vocab;
   mc.max_seq_len = a.seq_len;
   mc.embed_dim = a.width;
@@ -217,7 +217,7 @@ int run_train(const TrainArgs& a) {
   mc.tied_embeddings = !a.untied;
   mc.dropout = a.dropout;
   mc.position_init = a.position_init;
-  nn::LanguageModel model(mc);
+  models::LanguageModel model(mc);
   model.to(device);
 
   nn::AdamWOptions ao;
@@ -288,7 +288,7 @@ int run_train(const TrainArgs& a) {
   const auto t_start = Clock::now();
   // What ran the first block's attention in training (read after the first step), for the summary.
   std::shared_ptr<attention::MultiheadAttention> first_attention;
-  if (model.blocks->size() > 0) first_attention = model.blocks->at_as<nn::TransformerBlock>(0)->attn;
+  if (model.blocks->size() > 0) first_attention = model.attention_layer(0);
   std::string attention_ran;
   Json attention_json;
   double window_tokens = 0, window_seconds = 0;  // recent throughput, for tokens/s and the ETA

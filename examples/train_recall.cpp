@@ -3,7 +3,7 @@
 #include <cstdio>
 
 #include "nn/data.h"
-#include "nn/language_model.h"
+#include "models/language_model.h"
 #include "nn/optim.h"
 #include "nn/trainer.h"
 
@@ -14,7 +14,7 @@ int main() {
   nn::RecallTask task({.seq_len = 256, .num_keys = 16, .num_values = 8, .num_filler = 8, .num_pairs = 4,
                        .num_queries = 4, .seed = 0});
 
-  nn::LanguageModelConfig config;
+  models::LanguageModelConfig config;
   config.vocab_size = task.vocab_size();
   config.max_seq_len = task.seq_len();
   config.embed_dim = 32;
@@ -23,7 +23,7 @@ int main() {
   config.attention = "dilated";                          // any name from the attention registry
   config.attention_config.segment_lengths = {32, 256};   // a local branch and a global one
   config.attention_config.dilation_rates = {1, 2};
-  nn::LanguageModel model(config);
+  models::LanguageModel model(config);
 
   nn::AdamW optimizer(model.named_parameters(), {.lr = 1e-2, .weight_decay = 0.01});
   nn::CosineSchedule schedule{.base_lr = 1e-2, .min_lr = 1e-3, .warmup_steps = 30, .total_steps = 300};

@@ -15,12 +15,13 @@
 
 #include "nn/checkpoint.h"
 #include "nn/data.h"
-#include "nn/language_model.h"
+#include "models/language_model.h"
 #include "nn/optim.h"
 #include "nn/trainer.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
+using namespace longtape::models;
 using namespace longtape::nn;
 
 namespace {
