@@ -13,7 +13,7 @@
 
 #include "autograd/node.h"
 #include "nn/data.h"
-#include "nn/language_model.h"
+#include "models/language_model.h"
 #include "tensor/checked_math.h"
 #include "tensor/ops.h"
 
@@ -270,15 +270,15 @@ TEST_CASE("data and model sizes from flags are overflow-checked") {
   nn::CharTextDataset text(std::vector<uint8_t>(100, 'a'), 8);
   CHECK_THROWS_WITH_AS(text.batch(INT64_MAX / 4, 0), Contains("batch_size * seq_len"), Error);
 
-  nn::LanguageModelConfig mc;
+  models::LanguageModelConfig mc;
   mc.vocab_size = int64_t{1} << 62;
   mc.embed_dim = 8;
   mc.num_heads = 1;
   mc.num_layers = 0;
-  CHECK_THROWS_WITH_AS(nn::LanguageModel{mc}, Contains("vocab_size * embed_dim"), Error);
+  CHECK_THROWS_WITH_AS(models::LanguageModel{mc}, Contains("vocab_size * embed_dim"), Error);
   mc.vocab_size = 16;
   mc.max_seq_len = int64_t{1} << 61;
-  CHECK_THROWS_WITH_AS(nn::LanguageModel{mc}, Contains("max_seq_len * embed_dim"), Error);
+  CHECK_THROWS_WITH_AS(models::LanguageModel{mc}, Contains("max_seq_len * embed_dim"), Error);
 }
 
 TEST_CASE("the text dataset reads only regular files") {
