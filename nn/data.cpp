@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "autograd/grad_mode.h"
+#include "io/atomic_file.h"
 #include "io/regular_file.h"
 #include "tensor/checked_math.h"
 #include "tensor/ops.h"
@@ -141,8 +142,18 @@ Batch RecallTask::batch(int64_t batch_size, int64_t index, Split split, Device d
 
 // ---------------------------------------------------------------- CharTextDataset
 
+namespace {
+// A regular file of at most io::kDefaultMaxReadBytes, checked before its bytes are allocated.
+std::vector<uint8_t> read_text_file(const std::string& path) {
+  const io::RegularFile file(path, "text file");
+  LT_CHECK(file.size() <= io::kDefaultMaxReadBytes, "cannot read text file '", path, "': it has ", file.size(),
+           " bytes, over the limit of ", io::kDefaultMaxReadBytes, " bytes");
+  return file.read_all();
+}
+}  // namespace
+
 CharTextDataset::CharTextDataset(const std::string& path, int64_t seq_len, uint64_t seed, double holdout_fraction)
-    : CharTextDataset(io::RegularFile(path, "text file").read_all(), seq_len, seed, holdout_fraction, path) {}
+    : CharTextDataset(read_text_file(path), seq_len, seed, holdout_fraction, path) {}
 
 CharTextDataset::CharTextDataset(std::vector<uint8_t> bytes, int64_t seq_len, uint64_t seed, double holdout_fraction,
                                  const std::string& source)
