@@ -322,7 +322,8 @@ def checkpoint_cases(rng, count, checkpoint):
 
 def is_sanitized(binary):
     with open(binary, "rb") as f:
-        return b"AddressSanitizer" in f.read()
+        content = f.read()
+    return b"__asan_init" in content or b"AddressSanitizer" in content
 
 
 class Runner:
