@@ -429,7 +429,7 @@ def main():
     ap.add_argument("--bin", default="build-asan/bin/longtape", help="the longtape executable to attack")
     ap.add_argument("--files", type=int, default=1000, help="malformed input files (npy 40%%, safetensors 25%%, "
                     "checkpoints 35%%)")
-    ap.add_argument("--timeout", type=float, default=10.0, help="seconds per run before it counts as a hang")
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds per run before it counts as a hang")
     ap.add_argument("--mem-mb", type=int, default=4096, help="memory limit per run in MiB")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     ap.add_argument("--seed", type=int, default=None, help="seed of the generated inputs (default: fresh)")
