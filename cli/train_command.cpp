@@ -64,6 +64,13 @@ using Json = nlohmann::ordered_json;
 using Clock = std::chrono::steady_clock;
 constexpr double kMaxReal = std::numeric_limits<double>::max();
 
+// A flag's real value as given ("0.003", "1e+20").
+std::string format_real(double v) {
+  char text[40];
+  std::snprintf(text, sizeof text, "%.6g", v);
+  return text;
+}
+
 struct TrainArgs {
   std::string device = "auto";
   int64_t steps = 500;
@@ -177,6 +184,15 @@ int run_train(const TrainArgs& a) {
   LT_CHECK(a.checkpoint_every >= 0, "train: --checkpoint-every must be >= 0");
   LT_CHECK(a.checkpoint_every == 0 || !a.checkpoint.empty(), "train: --checkpoint-every needs --checkpoint PATH");
   checked_impl(a.impl);
+  // A schedule that rises towards its "final" rate, or a decay step that flips or zeroes the
+  // weights (AdamW multiplies them by 1 - lr * weight_decay), cannot be what was meant.
+  if (a.min_lr > a.lr)
+    throw FlagError("--min-lr " + format_real(a.min_lr) + " is above --lr " + format_real(a.lr) +
+                    "; the cosine schedule decays from --lr to --min-lr");
+  if (a.lr * a.weight_decay >= 1.0)
+    throw FlagError("--lr " + format_real(a.lr) + " x --weight-decay " + format_real(a.weight_decay) + " = " +
+                    format_real(a.lr * a.weight_decay) +
+                    " must be below 1: each step multiplies the weights by 1 - lr * weight_decay");
   check_train_sizes({a.batch, a.seq_len, a.layers, a.width, a.heads,
                      a.text.empty() ? a.keys + a.values + a.filler + 8 : nn::CharTextDataset::vocab_size(), a.untied});
   check_list_bound(attention::parse_int_list(a.segments, "--segments"), "--segments");
@@ -309,6 +325,11 @@ int run_train(const TrainArgs& a) {
     bar.update(r.step, r.loss, tokens_per_s, eta);
   };
   trainer.on_eval = [&](int64_t step, const nn::EvalResult& e) {
+    if (!std::isfinite(e.loss)) {
+      bar.break_line();
+      LT_CHECK(false, "train: the held-out loss became ", e.loss, " at step ", step,
+               "; stopped without saving a checkpoint (try a lower --lr or --weight-decay)");
+    }
     rows.back().eval_loss = e.loss;
     rows.back().eval_accuracy = e.accuracy.value();
     bar.break_line();
@@ -322,6 +343,9 @@ int run_train(const TrainArgs& a) {
   const double elapsed = std::chrono::duration<double>(Clock::now() - t_start).count();
 
   const nn::EvalResult final_eval = trainer.evaluate(data);
+  LT_CHECK(std::isfinite(final_eval.loss), "train: the held-out loss became ", final_eval.loss, " after step ",
+           a.steps, "; stopped without saving a checkpoint (the weights are no longer finite: try a lower --lr or ",
+           "--weight-decay)");
   if (!rows.empty()) {
     rows.back().eval_loss = final_eval.loss;
     rows.back().eval_accuracy = final_eval.accuracy.value();
@@ -376,7 +400,7 @@ const RegisterCommand kTrainCommand{
       sub.add_option("--lr", a->lr, "peak learning rate (AdamW)")->capture_default_str()
           ->transform(real_in(0.0, kMaxReal));
       sub.add_option("--min-lr", a->min_lr, "final learning rate of the cosine schedule (default lr / 10)")
-          ->transform(real_in(-kMaxReal, kMaxReal));
+          ->transform(real_in(0.0, kMaxReal));
       sub.add_option("--warmup", a->warmup, "linear warmup steps")->capture_default_str()
           ->transform(count_in<int64_t>(0));
       sub.add_option("--weight-decay", a->weight_decay, "AdamW decoupled weight decay (matrices only)")

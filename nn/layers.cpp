@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "autograd/grad_mode.h"
+#include "tensor/checked_math.h"
 
 namespace longtape::nn {
 
@@ -76,7 +77,8 @@ Tensor Dropout::forward(const Tensor& x) { return dropout(x, p_, is_training());
 
 MLP::MLP(int64_t dim, int64_t hidden, double dropout_p) {
   LT_CHECK(hidden >= 0, "MLP: hidden must be >= 0 (0 = 4 * dim), got ", hidden);
-  const int64_t h = hidden == 0 ? 4 * dim : hidden;
+  LT_CHECK(dim >= 1, "MLP: dim must be >= 1, got ", dim);
+  const int64_t h = hidden == 0 ? checked::mul(4, dim, "MLP: hidden size 4 * dim") : hidden;
   fc1 = register_module("fc1", std::make_shared<Linear>(dim, h));
   act = register_module("act", std::make_shared<GELU>());
   fc2 = register_module("fc2", std::make_shared<Linear>(h, dim));

@@ -122,6 +122,29 @@ TEST_CASE("invalid view shapes") {
   CHECK_THROWS_WITH_AS(Tensor::empty({2, -1}), Contains("empty: sizes must be >= 0, got shape [2, -1]"), Error);
 }
 
+TEST_CASE("view and reshape shape inference refuses ambiguous, negative and overflowing shapes") {
+  manual_seed(5);
+  Tensor x = randn({2, 3});
+  CHECK_THROWS_WITH_AS(x.view({-1, 2, -1}), Contains("only one dim can be -1, got [-1, 2, -1] (dims 0 and 2)"), Error);
+  CHECK_THROWS_WITH_AS(x.reshape({3, -5}), Contains("reshape: sizes must be >= 0 or -1, got [3, -5] (dim 1 is -5)"),
+                       Error);
+  CHECK_THROWS_WITH_AS(x.view({-1, 4}), Contains("6 is not a multiple of 4"), Error);
+  // An empty tensor: with a zero-size dim any value of -1 fits, so it is refused as ambiguous.
+  Tensor empty = Tensor::empty({0, 6});
+  CHECK_THROWS_WITH_AS(empty.view({0, -1}), Contains("-1 is ambiguous"), Error);
+  CHECK_THROWS_WITH_AS(empty.reshape({-1, 0, 3}), Contains("-1 is ambiguous"), Error);
+  CHECK(empty.view({6, 0}).shape() == Shape{6, 0});
+  CHECK(empty.view({-1, 6}).shape() == Shape{0, 6});
+  // Products past int64 are refused with the shape, whether or not another dim is 0 or -1.
+  const int64_t big = int64_t{1} << 62;
+  CHECK_THROWS_WITH_AS(x.view({big, big, -1}), Contains("has more elements than int64 can count"), Error);
+  CHECK_THROWS_WITH_AS(empty.view({0, big, big}), Contains("has more elements than int64 can count"), Error);
+  CHECK_THROWS_WITH_AS(x.reshape({big, 8}), Contains("has more elements than int64 can count"), Error);
+  // Valid inference still works.
+  CHECK(x.view({-1}).shape() == Shape{6});
+  CHECK(x.reshape({3, -1}).shape() == Shape{3, 2});
+}
+
 TEST_CASE("narrow, slice and select out of range") {
   manual_seed(5);
   Tensor x = randn({2, 3});

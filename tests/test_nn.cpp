@@ -298,6 +298,11 @@ TEST_CASE("LanguageModel rejects bad configs and inputs") {
   c = tiny_config();
   c.vocab_size = 0;
   CHECK_THROWS_AS(LanguageModel{c}, Error);
+  // Sizes from a config are multiplied through checked arithmetic: 4 * dim past int64 is refused by
+  // name, before any allocation.
+  CHECK_THROWS_WITH_AS(MLP(int64_t{1} << 62), doctest::Contains("MLP: hidden size 4 * dim"), Error);
+  CHECK_THROWS_WITH_AS(MLP(0), doctest::Contains("MLP: dim must be >= 1, got 0"), Error);
+  CHECK_THROWS_WITH_AS(Linear(int64_t{1} << 40, int64_t{1} << 40), doctest::Contains("overflows"), Error);
   ModuleList list;
   list.push_back(std::make_shared<Linear>(2, 2));
   CHECK_THROWS_WITH_AS(list.at(1), doctest::Contains("out of range"), Error);
