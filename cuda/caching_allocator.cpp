@@ -296,6 +296,12 @@ void CachingAllocator::retire_stream(uintptr_t stream) {
   process_pending_frees();
   for (auto& [base, segment] : segments_) {
     if (segment->stream != stream) continue;
+    // A segment with a block still in use stays with the exited thread's key: that block may be
+    // freed later by a thread whose stream is still using it, and only this key keeps it from
+    // being handed to another stream at once.
+    bool in_use = false;
+    for (Block* block = segment->head; block; block = block->next) in_use = in_use || block->allocated;
+    if (in_use) continue;
     FreeBlocks& pool = pool_of(*segment);
     // The free lists are ordered by stream first: re-key each free block outside the set.
     for (Block* block = segment->head; block; block = block->next) {

@@ -95,8 +95,9 @@ class CachingAllocator {
   size_t pending_frees() const;
 
   // The owner of `stream` is gone (its thread exited) and the stream's work has completed: its
-  // segments, cached blocks and blocks still in use (once freed) join the shared pool, so other
-  // streams reuse them instead of leaving them stranded until empty_cache.
+  // wholly free segments join the shared pool, so other streams reuse them instead of leaving them
+  // stranded until empty_cache. A segment with a block still in use keeps the key (the block may
+  // be freed by a thread whose stream is still using it).
   void retire_stream(uintptr_t stream);
 
   // Size of the block behind a pointer handed out by allocate() (>= the rounded request).
