@@ -28,7 +28,9 @@
 // non-finite loss or gradient norm stops the run with an error and writes no checkpoint.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -267,7 +269,22 @@ int run_train(const TrainArgs& args) {
   if (device.is_cuda()) apply_cuda_defaults(a);
   apply_sequence_geometry(a);
 #ifdef _OPENMP
-  if (a.threads > 0) omp_set_num_threads(a.threads);
+  if (a.threads > 0) {
+    omp_set_num_threads(a.threads);
+  } else if (device.is_cpu() && std::getenv("OMP_NUM_THREADS") == nullptr) {
+    // On cores other programs keep busy, every fork/join waits for a time slice: use only the
+    // cores the load average leaves free (as make -l does).
+    double load = 0;
+    const int cores = omp_get_max_threads();
+    if (getloadavg(&load, 1) == 1 && load > 0.5) {
+      const int free_cores = std::clamp(static_cast<int>(std::lround(cores - load)), 1, cores);
+      if (free_cores < cores) {
+        omp_set_num_threads(free_cores);
+        std::fprintf(stderr, "train: load average %.1f on %d cores: using %d thread%s (--threads overrides)\n",
+                     load, cores, free_cores, free_cores == 1 ? "" : "s");
+      }
+    }
+  }
 #endif
   LT_CHECK(a.steps >= 1 && a.batch >= 1 && a.seq_len >= 1, "train: --steps, --batch and --seq-len must be >= 1");
   LT_CHECK(a.eval_every >= 0 && a.eval_batches >= 1, "train: --eval-every must be >= 0 and --eval-batches >= 1");
@@ -564,7 +581,9 @@ const RegisterCommand kTrainCommand{
                    "without optimizer state)");
       sub.add_option("--seed", a->seed, "seed of the initialisation, dropout and data")->capture_default_str()
           ->transform(integer_in<uint64_t>());
-      sub.add_option("--threads", a->threads, "CPU threads (default: all)")
+      sub.add_option("--threads", a->threads,
+                     "CPU threads (default: the cores the 1-minute load average leaves free, at least 1; "
+                     "OMP_NUM_THREADS also sets it)")
           ->transform(integer_in<int>(0, 4096));
       sub.add_flag("--profile", a->profile,
                    "print a per-op table (calls, self and total time, bytes) of one training step after warm-up");
