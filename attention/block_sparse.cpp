@@ -289,10 +289,10 @@ BlockSparseOptions sparse_options(const AttentionConfig& config, bool training) 
 }
 
 // The key set of the attention core for block lists (shared, per head or per (b, h)).
-CoreKeys block_core_keys(const std::vector<BlockLists>& patterns, const AttentionConfig& config) {
+CoreKeys block_core_keys(std::shared_ptr<const std::vector<BlockLists>> patterns, const AttentionConfig& config) {
   CoreKeys keys;
   keys.kind = fused::KeySet::blocks;
-  keys.block_lists = patterns;
+  keys.block_lists = std::move(patterns);
   keys.block_size = config.block_size;
   return keys;
 }
@@ -332,12 +332,17 @@ AttentionOutput BlockSparseAttention::forward_with_lse(const Tensor& q, const Te
   check_inputs(q, k, v);
   LT_CHECK(q.size(1) == k.size(1), "attention 'block_sparse': block patterns are defined on one sequence, so q and "
            "k need the same length, got q ", describe(q), ", k ", describe(k));
-  const std::vector<BlockLists> patterns = head_patterns(q.size(1));
+  // The pattern depends only on the length: built once per length, shared with the core.
+  if (!cached_patterns_ || cached_length_ != q.size(1)) {
+    cached_patterns_ = make_block_lists(head_patterns(q.size(1)));
+    cached_length_ = q.size(1);
+  }
+  const std::shared_ptr<const std::vector<BlockLists>> patterns = cached_patterns_;
   const BlockSparseOptions options = sparse_options(config_, is_training());
   CoreRun run;
   AttentionOutput result = attention_core(q, k, v, block_core_keys(patterns, config_),
                                           core_options(config_, is_training()),
-                                          [&] { return block_sparse_attention(q, k, v, patterns, options); }, run);
+                                          [&] { return block_sparse_attention(q, k, v, *patterns, options); }, run);
   note_backend(run.backend, run.precision);
   return result;
 }
@@ -458,7 +463,7 @@ AttentionOutput AdaptiveBlockSparseAttention::forward_with_lse(const Tensor& q, 
   Tensor scores = block_scores(q, k);
   last_pattern_ = select(scores);
   const BlockSparseOptions options = sparse_options(config_, is_training());
-  CoreKeys keys = block_core_keys(last_pattern_, config_);
+  CoreKeys keys = block_core_keys(make_block_lists(last_pattern_), config_);
   keys.block_bias = scores;
   CoreRun run;
   AttentionOutput result = attention_core(q, k, v, keys, core_options(config_, is_training()),

@@ -88,6 +88,8 @@ class BlockSparseAttention : public Attention {
 
  private:
   BlockPattern pattern_;
+  std::shared_ptr<const std::vector<BlockLists>> cached_patterns_;  // head_patterns(cached_length_)
+  int64_t cached_length_ = -1;
 };
 
 // Block scores of the adaptive pattern: q and k (B, N, H, D) are mean-pooled over every block

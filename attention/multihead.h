@@ -10,6 +10,7 @@
 
 #include "attention/attention.h"
 #include "attention/config.h"
+#include "nn/layers.h"
 #include "nn/module.h"
 
 namespace longtape::attention {
@@ -28,7 +29,7 @@ struct MultiheadAttentionOptions {
   Device device = Device::cpu();
 };
 
-class MultiheadAttention : public nn::Module {
+class MultiheadAttention : public nn::TokenMixer {
  public:
   explicit MultiheadAttention(MultiheadAttentionOptions options);
   // The same with the common settings in order (parameters f32 on the CPU; use to() to move them).
@@ -37,7 +38,7 @@ class MultiheadAttention : public nn::Module {
                      double gamma = 1.0, bool bias = true);
 
   // Self-attention: x (B, N, E) -> (B, N, E).
-  Tensor forward(const Tensor& x);
+  Tensor forward(const Tensor& x) override;
   // Cross-attention: query (B, Nq, E), key and value (B, Nk, E) -> (B, Nq, E). The core variant
   // decides which Nq, Nk it accepts (dense: any; dilated: Nq == Nk).
   Tensor forward(const Tensor& query, const Tensor& key, const Tensor& value);

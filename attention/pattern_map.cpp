@@ -54,46 +54,6 @@ int64_t branch_pairs(int64_t n, const DilatedBranch& branch, int64_t offset, boo
   return total;
 }
 
-std::optional<int64_t> dilated_pairs(const AttentionConfig& config, int64_t n) {
-  LT_CHECK(config.segment_lengths.size() == config.dilation_rates.size(),
-           "attended pairs: segment_lengths and dilation_rates must have the same length, got ",
-           config.segment_lengths.size(), " and ", config.dilation_rates.size());
-  std::vector<DilatedBranch> branches;
-  for (size_t i = 0; i < config.segment_lengths.size(); ++i)
-    branches.push_back({config.segment_lengths[i], config.dilation_rates[i]});
-  validate_branches(branches);
-  int64_t total = 0;
-  if (config.mixing == Mixing::lse) {
-    for (int64_t h = 0; h < config.num_heads; ++h)
-      for (const DilatedBranch& b : branches) total += branch_pairs(n, b, lse_head_offset(h, b.dilation), config.causal);
-  } else {
-    const int groups = static_cast<int>(branches.size());
-    for (int64_t h = 0; h < config.num_heads; ++h) {
-      const int g = head_group_of(static_cast<int>(h), static_cast<int>(config.num_heads), groups);
-      const DilatedBranch& b = branches[static_cast<size_t>(g)];
-      total += branch_pairs(n, b, g % b.dilation, config.causal);
-    }
-  }
-  return total;
-}
-
-std::optional<int64_t> block_sparse_pairs(const AttentionConfig& config, int64_t n) {
-  if (config.pattern == "adaptive") return std::nullopt;  // the kept blocks depend on the data
-  BlockSparseAttention attention(config);
-  const std::vector<BlockLists> patterns = attention.head_patterns(n);
-  LT_CHECK(!patterns.empty(), "attended pairs: block_sparse returned no pattern");
-  const int64_t bs = config.block_size;
-  int64_t total = 0;
-  for (int64_t h = 0; h < config.num_heads; ++h) {
-    const BlockLists& lists = patterns.size() == 1 ? patterns[0] : patterns[static_cast<size_t>(h)];
-    for (size_t qi = 0; qi < lists.size(); ++qi) {
-      const int64_t q0 = static_cast<int64_t>(qi) * bs, q1 = std::min(n, q0 + bs);
-      for (int64_t kj : lists[qi]) total += block_pair_count(q0, q1, kj * bs, std::min(n, (kj + 1) * bs), config.causal);
-    }
-  }
-  return total;
-}
-
 }  // namespace
 
 int PatternMap::count(int64_t head, int64_t query, int64_t key) const { return counts[map_index(*this, head, query, key)]; }
@@ -194,17 +154,61 @@ PatternMap attention_pattern_map(const std::string& name, AttentionConfig config
   return attention_pattern_map(*attention, n);
 }
 
+std::optional<int64_t> dense_attended_pairs(const AttentionConfig& config, int64_t n) {
+  return config.num_heads * stream_pairs(n, config.causal);
+}
+
+std::optional<int64_t> dilated_attended_pairs(const AttentionConfig& config, int64_t n) {
+  LT_CHECK(config.segment_lengths.size() == config.dilation_rates.size(),
+           "attended pairs: segment_lengths and dilation_rates must have the same length, got ",
+           config.segment_lengths.size(), " and ", config.dilation_rates.size());
+  std::vector<DilatedBranch> branches;
+  for (size_t i = 0; i < config.segment_lengths.size(); ++i)
+    branches.push_back({config.segment_lengths[i], config.dilation_rates[i]});
+  validate_branches(branches);
+  int64_t total = 0;
+  if (config.mixing == Mixing::lse) {
+    for (int64_t h = 0; h < config.num_heads; ++h)
+      for (const DilatedBranch& b : branches) total += branch_pairs(n, b, lse_head_offset(h, b.dilation), config.causal);
+  } else {
+    const int groups = static_cast<int>(branches.size());
+    for (int64_t h = 0; h < config.num_heads; ++h) {
+      const int g = head_group_of(static_cast<int>(h), static_cast<int>(config.num_heads), groups);
+      const DilatedBranch& b = branches[static_cast<size_t>(g)];
+      total += branch_pairs(n, b, g % b.dilation, config.causal);
+    }
+  }
+  return total;
+}
+
+std::optional<int64_t> block_sparse_attended_pairs(const AttentionConfig& config, int64_t n) {
+  if (config.pattern == "adaptive") return std::nullopt;  // the kept blocks depend on the data
+  BlockSparseAttention attention(config);
+  const std::vector<BlockLists> patterns = attention.head_patterns(n);
+  LT_CHECK(!patterns.empty(), "attended pairs: block_sparse returned no pattern");
+  const int64_t bs = config.block_size;
+  int64_t total = 0;
+  for (int64_t h = 0; h < config.num_heads; ++h) {
+    const BlockLists& lists = patterns.size() == 1 ? patterns[0] : patterns[static_cast<size_t>(h)];
+    for (size_t qi = 0; qi < lists.size(); ++qi) {
+      const int64_t q0 = static_cast<int64_t>(qi) * bs, q1 = std::min(n, q0 + bs);
+      for (int64_t kj : lists[qi]) total += block_pair_count(q0, q1, kj * bs, std::min(n, (kj + 1) * bs), config.causal);
+    }
+  }
+  return total;
+}
+
 std::optional<int64_t> analytic_attended_pairs(const std::string& name, const AttentionConfig& config, int64_t n) {
   LT_CHECK(n >= 0, "attended pairs: the sequence length must be >= 0, got ", n);
-  if (name == "dense") return config.num_heads * stream_pairs(n, config.causal);
-  if (name == "dilated") return dilated_pairs(config, n);
-  if (name == "block_sparse") return block_sparse_pairs(config, n);
-  if (name == "hilbert" || name == "ring" || name == "head_parallel") {
+  const std::optional<VariantTraits> traits = find_variant_traits(name);
+  if (!traits) return std::nullopt;
+  if (traits->wraps_inner_variant) {
     // These run the inner variant on a reordered or split sequence: the same pairs.
     if (config.inner_variant == name) return std::nullopt;
     return analytic_attended_pairs(config.inner_variant, config, n);
   }
-  return std::nullopt;
+  if (!traits->attended_pairs) return std::nullopt;
+  return traits->attended_pairs(config, n);
 }
 
 int64_t probed_attended_pairs(Attention& attention, int64_t n, DType dtype, Device device) {

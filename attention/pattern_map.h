@@ -51,11 +51,17 @@ PatternMap attention_pattern_map(const std::string& name, AttentionConfig config
 
 // Attended (query, key) pairs for one sequence of n tokens, summed over heads and counted with
 // multiplicity, computed from the definitions in docs/attention.md (the same index lists the
-// variants use): dense, dilated (both mixing modes), block_sparse with a fixed pattern, and the
-// wrappers hilbert, ring and head_parallel (the pairs of config.inner_variant: reordering and
-// splitting over ranks do not change them). nullopt for any other variant or pattern (the adaptive
-// one depends on data).
+// variants use), as the variant's registry entry declares them (attention/registry.h): dense,
+// dilated (both mixing modes), block_sparse with a fixed pattern, and the wrappers hilbert, ring
+// and head_parallel (the pairs of config.inner_variant: reordering and splitting over ranks do not
+// change them). nullopt for any other variant or pattern (the adaptive one depends on data).
 std::optional<int64_t> analytic_attended_pairs(const std::string& name, const AttentionConfig& config, int64_t n);
+
+// The definitions behind the registry entries: dense, dilated, and block_sparse (nullopt for the
+// adaptive pattern).
+std::optional<int64_t> dense_attended_pairs(const AttentionConfig& config, int64_t n);
+std::optional<int64_t> dilated_attended_pairs(const AttentionConfig& config, int64_t n);
+std::optional<int64_t> block_sparse_attended_pairs(const AttentionConfig& config, int64_t n);
 
 // The same counted by running the module once (batch 1, Q = K = V = 0, no recording) on `device`
 // in `dtype`: every row's exp(lse) is its number of keys. Works for any variant, at the cost of

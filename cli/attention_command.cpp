@@ -133,7 +133,7 @@ attention::AttentionConfig to_config(const ConfigFlags& f, int64_t num_heads, in
 std::string variant_to_run(const ConfigFlags& f, const std::string& variant, attention::AttentionConfig& config) {
   if (f.parallel == "none") return variant;
   config.inner_variant = variant;
-  return f.parallel == "ring" ? "ring" : "head_parallel";
+  return attention::parallel_variant(f.parallel);
 }
 
 // Flag values the library would otherwise meet only after the inputs are read: every list value

@@ -24,54 +24,24 @@
 //
 // A case that cannot run (a config the variant rejects, out of memory, too slow for
 // --case-time-limit) is reported as skipped with its reason; an unexpected error as failed. No
-// case stops the run.
-#include <sys/utsname.h>
-#include <unistd.h>
-
-#include <algorithm>
-#include <chrono>
-#include <cmath>
-#include <cstdio>
-#include <ctime>
+// case stops the run.#include <algorithm>
 #include <filesystem>
-#include <fstream>
-#include <functional>
 #include <iostream>
-#include <map>
 #include <memory>
-#include <optional>
-#include <set>
-#include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "attention/config.h"
-#include "attention/multihead.h"
-#include "attention/pattern_map.h"
 #include "attention/registry.h"
-#include "autograd/grad_mode.h"
-#include "cli/bench.h"
+#include "bench/report.h"
+#include "bench/run.h"
 #include "cli/command_registry.h"
 #include "cli/impl_flag.h"
 #include "cli/numeric_flags.h"
 #include "cli/size_limits.h"
 #include "cli/variant_flags.h"
-#include "nn/data.h"
-#include "nn/language_model.h"
-#include "nn/optim.h"
 #include "tensor/allocator.h"
 #include "tensor/error.h"
-#include "tensor/ops.h"
-#include "tensor/tensor.h"
-#ifdef LONGTAPE_WITH_CUDA
-#include "cuda/runtime.h"
-#include "cuda/timer.h"
-#endif
 
 namespace longtape::cli {
 
@@ -79,8 +49,8 @@ namespace {
 
 using bench::Json;
 using attention::AttentionConfig;
+using bench::Grid;
 
-constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 constexpr double kMaxSeconds = 1e9;  // --case-time-limit, --time-budget
 
 struct BenchArgs {
@@ -106,7 +76,6 @@ struct BenchArgs {
   double case_time_limit = 60.0;
   double time_budget = 0.0;     // seconds for the whole run; 0 = none
   std::string max_len_dtypes;  // dtypes searched; empty = all of the grid
-  std::optional<std::chrono::steady_clock::time_point> deadline;  // from time_budget
   std::string out_dir = "bench-out";
   bool no_plots = false;
   uint64_t seed = 0;
@@ -120,247 +89,7 @@ struct BenchArgs {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Small helpers
-
-std::string utc_now() {
-  const std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char text[32];
-  std::strftime(text, sizeof(text), "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return text;
-}
-
-std::string first_line_of_command(const std::string& command) {
-  std::string out;
-  if (FILE* pipe = popen(command.c_str(), "r")) {
-    char buffer[512];
-    if (std::fgets(buffer, sizeof(buffer), pipe)) out = buffer;
-    pclose(pipe);
-  }
-  while (!out.empty() && (out.back() == '\n' || out.back() == '\r' || out.back() == ' ')) out.pop_back();
-  return out;
-}
-
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("model name", 0) == 0) {
-      const size_t colon = line.find(':');
-      if (colon != std::string::npos) return line.substr(line.find_first_not_of(' ', colon + 1));
-    }
-  return "unknown";
-}
-
-// The NVIDIA kernel driver version ("580.159.04"): from /proc, else from nvidia-smi.
-std::string nvidia_driver_version() {
-  std::ifstream in("/proc/driver/nvidia/version");
-  std::string line;
-  if (std::getline(in, line)) {
-    std::istringstream words(line);
-    std::string word;
-    while (words >> word)
-      if (!word.empty() && std::isdigit(static_cast<unsigned char>(word[0])) && word.find('.') != std::string::npos)
-        return word;
-  }
-  const std::string smi = first_line_of_command("nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null");
-  return smi.empty() ? "unknown" : smi;
-}
-
-Json machine_info(Device device) {
-  Json m;
-  struct utsname names {};
-  if (uname(&names) == 0) {
-    m["os"] = std::string(names.sysname) + " " + names.release;
-    m["arch"] = names.machine;
-    m["hostname"] = names.nodename;
-  }
-  m["cpu"] = cpu_model();
-  m["cpu_threads"] = std::thread::hardware_concurrency();
-#ifdef _OPENMP
-  m["omp_max_threads"] = omp_get_max_threads();
-#else
-  m["omp_max_threads"] = 1;
-#endif
-#ifdef __VERSION__
-  m["compiler"] = __VERSION__;
-#endif
-#ifdef NDEBUG
-  m["build"] = "release";
-#else
-  m["build"] = "debug";
-#endif
-#ifdef LONGTAPE_WITH_CUDA
-  m["cuda_backend"] = true;
-#else
-  m["cuda_backend"] = false;
-#endif
-  const std::string commit = first_line_of_command("git rev-parse --short HEAD 2>/dev/null");
-  if (!commit.empty()) m["git_commit"] = commit;
-  m["gpu"] = nullptr;
-#ifdef LONGTAPE_WITH_CUDA
-  if (device.is_cuda()) {
-    const cuda::DeviceProperties p = cuda::device_properties(device.index);
-    Json gpu;
-    gpu["index"] = device.index;
-    gpu["name"] = p.name;
-    gpu["compute_capability"] = std::to_string(p.compute_major) + "." + std::to_string(p.compute_minor);
-    gpu["memory_bytes"] = p.total_memory_bytes;
-    gpu["multiprocessors"] = p.multiprocessors;
-    gpu["driver_version"] = nvidia_driver_version();
-    gpu["cuda_driver_version"] = cuda::cuda_version_string(p.driver_version);
-    gpu["cuda_runtime_version"] = cuda::cuda_version_string(p.runtime_version);
-    m["gpu"] = gpu;
-  }
-#else
-  (void)device;
-  (void)nvidia_driver_version;
-#endif
-  return m;
-}
-
-void synchronize(Device device) {
-#ifdef LONGTAPE_WITH_CUDA
-  if (device.is_cuda()) cuda::synchronize(device.index);
-#else
-  (void)device;
-#endif
-}
-
-// Times one call of `fn`: CUDA events on the GPU, a monotonic clock (after a sync) otherwise.
-class CaseTimer {
- public:
-  explicit CaseTimer(Device device) : device_(device) {
-#ifdef LONGTAPE_WITH_CUDA
-    if (device.is_cuda()) events_ = std::make_unique<cuda::DeviceTimer>(device.index);
-#endif
-  }
-  double milliseconds(const std::function<void()>& fn) {
-#ifdef LONGTAPE_WITH_CUDA
-    if (events_) {
-      synchronize(device_);
-      events_->start();
-      fn();
-      events_->stop();
-      return events_->elapsed_ms();
-    }
-#endif
-    synchronize(device_);
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    synchronize(device_);
-    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  }
-
- private:
-  Device device_;
-#ifdef LONGTAPE_WITH_CUDA
-  std::unique_ptr<cuda::DeviceTimer> events_;
-#endif
-};
-
-struct Peak {
-  int64_t allocated = 0;
-  int64_t reserved = 0;
-};
-
-// Peak memory of one call of `fn`, the pool emptied first so reserved bytes mean what this call
-// needed. `setup` runs after the reset (its allocations count).
-Peak measure_peak(Device device, const std::function<void()>& fn) {
-  synchronize(device);
-  empty_cache(device);
-  reset_peak_memory(device);
-  fn();
-  synchronize(device);
-  const MemoryStats stats = memory_stats(device);
-  return {stats.peak_allocated_bytes, stats.peak_reserved_bytes};
-}
-
-double median(std::vector<double> v) {
-  LT_CHECK(!v.empty(), "bench: no timed run to take the median of");
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-Json timing_json(const std::vector<double>& ms) {
-  LT_CHECK(!ms.empty(), "bench: no timed run to report");
-  Json t;
-  double sum = 0.0;
-  for (double x : ms) sum += x;
-  const double mean = sum / static_cast<double>(ms.size());
-  double var = 0.0;
-  for (double x : ms) var += (x - mean) * (x - mean);
-  t["median_ms"] = median(ms);
-  t["min_ms"] = *std::min_element(ms.begin(), ms.end());
-  t["max_ms"] = *std::max_element(ms.begin(), ms.end());
-  t["mean_ms"] = mean;
-  t["stdev_ms"] = ms.size() > 1 ? std::sqrt(var / static_cast<double>(ms.size() - 1)) : 0.0;
-  t["runs"] = ms.size();
-  return t;
-}
-
-// How an exception becomes a row: out of memory and rejected configurations are skipped (they
-// cannot run here), internal errors and anything that is not a longtape::Error are failures.
-struct Classified {
-  std::string status;
-  std::string reason;
-  bool out_of_memory = false;
-};
-
-Classified classify(const std::exception& e, const std::string& stage) {
-  const std::string what = e.what();
-  const bool oom = dynamic_cast<const OutOfMemoryError*>(&e) != nullptr || what.find("out of memory") != std::string::npos;
-  if (oom) return {"skipped", "out of memory (" + stage + "): " + what, true};
-  if (dynamic_cast<const Error*>(&e) != nullptr && what.rfind("internal error", 0) != 0)
-    return {"skipped", "cannot run (" + stage + "): " + what, false};
-  return {"failed", "error (" + stage + "): " + what, false};
-}
-
-// H x W with H * W = n and H <= W as close as possible: the token grid of the Hilbert order.
-std::string near_square_grid(int64_t n) {
-  int64_t h = static_cast<int64_t>(std::sqrt(static_cast<double>(n)));
-  while (h > 1 && n % h != 0) --h;
-  h = std::max<int64_t>(h, 1);
-  return std::to_string(h) + "x" + std::to_string(n / h);
-}
-
-bool uses_token_grid(const std::string& variant, const AttentionConfig& c) {
-  return variant == "hilbert" || c.order == "hilbert";
-}
-
-// The config for one sequence length: a Hilbert grid that fits n when none was given.
-AttentionConfig config_for_length(const std::string& variant, AttentionConfig c, int64_t n, bool grid_given) {
-  if (uses_token_grid(variant, c) && !grid_given) c.grid = near_square_grid(n);
-  return c;
-}
-
-Json config_json(const AttentionConfig& c) {
-  Json j;
-  j["num_heads"] = c.num_heads;
-  j["head_dim"] = c.head_dim;
-  j["segment_lengths"] = c.segment_lengths;
-  j["dilation_rates"] = c.dilation_rates;
-  j["mixing"] = attention::mixing_name(c.mixing);
-  j["causal"] = c.causal;
-  j["softmax_scale"] = c.scale();
-  j["dropout"] = c.dropout;
-  j["pattern"] = c.pattern;
-  j["block_size"] = c.block_size;
-  j["density"] = c.density;
-  j["window"] = c.window;
-  j["global_blocks"] = c.global_blocks;
-  j["seed"] = c.seed;
-  j["order"] = c.order;
-  j["grid"] = c.grid;
-  j["schedule"] = c.schedule;
-  j["parallel"] = c.parallel;
-  j["ranks"] = c.ranks;
-  j["inner_variant"] = c.inner_variant;
-  j["impl"] = c.impl;
-  return j;
-}
+// Flags into the grid and the run's options
 
 std::vector<int64_t> parse_positive_list(const std::string& text, const char* what) {
   std::vector<int64_t> values = attention::parse_int_list(text, what);
@@ -368,19 +97,6 @@ std::vector<int64_t> parse_positive_list(const std::string& text, const char* wh
   check_list_bound(values, what);
   return values;
 }
-
-// ---------------------------------------------------------------------------------------------
-// The grid
-
-struct Grid {
-  std::vector<std::string> variants;
-  Device device;
-  std::vector<DType> dtypes;
-  std::vector<int64_t> seq_lens, batches, heads, head_dims;
-  std::vector<AttentionConfig> configs;  // variant settings (heads and head_dim filled per case)
-  std::vector<std::string> impls;        // requested implementations, one more grid dimension
-  bool grid_given = false;
-};
 
 Grid build_grid(const BenchArgs& a) {
   Grid g;
@@ -463,360 +179,8 @@ Grid build_grid(const BenchArgs& a) {
   return g;
 }
 
-// The distinct settings of `variant` among the grid's configs (a dense run does not repeat for
-// every dilated segment set).
-std::vector<AttentionConfig> configs_for(const std::string& variant, const std::vector<AttentionConfig>& all) {
-  std::vector<AttentionConfig> out;
-  std::set<std::string> seen;
-  for (const AttentionConfig& c : all)
-    if (seen.insert(config_label(variant, c)).second) out.push_back(c);
-  return out;
-}
-
-// ---------------------------------------------------------------------------------------------
-// One case
-
-struct CaseShape {
-  std::string variant;
-  AttentionConfig config;  // num_heads, head_dim and grid set
-  DType dtype;
-  int64_t batch, seq_len;
-};
-
-struct Inputs {
-  Tensor q, k, v, dout;
-  int64_t bytes = 0;
-};
-
-Inputs make_inputs(const CaseShape& s, Device device, uint64_t seed) {
-  manual_seed(seed);
-  const Shape shape{s.batch, s.seq_len, s.config.num_heads, s.config.head_dim};
-  auto random = [&] { return Tensor::randn(shape, DType::f32, device).to(s.dtype).detach(); };
-  Inputs in;
-  in.q = random().requires_grad_();
-  in.k = random().requires_grad_();
-  in.v = random().requires_grad_();
-  in.dout = random();
-  in.bytes = 4 * shape_numel(shape) * static_cast<int64_t>(dtype_size(s.dtype));
-  return in;
-}
-
-std::shared_ptr<attention::Attention> make_module(const CaseShape& s, Device device) {
-  std::shared_ptr<attention::Attention> module = attention::make_attention(s.variant, s.config);
-  module->to(device);
-  module->eval();  // no dropout while timing
-  return module;
-}
-
-void clear_grads(Inputs& in, attention::Attention& module) {
-  in.q.set_grad(Tensor());
-  in.k.set_grad(Tensor());
-  in.v.set_grad(Tensor());
-  module.zero_grad();
-}
-
-Json case_header(const CaseShape& s, Device device) {
-  Json row;
-  row["variant"] = s.variant;
-  row["status"] = "measured";
-  row["reason"] = "";
-  row["config_label"] = config_label(s.variant, s.config);
-  row["device"] = device.str();
-  row["dtype"] = dtype_name(s.dtype);
-  row["batch"] = s.batch;
-  row["seq_len"] = s.seq_len;
-  row["heads"] = s.config.num_heads;
-  row["head_dim"] = s.config.head_dim;
-  row["causal"] = s.config.causal;
-  row["config"] = config_json(s.config);
-  row["implementation"] = "none";  // until a forward has run
-  row["compute_precision"] = "none";
-  return row;
-}
-
-// What ran the module's last forward, into a row or a phase's figures.
-void record_ran(Json& where, const attention::Attention& module) {
-  where["implementation"] = module.last_backend();
-  where["compute_precision"] = module.last_precision();
-}
-
-struct SeriesState {
-  std::string stop_reason;  // set once a case ran out of memory or time: longer ones are skipped
-  double last_fwdbwd_ms = 0.0;
-  int64_t last_seq_len = 0;
-};
-
-Json run_case(const CaseShape& s, const BenchArgs& a, Device device, SeriesState& series) {
-  Json row = case_header(s, device);
-  auto skip = [&](const std::string& status, const std::string& reason) {
-    row["status"] = status;
-    row["reason"] = reason;
-    return row;
-  };
-  if (!series.stop_reason.empty()) return skip("skipped", series.stop_reason);
-  const double limit_ms = a.case_time_limit * 1000.0;
-  if (a.case_time_limit > 0 && series.last_seq_len > 0) {
-    // Attention cost grows at most quadratically in N: refuse a case predicted far over the limit.
-    const double ratio = static_cast<double>(s.seq_len) / static_cast<double>(series.last_seq_len);
-    const double predicted = series.last_fwdbwd_ms * ratio * ratio;
-    if (predicted > 4.0 * limit_ms) {
-      series.stop_reason = "too slow: forward+backward predicted to take about " + format_number(predicted / 1000.0) +
-                           " s at N = " + std::to_string(s.seq_len) + " (--case-time-limit " +
-                           format_number(a.case_time_limit) + " s)";
-      return skip("skipped", series.stop_reason);
-    }
-  }
-
-  std::string stage = "construct";
-  try {
-    std::shared_ptr<attention::Attention> module = make_module(s, device);
-    stage = "inputs";
-    Inputs in = make_inputs(s, device, a.seed);
-    row["inputs_bytes"] = in.bytes;
-
-    stage = "attended pairs";
-    int64_t pairs = 0;
-    if (auto analytic = attention::analytic_attended_pairs(s.variant, s.config, s.seq_len)) {
-      pairs = *analytic;
-      row["pairs_method"] = "analytic";
-    } else {
-      pairs = attention::probed_attended_pairs(*module, s.seq_len, s.dtype, device);
-      row["pairs_method"] = "probe";
-    }
-    pairs *= s.batch;
-    const double forward_flops = 4.0 * static_cast<double>(pairs) * static_cast<double>(s.config.head_dim);
-    const double fwdbwd_flops = forward_flops * 3.5;
-    row["attended_pairs"] = pairs;
-    row["flops"] = {{"forward", forward_flops}, {"forward_backward", fwdbwd_flops}};
-
-    CaseTimer timer(device);
-    auto forward_once = [&] {
-      NoGradGuard no_grad;
-      attention::AttentionOutput result = module->forward_with_lse(in.q, in.k, in.v);
-      (void)result;
-    };
-    auto fwdbwd_once = [&] {
-      Tensor out = module->forward(in.q, in.k, in.v);
-      out.backward(in.dout);
-    };
-    auto timed_fwdbwd = [&] {
-      clear_grads(in, *module);
-      return timer.milliseconds(fwdbwd_once);
-    };
-
-    stage = "forward+backward";
-    // The first run doubles as the time-limit check.
-    const double first_ms = timed_fwdbwd();
-    record_ran(row, *module);
-    if (a.case_time_limit > 0 && first_ms > limit_ms) {
-      series.stop_reason = "too slow: one forward+backward took " + format_number(first_ms / 1000.0) + " s at N = " +
-                           std::to_string(s.seq_len) + " (--case-time-limit " + format_number(a.case_time_limit) + " s)";
-      return skip("skipped", series.stop_reason);
-    }
-    for (int i = 1; i < a.warmup; ++i) timed_fwdbwd();
-    std::vector<double> fwdbwd_ms;
-    for (int i = 0; i < a.repeats; ++i) fwdbwd_ms.push_back(timed_fwdbwd());
-    clear_grads(in, *module);
-    Json fwdbwd_ran;
-    record_ran(fwdbwd_ran, *module);
-
-    stage = "forward";
-    for (int i = 0; i < a.warmup; ++i) timer.milliseconds(forward_once);
-    std::vector<double> forward_ms;
-    for (int i = 0; i < a.repeats; ++i) forward_ms.push_back(timer.milliseconds(forward_once));
-    Json forward_ran;
-    record_ran(forward_ran, *module);
-
-    stage = "memory";
-    const Peak forward_peak = measure_peak(device, forward_once);
-    const Peak fwdbwd_peak = measure_peak(device, [&] {
-      clear_grads(in, *module);
-      fwdbwd_once();
-    });
-    clear_grads(in, *module);
-
-    const double tokens = static_cast<double>(s.batch * s.seq_len);
-    auto figures = [&](const std::vector<double>& ms, double flops, const Peak& peak, const Json& ran) {
-      Json t = timing_json(ms);
-      const double seconds = t["median_ms"].get<double>() / 1000.0;
-      t["tokens_per_s"] = tokens / seconds;
-      t["tflops"] = flops / seconds / 1e12;
-      t["peak_allocated_bytes"] = peak.allocated;
-      t["peak_reserved_bytes"] = peak.reserved;
-      t.update(ran);
-      return t;
-    };
-    row.update(forward_ran);
-    row["forward"] = figures(forward_ms, forward_flops, forward_peak, forward_ran);
-    row["forward_backward"] = figures(fwdbwd_ms, fwdbwd_flops, fwdbwd_peak, fwdbwd_ran);
-    series.last_fwdbwd_ms = median(fwdbwd_ms);
-    series.last_seq_len = s.seq_len;
-  } catch (const std::exception& e) {
-    const Classified c = classify(e, stage);
-    row.erase("forward");
-    row.erase("forward_backward");
-    if (c.out_of_memory)
-      series.stop_reason = "a shorter sequence (N = " + std::to_string(s.seq_len) + ") already ran out of memory";
-    empty_cache(device);
-    return skip(c.status, c.reason);
-  }
-  return row;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Max sequence length under a memory budget
-
-struct Probe {
-  bool fits = false;
-  bool out_of_memory = false;
-  Peak peak;
-  double ms = 0.0;
-};
-
-Probe probe_length(CaseShape s, const Grid& g, const BenchArgs& a, int64_t budget) {
-  s.config = config_for_length(s.variant, s.config, s.seq_len, g.grid_given);
-  Probe p;
-  try {
-    const auto t0 = std::chrono::steady_clock::now();
-    p.peak = measure_peak(g.device, [&] {
-      std::shared_ptr<attention::Attention> module = make_module(s, g.device);
-      Inputs in = make_inputs(s, g.device, a.seed);
-      Tensor out = module->forward(in.q, in.k, in.v);
-      out.backward(in.dout);
-    });
-    p.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    p.fits = p.peak.allocated <= budget;
-  } catch (const std::exception& e) {
-    const Classified c = classify(e, "forward+backward");
-    empty_cache(g.device);
-    if (!c.out_of_memory) throw;
-    p.out_of_memory = true;
-    p.fits = false;
-  }
-  empty_cache(g.device);
-  return p;
-}
-
-Json search_header(const CaseShape& s, const Grid& g, const BenchArgs& a) {
-  Json row;
-  row["variant"] = s.variant;
-  row["status"] = "measured";
-  row["reason"] = "";
-  row["config_label"] = config_label(s.variant, s.config);
-  row["device"] = g.device.str();
-  row["dtype"] = dtype_name(s.dtype);
-  row["batch"] = s.batch;
-  row["heads"] = s.config.num_heads;
-  row["head_dim"] = s.config.head_dim;
-  row["causal"] = s.config.causal;
-  row["config"] = config_json(s.config);
-  row["budget_bytes"] = static_cast<int64_t>(a.max_len_budget_gib * kGiB);
-  row["granule"] = a.max_len_granule;
-  row["cap"] = a.max_len_cap;
-  return row;
-}
-
-Json search_skipped(const CaseShape& s, const Grid& g, const BenchArgs& a, const std::string& reason) {
-  Json row = search_header(s, g, a);
-  row["status"] = "skipped";
-  row["reason"] = reason;
-  row["max_seq_len"] = 0;
-  row["peak_allocated_bytes"] = 0;
-  row["peak_reserved_bytes"] = 0;
-  row["reached_cap"] = false;
-  row["note"] = "";
-  row["probes"] = Json::array();
-  row["seconds"] = 0.0;
-  return row;
-}
-
-Json search_max_len(CaseShape s, const Grid& g, const BenchArgs& a) {
-  const int64_t budget = static_cast<int64_t>(a.max_len_budget_gib * kGiB);
-  const int64_t granule = a.max_len_granule, cap = a.max_len_cap;
-  Json row = search_header(s, g, a);
-  Json probes = Json::array();
-  const auto t0 = std::chrono::steady_clock::now();
-  const double limit_ms = a.case_time_limit * 1000.0;
-
-  int64_t lo = 0, hi = 0;  // lo fits (0 = none yet), hi does not (0 = unknown)
-  Probe lo_probe;
-  std::string stopped;
-  auto run = [&](int64_t n) {
-    if (a.deadline && std::chrono::steady_clock::now() > *a.deadline) {
-      stopped = "stopped early: the time budget (--time-budget) ran out during the search";
-      return Probe{};
-    }
-    s.seq_len = n;
-    Probe p = probe_length(s, g, a, budget);
-    probes.push_back({{"seq_len", n},
-                      {"fits", p.fits},
-                      {"out_of_memory", p.out_of_memory},
-                      {"peak_allocated_bytes", p.peak.allocated},
-                      {"peak_reserved_bytes", p.peak.reserved},
-                      {"ms", p.ms}});
-    if (p.fits) {
-      lo = n;
-      lo_probe = p;
-    } else {
-      hi = n;
-    }
-    if (a.case_time_limit > 0 && p.ms > limit_ms)
-      stopped = "stopped early: one forward+backward took " + format_number(p.ms / 1000.0) + " s at N = " +
-                std::to_string(n) + " (--case-time-limit " + format_number(a.case_time_limit) + " s)";
-    return p;
-  };
-  try {
-    int64_t n = std::min(cap, std::max(granule, g.seq_lens.front() / granule * granule));
-    run(n);
-    while (lo > 0 && hi == 0 && lo < cap && stopped.empty()) {
-      // Grow by at most 2x, and by no more than memory that grows quadratically in N allows, so
-      // that no probe asks for far more than the budget (the CPU has no out-of-memory error).
-      const double room = std::sqrt(static_cast<double>(budget) / std::max<double>(1.0, static_cast<double>(lo_probe.peak.allocated)));
-      int64_t next = std::min<int64_t>(2 * lo, static_cast<int64_t>(static_cast<double>(lo) * room));
-      next = next / granule * granule;
-      if (next <= lo) next = lo + granule;
-      next = std::min(next, cap);
-      if (a.case_time_limit > 0) {
-        const double ratio = static_cast<double>(next) / static_cast<double>(lo);
-        if (lo_probe.ms * ratio * ratio > 4.0 * limit_ms) {
-          stopped = "stopped early: a forward+backward at N = " + std::to_string(next) + " is predicted to take over " +
-                    format_number(4.0 * a.case_time_limit) + " s (--case-time-limit)";
-          break;
-        }
-      }
-      run(next);
-    }
-    while (lo > 0 && hi > 0 && hi - lo > granule && stopped.empty()) {
-      const int64_t mid = (lo + hi) / 2 / granule * granule;
-      if (mid <= lo || mid >= hi) break;
-      run(mid);
-    }
-    if (lo == 0 && hi > 0) {
-      row["status"] = "skipped";
-      row["reason"] = "even N = " + std::to_string(hi) + " does not fit the budget of " +
-                      format_number(a.max_len_budget_gib) + " GiB";
-    } else if (lo == 0) {
-      row["status"] = "skipped";
-      row["reason"] = stopped.empty() ? std::string("no sequence length was measured") : stopped;
-    }
-  } catch (const std::exception& e) {
-    const Classified c = classify(e, "max length search");
-    row["status"] = c.status;
-    row["reason"] = c.reason;
-  }
-  row["max_seq_len"] = lo;
-  row["peak_allocated_bytes"] = lo > 0 ? lo_probe.peak.allocated : 0;
-  row["peak_reserved_bytes"] = lo > 0 ? lo_probe.peak.reserved : 0;
-  row["reached_cap"] = lo >= cap;
-  row["note"] = stopped;
-  row["probes"] = probes;
-  row["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return row;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Quality: the same small model trained with each variant on the recall task
-
+// The settings of the quality model: the dilated flags of --quality-*, blocks and windows scaled
+// to the short training sequence.
 AttentionConfig quality_attention_config(const BenchArgs& a) {
   AttentionConfig c;
   apply_variant_flags(a.flags, c);
@@ -831,117 +195,6 @@ AttentionConfig quality_attention_config(const BenchArgs& a) {
   c.impl = parse_impl_list(a.impls).front();
   return c;
 }
-
-Json quality_skipped(const std::string& variant, const BenchArgs& a, const std::string& reason) {
-  Json row;
-  row["variant"] = variant;
-  row["status"] = "skipped";
-  row["reason"] = reason;
-  row["config_label"] = config_label(variant, quality_attention_config(a));
-  row["steps"] = a.quality_steps;
-  row["seq_len"] = a.quality_seq_len;
-  row["batch"] = a.quality_batch;
-  return row;
-}
-
-Json run_quality(const std::string& variant, const BenchArgs& a, Device device) {
-  Json row;
-  row["variant"] = variant;
-  row["status"] = "measured";
-  row["reason"] = "";
-  const AttentionConfig attention_config = quality_attention_config(a);
-  row["config_label"] = config_label(variant, attention_config);
-  row["steps"] = a.quality_steps;
-  row["seq_len"] = a.quality_seq_len;
-  row["batch"] = a.quality_batch;
-  std::string stage = "setup";
-  try {
-    nn::RecallTaskConfig task_config;
-    task_config.seq_len = a.quality_seq_len;
-    task_config.num_pairs = 8;
-    task_config.num_queries = 4;
-    task_config.seed = a.seed;
-    nn::RecallTask task(task_config);
-
-    nn::LanguageModelConfig mc;
-    mc.vocab_size = task.vocab_size();
-    mc.max_seq_len = task.seq_len();
-    mc.embed_dim = 64;
-    mc.num_layers = 2;
-    mc.num_heads = 4;
-    mc.attention = variant;
-    mc.attention_config = attention_config;
-    if (uses_token_grid(variant, attention_config)) mc.attention_config.grid = near_square_grid(task.seq_len());
-    row["config"] = config_json([&] {
-      AttentionConfig shown = mc.attention_config;
-      shown.num_heads = mc.num_heads;
-      shown.head_dim = mc.embed_dim / mc.num_heads;
-      return shown;
-    }());
-    row["model"] = {{"embed_dim", mc.embed_dim},
-                    {"num_layers", mc.num_layers},
-                    {"num_heads", mc.num_heads},
-                    {"vocab_size", mc.vocab_size},
-                    {"optimizer", "AdamW lr 3e-3 cosine to 3e-4, weight decay 0.01, clip 1.0"}};
-    manual_seed(a.seed);
-    nn::LanguageModel model(mc);
-    model.to(device);
-    nn::AdamWOptions adamw;
-    adamw.lr = 3e-3;
-    adamw.weight_decay = 0.01;
-    adamw.decays = nn::decay_matrices_only;
-    nn::AdamW optimizer(model.named_parameters(), adamw);
-    nn::CosineSchedule schedule{3e-3, 3e-4, std::max<int64_t>(1, a.quality_steps / 10), a.quality_steps};
-
-    stage = "training";
-    std::vector<double> step_ms, losses;
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t step = 0; step < a.quality_steps; ++step) {
-      const auto s0 = std::chrono::steady_clock::now();
-      nn::Batch batch = task.batch(a.quality_batch, step, nn::Split::train, device);
-      Tensor loss = cross_entropy(model.forward(batch.inputs), batch.targets, nn::kIgnoreIndex);
-      optimizer.zero_grad();
-      loss.backward();
-      nn::clip_grad_norm(model.parameters(), 1.0);
-      schedule.apply(optimizer, step);
-      optimizer.step();
-      losses.push_back(loss.item());  // item() waits for the device
-      if (step == 0) record_ran(row, model.blocks->at_as<nn::TransformerBlock>(0)->attn->core());
-      step_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s0).count());
-    }
-    const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-
-    stage = "evaluation";
-    model.eval();
-    NoGradGuard no_grad;
-    nn::AccuracyCount total;
-    for (int64_t i = 0; i < 4; ++i) {
-      nn::Batch test = task.batch(32, i, nn::Split::heldout, device);
-      const nn::AccuracyCount part = nn::accuracy(model.forward(test.inputs), test.targets);
-      total.correct += part.correct;
-      total.total += part.total;
-    }
-    const size_t tail = std::min<size_t>(10, losses.size());
-    double tail_loss = 0.0;
-    for (size_t i = losses.size() - tail; i < losses.size(); ++i) tail_loss += losses[i];
-    row["accuracy"] = total.value();
-    row["scored_positions"] = total.total;
-    row["chance"] = 1.0 / static_cast<double>(task.config().num_values);
-    row["final_loss"] = tail > 0 ? tail_loss / static_cast<double>(tail) : 0.0;
-    row["ms_per_step"] = median(step_ms);
-    row["train_seconds"] = train_seconds;
-    row["tokens_per_s"] = static_cast<double>(a.quality_batch * a.quality_seq_len) / (median(step_ms) / 1000.0);
-    row["parameters"] = model.num_parameters();
-  } catch (const std::exception& e) {
-    const Classified c = classify(e, stage);
-    row["status"] = c.status;
-    row["reason"] = c.reason;
-    empty_cache(device);
-  }
-  return row;
-}
-
-// ---------------------------------------------------------------------------------------------
 
 Json options_json(const BenchArgs& a, const Grid& g) {
   Json o;
@@ -993,144 +246,30 @@ Json options_json(const BenchArgs& a, const Grid& g) {
   return o;
 }
 
-void write_text(const std::filesystem::path& path, const std::string& text) {
-  std::ofstream out(path);
-  LT_CHECK(static_cast<bool>(out), "bench: cannot write ", path.string());
-  out << text;
-  LT_CHECK(static_cast<bool>(out), "bench: writing ", path.string(), " failed");
-}
-
-int run_bench(BenchArgs a) {
-  Grid g = build_grid(a);
-  g.grid_given = false;
+int run_bench(const BenchArgs& a) {
+  bench::RunOptions run;
+  run.grid = build_grid(a);
+  run.grid.grid_given = false;
   const std::filesystem::path dir(a.out_dir);
   std::filesystem::create_directories(dir);
+  run.cases = {a.warmup, a.repeats, a.case_time_limit, a.seed};
+  run.search.budget_gib = a.max_len_budget_gib;
+  run.search.cap = a.max_len_cap;
+  run.search.granule = a.max_len_granule;
+  run.search.case_time_limit = a.case_time_limit;
+  run.search.seed = a.seed;
+  run.max_len_search = a.max_len_budget_gib > 0;
+  run.max_len_dtypes = split_list(a.max_len_dtypes, ',');
+  run.quality = a.quality;
+  if (a.quality)
+    run.quality_options = {a.quality_steps, a.quality_seq_len, a.quality_batch, a.seed, quality_attention_config(a)};
+  run.time_budget = a.time_budget;
 
-  Json doc;
-  doc["schema_version"] = 1;
-  doc["tool"] = "longtape";
-  doc["tool_version"] = "0.1.0";
-  doc["created_utc"] = utc_now();
-  doc["machine"] = machine_info(g.device);
-  doc["config"] = options_json(a, g);
-  doc["results"] = Json::array();
-  doc["max_seq_len"] = Json::array();
-  doc["quality"] = Json::array();
-  std::vector<std::string> notes;
-
-  const auto t0 = std::chrono::steady_clock::now();
-  auto elapsed_s = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
-  const std::string out_of_time =
-      "time budget exhausted (--time-budget " + format_number(a.time_budget) + " s) before this case";
-  auto over_budget = [&] { return a.time_budget > 0 && elapsed_s() > a.time_budget; };
-  if (a.time_budget > 0)
-    a.deadline = t0 + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                          std::chrono::duration<double>(a.time_budget));
-
-  // Every series (variant, setting, dtype, shape) over the sequence lengths. Lengths are the outer
-  // loop, so that a time budget cuts the longest sequences of every variant, not whole variants.
-  struct Series {
-    std::string variant;
-    AttentionConfig base;
-    DType dtype;
-    int64_t batch;
-    SeriesState state;
-    std::vector<Json> rows;
-  };
-  std::vector<Series> all_series;
-  for (const std::string& variant : g.variants)
-    for (const AttentionConfig& setting : configs_for(variant, g.configs))
-      for (DType dtype : g.dtypes)
-        for (int64_t batch : g.batches)
-          for (int64_t heads : g.heads)
-            for (int64_t head_dim : g.head_dims) {
-              AttentionConfig base = setting;
-              base.num_heads = heads;
-              base.head_dim = head_dim;
-              all_series.push_back({variant, base, dtype, batch, {}, {}});
-            }
-  for (int64_t n : g.seq_lens)
-    for (Series& series : all_series) {
-      CaseShape s{series.variant, config_for_length(series.variant, series.base, n, g.grid_given), series.dtype,
-                  series.batch, n};
-      AttentionConfig unlabelled = s.config;  // the requested implementation gets its own column here
-      unlabelled.impl = "auto";
-      std::cerr << "bench: " << s.variant << " [" << config_label(s.variant, unlabelled) << "] " << dtype_name(s.dtype)
-                << " B=" << s.batch << " N=" << n << " H=" << s.config.num_heads << " D=" << s.config.head_dim
-                << " impl=" << s.config.impl << std::flush;
-      Json row;
-      if (over_budget()) {
-        row = case_header(s, g.device);
-        row["status"] = "skipped";
-        row["reason"] = out_of_time;
-      } else {
-        row = run_case(s, a, g.device, series.state);
-      }
-      std::cerr << " -> " << row["status"].get<std::string>();
-      if (row.contains("forward_backward"))
-        std::cerr << " [" << row["implementation"].get<std::string>() << "; "
-                  << row["compute_precision"].get<std::string>() << "] fwd+bwd "
-                  << row["forward_backward"]["median_ms"].get<double>() << " ms";
-      else
-        std::cerr << ": " << row["reason"].get<std::string>();
-      std::cerr << "\n";
-      series.rows.push_back(std::move(row));
-    }
-  for (Series& series : all_series)
-    for (Json& row : series.rows) doc["results"].push_back(std::move(row));
-
-  if (a.max_len_budget_gib > 0) {
-    const std::vector<std::string> search_dtypes = split_list(a.max_len_dtypes, ',');
-    for (const std::string& variant : g.variants)
-      for (const AttentionConfig& setting : configs_for(variant, g.configs))
-        for (DType dtype : g.dtypes) {
-          if (!search_dtypes.empty() &&
-              std::find(search_dtypes.begin(), search_dtypes.end(), std::string(dtype_name(dtype))) == search_dtypes.end())
-            continue;
-          CaseShape s{variant, setting, dtype, g.batches.front(), 0};
-          s.config.num_heads = g.heads.front();
-          s.config.head_dim = g.head_dims.front();
-          std::cerr << "bench: max length of " << variant << " [" << config_label(variant, s.config) << "] "
-                    << dtype_name(dtype) << " within " << a.max_len_budget_gib << " GiB" << std::flush;
-          Json row;
-          if (over_budget()) {
-            row = search_skipped(s, g, a, out_of_time);
-          } else {
-            row = search_max_len(s, g, a);
-          }
-          std::cerr << " -> " << row["max_seq_len"].get<int64_t>() << " (" << row["status"].get<std::string>() << ")\n";
-          doc["max_seq_len"].push_back(std::move(row));
-        }
-  }
-  if (a.quality) {
-    for (const std::string& variant : g.variants) {
-      std::cerr << "bench: quality of " << variant << " (" << a.quality_steps << " steps)" << std::flush;
-      Json row = over_budget() ? quality_skipped(variant, a, out_of_time) : run_quality(variant, a, g.device);
-      std::cerr << " -> " << row["status"].get<std::string>();
-      if (row.contains("accuracy")) std::cerr << " accuracy " << row["accuracy"].get<double>();
-      std::cerr << "\n";
-      doc["quality"].push_back(std::move(row));
-    }
-  }
-  doc["total_seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-
-  std::vector<std::string> outputs = {"bench.json", "bench.csv", "bench.md"};
-  write_text(dir / "bench.csv", bench::csv_report(doc));
-  std::vector<std::string> pngs;
-  if (a.no_plots) {
-    notes.push_back("plots not drawn: --no-plots");
-  } else {
-    pngs = bench::write_plots(doc, dir, notes);
-    outputs.push_back("plots.gp");
-  }
-  for (const std::string& png : pngs) outputs.push_back(png);
-  doc["outputs"] = outputs;
-  doc["notes"] = notes;
-  write_text(dir / "bench.md", bench::markdown_report(doc));
-  write_text(dir / "bench.json", doc.dump(2) + "\n");
+  Json doc = bench::run_benchmark(run, options_json(a, run.grid));
+  const std::vector<std::string> pngs = bench::write_reports(doc, a.out_dir, a.no_plots);
 
   std::cout << bench::terminal_table(doc);
-  for (const std::string& note : notes) std::cout << "note: " << note << "\n";
+  for (const auto& note : doc["notes"]) std::cout << "note: " << note.get<std::string>() << "\n";
   std::cout << "wrote " << (dir / "bench.json").string() << ", bench.csv, bench.md";
   for (const std::string& png : pngs) std::cout << ", " << png;
   std::cout << "\n";
@@ -1241,10 +380,9 @@ const RegisterCommand bench_command(
         } else if (unset(seq_lens)) {
           args.seq_lens = on_gpu ? "4096,8192,16384,32768,65536" : "1024,2048,4096";
         }
-        return run_bench(std::move(args));
+        return run_bench(args);
       };
     });
 
 }  // namespace
-
 }  // namespace longtape::cli

@@ -15,6 +15,8 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <sstream>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -25,6 +27,7 @@
 #include "cli/numeric_flags.h"
 #include "cli/size_limits.h"
 #include "cli/variant_flags.h"
+#include "io/atomic_file.h"
 #include "tensor/error.h"
 
 #ifdef LONGTAPE_WITH_STB
@@ -151,38 +154,55 @@ int run_patterns(const PatternsArgs& a) {
     config.grid = std::to_string(h) + "x" + std::to_string(a.n / h);
   }
 
+  // Every picture is drawn in memory first: a command that fails writes nothing, and each file is
+  // replaced atomically, so a folder never holds a half-written PNG or an index of missing files.
   const std::filesystem::path dir(a.out_dir);
-  std::filesystem::create_directories(dir);
-  std::ofstream index(dir / "patterns.md");
+  std::ostringstream index;
   index << "# Attention patterns, N = " << a.n << ", " << a.heads << " heads\n\n"
         << "Rows are queries (top to bottom), columns keys (left to right), one panel per head. White: not "
            "attended; blue: attended once; darker: attended by several branches (counted twice in the softmax). "
            "Drawn by `longtape patterns` from each variant's own forward pass.\n\n";
-  int written = 0, failed_named = 0;
+  std::vector<std::pair<std::string, std::vector<unsigned char>>> pngs;
+  std::vector<std::string> drawn;
+  std::string named_failures;
   for (const std::string& variant : variants) {
     try {
       const attention::PatternMap map = attention::attention_pattern_map(variant, config, a.n);
       int width = 0, height = 0;
       const std::vector<unsigned char> pixels = render(map, a.cell, width, height);
       const std::string file = variant + ".png";
-      const int ok = stbi_write_png((dir / file).string().c_str(), width, height, 3, pixels.data(), width * 3);
-      LT_CHECK(ok != 0, "cannot write ", (dir / file).string());
-      ++written;
+      std::vector<unsigned char> png;
+      const int ok = stbi_write_png_to_func(
+          [](void* context, void* data, int size) {
+            auto* out = static_cast<std::vector<unsigned char>*>(context);
+            out->insert(out->end(), static_cast<unsigned char*>(data), static_cast<unsigned char*>(data) + size);
+          },
+          &png, width, height, 3, pixels.data(), width * 3);
+      LT_CHECK(ok != 0, "cannot encode ", file);
+      pngs.emplace_back(file, std::move(png));
       std::string per_head;
       for (int64_t h = 0; h < map.num_heads; ++h)
         per_head += (h ? ", " : "") + std::to_string(map.pairs(h));
       index << "## " << variant << "\n\n`" << config_label(variant, config) << "`; attended pairs per head: " << per_head
             << " of " << a.n * a.n << "\n\n![" << variant << "](" << file << ")\n\n";
-      std::cout << "patterns: " << variant << " -> " << (dir / file).string() << " (" << width << "x" << height
-                << ", pairs per head " << per_head << ")\n";
+      drawn.push_back("patterns: " + variant + " -> " + (dir / file).string() + " (" + std::to_string(width) + "x" +
+                      std::to_string(height) + ", pairs per head " + per_head + ")");
     } catch (const std::exception& e) {
-      if (!all) ++failed_named;
+      if (!all) named_failures += (named_failures.empty() ? "" : "; ") + variant + ": " + e.what();
       index << "## " << variant << "\n\nnot drawn: " << e.what() << "\n\n";
       std::cerr << "patterns: " << variant << " not drawn: " << e.what() << "\n";
     }
   }
+  LT_CHECK(named_failures.empty(), "longtape patterns: nothing written to ", dir.string(),
+           " because a variant named in --variants could not be drawn: ", named_failures);
+  const int written = static_cast<int>(pngs.size());
   LT_CHECK(written > 0, "longtape patterns: no picture was drawn");
-  return failed_named > 0 ? 1 : 0;
+  std::filesystem::create_directories(dir);
+  for (const auto& [file, png] : pngs) io::write_file_atomic((dir / file).string(), png.data(), png.size());
+  const std::string index_text = index.str();
+  io::write_file_atomic((dir / "patterns.md").string(), index_text.data(), index_text.size());
+  for (const std::string& line : drawn) std::cout << line << "\n";
+  return 0;
 #endif
 }
 

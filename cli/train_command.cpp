@@ -56,11 +56,11 @@
 #include "cli/size_limits.h"
 #include "cli/train_guards.h"
 #include "cli/variant_flags.h"
-#include "io/atomic_file.h"
 #include "nn/checkpoint.h"
 #include "nn/data.h"
-#include "nn/language_model.h"
+#include "models/language_model.h"
 #include "nn/optim.h"
+#include "nn/trainer.h"
 #include "tensor/allocator.h"
 #include "tensor/ops.h"
 #include "tensor/profiler.h"
@@ -72,6 +72,13 @@ namespace {
 using Json = nlohmann::ordered_json;
 using Clock = std::chrono::steady_clock;
 constexpr double kMaxReal = std::numeric_limits<double>::max();
+
+// A flag's real value as given ("0.003", "1e+20").
+std::string format_real(double v) {
+  char text[40];
+  std::snprintf(text, sizeof text, "%.6g", v);
+  return text;
+}
 
 struct TrainArgs {
   std::string device = "auto";
@@ -191,70 +198,6 @@ class ProgressBar {
   Clock::time_point last_draw_{};
 };
 
-struct EvalResult {
-  double loss = 0;
-  nn::AccuracyCount accuracy;
-};
-
-template <typename Data>
-EvalResult evaluate(nn::LanguageModel& model, const Data& data, int64_t batch, int64_t batches, Device device) {
-  model.eval();
-  NoGradGuard no_grad;
-  EvalResult r;
-  for (int64_t i = 0; i < batches; ++i) {
-    nn::Batch b = data.batch(batch, i, nn::Split::heldout, device);
-    Tensor logits = model.forward(b.inputs);
-    r.loss += cross_entropy(logits, b.targets, nn::kIgnoreIndex).item() / static_cast<double>(batches);
-    nn::AccuracyCount c = nn::accuracy(logits, b.targets);
-    r.accuracy.correct += c.correct;
-    r.accuracy.total += c.total;
-  }
-  model.train();
-  return r;
-}
-
-struct MetricsRow {
-  int64_t step;
-  double loss, lr, grad_norm, tokens_per_s, elapsed_s;
-  std::optional<double> eval_loss, eval_accuracy;
-};
-
-void write_metrics(const std::string& path, const Json& run, const std::vector<MetricsRow>& rows) {
-  const bool json = std::filesystem::path(path).extension() == ".json";
-  std::string text;
-  if (json) {
-    Json doc = run;
-    Json list = Json::array();
-    for (const auto& r : rows) {
-      Json row;
-      row["step"] = r.step;
-      row["loss"] = r.loss;
-      row["lr"] = r.lr;
-      row["grad_norm"] = r.grad_norm;
-      row["tokens_per_s"] = r.tokens_per_s;
-      row["elapsed_s"] = r.elapsed_s;
-      row["eval_loss"] = r.eval_loss ? Json(*r.eval_loss) : Json(nullptr);
-      row["eval_accuracy"] = r.eval_accuracy ? Json(*r.eval_accuracy) : Json(nullptr);
-      list.push_back(row);
-    }
-    doc["rows"] = list;
-    text = doc.dump(2) + "\n";
-  } else {
-    text = "step,loss,lr,grad_norm,tokens_per_s,elapsed_s,eval_loss,eval_accuracy\n";
-    char line[256];
-    for (const auto& r : rows) {
-      std::snprintf(line, sizeof line, "%lld,%.6g,%.6g,%.6g,%.6g,%.4f,", static_cast<long long>(r.step), r.loss, r.lr,
-                    r.grad_norm, r.tokens_per_s, r.elapsed_s);
-      text += line;
-      if (r.eval_loss) text += std::to_string(*r.eval_loss);
-      text += ",";
-      if (r.eval_accuracy) text += std::to_string(*r.eval_accuracy);
-      text += "\n";
-    }
-  }
-  io::write_file_atomic(path, text.data(), text.size());
-}
-
 Device pick_device(const std::string& name) {
   if (name == "auto") return cuda_available() ? Device::cuda() : Device::cpu();
   Device d = Device::parse(name);
@@ -291,6 +234,15 @@ int run_train(const TrainArgs& args) {
   LT_CHECK(a.checkpoint_every >= 0, "train: --checkpoint-every must be >= 0");
   LT_CHECK(a.checkpoint_every == 0 || !a.checkpoint.empty(), "train: --checkpoint-every needs --checkpoint PATH");
   checked_impl(a.impl);
+  // A schedule that rises towards its "final" rate, or a decay step that flips or zeroes the
+  // weights (AdamW multiplies them by 1 - lr * weight_decay), cannot be what was meant.
+  if (a.min_lr > a.lr)
+    throw FlagError("--min-lr " + format_real(a.min_lr) + " is above --lr " + format_real(a.lr) +
+                    "; the cosine schedule decays from --lr to --min-lr");
+  if (a.lr * a.weight_decay >= 1.0)
+    throw FlagError("--lr " + format_real(a.lr) + " x --weight-decay " + format_real(a.weight_decay) + " = " +
+                    format_real(a.lr * a.weight_decay) +
+                    " must be below 1: each step multiplies the weights by 1 - lr * weight_decay");
   check_train_sizes({a.batch, a.seq_len, a.layers, a.width, a.heads,
                      a.text.empty() ? a.keys + a.values + a.filler + 8 : nn::CharTextDataset::vocab_size(), a.untied});
   check_list_bound(attention::parse_int_list(a.segments, "--segments"), "--segments");
@@ -313,16 +265,9 @@ int run_train(const TrainArgs& args) {
     text = std::make_unique<nn::CharTextDataset>(a.text, a.seq_len, a.seed);
     vocab = nn::CharTextDataset::vocab_size();
   }
-  auto batch_at = [&](int64_t index) {
-    return task ? task->batch(a.batch, index, nn::Split::train, device)
-                : text->batch(a.batch, index, nn::Split::train, device);
-  };
-  auto run_eval = [&](nn::LanguageModel& m) {
-    return task ? evaluate(m, *task, a.batch, a.eval_batches, device)
-                : evaluate(m, *text, a.batch, a.eval_batches, device);
-  };
+  const nn::BatchSource data = task ? nn::batches_of(*task, device) : nn::batches_of(*text, device);
 
-  nn::LanguageModelConfig mc;
+  models::LanguageModelConfig mc;
   mc.vocab_size = vocab;
   mc.max_seq_len = a.seq_len;
   mc.embed_dim = a.width;
@@ -337,7 +282,7 @@ int run_train(const TrainArgs& args) {
   mc.tied_embeddings = !a.untied;
   mc.dropout = a.dropout;
   mc.position_init = a.position_init;
-  nn::LanguageModel model(mc);
+  models::LanguageModel model(mc);
   model.to(device);
 
   nn::AdamWOptions ao;
@@ -345,7 +290,7 @@ int run_train(const TrainArgs& args) {
   ao.weight_decay = a.weight_decay;
   ao.decays = nn::decay_matrices_only;
   nn::AdamW optimizer(model.named_parameters(), ao);
-  nn::CosineSchedule schedule{a.lr, a.min_lr >= 0 ? a.min_lr : a.lr / 10, a.warmup, a.steps};
+  const nn::CosineSchedule schedule{a.lr, a.min_lr >= 0 ? a.min_lr : a.lr / 10, a.warmup, a.steps};
 
   Json run;
   run["command"] = "train";
@@ -361,9 +306,21 @@ int run_train(const TrainArgs& args) {
                   {"clip", a.clip}, {"batch", a.batch}, {"steps", a.steps}, {"seed", a.seed}};
   run["impl"] = a.impl;  // not part of "model": a checkpoint resumes under any implementation
 
+  nn::TrainerOptions to;
+  to.steps = a.steps;
+  to.batch_size = a.batch;
+  to.clip = a.clip;
+  to.divergence_hint = "try a lower --lr";
+  to.eval_every = a.eval_every;
+  to.eval_batches = a.eval_batches;
+  to.checkpoint = a.checkpoint;
+  to.checkpoint_every = a.checkpoint_every;
+  to.checkpoint_metadata = {{"train_run", run.dump()}};
+  nn::Trainer trainer(model, optimizer, schedule, to);
+
   int64_t start_step = 0;
   if (!a.resume.empty()) {
-    nn::CheckpointInfo info = nn::load_checkpoint(a.resume, model, a.fresh_optimizer ? nullptr : &optimizer);
+    nn::CheckpointInfo info = trainer.load_checkpoint(a.resume, a.fresh_optimizer);
     if (!a.fresh_optimizer) check_optimizer_state_complete(a.resume, optimizer);
     start_step = info.step;
     auto saved = info.metadata.find("train_run");
@@ -390,107 +347,67 @@ int run_train(const TrainArgs& args) {
               device.str().c_str());
   std::fflush(stdout);
 
-  auto save = [&](int64_t step) {
-    nn::save_checkpoint(a.checkpoint, model, &optimizer, step, {{"train_run", run.dump()}});
-  };
   reset_peak_memory(device);
-  std::vector<MetricsRow> rows;
+  std::vector<nn::MetricsRow> rows;
   ProgressBar bar(start_step, a.steps);
   const auto t_start = Clock::now();
   // What ran the first block's attention in training (read after the first step), for the summary.
   std::shared_ptr<attention::MultiheadAttention> first_attention;
-  if (model.blocks->size() > 0) first_attention = model.blocks->at_as<nn::TransformerBlock>(0)->attn;
+  if (model.blocks->size() > 0) first_attention = model.attention_layer(0);
   std::string attention_ran;
   Json attention_json;
   double window_tokens = 0, window_seconds = 0;  // recent throughput, for tokens/s and the ETA
-  // --profile records one step after warm-up (the third, or the last of a shorter run).
-  const int64_t profile_step = std::min(start_step + 2, a.steps - 1);
-  for (int64_t step = start_step; step < a.steps; ++step) {
-    const bool profiling = a.profile && step == profile_step;
-    if (profiling) profiler::start();
-    const auto t0 = Clock::now();
-    std::optional<profiler::Scope> step_scope(std::in_place, "train step");
-    nn::Batch batch = [&] {
-      profiler::Scope scope("data batch");
-      return batch_at(step);
-    }();
-    Tensor loss;
-    {
-      profiler::Scope scope("forward + loss");
-      loss = cross_entropy(model.forward(batch.inputs), batch.targets, nn::kIgnoreIndex);
-    }
-    {
-      profiler::Scope scope("backward");
-      optimizer.zero_grad();
-      loss.backward();
-    }
-    double norm = 0;
-    {
-      profiler::Scope scope("grad norm + clip");
-      norm = a.clip > 0 ? nn::clip_grad_norm(model.parameters(), a.clip) : nn::grad_norm(model.parameters());
-    }
-    // A diverged step stops the run before it changes the weights; no checkpoint is written, so
-    // the last one saved (if any) stays as it was.
-    if (!std::isfinite(norm)) {
-      bar.break_line();
-      LT_CHECK(false, "train: the gradient norm became ", norm, " at step ", step + 1, " (loss ", loss.item(),
-               "); stopped without saving a checkpoint (try a lower --lr)");
-    }
-    {
-      profiler::Scope scope("optimizer step");
-      schedule.apply(optimizer, step);
-      optimizer.step();
-    }
-    const double loss_value = loss.item();  // also waits for the device
-    step_scope.reset();
-    if (profiling) {
-      profiler::stop();
-      bar.break_line();
-      std::printf("profile of step %lld (self time excludes nested rows; phases nest ops, backward nodes nest "
-                  "their kernels):\n%s", static_cast<long long>(step + 1), profiler::table().c_str());
-      std::fflush(stdout);
-    }
+  // --profile records the third step of this run (after warm-up), or its last when shorter.
+  if (a.profile) trainer.set_profile_step(std::min(start_step + 2, a.steps - 1));
+  trainer.on_diverged = [&] { bar.break_line(); };
+  trainer.on_profile = [&](int64_t step) {
+    bar.break_line();
+    std::printf("profile of step %lld (self time excludes nested rows; phases nest ops, backward nodes nest "
+                "their kernels):\n%s", static_cast<long long>(step), profiler::table().c_str());
+    std::fflush(stdout);
+  };
+  trainer.on_step = [&](const nn::StepResult& r) {
     if (first_attention && attention_ran.empty()) {
       const attention::Attention& core = first_attention->core();
       attention_ran = ran_with(core);
       attention_json = {{"implementation", core.last_backend()}, {"compute_precision", core.last_precision()}};
     }
-    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     const double tokens = static_cast<double>(a.batch * a.seq_len);
     window_tokens = 0.9 * window_tokens + tokens;
-    window_seconds = 0.9 * window_seconds + dt;
+    window_seconds = 0.9 * window_seconds + r.seconds;
     const double tokens_per_s = window_tokens / std::max(window_seconds, 1e-9);
-    const double eta = (a.steps - step - 1) * window_seconds / (window_tokens / tokens);
-    MetricsRow row{step + 1, loss_value, optimizer.lr(), norm, tokens_per_s,
-                   std::chrono::duration<double>(Clock::now() - t_start).count(), {}, {}};
-    if (!std::isfinite(loss_value)) {
+    const double eta = (a.steps - r.step) * window_seconds / (window_tokens / tokens);
+    rows.push_back({r.step, r.loss, r.lr, r.grad_norm, tokens_per_s,
+                    std::chrono::duration<double>(Clock::now() - t_start).count(), {}, {}});
+    bar.update(r.step, r.loss, tokens_per_s, eta);
+  };
+  trainer.on_eval = [&](int64_t step, const nn::EvalResult& e) {
+    if (!std::isfinite(e.loss)) {
       bar.break_line();
-      LT_CHECK(false, "train: the loss became ", loss_value, " at step ", step + 1,
-               "; stopped without saving a checkpoint (try a lower --lr)");
+      LT_CHECK(false, "train: the held-out loss became ", e.loss, " at step ", step,
+               "; stopped without saving a checkpoint (try a lower --lr or --weight-decay)");
     }
-    bar.update(step + 1, loss_value, tokens_per_s, eta);
-    if (a.eval_every > 0 && (step + 1) % a.eval_every == 0 && step + 1 < a.steps) {
-      EvalResult e = run_eval(model);
-      row.eval_loss = e.loss;
-      row.eval_accuracy = e.accuracy.value();
-      bar.break_line();
-      std::printf("step %lld: held-out loss %.4f, accuracy %.4f (%lld/%lld)\n", static_cast<long long>(step + 1),
-                  e.loss, e.accuracy.value(), static_cast<long long>(e.accuracy.correct),
-                  static_cast<long long>(e.accuracy.total));
-      std::fflush(stdout);
-    }
-    rows.push_back(row);
-    if (a.checkpoint_every > 0 && (step + 1) % a.checkpoint_every == 0 && step + 1 < a.steps) save(step + 1);
-  }
+    rows.back().eval_loss = e.loss;
+    rows.back().eval_accuracy = e.accuracy.value();
+    bar.break_line();
+    std::printf("step %lld: held-out loss %.4f, accuracy %.4f (%lld/%lld)\n", static_cast<long long>(step), e.loss,
+                e.accuracy.value(), static_cast<long long>(e.accuracy.correct),
+                static_cast<long long>(e.accuracy.total));
+    std::fflush(stdout);
+  };
+  trainer.fit(data, start_step);
   bar.break_line();
   const double elapsed = std::chrono::duration<double>(Clock::now() - t_start).count();
 
-  EvalResult final_eval = run_eval(model);
+  const nn::EvalResult final_eval = trainer.evaluate(data);
+  LT_CHECK(std::isfinite(final_eval.loss), "train: the held-out loss became ", final_eval.loss, " after step ",
+           a.steps, "; stopped without saving a checkpoint (the weights are no longer finite: try a lower --lr or ",
+           "--weight-decay)");
   if (!rows.empty()) {
     rows.back().eval_loss = final_eval.loss;
     rows.back().eval_accuracy = final_eval.accuracy.value();
   }
-  if (!a.checkpoint.empty()) save(a.steps);
+  if (!a.checkpoint.empty()) trainer.save_checkpoint(a.steps);
   const MemoryStats mem = memory_stats(device);
   std::printf("final held-out loss %.4f, accuracy %.4f (%lld/%lld)", final_eval.loss, final_eval.accuracy.value(),
               static_cast<long long>(final_eval.accuracy.correct), static_cast<long long>(final_eval.accuracy.total));
@@ -507,7 +424,7 @@ int run_train(const TrainArgs& args) {
     run["final"] = {{"eval_loss", final_eval.loss}, {"eval_accuracy", final_eval.accuracy.value()},
                     {"elapsed_s", elapsed}, {"peak_allocated_bytes", mem.peak_allocated_bytes},
                     {"peak_reserved_bytes", mem.peak_reserved_bytes}};
-    write_metrics(a.metrics, run, rows);
+    nn::write_metrics(a.metrics, run, rows);
     std::printf("metrics written to %s\n", a.metrics.c_str());
   }
   return 0;
@@ -540,7 +457,7 @@ const RegisterCommand kTrainCommand{
       sub.add_option("--lr", a->lr, "peak learning rate (AdamW)")->capture_default_str()
           ->transform(real_in(0.0, kMaxReal));
       sub.add_option("--min-lr", a->min_lr, "final learning rate of the cosine schedule (default lr / 10)")
-          ->transform(real_in(-kMaxReal, kMaxReal));
+          ->transform(real_in(0.0, kMaxReal));
       sub.add_option("--warmup", a->warmup, "linear warmup steps")->capture_default_str()
           ->transform(count_in<int64_t>(0));
       sub.add_option("--weight-decay", a->weight_decay, "AdamW decoupled weight decay (matrices only)")

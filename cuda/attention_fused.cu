@@ -54,6 +54,11 @@ __global__ void store_accumulator_kernel(bf16* dst, bf16* residual, RowStrides s
 
 }  // namespace
 
+KernelTuning& kernel_tuning() {
+  static KernelTuning tuning;
+  return tuning;
+}
+
 LaunchPlan plan_launches(const attention::fused::Problem& p) {
   using attention::fused::BranchMixing;
   using attention::fused::KeySet;

@@ -111,6 +111,26 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// The A fragment (16 rows x 16 k, bf16) made of two adjacent accumulator n-tiles f0, f1.
+__device__ __forceinline__ void a_fragment(uint32_t (&a)[4], const float (&f0)[4], const float (&f1)[4]) {
+  a[0] = pack_bf16(f0[0], f0[1]);
+  a[1] = pack_bf16(f0[2], f0[3]);
+  a[2] = pack_bf16(f1[0], f1[1]);
+  a[3] = pack_bf16(f1[2], f1[3]);
+}
+// The same as bf16 hi + lo parts: hi + lo carries ~16 bits, for products whose terms cancel
+// (dS = P (dP - delta) feeding dQ and dK), where one bf16 rounding per term shows in the result.
+__device__ __forceinline__ void a_fragment_split(uint32_t (&hi)[4], uint32_t (&lo)[4], const float (&f0)[4],
+                                                 const float (&f1)[4]) {
+  a_fragment(hi, f0, f1);
+  const float vals[8] = {f0[0], f0[1], f0[2], f0[3], f1[0], f1[1], f1[2], f1[3]};
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi[r]);
+    lo[r] = pack_bf16(vals[2 * r] - __low2float(h), vals[2 * r + 1] - __high2float(h));
+  }
+}
+
 // Shared-memory tile of kTile rows x D bf16, rows padded by 16 bytes so ldmatrix is conflict-free.
 template <int D>
 struct TileLayout {
@@ -126,13 +146,19 @@ template <int D>
 __device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* base, int64_t step, int64_t row0,
                                                 int64_t len) {
   using L = TileLayout<D>;
+  constexpr int kRowsPerPass = kThreads / L::kChunksPerRow;
+  // This thread copies rows r, r + kRowsPerPass, ... at one 16-byte column: one 64-bit multiply
+  // per tile, then pointer increments.
+  const int r = threadIdx.x / L::kChunksPerRow, col = (threadIdx.x % L::kChunksPerRow) * 8;
+  const bf16* src = base + (row0 + r) * step + col;
+  const int64_t pass_step = kRowsPerPass * step;
+  const int64_t rows_left = len - row0 - r;  // rows of this thread's column still inside the stream
+  bf16* dst = tile + r * L::kLd + col;
 #pragma unroll
   for (int i = 0; i < L::kChunksPerThread; ++i) {
-    const int chunk = threadIdx.x + i * kThreads;
-    const int row = chunk / L::kChunksPerRow, col = (chunk % L::kChunksPerRow) * 8;
-    const bool valid = row0 + row < len;
-    const bf16* src = valid ? base + (row0 + row) * step + col : base;
-    cp_async_16(tile + row * L::kLd + col, src, valid ? 16 : 0);
+    const bool valid = i * kRowsPerPass < rows_left;
+    cp_async_16(dst + i * kRowsPerPass * L::kLd, valid ? src : base, valid ? 16 : 0);
+    src += pass_step;
   }
 }
 
@@ -156,6 +182,13 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const bf16* tile, in
                            ((lane >> 4) << 3));
 }
 
+// 2^x in one MUFU instruction (flushes denormal results to 0, which a probability can afford).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Row reductions over the 4 lanes that share a row of an mma accumulator.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -166,14 +199,28 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// The key tiles a query tile visits: a range [0, end) of the stream or the tiles of a block list.
+// The key tiles a query tile visits: a range [0, count) of the stream or the tiles of a block list.
+// 32-bit: a stream has fewer than 2^31 rows.
 struct KeyTiles {
-  int64_t count;      // number of key tiles
+  int count;            // number of key tiles
   const int32_t* list;  // key blocks (null: tiles 0..count-1)
   int block_tiles;
-  __device__ __forceinline__ int64_t tile(int64_t i) const {
-    return list ? static_cast<int64_t>(list[i / block_tiles]) * block_tiles + i % block_tiles : i;
+  __device__ __forceinline__ int tile(int i) const {
+    if (!list) return i;
+    return block_tiles == 1 ? list[i] : list[i / block_tiles] * block_tiles + i % block_tiles;
   }
 };
+
+// A CTA's block list goes to shared memory (when it has at most kListCache entries) so that the
+// tile loop does not wait on a dependent global load per tile. Call with every thread of the
+// CTA; a __syncthreads() must follow before the list is read.
+constexpr int kListCache = 512;
+__device__ __forceinline__ void cache_block_list(KeyTiles& tiles, int32_t* cache) {
+  if (!tiles.list) return;
+  const int entries = tiles.count / tiles.block_tiles;
+  if (entries > kListCache) return;
+  for (int i = threadIdx.x; i < entries; i += kThreads) cache[i] = tiles.list[i];
+  tiles.list = cache;
+}
 
 }  // namespace longtape::cuda::attn

@@ -55,12 +55,6 @@ __global__ void delta_kernel(float* delta, const bf16* out, const bf16* residual
 // lse in log2 units; rows that saw no key get +inf so that their P is 0.
 __device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
-// The block list (or range) of tiles of the other side that a tile meets.
-struct Partners {
-  KeyTiles tiles;
-  int64_t block = 0;  // this tile's block index (lists only)
-};
-
 // Stores a 16 x D accumulator row pair of one warp: bf16 write or f32 accumulate.
 template <int D>
 __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float factor, int64_t row_a, int64_t len,
@@ -107,8 +101,10 @@ __device__ __forceinline__ bool tile_of_cta(const Streams& st, int h, int64_t& t
 
 // kFuseDq: the CTA also adds its dQ = dS K share into the f32 dq_acc with atomics (dS^T goes
 // through shared memory so that warps split dQ by query rows), saving the dQ kernel's recompute.
+// Three resident CTAs per SM for D <= 64 in the deterministic form (its registers fit in 170).
 template <int D, bool kFuseDq>
-__global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
+    attention_backward_dkdv_kernel(const BwdParams p) {
   using L = TileLayout<D>;
   constexpr int kNT = kTile / 8, kDT = D / 8;
   constexpr int kLdS = kTile + 8;  // dS^T tile [key][query], padded like the others
@@ -127,8 +123,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
   StreamRows s;
   int br;
   if (!tile_of_cta(p.st, h, kt, s, br)) return;
-  const int64_t k0 = kt * kTile;
+  const int k0 = static_cast<int>(kt) * kTile;
   if (k0 >= s.len_k) return;
+  const int len_q = static_cast<int>(s.len_q);
 
   const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
   const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
@@ -140,37 +137,42 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
 
   // Query tiles that see this key tile.
   KeyTiles queries{0, nullptr, 1};
-  int64_t block_col = 0;
+  int block_col = 0;
   if (p.lists.row_begin) {
     const int64_t list = p.lists.num_lists == 1 ? 0 : (p.lists.num_lists == p.heads ? h : b * p.heads + h);
-    block_col = kt / p.lists.block_tiles;
+    block_col = static_cast<int>(kt) / p.lists.block_tiles;
     const int32_t* cb = p.lists.col_begin + list * (p.lists.nkb + 1);
     queries.list = p.lists.row_index + cb[block_col];
     queries.block_tiles = p.lists.block_tiles;
-    queries.count = static_cast<int64_t>(cb[block_col + 1] - cb[block_col]) * p.lists.block_tiles;
+    queries.count = (cb[block_col + 1] - cb[block_col]) * p.lists.block_tiles;
   } else {
-    queries.count = (s.len_q + kTile - 1) / kTile;
+    queries.count = (len_q + kTile - 1) / kTile;
   }
+  __shared__ int32_t list_cache[kListCache];
+  cache_block_list(queries, list_cache);
+  __syncthreads();
   // Causal: query tiles before this key tile see none of its keys.
-  auto visible = [&](int64_t qt) { return qt * kTile < s.len_q && (!p.causal || qt * kTile + kTile - 1 >= k0); };
+  auto visible = [&](int qt) { return qt * kTile < len_q && (!p.causal || qt * kTile + kTile - 1 >= k0); };
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int col_in_quad = (lane & 3) * 2;
-  const int64_t key_a = k0 + warp * 16 + (lane >> 2);  // this thread's two key rows: key_a, key_a + 8
+  const int key_a = k0 + warp * 16 + (lane >> 2);  // this thread's two key rows: key_a, key_a + 8
+  const bool ragged_keys = k0 + kTile > s.len_k;
+  const bool key_valid[2] = {key_a < s.len_k, key_a + 8 < s.len_k};
 
   load_tile_async<D>(sK, kb, k_step, k0, s.len_k);
   load_tile_async<D>(sV, vb, v_step, k0, s.len_k);
-  auto load_query_tile = [&](int st, int64_t qt) {
-    load_tile_async<D>(sQ + st * L::kElems, qb, q_step, qt * kTile, s.len_q);
-    load_tile_async<D>(sdO + st * L::kElems, gb, g_step, qt * kTile, s.len_q);
+  auto load_query_tile = [&](int st, int qt) {
+    load_tile_async<D>(sQ + st * L::kElems, qb, q_step, static_cast<int64_t>(qt) * kTile, len_q);
+    load_tile_async<D>(sdO + st * L::kElems, gb, g_step, static_cast<int64_t>(qt) * kTile, len_q);
     if (threadIdx.x < kTile) {
-      const int64_t row = qt * kTile + threadIdx.x;
+      const int row = qt * kTile + threadIdx.x;
       const bool valid = row < s.len_q;
       sLse[st * kTile + threadIdx.x] = valid ? lse_log2(p.lse[lse_row0 + row * s.step]) : INFINITY;
       sDelta[st * kTile + threadIdx.x] = valid ? p.delta[lse_row0 + row * s.step] : 0.f;
     }
   };
-  int64_t i = 0;
+  int i = 0;
   while (i < queries.count && !visible(queries.tile(i))) ++i;
   if (i < queries.count) load_query_tile(0, queries.tile(i));
   cp_async_commit();
@@ -183,8 +185,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
 
   int stage = 0;
   while (i < queries.count) {
-    const int64_t qt = queries.tile(i);
-    int64_t after = i + 1;
+    const int qt = queries.tile(i);
+    int after = i + 1;
     while (after < queries.count && !visible(queries.tile(after))) ++after;
     __syncthreads();  // the other stage is free (its last readers finished)
     if (after < queries.count) load_query_tile(stage ^ 1, queries.tile(after));
@@ -219,28 +221,41 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
         mma_bf16(dpt[2 * np + 1], av, bg[2], bg[3]);
       }
     }
-    float bias = 0.f;
-    if (p.lists.bias)
-      bias = p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + qt / p.lists.block_tiles) *
-                              p.lists.nkb + block_col] * kLog2e;
-    const int64_t q0 = qt * kTile;
-    const bool need_mask = p.causal && k0 + kTile - 1 > q0;
-    // P^T and dS^T in place.
-    float ds_sum = 0.f;
+    const float bias =
+        p.lists.bias ? p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + qt / p.lists.block_tiles) *
+                                        p.lists.nkb + block_col] * kLog2e
+                     : 0.f;
+    const int q0 = qt * kTile;
+    // P^T = exp2(S^T * scale_log2 + bias - lse) and dS^T = P^T (dP^T * do_scale - delta) in place;
+    // one FFMA + one MUFU per probability, lse and delta read as pairs of columns.
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
+      const float2 l2 = *reinterpret_cast<const float2*>(tLse + j * 8 + col_in_quad);
+      const float shift[2] = {bias - l2.x, bias - l2.y};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qc = j * 8 + col_in_quad + (e & 1);
-        float pr = exp2f(st[j][e] * p.scale_log2 + bias - tLse[qc]);
-        const int64_t key = key_a + (e >> 1) * 8;
-        if ((need_mask && key > q0 + qc) || key >= s.len_k) pr = 0.f;  // padded keys add nothing to dbias
-        st[j][e] = pr;
-        dpt[j][e] = pr * (dpt[j][e] * p.do_scale - tDelta[qc]);
-        ds_sum += dpt[j][e];
-      }
+      for (int e = 0; e < 4; ++e) st[j][e] = fast_exp2(fmaf(st[j][e], p.scale_log2, shift[e & 1]));
+    }
+    // Causal-diagonal tiles and the ragged last key tile: P = 0 where the key is invisible (padded
+    // keys add nothing to dbias either).
+    if ((p.causal && k0 + kTile - 1 > q0) || ragged_keys) {
+      const int first_q[2] = {p.causal ? key_a - q0 : -kTile, p.causal ? key_a + 8 - q0 : -kTile};
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!key_valid[e >> 1] || j * 8 + col_in_quad + (e & 1) < first_q[e >> 1]) st[j][e] = 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+      const float2 d2 = *reinterpret_cast<const float2*>(tDelta + j * 8 + col_in_quad);
+      const float delta[2] = {d2.x, d2.y};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dpt[j][e] = st[j][e] * fmaf(dpt[j][e], p.do_scale, -delta[e & 1]);
     }
     if (p.lists.dbias) {  // block bias gradient: the sum of dS over the (query block, key block) pair
+      float ds_sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) ds_sum += (dpt[j][0] + dpt[j][1]) + (dpt[j][2] + dpt[j][3]);
       ds_sum = quad_sum(ds_sum);
       for (int off = 4; off < 32; off <<= 1) ds_sum += __shfl_xor_sync(0xffffffffu, ds_sum, off);
       if (lane == 0) bias_part[warp] = ds_sum;
@@ -261,15 +276,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
     // dV += P^T dO, dK += dS^T Q (k = queries).
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
-      uint32_t ap[4], as[4];
-      ap[0] = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
-      ap[1] = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
-      ap[2] = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      ap[3] = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-      as[0] = pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]);
-      as[1] = pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]);
-      as[2] = pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-      as[3] = pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      uint32_t ap[4], as[4], as_lo[4];
+      a_fragment(ap, st[2 * kk], st[2 * kk + 1]);
+      a_fragment_split(as, as_lo, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t bg[4], bq[4];
@@ -279,6 +288,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
         mma_bf16(dv[2 * dp + 1], ap, bg[2], bg[3]);
         mma_bf16(dk[2 * dp], as, bq[0], bq[1]);
         mma_bf16(dk[2 * dp + 1], as, bq[2], bq[3]);
+        mma_bf16(dk[2 * dp], as_lo, bq[0], bq[1]);
+        mma_bf16(dk[2 * dp + 1], as_lo, bq[2], bq[3]);
       }
     }
     if constexpr (kFuseDq) {
@@ -322,8 +333,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(const
   store_rows<D>(dv, p.do_scale, key_a, s.len_k, s, p.accumulate, p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
 }
 
+// Three resident CTAs per SM for D <= 64 (the registers fit without spilling).
 template <int D>
-__global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_dq_kernel(const BwdParams p) {
   using L = TileLayout<D>;
   constexpr int kNT = kTile / 8, kDT = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -337,8 +349,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const B
   StreamRows s;
   int br;
   if (!tile_of_cta(p.st, h, qt, s, br)) return;
-  const int64_t q0 = qt * kTile;
+  const int q0 = static_cast<int>(qt) * kTile;
   if (q0 >= s.len_q) return;
+  const int len_k = static_cast<int>(s.len_k);
 
   const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
   const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
@@ -348,19 +361,23 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const B
                 g_step = s.step * p.dos.row;
 
   KeyTiles keys{0, nullptr, 1};
-  int64_t block_row = 0, list = 0;
+  int block_row = 0;
+  int64_t list = 0;
   if (p.lists.row_begin) {
     list = p.lists.num_lists == 1 ? 0 : (p.lists.num_lists == p.heads ? h : b * p.heads + h);
-    block_row = qt / p.lists.block_tiles;
+    block_row = static_cast<int>(qt) / p.lists.block_tiles;
     const int32_t* rb = p.lists.row_begin + list * (p.lists.nqb + 1);
     keys.list = p.lists.col_index + rb[block_row];
     keys.block_tiles = p.lists.block_tiles;
-    keys.count = static_cast<int64_t>(rb[block_row + 1] - rb[block_row]) * p.lists.block_tiles;
+    keys.count = (rb[block_row + 1] - rb[block_row]) * p.lists.block_tiles;
   } else {
-    const int64_t k_tiles = (s.len_k + kTile - 1) / kTile;
-    keys.count = p.causal ? min(k_tiles, qt + 1) : k_tiles;
+    const int k_tiles = (len_k + kTile - 1) / kTile;
+    keys.count = p.causal ? min(k_tiles, static_cast<int>(qt) + 1) : k_tiles;
   }
-  auto visible = [&](int64_t kt) { return kt * kTile < s.len_k && (!p.causal || kt * kTile <= q0 + kTile - 1); };
+  __shared__ int32_t list_cache[kListCache];
+  cache_block_list(keys, list_cache);
+  __syncthreads();
+  auto visible = [&](int kt) { return kt * kTile < len_k && (!p.causal || kt * kTile <= q0 + kTile - 1); };
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int col_in_quad = (lane & 3) * 2;
@@ -373,11 +390,11 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const B
 
   load_tile_async<D>(sQ, qb, q_step, q0, s.len_q);
   load_tile_async<D>(sdO, gb, g_step, q0, s.len_q);
-  int64_t i = 0;
+  int i = 0;
   while (i < keys.count && !visible(keys.tile(i))) ++i;
   if (i < keys.count) {
-    load_tile_async<D>(sK, kb, k_step, keys.tile(i) * kTile, s.len_k);
-    load_tile_async<D>(sV, vb, v_step, keys.tile(i) * kTile, s.len_k);
+    load_tile_async<D>(sK, kb, k_step, static_cast<int64_t>(keys.tile(i)) * kTile, len_k);
+    load_tile_async<D>(sV, vb, v_step, static_cast<int64_t>(keys.tile(i)) * kTile, len_k);
   }
   cp_async_commit();
 
@@ -387,13 +404,14 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const B
 
   int stage = 0;
   while (i < keys.count) {
-    const int64_t kt = keys.tile(i);
-    int64_t after = i + 1;
+    const int kt = keys.tile(i);
+    int after = i + 1;
     while (after < keys.count && !visible(keys.tile(after))) ++after;
     __syncthreads();
     if (after < keys.count) {
-      load_tile_async<D>(sK + (stage ^ 1) * L::kElems, kb, k_step, keys.tile(after) * kTile, s.len_k);
-      load_tile_async<D>(sV + (stage ^ 1) * L::kElems, vb, v_step, keys.tile(after) * kTile, s.len_k);
+      const int64_t nk0 = static_cast<int64_t>(keys.tile(after)) * kTile;
+      load_tile_async<D>(sK + (stage ^ 1) * L::kElems, kb, k_step, nk0, len_k);
+      load_tile_async<D>(sV + (stage ^ 1) * L::kElems, vb, v_step, nk0, len_k);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -422,38 +440,47 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const B
         mma_bf16(dp[2 * np + 1], ag, bv[2], bv[3]);
       }
     }
-    float bias = 0.f;
-    const int64_t kblock = kt / p.lists.block_tiles;
-    if (p.lists.bias)
-      bias = p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb + kblock] *
-             kLog2e;
-    const int64_t k0 = kt * kTile;
-    const bool need_mask = k0 + kTile > s.len_k || (p.causal && k0 + kTile - 1 > q0);
+    const float bias =
+        p.lists.bias
+            ? p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb +
+                           kt / p.lists.block_tiles] * kLog2e
+            : 0.f;
+    const int k0 = kt * kTile;
+    const float shift[2] = {bias - lse_a, bias - lse_b};
 #pragma unroll
-    for (int j = 0; j < kNT; ++j) {
+    for (int j = 0; j < kNT; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t key = k0 + j * 8 + col_in_quad + (e & 1);
-        const int64_t row = e < 2 ? row_a : row_b;
-        float pr = exp2f(sc[j][e] * p.scale_log2 + bias - (e < 2 ? lse_a : lse_b));
-        if (need_mask && (key >= s.len_k || (p.causal && key > row))) pr = 0.f;
-        sc[j][e] = pr * (dp[j][e] * p.do_scale - (e < 2 ? delta_a : delta_b));
-      }
+      for (int e = 0; e < 4; ++e) sc[j][e] = fast_exp2(fmaf(sc[j][e], p.scale_log2, shift[e >> 1]));
+    // Ragged or causal-diagonal tiles: P = 0 beyond the last visible key offset of each row.
+    if (k0 + kTile > len_k || (p.causal && k0 + kTile - 1 > q0)) {
+      int lim[2];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+        lim[hf] = min(len_k - k0, p.causal ? static_cast<int>(hf ? row_b : row_a) - k0 + 1 : kTile) - 1;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (j * 8 + col_in_quad + (e & 1) > lim[e >> 1]) sc[j][e] = 0.f;
     }
+    const float delta[2] = {delta_a, delta_b};
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[j][e] *= fmaf(dp[j][e], p.do_scale, -delta[e >> 1]);
     // dQ += dS K.
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
-      uint32_t as[4];
-      as[0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
-      as[1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
-      as[2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-      as[3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+      uint32_t as[4], as_lo[4];
+      a_fragment_split(as, as_lo, sc[2 * kk], sc[2 * kk + 1]);
 #pragma unroll
       for (int dpair = 0; dpair < kDT / 2; ++dpair) {
         uint32_t bk[4];
         load_b_kn<D>(bk, tK, dpair * 16, kk);
         mma_bf16(dq[2 * dpair], as, bk[0], bk[1]);
         mma_bf16(dq[2 * dpair + 1], as, bk[2], bk[3]);
+        mma_bf16(dq[2 * dpair], as_lo, bk[0], bk[1]);
+        mma_bf16(dq[2 * dpair + 1], as_lo, bk[2], bk[3]);
       }
     }
     stage ^= 1;

@@ -5,6 +5,7 @@
 
 #include "attention/fused/problem.h"
 #include "cuda/attention_fused.cuh"
+#include "cuda/attention_tuning.h"
 
 namespace longtape::cuda::attn {
 

@@ -56,6 +56,14 @@ CachingAllocator::~CachingAllocator() {
     } catch (...) {
     }
   }
+  for (PendingFree& pending : pending_) {
+    for (uintptr_t event : pending.events) {
+      try {
+        device_.destroy_event(event);
+      } catch (...) {
+      }
+    }
+  }
 }
 
 size_t CachingAllocator::round_size(size_t nbytes) {
@@ -82,15 +90,33 @@ void CachingAllocator::count_reserved(int64_t delta) {
   stats_.peak_reserved_bytes = std::max(stats_.peak_reserved_bytes, stats_.reserved_bytes);
 }
 
+void at_thread_exit(std::function<void()> fn) {
+  struct Hooks {
+    std::vector<std::function<void()>> functions;
+    ~Hooks() {
+      for (auto& f : functions) {
+        try {
+          f();
+        } catch (...) {
+        }
+      }
+    }
+  };
+  thread_local Hooks hooks;
+  hooks.functions.push_back(std::move(fn));
+}
+
 void* CachingAllocator::allocate(size_t nbytes, uintptr_t stream) {
   std::lock_guard lock(mutex_);
   if (nbytes > kLargestRequest) throw_out_of_memory(nbytes, nbytes);
   if (options_.bypass_cache) return bypass_allocate(nbytes);
+  process_pending_frees();
 
   const size_t size = round_size(nbytes);
   const bool small = size <= kSmallRequest;
   FreeBlocks& pool = small ? small_free_ : large_free_;
   Block* block = take_cached_block(pool, stream, size);
+  if (!block && stream != kSharedStream) block = take_shared_segment(pool, stream, size);
   if (block) {
     ++stats_.cache_hits;
   } else {
@@ -121,6 +147,21 @@ CachingAllocator::Block* CachingAllocator::take_cached_block(FreeBlocks& pool, u
   Block* block = *it;
   pool.erase(it);
   return block;
+}
+
+CachingAllocator::Block* CachingAllocator::take_shared_segment(FreeBlocks& pool, uintptr_t stream, size_t size) {
+  // Only a whole free segment changes hands: a segment's blocks all belong to one stream, and a
+  // shared block next to one still in use elsewhere could not be merged back safely.
+  Block key{kSharedStream, size, nullptr};
+  for (auto it = pool.lower_bound(&key); it != pool.end() && (*it)->stream == kSharedStream; ++it) {
+    Block* block = *it;
+    if (block->prev || block->next) continue;
+    pool.erase(it);
+    block->stream = stream;
+    block->segment->stream = stream;
+    return block;
+  }
+  return nullptr;
 }
 
 CachingAllocator::Block* CachingAllocator::new_segment(size_t rounded, bool small, uintptr_t stream,
@@ -175,6 +216,24 @@ void CachingAllocator::free(void* ptr) {
            "free: expected a pointer returned by allocate() and not yet freed, got ", ptr);
   Block* block = it->second;
   allocated_blocks_.erase(it);
+  if (!block->recorded_streams.empty()) {
+    // Still counted as allocated until the other streams are done with it.
+    PendingFree pending{block, {}};
+    try {
+      for (uintptr_t stream : block->recorded_streams) pending.events.push_back(device_.record_event(stream));
+    } catch (...) {
+      for (uintptr_t event : pending.events) device_.destroy_event(event);
+      allocated_blocks_.emplace(block->ptr, block);  // still owned by the caller, as before the call
+      throw;
+    }
+    block->recorded_streams.clear();
+    pending_.push_back(std::move(pending));
+    return;
+  }
+  release_block(block);
+}
+
+void CachingAllocator::release_block(Block* block) {
   count_allocated(-static_cast<int64_t>(block->size));
   block->allocated = false;
 
@@ -196,6 +255,56 @@ void CachingAllocator::free(void* ptr) {
     block = prev;
   }
   pool.insert(block);
+}
+
+void CachingAllocator::process_pending_frees() {
+  auto done = [this](PendingFree& p) {
+    for (uintptr_t event : p.events)
+      if (!device_.event_completed(event)) return false;
+    for (uintptr_t event : p.events) device_.destroy_event(event);
+    release_block(p.block);
+    return true;
+  };
+  pending_.erase(std::remove_if(pending_.begin(), pending_.end(), done), pending_.end());
+}
+
+void CachingAllocator::record_stream(void* ptr, uintptr_t stream) {
+  std::lock_guard lock(mutex_);
+  if (options_.bypass_cache) {
+    // Each block goes back to the device, whose free waits for all work: nothing to defer.
+    LT_CHECK(bypass_allocations_.count(ptr), "record_stream: expected a pointer returned by allocate() and not yet "
+             "freed, got ", ptr);
+    return;
+  }
+  auto it = allocated_blocks_.find(ptr);
+  LT_CHECK(it != allocated_blocks_.end(),
+           "record_stream: expected a pointer returned by allocate() and not yet freed, got ", ptr);
+  Block* block = it->second;
+  if (stream == block->stream) return;
+  auto& streams = block->recorded_streams;
+  if (std::find(streams.begin(), streams.end(), stream) == streams.end()) streams.push_back(stream);
+}
+
+size_t CachingAllocator::pending_frees() const {
+  std::lock_guard lock(mutex_);
+  return pending_.size();
+}
+
+void CachingAllocator::retire_stream(uintptr_t stream) {
+  LT_CHECK(stream != kSharedStream, "retire_stream: the shared stream ", kSharedStream, " cannot be retired");
+  std::lock_guard lock(mutex_);
+  process_pending_frees();
+  for (auto& [base, segment] : segments_) {
+    if (segment->stream != stream) continue;
+    FreeBlocks& pool = pool_of(*segment);
+    // The free lists are ordered by stream first: re-key each free block outside the set.
+    for (Block* block = segment->head; block; block = block->next) {
+      if (!block->allocated) pool.erase(block);
+      block->stream = kSharedStream;
+      if (!block->allocated) pool.insert(block);
+    }
+    segment->stream = kSharedStream;
+  }
 }
 
 void CachingAllocator::release_segment(Block* head) {
@@ -221,6 +330,7 @@ void CachingAllocator::release_unused_segments() {
 
 void CachingAllocator::empty_cache() {
   std::lock_guard lock(mutex_);
+  process_pending_frees();
   release_unused_segments();
 }
 

@@ -3,9 +3,12 @@
 // fake device. Device memory is requested in segments (2 MiB for small requests, the rounded
 // request for large ones); segments are split into blocks that are handed out, and freed blocks
 // stay cached (merged with free neighbours) to serve later requests on the same stream without
-// another device malloc. Thread-safe: ranks run as threads and share one pool per device.
+// another device malloc. A block used on a second stream is reused only after that stream's work
+// is done (record_stream); the cache of a stream whose thread exited is shared (retire_stream).
+// Thread-safe: ranks run as threads and share one pool per device.
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <set>
 #include <string>
@@ -28,7 +31,18 @@ class DeviceMemory {
   virtual std::pair<size_t, size_t> mem_info() = 0;
   // How the device is named in messages, e.g. "cuda:0".
   virtual std::string name() const { return "device"; }
+  // Stream-ordered reuse (CachingAllocator::record_stream): an event recorded on `stream` now; it
+  // completes once all work queued on the stream so far has finished. The default, for a device
+  // without asynchronous streams, returns 0, which counts as complete.
+  virtual uintptr_t record_event(uintptr_t stream) { return 0; }
+  // Whether the event has completed (0 always has). Must not block.
+  virtual bool event_completed(uintptr_t event) { return true; }
+  virtual void destroy_event(uintptr_t event) {}
 };
+
+// Runs `fn` when the calling thread exits (from a thread_local destructor), after the functions
+// the thread registered before it. Exceptions from `fn` are swallowed: a thread exit cannot report.
+void at_thread_exit(std::function<void()> fn);
 
 struct CachingAllocatorOptions {
   // Every allocate/free goes straight to the device (still counted in the stats), so tools
@@ -67,6 +81,24 @@ class CachingAllocator {
   void empty_cache();
   bool bypass_cache() const { return options_.bypass_cache; }
 
+  // Blocks are cached per stream. kSharedStream holds the segments of retired streams: a request
+  // on any stream that its own cache cannot serve takes a whole free shared segment (which then
+  // belongs to that stream) before asking the device.
+  static constexpr uintptr_t kSharedStream = 0;
+
+  // The block behind `ptr` (handed out for another stream) is also used by work on `stream`: when
+  // it is freed, an event is recorded on `stream`, and the block is reused only once that event
+  // has completed. Without this, a block freed while another stream still reads it could be
+  // handed out and overwritten. Repeats and the block's own stream are ignored.
+  void record_stream(void* ptr, uintptr_t stream);
+  // Blocks freed after record_stream whose events have not all completed yet.
+  size_t pending_frees() const;
+
+  // The owner of `stream` is gone (its thread exited) and the stream's work has completed: its
+  // segments, cached blocks and blocks still in use (once freed) join the shared pool, so other
+  // streams reuse them instead of leaving them stranded until empty_cache.
+  void retire_stream(uintptr_t stream);
+
   // Size of the block behind a pointer handed out by allocate() (>= the rounded request).
   size_t allocation_size(void* ptr) const;
 
@@ -99,6 +131,12 @@ class CachingAllocator {
     Segment* segment = nullptr;
     Block* prev = nullptr;  // neighbours inside the same segment, by address
     Block* next = nullptr;
+    std::vector<uintptr_t> recorded_streams{};  // other streams that use it (record_stream)
+  };
+  // A freed block waiting for the events recorded on the streams that used it.
+  struct PendingFree {
+    Block* block;
+    std::vector<uintptr_t> events;
   };
   struct Segment {
     char* base = nullptr;
@@ -119,6 +157,9 @@ class CachingAllocator {
 
   FreeBlocks& pool_of(const Segment& segment) { return segment.small ? small_free_ : large_free_; }
   Block* take_cached_block(FreeBlocks& pool, uintptr_t stream, size_t size);
+  Block* take_shared_segment(FreeBlocks& pool, uintptr_t stream, size_t size);
+  void release_block(Block* block);  // back to its stream's free list, merged with free neighbours
+  void process_pending_frees();
   Block* new_segment(size_t rounded, bool small, uintptr_t stream, size_t requested);
   void* device_malloc_with_retry(size_t nbytes, size_t requested);
   [[noreturn]] void throw_out_of_memory(size_t requested, size_t device_request);
@@ -138,6 +179,7 @@ class CachingAllocator {
   std::unordered_map<void*, Block*> allocated_blocks_;
   std::unordered_map<char*, Segment*> segments_;          // by base address
   std::unordered_map<void*, size_t> bypass_allocations_;  // bypass mode: pointer -> size
+  std::vector<PendingFree> pending_;
   MemoryStats stats_;
 };
 

@@ -9,13 +9,21 @@
 namespace longtape::cuda {
 
 // A block of at least `nbytes` on `device`, for work on the calling thread's longtape stream;
-// cached blocks are only reused by requests on the stream they were allocated for.
+// cached blocks are only reused by requests on the stream they were allocated for. When a thread
+// exits, its stream is synchronized and its cached blocks become available to every stream.
 // Throws OutOfMemoryError (with requested, reserved, allocated and the device's free/total bytes)
 // when the device has no room even after the pool released its cache.
 void* pool_allocate(int device, size_t nbytes);
 // Returns a block to the pool. nullptr is ignored; a pointer the pool did not hand out throws.
 // CUDA errors caused by the runtime shutting down at process exit are ignored.
 void pool_free(int device, void* ptr);
+// The block at `ptr` (from pool_allocate) is also used by work queued on `stream` (a cudaStream_t;
+// cudaStreamPerThread means the calling thread's stream): when freed, it is reused only after that
+// work has completed, as torch's record_stream. Another thread's per-thread stream cannot be
+// named; a block freed while such a stream is recorded makes the free wait for the device.
+void pool_record_stream(int device, void* ptr, void* stream);
+// Blocks freed after pool_record_stream that still wait for their streams.
+size_t pool_pending_frees(int device);
 MemoryStats pool_stats(int device);
 void pool_reset_peak(int device);
 // Returns cached segments that hold no live block to the device.

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <set>
 
 #include "cuda/caching_allocator.h"
 #include "cuda/runtime.h"
@@ -87,6 +88,27 @@ class CudaDeviceMemory final : public DeviceMemory {
 
   std::string name() const override { return "cuda:" + std::to_string(device_); }
 
+  uintptr_t record_event(uintptr_t stream_key) override;
+
+  bool event_completed(uintptr_t event) override {
+    const cudaError_t status = cudaEventQuery(reinterpret_cast<cudaEvent_t>(event));
+    if (status == cudaErrorNotReady) {
+      cudaGetLastError();
+      return false;
+    }
+    if (is_shutdown_error(status)) {
+      cudaGetLastError();
+      return true;
+    }
+    check_cuda(status, "cudaEventQuery");
+    return true;
+  }
+
+  void destroy_event(uintptr_t event) override {
+    const cudaError_t status = cudaEventDestroy(reinterpret_cast<cudaEvent_t>(event));
+    if (status != cudaSuccess) cudaGetLastError();  // nothing to do about it; clear the sticky state
+  }
+
  private:
   int device_;
 };
@@ -133,19 +155,108 @@ CachingAllocator& pool_for(int device) {
 // The key under which blocks are cached: the stream longtape launches on. That is the per-thread
 // default stream, whose handle is the same constant in every thread although each thread has its
 // own stream, so the key is the thread instead: a block freed by one thread (its kernels possibly
-// still running) must not be handed to another thread's stream. Blocks cached for a thread that
-// has exited go back to the device on empty_cache or an out-of-memory retry.
-uintptr_t current_stream_key() {
-  void* stream = current_stream();
+// still running) must not be handed to another thread's stream. When the thread exits, its
+// stream is synchronized and its cache retired into the pool's shared one.
+thread_local const char thread_identity = 0;
+
+uintptr_t this_thread_key() { return reinterpret_cast<uintptr_t>(&thread_identity); }
+
+uintptr_t stream_key(void* stream) {
   if (stream != static_cast<void*>(cudaStreamPerThread)) return reinterpret_cast<uintptr_t>(stream);
-  thread_local const char thread_identity = 0;
-  return reinterpret_cast<uintptr_t>(&thread_identity);
+  return this_thread_key();
+}
+
+// Keys that stand for a thread's per-thread stream (not stream handles), while the thread lives.
+std::mutex& thread_keys_mutex() {
+  static auto* m = new std::mutex();
+  return *m;
+}
+std::set<uintptr_t>& thread_keys() {
+  static auto* keys = new std::set<uintptr_t>();
+  return *keys;
+}
+
+// The first allocation of a thread on its per-thread stream arranges that, when the thread exits,
+// the stream is synchronized and the pool's cache for it is handed to every stream.
+void retire_at_thread_exit(int device, CachingAllocator& pool) {
+  thread_local std::array<bool, kMaxDevices> registered{};
+  if (registered[device]) return;
+  registered[device] = true;
+  const uintptr_t key = this_thread_key();
+  {
+    std::lock_guard lock(thread_keys_mutex());
+    thread_keys().insert(key);
+  }
+  at_thread_exit([device, key, &pool] {
+    {
+      std::lock_guard lock(thread_keys_mutex());
+      thread_keys().erase(key);
+    }
+    int previous = 0;
+    if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+      cudaGetLastError();
+      return;  // the runtime is gone (process exit): nothing will reuse the cache
+    }
+    const cudaError_t status = cudaStreamSynchronize(cudaStreamPerThread);
+    cudaSetDevice(previous);
+    if (status != cudaSuccess) {
+      cudaGetLastError();
+      return;  // blocks whose work may still run are left to this thread's key, never reused
+    }
+    pool.retire_stream(key);
+  });
 }
 
 }  // namespace
 
+uintptr_t CudaDeviceMemory::record_event(uintptr_t key) {
+  cudaStream_t stream = nullptr;
+  if (key == this_thread_key()) {
+    stream = cudaStreamPerThread;
+  } else {
+    bool other_thread = false;
+    {
+      std::lock_guard lock(thread_keys_mutex());
+      other_thread = thread_keys().count(key) > 0;
+    }
+    if (other_thread) {
+      // Another thread's per-thread stream has no handle this thread can record on: wait for the
+      // whole device instead, after which the block is free of any work.
+      DeviceScope scope(device_);
+      check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+      return 0;
+    }
+    stream = reinterpret_cast<cudaStream_t>(key);
+  }
+  DeviceScope scope(device_);
+  cudaEvent_t event = nullptr;
+  check_cuda(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  const cudaError_t status = cudaEventRecord(event, stream);
+  if (status != cudaSuccess) {
+    cudaEventDestroy(event);
+    check_cuda(status, "cudaEventRecord");
+  }
+  return reinterpret_cast<uintptr_t>(event);
+}
+
 void* pool_allocate(int device, size_t nbytes) {
-  return pool_for(device).allocate(nbytes, current_stream_key());
+  CachingAllocator& pool = pool_for(device);
+  void* stream = current_stream();
+  if (stream == static_cast<void*>(cudaStreamPerThread) && !pool.bypass_cache()) retire_at_thread_exit(device, pool);
+  return pool.allocate(nbytes, stream_key(stream));
+}
+
+void pool_record_stream(int device, void* ptr, void* stream) {
+  if (!ptr) return;
+  CachingAllocator* pool = existing_pool(device);
+  LT_CHECK(pool, "pool_record_stream: expected a pointer from the pool of cuda:", device,
+           ", but that pool never allocated anything; got ", ptr);
+  pool->record_stream(ptr, stream_key(stream));
+}
+
+size_t pool_pending_frees(int device) {
+  CachingAllocator* pool = existing_pool(device);
+  return pool ? pool->pending_frees() : 0;
 }
 
 void pool_free(int device, void* ptr) {

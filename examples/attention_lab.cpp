@@ -1,9 +1,14 @@
 // Kernel lab for the attention core: times each attention configuration of interest with the
 // fused kernels and (optionally) the composed path, checks fused against composed on the same
 // inputs, and prints one markdown row per case. GPU only.
-//   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq]
+//   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
+//                           [--fwd-stages 2|3] [--eager-rescale]
+// (--only runs the cases whose label contains TEXT, e.g. for a profiler run of one case;
+// --fwd-stages picks the forward kernel's K/V pipeline depth, default: per head dim;
+// --eager-rescale rescales the forward accumulator on every key tile.)
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <string>
@@ -13,6 +18,7 @@
 #include "tensor/backend_options.h"
 #include "tensor/ops.h"
 #ifdef LONGTAPE_WITH_CUDA
+#include "cuda/attention_tuning.h"
 #include "cuda/memory_pool.h"
 #include "cuda/runtime.h"
 #include "cuda/timer.h"
@@ -127,10 +133,20 @@ int main(int argc, char** argv) {
 #else
   std::string impl = "fused";
   bool quick = false;
+  std::string only;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--impl") && i + 1 < argc) impl = argv[++i];
     else if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--atomic-dq")) set_deterministic_algorithms(false);
+    else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+    else if (!std::strcmp(argv[i], "--fwd-stages") && i + 1 < argc)
+      cuda::attn::kernel_tuning().forward_stages = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--eager-rescale"))
+      cuda::attn::kernel_tuning().lazy_rescale = false;
+    else {
+      std::cerr << "attention_lab: unknown argument '" << argv[i] << "'\n";
+      return 2;
+    }
   }
   std::vector<Case> cases{dense(16384, 64, false), dense(16384, 64, true), dense(16384, 128, false),
                           block_sparse(16384, 4096), block_sparse(16384, 1536)};
@@ -139,6 +155,7 @@ int main(int argc, char** argv) {
   std::printf("| case | impl | precision | N | D | fwd ms | fwd+bwd ms | fwd TFLOP/s | f+b TFLOP/s | peak MiB |\n");
   std::printf("|---|---|---|--:|--:|--:|--:|--:|--:|--:|\n");
   for (const Case& cs : cases) {
+    if (!only.empty() && cs.label.find(only) == std::string::npos) continue;
     for (const std::string& which : impl == "both" ? std::vector<std::string>{"fused", "composed"}
                                                    : std::vector<std::string>{impl}) {
       if (which == "composed" && cs.variant == "dense" && cs.n > 8192) continue;  // N x N scores

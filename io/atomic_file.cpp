@@ -9,6 +9,7 @@
 #include <cstring>
 #include <random>
 
+#include "io/regular_file.h"
 #include "tensor/error.h"
 
 namespace longtape::io {
@@ -116,53 +117,11 @@ void write_file_atomic(const std::string& path, const void* data, size_t n) {
   });
 }
 
-std::vector<uint8_t> read_file(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  LT_CHECK(fd >= 0, "cannot open '", path, "' for reading: ", errno_text(errno));
-  struct stat info {};
-  if (::fstat(fd, &info) != 0) {
-    int err = errno;
-    ::close(fd);
-    LT_CHECK(false, "cannot stat '", path, "': ", errno_text(err));
-  }
-  if (S_ISDIR(info.st_mode)) {
-    ::close(fd);
-    LT_CHECK(false, "cannot read '", path, "': expected a file, got a directory");
-  }
-  // Read until end of file: a regular file straight into a buffer of its size, then (for
-  // pipes, or a file that grew meanwhile) chunk by chunk.
-  std::vector<uint8_t> bytes(S_ISREG(info.st_mode) ? static_cast<size_t>(info.st_size) : 0);
-  auto read_some = [&](uint8_t* dst, size_t capacity) -> size_t {
-    for (;;) {
-      ssize_t got = ::read(fd, dst, capacity);
-      if (got >= 0) return static_cast<size_t>(got);
-      if (errno == EINTR) continue;
-      int err = errno;
-      ::close(fd);
-      LT_CHECK(false, "cannot read '", path, "': ", errno_text(err));
-    }
-  };
-  size_t used = 0;
-  bool at_end = false;
-  while (used < bytes.size()) {
-    size_t got = read_some(bytes.data() + used, bytes.size() - used);
-    if (got == 0) {
-      at_end = true;
-      break;
-    }
-    used += got;
-  }
-  std::vector<uint8_t> chunk(at_end ? 0 : 65536);
-  while (!at_end) {
-    size_t got = read_some(chunk.data(), chunk.size());
-    if (got == 0) break;
-    bytes.resize(used);
-    bytes.insert(bytes.end(), chunk.begin(), chunk.begin() + static_cast<std::ptrdiff_t>(got));
-    used += got;
-  }
-  ::close(fd);
-  bytes.resize(used);
-  return bytes;
+std::vector<uint8_t> read_file(const std::string& path, uint64_t max_bytes) {
+  RegularFile file(path, "file");
+  LT_CHECK(file.size() <= max_bytes, "cannot read '", path, "': the file has ", file.size(),
+           " bytes, over the limit of ", max_bytes, " bytes");
+  return file.read_all();
 }
 
 }  // namespace longtape::io

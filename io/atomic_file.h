@@ -23,7 +23,12 @@ inline void write_file_atomic(const std::string& path, const std::vector<uint8_t
 // Write errors reported by the stream (ferror) are detected after `writer` returns.
 void write_file_atomic(const std::string& path, const std::function<void(std::FILE*)>& writer);
 
-// Whole file content. Throws longtape::Error naming the file and the system's reason.
-std::vector<uint8_t> read_file(const std::string& path);
+// Largest file read_file reads unless told otherwise: 16 GiB.
+constexpr uint64_t kDefaultMaxReadBytes = uint64_t{16} << 30;
+
+// Whole content of a regular file of at most `max_bytes` bytes. A directory, FIFO, device or
+// socket is refused before anything is read (a FIFO or /dev/zero would hang or never end), and so
+// is a larger file, before it is allocated. Throws longtape::Error naming the file and the reason.
+std::vector<uint8_t> read_file(const std::string& path, uint64_t max_bytes = kDefaultMaxReadBytes);
 
 }  // namespace longtape::io

@@ -26,6 +26,8 @@ constexpr size_t kMaxHeaderBytes = 100'000'000;
 
 // ---- a Python literal subset: the header is the repr() of a dict ----
 
+struct PyEntry;
+
 struct PyValue {
   enum class Kind { string, integer, boolean, none, sequence, dict } kind = Kind::none;
   std::string text;  // string
@@ -33,7 +35,12 @@ struct PyValue {
   bool boolean = false;
   bool is_tuple = false;                                // sequence: tuple or list
   std::vector<PyValue> items;                           // sequence
-  std::vector<std::pair<PyValue, PyValue>> entries;     // dict
+  // A vector of an incomplete type is allowed, a pair of one is not (std::pair needs it complete).
+  std::vector<PyEntry> entries;                         // dict
+};
+
+struct PyEntry {
+  PyValue key, value;
 };
 
 const char* kind_name(const PyValue& v) {
@@ -190,7 +197,7 @@ class LiteralParser {
       if (at_end() || text_[pos_] != ':') fail("expected ':' after a dict key");
       ++pos_;
       PyValue value = parse_value(depth + 1);
-      v.entries.emplace_back(std::move(key), std::move(value));
+      v.entries.push_back(PyEntry{std::move(key), std::move(value)});
       skip_space();
       if (at_end()) fail("expected ',' or '}'");
       if (text_[pos_] == ',') {

@@ -92,28 +92,35 @@ uint64_t to_u64(const Json& value, const std::string& what, const std::string& s
 }
 
 // Key of each JSON object seen twice (nlohmann keeps the last silently; safetensors forbids it).
+// A SAX pass of its own: nlohmann's parse callback rescans the parent object every time a child
+// object closes, quadratic in the number of tensors.
 struct DuplicateKeyFinder {
   std::vector<std::set<std::string>> open_objects;
   std::optional<std::string> duplicate;
 
-  bool operator()(int /*depth*/, Json::parse_event_t event, Json& parsed) {
-    switch (event) {
-      case Json::parse_event_t::object_start:
-        open_objects.emplace_back();
-        break;
-      case Json::parse_event_t::object_end:
-        if (!open_objects.empty()) open_objects.pop_back();
-        break;
-      case Json::parse_event_t::key:
-        if (!open_objects.empty() && parsed.is_string() &&
-            !open_objects.back().insert(parsed.get<std::string>()).second && !duplicate)
-          duplicate = parsed.get<std::string>();
-        break;
-      default:
-        break;
-    }
+  bool null() { return true; }
+  bool boolean(bool) { return true; }
+  bool number_integer(Json::number_integer_t) { return true; }
+  bool number_unsigned(Json::number_unsigned_t) { return true; }
+  bool number_float(Json::number_float_t, const std::string&) { return true; }
+  bool string(std::string&) { return true; }
+  bool binary(Json::binary_t&) { return true; }
+  bool start_object(std::size_t) {
+    open_objects.emplace_back();
     return true;
   }
+  bool key(std::string& key) {
+    if (!open_objects.empty() && !open_objects.back().insert(key).second && !duplicate) duplicate = key;
+    return true;
+  }
+  bool end_object() {
+    if (!open_objects.empty()) open_objects.pop_back();
+    return true;
+  }
+  bool start_array(std::size_t) { return true; }
+  bool end_array() { return true; }
+  // Syntax errors are reported by the parse that follows, with its message.
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) { return false; }
 };
 
 struct TensorEntry {
@@ -314,8 +321,8 @@ SafetensorsLayout parse_header(const char* header_begin, uint64_t header_len, ui
   DuplicateKeyFinder duplicates;
   Json header;
   try {
-    header = Json::parse(header_begin, header_begin + header_len, std::ref(duplicates),
-                         /*allow_exceptions=*/true);
+    Json::sax_parse(header_begin, header_begin + header_len, &duplicates);
+    header = Json::parse(header_begin, header_begin + header_len);
   } catch (const nlohmann::json::parse_error& e) {
     // e.what() is "[json.exception.parse_error.101] parse error at line 1, column 7: <reason>"
     // and may quote raw header bytes: keep the reason, escaped and short.

@@ -1,10 +1,13 @@
 #include "nn/data.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <new>
 #include <stdexcept>
 
 #include "autograd/grad_mode.h"
+#include "io/atomic_file.h"
 #include "io/regular_file.h"
 #include "tensor/checked_math.h"
 #include "tensor/ops.h"
@@ -49,11 +52,25 @@ uint64_t stream_of(Split split) { return split == Split::train ? kTrainStream : 
 constexpr int64_t kMaxVocab = INT32_MAX;
 constexpr int64_t kMaxKeys = int64_t{1} << 24;
 
-// batch_size * seq_len tokens, all `fill`: the product is overflow-checked and an allocation
-// failure becomes longtape::OutOfMemoryError naming both sizes.
+// Bytes of memory the machine has (0 when unknown).
+uint64_t machine_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGESIZE);
+  return pages > 0 && page_size > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size) : 0;
+}
+
+// batch_size * seq_len tokens, all `fill`: the product is overflow-checked, a buffer larger than
+// the machine's memory is refused before it is requested (it could only be filled by swapping or
+// the out-of-memory killer), and an allocation failure becomes longtape::OutOfMemoryError naming
+// both sizes.
 std::vector<int64_t> token_buffer(int64_t batch_size, int64_t seq_len, int64_t fill, const char* op) {
   const int64_t n = checked::mul(batch_size, seq_len, std::string(op) + ": batch_size * seq_len");
-  checked::mul(n, static_cast<int64_t>(sizeof(int64_t)), std::string(op) + ": bytes of batch_size * seq_len tokens");
+  const int64_t bytes =
+      checked::mul(n, static_cast<int64_t>(sizeof(int64_t)), std::string(op) + ": bytes of batch_size * seq_len tokens");
+  const uint64_t memory = machine_memory_bytes();
+  if (memory > 0 && static_cast<uint64_t>(bytes) > memory)
+    throw OutOfMemoryError(detail::concat(op, ": cannot allocate ", n, " tokens (batch_size ", batch_size, " * seq_len ",
+                                          seq_len, "): ", bytes, " bytes, more than this machine's memory of ", memory,
+                                          " bytes"));
   try {
     return std::vector<int64_t>(static_cast<size_t>(n), fill);
   } catch (const std::bad_alloc&) {
@@ -141,8 +158,18 @@ Batch RecallTask::batch(int64_t batch_size, int64_t index, Split split, Device d
 
 // ---------------------------------------------------------------- CharTextDataset
 
+namespace {
+// A regular file of at most io::kDefaultMaxReadBytes, checked before its bytes are allocated.
+std::vector<uint8_t> read_text_file(const std::string& path) {
+  const io::RegularFile file(path, "text file");
+  LT_CHECK(file.size() <= io::kDefaultMaxReadBytes, "cannot read text file '", path, "': it has ", file.size(),
+           " bytes, over the limit of ", io::kDefaultMaxReadBytes, " bytes");
+  return file.read_all();
+}
+}  // namespace
+
 CharTextDataset::CharTextDataset(const std::string& path, int64_t seq_len, uint64_t seed, double holdout_fraction)
-    : CharTextDataset(io::RegularFile(path, "text file").read_all(), seq_len, seed, holdout_fraction, path) {}
+    : CharTextDataset(read_text_file(path), seq_len, seed, holdout_fraction, path) {}
 
 CharTextDataset::CharTextDataset(std::vector<uint8_t> bytes, int64_t seq_len, uint64_t seed, double holdout_fraction,
                                  const std::string& source)

@@ -3,8 +3,7 @@
 #include <cmath>
 
 #include "autograd/grad_mode.h"
-
-#include "attention/multihead.h"
+#include "tensor/checked_math.h"
 
 namespace longtape::nn {
 
@@ -78,7 +77,8 @@ Tensor Dropout::forward(const Tensor& x) { return dropout(x, p_, is_training());
 
 MLP::MLP(int64_t dim, int64_t hidden, double dropout_p) {
   LT_CHECK(hidden >= 0, "MLP: hidden must be >= 0 (0 = 4 * dim), got ", hidden);
-  const int64_t h = hidden == 0 ? 4 * dim : hidden;
+  LT_CHECK(dim >= 1, "MLP: dim must be >= 1, got ", dim);
+  const int64_t h = hidden == 0 ? checked::mul(4, dim, "MLP: hidden size 4 * dim") : hidden;
   fc1 = register_module("fc1", std::make_shared<Linear>(dim, h));
   act = register_module("act", std::make_shared<GELU>());
   fc2 = register_module("fc2", std::make_shared<Linear>(h, dim));
@@ -96,16 +96,11 @@ std::shared_ptr<Module> ModuleList::at(size_t i) const {
 
 // ---------------------------------------------------------------- TransformerBlock
 
-TransformerBlock::TransformerBlock(const TransformerBlockConfig& config) {
-  LT_CHECK(config.embed_dim >= 1 && config.num_heads >= 1 && config.embed_dim % config.num_heads == 0,
-           "TransformerBlock: embed_dim must be a positive multiple of num_heads, got embed_dim ", config.embed_dim,
-           " and num_heads ", config.num_heads);
+TransformerBlock::TransformerBlock(const TransformerBlockConfig& config, std::shared_ptr<TokenMixer> attention) {
+  LT_CHECK(config.embed_dim >= 1, "TransformerBlock: embed_dim must be >= 1, got ", config.embed_dim);
+  LT_CHECK(attention != nullptr, "TransformerBlock: needs an attention module (a TokenMixer), got none");
   ln1 = register_module("ln1", std::make_shared<LayerNorm>(config.embed_dim));
-  attention::AttentionConfig ac = config.attention_config;
-  ac.num_heads = config.num_heads;
-  ac.head_dim = config.embed_dim / config.num_heads;
-  attn = register_module("attn", std::make_shared<attention::MultiheadAttention>(config.embed_dim, config.num_heads,
-                                                                                 config.attention, ac));
+  attn = register_module("attn", std::move(attention));
   ln2 = register_module("ln2", std::make_shared<LayerNorm>(config.embed_dim));
   mlp = register_module("mlp", std::make_shared<MLP>(config.embed_dim, config.mlp_hidden));
   drop = register_module("drop", std::make_shared<Dropout>(config.dropout));

@@ -1,19 +1,16 @@
 #pragma once
 // Standard layers on top of Module: Linear, LayerNorm, Embedding, Dropout, GELU, MLP, ModuleList
-// and the pre-LN TransformerBlock. Parameter names follow PyTorch ("weight", "bias") so state
-// dicts read like PyTorch's. Initialisation draws from the default generator (manual_seed).
+// and the pre-LN TransformerBlock, which takes its attention (any TokenMixer) from whoever builds
+// it (models/ wires in attention::MultiheadAttention). Parameter names follow PyTorch ("weight",
+// "bias") so state dicts read like PyTorch's. Initialisation draws from the default generator
+// (manual_seed).
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
-#include "attention/config.h"
 #include "nn/module.h"
 #include "tensor/ops.h"
-
-namespace longtape::attention {
-class MultiheadAttention;
-}
 
 namespace longtape::nn {
 
@@ -121,24 +118,29 @@ class ModuleList : public Module {
   std::vector<std::shared_ptr<Module>> items_;
 };
 
+// A layer that mixes information across the positions of a sequence: (B, N, E) -> (B, N, E).
+// Self-attention is one (attention::MultiheadAttention).
+class TokenMixer : public Module {
+ public:
+  virtual Tensor forward(const Tensor& x) = 0;
+};
+
 struct TransformerBlockConfig {
   int64_t embed_dim = 256;
-  int64_t num_heads = 4;
-  std::string attention = "dilated";  // a name from attention::registered_attention_names()
-  attention::AttentionConfig attention_config;  // num_heads and head_dim are set from the fields above
-  int64_t mlp_hidden = 0;                       // 0: 4 * embed_dim
-  double dropout = 0.0;                         // on both residual branches
+  int64_t mlp_hidden = 0;  // 0: 4 * embed_dim
+  double dropout = 0.0;    // on both residual branches
 };
 
 // Pre-LN block: x = x + drop(attn(ln1(x))); x = x + drop(mlp(ln2(x))). Input and output (B, N, E).
+// `attention` becomes the child "attn"; it must map (B, N, E) to (B, N, E).
 class TransformerBlock : public Module {
  public:
-  explicit TransformerBlock(const TransformerBlockConfig& config);
+  TransformerBlock(const TransformerBlockConfig& config, std::shared_ptr<TokenMixer> attention);
   Tensor forward(const Tensor& x);
   std::string type_name() const override { return "TransformerBlock"; }
 
   std::shared_ptr<LayerNorm> ln1, ln2;
-  std::shared_ptr<attention::MultiheadAttention> attn;
+  std::shared_ptr<TokenMixer> attn;
   std::shared_ptr<MLP> mlp;
   std::shared_ptr<Dropout> drop;
 };

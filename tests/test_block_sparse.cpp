@@ -615,3 +615,23 @@ TEST_CASE("block_sparse and block_sparse_adaptive are registered variants") {
   CHECK(adaptive->forward(p.q.detach().to(DType::f32), p.k.detach().to(DType::f32), p.v.detach().to(DType::f32))
             .shape() == Shape({1, 12, 2, 4}));
 }
+
+TEST_CASE("block_sparse: one layer called with several lengths gives what a fresh layer gives at each") {
+  // The layer keeps the pattern of the last length it saw; a different length must rebuild it.
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  for (const char* pattern : {"local_window", "random"}) {
+    const AttentionConfig config = small_config(pattern, false);
+    auto reused = make_attention("block_sparse", config);
+    for (int64_t n : {int64_t{24}, int64_t{13}, int64_t{24}}) {
+      INFO(pattern << " N " << n);
+      Tensor q = Tensor::randn({1, n, 2, 4}, DType::f64), k = Tensor::randn({1, n, 2, 4}, DType::f64),
+             v = Tensor::randn({1, n, 2, 4}, DType::f64);
+      const std::vector<double> got = reused->forward(q, k, v).to_vector();
+      const std::vector<double> want = make_attention("block_sparse", config)->forward(q, k, v).to_vector();
+      REQUIRE(got.size() == want.size());
+      for (size_t i = 0; i < got.size(); ++i) CHECK(got[i] == want[i]);
+    }
+  }
+}

@@ -14,11 +14,12 @@
 #include "io/safetensors.h"
 #include "nn/checkpoint.h"
 #include "nn/data.h"
-#include "nn/language_model.h"
+#include "models/language_model.h"
 #include "nn/optim.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
+using namespace longtape::models;
 using namespace longtape::nn;
 namespace fs = std::filesystem;
 

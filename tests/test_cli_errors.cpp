@@ -141,6 +141,11 @@ TEST_CASE("out-of-range integers are refused, not clamped or wrapped, and the me
   check_usage_error(run_longtape("train --steps ' 5'" + outputs, dir), {"--steps", "is not a decimal integer"});
   check_usage_error(run_longtape("train --dropout 1" + outputs, dir), {"--dropout", "[0, 1)"});
   check_usage_error(run_longtape("train --threads 99999999999" + outputs, dir), {"--threads", "out of range"});
+  // Combinations that cannot train: a schedule rising to its final rate, a decay that flips the weights.
+  check_usage_error(run_longtape("train --min-lr -1" + outputs, dir), {"--min-lr", "'-1' is out of range", ">= 0"});
+  check_usage_error(run_longtape("train --lr 0.1 --min-lr 0.5" + outputs, dir), {"--min-lr 0.5 is above --lr 0.1"});
+  check_usage_error(run_longtape("train --lr 0.5 --weight-decay 4" + outputs, dir),
+                    {"--lr 0.5 x --weight-decay 4 = 2", "must be below 1"});
   check_usage_error(run_longtape("bench --warmup -1 --out-dir " + quoted(dir / "b"), dir), {"--warmup", "out of range"});
   check_usage_error(run_longtape("patterns --cell 0 --out-dir " + quoted(dir / "p"), dir), {"--cell", "[1, 64]"});
   // Non-printable bytes are escaped, long values truncated, and the line stays short.
@@ -269,7 +274,7 @@ TEST_CASE("longtape train stops on a non-finite loss without writing over the ch
   const fs::path ck = dir / "ck.safetensors";
   { std::ofstream(ck) << "the last good checkpoint"; }
   const CommandResult r =
-      run_longtape(kTinyTrain + " --steps 20 --warmup 0 --lr 1e38 --checkpoint " + quoted(ck) + " --metrics " +
+      run_longtape(kTinyTrain + " --steps 20 --warmup 0 --lr 1e38 --weight-decay 0 --checkpoint " + quoted(ck) + " --metrics " +
                        quoted(dir / "m.csv"),
                    dir);
   INFO(r.output);

@@ -13,7 +13,7 @@
 
 #include "autograd/node.h"
 #include "nn/data.h"
-#include "nn/language_model.h"
+#include "models/language_model.h"
 #include "tensor/checked_math.h"
 #include "tensor/ops.h"
 
@@ -120,6 +120,29 @@ TEST_CASE("invalid view shapes") {
                        Contains("expand: cannot expand shape [3, 2] to [3, 4] (dim 1: 2 vs 4)"), Error);
   CHECK_THROWS_WITH_AS(x.expand({3}), Contains("expand: cannot expand shape [2, 3] to [3]"), Error);
   CHECK_THROWS_WITH_AS(Tensor::empty({2, -1}), Contains("empty: sizes must be >= 0, got shape [2, -1]"), Error);
+}
+
+TEST_CASE("view and reshape shape inference refuses ambiguous, negative and overflowing shapes") {
+  manual_seed(5);
+  Tensor x = randn({2, 3});
+  CHECK_THROWS_WITH_AS(x.view({-1, 2, -1}), Contains("only one dim can be -1, got [-1, 2, -1] (dims 0 and 2)"), Error);
+  CHECK_THROWS_WITH_AS(x.reshape({3, -5}), Contains("reshape: sizes must be >= 0 or -1, got [3, -5] (dim 1 is -5)"),
+                       Error);
+  CHECK_THROWS_WITH_AS(x.view({-1, 4}), Contains("6 is not a multiple of 4"), Error);
+  // An empty tensor: with a zero-size dim any value of -1 fits, so it is refused as ambiguous.
+  Tensor empty = Tensor::empty({0, 6});
+  CHECK_THROWS_WITH_AS(empty.view({0, -1}), Contains("-1 is ambiguous"), Error);
+  CHECK_THROWS_WITH_AS(empty.reshape({-1, 0, 3}), Contains("-1 is ambiguous"), Error);
+  CHECK(empty.view({6, 0}).shape() == Shape{6, 0});
+  CHECK(empty.view({-1, 6}).shape() == Shape{0, 6});
+  // Products past int64 are refused with the shape, whether or not another dim is 0 or -1.
+  const int64_t big = int64_t{1} << 62;
+  CHECK_THROWS_WITH_AS(x.view({big, big, -1}), Contains("has more elements than int64 can count"), Error);
+  CHECK_THROWS_WITH_AS(empty.view({0, big, big}), Contains("has more elements than int64 can count"), Error);
+  CHECK_THROWS_WITH_AS(x.reshape({big, 8}), Contains("has more elements than int64 can count"), Error);
+  // Valid inference still works.
+  CHECK(x.view({-1}).shape() == Shape{6});
+  CHECK(x.reshape({3, -1}).shape() == Shape{3, 2});
 }
 
 TEST_CASE("narrow, slice and select out of range") {
@@ -270,15 +293,15 @@ TEST_CASE("data and model sizes from flags are overflow-checked") {
   nn::CharTextDataset text(std::vector<uint8_t>(100, 'a'), 8);
   CHECK_THROWS_WITH_AS(text.batch(INT64_MAX / 4, 0), Contains("batch_size * seq_len"), Error);
 
-  nn::LanguageModelConfig mc;
+  models::LanguageModelConfig mc;
   mc.vocab_size = int64_t{1} << 62;
   mc.embed_dim = 8;
   mc.num_heads = 1;
   mc.num_layers = 0;
-  CHECK_THROWS_WITH_AS(nn::LanguageModel{mc}, Contains("vocab_size * embed_dim"), Error);
+  CHECK_THROWS_WITH_AS(models::LanguageModel{mc}, Contains("vocab_size * embed_dim"), Error);
   mc.vocab_size = 16;
   mc.max_seq_len = int64_t{1} << 61;
-  CHECK_THROWS_WITH_AS(nn::LanguageModel{mc}, Contains("max_seq_len * embed_dim"), Error);
+  CHECK_THROWS_WITH_AS(models::LanguageModel{mc}, Contains("max_seq_len * embed_dim"), Error);
 }
 
 TEST_CASE("the text dataset reads only regular files") {

@@ -115,7 +115,7 @@ TEST_CASE("select_core picks the fused CPU kernels for f32 and f64 problems on t
     key_sets[1].branches = {{8, 1}, {16, 2}};
     key_sets[2].kind = fused::KeySet::blocks;
     key_sets[2].block_size = 8;
-    key_sets[2].block_lists = {BlockLists{{0}, {0, 1}, {1, 2}}};
+    key_sets[2].block_lists = make_block_lists({BlockLists{{0}, {0, 1}, {1, 2}}});
     for (const CoreKeys& keys : key_sets) {
       const fused::Selection selection = select_core(q, k, v, keys, options);
       INFO("key set " << static_cast<int>(keys.kind) << ", reason: " << selection.reason);
@@ -317,7 +317,9 @@ TEST_CASE("fused block-sparse attention: every fixed pattern, ragged last block,
       core.kind = fused::KeySet::blocks;
       core.block_size = options.block_size;
       const int64_t blocks = num_blocks_for(dims.Nq, options.block_size);
-      for (int64_t h = 0; h < dims.H; ++h) core.block_lists.push_back(block_pattern(pattern, blocks, options, h));
+      std::vector<BlockLists> per_head;
+        for (int64_t h = 0; h < dims.H; ++h) per_head.push_back(block_pattern(pattern, blocks, options, h));
+        core.block_lists = make_block_lists(std::move(per_head));
       const AttendFn composed = through_variant("block_sparse", config, kComposed);
       check_case(what, inputs, keys,
                  {{"variant", through_variant("block_sparse", config, kCpuFused)},
@@ -349,7 +351,7 @@ TEST_CASE("fused block-sparse op: shared, per-head and per-(batch, head) lists w
         CoreKeys core;
         core.kind = fused::KeySet::blocks;
         core.block_size = block_size;
-        core.block_lists = lists;
+        core.block_lists = make_block_lists(lists);
         const std::string what = "blocks, " + std::to_string(lists_per) + " lists" + (biased ? ", bias" : "") +
                                  (causal ? ", causal" : "");
         check_case(what, inputs, keys, {{"op", through_op(core, scale, causal, kCpuFused)}},
@@ -375,7 +377,7 @@ TEST_CASE("fused block-sparse op: rows that see no key give out 0, lse -inf and 
       CoreKeys core;
       core.kind = fused::KeySet::blocks;
       core.block_size = block_size;
-      core.block_lists = lists;
+      core.block_lists = make_block_lists(lists);
       const std::string what = std::string("empty rows") + (biased ? ", bias" : "") + (causal ? ", causal" : "");
       check_case(what, inputs, keys, {{"op", through_op(core, scale, causal, kCpuFused)}},
                  composed_blocks(lists, block_size, scale, causal));

@@ -180,7 +180,9 @@ TEST_CASE("fused CUDA block-sparse attention (bf16): local_window, random, all; 
         core.kind = fused::KeySet::blocks;
         core.block_size = block_size;
         const int64_t blocks = num_blocks_for(dims.Nq, block_size);
-        for (int64_t h = 0; h < dims.H; ++h) core.block_lists.push_back(block_pattern(pattern, blocks, options, h));
+        std::vector<BlockLists> per_head;
+        for (int64_t h = 0; h < dims.H; ++h) per_head.push_back(block_pattern(pattern, blocks, options, h));
+        core.block_lists = make_block_lists(std::move(per_head));
         check_case(what, inputs, keys,
                    {{"variant", through_variant("block_sparse", config, kCudaFused)},
                     {"op", through_op(core, config.scale(), causal, kCudaFused)}},
@@ -214,7 +216,7 @@ TEST_CASE("fused CUDA block-sparse op (bf16) with a block bias, per-(batch, head
         CoreKeys core;
         core.kind = fused::KeySet::blocks;
         core.block_size = block_size;
-        core.block_lists = lists;
+        core.block_lists = make_block_lists(lists);
         const std::string what = "blocks, " + label + (biased ? ", bias" : "") + (causal ? ", causal" : "");
         check_case(what, inputs, keys, {{"op", through_op(core, scale, causal, kCudaFused)}},
                    composed_blocks(lists, block_size, scale, causal));

@@ -781,7 +781,16 @@ TEST_CASE("write_file_atomic from several threads: readers only ever see a compl
 TEST_CASE("read_file errors name the file and the reason") {
   TempDir dir;
   check_error([&] { read_file(dir.file("absent.bin")); }, {"absent.bin", "No such file or directory"});
-  check_error([&] { read_file(dir.path.string()); }, {"expected a file, got a directory"});
+  check_error([&] { read_file(dir.path.string()); }, {"expected a regular file, got a directory"});
+  // Devices and FIFOs are refused before a byte is read: they could never end or would block.
+  check_error([&] { read_file("/dev/zero"); }, {"/dev/zero", "expected a regular file, got a character device"});
+  const std::string fifo = dir.file("pipe");
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  check_error([&] { read_file(fifo); }, {"pipe", "expected a regular file, got a FIFO"});
+  // A size limit is checked before the content is allocated.
+  write_file_atomic(dir.file("ten.bin"), std::vector<uint8_t>(10, 7));
+  check_error([&] { read_file(dir.file("ten.bin"), 9); }, {"ten.bin", "10 bytes, over the limit of 9 bytes"});
+  CHECK(read_file(dir.file("ten.bin"), 10) == std::vector<uint8_t>(10, 7));
   // Larger than one read chunk.
   std::vector<uint8_t> big = random_array(DType::f64, {100000}).bytes;
   write_file_atomic(dir.file("big.bin"), big);

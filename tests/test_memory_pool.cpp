@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <map>
@@ -64,6 +65,20 @@ class FakeDevice final : public DeviceMemory {
   std::pair<size_t, size_t> mem_info() override { return {capacity_ - used_, capacity_}; }
   std::string name() const override { return "fake:0"; }
 
+  // Events complete only when the test says the stream's work is done (finish_stream).
+  uintptr_t record_event(uintptr_t stream) override {
+    events_.push_back({stream, false});
+    return events_.size();  // ids from 1: 0 means "already complete"
+  }
+  bool event_completed(uintptr_t event) override { return events_.at(event - 1).second; }
+  void destroy_event(uintptr_t event) override { ++destroyed_events; }
+  void finish_stream(uintptr_t stream) {
+    for (auto& [on, done] : events_)
+      if (on == stream) done = true;
+  }
+  size_t recorded_events() const { return events_.size(); }
+  int destroyed_events = 0;
+
   size_t used() const { return used_; }
   size_t live_count() const { return live_.size(); }
   bool is_live(void* ptr) const { return live_.count(reinterpret_cast<uintptr_t>(ptr)) > 0; }
@@ -78,6 +93,7 @@ class FakeDevice final : public DeviceMemory {
   size_t used_ = 0;
   uintptr_t next_address_ = uintptr_t{1} << 32;
   std::map<uintptr_t, size_t> live_;
+  std::vector<std::pair<uintptr_t, bool>> events_;  // (stream, completed)
 };
 
 uintptr_t address_of(void* ptr) { return reinterpret_cast<uintptr_t>(ptr); }
@@ -347,6 +363,166 @@ TEST_CASE("a block freed on one stream only serves that stream") {
   pool.free(on_b);
   pool.free(again_a);
   pool.free(small_b);
+}
+
+TEST_CASE("a block recorded on another stream is reused only after that stream's work completes") {
+  FakeDevice device(64 * MiB);
+  CachingAllocator pool(device);
+  const uintptr_t own = 0x1000, reader = 0x2000, writer = 0x3000;
+
+  void* block = pool.allocate(4 * MiB, own);
+  pool.record_stream(block, reader);
+  pool.record_stream(block, writer);
+  pool.record_stream(block, reader);  // repeats are ignored
+  pool.record_stream(block, own);     // so is the block's own stream
+  pool.free(block);
+  CHECK(device.recorded_events() == 2);  // one per other stream, recorded at the free
+  CHECK(pool.pending_frees() == 1);
+  // Still counted as allocated: nobody may reuse it yet.
+  CHECK(pool.stats().allocated_bytes == static_cast<int64_t>(4 * MiB));
+
+  void* other = pool.allocate(4 * MiB, own);
+  CHECK(other != block);
+  CHECK(device.malloc_calls == 2);
+  device.finish_stream(reader);
+  void* third = pool.allocate(4 * MiB, own);
+  CHECK(third != block);  // the writer's event has not completed
+  CHECK(pool.pending_frees() == 1);
+  device.finish_stream(writer);
+  void* again = pool.allocate(4 * MiB, own);
+  CHECK(again == block);  // released at this request, and served from the cache
+  CHECK(pool.pending_frees() == 0);
+  CHECK(device.destroyed_events == 2);
+  CHECK(device.malloc_calls == 3);
+
+  // A block freed without record_stream is reusable at once, and its record list was cleared.
+  pool.free(again);
+  CHECK(pool.pending_frees() == 0);
+  CHECK(pool.allocate(4 * MiB, own) == block);
+  for (void* p : {block, other, third}) pool.free(p);
+  check_invariants(pool, device, {});
+
+  CHECK_THROWS_WITH_AS(pool.record_stream(block, reader), doctest::Contains("record_stream: expected a pointer"),
+                       longtape::Error);
+}
+
+TEST_CASE("empty_cache releases pending blocks whose streams are done, and keeps the others") {
+  FakeDevice device(64 * MiB);
+  CachingAllocator pool(device);
+  void* a = pool.allocate(4 * MiB, 0x10);
+  void* b = pool.allocate(4 * MiB, 0x10);
+  pool.record_stream(a, 0x20);
+  pool.record_stream(b, 0x30);
+  pool.free(a);
+  pool.free(b);
+  device.finish_stream(0x20);
+  pool.empty_cache();
+  CHECK(pool.pending_frees() == 1);
+  CHECK(device.is_live(b));
+  CHECK_FALSE(device.is_live(a));
+  device.finish_stream(0x30);
+  pool.empty_cache();
+  CHECK(pool.pending_frees() == 0);
+  CHECK(device.live_count() == 0);
+}
+
+TEST_CASE("at_thread_exit runs a thread's functions in order when it exits") {
+  std::vector<int> order;
+  std::thread worker([&] {
+    longtape::cuda::at_thread_exit([&] { order.push_back(1); });
+    longtape::cuda::at_thread_exit([] { throw std::runtime_error("swallowed"); });
+    longtape::cuda::at_thread_exit([&] { order.push_back(2); });
+    order.push_back(0);
+  });
+  worker.join();
+  CHECK(order == std::vector<int>{0, 1, 2});
+}
+
+// Each thread caches under its own key (as the CUDA pool keys a thread's per-thread stream) and
+// retires it when it exits, as pool_allocate arranges.
+uintptr_t thread_stream_key() {
+  thread_local const char identity = 0;
+  return reinterpret_cast<uintptr_t>(&identity);
+}
+
+TEST_CASE("blocks cached by a thread that exited are reused by other streams") {
+  FakeDevice device(256 * MiB);
+  CachingAllocator pool(device);
+  std::map<void*, size_t> live;
+  void* outliving = nullptr;
+  void* worker_small = nullptr;
+  uintptr_t worker_key = 0;
+  std::thread worker([&] {
+    const uintptr_t key = thread_stream_key();
+    worker_key = key;
+    longtape::cuda::at_thread_exit([&pool, key] { pool.retire_stream(key); });
+    void* large = pool.allocate(8 * MiB, key);
+    void* small = pool.allocate(1000, key);
+    worker_small = small;
+    outliving = pool.allocate(2000, key);  // handed to the main thread, freed there later
+    pool.free(large);
+    pool.free(small);
+  });
+  worker.join();
+  REQUIRE(worker_key != 0);
+  live[outliving] = 2000;
+  check_invariants(pool, device, live);
+  for (const auto& segment : pool.snapshot()) CHECK(segment.stream == CachingAllocator::kSharedStream);
+  const int mallocs = device.malloc_calls;
+  const int64_t hits = pool.stats().cache_hits;
+
+  // The worker's whole free large segment serves another stream without a device malloc ...
+  const uintptr_t main_stream = 0x5000;
+  void* large = pool.allocate(8 * MiB, main_stream);
+  CHECK(device.malloc_calls == mallocs);
+  CHECK(pool.stats().cache_hits == hits + 1);
+  // ... and now belongs to that stream.
+  for (const auto& segment : pool.snapshot())
+    if (segment.address == address_of(large)) CHECK(segment.stream == main_stream);
+  // The small segment still holds the outliving block: it is not split between streams.
+  void* small = pool.allocate(1000, main_stream);
+  CHECK(device.malloc_calls == mallocs + 1);
+  live[large] = 8 * MiB;
+  live[small] = 1000;
+  check_invariants(pool, device, live);
+
+  // Once the outliving block is freed, its segment is whole again and any stream can take it.
+  pool.free(outliving);
+  live.erase(outliving);
+  void* reused = pool.allocate(1500, 0x6000);
+  CHECK(device.malloc_calls == mallocs + 1);
+  CHECK(reused == worker_small);  // the start of the worker's small segment
+  live[reused] = 1500;
+  check_invariants(pool, device, live);
+  for (auto& [ptr, size] : live) pool.free(ptr);
+  CHECK_THROWS_AS(pool.retire_stream(CachingAllocator::kSharedStream), longtape::Error);
+}
+
+TEST_CASE("many short-lived threads do not grow the pool") {
+  FakeDevice device(2048 * MiB);
+  CachingAllocator pool(device);
+  // Every thread gets a key no thread had before (as distinct streams would), so without
+  // retiring, each would strand its segments in the cache.
+  std::atomic<uintptr_t> next_key{0x100000};
+  auto work = [&pool, &next_key] {
+    const uintptr_t key = next_key.fetch_add(0x100);
+    longtape::cuda::at_thread_exit([&pool, key] { pool.retire_stream(key); });
+    const size_t sizes[] = {3 * MiB, 700 * KiB, 12 * MiB};
+    std::vector<void*> held;
+    for (int i = 0; i < 12; ++i) held.push_back(pool.allocate(sizes[i % 3], key));
+    for (void* p : held) pool.free(p);
+  };
+  std::thread(work).join();
+  const int64_t one_thread = pool.stats().reserved_bytes;
+  for (int wave = 0; wave < 8; ++wave) {
+    std::thread a(work), b(work);
+    a.join();
+    b.join();
+  }
+  INFO("reserved after one thread: ", one_thread, ", after 16 more: ", pool.stats().reserved_bytes);
+  // Two threads at a time need about twice what one needed; stranded caches would need 17 times.
+  CHECK(pool.stats().reserved_bytes <= 3 * one_thread);
+  check_invariants(pool, device, {});
 }
 
 TEST_CASE("a failed device malloc releases the cache and retries once") {
@@ -676,6 +852,65 @@ TEST_CASE("GPU pool: asking for more than the GPU has throws OutOfMemoryError an
   }
   CHECK(pool_stats(0).allocated_bytes == before.allocated_bytes);
   CHECK_THROWS_AS(pool_free(0, &free_bytes), longtape::Error);
+}
+
+TEST_CASE("GPU pool: a block recorded on another stream is not reused until that stream's work completes" *
+          doctest::skip(!longtape::cuda_available())) {
+  using namespace longtape::cuda;
+  if (pool_bypasses_cache()) {
+    MESSAGE("skipped: LONGTAPE_NO_CACHING_ALLOCATOR turns the cache off");
+    return;
+  }
+  cudaStream_t side = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking) == cudaSuccess);
+  // The side stream is held busy by a host function until the test releases it.
+  std::atomic<bool> release{false};
+  REQUIRE(cudaLaunchHostFunc(
+              side,
+              [](void* flag) {
+                while (!static_cast<std::atomic<bool>*>(flag)->load()) std::this_thread::yield();
+              },
+              &release) == cudaSuccess);
+  const size_t size = size_t{8} << 20;
+  void* block = pool_allocate(0, size);
+  REQUIRE(cudaMemsetAsync(block, 1, size, side) == cudaSuccess);  // work on the side stream
+  pool_record_stream(0, block, side);
+  pool_free(0, block);
+  CHECK(pool_pending_frees(0) >= 1);
+  void* other = pool_allocate(0, size);
+  CHECK(other != block);  // the side stream may still write it
+  release = true;
+  REQUIRE(cudaStreamSynchronize(side) == cudaSuccess);
+  const MemoryStats before = pool_stats(0);
+  void* again = pool_allocate(0, size);
+  CHECK(again == block);
+  CHECK(pool_stats(0).device_allocs == before.device_allocs);
+  pool_free(0, again);
+  pool_free(0, other);
+  CHECK(pool_pending_frees(0) == 0);
+  CHECK(cudaStreamDestroy(side) == cudaSuccess);
+}
+
+TEST_CASE("GPU pool: blocks cached by a thread that exited serve other threads" *
+          doctest::skip(!longtape::cuda_available())) {
+  using namespace longtape::cuda;
+  if (pool_bypasses_cache()) {
+    MESSAGE("skipped: LONGTAPE_NO_CACHING_ALLOCATOR turns the cache off");
+    return;
+  }
+  const size_t size = size_t{24} << 20;
+  pool_empty_cache(0);
+  std::thread worker([&] {
+    void* ptr = pool_allocate(0, size);
+    CHECK(cudaMemsetAsync(ptr, 0, size, cudaStreamPerThread) == cudaSuccess);  // no REQUIRE off the main thread
+    pool_free(0, ptr);
+  });
+  worker.join();
+  const MemoryStats before = pool_stats(0);
+  void* ptr = pool_allocate(0, size);  // the exited thread's segment, no cudaMalloc
+  CHECK(pool_stats(0).device_allocs == before.device_allocs);
+  CHECK(pool_stats(0).cache_hits == before.cache_hits + 1);
+  pool_free(0, ptr);
 }
 
 TEST_CASE("GPU pool: a request above the free memory retries after releasing the cache") {

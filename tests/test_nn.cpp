@@ -10,11 +10,12 @@
 #include "attention/multihead.h"
 #include "autograd/gradcheck.h"
 #include "nn/data.h"
-#include "nn/language_model.h"
+#include "models/language_model.h"
 #include "nn/layers.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
+using namespace longtape::models;
 using namespace longtape::nn;
 
 namespace {
@@ -148,10 +149,11 @@ TEST_CASE("TransformerBlock: pre-LN residual structure and float64 gradcheck") {
   manual_seed(24);
   TransformerBlockConfig c;
   c.embed_dim = 8;
-  c.num_heads = 2;
-  c.attention = "dense";
-  c.attention_config.causal = true;
-  TransformerBlock block(c);
+  attention::AttentionConfig causal;
+  causal.causal = true;
+  causal.num_heads = 2;
+  causal.head_dim = 4;
+  TransformerBlock block(c, std::make_shared<attention::MultiheadAttention>(8, 2, "dense", causal));
   std::set<std::string> names = names_of(block);
   for (const char* n : {"ln1.weight", "ln1.bias", "ln2.weight", "mlp.fc1.weight", "mlp.fc2.bias"})
     CHECK(names.count(n) == 1);
@@ -166,8 +168,11 @@ TEST_CASE("TransformerBlock: pre-LN residual structure and float64 gradcheck") {
   auto result = autograd::gradcheck([&](const std::vector<Tensor>& in) { return block.forward(in[0]); }, {x});
   CHECK_MESSAGE(result.passed, result.message);
   CHECK_THROWS_AS(block.forward(Tensor::randn({5, 8}, DType::f64)), Error);
-  c.embed_dim = 9;
-  CHECK_THROWS_WITH_AS(TransformerBlock{c}, doctest::Contains("multiple of num_heads"), Error);
+  CHECK_THROWS_WITH_AS(TransformerBlock(c, nullptr), doctest::Contains("needs an attention module"), Error);
+  c.embed_dim = 0;
+  CHECK_THROWS_WITH_AS(TransformerBlock(c, block.attn), doctest::Contains("embed_dim must be >= 1"), Error);
+  CHECK_THROWS_WITH_AS(attention::MultiheadAttention(9, 2, "dense"), doctest::Contains("divisible by num_heads"),
+                       Error);
 }
 
 TEST_CASE("LanguageModel: dotted names, tied head, logits shape, parameter counts") {
@@ -293,6 +298,11 @@ TEST_CASE("LanguageModel rejects bad configs and inputs") {
   c = tiny_config();
   c.vocab_size = 0;
   CHECK_THROWS_AS(LanguageModel{c}, Error);
+  // Sizes from a config are multiplied through checked arithmetic: 4 * dim past int64 is refused by
+  // name, before any allocation.
+  CHECK_THROWS_WITH_AS(MLP(int64_t{1} << 62), doctest::Contains("MLP: hidden size 4 * dim"), Error);
+  CHECK_THROWS_WITH_AS(MLP(0), doctest::Contains("MLP: dim must be >= 1, got 0"), Error);
+  CHECK_THROWS_WITH_AS(Linear(int64_t{1} << 40, int64_t{1} << 40), doctest::Contains("overflows"), Error);
   ModuleList list;
   list.push_back(std::make_shared<Linear>(2, 2));
   CHECK_THROWS_WITH_AS(list.at(1), doctest::Contains("out of range"), Error);

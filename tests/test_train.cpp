@@ -1,19 +1,28 @@
-// End-to-end training: a 2-layer causal LM learns the recall task on the CPU from a fixed seed,
-// and one training step on CUDA matches the same step on the CPU (skipped without a GPU).
+// End-to-end training through nn::Trainer: a 2-layer causal LM learns the recall task on the CPU
+// from a fixed seed; a run resumed from a checkpoint matches an uninterrupted one bitwise; a
+// non-finite step stops without a checkpoint; one training step on CUDA matches the same step on
+// the CPU (skipped without a GPU).
 #include <doctest/doctest.h>
+
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 #include <string>
+#include <vector>
 
+#include "nn/checkpoint.h"
 #include "nn/data.h"
-#include "nn/language_model.h"
+#include "models/language_model.h"
 #include "nn/optim.h"
+#include "nn/trainer.h"
 #include "tensor/ops.h"
 #include "support/cli_runner.h"
 
 using namespace longtape;
+using namespace longtape::models;
 using namespace longtape::nn;
 
 namespace {
@@ -52,23 +61,21 @@ Trained train_recall(int64_t steps) {
   o.decays = decay_matrices_only;
   AdamW optimizer(model.named_parameters(), o);
   CosineSchedule schedule{1e-2, 1e-3, 20, steps};
+  TrainerOptions options;
+  options.steps = steps;
+  options.batch_size = 16;
+  options.clip = 1.0;
+  options.eval_batches = 1;
+  options.eval_batch_size = 64;
+  Trainer trainer(model, optimizer, schedule, options);
   Trained t;
-  for (int64_t step = 0; step < steps; ++step) {
-    Batch b = task.batch(16, step);
-    Tensor loss = cross_entropy(model.forward(b.inputs), b.targets, kIgnoreIndex);
-    optimizer.zero_grad();
-    loss.backward();
-    clip_grad_norm(model.parameters(), 1.0);
-    schedule.apply(optimizer, step);
-    optimizer.step();
-    const double l = loss.item();
-    if (step < 10) t.first_loss += l / 10;
-    if (step >= steps - 20) t.last_loss += l / 20;
-  }
-  model.eval();
-  NoGradGuard no_grad;
-  Batch test = task.batch(64, 0, Split::heldout);
-  t.heldout_accuracy = accuracy(model.forward(test.inputs), test.targets).value();
+  trainer.on_step = [&](const StepResult& r) {
+    const int64_t index = r.step - 1;
+    if (index < 10) t.first_loss += r.loss / 10;
+    if (index >= steps - 20) t.last_loss += r.loss / 20;
+  };
+  trainer.fit(batches_of(task));
+  t.heldout_accuracy = trainer.evaluate(batches_of(task)).accuracy.value();
   return t;
 }
 
@@ -108,6 +115,116 @@ TEST_CASE("longtape train --profile prints the per-op table of one step; --seq-l
   CHECK(g.code == 0);
   CHECK(g.output.find("w=256,512 r=1,2") != std::string::npos);
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("Trainer: a run resumed from its periodic checkpoint ends bitwise equal to an uninterrupted one") {
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("longtape_trainer_resume_" + std::to_string(::getpid()) + ".safetensors")).string();
+  RecallTask task(recall_config());
+  auto small_model = [&] {
+    LanguageModelConfig c = model_config(task.vocab_size(), task.seq_len());
+    c.embed_dim = 16;
+    c.dropout = 0.1;  // the generator is part of what a checkpoint restores
+    return std::make_shared<LanguageModel>(c);
+  };
+  auto options = [&](const std::string& checkpoint) {
+    TrainerOptions o;
+    o.steps = 6;
+    o.batch_size = 4;
+    o.checkpoint = checkpoint;
+    o.checkpoint_every = checkpoint.empty() ? 0 : 3;
+    return o;
+  };
+  const CosineSchedule schedule{1e-2, 1e-3, 2, 6};
+
+  manual_seed(5);
+  auto whole = small_model();
+  AdamW whole_opt(whole->named_parameters(), AdamWOptions{.lr = 1e-2});
+  Trainer uninterrupted(*whole, whole_opt, schedule, options(path));
+  std::vector<double> losses;
+  uninterrupted.on_step = [&](const StepResult& r) { losses.push_back(r.loss); };
+  uninterrupted.fit(batches_of(task));
+  REQUIRE(losses.size() == 6);
+  REQUIRE(std::filesystem::exists(path));  // written at step 3 only (not at the last step)
+
+  manual_seed(99);  // different initial weights and generator: the checkpoint must restore both
+  auto resumed = small_model();
+  AdamW resumed_opt(resumed->named_parameters(), AdamWOptions{.lr = 1e-2});
+  Trainer second(*resumed, resumed_opt, schedule, options(""));
+  const CheckpointInfo info = second.load_checkpoint(path);
+  CHECK(info.step == 3);
+  std::vector<double> resumed_losses;
+  second.on_step = [&](const StepResult& r) { resumed_losses.push_back(r.loss); };
+  second.fit(batches_of(task), info.step);
+  REQUIRE(resumed_losses.size() == 3);
+  for (size_t i = 0; i < 3; ++i) CHECK(resumed_losses[i] == losses[3 + i]);
+  auto want = whole->named_parameters(), got = resumed->named_parameters();
+  REQUIRE(want.size() == got.size());
+  for (size_t i = 0; i < want.size(); ++i)
+    CHECK_MESSAGE(want[i].second.to_vector() == got[i].second.to_vector(), want[i].first << " differs");
+  std::filesystem::remove(path);
+}
+
+TEST_CASE("Trainer: a non-finite gradient norm stops before the step and writes no checkpoint") {
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("longtape_trainer_nan_" + std::to_string(::getpid()) + ".safetensors")).string();
+  std::filesystem::remove(path);
+  manual_seed(7);
+  RecallTask task(recall_config());
+  LanguageModel model(model_config(task.vocab_size(), task.seq_len()));
+  const std::vector<double> before = model.tok_emb->weight.to_vector();
+  AdamW optimizer(model.named_parameters(), AdamWOptions{.lr = 1e-2});
+  TrainerOptions o;
+  o.steps = 4;
+  o.batch_size = 4;
+  o.checkpoint = path;
+  o.checkpoint_every = 1;
+  o.divergence_hint = "try something else";
+  // Logits times NaN: the loss and every gradient are NaN from the first step on.
+  Trainer trainer(
+      model, [&](const Tensor& tokens) { return mul(model.forward(tokens), std::nan("")); }, optimizer,
+      CosineSchedule{1e-2, 1e-3, 0, 4}, o);
+  int diverged = 0, steps = 0;
+  trainer.on_diverged = [&] { ++diverged; };
+  trainer.on_step = [&](const StepResult&) { ++steps; };
+  try {
+    trainer.fit(batches_of(task));
+    FAIL("fit() returned after a NaN gradient norm");
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    CHECK(what.find("gradient norm became") != std::string::npos);
+    CHECK(what.find("at step 1") != std::string::npos);
+    CHECK(what.find("try something else") != std::string::npos);
+  }
+  CHECK(diverged == 1);
+  CHECK(steps == 0);
+  CHECK_FALSE(std::filesystem::exists(path));
+  CHECK(model.tok_emb->weight.to_vector() == before);  // the optimizer never stepped
+}
+
+TEST_CASE("Trainer: evaluation leaves the model training and rejects bad options") {
+  manual_seed(11);
+  RecallTask task(recall_config());
+  LanguageModel model(model_config(task.vocab_size(), task.seq_len()));
+  AdamW optimizer(model.named_parameters(), AdamWOptions{.lr = 1e-2});
+  TrainerOptions o;
+  o.steps = 2;
+  o.batch_size = 4;
+  o.eval_batches = 2;
+  Trainer trainer(model, optimizer, CosineSchedule{1e-2, 1e-3, 0, 2}, o);
+  const EvalResult e = trainer.evaluate(batches_of(task));
+  CHECK(model.is_training());
+  CHECK(e.accuracy.total == 2 * 4 * recall_config().num_queries);  // every query of both batches scored
+  CHECK(std::isfinite(e.loss));
+  CHECK(e.loss > 0);
+
+  TrainerOptions bad = o;
+  bad.checkpoint_every = 2;  // without a path
+  CHECK_THROWS_WITH_AS(Trainer(model, optimizer, CosineSchedule{}, bad), doctest::Contains("checkpoint"), Error);
+  bad = o;
+  bad.batch_size = 0;
+  CHECK_THROWS_WITH_AS(Trainer(model, optimizer, CosineSchedule{}, bad), doctest::Contains("batch_size"), Error);
+  CHECK_THROWS_WITH_AS(trainer.fit(batches_of(task), 3), doctest::Contains("first step"), Error);
 }
 
 TEST_CASE("one training step on CUDA matches the CPU" * doctest::skip(!cuda_available())) {

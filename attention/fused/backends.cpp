@@ -28,6 +28,8 @@ std::string cuda_unsupported_reason(const Problem& p) {
     return concat("the fused CUDA kernels take bf16 inputs, got ", dtype_name(p.dtype));
   if (p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 128)
     return concat("the fused CUDA kernels take head_dim 32, 64 or 128, got ", p.head_dim);
+  if (!(p.scale > 0.0))  // the kernels take row maxima of unscaled scores
+    return concat("the fused CUDA kernels take a positive softmax scale, got ", p.scale);
   if (p.heads > kMaxHeads) return concat("the fused CUDA kernels take at most ", kMaxHeads, " heads, got ", p.heads);
   if (p.batch > 65535) return concat("the fused CUDA kernels take a batch of at most 65535, got ", p.batch);
   if (p.causal && p.seq_q != p.seq_k)

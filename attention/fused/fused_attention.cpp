@@ -1,7 +1,9 @@
 #include "attention/fused/fused_attention.h"
 
 #include <cmath>
+#include <deque>
 #include <limits>
+#include <mutex>
 
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
@@ -33,33 +35,72 @@ struct BlockCsr {
   int64_t nqb = 0, nkb = 0;
 };
 
-BlockCsr build_csr(const std::vector<BlockLists>& lists, int64_t nqb, int64_t nkb, Device device) {
+struct HostCsr {
   std::vector<int32_t> row_begin, col_index, col_begin, row_index;
+};
+
+HostCsr host_csr(const std::vector<BlockLists>& lists, int64_t nqb, int64_t nkb) {
+  HostCsr c;
   for (const BlockLists& list : lists) {
     LT_CHECK(static_cast<int64_t>(list.size()) == nqb, "fused attention: a block list must have ", nqb,
              " query blocks, got ", list.size());
     std::vector<std::vector<int32_t>> by_key(static_cast<size_t>(nkb));
     for (int64_t I = 0; I < nqb; ++I) {
-      row_begin.push_back(static_cast<int32_t>(col_index.size()));
+      c.row_begin.push_back(static_cast<int32_t>(c.col_index.size()));
       for (int64_t J : list[static_cast<size_t>(I)]) {
         LT_CHECK(J >= 0 && J < nkb, "fused attention: key block ", J, " of query block ", I, " is outside [0, ", nkb,
                  ")");
-        col_index.push_back(static_cast<int32_t>(J));
+        c.col_index.push_back(static_cast<int32_t>(J));
         by_key[static_cast<size_t>(J)].push_back(static_cast<int32_t>(I));
       }
     }
-    row_begin.push_back(static_cast<int32_t>(col_index.size()));
+    c.row_begin.push_back(static_cast<int32_t>(c.col_index.size()));
     for (const auto& rows : by_key) {
-      col_begin.push_back(static_cast<int32_t>(row_index.size()));
-      row_index.insert(row_index.end(), rows.begin(), rows.end());
+      c.col_begin.push_back(static_cast<int32_t>(c.row_index.size()));
+      c.row_index.insert(c.row_index.end(), rows.begin(), rows.end());
     }
-    col_begin.push_back(static_cast<int32_t>(row_index.size()));
+    c.col_begin.push_back(static_cast<int32_t>(c.row_index.size()));
   }
+  return c;
+}
+
+BlockCsr upload(HostCsr c, int64_t nqb, int64_t nkb, Device device) {
   auto tensor = [&](std::vector<int32_t>& values) {
     if (values.empty()) values.push_back(0);  // a valid pointer even with no active pair
     return Tensor::from_vector(values, {static_cast<int64_t>(values.size())}).to(device);
   };
-  return {tensor(row_begin), tensor(col_index), tensor(col_begin), tensor(row_index), nqb, nkb};
+  return {tensor(c.row_begin), tensor(c.col_index), tensor(c.col_begin), tensor(c.row_index), nqb, nkb};
+}
+
+// Device copies of the most recently used block lists, found by the identity of the (immutable)
+// list object: a layer's fixed pattern is converted and uploaded once instead of on every call (an
+// upload from pageable memory waits until the stream has drained, and the conversion is host time
+// during which the GPU may run dry).
+BlockCsr device_csr(const std::shared_ptr<const std::vector<BlockLists>>& lists, int64_t nqb, int64_t nkb,
+                    Device device) {
+  if (!device.is_cuda()) return upload(host_csr(*lists, nqb, nkb), nqb, nkb, device);
+  struct Entry {
+    Device device;
+    std::weak_ptr<const std::vector<BlockLists>> lists;
+    BlockCsr csr;
+  };
+  constexpr size_t kEntries = 8;
+  static std::mutex mutex;
+  // Most recent first; never destroyed, so no device tensor outlives the CUDA runtime at exit.
+  static auto& cache = *new std::deque<Entry>();
+  std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = cache.begin(); it != cache.end(); ++it) {
+    if (it->device == device && it->csr.nqb == nqb && it->csr.nkb == nkb && it->lists.lock() == lists) {
+      Entry hit = std::move(*it);
+      cache.erase(it);
+      cache.push_front(std::move(hit));
+      return cache.front().csr;
+    }
+  }
+  BlockCsr csr = upload(host_csr(*lists, nqb, nkb), nqb, nkb, device);
+  cache.push_front({device, lists, csr});
+  if (cache.size() > kEntries) cache.pop_back();
+  return csr;
 }
 
 struct Inputs {
@@ -128,7 +169,8 @@ Problem describe_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
     }
   } else if (keys.kind == fused::KeySet::blocks) {
     LT_CHECK(keys.block_size > 0, "fused attention: block_size must be > 0, got ", keys.block_size);
-    const int64_t lists = static_cast<int64_t>(keys.block_lists.size());
+    LT_CHECK(keys.block_lists != nullptr, "fused attention: block lists are required for a block key set");
+    const int64_t lists = static_cast<int64_t>(keys.block_lists->size());
     LT_CHECK(lists == 1 || lists == p.heads || lists == p.batch * p.heads,
              "fused attention: expected 1, H = ", p.heads, " or B*H = ", p.batch * p.heads, " block lists, got ", lists);
     p.blocks.block_size = keys.block_size;
@@ -209,7 +251,7 @@ AttentionOutput fused_attention(const Tensor& q_in, const Tensor& k_in, const Te
   BlockCsr csr;
   Tensor bias;
   if (keys.kind == fused::KeySet::blocks) {
-    csr = build_csr(keys.block_lists, p.blocks.num_query_blocks, p.blocks.num_key_blocks, device);
+    csr = device_csr(keys.block_lists, p.blocks.num_query_blocks, p.blocks.num_key_blocks, device);
     p.blocks.row_begin = csr.row_begin.data<int32_t>();
     p.blocks.col_index = csr.col_index.data<int32_t>();
     p.blocks.col_begin = csr.col_begin.data<int32_t>();

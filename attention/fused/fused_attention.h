@@ -4,6 +4,7 @@
 // runs the fused backward kernel. Variants call attention_core(), which falls back to the composed
 // path (attention/composed.h) when the selector says the fused kernels cannot run the problem.
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -30,10 +31,16 @@ struct CoreKeys {
   int64_t total_heads = 0;  // 0 = the local head count (head groups are those of all total_heads)
   // blocks: one list (shared), H lists (per head) or B*H lists (per (b, h)); optional bias
   // (B, H, nqb, nkb), differentiable.
-  std::vector<BlockLists> block_lists;
+  // Shared and immutable, so that a layer's fixed pattern is built once and its device copy is
+  // found again by identity on every call (make_block_lists wraps a plain vector).
+  std::shared_ptr<const std::vector<BlockLists>> block_lists;
   int64_t block_size = 64;
   Tensor block_bias;
 };
+
+inline std::shared_ptr<const std::vector<BlockLists>> make_block_lists(std::vector<BlockLists> lists) {
+  return std::make_shared<const std::vector<BlockLists>>(std::move(lists));
+}
 
 struct CoreOptions {
   double scale = 1.0;

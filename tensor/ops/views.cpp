@@ -1,6 +1,7 @@
 // View operations (share storage) and the copies contiguous/clone/to, each with its backward.
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
+#include "tensor/checked_math.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
 
@@ -9,21 +10,36 @@ namespace longtape {
 using autograd::record;
 
 namespace {
+// The requested shape with its -1 (at most one) replaced by the size that makes `numel` elements.
+// Every refusal names the op and the requested shape: a second -1, a size below -1, sizes whose
+// product overflows int64, a -1 next to a zero-size dimension (any size would fit, so it is
+// ambiguous) and element counts that do not match.
 Shape infer_shape(const Shape& requested, int64_t numel, const char* op) {
   Shape out = requested;
   int64_t known = 1, infer_at = -1;
+  bool has_zero = false;
   for (size_t i = 0; i < out.size(); ++i) {
-    if (out[i] == -1) {
-      LT_CHECK(infer_at < 0, op, ": only one dim can be -1, got ", shape_str(requested));
+    const int64_t d = out[i];
+    if (d == -1) {
+      LT_CHECK(infer_at < 0, op, ": only one dim can be -1, got ", shape_str(requested), " (dims ", infer_at,
+               " and ", i, ")");
       infer_at = static_cast<int64_t>(i);
+      continue;
+    }
+    LT_CHECK(d >= 0, op, ": sizes must be >= 0 or -1, got ", shape_str(requested), " (dim ", i, " is ", d, ")");
+    if (d == 0) {
+      has_zero = true;
     } else {
-      LT_CHECK(out[i] >= 0, op, ": sizes must be >= 0 or -1, got ", shape_str(requested));
-      known *= out[i];
+      LT_CHECK(!__builtin_mul_overflow(known, d, &known), op, ": shape ", shape_str(requested),
+               " has more elements than int64 can count (the sizes up to dim ", i, " multiply past ",
+               checked::kInt64Max, ")");
     }
   }
   if (infer_at >= 0) {
-    LT_CHECK(known > 0 && numel % known == 0, op, ": cannot infer -1 in ", shape_str(requested), " for ",
-             numel, " elements");
+    LT_CHECK(!has_zero, op, ": cannot infer -1 in ", shape_str(requested), " for ", numel,
+             " elements: next to a zero-size dimension any size fits, so -1 is ambiguous; give every size");
+    LT_CHECK(numel % known == 0, op, ": cannot infer -1 in ", shape_str(requested), " for ", numel,
+             " elements: ", numel, " is not a multiple of ", known, ", the product of the other sizes");
     out[infer_at] = numel / known;
   }
   LT_CHECK(shape_numel(out) == numel, op, ": shape ", shape_str(requested), " needs ", shape_numel(out),

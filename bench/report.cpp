@@ -14,10 +14,10 @@
 #include <string>
 #include <vector>
 
-#include "cli/bench.h"
+#include "bench/report.h"
 #include "tensor/error.h"
 
-namespace longtape::cli::bench {
+namespace longtape::bench {
 
 namespace {
 
@@ -430,4 +430,4 @@ size_t measured_rows(const Json& doc) {
   return n;
 }
 
-}  // namespace longtape::cli::bench
+}  // namespace longtape::bench

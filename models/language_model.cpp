@@ -1,11 +1,19 @@
-#include "nn/language_model.h"
+#include "models/language_model.h"
 
 #include <cmath>
 
 #include "tensor/checked_math.h"
 #include "tensor/ops.h"
 
-namespace longtape::nn {
+namespace longtape::models {
+
+using nn::Dropout;
+using nn::Embedding;
+using nn::LayerNorm;
+using nn::Linear;
+using nn::ModuleList;
+using nn::TransformerBlock;
+using nn::TransformerBlockConfig;
 
 LanguageModel::LanguageModel(const LanguageModelConfig& config) : config_(config) {
   LT_CHECK(config.vocab_size >= 1, "LanguageModel: vocab_size must be >= 1, got ", config.vocab_size);
@@ -47,18 +55,25 @@ LanguageModel::LanguageModel(const LanguageModelConfig& config) : config_(config
   blocks = register_module("blocks", std::make_shared<ModuleList>());
   TransformerBlockConfig bc;
   bc.embed_dim = config.embed_dim;
-  bc.num_heads = config.num_heads;
-  bc.attention = config.attention;
-  bc.attention_config = config_.attention_config;
   bc.mlp_hidden = config.mlp_hidden;
   bc.dropout = config.dropout;
-  for (int64_t i = 0; i < config.num_layers; ++i) blocks->push_back(std::make_shared<TransformerBlock>(bc));
+  for (int64_t i = 0; i < config.num_layers; ++i) {
+    auto attention = std::make_shared<attention::MultiheadAttention>(config.embed_dim, config.num_heads,
+                                                                     config.attention, config_.attention_config);
+    blocks->push_back(std::make_shared<TransformerBlock>(bc, std::move(attention)));
+  }
   ln_f = register_module("ln_f", std::make_shared<LayerNorm>(config.embed_dim));
   if (!config.tied_embeddings) {
     head = register_module("head", std::make_shared<Linear>(config.embed_dim, config.vocab_size, /*bias=*/false));
     NoGradGuard guard;
     head->weight.copy_(mul(Tensor::randn(head->weight.shape()), config.init_std));
   }
+}
+
+std::shared_ptr<attention::MultiheadAttention> LanguageModel::attention_layer(size_t layer) const {
+  auto attn = std::dynamic_pointer_cast<attention::MultiheadAttention>(blocks->at_as<TransformerBlock>(layer)->attn);
+  LT_CHECK(attn != nullptr, "LanguageModel: block ", layer, " has no MultiheadAttention");
+  return attn;
 }
 
 Tensor LanguageModel::head_weight() const { return head ? head->weight : tok_emb->weight; }
@@ -84,4 +99,4 @@ Tensor LanguageModel::forward(const Tensor& tokens) {
   return matmul(x.reshape({rows, E}), tok_emb->weight.transpose(0, 1)).reshape({B, T, config_.vocab_size});
 }
 
-}  // namespace longtape::nn
+}  // namespace longtape::models

@@ -1,6 +1,8 @@
 #pragma once
 // A decoder-only (causal) language model: token embedding + learned positional embedding,
-// pre-LN TransformerBlocks, a final LayerNorm and a head to vocabulary logits. The head is either
+// pre-LN TransformerBlocks (each given an attention::MultiheadAttention of the configured variant:
+// this folder is where nn/ layers and attention/ variants are wired together), a final LayerNorm
+// and a head to vocabulary logits. The head is either
 // tied to the token embedding (one tensor, "tok_emb.weight", used twice) or its own Linear
 // ("head.weight"). Attention is always causal here: the config's causal flag is forced on.
 #include <cstdint>
@@ -8,10 +10,11 @@
 #include <string>
 
 #include "attention/config.h"
+#include "attention/multihead.h"
 #include "nn/layers.h"
 #include "nn/module.h"
 
-namespace longtape::nn {
+namespace longtape::models {
 
 struct LanguageModelConfig {
   int64_t vocab_size = 256;
@@ -31,7 +34,7 @@ struct LanguageModelConfig {
   std::string position_init = "sinusoidal";
 };
 
-class LanguageModel : public Module {
+class LanguageModel : public nn::Module {
  public:
   explicit LanguageModel(const LanguageModelConfig& config);
   // tokens (B, T) i32/i64 -> logits (B, T, vocab_size); T <= max_seq_len when there is a positional table.
@@ -39,17 +42,19 @@ class LanguageModel : public Module {
   const LanguageModelConfig& config() const { return config_; }
   // The weight that maps hidden states to logits: tok_emb->weight when tied, head->weight otherwise.
   Tensor head_weight() const;
+  // The attention of block `layer` (throws when out of range).
+  std::shared_ptr<attention::MultiheadAttention> attention_layer(size_t layer) const;
   std::string type_name() const override { return "LanguageModel"; }
 
-  std::shared_ptr<Embedding> tok_emb;
-  std::shared_ptr<Embedding> pos_emb;  // null when max_seq_len == 0
-  std::shared_ptr<Dropout> drop;
-  std::shared_ptr<ModuleList> blocks;
-  std::shared_ptr<LayerNorm> ln_f;
-  std::shared_ptr<Linear> head;  // null when tied
+  std::shared_ptr<nn::Embedding> tok_emb;
+  std::shared_ptr<nn::Embedding> pos_emb;  // null when max_seq_len == 0
+  std::shared_ptr<nn::Dropout> drop;
+  std::shared_ptr<nn::ModuleList> blocks;
+  std::shared_ptr<nn::LayerNorm> ln_f;
+  std::shared_ptr<nn::Linear> head;  // null when tied
 
  private:
   LanguageModelConfig config_;
 };
 
-}  // namespace longtape::nn
+}  // namespace longtape::models

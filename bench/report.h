@@ -1,5 +1,5 @@
 #pragma once
-// `longtape bench` reports: every figure lives in one JSON document (see
+// Benchmark reports: every figure lives in one JSON document (see
 // benchmarks/bench_schema.json); the CSV, markdown, terminal table and gnuplot plots are views of
 // that document, so they cannot disagree with it.
 #include <filesystem>
@@ -8,7 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
-namespace longtape::cli::bench {
+namespace longtape::bench {
 
 using Json = nlohmann::ordered_json;
 
@@ -30,4 +30,4 @@ size_t measured_rows(const Json& doc);
 // True when `program` is an executable file in a folder of PATH.
 bool program_on_path(const std::string& program);
 
-}  // namespace longtape::cli::bench
+}  // namespace longtape::bench

@@ -1,0 +1,131 @@
+#pragma once
+// The training loop of a model that maps token batches to logits, shared by `longtape train`, the
+// quality runs of `longtape bench`, the examples and the tests. One step is: batch -> logits ->
+// cross-entropy -> zero_grad -> backward -> clip (or measure) the global gradient norm -> the
+// schedule's learning rate -> optimizer step; the loss is read back after the step. Everything the
+// caller shows or records (progress, metrics, what ran) goes through the callbacks, so the loop
+// itself prints nothing.
+//
+// Data batch i of a split is a pure function of (seed, i) and checkpoints hold the model, the
+// optimizer and the generator, so a run resumed at step s repeats exactly what an uninterrupted
+// run does from s on. With stop_on_non_finite, a non-finite gradient norm stops the run before the
+// step changes the weights, and a non-finite loss right after it; either throws and no checkpoint
+// is written (the last one saved stays as it was).
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "nn/checkpoint.h"
+#include "nn/data.h"
+#include "nn/module.h"
+#include "nn/optim.h"
+#include "tensor/device.h"
+
+namespace longtape::nn {
+
+// (batch size, index, split) -> the batch.
+using BatchSource = std::function<Batch(int64_t batch_size, int64_t index, Split split)>;
+
+// The batches of a data set such as RecallTask or CharTextDataset, placed on `device`. The data
+// set must outlive the source.
+template <typename Data>
+BatchSource batches_of(const Data& data, Device device = Device::cpu()) {
+  return [&data, device](int64_t batch_size, int64_t index, Split split) {
+    return data.batch(batch_size, index, split, device);
+  };
+}
+
+struct TrainerOptions {
+  int64_t steps = 1;                 // train until this step (the schedule's total_steps)
+  int64_t batch_size = 16;
+  double clip = 1.0;                 // global gradient-norm clip; 0 = none (the norm is still measured)
+  bool stop_on_non_finite = true;    // a non-finite gradient norm or loss throws longtape::Error
+  std::string divergence_hint = "try a lower learning rate";  // ends that error's message
+  int64_t eval_every = 0;            // held-out evaluation every N steps, not at the last; 0 = none
+  int64_t eval_batches = 8;          // held-out batches per evaluation (indices 0, 1, ...)
+  int64_t eval_batch_size = 0;       // 0 = batch_size
+  std::string checkpoint;            // where save_checkpoint() writes; empty = nowhere
+  int64_t checkpoint_every = 0;      // also save every K steps, not at the last; 0 = only when asked
+  std::map<std::string, std::string> checkpoint_metadata;  // extra pairs of every checkpoint
+  int64_t profile_step = -1;         // 0-based index of a step to record with tensor/profiler.h; -1 = none
+};
+
+// One finished optimizer step.
+struct StepResult {
+  int64_t step = 0;      // steps done so far (the 0-based index of this step + 1)
+  double loss = 0;       // the batch's mean cross-entropy before the step
+  double lr = 0;         // the learning rate the step used
+  double grad_norm = 0;  // global gradient norm before clipping
+  double seconds = 0;    // wall time of the step, the batch included
+};
+
+struct EvalResult {
+  double loss = 0;  // mean over the batches
+  AccuracyCount accuracy;
+};
+
+class Trainer {
+ public:
+  using Logits = std::function<Tensor(const Tensor& tokens)>;
+
+  // `logits` runs the model: tokens (B, T) -> logits (B, T, vocab).
+  Trainer(Module& model, Logits logits, Optimizer& optimizer, CosineSchedule schedule, TrainerOptions options);
+  // A model with forward(tokens) -> logits.
+  template <typename Model>
+  Trainer(Model& model, Optimizer& optimizer, CosineSchedule schedule, TrainerOptions options)
+      : Trainer(static_cast<Module&>(model), [&model](const Tensor& tokens) { return model.forward(tokens); },
+                optimizer, schedule, std::move(options)) {}
+
+  // Called after every step (after the non-finite checks).
+  std::function<void(const StepResult&)> on_step;
+  // Called after each periodic evaluation, with the step it followed.
+  std::function<void(int64_t step, const EvalResult&)> on_eval;
+  // Called just before a non-finite loss or gradient norm throws (to end a progress line).
+  std::function<void()> on_diverged;
+  // Called after the step of options.profile_step with its number (1-based); profiler::table()
+  // holds its rows.
+  std::function<void(int64_t step)> on_profile;
+
+  // Runs steps [first_step, options.steps) on `data`'s training split, with the periodic
+  // evaluations on its held-out split and the periodic checkpoints.
+  void fit(const BatchSource& data, int64_t first_step = 0);
+  // One step on `batch` as step number `index` (0-based; it picks the learning rate).
+  StepResult step(const Batch& batch, int64_t index);
+  // Held-out loss and accuracy over options.eval_batches batches, in eval mode without recording;
+  // the model is back in training mode afterwards.
+  EvalResult evaluate(const BatchSource& data);
+  // Writes the checkpoint (model, optimizer, generator) at `step` to options.checkpoint.
+  void save_checkpoint(int64_t step) const;
+  // Loads a checkpoint into the model, the generator and, unless `fresh_optimizer`, the optimizer;
+  // fit() from the returned info's step continues the saved run.
+  CheckpointInfo load_checkpoint(const std::string& path, bool fresh_optimizer = false);
+
+  const TrainerOptions& options() const { return options_; }
+  // Which step to profile, once the first step is known (after a resume).
+  void set_profile_step(int64_t index) { options_.profile_step = index; }
+
+ private:
+  Module& model_;
+  Logits logits_;
+  Optimizer& optimizer_;
+  CosineSchedule schedule_;
+  TrainerOptions options_;
+};
+
+// One row of a run's metrics file.
+struct MetricsRow {
+  int64_t step;
+  double loss, lr, grad_norm, tokens_per_s, elapsed_s;
+  std::optional<double> eval_loss, eval_accuracy;
+};
+
+// Writes the rows to `path` atomically: a JSON document (`run` with the rows under "rows") when
+// the path ends in .json, else CSV with a header line.
+void write_metrics(const std::string& path, const nlohmann::ordered_json& run, const std::vector<MetricsRow>& rows);
+
+}  // namespace longtape::nn
