@@ -6,6 +6,7 @@
 #include "autograd/grad_mode.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
+#include "tensor/profiler.h"
 
 namespace longtape::attention {
 
@@ -107,7 +108,11 @@ Tensor MultiheadAttention::project(const Tensor& x, int which) const {
 Tensor MultiheadAttention::attend(const Tensor& q, const Tensor& k, const Tensor& v) {
   const int64_t h = options_.num_heads;
   auto heads = [&](const Tensor& t) { return t.reshape({t.size(0), t.size(1), h, head_dim_}); };
-  Tensor o = core_->forward(heads(q), heads(k), heads(v));
+  Tensor o;
+  {
+    profiler::Scope scope("attention core forward", 4 * q.numel() * static_cast<int64_t>(dtype_size(q.dtype())));
+    o = core_->forward(heads(q), heads(k), heads(v));
+  }
   Tensor merged = o.reshape({o.size(0), o.size(1), options_.embed_dim});
   if (options_.sub_layernorm) merged = layer_norm(merged, ln_weight, ln_bias, options_.layer_norm_eps);
   Tensor y = matmul(merged, w_out);

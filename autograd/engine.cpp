@@ -5,6 +5,7 @@
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
 #include "tensor/ops.h"
+#include "tensor/profiler.h"
 
 namespace longtape::autograd {
 
@@ -216,7 +217,11 @@ void execute(const std::vector<Tensor>& roots, const std::vector<Tensor>& grad_r
         continue;  // grad() never writes .grad
       }
     }
-    std::vector<Tensor> input_grads = n->apply(grads);
+    std::vector<Tensor> input_grads;
+    {
+      profiler::Scope scope(profiler::enabled() ? std::string(n->op_name) + " backward" : std::string());
+      input_grads = n->apply(grads);
+    }
     if (!retain_graph) n->release();
     for (size_t i = 0; i < n->next_edges.size() && i < input_grads.size(); ++i) {
       const Edge& e = n->next_edges[i];

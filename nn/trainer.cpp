@@ -9,6 +9,7 @@
 #include "io/atomic_file.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
+#include "tensor/profiler.h"
 
 namespace longtape::nn {
 
@@ -35,19 +36,32 @@ Trainer::Trainer(Module& model, Logits logits, Optimizer& optimizer, CosineSched
 
 StepResult Trainer::step(const Batch& batch, int64_t index) {
   const auto t0 = Clock::now();
-  Tensor loss = cross_entropy(logits_(batch.inputs), batch.targets, kIgnoreIndex);
-  optimizer_.zero_grad();
-  loss.backward();
-  const double norm =
-      options_.clip > 0 ? clip_grad_norm(model_.parameters(), options_.clip) : grad_norm(model_.parameters());
+  Tensor loss;
+  {
+    profiler::Scope scope("forward + loss");
+    loss = cross_entropy(logits_(batch.inputs), batch.targets, kIgnoreIndex);
+  }
+  {
+    profiler::Scope scope("backward");
+    optimizer_.zero_grad();
+    loss.backward();
+  }
+  double norm = 0;
+  {
+    profiler::Scope scope("grad norm + clip");
+    norm = options_.clip > 0 ? clip_grad_norm(model_.parameters(), options_.clip) : grad_norm(model_.parameters());
+  }
   // A diverged step stops the run before it changes the weights.
   if (options_.stop_on_non_finite && !std::isfinite(norm)) {
     if (on_diverged) on_diverged();
     LT_CHECK(false, "train: the gradient norm became ", norm, " at step ", index + 1, " (loss ", loss.item(),
              "); stopped without saving a checkpoint (", options_.divergence_hint, ")");
   }
-  schedule_.apply(optimizer_, index);
-  optimizer_.step();
+  {
+    profiler::Scope scope("optimizer step");
+    schedule_.apply(optimizer_, index);
+    optimizer_.step();
+  }
   StepResult r;
   r.step = index + 1;
   r.loss = loss.item();  // also waits for the device
@@ -67,10 +81,23 @@ void Trainer::fit(const BatchSource& data, int64_t first_step) {
   LT_CHECK(first_step >= 0 && first_step <= options_.steps, "Trainer: the first step must lie in [0, ",
            options_.steps, "], got ", first_step);
   for (int64_t index = first_step; index < options_.steps; ++index) {
+    const bool profiling = index == options_.profile_step;
+    if (profiling) profiler::start();
     const auto t0 = Clock::now();
-    Batch batch = data(options_.batch_size, index, Split::train);
-    StepResult r = step(batch, index);
+    StepResult r;
+    {
+      profiler::Scope whole("train step");
+      Batch batch = [&] {
+        profiler::Scope scope("data batch");
+        return data(options_.batch_size, index, Split::train);
+      }();
+      r = step(batch, index);
+    }
     r.seconds = seconds_since(t0);  // the batch included
+    if (profiling) {
+      profiler::stop();
+      if (on_profile) on_profile(r.step);
+    }
     if (on_step) on_step(r);
     const int64_t done = index + 1;
     if (options_.eval_every > 0 && done % options_.eval_every == 0 && done < options_.steps) {

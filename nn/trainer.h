@@ -52,6 +52,7 @@ struct TrainerOptions {
   std::string checkpoint;            // where save_checkpoint() writes; empty = nowhere
   int64_t checkpoint_every = 0;      // also save every K steps, not at the last; 0 = only when asked
   std::map<std::string, std::string> checkpoint_metadata;  // extra pairs of every checkpoint
+  int64_t profile_step = -1;         // 0-based index of a step to record with tensor/profiler.h; -1 = none
 };
 
 // One finished optimizer step.
@@ -86,6 +87,9 @@ class Trainer {
   std::function<void(int64_t step, const EvalResult&)> on_eval;
   // Called just before a non-finite loss or gradient norm throws (to end a progress line).
   std::function<void()> on_diverged;
+  // Called after the step of options.profile_step with its number (1-based); profiler::table()
+  // holds its rows.
+  std::function<void(int64_t step)> on_profile;
 
   // Runs steps [first_step, options.steps) on `data`'s training split, with the periodic
   // evaluations on its held-out split and the periodic checkpoints.
@@ -102,6 +106,8 @@ class Trainer {
   CheckpointInfo load_checkpoint(const std::string& path, bool fresh_optimizer = false);
 
   const TrainerOptions& options() const { return options_; }
+  // Which step to profile, once the first step is known (after a resume).
+  void set_profile_step(int64_t index) { options_.profile_step = index; }
 
  private:
   Module& model_;

@@ -11,6 +11,7 @@
 
 #include "tensor/dtype.h"
 #include "tensor/error.h"
+#include "tensor/host_cache.h"
 #ifdef LONGTAPE_WITH_CUDA
 #include "cuda/memory_pool.h"
 #include "cuda/runtime.h"
@@ -29,7 +30,7 @@ void host_count(int64_t delta) {
   std::lock_guard<std::mutex> lock(g_host.mutex);
   MemoryStats& s = g_host.stats;
   s.allocated_bytes += delta;
-  s.reserved_bytes = s.allocated_bytes;
+  s.reserved_bytes = s.allocated_bytes + host_cache::stats().cached_bytes;
   if (delta > 0) {
     ++s.num_allocs;
     ++s.device_allocs;
@@ -40,13 +41,12 @@ void host_count(int64_t delta) {
   s.peak_reserved_bytes = std::max(s.peak_reserved_bytes, s.reserved_bytes);
 }
 
-constexpr size_t kHostAlignment = 64;
 }  // namespace
 
 Storage::~Storage() {
   if (!data) return;
   if (device.is_cpu()) {
-    std::free(data);
+    host_cache::release(data, nbytes);
     host_count(-static_cast<int64_t>(nbytes));
   } else {
 #ifdef LONGTAPE_WITH_CUDA
@@ -67,9 +67,7 @@ std::shared_ptr<Storage> allocate_storage(Device device, size_t nbytes) {
     static const bool mmap_threshold_set = mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1;
     (void)mmap_threshold_set;
 #endif
-    size_t rounded = std::max<size_t>(kHostAlignment, (nbytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment);
-    void* p = std::aligned_alloc(kHostAlignment, rounded);
-    if (!p) throw OutOfMemoryError(detail::concat("out of host memory: requested ", nbytes, " bytes"));
+    void* p = host_cache::allocate(nbytes);
     host_count(static_cast<int64_t>(nbytes));
     return std::make_shared<Storage>(p, nbytes, device);
   }
@@ -87,8 +85,14 @@ std::shared_ptr<Storage> allocate_storage(Device device, size_t nbytes) {
 
 MemoryStats memory_stats(Device device) {
   if (device.is_cpu()) {
+    const host_cache::Stats cache = host_cache::stats();
     std::lock_guard<std::mutex> lock(g_host.mutex);
-    return g_host.stats;
+    MemoryStats s = g_host.stats;
+    s.reserved_bytes = s.allocated_bytes + cache.cached_bytes;
+    s.cache_hits = cache.cache_hits;
+    s.device_allocs = cache.system_allocs;
+    s.device_frees = cache.system_frees;
+    return s;
   }
 #ifdef LONGTAPE_WITH_CUDA
   return cuda::pool_stats(device.index);
@@ -110,6 +114,7 @@ void reset_peak_memory(Device device) {
 }
 
 void empty_cache(Device device) {
+  if (device.is_cpu()) host_cache::empty();
 #ifdef LONGTAPE_WITH_CUDA
   if (device.is_cuda()) cuda::pool_empty_cache(device.index);
 #endif

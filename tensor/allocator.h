@@ -1,7 +1,8 @@
 #pragma once
 // Storage: one reference-counted block of device or host memory. Allocation goes through
 // allocate_storage(), which uses an aligned, counted host allocator on the CPU and the
-// caching memory pool (cuda/memory_pool.h) on CUDA devices.
+// caching memory pool (cuda/memory_pool.h) on CUDA devices; host blocks go through the host
+// cache (tensor/host_cache.h).
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -40,7 +41,7 @@ std::shared_ptr<Storage> allocate_storage(Device device, size_t nbytes);
 
 MemoryStats memory_stats(Device device);
 void reset_peak_memory(Device device);
-// Returns cached, unused device memory to the device (no effect on the CPU).
+// Returns cached, unused memory to the device (on the CPU: the host cache, tensor/host_cache.h).
 void empty_cache(Device device);
 
 // Raw copies between host and device memory (synchronous on the current stream).

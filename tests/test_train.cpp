@@ -19,6 +19,7 @@
 #include "nn/optim.h"
 #include "nn/trainer.h"
 #include "tensor/ops.h"
+#include "support/cli_runner.h"
 
 using namespace longtape;
 using namespace longtape::models;
@@ -90,6 +91,30 @@ TEST_CASE("a 2-layer dilated-attention LM learns associative recall on the CPU")
   CHECK(t.first_loss > 2.0);
   CHECK(t.last_loss < 1.3);
   CHECK(t.heldout_accuracy > 0.32);
+}
+
+TEST_CASE("longtape train --profile prints the per-op table of one step; --seq-len sets the dilated geometry" *
+          doctest::skip(testing::longtape_binary_missing())) {
+  const auto dir = testing::fresh_dir("train_profile");
+  const std::string bin = "'" + std::filesystem::absolute(testing::longtape_binary()).string() + "'";
+  const auto r = testing::run_command("cd '" + dir.string() + "' && OMP_NUM_THREADS=1 timeout 120 " + bin +
+                                          " train --device cpu --steps 3 --batch 2 --seq-len 64 --eval-every 0 "
+                                          "--eval-batches 1 --profile",
+                                      dir / "log.txt");
+  INFO(r.output);
+  CHECK(r.code == 0);
+  for (const char* part : {"profile of step 3", "gemm", "matmul backward", "attention core forward", "train step",
+                           "total (self)", "GB/s"})
+    CHECK(r.output.find(part) != std::string::npos);
+  // Longer sequences without --segments/--dilations get a local window and one branch over all of it.
+  const auto g = testing::run_command("cd '" + dir.string() + "' && OMP_NUM_THREADS=1 timeout 120 " + bin +
+                                          " train --device cpu --steps 1 --batch 1 --seq-len 512 --width 16 "
+                                          "--eval-every 0 --eval-batches 1",
+                                      dir / "log2.txt");
+  INFO(g.output);
+  CHECK(g.code == 0);
+  CHECK(g.output.find("w=256,512 r=1,2") != std::string::npos);
+  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("Trainer: a run resumed from its periodic checkpoint ends bitwise equal to an uninterrupted one") {

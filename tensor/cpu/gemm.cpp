@@ -1,28 +1,85 @@
+// Eigen runs every product single-threaded: its own OpenMP GEMM busy-waits between blocks, which
+// costs more than it gains on the small products of a training step and collapses when the cores
+// are shared. Threads split the work here instead: over the batch, or over row blocks of C, and
+// only when each thread gets enough arithmetic to pay for the fork.
+#define EIGEN_DONT_PARALLELIZE
 #include <Eigen/Core>
+#include <algorithm>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "tensor/cpu/cpu_kernels.h"
 #include "tensor/cpu/strided.h"
 
 namespace longtape::cpu {
 
+namespace {
+// Multiply-adds per thread below which a fork costs more than it saves.
+constexpr double kMinFlopsPerThread = 1 << 22;
+
+int gemm_threads(double flops, int64_t max_parts) {
+#ifdef _OPENMP
+  const int64_t by_work = static_cast<int64_t>(flops / kMinFlopsPerThread);
+  return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(by_work, max_parts), 1, omp_get_max_threads()));
+#else
+  (void)flops;
+  (void)max_parts;
+  return 1;
+#endif
+}
+}  // namespace
+
 void gemm(const GemmArgs& g) {
   dispatch_float(g.dtype, "matmul", [&]<typename T>() {
     using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     using MapC = Eigen::Map<Mat>;
     using MapA = Eigen::Map<const Mat>;
-    const int64_t a_rows = g.trans_a ? g.k : g.m, a_cols = g.trans_a ? g.m : g.k;
-    const int64_t b_rows = g.trans_b ? g.n : g.k, b_cols = g.trans_b ? g.k : g.n;
-    for (int64_t i = 0; i < g.batch; ++i) {
-      MapC c(static_cast<T*>(g.c) + i * g.stride_c, g.m, g.n);
-      MapA a(static_cast<const T*>(g.a) + i * g.stride_a, a_rows, a_cols);
-      MapA b(static_cast<const T*>(g.b) + i * g.stride_b, b_rows, b_cols);
-      const T alpha = static_cast<T>(g.alpha);
+    const T alpha = static_cast<T>(g.alpha);
+    // C rows [r0, r0 + rows) of batch entry i. Row r of op(A) is row r of A, or column r when
+    // transposed (a column block of a row-major matrix: outer stride a_cols).
+    auto product = [&](int64_t i, int64_t r0, int64_t rows) {
+      using Stride = Eigen::OuterStride<>;
+      const T* a = static_cast<const T*>(g.a) + i * g.stride_a;
+      const T* b = static_cast<const T*>(g.b) + i * g.stride_b;
+      MapC c(static_cast<T*>(g.c) + i * g.stride_c + r0 * g.n, rows, g.n);
       if (g.beta == 0) c.setZero();
       else if (g.beta != 1) c *= static_cast<T>(g.beta);
-      if (g.trans_a && g.trans_b) c.noalias() += alpha * (a.transpose() * b.transpose());
-      else if (g.trans_a) c.noalias() += alpha * (a.transpose() * b);
-      else if (g.trans_b) c.noalias() += alpha * (a * b.transpose());
-      else c.noalias() += alpha * (a * b);
+      const int64_t b_rows = g.trans_b ? g.n : g.k, b_cols = g.trans_b ? g.k : g.n;
+      MapA bm(b, b_rows, b_cols);
+      if (g.trans_a) {
+        // A is (K, M): the block is columns [r0, r0 + rows) of every row.
+        Eigen::Map<const Mat, 0, Stride> at(a + r0, g.k, rows, Stride(g.m));
+        if (g.trans_b) c.noalias() += alpha * (at.transpose() * bm.transpose());
+        else c.noalias() += alpha * (at.transpose() * bm);
+      } else {
+        MapA am(a + r0 * g.k, rows, g.k);
+        if (g.trans_b) c.noalias() += alpha * (am * bm.transpose());
+        else c.noalias() += alpha * (am * bm);
+      }
+    };
+    const double flops = static_cast<double>(g.batch) * static_cast<double>(g.m) * static_cast<double>(g.n) *
+                         static_cast<double>(g.k);
+    if (g.batch > 1) {
+      const int threads = gemm_threads(flops, g.batch);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+      for (int64_t i = 0; i < g.batch; ++i) product(i, 0, g.m);
+      return;
+    }
+    // One product: split C's rows into blocks of whole 8-row panels.
+    const int threads = gemm_threads(flops, std::max<int64_t>(1, g.m / 32));
+    if (threads <= 1) {
+      product(0, 0, g.m);
+      return;
+    }
+    const int64_t block = (g.m + threads - 1) / threads;
+    const int64_t aligned = (block + 7) / 8 * 8;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; ++t) {
+      const int64_t r0 = std::min<int64_t>(g.m, t * aligned);
+      const int64_t r1 = std::min<int64_t>(g.m, r0 + aligned);
+      if (r1 > r0) product(0, r0, r1 - r0);
     }
   });
 }

@@ -1,11 +1,14 @@
 // Softmax and LayerNorm rows: forward and backward.
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "tensor/cpu/cpu_kernels.h"
 #include "tensor/cpu/strided.h"
+#include "tensor/cpu/vector_math.h"
 
 namespace longtape::cpu {
+
 
 void softmax(void* out, const void* in, DType dtype, int64_t rows, int64_t cols, bool log) {
   dispatch_float(dtype, "softmax", [&]<typename T>() {
@@ -18,14 +21,17 @@ void softmax(void* out, const void* in, DType dtype, int64_t rows, int64_t cols,
       T m = -std::numeric_limits<T>::infinity();
       for (int64_t c = 0; c < cols; ++c) m = std::max(m, xr[c]);
       if (m == -std::numeric_limits<T>::infinity()) m = 0;  // all -inf row: avoid inf - inf
+      // One exp per element, in a loop of its own (it vectorises; the double sum does not): the
+      // exponentials go to y, then softmax scales them in place and log_softmax overwrites them.
+      for (int64_t c = 0; c < cols; ++c) yr[c] = exp_of(xr[c] - m);
       double s = 0;
-      for (int64_t c = 0; c < cols; ++c) s += std::exp(static_cast<double>(xr[c] - m));
+      for (int64_t c = 0; c < cols; ++c) s += yr[c];
       if (log) {
         T lse = m + static_cast<T>(std::log(s));
         for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] - lse;
       } else {
         T inv = static_cast<T>(1.0 / s);
-        for (int64_t c = 0; c < cols; ++c) yr[c] = std::exp(xr[c] - m) * inv;
+        for (int64_t c = 0; c < cols; ++c) yr[c] *= inv;
       }
     }
   });
@@ -45,7 +51,7 @@ void softmax_backward(void* dx, const void* y, const void* dy, DType dtype, int6
       double s = 0;
       if (log) {
         for (int64_t c = 0; c < cols; ++c) s += gr[c];
-        for (int64_t c = 0; c < cols; ++c) o[c] = gr[c] - std::exp(yr[c]) * static_cast<T>(s);
+        for (int64_t c = 0; c < cols; ++c) o[c] = gr[c] - exp_of(yr[c]) * static_cast<T>(s);
       } else {
         for (int64_t c = 0; c < cols; ++c) s += static_cast<double>(gr[c]) * yr[c];
         for (int64_t c = 0; c < cols; ++c) o[c] = yr[c] * (gr[c] - static_cast<T>(s));
@@ -108,19 +114,25 @@ void layer_norm_backward(void* dx, void* dweight, void* dbias, const void* dy, c
         out[r * cols + c] = static_cast<T>(rp[r] * (gh - sum_g / cols - h * sum_gh / cols));
       }
     }
-    // Parameter gradients: column sums in row order (fixed order, reproducible).
+    // Parameter gradients: column sums in row order (fixed order, reproducible), one pass over
+    // the rows with a running sum per column (contiguous loads).
     if (dweight || dbias) {
       T* dw = static_cast<T*>(dweight);
       T* db = static_cast<T*>(dbias);
-      for (int64_t c = 0; c < cols; ++c) {
-        double sw = 0, sb = 0;
-        for (int64_t r = 0; r < rows; ++r) {
-          double gv = g[r * cols + c];
-          sw += gv * (xp[r * cols + c] - mp[r]) * rp[r];
-          sb += gv;
+      std::vector<double> sw(static_cast<size_t>(cols), 0.0), sb(static_cast<size_t>(cols), 0.0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* gr = g + r * cols;
+        const T* xr = xp + r * cols;
+        const T m = mp[r], rs = rp[r];
+        for (int64_t c = 0; c < cols; ++c) {
+          const double gv = gr[c];
+          sw[c] += gv * (xr[c] - m) * rs;
+          sb[c] += gv;
         }
-        if (dw) dw[c] = static_cast<T>(sw);
-        if (db) db[c] = static_cast<T>(sb);
+      }
+      for (int64_t c = 0; c < cols; ++c) {
+        if (dw) dw[c] = static_cast<T>(sw[c]);
+        if (db) db[c] = static_cast<T>(sb[c]);
       }
     }
   });

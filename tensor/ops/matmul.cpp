@@ -31,6 +31,21 @@ Tensor bmm_raw(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
   return out;
 }
 
+// The stored matrices of an operand: itself when contiguous, its transpose when that is contiguous
+// (a transposed weight enters the product without a copy), else a contiguous copy.
+struct Operand {
+  Tensor stored;
+  bool transposed = false;
+};
+
+Operand as_operand(const Tensor& x) {
+  if (x.is_contiguous()) return {x, false};
+  const int64_t nd = x.dim();
+  Tensor t = x.transpose(nd - 2, nd - 1);
+  if (t.is_contiguous()) return {t, true};
+  return {x.contiguous(), false};
+}
+
 }  // namespace
 
 Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
@@ -47,6 +62,14 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
   Tensor b = b_in.dim() == 1 ? b_in.unsqueeze(-1) : b_in;
   const int64_t ka = a.shape()[a.dim() - 1], kb = b.shape()[b.dim() - 2];
   LT_CHECK(ka == kb, "matmul: inner dims differ: ", shape_str(a_in.shape()), " @ ", shape_str(b_in.shape()));
+  // A (..., M, K) times a plain (K, N) matrix: the batch folds into the rows of one product, so
+  // the weight is neither copied per batch entry nor its gradient summed over the batch.
+  if (a.dim() > 2 && b_in.dim() == 2) {
+    Shape out_shape(a.shape().begin(), a.shape().end() - 1);
+    out_shape.push_back(b.shape()[1]);
+    Tensor rows = a.reshape({-1, ka});
+    return matmul(rows, b).reshape(out_shape);
+  }
   // broadcast batch dims
   Shape ba(a.shape().begin(), a.shape().end() - 2), bb(b.shape().begin(), b.shape().end() - 2);
   Shape batch(std::max(ba.size(), bb.size()));
@@ -64,15 +87,18 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
   sb.push_back(b.shape()[b.dim() - 1]);
   Tensor ae = a.expand(sa), be = b.expand(sb);
   Tensor out;
+  Operand oa, ob;
   {
     NoGradGuard guard;
-    out = bmm_raw(ae.contiguous(), be.contiguous(), false, false);
+    oa = as_operand(ae.detach());
+    ob = as_operand(be.detach());
+    out = bmm_raw(oa.stored, ob.stored, oa.transposed, ob.transposed);
   }
   Tensor ad = ae.detach(), bd = be.detach();
-  record("matmul", {ae, be}, {out}, [ad, bd](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+  record("matmul", {ae, be}, {out}, [oa, ob](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     Tensor go = g[0].contiguous();
     // dA = dC B^T, dB = A^T dC
-    return {bmm_raw(go, bd.contiguous(), false, true), bmm_raw(ad.contiguous(), go, true, false)};
+    return {bmm_raw(go, ob.stored, false, !ob.transposed), bmm_raw(oa.stored, go, !oa.transposed, false)};
   }, {ad, bd});
   if (a_in.dim() == 1) out = out.squeeze(-2);
   if (b_in.dim() == 1) out = out.squeeze(-1);
