@@ -273,11 +273,12 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
           *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + hf * 8 + (lane >> 2)) * kLdS + j * 8 + col_in_quad) =
               pack_bf16(dpt[j][2 * hf], dpt[j][2 * hf + 1]);
     }
-    // dV += P^T dO, dK += dS^T Q (k = queries).
+    // dV += P^T dO, dK += dS^T Q (k = queries); P and dS as bf16 hi + lo parts (dO and Q terms
+    // of either sign cancel in both sums).
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
-      uint32_t ap[4], as[4], as_lo[4];
-      a_fragment(ap, st[2 * kk], st[2 * kk + 1]);
+      uint32_t ap[4], ap_lo[4], as[4], as_lo[4];
+      a_fragment_split(ap, ap_lo, st[2 * kk], st[2 * kk + 1]);
       a_fragment_split(as, as_lo, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
@@ -286,6 +287,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
         load_b_kn<D>(bq, tQ, dp * 16, kk);
         mma_bf16(dv[2 * dp], ap, bg[0], bg[1]);
         mma_bf16(dv[2 * dp + 1], ap, bg[2], bg[3]);
+        mma_bf16(dv[2 * dp], ap_lo, bg[0], bg[1]);
+        mma_bf16(dv[2 * dp + 1], ap_lo, bg[2], bg[3]);
         mma_bf16(dk[2 * dp], as, bq[0], bq[1]);
         mma_bf16(dk[2 * dp + 1], as, bq[2], bq[3]);
         mma_bf16(dk[2 * dp], as_lo, bq[0], bq[1]);
