@@ -43,6 +43,13 @@ std::string real_range_text(double lo, double hi, bool lo_open, bool hi_open) {
   return range_text(real_text(lo), real_text(hi), lo_open, hi_open);
 }
 
+// A byte that is not printable ASCII, shown as \xNN.
+void append_hex_escape(std::string& out, unsigned char c) {
+  char buf[8];
+  std::snprintf(buf, sizeof buf, "\\x%02x", c);
+  out += buf;
+}
+
 }  // namespace
 
 std::string shown_value(const std::string& text, size_t max_chars) {
@@ -59,9 +66,7 @@ std::string shown_value(const std::string& text, size_t max_chars) {
     } else if (c >= 0x20 && c < 0x7f) {
       out += static_cast<char>(c);
     } else {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
+      append_hex_escape(out, c);
     }
     ++shown;
   }
@@ -80,9 +85,7 @@ std::string one_line(const std::string& message) {
     } else if (c >= 0x20 && c < 0x7f) {
       out += static_cast<char>(c);
     } else {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
+      append_hex_escape(out, c);
     }
   }
   while (!out.empty() && (out.back() == ' ' || out.back() == ';')) out.pop_back();

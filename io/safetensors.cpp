@@ -390,10 +390,10 @@ SafetensorsLayout parse_header(const char* header_begin, uint64_t header_len, ui
 
 }  // namespace
 
-SafetensorsFile parse_safetensors(const std::vector<uint8_t>& bytes, const std::string& source) {
-  const uint64_t header_len = parse_header_length(bytes.data(), bytes.size(), source);
-  SafetensorsLayout layout =
-      parse_header(reinterpret_cast<const char*>(bytes.data() + 8), header_len, bytes.size(), source);
+// The tensors of a checked layout, their bytes read by read(offset, count) (offsets from the
+// start of the file).
+template <typename Read>
+static SafetensorsFile assemble(SafetensorsLayout layout, Read&& read) {
   SafetensorsFile file;
   file.metadata = std::move(layout.metadata);
   file.tensors.reserve(layout.entries.size());
@@ -401,11 +401,20 @@ SafetensorsFile parse_safetensors(const std::vector<uint8_t>& bytes, const std::
     RawArray array;
     array.dtype = entry.dtype;
     array.shape = entry.shape;
-    const uint8_t* begin = bytes.data() + layout.data_start + entry.begin;
-    array.bytes.assign(begin, begin + (entry.end - entry.begin));
+    array.bytes = read(layout.data_start + entry.begin, static_cast<size_t>(entry.end - entry.begin));
     file.tensors.emplace_back(entry.name, std::move(array));
   }
   return file;
+}
+
+SafetensorsFile parse_safetensors(const std::vector<uint8_t>& bytes, const std::string& source) {
+  const uint64_t header_len = parse_header_length(bytes.data(), bytes.size(), source);
+  SafetensorsLayout layout =
+      parse_header(reinterpret_cast<const char*>(bytes.data() + 8), header_len, bytes.size(), source);
+  return assemble(std::move(layout), [&](uint64_t offset, size_t n) {
+    const uint8_t* begin = bytes.data() + offset;
+    return std::vector<uint8_t>(begin, begin + n);
+  });
 }
 
 // Reads the length and the header first; the data is read (and allocated) only once the header
@@ -419,17 +428,8 @@ SafetensorsFile read_safetensors(const std::string& path) {
   const std::vector<uint8_t> header = in.read_at(8, static_cast<size_t>(header_len));
   SafetensorsLayout layout =
       parse_header(reinterpret_cast<const char*>(header.data()), header_len, size, path);
-  SafetensorsFile file;
-  file.metadata = std::move(layout.metadata);
-  file.tensors.reserve(layout.entries.size());
-  for (const TensorEntry& entry : layout.entries) {
-    RawArray array;
-    array.dtype = entry.dtype;
-    array.shape = entry.shape;
-    array.bytes = in.read_at(layout.data_start + entry.begin, static_cast<size_t>(entry.end - entry.begin));
-    file.tensors.emplace_back(entry.name, std::move(array));
-  }
-  return file;
+  return assemble(std::move(layout),
+                  [&](uint64_t offset, size_t n) { return in.read_at(offset, n); });
 }
 
 }  // namespace longtape::io

@@ -283,39 +283,31 @@ void backward_impl(const BackwardProblem& bp) {
     const Branch branch(spec, i, n);
     const StreamItems key_items(branch, kKeyTile);
     parallel_items<Real>(c.B * c.H * key_items.groups, D, [&](int64_t item, Scratch<Real>& sc) {
-      const int64_t gi = item % key_items.groups, bh = item / key_items.groups, b = bh / c.H, h = bh % c.H;
-      const int64_t offset = branch_offset(spec, i, h);
-      if (offset < 0) return;
-      const int64_t tile = gi % key_items.tiles, first_stream = gi / key_items.tiles * key_items.group;
-      const int64_t last_stream = std::min(branch.segments, first_stream + key_items.group);
-      for (int64_t t = first_stream; t < last_stream; ++t) {
+      key_items.for_each_stream(spec, i, branch, c.H, item, kKeyTile,
+                                [&](int64_t b, int64_t h, int64_t offset, int64_t t, int64_t skip) {
         const Run<Real> keys = branch.stream<Real>(t, offset, c.Nk);
-        const int64_t skip = tile * kKeyTile, cols = std::min(kKeyTile, keys.count - skip);
-        if (cols <= 0) continue;
+        const int64_t cols = std::min(kKeyTile, keys.count - skip);
+        if (cols <= 0) return;
         set_key_tile(sc, keys.first + skip * keys.step, keys.step, cols);
         Run<Real> queries = branch.stream<Real>(t, offset, c.Nq);
         if (c.causal) keep_from(queries, sc.col_pos[0]);
         sc.runs.assign(1, queries);
         key_tile_grad(c, g, b, h, cols, sc);
-      }
+      });
     });
     const StreamItems query_items(branch, kQueryTile);
     parallel_items<Real>(c.B * c.H * query_items.groups, D, [&](int64_t item, Scratch<Real>& sc) {
-      const int64_t gi = item % query_items.groups, bh = item / query_items.groups, b = bh / c.H, h = bh % c.H;
-      const int64_t offset = branch_offset(spec, i, h);
-      if (offset < 0) return;
-      const int64_t tile = gi % query_items.tiles, first_stream = gi / query_items.tiles * query_items.group;
-      const int64_t last_stream = std::min(branch.segments, first_stream + query_items.group);
-      for (int64_t t = first_stream; t < last_stream; ++t) {
+      query_items.for_each_stream(spec, i, branch, c.H, item, kQueryTile,
+                                  [&](int64_t b, int64_t h, int64_t offset, int64_t t, int64_t skip) {
         const Run<Real> queries = branch.stream<Real>(t, offset, c.Nq);
-        const int64_t skip = tile * kQueryTile, rows = std::min(kQueryTile, queries.count - skip);
-        if (rows <= 0) continue;
+        const int64_t rows = std::min(kQueryTile, queries.count - skip);
+        if (rows <= 0) return;
         load_query_tile(c, b, h, queries.first + skip * queries.step, queries.step, rows, sc);
         Run<Real> keys = branch.stream<Real>(t, offset, c.Nk);
         if (c.causal) keep_until(keys, sc.row_pos[rows - 1]);
         sc.runs.assign(1, keys);
         query_tile_grad(c, g, b, h, rows, false, sc);
-      }
+      });
     });
   }
 }

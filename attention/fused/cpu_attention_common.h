@@ -502,6 +502,18 @@ struct StreamItems {
     group = tiles == 1 ? std::max<int64_t>(1, tile / std::max<int64_t>(1, branch.max_stream)) : 1;
     groups = (branch.segments + group - 1) / group * tiles;
   }
+  // Calls fn(b, h, offset, t, skip) for every stream t of work item `item` (of H * groups per
+  // batch entry) whose head takes part in branch `index`; skip = the tile's first stream row.
+  template <typename Fn>
+  void for_each_stream(const DilatedSpec& spec, int index, const Branch& branch, int64_t H, int64_t item,
+                       int64_t tile_size, Fn&& fn) const {
+    const int64_t g = item % groups, bh = item / groups, b = bh / H, h = bh % H;
+    const int64_t offset = branch_offset(spec, index, h);
+    if (offset < 0) return;
+    const int64_t tile = g % tiles, first_stream = g / tiles * group;
+    const int64_t last_stream = std::min(branch.segments, first_stream + group);
+    for (int64_t t = first_stream; t < last_stream; ++t) fn(b, h, offset, t, tile * tile_size);
+  }
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -183,15 +183,11 @@ void forward_impl(const Problem& p) {
     const Branch branch(spec, i, n);
     const StreamItems items(branch, kQueryTile);
     parallel_items<Real>(c.B * c.H * items.groups, D, [&](int64_t item, Scratch<Real>& sc) {
-      const int64_t g = item % items.groups, bh = item / items.groups, b = bh / c.H, h = bh % c.H;
-      const int64_t offset = branch_offset(spec, i, h);
-      if (offset < 0) return;
-      const int64_t tile = g % items.tiles, first_stream = g / items.tiles * items.group;
-      const int64_t last_stream = std::min(branch.segments, first_stream + items.group);
-      for (int64_t t = first_stream; t < last_stream; ++t) {
+      items.for_each_stream(spec, i, branch, c.H, item, kQueryTile,
+                            [&](int64_t b, int64_t h, int64_t offset, int64_t t, int64_t skip) {
         const Run<Real> queries = branch.stream<Real>(t, offset, c.Nq);
-        const int64_t skip = tile * kQueryTile, rows = std::min(kQueryTile, queries.count - skip);
-        if (rows <= 0) continue;
+        const int64_t rows = std::min(kQueryTile, queries.count - skip);
+        if (rows <= 0) return;
         load_query_tile(c, b, h, queries.first + skip * queries.step, queries.step, rows, sc);
         Run<Real> keys = branch.stream<Real>(t, offset, c.Nk);
         if (c.causal) keep_until(keys, sc.row_pos[rows - 1]);
@@ -201,7 +197,7 @@ void forward_impl(const Problem& p) {
           merge_rows(c, out, lse, b, h, rows, sc);
         else
           write_rows(c, out, lse, b, h, rows, out_scale, sc);
-      }
+      });
     });
   }
 }
