@@ -380,6 +380,29 @@ class InProcessCommunicator final : public Communicator {
 
 }  // namespace
 
+namespace {
+// The default exchange: the send is buffered, so receiving later cannot deadlock.
+class DeferredRecv final : public Communicator::PendingRecv {
+ public:
+  DeferredRecv(Communicator& comm, Shape shape, DType dtype, Device device, int src, int tag)
+      : comm_(comm.shared_from_this()), shape_(std::move(shape)), dtype_(dtype), device_(device), src_(src), tag_(tag) {}
+  Tensor wait() override { return comm_->recv(shape_, dtype_, device_, src_, tag_); }
+
+ private:
+  std::shared_ptr<Communicator> comm_;
+  Shape shape_;
+  DType dtype_;
+  Device device_;
+  int src_, tag_;
+};
+}  // namespace
+
+std::unique_ptr<Communicator::PendingRecv> Communicator::exchange(const Tensor& tensor, int dst, const Shape& shape,
+                                                                  DType dtype, Device device, int src, int tag) {
+  send(tensor, dst, tag);
+  return std::make_unique<DeferredRecv>(*this, shape, dtype, device, src, tag);
+}
+
 Tensor Communicator::all_to_all(const Tensor& tensor, int64_t split_dim, int64_t concat_dim,
                                 const std::vector<int64_t>& split_sizes) {
   LT_CHECK(tensor.defined(), "dist all_to_all: rank ", rank(), " was given an undefined tensor");

@@ -53,6 +53,19 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
     return recv(like.shape(), like.dtype(), like.device(), src, tag);
   }
 
+  // A receive that is under way; wait() returns the tensor (on a GPU backend without blocking the
+  // host: later work on the current stream is ordered after the transfer).
+  class PendingRecv {
+   public:
+    virtual ~PendingRecv() = default;
+    virtual Tensor wait() = 0;
+  };
+  // Sends `tensor` to `dst` and starts receiving a tensor of (shape, dtype, device) from `src`, as
+  // one step that every rank of a ring may take at once without deadlock. Backends that can
+  // overlap transfers with compute do so until wait(); this default sends, then receives in wait().
+  virtual std::unique_ptr<PendingRecv> exchange(const Tensor& tensor, int dst, const Shape& shape, DType dtype,
+                                                Device device, int src, int tag = 0);
+
   // ---- collectives: every rank calls them, in the same order ----
   // result[s] = rank s's tensor (all ranks' tensors must have one shape and dtype).
   virtual std::vector<Tensor> all_gather(const Tensor& tensor) = 0;
