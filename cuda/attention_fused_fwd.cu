@@ -7,6 +7,7 @@
 #include <string>
 
 #include "attention/fused/backends.h"
+#include "cuda/attention_forward.cuh"
 #include "cuda/attention_fused.cuh"
 #include "cuda/attention_launch.h"
 #include "cuda/common.cuh"
@@ -15,24 +16,6 @@ namespace longtape::cuda::attn {
 
 namespace {
 
-struct FwdParams {
-  const bf16 *q, *k, *v;
-  RowStrides qs, ks, vs;
-  // write mode: out (dtype bf16) and lse; merge mode: f32 accumulator out_acc (contiguous
-  // (B, Nq, H, D)) and lse are read, merged by log-sum-exp and written back.
-  bf16* out;
-  bf16* out_residual;  // optional: out_f32 - out
-  RowStrides os;
-  float* out_acc;
-  float* lse;  // (B, H, Nq)
-  int64_t heads;
-  float scale_log2;  // softmax scale * log2(e)
-  float out_scale;
-  bool causal, merge;
-  bool lazy_rescale;  // skip the O rescale of a tile when no row's max grew
-  Streams st;
-  Lists lists;
-};
 
 // A CTA owns 64 query rows of one stream (4 warps x 16 rows) and walks its key tiles with a
 // kStages-deep cp.async pipeline (one barrier per key tile). Per key tile each warp computes S = Q K^T (16 x 64), the online
@@ -249,63 +232,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
   }
   cp_async_wait<0>();
 
-  // Natural-log lse; rows that saw no key get lse -inf and out 0.
-  float row_lse[2], inv[2], old_lse[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const float l = quad_sum(l_run[hf]);
-    row_lse[hf] = l > 0.f ? (m_run[hf] + log2f(l)) / kLog2e : -INFINITY;
-    inv[hf] = l > 0.f ? 1.f / l : 0.f;
-  }
-  const int64_t lse_base = (static_cast<int64_t>(b) * p.heads + h) * p.st.seq_q;
-  // Merge mode reads what earlier branches left before any lane of the quad overwrites it.
-  if (p.merge) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
-      if (row_of(hf) < s.len_q) old_lse[hf] = p.lse[lse_base + s.first_q + row_of(hf) * s.step];
-    __syncwarp();
-  }
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int row = row_of(hf);
-    if (row >= s.len_q) continue;
-    const int64_t pos = s.first_q + row * s.step;
-    float* lse_ptr = p.lse + lse_base + pos;
-    if (!p.merge) {
-      bf16* dst = p.out + b * p.os.batch + h * p.os.head + pos * p.os.row;
-      const float f = inv[hf] * p.out_scale;
-#pragma unroll
-      for (int d = 0; d < kDT; ++d) {
-        const float x = o[d][2 * hf] * f, y = o[d][2 * hf + 1] * f;
-        const uint32_t packed = pack_bf16(x, y);
-        *reinterpret_cast<uint32_t*>(dst + d * 8 + col_in_quad) = packed;
-        if (p.out_residual) {
-          const __nv_bfloat162 rounded = *reinterpret_cast<const __nv_bfloat162*>(&packed);
-          *reinterpret_cast<uint32_t*>(p.out_residual + (dst - p.out) + d * 8 + col_in_quad) =
-              pack_bf16(x - __low2float(rounded), y - __high2float(rounded));
-        }
-      }
-      if ((lane & 3) == 0) *lse_ptr = row_lse[hf];
-    } else {
-      // Both sides are normalised outputs with their lse: weights exp(lse_side - lse_total).
-      const float top = fmaxf(old_lse[hf], row_lse[hf]);
-      const float safe = top == -INFINITY ? 0.f : top;
-      const float w_old = exp2f((old_lse[hf] - safe) * kLog2e), w_new = exp2f((row_lse[hf] - safe) * kLog2e);
-      const float total = w_old + w_new;
-      const float a_old = total > 0.f ? w_old / total : 0.f;
-      const float a_new = total > 0.f ? w_new / total * inv[hf] : 0.f;
-      float* acc = p.out_acc + ((static_cast<int64_t>(b) * p.st.seq_q + pos) * p.heads + h) * D;
-#pragma unroll
-      for (int d = 0; d < kDT; ++d) {
-        float2* cell = reinterpret_cast<float2*>(acc + d * 8 + col_in_quad);
-        float2 v = *cell;
-        v.x = v.x * a_old + o[d][2 * hf] * a_new;
-        v.y = v.y * a_old + o[d][2 * hf + 1] * a_new;
-        *cell = v;
-      }
-      if ((lane & 3) == 0) *lse_ptr = total > 0.f ? safe + logf(total) : -INFINITY;
-    }
-  }
+  store_forward_rows<D>(p, [&](int d, int e) { return o[d][e]; }, m_run, l_run, s, b, h, [&](int hf) { return row_of(hf); });
 }
 
 template <int D, bool kSplitP, int kStages>
@@ -341,7 +268,36 @@ void launch_forward(const FwdParams& params, const Streams& streams, int64_t bat
   launch_forward_variant<D, false, 2>(p, max_tiles, batch);
 }
 
+// The sm_90a forward runs where it was built, the GPU is compute capability 9.0 (sm_90a code runs
+// on nothing else), the lab has not turned it off, and the problem is one it covers: dense or
+// dilated key sets (block lists stay on the portable kernel), head dims 64 and 128, no P split.
+bool hopper_forward_usable(const attention::fused::Problem& pr, bool split_p) {
+#if defined(LONGTAPE_WITH_HOPPER)
+  if (!kernel_tuning().hopper_forward || split_p) return false;
+  if (pr.key_set == attention::fused::KeySet::blocks || (pr.head_dim != 64 && pr.head_dim != 128)) return false;
+  static int capability[64] = {};  // major * 10 + minor per device, 0 = not asked yet
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= 64) return false;
+  if (capability[device] == 0) {
+    int major = 0, minor = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    capability[device] = major * 10 + minor;
+  }
+  return capability[device] == 90;
+#else
+  (void)pr;
+  (void)split_p;
+  return false;
+#endif
+}
+
+const char* g_last_forward_kernel = "none";
+
 }  // namespace
+
+const char* last_forward_kernel() { return g_last_forward_kernel; }
 
 void run_forward(const attention::fused::Problem& pr, const LaunchPlan& plan) {
   FwdParams p{};
@@ -371,9 +327,15 @@ void run_forward(const attention::fused::Problem& pr, const LaunchPlan& plan) {
   }
   if (plan.prefill) fill_outputs(pr);
   const bool split_p = pr.blocks.bias != nullptr && pr.out_residual != nullptr;
+  const bool hopper = hopper_forward_usable(pr, split_p);
+  g_last_forward_kernel = hopper ? "sm90a-wgmma" : "sm80-mma";
   for (const Streams& launch : plan.launches) {
     p.merge = plan.merge;
     p.out_scale = plan.out_scale;
+    if (hopper) {
+      launch_forward_hopper(p, launch, pr.batch, static_cast<int>(pr.head_dim));
+      continue;
+    }
     switch (pr.head_dim) {
       case 32: launch_forward<32>(p, launch, pr.batch, split_p); break;
       case 64: launch_forward<64>(p, launch, pr.batch, split_p); break;

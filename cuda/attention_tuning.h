@@ -9,7 +9,13 @@ struct KernelTuning {
   int forward_stages = -1;
   // Forward: rescale the output accumulator only on tiles where some row's running max grew.
   bool lazy_rescale = true;
+  // Forward on sm_90a warpgroup MMA where the GPU and the build have it (dense and dilated).
+  bool hopper_forward = true;
+  // Warpgroups (64 query rows each) per CTA of the Hopper forward at D = 64: 2 or 3.
+  int hopper_warpgroups = 3;
 };
 KernelTuning& kernel_tuning();
+// Which forward kernel the last fused CUDA forward ran: "sm90a-wgmma" or "sm80-mma" (reports).
+const char* last_forward_kernel();
 
 }  // namespace longtape::cuda::attn

@@ -2,10 +2,11 @@
 // fused kernels and (optionally) the composed path, checks fused against composed on the same
 // inputs, and prints one markdown row per case. GPU only.
 //   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
-//                           [--fwd-stages 2|3] [--eager-rescale]
+//                           [--fwd-stages 2|3] [--eager-rescale] [--portable] [--hopper-wg 2|3]
 // (--only runs the cases whose label contains TEXT, e.g. for a profiler run of one case;
 // --fwd-stages picks the forward kernel's K/V pipeline depth, default: per head dim;
-// --eager-rescale rescales the forward accumulator on every key tile.)
+// --eager-rescale rescales the forward accumulator on every key tile; --portable keeps the forward
+// on the sm_80 kernel on a Hopper GPU; --hopper-wg sets the sm_90a forward's warpgroups at D = 64.)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -117,8 +118,11 @@ void run(const Case& cs, const std::string& impl, int repeats) {
   const double peak_mib = static_cast<double>(cuda::pool_stats(0).peak_allocated_bytes) / 1048576.0;
   const double f = median(fwd), fb = median(both);
   const double flops_fwd = 4.0 * cs.pairs * cs.dim * cs.heads;  // QK^T and PV
+  const std::string backend = layer->last_backend() == "composed"
+                                  ? layer->last_backend()
+                                  : layer->last_backend() + " (fwd " + cuda::attn::last_forward_kernel() + ")";
   std::printf("| %s | %s | %s | %lld | %lld | %.3f | %.3f | %.1f | %.1f | %.0f |\n", cs.label.c_str(),
-              layer->last_backend().c_str(), layer->last_precision().c_str(), static_cast<long long>(cs.n),
+              backend.c_str(), layer->last_precision().c_str(), static_cast<long long>(cs.n),
               static_cast<long long>(cs.dim), f, fb, flops_fwd / f / 1e9, 3.5 * flops_fwd / fb / 1e9, peak_mib);
   std::fflush(stdout);
 }
@@ -143,6 +147,10 @@ int main(int argc, char** argv) {
       cuda::attn::kernel_tuning().forward_stages = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--eager-rescale"))
       cuda::attn::kernel_tuning().lazy_rescale = false;
+    else if (!std::strcmp(argv[i], "--portable"))
+      cuda::attn::kernel_tuning().hopper_forward = false;
+    else if (!std::strcmp(argv[i], "--hopper-wg") && i + 1 < argc)
+      cuda::attn::kernel_tuning().hopper_warpgroups = std::atoi(argv[++i]);
     else {
       std::cerr << "attention_lab: unknown argument '" << argv[i] << "'\n";
       return 2;

@@ -19,6 +19,9 @@
 #include "support/fused_attention_cases.h"
 #include "support/test_utils.h"
 #include "tensor/ops.h"
+#ifdef LONGTAPE_WITH_CUDA
+#include "cuda/attention_tuning.h"
+#endif
 
 using namespace longtape;
 using namespace longtape::attention;
@@ -81,6 +84,34 @@ BlockPatternOptions block_options(int64_t block_size, bool causal, uint64_t patt
   return o;
 }
 
+// The forward kernels a case runs with: on a Hopper GPU the sm_90a kernel by default, and the
+// portable sm_80 kernel that other GPUs run; both must pass every case.
+struct ForwardKernels {
+  std::string label;
+  bool hopper;
+};
+const std::vector<ForwardKernels> kForwardKernels{{"", true}, {" [portable fwd]", false}};
+
+class ForwardKernelScope {
+ public:
+  explicit ForwardKernelScope(bool hopper) {
+#ifdef LONGTAPE_WITH_CUDA
+    previous_ = cuda::attn::kernel_tuning().hopper_forward;
+    cuda::attn::kernel_tuning().hopper_forward = hopper;
+#else
+    (void)hopper;
+#endif
+  }
+  ~ForwardKernelScope() {
+#ifdef LONGTAPE_WITH_CUDA
+    cuda::attn::kernel_tuning().hopper_forward = previous_;
+#endif
+  }
+
+ private:
+  bool previous_ = true;
+};
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
@@ -90,6 +121,8 @@ TEST_CASE("fused CUDA dense attention (bf16): N not a multiple of 64, head dims 
           doctest::skip(!cuda_available())) {
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
+  for (const ForwardKernels& kernels : kForwardKernels) {
+  const ForwardKernelScope scope(kernels.hopper);
   for (int64_t n : {200, 333})
     for (int64_t head_dim : {32, 64, 128})
       for (bool causal : {false, true}) {
@@ -97,8 +130,8 @@ TEST_CASE("fused CUDA dense attention (bf16): N not a multiple of 64, head dims 
         const AttentionConfig config = core_config(dims.H, dims.D, causal);
         const KeyMasks keys{oracle::repeat_heads(oracle::dense_mask(n, causal), dims.H), config.scale(), 1.0};
         const Inputs inputs = random_bf16_inputs(dims, seed + static_cast<uint64_t>(n + head_dim));
-        const std::string what =
-            "dense N " + std::to_string(n) + " D " + std::to_string(head_dim) + (causal ? " causal" : "");
+        const std::string what = "dense N " + std::to_string(n) + " D " + std::to_string(head_dim) +
+                                 (causal ? " causal" : "") + kernels.label;
         check_case(what, inputs, keys,
                    {{"variant", through_variant("dense", config, kCudaFused)},
                     {"op", through_op(CoreKeys{}, config.scale(), causal, kCudaFused)}},
@@ -110,11 +143,12 @@ TEST_CASE("fused CUDA dense attention (bf16): N not a multiple of 64, head dims 
     const AttentionConfig config = core_config(dims.H, dims.D, false);
     const KeyMasks keys{oracle::repeat_heads(rectangular_dense_mask(nq, nk), dims.H), config.scale(), 1.0};
     const Inputs inputs = random_bf16_inputs(dims, seed + 7 * static_cast<uint64_t>(nq));
-    const std::string what = "dense Nq " + std::to_string(nq) + " Nk " + std::to_string(nk);
+    const std::string what = "dense Nq " + std::to_string(nq) + " Nk " + std::to_string(nk) + kernels.label;
     check_case(what, inputs, keys,
                {{"variant", through_variant("dense", config, kCudaFused)},
                 {"op", through_op(CoreKeys{}, config.scale(), false, kCudaFused)}},
                through_variant("dense", config, kComposed));
+  }
   }
 }
 
@@ -131,6 +165,8 @@ TEST_CASE("fused CUDA dilated attention (bf16): lse and head_groups, ragged segm
     int64_t batch, n, heads;
   };
   // N = 300: ragged last segments of every branch; N = 1000: many segments and a ragged last one.
+  for (const ForwardKernels& kernels : kForwardKernels) {
+  const ForwardKernelScope scope(kernels.hopper);
   for (const Shape3& shape : {Shape3{2, 300, 6}, Shape3{2, 300, 5}, Shape3{1, 1000, 6}, Shape3{1, 1000, 5}})
     for (Mixing mixing : {Mixing::lse, Mixing::head_groups})
       for (bool causal : {false, true}) {
@@ -145,7 +181,7 @@ TEST_CASE("fused CUDA dilated attention (bf16): lse and head_groups, ragged segm
                             config.scale(), groups ? oracle::head_groups_out_scale(branches) : 1.0};
         const Inputs inputs = random_bf16_inputs(dims, seed + static_cast<uint64_t>(shape.n + shape.heads));
         const std::string what = "dilated " + mixing_name(mixing) + " N " + std::to_string(shape.n) + " H " +
-                                 std::to_string(shape.heads) + (causal ? " causal" : "");
+                                 std::to_string(shape.heads) + (causal ? " causal" : "") + kernels.label;
         CoreKeys core;
         core.kind = fused::KeySet::dilated;
         core.branches = branches;
@@ -155,6 +191,7 @@ TEST_CASE("fused CUDA dilated attention (bf16): lse and head_groups, ragged segm
                     {"op", through_op(core, config.scale(), causal, kCudaFused)}},
                    through_variant("dilated", config, kComposed));
       }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------

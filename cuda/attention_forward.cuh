@@ -1,0 +1,100 @@
+#pragma once
+// The forward kernels' parameters and their shared epilogue (cuda/attention_fused_fwd.cu on any
+// sm_80+ GPU, cuda/attention_hopper_fwd.cu on sm_90a): one definition of how finished rows are
+// normalised and written, or merged by log-sum-exp into the f32 accumulator of lse mixing.
+#include "cuda/attention_fused.cuh"
+
+namespace longtape::cuda::attn {
+
+struct FwdParams {
+  const bf16 *q, *k, *v;
+  RowStrides qs, ks, vs;
+  // write mode: out (dtype bf16) and lse; merge mode: f32 accumulator out_acc (contiguous
+  // (B, Nq, H, D)) and lse are read, merged by log-sum-exp and written back.
+  bf16* out;
+  bf16* out_residual;  // optional: out_f32 - out
+  RowStrides os;
+  float* out_acc;
+  float* lse;  // (B, H, Nq)
+  int64_t heads;
+  float scale_log2;  // softmax scale * log2(e)
+  float out_scale;
+  bool causal, merge;
+  bool lazy_rescale;  // skip the O rescale of a tile when no row's max grew
+  Streams st;
+  Lists lists;
+};
+
+// Writes (or merges) the two rows a thread holds of an accumulator in mma layout: o(d, e) is
+// element e of output n-tile d (e < 2: row row_of(0), else row_of(1)), m_run / l_run the running
+// max (log2 units, scaled) and this thread's partial row sums. Call with the whole warp.
+template <int D, class OAt, class RowOf>
+__device__ __forceinline__ void store_forward_rows(const FwdParams& p, const OAt& o, const float (&m_run)[2],
+                                                   const float (&l_run)[2], const StreamRows& s, int b, int h,
+                                                   const RowOf& row_of) {
+  constexpr int kDT = D / 8;
+  const int lane = threadIdx.x & 31, col_in_quad = (lane & 3) * 2;
+  // Natural-log lse; rows that saw no key get lse -inf and out 0.
+  float row_lse[2], inv[2], old_lse[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const float l = quad_sum(l_run[hf]);
+    row_lse[hf] = l > 0.f ? (m_run[hf] + log2f(l)) / kLog2e : -INFINITY;
+    inv[hf] = l > 0.f ? 1.f / l : 0.f;
+  }
+  const int64_t lse_base = (static_cast<int64_t>(b) * p.heads + h) * p.st.seq_q;
+  // Merge mode reads what earlier branches left before any lane of the quad overwrites it.
+  if (p.merge) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+      if (row_of(hf) < s.len_q) old_lse[hf] = p.lse[lse_base + s.first_q + row_of(hf) * s.step];
+    __syncwarp();
+  }
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = row_of(hf);
+    if (row >= s.len_q) continue;
+    const int64_t pos = s.first_q + row * s.step;
+    float* lse_ptr = p.lse + lse_base + pos;
+    if (!p.merge) {
+      bf16* dst = p.out + b * p.os.batch + h * p.os.head + pos * p.os.row;
+      const float f = inv[hf] * p.out_scale;
+#pragma unroll
+      for (int d = 0; d < kDT; ++d) {
+        const float x = o(d, 2 * hf) * f, y = o(d, 2 * hf + 1) * f;
+        const uint32_t packed = pack_bf16(x, y);
+        *reinterpret_cast<uint32_t*>(dst + d * 8 + col_in_quad) = packed;
+        if (p.out_residual) {
+          const __nv_bfloat162 rounded = *reinterpret_cast<const __nv_bfloat162*>(&packed);
+          *reinterpret_cast<uint32_t*>(p.out_residual + (dst - p.out) + d * 8 + col_in_quad) =
+              pack_bf16(x - __low2float(rounded), y - __high2float(rounded));
+        }
+      }
+      if ((lane & 3) == 0) *lse_ptr = row_lse[hf];
+    } else {
+      // Both sides are normalised outputs with their lse: weights exp(lse_side - lse_total).
+      const float top = fmaxf(old_lse[hf], row_lse[hf]);
+      const float safe = top == -INFINITY ? 0.f : top;
+      const float w_old = exp2f((old_lse[hf] - safe) * kLog2e), w_new = exp2f((row_lse[hf] - safe) * kLog2e);
+      const float total = w_old + w_new;
+      const float a_old = total > 0.f ? w_old / total : 0.f;
+      const float a_new = total > 0.f ? w_new / total * inv[hf] : 0.f;
+      float* acc = p.out_acc + ((static_cast<int64_t>(b) * p.st.seq_q + pos) * p.heads + h) * D;
+#pragma unroll
+      for (int d = 0; d < kDT; ++d) {
+        float2* cell = reinterpret_cast<float2*>(acc + d * 8 + col_in_quad);
+        float2 v = *cell;
+        v.x = v.x * a_old + o(d, 2 * hf) * a_new;
+        v.y = v.y * a_old + o(d, 2 * hf + 1) * a_new;
+        *cell = v;
+      }
+      if ((lane & 3) == 0) *lse_ptr = total > 0.f ? safe + logf(total) : -INFINITY;
+    }
+  }
+}
+
+// The sm_90a forward (cuda/sm90a/attention_hopper_fwd.cu) over one launch's streams; head_dim 64
+// or 128. Only call it where hopper_forward_usable() says so.
+void launch_forward_hopper(const FwdParams& params, const Streams& streams, int64_t batch, int head_dim);
+
+}  // namespace longtape::cuda::attn

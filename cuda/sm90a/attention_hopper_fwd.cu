@@ -1,0 +1,274 @@
+// Fused attention forward for Hopper (sm_90a): the same problems as attention_fused_fwd.cu (dense,
+// causal, dilated streams of both mixings; head dims 64 and 128) on warpgroup MMA. A CTA owns
+// kWG x 64 query rows of one stream; each warpgroup (4 warps) owns 64 of them and computes
+// S = Q K^T with wgmma from shared memory, the online softmax in registers, and O += P V with P as
+// the register A operand and V read transposed from shared memory. K/V tiles of kBN keys arrive
+// through a kStages-deep cp.async pipeline into 128-byte-swizzled tiles (strided dilated rows are
+// read in place). Built only for sm_90a; the host picks it by compute capability.
+#include <algorithm>
+#include <cmath>
+
+#include "cuda/attention_forward.cuh"
+#include "cuda/attention_launch.h"
+#include "cuda/attention_wgmma.cuh"
+#include "cuda/common.cuh"
+
+namespace longtape::cuda::attn {
+
+namespace {
+
+template <int D, int kWG, int kBN, int kStages>
+struct HopperShape {
+  static constexpr int kBM = kWG * 64;
+  static constexpr int kThreads = kWG * 128;
+  static constexpr int kQBytes = kBM * D * 2;
+  static constexpr int kKVBytes = kBN * D * 2;
+  static constexpr int kQSlab = kBM * 128;  // bytes of one 64-column slab of the Q tile
+  static constexpr int kKVSlab = kBN * 128;
+  // 1024 bytes of slack: the swizzled tiles must start on a 1024-byte boundary.
+  static constexpr size_t kSmem = 1024 + kQBytes + 2 * kStages * kKVBytes;
+};
+
+// Starts copying rows [row0, row0 + kRows) of a stream into a swizzled tile (D / 64 slabs of
+// kRows x 128 bytes); rows at or beyond `len` are zero-filled. Every thread of the CTA takes part.
+template <int D, int kRows, int kThreadsAll>
+__device__ __forceinline__ void load_swizzled_async(unsigned char* tile, const bf16* base, int64_t step, int64_t row0,
+                                                    int64_t len) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kRowsPerPass = kThreadsAll / kChunks;
+  constexpr int kPasses = (kRows + kRowsPerPass - 1) / kRowsPerPass;
+  const int r = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+  unsigned char* slab = tile + (c / 8) * (kRows * 128);
+  const bf16* src = base + (row0 + r) * step + c * 8;
+  const int64_t rows_left = len - row0 - r;
+  const int64_t pass_step = kRowsPerPass * step;
+#pragma unroll
+  for (int i = 0; i < kPasses; ++i) {
+    const int row = r + i * kRowsPerPass;
+    if (kRows % kRowsPerPass == 0 || row < kRows) {
+      const bool valid = i * kRowsPerPass < rows_left;
+      cp_async_16(slab + wgmma::swizzled_offset(row, c % 8), valid ? src : base, valid ? 16 : 0);
+    }
+    src += pass_step;
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
+  if constexpr (N == 64)
+    wgmma::wgmma_ss_n64(d, a, b, accumulate);
+  else
+    wgmma::wgmma_ss_n128(d, a, b, accumulate);
+}
+template <int N>
+__device__ __forceinline__ void mma_rs_nmajor(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {
+  if constexpr (N == 64)
+    wgmma::wgmma_rs_n64_tb(d, a, b);
+  else
+    wgmma::wgmma_rs_n128_tb(d, a, b);
+}
+
+template <int D, int kWG, int kBN, int kStages>
+__global__ void __launch_bounds__(kWG * 128, kWG == 2 && D == 64 ? 2 : 1) hopper_forward_kernel(const FwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = HopperShape<D, kWG, kBN, kStages>;
+  constexpr int kBM = Shape::kBM;
+  constexpr int kNT = kBN / 8;  // score n-tiles of 8 keys
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sQ = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* sK = sQ + Shape::kQBytes;  // kStages tiles
+  unsigned char* sV = sK + kStages * Shape::kKVBytes;
+
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int br = p.st.branch_of_head[h];
+  if (br < 0) return;
+  const int64_t num_tiles = p.st.num_tiles[br];
+  if (blockIdx.x >= num_tiles) return;
+  // Heavy tiles first: with causal masking the last tiles of a stream do the most work.
+  const int64_t tile_id = num_tiles - 1 - blockIdx.x;
+  const int64_t tps = p.st.tiles_per_stream[br];
+  const StreamRows s = stream_rows(p.st, br, p.st.offset_of_head[h], tile_id / tps);
+  const int q0 = static_cast<int>(tile_id % tps) * kBM;
+  if (q0 >= s.len_q) return;
+  const int len_k = static_cast<int>(s.len_k);
+
+  const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
+  const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
+  const bf16* vb = p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row;
+  const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row;
+
+  const int all_tiles = (len_k + kBN - 1) / kBN;
+  const int count = p.causal ? min(all_tiles, (q0 + kBM - 1) / kBN + 1) : all_tiles;
+
+  load_swizzled_async<D, kBM, Shape::kThreads>(sQ, qb, q_step, q0, s.len_q);
+  cp_async_commit();
+  // One cp.async group per stage, empty past the last tile, so that group counts stay fixed.
+  auto fetch_tile = [&](int stage, int i) {
+    if (i < count) {
+      const int64_t k0 = static_cast<int64_t>(i) * kBN;
+      load_swizzled_async<D, kBN, Shape::kThreads>(sK + stage * Shape::kKVBytes, kb, k_step, k0, len_k);
+      load_swizzled_async<D, kBN, Shape::kThreads>(sV + stage * Shape::kKVBytes, vb, v_step, k0, len_k);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) fetch_tile(st, st);
+  int fetch = kStages - 1;
+
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int col_in_quad = (lane & 3) * 2;
+  const int wg_row0 = q0 + wg * 64;
+  // Stream-local query row of accumulator half hf.
+  auto row_of = [&](int hf) { return wg_row0 + warp * 16 + hf * 8 + (lane >> 2); };
+  const uint32_t q_addr = smem_addr(sQ) + wg * 64 * 128;
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float sc[kBN / 2];
+#pragma unroll
+  for (int i = 0; i < kBN / 2; ++i) sc[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+  int stage = 0;
+  for (int i = 0; i < count; ++i) {
+    // Tile i has landed for every thread (and is visible to the tensor cores), and every
+    // warpgroup is done with the stage the next fetch overwrites.
+    cp_async_wait<kStages - 2>();
+    wgmma::fence_proxy_async();
+    __syncthreads();
+    fetch_tile((stage + kStages - 1) % kStages, fetch);
+    ++fetch;
+    const int k0 = i * kBN;
+    // A warpgroup whose rows all precede the tile (causal) has nothing to do with it.
+    if (!(p.causal && k0 > wg_row0 + 63)) {
+      const uint32_t k_addr = smem_addr(sK + stage * Shape::kKVBytes);
+      const uint32_t v_addr = smem_addr(sV + stage * Shape::kKVBytes);
+      // S = Q K^T (64 x kBN per warpgroup).
+      wgmma::fence_registers(sc);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t within = (kk % 4) * 32;  // k16 step inside a 128-byte row
+        const uint64_t da = wgmma::descriptor(q_addr + (kk / 4) * Shape::kQSlab + within, 16, 1024);
+        const uint64_t db = wgmma::descriptor(k_addr + (kk / 4) * Shape::kKVSlab + within, 16, 1024);
+        mma_ss<kBN>(sc, da, db, kk > 0);
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::fence_registers(sc);
+
+      const bool masked = k0 + kBN > len_k || (p.causal && k0 + kBN - 1 > wg_row0);
+      if (masked) {
+        int lim[2];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) lim[hf] = min(len_k - k0, p.causal ? row_of(hf) - k0 + 1 : kBN) - 1;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (j * 8 + col_in_quad + (e & 1) > lim[e >> 1]) sc[4 * j + e] = -INFINITY;
+      }
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        mx[0] = fmaxf(mx[0], fmaxf(sc[4 * j], sc[4 * j + 1]));
+        mx[1] = fmaxf(mx[1], fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+      }
+      float m_new[2];
+      bool grew = false;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        m_new[hf] = fmaxf(m_run[hf], quad_max(mx[hf]) * p.scale_log2);
+        grew |= m_new[hf] != m_run[hf];
+      }
+      // Rescale O and l only when some row's running max grew (the factor is exactly 1 otherwise).
+      if (!p.lazy_rescale || __any_sync(0xffffffffu, grew)) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const float corr = fast_exp2(m_run[hf] - (m_new[hf] == -INFINITY ? 0.f : m_new[hf]));
+          l_run[hf] *= corr;
+#pragma unroll
+          for (int d = 0; d < D / 8; ++d) {
+            o[4 * d + 2 * hf] *= corr;
+            o[4 * d + 2 * hf + 1] *= corr;
+          }
+        }
+      }
+      float shift[2];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        m_run[hf] = m_new[hf];
+        shift[hf] = -(m_new[hf] == -INFINITY ? 0.f : m_new[hf]);
+      }
+      uint32_t pa[kBN / 16][4];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sc[4 * j + e] = fast_exp2(fmaf(sc[4 * j + e], p.scale_log2, shift[e >> 1]));
+          l_run[e >> 1] += sc[4 * j + e];
+        }
+        // Two adjacent 8-key n-tiles make one 16-key A fragment of P V.
+        pa[j / 2][(j % 2) * 2] = pack_bf16(sc[4 * j], sc[4 * j + 1]);
+        pa[j / 2][(j % 2) * 2 + 1] = pack_bf16(sc[4 * j + 2], sc[4 * j + 3]);
+      }
+      // O += P V: V tile [key][d] is the N-major B operand.
+      wgmma::fence_registers(o);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        mma_rs_nmajor<D>(o, pa[kk], wgmma::descriptor(v_addr + kk * 16 * 128, Shape::kKVSlab, 1024));
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::fence_registers(o);
+    }
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+  }
+  cp_async_wait<0>();
+  store_forward_rows<D>(p, [&](int d, int e) { return o[4 * d + e]; }, m_run, l_run, s, b, h, row_of);
+#endif
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <int D, int kWG, int kBN, int kStages>
+void launch(const FwdParams& params, const Streams& streams, int64_t batch) {
+  using Shape = HopperShape<D, kWG, kBN, kStages>;
+  FwdParams p = params;
+  p.st = streams;
+  // Query tiles of kBM rows instead of the portable kernel's 64.
+  const int64_t n = std::max(streams.seq_q, streams.seq_k);
+  int64_t max_tiles = 0;
+  for (int br = 0; br < kMaxBranches; ++br) {
+    if (streams.num_tiles[br] == 0) continue;
+    const int64_t w = streams.segment[br], r = streams.dilation[br];
+    p.st.tiles_per_stream[br] = ceil_div(ceil_div(std::min(w, n), r), Shape::kBM);
+    p.st.num_tiles[br] = ceil_div(n, w) * p.st.tiles_per_stream[br];
+    max_tiles = std::max(max_tiles, p.st.num_tiles[br]);
+  }
+  if (max_tiles == 0) return;
+  auto kernel = hopper_forward_kernel<D, kWG, kBN, kStages>;
+  static bool configured = false;  // the attribute is per function; setting it again is harmless
+  if (!configured) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSmem)));
+    configured = true;
+  }
+  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(p.heads), static_cast<unsigned>(batch));
+  kernel<<<grid, Shape::kThreads, Shape::kSmem, impl::stream()>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void launch_forward_hopper(const FwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
+  const int warpgroups = kernel_tuning().hopper_warpgroups;
+  if (head_dim == 64) {
+    if (warpgroups == 2) return launch<64, 2, 128, 3>(params, streams, batch);
+    return launch<64, 3, 128, 2>(params, streams, batch);
+  }
+  if (head_dim == 128) return launch<128, 2, 128, 2>(params, streams, batch);
+  LT_CHECK(false, "fused attention (Hopper): head_dim must be 64 or 128, got ", head_dim);
+}
+
+}  // namespace longtape::cuda::attn
