@@ -15,7 +15,8 @@ struct FwdParams {
   bf16* out_residual;  // optional: out_f32 - out
   RowStrides os;
   float* out_acc;
-  float* lse;  // (B, H, Nq)
+  float* lse;  // (B, H, lse_stride): row pos of (b, h) at (b * H + h) * lse_stride + pos
+  int64_t lse_stride;
   int64_t heads;
   float scale_log2;  // softmax scale * log2(e)
   float out_scale;
@@ -42,7 +43,7 @@ __device__ __forceinline__ void store_forward_rows(const FwdParams& p, const OAt
     row_lse[hf] = l > 0.f ? (m_run[hf] + log2f(l)) / kLog2e : -INFINITY;
     inv[hf] = l > 0.f ? 1.f / l : 0.f;
   }
-  const int64_t lse_base = (static_cast<int64_t>(b) * p.heads + h) * p.st.seq_q;
+  const int64_t lse_base = (static_cast<int64_t>(b) * p.heads + h) * p.lse_stride;
   // Merge mode reads what earlier branches left before any lane of the quad overwrites it.
   if (p.merge) {
 #pragma unroll

@@ -2,6 +2,7 @@
 // each launch covers), output fills and the f32 accumulator store shared by forward and backward.
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "attention/fused/backends.h"
 #include "cuda/attention_launch.h"
@@ -109,6 +110,32 @@ LaunchPlan plan_launches(const attention::fused::Problem& p) {
     plan.out_scale = 1.f / static_cast<float>(dl.num_branches);
   }
   return plan;
+}
+
+std::vector<SequenceChunk> merge_chunks(const attention::fused::Problem& p, const LaunchPlan& plan) {
+  const int64_t n = p.seq_q;
+  std::vector<SequenceChunk> chunks;
+  int64_t period = 1;  // least common multiple of the segment lengths
+  if (plan.merge && p.key_set == attention::fused::KeySet::dilated && p.seq_q == p.seq_k) {
+    for (int br = 0; br < p.dilated.num_branches && period > 0; ++br) {
+      period = std::lcm(period, p.dilated.segment[br]);
+      if (period >= n) period = 0;  // no chunk boundary inside the sequence
+    }
+  } else {
+    period = 0;
+  }
+  if (period <= 0) return {{0, n}};
+  const int64_t min_rows =
+      ceil_div(std::max<int64_t>(1, kernel_tuning().min_chunk_row_heads), std::max<int64_t>(1, p.batch * p.heads));
+  const int64_t rows = ceil_div(min_rows, period) * period;
+  for (int64_t start = 0; start < n; start += rows) chunks.push_back({start, std::min(rows, n - start)});
+  return chunks;
+}
+
+attention::fused::Problem chunk_problem(const attention::fused::Problem& p, const SequenceChunk& chunk) {
+  attention::fused::Problem c = p;
+  c.seq_q = c.seq_k = chunk.rows;
+  return c;
 }
 
 void fill_outputs(const attention::fused::Problem& p) {

@@ -20,8 +20,9 @@ namespace {
 struct BwdParams {
   const bf16 *q, *k, *v, *dout;
   RowStrides qs, ks, vs, dos;
-  const float* lse;    // (B, H, Nq), natural log
-  const float* delta;  // (B, H, Nq)
+  const float* lse;    // (B, H, lse_stride), natural log
+  const float* delta;  // (B, H, lse_stride)
+  int64_t lse_stride;
   // write mode: bf16 gradients with strides; accumulate mode: contiguous f32 (B, N, H, D) buffers
   bf16 *dq, *dk, *dv;
   RowStrides dqs, dks, dvs;
@@ -133,7 +134,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
   const bf16* gb = p.dout + b * p.dos.batch + h * p.dos.head + s.first_q * p.dos.row;
   const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row,
                 g_step = s.step * p.dos.row;
-  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.st.seq_q + s.first_q;
+  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.lse_stride + s.first_q;
 
   // Query tiles that see this key tile.
   KeyTiles queries{0, nullptr, 1};
@@ -385,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int col_in_quad = (lane & 3) * 2;
   const int64_t row_a = q0 + warp * 16 + (lane >> 2), row_b = row_a + 8;
-  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.st.seq_q + s.first_q;
+  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.lse_stride + s.first_q;
   const float lse_a = row_a < s.len_q ? lse_log2(p.lse[lse_row0 + row_a * s.step]) : INFINITY;
   const float lse_b = row_b < s.len_q ? lse_log2(p.lse[lse_row0 + row_b * s.step]) : INFINITY;
   const float delta_a = row_a < s.len_q ? p.delta[lse_row0 + row_a * s.step] : 0.f;
@@ -574,44 +575,61 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
     CUDA_CHECK(cudaMemsetAsync(p.lists.dbias, 0, n * sizeof(float), stream));
   }
 
+  p.lse_stride = f.seq_q;
   // Several lse branches add into f32 accumulators; otherwise each row is written once (rows that
   // no stream reaches are zeroed first). Without the deterministic switch dQ always gathers in an
   // f32 accumulator through atomics from the dK/dV kernel.
   p.accumulate = plan.merge;
   const bool fuse_dq = !bp.deterministic;
-  const size_t per_q = static_cast<size_t>(f.batch * f.seq_q * f.heads * f.head_dim);
-  const size_t per_k = static_cast<size_t>(f.batch * f.seq_k * f.heads * f.head_dim);
-  const size_t acc_elems = (p.accumulate || fuse_dq ? per_q : 0) + (p.accumulate ? 2 * per_k : 0);
-  std::shared_ptr<Storage> acc;
-  if (acc_elems > 0) {
-    acc = impl::scratch(acc_elems * sizeof(float));
-    CUDA_CHECK(cudaMemsetAsync(acc->data, 0, acc_elems * sizeof(float), stream));
-    p.dq_acc = static_cast<float*>(acc->data);
-  }
-  if (p.accumulate) {
-    p.dk_acc = p.dq_acc + per_q;
-    p.dv_acc = p.dk_acc + per_k;
-  } else {
+  if (!p.accumulate) {
     if (!fuse_dq) zero_rows(bp.dq, bp.dq_stride, f, f.seq_q);
     zero_rows(bp.dk, bp.dk_stride, f, f.seq_k);
     zero_rows(bp.dv, bp.dv_stride, f, f.seq_k);
   }
-  for (const Streams& launch : plan.launches) {
-    p.st = launch;
-    int64_t max_tiles = 0;
-    for (int br = 0; br < kMaxBranches; ++br) max_tiles = std::max(max_tiles, launch.num_tiles[br]);
-    if (max_tiles == 0) continue;
-    switch (f.head_dim) {
-      case 32: launch_backward<32>(p, max_tiles, f.batch, !fuse_dq); break;
-      case 64: launch_backward<64>(p, max_tiles, f.batch, !fuse_dq); break;
-      case 128: launch_backward<128>(p, max_tiles, f.batch, !fuse_dq); break;
-      default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", f.head_dim);
+  // With accumulators, runs chunk by chunk (merge_chunks): they then hold one chunk's rows.
+  std::shared_ptr<Storage> acc;
+  for (const SequenceChunk& chunk : merge_chunks(f, plan)) {
+    const attention::fused::Problem fc = chunk_problem(f, chunk);
+    const LaunchPlan chunk_plan = chunk.start == 0 && chunk.rows == f.seq_q ? plan : plan_launches(fc);
+    BwdParams pc = p;
+    pc.q += chunk.start * p.qs.row;
+    pc.k += chunk.start * p.ks.row;
+    pc.v += chunk.start * p.vs.row;
+    pc.dout += chunk.start * p.dos.row;
+    pc.lse += chunk.start;
+    pc.delta += chunk.start;
+    pc.dq += chunk.start * p.dqs.row;
+    pc.dk += chunk.start * p.dks.row;
+    pc.dv += chunk.start * p.dvs.row;
+    const size_t per_q = static_cast<size_t>(fc.batch * fc.seq_q * fc.heads * fc.head_dim);
+    const size_t per_k = static_cast<size_t>(fc.batch * fc.seq_k * fc.heads * fc.head_dim);
+    const size_t acc_elems = (p.accumulate || fuse_dq ? per_q : 0) + (p.accumulate ? 2 * per_k : 0);
+    if (acc_elems > 0) {
+      if (!acc) acc = impl::scratch(acc_elems * sizeof(float));  // the first chunk is the largest
+      CUDA_CHECK(cudaMemsetAsync(acc->data, 0, acc_elems * sizeof(float), stream));
+      pc.dq_acc = static_cast<float*>(acc->data);
     }
-  }
-  if (p.accumulate || fuse_dq) store_accumulator(bp.dq, bp.dq_stride, p.dq_acc, f, f.seq_q);
-  if (p.accumulate) {
-    store_accumulator(bp.dk, bp.dk_stride, p.dk_acc, f, f.seq_k);
-    store_accumulator(bp.dv, bp.dv_stride, p.dv_acc, f, f.seq_k);
+    if (p.accumulate) {
+      pc.dk_acc = pc.dq_acc + per_q;
+      pc.dv_acc = pc.dk_acc + per_k;
+    }
+    for (const Streams& launch : chunk_plan.launches) {
+      pc.st = launch;
+      int64_t max_tiles = 0;
+      for (int br = 0; br < kMaxBranches; ++br) max_tiles = std::max(max_tiles, launch.num_tiles[br]);
+      if (max_tiles == 0) continue;
+      switch (f.head_dim) {
+        case 32: launch_backward<32>(pc, max_tiles, f.batch, !fuse_dq); break;
+        case 64: launch_backward<64>(pc, max_tiles, f.batch, !fuse_dq); break;
+        case 128: launch_backward<128>(pc, max_tiles, f.batch, !fuse_dq); break;
+        default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", f.head_dim);
+      }
+    }
+    if (p.accumulate || fuse_dq) store_accumulator(pc.dq, bp.dq_stride, pc.dq_acc, fc, fc.seq_q);
+    if (p.accumulate) {
+      store_accumulator(pc.dk, bp.dk_stride, pc.dk_acc, fc, fc.seq_k);
+      store_accumulator(pc.dv, bp.dv_stride, pc.dv_acc, fc, fc.seq_k);
+    }
   }
 }
 

@@ -317,33 +317,47 @@ void run_forward(const attention::fused::Problem& pr, const LaunchPlan& plan) {
   p.lazy_rescale = kernel_tuning().lazy_rescale;
   p.lists = plan.lists;
 
-  // lse mixing with several branches: merge into an f32 accumulator, then convert once.
-  std::shared_ptr<Storage> acc;
-  if (plan.merge) {
-    const size_t n = static_cast<size_t>(pr.batch * pr.seq_q * pr.heads * pr.head_dim);
-    acc = impl::scratch(n * sizeof(float));
-    CUDA_CHECK(cudaMemsetAsync(acc->data, 0, n * sizeof(float), impl::stream()));
-    p.out_acc = static_cast<float*>(acc->data);
-  }
+  p.lse_stride = pr.seq_q;
   if (plan.prefill) fill_outputs(pr);
   const bool split_p = pr.blocks.bias != nullptr && pr.out_residual != nullptr;
   const bool hopper = hopper_forward_usable(pr, split_p);
   g_last_forward_kernel = hopper ? "sm90a-wgmma" : "sm80-mma";
-  for (const Streams& launch : plan.launches) {
-    p.merge = plan.merge;
-    p.out_scale = plan.out_scale;
-    if (hopper) {
-      launch_forward_hopper(p, launch, pr.batch, static_cast<int>(pr.head_dim));
-      continue;
+  // lse mixing with several branches merges into an f32 accumulator, then converts once; it runs
+  // chunk by chunk (merge_chunks), so the accumulator holds one chunk's rows.
+  std::shared_ptr<Storage> acc;
+  for (const SequenceChunk& chunk : merge_chunks(pr, plan)) {
+    const attention::fused::Problem pc_problem = chunk_problem(pr, chunk);
+    const LaunchPlan chunk_plan = chunk.start == 0 && chunk.rows == pr.seq_q ? plan : plan_launches(pc_problem);
+    FwdParams pc = p;
+    pc.q += chunk.start * p.qs.row;
+    pc.k += chunk.start * p.ks.row;
+    pc.v += chunk.start * p.vs.row;
+    pc.out += chunk.start * p.os.row;
+    if (pc.out_residual) pc.out_residual += chunk.start * p.os.row;
+    pc.lse += chunk.start;
+    if (plan.merge) {
+      const size_t n = static_cast<size_t>(pc_problem.batch * pc_problem.seq_q * pc_problem.heads * pc_problem.head_dim);
+      if (!acc) acc = impl::scratch(n * sizeof(float));  // the first chunk is the largest
+      CUDA_CHECK(cudaMemsetAsync(acc->data, 0, n * sizeof(float), impl::stream()));
+      pc.out_acc = static_cast<float*>(acc->data);
     }
-    switch (pr.head_dim) {
-      case 32: launch_forward<32>(p, launch, pr.batch, split_p); break;
-      case 64: launch_forward<64>(p, launch, pr.batch, split_p); break;
-      case 128: launch_forward<128>(p, launch, pr.batch, split_p); break;
-      default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", pr.head_dim);
+    for (const Streams& launch : chunk_plan.launches) {
+      pc.merge = plan.merge;
+      pc.out_scale = plan.out_scale;
+      if (hopper) {
+        launch_forward_hopper(pc, launch, pr.batch, static_cast<int>(pr.head_dim));
+        continue;
+      }
+      switch (pr.head_dim) {
+        case 32: launch_forward<32>(pc, launch, pr.batch, split_p); break;
+        case 64: launch_forward<64>(pc, launch, pr.batch, split_p); break;
+        case 128: launch_forward<128>(pc, launch, pr.batch, split_p); break;
+        default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", pr.head_dim);
+      }
     }
+    if (plan.merge)
+      store_accumulator(pc.out, pr.out_stride, pc.out_acc, pc_problem, pc_problem.seq_q, pc.out_residual);
   }
-  if (plan.merge) store_accumulator(pr.out, pr.out_stride, p.out_acc, pr, pr.seq_q, pr.out_residual);
 }
 
 }  // namespace longtape::cuda::attn

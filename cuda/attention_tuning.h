@@ -12,7 +12,9 @@ struct KernelTuning {
   // Forward on sm_90a warpgroup MMA where the GPU and the build have it (dense and dilated).
   bool hopper_forward = true;
   // Warpgroups (64 query rows each) per CTA of the Hopper forward at D = 64: 2 or 3.
-  int hopper_warpgroups = 3;
+  int hopper_warpgroups = 2;
+  // lse mixing runs in sequence chunks of at least this many rows x batch x heads (cuda/attention_launch.h).
+  long long min_chunk_row_heads = 3LL << 16;
 };
 KernelTuning& kernel_tuning();
 // Which forward kernel the last fused CUDA forward ran: "sm90a-wgmma" or "sm80-mma" (reports).

@@ -3,10 +3,12 @@
 // inputs, and prints one markdown row per case. GPU only.
 //   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
 //                           [--fwd-stages 2|3] [--eager-rescale] [--portable] [--hopper-wg 2|3]
+//                           [--no-chunks]
 // (--only runs the cases whose label contains TEXT, e.g. for a profiler run of one case;
 // --fwd-stages picks the forward kernel's K/V pipeline depth, default: per head dim;
 // --eager-rescale rescales the forward accumulator on every key tile; --portable keeps the forward
-// on the sm_80 kernel on a Hopper GPU; --hopper-wg sets the sm_90a forward's warpgroups at D = 64.)
+// on the sm_80 kernel on a Hopper GPU; --hopper-wg sets the sm_90a forward's warpgroups at D = 64;
+// --no-chunks runs lse mixing over the whole sequence at once, with accumulators of every row.)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -149,6 +151,8 @@ int main(int argc, char** argv) {
       cuda::attn::kernel_tuning().lazy_rescale = false;
     else if (!std::strcmp(argv[i], "--portable"))
       cuda::attn::kernel_tuning().hopper_forward = false;
+    else if (!std::strcmp(argv[i], "--no-chunks"))
+      cuda::attn::kernel_tuning().min_chunk_row_heads = 1LL << 50;
     else if (!std::strcmp(argv[i], "--hopper-wg") && i + 1 < argc)
       cuda::attn::kernel_tuning().hopper_warpgroups = std::atoi(argv[++i]);
     else {

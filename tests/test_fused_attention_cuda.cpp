@@ -86,30 +86,37 @@ BlockPatternOptions block_options(int64_t block_size, bool causal, uint64_t patt
 
 // The forward kernels a case runs with: on a Hopper GPU the sm_90a kernel by default, and the
 // portable sm_80 kernel that other GPUs run; both must pass every case.
+// Chunked: lse mixing runs in sequence chunks of one segment-length period (256 rows here, so
+// N = 300 and N = 1000 end in a ragged chunk), as it does at long N with the default size.
 struct ForwardKernels {
   std::string label;
   bool hopper;
+  bool chunked;
 };
-const std::vector<ForwardKernels> kForwardKernels{{"", true}, {" [portable fwd]", false}};
+const std::vector<ForwardKernels> kForwardKernels{
+    {"", true, false}, {" [portable fwd]", false, false}, {" [chunked]", true, true}};
 
 class ForwardKernelScope {
  public:
-  explicit ForwardKernelScope(bool hopper) {
+  explicit ForwardKernelScope(const ForwardKernels& kernels) {
 #ifdef LONGTAPE_WITH_CUDA
-    previous_ = cuda::attn::kernel_tuning().hopper_forward;
-    cuda::attn::kernel_tuning().hopper_forward = hopper;
+    previous_ = cuda::attn::kernel_tuning();
+    cuda::attn::kernel_tuning().hopper_forward = kernels.hopper;
+    if (kernels.chunked) cuda::attn::kernel_tuning().min_chunk_row_heads = 1;
 #else
-    (void)hopper;
+    (void)kernels;
 #endif
   }
   ~ForwardKernelScope() {
 #ifdef LONGTAPE_WITH_CUDA
-    cuda::attn::kernel_tuning().hopper_forward = previous_;
+    cuda::attn::kernel_tuning() = previous_;
 #endif
   }
 
  private:
-  bool previous_ = true;
+#ifdef LONGTAPE_WITH_CUDA
+  cuda::attn::KernelTuning previous_;
+#endif
 };
 
 }  // namespace
@@ -122,7 +129,8 @@ TEST_CASE("fused CUDA dense attention (bf16): N not a multiple of 64, head dims 
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   for (const ForwardKernels& kernels : kForwardKernels) {
-  const ForwardKernelScope scope(kernels.hopper);
+  if (kernels.chunked) continue;  // chunks concern lse mixing only
+  const ForwardKernelScope scope(kernels);
   for (int64_t n : {200, 333})
     for (int64_t head_dim : {32, 64, 128})
       for (bool causal : {false, true}) {
@@ -166,7 +174,7 @@ TEST_CASE("fused CUDA dilated attention (bf16): lse and head_groups, ragged segm
   };
   // N = 300: ragged last segments of every branch; N = 1000: many segments and a ragged last one.
   for (const ForwardKernels& kernels : kForwardKernels) {
-  const ForwardKernelScope scope(kernels.hopper);
+  const ForwardKernelScope scope(kernels);
   for (const Shape3& shape : {Shape3{2, 300, 6}, Shape3{2, 300, 5}, Shape3{1, 1000, 6}, Shape3{1, 1000, 5}})
     for (Mixing mixing : {Mixing::lse, Mixing::head_groups})
       for (bool causal : {false, true}) {

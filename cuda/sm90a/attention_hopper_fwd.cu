@@ -264,8 +264,8 @@ void launch(const FwdParams& params, const Streams& streams, int64_t batch) {
 void launch_forward_hopper(const FwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
   const int warpgroups = kernel_tuning().hopper_warpgroups;
   if (head_dim == 64) {
-    if (warpgroups == 2) return launch<64, 2, 128, 3>(params, streams, batch);
-    return launch<64, 3, 128, 2>(params, streams, batch);
+    if (warpgroups == 3) return launch<64, 3, 128, 2>(params, streams, batch);
+    return launch<64, 2, 128, 3>(params, streams, batch);
   }
   if (head_dim == 128) return launch<128, 2, 128, 2>(params, streams, batch);
   LT_CHECK(false, "fused attention (Hopper): head_dim must be 64 or 128, got ", head_dim);
