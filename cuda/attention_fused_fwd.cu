@@ -270,11 +270,13 @@ void launch_forward(const FwdParams& params, const Streams& streams, int64_t bat
 
 // The sm_90a forward runs where it was built, the GPU is compute capability 9.0 (sm_90a code runs
 // on nothing else), the lab has not turned it off, and the problem is one it covers: dense or
-// dilated key sets (block lists stay on the portable kernel), head dims 64 and 128, no P split.
+// any key set (block lists of 64- or 128-key blocks), head dims 64 and 128, no P split.
 bool hopper_forward_usable(const attention::fused::Problem& pr, bool split_p) {
 #if defined(LONGTAPE_WITH_HOPPER)
   if (!kernel_tuning().hopper_forward || split_p) return false;
-  if (pr.key_set == attention::fused::KeySet::blocks || (pr.head_dim != 64 && pr.head_dim != 128)) return false;
+  if (pr.head_dim != 64 && pr.head_dim != 128) return false;
+  if (pr.key_set == attention::fused::KeySet::blocks && pr.blocks.block_size != 64 && pr.blocks.block_size != 128)
+    return false;
   static int capability[64] = {};  // major * 10 + minor per device, 0 = not asked yet
   int device = 0;
   CUDA_CHECK(cudaGetDevice(&device));

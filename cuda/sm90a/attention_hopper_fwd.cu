@@ -1,5 +1,6 @@
 // Fused attention forward for Hopper (sm_90a): the same problems as attention_fused_fwd.cu (dense,
-// causal, dilated streams of both mixings; head dims 64 and 128) on warpgroup MMA. A CTA owns
+// causal, dilated streams of both mixings, block lists with an optional bias; head dims 64 and 128)
+// on warpgroup MMA. A CTA owns
 // kWG x 64 query rows of one stream; each warpgroup (4 warps) owns 64 of them and computes
 // S = Q K^T with wgmma from shared memory, the online softmax in registers, and O += P V with P as
 // the register A operand and V read transposed from shared memory. K/V tiles of kBN keys arrive
@@ -68,8 +69,8 @@ __device__ __forceinline__ void mma_rs_nmajor(float (&d)[N / 2], const uint32_t 
     wgmma::wgmma_rs_n128_tb(d, a, b);
 }
 
-template <int D, int kWG, int kBN, int kStages>
-__global__ void __launch_bounds__(kWG * 128, kWG == 2 && D == 64 ? 2 : 1) hopper_forward_kernel(const FwdParams p) {
+template <int D, int kWG, int kBN, int kStages, bool kLists>
+__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64 ? 2 : 1)) hopper_forward_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = HopperShape<D, kWG, kBN, kStages>;
   constexpr int kBM = Shape::kBM;
@@ -97,23 +98,54 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 2 && D == 64 ? 2 : 1) hopper
   const bf16* vb = p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row;
   const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row;
 
-  const int all_tiles = (len_k + kBN - 1) / kBN;
-  const int count = p.causal ? min(all_tiles, (q0 + kBM - 1) / kBN + 1) : all_tiles;
+  // Key tiles of this query tile: a range, or a block list (the launcher makes kBM the block size
+  // and kBN 64 keys, so that block_tiles = block size / 64 as for the portable kernel).
+  KeyTiles keys{0, nullptr, 1};
+  int block_row = 0;
+  if constexpr (kLists) {
+    const int64_t list = p.lists.num_lists == 1 ? 0 : (p.lists.num_lists == p.heads ? h : b * p.heads + h);
+    block_row = q0 / kBM;
+    const int32_t* rb = p.lists.row_begin + list * (p.lists.nqb + 1);
+    keys.list = p.lists.col_index + rb[block_row];
+    keys.block_tiles = p.lists.block_tiles;
+    keys.count = (rb[block_row + 1] - rb[block_row]) * p.lists.block_tiles;
+  } else {
+    const int all_tiles = (len_k + kBN - 1) / kBN;
+    keys.count = p.causal ? min(all_tiles, (q0 + kBM - 1) / kBN + 1) : all_tiles;
+  }
+  __shared__ int32_t list_cache[kLists ? kListCache : 1];
+  if constexpr (kLists) {
+    cache_block_list(keys, list_cache);
+    __syncthreads();
+  }
+  const float* bias_row =
+      kLists && p.lists.bias ? p.lists.bias + ((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb
+                   : nullptr;
+  auto tile_of = [&](int i) { return kLists ? keys.tile(i) : i; };
+  // Skip key tiles that lie entirely in the causal future of every row of this query tile.
+  auto next_visible = [&](int i) {
+    while (kLists && p.causal && i < keys.count && keys.tile(i) * kBN > q0 + kBM - 1) ++i;
+    return i;
+  };
 
   load_swizzled_async<D, kBM, Shape::kThreads>(sQ, qb, q_step, q0, s.len_q);
   cp_async_commit();
   // One cp.async group per stage, empty past the last tile, so that group counts stay fixed.
   auto fetch_tile = [&](int stage, int i) {
-    if (i < count) {
-      const int64_t k0 = static_cast<int64_t>(i) * kBN;
+    if (i < keys.count) {
+      const int64_t k0 = static_cast<int64_t>(tile_of(i)) * kBN;
       load_swizzled_async<D, kBN, Shape::kThreads>(sK + stage * Shape::kKVBytes, kb, k_step, k0, len_k);
       load_swizzled_async<D, kBN, Shape::kThreads>(sV + stage * Shape::kKVBytes, vb, v_step, k0, len_k);
     }
     cp_async_commit();
   };
+  const int first = next_visible(0);
+  int fetch = first;
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) fetch_tile(st, st);
-  int fetch = kStages - 1;
+  for (int st = 0; st < kStages - 1; ++st) {
+    fetch_tile(st, fetch);
+    fetch = next_visible(fetch + 1);
+  }
 
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int col_in_quad = (lane & 3) * 2;
@@ -131,15 +163,17 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 2 && D == 64 ? 2 : 1) hopper
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
   int stage = 0;
-  for (int i = 0; i < count; ++i) {
+  for (int i = first; i < keys.count; i = next_visible(i + 1)) {
     // Tile i has landed for every thread (and is visible to the tensor cores), and every
     // warpgroup is done with the stage the next fetch overwrites.
     cp_async_wait<kStages - 2>();
     wgmma::fence_proxy_async();
     __syncthreads();
     fetch_tile((stage + kStages - 1) % kStages, fetch);
-    ++fetch;
-    const int k0 = i * kBN;
+    fetch = next_visible(fetch + 1);
+    const int kt = tile_of(i);
+    const int k0 = kt * kBN;
+    const float bias = kLists && bias_row ? bias_row[kt / p.lists.block_tiles] * kLog2e : 0.f;
     // A warpgroup whose rows all precede the tile (causal) has nothing to do with it.
     if (!(p.causal && k0 > wg_row0 + 63)) {
       const uint32_t k_addr = smem_addr(sK + stage * Shape::kKVBytes);
@@ -179,7 +213,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 2 && D == 64 ? 2 : 1) hopper
       bool grew = false;
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        m_new[hf] = fmaxf(m_run[hf], quad_max(mx[hf]) * p.scale_log2);
+        m_new[hf] = fmaxf(m_run[hf], quad_max(mx[hf]) * p.scale_log2 + bias);
         grew |= m_new[hf] != m_run[hf];
       }
       // Rescale O and l only when some row's running max grew (the factor is exactly 1 otherwise).
@@ -199,7 +233,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 2 && D == 64 ? 2 : 1) hopper
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         m_run[hf] = m_new[hf];
-        shift[hf] = -(m_new[hf] == -INFINITY ? 0.f : m_new[hf]);
+        shift[hf] = bias - (m_new[hf] == -INFINITY ? 0.f : m_new[hf]);
       }
       uint32_t pa[kBN / 16][4];
 #pragma unroll
@@ -232,7 +266,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 2 && D == 64 ? 2 : 1) hopper
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <int D, int kWG, int kBN, int kStages>
+template <int D, int kWG, int kBN, int kStages, bool kLists = false>
 void launch(const FwdParams& params, const Streams& streams, int64_t batch) {
   using Shape = HopperShape<D, kWG, kBN, kStages>;
   FwdParams p = params;
@@ -248,7 +282,7 @@ void launch(const FwdParams& params, const Streams& streams, int64_t batch) {
     max_tiles = std::max(max_tiles, p.st.num_tiles[br]);
   }
   if (max_tiles == 0) return;
-  auto kernel = hopper_forward_kernel<D, kWG, kBN, kStages>;
+  auto kernel = hopper_forward_kernel<D, kWG, kBN, kStages, kLists>;
   static bool configured = false;  // the attribute is per function; setting it again is harmless
   if (!configured) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSmem)));
@@ -262,6 +296,16 @@ void launch(const FwdParams& params, const Streams& streams, int64_t batch) {
 }  // namespace
 
 void launch_forward_hopper(const FwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
+  if (params.lists.row_begin) {
+    // Block lists: one query block per CTA, 64-key tiles.
+    const bool two = params.lists.block_tiles == 2;
+    LT_CHECK(params.lists.block_tiles == 1 || two, "fused attention (Hopper): block size must be 64 or 128");
+    if (head_dim == 64)
+      return two ? launch<64, 2, 64, 3, true>(params, streams, batch) : launch<64, 1, 64, 3, true>(params, streams, batch);
+    if (head_dim == 128)
+      return two ? launch<128, 2, 64, 2, true>(params, streams, batch)
+                 : launch<128, 1, 64, 2, true>(params, streams, batch);
+  }
   const int warpgroups = kernel_tuning().hopper_warpgroups;
   if (head_dim == 64) {
     if (warpgroups == 3) return launch<64, 3, 128, 2>(params, streams, batch);
