@@ -112,6 +112,20 @@ LaunchPlan plan_launches(const attention::fused::Problem& p) {
   return plan;
 }
 
+bool current_device_is_sm90() {
+  static int capability[64] = {};  // major * 10 + minor per device, 0 = not asked yet
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= 64) return false;
+  if (capability[device] == 0) {
+    int major = 0, minor = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    capability[device] = major * 10 + minor;
+  }
+  return capability[device] == 90;
+}
+
 std::vector<SequenceChunk> merge_chunks(const attention::fused::Problem& p, const LaunchPlan& plan) {
   const int64_t n = p.seq_q;
   std::vector<SequenceChunk> chunks;

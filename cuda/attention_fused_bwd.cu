@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "attention/fused/backends.h"
+#include "cuda/attention_backward.cuh"
 #include "cuda/attention_fused.cuh"
 #include "cuda/attention_launch.h"
 #include "cuda/common.cuh"
@@ -17,23 +18,6 @@ namespace longtape::cuda::attn {
 
 namespace {
 
-struct BwdParams {
-  const bf16 *q, *k, *v, *dout;
-  RowStrides qs, ks, vs, dos;
-  const float* lse;    // (B, H, lse_stride), natural log
-  const float* delta;  // (B, H, lse_stride)
-  int64_t lse_stride;
-  // write mode: bf16 gradients with strides; accumulate mode: contiguous f32 (B, N, H, D) buffers
-  bf16 *dq, *dk, *dv;
-  RowStrides dqs, dks, dvs;
-  float *dq_acc, *dk_acc, *dv_acc;
-  bool accumulate;
-  int64_t heads;
-  float scale, scale_log2, do_scale;
-  bool causal;
-  Streams st;
-  Lists lists;
-};
 
 __global__ void delta_kernel(float* delta, const bf16* out, const bf16* residual, RowStrides os, const bf16* dout,
                              RowStrides ds,
@@ -51,53 +35,6 @@ __global__ void delta_kernel(float* delta, const bf16* out, const bf16* residual
     acc += (__bfloat162float(o[d]) + (lo ? __bfloat162float(lo[d]) : 0.f)) * __bfloat162float(g[d]);
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) delta[warp_id] = acc - (dlse ? dlse[warp_id] : 0.f);
-}
-
-// lse in log2 units; rows that saw no key get +inf so that their P is 0.
-__device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
-
-// Stores a 16 x D accumulator row pair of one warp: bf16 write or f32 accumulate.
-template <int D>
-__device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float factor, int64_t row_a, int64_t len,
-                                           const StreamRows& s, bool accumulate, bf16* dst, RowStrides ds,
-                                           float* dst_acc, int64_t b, int64_t h, int64_t heads, int64_t seq) {
-  const int col = ((threadIdx.x & 31) & 3) * 2;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t row = row_a + half * 8;
-    if (row >= len) continue;
-    const int64_t pos = s.first_k + row * s.step;  // first_q == first_k for every stream
-    if (!accumulate) {
-      bf16* out = dst + b * ds.batch + h * ds.head + pos * ds.row;
-#pragma unroll
-      for (int d = 0; d < D / 8; ++d)
-        *reinterpret_cast<uint32_t*>(out + d * 8 + col) =
-            pack_bf16(acc[d][2 * half] * factor, acc[d][2 * half + 1] * factor);
-    } else {
-      float* out = dst_acc + ((b * seq + pos) * heads + h) * D;
-#pragma unroll
-      for (int d = 0; d < D / 8; ++d) {
-        float2* cell = reinterpret_cast<float2*>(out + d * 8 + col);
-        float2 v = *cell;
-        v.x += acc[d][2 * half] * factor;
-        v.y += acc[d][2 * half + 1] * factor;
-        *cell = v;
-      }
-    }
-  }
-}
-
-// Which stream and tile a CTA owns (the same mapping as the forward kernel); false when none.
-__device__ __forceinline__ bool tile_of_cta(const Streams& st, int h, int64_t& tile, StreamRows& s, int& br) {
-  br = st.branch_of_head[h];
-  if (br < 0) return false;
-  const int64_t num_tiles = st.num_tiles[br];
-  if (blockIdx.x >= num_tiles) return false;
-  const int64_t id = num_tiles - 1 - blockIdx.x;
-  const int64_t tps = st.tiles_per_stream[br];
-  s = stream_rows(st, br, st.offset_of_head[h], id / tps);
-  tile = id % tps;
-  return true;
 }
 
 // kFuseDq: the CTA also adds its dQ = dS K share into the f32 dq_acc with atomics (dS^T goes
@@ -333,8 +270,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
   }
   cp_async_wait<0>();
   const int64_t nk = p.st.seq_k;
-  store_rows<D>(dk, p.scale, key_a, s.len_k, s, p.accumulate, p.dk, p.dks, p.dk_acc, b, h, p.heads, nk);
-  store_rows<D>(dv, p.do_scale, key_a, s.len_k, s, p.accumulate, p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
+  store_rows<D>([&](int d, int e) { return dk[d][e]; }, p.scale, key_a, s.len_k, s, p.accumulate, p.dk, p.dks, p.dk_acc, b, h, p.heads, nk);
+  store_rows<D>([&](int d, int e) { return dv[d][e]; }, p.do_scale, key_a, s.len_k, s, p.accumulate, p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
 }
 
 // Three resident CTAs per SM for D <= 64 (the registers fit without spilling).
@@ -493,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
   cp_async_wait<0>();
   StreamRows qs_rows = s;
   qs_rows.first_k = s.first_q;
-  store_rows<D>(dq, p.scale, row_a, s.len_q, qs_rows, p.accumulate, p.dq, p.dqs, p.dq_acc, b, h, p.heads,
+  store_rows<D>([&](int d, int e) { return dq[d][e]; }, p.scale, row_a, s.len_q, qs_rows, p.accumulate, p.dq, p.dqs, p.dq_acc, b, h, p.heads,
                 p.st.seq_q);
 }
 
@@ -530,7 +467,25 @@ void launch_backward(const BwdParams& params, int64_t max_tiles, int64_t batch, 
 
 RowStrides strides_of(const attention::fused::Strides& s) { return {s.batch, s.row, s.head}; }
 
+// The sm_90a backward runs where it was built and the GPU is compute capability 9.0, for
+// deterministic D = 64 problems without block lists (those keep the portable kernels).
+bool hopper_backward_usable(const attention::fused::BackwardProblem& bp) {
+#if defined(LONGTAPE_WITH_HOPPER)
+  const attention::fused::Problem& f = bp.forward;
+  if (!kernel_tuning().hopper_backward || !bp.deterministic || f.head_dim != 64) return false;
+  if (f.key_set == attention::fused::KeySet::blocks) return false;
+  return current_device_is_sm90();
+#else
+  (void)bp;
+  return false;
+#endif
+}
+
+const char* g_last_backward_kernel = "none";
+
 }  // namespace
+
+const char* last_backward_kernel() { return g_last_backward_kernel; }
 
 void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan& plan) {
   const attention::fused::Problem& f = bp.forward;
@@ -586,6 +541,8 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
     zero_rows(bp.dk, bp.dk_stride, f, f.seq_k);
     zero_rows(bp.dv, bp.dv_stride, f, f.seq_k);
   }
+  const bool hopper = hopper_backward_usable(bp);
+  g_last_backward_kernel = hopper ? "sm90a-wgmma" : "sm80-mma";
   // With accumulators, runs chunk by chunk (merge_chunks): they then hold one chunk's rows.
   std::shared_ptr<Storage> acc;
   for (const SequenceChunk& chunk : merge_chunks(f, plan)) {
@@ -618,6 +575,10 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
       int64_t max_tiles = 0;
       for (int br = 0; br < kMaxBranches; ++br) max_tiles = std::max(max_tiles, launch.num_tiles[br]);
       if (max_tiles == 0) continue;
+      if (hopper) {
+        launch_backward_hopper(pc, launch, f.batch);
+        continue;
+      }
       switch (f.head_dim) {
         case 32: launch_backward<32>(pc, max_tiles, f.batch, !fuse_dq); break;
         case 64: launch_backward<64>(pc, max_tiles, f.batch, !fuse_dq); break;

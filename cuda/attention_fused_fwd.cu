@@ -277,17 +277,7 @@ bool hopper_forward_usable(const attention::fused::Problem& pr, bool split_p) {
   if (pr.head_dim != 64 && pr.head_dim != 128) return false;
   if (pr.key_set == attention::fused::KeySet::blocks && pr.blocks.block_size != 64 && pr.blocks.block_size != 128)
     return false;
-  static int capability[64] = {};  // major * 10 + minor per device, 0 = not asked yet
-  int device = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= 64) return false;
-  if (capability[device] == 0) {
-    int major = 0, minor = 0;
-    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    capability[device] = major * 10 + minor;
-  }
-  return capability[device] == 90;
+  return current_device_is_sm90();
 #else
   (void)pr;
   (void)split_p;

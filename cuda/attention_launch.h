@@ -39,6 +39,8 @@ void zero_rows(void* dst, const attention::fused::Strides& strides, const attent
 // `residual`, when set, receives acc - dst (bf16, dst's strides).
 void store_accumulator(void* dst, const attention::fused::Strides& strides, const float* acc,
                        const attention::fused::Problem& problem, int64_t rows, void* residual = nullptr);
+// Whether the current device is compute capability 9.0 (where sm_90a code runs); asked once per device.
+bool current_device_is_sm90();
 void run_forward(const attention::fused::Problem& problem, const LaunchPlan& plan);
 void run_backward(const attention::fused::BackwardProblem& problem, const LaunchPlan& plan);
 

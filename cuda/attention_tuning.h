@@ -13,11 +13,17 @@ struct KernelTuning {
   bool hopper_forward = true;
   // Warpgroups (64 query rows each) per CTA of the Hopper forward at D = 64: 2 or 3.
   int hopper_warpgroups = 2;
+  // Backward on sm_90a warpgroup MMA where usable (D = 64, deterministic, no block lists).
+  bool hopper_backward = true;
+  // Warpgroups (64 keys or queries each) per CTA of the Hopper backward kernels: 1 or 2.
+  int hopper_backward_warpgroups = 2;
   // lse mixing runs in sequence chunks of at least this many rows x batch x heads (cuda/attention_launch.h).
   long long min_chunk_row_heads = 3LL << 16;
 };
 KernelTuning& kernel_tuning();
 // Which forward kernel the last fused CUDA forward ran: "sm90a-wgmma" or "sm80-mma" (reports).
 const char* last_forward_kernel();
+// The same for the last fused CUDA backward.
+const char* last_backward_kernel();
 
 }  // namespace longtape::cuda::attn

@@ -3,12 +3,13 @@
 // inputs, and prints one markdown row per case. GPU only.
 //   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
 //                           [--fwd-stages 2|3] [--eager-rescale] [--portable] [--hopper-wg 2|3]
-//                           [--no-chunks]
+//                           [--no-chunks] [--portable-bwd] [--hopper-bwd-wg 1|2]
 // (--only runs the cases whose label contains TEXT, e.g. for a profiler run of one case;
 // --fwd-stages picks the forward kernel's K/V pipeline depth, default: per head dim;
-// --eager-rescale rescales the forward accumulator on every key tile; --portable keeps the forward
-// on the sm_80 kernel on a Hopper GPU; --hopper-wg sets the sm_90a forward's warpgroups at D = 64;
-// --no-chunks runs lse mixing over the whole sequence at once, with accumulators of every row.)
+// --eager-rescale rescales the forward accumulator on every key tile; --portable keeps forward and
+// backward on the sm_80 kernels on a Hopper GPU (--portable-bwd the backward only); --hopper-wg
+// and --hopper-bwd-wg set the sm_90a kernels' warpgroups at D = 64; --no-chunks runs lse mixing
+// over the whole sequence at once, with accumulators of every row.)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -122,7 +123,8 @@ void run(const Case& cs, const std::string& impl, int repeats) {
   const double flops_fwd = 4.0 * cs.pairs * cs.dim * cs.heads;  // QK^T and PV
   const std::string backend = layer->last_backend() == "composed"
                                   ? layer->last_backend()
-                                  : layer->last_backend() + " (fwd " + cuda::attn::last_forward_kernel() + ")";
+                                  : layer->last_backend() + " (fwd " + cuda::attn::last_forward_kernel() + ", bwd " +
+                                        cuda::attn::last_backward_kernel() + ")";
   std::printf("| %s | %s | %s | %lld | %lld | %.3f | %.3f | %.1f | %.1f | %.0f |\n", cs.label.c_str(),
               backend.c_str(), layer->last_precision().c_str(), static_cast<long long>(cs.n),
               static_cast<long long>(cs.dim), f, fb, flops_fwd / f / 1e9, 3.5 * flops_fwd / fb / 1e9, peak_mib);
@@ -149,8 +151,13 @@ int main(int argc, char** argv) {
       cuda::attn::kernel_tuning().forward_stages = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--eager-rescale"))
       cuda::attn::kernel_tuning().lazy_rescale = false;
-    else if (!std::strcmp(argv[i], "--portable"))
+    else if (!std::strcmp(argv[i], "--portable")) {
       cuda::attn::kernel_tuning().hopper_forward = false;
+      cuda::attn::kernel_tuning().hopper_backward = false;
+    } else if (!std::strcmp(argv[i], "--portable-bwd"))
+      cuda::attn::kernel_tuning().hopper_backward = false;
+    else if (!std::strcmp(argv[i], "--hopper-bwd-wg") && i + 1 < argc)
+      cuda::attn::kernel_tuning().hopper_backward_warpgroups = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--no-chunks"))
       cuda::attn::kernel_tuning().min_chunk_row_heads = 1LL << 50;
     else if (!std::strcmp(argv[i], "--hopper-wg") && i + 1 < argc)

@@ -84,8 +84,8 @@ BlockPatternOptions block_options(int64_t block_size, bool causal, uint64_t patt
   return o;
 }
 
-// The forward kernels a case runs with: on a Hopper GPU the sm_90a kernel by default, and the
-// portable sm_80 kernel that other GPUs run; both must pass every case.
+// The kernels a case runs with: on a Hopper GPU the sm_90a kernels by default, and the portable
+// sm_80 kernels that other GPUs run; both must pass every case.
 // Chunked: lse mixing runs in sequence chunks of one segment-length period (256 rows here, so
 // N = 300 and N = 1000 end in a ragged chunk), as it does at long N with the default size.
 struct ForwardKernels {
@@ -94,7 +94,7 @@ struct ForwardKernels {
   bool chunked;
 };
 const std::vector<ForwardKernels> kForwardKernels{
-    {"", true, false}, {" [portable fwd]", false, false}, {" [chunked]", true, true}};
+    {"", true, false}, {" [portable kernels]", false, false}, {" [chunked]", true, true}};
 
 class ForwardKernelScope {
  public:
@@ -102,6 +102,7 @@ class ForwardKernelScope {
 #ifdef LONGTAPE_WITH_CUDA
     previous_ = cuda::attn::kernel_tuning();
     cuda::attn::kernel_tuning().hopper_forward = kernels.hopper;
+    cuda::attn::kernel_tuning().hopper_backward = kernels.hopper;
     if (kernels.chunked) cuda::attn::kernel_tuning().min_chunk_row_heads = 1;
 #else
     (void)kernels;

@@ -12,6 +12,7 @@
 #include "cuda/attention_forward.cuh"
 #include "cuda/attention_launch.h"
 #include "cuda/attention_wgmma.cuh"
+#include "cuda/sm90a/hopper_tiles.cuh"
 #include "cuda/common.cuh"
 
 namespace longtape::cuda::attn {
@@ -29,45 +30,6 @@ struct HopperShape {
   // 1024 bytes of slack: the swizzled tiles must start on a 1024-byte boundary.
   static constexpr size_t kSmem = 1024 + kQBytes + 2 * kStages * kKVBytes;
 };
-
-// Starts copying rows [row0, row0 + kRows) of a stream into a swizzled tile (D / 64 slabs of
-// kRows x 128 bytes); rows at or beyond `len` are zero-filled. Every thread of the CTA takes part.
-template <int D, int kRows, int kThreadsAll>
-__device__ __forceinline__ void load_swizzled_async(unsigned char* tile, const bf16* base, int64_t step, int64_t row0,
-                                                    int64_t len) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  constexpr int kRowsPerPass = kThreadsAll / kChunks;
-  constexpr int kPasses = (kRows + kRowsPerPass - 1) / kRowsPerPass;
-  const int r = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
-  unsigned char* slab = tile + (c / 8) * (kRows * 128);
-  const bf16* src = base + (row0 + r) * step + c * 8;
-  const int64_t rows_left = len - row0 - r;
-  const int64_t pass_step = kRowsPerPass * step;
-#pragma unroll
-  for (int i = 0; i < kPasses; ++i) {
-    const int row = r + i * kRowsPerPass;
-    if (kRows % kRowsPerPass == 0 || row < kRows) {
-      const bool valid = i * kRowsPerPass < rows_left;
-      cp_async_16(slab + wgmma::swizzled_offset(row, c % 8), valid ? src : base, valid ? 16 : 0);
-    }
-    src += pass_step;
-  }
-}
-
-template <int N>
-__device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
-  if constexpr (N == 64)
-    wgmma::wgmma_ss_n64(d, a, b, accumulate);
-  else
-    wgmma::wgmma_ss_n128(d, a, b, accumulate);
-}
-template <int N>
-__device__ __forceinline__ void mma_rs_nmajor(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {
-  if constexpr (N == 64)
-    wgmma::wgmma_rs_n64_tb(d, a, b);
-  else
-    wgmma::wgmma_rs_n128_tb(d, a, b);
-}
 
 template <int D, int kWG, int kBN, int kStages, bool kLists>
 __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64 ? 2 : 1)) hopper_forward_kernel(const FwdParams p) {

@@ -1,0 +1,79 @@
+#pragma once
+// The backward kernels' parameters and shared pieces (cuda/attention_fused_bwd.cu on any sm_80+
+// GPU, cuda/sm90a/attention_hopper_bwd.cu on sm_90a): the CTA -> stream tile mapping, lse in
+// log2 units, and how finished gradient rows are written or accumulated.
+#include "cuda/attention_fused.cuh"
+
+namespace longtape::cuda::attn {
+
+struct BwdParams {
+  const bf16 *q, *k, *v, *dout;
+  RowStrides qs, ks, vs, dos;
+  const float* lse;    // (B, H, lse_stride), natural log
+  const float* delta;  // (B, H, lse_stride)
+  int64_t lse_stride;
+  // write mode: bf16 gradients with strides; accumulate mode: contiguous f32 (B, N, H, D) buffers
+  bf16 *dq, *dk, *dv;
+  RowStrides dqs, dks, dvs;
+  float *dq_acc, *dk_acc, *dv_acc;
+  bool accumulate;
+  int64_t heads;
+  float scale, scale_log2, do_scale;
+  bool causal;
+  Streams st;
+  Lists lists;
+};
+
+// lse in log2 units; rows that saw no key get +inf so that their P is 0.
+__device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// Stores a 16 x D accumulator row pair of one warp: bf16 write or f32 accumulate.
+// acc(d, e): element e of output n-tile d (e < 2: row row_a, else row_a + 8).
+template <int D, class AccAt>
+__device__ __forceinline__ void store_rows(const AccAt& acc, float factor, int64_t row_a, int64_t len,
+                                           const StreamRows& s, bool accumulate, bf16* dst, RowStrides ds,
+                                           float* dst_acc, int64_t b, int64_t h, int64_t heads, int64_t seq) {
+  const int col = ((threadIdx.x & 31) & 3) * 2;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t row = row_a + half * 8;
+    if (row >= len) continue;
+    const int64_t pos = s.first_k + row * s.step;  // first_q == first_k for every stream
+    if (!accumulate) {
+      bf16* out = dst + b * ds.batch + h * ds.head + pos * ds.row;
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d)
+        *reinterpret_cast<uint32_t*>(out + d * 8 + col) =
+            pack_bf16(acc(d, 2 * half) * factor, acc(d, 2 * half + 1) * factor);
+    } else {
+      float* out = dst_acc + ((b * seq + pos) * heads + h) * D;
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d) {
+        float2* cell = reinterpret_cast<float2*>(out + d * 8 + col);
+        float2 v = *cell;
+        v.x += acc(d, 2 * half) * factor;
+        v.y += acc(d, 2 * half + 1) * factor;
+        *cell = v;
+      }
+    }
+  }
+}
+
+// Which stream and tile a CTA owns (the same mapping as the forward kernel); false when none.
+__device__ __forceinline__ bool tile_of_cta(const Streams& st, int h, int64_t& tile, StreamRows& s, int& br) {
+  br = st.branch_of_head[h];
+  if (br < 0) return false;
+  const int64_t num_tiles = st.num_tiles[br];
+  if (blockIdx.x >= num_tiles) return false;
+  const int64_t id = num_tiles - 1 - blockIdx.x;
+  const int64_t tps = st.tiles_per_stream[br];
+  s = stream_rows(st, br, st.offset_of_head[h], id / tps);
+  tile = id % tps;
+  return true;
+}
+
+// The sm_90a backward (dK/dV and dQ kernels) over one launch's streams: D = 64, deterministic,
+// no block lists. Only call it where hopper_backward_usable() (attention_fused_bwd.cu) says so.
+void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch);
+
+}  // namespace longtape::cuda::attn

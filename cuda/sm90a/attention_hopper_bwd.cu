@@ -1,0 +1,353 @@
+// Fused attention backward for Hopper (sm_90a), deterministic, D = 64, dense / causal / dilated
+// streams of both mixings (block lists stay on the portable kernels). Flash-style, two kernels:
+//   dK/dV: a CTA owns kWG x 64 keys of one stream (64 per warpgroup) and walks the query tiles
+//          that see them: S^T = K Q^T and dP^T = V dO^T on wgmma from shared memory, P^T and
+//          dS^T = P^T (dP^T - delta) in registers, then dV += P^T dO and dK += dS^T Q with P^T and
+//          dS^T as register A operands (bf16 hi + lo parts, as the portable kernels) and dO, Q
+//          read transposed from shared memory;
+//   dQ:    a CTA owns kWG x 64 queries and walks its key tiles: S = Q K^T, dP = dO V^T,
+//          dS, and dQ += dS K.
+// Tiles arrive through cp.async into 128-byte-swizzled shared memory (strided rows in place).
+#include <algorithm>
+#include <cmath>
+
+#include "cuda/attention_backward.cuh"
+#include "cuda/attention_launch.h"
+#include "cuda/common.cuh"
+#include "cuda/sm90a/hopper_tiles.cuh"
+
+namespace longtape::cuda::attn {
+
+namespace {
+
+constexpr int kStep = 64;  // queries (dK/dV kernel) or keys (dQ kernel) per inner step
+
+template <int D, int kWG>
+struct BwdShape {
+  static constexpr int kRows = kWG * 64;  // keys (dK/dV) or queries (dQ) per CTA
+  static constexpr int kThreads = kWG * 128;
+  static constexpr int kOwnBytes = kRows * D * 2;  // one resident tile (K, V or Q, dO)
+  static constexpr int kStepBytes = kStep * D * 2;  // one streamed tile
+  static constexpr int kOwnSlab = kRows * 128;
+  static constexpr int kStepSlab = kStep * 128;
+  // Two resident tiles, two stages of two streamed tiles, lse and delta per stage; 1024 slack.
+  static constexpr size_t kSmem = 1024 + 2 * kOwnBytes + 4 * kStepBytes + 4 * kStep * sizeof(float);
+};
+
+__device__ __forceinline__ unsigned char* align_1024(unsigned char* p) {
+  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~uintptr_t(1023));
+}
+
+// K-major operand descriptor of k16 step kk: rows of a swizzled tile (slab = 64 columns).
+__device__ __forceinline__ uint64_t k_major(uint32_t base, int slab_bytes, int kk) {
+  return wgmma::descriptor(base + (kk / 4) * slab_bytes + (kk % 4) * 32, 16, 1024);
+}
+// N-major (transposed) B operand of k16 step kk: rows 16 kk .. 16 kk + 15 of a swizzled tile.
+__device__ __forceinline__ uint64_t n_major(uint32_t base, int slab_bytes, int kk) {
+  return wgmma::descriptor(base + kk * 16 * 128, slab_bytes, 1024);
+}
+
+template <int D, int kWG>
+__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : 1) hopper_dkdv_kernel(const BwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = BwdShape<D, kWG>;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sK = align_1024(smem_raw);
+  unsigned char* sV = sK + Shape::kOwnBytes;
+  unsigned char* sQ = sV + Shape::kOwnBytes;     // 2 stages
+  unsigned char* sG = sQ + 2 * Shape::kStepBytes;  // dO, 2 stages
+  float* sLse = reinterpret_cast<float*>(sG + 2 * Shape::kStepBytes);  // 2 x kStep
+  float* sDelta = sLse + 2 * kStep;
+
+  const int h = blockIdx.y, b = blockIdx.z;
+  int64_t kt;
+  StreamRows s;
+  int br;
+  if (!tile_of_cta(p.st, h, kt, s, br)) return;
+  const int k0 = static_cast<int>(kt) * Shape::kRows;
+  if (k0 >= s.len_k) return;
+  const int len_q = static_cast<int>(s.len_q);
+
+  const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
+  const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
+  const bf16* vb = p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row;
+  const bf16* gb = p.dout + b * p.dos.batch + h * p.dos.head + s.first_q * p.dos.row;
+  const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row,
+                g_step = s.step * p.dos.row;
+  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.lse_stride + s.first_q;
+
+  // Query tiles that see these keys: causal ones start at the tile holding key k0.
+  const int q_tiles = (len_q + kStep - 1) / kStep;
+  const int first = p.causal ? k0 / kStep : 0;
+
+  load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sK, kb, k_step, k0, s.len_k);
+  load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sV, vb, v_step, k0, s.len_k);
+  auto fetch = [&](int stage, int qt) {
+    if (qt < q_tiles) {
+      const int64_t q0 = static_cast<int64_t>(qt) * kStep;
+      load_swizzled_async<D, kStep, Shape::kThreads>(sQ + stage * Shape::kStepBytes, qb, q_step, q0, len_q);
+      load_swizzled_async<D, kStep, Shape::kThreads>(sG + stage * Shape::kStepBytes, gb, g_step, q0, len_q);
+      if (threadIdx.x < kStep) {
+        const int64_t row = q0 + threadIdx.x;
+        const bool valid = row < len_q;
+        sLse[stage * kStep + threadIdx.x] = valid ? lse_log2(p.lse[lse_row0 + row * s.step]) : INFINITY;
+        sDelta[stage * kStep + threadIdx.x] = valid ? p.delta[lse_row0 + row * s.step] : 0.f;
+      }
+    }
+    cp_async_commit();
+  };
+  fetch(0, first);
+
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int col_in_quad = (lane & 3) * 2;
+  const int wg_key0 = k0 + wg * 64;
+  const int key_a = wg_key0 + warp * 16 + (lane >> 2);  // this thread's keys: key_a, key_a + 8
+  const uint32_t k_addr = smem_addr(sK) + wg * 64 * 128, v_addr = smem_addr(sV) + wg * 64 * 128;
+
+  float dk[D / 2], dv[D / 2], st[kStep / 2], dpt[kStep / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kStep / 2; ++i) st[i] = dpt[i] = 0.f;
+
+  int stage = 0;
+  for (int qt = first; qt < q_tiles; ++qt) {
+    fetch(stage ^ 1, qt + 1);
+    cp_async_wait<1>();
+    wgmma::fence_proxy_async();
+    __syncthreads();
+    const int q0 = qt * kStep;
+    // A warpgroup whose keys all follow the tile's last query (causal) has nothing to add.
+    if (!(p.causal && wg_key0 > q0 + kStep - 1)) {
+      const uint32_t q_addr = smem_addr(sQ + stage * Shape::kStepBytes);
+      const uint32_t g_addr = smem_addr(sG + stage * Shape::kStepBytes);
+      // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries per warpgroup).
+      wgmma::fence_registers(st);
+      wgmma::fence_registers(dpt);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        mma_ss<kStep>(st, k_major(k_addr, Shape::kOwnSlab, kk), k_major(q_addr, Shape::kStepSlab, kk), kk > 0);
+        mma_ss<kStep>(dpt, k_major(v_addr, Shape::kOwnSlab, kk), k_major(g_addr, Shape::kStepSlab, kk), kk > 0);
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::fence_registers(st);
+      wgmma::fence_registers(dpt);
+
+      const float* tLse = sLse + stage * kStep;
+      const float* tDelta = sDelta + stage * kStep;
+      // P^T = exp2(S^T scale_log2 - lse); causal-diagonal tiles: P = 0 where the query precedes
+      // the key. dS^T = P^T (dP^T do_scale - delta).
+      const bool diagonal = p.causal && wg_key0 + 63 > q0;
+#pragma unroll
+      for (int j = 0; j < kStep / 8; ++j) {
+        const float2 l2 = *reinterpret_cast<const float2*>(tLse + j * 8 + col_in_quad);
+        const float2 d2 = *reinterpret_cast<const float2*>(tDelta + j * 8 + col_in_quad);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float prob = fast_exp2(fmaf(st[4 * j + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
+          if (diagonal && q0 + j * 8 + col_in_quad + (e & 1) < key_a + (e >> 1) * 8) prob = 0.f;
+          st[4 * j + e] = prob;
+          dpt[4 * j + e] = prob * fmaf(dpt[4 * j + e], p.do_scale, -((e & 1) ? d2.y : d2.x));
+        }
+      }
+      // dV += P^T dO and dK += dS^T Q (k = the tile's queries), hi + lo parts each.
+      wgmma::fence_registers(dv);
+      wgmma::fence_registers(dk);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kStep / 16; ++kk) {
+        uint32_t hi[4], lo[4];
+        a_fragment_split_at<kStep / 2>(hi, lo, st, kk);
+        mma_rs_nmajor<D>(dv, hi, n_major(g_addr, Shape::kStepSlab, kk));
+        mma_rs_nmajor<D>(dv, lo, n_major(g_addr, Shape::kStepSlab, kk));
+        a_fragment_split_at<kStep / 2>(hi, lo, dpt, kk);
+        mma_rs_nmajor<D>(dk, hi, n_major(q_addr, Shape::kStepSlab, kk));
+        mma_rs_nmajor<D>(dk, lo, n_major(q_addr, Shape::kStepSlab, kk));
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::fence_registers(dv);
+      wgmma::fence_registers(dk);
+    }
+    // Every warpgroup is done with this stage before the next iteration's fetch overwrites it.
+    __syncthreads();
+    stage ^= 1;
+  }
+  cp_async_wait<0>();
+  const int64_t nk = p.st.seq_k;
+  store_rows<D>([&](int d, int e) { return dk[4 * d + e]; }, p.scale, key_a, s.len_k, s, p.accumulate, p.dk, p.dks,
+                p.dk_acc, b, h, p.heads, nk);
+  store_rows<D>([&](int d, int e) { return dv[4 * d + e]; }, p.do_scale, key_a, s.len_k, s, p.accumulate, p.dv,
+                p.dvs, p.dv_acc, b, h, p.heads, nk);
+#endif
+}
+
+template <int D, int kWG>
+__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : 1) hopper_dq_kernel(const BwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = BwdShape<D, kWG>;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sQ = align_1024(smem_raw);
+  unsigned char* sG = sQ + Shape::kOwnBytes;
+  unsigned char* sK = sG + Shape::kOwnBytes;     // 2 stages
+  unsigned char* sV = sK + 2 * Shape::kStepBytes;  // 2 stages
+
+  const int h = blockIdx.y, b = blockIdx.z;
+  int64_t qt;
+  StreamRows s;
+  int br;
+  if (!tile_of_cta(p.st, h, qt, s, br)) return;
+  const int q0 = static_cast<int>(qt) * Shape::kRows;
+  if (q0 >= s.len_q) return;
+  const int len_k = static_cast<int>(s.len_k);
+
+  const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
+  const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
+  const bf16* vb = p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row;
+  const bf16* gb = p.dout + b * p.dos.batch + h * p.dos.head + s.first_q * p.dos.row;
+  const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row,
+                g_step = s.step * p.dos.row;
+
+  const int k_tiles = (len_k + kStep - 1) / kStep;
+  const int count = p.causal ? min(k_tiles, (q0 + Shape::kRows - 1) / kStep + 1) : k_tiles;
+
+  load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sQ, qb, q_step, q0, s.len_q);
+  load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sG, gb, g_step, q0, s.len_q);
+  auto fetch = [&](int stage, int kt) {
+    if (kt < count) {
+      const int64_t k0 = static_cast<int64_t>(kt) * kStep;
+      load_swizzled_async<D, kStep, Shape::kThreads>(sK + stage * Shape::kStepBytes, kb, k_step, k0, len_k);
+      load_swizzled_async<D, kStep, Shape::kThreads>(sV + stage * Shape::kStepBytes, vb, v_step, k0, len_k);
+    }
+    cp_async_commit();
+  };
+  fetch(0, 0);
+
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int col_in_quad = (lane & 3) * 2;
+  const int wg_row0 = q0 + wg * 64;
+  const int row_a = wg_row0 + warp * 16 + (lane >> 2), row_b = row_a + 8;
+  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.lse_stride + s.first_q;
+  const float lse[2] = {row_a < s.len_q ? lse_log2(p.lse[lse_row0 + row_a * s.step]) : INFINITY,
+                        row_b < s.len_q ? lse_log2(p.lse[lse_row0 + row_b * s.step]) : INFINITY};
+  const float delta[2] = {row_a < s.len_q ? p.delta[lse_row0 + row_a * s.step] : 0.f,
+                          row_b < s.len_q ? p.delta[lse_row0 + row_b * s.step] : 0.f};
+  const uint32_t q_addr = smem_addr(sQ) + wg * 64 * 128, g_addr = smem_addr(sG) + wg * 64 * 128;
+
+  float dq[D / 2], sc[kStep / 2], dp[kStep / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kStep / 2; ++i) sc[i] = dp[i] = 0.f;
+
+  int stage = 0;
+  for (int kt = 0; kt < count; ++kt) {
+    fetch(stage ^ 1, kt + 1);
+    cp_async_wait<1>();
+    wgmma::fence_proxy_async();
+    __syncthreads();
+    const int k0 = kt * kStep;
+    if (!(p.causal && k0 > wg_row0 + 63)) {
+      const uint32_t k_addr = smem_addr(sK + stage * Shape::kStepBytes);
+      const uint32_t v_addr = smem_addr(sV + stage * Shape::kStepBytes);
+      // S = Q K^T and dP = dO V^T (64 queries x 64 keys per warpgroup).
+      wgmma::fence_registers(sc);
+      wgmma::fence_registers(dp);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        mma_ss<kStep>(sc, k_major(q_addr, Shape::kOwnSlab, kk), k_major(k_addr, Shape::kStepSlab, kk), kk > 0);
+        mma_ss<kStep>(dp, k_major(g_addr, Shape::kOwnSlab, kk), k_major(v_addr, Shape::kStepSlab, kk), kk > 0);
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::fence_registers(sc);
+      wgmma::fence_registers(dp);
+      // P = 0 for padded keys and, on causal-diagonal tiles, keys after the query.
+      const bool masked = k0 + kStep > len_k || (p.causal && k0 + kStep - 1 > wg_row0);
+      int lim[2] = {kStep - 1, kStep - 1};
+      if (masked) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) lim[hf] = min(len_k - k0, p.causal ? (hf ? row_b : row_a) - k0 + 1 : kStep) - 1;
+      }
+#pragma unroll
+      for (int j = 0; j < kStep / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float prob = fast_exp2(fmaf(sc[4 * j + e], p.scale_log2, -lse[e >> 1]));
+          if (masked && j * 8 + col_in_quad + (e & 1) > lim[e >> 1]) prob = 0.f;
+          sc[4 * j + e] = prob * fmaf(dp[4 * j + e], p.do_scale, -delta[e >> 1]);  // dS
+        }
+      // dQ += dS K (k = the tile's keys), hi + lo parts.
+      wgmma::fence_registers(dq);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kStep / 16; ++kk) {
+        uint32_t hi[4], lo[4];
+        a_fragment_split_at<kStep / 2>(hi, lo, sc, kk);
+        mma_rs_nmajor<D>(dq, hi, n_major(k_addr, Shape::kStepSlab, kk));
+        mma_rs_nmajor<D>(dq, lo, n_major(k_addr, Shape::kStepSlab, kk));
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::fence_registers(dq);
+    }
+    __syncthreads();
+    stage ^= 1;
+  }
+  cp_async_wait<0>();
+  StreamRows q_rows = s;
+  q_rows.first_k = s.first_q;
+  store_rows<D>([&](int d, int e) { return dq[4 * d + e]; }, p.scale, row_a, s.len_q, q_rows, p.accumulate, p.dq,
+                p.dqs, p.dq_acc, b, h, p.heads, p.st.seq_q);
+#endif
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The launch's streams with tiles of `rows` rows; returns the most tiles of any branch.
+int64_t retile(Streams& st, int64_t rows) {
+  const int64_t n = std::max(st.seq_q, st.seq_k);
+  int64_t max_tiles = 0;
+  for (int br = 0; br < kMaxBranches; ++br) {
+    if (st.num_tiles[br] == 0) continue;
+    const int64_t w = st.segment[br], r = st.dilation[br];
+    st.tiles_per_stream[br] = ceil_div(ceil_div(std::min(w, n), r), rows);
+    st.num_tiles[br] = ceil_div(n, w) * st.tiles_per_stream[br];
+    max_tiles = std::max(max_tiles, st.num_tiles[br]);
+  }
+  return max_tiles;
+}
+
+template <int D, int kWG>
+void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
+  using Shape = BwdShape<D, kWG>;
+  BwdParams p = params;
+  p.st = streams;
+  const int64_t max_tiles = retile(p.st, Shape::kRows);
+  if (max_tiles == 0) return;
+  static bool configured = false;
+  if (!configured) {
+    CUDA_CHECK(cudaFuncSetAttribute(hopper_dkdv_kernel<D, kWG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(Shape::kSmem)));
+    CUDA_CHECK(cudaFuncSetAttribute(hopper_dq_kernel<D, kWG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(Shape::kSmem)));
+    configured = true;
+  }
+  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(p.heads), static_cast<unsigned>(batch));
+  hopper_dkdv_kernel<D, kWG><<<grid, Shape::kThreads, Shape::kSmem, impl::stream()>>>(p);
+  CUDA_CHECK_LAUNCH();
+  hopper_dq_kernel<D, kWG><<<grid, Shape::kThreads, Shape::kSmem, impl::stream()>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch) {
+  if (kernel_tuning().hopper_backward_warpgroups == 1) return launch<64, 1>(params, streams, batch);
+  launch<64, 2>(params, streams, batch);
+}
+
+}  // namespace longtape::cuda::attn
