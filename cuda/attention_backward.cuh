@@ -72,8 +72,8 @@ __device__ __forceinline__ bool tile_of_cta(const Streams& st, int h, int64_t& t
   return true;
 }
 
-// The sm_90a backward (dK/dV and dQ kernels) over one launch's streams: D = 64, deterministic,
-// no block lists. Only call it where hopper_backward_usable() (attention_fused_bwd.cu) says so.
-void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch);
+// The sm_90a backward (dK/dV and dQ kernels) over one launch's streams: D = 64 or 128,
+// deterministic, no block lists. Only call it where hopper_backward_usable() (attention_fused_bwd.cu) says so.
+void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim);
 
 }  // namespace longtape::cuda::attn

@@ -468,11 +468,11 @@ void launch_backward(const BwdParams& params, int64_t max_tiles, int64_t batch, 
 RowStrides strides_of(const attention::fused::Strides& s) { return {s.batch, s.row, s.head}; }
 
 // The sm_90a backward runs where it was built and the GPU is compute capability 9.0, for
-// deterministic D = 64 problems without block lists (those keep the portable kernels).
+// deterministic D = 64 and 128 problems without block lists (those keep the portable kernels).
 bool hopper_backward_usable(const attention::fused::BackwardProblem& bp) {
 #if defined(LONGTAPE_WITH_HOPPER)
   const attention::fused::Problem& f = bp.forward;
-  if (!kernel_tuning().hopper_backward || !bp.deterministic || f.head_dim != 64) return false;
+  if (!kernel_tuning().hopper_backward || !bp.deterministic || (f.head_dim != 64 && f.head_dim != 128)) return false;
   if (f.key_set == attention::fused::KeySet::blocks) return false;
   return current_device_is_sm90();
 #else
@@ -576,7 +576,7 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
       for (int br = 0; br < kMaxBranches; ++br) max_tiles = std::max(max_tiles, launch.num_tiles[br]);
       if (max_tiles == 0) continue;
       if (hopper) {
-        launch_backward_hopper(pc, launch, f.batch);
+        launch_backward_hopper(pc, launch, f.batch, static_cast<int>(f.head_dim));
         continue;
       }
       switch (f.head_dim) {

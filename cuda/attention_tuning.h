@@ -13,10 +13,10 @@ struct KernelTuning {
   bool hopper_forward = true;
   // Warpgroups (64 query rows each) per CTA of the Hopper forward at D = 64: 2 or 3.
   int hopper_warpgroups = 2;
-  // Backward on sm_90a warpgroup MMA where usable (D = 64, deterministic, no block lists).
+  // Backward on sm_90a warpgroup MMA where usable (D = 64 or 128, deterministic, no block lists).
   bool hopper_backward = true;
-  // Warpgroups (64 keys or queries each) per CTA of the Hopper backward kernels: 1 or 2.
-  int hopper_backward_warpgroups = 2;
+  // Warpgroups (64 keys or queries each) per CTA of the Hopper backward kernels at D = 64: 1 or 2.
+  int hopper_backward_warpgroups = 1;
   // lse mixing runs in sequence chunks of at least this many rows x batch x heads (cuda/attention_launch.h).
   long long min_chunk_row_heads = 3LL << 16;
 };

@@ -1,4 +1,4 @@
-// Fused attention backward for Hopper (sm_90a), deterministic, D = 64, dense / causal / dilated
+// Fused attention backward for Hopper (sm_90a), deterministic, D = 64 and 128, dense / causal / dilated
 // streams of both mixings (block lists stay on the portable kernels). Flash-style, two kernels:
 //   dK/dV: a CTA owns kWG x 64 keys of one stream (64 per warpgroup) and walks the query tiles
 //          that see them: S^T = K Q^T and dP^T = V dO^T on wgmma from shared memory, P^T and
@@ -48,7 +48,7 @@ __device__ __forceinline__ uint64_t n_major(uint32_t base, int slab_bytes, int k
 }
 
 template <int D, int kWG>
-__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : 1) hopper_dkdv_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) hopper_dkdv_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = BwdShape<D, kWG>;
   extern __shared__ unsigned char smem_raw[];
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : 1) hopper_dkdv_kerne
 }
 
 template <int D, int kWG>
-__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : 1) hopper_dq_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) hopper_dq_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = BwdShape<D, kWG>;
   extern __shared__ unsigned char smem_raw[];
@@ -345,9 +345,11 @@ void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
 
 }  // namespace
 
-void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch) {
-  if (kernel_tuning().hopper_backward_warpgroups == 1) return launch<64, 1>(params, streams, batch);
-  launch<64, 2>(params, streams, batch);
+void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
+  if (head_dim == 128) return launch<128, 1>(params, streams, batch);
+  // One warpgroup per CTA (three CTAs per SM) measured 15-20% faster than two (benchmarks/lab/NOTES.md, v11).
+  if (kernel_tuning().hopper_backward_warpgroups == 2) return launch<64, 2>(params, streams, batch);
+  launch<64, 1>(params, streams, batch);
 }
 
 }  // namespace longtape::cuda::attn
