@@ -47,7 +47,7 @@ __device__ __forceinline__ uint64_t n_major(uint32_t base, int slab_bytes, int k
   return wgmma::descriptor(base + kk * 16 * 128, slab_bytes, 1024);
 }
 
-template <int D, int kWG>
+template <int D, int kWG, bool kSplit>
 __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) hopper_dkdv_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = BwdShape<D, kWG>;
@@ -161,10 +161,10 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) h
         uint32_t hi[4], lo[4];
         a_fragment_split_at<kStep / 2>(hi, lo, st, kk);
         mma_rs_nmajor<D>(dv, hi, n_major(g_addr, Shape::kStepSlab, kk));
-        mma_rs_nmajor<D>(dv, lo, n_major(g_addr, Shape::kStepSlab, kk));
+        if constexpr (kSplit) mma_rs_nmajor<D>(dv, lo, n_major(g_addr, Shape::kStepSlab, kk));
         a_fragment_split_at<kStep / 2>(hi, lo, dpt, kk);
         mma_rs_nmajor<D>(dk, hi, n_major(q_addr, Shape::kStepSlab, kk));
-        mma_rs_nmajor<D>(dk, lo, n_major(q_addr, Shape::kStepSlab, kk));
+        if constexpr (kSplit) mma_rs_nmajor<D>(dk, lo, n_major(q_addr, Shape::kStepSlab, kk));
       }
       wgmma::commit();
       wgmma::wait<0>();
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) h
 #endif
 }
 
-template <int D, int kWG>
+template <int D, int kWG, bool kSplit>
 __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) hopper_dq_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = BwdShape<D, kWG>;
@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) h
         uint32_t hi[4], lo[4];
         a_fragment_split_at<kStep / 2>(hi, lo, sc, kk);
         mma_rs_nmajor<D>(dq, hi, n_major(k_addr, Shape::kStepSlab, kk));
-        mma_rs_nmajor<D>(dq, lo, n_major(k_addr, Shape::kStepSlab, kk));
+        if constexpr (kSplit) mma_rs_nmajor<D>(dq, lo, n_major(k_addr, Shape::kStepSlab, kk));
       }
       wgmma::commit();
       wgmma::wait<0>();
@@ -321,7 +321,7 @@ int64_t retile(Streams& st, int64_t rows) {
   return max_tiles;
 }
 
-template <int D, int kWG>
+template <int D, int kWG, bool kSplit>
 void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
   using Shape = BwdShape<D, kWG>;
   BwdParams p = params;
@@ -330,26 +330,28 @@ void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
   if (max_tiles == 0) return;
   static bool configured = false;
   if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(hopper_dkdv_kernel<D, kWG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CUDA_CHECK(cudaFuncSetAttribute(hopper_dkdv_kernel<D, kWG, kSplit>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(Shape::kSmem)));
-    CUDA_CHECK(cudaFuncSetAttribute(hopper_dq_kernel<D, kWG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CUDA_CHECK(cudaFuncSetAttribute(hopper_dq_kernel<D, kWG, kSplit>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(Shape::kSmem)));
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(p.heads), static_cast<unsigned>(batch));
-  hopper_dkdv_kernel<D, kWG><<<grid, Shape::kThreads, Shape::kSmem, impl::stream()>>>(p);
+  hopper_dkdv_kernel<D, kWG, kSplit><<<grid, Shape::kThreads, Shape::kSmem, impl::stream()>>>(p);
   CUDA_CHECK_LAUNCH();
-  hopper_dq_kernel<D, kWG><<<grid, Shape::kThreads, Shape::kSmem, impl::stream()>>>(p);
+  hopper_dq_kernel<D, kWG, kSplit><<<grid, Shape::kThreads, Shape::kSmem, impl::stream()>>>(p);
   CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 
 void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
-  if (head_dim == 128) return launch<128, 1>(params, streams, batch);
+  if (head_dim == 128) return launch<128, 1, true>(params, streams, batch);
+  // Lab only: P and dS as one bf16 part each, FlashAttention's accuracy (fails the 2x error rule).
+  if (!kernel_tuning().hopper_backward_split) return launch<64, 1, false>(params, streams, batch);
   // One warpgroup per CTA (three CTAs per SM) measured 15-20% faster than two (benchmarks/lab/NOTES.md, v11).
-  if (kernel_tuning().hopper_backward_warpgroups == 2) return launch<64, 2>(params, streams, batch);
-  launch<64, 1>(params, streams, batch);
+  if (kernel_tuning().hopper_backward_warpgroups == 2) return launch<64, 2, true>(params, streams, batch);
+  launch<64, 1, true>(params, streams, batch);
 }
 
 }  // namespace longtape::cuda::attn
