@@ -126,7 +126,8 @@ bool current_device_is_sm90() {
   return capability[device] == 90;
 }
 
-std::vector<SequenceChunk> merge_chunks(const attention::fused::Problem& p, const LaunchPlan& plan) {
+std::vector<SequenceChunk> merge_chunks(const attention::fused::Problem& p, const LaunchPlan& plan,
+                                        int64_t min_row_heads) {
   const int64_t n = p.seq_q;
   std::vector<SequenceChunk> chunks;
   int64_t period = 1;  // least common multiple of the segment lengths
@@ -140,7 +141,7 @@ std::vector<SequenceChunk> merge_chunks(const attention::fused::Problem& p, cons
   }
   if (period <= 0) return {{0, n}};
   const int64_t min_rows =
-      ceil_div(std::max<int64_t>(1, kernel_tuning().min_chunk_row_heads), std::max<int64_t>(1, p.batch * p.heads));
+      ceil_div(std::max<int64_t>(1, min_row_heads), std::max<int64_t>(1, p.batch * p.heads));
   const int64_t rows = ceil_div(min_rows, period) * period;
   for (int64_t start = 0; start < n; start += rows) chunks.push_back({start, std::min(rows, n - start)});
   return chunks;

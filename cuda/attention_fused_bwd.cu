@@ -545,7 +545,7 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
   g_last_backward_kernel = hopper ? "sm90a-wgmma" : "sm80-mma";
   // With accumulators, runs chunk by chunk (merge_chunks): they then hold one chunk's rows.
   std::shared_ptr<Storage> acc;
-  for (const SequenceChunk& chunk : merge_chunks(f, plan)) {
+  for (const SequenceChunk& chunk : merge_chunks(f, plan, kernel_tuning().backward_chunk_row_heads)) {
     const attention::fused::Problem fc = chunk_problem(f, chunk);
     const LaunchPlan chunk_plan = chunk.start == 0 && chunk.rows == f.seq_q ? plan : plan_launches(fc);
     BwdParams pc = p;

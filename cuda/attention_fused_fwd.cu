@@ -317,7 +317,7 @@ void run_forward(const attention::fused::Problem& pr, const LaunchPlan& plan) {
   // lse mixing with several branches merges into an f32 accumulator, then converts once; it runs
   // chunk by chunk (merge_chunks), so the accumulator holds one chunk's rows.
   std::shared_ptr<Storage> acc;
-  for (const SequenceChunk& chunk : merge_chunks(pr, plan)) {
+  for (const SequenceChunk& chunk : merge_chunks(pr, plan, kernel_tuning().forward_chunk_row_heads)) {
     const attention::fused::Problem pc_problem = chunk_problem(pr, chunk);
     const LaunchPlan chunk_plan = chunk.start == 0 && chunk.rows == pr.seq_q ? plan : plan_launches(pc_problem);
     FwdParams pc = p;

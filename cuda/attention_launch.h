@@ -26,8 +26,9 @@ struct SequenceChunk {
 // lse mixing merges branches through f32 accumulators of every row; dilated segments never cross a
 // multiple of every segment length, so the sequence can run in chunks of such multiples, each a
 // problem of its own, and the accumulators hold one chunk. Chunks are large enough to fill the GPU
-// (rows x batch x heads at least kernel_tuning().min_chunk_row_heads); one chunk when nothing merges.
-std::vector<SequenceChunk> merge_chunks(const attention::fused::Problem& problem, const LaunchPlan& plan);
+// (rows x batch x heads at least min_row_heads); one chunk when nothing merges.
+std::vector<SequenceChunk> merge_chunks(const attention::fused::Problem& problem, const LaunchPlan& plan,
+                                        int64_t min_row_heads);
 // `problem` with `rows` queries and keys (the stream geometry of a chunk; pointers unchanged).
 attention::fused::Problem chunk_problem(const attention::fused::Problem& problem, const SequenceChunk& chunk);
 // out = 0 and lse = -inf everywhere.

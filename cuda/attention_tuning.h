@@ -20,8 +20,11 @@ struct KernelTuning {
   // P and dS enter the Hopper backward's products as bf16 hi + lo parts (D = 64). Off is for the
   // lab only: one bf16 part, as FlashAttention does, is faster but misses the 2x error rule.
   bool hopper_backward_split = true;
-  // lse mixing runs in sequence chunks of at least this many rows x batch x heads (cuda/attention_launch.h).
-  long long min_chunk_row_heads = 3LL << 16;
+  // lse mixing runs in sequence chunks of at least this many rows x batch x heads
+  // (cuda/attention_launch.h): backward (three f32 accumulators, the peak of a training step)
+  // and forward (one accumulator; smaller chunks there cost speed and save no peak memory).
+  long long backward_chunk_row_heads = 3LL << 16;
+  long long forward_chunk_row_heads = 3LL << 19;
 };
 KernelTuning& kernel_tuning();
 // Which forward kernel the last fused CUDA forward ran: "sm90a-wgmma" or "sm80-mma" (reports).

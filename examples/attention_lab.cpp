@@ -55,8 +55,8 @@ Case dense(int64_t n, int64_t dim, bool causal) {
           causal ? 0.5 * n * (n + 1.0) : 1.0 * n * n};
 }
 
-Case dilated(int64_t n, attention::Mixing mixing, bool causal = false) {
-  AttentionConfig c = base(12, 64);
+Case dilated(int64_t n, attention::Mixing mixing, bool causal = false, int64_t dim = 64) {
+  AttentionConfig c = base(12, dim);
   c.causal = causal;
   c.segment_lengths = {2048, 4096, 8192};
   c.dilation_rates = {1, 2, 4};
@@ -68,8 +68,8 @@ Case dilated(int64_t n, attention::Mixing mixing, bool causal = false) {
     const double len = w / r;  // stream length
     pairs += (n / w) * (causal ? 0.5 * len * (len + 1) : len * len) * (mixing == attention::Mixing::lse ? 1.0 : 1.0 / 3.0);
   }
-  return {std::string("dilated ") + attention::mixing_name(mixing) + (causal ? " causal" : ""), "dilated", n, 12, 64, c,
-          pairs};
+  return {std::string("dilated ") + attention::mixing_name(mixing) + (causal ? " causal" : ""), "dilated", n, 12, dim,
+          c, pairs};
 }
 
 Case block_sparse(int64_t n, int64_t window) {
@@ -164,9 +164,10 @@ int main(int argc, char** argv) {
       cuda::attn::kernel_tuning().hopper_backward_split = false;
     else if (!std::strcmp(argv[i], "--hopper-bwd-wg") && i + 1 < argc)
       cuda::attn::kernel_tuning().hopper_backward_warpgroups = std::atoi(argv[++i]);
-    else if (!std::strcmp(argv[i], "--no-chunks"))
-      cuda::attn::kernel_tuning().min_chunk_row_heads = 1LL << 50;
-    else if (!std::strcmp(argv[i], "--hopper-wg") && i + 1 < argc)
+    else if (!std::strcmp(argv[i], "--no-chunks")) {
+      cuda::attn::kernel_tuning().forward_chunk_row_heads = 1LL << 50;
+      cuda::attn::kernel_tuning().backward_chunk_row_heads = 1LL << 50;
+    } else if (!std::strcmp(argv[i], "--hopper-wg") && i + 1 < argc)
       cuda::attn::kernel_tuning().hopper_warpgroups = std::atoi(argv[++i]);
     else {
       std::cerr << "attention_lab: unknown argument '" << argv[i] << "'\n";
@@ -179,6 +180,7 @@ int main(int argc, char** argv) {
     for (auto m : {attention::Mixing::lse, attention::Mixing::head_groups}) cases.push_back(dilated(n, m));
   // Causal dilated: balanced when it takes about half the non-causal time.
   cases.push_back(dilated(32768, attention::Mixing::lse, true));
+  cases.push_back(dilated(32768, attention::Mixing::lse, false, 128));
   std::printf("| case | impl | precision | N | D | fwd ms | fwd+bwd ms | fwd TFLOP/s | f+b TFLOP/s | peak MiB |\n");
   std::printf("|---|---|---|--:|--:|--:|--:|--:|--:|--:|\n");
   for (const Case& cs : cases) {

@@ -103,7 +103,8 @@ class ForwardKernelScope {
     previous_ = cuda::attn::kernel_tuning();
     cuda::attn::kernel_tuning().hopper_forward = kernels.hopper;
     cuda::attn::kernel_tuning().hopper_backward = kernels.hopper;
-    if (kernels.chunked) cuda::attn::kernel_tuning().min_chunk_row_heads = 1;
+    if (kernels.chunked) cuda::attn::kernel_tuning().forward_chunk_row_heads = 1;
+    if (kernels.chunked) cuda::attn::kernel_tuning().backward_chunk_row_heads = 1;
 #else
     (void)kernels;
 #endif
