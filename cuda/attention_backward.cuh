@@ -24,6 +24,21 @@ struct BwdParams {
   Lists lists;
 };
 
+// The backward's inputs of one stream: q, k, v and dO at the stream's first row with their row
+// steps, and the index of its first row in lse and delta.
+struct BackwardInputs : StreamInputs {
+  const bf16* dout;
+  int64_t g_step, lse_row0;
+};
+__device__ __forceinline__ BackwardInputs backward_inputs(const BwdParams& p, const StreamRows& s, int b, int h) {
+  BackwardInputs in;
+  static_cast<StreamInputs&>(in) = stream_inputs(p, s, b, h);
+  in.dout = p.dout + b * p.dos.batch + h * p.dos.head + s.first_q * p.dos.row;
+  in.g_step = s.step * p.dos.row;
+  in.lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.lse_stride + s.first_q;
+  return in;
+}
+
 // lse in log2 units; rows that saw no key get +inf so that their P is 0.
 __device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 

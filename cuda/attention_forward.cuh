@@ -26,6 +26,67 @@ struct FwdParams {
   Lists lists;
 };
 
+// One key tile of the online softmax on the two rows a thread holds of an mma-layout score tile:
+// masks scores past lim[hf] (key offset within the tile) when `masked`, raises the running max
+// m_run (log2 units, scaled) and rescales l_run and the output accumulator when it grew (only then,
+// with lazy_rescale: the factor is exactly 1 otherwise, and after the first tiles it rarely grows),
+// and turns the scores into probabilities exp2(s * scale_log2 + bias - max), one FFMA + one MUFU
+// each, added to l_run. s(j, e): element e of key n-tile j (kNT of them); o(d, e): output element;
+// done(j) runs as soon as n-tile j holds probabilities (e.g. to pack them, while registers last).
+template <int kNT, int kDT, class S, class O, class Done>
+__device__ __forceinline__ void online_softmax_tile(const S& s, const O& o, float (&m_run)[2], float (&l_run)[2],
+                                                    float bias, float scale_log2, bool lazy_rescale, bool masked,
+                                                    const int (&lim)[2], const Done& done) {
+  const int col_in_quad = ((threadIdx.x & 31) & 3) * 2;
+  if (masked) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (j * 8 + col_in_quad + (e & 1) > lim[e >> 1]) s(j, e) = -INFINITY;
+  }
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    mx[0] = fmaxf(mx[0], fmaxf(s(j, 0), s(j, 1)));
+    mx[1] = fmaxf(mx[1], fmaxf(s(j, 2), s(j, 3)));
+  }
+  float m_new[2];
+  bool grew = false;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    m_new[hf] = fmaxf(m_run[hf], quad_max(mx[hf]) * scale_log2 + bias);
+    grew |= m_new[hf] != m_run[hf];
+  }
+  if (!lazy_rescale || __any_sync(0xffffffffu, grew)) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const float corr = fast_exp2(m_run[hf] - (m_new[hf] == -INFINITY ? 0.f : m_new[hf]));
+      l_run[hf] *= corr;
+#pragma unroll
+      for (int d = 0; d < kDT; ++d) {
+        o(d, 2 * hf) *= corr;
+        o(d, 2 * hf + 1) *= corr;
+      }
+    }
+  }
+  float shift[2];  // bias - new running max, in log2 units
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    m_run[hf] = m_new[hf];
+    shift[hf] = bias - (m_new[hf] == -INFINITY ? 0.f : m_new[hf]);
+  }
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s(j, e) = fast_exp2(fmaf(s(j, e), scale_log2, shift[e >> 1]));
+      l_run[e >> 1] += s(j, e);
+    }
+    done(j);
+  }
+}
+
 // Writes (or merges) the two rows a thread holds of an accumulator in mma layout: o(d, e) is
 // element e of output n-tile d (e < 2: row row_of(0), else row_of(1)), m_run / l_run the running
 // max (log2 units, scaled) and this thread's partial row sums. Call with the whole warp.

@@ -70,6 +70,19 @@ __device__ __forceinline__ StreamRows stream_rows(const Streams& st, int br, int
   return s;
 }
 
+// Where the kernels of one stream read q, k and v: the stream's first row, and the step between rows.
+struct StreamInputs {
+  const bf16 *q, *k, *v;
+  int64_t q_step, k_step, v_step;
+};
+template <class Params>
+__device__ __forceinline__ StreamInputs stream_inputs(const Params& p, const StreamRows& s, int b, int h) {
+  return {p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row,
+          p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row,
+          p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row, s.step * p.qs.row, s.step * p.ks.row,
+          s.step * p.vs.row};
+}
+
 // ---- warp-level primitives -------------------------------------------------------------------
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

@@ -65,13 +65,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
   if (k0 >= s.len_k) return;
   const int len_q = static_cast<int>(s.len_q);
 
-  const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
-  const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
-  const bf16* vb = p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row;
-  const bf16* gb = p.dout + b * p.dos.batch + h * p.dos.head + s.first_q * p.dos.row;
-  const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row,
-                g_step = s.step * p.dos.row;
-  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.lse_stride + s.first_q;
+  const BackwardInputs in = backward_inputs(p, s, b, h);
 
   // Query tiles that see this key tile.
   KeyTiles queries{0, nullptr, 1};
@@ -98,16 +92,16 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
   const bool ragged_keys = k0 + kTile > s.len_k;
   const bool key_valid[2] = {key_a < s.len_k, key_a + 8 < s.len_k};
 
-  load_tile_async<D>(sK, kb, k_step, k0, s.len_k);
-  load_tile_async<D>(sV, vb, v_step, k0, s.len_k);
+  load_tile_async<D>(sK, in.k, in.k_step, k0, s.len_k);
+  load_tile_async<D>(sV, in.v, in.v_step, k0, s.len_k);
   auto load_query_tile = [&](int st, int qt) {
-    load_tile_async<D>(sQ + st * L::kElems, qb, q_step, static_cast<int64_t>(qt) * kTile, len_q);
-    load_tile_async<D>(sdO + st * L::kElems, gb, g_step, static_cast<int64_t>(qt) * kTile, len_q);
+    load_tile_async<D>(sQ + st * L::kElems, in.q, in.q_step, static_cast<int64_t>(qt) * kTile, len_q);
+    load_tile_async<D>(sdO + st * L::kElems, in.dout, in.g_step, static_cast<int64_t>(qt) * kTile, len_q);
     if (threadIdx.x < kTile) {
       const int row = qt * kTile + threadIdx.x;
       const bool valid = row < s.len_q;
-      sLse[st * kTile + threadIdx.x] = valid ? lse_log2(p.lse[lse_row0 + row * s.step]) : INFINITY;
-      sDelta[st * kTile + threadIdx.x] = valid ? p.delta[lse_row0 + row * s.step] : 0.f;
+      sLse[st * kTile + threadIdx.x] = valid ? lse_log2(p.lse[in.lse_row0 + row * s.step]) : INFINITY;
+      sDelta[st * kTile + threadIdx.x] = valid ? p.delta[in.lse_row0 + row * s.step] : 0.f;
     }
   };
   int i = 0;
@@ -294,12 +288,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
   if (q0 >= s.len_q) return;
   const int len_k = static_cast<int>(s.len_k);
 
-  const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
-  const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
-  const bf16* vb = p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row;
-  const bf16* gb = p.dout + b * p.dos.batch + h * p.dos.head + s.first_q * p.dos.row;
-  const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row,
-                g_step = s.step * p.dos.row;
+  const BackwardInputs in = backward_inputs(p, s, b, h);
 
   KeyTiles keys{0, nullptr, 1};
   int block_row = 0;
@@ -323,19 +312,18 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int col_in_quad = (lane & 3) * 2;
   const int64_t row_a = q0 + warp * 16 + (lane >> 2), row_b = row_a + 8;
-  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.lse_stride + s.first_q;
-  const float lse_a = row_a < s.len_q ? lse_log2(p.lse[lse_row0 + row_a * s.step]) : INFINITY;
-  const float lse_b = row_b < s.len_q ? lse_log2(p.lse[lse_row0 + row_b * s.step]) : INFINITY;
-  const float delta_a = row_a < s.len_q ? p.delta[lse_row0 + row_a * s.step] : 0.f;
-  const float delta_b = row_b < s.len_q ? p.delta[lse_row0 + row_b * s.step] : 0.f;
+  const float lse_a = row_a < s.len_q ? lse_log2(p.lse[in.lse_row0 + row_a * s.step]) : INFINITY;
+  const float lse_b = row_b < s.len_q ? lse_log2(p.lse[in.lse_row0 + row_b * s.step]) : INFINITY;
+  const float delta_a = row_a < s.len_q ? p.delta[in.lse_row0 + row_a * s.step] : 0.f;
+  const float delta_b = row_b < s.len_q ? p.delta[in.lse_row0 + row_b * s.step] : 0.f;
 
-  load_tile_async<D>(sQ, qb, q_step, q0, s.len_q);
-  load_tile_async<D>(sdO, gb, g_step, q0, s.len_q);
+  load_tile_async<D>(sQ, in.q, in.q_step, q0, s.len_q);
+  load_tile_async<D>(sdO, in.dout, in.g_step, q0, s.len_q);
   int i = 0;
   while (i < keys.count && !visible(keys.tile(i))) ++i;
   if (i < keys.count) {
-    load_tile_async<D>(sK, kb, k_step, static_cast<int64_t>(keys.tile(i)) * kTile, len_k);
-    load_tile_async<D>(sV, vb, v_step, static_cast<int64_t>(keys.tile(i)) * kTile, len_k);
+    load_tile_async<D>(sK, in.k, in.k_step, static_cast<int64_t>(keys.tile(i)) * kTile, len_k);
+    load_tile_async<D>(sV, in.v, in.v_step, static_cast<int64_t>(keys.tile(i)) * kTile, len_k);
   }
   cp_async_commit();
 
@@ -351,8 +339,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
     __syncthreads();
     if (after < keys.count) {
       const int64_t nk0 = static_cast<int64_t>(keys.tile(after)) * kTile;
-      load_tile_async<D>(sK + (stage ^ 1) * L::kElems, kb, k_step, nk0, len_k);
-      load_tile_async<D>(sV + (stage ^ 1) * L::kElems, vb, v_step, nk0, len_k);
+      load_tile_async<D>(sK + (stage ^ 1) * L::kElems, in.k, in.k_step, nk0, len_k);
+      load_tile_async<D>(sV + (stage ^ 1) * L::kElems, in.v, in.v_step, nk0, len_k);
     }
     cp_async_commit();
     cp_async_wait<1>();

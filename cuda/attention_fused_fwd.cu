@@ -52,10 +52,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
   if (q0 >= s.len_q) return;
   const int len_k = static_cast<int>(s.len_k);
 
-  const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
-  const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
-  const bf16* vb = p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row;
-  const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row;
+  const StreamInputs in = stream_inputs(p, s, b, h);
 
   // Key tiles of this query tile.
   KeyTiles keys{0, nullptr, 1};
@@ -84,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
   // Stream-local query row of accumulator half hf.
   auto row_of = [&](int hf) { return q0 + warp_row0 + hf * 8 + row_in_warp; };
 
-  load_tile_async<D>(sQ, qb, q_step, q0, s.len_q);
+  load_tile_async<D>(sQ, in.q, in.q_step, q0, s.len_q);
   cp_async_commit();
 
   float o[kDT][4];
@@ -101,8 +98,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
   auto fetch_tile = [&](int stage, int i) {
     if (i < keys.count) {
       const int64_t k0 = static_cast<int64_t>(keys.tile(i)) * kTile;
-      load_tile_async<D>(sK + stage * L::kElems, kb, k_step, k0, len_k);
-      load_tile_async<D>(sV + stage * L::kElems, vb, v_step, k0, len_k);
+      load_tile_async<D>(sK + stage * L::kElems, in.k, in.k_step, k0, len_k);
+      load_tile_async<D>(sV + stage * L::kElems, in.v, in.v_step, k0, len_k);
     }
     cp_async_commit();
   };
@@ -141,53 +138,9 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
         mma_bf16(sc[2 * np + 1], a, bb[2], bb[3]);
       }
     }
-    if (masked) {
-#pragma unroll
-      for (int j = 0; j < kNT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (j * 8 + col_in_quad + (e & 1) > lim[e >> 1]) sc[j][e] = -INFINITY;
-    }
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      mx[0] = fmaxf(mx[0], fmaxf(sc[j][0], sc[j][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(sc[j][2], sc[j][3]));
-    }
-    float m_new[2];
-    bool grew = false;
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      m_new[hf] = fmaxf(m_run[hf], quad_max(mx[hf]) * p.scale_log2 + bias);
-      grew |= m_new[hf] != m_run[hf];
-    }
-    // Rescale O and l only when some row's running max grew (the factor is exactly 1 otherwise,
-    // and after the first tiles it rarely grows).
-    if (!p.lazy_rescale || __any_sync(0xffffffffu, grew)) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const float corr = fast_exp2(m_run[hf] - (m_new[hf] == -INFINITY ? 0.f : m_new[hf]));
-        l_run[hf] *= corr;
-#pragma unroll
-        for (int d = 0; d < kDT; ++d) {
-          o[d][2 * hf] *= corr;
-          o[d][2 * hf + 1] *= corr;
-        }
-      }
-    }
-    float shift[2];  // bias - new running max, in log2 units
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      m_run[hf] = m_new[hf];
-      shift[hf] = bias - (m_new[hf] == -INFINITY ? 0.f : m_new[hf]);
-    }
-#pragma unroll
-    for (int j = 0; j < kNT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sc[j][e] = fast_exp2(fmaf(sc[j][e], p.scale_log2, shift[e >> 1]));
-        l_run[e >> 1] += sc[j][e];
-      }
+    online_softmax_tile<kNT, kDT>([&](int j, int e) -> float& { return sc[j][e]; },
+                                  [&](int d, int e) -> float& { return o[d][e]; }, m_run, l_run, bias, p.scale_log2,
+                                  p.lazy_rescale, masked, lim, [](int) {});
     // O += P V: P from registers as A fragments (bf16, or hi + lo), V tile [key][d].
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {

@@ -68,30 +68,24 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) h
   if (k0 >= s.len_k) return;
   const int len_q = static_cast<int>(s.len_q);
 
-  const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
-  const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
-  const bf16* vb = p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row;
-  const bf16* gb = p.dout + b * p.dos.batch + h * p.dos.head + s.first_q * p.dos.row;
-  const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row,
-                g_step = s.step * p.dos.row;
-  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.lse_stride + s.first_q;
+  const BackwardInputs in = backward_inputs(p, s, b, h);
 
   // Query tiles that see these keys: causal ones start at the tile holding key k0.
   const int q_tiles = (len_q + kStep - 1) / kStep;
   const int first = p.causal ? k0 / kStep : 0;
 
-  load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sK, kb, k_step, k0, s.len_k);
-  load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sV, vb, v_step, k0, s.len_k);
+  load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sK, in.k, in.k_step, k0, s.len_k);
+  load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sV, in.v, in.v_step, k0, s.len_k);
   auto fetch = [&](int stage, int qt) {
     if (qt < q_tiles) {
       const int64_t q0 = static_cast<int64_t>(qt) * kStep;
-      load_swizzled_async<D, kStep, Shape::kThreads>(sQ + stage * Shape::kStepBytes, qb, q_step, q0, len_q);
-      load_swizzled_async<D, kStep, Shape::kThreads>(sG + stage * Shape::kStepBytes, gb, g_step, q0, len_q);
+      load_swizzled_async<D, kStep, Shape::kThreads>(sQ + stage * Shape::kStepBytes, in.q, in.q_step, q0, len_q);
+      load_swizzled_async<D, kStep, Shape::kThreads>(sG + stage * Shape::kStepBytes, in.dout, in.g_step, q0, len_q);
       if (threadIdx.x < kStep) {
         const int64_t row = q0 + threadIdx.x;
         const bool valid = row < len_q;
-        sLse[stage * kStep + threadIdx.x] = valid ? lse_log2(p.lse[lse_row0 + row * s.step]) : INFINITY;
-        sDelta[stage * kStep + threadIdx.x] = valid ? p.delta[lse_row0 + row * s.step] : 0.f;
+        sLse[stage * kStep + threadIdx.x] = valid ? lse_log2(p.lse[in.lse_row0 + row * s.step]) : INFINITY;
+        sDelta[stage * kStep + threadIdx.x] = valid ? p.delta[in.lse_row0 + row * s.step] : 0.f;
       }
     }
     cp_async_commit();
@@ -203,23 +197,18 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) h
   if (q0 >= s.len_q) return;
   const int len_k = static_cast<int>(s.len_k);
 
-  const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
-  const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
-  const bf16* vb = p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row;
-  const bf16* gb = p.dout + b * p.dos.batch + h * p.dos.head + s.first_q * p.dos.row;
-  const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row,
-                g_step = s.step * p.dos.row;
+  const BackwardInputs in = backward_inputs(p, s, b, h);
 
   const int k_tiles = (len_k + kStep - 1) / kStep;
   const int count = p.causal ? min(k_tiles, (q0 + Shape::kRows - 1) / kStep + 1) : k_tiles;
 
-  load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sQ, qb, q_step, q0, s.len_q);
-  load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sG, gb, g_step, q0, s.len_q);
+  load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sQ, in.q, in.q_step, q0, s.len_q);
+  load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sG, in.dout, in.g_step, q0, s.len_q);
   auto fetch = [&](int stage, int kt) {
     if (kt < count) {
       const int64_t k0 = static_cast<int64_t>(kt) * kStep;
-      load_swizzled_async<D, kStep, Shape::kThreads>(sK + stage * Shape::kStepBytes, kb, k_step, k0, len_k);
-      load_swizzled_async<D, kStep, Shape::kThreads>(sV + stage * Shape::kStepBytes, vb, v_step, k0, len_k);
+      load_swizzled_async<D, kStep, Shape::kThreads>(sK + stage * Shape::kStepBytes, in.k, in.k_step, k0, len_k);
+      load_swizzled_async<D, kStep, Shape::kThreads>(sV + stage * Shape::kStepBytes, in.v, in.v_step, k0, len_k);
     }
     cp_async_commit();
   };
@@ -229,11 +218,10 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) h
   const int col_in_quad = (lane & 3) * 2;
   const int wg_row0 = q0 + wg * 64;
   const int row_a = wg_row0 + warp * 16 + (lane >> 2), row_b = row_a + 8;
-  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.lse_stride + s.first_q;
-  const float lse[2] = {row_a < s.len_q ? lse_log2(p.lse[lse_row0 + row_a * s.step]) : INFINITY,
-                        row_b < s.len_q ? lse_log2(p.lse[lse_row0 + row_b * s.step]) : INFINITY};
-  const float delta[2] = {row_a < s.len_q ? p.delta[lse_row0 + row_a * s.step] : 0.f,
-                          row_b < s.len_q ? p.delta[lse_row0 + row_b * s.step] : 0.f};
+  const float lse[2] = {row_a < s.len_q ? lse_log2(p.lse[in.lse_row0 + row_a * s.step]) : INFINITY,
+                        row_b < s.len_q ? lse_log2(p.lse[in.lse_row0 + row_b * s.step]) : INFINITY};
+  const float delta[2] = {row_a < s.len_q ? p.delta[in.lse_row0 + row_a * s.step] : 0.f,
+                          row_b < s.len_q ? p.delta[in.lse_row0 + row_b * s.step] : 0.f};
   const uint32_t q_addr = smem_addr(sQ) + wg * 64 * 128, g_addr = smem_addr(sG) + wg * 64 * 128;
 
   float dq[D / 2], sc[kStep / 2], dp[kStep / 2];

@@ -55,10 +55,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
   if (q0 >= s.len_q) return;
   const int len_k = static_cast<int>(s.len_k);
 
-  const bf16* qb = p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row;
-  const bf16* kb = p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row;
-  const bf16* vb = p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row;
-  const int64_t q_step = s.step * p.qs.row, k_step = s.step * p.ks.row, v_step = s.step * p.vs.row;
+  const StreamInputs in = stream_inputs(p, s, b, h);
 
   // Key tiles of this query tile: a range, or a block list (the launcher makes kBM the block size
   // and kBN 64 keys, so that block_tiles = block size / 64 as for the portable kernel).
@@ -90,14 +87,14 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
     return i;
   };
 
-  load_swizzled_async<D, kBM, Shape::kThreads>(sQ, qb, q_step, q0, s.len_q);
+  load_swizzled_async<D, kBM, Shape::kThreads>(sQ, in.q, in.q_step, q0, s.len_q);
   cp_async_commit();
   // One cp.async group per stage, empty past the last tile, so that group counts stay fixed.
   auto fetch_tile = [&](int stage, int i) {
     if (i < keys.count) {
       const int64_t k0 = static_cast<int64_t>(tile_of(i)) * kBN;
-      load_swizzled_async<D, kBN, Shape::kThreads>(sK + stage * Shape::kKVBytes, kb, k_step, k0, len_k);
-      load_swizzled_async<D, kBN, Shape::kThreads>(sV + stage * Shape::kKVBytes, vb, v_step, k0, len_k);
+      load_swizzled_async<D, kBN, Shape::kThreads>(sK + stage * Shape::kKVBytes, in.k, in.k_step, k0, len_k);
+      load_swizzled_async<D, kBN, Shape::kThreads>(sV + stage * Shape::kKVBytes, in.v, in.v_step, k0, len_k);
     }
     cp_async_commit();
   };
@@ -110,7 +107,6 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
   }
 
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-  const int col_in_quad = (lane & 3) * 2;
   const int wg_row0 = q0 + wg * 64;
   // Stream-local query row of accumulator half hf.
   auto row_of = [&](int hf) { return wg_row0 + warp * 16 + hf * 8 + (lane >> 2); };
@@ -155,60 +151,17 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
       wgmma::fence_registers(sc);
 
       const bool masked = k0 + kBN > len_k || (p.causal && k0 + kBN - 1 > wg_row0);
-      if (masked) {
-        int lim[2];
+      int lim[2];
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) lim[hf] = min(len_k - k0, p.causal ? row_of(hf) - k0 + 1 : kBN) - 1;
-#pragma unroll
-        for (int j = 0; j < kNT; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (j * 8 + col_in_quad + (e & 1) > lim[e >> 1]) sc[4 * j + e] = -INFINITY;
-      }
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-        mx[0] = fmaxf(mx[0], fmaxf(sc[4 * j], sc[4 * j + 1]));
-        mx[1] = fmaxf(mx[1], fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
-      }
-      float m_new[2];
-      bool grew = false;
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        m_new[hf] = fmaxf(m_run[hf], quad_max(mx[hf]) * p.scale_log2 + bias);
-        grew |= m_new[hf] != m_run[hf];
-      }
-      // Rescale O and l only when some row's running max grew (the factor is exactly 1 otherwise).
-      if (!p.lazy_rescale || __any_sync(0xffffffffu, grew)) {
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const float corr = fast_exp2(m_run[hf] - (m_new[hf] == -INFINITY ? 0.f : m_new[hf]));
-          l_run[hf] *= corr;
-#pragma unroll
-          for (int d = 0; d < D / 8; ++d) {
-            o[4 * d + 2 * hf] *= corr;
-            o[4 * d + 2 * hf + 1] *= corr;
-          }
-        }
-      }
-      float shift[2];
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        m_run[hf] = m_new[hf];
-        shift[hf] = bias - (m_new[hf] == -INFINITY ? 0.f : m_new[hf]);
-      }
+      for (int hf = 0; hf < 2; ++hf) lim[hf] = min(len_k - k0, p.causal ? row_of(hf) - k0 + 1 : kBN) - 1;
+      // Two adjacent 8-key n-tiles make one 16-key A fragment of P V.
       uint32_t pa[kBN / 16][4];
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          sc[4 * j + e] = fast_exp2(fmaf(sc[4 * j + e], p.scale_log2, shift[e >> 1]));
-          l_run[e >> 1] += sc[4 * j + e];
-        }
-        // Two adjacent 8-key n-tiles make one 16-key A fragment of P V.
-        pa[j / 2][(j % 2) * 2] = pack_bf16(sc[4 * j], sc[4 * j + 1]);
-        pa[j / 2][(j % 2) * 2 + 1] = pack_bf16(sc[4 * j + 2], sc[4 * j + 3]);
-      }
+      online_softmax_tile<kNT, D / 8>(
+          [&](int j, int e) -> float& { return sc[4 * j + e]; }, [&](int d, int e) -> float& { return o[4 * d + e]; },
+          m_run, l_run, bias, p.scale_log2, p.lazy_rescale, masked, lim, [&](int j) {
+            pa[j / 2][(j % 2) * 2] = pack_bf16(sc[4 * j], sc[4 * j + 1]);
+            pa[j / 2][(j % 2) * 2 + 1] = pack_bf16(sc[4 * j + 2], sc[4 * j + 3]);
+          });
       // O += P V: V tile [key][d] is the N-major B operand.
       wgmma::fence_registers(o);
       wgmma::fence();
