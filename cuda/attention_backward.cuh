@@ -74,18 +74,6 @@ __device__ __forceinline__ void store_rows(const AccAt& acc, float factor, int64
   }
 }
 
-// Which stream and tile a CTA owns (the same mapping as the forward kernel); false when none.
-__device__ __forceinline__ bool tile_of_cta(const Streams& st, int h, int64_t& tile, StreamRows& s, int& br) {
-  br = st.branch_of_head[h];
-  if (br < 0) return false;
-  const int64_t num_tiles = st.num_tiles[br];
-  if (blockIdx.x >= num_tiles) return false;
-  const int64_t id = num_tiles - 1 - blockIdx.x;
-  const int64_t tps = st.tiles_per_stream[br];
-  s = stream_rows(st, br, st.offset_of_head[h], id / tps);
-  tile = id % tps;
-  return true;
-}
 
 // The sm_90a backward (dK/dV and dQ kernels) over one launch's streams: D = 64 or 128,
 // deterministic, no block lists. Only call it where hopper_backward_usable() (attention_fused_bwd.cu) says so.

@@ -224,6 +224,28 @@ struct KeyTiles {
   }
 };
 
+// Which stream and tile a CTA owns, heavy tiles first (with causal masking the last tiles of a
+// stream do the most work); false when none.
+__device__ __forceinline__ bool tile_of_cta(const Streams& st, int h, int64_t& tile, StreamRows& s, int& br) {
+  br = st.branch_of_head[h];
+  if (br < 0) return false;
+  const int64_t num_tiles = st.num_tiles[br];
+  if (blockIdx.x >= num_tiles) return false;
+  const int64_t id = num_tiles - 1 - blockIdx.x;
+  const int64_t tps = st.tiles_per_stream[br];
+  s = stream_rows(st, br, st.offset_of_head[h], id / tps);
+  tile = id % tps;
+  return true;
+}
+
+// The key tiles of query block `block_row` in a block list (row_begin / col_index CSR; one list
+// shared, one per head or one per (batch, head)).
+__device__ __forceinline__ KeyTiles query_block_keys(const Lists& lists, int64_t heads, int b, int h, int block_row) {
+  const int64_t list = lists.num_lists == 1 ? 0 : (lists.num_lists == heads ? h : b * heads + h);
+  const int32_t* rb = lists.row_begin + list * (lists.nqb + 1);
+  return {(rb[block_row + 1] - rb[block_row]) * lists.block_tiles, lists.col_index + rb[block_row], lists.block_tiles};
+}
+
 // A CTA's block list goes to shared memory (when it has at most kListCache entries) so that the
 // tile loop does not wait on a dependent global load per tile. Call with every thread of the
 // CTA; a __syncthreads() must follow before the list is read.

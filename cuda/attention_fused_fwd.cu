@@ -38,16 +38,11 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
   bf16* sV = sK + kStages * L::kElems;
 
   const int h = blockIdx.y, b = blockIdx.z;
-  const int br = p.st.branch_of_head[h];
-  if (br < 0) return;
-  const int64_t num_tiles = p.st.num_tiles[br];
-  if (blockIdx.x >= num_tiles) return;
-  // Heavy tiles first: with causal masking the last tiles of a stream do the most work.
-  const int64_t tile_id = num_tiles - 1 - blockIdx.x;
-  const int64_t tps = p.st.tiles_per_stream[br];
-  const int64_t seg = tile_id / tps;
-  const int qt = static_cast<int>(tile_id % tps);
-  const StreamRows s = stream_rows(p.st, br, p.st.offset_of_head[h], seg);
+  int64_t tile;
+  StreamRows s;
+  int br;
+  if (!tile_of_cta(p.st, h, tile, s, br)) return;
+  const int qt = static_cast<int>(tile);
   const int q0 = qt * kTile;
   if (q0 >= s.len_q) return;
   const int len_k = static_cast<int>(s.len_k);
@@ -58,12 +53,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
   KeyTiles keys{0, nullptr, 1};
   int block_row = 0;
   if (p.lists.row_begin) {
-    const int64_t list = p.lists.num_lists == 1 ? 0 : (p.lists.num_lists == p.heads ? h : b * p.heads + h);
     block_row = qt / p.lists.block_tiles;
-    const int32_t* rb = p.lists.row_begin + list * (p.lists.nqb + 1);
-    keys.list = p.lists.col_index + rb[block_row];
-    keys.block_tiles = p.lists.block_tiles;
-    keys.count = (rb[block_row + 1] - rb[block_row]) * p.lists.block_tiles;
+    keys = query_block_keys(p.lists, p.heads, b, h, block_row);
   } else {
     const int k_tiles = (len_k + kTile - 1) / kTile;
     keys.count = p.causal ? min(k_tiles, qt + 1) : k_tiles;

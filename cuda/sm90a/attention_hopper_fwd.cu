@@ -43,15 +43,11 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
   unsigned char* sV = sK + kStages * Shape::kKVBytes;
 
   const int h = blockIdx.y, b = blockIdx.z;
-  const int br = p.st.branch_of_head[h];
-  if (br < 0) return;
-  const int64_t num_tiles = p.st.num_tiles[br];
-  if (blockIdx.x >= num_tiles) return;
-  // Heavy tiles first: with causal masking the last tiles of a stream do the most work.
-  const int64_t tile_id = num_tiles - 1 - blockIdx.x;
-  const int64_t tps = p.st.tiles_per_stream[br];
-  const StreamRows s = stream_rows(p.st, br, p.st.offset_of_head[h], tile_id / tps);
-  const int q0 = static_cast<int>(tile_id % tps) * kBM;
+  int64_t qt;
+  StreamRows s;
+  int br;
+  if (!tile_of_cta(p.st, h, qt, s, br)) return;
+  const int q0 = static_cast<int>(qt) * kBM;
   if (q0 >= s.len_q) return;
   const int len_k = static_cast<int>(s.len_k);
 
@@ -62,12 +58,8 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
   KeyTiles keys{0, nullptr, 1};
   int block_row = 0;
   if constexpr (kLists) {
-    const int64_t list = p.lists.num_lists == 1 ? 0 : (p.lists.num_lists == p.heads ? h : b * p.heads + h);
     block_row = q0 / kBM;
-    const int32_t* rb = p.lists.row_begin + list * (p.lists.nqb + 1);
-    keys.list = p.lists.col_index + rb[block_row];
-    keys.block_tiles = p.lists.block_tiles;
-    keys.count = (rb[block_row + 1] - rb[block_row]) * p.lists.block_tiles;
+    keys = query_block_keys(p.lists, p.heads, b, h, block_row);
   } else {
     const int all_tiles = (len_k + kBN - 1) / kBN;
     keys.count = p.causal ? min(all_tiles, (q0 + kBM - 1) / kBN + 1) : all_tiles;
