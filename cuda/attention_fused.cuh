@@ -226,16 +226,21 @@ struct KeyTiles {
 
 // Which stream and tile a CTA owns, heavy tiles first (with causal masking the last tiles of a
 // stream do the most work); false when none.
-__device__ __forceinline__ bool tile_of_cta(const Streams& st, int h, int64_t& tile, StreamRows& s, int& br) {
+// `cta` is the CTA's index along x (blockIdx.x unless a launch runs two kinds of CTA).
+__device__ __forceinline__ bool tile_of_cta(const Streams& st, int h, int64_t& tile, StreamRows& s, int& br,
+                                            int64_t cta) {
   br = st.branch_of_head[h];
   if (br < 0) return false;
   const int64_t num_tiles = st.num_tiles[br];
-  if (blockIdx.x >= num_tiles) return false;
-  const int64_t id = num_tiles - 1 - blockIdx.x;
+  if (cta >= num_tiles) return false;
+  const int64_t id = num_tiles - 1 - cta;
   const int64_t tps = st.tiles_per_stream[br];
   s = stream_rows(st, br, st.offset_of_head[h], id / tps);
   tile = id % tps;
   return true;
+}
+__device__ __forceinline__ bool tile_of_cta(const Streams& st, int h, int64_t& tile, StreamRows& s, int& br) {
+  return tile_of_cta(st, h, tile, s, br, blockIdx.x);
 }
 
 // The key tiles of query block `block_row` in a block list (row_begin / col_index CSR; one list

@@ -1,5 +1,6 @@
 // Fused attention backward for Hopper (sm_90a), deterministic, D = 64 and 128, dense / causal / dilated
-// streams of both mixings (block lists stay on the portable kernels). Flash-style, two kernels:
+// streams of both mixings (block lists stay on the portable kernels). Flash-style, two kinds of CTA
+// in one launch:
 //   dK/dV: a CTA owns kWG x 64 keys of one stream (64 per warpgroup) and walks the query tiles
 //          that see them: S^T = K Q^T and dP^T = V dO^T on wgmma from shared memory, P^T and
 //          dS^T = P^T (dP^T - delta) in registers, then dV += P^T dO and dK += dS^T Q with P^T and
@@ -47,12 +48,11 @@ __device__ __forceinline__ uint64_t n_major(uint32_t base, int slab_bytes, int k
   return wgmma::descriptor(base + kk * 16 * 128, slab_bytes, 1024);
 }
 
+// dK and dV of the key tile of CTA index `cta`.
 template <int D, int kWG, bool kSplit>
-__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) hopper_dkdv_kernel(const BwdParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* smem, int64_t cta) {
   using Shape = BwdShape<D, kWG>;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sK = align_1024(smem_raw);
+  unsigned char* sK = smem;
   unsigned char* sV = sK + Shape::kOwnBytes;
   unsigned char* sQ = sV + Shape::kOwnBytes;     // 2 stages
   unsigned char* sG = sQ + 2 * Shape::kStepBytes;  // dO, 2 stages
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) h
   int64_t kt;
   StreamRows s;
   int br;
-  if (!tile_of_cta(p.st, h, kt, s, br)) return;
+  if (!tile_of_cta(p.st, h, kt, s, br, cta)) return;
   const int k0 = static_cast<int>(kt) * Shape::kRows;
   if (k0 >= s.len_k) return;
   const int len_q = static_cast<int>(s.len_q);
@@ -175,15 +175,13 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) h
                 p.dk_acc, b, h, p.heads, nk);
   store_rows<D>([&](int d, int e) { return dv[4 * d + e]; }, p.do_scale, key_a, s.len_k, s, p.accumulate, p.dv,
                 p.dvs, p.dv_acc, b, h, p.heads, nk);
-#endif
 }
 
+// dQ of the query tile of CTA index `cta`.
 template <int D, int kWG, bool kSplit>
-__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) hopper_dq_kernel(const BwdParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem, int64_t cta) {
   using Shape = BwdShape<D, kWG>;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sQ = align_1024(smem_raw);
+  unsigned char* sQ = smem;
   unsigned char* sG = sQ + Shape::kOwnBytes;
   unsigned char* sK = sG + Shape::kOwnBytes;     // 2 stages
   unsigned char* sV = sK + 2 * Shape::kStepBytes;  // 2 stages
@@ -192,7 +190,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) h
   int64_t qt;
   StreamRows s;
   int br;
-  if (!tile_of_cta(p.st, h, qt, s, br)) return;
+  if (!tile_of_cta(p.st, h, qt, s, br, cta)) return;
   const int q0 = static_cast<int>(qt) * Shape::kRows;
   if (q0 >= s.len_q) return;
   const int len_k = static_cast<int>(s.len_k);
@@ -290,6 +288,20 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1) h
   q_rows.first_k = s.first_q;
   store_rows<D>([&](int d, int e) { return dq[4 * d + e]; }, p.scale, row_a, s.len_q, q_rows, p.accumulate, p.dq,
                 p.dqs, p.dq_acc, b, h, p.heads, p.st.seq_q);
+}
+
+// One launch runs both kinds of CTA, so that neither waits for the other's last wave: x in
+// [0, tiles) computes dK/dV of key tile x, x in [tiles, 2 tiles) dQ of query tile x - tiles.
+template <int D, int kWG, bool kSplit>
+__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1)
+    hopper_backward_kernel(const BwdParams p, int64_t tiles) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = align_1024(smem_raw);
+  if (blockIdx.x < tiles)
+    dkdv_tile<D, kWG, kSplit>(p, smem, blockIdx.x);
+  else
+    dq_tile<D, kWG, kSplit>(p, smem, blockIdx.x - tiles);
 #endif
 }
 
@@ -316,18 +328,14 @@ void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
   p.st = streams;
   const int64_t max_tiles = retile(p.st, Shape::kRows);
   if (max_tiles == 0) return;
+  auto kernel = hopper_backward_kernel<D, kWG, kSplit>;
   static bool configured = false;
   if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(hopper_dkdv_kernel<D, kWG, kSplit>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(Shape::kSmem)));
-    CUDA_CHECK(cudaFuncSetAttribute(hopper_dq_kernel<D, kWG, kSplit>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(Shape::kSmem)));
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSmem)));
     configured = true;
   }
-  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(p.heads), static_cast<unsigned>(batch));
-  hopper_dkdv_kernel<D, kWG, kSplit><<<grid, Shape::kThreads, Shape::kSmem, impl::stream()>>>(p);
-  CUDA_CHECK_LAUNCH();
-  hopper_dq_kernel<D, kWG, kSplit><<<grid, Shape::kThreads, Shape::kSmem, impl::stream()>>>(p);
+  const dim3 grid(static_cast<unsigned>(2 * max_tiles), static_cast<unsigned>(p.heads), static_cast<unsigned>(batch));
+  kernel<<<grid, Shape::kThreads, Shape::kSmem, impl::stream()>>>(p, max_tiles);
   CUDA_CHECK_LAUNCH();
 }
 
