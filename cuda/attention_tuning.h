@@ -17,9 +17,6 @@ struct KernelTuning {
   bool hopper_backward = true;
   // Warpgroups (64 keys or queries each) per CTA of the Hopper backward kernels at D = 64: 1 or 2.
   int hopper_backward_warpgroups = 1;
-  // P and dS enter the Hopper backward's products as bf16 hi + lo parts (D = 64). Off is for the
-  // lab only: one bf16 part, as FlashAttention does, is faster but misses the 2x error rule.
-  bool hopper_backward_split = true;
   // lse mixing runs in sequence chunks of at least this many rows x batch x heads
   // (cuda/attention_launch.h): backward (three f32 accumulators, the peak of a training step)
   // and forward (one accumulator; smaller chunks there cost speed and save no peak memory).

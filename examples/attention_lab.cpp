@@ -3,14 +3,13 @@
 // inputs, and prints one markdown row per case. GPU only.
 //   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
 //                           [--fwd-stages 2|3] [--eager-rescale] [--portable] [--hopper-wg 2|3]
-//                           [--no-chunks] [--portable-bwd] [--hopper-bwd-wg 1|2] [--bwd-no-split]
+//                           [--no-chunks] [--portable-bwd] [--hopper-bwd-wg 1|2]
 // (--only runs the cases whose label contains TEXT, e.g. for a profiler run of one case;
 // --fwd-stages picks the forward kernel's K/V pipeline depth, default: per head dim;
 // --eager-rescale rescales the forward accumulator on every key tile; --portable keeps forward and
 // backward on the sm_80 kernels on a Hopper GPU (--portable-bwd the backward only); --hopper-wg
 // and --hopper-bwd-wg set the sm_90a kernels' warpgroups at D = 64; --no-chunks runs lse mixing
-// over the whole sequence at once, with accumulators of every row; --bwd-no-split feeds P and dS
-// to the Hopper backward as one bf16 part, FlashAttention's accuracy, for comparison only.)
+// over the whole sequence at once, with accumulators of every row.)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -160,8 +159,6 @@ int main(int argc, char** argv) {
       cuda::attn::kernel_tuning().hopper_backward = false;
     } else if (!std::strcmp(argv[i], "--portable-bwd"))
       cuda::attn::kernel_tuning().hopper_backward = false;
-    else if (!std::strcmp(argv[i], "--bwd-no-split"))
-      cuda::attn::kernel_tuning().hopper_backward_split = false;
     else if (!std::strcmp(argv[i], "--hopper-bwd-wg") && i + 1 < argc)
       cuda::attn::kernel_tuning().hopper_backward_warpgroups = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--no-chunks")) {

@@ -343,8 +343,6 @@ void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
 
 void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
   if (head_dim == 128) return launch<128, 1, true>(params, streams, batch);
-  // Lab only: P and dS as one bf16 part each, FlashAttention's accuracy (fails the 2x error rule).
-  if (!kernel_tuning().hopper_backward_split) return launch<64, 1, false>(params, streams, batch);
   // One warpgroup per CTA (three CTAs per SM) measured 15-20% faster than two (benchmarks/lab/NOTES.md, v11).
   if (kernel_tuning().hopper_backward_warpgroups == 2) return launch<64, 2, true>(params, streams, batch);
   launch<64, 1, true>(params, streams, batch);
