@@ -37,6 +37,9 @@ struct AttentionConfig {
   // parallel
   std::string parallel = "none";  // none | ring | head
   int64_t ranks = 1;
+  // ring: which tokens each rank holds: "contiguous" (rank r: [r*N/P, (r+1)*N/P)) or "zigzag"
+  // (chunks r and 2P-1-r of 2P: the same causal work on every rank).
+  std::string ring_layout = "contiguous";
   std::string inner_variant = "dilated";  // the core variant a wrapper (hilbert, ring, head) runs
   // A variant that runs on a slice of the heads (head_parallel gives each rank H/P of them) is told
   // the global index of its first head and the total head count, so that dilation offsets (h mod r)

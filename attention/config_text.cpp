@@ -79,6 +79,7 @@ std::vector<std::string> relevant_config_items(const std::string& name, const At
     items.push_back("inner=" + c.inner_variant);
     append(items, inner_items(c.inner_variant, c));
     if (traits->splits_over_ranks) items.push_back("P=" + std::to_string(c.ranks));
+    if (name == "ring" && c.ring_layout != "contiguous") items.push_back("layout=" + c.ring_layout);
   } else if (traits && traits->config_items) {
     append(items, traits->config_items(c));
     if (c.order != "natural") items.push_back("order=" + c.order);

@@ -92,15 +92,22 @@ AttentionOutput head_parallel_with(dist::Communicator& comm, const AttentionConf
   for (const Tensor& n : comm.all_gather(Tensor::from_vector(std::vector<int64_t>{q.size(1)}, {1})))
     lengths.push_back(static_cast<int64_t>(n.item()));
 
-  // (B, n_r, H, D) -> (B, N, H/P, D): head group d goes to rank d, sequence chunks join in rank order.
-  const Tensor qf = dist::all_to_all(comm, q, 2, 1), kf = dist::all_to_all(comm, k, 2, 1),
-               vf = dist::all_to_all(comm, v, 2, 1);
+  // One all-to-all there: q, k, v travel as one (B, n_r, 3, H, D) tensor; head group d goes to rank
+  // d, sequence chunks join in rank order, giving (B, N, 3, H/P, D). q, k, v are strided views of it.
+  const Tensor qkv = dist::all_to_all(comm, stack({q, k, v}, 2), 3, 1);
   if (!inner) inner = make_attention(config.inner_variant, inner_config(config, rank, ranks));
   inner->train(training);
-  AttentionOutput full = inner->forward_with_lse(qf, kf, vf);
+  AttentionOutput full = inner->forward_with_lse(qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2));
   if (run) *run = {inner->last_backend(), inner->last_precision()};
-  // Back: sequence chunk s goes to rank s, head groups join in rank order.
-  return {dist::all_to_all(comm, full.out, 1, 2, lengths), dist::all_to_all(comm, full.lse, 2, 1, lengths)};
+  // One all-to-all back: out and lse travel as one (B, N, H/P, D + 1) tensor in lse's dtype (for
+  // bf16 out that is f32, exact both ways); sequence chunk s goes to rank s, head groups join in
+  // rank order.
+  const DType wide = full.lse.dtype();
+  const Tensor packed = cat({full.out.to(wide), full.lse.permute({0, 2, 1}).unsqueeze(-1)}, 3);
+  const Tensor back = dist::all_to_all(comm, packed, 1, 2, lengths);
+  const int64_t dim = full.out.size(3);
+  return {back.narrow(3, 0, dim).to(full.out.dtype()).contiguous(),
+          back.narrow(3, dim, 1).squeeze(3).permute({0, 2, 1}).contiguous()};
 }
 
 }  // namespace

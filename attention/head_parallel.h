@@ -1,11 +1,11 @@
 #pragma once
 // Head-parallel attention ("Ulysses"; docs/attention.md, parallel variants): the input is
-// sequence-sharded, rank r holding (B, n_r, H, D). An all-to-all turns it into the full sequence
-// for H/P heads, (B, N, H/P, D) with rank r holding the global heads [r*H/P, (r+1)*H/P); the inner
-// variant (config.inner_variant, default "dilated") runs on them with GLOBAL head indices
+// sequence-sharded, rank r holding (B, n_r, H, D). One all-to-all (q, k and v stacked) turns it
+// into the full sequence for H/P heads, (B, N, H/P, D) with rank r holding the global heads
+// [r*H/P, (r+1)*H/P); the inner variant (config.inner_variant, default "dilated") runs on them with GLOBAL head indices
 // (config.head_offset = r*H/P and config.total_heads = H, so dilation offsets h mod r and head
-// groups are those of one device); a second all-to-all brings out and lse back to the sequence
-// sharding. Needs H % P == 0.
+// groups are those of one device; its attention core runs the fused kernels where they apply); one
+// all-to-all (out and lse packed) brings the result back to the sequence sharding. Needs H % P == 0.
 //
 // The all-to-alls are differentiable (dist::all_to_all), so the inner variant's own autograd gives
 // the backward. Inner variants whose result depends on the head index must honour head_offset and

@@ -3,6 +3,7 @@
 //
 //   longtape attention --variant dilated --segments 2048,4096 --dilations 1,2 --q q.npy --k k.npy
 //       --v v.npy [--dout dout.npy] --out-dir out/ [--parallel ring|head --ranks P]
+//       [--ring-layout contiguous|zigzag]   (with --parallel ring)
 //   longtape attention --variant block_sparse --pattern random --density 0.5 --block-size 64 ...
 //       [--schedule hilbert] [--order hilbert --grid 32x32]   (order applies to any variant)
 //       [--impl auto|fused|composed]
@@ -47,6 +48,7 @@ struct ConfigFlags {
   std::optional<double> scale;
   int64_t ranks = 1;
   std::string parallel = "none";  // none | ring | head
+  std::string ring_layout = "contiguous";  // with --parallel ring: contiguous | zigzag
   // block_sparse and token ordering
   std::string pattern = "local_window";
   int64_t block_size = 64;
@@ -73,6 +75,9 @@ void add_config_flags(CLI::App& sub, ConfigFlags& f) {
   sub.add_option("--parallel", f.parallel,
                  "run --variant (dense or dilated for ring) on P ranks: none (default), ring (sequence parallel) or "
                  "head (head parallel, needs heads % P == 0)");
+  sub.add_option("--ring-layout", f.ring_layout,
+                 "with --parallel ring: tokens per rank, contiguous (default) or zigzag (chunks r and 2P-1-r of 2P: "
+                 "balanced causal work)");
   sub.add_option("--pattern", f.pattern,
                  "block_sparse: all, local_window (default), dilated (block distances from --dilations), "
                  "global_local, random or adaptive");
@@ -114,8 +119,11 @@ attention::AttentionConfig to_config(const ConfigFlags& f, int64_t num_heads, in
            "--parallel must be none, ring or head, got \"", f.parallel, "\"");
   LT_CHECK(f.ranks >= 1, "--ranks must be >= 1, got ", f.ranks);
   LT_CHECK(f.parallel != "none" || f.ranks == 1, "--ranks ", f.ranks, " needs --parallel ring or head");
+  LT_CHECK(f.ring_layout == "contiguous" || f.parallel == "ring", "--ring-layout ", f.ring_layout,
+           " needs --parallel ring");
   config.parallel = f.parallel;
   config.ranks = f.ranks;
+  config.ring_layout = f.ring_layout;
   config.pattern = f.pattern;
   config.block_size = f.block_size;
   config.density = f.density;

@@ -25,6 +25,7 @@ struct VariantFlags {
   std::string schedule = "natural";  // block_sparse: natural | hilbert
   std::string order = "natural";     // natural | hilbert (token order of the core variants)
   int64_t ranks = 1;                 // ring, head_parallel
+  std::string ring_layout = "contiguous";  // ring: contiguous | zigzag
   std::string inner = "dilated";     // the core variant of hilbert, ring, head_parallel
 };
 
@@ -45,6 +46,8 @@ inline void add_variant_flags(CLI::App& sub, VariantFlags& f) {
   sub.add_option("--order", f.order, "token order of the core variant: natural or hilbert (default natural)");
   sub.add_option("--ranks", f.ranks, "ring, head_parallel: number of ranks P (default 1)")
       ->transform(integer_in<int64_t>(1, kMaxRanks));
+  sub.add_option("--ring-layout", f.ring_layout,
+                 "ring: tokens per rank, contiguous (default) or zigzag (chunks r and 2P-1-r of 2P: balanced causal work)");
   sub.add_option("--inner", f.inner, "hilbert, ring, head_parallel: the core variant they run (default dilated)");
 }
 
@@ -58,6 +61,7 @@ inline void apply_variant_flags(const VariantFlags& f, attention::AttentionConfi
   c.schedule = f.schedule;
   c.order = f.order;
   c.ranks = f.ranks;
+  c.ring_layout = f.ring_layout;
   c.inner_variant = f.inner;
 }
 

@@ -610,7 +610,7 @@ TEST_CASE("dilated attention with more branches than the fused kernels take fall
   CHECK_THROWS_WITH_AS(fused_only->forward(q, k, v), doctest::Contains("at most 8 dilated branches"), Error);
 }
 
-TEST_CASE("wrapper variants report what ran their core: hilbert and head_parallel their inner's, ring composed") {
+TEST_CASE("wrapper variants report what ran their core: hilbert and head_parallel their inner's, ring its blocks'") {
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   manual_seed(seed);
@@ -623,7 +623,7 @@ TEST_CASE("wrapper variants report what ran their core: hilbert and head_paralle
   config.grid = "4x4";
   const Tensor q = Tensor::randn({1, 16, 4, 8}), k = Tensor::randn({1, 16, 4, 8}), v = Tensor::randn({1, 16, 4, 8});
   for (const auto& [variant, expected] : std::vector<std::pair<std::string, std::string>>{
-           {"hilbert", "fused-cpu"}, {"head_parallel", "fused-cpu"}, {"ring", "composed"}}) {
+           {"hilbert", "fused-cpu"}, {"head_parallel", "fused-cpu"}, {"ring", "fused-cpu"}}) {
     INFO(variant);
     auto layer = make_attention(variant, config);
     CHECK(layer->last_backend() == "none");

@@ -189,9 +189,11 @@ TEST_CASE("ring computes large blocks in pieces with the same result (tiny score
       Inputs in = random_inputs(2, 13, 2, 3);
       AttentionConfig config = make_config(inner, 2, 3, causal, 2);
       auto reference = make_attention(inner.name, config);
+      config.impl = "composed";  // the fused kernels form no scores: the budget is the composed path's
       auto ring = make_attention("ring", config);
       Result want = run(*reference, in.q, in.k, in.v, in.dout, in.dlse);
       Result got = run(*ring, in.q, in.k, in.v, in.dout, in.dlse);
+      CHECK(ring->last_backend() == "composed");
       check_same(got, want, 1e-12, label("ring, budget 7", inner, 13, causal, 2));
     }
   }
@@ -238,18 +240,21 @@ TEST_CASE("ring moves K/V only as far as some segment reaches: local aligned bra
     bool causal;
     int expected_sends;  // per rank, forward + backward
   };
+  // Sends of one pass of `steps` steps: forward K, V per step; backward K, V per step, the dK, dV
+  // buffers from the second step on (the first rank to meet a chunk starts them at zero), then
+  // dK, dV straight home.
+  auto pass = [](int steps) { return steps == 0 ? 0 : 2 * steps + 2 * steps + 2 * (steps - 1) + 2; };
   const std::vector<Case> cases = {
       // Segments inside the chunks and aligned with them: local, no K/V moves.
       {{"dilated", Mixing::lse, {3, 6}, {1, 2}}, 12, 2, false, 0},
       {{"dilated", Mixing::lse, {2, 4}, {2, 1}}, 12, 3, true, 0},
       // Segments of 2 straddle the edges of 3-token chunks: causal needs the previous chunk only
-      // (one step: forward K, V; backward K, V, dK, dV, then dK, dV home), non-causal the next one
-      // too (one step each way), not a trip around the ring.
-      {{"dilated", Mixing::lse, {2}, {1}}, 12, 4, true, 2 + 4 + 2},
-      {{"dilated", Mixing::lse, {2}, {1}}, 12, 4, false, 2 * (2 + 4 + 2)},
+      // (one step), non-causal the next one too (one step each way), not a trip around the ring.
+      {{"dilated", Mixing::lse, {2}, {1}}, 12, 4, true, pass(1)},
+      {{"dilated", Mixing::lse, {2}, {1}}, 12, 4, false, 2 * pass(1)},
       // Dense: P - 1 ring steps.
-      {{"dense", Mixing::lse, {}, {}}, 12, 3, true, 2 * 2 + 2 * 4 + 2},
-      {{"dense", Mixing::lse, {}, {}}, 12, 4, false, 3 * 2 + 3 * 4 + 2},
+      {{"dense", Mixing::lse, {}, {}}, 12, 3, true, pass(2)},
+      {{"dense", Mixing::lse, {}, {}}, 12, 4, false, pass(3)},
   };
   for (const Case& c : cases) {
     manual_seed(c.n + c.p);
@@ -530,7 +535,9 @@ TEST_CASE("command line: `longtape attention --parallel ring|head --ranks P` equ
   AttentionOutput want = reference->forward_with_lse(ql, kl, vl);
   want.out.backward(in.dout);
   for (const auto& [extra, out] : std::vector<std::pair<std::string, std::string>>{
-           {" --parallel ring --ranks 3", "ring"}, {" --parallel head --ranks 2", "head"}}) {
+           {" --parallel ring --ranks 3", "ring"},
+           {" --parallel ring --ranks 3 --ring-layout zigzag", "zigzag"},
+           {" --parallel head --ranks 2", "head"}}) {
     INFO(extra);
     REQUIRE(run_cli(extra, out) == 0);
     CHECK(max_diff(io::load_npy(at(out + "/o.npy")), want.out) < 1e-12);
@@ -545,6 +552,11 @@ TEST_CASE("command line: `longtape attention --parallel ring|head --ranks P` equ
   text << log.rdbuf();
   CHECK(text.str().find("--ranks 3 needs --parallel ring or head") != std::string::npos);
   CHECK(run_cli(" --parallel head --ranks 3", "bad_heads") != 0);
+  CHECK(run_cli(" --parallel head --ranks 2 --ring-layout zigzag", "bad_layout") != 0);
+  std::ifstream layout_log(at("bad_layout.log"));
+  std::stringstream layout_text;
+  layout_text << layout_log.rdbuf();
+  CHECK(layout_text.str().find("--ring-layout zigzag needs --parallel ring") != std::string::npos);
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
 }

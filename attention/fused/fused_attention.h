@@ -3,6 +3,8 @@
 // asks select_backend, runs the fused CPU or CUDA kernel, and records one tape node whose backward
 // runs the fused backward kernel. Variants call attention_core(), which falls back to the composed
 // path (attention/composed.h) when the selector says the fused kernels cannot run the problem.
+// The sequence-parallel step (one query chunk against one key chunk of a longer sequence) is in
+// attention/fused/chunk_attention.h.
 #include <functional>
 #include <memory>
 #include <string>
