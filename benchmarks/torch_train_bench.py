@@ -24,8 +24,9 @@ Parameter count of longtape's model (LanguageModel::num_parameters, each tensor 
                                    8 E^2 + 5 E MLP, 4 E for ln1 and ln2
   + 2 E                            ln_f            (+ V E with --untied)
   Defaults: 10,750,464 + 384 N = 13,896,192 at N = 8192 and 23,333,376 at N = 32768.
-  `longtape train --metrics run.json` reports the same number (model.parameters). Every row checks
-  the PyTorch model's count against this formula and fails the row if they differ.
+  `longtape train --metrics run.json` reports the same number (model.parameters), and the tensors
+  here have the names and shapes of a `longtape train --checkpoint` file (4 + 18 L of them, tied).
+  Every row checks the PyTorch model's count against this formula and fails the row if they differ.
 
 One training step, as nn/trainer.cpp: logits -> cross-entropy over the next-token targets (ignore
 index -100) -> zero_grad -> backward -> clip the global gradient norm [1.0] -> learning rate of the
@@ -238,7 +239,7 @@ class TransformerBlock(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, vocab, seq_len, e, layers, heads, make_core, tied=True, dropout=0.0, position_init="sinusoidal",
+    def __init__(self, vocab, seq_len, e, layers, heads, core, tied=True, dropout=0.0, position_init="sinusoidal",
                  fused_qkv=False, init_std=0.02):
         super().__init__()
         self.tok_emb = nn.Embedding(vocab, e)
@@ -251,7 +252,7 @@ class LanguageModel(nn.Module):
                 self.pos_emb.weight.normal_(0.0, init_std)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(e, MultiheadAttention(e, heads, make_core(), fused_qkv), dropout) for _ in range(layers))
+            TransformerBlock(e, MultiheadAttention(e, heads, core, fused_qkv), dropout) for _ in range(layers))
         self.ln_f = nn.LayerNorm(e)
         self.head = None
         if not tied:
@@ -340,11 +341,10 @@ def run_row(n, mode_name, args, device, host_batches, lse_ops):
         cfg = {"num_heads": args.heads, "head_dim": args.width // args.heads, "segment_lengths": args.segment_list,
                "dilation_rates": args.dilation_list, "mixing": args.mixing, "causal": True}
         att_dtype = torch_bench.DTYPES[mode["attention_dtype"]]
-        ops = lse_ops.get(att_dtype)
-        make_core = lambda: torch_bench.Variant(args.variant, cfg, n, device, att_dtype, ops)  # noqa: E731
-        model = LanguageModel(args.vocab, n, args.width, args.layers, args.heads, make_core, not args.untied,
+        # One attention core (its index tensors) serves every layer: it holds no parameters.
+        core = torch_bench.Variant(args.variant, cfg, n, device, att_dtype, lse_ops.get(att_dtype))
+        model = LanguageModel(args.vocab, n, args.width, args.layers, args.heads, core, not args.untied,
                               args.dropout, args.position_init, args.fused_qkv).to(device)
-        core = model.blocks[0].attn.core
         row["attention"] = core.implementation
         row["precision"] = precision_text(mode, device, core.kernel)
         row["parameters"] = sum(p.numel() for p in model.parameters())
