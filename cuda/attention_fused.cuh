@@ -251,6 +251,14 @@ __device__ __forceinline__ KeyTiles query_block_keys(const Lists& lists, int64_t
   return {(rb[block_row + 1] - rb[block_row]) * lists.block_tiles, lists.col_index + rb[block_row], lists.block_tiles};
 }
 
+// The query tiles of key block `block_col` in a block list (the transposed CSR, col_begin /
+// row_index).
+__device__ __forceinline__ KeyTiles key_block_queries(const Lists& lists, int64_t heads, int b, int h, int block_col) {
+  const int64_t list = lists.num_lists == 1 ? 0 : (lists.num_lists == heads ? h : b * heads + h);
+  const int32_t* cb = lists.col_begin + list * (lists.nkb + 1);
+  return {(cb[block_col + 1] - cb[block_col]) * lists.block_tiles, lists.row_index + cb[block_col], lists.block_tiles};
+}
+
 // A CTA's block list goes to shared memory (when it has at most kListCache entries) so that the
 // tile loop does not wait on a dependent global load per tile. Call with every thread of the
 // CTA; a __syncthreads() must follow before the list is read.

@@ -1,5 +1,6 @@
 // Fused attention backward for Hopper (sm_90a), deterministic, D = 64 and 128, dense / causal / dilated
-// streams of both mixings (block lists stay on the portable kernels). Flash-style, two kinds of CTA
+// streams of both mixings, block lists (with a fixed bias; a bias gradient keeps the portable
+// kernels). Flash-style, two kinds of CTA
 // in one launch:
 //   dK/dV: a CTA owns kWG x 64 keys of one stream (64 per warpgroup) and walks the query tiles
 //          that see them: S^T = K Q^T and dP^T = V dO^T on wgmma from shared memory, P^T and
@@ -48,8 +49,9 @@ __device__ __forceinline__ uint64_t n_major(uint32_t base, int slab_bytes, int k
   return wgmma::descriptor(base + kk * 16 * 128, slab_bytes, 1024);
 }
 
-// dK and dV of the key tile of CTA index `cta`.
-template <int D, int kWG, bool kSplit>
+// dK and dV of the key tile of CTA index `cta`. kLists: the query tiles come from the key block's
+// column list (kWG = 1, so that a CTA's 64 keys lie in one block), with the block bias if any.
+template <int D, int kWG, bool kSplit, bool kLists>
 __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* smem, int64_t cta) {
   using Shape = BwdShape<D, kWG>;
   unsigned char* sK = smem;
@@ -70,15 +72,35 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
 
   const BackwardInputs in = backward_inputs(p, s, b, h);
 
-  // Query tiles that see these keys: causal ones start at the tile holding key k0.
-  const int q_tiles = (len_q + kStep - 1) / kStep;
-  const int first = p.causal ? k0 / kStep : 0;
+  // Query tiles that see these keys: a range (causal ones start at the tile holding key k0), or
+  // the key block's column list.
+  KeyTiles queries{(len_q + kStep - 1) / kStep, nullptr, 1};
+  int first = p.causal ? k0 / kStep : 0;
+  int block_col = 0;
+  if constexpr (kLists) {
+    block_col = static_cast<int>(kt) / p.lists.block_tiles;
+    queries = key_block_queries(p.lists, p.heads, b, h, block_col);
+    first = 0;
+  }
+  __shared__ int32_t list_cache[kLists ? kListCache : 1];
+  if constexpr (kLists) {
+    cache_block_list(queries, list_cache);
+    __syncthreads();
+  }
+  auto tile_at = [&](int i) { return kLists ? queries.tile(i) : i; };
+  // The next list entry at or after i whose queries see some of these keys.
+  auto next_visible = [&](int i) {
+    if constexpr (kLists)
+      while (i < queries.count && (queries.tile(i) * kStep >= len_q || (p.causal && queries.tile(i) * kStep + kStep - 1 < k0)))
+        ++i;
+    return i;
+  };
 
   load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sK, in.k, in.k_step, k0, s.len_k);
   load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sV, in.v, in.v_step, k0, s.len_k);
-  auto fetch = [&](int stage, int qt) {
-    if (qt < q_tiles) {
-      const int64_t q0 = static_cast<int64_t>(qt) * kStep;
+  auto fetch = [&](int stage, int i) {
+    if (i < queries.count) {
+      const int64_t q0 = static_cast<int64_t>(tile_at(i)) * kStep;
       load_swizzled_async<D, kStep, Shape::kThreads>(sQ + stage * Shape::kStepBytes, in.q, in.q_step, q0, len_q);
       load_swizzled_async<D, kStep, Shape::kThreads>(sG + stage * Shape::kStepBytes, in.dout, in.g_step, q0, len_q);
       if (threadIdx.x < kStep) {
@@ -90,6 +112,7 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
     }
     cp_async_commit();
   };
+  first = next_visible(first);
   fetch(0, first);
 
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
@@ -105,12 +128,19 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
   for (int i = 0; i < kStep / 2; ++i) st[i] = dpt[i] = 0.f;
 
   int stage = 0;
-  for (int qt = first; qt < q_tiles; ++qt) {
-    fetch(stage ^ 1, qt + 1);
+  for (int i = first; i < queries.count;) {
+    const int next = next_visible(i + 1);
+    fetch(stage ^ 1, next);
     cp_async_wait<1>();
     wgmma::fence_proxy_async();
     __syncthreads();
+    const int qt = tile_at(i);
     const int q0 = qt * kStep;
+    const float bias =
+        kLists && p.lists.bias
+            ? p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + qt / p.lists.block_tiles) *
+                               p.lists.nkb + block_col] * kLog2e
+            : 0.f;
     // A warpgroup whose keys all follow the tile's last query (causal) has nothing to add.
     if (!(p.causal && wg_key0 > q0 + kStep - 1)) {
       const uint32_t q_addr = smem_addr(sQ + stage * Shape::kStepBytes);
@@ -140,7 +170,7 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
         const float2 d2 = *reinterpret_cast<const float2*>(tDelta + j * 8 + col_in_quad);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float prob = fast_exp2(fmaf(st[4 * j + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
+          float prob = fast_exp2(fmaf(st[4 * j + e], p.scale_log2, bias - ((e & 1) ? l2.y : l2.x)));
           if (diagonal && q0 + j * 8 + col_in_quad + (e & 1) < key_a + (e >> 1) * 8) prob = 0.f;
           st[4 * j + e] = prob;
           dpt[4 * j + e] = prob * fmaf(dpt[4 * j + e], p.do_scale, -((e & 1) ? d2.y : d2.x));
@@ -168,6 +198,7 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
     // Every warpgroup is done with this stage before the next iteration's fetch overwrites it.
     __syncthreads();
     stage ^= 1;
+    i = next;
   }
   cp_async_wait<0>();
   const int64_t nk = p.st.seq_k;
@@ -177,8 +208,9 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
                 p.dvs, p.dv_acc, b, h, p.heads, nk);
 }
 
-// dQ of the query tile of CTA index `cta`.
-template <int D, int kWG, bool kSplit>
+// dQ of the query tile of CTA index `cta`. kLists: the key tiles come from the query block's row
+// list (kWG = 1), with the block bias if any.
+template <int D, int kWG, bool kSplit, bool kLists>
 __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem, int64_t cta) {
   using Shape = BwdShape<D, kWG>;
   unsigned char* sQ = smem;
@@ -198,19 +230,37 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
   const BackwardInputs in = backward_inputs(p, s, b, h);
 
   const int k_tiles = (len_k + kStep - 1) / kStep;
-  const int count = p.causal ? min(k_tiles, (q0 + Shape::kRows - 1) / kStep + 1) : k_tiles;
+  KeyTiles keys{p.causal ? min(k_tiles, (q0 + Shape::kRows - 1) / kStep + 1) : k_tiles, nullptr, 1};
+  int block_row = 0;
+  if constexpr (kLists) {
+    block_row = static_cast<int>(qt) / p.lists.block_tiles;
+    keys = query_block_keys(p.lists, p.heads, b, h, block_row);
+  }
+  __shared__ int32_t list_cache[kLists ? kListCache : 1];
+  if constexpr (kLists) {
+    cache_block_list(keys, list_cache);
+    __syncthreads();
+  }
+  auto tile_at = [&](int i) { return kLists ? keys.tile(i) : i; };
+  auto next_visible = [&](int i) {
+    if constexpr (kLists)
+      while (i < keys.count && (keys.tile(i) * kStep >= len_k || (p.causal && keys.tile(i) * kStep > q0 + Shape::kRows - 1)))
+        ++i;
+    return i;
+  };
 
   load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sQ, in.q, in.q_step, q0, s.len_q);
   load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sG, in.dout, in.g_step, q0, s.len_q);
-  auto fetch = [&](int stage, int kt) {
-    if (kt < count) {
-      const int64_t k0 = static_cast<int64_t>(kt) * kStep;
+  auto fetch = [&](int stage, int i) {
+    if (i < keys.count) {
+      const int64_t k0 = static_cast<int64_t>(tile_at(i)) * kStep;
       load_swizzled_async<D, kStep, Shape::kThreads>(sK + stage * Shape::kStepBytes, in.k, in.k_step, k0, len_k);
       load_swizzled_async<D, kStep, Shape::kThreads>(sV + stage * Shape::kStepBytes, in.v, in.v_step, k0, len_k);
     }
     cp_async_commit();
   };
-  fetch(0, 0);
+  const int first = next_visible(0);
+  fetch(0, first);
 
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int col_in_quad = (lane & 3) * 2;
@@ -229,12 +279,19 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
   for (int i = 0; i < kStep / 2; ++i) sc[i] = dp[i] = 0.f;
 
   int stage = 0;
-  for (int kt = 0; kt < count; ++kt) {
-    fetch(stage ^ 1, kt + 1);
+  for (int i = first; i < keys.count;) {
+    const int next = next_visible(i + 1);
+    fetch(stage ^ 1, next);
     cp_async_wait<1>();
     wgmma::fence_proxy_async();
     __syncthreads();
+    const int kt = tile_at(i);
     const int k0 = kt * kStep;
+    const float bias =
+        kLists && p.lists.bias
+            ? p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb +
+                           kt / p.lists.block_tiles] * kLog2e
+            : 0.f;
     if (!(p.causal && k0 > wg_row0 + 63)) {
       const uint32_t k_addr = smem_addr(sK + stage * Shape::kStepBytes);
       const uint32_t v_addr = smem_addr(sV + stage * Shape::kStepBytes);
@@ -262,7 +319,7 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
       for (int j = 0; j < kStep / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float prob = fast_exp2(fmaf(sc[4 * j + e], p.scale_log2, -lse[e >> 1]));
+          float prob = fast_exp2(fmaf(sc[4 * j + e], p.scale_log2, bias - lse[e >> 1]));
           if (masked && j * 8 + col_in_quad + (e & 1) > lim[e >> 1]) prob = 0.f;
           sc[4 * j + e] = prob * fmaf(dp[4 * j + e], p.do_scale, -delta[e >> 1]);  // dS
         }
@@ -282,6 +339,7 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
     }
     __syncthreads();
     stage ^= 1;
+    i = next;
   }
   cp_async_wait<0>();
   StreamRows q_rows = s;
@@ -292,16 +350,17 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
 
 // One launch runs both kinds of CTA, so that neither waits for the other's last wave: x in
 // [0, tiles) computes dK/dV of key tile x, x in [tiles, 2 tiles) dQ of query tile x - tiles.
-template <int D, int kWG, bool kSplit>
-__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 ? 3 : 2) : 1)
+// Three CTAs per SM at D = 64 (168 registers); the list variant needs more registers (two per SM).
+template <int D, int kWG, bool kSplit, bool kLists>
+__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 && !kLists ? 3 : 2) : 1)
     hopper_backward_kernel(const BwdParams p, int64_t tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
   if (blockIdx.x < tiles)
-    dkdv_tile<D, kWG, kSplit>(p, smem, blockIdx.x);
+    dkdv_tile<D, kWG, kSplit, kLists>(p, smem, blockIdx.x);
   else
-    dq_tile<D, kWG, kSplit>(p, smem, blockIdx.x - tiles);
+    dq_tile<D, kWG, kSplit, kLists>(p, smem, blockIdx.x - tiles);
 #endif
 }
 
@@ -321,14 +380,14 @@ int64_t retile(Streams& st, int64_t rows) {
   return max_tiles;
 }
 
-template <int D, int kWG, bool kSplit>
+template <int D, int kWG, bool kSplit, bool kLists = false>
 void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
   using Shape = BwdShape<D, kWG>;
   BwdParams p = params;
   p.st = streams;
   const int64_t max_tiles = retile(p.st, Shape::kRows);
   if (max_tiles == 0) return;
-  auto kernel = hopper_backward_kernel<D, kWG, kSplit>;
+  auto kernel = hopper_backward_kernel<D, kWG, kSplit, kLists>;
   static bool configured = false;
   if (!configured) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSmem)));
@@ -342,6 +401,10 @@ void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
 }  // namespace
 
 void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
+  // Block lists: one warpgroup per CTA, so that its 64 keys (or queries) lie in one block.
+  if (params.lists.row_begin)
+    return head_dim == 128 ? launch<128, 1, true, true>(params, streams, batch)
+                           : launch<64, 1, true, true>(params, streams, batch);
   if (head_dim == 128) return launch<128, 1, true>(params, streams, batch);
   // One warpgroup per CTA (three CTAs per SM) measured 15-20% faster than two (benchmarks/lab/NOTES.md, v11).
   if (kernel_tuning().hopper_backward_warpgroups == 2) return launch<64, 2, true>(params, streams, batch);
