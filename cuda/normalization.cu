@@ -258,8 +258,9 @@ void layer_norm_backward(void* dx, void* dweight, void* dbias, const void* dy, c
       CUDA_CHECK_LAUNCH();
     }
     if (!dweight && !dbias) return;
-    // Chunks of rows: a function of `rows` alone, so the summation order never changes.
-    const int64_t chunk_rows = std::max<int64_t>(64, (rows + 255) / 256);
+    // Chunks of rows (one block each): a function of `rows` alone, so the summation order never
+    // changes. Up to 1024 chunks keep the rows each block walks through short.
+    const int64_t chunk_rows = std::max<int64_t>(32, (rows + 1023) / 1024);
     const int64_t nchunks = std::max<int64_t>(1, (rows + chunk_rows - 1) / chunk_rows);
     auto pw = dweight ? scratch(static_cast<size_t>(nchunks * cols) * sizeof(A)) : nullptr;
     auto pb = dbias ? scratch(static_cast<size_t>(nchunks * cols) * sizeof(A)) : nullptr;

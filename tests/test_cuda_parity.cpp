@@ -383,6 +383,9 @@ TEST_CASE("cuda: softmax, log_softmax and layer_norm match the CPU forward and b
                    [](const auto& x) { return layer_norm(x[0], Tensor(), Tensor()); }, 33});
   cases.push_back({"layer_norm of one long row", {randn64({1, 5000}), randn64({5000}), randn64({5000})},
                    [](const auto& x) { return layer_norm(x[0], x[1], x[2], 1e-3); }, 5000});
+  // Many rows: the backward's chunks (one block each) and the last block's sum over them.
+  cases.push_back({"layer_norm of 70000 short rows", {randn64({70000, 12}), randn64({12}), randn64({12})},
+                   [](const auto& x) { return layer_norm(x[0], x[1], x[2]); }, 12, 70000});
   check_parity_all(cases);
 }
 
