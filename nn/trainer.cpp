@@ -180,7 +180,11 @@ void write_metrics(const std::string& path, const nlohmann::ordered_json& run, c
     doc["rows"] = list;
     text = doc.dump(2) + "\n";
   } else {
-    text = "step,loss,lr,grad_norm,tokens_per_s,elapsed_s,eval_loss,eval_accuracy\n";
+    // The run's precision, when it names one, on every row (a CSV has no header document).
+    const bool named = run.is_object() && run.contains("precision") && run["precision"].is_string();
+    const std::string precision = named ? run["precision"].get<std::string>() : "";
+    text = std::string("step,loss,lr,grad_norm,tokens_per_s,elapsed_s,eval_loss,eval_accuracy") +
+           (precision.empty() ? "" : ",precision") + "\n";
     char line[256];
     for (const auto& r : rows) {
       std::snprintf(line, sizeof line, "%lld,%.6g,%.6g,%.6g,%.6g,%.4f,", static_cast<long long>(r.step), r.loss, r.lr,
@@ -189,6 +193,7 @@ void write_metrics(const std::string& path, const nlohmann::ordered_json& run, c
       if (r.eval_loss) text += std::to_string(*r.eval_loss);
       text += ",";
       if (r.eval_accuracy) text += std::to_string(*r.eval_accuracy);
+      if (!precision.empty()) text += "," + precision;
       text += "\n";
     }
   }

@@ -128,7 +128,8 @@ struct MetricsRow {
 };
 
 // Writes the rows to `path` atomically: a JSON document (`run` with the rows under "rows") when
-// the path ends in .json, else CSV with a header line.
+// the path ends in .json, else CSV with a header line (and a precision column when `run` names
+// one).
 void write_metrics(const std::string& path, const nlohmann::ordered_json& run, const std::vector<MetricsRow>& rows);
 
 }  // namespace longtape::nn

@@ -134,6 +134,14 @@ TEST_CASE("longtape train --precision: bf16 on the CPU runs and is recorded in t
   std::stringstream text;
   text << in.rdbuf();
   CHECK(text.str().find("\"precision\": \"bf16\"") != std::string::npos);
+  // A CSV names it on every row.
+  write_metrics((dir / "m.csv").string(), {{"precision", "bf16"}}, {{1, 2.5, 1e-3, 0.7, 100.0, 0.5, {}, {}}});
+  std::ifstream csv(dir / "m.csv");
+  std::stringstream csv_text;
+  csv_text << csv.rdbuf();
+  const std::string header = "step,loss,lr,grad_norm,tokens_per_s,elapsed_s,eval_loss,eval_accuracy,precision\n";
+  CHECK(csv_text.str().rfind(header, 0) == 0);
+  CHECK(csv_text.str().find(",bf16\n") != std::string::npos);
   const auto bad = testing::run_command("cd '" + dir.string() + "' && " + bin + " train --device cpu --precision fp8",
                                         dir / "log2.txt");
   INFO(bad.output);
