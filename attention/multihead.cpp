@@ -6,6 +6,7 @@
 #include "autograd/grad_mode.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
+#include "tensor/precision.h"
 #include "tensor/profiler.h"
 
 namespace longtape::attention {
@@ -107,11 +108,18 @@ Tensor MultiheadAttention::project(const Tensor& x, int which) const {
 
 Tensor MultiheadAttention::attend(const Tensor& q, const Tensor& k, const Tensor& v) {
   const int64_t h = options_.num_heads;
-  auto heads = [&](const Tensor& t) { return t.reshape({t.size(0), t.size(1), h, head_dim_}); };
+  // Under bf16 precision the core reads bf16 q, k, v (on CUDA: the fused bf16 kernels) and its
+  // output returns to f32; the casts' backward hands f32 gradients to the projections.
+  const bool low = lowers_to_bf16(autocast_precision(), q.dtype());
+  auto heads = [&](const Tensor& t) {
+    const Tensor operand = low ? bf16_operand(t) : t;
+    return operand.reshape({t.size(0), t.size(1), h, head_dim_});
+  };
   Tensor o;
   {
     profiler::Scope scope("attention core forward", 4 * q.numel() * static_cast<int64_t>(dtype_size(q.dtype())));
     o = core_->forward(heads(q), heads(k), heads(v));
+    if (low) o = f32_activation(o);
   }
   Tensor merged = o.reshape({o.size(0), o.size(1), options_.embed_dim});
   if (options_.sub_layernorm) merged = layer_norm(merged, ln_weight, ln_bias, options_.layer_norm_eps);

@@ -2,6 +2,7 @@
 // Multihead attention layer (docs/attention.md, multihead layer) around any core variant:
 //   x (B, N, E) -> q, k, v = x W_q + b_q, ... (or one fused W_qkv (E, 3E)) -> (B, N, H, D)
 //   -> core attention -> (B, N, E) -> optional sub-LayerNorm(E) (MAGNETO) -> out projection.
+// Under a bf16 AutocastScope (tensor/precision.h) the core reads bf16 q, k, v and returns f32.
 // Weights are stored (in, out) and applied as x W, as docs/attention.md writes them. MAGNETO init:
 // xavier-normal with gain 1 for W_q and W_k, gain `gamma` for W_v and W_out, biases 0; a fused
 // W_qkv is initialised block by block as the three separate matrices would be.

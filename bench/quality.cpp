@@ -15,6 +15,7 @@
 #include "nn/trainer.h"
 #include "tensor/allocator.h"
 #include "tensor/ops.h"
+#include "tensor/precision.h"
 
 namespace longtape::bench {
 
@@ -44,6 +45,9 @@ Json run_quality(const std::string& variant, const QualityOptions& a, Device dev
   row["batch"] = a.batch;
   std::string stage = "setup";
   try {
+    const Precision precision = precision_for(a.precision, device);
+    row["precision"] = precision_name(precision);  // the training policy; compute_precision is attention's
+    row["matmul_precision"] = precision_compute_label(precision, device);
     nn::RecallTaskConfig task_config;
     task_config.seq_len = a.seq_len;
     task_config.num_pairs = 8;
@@ -88,6 +92,7 @@ Json run_quality(const std::string& variant, const QualityOptions& a, Device dev
     options.stop_on_non_finite = false;  // a diverged model still gets its (poor) accuracy
     options.eval_batches = 4;
     options.eval_batch_size = 32;
+    options.precision = precision;
     nn::Trainer trainer(model, optimizer, schedule, options);
     const nn::BatchSource data = nn::batches_of(task, device);
 

@@ -19,6 +19,7 @@ struct QualityOptions {
   int64_t batch = 16;
   uint64_t seed = 0;                  // of the initialisation and the data
   attention::AttentionConfig attention;  // causal; heads and head_dim are set by the model
+  std::string precision = "auto";     // tensor/precision.h: auto = bf16 on CUDA, f32 on the CPU
 };
 
 // The quality row of `variant`: accuracy, chance, final loss, speed; skipped or failed with the

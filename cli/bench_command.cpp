@@ -85,6 +85,7 @@ struct BenchArgs {
   int64_t quality_batch = 16;
   std::string quality_segments = "64,256";
   std::string quality_dilations = "1,4";
+  std::string quality_precision = "auto";
   std::string command_line;
 };
 
@@ -239,6 +240,7 @@ Json options_json(const BenchArgs& a, const Grid& g) {
   o["quality_batch"] = a.quality_batch;
   o["quality_segments"] = a.quality_segments;
   o["quality_dilations"] = a.quality_dilations;
+  o["quality_precision"] = a.quality_precision;
   o["timing"] = g.device.is_cuda() ? "CUDA events on the current stream, median of the timed runs"
                                    : "steady_clock, median of the timed runs";
   o["flops"] = "forward 4 * attended_pairs * head_dim; forward_backward 3.5x forward (backward 2.5x)";
@@ -262,7 +264,8 @@ int run_bench(const BenchArgs& a) {
   run.max_len_dtypes = split_list(a.max_len_dtypes, ',');
   run.quality = a.quality;
   if (a.quality)
-    run.quality_options = {a.quality_steps, a.quality_seq_len, a.quality_batch, a.seed, quality_attention_config(a)};
+    run.quality_options = {a.quality_steps, a.quality_seq_len, a.quality_batch, a.seed, quality_attention_config(a),
+                           checked_precision(a.quality_precision, "--quality-precision")};
   run.time_budget = a.time_budget;
 
   Json doc = bench::run_benchmark(run, options_json(a, run.grid));
@@ -354,6 +357,7 @@ const RegisterCommand bench_command(
                                               "dilated segments of the quality model (default 64,256)");
       auto* quality_dilations = sub.add_option("--quality-dilations", a->quality_dilations,
                                                "dilation rates of the quality model (default 1,4)");
+      sub.add_option("--quality-precision", a->quality_precision, precision_help());
       return [a, &sub, seq_lens, heads, head_dim, segments, dilations, warmup, repeats, budget, cap, limit, quality_steps,
               quality_len, quality_batch, quality_segments, quality_dilations] {
         BenchArgs args = *a;

@@ -1,6 +1,7 @@
 #pragma once
-// The --impl flag of `longtape attention`, `bench` and `train` (AttentionConfig::impl), and the
-// short account of what ran an attention module's last forward.
+// The --impl flag of `longtape attention`, `bench` and `train` (AttentionConfig::impl), the
+// --precision flag of `train` and `bench --quality` (tensor/precision.h), and the short account of
+// what ran an attention module's last forward.
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -39,6 +40,19 @@ inline std::vector<std::string> parse_impl_list(const std::string& text, const c
   LT_CHECK(!impls.empty(), flag, " must be auto, fused or composed (or a comma-separated list of them), got \"",
            text, "\"");
   return impls;
+}
+
+inline const char* precision_help() {
+  return "matmul and attention precision: auto (bf16 on CUDA, f32 on the CPU; default), f32, tf32 (CUDA TF32 "
+         "products) or bf16 (bf16 operands, f32 accumulation, f32 master weights; the CPU rounds to bf16 and "
+         "computes in f32)";
+}
+
+// Throws a FlagError (exit status 2) unless `value` is auto, f32, tf32 or bf16.
+inline const std::string& checked_precision(const std::string& value, const char* flag = "--precision") {
+  if (value != "auto" && value != "f32" && value != "tf32" && value != "bf16")
+    throw FlagError(std::string(flag) + " must be auto, f32, tf32 or bf16, got \"" + shown_value(value) + "\"");
+  return value;
 }
 
 // "implementation composed; precision f32": what ran the module's last forward. Semicolons, as

@@ -3,7 +3,8 @@
 //
 //   longtape train [--device auto|cpu|cuda] [--steps N] [--batch B] [--seq-len T] [--layers L]
 //       [--width E] [--heads H] [--variant dilated] [--segments 32,256] [--dilations 1,1]
-//       [--mixing lse|head_groups] [--impl auto|fused|composed] [--lr 1e-2] [--warmup W] [--eval-every N]
+//       [--mixing lse|head_groups] [--impl auto|fused|composed] [--precision auto|f32|tf32|bf16]
+//       [--lr 1e-2] [--warmup W] [--eval-every N]
 //       [--metrics run.csv|run.json]
 //       [--checkpoint PATH] [--checkpoint-every K] [--resume PATH [--fresh-optimizer]] [--seed S] [--threads T]
 //       [--profile]
@@ -63,6 +64,7 @@
 #include "nn/trainer.h"
 #include "tensor/allocator.h"
 #include "tensor/ops.h"
+#include "tensor/precision.h"
 #include "tensor/profiler.h"
 
 namespace longtape::cli {
@@ -93,6 +95,7 @@ struct TrainArgs {
   std::string dilations = "1,1";
   std::string mixing = "lse";
   std::string impl = "auto";
+  std::string precision = "auto";  // bf16 on CUDA, f32 on the CPU
   VariantFlags variant_flags;
   double lr = 3e-3;
   double min_lr = -1;  // < 0: lr / 10
@@ -235,6 +238,7 @@ int run_train(const TrainArgs& args) {
   LT_CHECK(a.checkpoint_every >= 0, "train: --checkpoint-every must be >= 0");
   LT_CHECK(a.checkpoint_every == 0 || !a.checkpoint.empty(), "train: --checkpoint-every needs --checkpoint PATH");
   checked_impl(a.impl);
+  const Precision precision = precision_for(checked_precision(a.precision), device);
   // A schedule that rises towards its "final" rate, or a decay step that flips or zeroes the
   // weights (AdamW multiplies them by 1 - lr * weight_decay), cannot be what was meant.
   if (a.min_lr > a.lr)
@@ -306,6 +310,8 @@ int run_train(const TrainArgs& args) {
   run["optim"] = {{"lr", a.lr}, {"min_lr", schedule.min_lr}, {"warmup", a.warmup}, {"weight_decay", a.weight_decay},
                   {"clip", a.clip}, {"batch", a.batch}, {"steps", a.steps}, {"seed", a.seed}};
   run["impl"] = a.impl;  // not part of "model": a checkpoint resumes under any implementation
+  run["precision"] = precision_name(precision);  // nor is this: master weights are f32 in every precision
+  run["compute_precision"] = precision_compute_label(precision, device);
 
   nn::TrainerOptions to;
   to.steps = a.steps;
@@ -317,6 +323,7 @@ int run_train(const TrainArgs& args) {
   to.checkpoint = a.checkpoint;
   to.checkpoint_every = a.checkpoint_every;
   to.checkpoint_metadata = {{"train_run", run.dump()}};
+  to.precision = precision;
   nn::Trainer trainer(model, optimizer, schedule, to);
 
   int64_t start_step = 0;
@@ -340,12 +347,12 @@ int run_train(const TrainArgs& args) {
     LT_CHECK(start_step <= a.steps, "train: the checkpoint is at step ", start_step, ", beyond --steps ", a.steps);
   }
   std::printf("training %s: %s parameters, %s attention (%s), %lld layers, width %lld, %lld heads, seq %lld, "
-              "batch %lld, %lld steps on %s\n",
+              "batch %lld, %lld steps on %s, precision %s\n",
               task ? "recall" : "text", human_count(static_cast<double>(model.num_parameters())).c_str(),
               a.variant.c_str(), config_label(a.variant, mc.attention_config).c_str(),
               static_cast<long long>(a.layers), static_cast<long long>(a.width), static_cast<long long>(a.heads),
               static_cast<long long>(a.seq_len), static_cast<long long>(a.batch), static_cast<long long>(a.steps),
-              device.str().c_str());
+              device.str().c_str(), precision_compute_label(precision, device).c_str());
   std::fflush(stdout);
 
   reset_peak_memory(device);
@@ -454,6 +461,7 @@ const RegisterCommand kTrainCommand{
       sub.add_option("--dilations", a->dilations, "dilated: dilation rates, comma-separated")->capture_default_str();
       sub.add_option("--mixing", a->mixing, "dilated: lse or head_groups")->capture_default_str();
       sub.add_option("--impl", a->impl, impl_help());
+      sub.add_option("--precision", a->precision, precision_help());
       add_variant_flags(sub, a->variant_flags);
       sub.add_option("--lr", a->lr, "peak learning rate (AdamW)")->capture_default_str()
           ->transform(real_in(0.0, kMaxReal));

@@ -57,6 +57,16 @@ class DeviceGuard {
 // The device that owns `ptr`, for the kernels that receive bare pointers: launching on another
 // device than the one holding the data would fault. Host or unknown pointers give the current one.
 inline Device device_of(const void* ptr) {
+  // With one visible device it owns every pointer: no driver query on each launch.
+  static const int visible = [] {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();
+      n = 0;
+    }
+    return n;
+  }();
+  if (visible == 1) return Device::cuda(0);
   cudaPointerAttributes attributes{};
   if (ptr && cudaPointerGetAttributes(&attributes, ptr) == cudaSuccess && attributes.type == cudaMemoryTypeDevice)
     return Device::cuda(attributes.device);

@@ -2,8 +2,9 @@
 // row-major and cuBLAS's column-major, so C = op(A) op(B) is computed as C^T = op(B)^T op(A)^T:
 // a row-major matrix read as column-major is its transpose, so no data moves.
 //
-// f32 computes in exact f32 (CUBLAS_COMPUTE_32F) unless set_allow_tf32(true) allows TF32
-// tensor cores; bf16 reads and writes bf16 and accumulates in f32; f64 computes in f64.
+// f32 computes in exact f32 (CUBLAS_COMPUTE_32F) unless set_allow_tf32(true) or a tf32
+// AutocastScope allows TF32 tensor cores; bf16 reads bf16, accumulates in f32 and writes bf16 (f32
+// with GemmArgs::f32_out); f64 computes in f64.
 // Results are reproducible run to run: each handle has its own fixed workspace (cuBLAS is
 // bitwise deterministic on one GPU model when the workspace does not change).
 #include <algorithm>
@@ -16,6 +17,7 @@
 #include "cuda/kernels.h"
 #include "cuda/runtime.h"
 #include "tensor/backend_options.h"
+#include "tensor/precision.h"
 
 namespace longtape::cuda {
 
@@ -145,7 +147,8 @@ void gemm(const GemmArgs& g) {
   switch (g.dtype) {
     case DType::f32:
       type = CUDA_R_32F;
-      compute = allow_tf32() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+      compute = allow_tf32() || autocast_precision() == Precision::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                                                             : CUBLAS_COMPUTE_32F;
       break;
     case DType::bf16:
       type = CUDA_R_16BF;
@@ -166,8 +169,11 @@ void gemm(const GemmArgs& g) {
   const cublasOperation_t op_a = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const int ld_b = std::max(1, g.trans_b ? k : n);
   const int ld_a = std::max(1, g.trans_a ? m : k);
+  LT_CHECK(!g.f32_out || g.dtype == DType::bf16, "matmul: an f32 result is written from bf16 operands only, got ",
+           dtype_name(g.dtype));
+  const cudaDataType_t c_type = g.f32_out ? CUDA_R_32F : type;
   CUBLAS_CHECK(cublasGemmStridedBatchedEx(ctx.handle, op_b, op_a, n, m, k, alpha, g.b, type, ld_b, g.stride_b, g.a,
-                                          type, ld_a, g.stride_a, beta, g.c, type, n, g.stride_c, batch, compute,
+                                          type, ld_a, g.stride_a, beta, g.c, c_type, n, g.stride_c, batch, compute,
                                           CUBLAS_GEMM_DEFAULT));
 }
 

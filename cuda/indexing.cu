@@ -26,7 +26,9 @@ __global__ void index_select_kernel(void* out, const void* in, const int64_t* in
   const int64_t total = outer * n * inner;
   for (int64_t p = global_tid(); p < total; p += grid_stride()) {
     const int64_t i = p % inner, j = (p / inner) % n, o = p / (inner * n);
-    static_cast<U*>(out)[p] = static_cast<const U*>(in)[(o * in_dim + index[j]) * inner + i];
+    const int64_t row = index[j];
+    // An out-of-range index (its check is raised later, tensor/device_checks.h) reads nothing.
+    static_cast<U*>(out)[p] = row >= 0 && row < in_dim ? static_cast<const U*>(in)[(o * in_dim + row) * inner + i] : U(0);
   }
 }
 
@@ -38,6 +40,16 @@ __global__ void gather_kernel(void* out, const void* in, const int64_t* index, i
   for (int64_t p = global_tid(); p < total; p += grid_stride()) {
     const int64_t i = p % inner, o = p / (inner * n);
     static_cast<U*>(out)[p] = static_cast<const U*>(in)[(o * in_dim + index[p]) * inner + i];
+  }
+}
+
+// *first_bad = min(*first_bad, positions whose index is outside [0, limit) and != allowed).
+__global__ void flag_bad_indices_kernel(int64_t* first_bad, const int64_t* index, int64_t n, int64_t limit,
+                                        int64_t allowed) {
+  for (int64_t i = global_tid(); i < n; i += grid_stride()) {
+    const int64_t v = index[i];
+    if ((v < 0 || v >= limit) && v != allowed)
+      atomicMin(reinterpret_cast<unsigned long long*>(first_bad), static_cast<unsigned long long>(i));
   }
 }
 
@@ -66,6 +78,7 @@ __global__ void index_add_runs_kernel(T* out, const T* src, const uint64_t* keys
     const int64_t i = t % inner, p = (t / inner) % n, o = t / (inner * n);
     const uint64_t key = keys[p];
     if (p > 0 && keys[p - 1] == key) continue;
+    if (key >= static_cast<uint64_t>(out_dim)) continue;  // out of range: its check is raised later
     const int64_t dst = (o * out_dim + static_cast<int64_t>(key)) * inner + i;
     A acc = E::load(out, dst);
     for (int64_t q = p; q < n && keys[q] == key; ++q) acc += static_cast<A>(E::load(src, (o * n + rows[q]) * inner + i));
@@ -138,6 +151,13 @@ void dispatch_accumulate(DType t, const char* op, Body&& body) {
 
 }  // namespace
 
+void flag_bad_indices(int64_t* first_bad, const int64_t* index, int64_t n, int64_t limit, int64_t allowed) {
+  if (n == 0) return;
+  DeviceGuard guard(device_of(first_bad));
+  flag_bad_indices_kernel<<<grid_for(n), kThreads, 0, stream()>>>(first_bad, index, n, limit, allowed);
+  CUDA_CHECK_LAUNCH();
+}
+
 void index_select(void* out, const void* in, const int64_t* index, DType dtype, int64_t outer, int64_t in_dim,
                   int64_t n, int64_t inner) {
   const int64_t total = outer * n * inner;
@@ -168,7 +188,8 @@ void index_add(void* out, const void* src, const int64_t* index, DType dtype, in
   DeviceGuard guard(device_of(out));
   dispatch_accumulate(dtype, "index_add", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    // Indices were checked to lie in [0, out_dim), so their bits sort as unsigned keys.
+    // Indices lie in [0, out_dim) (or are skipped below: their check is raised later), so their
+    // bits sort as unsigned keys.
     SortedRuns runs = sort_destinations(reinterpret_cast<const uint64_t*>(index), n,
                                         static_cast<uint64_t>(std::max<int64_t>(out_dim - 1, 0)), "index_add");
     const int64_t total = outer * n * inner;

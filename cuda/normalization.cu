@@ -1,7 +1,8 @@
 // Softmax / log_softmax and LayerNorm rows, forward and backward. One block per row; row sums
 // use the fixed block-reduction tree of cuda/common.cuh, and the LayerNorm parameter gradients
-// are column sums done in two fixed-order passes (per-chunk partial sums, then the chunks in
-// order), so every result is bitwise reproducible. f32/bf16 accumulate in f32, f64 in f64.
+// are column sums in a fixed order (per-chunk partial sums in row order, then the chunks in
+// order, inside the one backward launch), so every result is bitwise reproducible. f32/bf16
+// accumulate in f32, f64 in f64.
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 
@@ -125,38 +126,66 @@ __global__ void layer_norm_backward_dx_kernel(T* dx, const T* dy, const T* x, co
   }
 }
 
-// Pass 1 of dweight/dbias: thread (chunk, column) sums its chunk of rows in row order.
+// The whole backward in one launch: block k takes chunk k of rows, writes dx row by row and adds
+// each row's dweight/dbias terms to its chunk's partial sums (each thread owns its columns, so the
+// sums run in row order without atomics); the last block to finish adds the chunks in chunk order.
 template <typename T>
-__global__ void layer_norm_param_partial_kernel(AccT<T>* pw, AccT<T>* pb, const T* dy, const T* x,
-                                                const AccT<T>* mean, const AccT<T>* rstd, int64_t rows,
-                                                int64_t cols, int64_t chunk_rows, int64_t nchunks) {
+__global__ void layer_norm_backward_fused_kernel(T* dx, T* dw, T* db, AccT<T>* pw, AccT<T>* pb,
+                                                 unsigned* blocks_done, const T* dy, const T* x,
+                                                 const AccT<T>* mean, const AccT<T>* rstd, const T* weight,
+                                                 int64_t rows, int64_t cols, int64_t chunk_rows) {
   using A = AccT<T>;
   using E = Elem<T>;
-  const int64_t total = cols * nchunks;
-  for (int64_t t = global_tid(); t < total; t += grid_stride()) {
-    const int64_t chunk = t / cols, c = t % cols;
-    const int64_t begin = chunk * chunk_rows, end = min(rows, begin + chunk_rows);
-    A sw = 0, sb = 0;
-    for (int64_t r = begin; r < end; ++r) {
-      const A g = E::load(dy, r * cols + c);
-      if (pw) sw += g * ((static_cast<A>(E::load(x, r * cols + c)) - mean[r]) * rstd[r]);
-      sb += g;
-    }
-    if (pw) pw[t] = sw;
-    if (pb) pb[t] = sb;
+  __shared__ A shared[32];
+  __shared__ bool last_block;
+  const int64_t chunk = blockIdx.x;
+  A* pwc = pw ? pw + chunk * cols : nullptr;
+  A* pbc = pb ? pb + chunk * cols : nullptr;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    if (pwc) pwc[c] = 0;
+    if (pbc) pbc[c] = 0;
   }
-}
-
-// Pass 2: each column's chunk sums, in chunk order.
-template <typename T>
-__global__ void layer_norm_param_final_kernel(T* dw, T* db, const AccT<T>* pw, const AccT<T>* pb, int64_t cols,
-                                              int64_t nchunks) {
-  using A = AccT<T>;
-  for (int64_t c = global_tid(); c < cols; c += grid_stride()) {
+  const int64_t begin = chunk * chunk_rows, end = min(rows, begin + chunk_rows);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* gr = dy + r * cols;
+    const T* xr = x + r * cols;
+    const A mu = mean[r], rs = rstd[r];
+    if (dx) {
+      A sg = 0, sgh = 0;
+      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+        A gh = E::load(gr, c);
+        if (weight) gh *= static_cast<A>(E::load(weight, c));
+        const A h = (static_cast<A>(E::load(xr, c)) - mu) * rs;
+        sg += gh;
+        sgh += gh * h;
+      }
+      sg = block_reduce(sg, SumOp{}, A(0), shared) / static_cast<A>(cols);
+      sgh = block_reduce(sgh, SumOp{}, A(0), shared) / static_cast<A>(cols);
+      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+        A gh = E::load(gr, c);
+        if (weight) gh *= static_cast<A>(E::load(weight, c));
+        const A h = (static_cast<A>(E::load(xr, c)) - mu) * rs;
+        E::store(dx, r * cols + c, rs * (gh - sg - h * sgh));
+      }
+    }
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      const A g = E::load(gr, c);
+      if (pwc) pwc[c] += g * ((static_cast<A>(E::load(xr, c)) - mu) * rs);
+      if (pbc) pbc[c] += g;
+    }
+  }
+  // Publish this chunk's sums, then let the last block to arrive add up all chunks.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     A sw = 0, sb = 0;
-    for (int64_t k = 0; k < nchunks; ++k) {
-      if (dw) sw += pw[k * cols + c];
-      if (db) sb += pb[k * cols + c];
+    for (int64_t k = 0; k < static_cast<int64_t>(gridDim.x); ++k) {
+      if (dw) sw += __ldcg(pw + k * cols + c);
+      if (db) sb += __ldcg(pb + k * cols + c);
     }
     if (dw) Elem<T>::store(dw, c, sw);
     if (db) Elem<T>::store(db, c, sb);
@@ -222,26 +251,27 @@ void layer_norm_backward(void* dx, void* dweight, void* dbias, const void* dy, c
   dispatch_norm(dtype, "layer_norm_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = AccT<T>;
-    if (rows > 0 && dx) {
+    if (rows > 0 && dx && !dweight && !dbias) {
       layer_norm_backward_dx_kernel<T><<<row_grid(rows), row_block_size(cols), 0, stream()>>>(
           static_cast<T*>(dx), static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const A*>(mean),
           static_cast<const A*>(rstd), static_cast<const T*>(weight), rows, cols);
       CUDA_CHECK_LAUNCH();
     }
     if (!dweight && !dbias) return;
-    // Chunks of rows: a function of `rows` alone, so the summation order never changes.
-    const int64_t chunk_rows = std::max<int64_t>(64, (rows + 255) / 256);
+    // Chunks of rows (one block each): a function of `rows` alone, so the summation order never
+    // changes. Up to 1024 chunks keep the rows each block walks through short.
+    const int64_t chunk_rows = std::max<int64_t>(32, (rows + 1023) / 1024);
     const int64_t nchunks = std::max<int64_t>(1, (rows + chunk_rows - 1) / chunk_rows);
     auto pw = dweight ? scratch(static_cast<size_t>(nchunks * cols) * sizeof(A)) : nullptr;
     auto pb = dbias ? scratch(static_cast<size_t>(nchunks * cols) * sizeof(A)) : nullptr;
-    A* pwp = pw ? static_cast<A*>(pw->data) : nullptr;
-    A* pbp = pb ? static_cast<A*>(pb->data) : nullptr;
-    layer_norm_param_partial_kernel<T><<<grid_for(nchunks * cols), kThreads, 0, stream()>>>(
-        pwp, pbp, static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const A*>(mean),
-        static_cast<const A*>(rstd), rows, cols, chunk_rows, nchunks);
-    CUDA_CHECK_LAUNCH();
-    layer_norm_param_final_kernel<T><<<grid_for(cols), kThreads, 0, stream()>>>(
-        static_cast<T*>(dweight), static_cast<T*>(dbias), pwp, pbp, cols, nchunks);
+    auto done = scratch(sizeof(unsigned));
+    CUDA_CHECK(cudaMemsetAsync(done->data, 0, sizeof(unsigned), stream()));
+    layer_norm_backward_fused_kernel<T><<<static_cast<unsigned>(nchunks), row_block_size(cols), 0, stream()>>>(
+        static_cast<T*>(dx), static_cast<T*>(dweight), static_cast<T*>(dbias),
+        pw ? static_cast<A*>(pw->data) : nullptr, pb ? static_cast<A*>(pb->data) : nullptr,
+        static_cast<unsigned*>(done->data), static_cast<const T*>(dy), static_cast<const T*>(x),
+        static_cast<const A*>(mean), static_cast<const A*>(rstd), static_cast<const T*>(weight), rows, cols,
+        chunk_rows);
     CUDA_CHECK_LAUNCH();
   });
 }

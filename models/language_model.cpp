@@ -87,8 +87,9 @@ Tensor LanguageModel::forward(const Tensor& tokens) {
            " exceeds max_seq_len = ", config_.max_seq_len, " (the size of the positional table)");
   Tensor x = tok_emb->forward(tokens);  // (B, T, E)
   if (pos_emb) {
-    Tensor positions = Tensor::arange(0, static_cast<double>(T), 1.0, DType::i64, tokens.device());
-    x = add(x, pos_emb->forward(positions));  // (T, E) broadcast over the batch
+    if (!positions_.defined() || positions_.numel() != T || positions_.device() != tokens.device())
+      positions_ = Tensor::arange(0, static_cast<double>(T), 1.0, DType::i64, tokens.device());
+    x = add(x, pos_emb->forward(positions_));  // (T, E) broadcast over the batch
   }
   x = drop->forward(x);
   for (size_t i = 0; i < blocks->size(); ++i) x = blocks->at_as<TransformerBlock>(i)->forward(x);

@@ -55,6 +55,7 @@ class LanguageModel : public nn::Module {
 
  private:
   LanguageModelConfig config_;
+  Tensor positions_;  // 0..T-1 on the tokens' device, kept between calls (an upload waits for the device)
 };
 
 }  // namespace longtape::models

@@ -110,6 +110,16 @@ RecallTask::RecallTask(RecallTaskConfig config) : config_(config) {
 
 int64_t RecallTask::vocab_size() const { return config_.num_keys + config_.num_values + config_.num_filler + 1; }
 
+namespace {
+// Inputs and targets in one upload (a copy to the device waits for it), viewed as two tensors.
+Batch batch_on(std::vector<int64_t>& inputs, const std::vector<int64_t>& targets, int64_t batch_size, int64_t T,
+               Device device) {
+  inputs.insert(inputs.end(), targets.begin(), targets.end());
+  Tensor both = Tensor::from_vector(inputs, {2, batch_size, T}, device);
+  return {both.select(0, 0), both.select(0, 1)};
+}
+}  // namespace
+
 Batch RecallTask::batch(int64_t batch_size, int64_t index, Split split, Device device) const {
   LT_CHECK(batch_size >= 1, "RecallTask::batch: batch_size must be >= 1, got ", batch_size);
   LT_CHECK(index >= 0, "RecallTask::batch: index must be >= 0, got ", index);
@@ -153,7 +163,7 @@ Batch RecallTask::batch(int64_t batch_size, int64_t index, Split split, Device d
       t += 2;
     }
   }
-  return {Tensor::from_vector(inputs, {batch_size, T}, device), Tensor::from_vector(targets, {batch_size, T}, device)};
+  return batch_on(inputs, targets, batch_size, T, device);
 }
 
 // ---------------------------------------------------------------- CharTextDataset
@@ -206,7 +216,7 @@ Batch CharTextDataset::batch(int64_t batch_size, int64_t index, Split split, Dev
       targets[b * T + t] = bytes_[start + t + 1];
     }
   }
-  return {Tensor::from_vector(inputs, {batch_size, T}, device), Tensor::from_vector(targets, {batch_size, T}, device)};
+  return batch_on(inputs, targets, batch_size, T, device);
 }
 
 // ---------------------------------------------------------------- accuracy

@@ -25,7 +25,7 @@ Linear::Linear(int64_t in_features, int64_t out_features, bool with_bias)
   if (with_bias) bias = register_parameter("bias", uniform_tensor({out_features}, bound));
 }
 
-Tensor Linear::forward(const Tensor& x) {
+Tensor Linear::project(const Tensor& x) {
   LT_CHECK(x.defined() && x.dim() >= 1 && x.shape().back() == in_features_, "Linear: input must be (..., ",
            in_features_, "), got ", x.defined() ? shape_str(x.shape()) : std::string("undefined"));
   // Flatten the leading dims so the weight enters one 2-D product (no per-batch weight copies).
@@ -33,8 +33,12 @@ Tensor Linear::forward(const Tensor& x) {
   out_shape.back() = out_features_;
   Tensor rows = x.dim() == 2 ? x : x.reshape({-1, in_features_});
   Tensor y = matmul(rows, weight.transpose(0, 1));
-  if (bias.defined()) y = add(y, bias);
   return x.dim() == 2 ? y : y.reshape(out_shape);
+}
+
+Tensor Linear::forward(const Tensor& x) {
+  Tensor y = project(x);
+  return bias.defined() ? add(y, bias) : y;
 }
 
 // ---------------------------------------------------------------- LayerNorm
@@ -85,7 +89,10 @@ MLP::MLP(int64_t dim, int64_t hidden, double dropout_p) {
   drop = register_module("drop", std::make_shared<Dropout>(dropout_p));
 }
 
-Tensor MLP::forward(const Tensor& x) { return fc2->forward(drop->forward(act->forward(fc1->forward(x)))); }
+Tensor MLP::forward(const Tensor& x) {
+  Tensor h = fc1->bias.defined() ? bias_gelu(fc1->project(x), fc1->bias, act->approx()) : act->forward(fc1->forward(x));
+  return fc2->forward(drop->forward(h));
+}
 
 // ---------------------------------------------------------------- ModuleList
 

@@ -20,6 +20,7 @@ class Linear : public Module {
  public:
   Linear(int64_t in_features, int64_t out_features, bool bias = true);
   Tensor forward(const Tensor& x);  // (..., in) -> (..., out)
+  Tensor project(const Tensor& x);  // x W^T without the bias (for a fused bias + activation)
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }
   std::string type_name() const override { return "Linear"; }
@@ -77,13 +78,15 @@ class GELU : public Module {
  public:
   explicit GELU(GeluApprox approx = GeluApprox::erf) : approx_(approx) {}
   Tensor forward(const Tensor& x) { return gelu(x, approx_); }
+  GeluApprox approx() const { return approx_; }
   std::string type_name() const override { return "GELU"; }
 
  private:
   GeluApprox approx_;
 };
 
-// Linear(dim, hidden) - GELU - Linear(hidden, dim); hidden defaults to 4 * dim.
+// Linear(dim, hidden) - GELU - Linear(hidden, dim); hidden defaults to 4 * dim. fc1's bias and the
+// GELU run as one fused op (bias_gelu).
 class MLP : public Module {
  public:
   explicit MLP(int64_t dim, int64_t hidden = 0, double dropout = 0.0);

@@ -47,12 +47,14 @@ void Optimizer::set_step_count(int64_t steps) {
   step_count_ = steps;
 }
 
+static DType state_dtype(DType parameter) { return parameter == DType::bf16 ? DType::f32 : parameter; }
+
 Tensor& Optimizer::slot(size_t i, const std::string& name) {
   auto& slots = slots_[i];
   auto it = slots.find(name);
   if (it == slots.end()) {
     const Tensor& p = parameters_[i].second;
-    it = slots.emplace(name, Tensor::zeros(p.shape(), p.dtype(), p.device())).first;
+    it = slots.emplace(name, Tensor::zeros(p.shape(), state_dtype(p.dtype()), p.device())).first;
   }
   return it->second;
 }
@@ -66,7 +68,8 @@ Tensor Optimizer::grad_of(size_t i) const {
   LT_CHECK(g.shape() == p.shape() && g.device() == p.device(), type_name(), ": gradient of '", name,
            "' has shape ", shape_str(g.shape()), " on ", g.device().str(), ", expected ", shape_str(p.shape()),
            " on ", p.device().str());
-  return g.dtype() == p.dtype() ? g : cast(g, p.dtype());
+  const DType want = state_dtype(p.dtype());
+  return g.dtype() == want ? g : cast(g, want);
 }
 
 std::map<std::string, Tensor> Optimizer::state() const {
@@ -111,7 +114,7 @@ void Optimizer::load_state(const std::map<std::string, Tensor>& state, int64_t s
   for (auto& [key, value] : state) {
     auto [i, s] = known.at(key);
     const Tensor& p = parameters_[i].second;
-    Tensor t = Tensor::empty(p.shape(), p.dtype(), p.device());
+    Tensor t = Tensor::empty(p.shape(), state_dtype(p.dtype()), p.device());
     t.copy_(value);
     slots_[i][s] = t;
   }
@@ -131,9 +134,10 @@ SGD::SGD(NamedTensors parameters, SGDOptions options) : Optimizer(std::move(para
 void SGD::step() {
   NoGradGuard guard;
   for (size_t i = 0; i < parameters_.size(); ++i) {
-    Tensor& p = parameters_[i].second;
+    Tensor& stored = parameters_[i].second;
     Tensor g = grad_of(i);
     if (!g.defined()) continue;
+    Tensor p = cast(stored, g.dtype());  // the update's arithmetic runs in the state dtype
     if (options_.weight_decay != 0) g = add(g, mul(p, options_.weight_decay));
     if (options_.momentum != 0) {
       const bool first = !has_slot(i, "momentum_buffer");
@@ -142,7 +146,7 @@ void SGD::step() {
       else buf.copy_(add(mul(buf, options_.momentum), mul(g, 1.0 - options_.dampening)));
       g = options_.nesterov ? add(g, mul(buf, options_.momentum)) : buf;
     }
-    p.copy_(sub(p, mul(g, lr_)));
+    stored.copy_(sub(p, mul(g, lr_)));
   }
   ++step_count_;
 }
@@ -181,15 +185,16 @@ void AdamW::step_with_ops(const std::vector<size_t>& which, double bias1, double
   const double b1 = options_.beta1, b2 = options_.beta2;
   const double step_size = lr_ / bias1, bias2_sqrt = std::sqrt(bias2);
   for (size_t i : which) {
-    Tensor& p = parameters_[i].second;
+    Tensor& stored = parameters_[i].second;
     Tensor g = grad_of(i);
+    Tensor p = cast(stored, g.dtype());  // bf16 parameters update in f32 and are rounded once
     Tensor& m = slot(i, "exp_avg");
     Tensor& v = slot(i, "exp_avg_sq");
     m.copy_(add(mul(m, b1), mul(g, 1.0 - b1)));
     v.copy_(add(mul(v, b2), mul(mul(g, g), 1.0 - b2)));
     Tensor denom = add(mul(sqrt(v), 1.0 / bias2_sqrt), options_.eps);
     Tensor decayed = decays(i) ? mul(p, 1.0 - lr_ * options_.weight_decay) : p;
-    p.copy_(sub(decayed, mul(div(m, denom), step_size)));
+    stored.copy_(sub(decayed, mul(div(m, denom), step_size)));
   }
 }
 
@@ -266,47 +271,47 @@ void AdamW::step() {
 
 // ---------------------------------------------------------------- clipping
 
-namespace {
-// Sum of squares of all gradients, accumulated per device in f32 (f64 when a gradient is f64),
-// read back once per device.
-double squared_norm(const std::vector<Tensor>& parameters) {
-  std::vector<std::pair<Device, Tensor>> partial;
+Tensor grad_norm_tensor(const std::vector<Tensor>& parameters) {
+  NoGradGuard guard;
+  // Sum of squares per gradient in f32 (f64 when a gradient is f64), added up on the first
+  // gradient's device, so nothing is read back here.
+  Tensor total;
   for (const Tensor& p : parameters) {
     Tensor g = p.grad();
     if (!g.defined() || g.numel() == 0) continue;
     Tensor gs = g.dtype() == DType::bf16 ? cast(g, DType::f32) : g;
     Tensor s = sum(mul(gs, gs));
-    bool merged = false;
-    for (auto& [device, acc] : partial) {
-      if (device == g.device()) {
-        acc = add(acc, cast(s, acc.dtype() == DType::f64 || s.dtype() == DType::f64 ? DType::f64 : acc.dtype()));
-        merged = true;
-        break;
-      }
+    if (!total.defined()) {
+      total = s;
+      continue;
     }
-    if (!merged) partial.emplace_back(g.device(), s);
+    if (s.device() != total.device()) s = s.to(total.device());
+    const DType dt = total.dtype() == DType::f64 || s.dtype() == DType::f64 ? DType::f64 : total.dtype();
+    total = add(cast(total, dt), cast(s, dt));
   }
-  double total = 0;
-  for (auto& [device, acc] : partial) total += acc.item();
-  return total;
-}
-}  // namespace
-
-double grad_norm(const std::vector<Tensor>& parameters) {
-  NoGradGuard guard;
-  return std::sqrt(squared_norm(parameters));
+  return total.defined() ? sqrt(total) : total;
 }
 
-double clip_grad_norm(const std::vector<Tensor>& parameters, double max_norm) {
+void scale_grads_to_norm(const std::vector<Tensor>& parameters, double norm, double max_norm) {
   LT_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
+  if (!std::isfinite(norm) || norm <= max_norm) return;
   NoGradGuard guard;
-  const double norm = std::sqrt(squared_norm(parameters));
-  if (!std::isfinite(norm) || norm <= max_norm) return norm;
   const double coef = max_norm / (norm + 1e-6);
   for (const Tensor& p : parameters) {
     Tensor g = p.grad();
     if (g.defined()) g.copy_(mul(g, coef));
   }
+}
+
+double grad_norm(const std::vector<Tensor>& parameters) {
+  Tensor norm = grad_norm_tensor(parameters);
+  return norm.defined() ? norm.item() : 0.0;
+}
+
+double clip_grad_norm(const std::vector<Tensor>& parameters, double max_norm) {
+  LT_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
+  const double norm = grad_norm(parameters);
+  scale_grads_to_norm(parameters, norm, max_norm);
   return norm;
 }
 

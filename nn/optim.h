@@ -53,7 +53,9 @@ class Optimizer {
   // The slot tensor of parameter i, created as zeros like the parameter when absent.
   Tensor& slot(size_t i, const std::string& name);
   bool has_slot(size_t i, const std::string& name) const;
-  // Gradient of parameter i, checked against the parameter (undefined when it has none).
+  // Gradient of parameter i, checked against the parameter, in the state dtype (undefined when it
+  // has none). State and update arithmetic are f32 for bf16 parameters (bf16 has too few bits for
+  // the moments, and the CPU computes no bf16), the parameter's dtype otherwise.
   Tensor grad_of(size_t i) const;
 
   NamedTensors parameters_;
@@ -129,6 +131,12 @@ class AdamW : public Optimizer {
 // the gradients unchanged (and is returned, so the caller can skip the step).
 double clip_grad_norm(const std::vector<Tensor>& parameters, double max_norm);
 double grad_norm(const std::vector<Tensor>& parameters);
+// The same two in parts, for a caller that reads the norm together with other values (one device
+// read per training step): the norm as a 0-d tensor on the gradients' device (f32, f64 when a
+// gradient is f64; undefined when no parameter has a gradient), and the clipping rule applied to
+// a norm read elsewhere.
+Tensor grad_norm_tensor(const std::vector<Tensor>& parameters);
+void scale_grads_to_norm(const std::vector<Tensor>& parameters, double norm, double max_norm);
 
 // Linear warmup from lr/warmup to lr over `warmup_steps`, then cosine decay to `min_lr` at
 // `total_steps`; constant min_lr afterwards. lr_at(step) for step = 0, 1, ...

@@ -19,6 +19,16 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
+// The scalar `loss` and, when defined, the scalar `norm`, read back in one copy.
+std::vector<double> read_together(const Tensor& loss, const Tensor& norm) {
+  NoGradGuard guard;
+  Tensor l = cast(loss.detach(), DType::f64).reshape({1});
+  if (!norm.defined()) return l.to_vector();
+  Tensor n = cast(norm, DType::f64).reshape({1});
+  if (n.device() != l.device()) n = n.to(l.device());
+  return cat({l, n}, 0).to_vector();
+}
+
 }  // namespace
 
 Trainer::Trainer(Module& model, Logits logits, Optimizer& optimizer, CosineSchedule schedule, TrainerOptions options)
@@ -38,23 +48,32 @@ StepResult Trainer::step(const Batch& batch, int64_t index) {
   const auto t0 = Clock::now();
   Tensor loss;
   {
-    profiler::Scope scope("forward + loss");
-    loss = cross_entropy(logits_(batch.inputs), batch.targets, kIgnoreIndex);
-  }
-  {
+    AutocastScope precision(options_.precision);
+    {
+      profiler::Scope scope("forward + loss");
+      loss = cross_entropy(logits_(batch.inputs), batch.targets, kIgnoreIndex);
+    }
     profiler::Scope scope("backward");
     optimizer_.zero_grad();
     loss.backward();
   }
-  double norm = 0;
+  double norm = 0, loss_value = 0;
   {
     profiler::Scope scope("grad norm + clip");
-    norm = options_.clip > 0 ? clip_grad_norm(model_.parameters(), options_.clip) : grad_norm(model_.parameters());
+    // The one device read of the step: the loss and the gradient norm together, before the update
+    // (a non-finite step must stop before it changes the weights). It also raises the index
+    // checks the step left on the device (tensor/device_checks.h).
+    const std::vector<Tensor> parameters = model_.parameters();
+    Tensor norm_t = grad_norm_tensor(parameters);
+    const std::vector<double> read = read_together(loss, norm_t);
+    loss_value = read[0];
+    norm = read.size() > 1 ? read[1] : 0.0;
+    if (options_.clip > 0) scale_grads_to_norm(parameters, norm, options_.clip);
   }
   // A diverged step stops the run before it changes the weights.
   if (options_.stop_on_non_finite && !std::isfinite(norm)) {
     if (on_diverged) on_diverged();
-    LT_CHECK(false, "train: the gradient norm became ", norm, " at step ", index + 1, " (loss ", loss.item(),
+    LT_CHECK(false, "train: the gradient norm became ", norm, " at step ", index + 1, " (loss ", loss_value,
              "); stopped without saving a checkpoint (", options_.divergence_hint, ")");
   }
   {
@@ -64,7 +83,7 @@ StepResult Trainer::step(const Batch& batch, int64_t index) {
   }
   StepResult r;
   r.step = index + 1;
-  r.loss = loss.item();  // also waits for the device
+  r.loss = loss_value;
   r.lr = optimizer_.lr();
   r.grad_norm = norm;
   r.seconds = seconds_since(t0);
@@ -116,6 +135,7 @@ EvalResult Trainer::evaluate(const BatchSource& data) {
   EvalResult r;
   {
     NoGradGuard no_grad;
+    AutocastScope precision(options_.precision);
     for (int64_t i = 0; i < options_.eval_batches; ++i) {
       Batch b = data(size, i, Split::heldout);
       Tensor logits = logits_(b.inputs);
@@ -160,7 +180,11 @@ void write_metrics(const std::string& path, const nlohmann::ordered_json& run, c
     doc["rows"] = list;
     text = doc.dump(2) + "\n";
   } else {
-    text = "step,loss,lr,grad_norm,tokens_per_s,elapsed_s,eval_loss,eval_accuracy\n";
+    // The run's precision, when it names one, on every row (a CSV has no header document).
+    const bool named = run.is_object() && run.contains("precision") && run["precision"].is_string();
+    const std::string precision = named ? run["precision"].get<std::string>() : "";
+    text = std::string("step,loss,lr,grad_norm,tokens_per_s,elapsed_s,eval_loss,eval_accuracy") +
+           (precision.empty() ? "" : ",precision") + "\n";
     char line[256];
     for (const auto& r : rows) {
       std::snprintf(line, sizeof line, "%lld,%.6g,%.6g,%.6g,%.6g,%.4f,", static_cast<long long>(r.step), r.loss, r.lr,
@@ -169,6 +193,7 @@ void write_metrics(const std::string& path, const nlohmann::ordered_json& run, c
       if (r.eval_loss) text += std::to_string(*r.eval_loss);
       text += ",";
       if (r.eval_accuracy) text += std::to_string(*r.eval_accuracy);
+      if (!precision.empty()) text += "," + precision;
       text += "\n";
     }
   }

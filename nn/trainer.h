@@ -2,9 +2,10 @@
 // The training loop of a model that maps token batches to logits, shared by `longtape train`, the
 // quality runs of `longtape bench`, the examples and the tests. One step is: batch -> logits ->
 // cross-entropy -> zero_grad -> backward -> clip (or measure) the global gradient norm -> the
-// schedule's learning rate -> optimizer step; the loss is read back after the step. Everything the
-// caller shows or records (progress, metrics, what ran) goes through the callbacks, so the loop
-// itself prints nothing.
+// schedule's learning rate -> optimizer step. The loss and the gradient norm are read back
+// together before the optimizer step: the one point where a step waits for the device. Everything
+// the caller shows or records (progress, metrics, what ran) goes through the callbacks, so the
+// loop itself prints nothing. TrainerOptions::precision is in force over forward, loss and backward.
 //
 // Data batch i of a split is a pure function of (seed, i) and checkpoints hold the model, the
 // optimizer and the generator, so a run resumed at step s repeats exactly what an uninterrupted
@@ -25,6 +26,7 @@
 #include "nn/module.h"
 #include "nn/optim.h"
 #include "tensor/device.h"
+#include "tensor/precision.h"
 
 namespace longtape::nn {
 
@@ -53,6 +55,7 @@ struct TrainerOptions {
   int64_t checkpoint_every = 0;      // also save every K steps, not at the last; 0 = only when asked
   std::map<std::string, std::string> checkpoint_metadata;  // extra pairs of every checkpoint
   int64_t profile_step = -1;         // 0-based index of a step to record with tensor/profiler.h; -1 = none
+  Precision precision = Precision::f32;  // in force over every forward, loss and backward (tensor/precision.h)
 };
 
 // One finished optimizer step.
@@ -125,7 +128,8 @@ struct MetricsRow {
 };
 
 // Writes the rows to `path` atomically: a JSON document (`run` with the rows under "rows") when
-// the path ends in .json, else CSV with a header line.
+// the path ends in .json, else CSV with a header line (and a precision column when `run` names
+// one).
 void write_metrics(const std::string& path, const nlohmann::ordered_json& run, const std::vector<MetricsRow>& rows);
 
 }  // namespace longtape::nn

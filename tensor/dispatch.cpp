@@ -152,6 +152,34 @@ void normal(const View& out, uint64_t seed, uint64_t offset, double mean, double
   LT_ROUTE(out.device, normal(out, seed, offset, mean, std));
 }
 
+// ---- fused training ops
+void bias_gelu(void* out, const void* x, const void* bias, DType dtype, int64_t rows, int64_t cols, bool tanh_approx,
+               Device device) {
+  profiler::Scope scope("bias_gelu", 2 * bytes_of(rows * cols, dtype));
+  LT_ROUTE(device, bias_gelu(out, x, bias, dtype, rows, cols, tanh_approx));
+}
+void bias_gelu_backward(void* dx, const void* dy, const void* x, const void* bias, DType dtype, int64_t rows,
+                        int64_t cols, bool tanh_approx, Device device) {
+  profiler::Scope scope("bias_gelu_backward", 3 * bytes_of(rows * cols, dtype));
+  LT_ROUTE(device, bias_gelu_backward(dx, dy, x, bias, dtype, rows, cols, tanh_approx));
+}
+void cross_entropy(void* loss_rows, void* counted_rows, void* lse_rows, const void* logits, const int64_t* targets,
+                   DType dtype, int64_t rows, int64_t classes, int64_t ignore_index, Device device) {
+  profiler::Scope scope("cross_entropy", bytes_of(rows * classes, dtype));
+  LT_ROUTE(device, cross_entropy(loss_rows, counted_rows, lse_rows, logits, targets, dtype, rows, classes, ignore_index));
+}
+void cross_entropy_backward(void* dlogits, const void* logits, const void* lse_rows, const int64_t* targets,
+                            const void* scale, DType dtype, int64_t rows, int64_t classes, int64_t ignore_index,
+                            Device device) {
+  profiler::Scope scope("cross_entropy_backward", 2 * bytes_of(rows * classes, dtype));
+  LT_ROUTE(device, cross_entropy_backward(dlogits, logits, lse_rows, targets, scale, dtype, rows, classes, ignore_index));
+}
+void flag_bad_indices(int64_t* first_bad, const int64_t* index, int64_t n, int64_t limit, int64_t allowed,
+                      Device device) {
+  profiler::Scope scope("flag_bad_indices", bytes_of(n, DType::i64));
+  LT_ROUTE(device, flag_bad_indices(first_bad, index, n, limit, allowed));
+}
+
 void check_indices(const int64_t* index, int64_t n, int64_t limit, Device device, const char* op) {
   std::vector<int64_t> host;
   const int64_t* p = index;

@@ -74,6 +74,7 @@ struct GemmArgs {
   bool trans_a, trans_b;
   double alpha, beta;
   Device device;
+  bool f32_out = false;  // bf16 A and B, f32 C (CUDA): mixed-precision products write f32
 };
 void gemm(const GemmArgs& args);
 
@@ -111,6 +112,27 @@ void scatter_add(void* out, const void* src, const int64_t* index, DType dtype, 
 // Counter-based Philox4x32-10 random numbers, contiguous out; same (seed, offset) = same values.
 void uniform(const View& out, uint64_t seed, uint64_t offset, double low, double high);
 void normal(const View& out, uint64_t seed, uint64_t offset, double mean, double std);
+
+// ---- fused training ops (tensor/ops/bias_gelu.cpp, tensor/ops/cross_entropy.cpp, tensor/device_checks.cpp)
+// out = gelu(x + bias) over contiguous (rows, cols) x and bias (cols); math in f32 (f64 for f64).
+void bias_gelu(void* out, const void* x, const void* bias, DType dtype, int64_t rows, int64_t cols, bool tanh_approx,
+               Device device);
+// dx = dy * gelu'(x + bias) (the bias gradient is dx's column sum).
+void bias_gelu_backward(void* dx, const void* dy, const void* x, const void* bias, DType dtype, int64_t rows,
+                        int64_t cols, bool tanh_approx, Device device);
+// Per row of contiguous (rows, classes) logits: lse = logsumexp(row), loss = lse - logit[target] and
+// counted = 1, or loss = counted = 0 when the target is ignore_index or outside [0, classes) (the
+// caller checks targets). loss, counted and lse are f32 (f64 for f64 logits).
+void cross_entropy(void* loss_rows, void* counted_rows, void* lse_rows, const void* logits, const int64_t* targets,
+                   DType dtype, int64_t rows, int64_t classes, int64_t ignore_index, Device device);
+// dlogits = (exp(logits - lse) - onehot(target)) * scale[0] on counted rows, 0 on the others;
+// scale is one f32 (f64) value in device memory (d loss / counted rows), so no host read is needed.
+void cross_entropy_backward(void* dlogits, const void* logits, const void* lse_rows, const int64_t* targets,
+                            const void* scale, DType dtype, int64_t rows, int64_t classes, int64_t ignore_index,
+                            Device device);
+// *first_bad = min(*first_bad, first position whose index is outside [0, limit) and != allowed).
+void flag_bad_indices(int64_t* first_bad, const int64_t* index, int64_t n, int64_t limit, int64_t allowed,
+                      Device device);
 
 // Throws unless every index is in [0, limit). Reads device memory when needed.
 void check_indices(const int64_t* index, int64_t n, int64_t limit, Device device, const char* op);

@@ -31,6 +31,8 @@ Tensor relu(const Tensor& a);
 Tensor sigmoid(const Tensor& a);
 enum class GeluApprox { erf, tanh };
 Tensor gelu(const Tensor& a, GeluApprox approx = GeluApprox::erf);
+// gelu(x + bias), bias (C,) over x (..., C): one node, one kernel each way (tensor/ops/bias_gelu.cpp).
+Tensor bias_gelu(const Tensor& x, const Tensor& bias, GeluApprox approx = GeluApprox::erf);
 // Comparisons return a float mask of a's dtype (no gradient).
 Tensor gt(const Tensor& a, const Tensor& b);
 Tensor lt(const Tensor& a, const Tensor& b);
@@ -72,7 +74,12 @@ Tensor log_softmax(const Tensor& a, int64_t dim = -1);
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5);
 // weight (V, E), indices i32/i64 of any shape -> (..., E).
 Tensor embedding(const Tensor& weight, const Tensor& indices);
-// logits (N, C) or (B, T, C); targets i64 of the leading shape; mean over non-ignored targets.
+// logits (N, C) or (B, T, C); targets i32/i64 of the leading shape; mean over non-ignored targets
+// (0 when every target is ignored). Fused with log-softmax (tensor/ops/cross_entropy.cpp): one
+// node, one kernel each way, the loss in f32 (f64 for f64 logits). A target outside [0, C) that
+// is not ignore_index throws "cross_entropy: target T at position i is out of range [0, C)": at
+// once on the CPU; on CUDA when this thread next reads a value (loss.item(); tensor/device_checks.h),
+// so a training step never waits for the check.
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
 // Seeded by the default generator unless a seed is given; identity when !training or p == 0.
 Tensor dropout(const Tensor& a, double p, bool training = true,

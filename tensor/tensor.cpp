@@ -8,6 +8,7 @@
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
 #include "tensor/checked_math.h"
+#include "tensor/device_checks.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
 
@@ -190,6 +191,8 @@ double Tensor::item() const {
 std::vector<double> Tensor::to_vector() const {
   NoGradGuard guard;
   Tensor host = detach().to(Device::cpu()).to(DType::f64).contiguous();
+  // The read waited for the device: the index checks it holds are answered now (device_checks.h).
+  if (device().is_cuda()) raise_device_checks();
   const double* p = host.data<double>();
   return std::vector<double>(p, p + host.numel());
 }

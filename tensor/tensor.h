@@ -104,6 +104,7 @@ class Tensor {
   Tensor to(Device device) const;  // differentiable
   Tensor to(DType dtype) const;    // differentiable cast for floating types
   Tensor cpu() const { return to(Device::cpu()); }
+  // Reads of CUDA values also raise the index checks pending on this thread (tensor/device_checks.h).
   double item() const;             // one element, any dtype/device
   std::vector<double> to_vector() const;  // all elements, row-major, as double
   template <typename T>

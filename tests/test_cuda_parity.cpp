@@ -176,6 +176,10 @@ TEST_CASE("cuda: unary ops match the CPU forward and backward, contiguous and st
       {"sigmoid", {randn64(s)}, [](const auto& x) { return sigmoid(x[0]); }},
       {"gelu erf", {randn64(s)}, [](const auto& x) { return gelu(x[0], GeluApprox::erf); }},
       {"gelu tanh", {randn64(s)}, [](const auto& x) { return gelu(x[0], GeluApprox::tanh); }},
+      {"bias_gelu erf", {randn64(s), randn64({s.back()})}, [](const auto& x) { return bias_gelu(x[0], x[1]); }, 1,
+       s[0]},
+      {"bias_gelu tanh", {randn64(s), randn64({s.back()})},
+       [](const auto& x) { return bias_gelu(x[0], x[1], GeluApprox::tanh); }, 1, s[0]},
       {"pow 3", {randn64(s)}, [](const auto& x) { return pow(x[0], 3.0); }},
       {"pow 0.5", {positive64(s)}, [](const auto& x) { return pow(x[0], 0.5); }},
       {"add scalar", {randn64(s)}, [](const auto& x) { return add(x[0], 1.5); }},
@@ -379,6 +383,9 @@ TEST_CASE("cuda: softmax, log_softmax and layer_norm match the CPU forward and b
                    [](const auto& x) { return layer_norm(x[0], Tensor(), Tensor()); }, 33});
   cases.push_back({"layer_norm of one long row", {randn64({1, 5000}), randn64({5000}), randn64({5000})},
                    [](const auto& x) { return layer_norm(x[0], x[1], x[2], 1e-3); }, 5000});
+  // Many rows: the backward's chunks (one block each) and the last block's sum over them.
+  cases.push_back({"layer_norm of 70000 short rows", {randn64({70000, 12}), randn64({12}), randn64({12})},
+                   [](const auto& x) { return layer_norm(x[0], x[1], x[2]); }, 12, 70000});
   check_parity_all(cases);
 }
 
@@ -492,8 +499,10 @@ TEST_CASE("cuda: views, contiguous and zero-size tensors" * doctest::skip(!cuda_
 
 TEST_CASE("cuda: ops on bad input throw clear errors" * doctest::skip(!cuda_available())) {
   Tensor w = Tensor::randn({10, 4}, DType::f32, kGpu);
-  CHECK_THROWS_WITH_AS(embedding(w, Tensor::from_vector(std::vector<int64_t>{1, 12}, {2}, kGpu)),
-                       doctest::Contains("out of range"), Error);
+  // Token ids are checked on the device; the next read raises it (tensor/device_checks.h).
+  Tensor rows = embedding(w, Tensor::from_vector(std::vector<int64_t>{1, 12}, {2}, kGpu));
+  CHECK_THROWS_WITH_AS(rows.to_vector(), doctest::Contains("embedding: index 12 at position 1 is out of range [0, 10)"),
+                       Error);
   CHECK_THROWS_AS(add(w, Tensor::randn({10, 4})), Error);  // devices differ
   CHECK_THROWS_AS(matmul(w, Tensor::randn({4, 3}, DType::f32, kGpu).to(DType::bf16)), Error);
 }

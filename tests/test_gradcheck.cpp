@@ -240,6 +240,8 @@ std::vector<OpCase> op_table() {
     {"cross_entropy (N,C)",    [](const Ts& x) { return cross_entropy(x[0], i64({1, 0, 4, 2}, {4})); }, {{4, 5}}},
     {"cross_entropy ignore -100", [](const Ts& x) { return cross_entropy(x[0], i64({1, -100, 4, 2}, {4})); }, {{4, 5}}},
     {"cross_entropy (B,T,C) ignore 2", [](const Ts& x) { return cross_entropy(x[0], i64({0, 2, 3, 1, 2, 4}, {2, 3}), 2); }, {{2, 3, 5}}},
+    {"bias_gelu erf",          [](const Ts& x) { return bias_gelu(x[0], x[1]); }, {{2, 3, 6}, {6}}},
+    {"bias_gelu tanh",         [](const Ts& x) { return bias_gelu(x[0], x[1], GeluApprox::tanh); }, {{4, 5}, {5}}},
     {"dropout seed",           [](const Ts& x) { return dropout(x[0], 0.3, true, 1234); }, {{4, 5}}},
     {"dropout default generator", [](const Ts& x) { manual_seed(77); return dropout(x[0], 0.5); }, {{4, 5}}},
     {"dropout eval is identity", [](const Ts& x) { return dropout(x[0], 0.5, false); }, {{4, 5}}},

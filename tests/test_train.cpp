@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -114,6 +116,37 @@ TEST_CASE("longtape train --profile prints the per-op table of one step; --seq-l
   INFO(g.output);
   CHECK(g.code == 0);
   CHECK(g.output.find("w=256,512 r=1,2") != std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("longtape train --precision: bf16 on the CPU runs and is recorded in the JSON metrics; a bad value exits 2" *
+          doctest::skip(testing::longtape_binary_missing())) {
+  const auto dir = testing::fresh_dir("train_precision");
+  const std::string bin = "'" + std::filesystem::absolute(testing::longtape_binary()).string() + "'";
+  const auto r = testing::run_command("cd '" + dir.string() + "' && OMP_NUM_THREADS=1 timeout 120 " + bin +
+                                          " train --device cpu --steps 2 --batch 2 --seq-len 64 --eval-every 0 "
+                                          "--eval-batches 1 --precision bf16 --metrics m.json",
+                                      dir / "log.txt");
+  INFO(r.output);
+  CHECK(r.code == 0);
+  CHECK(r.output.find("precision bf16-rounded operands, f32 math (CPU)") != std::string::npos);
+  std::ifstream in(dir / "m.json");
+  std::stringstream text;
+  text << in.rdbuf();
+  CHECK(text.str().find("\"precision\": \"bf16\"") != std::string::npos);
+  // A CSV names it on every row.
+  write_metrics((dir / "m.csv").string(), {{"precision", "bf16"}}, {{1, 2.5, 1e-3, 0.7, 100.0, 0.5, {}, {}}});
+  std::ifstream csv(dir / "m.csv");
+  std::stringstream csv_text;
+  csv_text << csv.rdbuf();
+  const std::string header = "step,loss,lr,grad_norm,tokens_per_s,elapsed_s,eval_loss,eval_accuracy,precision\n";
+  CHECK(csv_text.str().rfind(header, 0) == 0);
+  CHECK(csv_text.str().find(",bf16\n") != std::string::npos);
+  const auto bad = testing::run_command("cd '" + dir.string() + "' && " + bin + " train --device cpu --precision fp8",
+                                        dir / "log2.txt");
+  INFO(bad.output);
+  CHECK(bad.code == 2);
+  CHECK(bad.output.find("--precision must be auto, f32, tf32 or bf16, got \"fp8\"") != std::string::npos);
   std::filesystem::remove_all(dir);
 }
 

@@ -32,6 +32,7 @@ int gemm_threads(double flops, int64_t max_parts) {
 }  // namespace
 
 void gemm(const GemmArgs& g) {
+  LT_CHECK(!g.f32_out, "matmul: the CPU backend has no bf16 products (bf16 precision rounds f32 operands instead)");
   dispatch_float(g.dtype, "matmul", [&]<typename T>() {
     using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     using MapC = Eigen::Map<Mat>;

@@ -71,4 +71,12 @@ void scatter_add(void* out, const void* src, const int64_t* index, DType dtype, 
   });
 }
 
+void flag_bad_indices(int64_t* first_bad, const int64_t* index, int64_t n, int64_t limit, int64_t allowed) {
+  for (int64_t i = 0; i < n && i < *first_bad; ++i)
+    if ((index[i] < 0 || index[i] >= limit) && index[i] != allowed) {
+      *first_bad = i;
+      return;
+    }
+}
+
 }  // namespace longtape::cpu

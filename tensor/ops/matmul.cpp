@@ -1,8 +1,13 @@
 // Matrix products with broadcast batch dims (GEMM through Eigen on the CPU, cuBLAS on CUDA).
+// Under a bf16 AutocastScope (tensor/precision.h) f32 operands are rounded to bf16 and the product
+// accumulates and writes f32; the node saves the rounded operands and its backward rounds the
+// incoming gradient the same way, so every product of the pass reads bf16 and every gradient that
+// leaves the node is f32.
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
+#include "tensor/precision.h"
 
 namespace longtape {
 
@@ -11,7 +16,8 @@ using autograd::record;
 namespace {
 
 // Batched product of (..., M, K) and (..., K, N) tensors with equal batch dims (both contiguous).
-Tensor bmm_raw(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+// bf16 operands with f32_out give an f32 result (CUDA).
+Tensor bmm_raw(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool f32_out = false) {
   const int64_t nd = a.dim();
   const int64_t m = trans_a ? a.shape()[nd - 1] : a.shape()[nd - 2];
   const int64_t k = trans_a ? a.shape()[nd - 2] : a.shape()[nd - 1];
@@ -20,10 +26,10 @@ Tensor bmm_raw(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
   int64_t batch = shape_numel(out_shape);
   out_shape.push_back(m);
   out_shape.push_back(n);
-  Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
+  Tensor out = Tensor::empty(out_shape, f32_out ? DType::f32 : a.dtype(), a.device());
   kernels::GemmArgs g{out.raw_data(), a.raw_data(), b.raw_data(), a.dtype(), batch, m, n, k,
                       a.shape()[nd - 1] * a.shape()[nd - 2], b.shape()[nd - 1] * b.shape()[nd - 2], m * n,
-                      trans_a, trans_b, 1.0, 0.0, a.device()};
+                      trans_a, trans_b, 1.0, 0.0, a.device(), f32_out};
   if (out.numel() > 0) {
     if (k == 0) out.zero_();
     else kernels::gemm(g);
@@ -44,6 +50,13 @@ Operand as_operand(const Tensor& x) {
   Tensor t = x.transpose(nd - 2, nd - 1);
   if (t.is_contiguous()) return {t, true};
   return {x.contiguous(), false};
+}
+
+// A stored operand as a bf16 product reads it (not recorded: the node saves the result).
+Operand lowered(Operand o) {
+  NoGradGuard guard;
+  o.stored = bf16_operand(o.stored);
+  return o;
 }
 
 }  // namespace
@@ -86,19 +99,33 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
   sb.push_back(kb);
   sb.push_back(b.shape()[b.dim() - 1]);
   Tensor ae = a.expand(sa), be = b.expand(sb);
+  const Precision precision = autocast_precision();
+  const bool low = lowers_to_bf16(precision, a_in.dtype());
+  // bf16 tensors exist on CUDA only; the CPU multiplies the bf16-rounded values in f32.
+  const bool f32_out = low && a_in.device().is_cuda();
   Tensor out;
   Operand oa, ob;
   {
     NoGradGuard guard;
     oa = as_operand(ae.detach());
     ob = as_operand(be.detach());
-    out = bmm_raw(oa.stored, ob.stored, oa.transposed, ob.transposed);
+    if (low) {
+      oa = lowered(oa);
+      ob = lowered(ob);
+    }
+    out = bmm_raw(oa.stored, ob.stored, oa.transposed, ob.transposed, f32_out);
   }
   Tensor ad = ae.detach(), bd = be.detach();
-  record("matmul", {ae, be}, {out}, [oa, ob](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+  record("matmul", {ae, be}, {out}, [oa, ob, precision, low, f32_out](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+    AutocastScope scope(precision);  // the backward products compute as the forward did (tf32)
     Tensor go = g[0].contiguous();
+    if (low) {
+      NoGradGuard guard;
+      go = bf16_operand(go);
+    }
     // dA = dC B^T, dB = A^T dC
-    return {bmm_raw(go, ob.stored, false, !ob.transposed), bmm_raw(oa.stored, go, !oa.transposed, false)};
+    return {bmm_raw(go, ob.stored, false, !ob.transposed, f32_out),
+            bmm_raw(oa.stored, go, !oa.transposed, false, f32_out)};
   }, {ad, bd});
   if (a_in.dim() == 1) out = out.squeeze(-2);
   if (b_in.dim() == 1) out = out.squeeze(-1);

@@ -1,4 +1,5 @@
-// Neural-network functions: softmax, log_softmax, layer_norm, embedding, cross_entropy, dropout.
+// Neural-network functions: softmax, log_softmax, layer_norm, embedding, dropout (cross_entropy:
+// tensor/ops/cross_entropy.cpp).
 // Each runs its forward through the row kernels of tensor/kernels.h and records one node whose
 // backward calls the matching backward kernel, so the tape stays short and the gradients are
 // computed in one pass.
@@ -6,6 +7,7 @@
 
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
+#include "tensor/device_checks.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
 
@@ -142,7 +144,7 @@ Tensor embedding(const Tensor& weight, const Tensor& indices) {
            shape_str(weight.shape()));
   Tensor idx = indices_as_i64(indices, weight, "embedding", "indices");
   const int64_t vocab = weight.shape()[0], width = weight.shape()[1], n = idx.numel();
-  kernels::check_indices(index_ptr(idx), n, vocab, idx.device(), "embedding");
+  check_indices_deferred(idx, vocab, 0, "embedding", "index");  // no host read on CUDA
 
   Shape out_shape = indices.shape();
   out_shape.push_back(width);
@@ -160,72 +162,6 @@ Tensor embedding(const Tensor& weight, const Tensor& indices) {
     kernels::index_add(dw.raw_data(), dy.raw_data(), index_ptr(idx), dt, 1, vocab, n, width, dev);
     return {dw};
   }, {idx});
-  return out;
-}
-
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
-  check_floating(logits, "cross_entropy", "logits");
-  LT_CHECK(logits.dim() == 2 || logits.dim() == 3, "cross_entropy: logits must be (N, C) or (B, T, C), got shape ",
-           shape_str(logits.shape()));
-  const Shape lead(logits.shape().begin(), logits.shape().end() - 1);
-  LT_CHECK(targets.defined() && targets.shape() == lead, "cross_entropy: targets must have shape ", shape_str(lead),
-           " for logits of shape ", shape_str(logits.shape()), ", got ",
-           targets.defined() ? shape_str(targets.shape()) : std::string("undefined"));
-  const int64_t classes = logits.shape().back();
-  LT_CHECK(classes > 0, "cross_entropy: logits need at least one class, got shape ", shape_str(logits.shape()));
-  Tensor target_i64 = indices_as_i64(targets, logits, "cross_entropy", "targets");
-  const int64_t rows = target_i64.numel();
-  const DType dt = logits.dtype();
-  const Device dev = logits.device();
-
-  // Targets are read on the host once: validation needs them there anyway, and the per-row weights
-  // (1 = counted, 0 = ignored) and safe class indices are built from them.
-  std::vector<int64_t> host_targets(rows);
-  copy_bytes(host_targets.data(), Device::cpu(), target_i64.raw_data(), dev, rows * sizeof(int64_t));
-  std::vector<int64_t> safe_targets(rows);
-  std::vector<double> row_weights(rows);
-  int64_t counted = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = host_targets[r];
-    if (t == ignore_index) {
-      safe_targets[r] = 0;
-      row_weights[r] = 0.0;
-      continue;
-    }
-    LT_CHECK(t >= 0 && t < classes, "cross_entropy: target ", t, " at position ", r, " is out of range [0, ",
-             classes, ") and is not ignore_index (", ignore_index, ")");
-    safe_targets[r] = t;
-    row_weights[r] = 1.0;
-    ++counted;
-  }
-
-  // Everything below works on detached tensors, so none of it is recorded; one node is, at the end.
-  Tensor logit_rows = logits.detach().contiguous();
-  Tensor log_probs = Tensor::empty({rows, classes}, dt, dev);
-  kernels::softmax(log_probs.raw_data(), logit_rows.raw_data(), dt, rows, classes, true, dev);
-  Tensor safe = Tensor::from_vector(safe_targets, {rows, 1}, dev);
-  // Mean over counted rows; with nothing counted the scale is 0, so loss and gradient are 0, not NaN.
-  const double scale = counted > 0 ? 1.0 / static_cast<double>(counted) : 0.0;
-  Tensor counted_mask = cast(Tensor::from_vector(row_weights, {rows, 1}, dev), dt);
-  Tensor row_scale = mul(counted_mask, scale);
-
-  Tensor picked = Tensor::empty({rows, 1}, dt, dev);
-  kernels::gather(picked.raw_data(), log_probs.raw_data(), index_ptr(safe), dt, rows, classes, 1, 1, dev);
-  // where() rather than a multiply keeps an ignored row's -inf or NaN out of the sum.
-  Tensor zero = Tensor::zeros({}, dt, dev);
-  Tensor out = neg(sum(where(counted_mask, mul(picked, scale), zero)));
-
-  Shape logits_shape = logits.shape();
-  record("cross_entropy", {logits}, {out},
-         [log_probs, safe, row_scale, counted_mask, zero, logits_shape, rows, classes](
-             const std::vector<Tensor>& g) -> std::vector<Tensor> {
-           // d loss / d logits = (softmax - onehot(target)) * row_scale, times the incoming scalar.
-           Tensor d = where(counted_mask, mul(exp(log_probs), row_scale), zero).contiguous();
-           Tensor minus_scale = neg(row_scale).contiguous();
-           kernels::scatter_add(d.raw_data(), minus_scale.raw_data(), index_ptr(safe), d.dtype(), rows, classes, 1,
-                                1, d.device());
-           return {mul(d, g[0].detach()).reshape(logits_shape)};
-         });
   return out;
 }
 
