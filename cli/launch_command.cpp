@@ -25,6 +25,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <map>
 #include <string>
 #include <thread>
@@ -133,9 +134,9 @@ pid_t start_child(const std::vector<std::string>& command, const std::vector<std
   return pid;
 }
 
-// Reaps children that have exited; returns the first that failed (or nullptr).
-Child* reap(std::vector<Child>& children, bool pause) {
-  Child* failed = nullptr;
+// Reaps the children that have exited; returns those that failed, in the order reaped.
+std::vector<Child*> reap(std::vector<Child>& children, bool pause) {
+  std::vector<Child*> failed;
   while (true) {
     int status = 0;
     const pid_t pid = waitpid(-1, &status, WNOHANG);
@@ -144,11 +145,10 @@ Child* reap(std::vector<Child>& children, bool pause) {
       if (c.pid != pid || !c.running) continue;
       c.running = false;
       c.status = status;
-      const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-      if (!ok && failed == nullptr) failed = &c;
+      if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0)) failed.push_back(&c);
     }
   }
-  if (failed == nullptr && pause) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  if (failed.empty() && pause) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   return failed;
 }
 
@@ -208,13 +208,21 @@ int run_launch(const LaunchArgs& args) {
       stop_all(children, a.grace);
       return 128 + sig;
     }
-    if (Child* failed = reap(children, true)) {
-      const int rank = failed->rank, status = failed->status;
-      const pid_t pid = failed->pid;
-      std::fprintf(stderr, "longtape launch: rank %d (pid %d) %s; stopping the other ranks\n", rank,
-                   static_cast<int>(pid), status_text(status).c_str());
+    std::vector<Child*> failed = reap(children, true);
+    if (!failed.empty()) {
+      // A rank that fails usually makes its peers fail a moment later (their connections close):
+      // collect those too, and name a rank killed by a signal first (it is the likelier cause).
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      for (Child* more : reap(children, false)) failed.push_back(more);
+      std::stable_sort(failed.begin(), failed.end(),
+                       [](const Child* x, const Child* y) { return WIFSIGNALED(x->status) && !WIFSIGNALED(y->status); });
+      for (const Child* f : failed)
+        std::fprintf(stderr, "longtape launch: rank %d (pid %d) %s\n", f->rank, static_cast<int>(f->pid),
+                     status_text(f->status).c_str());
+      if (any_running(children)) std::fprintf(stderr, "longtape launch: stopping the other ranks\n");
       std::fflush(stderr);
       stop_all(children, a.grace);
+      const int status = failed.front()->status;
       return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     }
   }
