@@ -10,6 +10,8 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "attention/registry.h"
+#include "autograd/node.h"
 #include "io/safetensors.h"
 #include "io/tensor_io.h"
 #include "nn/dist/data_parallel.h"
@@ -139,6 +141,7 @@ TEST_CASE("TCP process group: a peer that goes away or stays silent makes the wa
                            comm.recv({3}, DType::f32, Device::cpu(), 1, 0);
                          } else {
                            try {
+                             std::this_thread::sleep_for(200ms);  // its own wait ends after rank 0's
                              comm.recv({3}, DType::f32, Device::cpu(), 0, 5);
                            } catch (const Error& e) {
                              rank1_error = e.what();
@@ -147,6 +150,7 @@ TEST_CASE("TCP process group: a peer that goes away or stays silent makes the wa
                        }, 400ms),
                        doctest::Contains("timed out after 0.4"), Error);
   CHECK(std::chrono::steady_clock::now() - t0 < 5s);
+  INFO("rank 1: " << rank1_error);
   CHECK(rank1_error.find("rank 0 failed") != std::string::npos);
   // Different collectives at the same position fail on both ranks.
   CHECK_THROWS_WITH_AS(run_tcp_ranks(2, [&](Communicator& comm) {
@@ -182,6 +186,47 @@ TEST_CASE("TCP process group: a ring of sends before any receive does not deadlo
                        }, 5s),
                        doctest::Contains("stopping on purpose"), Error);
   for (const std::string& e : errors) CHECK(e.find("rank 2 failed: stopping on purpose") != std::string::npos);
+}
+
+TEST_CASE("ring and head_parallel run unchanged over the TCP group and match the in-process group") {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  constexpr int kRanks = 2;
+  const int64_t n = 16;
+  const Tensor q = Tensor::randn({1, n, 2, 4}, DType::f64), k = Tensor::randn({1, n, 2, 4}, DType::f64),
+               v = Tensor::randn({1, n, 2, 4}, DType::f64), dout = Tensor::randn({1, n, 2, 4}, DType::f64);
+  for (const std::string variant : {"ring", "head_parallel"}) {
+    INFO(variant);
+    attention::AttentionConfig config;
+    config.num_heads = 2;
+    config.head_dim = 4;
+    config.causal = true;
+    config.segment_lengths = {4, 8};
+    config.dilation_rates = {1, 2};
+    config.inner_variant = "dilated";
+    config.ranks = kRanks;
+    // Each rank: its token chunk through the module (which finds the current communicator), then backward.
+    auto rank_body = [&](Communicator& comm, std::vector<std::vector<Tensor>>& out) {
+      const int64_t chunk = n / kRanks, at = chunk * comm.rank();
+      auto mine = [&](const Tensor& x) { return x.narrow(1, at, chunk).contiguous().detach().requires_grad_(); };
+      Tensor ql = mine(q), kl = mine(k), vl = mine(v);
+      auto module = attention::make_attention(variant, config);
+      Tensor o = module->forward(ql, kl, vl);
+      autograd::run_backward({o}, {dout.narrow(1, at, chunk).contiguous()}, false);
+      out[static_cast<size_t>(comm.rank())] = {o.detach(), ql.grad(), kl.grad(), vl.grad()};
+    };
+    std::vector<std::vector<Tensor>> in_process(kRanks), over_tcp(kRanks);
+    run_ranks(kRanks, [&](Communicator& comm) { rank_body(comm, in_process); });
+    run_tcp_ranks(kRanks, [&](Communicator& comm) {
+      CommunicatorScope scope(comm);
+      rank_body(comm, over_tcp);
+    });
+    for (int r = 0; r < kRanks; ++r)
+      for (size_t i = 0; i < 4; ++i)
+        check_bitwise_equal(over_tcp[static_cast<size_t>(r)][i], in_process[static_cast<size_t>(r)][i],
+                            "rank " + std::to_string(r) + " result " + std::to_string(i));
+  }
 }
 
 TEST_CASE("GradientReducer: bucketed averages equal the float64 mean of every rank's gradients") {

@@ -129,8 +129,10 @@ class NcclComm {
   const CommOptions& options() const { return options_; }
 
   // Runs `enqueue` (NCCL calls on stream()) after the compute stream's work so far, as one group
-  // with the buffered sends; the compute stream waits for it. `keep` stays alive until it is done.
-  void run(const std::string& what, const std::function<void()>& enqueue, std::vector<Tensor> keep) {
+  // with the buffered sends; the compute stream waits for it, or, with `deferred`, whoever waits on
+  // the event returned there (owned by the caller). `keep` stays alive until it is done.
+  void run(const std::string& what, const std::function<void()>& enqueue, std::vector<Tensor> keep,
+           cudaEvent_t* deferred = nullptr) {
     std::lock_guard<std::mutex> lock(call_mutex_);
     check_usable(what);
     reap();
@@ -148,7 +150,12 @@ class NcclComm {
     settle(ncclGroupEnd(), what);
     cuda_ok(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
     cuda_ok(cudaEventRecord(done, stream_), "cudaEventRecord");
-    cuda_ok(cudaStreamWaitEvent(compute, done, 0), "cudaStreamWaitEvent");
+    if (deferred != nullptr) {
+      cuda_ok(cudaEventCreateWithFlags(deferred, cudaEventDisableTiming), "cudaEventCreate");
+      cuda_ok(cudaEventRecord(*deferred, stream_), "cudaEventRecord");
+    } else {
+      cuda_ok(cudaStreamWaitEvent(compute, done, 0), "cudaStreamWaitEvent");
+    }
     {
       std::lock_guard<std::mutex> watch_lock(mutex_);
       in_flight_.push_back({done, Clock::now(), what, std::move(keep), false});
@@ -184,10 +191,15 @@ class NcclComm {
       for (InFlight& f : in_flight_)
         if (!f.finished) all_done = all_done && cudaEventQuery(f.done) == cudaSuccess;
       if (all_done) return;
-      if (watch_changed_.wait_until(lock, std::min(deadline, Clock::now() + std::chrono::milliseconds(1))) ==
-              std::cv_status::timeout &&
-          Clock::now() >= deadline)
-        LT_CHECK(!failed_, failure_);  // the watchdog fails the communicator before this deadline
+      watch_changed_.wait_until(lock, std::min(deadline, Clock::now() + std::chrono::milliseconds(1)));
+      if (Clock::now() >= deadline && !failed_) {
+        // The watchdog fails the communicator before this deadline; this is the backstop.
+        lock.unlock();
+        const std::string message = "dist (NCCL): rank " + std::to_string(rank_) +
+                                    ": the transfers in flight did not finish within the timeout";
+        fail_and_abort(message);
+        throw Error(message);
+      }
     }
   }
 
@@ -532,14 +544,24 @@ class NcclCommunicator final : public Communicator {
     return t.device() == device ? t : t.to(device);
   }
 
+  // The receive of exchange()/recv(): wait() orders the calling thread's compute stream after the
+  // transfer (an event, no host sync), so work queued between exchange() and wait() overlaps it.
   class Pending final : public PendingRecv {
    public:
-    Pending(Tensor out, Device device) : out_(std::move(out)), device_(device) {}
-    Tensor wait() override { return back(out_, device_); }
+    Pending(Tensor out, Device device, cudaEvent_t arrived) : out_(std::move(out)), device_(device), arrived_(arrived) {}
+    ~Pending() override { cudaEventDestroy(arrived_); }
+    Pending(const Pending&) = delete;
+    Pending& operator=(const Pending&) = delete;
+    Tensor wait() override {
+      cuda_ok(cudaStreamWaitEvent(static_cast<cudaStream_t>(cuda::current_stream()), arrived_, 0),
+              "cudaStreamWaitEvent");
+      return back(out_, device_);
+    }
 
    private:
     Tensor out_;
     Device device_;
+    cudaEvent_t arrived_;
   };
 
   std::unique_ptr<PendingRecv> start_recv(const Shape& shape, DType dtype, Device device, int src, int tag,
@@ -550,9 +572,10 @@ class NcclCommunicator final : public Communicator {
     std::vector<Tensor> keep{out};
     Tensor in;
     if (to_send != nullptr) {
-      in = on_gpu(*to_send);
+      in = private_device_copy(*to_send);  // the caller's stream may change its tensor before wait()
       keep.push_back(in);
     }
+    cudaEvent_t arrived = nullptr;
     comm_->run(to_send ? "exchange with ranks " + std::to_string(dst) + " and " + std::to_string(src)
                        : "recv from rank " + std::to_string(src),
                [&] {
@@ -563,8 +586,8 @@ class NcclCommunicator final : public Communicator {
                    comm_->nccl_ok(ncclRecv(out.raw_data(), static_cast<size_t>(out.numel()), nccl_type(dtype), src,
                                            comm_->comm(), comm_->stream()), "ncclRecv");
                },
-               keep);
-    return std::make_unique<Pending>(out, device);
+               keep, &arrived);
+    return std::make_unique<Pending>(out, device, arrived);
   }
 
   std::unique_ptr<NcclComm> comm_;

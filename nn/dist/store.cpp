@@ -61,8 +61,12 @@ struct TcpStore::Server {
     stopping = true;
     changed.notify_all();
     acceptor.join();
-    std::lock_guard<std::mutex> lock(mutex);
-    for (auto& [socket, thread] : clients) socket.shutdown();
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      for (auto& [socket, thread] : clients) socket.shutdown();
+    }
+    // Without the lock: a client thread takes it once more on its way out. No new client comes
+    // (the acceptor has stopped), so the list no longer changes.
     for (auto& [socket, thread] : clients) thread.join();
   }
 
