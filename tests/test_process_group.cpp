@@ -229,6 +229,25 @@ TEST_CASE("ring and head_parallel run unchanged over the TCP group and match the
   }
 }
 
+TEST_CASE("set_process_communicator: current for every thread without one of its own, until cleared") {
+  CHECK(current_communicator() == nullptr);
+  run_tcp_ranks(1, [&](Communicator& comm) {
+    set_process_communicator(keep_alive(comm));
+    Communicator* seen_elsewhere = nullptr;
+    std::thread other([&] { seen_elsewhere = current_communicator(); });
+    other.join();
+    CHECK(seen_elsewhere == &comm);
+    CHECK(current_communicator() == &comm);
+    run_ranks(2, [&](Communicator& rank_comm) { CHECK(current_communicator() == &rank_comm); });
+    {
+      CommunicatorScope scope(comm);
+      CHECK(current_communicator() == &comm);
+    }
+    set_process_communicator(nullptr);
+    CHECK(current_communicator() == nullptr);
+  });
+}
+
 TEST_CASE("GradientReducer: bucketed averages equal the float64 mean of every rank's gradients") {
   const uint64_t seed = testing::fresh_seed();
   INFO("seed " << seed);
