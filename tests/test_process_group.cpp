@@ -16,6 +16,7 @@
 #include "io/tensor_io.h"
 #include "nn/dist/data_parallel.h"
 #include "nn/dist/nccl_communicator.h"
+#include "nn/dist/process_group.h"
 #include "nn/dist/selftest.h"
 #include "nn/dist/store.h"
 #include "nn/dist/tcp_communicator.h"
@@ -246,6 +247,40 @@ TEST_CASE("set_process_communicator: current for every thread without one of its
     set_process_communicator(nullptr);
     CHECK(current_communicator() == nullptr);
   });
+}
+
+TEST_CASE("launch_environment: reads the torchrun variables and names the one that is wrong") {
+  const char* names[] = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                         "LONGTAPE_DIST_TIMEOUT"};
+  for (const char* name : names) unsetenv(name);
+  LaunchEnvironment alone = launch_environment();
+  CHECK(!alone.launched);
+  CHECK(alone.world_size == 1);
+  setenv("WORLD_SIZE", "4", 1);
+  setenv("RANK", "3", 1);
+  setenv("LOCAL_WORLD_SIZE", "2", 1);
+  setenv("LOCAL_RANK", "1", 1);
+  setenv("MASTER_ADDR", "10.1.2.3", 1);
+  setenv("MASTER_PORT", "29511", 1);
+  setenv("LONGTAPE_DIST_TIMEOUT", "2.5", 1);
+  const LaunchEnvironment env = launch_environment();
+  CHECK(env.launched);
+  CHECK(env.rank == 3);
+  CHECK(env.world_size == 4);
+  CHECK(env.local_rank == 1);
+  CHECK(env.local_world_size == 2);
+  CHECK(env.master_addr == "10.1.2.3");
+  CHECK(env.master_port == 29511);
+  CHECK(env.timeout == std::chrono::milliseconds(2500));
+  setenv("RANK", "4", 1);
+  CHECK_THROWS_WITH_AS(launch_environment(), doctest::Contains("RANK must be an integer in [0, 3], got \"4\""), Error);
+  setenv("RANK", "0", 1);
+  setenv("LONGTAPE_DIST_TIMEOUT", "soon", 1);
+  CHECK_THROWS_WITH_AS(launch_environment(), doctest::Contains("LONGTAPE_DIST_TIMEOUT"), Error);
+  unsetenv("LONGTAPE_DIST_TIMEOUT");
+  unsetenv("MASTER_PORT");
+  CHECK_THROWS_WITH_AS(launch_environment(), doctest::Contains("MASTER_PORT is not set"), Error);
+  for (const char* name : names) unsetenv(name);
 }
 
 TEST_CASE("GradientReducer: bucketed averages equal the float64 mean of every rank's gradients") {
@@ -479,9 +514,15 @@ TEST_CASE("NCCL: collectives, data parallel equivalence and a hung rank on 2 GPU
   const auto single = train("", " --batch 4", "single");
   const auto data2 = train(launch2, " --batch 2 --parallel data", "data2");
   CHECK(data2["parallel"]["backend"] == "nccl");
+  // The same weights and rows: step 1 agrees to float rounding (the GEMMs see other batch sizes;
+  // bf16 attention rounds what differs in the last bits), later steps closely. Without the
+  // gradient average, the first step's gradient norm (of half the batch) would be far off.
+  const double norm_single = single["rows"][0]["grad_norm"], norm_data2 = data2["rows"][0]["grad_norm"];
+  CHECK(std::abs(norm_single - norm_data2) <= 1e-3 * norm_single);
   for (size_t i = 0; i < 4; ++i) {
+    INFO("step " << i + 1);
     const double a = single["rows"][i]["loss"], b = data2["rows"][i]["loss"];
-    CHECK(std::abs(a - b) <= 1e-4 * std::abs(a));
+    CHECK(std::abs(a - b) <= (i == 0 ? 1e-4 : 2e-3) * std::abs(a));
   }
 
   // A rank that hangs: the other's NCCL transfer times out, the communicator is aborted, the job ends.
