@@ -273,8 +273,10 @@ class Mesh {
     changed_.notify_all();
   }
 
-  // Sends what is queued, says goodbye (end of stream), then waits a bounded time for each peer to
-  // do the same, so no message in flight is cut off by a reset.
+  // Sends what is queued, says goodbye (end of stream), then keeps reading until each peer has
+  // done the same (bounded), so no message in flight is cut off by a reset: closing a socket with
+  // unread data resets the connection and the peer may lose what it had not read yet. After a
+  // failure (or while an exception unwinds) the wait is short: the job is ending.
   void close() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -285,11 +287,13 @@ class Mesh {
       if (peer.sender.joinable()) peer.sender.join();
     for (Peer& peer : peers_)
       peer.socket.shutdown_write();
-    // After a failure (or while an exception unwinds) nobody waits for the peers: the job is over.
-    if (!failed_ && std::uncaught_exceptions() == 0) {
+    {
       std::unique_lock<std::mutex> lock(mutex_);
-      changed_.wait_for(lock, std::min(options_.timeout, std::chrono::milliseconds(30000)), [&] {
-        return std::all_of(peers_.begin(), peers_.end(), [](const Peer& p) { return !p.receiver.joinable() || p.receiver_done; });
+      const bool ending = failed_ || std::uncaught_exceptions() > 0;
+      const auto grace = ending ? std::chrono::milliseconds(500) : std::min(options_.timeout, std::chrono::milliseconds(30000));
+      changed_.wait_for(lock, grace, [&] {
+        return std::all_of(peers_.begin(), peers_.end(),
+                           [](const Peer& p) { return !p.receiver.joinable() || p.receiver_done; });
       });
     }
     for (Peer& peer : peers_) peer.socket.shutdown();
