@@ -7,7 +7,7 @@
 //       [--lr 1e-2] [--warmup W] [--eval-every N]
 //       [--metrics run.csv|run.json]
 //       [--checkpoint PATH] [--checkpoint-every K] [--resume PATH [--fresh-optimizer]] [--seed S] [--threads T]
-//       [--profile]
+//       [--profile] [--parallel none|data]
 //       [--text FILE]
 //
 // The defaults are the README's main job on the CPU: a 2-layer, width-64 model with causal dilated
@@ -17,6 +17,9 @@
 // out of one hop's reach and the model must first copy them to even positions. On CUDA the flags
 // not given default to a long-sequence run (apply_cuda_defaults); a --seq-len above 256 without
 // --segments/--dilations gets a local window and a dilation-2 branch over the whole sequence.
+//
+// --parallel data trains one replica per process of a job started by `longtape launch` (the
+// gradients averaged over the ranks; cli/train_parallel.h): --batch is then per rank.
 //
 // Attention is always causal (a language model must not see the future). Data batch i is a pure
 // function of (seed, i), and checkpoints hold the model, the optimizer and the generator, so a
@@ -56,6 +59,7 @@
 #include "cli/numeric_flags.h"
 #include "cli/size_limits.h"
 #include "cli/train_guards.h"
+#include "cli/train_parallel.h"
 #include "cli/variant_flags.h"
 #include "nn/checkpoint.h"
 #include "nn/data.h"
@@ -118,6 +122,7 @@ struct TrainArgs {
   uint64_t seed = 0;
   int threads = 0;
   bool profile = false;
+  std::string parallel = "none";
   std::set<std::string> given;  // flags given on the command line (the rest may take device defaults)
 };
 
@@ -211,7 +216,19 @@ Device pick_device(const std::string& name) {
 
 int run_train(const TrainArgs& args) {
   TrainArgs a = args;
-  const Device device = pick_device(a.device);
+  if (a.parallel != "none" && a.parallel != "data")
+    throw FlagError("--parallel must be none or data, got \"" + a.parallel + "\"");
+  Device device = pick_device(a.device);
+  std::unique_ptr<DataParallelRun> dp;
+  if (a.parallel == "data") {
+    dp = std::make_unique<DataParallelRun>(device);
+    device = dp->device();
+    // Rank 0 speaks for the job; the others report only errors.
+    if (!dp->is_writer()) LT_CHECK(std::freopen("/dev/null", "w", stdout) != nullptr, "train: cannot silence rank ",
+                                   dp->rank(), "'s standard output");
+  }
+  const bool writer = !dp || dp->is_writer();
+  const int64_t ranks = dp ? dp->size() : 1;
   if (device.is_cuda()) apply_cuda_defaults(a);
   apply_sequence_geometry(a);
 #ifdef _OPENMP
@@ -252,8 +269,10 @@ int run_train(const TrainArgs& args) {
                      a.text.empty() ? a.keys + a.values + a.filler + 8 : nn::CharTextDataset::vocab_size(), a.untied});
   check_list_bound(attention::parse_int_list(a.segments, "--segments"), "--segments");
   check_list_bound(attention::parse_int_list(a.dilations, "--dilations"), "--dilations");
-  check_writable(a.checkpoint, "--checkpoint");
-  check_writable(a.metrics, "--metrics");
+  if (writer) {
+    check_writable(a.checkpoint, "--checkpoint");
+    check_writable(a.metrics, "--metrics");
+  }
   LT_CHECK(!a.fresh_optimizer || !a.resume.empty(), "train: --fresh-optimizer needs --resume PATH");
   if (!a.resume.empty()) check_resume_metadata(a.resume, a.fresh_optimizer);
   manual_seed(a.seed);
@@ -270,7 +289,8 @@ int run_train(const TrainArgs& args) {
     text = std::make_unique<nn::CharTextDataset>(a.text, a.seq_len, a.seed);
     vocab = nn::CharTextDataset::vocab_size();
   }
-  const nn::BatchSource data = task ? nn::batches_of(*task, device) : nn::batches_of(*text, device);
+  const nn::BatchSource all_data = task ? nn::batches_of(*task, device) : nn::batches_of(*text, device);
+  const nn::BatchSource data = dp ? dp->shard(all_data, a.batch) : all_data;
 
   models::LanguageModelConfig mc;
   mc.vocab_size = vocab;
@@ -309,6 +329,7 @@ int run_train(const TrainArgs& args) {
                   {"parameters", model.num_parameters()}};
   run["optim"] = {{"lr", a.lr}, {"min_lr", schedule.min_lr}, {"warmup", a.warmup}, {"weight_decay", a.weight_decay},
                   {"clip", a.clip}, {"batch", a.batch}, {"steps", a.steps}, {"seed", a.seed}};
+  if (dp) run["parallel"] = {{"mode", "data"}, {"ranks", ranks}, {"backend", dp->backend()}};
   run["impl"] = a.impl;  // not part of "model": a checkpoint resumes under any implementation
   run["precision"] = precision_name(precision);  // nor is this: master weights are f32 in every precision
   run["compute_precision"] = precision_compute_label(precision, device);
@@ -320,8 +341,8 @@ int run_train(const TrainArgs& args) {
   to.divergence_hint = "try a lower --lr";
   to.eval_every = a.eval_every;
   to.eval_batches = a.eval_batches;
-  to.checkpoint = a.checkpoint;
-  to.checkpoint_every = a.checkpoint_every;
+  to.checkpoint = writer ? a.checkpoint : "";
+  to.checkpoint_every = writer ? a.checkpoint_every : 0;
   to.checkpoint_metadata = {{"train_run", run.dump()}};
   to.precision = precision;
   nn::Trainer trainer(model, optimizer, schedule, to);
@@ -339,6 +360,10 @@ int run_train(const TrainArgs& args) {
                      a.resume.c_str());
       if (!before.is_discarded() && before.is_object() && before.contains("optim"))
         warn_schedule_changes(a.resume, before["optim"], run["optim"]);
+      const int64_t saved_ranks = !before.is_discarded() && before.is_object() && before.contains("parallel")
+                                      ? before["parallel"].value("ranks", int64_t{1}) : 1;
+      LT_CHECK(saved_ranks == ranks, "train: ", a.resume, " was written by a run on ", saved_ranks,
+               " rank(s), but this run has ", ranks, " (resume on the same number of ranks: --batch is per rank)");
     }
     if (a.fresh_optimizer)
       std::fprintf(stderr, "train: --fresh-optimizer: the AdamW moments start from zero at step %lld\n",
@@ -346,12 +371,18 @@ int run_train(const TrainArgs& args) {
     std::printf("resumed from %s at step %lld\n", a.resume.c_str(), static_cast<long long>(start_step));
     LT_CHECK(start_step <= a.steps, "train: the checkpoint is at step ", start_step, ", beyond --steps ", a.steps);
   }
+  if (dp) {
+    dp->prepare(model, a.seed, start_step);
+    trainer.on_gradients = [&] { dp->average_gradients(); };
+    std::printf("data parallel: %lld ranks (%s), %lld sequences per rank\n", static_cast<long long>(ranks),
+                dp->backend().c_str(), static_cast<long long>(a.batch));
+  }
   std::printf("training %s: %s parameters, %s attention (%s), %lld layers, width %lld, %lld heads, seq %lld, "
               "batch %lld, %lld steps on %s, precision %s\n",
               task ? "recall" : "text", human_count(static_cast<double>(model.num_parameters())).c_str(),
               a.variant.c_str(), config_label(a.variant, mc.attention_config).c_str(),
               static_cast<long long>(a.layers), static_cast<long long>(a.width), static_cast<long long>(a.heads),
-              static_cast<long long>(a.seq_len), static_cast<long long>(a.batch), static_cast<long long>(a.steps),
+              static_cast<long long>(a.seq_len), static_cast<long long>(a.batch * ranks), static_cast<long long>(a.steps),
               device.str().c_str(), precision_compute_label(precision, device).c_str());
   std::fflush(stdout);
 
@@ -374,22 +405,25 @@ int run_train(const TrainArgs& args) {
                 "their kernels):\n%s", static_cast<long long>(step), profiler::table().c_str());
     std::fflush(stdout);
   };
-  trainer.on_step = [&](const nn::StepResult& r) {
+  trainer.on_step = [&](const nn::StepResult& local) {
+    nn::StepResult r = local;
+    if (dp) r.loss = dp->mean(r.loss);
     if (first_attention && attention_ran.empty()) {
       const attention::Attention& core = first_attention->core();
       attention_ran = ran_with(core);
       attention_json = {{"implementation", core.last_backend()}, {"compute_precision", core.last_precision()}};
     }
-    const double tokens = static_cast<double>(a.batch * a.seq_len);
+    const double tokens = static_cast<double>(a.batch * ranks * a.seq_len);
     window_tokens = 0.9 * window_tokens + tokens;
     window_seconds = 0.9 * window_seconds + r.seconds;
     const double tokens_per_s = window_tokens / std::max(window_seconds, 1e-9);
     const double eta = (a.steps - r.step) * window_seconds / (window_tokens / tokens);
     rows.push_back({r.step, r.loss, r.lr, r.grad_norm, tokens_per_s,
                     std::chrono::duration<double>(Clock::now() - t_start).count(), {}, {}});
-    bar.update(r.step, r.loss, tokens_per_s, eta);
+    if (writer) bar.update(r.step, r.loss, tokens_per_s, eta);
   };
-  trainer.on_eval = [&](int64_t step, const nn::EvalResult& e) {
+  trainer.on_eval = [&](int64_t step, const nn::EvalResult& local) {
+    const nn::EvalResult e = dp ? dp->combine(local) : local;
     if (!std::isfinite(e.loss)) {
       bar.break_line();
       LT_CHECK(false, "train: the held-out loss became ", e.loss, " at step ", step,
@@ -407,7 +441,7 @@ int run_train(const TrainArgs& args) {
   bar.break_line();
   const double elapsed = std::chrono::duration<double>(Clock::now() - t_start).count();
 
-  const nn::EvalResult final_eval = trainer.evaluate(data);
+  const nn::EvalResult final_eval = dp ? dp->combine(trainer.evaluate(data)) : trainer.evaluate(data);
   LT_CHECK(std::isfinite(final_eval.loss), "train: the held-out loss became ", final_eval.loss, " after step ",
            a.steps, "; stopped without saving a checkpoint (the weights are no longer finite: try a lower --lr or ",
            "--weight-decay)");
@@ -415,19 +449,19 @@ int run_train(const TrainArgs& args) {
     rows.back().eval_loss = final_eval.loss;
     rows.back().eval_accuracy = final_eval.accuracy.value();
   }
-  if (!a.checkpoint.empty()) trainer.save_checkpoint(a.steps);
+  if (!to.checkpoint.empty()) trainer.save_checkpoint(a.steps);
   const MemoryStats mem = memory_stats(device);
   std::printf("final held-out loss %.4f, accuracy %.4f (%lld/%lld)", final_eval.loss, final_eval.accuracy.value(),
               static_cast<long long>(final_eval.accuracy.correct), static_cast<long long>(final_eval.accuracy.total));
   if (task) std::printf(", chance %.4f", 1.0 / static_cast<double>(a.values));
   std::printf("\ntrained %lld steps in %s (%s tok/s)\n", static_cast<long long>(a.steps - start_step),
               human_duration(elapsed).c_str(),
-              human_count(elapsed > 0 ? (a.steps - start_step) * a.batch * a.seq_len / elapsed : 0).c_str());
+              human_count(elapsed > 0 ? (a.steps - start_step) * a.batch * ranks * a.seq_len / elapsed : 0).c_str());
   std::printf("peak memory on %s: allocated %s, reserved %s\n", device.str().c_str(),
               human_bytes(mem.peak_allocated_bytes).c_str(), human_bytes(mem.peak_reserved_bytes).c_str());
   if (!attention_ran.empty()) std::printf("attention in training: %s\n", attention_ran.c_str());
   if (!a.checkpoint.empty()) std::printf("checkpoint written to %s\n", a.checkpoint.c_str());
-  if (!a.metrics.empty()) {
+  if (!a.metrics.empty() && writer) {
     if (!attention_json.is_null()) run["attention"] = attention_json;
     run["final"] = {{"eval_loss", final_eval.loss}, {"eval_accuracy", final_eval.accuracy.value()},
                     {"elapsed_s", elapsed}, {"peak_allocated_bytes", mem.peak_allocated_bytes},
@@ -511,6 +545,10 @@ const RegisterCommand kTrainCommand{
                      "CPU threads (default: all, or half when the 1-minute load average shows the cores saturated; "
                      "OMP_NUM_THREADS also sets it)")
           ->transform(integer_in<int>(0, 4096));
+      sub.add_option("--parallel", a->parallel,
+                     "none, or data: one replica per process of `longtape launch` (gradients averaged; --batch per "
+                     "rank)")
+          ->capture_default_str();
       sub.add_flag("--profile", a->profile,
                    "print a per-op table (calls, self and total time, bytes) of one training step after warm-up");
       return [a, &sub] {

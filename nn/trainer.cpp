@@ -57,6 +57,10 @@ StepResult Trainer::step(const Batch& batch, int64_t index) {
     optimizer_.zero_grad();
     loss.backward();
   }
+  if (on_gradients) {
+    profiler::Scope scope("gradient exchange");
+    on_gradients();
+  }
   double norm = 0, loss_value = 0;
   {
     profiler::Scope scope("grad norm + clip");

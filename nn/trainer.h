@@ -84,6 +84,9 @@ class Trainer {
       : Trainer(static_cast<Module&>(model), [&model](const Tensor& tokens) { return model.forward(tokens); },
                 optimizer, schedule, std::move(options)) {}
 
+  // Called after backward, before the gradient norm is measured (data parallel training averages
+  // the gradients over the ranks here, so the norm, the clipping and the step agree everywhere).
+  std::function<void()> on_gradients;
   // Called after every step (after the non-finite checks).
   std::function<void(const StepResult&)> on_step;
   // Called after each periodic evaluation, with the step it followed.

@@ -1,6 +1,7 @@
 #include "nn/dist/communicator.h"
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -422,7 +423,19 @@ Tensor Communicator::all_to_all(const Tensor& tensor, int64_t split_dim, int64_t
   return received.size() == 1 ? received[0] : cat(received, cd);
 }
 
-Communicator* current_communicator() { return g_current; }
+namespace {
+std::mutex g_process_mutex;
+std::shared_ptr<Communicator> g_process_owner;
+std::atomic<Communicator*> g_process{nullptr};
+}  // namespace
+
+Communicator* current_communicator() { return g_current != nullptr ? g_current : g_process.load(); }
+
+void set_process_communicator(std::shared_ptr<Communicator> comm) {
+  std::lock_guard<std::mutex> lock(g_process_mutex);
+  g_process = comm.get();
+  g_process_owner = std::move(comm);
+}
 
 CommunicatorScope::CommunicatorScope(Communicator& comm) : previous_(g_current) { g_current = &comm; }
 CommunicatorScope::~CommunicatorScope() { g_current = previous_; }

@@ -103,9 +103,15 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 // original message. Ranks may exchange CPU and CUDA tensors (several ranks may share one GPU).
 void run_ranks(int size, const std::function<void(Communicator&)>& body, const CommOptions& options = {});
 
-// The communicator of the rank the calling thread runs (inside run_ranks), else nullptr. Modules
-// with a rank-local mode (ring, head_parallel) use it.
+// The communicator of the rank the calling thread runs (inside run_ranks, or set by a
+// CommunicatorScope), else the process's communicator (set_process_communicator), else nullptr.
+// Modules with a rank-local mode (ring, head_parallel) use it.
 Communicator* current_communicator();
+
+// Makes `comm` current for every thread of this process that has no communicator of its own (one
+// process per rank: the process group of nn/dist/process_group.h); nullptr clears it. The process
+// keeps `comm` alive until it is replaced.
+void set_process_communicator(std::shared_ptr<Communicator> comm);
 
 // Makes `comm` the calling thread's current communicator for its lifetime (e.g. a sub-group from
 // split(), so that a ring module runs over the sequence-parallel ranks), then restores the previous.

@@ -22,23 +22,72 @@ Tensor structure_of(const std::vector<std::pair<std::string, Tensor>>& params) {
   return Tensor::from_vector(desc, {static_cast<int64_t>(desc.size())});
 }
 
+// Throws on every rank unless every rank has the same parameter list.
+void check_same_structure(Communicator& comm, const std::vector<std::pair<std::string, Tensor>>& params,
+                          const char* who) {
+  const Tensor structure = structure_of(params);
+  // The lengths first (an all_gather needs equal shapes), then the shapes.
+  const auto lengths = comm.all_gather(Tensor::from_vector(std::vector<int64_t>{structure.numel()}, {1}));
+  for (int s = 0; s < comm.size(); ++s)
+    LT_CHECK(lengths[static_cast<size_t>(s)].item() == static_cast<double>(structure.numel()), who, ": rank ",
+             comm.rank(), " and rank ", s, " have models with different parameter lists (every rank needs the same model)");
+  const auto structures = comm.all_gather(structure);
+  const auto mine = structure.to_vector();
+  for (int s = 0; s < comm.size(); ++s)
+    LT_CHECK(structures[static_cast<size_t>(s)].to_vector() == mine, who, ": rank ", comm.rank(), " and rank ", s,
+             " have models with different parameter shapes (every rank needs the same model)");
+}
+
 }  // namespace
+
+GradientReducer::GradientReducer(Communicator& comm, nn::Module& module, size_t bucket_bytes) : comm_(comm) {
+  LT_CHECK(bucket_bytes > 0, "GradientReducer: the bucket size must be > 0 bytes");
+  const auto named = module.named_parameters();
+  check_same_structure(comm, named, "GradientReducer");
+  for (const auto& [name, p] : named) params_.push_back(p);
+  // Reverse order, one (dtype, device) per bucket, cut when it would pass bucket_bytes.
+  size_t bytes = 0;
+  for (size_t k = params_.size(); k-- > 0;) {
+    const Tensor& p = params_[k];
+    const bool fits = !buckets_.empty() && bytes + p.nbytes() <= bucket_bytes &&
+                      params_[buckets_.back().front()].dtype() == p.dtype() &&
+                      params_[buckets_.back().front()].device() == p.device();
+    if (!fits) {
+      buckets_.emplace_back();
+      bytes = 0;
+    }
+    buckets_.back().push_back(k);
+    bytes += p.nbytes();
+  }
+}
+
+void GradientReducer::average() {
+  NoGradGuard no_grad;
+  std::vector<Tensor> reduced;
+  reduced.reserve(buckets_.size());
+  for (const auto& bucket : buckets_) {
+    std::vector<Tensor> flat;
+    for (size_t i : bucket) {
+      const Tensor& p = params_[i];
+      const Tensor g = p.grad();
+      flat.push_back(g.defined() ? g.reshape({-1}) : Tensor::zeros({p.numel()}, p.dtype(), p.device()));
+    }
+    reduced.push_back(comm_.all_reduce(flat.size() == 1 ? flat[0] : cat(flat, 0), ReduceOp::mean));
+  }
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    int64_t at = 0;
+    for (size_t i : buckets_[b]) {
+      Tensor p = params_[i];
+      p.set_grad(reduced[b].narrow(0, at, p.numel()).reshape(p.shape()));  // a view of the bucket
+      at += p.numel();
+    }
+  }
+}
 
 void average_gradients(Communicator& comm, nn::Module& module) {
   NoGradGuard no_grad;
   const auto params = module.named_parameters();
-  // Same structure everywhere: the lengths first (an all_gather needs equal shapes), then the shapes.
-  const Tensor structure = structure_of(params);
-  const auto lengths = comm.all_gather(Tensor::from_vector(std::vector<int64_t>{structure.numel()}, {1}));
-  for (int s = 0; s < comm.size(); ++s)
-    LT_CHECK(lengths[static_cast<size_t>(s)].item() == static_cast<double>(structure.numel()),
-             "average_gradients: rank ", comm.rank(), " and rank ", s,
-             " have models with different parameter lists (every rank needs the same model)");
-  const auto structures = comm.all_gather(structure);
-  const auto mine = structure.to_vector();
-  for (int s = 0; s < comm.size(); ++s)
-    LT_CHECK(structures[static_cast<size_t>(s)].to_vector() == mine, "average_gradients: rank ", comm.rank(),
-             " and rank ", s, " have models with different parameter shapes (every rank needs the same model)");
+  check_same_structure(comm, params, "average_gradients");
 
   // Which parameters have a gradient on some rank.
   std::vector<double> has(params.size());
