@@ -1,14 +1,17 @@
 // `longtape dist-check`: checks the process group of a job started by `longtape launch`.
 //
 //   longtape launch --nproc 2 -- longtape dist-check [--backend auto|tcp|nccl] [--device auto|cpu|cuda]
-//       [--seed S] [--out DIR] [--bench-mb M] [--fail-rank R --fail-how kill|exit|hang]
+//       [--seed S] [--out DIR] [--bench-mb M] [--attention N [--repeats R]]
+//       [--fail-rank R --fail-how kill|exit|hang]
 //
 // Every rank runs every operation of the Communicator interface and compares the results with
 // float64 references (nn/dist/selftest.h); with --out, rank r writes its results to
 // DIR/rank<r>.safetensors (for comparing backends). --bench-mb times all_reduce of M MiB of f32
-// and prints the bandwidth on rank 0. --fail-rank makes that rank fail after the checks (killed
-// by SIGKILL, an error exit, or hanging) while the others run one more all_reduce: the job must
-// end with an error naming it (from the launcher, or from the others' timeout), never hang.
+// and prints the bandwidth on rank 0. --attention N runs ring and head_parallel attention at
+// sequence length N over the group against one device (cli/dist_attention.h). --fail-rank
+// makes that rank fail after the checks (killed by SIGKILL, an error exit, or hanging) while the
+// others run one more all_reduce: the job must end with an error naming it (from the launcher,
+// or from the others' timeout), never hang.
 #include <signal.h>
 #include <unistd.h>
 
@@ -18,6 +21,7 @@
 #include <thread>
 
 #include "cli/command_registry.h"
+#include "cli/dist_attention.h"
 #include "cli/numeric_flags.h"
 #include "io/safetensors.h"
 #include "io/tensor_io.h"
@@ -38,6 +42,8 @@ struct DistCheckArgs {
   double bench_mb = 0;
   int fail_rank = -1;
   std::string fail_how = "kill";
+  int64_t attention_n = 0;
+  int repeats = 5;
 };
 
 void bench_all_reduce(dist::ProcessGroup& group, double mebibytes) {
@@ -95,6 +101,9 @@ int run_dist_check(const DistCheckArgs& a) {
     std::fflush(stdout);
   }
   if (a.bench_mb > 0) bench_all_reduce(*group, a.bench_mb);
+  // bf16 attention on tensor cores: the group's result and one device's differ by rounding.
+  if (a.attention_n > 0)
+    check_parallel_attention(*group, a.attention_n, a.seed, a.repeats, group->device().is_cuda() ? 3e-2 : 1e-4);
 
   if (a.fail_rank >= 0) {
     if (comm.rank() == a.fail_rank) {
@@ -125,6 +134,11 @@ const RegisterCommand kDistCheckCommand{
       sub.add_option("--out", a->out, "write each rank's results to DIR/rank<r>.safetensors");
       sub.add_option("--bench-mb", a->bench_mb, "also time all_reduce of this many MiB of f32")
           ->transform(real_in(0.0, 65536.0));
+      sub.add_option("--attention", a->attention_n,
+                     "also run ring and head_parallel attention at this sequence length against one device")
+          ->check(CLI::PositiveNumber);
+      sub.add_option("--repeats", a->repeats, "timed repetitions of --attention")->capture_default_str()
+          ->check(CLI::PositiveNumber);
       sub.add_option("--fail-rank", a->fail_rank, "this rank fails after the checks (to test failure handling)")
           ->transform(integer_in<int>(0, 1 << 20));
       sub.add_option("--fail-how", a->fail_how, "kill (SIGKILL), exit (an error) or hang")->capture_default_str();

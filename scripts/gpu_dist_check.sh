@@ -4,9 +4,10 @@
 #   1. runs test_process_group (TCP group, launcher, data parallel on CPU; NCCL collectives
 #      against the in-process group, data-parallel equivalence on 2 GPUs, a hung rank's timeout),
 #   2. `longtape dist-check --backend nccl` with an all_reduce bandwidth measurement,
-#   3. data-parallel training throughput (tokens/s) on 1 and on 2 GPUs, same per-rank batch.
+#   3. ring (contiguous, zigzag) and head_parallel attention over NCCL against one GPU at N=256K,
+#   4. data-parallel training throughput (tokens/s) on 1 and on 2 GPUs, same per-rank batch.
 # Environment: CUDA_ARCH (default 90), DIST_STEPS (default 30), DIST_BATCH (per rank, default 8),
-# DIST_SEQ (default 8192); results and logs go to $OUT (default build-gpu/dist).
+# DIST_SEQ (default 8192), DIST_ATTENTION_N (default 262144); results and logs go to $OUT (default build-gpu/dist).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build_dir=build-gpu
@@ -34,7 +35,11 @@ echo "== 2. dist-check over NCCL on 2 GPUs"
 timeout 200 "$bin/longtape" launch --nproc 2 --timeout 60 -- longtape dist-check --backend nccl --device cuda \
   --bench-mb 256 2>&1 | tee "$out/dist_check.log" || status=1
 
-echo "== 3. data-parallel training throughput (per-rank batch ${DIST_BATCH:-8}, seq ${DIST_SEQ:-8192})"
+echo "== 3. ring and head_parallel attention over NCCL against one GPU (N=${DIST_ATTENTION_N:-262144}, bf16)"
+timeout 300 "$bin/longtape" launch --nproc 2 --timeout 120 -- longtape dist-check --backend nccl --device cuda \
+  --attention "${DIST_ATTENTION_N:-262144}" --repeats 3 2>&1 | tee "$out/attention.log" || status=1
+
+echo "== 4. data-parallel training throughput (per-rank batch ${DIST_BATCH:-8}, seq ${DIST_SEQ:-8192})"
 for n in 1 2; do
   timeout 300 "$bin/longtape" launch --nproc $n --timeout 120 -- longtape train --parallel data --device cuda \
     --steps "${DIST_STEPS:-30}" --batch "${DIST_BATCH:-8}" --seq-len "${DIST_SEQ:-8192}" --eval-every 0 \

@@ -389,6 +389,23 @@ TEST_CASE("longtape launch: 2 processes over TCP give the in-process group's res
   for (const auto& [name, t] : want) check_bitwise_equal(got.at(name), t, name);
 }
 
+TEST_CASE("longtape launch: ring and head_parallel attention over 2 TCP processes equal one process" *
+          doctest::skip(testing::longtape_binary_missing())) {
+  const uint64_t seed = testing::fresh_seed() % 1000000;
+  INFO("seed " << seed);
+  const auto dir = testing::fresh_dir("launch_attention");
+  // N = 300: ragged chunks (and zigzag chunks of 75); dilated segments capped at N.
+  const auto r = testing::run_command(bin() + " launch --nproc 2 --timeout 60 -- longtape dist-check --backend tcp "
+                                                "--device cpu --attention 300 --repeats 1 --seed " +
+                                          std::to_string(seed),
+                                      dir / "log");
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  for (const char* line : {"ring          dense", "ring zigzag   dense", "head_parallel dense", "ring          dilated",
+                           "ring zigzag   dilated", "head_parallel dilated"})
+    CHECK(r.output.find(line) != std::string::npos);
+}
+
 TEST_CASE("longtape launch: a rank that dies, fails or hangs ends the job with an error naming it, never a hang" *
           doctest::skip(testing::longtape_binary_missing())) {
   const auto dir = testing::fresh_dir("launch_fail");

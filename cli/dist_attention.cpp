@@ -1,0 +1,127 @@
+// Ring and head-parallel attention over a real process group against one device (cli/dist_attention.h).
+#include "cli/dist_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "attention/head_parallel.h"
+#include "attention/registry.h"
+#include "attention/ring_attention.h"
+#include "tensor/error.h"
+#include "tensor/ops.h"
+
+namespace longtape::cli {
+
+namespace {
+
+// |a - b| / |b| over all elements (Frobenius norms, in f32).
+double relative_error(const Tensor& a, const Tensor& b) {
+  const Tensor af = a.to(DType::f32), bf = b.to(DType::f32);
+  const Tensor d = sub(af, bf);
+  const double num = std::sqrt(sum(mul(d, d)).item()), den = std::sqrt(sum(mul(bf, bf)).item());
+  return den > 0 ? num / den : num;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Seconds of `step` (forward + backward, ending in a device read), median of `repeats` after two
+// warm-ups; the group's ranks start each repetition together.
+template <class Step>
+double time_step(dist::Communicator* comm, int repeats, const Step& step) {
+  std::vector<double> t;
+  for (int i = 0; i < repeats + 2; ++i) {
+    if (comm) comm->barrier();
+    const auto t0 = std::chrono::steady_clock::now();
+    step();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (i >= 2) t.push_back(s);
+  }
+  return median(t);
+}
+
+struct Grads {
+  Tensor out, dq, dk, dv;
+};
+
+}  // namespace
+
+void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t seed, int repeats, double tolerance) {
+  using attention::AttentionConfig;
+  using attention::RingLayout;
+  dist::Communicator& comm = group.comm();
+  const Device device = group.device();
+  const int ranks = comm.size(), rank = comm.rank();
+  const DType dtype = device.is_cuda() ? DType::bf16 : DType::f32;
+  const Shape shape{1, n, 12, 64};
+  manual_seed(seed);  // the same inputs on every rank
+  auto input = [&] { return Tensor::randn(shape, DType::f32, device).to(dtype).detach(); };
+  const Tensor q = input(), k = input(), v = input(), dout = input();
+
+  for (const std::string inner : {"dense", "dilated"}) {
+    AttentionConfig config;
+    config.num_heads = 12;
+    config.head_dim = 64;
+    config.inner_variant = inner;
+    if (inner == "dilated") {
+      config.segment_lengths.clear();
+      for (int64_t w : {2048, 4096, 8192}) config.segment_lengths.push_back(std::min(w, n));
+      config.dilation_rates = {1, 2, 4};
+      config.mixing = attention::Mixing::lse;
+    }
+    // One device: the whole sequence.
+    auto single = attention::make_attention(inner, config);
+    Grads want;
+    auto run_single = [&] {
+      Tensor ql = q.detach().requires_grad_(), kl = k.detach().requires_grad_(), vl = v.detach().requires_grad_();
+      want.out = single->forward(ql, kl, vl);
+      want.out.backward(dout);
+      want.dq = ql.grad();
+      want.dk = kl.grad();
+      want.dv = vl.grad();
+      (void)sum(want.dv.narrow(1, 0, 1)).item();  // waits for the device
+    };
+    const double single_s = time_step(&comm, repeats, run_single);
+
+    for (const std::string kind : {"ring", "ring zigzag", "head_parallel"}) {
+      if (kind == "head_parallel" && 12 % ranks != 0) continue;
+      const RingLayout layout = kind == "ring zigzag" ? RingLayout::zigzag : RingLayout::contiguous;
+      AttentionConfig cfg = config;
+      cfg.ring_layout = attention::ring_layout_name(layout);
+      auto shard = [&](const Tensor& x) { return attention::ring_shard(x, 1, ranks, rank, layout); };
+      const Tensor qs = shard(q), ks = shard(k), vs = shard(v), gs = shard(dout);
+      Grads got;
+      auto run_parallel = [&] {
+        Tensor ql = qs.detach().requires_grad_(), kl = ks.detach().requires_grad_(), vl = vs.detach().requires_grad_();
+        got.out = kind == "head_parallel" ? attention::head_parallel_attention(comm, cfg, ql, kl, vl).out
+                                          : attention::ring_attention(comm, cfg, ql, kl, vl).out;
+        got.out.backward(gs);
+        got.dq = ql.grad();
+        got.dk = kl.grad();
+        got.dv = vl.grad();
+        (void)sum(got.dv.narrow(1, 0, 1)).item();
+      };
+      const double parallel_s = time_step(&comm, repeats, run_parallel);
+      const double errors[4] = {relative_error(got.out, shard(want.out)), relative_error(got.dq, shard(want.dq)),
+                                relative_error(got.dk, shard(want.dk)), relative_error(got.dv, shard(want.dv))};
+      const double worst = *std::max_element(std::begin(errors), std::end(errors));
+      if (rank == 0) {
+        std::printf("%-13s %-7s N=%lld %d ranks %s: rel. error out %.2e dq %.2e dk %.2e dv %.2e; f+b one device "
+                    "%.2f ms, %d ranks %.2f ms (%.2fx)\n",
+                    kind.c_str(), inner.c_str(), static_cast<long long>(n), ranks, dtype_name(dtype), errors[0],
+                    errors[1], errors[2], errors[3], single_s * 1e3, ranks, parallel_s * 1e3, parallel_s / single_s);
+        std::fflush(stdout);
+      }
+      LT_CHECK(worst <= tolerance, "dist-check: ", kind, " ", inner, " attention on rank ", rank,
+               " differs from one device by ", worst, " (relative), more than ", tolerance);
+    }
+  }
+}
+
+}  // namespace longtape::cli
