@@ -84,6 +84,7 @@ MultiheadAttention::MultiheadAttention(MultiheadAttentionOptions options) : opti
   }
   w_out = register_parameter("out_weight", xavier_normal(e, e, gamma, dt, dev));
   if (options_.bias) b_out = register_parameter("out_bias", Tensor::zeros({e}, dt, dev));
+  if (options_.key_shift) key_shift = register_parameter("key_shift", Tensor::zeros({e}, dt, dev));
 }
 
 void MultiheadAttention::check_input(const Tensor& x, const char* what) const {
@@ -106,8 +107,17 @@ Tensor MultiheadAttention::project(const Tensor& x, int which) const {
   return b.defined() ? add(y, b) : y;
 }
 
-Tensor MultiheadAttention::attend(const Tensor& q, const Tensor& k, const Tensor& v) {
+Tensor MultiheadAttention::smear(const Tensor& k) const {
+  const int64_t n = k.size(1);
+  if (!key_shift.defined() || n < 2) return k;
+  // The key before each position (zeros before the first), mixed in by the learned gate.
+  Tensor previous = cat({Tensor::zeros({k.size(0), 1, k.size(2)}, k.dtype(), k.device()), k.narrow(1, 0, n - 1)}, 1);
+  return add(k, mul(sigmoid(key_shift), sub(previous, k)));
+}
+
+Tensor MultiheadAttention::attend(const Tensor& q, const Tensor& k_unshifted, const Tensor& v) {
   const int64_t h = options_.num_heads;
+  const Tensor k = smear(k_unshifted);
   // Under bf16 precision the core reads bf16 q, k, v (on CUDA: the fused bf16 kernels) and its
   // output returns to f32; the casts' backward hands f32 gradients to the projections.
   const bool low = lowers_to_bf16(autocast_precision(), q.dtype());

@@ -5,7 +5,10 @@
 // Under a bf16 AutocastScope (tensor/precision.h) the core reads bf16 q, k, v and returns f32.
 // Weights are stored (in, out) and applied as x W, as docs/attention.md writes them. MAGNETO init:
 // xavier-normal with gain 1 for W_q and W_k, gain `gamma` for W_v and W_out, biases 0; a fused
-// W_qkv is initialised block by block as the three separate matrices would be.
+// W_qkv is initialised block by block as the three separate matrices would be. With key_shift,
+// each key channel c becomes k_t + sigmoid(s_c) (k_{t-1} - k_t) (smeared keys, s = 0 at init):
+// one head can then match a query against the token *before* a key, which is how a single
+// attention layer looks up "the value after this key" (associative recall).
 #include <memory>
 #include <string>
 
@@ -26,6 +29,7 @@ struct MultiheadAttentionOptions {
   double layer_norm_eps = 1e-5;
   double gamma = 1.0;                  // MAGNETO init gain of W_v and W_out
   bool bias = true;                    // projection biases
+  bool key_shift = false;              // smeared keys (above): a learned gate per key channel
   DType dtype = DType::f32;
   Device device = Device::cpu();
 };
@@ -53,10 +57,12 @@ class MultiheadAttention : public nn::TokenMixer {
   Tensor w_qkv, b_qkv;                  // fused projection, (E, 3E) and (3E)
   Tensor w_out, b_out;                  // (E, E) and (E)
   Tensor ln_weight, ln_bias;            // sub-LayerNorm, (E)
+  Tensor key_shift;                     // gate logits of the smeared keys, (E)
 
  private:
   Tensor project(const Tensor& x, int which) const;  // which: 0 = q, 1 = k, 2 = v
   Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v);
+  Tensor smear(const Tensor& k) const;  // k (B, N, E) with the key_shift gate applied
   void check_input(const Tensor& x, const char* what) const;
 
   MultiheadAttentionOptions options_;

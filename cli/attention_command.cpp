@@ -2,8 +2,9 @@
 // output (and, given --dout, the input gradients) as .npy files.
 //
 //   longtape attention --variant dilated --segments 2048,4096 --dilations 1,2 --q q.npy --k k.npy
-//       --v v.npy [--dout dout.npy] --out-dir out/ [--parallel ring|head --ranks P]
-//       [--ring-layout contiguous|zigzag]   (with --parallel ring)
+//       --v v.npy [--dout dout.npy] --out-dir out/
+//   longtape attention --variant ring --inner dilated --ranks P [--ring-layout contiguous|zigzag] ...
+//       (as in train and bench; the old --parallel ring|head spelling still works and is deprecated)
 //   longtape attention --variant block_sparse --pattern random --density 0.5 --block-size 64 ...
 //       [--schedule hilbert] [--order hilbert --grid 32x32]   (order applies to any variant)
 //       [--impl auto|fused|composed]
@@ -47,8 +48,9 @@ struct ConfigFlags {
   bool causal = false;
   std::optional<double> scale;
   int64_t ranks = 1;
-  std::string parallel = "none";  // none | ring | head
-  std::string ring_layout = "contiguous";  // with --parallel ring: contiguous | zigzag
+  std::string parallel = "none";  // none | ring | head (deprecated spelling of --variant ring|head_parallel)
+  std::string inner = "dilated";  // the core variant of hilbert, ring, head_parallel
+  std::string ring_layout = "contiguous";  // ring: contiguous | zigzag
   // block_sparse and token ordering
   std::string pattern = "local_window";
   int64_t block_size = 64;
@@ -70,14 +72,15 @@ void add_config_flags(CLI::App& sub, ConfigFlags& f) {
   sub.add_flag("--causal", f.causal, "causal attention: a query sees only keys at positions <= its own");
   sub.add_option("--scale", f.scale, "softmax scale (default 1/sqrt(head_dim))")
       ->transform(real_in(0.0, std::numeric_limits<double>::max(), /*lo_open=*/true));
-  sub.add_option("--ranks", f.ranks, "with --parallel: number of ranks P, run as threads of this process (default 1)")
+  sub.add_option("--ranks", f.ranks,
+                 "ring, head_parallel: number of ranks P, run as threads of this process (default 1)")
       ->transform(integer_in<int64_t>(1, kMaxRanks));
+  sub.add_option("--inner", f.inner, "hilbert, ring, head_parallel: the core variant they run (default dilated)");
   sub.add_option("--parallel", f.parallel,
-                 "run --variant (dense or dilated for ring) on P ranks: none (default), ring (sequence parallel) or "
-                 "head (head parallel, needs heads % P == 0)");
+                 "deprecated: --parallel ring|head --variant X is --variant ring|head_parallel --inner X");
   sub.add_option("--ring-layout", f.ring_layout,
-                 "with --parallel ring: tokens per rank, contiguous (default) or zigzag (chunks r and 2P-1-r of 2P: "
-                 "balanced causal work)");
+                 "ring: tokens per rank, contiguous (default) or zigzag (chunks r and 2P-1-r of 2P: balanced "
+                 "causal work)");
   sub.add_option("--pattern", f.pattern,
                  "block_sparse: all, local_window (default), dilated (block distances from --dilations), "
                  "global_local, random or adaptive");
@@ -89,7 +92,8 @@ void add_config_flags(CLI::App& sub, ConfigFlags& f) {
       ->transform(count_in<int64_t>(0));
   sub.add_option("--global-blocks", f.global_blocks, "block_sparse global_local: leading global blocks (default 1)")
       ->transform(count_in<int64_t>(0));
-  sub.add_option("--seed", f.seed, "block_sparse random: seed of the drawn blocks (default 0)")
+  sub.add_option("--pattern-seed,--seed", f.seed,
+                 "block_sparse random: seed of the drawn blocks (default 0; --seed is a deprecated alias)")
       ->transform(integer_in<uint64_t>());
   sub.add_option("--order", f.order, "token order: natural (default) or hilbert (any variant)");
   sub.add_option("--grid", f.grid, "with --order hilbert: token grid HxW (default: a square, N must be one)");
@@ -118,9 +122,6 @@ attention::AttentionConfig to_config(const ConfigFlags& f, int64_t num_heads, in
   LT_CHECK(f.parallel == "none" || f.parallel == "ring" || f.parallel == "head",
            "--parallel must be none, ring or head, got \"", f.parallel, "\"");
   LT_CHECK(f.ranks >= 1, "--ranks must be >= 1, got ", f.ranks);
-  LT_CHECK(f.parallel != "none" || f.ranks == 1, "--ranks ", f.ranks, " needs --parallel ring or head");
-  LT_CHECK(f.ring_layout == "contiguous" || f.parallel == "ring", "--ring-layout ", f.ring_layout,
-           " needs --parallel ring");
   config.parallel = f.parallel;
   config.ranks = f.ranks;
   config.ring_layout = f.ring_layout;
@@ -139,7 +140,15 @@ attention::AttentionConfig to_config(const ConfigFlags& f, int64_t num_heads, in
 
 // The registered name to run: --variant itself, or the parallel wrapper running it as inner variant.
 std::string variant_to_run(const ConfigFlags& f, const std::string& variant, attention::AttentionConfig& config) {
-  if (f.parallel == "none") return variant;
+  const bool ring = variant == "ring" || f.parallel == "ring";
+  LT_CHECK(f.ring_layout == "contiguous" || ring, "--ring-layout ", f.ring_layout, " needs --variant ring, got --variant ",
+           variant);
+  if (f.parallel == "none") {
+    config.inner_variant = f.inner;
+    LT_CHECK(f.ranks == 1 || variant == "ring" || variant == "head_parallel", "--ranks ", f.ranks,
+             " needs --variant ring or head_parallel, got --variant ", variant);
+    return variant;
+  }
   config.inner_variant = variant;
   return attention::parallel_variant(f.parallel);
 }

@@ -1,7 +1,7 @@
 // `longtape patterns`: one PNG per attention variant showing which (query, key) pairs it attends
 // for a small N, read off the variant's own forward pass (attention/pattern_map.h).
 //
-//   longtape patterns [--variants dense,dilated] [--n 64] [--heads 4] [--segments 16,32,64
+//   longtape patterns [--variants dense,dilated] [--seq-len 64] [--heads 4] [--segments 16,32,64
 //       --dilations 1,2,4] [--mixing lse] [--causal] --out-dir DIR
 //
 // Each image holds one panel per head (heads differ: dilated offsets, head groups, random
@@ -109,8 +109,8 @@ void check_image_size(const PatternsArgs& a) {
   if (pixels <= static_cast<long double>(kMaxImagePixels)) return;
   char size[64];
   std::snprintf(size, sizeof size, "%.0Lf x %lld pixels", width, static_cast<long long>(a.n * a.cell));
-  throw FlagError(terms_text({{"--heads", a.heads}, {"--n", a.n}, {"--cell", a.cell}}) + " makes an image of " + size +
-                  ", over the limit of " + std::to_string(kMaxImagePixels) + " pixels; lower --cell, --n or --heads");
+  throw FlagError(terms_text({{"--heads", a.heads}, {"--seq-len", a.n}, {"--cell", a.cell}}) + " makes an image of " + size +
+                  ", over the limit of " + std::to_string(kMaxImagePixels) + " pixels; lower --cell, --seq-len or --heads");
 }
 
 int run_patterns(const PatternsArgs& a) {
@@ -122,7 +122,7 @@ int run_patterns(const PatternsArgs& a) {
            "install libstb-dev and re-run cmake");
   return 1;
 #else
-  LT_CHECK(a.n >= 2 && a.n <= 1024, "--n must be in [2, 1024] (the picture has N x N cells per head), got ", a.n);
+  LT_CHECK(a.n >= 2 && a.n <= 1024, "--seq-len must be in [2, 1024] (the picture has N x N cells per head), got ", a.n);
   LT_CHECK(a.heads >= 1 && a.heads <= 64, "--heads must be in [1, 64], got ", a.heads);
   LT_CHECK(a.cell >= 1 && a.cell <= 64, "--cell must be in [1, 64] pixels, got ", a.cell);
   std::vector<std::string> variants;
@@ -213,7 +213,7 @@ const RegisterCommand patterns_command(
       a->flags.block_size = 8;  // blocks and windows that show at N = 64
       a->flags.window = 16;
       sub.add_option("--variants", a->variants, "comma-separated variants (default: every registered one)");
-      sub.add_option("--n", a->n, "sequence length (default 64)")->transform(integer_in<int64_t>(2, 1024));
+      sub.add_option("--seq-len,--n", a->n, "sequence length (default 64; --n is a deprecated alias)")->transform(integer_in<int64_t>(2, 1024));
       sub.add_option("--heads", a->heads, "number of heads, one panel each (default 4)")
           ->transform(integer_in<int64_t>(1, 64));
       sub.add_option("--segments", a->segments, "dilated segment lengths (default 16,32,64)");

@@ -3,6 +3,7 @@
 // with no index arithmetic. bf16 is stored as bf16 and computed in f32.
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
+#include "tensor/elementwise_math.h"
 
 namespace longtape::cuda {
 
@@ -15,68 +16,25 @@ __device__ __forceinline__ double m_abs(double x) { return fabs(x); }
 __device__ __forceinline__ float m_pow(float x, float y) { return powf(x, y); }
 __device__ __forceinline__ double m_pow(double x, double y) { return pow(x, y); }
 
-constexpr double kSqrt2OverPi = 0.7978845608028654;
-constexpr double kInvSqrt2 = 0.7071067811865476;
-constexpr double kInvSqrt2Pi = 0.3989422804014327;
+// The transcendental primitives of tensor/elementwise_math.h on the device (cuda/common.cuh).
+struct DeviceMath {
+  template <typename C> __device__ __forceinline__ static C exp(C x) { return m_exp(x); }
+  template <typename C> __device__ __forceinline__ static C erf(C x) { return m_erf(x); }
+  template <typename C> __device__ __forceinline__ static C log(C x) { return m_log(x); }
+  template <typename C> __device__ __forceinline__ static C sqrt(C x) { return m_sqrt(x); }
+  template <typename C> __device__ __forceinline__ static C tanh(C x) { return m_tanh(x); }
+  template <typename C> __device__ __forceinline__ static C pow(C x, C y) { return m_pow(x, y); }
+  template <typename C> __device__ __forceinline__ static C abs(C x) { return m_abs(x); }
+};
 
-// Same formulas as tensor/cpu/elementwise.cpp.
+// The formulas are the CPU kernels' own (tensor/elementwise_math.h).
 template <typename C>
 __device__ __forceinline__ C apply_unary(UnaryOp op, C x, C alpha) {
-  switch (op) {
-    case UnaryOp::neg: return -x;
-    case UnaryOp::exp: return m_exp(x);
-    case UnaryOp::log: return m_log(x);
-    case UnaryOp::sqrt: return m_sqrt(x);
-    case UnaryOp::rsqrt: return C(1) / m_sqrt(x);
-    case UnaryOp::tanh: return m_tanh(x);
-    case UnaryOp::relu: return x > C(0) ? x : C(0);
-    case UnaryOp::sigmoid: return C(1) / (C(1) + m_exp(-x));
-    case UnaryOp::abs: return m_abs(x);
-    case UnaryOp::square: return x * x;
-    case UnaryOp::reciprocal: return C(1) / x;
-    case UnaryOp::gelu_tanh: {
-      C u = C(kSqrt2OverPi) * (x + C(0.044715) * x * x * x);
-      return C(0.5) * x * (C(1) + m_tanh(u));
-    }
-    case UnaryOp::gelu_erf: return C(0.5) * x * (C(1) + m_erf(x * C(kInvSqrt2)));
-    case UnaryOp::gelu_tanh_grad: {
-      C u = C(kSqrt2OverPi) * (x + C(0.044715) * x * x * x);
-      C t = m_tanh(u);
-      C du = C(kSqrt2OverPi) * (C(1) + C(3 * 0.044715) * x * x);
-      return C(0.5) * (C(1) + t) + C(0.5) * x * (C(1) - t * t) * du;
-    }
-    case UnaryOp::gelu_erf_grad:
-      return C(0.5) * (C(1) + m_erf(x * C(kInvSqrt2))) + x * C(kInvSqrt2Pi) * m_exp(C(-0.5) * x * x);
-    case UnaryOp::step: return x > C(0) ? C(1) : C(0);
-    case UnaryOp::pow_scalar: return m_pow(x, alpha);
-    case UnaryOp::add_scalar: return x + alpha;
-    case UnaryOp::mul_scalar: return x * alpha;
-    case UnaryOp::rsub_scalar: return alpha - x;
-    case UnaryOp::gt_scalar: return x > alpha ? C(1) : C(0);
-    case UnaryOp::lt_scalar: return x < alpha ? C(1) : C(0);
-    case UnaryOp::eq_scalar: return x == alpha ? C(1) : C(0);
-  }
-  return x;
+  return element::apply_unary<DeviceMath>(op, x, alpha);
 }
-
 template <typename C>
 __device__ __forceinline__ C apply_binary(BinaryOp op, C a, C b) {
-  switch (op) {
-    case BinaryOp::add: return a + b;
-    case BinaryOp::sub: return a - b;
-    case BinaryOp::mul: return a * b;
-    case BinaryOp::div: return a / b;
-    case BinaryOp::pow: return m_pow(a, b);
-    case BinaryOp::maximum: return a > b ? a : b;
-    case BinaryOp::minimum: return a < b ? a : b;
-    case BinaryOp::gt: return a > b ? C(1) : C(0);
-    case BinaryOp::lt: return a < b ? C(1) : C(0);
-    case BinaryOp::ge: return a >= b ? C(1) : C(0);
-    case BinaryOp::le: return a <= b ? C(1) : C(0);
-    case BinaryOp::eq: return a == b ? C(1) : C(0);
-    case BinaryOp::ne: return a != b ? C(1) : C(0);
-  }
-  return a;
+  return element::apply_binary<DeviceMath>(op, a, b);
 }
 
 template <typename T>

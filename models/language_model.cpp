@@ -58,8 +58,13 @@ LanguageModel::LanguageModel(const LanguageModelConfig& config) : config_(config
   bc.mlp_hidden = config.mlp_hidden;
   bc.dropout = config.dropout;
   for (int64_t i = 0; i < config.num_layers; ++i) {
-    auto attention = std::make_shared<attention::MultiheadAttention>(config.embed_dim, config.num_heads,
-                                                                     config.attention, config_.attention_config);
+    attention::MultiheadAttentionOptions ao;
+    ao.embed_dim = config.embed_dim;
+    ao.num_heads = config.num_heads;
+    ao.variant = config.attention;
+    ao.attention = config_.attention_config;
+    ao.key_shift = config.key_shift;
+    auto attention = std::make_shared<attention::MultiheadAttention>(ao);
     blocks->push_back(std::make_shared<TransformerBlock>(bc, std::move(attention)));
   }
   ln_f = register_module("ln_f", std::make_shared<LayerNorm>(config.embed_dim));

@@ -32,6 +32,9 @@ struct LanguageModelConfig {
   // Vaswani et al., scaled to RMS init_std: relative offsets start out linearly readable, which
   // lets attention find "the previous token" in a few steps) or "normal" (N(0, init_std^2)).
   std::string position_init = "sinusoidal";
+  // Smeared keys in every attention layer (attention/multihead.h): lets one layer find the token
+  // after a given one, so associative recall is learned in hundreds of steps, not thousands.
+  bool key_shift = false;
 };
 
 class LanguageModel : public nn::Module {

@@ -64,7 +64,7 @@ FLAG_CONTEXT = {
     ("attention", "--window"): ["--variant", "block_sparse"],
     ("attention", "--global-blocks"): ["--variant", "block_sparse", "--pattern", "global_local"],
     ("attention", "--density"): ["--variant", "block_sparse", "--pattern", "random"],
-    ("attention", "--seed"): ["--variant", "block_sparse", "--pattern", "random"],
+    ("attention", "--pattern-seed"): ["--variant", "block_sparse", "--pattern", "random"],
     ("attention", "--ranks"): ["--parallel", "head"],
     ("attention", "--grid"): ["--order", "hilbert"],
     ("bench", "--quality-steps"): ["--quality", "--quality-seq-len", "16", "--quality-batch", "1"],

@@ -75,110 +75,20 @@ int64_t bytes_of(int64_t n, DType t) { return n * static_cast<int64_t>(dtype_siz
   } while (0)
 #endif
 
-void unary(UnaryOp op, const View& out, const View& in, double alpha) {
-  profiler::Scope scope(unary_name(op), 2 * bytes_of(out));
-  LT_ROUTE(out.device, unary(op, out, in, alpha));
-}
-void binary(BinaryOp op, const View& out, const View& a, const View& b) {
-  profiler::Scope scope(binary_name(op), 3 * bytes_of(out));
-  LT_ROUTE(out.device, binary(op, out, a, b));
-}
-void where(const View& out, const View& cond, const View& a, const View& b) {
-  profiler::Scope scope("where", 4 * bytes_of(out));
-  LT_ROUTE(out.device, where(out, cond, a, b));
-}
-void copy(const View& dst, const View& src) {
-  profiler::Scope scope("copy", bytes_of(dst) + bytes_of(src));
-  LT_ROUTE(dst.device, copy(dst, src));
-}
-void fill(const View& dst, double value) {
-  profiler::Scope scope("fill", bytes_of(dst));
-  LT_ROUTE(dst.device, fill(dst, value));
-}
-void reduce(ReduceOp op, const View& out, const View& in, int nreduce) {
-  profiler::Scope scope(reduce_name(op), bytes_of(in) + bytes_of(out));
-  LT_ROUTE(out.device, reduce(op, out, in, nreduce));
-}
-void gemm(const GemmArgs& args) {
-  profiler::Scope scope("gemm", bytes_of(args.batch * (args.m * args.k + args.k * args.n + args.m * args.n), args.dtype));
-  LT_ROUTE(args.device, gemm(args));
-}
-void softmax(void* out, const void* in, DType dtype, int64_t rows, int64_t cols, bool log, Device device) {
-  profiler::Scope scope("softmax", 2 * bytes_of(rows * cols, dtype));
-  LT_ROUTE(device, softmax(out, in, dtype, rows, cols, log));
-}
-void softmax_backward(void* dx, const void* y, const void* dy, DType dtype, int64_t rows, int64_t cols, bool log,
-                      Device device) {
-  profiler::Scope scope("softmax_backward", 3 * bytes_of(rows * cols, dtype));
-  LT_ROUTE(device, softmax_backward(dx, y, dy, dtype, rows, cols, log));
-}
-void layer_norm(void* y, void* mean, void* rstd, const void* x, const void* weight, const void* bias, DType dtype,
-                int64_t rows, int64_t cols, double eps, Device device) {
-  profiler::Scope scope("layer_norm", 2 * bytes_of(rows * cols, dtype));
-  LT_ROUTE(device, layer_norm(y, mean, rstd, x, weight, bias, dtype, rows, cols, eps));
-}
-void layer_norm_backward(void* dx, void* dweight, void* dbias, const void* dy, const void* x, const void* mean,
-                         const void* rstd, const void* weight, DType dtype, int64_t rows, int64_t cols,
-                         Device device) {
-  profiler::Scope scope("layer_norm_backward", 3 * bytes_of(rows * cols, dtype));
-  LT_ROUTE(device, layer_norm_backward(dx, dweight, dbias, dy, x, mean, rstd, weight, dtype, rows, cols));
-}
-void index_select(void* out, const void* in, const int64_t* index, DType dtype, int64_t outer, int64_t in_dim,
-                  int64_t n, int64_t inner, Device device) {
-  profiler::Scope scope("index_select", 2 * bytes_of(outer * n * inner, dtype));
-  LT_ROUTE(device, index_select(out, in, index, dtype, outer, in_dim, n, inner));
-}
-void index_add(void* out, const void* src, const int64_t* index, DType dtype, int64_t outer, int64_t out_dim,
-               int64_t n, int64_t inner, Device device) {
-  profiler::Scope scope("index_add", 3 * bytes_of(outer * n * inner, dtype));
-  LT_ROUTE(device, index_add(out, src, index, dtype, outer, out_dim, n, inner));
-}
-void gather(void* out, const void* in, const int64_t* index, DType dtype, int64_t outer, int64_t in_dim,
-            int64_t n, int64_t inner, Device device) {
-  profiler::Scope scope("gather", 2 * bytes_of(outer * n * inner, dtype));
-  LT_ROUTE(device, gather(out, in, index, dtype, outer, in_dim, n, inner));
-}
-void scatter_add(void* out, const void* src, const int64_t* index, DType dtype, int64_t outer, int64_t out_dim,
-                 int64_t n, int64_t inner, Device device) {
-  profiler::Scope scope("scatter_add", 3 * bytes_of(outer * n * inner, dtype));
-  LT_ROUTE(device, scatter_add(out, src, index, dtype, outer, out_dim, n, inner));
-}
-void uniform(const View& out, uint64_t seed, uint64_t offset, double low, double high) {
-  profiler::Scope scope("uniform", bytes_of(out));
-  LT_ROUTE(out.device, uniform(out, seed, offset, low, high));
-}
-void normal(const View& out, uint64_t seed, uint64_t offset, double mean, double std) {
-  profiler::Scope scope("normal", bytes_of(out));
-  LT_ROUTE(out.device, normal(out, seed, offset, mean, std));
-}
-
-// ---- fused training ops
-void bias_gelu(void* out, const void* x, const void* bias, DType dtype, int64_t rows, int64_t cols, bool tanh_approx,
-               Device device) {
-  profiler::Scope scope("bias_gelu", 2 * bytes_of(rows * cols, dtype));
-  LT_ROUTE(device, bias_gelu(out, x, bias, dtype, rows, cols, tanh_approx));
-}
-void bias_gelu_backward(void* dx, const void* dy, const void* x, const void* bias, DType dtype, int64_t rows,
-                        int64_t cols, bool tanh_approx, Device device) {
-  profiler::Scope scope("bias_gelu_backward", 3 * bytes_of(rows * cols, dtype));
-  LT_ROUTE(device, bias_gelu_backward(dx, dy, x, bias, dtype, rows, cols, tanh_approx));
-}
-void cross_entropy(void* loss_rows, void* counted_rows, void* lse_rows, const void* logits, const int64_t* targets,
-                   DType dtype, int64_t rows, int64_t classes, int64_t ignore_index, Device device) {
-  profiler::Scope scope("cross_entropy", bytes_of(rows * classes, dtype));
-  LT_ROUTE(device, cross_entropy(loss_rows, counted_rows, lse_rows, logits, targets, dtype, rows, classes, ignore_index));
-}
-void cross_entropy_backward(void* dlogits, const void* logits, const void* lse_rows, const int64_t* targets,
-                            const void* scale, DType dtype, int64_t rows, int64_t classes, int64_t ignore_index,
-                            Device device) {
-  profiler::Scope scope("cross_entropy_backward", 2 * bytes_of(rows * classes, dtype));
-  LT_ROUTE(device, cross_entropy_backward(dlogits, logits, lse_rows, targets, scale, dtype, rows, classes, ignore_index));
-}
-void flag_bad_indices(int64_t* first_bad, const int64_t* index, int64_t n, int64_t limit, int64_t allowed,
-                      Device device) {
-  profiler::Scope scope("flag_bad_indices", bytes_of(n, DType::i64));
-  LT_ROUTE(device, flag_bad_indices(first_bad, index, n, limit, allowed));
-}
+// One routing function per entry of tensor/kernel_list.inc, each timed as one profiler row.
+#define LT_VIEW_KERNEL(name, params, args, device, label, bytes) \
+  void name params {                                              \
+    profiler::Scope scope(label, bytes);                          \
+    LT_ROUTE(device, name args);                                  \
+  }
+#define LT_RAW_KERNEL(name, params, args, bytes) \
+  void name LT_KERNEL_WITH_DEVICE params {        \
+    profiler::Scope scope(#name, bytes);          \
+    LT_ROUTE(device, name args);                  \
+  }
+#include "tensor/kernel_list.inc"
+#undef LT_VIEW_KERNEL
+#undef LT_RAW_KERNEL
 
 void check_indices(const int64_t* index, int64_t n, int64_t limit, Device device, const char* op) {
   std::vector<int64_t> host;

@@ -84,6 +84,7 @@ std::map<std::string, std::string> numeric_options(const std::string& command, c
     std::string name, type;
     if (!(words >> name >> type) || name.rfind("--", 0) != 0) continue;
     if (name.back() == ',') continue;
+    name = name.substr(0, name.find(','));  // "--pattern-seed,--seed": the name, then deprecated aliases
     type = type.substr(0, type.find(':'));
     if (type == "INT" || type == "UINT" || type == "FLOAT") options[name] = type;
   }

@@ -175,6 +175,66 @@ TEST_CASE("TransformerBlock: pre-LN residual structure and float64 gradcheck") {
                        Error);
 }
 
+TEST_CASE("MultiheadAttention key_shift: smeared keys against a float64 reference, and gradcheck") {
+  manual_seed(31);
+  const int64_t n = 5, e = 4;  // one head of width 4, causal dense core
+  attention::MultiheadAttentionOptions o;
+  o.embed_dim = e;
+  o.num_heads = 1;
+  o.variant = "dense";
+  o.attention.causal = true;
+  o.sub_layernorm = false;
+  o.key_shift = true;
+  o.dtype = DType::f64;
+  attention::MultiheadAttention mha(o);
+  REQUIRE(mha.key_shift.defined());
+  CHECK(mha.key_shift.shape() == Shape{e});
+  {
+    NoGradGuard no_grad;  // random gates and biases instead of the zeros of the initialisation
+    mha.key_shift.copy_(Tensor::randn({e}, DType::f64));
+    mha.b_k.copy_(Tensor::randn({e}, DType::f64));
+    mha.b_out.copy_(Tensor::randn({e}, DType::f64));
+  }
+  Tensor x = Tensor::randn({1, n, e}, DType::f64);
+  // Reference: k'_t = k_t + sigmoid(s) (k_{t-1} - k_t) with k_{-1} = 0, then causal softmax attention.
+  auto project = [&](const Tensor& w, const Tensor& b) { return add(matmul(x, w), b).to_vector(); };
+  const std::vector<double> q = project(mha.w_q, mha.b_q), k = project(mha.w_k, mha.b_k),
+                            v = project(mha.w_v, mha.b_v), gate_logit = mha.key_shift.to_vector();
+  std::vector<double> ks(k.size()), merged(k.size(), 0.0);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < e; ++c) {
+      const double g = 1.0 / (1.0 + std::exp(-gate_logit[c]));
+      const double previous = t > 0 ? k[(t - 1) * e + c] : 0.0;
+      ks[t * e + c] = k[t * e + c] + g * (previous - k[t * e + c]);
+    }
+  for (int64_t t = 0; t < n; ++t) {
+    std::vector<double> score(t + 1);
+    double top = -1e300, total = 0;
+    for (int64_t j = 0; j <= t; ++j) {
+      double dot = 0;
+      for (int64_t c = 0; c < e; ++c) dot += q[t * e + c] * ks[j * e + c];
+      score[j] = dot / std::sqrt(static_cast<double>(e));
+      top = std::max(top, score[j]);
+    }
+    for (double& z : score) total += (z = std::exp(z - top));
+    for (int64_t j = 0; j <= t; ++j)
+      for (int64_t c = 0; c < e; ++c) merged[t * e + c] += score[j] / total * v[j * e + c];
+  }
+  Tensor want = add(matmul(Tensor::from_vector(merged, {1, n, e}), mha.w_out), mha.b_out);
+  CHECK(max_abs_diff(mha.forward(x), want) < 1e-12);
+  // Analytic gradients of the input and of the gate logits against finite differences.
+  x.requires_grad_(true);
+  auto result = autograd::gradcheck(
+      [&](const std::vector<Tensor>& in) { return mha.forward(in[0]); }, {x, mha.key_shift});
+  CHECK_MESSAGE(result.passed, result.message);
+  CHECK(result.checked_elements == n * e + e);
+  // Off by default: no parameter, and the names of existing checkpoints are unchanged.
+  attention::MultiheadAttention plain(e, 1, "dense");
+  CHECK_FALSE(plain.key_shift.defined());
+  CHECK(names_of(plain).count("key_shift") == 0);
+  CHECK(names_of(mha).count("key_shift") == 1);
+}
+
 TEST_CASE("LanguageModel: dotted names, tied head, logits shape, parameter counts") {
   manual_seed(25);
   LanguageModel tied(tiny_config());

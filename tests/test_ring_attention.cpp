@@ -505,7 +505,8 @@ TEST_CASE("ring and head_parallel on CUDA match the CPU (CPU/CUDA parity)") {
   }
 }
 
-TEST_CASE("command line: `longtape attention --parallel ring|head --ranks P` equals the single-device run") {
+TEST_CASE("command line: `longtape attention --variant ring|head_parallel --inner X --ranks P` (and the deprecated "
+          "--parallel spelling) equals the single-device run") {
   const char* bin_dir = std::getenv("LONGTAPE_BIN");
   const std::string bin = bin_dir ? std::string(bin_dir) + "/longtape" : "";
   if (bin.empty() || !std::filesystem::exists(bin)) {
@@ -522,7 +523,7 @@ TEST_CASE("command line: `longtape attention --parallel ring|head --ranks P` equ
   io::save_npy(at("k.npy"), in.k);
   io::save_npy(at("v.npy"), in.v);
   io::save_npy(at("dout.npy"), in.dout);
-  const std::string common = bin + " attention --variant dilated --segments 4,8 --dilations 1,2 --causal --q " +
+  const std::string common = bin + " attention --segments 4,8 --dilations 1,2 --causal --q " +
                              at("q.npy") + " --k " + at("k.npy") + " --v " + at("v.npy") + " --dout " + at("dout.npy");
   auto run_cli = [&](const std::string& extra, const std::string& out) {
     const int status = std::system((common + extra + " --out-dir " + at(out) + " > " + at(out + ".log") + " 2>&1").c_str());
@@ -535,9 +536,11 @@ TEST_CASE("command line: `longtape attention --parallel ring|head --ranks P` equ
   AttentionOutput want = reference->forward_with_lse(ql, kl, vl);
   want.out.backward(in.dout);
   for (const auto& [extra, out] : std::vector<std::pair<std::string, std::string>>{
-           {" --parallel ring --ranks 3", "ring"},
-           {" --parallel ring --ranks 3 --ring-layout zigzag", "zigzag"},
-           {" --parallel head --ranks 2", "head"}}) {
+           {" --variant ring --inner dilated --ranks 3", "ring"},
+           {" --variant ring --inner dilated --ranks 3 --ring-layout zigzag", "zigzag"},
+           {" --variant head_parallel --inner dilated --ranks 2", "head"},
+           {" --variant dilated --parallel ring --ranks 3", "ring_deprecated"},
+           {" --variant dilated --parallel head --ranks 2", "head_deprecated"}}) {
     INFO(extra);
     REQUIRE(run_cli(extra, out) == 0);
     CHECK(max_diff(io::load_npy(at(out + "/o.npy")), want.out) < 1e-12);
@@ -546,17 +549,17 @@ TEST_CASE("command line: `longtape attention --parallel ring|head --ranks P` equ
     CHECK(max_diff(io::load_npy(at(out + "/dk.npy")), kl.grad()) < 1e-12);
     CHECK(max_diff(io::load_npy(at(out + "/dv.npy")), vl.grad()) < 1e-12);
   }
-  CHECK(run_cli(" --ranks 3", "bad") != 0);
+  CHECK(run_cli(" --variant dilated --ranks 3", "bad") != 0);
   std::ifstream log(at("bad.log"));
   std::stringstream text;
   text << log.rdbuf();
-  CHECK(text.str().find("--ranks 3 needs --parallel ring or head") != std::string::npos);
-  CHECK(run_cli(" --parallel head --ranks 3", "bad_heads") != 0);
-  CHECK(run_cli(" --parallel head --ranks 2 --ring-layout zigzag", "bad_layout") != 0);
+  CHECK(text.str().find("--ranks 3 needs --variant ring or head_parallel") != std::string::npos);
+  CHECK(run_cli(" --variant head_parallel --inner dilated --ranks 3", "bad_heads") != 0);
+  CHECK(run_cli(" --variant head_parallel --inner dilated --ranks 2 --ring-layout zigzag", "bad_layout") != 0);
   std::ifstream layout_log(at("bad_layout.log"));
   std::stringstream layout_text;
   layout_text << layout_log.rdbuf();
-  CHECK(layout_text.str().find("--ring-layout zigzag needs --parallel ring") != std::string::npos);
+  CHECK(layout_text.str().find("--ring-layout zigzag needs --variant ring") != std::string::npos);
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
 }

@@ -5,71 +5,31 @@
 #include "tensor/cpu/cpu_kernels.h"
 #include "tensor/cpu/strided.h"
 #include "tensor/cpu/vector_math.h"
+#include "tensor/elementwise_math.h"
 
 namespace longtape::cpu {
 
 namespace {
-constexpr double kSqrt2OverPi = 0.7978845608028654;
-constexpr double kInvSqrt2 = 0.7071067811865476;
-constexpr double kInvSqrt2Pi = 0.3989422804014327;
+
+// The transcendental primitives of tensor/elementwise_math.h for the CPU: the vectorised float
+// exp/erf of vector_math.h, libm for the rest.
+struct HostMath {
+  template <typename T> [[gnu::always_inline]] static T exp(T x) { return exp_of(x); }
+  template <typename T> [[gnu::always_inline]] static T erf(T x) { return erf_of(x); }
+  template <typename T> [[gnu::always_inline]] static T log(T x) { return std::log(x); }
+  template <typename T> [[gnu::always_inline]] static T sqrt(T x) { return std::sqrt(x); }
+  template <typename T> [[gnu::always_inline]] static T tanh(T x) { return std::tanh(x); }
+  template <typename T> [[gnu::always_inline]] static T pow(T x, T y) { return std::pow(x, y); }
+  template <typename T> [[gnu::always_inline]] static T abs(T x) { return std::abs(x); }
+};
 
 template <typename T>
 [[gnu::always_inline]] inline T apply_unary(UnaryOp op, T x, T alpha) {
-  switch (op) {
-    case UnaryOp::neg: return -x;
-    case UnaryOp::exp: return exp_of(x);
-    case UnaryOp::log: return std::log(x);
-    case UnaryOp::sqrt: return std::sqrt(x);
-    case UnaryOp::rsqrt: return T(1) / std::sqrt(x);
-    case UnaryOp::tanh: return std::tanh(x);
-    case UnaryOp::relu: return x > T(0) ? x : T(0);
-    case UnaryOp::sigmoid: return T(1) / (T(1) + exp_of(-x));
-    case UnaryOp::abs: return std::abs(x);
-    case UnaryOp::square: return x * x;
-    case UnaryOp::reciprocal: return T(1) / x;
-    case UnaryOp::gelu_tanh: {
-      T u = T(kSqrt2OverPi) * (x + T(0.044715) * x * x * x);
-      return T(0.5) * x * (T(1) + std::tanh(u));
-    }
-    case UnaryOp::gelu_erf: return T(0.5) * x * (T(1) + erf_of(x * T(kInvSqrt2)));
-    case UnaryOp::gelu_tanh_grad: {
-      T u = T(kSqrt2OverPi) * (x + T(0.044715) * x * x * x);
-      T t = std::tanh(u);
-      T du = T(kSqrt2OverPi) * (T(1) + T(3 * 0.044715) * x * x);
-      return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du;
-    }
-    case UnaryOp::gelu_erf_grad:
-      return T(0.5) * (T(1) + erf_of(x * T(kInvSqrt2))) + x * T(kInvSqrt2Pi) * exp_of(T(-0.5) * x * x);
-    case UnaryOp::step: return x > T(0) ? T(1) : T(0);
-    case UnaryOp::pow_scalar: return std::pow(x, alpha);
-    case UnaryOp::add_scalar: return x + alpha;
-    case UnaryOp::mul_scalar: return x * alpha;
-    case UnaryOp::rsub_scalar: return alpha - x;
-    case UnaryOp::gt_scalar: return x > alpha ? T(1) : T(0);
-    case UnaryOp::lt_scalar: return x < alpha ? T(1) : T(0);
-    case UnaryOp::eq_scalar: return x == alpha ? T(1) : T(0);
-  }
-  return x;
+  return element::apply_unary<HostMath>(op, x, alpha);
 }
-
 template <typename T>
 [[gnu::always_inline]] inline T apply_binary(BinaryOp op, T a, T b) {
-  switch (op) {
-    case BinaryOp::add: return a + b;
-    case BinaryOp::sub: return a - b;
-    case BinaryOp::mul: return a * b;
-    case BinaryOp::div: return a / b;
-    case BinaryOp::pow: return std::pow(a, b);
-    case BinaryOp::maximum: return a > b ? a : b;
-    case BinaryOp::minimum: return a < b ? a : b;
-    case BinaryOp::gt: return a > b ? T(1) : T(0);
-    case BinaryOp::lt: return a < b ? T(1) : T(0);
-    case BinaryOp::ge: return a >= b ? T(1) : T(0);
-    case BinaryOp::le: return a <= b ? T(1) : T(0);
-    case BinaryOp::eq: return a == b ? T(1) : T(0);
-    case BinaryOp::ne: return a != b ? T(1) : T(0);
-  }
-  return a;
+  return element::apply_binary<HostMath>(op, a, b);
 }
 
 template <typename T>

@@ -1,9 +1,16 @@
-// Gradient checks: one table with a line per op case, each compared against central differences
-// in float64, plus tests showing that the checker itself can fail.
+// The op table: one row per op case (name, the op as a lambda, input shapes, input domain), used
+// three ways: its backward against float64 central differences (gradcheck), its CUDA forward and
+// backward against the CPU's (skipped without a GPU), and a perf mode that times every row
+// (LONGTAPE_OP_PERF=<scale>, off by default). Plus tests showing that the checker itself can fail.
+//
+//   LONGTAPE_OP_PERF=32 build-cpu/bin/test_op_table -tc="op table: time*"
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -39,12 +46,21 @@ struct OpCase {
 // For ops whose result passes through f32 rounding: a larger step and tolerances to match.
 const GradcheckOptions kLoose{.eps = 1e-3, .atol = 1e-3, .rtol = 1e-2};
 
-Tensor i64(const std::vector<int64_t>& values, const Shape& shape) { return Tensor::from_vector(values, shape); }
+// The device a row's fixed tensors (indices, masks) are made on: that of its inputs.
+Device& case_device() {
+  static Device device = Device::cpu();
+  return device;
+}
+Tensor on_case_device(const Tensor& t) { return t.to(case_device()); }
+
+Tensor i64(const std::vector<int64_t>& values, const Shape& shape) {
+  return on_case_device(Tensor::from_vector(values, shape));
+}
 
 // A fixed boolean mask (as f64 0/1) of the given shape, with both values present.
 Tensor fixed_mask(const Shape& shape, uint64_t seed) {
   manual_seed(seed);
-  return gt(Tensor::randn(shape, DType::f64), Tensor::zeros({}, DType::f64));
+  return on_case_device(gt(Tensor::randn(shape, DType::f64), Tensor::zeros({}, DType::f64)));
 }
 
 std::vector<Tensor> make_inputs(const OpCase& c, uint64_t seed) {
@@ -236,7 +252,7 @@ std::vector<OpCase> op_table() {
     {"layer_norm weight only", [](const Ts& x) { return layer_norm(x[0], x[1], Tensor()); }, {{4, 6}, {6}}},
     {"layer_norm bias only",   [](const Ts& x) { return layer_norm(x[0], Tensor(), x[1]); }, {{4, 6}, {6}}},
     {"embedding (weight)",     [](const Ts& x) { return embedding(x[0], i64({0, 2, 4, 2, 2, 1}, {2, 3})); }, {{5, 3}}},
-    {"embedding i32 indices",  [](const Ts& x) { return embedding(x[0], Tensor::from_vector(std::vector<int32_t>{3, 0, 3}, {3})); }, {{4, 2}}},
+    {"embedding i32 indices",  [](const Ts& x) { return embedding(x[0], on_case_device(Tensor::from_vector(std::vector<int32_t>{3, 0, 3}, {3}))); }, {{4, 2}}},
     {"cross_entropy (N,C)",    [](const Ts& x) { return cross_entropy(x[0], i64({1, 0, 4, 2}, {4})); }, {{4, 5}}},
     {"cross_entropy ignore -100", [](const Ts& x) { return cross_entropy(x[0], i64({1, -100, 4, 2}, {4})); }, {{4, 5}}},
     {"cross_entropy (B,T,C) ignore 2", [](const Ts& x) { return cross_entropy(x[0], i64({0, 2, 3, 1, 2, 4}, {2, 3}), 2); }, {{2, 3, 5}}},
@@ -298,6 +314,139 @@ TEST_CASE("gradcheck: every op of the table matches central differences") {
   }
   MESSAGE(passed << " of " << table.size() << " op cases passed gradcheck");
   CHECK(passed == static_cast<int>(table.size()));
+}
+
+namespace {
+
+// Output and input gradients of one row on `device` (inputs copied there): the gradients of
+// sum(out * w) for a fixed random w, as gradcheck scalarises.
+struct RowRun {
+  Tensor out;
+  std::vector<Tensor> grads;
+};
+RowRun run_row(const OpCase& c, const std::vector<Tensor>& inputs, Device device) {
+  case_device() = device;
+  std::vector<Tensor> xs;
+  for (const Tensor& x : inputs) xs.push_back(x.detach().to(device).requires_grad_());
+  RowRun r;
+  r.out = c.fn(xs);
+  manual_seed(seed_of(c.name) ^ 0x5eed);
+  Tensor w = Tensor::randn(r.out.shape(), r.out.dtype()).to(device);
+  sum(mul(r.out, w)).backward();
+  for (const Tensor& x : xs) r.grads.push_back(x.grad().defined() ? x.grad().to(Device::cpu()) : Tensor());
+  r.out = r.out.detach().to(Device::cpu());
+  case_device() = Device::cpu();
+  return r;
+}
+
+// Largest |a - b| / max(1, |b|) over the elements (a, b on the CPU, same shape).
+double scaled_diff(const Tensor& a, const Tensor& b) {
+  REQUIRE(a.shape() == b.shape());
+  const std::vector<double> av = cast(a, DType::f64).to_vector(), bv = cast(b, DType::f64).to_vector();
+  double worst = 0;
+  for (size_t i = 0; i < av.size(); ++i)
+    worst = std::max(worst, std::abs(av[i] - bv[i]) / std::max(1.0, std::abs(bv[i])));
+  return worst;
+}
+
+// The row's shapes with every dimension above 1 multiplied by `factor`, halved until at most
+// 2^22 elements per input: broadcast dims (1) stay 1 and equal dims stay equal.
+std::vector<Shape> scaled_shapes(const std::vector<Shape>& shapes, int64_t factor) {
+  for (;; factor = std::max<int64_t>(1, factor / 2)) {
+    std::vector<Shape> out;
+    bool small = true;
+    for (const Shape& s : shapes) {
+      Shape t = s;
+      for (auto& d : t) d = d > 1 ? d * factor : d;
+      small = small && shape_numel(t) <= (int64_t{1} << 22);
+      out.push_back(t);
+    }
+    if (small || factor == 1) return out;
+  }
+}
+
+}  // namespace
+
+TEST_CASE("op table: the CUDA forward and backward of every row match the CPU in float64" *
+          doctest::skip(!cuda_available())) {
+  const std::vector<OpCase> table = op_table();
+  int matched = 0;
+  for (const OpCase& c : table) {
+    CAPTURE(c.name);
+    INFO("input shapes: " << shapes_str(c.shapes));
+    const std::vector<Tensor> inputs = make_inputs(c, seed_of(c.name));
+    // Rows through f32 (casts) match to f32 rounding; the rest to float64 rounding.
+    const double tolerance = c.options.eps > 1e-5 ? 1e-5 : 1e-10;
+    try {
+      const RowRun cpu = run_row(c, inputs, Device::cpu());
+      const RowRun gpu = run_row(c, inputs, Device::cuda());
+      CHECK(scaled_diff(gpu.out, cpu.out) <= tolerance);
+      REQUIRE(gpu.grads.size() == cpu.grads.size());
+      for (size_t i = 0; i < cpu.grads.size(); ++i) {
+        CAPTURE(i);
+        REQUIRE(gpu.grads[i].defined() == cpu.grads[i].defined());
+        if (cpu.grads[i].defined()) CHECK(scaled_diff(gpu.grads[i], cpu.grads[i]) <= tolerance);
+      }
+      ++matched;
+    } catch (const std::exception& e) {
+      case_device() = Device::cpu();
+      FAIL_CHECK("threw: " << e.what());
+    }
+  }
+  CHECK(matched == static_cast<int>(table.size()));
+}
+
+TEST_CASE("op table: time every row, forward and forward + backward (LONGTAPE_OP_PERF=<scale>)" *
+          doctest::skip(std::getenv("LONGTAPE_OP_PERF") == nullptr)) {
+  const int64_t factor = std::max<int64_t>(1, std::atoll(std::getenv("LONGTAPE_OP_PERF")));
+  const int repeats = 5;
+  std::vector<Device> devices{Device::cpu()};
+  if (cuda_available()) devices.push_back(Device::cuda());
+  using Clock = std::chrono::steady_clock;
+  for (const Device device : devices) {
+    std::printf("\n%-44s %-8s %-28s %10s %10s\n", "op (f32)", "device", "input shapes", "fwd ms", "f+b ms");
+    int timed = 0;
+    for (const OpCase& row : op_table()) {
+      // Rows with fixed index tensors only run at their table shapes.
+      for (const int64_t f : {factor, int64_t{1}}) {
+        OpCase c = row;
+        c.shapes = scaled_shapes(row.shapes, f);
+        std::vector<Tensor> inputs;
+        for (const Tensor& x : make_inputs(c, seed_of(c.name))) inputs.push_back(x.detach().to(DType::f32));
+        try {
+          std::vector<double> forward_ms, total_ms;
+          for (int r = 0; r <= repeats; ++r) {  // the first run warms up
+            case_device() = device;
+            std::vector<Tensor> xs;
+            for (const Tensor& x : inputs) xs.push_back(x.to(device).requires_grad_());
+            const auto t0 = Clock::now();
+            Tensor out = c.fn(xs);
+            Tensor loss = sum(out);
+            (void)loss.item();  // waits for the device
+            const auto t1 = Clock::now();
+            loss.backward();
+            if (xs[0].grad().defined()) (void)xs[0].grad().to(Device::cpu());  // waits for the device
+            const auto t2 = Clock::now();
+            if (r == 0) continue;
+            forward_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+            total_ms.push_back(std::chrono::duration<double, std::milli>(t2 - t0).count());
+          }
+          case_device() = Device::cpu();
+          std::sort(forward_ms.begin(), forward_ms.end());
+          std::sort(total_ms.begin(), total_ms.end());
+          CHECK(total_ms[repeats / 2] > 0.0);
+          std::printf("%-44s %-8s %-28s %10.4f %10.4f\n", c.name.c_str(), device.str().c_str(),
+                      shapes_str(c.shapes).c_str(), forward_ms[repeats / 2], total_ms[repeats / 2]);
+          ++timed;
+          break;
+        } catch (const std::exception&) {
+          case_device() = Device::cpu();
+          if (f == 1) FAIL_CHECK(row.name << " could not be timed");
+        }
+      }
+    }
+    CHECK(timed == static_cast<int>(op_table().size()));
+  }
 }
 
 TEST_CASE("gradcheck: the table names are unique") {
