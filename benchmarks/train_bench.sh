@@ -41,6 +41,6 @@ for n in lens:
         print(f"| longtape ({doc['attention']['implementation']}) | {doc['compute_precision']} | {n} | {ms:.1f} | "
               f"{int(n) / ms * 1e3:,.0f} | {peak:,.0f} | {doc['rows'][-1]['loss']:.4f} |")
 PY
-timeout 420 python3 benchmarks/torch_train_bench.py --device cuda --seq-lens "$(echo $lens | tr ' ' ',')" \
+timeout ${TORCH_TIMEOUT:-420} python3 benchmarks/torch_train_bench.py --device cuda --seq-lens "$(echo $lens | tr ' ' ',')" \
   --modes "${TORCH_MODES:-f32,tf32,bf16,bf16-compile}" --steps 20 --warmup 5 --out-dir "$out/torch" >"$out/torch.log" 2>&1
 grep -E "^\|" "$out/torch/torch_train_bench.md" 2>/dev/null || tail -20 "$out/torch.log"
