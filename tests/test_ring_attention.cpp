@@ -26,6 +26,7 @@
 #include "nn/dist/data_parallel.h"
 #include "nn/layers.h"
 #include "nn/dist/communicator.h"
+#include "support/parallel_configs.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
@@ -71,25 +72,10 @@ void check_same(const Result& got, const Result& want, double tol, const std::st
   CHECK(max_diff(got.dv, want.dv) < tol);
 }
 
-struct Inner {
-  std::string name;  // the single-device variant
-  Mixing mixing = Mixing::lse;
-  std::vector<int64_t> segments, dilations;
-};
+using Inner = testing::InnerVariant;
 
 AttentionConfig make_config(const Inner& inner, int64_t heads, int64_t dim, bool causal, int64_t ranks) {
-  AttentionConfig c;
-  c.num_heads = heads;
-  c.head_dim = dim;
-  c.causal = causal;
-  c.mixing = inner.mixing;
-  if (!inner.segments.empty()) {
-    c.segment_lengths = inner.segments;
-    c.dilation_rates = inner.dilations;
-  }
-  c.inner_variant = inner.name;
-  c.ranks = ranks;
-  return c;
+  return testing::parallel_config(inner, heads, dim, causal, ranks);
 }
 
 std::string label(const std::string& variant, const Inner& inner, int64_t n, bool causal, int64_t p) {

@@ -16,6 +16,7 @@
 #include "attention/ring_attention.h"
 #include "autograd/node.h"
 #include "nn/dist/communicator.h"
+#include "support/parallel_configs.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
@@ -84,25 +85,10 @@ void check_close(const Result& got, const Result& want, double tol, const std::s
   CHECK(max_diff(got.dv, want.dv) <= tol * (1 + max_abs(want.dv)));
 }
 
-struct Inner {
-  std::string name;
-  Mixing mixing = Mixing::lse;
-  std::vector<int64_t> segments, dilations;
-};
+using Inner = testing::InnerVariant;
 
 AttentionConfig make_config(const Inner& inner, int64_t heads, int64_t dim, bool causal, int64_t ranks) {
-  AttentionConfig c;
-  c.num_heads = heads;
-  c.head_dim = dim;
-  c.causal = causal;
-  c.mixing = inner.mixing;
-  if (!inner.segments.empty()) {
-    c.segment_lengths = inner.segments;
-    c.dilation_rates = inner.dilations;
-  }
-  c.inner_variant = inner.name;
-  c.ranks = ranks;
-  return c;
+  return testing::parallel_config(inner, heads, dim, causal, ranks);
 }
 
 std::string label(const Inner& inner, bool causal, const std::string& more) {
