@@ -359,27 +359,42 @@ fused::Selection select_chunk_core(const Tensor& q, const CoreOptions& options) 
   return selection;
 }
 
+namespace {
+
+// Calls part(task, b) for every piece that one call computes of every stream block that the
+// (query chunk, key chunk) pair holds: whole segment groups for the fused kernels, pieces within
+// the score budget for the composed path.
+template <class Part>
+void for_each_block_part(const ChunkStreams& streams, int64_t query_start, int64_t query_rows, int64_t key_start,
+                         int64_t key_rows, int64_t batch, const ChunkCompute& compute, const Part& part) {
+  for (const StreamBlock& block : streams.blocks(query_start, query_rows, key_start, key_rows)) {
+    const StreamTask& task = streams.task(block.task);
+    const std::vector<StreamBlock> parts = compute.fused
+                                               ? segment_groups(block, std::max<int64_t>(1, kMaxStreamsPerCall / batch))
+                                               : streams.pieces(block, batch, compute.score_budget);
+    for (const StreamBlock& b : parts) part(task, b);
+  }
+}
+
+}  // namespace
+
 void chunk_attention_forward(const ChunkStreams& streams, int64_t query_start, int64_t key_start, const Tensor& q,
                              const Tensor& k, const Tensor& v, const ChunkCompute& compute, const Tensor& out,
                              const Tensor& lse) {
   check_chunks(streams, q, k, v, query_start, key_start, "chunk_attention_forward");
   NoGradGuard no_grad;
-  const int64_t batch = q.size(0);
-  for (const StreamBlock& block : streams.blocks(query_start, q.size(1), key_start, k.size(1))) {
-    const StreamTask& task = streams.task(block.task);
-    const std::vector<StreamBlock> parts = compute.fused
-                                               ? segment_groups(block, std::max<int64_t>(1, kMaxStreamsPerCall / batch))
-                                               : streams.pieces(block, batch, compute.score_budget);
-    for (const StreamBlock& b : parts) {
-      const Tensor q5 = block_rows(q, task, b, true, query_start), k5 = block_rows(k, task, b, false, key_start),
-                   v5 = block_rows(v, task, b, false, key_start);
-      Tensor acc_out = block_rows(out, task, b, true, query_start), acc_lse = block_rows(lse, task, b, true, query_start);
-      if (compute.fused)
-        fused_block_forward(q5, k5, v5, streams.scale(), b.masked, acc_out, acc_lse);
-      else
-        composed_block_forward(q5, k5, v5, streams.scale(), b.masked, acc_out, acc_lse);
-    }
-  }
+  for_each_block_part(streams, query_start, q.size(1), key_start, k.size(1), q.size(0), compute,
+                      [&](const StreamTask& task, const StreamBlock& b) {
+                        const Tensor q5 = block_rows(q, task, b, true, query_start),
+                                     k5 = block_rows(k, task, b, false, key_start),
+                                     v5 = block_rows(v, task, b, false, key_start);
+                        Tensor acc_out = block_rows(out, task, b, true, query_start),
+                               acc_lse = block_rows(lse, task, b, true, query_start);
+                        if (compute.fused)
+                          fused_block_forward(q5, k5, v5, streams.scale(), b.masked, acc_out, acc_lse);
+                        else
+                          composed_block_forward(q5, k5, v5, streams.scale(), b.masked, acc_out, acc_lse);
+                      });
 }
 
 void chunk_attention_backward(const ChunkStreams& streams, int64_t query_start, int64_t key_start, const Tensor& q,
@@ -388,25 +403,20 @@ void chunk_attention_backward(const ChunkStreams& streams, int64_t query_start, 
                               const Tensor& dv) {
   check_chunks(streams, q, k, v, query_start, key_start, "chunk_attention_backward");
   NoGradGuard no_grad;
-  const int64_t batch = q.size(0);
-  for (const StreamBlock& block : streams.blocks(query_start, q.size(1), key_start, k.size(1))) {
-    const StreamTask& task = streams.task(block.task);
-    const std::vector<StreamBlock> parts = compute.fused
-                                               ? segment_groups(block, std::max<int64_t>(1, kMaxStreamsPerCall / batch))
-                                               : streams.pieces(block, batch, compute.score_budget);
-    for (const StreamBlock& b : parts) {
-      const Tensor q5 = block_rows(q, task, b, true, query_start), k5 = block_rows(k, task, b, false, key_start),
-                   v5 = block_rows(v, task, b, false, key_start), do5 = block_rows(dout, task, b, true, query_start);
-      const Tensor lse5 = block_rows(lse, task, b, true, query_start),
-                   delta5 = block_rows(delta, task, b, true, query_start);
-      Tensor dq5 = block_rows(dq, task, b, true, query_start), dk5 = block_rows(dk, task, b, false, key_start),
-             dv5 = block_rows(dv, task, b, false, key_start);
-      if (compute.fused)
-        fused_block_backward(q5, k5, v5, do5, lse5, delta5, streams.scale(), b.masked, dq5, dk5, dv5);
-      else
-        composed_block_backward(q5, k5, v5, do5, lse5, delta5, streams.scale(), b.masked, dq5, dk5, dv5);
-    }
-  }
+  for_each_block_part(
+      streams, query_start, q.size(1), key_start, k.size(1), q.size(0), compute,
+      [&](const StreamTask& task, const StreamBlock& b) {
+        const Tensor q5 = block_rows(q, task, b, true, query_start), k5 = block_rows(k, task, b, false, key_start),
+                     v5 = block_rows(v, task, b, false, key_start), do5 = block_rows(dout, task, b, true, query_start);
+        const Tensor lse5 = block_rows(lse, task, b, true, query_start),
+                     delta5 = block_rows(delta, task, b, true, query_start);
+        Tensor dq5 = block_rows(dq, task, b, true, query_start), dk5 = block_rows(dk, task, b, false, key_start),
+               dv5 = block_rows(dv, task, b, false, key_start);
+        if (compute.fused)
+          fused_block_backward(q5, k5, v5, do5, lse5, delta5, streams.scale(), b.masked, dq5, dk5, dv5);
+        else
+          composed_block_backward(q5, k5, v5, do5, lse5, delta5, streams.scale(), b.masked, dq5, dk5, dv5);
+      });
 }
 
 }  // namespace longtape::attention
