@@ -34,20 +34,7 @@ using namespace longtape::attention;
 
 namespace {
 
-// Largest |a - b|; equal infinities (rows no key reaches) count as equal, anything else non-finite fails.
-double max_diff(const Tensor& a, const Tensor& b) {
-  REQUIRE(a.defined());
-  REQUIRE(b.defined());
-  REQUIRE(a.shape() == b.shape());
-  auto x = a.to_vector(), y = b.to_vector();
-  double m = 0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    if (std::isinf(x[i]) && x[i] == y[i]) continue;
-    const double d = std::abs(x[i] - y[i]);
-    m = std::isfinite(d) ? std::max(m, d) : 1e300;
-  }
-  return m;
-}
+using testing::max_diff;
 
 struct Result {
   Tensor out, lse, dq, dk, dv;

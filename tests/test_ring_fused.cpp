@@ -24,20 +24,7 @@ using namespace longtape::attention;
 
 namespace {
 
-// Largest |a - b| (both moved to the CPU); equal infinities count as equal, other non-finite fails.
-double max_diff(const Tensor& a, const Tensor& b) {
-  REQUIRE(a.defined());
-  REQUIRE(b.defined());
-  REQUIRE(a.shape() == b.shape());
-  auto x = a.cpu().to_vector(), y = b.cpu().to_vector();
-  double m = 0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    if (std::isinf(x[i]) && x[i] == y[i]) continue;
-    const double d = std::abs(x[i] - y[i]);
-    m = std::isfinite(d) ? std::max(m, d) : 1e300;
-  }
-  return m;
-}
+using testing::max_diff;
 
 double max_abs(const Tensor& a) {
   double m = 0;
