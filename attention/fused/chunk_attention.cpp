@@ -53,27 +53,12 @@ Tensor fold_streams(const Tensor& x) {
                    x.offset());
 }
 
-fused::Strides strides_of(const Tensor& x) { return {x.strides()[0], x.strides()[1], x.strides()[2]}; }
-
 // The dense problem of one folded block: q (B', Lq, H', D), k, v (B', Lk, H', D).
 fused::Problem block_problem(const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool causal) {
-  fused::Problem p;
-  p.dtype = q.dtype();
-  p.batch = q.size(0);
-  p.seq_q = q.size(1);
-  p.heads = q.size(2);
-  p.head_dim = q.size(3);
-  p.seq_k = k.size(1);
-  p.scale = scale;
-  p.causal = causal;
-  p.key_set = fused::KeySet::dense;
-  p.q = q.raw_data();
-  p.k = k.raw_data();
-  p.v = v.raw_data();
-  p.q_stride = strides_of(q);
-  p.k_stride = strides_of(k);
-  p.v_stride = strides_of(v);
-  return p;
+  CoreOptions options;
+  options.scale = scale;
+  options.causal = causal;
+  return describe_problem(q, k, v, CoreKeys{}, options);
 }
 
 bool run_on_cuda(const fused::Problem& p, Device device) {

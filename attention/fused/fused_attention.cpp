@@ -13,6 +13,8 @@
 
 namespace longtape::attention {
 
+fused::Strides strides_of(const Tensor& x) { return {x.strides()[0], x.strides()[1], x.strides()[2]}; }
+
 namespace {
 
 using fused::BackwardProblem;
@@ -24,8 +26,6 @@ std::string describe(const Tensor& t) {
 
 // The kernels read rows with a contiguous last dim; anything else is copied once.
 Tensor rows_ready(const Tensor& x) { return x.strides().back() == 1 ? x : x.contiguous(); }
-
-fused::Strides strides_of(const Tensor& x) { return {x.strides()[0], x.strides()[1], x.strides()[2]}; }
 
 DType lse_dtype(DType input) { return input == DType::f64 ? DType::f64 : DType::f32; }
 
@@ -123,6 +123,8 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
            describe(k), ", v ", describe(v));
 }
 
+}  // namespace
+
 // The problem of q, k, v and the key set, without output pointers.
 Problem describe_problem(const Tensor& q, const Tensor& k, const Tensor& v, const CoreKeys& keys,
                          const CoreOptions& options) {
@@ -180,8 +182,6 @@ Problem describe_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
   }
   return p;
 }
-
-}  // namespace
 
 Impl parse_impl(const std::string& text) {
   if (text == "auto") return Impl::automatic;

@@ -62,6 +62,13 @@ std::string compute_precision(fused::Backend backend, DType dtype);
 fused::Selection select_core(const Tensor& q, const Tensor& k, const Tensor& v, const CoreKeys& keys,
                              const CoreOptions& options);
 
+// The fused problem of q (B, Nq, H, D), k, v (B, Nk, H, D) and the key set, without output
+// pointers (output strides: contiguous (B, Nq, H, D)). Validates the key set.
+fused::Problem describe_problem(const Tensor& q, const Tensor& k, const Tensor& v, const CoreKeys& keys,
+                                const CoreOptions& options);
+// Batch, row and head strides of a (B, N, H, D) tensor, as the kernels take them.
+fused::Strides strides_of(const Tensor& x);
+
 // The fused op itself (no fallback): q (B, Nq, H, D), k, v (B, Nk, H, D), one floating dtype, one
 // device. Returns out (B, Nq, H, D) in q's dtype and lse (B, H, Nq) (f32; f64 for f64 inputs).
 // Throws the selector's reason when the fused kernels cannot run the problem.
