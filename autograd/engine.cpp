@@ -82,6 +82,26 @@ std::vector<Tensor> AccumulateGrad::apply(const std::vector<Tensor>& grad_output
   return {};
 }
 
+uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, std::function<void(const Tensor& leaf)> hook) {
+  LT_CHECK(leaf.defined() && leaf.requires_grad() && !leaf.grad_fn(),
+           "register_post_accumulate_grad_hook: expected a leaf tensor that requires grad, got ",
+           !leaf.defined()  ? "an undefined tensor"
+           : leaf.grad_fn() ? "a non-leaf tensor"
+                            : "a tensor without requires_grad");
+  LT_CHECK(static_cast<bool>(hook), "register_post_accumulate_grad_hook: expected a hook, got an empty function");
+  TensorImpl& impl = leaf.impl();
+  if (!impl.grad_hooks) impl.grad_hooks = std::make_shared<GradHooks>();
+  const uint64_t id = impl.grad_hooks->next_id++;
+  impl.grad_hooks->hooks.emplace_back(id, std::move(hook));
+  return id;
+}
+
+void remove_post_accumulate_grad_hook(const Tensor& leaf, uint64_t id) {
+  if (!leaf.defined() || !leaf.impl().grad_hooks) return;
+  auto& hooks = leaf.impl().grad_hooks->hooks;
+  std::erase_if(hooks, [id](const auto& entry) { return entry.first == id; });
+}
+
 bool any_requires_grad(const std::vector<Tensor>& inputs) {
   if (!grad_enabled()) return false;
   for (const auto& t : inputs)
@@ -181,9 +201,34 @@ void execute(const std::vector<Tensor>& roots, const std::vector<Tensor>& grad_r
   std::sort(order.begin(), order.end(),
             [](const Node* a, const Node* b) { return a->sequence_nr > b->sequence_nr; });
 
+  // Leaves with post-accumulate hooks: how many of their accumulators are still to come (a leaf
+  // used by several ops has one per use), and whether one of them received a gradient. The hooks
+  // run when the last one has been passed.
+  std::unordered_map<TensorImpl*, int> uses_left;
+  std::unordered_set<TensorImpl*> received;
+  if (!capture) {
+    for (Node* n : order)
+      if (auto* acc = dynamic_cast<AccumulateGrad*>(n))
+        if (acc->leaf->grad_hooks && !acc->leaf->grad_hooks->hooks.empty()) ++uses_left[acc->leaf.get()];
+  }
+  auto leaf_passed = [&](AccumulateGrad* acc, bool accumulated) {
+    TensorImpl* leaf = acc->leaf.get();
+    if (accumulated) received.insert(leaf);
+    if (--uses_left[leaf] > 0 || !received.count(leaf)) return;
+    const auto hooks = acc->leaf->grad_hooks->hooks;  // a copy: a hook may remove itself
+    const Tensor tensor(acc->leaf);
+    for (const auto& [id, hook] : hooks) hook(tensor);
+  };
+
   for (Node* n : order) {
+    AccumulateGrad* hooked = nullptr;
+    if (!uses_left.empty())
+      if (auto* acc = dynamic_cast<AccumulateGrad*>(n); acc && uses_left.count(acc->leaf.get())) hooked = acc;
     auto it = pending.find(n);
-    if (it == pending.end()) continue;
+    if (it == pending.end()) {
+      if (hooked) leaf_passed(hooked, false);
+      continue;
+    }
     std::vector<Tensor> grads = std::move(it->second);
     pending.erase(it);
     grads.resize(n->outputs.size());
@@ -196,7 +241,10 @@ void execute(const std::vector<Tensor>& roots, const std::vector<Tensor>& grad_r
         grads[s] = Tensor::zeros(m.shape, m.dtype, m.device);
       }
     }
-    if (!any) continue;
+    if (!any) {
+      if (hooked) leaf_passed(hooked, false);
+      continue;
+    }
     for (size_t s = 0; s < n->retained.size(); ++s) {
       if (auto impl = n->retained[s].lock()) {
         Tensor holder(impl);
@@ -223,6 +271,7 @@ void execute(const std::vector<Tensor>& roots, const std::vector<Tensor>& grad_r
       input_grads = n->apply(grads);
     }
     if (!retain_graph) n->release();
+    if (hooked) leaf_passed(hooked, true);
     for (size_t i = 0; i < n->next_edges.size() && i < input_grads.size(); ++i) {
       const Edge& e = n->next_edges[i];
       if (!e.node || !input_grads[i].defined()) continue;

@@ -81,6 +81,22 @@ struct AccumulateGrad : Node {
   void release() override {}
 };
 
+// The post-accumulate gradient hooks of one leaf, in registration order.
+struct GradHooks {
+  uint64_t next_id = 1;
+  std::vector<std::pair<uint64_t, std::function<void(const Tensor& leaf)>>> hooks;
+};
+
+// Registers `hook` on the leaf tensor `leaf` (requires_grad, no grad_fn): backward (run_backward,
+// Tensor::backward; not grad(), which writes no .grad) calls hook(leaf) once per backward in which
+// the leaf received a gradient, as soon as leaf.grad() holds its final value for that backward
+// (after the last of its uses has accumulated into it), while the rest of the backward is still to
+// run. Hooks run on the thread of the backward, with grad mode off. Returns an id for
+// remove_post_accumulate_grad_hook. Throws for a non-leaf or a leaf that needs no gradient.
+uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, std::function<void(const Tensor& leaf)> hook);
+// Removes a hook registered on `leaf` (an unknown id is ignored).
+void remove_post_accumulate_grad_hook(const Tensor& leaf, uint64_t id);
+
 // True when grad mode is on and any input requires grad.
 bool any_requires_grad(const std::vector<Tensor>& inputs);
 

@@ -22,6 +22,7 @@ Shape contiguous_strides(const Shape& s);
 
 namespace autograd {
 struct Node;
+struct GradHooks;
 }
 
 struct TensorImpl {
@@ -38,6 +39,7 @@ struct TensorImpl {
   std::shared_ptr<autograd::Node> grad_fn;    // producer of this tensor (non-leaf)
   uint32_t output_nr = 0;                     // which output of grad_fn
   bool retains_grad = false;
+  std::shared_ptr<autograd::GradHooks> grad_hooks;  // leaves: autograd::register_post_accumulate_grad_hook
   std::string name;                           // optional, used in error messages
 };
 
