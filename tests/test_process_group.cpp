@@ -321,6 +321,71 @@ TEST_CASE("GradientReducer: bucketed averages equal the float64 mean of every ra
                        doctest::Contains("different parameter shapes"), Error);
 }
 
+TEST_CASE("GradientReducer: buckets started by backward's gradient hooks give the gradients of one exchange after it") {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  for (const int ranks : {2, 3}) {
+    INFO(ranks << " ranks");
+    // Per rank and step: the reducer's gradients (buckets started during backward) and those of
+    // average_gradients after backward (one flat exchange) on an identical replica.
+    const size_t count = static_cast<size_t>(ranks);
+    std::vector<std::vector<std::vector<Tensor>>> overlapped(count), after(count);
+    std::vector<std::vector<size_t>> started(count);
+    std::vector<size_t> buckets(count);
+    run_ranks(ranks, [&](Communicator& comm) {
+      const size_t r = static_cast<size_t>(comm.rank());
+      manual_seed(seed);
+      TwoLayers model;
+      manual_seed(seed);
+      TwoLayers replica;
+      GradientReducer reducer(comm, model, /*bucket_bytes=*/64);  // several buckets
+      buckets[r] = reducer.bucket_count();
+      manual_seed(seed + 1 + r);  // each rank's own data
+      // Step 0: one backward. Step 1: two backwards before average() (accumulation). Step 2: rank 1's
+      // second layer gets no gradient (its bucket is then started by average(), in bucket order).
+      for (int step = 0; step < 3; ++step) {
+        for (TwoLayers* m : {&model, &replica})
+          for (Tensor p : m->parameters()) p.zero_grad_();
+        const int backwards = step == 1 ? 2 : 1;
+        for (int i = 0; i < backwards; ++i) {
+          const Tensor x = Tensor::randn({4, 7}), y = Tensor::randn({4, 3});
+          const bool skip_second = step == 2 && r == 1;
+          for (TwoLayers* m : {&model, &replica}) {
+            const Tensor h = tanh(m->first->forward(x));
+            (skip_second ? sum(mul(h, 0.5)) : sum(mul(m->second->forward(h), y))).backward();
+          }
+        }
+        reducer.average();
+        started[r].push_back(reducer.buckets_started_in_backward());
+        average_gradients(comm, replica);
+        std::vector<Tensor> got, want;
+        const auto replica_params = replica.parameters();
+        const auto params = model.parameters();
+        for (size_t i = 0; i < params.size(); ++i) {
+          got.push_back(params[i].grad().clone());
+          const Tensor g = replica_params[i].grad();
+          want.push_back(g.defined() ? g.clone() : Tensor::zeros(params[i].shape()));
+        }
+        overlapped[r].push_back(got);
+        after[r].push_back(want);
+      }
+    });
+    CHECK(buckets[0] >= 3);
+    CHECK(started[0][0] == buckets[0]);  // every bucket left during the backward
+    CHECK(started[0][1] == 0);           // two backwards: all reduced again from the totals
+    CHECK(started[1][2] < buckets[0]);   // rank 1's unused layer held its buckets back
+    for (size_t r = 0; r < count; ++r)
+      for (size_t step = 0; step < 3; ++step)
+        for (size_t i = 0; i < overlapped[r][step].size(); ++i) {
+          INFO("rank " << r << " step " << step << " parameter " << i);
+          check_bitwise_equal(overlapped[r][step][i], after[r][step][i], "reducer vs one exchange after backward");
+          check_bitwise_equal(overlapped[r][step][i], overlapped[0][step][i], "same bits on every rank");
+        }
+    // Real gradients were compared, not empty ones.
+    CHECK(amax(maximum(overlapped[0][0][0], neg(overlapped[0][0][0]))).item() > 0.0);
+  }
+}
+
 TEST_CASE("NCCL process group: the factory says clearly when the build has none" * doctest::skip(nccl_built())) {
   TcpStore store("127.0.0.1", 0, true, 2s);
   CHECK_THROWS_WITH_AS(make_nccl_process_group(store, 0, 1, 0, CommOptions{}), doctest::Contains("no NCCL"), Error);

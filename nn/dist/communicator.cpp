@@ -398,6 +398,21 @@ class DeferredRecv final : public Communicator::PendingRecv {
 };
 }  // namespace
 
+namespace {
+class ReducedNow final : public Communicator::PendingReduce {
+ public:
+  explicit ReducedNow(Tensor result) : result_(std::move(result)) {}
+  Tensor wait() override { return result_; }
+
+ private:
+  Tensor result_;
+};
+}  // namespace
+
+std::unique_ptr<Communicator::PendingReduce> Communicator::start_all_reduce(const Tensor& tensor, ReduceOp op) {
+  return std::make_unique<ReducedNow>(all_reduce(tensor, op));
+}
+
 std::unique_ptr<Communicator::PendingRecv> Communicator::exchange(const Tensor& tensor, int dst, const Shape& shape,
                                                                   DType dtype, Device device, int src, int tag) {
   send(tensor, dst, tag);

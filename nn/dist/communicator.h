@@ -78,6 +78,18 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
                     const std::vector<int64_t>& split_sizes = {});
   // Elementwise sum (or mean) over ranks; every rank gets the same values (summed in rank order).
   virtual Tensor all_reduce(const Tensor& tensor, ReduceOp op = ReduceOp::sum) = 0;
+  // An all_reduce under way; wait() returns its result (on a GPU backend without blocking the host:
+  // later work on the calling thread's current stream is ordered after the reduction).
+  class PendingReduce {
+   public:
+    virtual ~PendingReduce() = default;
+    virtual Tensor wait() = 0;
+  };
+  // Starts all_reduce(tensor, op), in the collective order of this call. Backends that can run it
+  // beside compute do so until wait() (NCCL: on the communication stream, after the work queued so
+  // far); this default reduces now and wait() returns the result. `tensor` must not be changed
+  // before wait().
+  virtual std::unique_ptr<PendingReduce> start_all_reduce(const Tensor& tensor, ReduceOp op = ReduceOp::sum);
   // Rank `root`'s tensor on every rank (`tensor` gives shape, dtype and device on the others).
   virtual Tensor broadcast(const Tensor& tensor, int root) = 0;
   virtual void barrier() = 0;

@@ -4,6 +4,7 @@
 #include <tuple>
 
 #include "autograd/grad_mode.h"
+#include "autograd/node.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 
@@ -47,6 +48,7 @@ GradientReducer::GradientReducer(Communicator& comm, nn::Module& module, size_t 
   for (const auto& [name, p] : named) params_.push_back(p);
   // Reverse order, one (dtype, device) per bucket, cut when it would pass bucket_bytes.
   size_t bytes = 0;
+  bucket_of_.resize(params_.size());
   for (size_t k = params_.size(); k-- > 0;) {
     const Tensor& p = params_[k];
     const bool fits = !buckets_.empty() && bytes + p.nbytes() <= bucket_bytes &&
@@ -57,31 +59,84 @@ GradientReducer::GradientReducer(Communicator& comm, nn::Module& module, size_t 
       bytes = 0;
     }
     buckets_.back().push_back(k);
+    bucket_of_[k] = buckets_.size() - 1;
     bytes += p.nbytes();
   }
+  hooked_in_bucket_.assign(buckets_.size(), 0);
+  hook_ids_.assign(params_.size(), 0);
+  for (size_t k = 0; k < params_.size(); ++k) {
+    const Tensor& p = params_[k];
+    if (!p.requires_grad() || p.grad_fn()) continue;  // never gets a gradient from backward
+    hook_ids_[k] = autograd::register_post_accumulate_grad_hook(p, [this, k](const Tensor&) { gradient_ready(k); });
+    ++hooked_in_bucket_[bucket_of_[k]];
+  }
+  reset_round();
+}
+
+GradientReducer::~GradientReducer() {
+  for (size_t k = 0; k < params_.size(); ++k)
+    if (hook_ids_[k] != 0) autograd::remove_post_accumulate_grad_hook(params_[k], hook_ids_[k]);
+}
+
+void GradientReducer::reset_round() {
+  ready_.assign(params_.size(), false);
+  ready_in_bucket_.assign(buckets_.size(), 0);
+  pending_.clear();
+  pending_.resize(buckets_.size());
+  next_bucket_ = 0;
+  stale_ = false;
+  started_in_backward_ = 0;
+}
+
+// Called by backward when parameter k's gradient is final: starts every bucket, in order, whose
+// gradients are all final.
+void GradientReducer::gradient_ready(size_t k) {
+  const size_t b = bucket_of_[k];
+  if (b < next_bucket_) {  // a later backward of this round changed a gradient already sent
+    stale_ = true;
+    return;
+  }
+  if (!ready_[k]) {
+    ready_[k] = true;
+    ++ready_in_bucket_[b];
+  }
+  while (next_bucket_ < buckets_.size() && ready_in_bucket_[next_bucket_] == hooked_in_bucket_[next_bucket_]) {
+    start_bucket(next_bucket_++);
+    ++started_in_backward_;
+  }
+}
+
+void GradientReducer::start_bucket(size_t b) {
+  NoGradGuard no_grad;
+  std::vector<Tensor> flat;
+  for (size_t i : buckets_[b]) {
+    const Tensor& p = params_[i];
+    const Tensor g = p.grad();
+    flat.push_back(g.defined() ? g.reshape({-1}) : Tensor::zeros({p.numel()}, p.dtype(), p.device()));
+  }
+  pending_[b] = comm_.start_all_reduce(flat.size() == 1 ? flat[0] : cat(flat, 0), ReduceOp::mean);
 }
 
 void GradientReducer::average() {
   NoGradGuard no_grad;
-  std::vector<Tensor> reduced;
-  reduced.reserve(buckets_.size());
-  for (const auto& bucket : buckets_) {
-    std::vector<Tensor> flat;
-    for (size_t i : bucket) {
-      const Tensor& p = params_[i];
-      const Tensor g = p.grad();
-      flat.push_back(g.defined() ? g.reshape({-1}) : Tensor::zeros({p.numel()}, p.dtype(), p.device()));
-    }
-    reduced.push_back(comm_.all_reduce(flat.size() == 1 ? flat[0] : cat(flat, 0), ReduceOp::mean));
+  if (stale_) {
+    // Every rank ran the same backwards, so every rank redoes the same buckets.
+    for (size_t b = 0; b < next_bucket_; ++b) pending_[b]->wait();
+    next_bucket_ = 0;
   }
+  const size_t in_backward = stale_ ? 0 : started_in_backward_;
+  while (next_bucket_ < buckets_.size()) start_bucket(next_bucket_++);
   for (size_t b = 0; b < buckets_.size(); ++b) {
+    const Tensor reduced = pending_[b]->wait();
     int64_t at = 0;
     for (size_t i : buckets_[b]) {
       Tensor p = params_[i];
-      p.set_grad(reduced[b].narrow(0, at, p.numel()).reshape(p.shape()));  // a view of the bucket
+      p.set_grad(reduced.narrow(0, at, p.numel()).reshape(p.shape()));  // a view of the bucket
       at += p.numel();
     }
   }
+  reset_round();
+  last_started_in_backward_ = in_backward;
 }
 
 void average_gradients(Communicator& comm, nn::Module& module) {

@@ -148,6 +148,22 @@ class NcclCommunicator final : public Communicator {
     return back(out, tensor.device());
   }
 
+  // The reduction runs on the communication stream; wait() orders the compute stream after it and
+  // applies the mean's scale there.
+  std::unique_ptr<PendingReduce> start_all_reduce(const Tensor& tensor, ReduceOp op) override {
+    LT_CHECK(tensor.defined(), "dist all_reduce: rank ", rank(), " was given an undefined tensor");
+    LT_CHECK(op == ReduceOp::sum || is_floating(tensor.dtype()), "dist all_reduce: mean needs a floating tensor, got ",
+             describe(tensor));
+    const Tensor in = on_gpu(tensor);
+    Tensor out = Tensor::empty(tensor.shape(), tensor.dtype(), gpu());
+    cudaEvent_t reduced = nullptr;
+    comm_->run("all_reduce", [&] {
+      comm_->nccl_ok(ncclAllReduce(in.raw_data(), out.raw_data(), static_cast<size_t>(in.numel()),
+                                   nccl_type(in.dtype()), ncclSum, comm_->comm(), comm_->stream()), "ncclAllReduce");
+    }, {in, out}, &reduced);
+    return std::make_unique<Reducing>(out, tensor.device(), reduced, op == ReduceOp::mean ? 1.0 / size() : 1.0);
+  }
+
   Tensor broadcast(const Tensor& tensor, int root) override {
     check_peer(root, "broadcast", "root");
     LT_CHECK(tensor.defined(), "dist broadcast: rank ", rank(), " was given an undefined tensor");
@@ -225,6 +241,27 @@ class NcclCommunicator final : public Communicator {
     Tensor out_;
     Device device_;
     cudaEvent_t arrived_;
+  };
+
+  class Reducing final : public PendingReduce {
+   public:
+    Reducing(Tensor out, Device device, cudaEvent_t reduced, double scale)
+        : out_(std::move(out)), device_(device), reduced_(reduced), scale_(scale) {}
+    ~Reducing() override { cudaEventDestroy(reduced_); }
+    Reducing(const Reducing&) = delete;
+    Reducing& operator=(const Reducing&) = delete;
+    Tensor wait() override {
+      cuda_ok(cudaStreamWaitEvent(static_cast<cudaStream_t>(cuda::current_stream()), reduced_, 0),
+              "cudaStreamWaitEvent");
+      NoGradGuard no_grad;
+      return back(scale_ == 1.0 ? out_ : mul(out_, scale_), device_);
+    }
+
+   private:
+    Tensor out_;
+    Device device_;
+    cudaEvent_t reduced_;
+    double scale_;
   };
 
   std::unique_ptr<PendingRecv> start_recv(const Shape& shape, DType dtype, Device device, int src, int tag,

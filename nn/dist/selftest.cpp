@@ -81,6 +81,16 @@ std::vector<std::pair<std::string, Tensor>> check_collectives(Communicator& comm
   for (int r = 0; r < size; ++r) want_i64 = add(want_i64, input(seed, r, 3, {5, 7}, DType::i64));
   expect_exact(sum_i64, want_i64, "all_reduce sum (i64)", rank);
   keep("all_reduce_sum_i64", sum_i64);
+  // start_all_reduce: two reductions under way at once, waited for in the other order.
+  const Tensor to_mean = mine(9, large), to_sum = mine(10, small);
+  auto started_mean = comm.start_all_reduce(to_mean, ReduceOp::mean);
+  auto started_sum = comm.start_all_reduce(to_sum, ReduceOp::sum);
+  const Tensor sum_started = started_sum->wait(), mean_started = started_mean->wait();
+  expect_close(sum_started, sum_f64(seed, everyone, 10, small), 1e-5 * size, "start_all_reduce sum", rank);
+  expect_close(mean_started, mul(sum_f64(seed, everyone, 9, large), 1.0 / size), 1e-5 * size,
+               "start_all_reduce mean", rank);
+  keep("start_all_reduce_sum", sum_started);
+  keep("start_all_reduce_mean", mean_started);
 
   // all_gather: every rank's tensor, bit for bit.
   const std::vector<Tensor> gathered = comm.all_gather(mine(4, {3, 11}));
