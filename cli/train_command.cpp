@@ -297,7 +297,9 @@ int run_train(const TrainArgs& args) {
     vocab = nn::CharTextDataset::vocab_size();
   }
   const nn::BatchSource all_data = task ? nn::batches_of(*task, device) : nn::batches_of(*text, device);
-  const nn::BatchSource data = dp ? dp->shard(all_data, a.batch) : all_data;
+  const nn::BatchSource data =
+      dp ? dp->shard(task ? nn::batches_of(*task, Device::cpu()) : nn::batches_of(*text, Device::cpu()), a.batch)
+         : all_data;
 
   models::LanguageModelConfig mc;
   mc.vocab_size = vocab;
@@ -383,6 +385,7 @@ int run_train(const TrainArgs& args) {
   if (dp) {
     dp->prepare(model, a.seed, start_step);
     trainer.on_gradients = [&] { dp->average_gradients(); };
+    trainer.reduce_loss = [&](const Tensor& loss) { return dp->mean(loss); };
     std::printf("data parallel: %lld ranks (%s), %lld sequences per rank\n", static_cast<long long>(ranks),
                 dp->backend().c_str(), static_cast<long long>(a.batch));
   }
@@ -414,9 +417,7 @@ int run_train(const TrainArgs& args) {
                 "their kernels):\n%s", static_cast<long long>(step), profiler::table().c_str());
     std::fflush(stdout);
   };
-  trainer.on_step = [&](const nn::StepResult& local) {
-    nn::StepResult r = local;
-    if (dp) r.loss = dp->mean(r.loss);
+  trainer.on_step = [&](const nn::StepResult& r) {  // with dp, r.loss is the mean over the ranks (reduce_loss)
     if (first_attention && attention_ran.empty()) {
       const attention::Attention& core = first_attention->core();
       attention_ran = ran_with(core);

@@ -8,13 +8,16 @@ namespace longtape::cli {
 
 DataParallelRun::DataParallelRun(Device requested) : group_(dist::init_process_group({"auto", requested})) {}
 
-nn::BatchSource DataParallelRun::shard(nn::BatchSource data, int64_t per_rank) const {
+nn::BatchSource DataParallelRun::shard(nn::BatchSource host_data, int64_t per_rank) const {
   const int64_t ranks = size(), at = rank() * per_rank;
-  return [data = std::move(data), ranks, at](int64_t batch_size, int64_t index, nn::Split split) {
+  const Device device = this->device();
+  return [data = std::move(host_data), ranks, at, device](int64_t batch_size, int64_t index, nn::Split split) {
     nn::Batch global = data(batch_size * ranks, index, split);
-    if (ranks == 1) return global;
-    return nn::Batch{global.inputs.narrow(0, at, batch_size).contiguous(),
-                     global.targets.narrow(0, at, batch_size).contiguous()};
+    NoGradGuard no_grad;
+    // Inputs and targets in one upload.
+    const Tensor both = stack({global.inputs.narrow(0, at, batch_size), global.targets.narrow(0, at, batch_size)}, 0)
+                            .to(device);
+    return nn::Batch{both.select(0, 0), both.select(0, 1)};
   };
 }
 
@@ -29,9 +32,10 @@ void DataParallelRun::average_gradients() {
   reducer_->average();
 }
 
-double DataParallelRun::mean(double value) {
+Tensor DataParallelRun::mean(const Tensor& value) {
   if (size() == 1) return value;
-  return group_->comm().all_reduce(Tensor::scalar(value, DType::f64), dist::ReduceOp::mean).item();
+  NoGradGuard no_grad;
+  return group_->comm().all_reduce(value.detach().reshape({1}), dist::ReduceOp::mean).reshape(value.shape());
 }
 
 nn::EvalResult DataParallelRun::combine(const nn::EvalResult& local) {

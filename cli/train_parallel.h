@@ -25,15 +25,17 @@ class DataParallelRun {
   Device device() const { return group_->device(); }
   const std::string& backend() const { return group_->backend(); }
 
-  // This rank's rows of each global batch of `data` (per_rank rows each).
-  nn::BatchSource shard(nn::BatchSource data, int64_t per_rank) const;
+  // This rank's rows of each global batch of `host_data` (a source of CPU batches), per_rank rows
+  // each, on this rank's device (only those rows are uploaded).
+  nn::BatchSource shard(nn::BatchSource host_data, int64_t per_rank) const;
   // Rank 0's weights everywhere, the gradient buckets, and each rank's own dropout stream
   // (keyed by seed, step and rank; rank 0 keeps the checkpointed one).
   void prepare(nn::Module& model, uint64_t seed, int64_t step);
   // Averages the gradients (Trainer::on_gradients).
   void average_gradients();
-  // The mean over the ranks of a per-rank value (a loss), and of held-out results.
-  double mean(double value);
+  // The mean over the ranks of a per-rank scalar tensor (a loss), reduced where it lies (no
+  // device read), and of held-out results.
+  Tensor mean(const Tensor& value);
   nn::EvalResult combine(const nn::EvalResult& local);
 
  private:

@@ -44,7 +44,7 @@ Trainer::Trainer(Module& model, Logits logits, Optimizer& optimizer, CosineSched
            "Trainer: checkpoint_every needs a checkpoint path");
 }
 
-StepResult Trainer::step(const Batch& batch, int64_t index) {
+StepResult Trainer::run_step(const Batch& batch, int64_t index, const std::function<void()>& before_read) {
   const auto t0 = Clock::now();
   Tensor loss;
   {
@@ -69,7 +69,13 @@ StepResult Trainer::step(const Batch& batch, int64_t index) {
     // checks the step left on the device (tensor/device_checks.h).
     const std::vector<Tensor> parameters = model_.parameters();
     Tensor norm_t = grad_norm_tensor(parameters);
-    const std::vector<double> read = read_together(loss, norm_t);
+    Tensor reported = loss.detach();
+    if (reduce_loss) {
+      NoGradGuard guard;
+      reported = reduce_loss(reported);
+    }
+    if (before_read) before_read();
+    const std::vector<double> read = read_together(reported, norm_t);
     loss_value = read[0];
     norm = read.size() > 1 ? read[1] : 0.0;
     if (options_.clip > 0) scale_grads_to_norm(parameters, norm, options_.clip);
@@ -103,6 +109,7 @@ void Trainer::fit(const BatchSource& data, int64_t first_step) {
   LT_CHECK(static_cast<bool>(data), "Trainer: needs a batch source");
   LT_CHECK(first_step >= 0 && first_step <= options_.steps, "Trainer: the first step must lie in [0, ",
            options_.steps, "], got ", first_step);
+  std::optional<Batch> next;  // the next step's batch, fetched during this step
   for (int64_t index = first_step; index < options_.steps; ++index) {
     const bool profiling = index == options_.profile_step;
     if (profiling) profiler::start();
@@ -110,11 +117,15 @@ void Trainer::fit(const BatchSource& data, int64_t first_step) {
     StepResult r;
     {
       profiler::Scope whole("train step");
-      Batch batch = [&] {
+      auto fetch = [&](int64_t i) {
         profiler::Scope scope("data batch");
-        return data(options_.batch_size, index, Split::train);
-      }();
-      r = step(batch, index);
+        return data(options_.batch_size, i, Split::train);
+      };
+      Batch batch = next ? std::move(*next) : fetch(index);
+      next.reset();
+      r = run_step(batch, index, [&] {
+        if (index + 1 < options_.steps) next = fetch(index + 1);
+      });
     }
     r.seconds = seconds_since(t0);  // the batch included
     if (profiling) {

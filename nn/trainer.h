@@ -87,6 +87,10 @@ class Trainer {
   // Called after backward, before the gradient norm is measured (data parallel training averages
   // the gradients over the ranks here, so the norm, the clipping and the step agree everywhere).
   std::function<void()> on_gradients;
+  // Maps the step's loss (a scalar tensor on the model's device, no history) to the loss the step
+  // reports and checks, on the device before the step's one read (data parallel training: its mean
+  // over the ranks, so every rank reads the same value without a read of its own).
+  std::function<Tensor(const Tensor& loss)> reduce_loss;
   // Called after every step (after the non-finite checks).
   std::function<void(const StepResult&)> on_step;
   // Called after each periodic evaluation, with the step it followed.
@@ -101,7 +105,7 @@ class Trainer {
   // evaluations on its held-out split and the periodic checkpoints.
   void fit(const BatchSource& data, int64_t first_step = 0);
   // One step on `batch` as step number `index` (0-based; it picks the learning rate).
-  StepResult step(const Batch& batch, int64_t index);
+  StepResult step(const Batch& batch, int64_t index) { return run_step(batch, index, {}); }
   // Held-out loss and accuracy over options.eval_batches batches, in eval mode without recording;
   // the model is back in training mode afterwards.
   EvalResult evaluate(const BatchSource& data);
@@ -116,6 +120,11 @@ class Trainer {
   void set_profile_step(int64_t index) { options_.profile_step = index; }
 
  private:
+  // One step; `before_read` runs after backward and the gradient exchange are queued, just before
+  // the step's device read (fit() fetches the next batch there, while the device finishes the
+  // step, so that the next step's upload does not wait for an idle device).
+  StepResult run_step(const Batch& batch, int64_t index, const std::function<void()>& before_read);
+
   Module& model_;
   Logits logits_;
   Optimizer& optimizer_;
