@@ -4,6 +4,8 @@
 #include <atomic>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <optional>
 
 #include "attention/composed.h"
 #include "attention/fused/chunk_attention.h"
@@ -364,6 +366,45 @@ std::vector<std::vector<Piece>> layout_pieces(int64_t n, int64_t ranks, RingLayo
   return out;
 }
 
+// ---- the local path ----
+
+std::mutex g_last_run_mutex;
+RingRun g_last_run;
+
+// Records what a ring call ran: the key set of its one fused call per piece on the local path;
+// dense problems over stream blocks otherwise.
+void note_run(const RingPlan& plan, const AttentionConfig& config, bool local) {
+  std::lock_guard<std::mutex> lock(g_last_run_mutex);
+  g_last_run = {local, local ? ring_keys(config).kind : fused::KeySet::dense, plan.up_steps(), plan.down_steps()};
+}
+
+// Whether no query meets a key of another piece: no chunk travels, and every piece of every rank
+// holds whole segments, so each piece is exactly the key set's problem on its own tokens.
+bool local_only(const RingPlan& plan) {
+  if (plan.up_steps() != 0 || plan.down_steps() != 0) return false;
+  for (int64_t r = 0; r < plan.ranks(); ++r)
+    for (const Piece& piece : plan.pieces(r))
+      if (!plan.streams().holds_whole_segments(piece.start, piece.length)) return false;
+  return true;
+}
+
+// The attention core once on this rank's tensors q, k, v with the sequence's key set, or nothing
+// when that is not this rank's share or the selector refuses it. With every piece holding whole
+// segments, the pieces one after another (as the tensors hold them) are whole segments from the
+// first row when each piece but the last has a length that every segment divides; the key set on
+// the tensors is then exactly the union of the pieces' problems. Differentiable through the
+// core's own node: out in the input dtype, no accumulators, no conversions.
+std::optional<AttentionOutput> local_attention(const RingPlan& plan, const AttentionConfig& config,
+                                               const std::vector<Piece>& pieces, const Tensor& q, const Tensor& k,
+                                               const Tensor& v) {
+  for (size_t i = 0; i + 1 < pieces.size(); ++i)
+    if (!plan.streams().holds_whole_segments(0, pieces[i].length)) return std::nullopt;
+  const CoreKeys keys = ring_keys(config);
+  const CoreOptions options = core_options(config, false);
+  if (!select_core(q, k, v, keys, options).fused()) return std::nullopt;
+  return fused_attention(q, k, v, keys, options);
+}
+
 }  // namespace
 
 RingLayout parse_ring_layout(const std::string& text) {
@@ -374,6 +415,11 @@ RingLayout parse_ring_layout(const std::string& text) {
 }
 
 std::string ring_layout_name(RingLayout layout) { return layout == RingLayout::zigzag ? "zigzag" : "contiguous"; }
+
+RingRun last_ring_run() {
+  std::lock_guard<std::mutex> lock(g_last_run_mutex);
+  return g_last_run;
+}
 
 int64_t set_ring_score_budget(int64_t elements) {
   LT_CHECK(elements >= 1, "set_ring_score_budget: expected at least 1 element, got ", elements);
@@ -474,6 +520,13 @@ AttentionOutput ring_attention(dist::Communicator& comm, const AttentionConfig& 
     }
   }
   auto plan = std::make_shared<const RingPlan>(config, q.size(2), n, std::move(pieces));
+  if (local_only(*plan)) {
+    if (std::optional<AttentionOutput> local = local_attention(*plan, config, plan->pieces(comm.rank()), q, k, v)) {
+      note_run(*plan, config, true);
+      return *local;
+    }
+  }
+  note_run(*plan, config, false);
   const ChunkCompute compute = chunk_compute(config, q);
   const DType in_dtype = q.dtype();
   const Chunk x{chunk_input(q, compute), chunk_input(k, compute), chunk_input(v, compute)};
@@ -520,6 +573,15 @@ AttentionOutput RingAttention::forward_with_lse(const Tensor& q, const Tensor& k
   fused::Selection selection;
   const ChunkCompute compute = chunk_compute(config_, q, &selection);
   note_backend(fused::backend_name(selection.backend), compute_precision(selection.backend, q.dtype()));
+  if (local_only(*plan)) {
+    // Every rank's share at once: the full tensors are the pieces in token order.
+    const std::vector<Piece> everything{Piece{0, q.size(1), 0}};
+    if (std::optional<AttentionOutput> local = local_attention(*plan, config_, everything, q, k, v)) {
+      note_run(*plan, config_, true);
+      return *local;
+    }
+  }
+  note_run(*plan, config_, false);
   const DType in_dtype = q.dtype();
   const Tensor qc = chunk_input(q, compute), kc = chunk_input(k, compute), vc = chunk_input(v, compute);
   auto shard = [ranks, layout](const Tensor& x, int64_t r, int64_t dim) { return ring_shard(x, dim, ranks, r, layout); };

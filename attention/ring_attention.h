@@ -16,6 +16,8 @@
 // when segments also reach forward, from higher ranks over the steps 1..down (received from r + 1),
 // with the fewest steps in all: the classic ring of P - 1 steps when every distance is needed, one
 // step each way with segments barely crossing chunk edges, nothing with local aligned branches.
+// In that last case (every rank's pieces hold whole segments) each rank runs the attention core
+// once on its tokens with the inner variant's key set, as one device would (last_ring_run()).
 //
 // Transfers overlap compute: the next K/V chunk is on its way (Communicator::exchange) while the
 // current one is computed on. Backward is one autograd node per ring call: with the final lse and
@@ -27,6 +29,7 @@
 #include <vector>
 
 #include "attention/attention.h"
+#include "attention/fused/problem.h"
 #include "tensor/tensor.h"
 #include "nn/dist/communicator.h"
 
@@ -54,6 +57,20 @@ std::vector<TokenRange> ring_token_ranges(int64_t n, int64_t ranks, int64_t rank
 Tensor ring_shard(const Tensor& x, int64_t dim, int64_t ranks, int64_t rank, RingLayout layout);
 // The inverse: the full sequence from every rank's shard (rank order) along `dim`.
 Tensor ring_unshard(const std::vector<Tensor>& shards, int64_t dim, RingLayout layout);
+
+// What a ring call ran. local: no query met a key of another rank's piece and every piece held
+// whole segments of every branch, so no chunk travelled and each rank ran the attention core once
+// on its tokens with the sequence's key set (key_set: dilated for a dilated inner variant; out
+// written in the input dtype). Otherwise the ring ran, with up_steps and down_steps steps: its pairs as dense
+// problems over stream blocks merged by lse (key_set: dense), except that a chunk against itself
+// holding whole segments runs as one problem with the key set (chunk_attention.h).
+struct RingRun {
+  bool local = false;
+  fused::KeySet key_set = fused::KeySet::dense;
+  int64_t up_steps = 0, down_steps = 0;
+};
+// The last ring call's run in this process (for tests and reports).
+RingRun last_ring_run();
 
 // Most score elements one block of the composed ring path forms at once (default 2^22, as the
 // composed path elsewhere); larger blocks are computed in pieces of whole segments, then of query

@@ -111,11 +111,19 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
       const double errors[4] = {relative_error(got.out, shard(want.out)), relative_error(got.dq, shard(want.dq)),
                                 relative_error(got.dk, shard(want.dk)), relative_error(got.dv, shard(want.dv))};
       const double worst = *std::max_element(std::begin(errors), std::end(errors));
+      std::string path;
+      if (kind != "head_parallel") {
+        const attention::RingRun run = attention::last_ring_run();
+        path = run.local ? " [local: one core call per piece]"
+                         : " [ring: " + std::to_string(run.up_steps) + " up, " + std::to_string(run.down_steps) +
+                               " down steps]";
+      }
       if (rank == 0) {
         std::printf("%-13s %-7s N=%lld %d ranks %s: rel. error out %.2e dq %.2e dk %.2e dv %.2e; f+b one device "
-                    "%.2f ms, %d ranks %.2f ms (%.2fx)\n",
+                    "%.2f ms, %d ranks %.2f ms (%.2fx)%s\n",
                     kind.c_str(), inner.c_str(), static_cast<long long>(n), ranks, dtype_name(dtype), errors[0],
-                    errors[1], errors[2], errors[3], single_s * 1e3, ranks, parallel_s * 1e3, parallel_s / single_s);
+                    errors[1], errors[2], errors[3], single_s * 1e3, ranks, parallel_s * 1e3, parallel_s / single_s,
+                    path.c_str());
         std::fflush(stdout);
       }
       LT_CHECK(worst <= tolerance, "dist-check: ", kind, " ", inner, " attention on rank ", rank,

@@ -193,6 +193,63 @@ TEST_CASE("ring zigzag layout equals the single-device variant: causal dense and
   }
 }
 
+TEST_CASE("ring with every segment inside the chunks: one dilated core call per piece, equal to one device") {
+  struct Case {
+    Inner inner;
+    int64_t n;
+    std::vector<int64_t> lengths;  // contiguous chunks, or empty for the zigzag layout of `p` ranks
+    int p;
+    bool local;                    // whether every piece holds whole segments
+  };
+  const Inner lse{"dilated", Mixing::lse, {4, 8}, {1, 2}};
+  const Inner groups{"dilated", Mixing::head_groups, {8, 4}, {2, 1}};
+  const std::vector<Case> cases = {
+      {lse, 32, {16, 16}, 2, true},
+      {lse, 32, {8, 8, 8, 8}, 4, true},
+      {lse, 20, {8, 12}, 2, true},   // the last chunk ends in a partial segment of the sequence
+      {groups, 32, {}, 2, true},     // zigzag: 4 chunks of 8
+      {lse, 32, {12, 20}, 2, false}, // a segment of 8 crosses the chunk edge at 12
+      {lse, 32, {8, 12, 12}, 3, false},  // the ring, with rank 0's chunk against itself as one problem
+  };
+  int seed = 7700;
+  for (const Case& c : cases) {
+    for (const bool causal : {false, true}) {
+      manual_seed(seed++);
+      const Inputs in64 = random_inputs(2, c.n, 4, 6, DType::f64);
+      AttentionConfig config = make_config(c.inner, 4, 6, causal, c.p);
+      auto reference = make_attention(c.inner.name, config);
+      const Result want = run(*reference, in64);
+      const bool zigzag = c.lengths.empty();
+      config.ring_layout = zigzag ? "zigzag" : "contiguous";
+      const std::string what = label(c.inner, causal, "N = " + std::to_string(c.n) + ", P = " + std::to_string(c.p) +
+                                                          (zigzag ? ", zigzag" : ", contiguous"));
+      INFO(what);
+      for (const std::string impl : {"auto", "composed"}) {
+        INFO("impl " << impl);
+        config.impl = impl;
+        const bool local = c.local && impl != "composed";
+        for (const DType dtype : {DType::f64, DType::f32}) {
+          INFO(dtype_name(dtype));
+          const Inputs in = converted(in64, dtype, Device::cpu());
+          const double tol = dtype == DType::f64 ? 1e-12 : 5e-5;
+          const Result rank_local =
+              zigzag ? run_layout(config, in, c.p, RingLayout::zigzag) : run_ragged(config, in, c.lengths);
+          const RingRun ran = last_ring_run();
+          CHECK(ran.local == local);
+          CHECK(ran.key_set == (local ? fused::KeySet::dilated : fused::KeySet::dense));
+          if (local) CHECK(ran.up_steps + ran.down_steps == 0);
+          CHECK(rank_local.out.dtype() == dtype);
+          check_close(rank_local, want, tol, "rank-local");
+          if (!zigzag && c.lengths.size() > 1 && c.lengths[0] != c.lengths[1]) continue;  // equal chunks only below
+          auto simulated = make_attention("ring", config);  // ranks as threads on the full tensors
+          check_close(run(*simulated, in), want, tol, "simulated ranks");
+          CHECK(last_ring_run().local == local);
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("zigzag layout: token ranges, shard and unshard, balanced causal work, clear errors") {
   // sequence_chunk_starts(10, 4) = {0, 2, 5, 7, 10}: rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2.
   CHECK(ring_token_ranges(10, 2, 0, RingLayout::zigzag) == std::vector<TokenRange>{{0, 2}, {7, 3}});
@@ -388,6 +445,9 @@ TEST_CASE("ring and head_parallel on CUDA in bf16 run the fused kernels and matc
       {{"dilated", Mixing::lse, {64, 256, 512}, {1, 2, 4}}, 512, 4, "contiguous"},
       {{"dilated", Mixing::lse, {64, 256, 512}, {1, 2, 4}}, 512, 4, "zigzag"},
       {{"dilated", Mixing::head_groups, {96, 200}, {1, 2}}, 400, 3, "zigzag"},
+      // Segments inside the chunks: every rank runs its pieces as one dilated core call each.
+      {{"dilated", Mixing::lse, {64, 128}, {1, 2}}, 512, 2, "contiguous"},
+      {{"dilated", Mixing::lse, {64, 128}, {1, 2}}, 512, 2, "zigzag"},
   };
   int seed = 7600;
   for (const Case& c : cases) {
@@ -410,6 +470,10 @@ TEST_CASE("ring and head_parallel on CUDA in bf16 run the fused kernels and matc
       CHECK(got.backend == "fused-cuda");
       CHECK(one_device.backend == "fused-cuda");
       CHECK(got.out.device() == cuda);
+      const bool inside = c.inner.name == "dilated" &&
+                          c.n / (c.layout == "zigzag" ? 2 * c.p : c.p) % c.inner.segments.back() == 0;
+      CHECK(last_ring_run().local == inside);
+      if (inside) CHECK(got.out.dtype() == DType::bf16);
       check_close(got, want, 3e-2, what + " vs f64");
       check_close(one_device, want, 3e-2, what + " (one device) vs f64");
       // The ring is about as far from the reference as one device is (its blocks round to bf16

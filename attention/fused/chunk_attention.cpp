@@ -165,6 +165,82 @@ void fused_block_backward(const Tensor& q5, const Tensor& k5, const Tensor& v5, 
   add_into(acc_dv, dv.view({B, S, p.seq_k, p.heads, p.head_dim}));
 }
 
+// ---- a chunk against itself as one problem ----
+
+bool one_problem(const ChunkStreams& streams, int64_t query_start, int64_t query_rows, int64_t key_start,
+                 int64_t key_rows) {
+  return query_start == key_start && query_rows == key_rows && streams.out_scale() == 1.0 &&
+         streams.holds_whole_segments(query_start, query_rows);
+}
+
+// The key set's problem on the chunk's own tokens (segments from its first token), without outputs.
+fused::Problem pair_problem(const ChunkStreams& streams, const Tensor& q, const Tensor& k, const Tensor& v) {
+  CoreOptions options;
+  options.scale = streams.scale();
+  options.causal = streams.causal();
+  return describe_problem(q, k, v, streams.keys(), options);
+}
+
+// Runs the pair as one fused call merged into the accumulators; false (nothing done) when the
+// kernels cannot run it as one problem.
+bool fused_pair_forward(const ChunkStreams& streams, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& acc_out, const Tensor& acc_lse) {
+  fused::Problem p = pair_problem(streams, q, k, v);
+  Tensor out = Tensor::empty({p.batch, p.seq_q, p.heads, p.head_dim}, q.dtype(), q.device());
+  Tensor lse = Tensor::empty({p.batch, p.heads, p.seq_q}, lse_dtype(q.dtype()), q.device());
+  p.out = out.raw_data();
+  p.out_stride = strides_of(out);
+  p.lse = lse.raw_data();
+  const fused::Selection selection = fused::select_backend(p, q.device(), 0.0);
+  if (!selection.fused()) return false;
+  if (selection.backend == fused::Backend::cuda_fused)
+    fused::cuda_forward(p);
+  else
+    fused::cpu_forward(p);
+  // Accumulators and result as (B, n, H, D) rows with (B, n, H) statistics.
+  merge_block(acc_out, acc_lse.permute({0, 2, 1}), out, lse.permute({0, 2, 1}));
+  return true;
+}
+
+// The backward of fused_pair_forward, added into the accumulators; false when it cannot run.
+// As for a block: out is one zero row and dlse = -delta, so the kernel's delta is the given one.
+bool fused_pair_backward(const ChunkStreams& streams, const Tensor& q, const Tensor& k, const Tensor& v,
+                         const Tensor& dout, const Tensor& lse, const Tensor& delta, const Tensor& acc_dq,
+                         const Tensor& acc_dk, const Tensor& acc_dv) {
+  fused::Problem p = pair_problem(streams, q, k, v);
+  const Tensor zero_row = Tensor::zeros({p.head_dim}, q.dtype(), q.device());
+  p.out = zero_row.raw_data();
+  p.out_stride = {0, 0, 0};
+  const fused::Selection selection = fused::select_backend(p, q.device(), 0.0);
+  if (!selection.fused() || dout.strides().back() != 1) return false;
+  const DType stat = lse_dtype(q.dtype());
+  const Tensor lse_rows = lse.to(stat).contiguous(), dlse = neg(delta).to(stat).contiguous();
+  p.lse = lse_rows.raw_data();
+  fused::BackwardProblem bp;
+  bp.forward = p;
+  bp.deterministic = deterministic_algorithms();
+  bp.dout = dout.raw_data();
+  bp.dout_stride = strides_of(dout);
+  bp.dlse = dlse.raw_data();
+  Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device());
+  Tensor dk = Tensor::empty(k.shape(), q.dtype(), q.device());
+  Tensor dv = Tensor::empty(v.shape(), q.dtype(), q.device());
+  bp.dq = dq.raw_data();
+  bp.dk = dk.raw_data();
+  bp.dv = dv.raw_data();
+  bp.dq_stride = strides_of(dq);
+  bp.dk_stride = strides_of(dk);
+  bp.dv_stride = strides_of(dv);
+  if (selection.backend == fused::Backend::cuda_fused)
+    fused::cuda_backward(bp);
+  else
+    fused::cpu_backward(bp);
+  add_into(acc_dq, dq);
+  add_into(acc_dk, dk);
+  add_into(acc_dv, dv);
+  return true;
+}
+
 // ---- composed path ----
 
 // (B, S, L, H', D) -> (B, S, H', L, D): one stream per leading index, as attend_rows takes them.
@@ -227,7 +303,7 @@ void check_chunks(const ChunkStreams& streams, const Tensor& q, const Tensor& k,
 }  // namespace
 
 ChunkStreams::ChunkStreams(const CoreKeys& keys, const CoreOptions& options, int64_t heads, int64_t sequence)
-    : n_(sequence), heads_(heads), scale_(options.scale), causal_(options.causal) {
+    : keys_(keys), n_(sequence), heads_(heads), scale_(options.scale), causal_(options.causal) {
   LT_CHECK(keys.kind == fused::KeySet::dense || keys.kind == fused::KeySet::dilated,
            "chunk attention: the key set must be dense or dilated (block lists do not split into chunks)");
   LT_CHECK(heads >= 1 && sequence >= 1, "chunk attention: expected at least one head and one token, got ", heads,
@@ -304,6 +380,14 @@ std::vector<StreamBlock> ChunkStreams::blocks(int64_t qs, int64_t nq, int64_t ks
   return out;
 }
 
+bool ChunkStreams::holds_whole_segments(int64_t start, int64_t length) const {
+  const int64_t end = start + length;
+  if (start < 0 || length < 1 || end > n_) return false;
+  for (const StreamTask& task : tasks_)
+    if (start % task.w != 0 || (end % task.w != 0 && end != n_)) return false;
+  return true;
+}
+
 std::vector<StreamBlock> ChunkStreams::pieces(const StreamBlock& b, int64_t batch, int64_t budget) const {
   const StreamTask& task = tasks_[b.task];
   const int64_t lk = b.jk1 - b.jk0;
@@ -368,6 +452,9 @@ void chunk_attention_forward(const ChunkStreams& streams, int64_t query_start, i
                              const Tensor& lse) {
   check_chunks(streams, q, k, v, query_start, key_start, "chunk_attention_forward");
   NoGradGuard no_grad;
+  if (compute.fused && one_problem(streams, query_start, q.size(1), key_start, k.size(1)) &&
+      fused_pair_forward(streams, q, k, v, out, lse))
+    return;
   for_each_block_part(streams, query_start, q.size(1), key_start, k.size(1), q.size(0), compute,
                       [&](const StreamTask& task, const StreamBlock& b) {
                         const Tensor q5 = block_rows(q, task, b, true, query_start),
@@ -388,6 +475,9 @@ void chunk_attention_backward(const ChunkStreams& streams, int64_t query_start, 
                               const Tensor& dv) {
   check_chunks(streams, q, k, v, query_start, key_start, "chunk_attention_backward");
   NoGradGuard no_grad;
+  if (compute.fused && one_problem(streams, query_start, q.size(1), key_start, k.size(1)) &&
+      fused_pair_backward(streams, q, k, v, dout, lse, delta, dq, dk, dv))
+    return;
   for_each_block_part(
       streams, query_start, q.size(1), key_start, k.size(1), q.size(0), compute,
       [&](const StreamTask& task, const StreamBlock& b) {

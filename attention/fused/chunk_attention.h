@@ -50,6 +50,13 @@ class ChunkStreams {
   // segments, then query runs), each again unmasked or a square diagonal.
   std::vector<StreamBlock> pieces(const StreamBlock& b, int64_t batch, int64_t budget) const;
 
+  // Whether tokens [start, start + length) are whole segments of every branch (segments never cross
+  // its edges): then it meets no token outside itself, and the key set run on those tokens alone
+  // (segments from its first token) is exactly its share of the sequence's.
+  bool holds_whole_segments(int64_t start, int64_t length) const;
+
+  // The key set the streams were made of.
+  const CoreKeys& keys() const { return keys_; }
   const StreamTask& task(size_t i) const { return tasks_[i]; }
   int64_t sequence() const { return n_; }
   int64_t heads() const { return heads_; }
@@ -62,6 +69,7 @@ class ChunkStreams {
   void add_block(std::vector<StreamBlock>& out, size_t task, int64_t t, int64_t jq0, int64_t jq1, int64_t jk0,
                  int64_t jk1) const;
 
+  CoreKeys keys_;
   int64_t n_ = 0, heads_ = 0;
   double scale_ = 1.0;
   bool causal_ = false;
@@ -81,6 +89,11 @@ struct ChunkCompute {
 // and device. impl = fused on a problem the kernels cannot run throws the selector's reason.
 fused::Selection select_chunk_core(const Tensor& q, const CoreOptions& options);
 
+// A chunk against itself that holds whole segments (ChunkStreams::holds_whole_segments) is the key
+// set's own problem on that chunk: the fused path runs it as one call with the dilated (or dense)
+// key set instead of one call per stream block (lse mixing; with head_groups the kernels would
+// scale the output and its gradient by 1/G, so those pairs run as stream blocks).
+//
 // Forward of one chunk pair, merged into the accumulators out (B, nq, H, D) and lse (B, H, nq)
 // in place (compute dtype: f64 for f64 inputs, else f32; start from out = 0, lse = -inf).
 // q (B, nq, H, D), k, v (B, nk, H, D) are views of the chunks (any strides, last dim contiguous);
