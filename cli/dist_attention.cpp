@@ -114,7 +114,7 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
       std::string path;
       if (kind != "head_parallel") {
         const attention::RingRun run = attention::last_ring_run();
-        path = run.local ? " [local: one core call per piece]"
+        path = run.local ? " [local: one core call on each rank's tokens]"
                          : " [ring: " + std::to_string(run.up_steps) + " up, " + std::to_string(run.down_steps) +
                                " down steps]";
       }
