@@ -13,7 +13,7 @@ import re
 
 
 def short(name: str) -> str:
-    name = name.replace("(anonymous namespace)::", "")
+    name = name.replace("(anonymous namespace)::", "").replace("<unnamed>::", "")
     name = re.sub(r"\(.*", "", name)          # drop parameter lists
     name = re.sub(r"^void ", "", name)
     base = re.sub(r"<.*>", "", name).split("::")[-1]
