@@ -375,8 +375,8 @@ int run_train(const TrainArgs& args) {
   Json attention_json;
   double window_tokens = 0, window_seconds = 0;  // recent throughput, for tokens/s and the ETA
   double tokens_trained = 0;
-  // --profile records the third step of this run (after warm-up), or its last when shorter.
-  if (a.profile) trainer.set_profile_step(std::min(start_step + 2, a.steps - 1));
+  // --profile records the third step of this run at --seq-len (after warm-up), or its last when shorter.
+  if (a.profile) trainer.set_profile_step(std::min(std::max(start_step, curriculum.phase_steps()) + 2, a.steps - 1));
   trainer.on_diverged = [&] { bar.break_line(); };
   trainer.on_profile = [&](int64_t step) {
     bar.break_line();
@@ -397,7 +397,8 @@ int run_train(const TrainArgs& args) {
     window_tokens = 0.9 * window_tokens + tokens;
     window_seconds = 0.9 * window_seconds + r.seconds;
     const double tokens_per_s = window_tokens / std::max(window_seconds, 1e-9);
-    const double eta = (a.steps - r.step) * window_seconds / (window_tokens / tokens);
+    const double eta =
+        static_cast<double>(a.batch * ranks * curriculum.tokens_between(r.step, a.steps)) / tokens_per_s;
     rows.push_back({r.step, r.loss, r.lr, r.grad_norm, tokens_per_s,
                     std::chrono::duration<double>(Clock::now() - t_start).count(), {}, {}});
     if (writer) bar.update(r.step, r.loss, tokens_per_s, eta);
@@ -456,6 +457,8 @@ const RegisterCommand kTrainCommand{
     "train", "train a causal language model on associative recall (or a text file) with any attention variant",
     [](CLI::App& sub) -> std::function<int()> {
       auto a = std::make_shared<TrainArgs>();
+      sub.footer("On CUDA the flags not given default to --seq-len 8192 --batch 16 --width 128 --heads 4 --steps 600 "
+                 "--position-init none --curriculum 128:400 (the defaults shown are the CPU's).");
       sub.add_option("--device", a->device, "auto (cuda when available), cpu, cuda or cuda:N");
       sub.add_option("--steps", a->steps, "optimizer steps")->capture_default_str()
           ->transform(count_in<int64_t>(1));

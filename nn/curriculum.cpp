@@ -1,5 +1,6 @@
 #include "nn/curriculum.h"
 
+#include <algorithm>
 #include <charconv>
 #include <map>
 #include <memory>
@@ -67,6 +68,19 @@ int64_t LengthCurriculum::seq_len_at(int64_t index) const {
     index -= p.steps;
   }
   return final_seq_len_;
+}
+
+int64_t LengthCurriculum::tokens_between(int64_t first, int64_t last) const {
+  LT_CHECK(0 <= first && first <= last, "length curriculum: need 0 <= first <= last, got ", first, " and ", last);
+  int64_t tokens = 0, begin = 0;  // begin: the first step of the phase at hand
+  const auto add = [&](int64_t len, int64_t end) {  // steps [begin, end) at len
+    const int64_t n = std::max<int64_t>(0, std::min(end, last) - std::max(begin, first));
+    tokens = checked::add(tokens, checked::mul(n, len, "length curriculum: tokens"), "length curriculum: tokens");
+    begin = end;
+  };
+  for (const CurriculumPhase& p : phases_) add(p.seq_len, begin + p.steps);
+  add(final_seq_len_, std::max(begin, last));
+  return tokens;
 }
 
 int64_t LengthCurriculum::phase_steps() const {

@@ -37,6 +37,8 @@ class LengthCurriculum {
   int64_t seq_len_at(int64_t index) const;
   int64_t final_seq_len() const { return final_seq_len_; }
   const std::vector<CurriculumPhase>& phases() const { return phases_; }
+  // Tokens of one sequence summed over steps [first, last): the sum of seq_len_at(i).
+  int64_t tokens_between(int64_t first, int64_t last) const;
   // Steps before the final length starts.
   int64_t phase_steps() const;
   bool empty() const { return phases_.empty(); }

@@ -63,12 +63,20 @@ TEST_CASE("LengthCurriculum: random rising phases parse back from their text and
     REQUIRE(c.phases().size() == phases.size());
     const std::vector<int64_t> want = expand(phases, final_len, c.phase_steps() + 7);
     for (size_t i = 0; i < want.size(); ++i) CHECK(c.seq_len_at(static_cast<int64_t>(i)) == want[i]);
+    for (int pick = 0; pick < 10; ++pick) {
+      const int64_t first = static_cast<int64_t>(rng() % want.size());
+      const int64_t last = first + static_cast<int64_t>(rng() % (want.size() - first + 1));
+      int64_t sum = 0;
+      for (int64_t i = first; i < last; ++i) sum += want[i];
+      CHECK(c.tokens_between(first, last) == sum);
+    }
   }
   const LengthCurriculum none = LengthCurriculum::parse("", 512);
   CHECK(none.empty());
   CHECK(none.phase_steps() == 0);
   CHECK(none.seq_len_at(0) == 512);
   CHECK(none.seq_len_at(12345) == 512);
+  CHECK(none.tokens_between(10, 13) == 3 * 512);
 }
 
 TEST_CASE("LengthCurriculum: bad phases are rejected with the item and the rule they break") {
@@ -86,6 +94,7 @@ TEST_CASE("LengthCurriculum: bad phases are rejected with the item and the rule 
   CHECK_THROWS_AS(LengthCurriculum({{16, 3}}, 0), Error);
   CHECK_THROWS_AS(LengthCurriculum({{16, 0}}, 64), Error);
   CHECK_THROWS_AS(LengthCurriculum(64).seq_len_at(-1), Error);
+  CHECK_THROWS_AS(LengthCurriculum(64).tokens_between(5, 4), Error);
 }
 
 TEST_CASE("curriculum_batches: training batch i has its phase's length and tokens; held-out batches the full length") {
