@@ -238,8 +238,8 @@ int run_train(const TrainArgs& args) {
                                                                        a.seq_len);
   if (curriculum.phase_steps() >= a.steps)
     throw FlagError("--curriculum " + a.curriculum + " lasts " + std::to_string(curriculum.phase_steps()) +
-                    " steps; --steps " + std::to_string(a.steps) + " must be larger so that training ends at --seq-len " +
-                    std::to_string(a.seq_len));
+                    " steps; --steps " + std::to_string(a.steps) +
+                    " must be larger so that training ends at --seq-len " + std::to_string(a.seq_len));
   if (writer) {
     check_writable(a.checkpoint, "--checkpoint");
     check_writable(a.metrics, "--metrics");
@@ -499,8 +499,8 @@ const RegisterCommand kTrainCommand{
           ->capture_default_str();
       sub.add_option("--curriculum", a->curriculum,
                      "sequence-length curriculum: LENGTH:STEPS phases on shorter sequences before --seq-len, e.g. "
-                     "128:300,1024:200 (held-out batches always have --seq-len tokens); none = no curriculum (default on "
-                     "the CPU; on CUDA 128:400 when --seq-len is over 128 and --steps over 400)");
+                     "128:300,1024:200 (held-out batches always have --seq-len tokens); none = no curriculum "
+                     "(default on the CPU; on CUDA 128:400 when --seq-len is over 128 and --steps over 400)");
       sub.add_flag("--key-shift,!--no-key-shift", a->key_shift,
                    "smeared keys: each attention key mixes in the previous position's key by a learned gate "
                    "(default on)");

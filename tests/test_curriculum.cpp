@@ -127,7 +127,7 @@ TEST_CASE("curriculum_batches: training batch i has its phase's length and token
   CHECK_THROWS_AS(curriculum_batches(c, [](int64_t) { return BatchSource{}; }), Error);
 }
 
-TEST_CASE("longtape train --curriculum: trained on 64 tokens, the model answers over 256; bad phases exit with the rule" *
+TEST_CASE("longtape train --curriculum: trained on 64 tokens, the model answers over 256; bad phases are refused" *
           doctest::skip(testing::longtape_binary_missing())) {
   const auto dir = testing::fresh_dir("train_curriculum");
   const std::string bin = "'" + std::filesystem::absolute(testing::longtape_binary()).string() + "'";
