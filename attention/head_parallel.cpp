@@ -99,15 +99,12 @@ AttentionOutput head_parallel_with(dist::Communicator& comm, const AttentionConf
   inner->train(training);
   AttentionOutput full = inner->forward_with_lse(qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2));
   if (run) *run = {inner->last_backend(), inner->last_precision()};
-  // One all-to-all back: out and lse travel as one (B, N, H/P, D + 1) tensor in lse's dtype (for
-  // bf16 out that is f32, exact both ways); sequence chunk s goes to rank s, head groups join in
-  // rank order.
-  const DType wide = full.lse.dtype();
-  const Tensor packed = cat({full.out.to(wide), full.lse.permute({0, 2, 1}).unsqueeze(-1)}, 3);
-  const Tensor back = dist::all_to_all(comm, packed, 1, 2, lengths);
-  const int64_t dim = full.out.size(3);
-  return {back.narrow(3, 0, dim).to(full.out.dtype()).contiguous(),
-          back.narrow(3, dim, 1).squeeze(3).permute({0, 2, 1}).contiguous()};
+  // Back: out in its own dtype (bf16 out would double its bytes if packed with the f32 lse, and so
+  // would its gradient on the way back) and the lse (B, H/P, N) on its own; sequence chunk s goes
+  // to rank s, head groups join in rank order.
+  const Tensor out = dist::all_to_all(comm, full.out, 1, 2, lengths);
+  const Tensor lse = dist::all_to_all(comm, full.lse, 2, 1, lengths);
+  return {out, lse};
 }
 
 }  // namespace

@@ -4,7 +4,8 @@
 //   longtape train [--device auto|cpu|cuda] [--steps N] [--batch B] [--seq-len T] [--layers L]
 //       [--width E] [--heads H] [--variant dilated] [--segments 32,128] [--dilations 1,1]
 //       [--mixing lse|head_groups] [--impl auto|fused|composed] [--precision auto|f32|tf32|bf16]
-//       [--lr 3e-3] [--warmup W] [--eval-every N] [--key-shift|--no-key-shift]
+//       [--lr 3e-3] [--warmup W] [--eval-every N] [--key-shift|--no-key-shift] [--curriculum 128:300,...]
+//       [--position-init sinusoidal|normal|none]
 //       [--metrics run.csv|run.json]
 //       [--checkpoint PATH] [--checkpoint-every K] [--resume PATH [--fresh-optimizer]] [--seed S] [--threads T]
 //       [--profile] [--parallel none|data]
@@ -16,7 +17,8 @@
 // make it learn: without them the model stalls near 0.55 (it learns which values were planted,
 // not which key each belongs to), because finding "the token after this key" then needs a
 // previous-token head in one layer feeding a lookup in the next. On CUDA the flags not given
-// default to a long-sequence run (apply_cuda_defaults); without --segments/--dilations any
+// default to a long-sequence run that first trains on short sequences (--curriculum,
+// nn/curriculum.h; apply_cuda_defaults says why); without --segments/--dilations any
 // --seq-len gets a local window and a dilation-1 branch over the whole sequence
 // (apply_sequence_geometry says why dilation 1).
 //
@@ -61,9 +63,11 @@
 #include "cli/numeric_flags.h"
 #include "cli/size_limits.h"
 #include "cli/train_guards.h"
+#include "cli/train_progress.h"
 #include "cli/train_parallel.h"
 #include "cli/variant_flags.h"
 #include "nn/checkpoint.h"
+#include "nn/curriculum.h"
 #include "nn/data.h"
 #include "models/language_model.h"
 #include "nn/optim.h"
@@ -110,8 +114,9 @@ struct TrainArgs {
   double clip = 1.0;
   double dropout = 0.0;
   bool untied = false;
-  std::string position_init = "sinusoidal";
+  std::string position_init = "sinusoidal";  // or normal, or none (no positional table)
   bool key_shift = true;
+  std::string curriculum;  // LENGTH:STEPS phases before --seq-len (nn/curriculum.h); empty = none
   // recall task
   int64_t keys = 16, values = 8, filler = 8, pairs = 4, queries = 4;
   std::string text;
@@ -131,14 +136,25 @@ struct TrainArgs {
 
 // On a CUDA device the flags not given describe a long-sequence run: 8192 tokens with the pairs
 // anywhere in them, the same recipe at twice the width, and the dilated geometry of
-// apply_sequence_geometry().
+// apply_sequence_geometry(). Trained from scratch on 8192 tokens the model stays at chance
+// (0.13 after 1000 steps): attention over thousands of keys starts out uniform, so the gradient
+// towards the planted key is diluted by the sequence length. It first learns the lookup on
+// 128-token sequences (kCudaCurriculum), which carries over to the full length, with no
+// positional table: the lookup is by content, and the rows of a table past 128 would be
+// untrained.
+constexpr const char* kCudaCurriculum = "128:400";
 void apply_cuda_defaults(TrainArgs& a) {
   auto unset = [&](const char* flag) { return a.given.count(flag) == 0; };
   if (unset("--seq-len")) a.seq_len = 8192;
   if (unset("--batch")) a.batch = 16;
   if (unset("--width")) a.width = 128;
   if (unset("--heads")) a.heads = 4;
-  if (unset("--steps")) a.steps = 1000;
+  if (unset("--steps")) a.steps = 600;
+  if (unset("--position-init")) a.position_init = "none";
+  // Only where it fits: a run over more than 128 tokens with steps left after it.
+  if (unset("--curriculum") && a.seq_len > 128 &&
+      a.steps > nn::LengthCurriculum::parse(kCudaCurriculum, a.seq_len).phase_steps())
+    a.curriculum = kCudaCurriculum;
 }
 
 // Segments and dilations for a sequence of n tokens when the flags are not given: a dense local
@@ -152,66 +168,6 @@ void apply_sequence_geometry(TrainArgs& a) {
   if (a.given.count("--segments") == 0) a.segments = std::to_string(local) + "," + std::to_string(a.seq_len);
   if (a.given.count("--dilations") == 0) a.dilations = "1,1";
 }
-
-std::string human_count(double v) {
-  char buf[32];
-  if (v >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", v / 1e6);
-  else if (v >= 1e3) std::snprintf(buf, sizeof buf, "%.1fk", v / 1e3);
-  else std::snprintf(buf, sizeof buf, "%.0f", v);
-  return buf;
-}
-
-std::string human_duration(double seconds) {
-  if (!std::isfinite(seconds) || seconds < 0) return "--:--";
-  const long s = std::lround(seconds);
-  char buf[32];
-  if (s >= 3600) std::snprintf(buf, sizeof buf, "%ld:%02ld:%02ld", s / 3600, (s / 60) % 60, s % 60);
-  else std::snprintf(buf, sizeof buf, "%ld:%02ld", s / 60, s % 60);
-  return buf;
-}
-
-std::string human_bytes(int64_t b) {
-  char buf[32];
-  const double v = static_cast<double>(b);
-  if (v >= 1024.0 * 1024 * 1024) std::snprintf(buf, sizeof buf, "%.2f GiB", v / (1024.0 * 1024 * 1024));
-  else if (v >= 1024.0 * 1024) std::snprintf(buf, sizeof buf, "%.1f MiB", v / (1024.0 * 1024));
-  else std::snprintf(buf, sizeof buf, "%.1f KiB", v / 1024.0);
-  return buf;
-}
-
-// One line redrawn in place on a terminal; on a pipe or file, a plain line every ~5% of the run.
-class ProgressBar {
- public:
-  ProgressBar(int64_t first, int64_t total) : first_(first), total_(total), tty_(isatty(2) != 0) {}
-  void update(int64_t step, double loss, double tokens_per_s, double eta_s) {
-    const auto now = Clock::now();
-    const bool last = step == total_;
-    if (tty_) {
-      if (!last && now - last_draw_ < std::chrono::milliseconds(100)) return;
-    } else {
-      const int64_t every = std::max<int64_t>(1, (total_ - first_) / 20);
-      if (!last && (step - first_) % every != 0) return;
-    }
-    last_draw_ = now;
-    const int width = 24;
-    const int filled = total_ > 0 ? static_cast<int>(width * step / total_) : width;
-    std::string bar(filled, '=');
-    if (filled < width) bar += '>' + std::string(width - filled - 1, ' ');
-    std::fprintf(stderr, "%sstep %lld/%lld [%s] loss %.4f | %s tok/s | ETA %s%s", tty_ ? "\r\033[K" : "",
-                 static_cast<long long>(step), static_cast<long long>(total_), bar.c_str(), loss,
-                 human_count(tokens_per_s).c_str(), human_duration(eta_s).c_str(), tty_ ? "" : "\n");
-    std::fflush(stderr);
-  }
-  // Ends the in-place line so other output starts on a fresh one.
-  void break_line() {
-    if (tty_) std::fprintf(stderr, "\n");
-  }
-
- private:
-  int64_t first_, total_;
-  bool tty_;
-  Clock::time_point last_draw_{};
-};
 
 Device pick_device(const std::string& name) {
   if (name == "auto") return cuda_available() ? Device::cuda() : Device::cpu();
@@ -276,6 +232,14 @@ int run_train(const TrainArgs& args) {
                      a.text.empty() ? a.keys + a.values + a.filler + 8 : nn::CharTextDataset::vocab_size(), a.untied});
   check_list_bound(attention::parse_int_list(a.segments, "--segments"), "--segments");
   check_list_bound(attention::parse_int_list(a.dilations, "--dilations"), "--dilations");
+  if (a.position_init != "sinusoidal" && a.position_init != "normal" && a.position_init != "none")
+    throw FlagError("--position-init must be sinusoidal, normal or none, got \"" + a.position_init + "\"");
+  const nn::LengthCurriculum curriculum = nn::LengthCurriculum::parse(a.curriculum == "none" ? "" : a.curriculum,
+                                                                       a.seq_len);
+  if (curriculum.phase_steps() >= a.steps)
+    throw FlagError("--curriculum " + a.curriculum + " lasts " + std::to_string(curriculum.phase_steps()) +
+                    " steps; --steps " + std::to_string(a.steps) +
+                    " must be larger so that training ends at --seq-len " + std::to_string(a.seq_len));
   if (writer) {
     check_writable(a.checkpoint, "--checkpoint");
     check_writable(a.metrics, "--metrics");
@@ -284,26 +248,29 @@ int run_train(const TrainArgs& args) {
   if (!a.resume.empty()) check_resume_metadata(a.resume, a.fresh_optimizer);
   manual_seed(a.seed);
 
-  // Data: the recall task unless a text file is named.
-  std::unique_ptr<nn::RecallTask> task;
-  std::unique_ptr<nn::CharTextDataset> text;
-  int64_t vocab = 0;
-  if (a.text.empty()) {
-    task = std::make_unique<nn::RecallTask>(nn::RecallTaskConfig{a.seq_len, a.keys, a.values, a.filler, a.pairs,
-                                                                 a.queries, a.seed});
-    vocab = task->vocab_size();
-  } else {
-    text = std::make_unique<nn::CharTextDataset>(a.text, a.seq_len, a.seed);
-    vocab = nn::CharTextDataset::vocab_size();
-  }
-  const nn::BatchSource all_data = task ? nn::batches_of(*task, device) : nn::batches_of(*text, device);
-  const nn::BatchSource data =
-      dp ? dp->shard(task ? nn::batches_of(*task, Device::cpu()) : nn::batches_of(*text, Device::cpu()), a.batch)
-         : all_data;
+  // Data: the recall task unless a text file is named; one data set per curriculum length, the
+  // last (`task` or `text`) at --seq-len. With --parallel data the batches are made on the CPU and
+  // each rank uploads only its rows (DataParallelRun::shard).
+  const Device data_device = dp ? Device::cpu() : device;
+  std::vector<std::unique_ptr<nn::RecallTask>> tasks;
+  std::vector<std::unique_ptr<nn::CharTextDataset>> texts;
+  const auto source_for = [&](int64_t len) {
+    if (a.text.empty()) {
+      tasks.push_back(std::make_unique<nn::RecallTask>(
+          nn::RecallTaskConfig{len, a.keys, a.values, a.filler, a.pairs, a.queries, a.seed}));
+      return nn::batches_of(*tasks.back(), data_device);
+    }
+    texts.push_back(std::make_unique<nn::CharTextDataset>(a.text, len, a.seed));
+    return nn::batches_of(*texts.back(), data_device);
+  };
+  const nn::BatchSource all_data = nn::curriculum_batches(curriculum, source_for);
+  const nn::RecallTask* task = tasks.empty() ? nullptr : tasks.back().get();
+  const int64_t vocab = task ? task->vocab_size() : nn::CharTextDataset::vocab_size();
+  const nn::BatchSource data = dp ? dp->shard(all_data, a.batch) : all_data;
 
   models::LanguageModelConfig mc;
   mc.vocab_size = vocab;
-  mc.max_seq_len = a.seq_len;
+  mc.max_seq_len = a.position_init == "none" ? 0 : a.seq_len;
   mc.embed_dim = a.width;
   mc.num_layers = a.layers;
   mc.num_heads = a.heads;
@@ -315,7 +282,7 @@ int run_train(const TrainArgs& args) {
   mc.attention_config.impl = a.impl;
   mc.tied_embeddings = !a.untied;
   mc.dropout = a.dropout;
-  mc.position_init = a.position_init;
+  if (a.position_init != "none") mc.position_init = a.position_init;
   mc.key_shift = a.key_shift;
   models::LanguageModel model(mc);
   model.to(device);
@@ -340,6 +307,7 @@ int run_train(const TrainArgs& args) {
                   {"parameters", model.num_parameters()}};
   run["optim"] = {{"lr", a.lr}, {"min_lr", schedule.min_lr}, {"warmup", a.warmup}, {"weight_decay", a.weight_decay},
                   {"clip", a.clip}, {"batch", a.batch}, {"steps", a.steps}, {"seed", a.seed}};
+  if (!curriculum.empty()) run["optim"]["curriculum"] = curriculum.str();
   if (dp) run["parallel"] = {{"mode", "data"}, {"ranks", ranks}, {"backend", dp->backend()}};
   run["impl"] = a.impl;  // not part of "model": a checkpoint resumes under any implementation
   run["precision"] = precision_name(precision);  // nor is this: master weights are f32 in every precision
@@ -390,12 +358,13 @@ int run_train(const TrainArgs& args) {
                 dp->backend().c_str(), static_cast<long long>(a.batch));
   }
   std::printf("training %s: %s parameters, %s attention (%s), %lld layers, width %lld, %lld heads, seq %lld, "
-              "batch %lld, %lld steps on %s, precision %s\n",
+              "batch %lld, %lld steps on %s, precision %s%s\n",
               task ? "recall" : "text", human_count(static_cast<double>(model.num_parameters())).c_str(),
               a.variant.c_str(), config_label(a.variant, mc.attention_config).c_str(),
               static_cast<long long>(a.layers), static_cast<long long>(a.width), static_cast<long long>(a.heads),
               static_cast<long long>(a.seq_len), static_cast<long long>(a.batch * ranks), static_cast<long long>(a.steps),
-              device.str().c_str(), precision_compute_label(precision, device).c_str());
+              device.str().c_str(), precision_compute_label(precision, device).c_str(),
+              curriculum.empty() ? "" : (", first " + curriculum.str() + " (length:steps)").c_str());
   std::fflush(stdout);
 
   reset_peak_memory(device);
@@ -408,8 +377,9 @@ int run_train(const TrainArgs& args) {
   std::string attention_ran;
   Json attention_json;
   double window_tokens = 0, window_seconds = 0;  // recent throughput, for tokens/s and the ETA
-  // --profile records the third step of this run (after warm-up), or its last when shorter.
-  if (a.profile) trainer.set_profile_step(std::min(start_step + 2, a.steps - 1));
+  double tokens_trained = 0;
+  // --profile records the third step of this run at --seq-len (after warm-up), or its last when shorter.
+  if (a.profile) trainer.set_profile_step(std::min(std::max(start_step, curriculum.phase_steps()) + 2, a.steps - 1));
   trainer.on_diverged = [&] { bar.break_line(); };
   trainer.on_profile = [&](int64_t step) {
     bar.break_line();
@@ -423,11 +393,13 @@ int run_train(const TrainArgs& args) {
       attention_ran = ran_with(core);
       attention_json = {{"implementation", core.last_backend()}, {"compute_precision", core.last_precision()}};
     }
-    const double tokens = static_cast<double>(a.batch * ranks * a.seq_len);
+    const double tokens = static_cast<double>(a.batch * ranks * curriculum.seq_len_at(r.step - 1));
+    tokens_trained += tokens;
     window_tokens = 0.9 * window_tokens + tokens;
     window_seconds = 0.9 * window_seconds + r.seconds;
     const double tokens_per_s = window_tokens / std::max(window_seconds, 1e-9);
-    const double eta = (a.steps - r.step) * window_seconds / (window_tokens / tokens);
+    const double eta =
+        static_cast<double>(a.batch * ranks * curriculum.tokens_between(r.step, a.steps)) / tokens_per_s;
     rows.push_back({r.step, r.loss, r.lr, r.grad_norm, tokens_per_s,
                     std::chrono::duration<double>(Clock::now() - t_start).count(), {}, {}});
     if (writer) bar.update(r.step, r.loss, tokens_per_s, eta);
@@ -466,7 +438,7 @@ int run_train(const TrainArgs& args) {
   if (task) std::printf(", chance %.4f", 1.0 / static_cast<double>(a.values));
   std::printf("\ntrained %lld steps in %s (%s tok/s)\n", static_cast<long long>(a.steps - start_step),
               human_duration(elapsed).c_str(),
-              human_count(elapsed > 0 ? (a.steps - start_step) * a.batch * ranks * a.seq_len / elapsed : 0).c_str());
+              human_count(elapsed > 0 ? tokens_trained / elapsed : 0).c_str());
   std::printf("peak memory on %s: allocated %s, reserved %s\n", device.str().c_str(),
               human_bytes(mem.peak_allocated_bytes).c_str(), human_bytes(mem.peak_reserved_bytes).c_str());
   if (!attention_ran.empty()) std::printf("attention in training: %s\n", attention_ran.c_str());
@@ -486,6 +458,8 @@ const RegisterCommand kTrainCommand{
     "train", "train a causal language model on associative recall (or a text file) with any attention variant",
     [](CLI::App& sub) -> std::function<int()> {
       auto a = std::make_shared<TrainArgs>();
+      sub.footer("On CUDA the flags not given default to --seq-len 8192 --batch 16 --width 128 --heads 4 --steps 600 "
+                 "--position-init none --curriculum 128:400 (the defaults shown are the CPU's).");
       sub.add_option("--device", a->device, "auto (cuda when available), cpu, cuda or cuda:N");
       sub.add_option("--steps", a->steps, "optimizer steps")->capture_default_str()
           ->transform(count_in<int64_t>(1));
@@ -521,8 +495,13 @@ const RegisterCommand kTrainCommand{
       sub.add_option("--dropout", a->dropout, "dropout on embeddings and residual branches")->capture_default_str()
           ->transform(real_in(0.0, 1.0, false, /*hi_open=*/true));
       sub.add_flag("--untied", a->untied, "separate output head instead of the tied token embedding");
-      sub.add_option("--position-init", a->position_init, "initial positional table: sinusoidal or normal")
+      sub.add_option("--position-init", a->position_init,
+                     "initial positional table: sinusoidal, normal, or none (no positional table; the default on CUDA)")
           ->capture_default_str();
+      sub.add_option("--curriculum", a->curriculum,
+                     "sequence-length curriculum: LENGTH:STEPS phases on shorter sequences before --seq-len, e.g. "
+                     "128:300,1024:200 (held-out batches always have --seq-len tokens); none = no curriculum "
+                     "(default on the CPU; on CUDA 128:400 when --seq-len is over 128 and --steps over 400)");
       sub.add_flag("--key-shift,!--no-key-shift", a->key_shift,
                    "smeared keys: each attention key mixes in the previous position's key by a learned gate "
                    "(default on)");

@@ -35,10 +35,19 @@ __global__ void fill_lse_kernel(float* lse, int64_t n) {
   for (int64_t i = impl::global_tid(); i < n; i += impl::grid_stride()) lse[i] = -INFINITY;
 }
 
+// Zeroes (batch, rows, heads, dim) through strides, `width` bf16 at a time (8 = one 16-byte store
+// when dim, the strides and dst allow it; the index arithmetic is per store, not per element).
+template <int width>
 __global__ void zero_rows_kernel(bf16* dst, RowStrides s, int64_t rows, int64_t heads, int64_t dim, int64_t n) {
-  for (int64_t i = impl::global_tid(); i < n; i += impl::grid_stride()) {
-    const int64_t d = i % dim, h = (i / dim) % heads, r = (i / dim / heads) % rows, b = i / dim / heads / rows;
-    dst[b * s.batch + r * s.row + h * s.head + d] = __float2bfloat16_rn(0.f);
+  const int64_t per_row = dim / width;
+  for (int64_t i = impl::global_tid(); i < n / width; i += impl::grid_stride()) {
+    const int64_t d = (i % per_row) * width, head_row = i / per_row;
+    const int64_t h = head_row % heads, r = (head_row / heads) % rows, b = head_row / heads / rows;
+    bf16* at = dst + b * s.batch + r * s.row + h * s.head + d;
+    if constexpr (width == 8)
+      *reinterpret_cast<uint4*>(at) = make_uint4(0, 0, 0, 0);
+    else
+      *at = __float2bfloat16_rn(0.f);
   }
 }
 
@@ -165,8 +174,14 @@ void fill_outputs(const attention::fused::Problem& p) {
 void zero_rows(void* dst, const attention::fused::Strides& s, const attention::fused::Problem& p, int64_t rows) {
   const int64_t n = p.batch * rows * p.heads * p.head_dim;
   if (n == 0) return;
-  zero_rows_kernel<<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(
-      static_cast<bf16*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
+  const bool wide = p.head_dim % 8 == 0 && s.batch % 8 == 0 && s.row % 8 == 0 && s.head % 8 == 0 &&
+                    reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+  if (wide)
+    zero_rows_kernel<8><<<impl::grid_for(n / 8), impl::kThreads, 0, impl::stream()>>>(
+        static_cast<bf16*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
+  else
+    zero_rows_kernel<1><<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(
+        static_cast<bf16*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -17,6 +17,9 @@ struct KernelTuning {
   bool hopper_backward = true;
   // Warpgroups (64 keys or queries each) per CTA of the Hopper backward kernels at D = 64: 1 or 2.
   int hopper_backward_warpgroups = 1;
+  // CTAs per SM the one-warpgroup Hopper backward at D = 64 is compiled for: 2 (up to 255
+  // registers) or 3 (168 registers, which spills a little).
+  int hopper_backward_ctas_per_sm = 2;
   // lse mixing runs in sequence chunks of at least this many rows x batch x heads
   // (cuda/attention_launch.h): backward (three f32 accumulators, the peak of a training step)
   // and forward (one accumulator; smaller chunks there cost speed and save no peak memory).

@@ -29,19 +29,34 @@ __device__ __forceinline__ C gelu_grad_of(C x, bool tanh_approx) {
   return C(0.5) * (C(1) + m_erf(x * C(kInvSqrt2))) + x * C(kInvSqrt2Pi) * m_exp(C(-0.5) * x * x);
 }
 
+// Calls f(i, column of i) over this thread's elements of a (rows, cols) grid-stride walk; the column
+// steps along with i (a 64-bit remainder per element cost more than the GELU itself).
+template <typename F>
+__device__ __forceinline__ void for_each_with_column(int64_t total, int64_t cols, F&& f) {
+  const int64_t step = grid_stride(), column_step = step % cols;
+  int64_t i = global_tid(), c = i % cols;
+  for (; i < total; i += step) {
+    f(i, c);
+    c += column_step;
+    if (c >= cols) c -= cols;
+  }
+}
+
 template <typename T>
 __global__ void bias_gelu_kernel(T* out, const T* x, const T* bias, int64_t total, int64_t cols, bool tanh_approx) {
   using E = Elem<T>;
-  for (int64_t i = global_tid(); i < total; i += grid_stride())
-    E::store(out, i, gelu_of(E::load(x, i) + E::load(bias, i % cols), tanh_approx));
+  for_each_with_column(total, cols, [&](int64_t i, int64_t c) {
+    E::store(out, i, gelu_of(E::load(x, i) + E::load(bias, c), tanh_approx));
+  });
 }
 
 template <typename T>
 __global__ void bias_gelu_backward_kernel(T* dx, const T* dy, const T* x, const T* bias, int64_t total, int64_t cols,
                                           bool tanh_approx) {
   using E = Elem<T>;
-  for (int64_t i = global_tid(); i < total; i += grid_stride())
-    E::store(dx, i, E::load(dy, i) * gelu_grad_of(E::load(x, i) + E::load(bias, i % cols), tanh_approx));
+  for_each_with_column(total, cols, [&](int64_t i, int64_t c) {
+    E::store(dx, i, E::load(dy, i) * gelu_grad_of(E::load(x, i) + E::load(bias, c), tanh_approx));
+  });
 }
 
 template <typename Body>

@@ -1,4 +1,5 @@
-// Softmax / log_softmax and LayerNorm rows, forward and backward. One block per row; row sums
+// Softmax / log_softmax and LayerNorm rows, forward and backward. LayerNorm rows of up to 1024
+// columns take one warp each; longer rows (and softmax) one block per row; row sums
 // use the fixed block-reduction tree of cuda/common.cuh, and the LayerNorm parameter gradients
 // are column sums in a fixed order (per-chunk partial sums in row order, then the chunks in
 // order, inside the one backward launch), so every result is bitwise reproducible. f32/bf16
@@ -192,6 +193,174 @@ __global__ void layer_norm_backward_fused_kernel(T* dx, T* dw, T* db, AccT<T>* p
   }
 }
 
+// ---- LayerNorm rows of up to 1024 columns: one warp per row, the row in registers (kPer values per
+// lane, columns lane, lane + 32, ...), shuffle sums only. A block per row spent its time in block
+// barriers on short rows (about 8x slower at 384 columns). ----
+
+constexpr int kNormWarps = 8;  // warps (rows in flight) per block
+
+// Every lane gets the sum, over a fixed butterfly (the same bits on every run).
+template <typename A>
+__device__ __forceinline__ A warp_all_sum(A v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T, int kPer>
+__global__ void __launch_bounds__(kNormWarps * 32)
+    layer_norm_warp_kernel(T* y, AccT<T>* mean, AccT<T>* rstd, const T* x, const T* weight, const T* bias,
+                           int64_t rows, int64_t cols, double eps) {
+  using A = AccT<T>;
+  using E = Elem<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kNormWarps;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kNormWarps + (threadIdx.x >> 5); r < rows; r += stride) {
+    const T* xr = x + r * cols;
+    A v[kPer];
+    A s = 0;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int64_t c = lane + 32 * i;
+      v[i] = c < cols ? static_cast<A>(E::load(xr, c)) : A(0);
+      s += v[i];
+    }
+    const A mu = warp_all_sum(s) / static_cast<A>(cols);
+    A q = 0;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < cols) q += (v[i] - mu) * (v[i] - mu);
+    const A rs = A(1) / m_sqrt(warp_all_sum(q) / static_cast<A>(cols) + static_cast<A>(eps));
+    if (lane == 0) {
+      mean[r] = mu;
+      rstd[r] = rs;
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int64_t c = lane + 32 * i;
+      if (c >= cols) continue;
+      A h = (v[i] - mu) * rs;
+      if (weight) h *= static_cast<A>(E::load(weight, c));
+      if (bias) h += static_cast<A>(E::load(bias, c));
+      E::store(y, r * cols + c, h);
+    }
+  }
+}
+
+// Backward: block k takes chunk k of rows, its warps rows begin + w, begin + w + kNormWarps, ...;
+// each lane keeps its columns' dweight/dbias terms in registers, the warps add theirs into shared
+// memory in warp order, and the block writes its chunk's sums (layer_norm_chunk_sums_kernel then
+// adds the chunks). Fixed order throughout, no atomics.
+template <typename T, int kPer>
+__global__ void __launch_bounds__(kNormWarps * 32)
+    layer_norm_backward_warp_kernel(T* dx, AccT<T>* pw, AccT<T>* pb, const T* dy, const T* x, const AccT<T>* mean,
+                                    const AccT<T>* rstd, const T* weight, int64_t rows, int64_t cols,
+                                    int64_t chunk_rows) {
+  using A = AccT<T>;
+  using E = Elem<T>;
+  __shared__ A sum_w[32 * kPer], sum_b[32 * kPer];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  A gw[kPer], gb[kPer], wt[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t c = lane + 32 * i;
+    gw[i] = gb[i] = A(0);
+    wt[i] = weight && c < cols ? static_cast<A>(E::load(weight, c)) : A(1);
+  }
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk_rows, end = min(rows, begin + chunk_rows);
+  for (int64_t r = begin + warp; r < end; r += kNormWarps) {
+    const T* gr = dy + r * cols;
+    const T* xr = x + r * cols;
+    const A mu = mean[r], rs = rstd[r];
+    A g[kPer], h[kPer];
+    A sg = 0, sgh = 0;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int64_t c = lane + 32 * i;
+      const bool in = c < cols;
+      g[i] = in ? static_cast<A>(E::load(gr, c)) : A(0);
+      h[i] = in ? (static_cast<A>(E::load(xr, c)) - mu) * rs : A(0);
+      sg += g[i] * wt[i];
+      sgh += g[i] * wt[i] * h[i];
+      gw[i] += g[i] * h[i];
+      gb[i] += g[i];
+    }
+    if (!dx) continue;
+    sg = warp_all_sum(sg) / static_cast<A>(cols);
+    sgh = warp_all_sum(sgh) / static_cast<A>(cols);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int64_t c = lane + 32 * i;
+      if (c < cols) E::store(dx, r * cols + c, rs * (g[i] * wt[i] - sg - h[i] * sgh));
+    }
+  }
+  if (!pw && !pb) return;
+  for (int w = 0; w < kNormWarps; ++w) {
+    if (warp == w) {
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int c = lane + 32 * i;
+        sum_w[c] = (w == 0 ? A(0) : sum_w[c]) + gw[i];
+        sum_b[c] = (w == 0 ? A(0) : sum_b[c]) + gb[i];
+      }
+    }
+    __syncthreads();
+  }
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    if (pw) pw[blockIdx.x * cols + c] = sum_w[c];
+    if (pb) pb[blockIdx.x * cols + c] = sum_b[c];
+  }
+}
+
+// dweight and dbias from the chunks' sums: block j takes columns 32 j .. 32 j + 31 (one per lane),
+// warp w the chunks w, w + kNormWarps, ... in order, then the warps' sums in warp order.
+template <typename T>
+__global__ void __launch_bounds__(kNormWarps * 32)
+    layer_norm_chunk_sums_kernel(T* dw, T* db, const AccT<T>* pw, const AccT<T>* pb, int64_t chunks, int64_t cols) {
+  using A = AccT<T>;
+  __shared__ A part_w[kNormWarps][32], part_b[kNormWarps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + lane;
+  A sw = 0, sb = 0;
+  if (c < cols) {
+#pragma unroll 4
+    for (int64_t k = warp; k < chunks; k += kNormWarps) {
+      if (pw) sw += pw[k * cols + c];
+      if (pb) sb += pb[k * cols + c];
+    }
+  }
+  part_w[warp][lane] = sw;
+  part_b[warp][lane] = sb;
+  __syncthreads();
+  if (warp != 0 || c >= cols) return;
+  for (int w = 1; w < kNormWarps; ++w) {
+    sw += part_w[w][lane];
+    sb += part_b[w][lane];
+  }
+  if (dw) Elem<T>::store(dw, c, sw);
+  if (db) Elem<T>::store(db, c, sb);
+}
+
+// Rows short enough for one warp: 1024 columns (512 in f64, whose registers run out sooner).
+template <typename T>
+constexpr int64_t kWarpRowCols = std::is_same_v<T, double> ? 512 : 1024;
+
+// Calls body(std::integral_constant<int, kPer>) with the smallest kPer in {4, 8, 16, 32} such that
+// 32 kPer >= cols; false (no call) when the rows are longer than kWarpRowCols<T>.
+template <typename T, typename Body>
+bool with_values_per_lane(int64_t cols, Body&& body) {
+  if (cols > kWarpRowCols<T>) return false;
+  if (cols <= 128) return body(std::integral_constant<int, 4>{}), true;
+  if (cols <= 256) return body(std::integral_constant<int, 8>{}), true;
+  if (cols <= 512) return body(std::integral_constant<int, 16>{}), true;
+  if constexpr (kWarpRowCols<T> > 512) body(std::integral_constant<int, 32>{});
+  return true;
+}
+
+unsigned warp_row_grid(int64_t rows) {
+  return static_cast<unsigned>(std::clamp<int64_t>((rows + kNormWarps - 1) / kNormWarps, 1, 65536));
+}
+
 unsigned row_grid(int64_t rows) { return static_cast<unsigned>(std::clamp<int64_t>(rows, 1, 65536)); }
 
 template <typename Body>
@@ -237,9 +406,15 @@ void layer_norm(void* y, void* mean, void* rstd, const void* x, const void* weig
   dispatch_norm(dtype, "layer_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = AccT<T>;
-    layer_norm_kernel<T><<<row_grid(rows), row_block_size(cols), 0, stream()>>>(
-        static_cast<T*>(y), static_cast<A*>(mean), static_cast<A*>(rstd), static_cast<const T*>(x),
-        static_cast<const T*>(weight), static_cast<const T*>(bias), rows, cols, eps);
+    const bool short_rows = with_values_per_lane<T>(cols, [&](auto per) {
+      layer_norm_warp_kernel<T, decltype(per)::value><<<warp_row_grid(rows), kNormWarps * 32, 0, stream()>>>(
+          static_cast<T*>(y), static_cast<A*>(mean), static_cast<A*>(rstd), static_cast<const T*>(x),
+          static_cast<const T*>(weight), static_cast<const T*>(bias), rows, cols, eps);
+    });
+    if (!short_rows)
+      layer_norm_kernel<T><<<row_grid(rows), row_block_size(cols), 0, stream()>>>(
+          static_cast<T*>(y), static_cast<A*>(mean), static_cast<A*>(rstd), static_cast<const T*>(x),
+          static_cast<const T*>(weight), static_cast<const T*>(bias), rows, cols, eps);
   });
   CUDA_CHECK_LAUNCH();
 }
@@ -251,6 +426,29 @@ void layer_norm_backward(void* dx, void* dweight, void* dbias, const void* dy, c
   dispatch_norm(dtype, "layer_norm_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = AccT<T>;
+    if (rows > 0 && cols <= kWarpRowCols<T>) {
+      // Chunks of rows (one block each): a function of `rows` alone, so the summation order never
+      // changes; up to 512 of them (enough blocks to fill the GPU, few sums for the second kernel).
+      const int64_t chunk_rows = std::max<int64_t>(4 * kNormWarps, (rows + 511) / 512);
+      const int64_t nchunks = (rows + chunk_rows - 1) / chunk_rows;
+      auto pw = dweight ? scratch(static_cast<size_t>(nchunks * cols) * sizeof(A)) : nullptr;
+      auto pb = dbias ? scratch(static_cast<size_t>(nchunks * cols) * sizeof(A)) : nullptr;
+      A* pw_data = pw ? static_cast<A*>(pw->data) : nullptr;
+      A* pb_data = pb ? static_cast<A*>(pb->data) : nullptr;
+      with_values_per_lane<T>(cols, [&](auto per) {
+        layer_norm_backward_warp_kernel<T, decltype(per)::value>
+            <<<static_cast<unsigned>(nchunks), kNormWarps * 32, 0, stream()>>>(
+                static_cast<T*>(dx), pw_data, pb_data, static_cast<const T*>(dy), static_cast<const T*>(x),
+                static_cast<const A*>(mean), static_cast<const A*>(rstd), static_cast<const T*>(weight), rows, cols,
+                chunk_rows);
+      });
+      CUDA_CHECK_LAUNCH();
+      if (dweight || dbias)
+        layer_norm_chunk_sums_kernel<T><<<static_cast<unsigned>((cols + 31) / 32), kNormWarps * 32, 0, stream()>>>(
+            static_cast<T*>(dweight), static_cast<T*>(dbias), pw_data, pb_data, nchunks, cols);
+      CUDA_CHECK_LAUNCH();
+      return;
+    }
     if (rows > 0 && dx && !dweight && !dbias) {
       layer_norm_backward_dx_kernel<T><<<row_grid(rows), row_block_size(cols), 0, stream()>>>(
           static_cast<T*>(dx), static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const A*>(mean),

@@ -89,6 +89,8 @@ __global__ void reduce_rows_kernel(ReduceOp op, ReduceDesc d, const Tin* in, Tou
       const int64_t row = g / nchunks, chunk = g % nchunks;
       const int64_t base = dims_offset(d.keep_ndim, d.keep_shape, d.keep_stride, row);
       const int64_t begin = chunk * chunk_len, end = min(d.len, begin + chunk_len);
+      // Unrolled so that several loads are in flight; the combines keep their order (same bits).
+#pragma unroll 8
       for (int64_t e = begin + lane; e < end; e += group)
         acc = comb(acc, static_cast<A>(Elem<Tin>::load(in, base + dims_offset(d.red_ndim, d.red_shape, d.red_stride, e))));
     }
@@ -111,6 +113,7 @@ __global__ void reduce_cols_kernel(ReduceOp op, ReduceDesc d, const Tin* in, Tou
     const int64_t base = dims_offset(d.keep_ndim, d.keep_shape, d.keep_stride, row);
     const int64_t begin = chunk * chunk_len, end = min(d.len, begin + chunk_len);
     A acc = identity_of<A>(op);
+#pragma unroll 8
     for (int64_t e = begin; e < end; ++e)
       acc = combine(op, acc, static_cast<A>(Elem<Tin>::load(in, base + dims_offset(d.red_ndim, d.red_shape, d.red_stride, e))));
     Elem<Tout>::store(out, t, static_cast<typename Elem<Tout>::C>(acc));

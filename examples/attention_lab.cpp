@@ -4,6 +4,7 @@
 //   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
 //                           [--fwd-stages 2|3] [--eager-rescale] [--portable] [--hopper-wg 2|3]
 //                           [--no-chunks] [--portable-bwd] [--hopper-bwd-wg 1|2]
+//                           [--hopper-bwd-ctas 2|3]
 // (--only runs the cases whose label contains TEXT, e.g. for a profiler run of one case;
 // --fwd-stages picks the forward kernel's K/V pipeline depth, default: per head dim;
 // --eager-rescale rescales the forward accumulator on every key tile; --portable keeps forward and
@@ -161,6 +162,8 @@ int main(int argc, char** argv) {
       cuda::attn::kernel_tuning().hopper_backward = false;
     else if (!std::strcmp(argv[i], "--hopper-bwd-wg") && i + 1 < argc)
       cuda::attn::kernel_tuning().hopper_backward_warpgroups = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--hopper-bwd-ctas") && i + 1 < argc)
+      cuda::attn::kernel_tuning().hopper_backward_ctas_per_sm = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--no-chunks")) {
       cuda::attn::kernel_tuning().forward_chunk_row_heads = 1LL << 50;
       cuda::attn::kernel_tuning().backward_chunk_row_heads = 1LL << 50;

@@ -6,6 +6,7 @@
 #   2. `longtape dist-check --backend nccl` with an all_reduce bandwidth measurement,
 #   3. ring (contiguous, zigzag) and head_parallel attention over NCCL against one GPU at N=256K,
 #   4. data-parallel training throughput (tokens/s) on 1 and on 2 GPUs, same per-rank batch.
+# DIST_NPROCS (default "2") lists the process counts of steps 3 and 4, e.g. "2 4" on a 4-GPU host.
 # Environment: CUDA_ARCH (default 90), DIST_STEPS (default 30), DIST_BATCH (per rank, default 8),
 # DIST_SEQ (default 8192), DIST_ATTENTION_N (default 262144); results and logs go to $OUT (default build-gpu/dist).
 set -uo pipefail
@@ -35,12 +36,15 @@ echo "== 2. dist-check over NCCL on 2 GPUs"
 timeout 200 "$bin/longtape" launch --nproc 2 --timeout 60 -- longtape dist-check --backend nccl --device cuda \
   --bench-mb 256 2>&1 | tee "$out/dist_check.log" || status=1
 
-echo "== 3. ring and head_parallel attention over NCCL against one GPU (N=${DIST_ATTENTION_N:-262144}, bf16)"
-timeout 300 "$bin/longtape" launch --nproc 2 --timeout 120 -- longtape dist-check --backend nccl --device cuda \
-  --attention "${DIST_ATTENTION_N:-262144}" --repeats 3 2>&1 | tee "$out/attention.log" || status=1
+nprocs=${DIST_NPROCS:-2}
+for p in $nprocs; do
+  echo "== 3. ring and head_parallel attention over NCCL on $p GPUs against one (N=${DIST_ATTENTION_N:-262144}, bf16)"
+  timeout 300 "$bin/longtape" launch --nproc "$p" --timeout 120 -- longtape dist-check --backend nccl --device cuda \
+    --attention "${DIST_ATTENTION_N:-262144}" --repeats 3 2>&1 | tee "$out/attention_$p.log" || status=1
+done
 
 echo "== 4. data-parallel training throughput (per-rank batch ${DIST_BATCH:-8}, seq ${DIST_SEQ:-8192})"
-for n in 1 2; do
+for n in 1 $nprocs; do
   timeout 300 "$bin/longtape" launch --nproc $n --timeout 120 -- longtape train --parallel data --device cuda \
     --steps "${DIST_STEPS:-30}" --batch "${DIST_BATCH:-8}" --seq-len "${DIST_SEQ:-8192}" --eval-every 0 \
     --eval-batches 1 --metrics "$out/dp$n.json" >"$out/dp$n.log" 2>&1 || { status=1; tail -20 "$out/dp$n.log"; }

@@ -231,6 +231,9 @@ TEST_CASE("cuda: casts and copies agree bit for bit with the CPU, including bf16
   CHECK(bitwise_equal(b_gpu, b_cpu));
   CHECK(bitwise_equal(b_gpu.to(DType::f32), b_cpu.to(DType::f32)));
   CHECK_FALSE(bitwise_equal(b_gpu.to(DType::f32), xg));  // rounding did happen
+  // A view that starts off a 16-byte boundary (the element-wise path, not the four-wide one).
+  CHECK(bitwise_equal(xg.narrow(0, 1, 36).to(DType::bf16), x.narrow(0, 1, 36).to(DType::bf16)));
+  CHECK(bitwise_equal(b_gpu.narrow(0, 1, 36).to(DType::f32), b_cpu.narrow(0, 1, 36).to(DType::f32)));
   // Float -> integer truncates toward zero; integer -> float and between integer widths.
   for (DType it : {DType::i32, DType::i64}) {
     Tensor i_cpu = x.to(it), i_gpu = xg.to(it);
@@ -383,6 +386,9 @@ TEST_CASE("cuda: softmax, log_softmax and layer_norm match the CPU forward and b
                    [](const auto& x) { return layer_norm(x[0], Tensor(), Tensor()); }, 33});
   cases.push_back({"layer_norm of one long row", {randn64({1, 5000}), randn64({5000}), randn64({5000})},
                    [](const auto& x) { return layer_norm(x[0], x[1], x[2], 1e-3); }, 5000});
+  // Rows of 384 (one warp each, 12 values a lane) over more rows than one block's chunk.
+  cases.push_back({"layer_norm of 3000 rows of 384", {randn64({3000, 384}), add(randn64({384}), 1.0), randn64({384})},
+                   [](const auto& x) { return layer_norm(x[0], x[1], x[2]); }, 384, 3000});
   // Many rows: the backward's chunks (one block each) and the last block's sum over them.
   cases.push_back({"layer_norm of 70000 short rows", {randn64({70000, 12}), randn64({12}), randn64({12})},
                    [](const auto& x) { return layer_norm(x[0], x[1], x[2]); }, 12, 70000});

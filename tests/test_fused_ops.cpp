@@ -227,6 +227,26 @@ TEST_CASE("bf16 matmul on the CPU: bf16-rounded operands, f32 math, f32 gradient
   CHECK(matmul(a64, b64).dtype() == DType::f64);
 }
 
+TEST_CASE("a bf16 matmul keeps its bf16 operand copies for backward, not the f32 inputs") {
+  manual_seed(fresh_seed());
+  Tensor w = Tensor::randn({6, 5}).requires_grad_();
+  Tensor x = Tensor::randn({4, 6}).requires_grad_();
+  Tensor h = mul(x, 2.0);  // an f32 activation that only the product reads
+  const Tensor h_rounded = h.detach().to(DType::bf16).to(DType::f32);
+  std::weak_ptr<Storage> h_storage = h.storage();
+  Tensor y;
+  {
+    AutocastScope bf16(Precision::bf16);
+    y = matmul(h, w);
+  }
+  h = Tensor();
+  CHECK(h_storage.expired());  // the graph holds the bf16 copy only
+  sum(y).backward();
+  CHECK(rel_diff(w.grad(), matmul(h_rounded.transpose(0, 1), Tensor::ones({4, 5}))) < 1e-6);
+  REQUIRE(x.grad().defined());
+  CHECK(x.grad().dtype() == DType::f32);
+}
+
 TEST_CASE("bf16 multihead attention on the CPU stays close to f32 and gives every f32 parameter an f32 gradient") {
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);

@@ -1,6 +1,6 @@
 // The ring's step through the attention core (attention/fused/chunk_attention.h): fused and
 // composed blocks against float64 single-device references with ragged chunks; the zigzag layout;
-// K/V transfers through Communicator::exchange; head_parallel's one all-to-all each way; and the
+// K/V transfers through Communicator::exchange; head_parallel's all-to-alls (q, k, v there; out and lse back); and the
 // fused CUDA kernels under the ring (skipped without a GPU).
 #include <doctest/doctest.h>
 
@@ -389,7 +389,7 @@ TEST_CASE("ring moves K/V and dK/dV only through Communicator::exchange, both la
   }
 }
 
-TEST_CASE("head_parallel takes one all-to-all each way and runs its heads through the fused core") {
+TEST_CASE("head_parallel takes three all-to-alls each way and runs its heads through the fused core") {
   const Inner inner{"dilated", Mixing::lse, {4, 8}, {1, 2}};
   manual_seed(7500);
   const Inputs in = random_inputs(2, 12, 4, 3, DType::f64);
@@ -415,9 +415,11 @@ TEST_CASE("head_parallel takes one all-to-all each way and runs its heads throug
     backends[r] = core.backend;
     parts[r] = {res.out.detach(), res.lse.detach(), q.grad(), k.grad(), v.grad(), ""};
   });
+  // Forward: q, k, v as one tensor there; out (in its own dtype) and lse back. Backward: the same
+  // three the other way.
   for (size_t r = 0; r < 2; ++r) {
-    CHECK(forward_calls[r] == 2);
-    CHECK(total_calls[r] == 4);
+    CHECK(forward_calls[r] == 3);
+    CHECK(total_calls[r] == 6);
     CHECK(backends[r] == "fused-cpu");
   }
   check_close({cat({parts[0].out, parts[1].out}, 1), cat({parts[0].lse, parts[1].lse}, 2),
@@ -481,7 +483,7 @@ TEST_CASE("ring and head_parallel on CUDA in bf16 run the fused kernels and matc
       CHECK(max_diff(got.out, want.out) <= 3 * max_diff(one_device.out, want.out) + 1e-3);
     }
   }
-  // head_parallel: each rank's heads through the fused CUDA core, one all-to-all each way.
+  // head_parallel: each rank's heads through the fused CUDA core, all-to-alls both ways.
   manual_seed(seed++);
   const Inner inner{"dilated", Mixing::lse, {64, 256}, {1, 2}};
   const Inputs in64 = random_inputs(1, 256, 8, 64, DType::f64);

@@ -18,6 +18,7 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLONGTAPE_CUDA=ON -
 cmake --build build-gpu -j "${LAB_JOBS:-16}" --target attention_lab test_fused_attention_cuda \
   test_fused_attention_determinism >"$out/lab_build.log" 2>&1 || { grep -E "error|FAILED" "$out/lab_build.log" | head -30; exit 1; }
 
+echo "== ptxas C7520 (wgmma serialized) warnings in this build: $(grep -c C7520 "$out/lab_build.log")"
 # SASS of the sm_90a objects: warpgroup MMA instructions and local-memory traffic per kernel.
 for obj in $(find build-gpu -path '*longtape_sm90a.dir*' -name '*.o'); do
   sass=$(cuobjdump -sass "$obj" 2>/dev/null)

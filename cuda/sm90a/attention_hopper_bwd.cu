@@ -36,6 +36,18 @@ struct BwdShape {
   static constexpr size_t kSmem = 1024 + 2 * kOwnBytes + 4 * kStepBytes + 4 * kStep * sizeof(float);
 };
 
+// The same value in every thread, said so to the compiler: a wgmma under a branch it cannot prove
+// uniform across the warpgroup is serialized (ptxas C7520), so every branch and loop around the
+// products tests values that pass through here (or compile-time constants).
+__device__ __forceinline__ int warp_uniform(int v) { return __shfl_sync(0xffffffffu, v, 0); }
+// Block-list tile indices come from shared memory; at D = 128 the unserialized products need more
+// than 255 registers there (24 bytes spill), so that instantiation keeps the serialized issue.
+template <int D, bool kLists>
+__device__ __forceinline__ int list_uniform(int v) {
+  if constexpr (kLists && D < 128) return warp_uniform(v);
+  return v;
+}
+
 __device__ __forceinline__ unsigned char* align_1024(unsigned char* p) {
   return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~uintptr_t(1023));
 }
@@ -87,13 +99,13 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
     cache_block_list(queries, list_cache);
     __syncthreads();
   }
-  auto tile_at = [&](int i) { return kLists ? queries.tile(i) : i; };
+  auto tile_at = [&](int i) { return kLists ? list_uniform<D, kLists>(queries.tile(i)) : i; };
   // The next list entry at or after i whose queries see some of these keys.
   auto next_visible = [&](int i) {
     if constexpr (kLists)
       while (i < queries.count && (queries.tile(i) * kStep >= len_q || (p.causal && queries.tile(i) * kStep + kStep - 1 < k0)))
         ++i;
-    return i;
+    return list_uniform<D, kLists>(i);
   };
 
   load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sK, in.k, in.k_step, k0, s.len_k);
@@ -115,7 +127,8 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
   first = next_visible(first);
   fetch(0, first);
 
-  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int wg = kWG == 1 ? 0 : warp_uniform(static_cast<int>(threadIdx.x >> 7));
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int col_in_quad = (lane & 3) * 2;
   const int wg_key0 = k0 + wg * 64;
   const int key_a = wg_key0 + warp * 16 + (lane >> 2);  // this thread's keys: key_a, key_a + 8
@@ -241,12 +254,12 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
     cache_block_list(keys, list_cache);
     __syncthreads();
   }
-  auto tile_at = [&](int i) { return kLists ? keys.tile(i) : i; };
+  auto tile_at = [&](int i) { return kLists ? list_uniform<D, kLists>(keys.tile(i)) : i; };
   auto next_visible = [&](int i) {
     if constexpr (kLists)
       while (i < keys.count && (keys.tile(i) * kStep >= len_k || (p.causal && keys.tile(i) * kStep > q0 + Shape::kRows - 1)))
         ++i;
-    return i;
+    return list_uniform<D, kLists>(i);
   };
 
   load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sQ, in.q, in.q_step, q0, s.len_q);
@@ -262,7 +275,8 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
   const int first = next_visible(0);
   fetch(0, first);
 
-  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int wg = kWG == 1 ? 0 : warp_uniform(static_cast<int>(threadIdx.x >> 7));
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int col_in_quad = (lane & 3) * 2;
   const int wg_row0 = q0 + wg * 64;
   const int row_a = wg_row0 + warp * 16 + (lane >> 2), row_b = row_a + 8;
@@ -350,9 +364,9 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
 
 // One launch runs both kinds of CTA, so that neither waits for the other's last wave: x in
 // [0, tiles) computes dK/dV of key tile x, x in [tiles, 2 tiles) dQ of query tile x - tiles.
-// Three CTAs per SM at D = 64 (168 registers); the list variant needs more registers (two per SM).
-template <int D, int kWG, bool kSplit, bool kLists>
-__global__ void __launch_bounds__(kWG * 128, kWG == 1 ? (D <= 64 && !kLists ? 3 : 2) : 1)
+// kCtasPerSm bounds the registers (65536 / (128 kCtasPerSm) per thread at kWG = 1).
+template <int D, int kWG, bool kSplit, bool kLists, int kCtasPerSm>
+__global__ void __launch_bounds__(kWG * 128, kCtasPerSm)
     hopper_backward_kernel(const BwdParams p, int64_t tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
@@ -380,14 +394,14 @@ int64_t retile(Streams& st, int64_t rows) {
   return max_tiles;
 }
 
-template <int D, int kWG, bool kSplit, bool kLists = false>
+template <int D, int kWG, bool kSplit, bool kLists = false, int kCtasPerSm = kWG == 1 ? 2 : 1>
 void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
   using Shape = BwdShape<D, kWG>;
   BwdParams p = params;
   p.st = streams;
   const int64_t max_tiles = retile(p.st, Shape::kRows);
   if (max_tiles == 0) return;
-  auto kernel = hopper_backward_kernel<D, kWG, kSplit, kLists>;
+  auto kernel = hopper_backward_kernel<D, kWG, kSplit, kLists, kCtasPerSm>;
   static bool configured = false;
   if (!configured) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSmem)));
@@ -406,9 +420,10 @@ void launch_backward_hopper(const BwdParams& params, const Streams& streams, int
     return head_dim == 128 ? launch<128, 1, true, true>(params, streams, batch)
                            : launch<64, 1, true, true>(params, streams, batch);
   if (head_dim == 128) return launch<128, 1, true>(params, streams, batch);
-  // One warpgroup per CTA (three CTAs per SM) measured 15-20% faster than two (benchmarks/lab/NOTES.md, v11).
+  // One warpgroup per CTA measured 15-20% faster than two (benchmarks/lab/NOTES.md, v11).
   if (kernel_tuning().hopper_backward_warpgroups == 2) return launch<64, 2, true>(params, streams, batch);
-  launch<64, 1, true>(params, streams, batch);
+  if (kernel_tuning().hopper_backward_ctas_per_sm == 3) return launch<64, 1, true, false, 3>(params, streams, batch);
+  launch<64, 1, true, false, 2>(params, streams, batch);
 }
 
 }  // namespace longtape::cuda::attn

@@ -115,7 +115,10 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
     }
     out = bmm_raw(oa.stored, ob.stored, oa.transposed, ob.transposed, f32_out);
   }
-  Tensor ad = ae.detach(), bd = be.detach();
+  // The backward reads oa and ob. Lowered, they are private bf16 copies: saving the f32 inputs too
+  // (for the in-place check) would keep every f32 activation that feeds a product alive until
+  // backward, next to its copy.
+  const std::vector<Tensor> saved = low ? std::vector<Tensor>{} : std::vector<Tensor>{ae.detach(), be.detach()};
   record("matmul", {ae, be}, {out}, [oa, ob, precision, low, f32_out](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     AutocastScope scope(precision);  // the backward products compute as the forward did (tf32)
     Tensor go = g[0].contiguous();
@@ -126,7 +129,7 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
     // dA = dC B^T, dB = A^T dC
     return {bmm_raw(go, ob.stored, false, !ob.transposed, f32_out),
             bmm_raw(oa.stored, go, !oa.transposed, false, f32_out)};
-  }, {ad, bd});
+  }, saved);
   if (a_in.dim() == 1) out = out.squeeze(-2);
   if (b_in.dim() == 1) out = out.squeeze(-1);
   return out;
