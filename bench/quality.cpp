@@ -55,14 +55,9 @@ Json run_quality(const std::string& variant, const QualityOptions& a, Device dev
     task_config.seed = a.seed;
     nn::RecallTask task(task_config);
 
-    models::LanguageModelConfig mc;
-    mc.vocab_size = task.vocab_size();
-    mc.max_seq_len = task.seq_len();
-    mc.embed_dim = 64;
-    mc.num_layers = 2;
-    mc.num_heads = 4;
-    mc.attention = variant;
-    mc.attention_config = attention_config;
+    models::LanguageModelConfig mc{.vocab_size = task.vocab_size(), .max_seq_len = task.seq_len(), .embed_dim = 64,
+                                   .num_layers = 2, .num_heads = 4, .attention = variant,
+                                   .attention_config = attention_config};
     if (attention::uses_token_grid(variant, attention_config))
       mc.attention_config.grid = near_square_grid(task.seq_len());
     row["config"] = config_json([&] {
@@ -79,11 +74,8 @@ Json run_quality(const std::string& variant, const QualityOptions& a, Device dev
     manual_seed(a.seed);
     models::LanguageModel model(mc);
     model.to(device);
-    nn::AdamWOptions adamw;
-    adamw.lr = 3e-3;
-    adamw.weight_decay = 0.01;
-    adamw.decays = nn::decay_matrices_only;
-    nn::AdamW optimizer(model.named_parameters(), adamw);
+    nn::AdamW optimizer(model.named_parameters(),
+                        {.lr = 3e-3, .weight_decay = 0.01, .decays = nn::decay_matrices_only});
     const nn::CosineSchedule schedule{3e-3, 3e-4, std::max<int64_t>(1, a.steps / 10), a.steps};
     nn::TrainerOptions options;
     options.steps = a.steps;

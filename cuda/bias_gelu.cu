@@ -59,24 +59,13 @@ __global__ void bias_gelu_backward_kernel(T* dx, const T* dy, const T* x, const 
   });
 }
 
-template <typename Body>
-void dispatch_gelu(DType t, const char* op, Body&& body) {
-  switch (t) {
-    case DType::f32: body(Tag<float>{}); return;
-    case DType::f64: body(Tag<double>{}); return;
-    case DType::bf16: body(Tag<bf16>{}); return;
-    default:
-      throw Error(detail::concat(op, ": the CUDA backend computes in f32, f64 or bf16, got ", dtype_name(t)));
-  }
-}
-
 }  // namespace
 
 void bias_gelu(void* out, const void* x, const void* bias, DType dtype, int64_t rows, int64_t cols, bool tanh_approx) {
   const int64_t total = rows * cols;
   if (total == 0) return;
   DeviceGuard guard(device_of(out));
-  dispatch_gelu(dtype, "bias_gelu", [&](auto tag) {
+  dispatch_floating(dtype, "bias_gelu", [&](auto tag) {
     using T = typename decltype(tag)::type;
     bias_gelu_kernel<T><<<grid_for(total), kThreads, 0, stream()>>>(
         static_cast<T*>(out), static_cast<const T*>(x), static_cast<const T*>(bias), total, cols, tanh_approx);
@@ -89,7 +78,7 @@ void bias_gelu_backward(void* dx, const void* dy, const void* x, const void* bia
   const int64_t total = rows * cols;
   if (total == 0) return;
   DeviceGuard guard(device_of(dx));
-  dispatch_gelu(dtype, "bias_gelu_backward", [&](auto tag) {
+  dispatch_floating(dtype, "bias_gelu_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     bias_gelu_backward_kernel<T><<<grid_for(total), kThreads, 0, stream()>>>(
         static_cast<T*>(dx), static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(bias), total,

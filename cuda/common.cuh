@@ -1,6 +1,7 @@
 #pragma once
 // Pieces shared by the CUDA kernel files (cuda/*.cu): element types and their compute types,
-// a device guard, launch geometry, strided N-d indexing and deterministic block reductions.
+// a device guard, launch geometry, dtype dispatch and strided N-d indexing. Block reductions
+// are in cuda/block_reduce.cuh.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -89,6 +90,19 @@ template <int B>
 struct SizeTag {
   static constexpr int value = B;
 };
+
+// Calls body(Tag<T>{}) for the floating dtypes the kernels compute in; `op` names the caller in
+// the error for any other dtype.
+template <typename Body>
+void dispatch_floating(DType t, const char* op, Body&& body) {
+  switch (t) {
+    case DType::f32: body(Tag<float>{}); return;
+    case DType::f64: body(Tag<double>{}); return;
+    case DType::bf16: body(Tag<bf16>{}); return;
+    default:
+      throw Error(detail::concat(op, ": the CUDA backend computes in f32, f64 or bf16, got ", dtype_name(t)));
+  }
+}
 
 // ---- launch geometry: grid-stride loops over int64 element counts ----
 constexpr int kThreads = 256;
@@ -224,53 +238,6 @@ __device__ __forceinline__ void strided_offsets(const Strided<K>& s, int64_t i, 
       for (int k = 0; k < K; ++k) off[k] += idx * s.strides[k][d];
     }
   }
-}
-
-// ---- deterministic reductions: a fixed shuffle tree in each warp, then a fixed tree over the
-// warps' results. The same block size gives the same bits on every run. ----
-template <typename A, typename F>
-__device__ __forceinline__ A warp_reduce(A v, F combine) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = combine(v, __shfl_down_sync(0xffffffffu, v, offset));
-  return v;
-}
-
-// Every thread of the block must call this; all get the result. `shared` holds 32 values.
-template <typename A, typename F>
-__device__ A block_reduce(A v, F combine, A identity, A* shared) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-  v = warp_reduce(v, combine);
-  __syncthreads();  // `shared` may still be read by a previous call
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < nwarps ? shared[lane] : identity;
-    v = warp_reduce(v, combine);
-    if (lane == 0) shared[0] = v;
-  }
-  __syncthreads();
-  return shared[0];
-}
-
-struct SumOp {
-  template <typename A>
-  __device__ __forceinline__ A operator()(A a, A b) const { return a + b; }
-};
-// max/min that propagate NaN, like the CPU kernels.
-struct MaxOp {
-  template <typename A>
-  __device__ __forceinline__ A operator()(A a, A b) const { return (a != a || b != b) ? (a != a ? a : b) : (b > a ? b : a); }
-};
-struct MinOp {
-  template <typename A>
-  __device__ __forceinline__ A operator()(A a, A b) const { return (a != a || b != b) ? (a != a ? a : b) : (b < a ? b : a); }
-};
-
-// Block size for one block per row of `cols` elements: a multiple of 32, at most `cap`.
-inline int row_block_size(int64_t cols, int cap = 512) {
-  int threads = 32;
-  while (threads < cap && threads < cols) threads *= 2;
-  return threads;
 }
 
 }  // namespace longtape::cuda::impl

@@ -3,7 +3,7 @@
 // backward recomputes softmax - onehot from the logits and that log-sum-exp, scaled by a value in
 // device memory. Row sums use the fixed block-reduction tree (bitwise reproducible); no sort, no
 // atomics, no host reads. Targets outside [0, classes) count as ignored here (the op checks them).
-#include "cuda/common.cuh"
+#include "cuda/block_reduce.cuh"
 #include "cuda/kernels.h"
 
 namespace longtape::cuda {
@@ -11,9 +11,6 @@ namespace longtape::cuda {
 using namespace impl;
 
 namespace {
-
-template <typename T>
-using AccT = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 __device__ __forceinline__ bool counted(int64_t target, int64_t classes, int64_t ignore_index) {
   return target != ignore_index && target >= 0 && target < classes;
@@ -27,15 +24,9 @@ __global__ void cross_entropy_kernel(AccT<T>* loss, AccT<T>* count, AccT<T>* lse
   __shared__ A shared[32];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* xr = logits + r * classes;
-    A m = -INFINITY;
-    for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) m = MaxOp{}(m, static_cast<A>(E::load(xr, c)));
-    m = block_reduce(m, MaxOp{}, A(-INFINITY), shared);
-    if (m == A(-INFINITY)) m = 0;  // all -inf row: avoid inf - inf
-    A s = 0;
-    for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) s += m_exp(static_cast<A>(E::load(xr, c)) - m);
-    s = block_reduce(s, SumOp{}, A(0), shared);
+    const RowMaxSumExp<A> row = row_max_sum_exp(xr, classes, shared);
     if (threadIdx.x == 0) {
-      const A row_lse = m + m_log(s);
+      const A row_lse = row.max + m_log(row.sum_exp);
       const int64_t t = targets[r];
       const bool use = counted(t, classes, ignore_index);
       lse[r] = row_lse;
@@ -65,26 +56,13 @@ __global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const
   }
 }
 
-unsigned row_grid(int64_t rows) { return static_cast<unsigned>(std::clamp<int64_t>(rows, 1, 65536)); }
-
-template <typename Body>
-void dispatch_loss(DType t, const char* op, Body&& body) {
-  switch (t) {
-    case DType::f32: body(Tag<float>{}); return;
-    case DType::f64: body(Tag<double>{}); return;
-    case DType::bf16: body(Tag<bf16>{}); return;
-    default:
-      throw Error(detail::concat(op, ": the CUDA backend computes in f32, f64 or bf16, got ", dtype_name(t)));
-  }
-}
-
 }  // namespace
 
 void cross_entropy(void* loss_rows, void* counted_rows, void* lse_rows, const void* logits, const int64_t* targets,
                    DType dtype, int64_t rows, int64_t classes, int64_t ignore_index) {
   if (rows == 0) return;
   DeviceGuard guard(device_of(loss_rows));
-  dispatch_loss(dtype, "cross_entropy", [&](auto tag) {
+  dispatch_floating(dtype, "cross_entropy", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = AccT<T>;
     cross_entropy_kernel<T><<<row_grid(rows), row_block_size(classes), 0, stream()>>>(
@@ -98,7 +76,7 @@ void cross_entropy_backward(void* dlogits, const void* logits, const void* lse_r
                             const void* scale, DType dtype, int64_t rows, int64_t classes, int64_t ignore_index) {
   if (rows == 0) return;
   DeviceGuard guard(device_of(dlogits));
-  dispatch_loss(dtype, "cross_entropy_backward", [&](auto tag) {
+  dispatch_floating(dtype, "cross_entropy_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = AccT<T>;
     cross_entropy_backward_kernel<T><<<row_grid(rows), row_block_size(classes), 0, stream()>>>(

@@ -139,22 +139,12 @@ void unary(UnaryOp op, const View& out, const View& in, double alpha) {
   const Strided<2> s = make_strided(views);
   const bool linear = is_linear(s);
   const unsigned grid = grid_for(n);
-  switch (out.dtype) {
-    case DType::f32:
-      unary_kernel<float><<<grid, kThreads, 0, stream()>>>(op, s, linear, static_cast<float*>(out.data),
-                                                            static_cast<const float*>(in.data), static_cast<float>(alpha), n);
-      break;
-    case DType::f64:
-      unary_kernel<double><<<grid, kThreads, 0, stream()>>>(op, s, linear, static_cast<double*>(out.data),
-                                                             static_cast<const double*>(in.data), alpha, n);
-      break;
-    case DType::bf16:
-      unary_kernel<bf16><<<grid, kThreads, 0, stream()>>>(op, s, linear, static_cast<bf16*>(out.data),
-                                                           static_cast<const bf16*>(in.data), static_cast<float>(alpha), n);
-      break;
-    default:
-      throw Error(detail::concat("unary op: the CUDA backend computes in f32, f64 or bf16, got ", dtype_name(out.dtype)));
-  }
+  dispatch_floating(out.dtype, "unary op", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    unary_kernel<T><<<grid, kThreads, 0, stream()>>>(op, s, linear, static_cast<T*>(out.data),
+                                                     static_cast<const T*>(in.data),
+                                                     static_cast<typename Elem<T>::C>(alpha), n);
+  });
   CUDA_CHECK_LAUNCH();
 }
 

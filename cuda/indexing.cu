@@ -138,17 +138,6 @@ void dispatch_bits(DType t, Body&& body) {
   }
 }
 
-template <typename Body>
-void dispatch_accumulate(DType t, const char* op, Body&& body) {
-  switch (t) {
-    case DType::f32: body(Tag<float>{}); return;
-    case DType::f64: body(Tag<double>{}); return;
-    case DType::bf16: body(Tag<bf16>{}); return;
-    default:
-      throw Error(detail::concat(op, ": the CUDA backend accumulates f32, f64 or bf16, got ", dtype_name(t)));
-  }
-}
-
 }  // namespace
 
 void flag_bad_indices(int64_t* first_bad, const int64_t* index, int64_t n, int64_t limit, int64_t allowed) {
@@ -186,7 +175,7 @@ void index_add(void* out, const void* src, const int64_t* index, DType dtype, in
                int64_t n, int64_t inner) {
   if (outer * n * inner == 0) return;
   DeviceGuard guard(device_of(out));
-  dispatch_accumulate(dtype, "index_add", [&](auto tag) {
+  dispatch_floating(dtype, "index_add", [&](auto tag) {
     using T = typename decltype(tag)::type;
     // Indices lie in [0, out_dim) (or are skipped below: their check is raised later), so their
     // bits sort as unsigned keys.
@@ -205,7 +194,7 @@ void scatter_add(void* out, const void* src, const int64_t* index, DType dtype, 
   const int64_t total = outer * n * inner;
   if (total == 0) return;
   DeviceGuard guard(device_of(out));
-  dispatch_accumulate(dtype, "scatter_add", [&](auto tag) {
+  dispatch_floating(dtype, "scatter_add", [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto keys = scratch(static_cast<size_t>(total) * sizeof(uint64_t));
     scatter_keys_kernel<<<grid_for(total), kThreads, 0, stream()>>>(static_cast<uint64_t*>(keys->data), index, total,

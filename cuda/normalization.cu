@@ -1,10 +1,10 @@
 // Softmax / log_softmax and LayerNorm rows, forward and backward. LayerNorm rows of up to 1024
 // columns take one warp each; longer rows (and softmax) one block per row; row sums
-// use the fixed block-reduction tree of cuda/common.cuh, and the LayerNorm parameter gradients
+// use the fixed block-reduction tree of cuda/block_reduce.cuh, and the LayerNorm parameter gradients
 // are column sums in a fixed order (per-chunk partial sums in row order, then the chunks in
 // order, inside the one backward launch), so every result is bitwise reproducible. f32/bf16
 // accumulate in f32, f64 in f64.
-#include "cuda/common.cuh"
+#include "cuda/block_reduce.cuh"
 #include "cuda/kernels.h"
 
 namespace longtape::cuda {
@@ -14,25 +14,15 @@ using namespace impl;
 namespace {
 
 template <typename T>
-using AccT = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-
-template <typename T>
 __global__ void softmax_kernel(T* out, const T* in, int64_t rows, int64_t cols, bool log) {
   using A = AccT<T>;
   using E = Elem<T>;
   __shared__ A shared[32];
-  const A inf = A(1) / A(0);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* x = in + r * cols;
     T* y = out + r * cols;
-    A m = -inf;
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) m = MaxOp{}(m, static_cast<A>(E::load(x, c)));
-    m = block_reduce(m, MaxOp{}, -inf, shared);
-    if (m == -inf) m = 0;  // all -inf row: avoid inf - inf
-    A s = 0;
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) s += m_exp(static_cast<A>(E::load(x, c)) - m);
-    s = block_reduce(s, SumOp{}, A(0), shared);
+    const RowMaxSumExp<A> row = row_max_sum_exp(x, cols, shared);
+    const A m = row.max, s = row.sum_exp;
     if (log) {
       const A lse = m + m_log(s);
       for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) E::store(y, c, static_cast<A>(E::load(x, c)) - lse);
@@ -98,33 +88,37 @@ __global__ void layer_norm_kernel(T* y, AccT<T>* mean, AccT<T>* rstd, const T* x
   }
 }
 
+// dx of one LayerNorm row: rstd * (g - mean(g) - h * mean(g * h)) with g = dy * weight and h the
+// normalized input. Every thread of the block must call it for the same row.
+template <typename T>
+__device__ void layer_norm_row_dx(T* dxr, const T* gr, const T* xr, AccT<T> mu, AccT<T> rs, const T* weight,
+                                  int64_t cols, AccT<T>* shared) {
+  using A = AccT<T>;
+  using E = Elem<T>;
+  A sg = 0, sgh = 0;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    A gh = E::load(gr, c);
+    if (weight) gh *= static_cast<A>(E::load(weight, c));
+    const A h = (static_cast<A>(E::load(xr, c)) - mu) * rs;
+    sg += gh;
+    sgh += gh * h;
+  }
+  sg = block_reduce(sg, SumOp{}, A(0), shared) / static_cast<A>(cols);
+  sgh = block_reduce(sgh, SumOp{}, A(0), shared) / static_cast<A>(cols);
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    A gh = E::load(gr, c);
+    if (weight) gh *= static_cast<A>(E::load(weight, c));
+    const A h = (static_cast<A>(E::load(xr, c)) - mu) * rs;
+    E::store(dxr, c, rs * (gh - sg - h * sgh));
+  }
+}
+
 template <typename T>
 __global__ void layer_norm_backward_dx_kernel(T* dx, const T* dy, const T* x, const AccT<T>* mean,
                                               const AccT<T>* rstd, const T* weight, int64_t rows, int64_t cols) {
-  using A = AccT<T>;
-  using E = Elem<T>;
-  __shared__ A shared[32];
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const T* gr = dy + r * cols;
-    const T* xr = x + r * cols;
-    const A mu = mean[r], rs = rstd[r];
-    A sg = 0, sgh = 0;
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-      A gh = E::load(gr, c);
-      if (weight) gh *= static_cast<A>(E::load(weight, c));
-      const A h = (static_cast<A>(E::load(xr, c)) - mu) * rs;
-      sg += gh;
-      sgh += gh * h;
-    }
-    sg = block_reduce(sg, SumOp{}, A(0), shared) / static_cast<A>(cols);
-    sgh = block_reduce(sgh, SumOp{}, A(0), shared) / static_cast<A>(cols);
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-      A gh = E::load(gr, c);
-      if (weight) gh *= static_cast<A>(E::load(weight, c));
-      const A h = (static_cast<A>(E::load(xr, c)) - mu) * rs;
-      E::store(dx, r * cols + c, rs * (gh - sg - h * sgh));
-    }
-  }
+  __shared__ AccT<T> shared[32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x)
+    layer_norm_row_dx(dx + r * cols, dy + r * cols, x + r * cols, mean[r], rstd[r], weight, cols, shared);
 }
 
 // The whole backward in one launch: block k takes chunk k of rows, writes dx row by row and adds
@@ -151,24 +145,7 @@ __global__ void layer_norm_backward_fused_kernel(T* dx, T* dw, T* db, AccT<T>* p
     const T* gr = dy + r * cols;
     const T* xr = x + r * cols;
     const A mu = mean[r], rs = rstd[r];
-    if (dx) {
-      A sg = 0, sgh = 0;
-      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-        A gh = E::load(gr, c);
-        if (weight) gh *= static_cast<A>(E::load(weight, c));
-        const A h = (static_cast<A>(E::load(xr, c)) - mu) * rs;
-        sg += gh;
-        sgh += gh * h;
-      }
-      sg = block_reduce(sg, SumOp{}, A(0), shared) / static_cast<A>(cols);
-      sgh = block_reduce(sgh, SumOp{}, A(0), shared) / static_cast<A>(cols);
-      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-        A gh = E::load(gr, c);
-        if (weight) gh *= static_cast<A>(E::load(weight, c));
-        const A h = (static_cast<A>(E::load(xr, c)) - mu) * rs;
-        E::store(dx, r * cols + c, rs * (gh - sg - h * sgh));
-      }
-    }
+    if (dx) layer_norm_row_dx(dx + r * cols, gr, xr, mu, rs, weight, cols, shared);
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
       const A g = E::load(gr, c);
       if (pwc) pwc[c] += g * ((static_cast<A>(E::load(xr, c)) - mu) * rs);
@@ -198,14 +175,6 @@ __global__ void layer_norm_backward_fused_kernel(T* dx, T* dw, T* db, AccT<T>* p
 // barriers on short rows (about 8x slower at 384 columns). ----
 
 constexpr int kNormWarps = 8;  // warps (rows in flight) per block
-
-// Every lane gets the sum, over a fixed butterfly (the same bits on every run).
-template <typename A>
-__device__ __forceinline__ A warp_all_sum(A v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 template <typename T, int kPer>
 __global__ void __launch_bounds__(kNormWarps * 32)
@@ -361,25 +330,12 @@ unsigned warp_row_grid(int64_t rows) {
   return static_cast<unsigned>(std::clamp<int64_t>((rows + kNormWarps - 1) / kNormWarps, 1, 65536));
 }
 
-unsigned row_grid(int64_t rows) { return static_cast<unsigned>(std::clamp<int64_t>(rows, 1, 65536)); }
-
-template <typename Body>
-void dispatch_norm(DType t, const char* op, Body&& body) {
-  switch (t) {
-    case DType::f32: body(Tag<float>{}); return;
-    case DType::f64: body(Tag<double>{}); return;
-    case DType::bf16: body(Tag<bf16>{}); return;
-    default:
-      throw Error(detail::concat(op, ": the CUDA backend computes in f32, f64 or bf16, got ", dtype_name(t)));
-  }
-}
-
 }  // namespace
 
 void softmax(void* out, const void* in, DType dtype, int64_t rows, int64_t cols, bool log) {
   if (rows == 0 || cols == 0) return;
   DeviceGuard guard(device_of(out));
-  dispatch_norm(dtype, "softmax", [&](auto tag) {
+  dispatch_floating(dtype, "softmax", [&](auto tag) {
     using T = typename decltype(tag)::type;
     softmax_kernel<T><<<row_grid(rows), row_block_size(cols), 0, stream()>>>(
         static_cast<T*>(out), static_cast<const T*>(in), rows, cols, log);
@@ -390,7 +346,7 @@ void softmax(void* out, const void* in, DType dtype, int64_t rows, int64_t cols,
 void softmax_backward(void* dx, const void* y, const void* dy, DType dtype, int64_t rows, int64_t cols, bool log) {
   if (rows == 0 || cols == 0) return;
   DeviceGuard guard(device_of(dx));
-  dispatch_norm(dtype, "softmax_backward", [&](auto tag) {
+  dispatch_floating(dtype, "softmax_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     softmax_backward_kernel<T><<<row_grid(rows), row_block_size(cols), 0, stream()>>>(
         static_cast<T*>(dx), static_cast<const T*>(y), static_cast<const T*>(dy), rows, cols, log);
@@ -403,7 +359,7 @@ void layer_norm(void* y, void* mean, void* rstd, const void* x, const void* weig
   if (rows == 0) return;
   LT_CHECK(cols > 0, "layer_norm: normalizing over an empty last dim");
   DeviceGuard guard(device_of(y));
-  dispatch_norm(dtype, "layer_norm", [&](auto tag) {
+  dispatch_floating(dtype, "layer_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = AccT<T>;
     const bool short_rows = with_values_per_lane<T>(cols, [&](auto per) {
@@ -423,7 +379,7 @@ void layer_norm_backward(void* dx, void* dweight, void* dbias, const void* dy, c
                          const void* rstd, const void* weight, DType dtype, int64_t rows, int64_t cols) {
   if (cols == 0) return;
   DeviceGuard guard(device_of(dx ? dx : dy));
-  dispatch_norm(dtype, "layer_norm_backward", [&](auto tag) {
+  dispatch_floating(dtype, "layer_norm_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = AccT<T>;
     if (rows > 0 && cols <= kWarpRowCols<T>) {

@@ -11,7 +11,7 @@
 //    dim of a (B, C) tensor), so a warp's loads are coalesced.
 // Few long reductions are split into fixed-size chunks whose partial results (in the
 // accumulation type) are reduced again by a second pass of the same code.
-#include "cuda/common.cuh"
+#include "cuda/block_reduce.cuh"
 #include "cuda/kernels.h"
 
 namespace longtape::cuda {
@@ -125,7 +125,7 @@ DType acc_dtype(DType t) { return t == DType::f64 ? DType::f64 : DType::f32; }
 template <typename Tin, typename Tout>
 void launch_pass(bool columns, ReduceOp op, const ReduceDesc& d, const void* in, void* out, int64_t chunk_len,
                  int64_t nchunks, int group) {
-  using A = std::conditional_t<std::is_same_v<Tin, double>, double, float>;
+  using A = AccT<Tin>;
   const int64_t total = d.outer * nchunks;
   if (columns) {
     reduce_cols_kernel<Tin, Tout, A><<<grid_for(total), kThreads, 0, stream()>>>(

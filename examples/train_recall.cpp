@@ -14,14 +14,10 @@ int main() {
   nn::RecallTask task({.seq_len = 256, .num_keys = 16, .num_values = 8, .num_filler = 8, .num_pairs = 4,
                        .num_queries = 4, .seed = 0});
 
-  models::LanguageModelConfig config;
-  config.vocab_size = task.vocab_size();
-  config.max_seq_len = task.seq_len();
-  config.embed_dim = 32;
-  config.num_layers = 2;
-  config.num_heads = 4;
-  config.attention = "dilated";                          // any name from the attention registry
-  config.attention_config.segment_lengths = {32, 256};   // a local branch and a global one
+  models::LanguageModelConfig config{.vocab_size = task.vocab_size(), .max_seq_len = task.seq_len(), .embed_dim = 32,
+                                     .num_layers = 2, .num_heads = 4,
+                                     .attention = "dilated"};  // any name from the attention registry
+  config.attention_config.segment_lengths = {32, 256};        // a local branch and a global one
   config.attention_config.dilation_rates = {1, 2};
   models::LanguageModel model(config);
 

@@ -84,22 +84,30 @@ ctest_args=(--test-dir "$build_dir" --output-on-failure -j "$jobs" --timeout 400
 ctest "${ctest_args[@]}" 2>&1 | tee "$log_dir/ctest.log"
 done_at=$(date +%s)
 
+# Runs a test binary under compute-sanitizer and records one summary line: memcheck without the
+# caching pool (so that reads past a block are seen), racecheck as the tests run.
+# sanitize LABEL TOOL SECONDS BINARY LOG [doctest arguments...]
 sanitize_lines=()
-if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] && [ -x "$build_dir/bin/test_cuda_parity" ]; then
-  LONGTAPE_NO_CACHING_ALLOCATOR=1 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$build_dir/bin/test_cuda_parity" >"$log_dir/memcheck.log" 2>&1
-  sanitize_lines+=("memcheck: exit $? ($(grep -E "ERROR SUMMARY" "$log_dir/memcheck.log" | tail -1)) $(grep -E "^\[doctest\] assertions" "$log_dir/memcheck.log" | tr -s ' ')")
-  timeout 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$build_dir/bin/test_cuda_parity" \
-    -tc="*softmax*,*dim sets*,*reduce kernels*" >"$log_dir/racecheck.log" 2>&1
-  sanitize_lines+=("racecheck: exit $? ($(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$log_dir/racecheck.log" | tail -1)) $(grep -E "^\[doctest\] assertions" "$log_dir/racecheck.log" | tr -s ' ')")
-fi
-if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] && [ -x "$build_dir/bin/test_fused_attention_cuda" ]; then
-  LONGTAPE_NO_CACHING_ALLOCATOR=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$build_dir/bin/test_fused_attention_cuda" >"$log_dir/memcheck_fused.log" 2>&1
-  sanitize_lines+=("fused attention memcheck: exit $? ($(grep -E "ERROR SUMMARY" "$log_dir/memcheck_fused.log" | tail -1)) $(grep -E "^\[doctest\] assertions" "$log_dir/memcheck_fused.log" | tr -s ' ')")
-  timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 "$build_dir/bin/test_fused_attention_cuda" \
-    >"$log_dir/racecheck_fused.log" 2>&1
-  sanitize_lines+=("fused attention racecheck: exit $? ($(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$log_dir/racecheck_fused.log" | tail -1)) $(grep -E "^\[doctest\] assertions" "$log_dir/racecheck_fused.log" | tr -s ' ')")
+sanitize() {
+  local label=$1 tool=$2 seconds=$3 binary="$build_dir/bin/$4" log="$log_dir/$5"
+  shift 5
+  [ -x "$binary" ] || return 0
+  local no_pool=()
+  [ "$tool" = memcheck ] && no_pool=(env LONGTAPE_NO_CACHING_ALLOCATOR=1)
+  ${no_pool[@]+"${no_pool[@]}"} timeout "$seconds" compute-sanitizer --tool "$tool" --error-exitcode 9 "$binary" "$@" \
+    >"$log" 2>&1
+  local status=$?
+  sanitize_lines+=("$label: exit $status ($(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$log" | tail -1)) $(grep -E "^\[doctest\] assertions" "$log" | tr -s ' ')")
+}
+if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ]; then
+  sanitize "memcheck" memcheck 240 test_cuda_parity memcheck.log
+  sanitize "racecheck" racecheck 150 test_cuda_parity racecheck.log -tc="*reduce kernels*"
+  # The op table's CUDA rows; at its larger shapes softmax, LayerNorm and the reductions run
+  # several warps per row.
+  sanitize "op table memcheck" memcheck 300 test_op_table memcheck_op_table.log -tc="op table: the CUDA*"
+  sanitize "op table racecheck" racecheck 200 test_op_table racecheck_op_table.log -tc="*at larger shapes*"
+  sanitize "fused attention memcheck" memcheck 300 test_fused_attention_cuda memcheck_fused.log
+  sanitize "fused attention racecheck" racecheck 300 test_fused_attention_cuda racecheck_fused.log
 fi
 
 echo "== SUMMARY"

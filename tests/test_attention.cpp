@@ -45,22 +45,12 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 
 AttentionConfig dilated_config(int64_t heads, int64_t dim, std::vector<int64_t> w, std::vector<int64_t> r,
                                Mixing mixing, bool causal) {
-  AttentionConfig c;
-  c.num_heads = heads;
-  c.head_dim = dim;
-  c.segment_lengths = std::move(w);
-  c.dilation_rates = std::move(r);
-  c.mixing = mixing;
-  c.causal = causal;
-  return c;
+  return {.num_heads = heads, .head_dim = dim, .segment_lengths = std::move(w), .dilation_rates = std::move(r),
+          .mixing = mixing, .causal = causal};
 }
 
 AttentionConfig dense_config(int64_t heads, int64_t dim, bool causal) {
-  AttentionConfig c;
-  c.num_heads = heads;
-  c.head_dim = dim;
-  c.causal = causal;
-  return c;
+  return {.num_heads = heads, .head_dim = dim, .causal = causal};
 }
 
 std::vector<DilatedBranch> branches_of(const AttentionConfig& c) {

@@ -11,6 +11,7 @@ using namespace longtape;
 using namespace longtape::attention;
 
 using testing::check_close;
+using testing::check_results_close;
 using testing::fresh_seed;
 using testing::Result;
 using testing::run_on;
@@ -19,14 +20,8 @@ namespace {
 
 // Dense reads only heads, head dim and causal; dilated: ragged segments, w % r != 0, H % r != 0.
 AttentionConfig make_config(Mixing mixing, bool causal) {
-  AttentionConfig c;
-  c.num_heads = 5;
-  c.head_dim = 32;
-  c.segment_lengths = {16, 48, 100};
-  c.dilation_rates = {1, 3, 4};
-  c.mixing = mixing;
-  c.causal = causal;
-  return c;
+  return {.num_heads = 5, .head_dim = 32, .segment_lengths = {16, 48, 100}, .dilation_rates = {1, 3, 4},
+          .mixing = mixing, .causal = causal};
 }
 
 }  // namespace
@@ -48,21 +43,14 @@ TEST_CASE("CUDA parity: dense and dilated, f32 and bf16 against CPU f64" * docte
       Tensor v = Tensor::randn({B, N, H, D}, DType::f64), dout = Tensor::randn({B, N, H, D}, DType::f64);
       Result ref = run_on(*attn, q, k, v, dout, Device::cpu(), DType::f64);
       Result f32 = run_on(*attn, q, k, v, dout, Device::cuda(), DType::f32);
-      check_close(f32.out, ref.out, 1e-4, 1e-5, "f32 out");
-      check_close(f32.lse, ref.lse, 1e-5, 1e-5, "f32 lse");
-      check_close(f32.dq, ref.dq, 1e-4, 1e-5, "f32 dq");
-      check_close(f32.dk, ref.dk, 1e-4, 1e-5, "f32 dk");
-      check_close(f32.dv, ref.dv, 1e-4, 1e-5, "f32 dv");
+      check_results_close(f32, ref, {1e-4, 1e-5, 1e-5, 1e-5, 1e-4, 1e-5}, "f32");
       // bf16: compare with f64 on the same bf16-rounded inputs, so only the computation's error counts.
       auto rounded = [](const Tensor& t) { return t.to(DType::bf16).to(DType::f64); };
       Tensor qb = rounded(q), kb = rounded(k), vb = rounded(v), db = rounded(dout);
       Result ref_b = run_on(*attn, qb, kb, vb, db, Device::cpu(), DType::f64);
       Result bf = run_on(*attn, qb, kb, vb, db, Device::cuda(), DType::bf16);
-      check_close(bf.out, ref_b.out, 2e-2, 1e-3, "bf16 out");
-      check_close(bf.lse, ref_b.lse, 1e-4, 1e-4, "bf16 lse (computed in f32)");
-      check_close(bf.dq, ref_b.dq, 3e-2, 1e-3, "bf16 dq");
-      check_close(bf.dk, ref_b.dk, 3e-2, 1e-3, "bf16 dk");
-      check_close(bf.dv, ref_b.dv, 3e-2, 1e-3, "bf16 dv");
+      // The lse is computed in f32 even for bf16 inputs.
+      check_results_close(bf, ref_b, {2e-2, 1e-3, 1e-4, 1e-4, 3e-2, 1e-3}, "bf16");
     }
 }
 

@@ -41,31 +41,14 @@ bool all_finite(const std::vector<double>& values) {
 // N = 22), a local window of one block each side, one global block, block distance 2 for dilated,
 // 2 random blocks per row.
 AttentionConfig small_config(const std::string& pattern, bool causal) {
-  AttentionConfig c;
-  c.num_heads = 2;
-  c.head_dim = 4;
-  c.block_size = 4;
-  c.window = 8;
-  c.global_blocks = 1;
-  c.density = 0.4;
-  c.seed = 11;
-  c.dilation_rates = {2};
-  c.pattern = pattern;
-  c.causal = causal;
-  return c;
+  return {.num_heads = 2, .head_dim = 4, .dilation_rates = {2}, .causal = causal, .pattern = pattern, .block_size = 4,
+          .density = 0.4, .window = 8, .global_blocks = 1, .seed = 11};
 }
 
 // The oracle's options for small_config, written out independently of block_pattern_options.
 BlockPatternOptions small_options(bool causal) {
-  BlockPatternOptions o;
-  o.block_size = 4;
-  o.window = 8;
-  o.global_blocks = 1;
-  o.density = 0.4;
-  o.seed = 11;
-  o.dilation_rates = {2};
-  o.causal = causal;
-  return o;
+  return {.block_size = 4, .window = 8, .dilation_rates = {2}, .global_blocks = 1, .density = 0.4, .seed = 11,
+          .causal = causal};
 }
 
 // Per-(b, h) pattern lists as oracle masks (index b * H + h).

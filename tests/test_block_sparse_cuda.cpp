@@ -19,27 +19,22 @@ using testing::run_on;
 namespace {
 
 void check_results(const Result& gpu, const Result& cpu, const std::string& what) {
-  check_close(gpu.out, cpu.out, 1e-4, 1e-5, what + " out");
-  check_close(gpu.lse, cpu.lse, 1e-4, 1e-5, what + " lse");
-  check_close(gpu.dq, cpu.dq, 1e-3, 1e-4, what + " dq");
-  check_close(gpu.dk, cpu.dk, 1e-3, 1e-4, what + " dk");
-  check_close(gpu.dv, cpu.dv, 1e-3, 1e-4, what + " dv");
+  testing::check_results_close(gpu, cpu, {1e-4, 1e-5, 1e-4, 1e-5, 1e-3, 1e-4}, what);
+}
+
+// q, k, v and an output gradient, (B, N, H, D) float64 on the CPU, drawn in that order.
+struct QkvDout {
+  Tensor q, k, v, dout;
+};
+QkvDout random_qkv_dout(int64_t B, int64_t N, int64_t H, int64_t D) {
+  auto draw = [&] { return Tensor::randn({B, N, H, D}, DType::f64); };
+  return {draw(), draw(), draw(), draw()};
 }
 
 // 7 blocks of 16 tokens, the last one ragged (N = 100).
 AttentionConfig make_config(const std::string& pattern, bool causal) {
-  AttentionConfig c;
-  c.num_heads = 3;
-  c.head_dim = 32;
-  c.block_size = 16;
-  c.window = 64;
-  c.global_blocks = 1;
-  c.density = 0.4;
-  c.seed = 5;
-  c.dilation_rates = {2, 3};
-  c.pattern = pattern;
-  c.causal = causal;
-  return c;
+  return {.num_heads = 3, .head_dim = 32, .dilation_rates = {2, 3}, .causal = causal, .pattern = pattern,
+          .block_size = 16, .density = 0.4, .window = 64, .global_blocks = 1, .seed = 5};
 }
 
 }  // namespace
@@ -49,9 +44,7 @@ TEST_CASE("CUDA parity: block_sparse patterns, adaptive and the Hilbert schedule
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   manual_seed(seed);
-  const int64_t B = 2, N = 100, H = 3, D = 32;
-  Tensor q = Tensor::randn({B, N, H, D}, DType::f64), k = Tensor::randn({B, N, H, D}, DType::f64),
-         v = Tensor::randn({B, N, H, D}, DType::f64), dout = Tensor::randn({B, N, H, D}, DType::f64);
+  const auto [q, k, v, dout] = random_qkv_dout(2, 100, 3, 32);
   for (bool causal : {false, true}) {
     for (const char* pattern : {"all", "local_window", "dilated", "global_local", "random", "adaptive"}) {
       for (const char* schedule : {"natural", "hilbert"}) {
@@ -108,9 +101,7 @@ TEST_CASE("CUDA parity: Hilbert token ordering around block_sparse and dense" * 
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   manual_seed(seed);
-  const int64_t B = 1, N = 96, H = 3, D = 32;
-  Tensor q = Tensor::randn({B, N, H, D}, DType::f64), k = Tensor::randn({B, N, H, D}, DType::f64),
-         v = Tensor::randn({B, N, H, D}, DType::f64), dout = Tensor::randn({B, N, H, D}, DType::f64);
+  const auto [q, k, v, dout] = random_qkv_dout(1, 96, 3, 32);
   for (const char* variant : {"block_sparse", "dense"}) {
     INFO(std::string(variant));
     AttentionConfig config = make_config("local_window", true);

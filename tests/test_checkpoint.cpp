@@ -40,16 +40,11 @@ struct TempDir {
 };
 
 LanguageModelConfig small_lm(int64_t vocab, int64_t seq_len) {
-  LanguageModelConfig c;
-  c.vocab_size = vocab;
-  c.max_seq_len = seq_len;
-  c.embed_dim = 16;
-  c.num_layers = 2;
-  c.num_heads = 2;
-  c.attention = "dilated";
+  // Dilated attention (the default); dropout exercises the generator state across the resume.
+  LanguageModelConfig c{.vocab_size = vocab, .max_seq_len = seq_len, .embed_dim = 16, .num_layers = 2, .num_heads = 2,
+                        .dropout = 0.1};
   c.attention_config.segment_lengths = {8, 32};
   c.attention_config.dilation_rates = {1, 2};
-  c.dropout = 0.1;  // exercises the generator state across the resume
   return c;
 }
 
@@ -57,6 +52,12 @@ struct Run {
   std::unique_ptr<LanguageModel> model;
   std::unique_ptr<AdamW> optimizer;
 };
+
+// The recall task of the checkpoint tests: 32 tokens, 3 pairs, 2 queries.
+RecallTaskConfig small_task(uint64_t seed) {
+  return {.seq_len = 32, .num_keys = 8, .num_values = 4, .num_filler = 4, .num_pairs = 3, .num_queries = 2,
+          .seed = seed};
+}
 
 Run make_run(const RecallTask& task, uint64_t init_seed) {
   manual_seed(init_seed);
@@ -81,6 +82,14 @@ void train_steps(Run& r, const RecallTask& task, int64_t from, int64_t to) {
     schedule.apply(*r.optimizer, step);
     r.optimizer->step();
   }
+}
+
+// A run from `init_seed` trained `steps` steps and saved as `path` at that step.
+Run saved_run(const RecallTask& task, uint64_t init_seed, int64_t steps, const std::string& path) {
+  Run r = make_run(task, init_seed);
+  train_steps(r, task, 0, steps);
+  save_checkpoint(path, *r.model, r.optimizer.get(), steps);
+  return r;
 }
 
 bool bitwise_equal(const Tensor& a, const Tensor& b) {
@@ -110,8 +119,7 @@ void append_f32(std::vector<uint8_t>& out, float f) {
 
 TEST_CASE("resume is bitwise: 20 steps + save + load + 20 steps == 40 steps straight (CPU)") {
   TempDir dir;
-  RecallTask task({.seq_len = 32, .num_keys = 8, .num_values = 4, .num_filler = 4, .num_pairs = 3,
-                   .num_queries = 2, .seed = 5});
+  RecallTask task(small_task(5));
   Run straight = make_run(task, 1234);
   train_steps(straight, task, 0, 40);
 
@@ -150,12 +158,9 @@ TEST_CASE("resume is bitwise: 20 steps + save + load + 20 steps == 40 steps stra
 
 TEST_CASE("checkpoint layout: dotted model names, optim.<param>.<slot>, metadata") {
   TempDir dir;
-  RecallTask task({.seq_len = 32, .num_keys = 8, .num_values = 4, .num_filler = 4, .num_pairs = 3,
-                   .num_queries = 2, .seed = 1});
-  Run r = make_run(task, 3);
-  train_steps(r, task, 0, 2);
+  RecallTask task(small_task(1));
   const std::string path = dir.file("layout.safetensors");
-  save_checkpoint(path, *r.model, r.optimizer.get(), 2);
+  Run r = saved_run(task, 3, 2, path);
   io::SafetensorsFile f = io::read_safetensors(path);
   CHECK(f.metadata.at("format") == kCheckpointFormat);
   CHECK(f.metadata.at("step") == "2");
@@ -245,12 +250,9 @@ TEST_CASE("a safetensors file whose bytes are written by hand loads into a model
 
 TEST_CASE("corrupt, truncated and mismatched checkpoints give clear errors") {
   TempDir dir;
-  RecallTask task({.seq_len = 32, .num_keys = 8, .num_values = 4, .num_filler = 4, .num_pairs = 3,
-                   .num_queries = 2, .seed = 1});
-  Run r = make_run(task, 4);
-  train_steps(r, task, 0, 1);
+  RecallTask task(small_task(1));
   const std::string good = dir.file("good.safetensors");
-  save_checkpoint(good, *r.model, r.optimizer.get(), 1);
+  Run r = saved_run(task, 4, 1, good);
   std::vector<uint8_t> bytes = read_bytes(good);
   const Tensor before = r.model->tok_emb->weight.clone();
 

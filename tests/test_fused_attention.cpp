@@ -79,6 +79,22 @@ oracle::HeadMasks head_slice(const oracle::HeadMasks& all, int64_t offset, int64
   return {all.begin() + offset, all.begin() + offset + count};
 }
 
+// The dilated variant and the fused op on the same streams (mixing and head slice from `config`),
+// both against the oracle and next to the composed variant.
+void check_dilated_case(const std::string& what, const Inputs& inputs, const KeyMasks& keys,
+                        const AttentionConfig& config, const std::vector<DilatedBranch>& branches, bool causal) {
+  const CoreKeys core{
+      .kind = fused::KeySet::dilated,
+      .branches = branches,
+      .mixing = config.mixing == Mixing::head_groups ? fused::BranchMixing::head_groups : fused::BranchMixing::lse,
+      .head_offset = config.head_offset,
+      .total_heads = config.total_heads};
+  check_case(what, inputs, keys,
+             {{"variant", through_variant("dilated", config, kCpuFused)},
+              {"op", through_op(core, config.scale(), causal, kCpuFused)}},
+             through_variant("dilated", config, kComposed));
+}
+
 int64_t count_empty_rows(const oracle::HeadMasks& masks, int64_t rows) {
   int64_t empty = 0;
   for (const auto& mask : masks)
@@ -191,15 +207,7 @@ TEST_CASE("fused dilated attention, lse mixing: ragged segments, w % r != 0, w >
         const Inputs inputs = random_inputs(dims, seed + static_cast<uint64_t>(setup.n * 7 + head_dim));
         const std::string what = "dilated lse w " + std::to_string(setup.segments[0]) + ".. N " +
                                  std::to_string(setup.n) + " D " + std::to_string(head_dim) + (causal ? " causal" : "");
-        CoreKeys core;
-        core.kind = fused::KeySet::dilated;
-        core.branches = branches;
-        core.mixing = fused::BranchMixing::lse;
-        const AttendFn composed = through_variant("dilated", config, kComposed);
-        check_case(what, inputs, keys,
-                   {{"variant", through_variant("dilated", config, kCpuFused)},
-                    {"op", through_op(core, config.scale(), causal, kCpuFused)}},
-                   composed);
+        check_dilated_case(what, inputs, keys, config, branches, causal);
       }
   CHECK(saw_uncovered);  // the setups include rows that see no key
 }
@@ -223,15 +231,7 @@ TEST_CASE("fused dilated attention, head_groups mixing: H % G != 0, empty stream
         const Inputs inputs = random_inputs(dims, seed + static_cast<uint64_t>(n * 3 + head_dim));
         const std::string what = "dilated head_groups N " + std::to_string(n) + " D " + std::to_string(head_dim) +
                                  (causal ? " causal" : "");
-        CoreKeys core;
-        core.kind = fused::KeySet::dilated;
-        core.branches = branches;
-        core.mixing = fused::BranchMixing::head_groups;
-        const AttendFn composed = through_variant("dilated", config, kComposed);
-        check_case(what, inputs, keys,
-                   {{"variant", through_variant("dilated", config, kCpuFused)},
-                    {"op", through_op(core, config.scale(), causal, kCpuFused)}},
-                   composed);
+        check_dilated_case(what, inputs, keys, config, branches, causal);
       }
 
   // Heads [1, 6) of 7: offsets (lse) and groups (head_groups) follow the global head index.
@@ -252,17 +252,7 @@ TEST_CASE("fused dilated attention, head_groups mixing: H % G != 0, empty stream
                           groups ? oracle::head_groups_out_scale(branches) : 1.0};
       const Inputs inputs = random_inputs(dims, seed + 500);
       const std::string what = "dilated " + mixing_name(mixing) + " heads [1, 6) of 7" + (causal ? " causal" : "");
-      CoreKeys core;
-      core.kind = fused::KeySet::dilated;
-      core.branches = branches;
-      core.mixing = groups ? fused::BranchMixing::head_groups : fused::BranchMixing::lse;
-      core.head_offset = first;
-      core.total_heads = total;
-      const AttendFn composed = through_variant("dilated", config, kComposed);
-      check_case(what, inputs, keys,
-                 {{"variant", through_variant("dilated", config, kCpuFused)},
-                  {"op", through_op(core, config.scale(), causal, kCpuFused)}},
-                 composed);
+      check_dilated_case(what, inputs, keys, config, branches, causal);
     }
 }
 
@@ -274,28 +264,14 @@ namespace {
 // 6 blocks of 8 tokens, the last one 5 tokens (N = 45); a window of one block each side, one global
 // block, block distance 2 for `dilated`, 2 random blocks per row.
 AttentionConfig block_config(const std::string& pattern, bool causal, uint64_t pattern_seed) {
-  AttentionConfig c = core_config(3, 8, causal);
-  c.block_size = 8;
-  c.window = 16;
-  c.global_blocks = 1;
-  c.density = 0.4;
-  c.seed = pattern_seed;
-  c.dilation_rates = {2};
-  c.pattern = pattern;
-  return c;
+  return {.num_heads = 3, .head_dim = 8, .dilation_rates = {2}, .causal = causal, .pattern = pattern, .block_size = 8,
+          .density = 0.4, .window = 16, .global_blocks = 1, .seed = pattern_seed};
 }
 
 // The same pattern options, written out for the oracle.
 BlockPatternOptions block_options(bool causal, uint64_t pattern_seed) {
-  BlockPatternOptions o;
-  o.block_size = 8;
-  o.window = 16;
-  o.global_blocks = 1;
-  o.density = 0.4;
-  o.seed = pattern_seed;
-  o.dilation_rates = {2};
-  o.causal = causal;
-  return o;
+  return {.block_size = 8, .window = 16, .dilation_rates = {2}, .global_blocks = 1, .density = 0.4,
+          .seed = pattern_seed, .causal = causal};
 }
 
 }  // namespace
@@ -595,11 +571,9 @@ TEST_CASE("dilated attention with more branches than the fused kernels take fall
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   manual_seed(seed);
-  AttentionConfig config;
-  config.num_heads = 2;
-  config.head_dim = 4;
-  config.segment_lengths = {2, 3, 4, 5, 6, 7, 8, 9, 10};  // one more than fused::kMaxBranches
-  config.dilation_rates = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+  // One branch more than fused::kMaxBranches.
+  AttentionConfig config{.num_heads = 2, .head_dim = 4, .segment_lengths = {2, 3, 4, 5, 6, 7, 8, 9, 10},
+                         .dilation_rates = {1, 1, 1, 1, 1, 1, 1, 1, 1}};
   const Tensor q = Tensor::randn({1, 12, 2, 4}), k = Tensor::randn({1, 12, 2, 4}), v = Tensor::randn({1, 12, 2, 4});
   auto automatic = make_attention("dilated", config);
   const Tensor out = automatic->forward(q, k, v);
@@ -614,13 +588,8 @@ TEST_CASE("wrapper variants report what ran their core: hilbert and head_paralle
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   manual_seed(seed);
-  AttentionConfig config;
-  config.num_heads = 4;
-  config.head_dim = 8;
-  config.segment_lengths = {8, 16};
-  config.dilation_rates = {1, 2};
-  config.ranks = 2;
-  config.grid = "4x4";
+  AttentionConfig config{
+      .num_heads = 4, .head_dim = 8, .segment_lengths = {8, 16}, .dilation_rates = {1, 2}, .grid = "4x4", .ranks = 2};
   const Tensor q = Tensor::randn({1, 16, 4, 8}), k = Tensor::randn({1, 16, 4, 8}), v = Tensor::randn({1, 16, 4, 8});
   for (const auto& [variant, expected] : std::vector<std::pair<std::string, std::string>>{
            {"hilbert", "fused-cpu"}, {"head_parallel", "fused-cpu"}, {"ring", "fused-cpu"}}) {

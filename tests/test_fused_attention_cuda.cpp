@@ -74,14 +74,8 @@ AttentionConfig block_config(const std::string& pattern, int64_t block_size, boo
 }
 
 BlockPatternOptions block_options(int64_t block_size, bool causal, uint64_t pattern_seed) {
-  BlockPatternOptions o;
-  o.block_size = block_size;
-  o.window = 256;
-  o.global_blocks = 1;
-  o.density = 0.4;
-  o.seed = pattern_seed;
-  o.causal = causal;
-  return o;
+  return {.block_size = block_size, .window = 256, .global_blocks = 1, .density = 0.4, .seed = pattern_seed,
+          .causal = causal};
 }
 
 // The kernels a case runs with: on a Hopper GPU the sm_90a kernels by default, and the portable

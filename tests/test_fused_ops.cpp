@@ -14,6 +14,7 @@
 #include "autograd/gradcheck.h"
 #include "autograd/node.h"
 #include "nn/optim.h"
+#include "support/device_parity.h"
 #include "support/test_utils.h"
 #include "tensor/device_checks.h"
 #include "tensor/ops.h"
@@ -21,22 +22,11 @@
 
 using namespace longtape;
 using longtape::testing::fresh_seed;
+using longtape::testing::normwise_rel_err;
 
 namespace {
 
 Tensor randn64(const Shape& shape) { return Tensor::randn(shape, DType::f64); }
-
-// ||a - b|| / ||b|| in f64 on the host.
-double rel_diff(const Tensor& a, const Tensor& b) {
-  const std::vector<double> x = a.to_vector(), y = b.to_vector();
-  REQUIRE(x.size() == y.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    num += (x[i] - y[i]) * (x[i] - y[i]);
-    den += y[i] * y[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
 
 // Gradients of sum(f(inputs) * w) for leaf copies of `inputs`.
 std::vector<Tensor> grads_of(const std::function<Tensor(const std::vector<Tensor>&)>& f, std::vector<Tensor> inputs,
@@ -67,10 +57,10 @@ TEST_CASE("bias_gelu is one node and matches gelu(x + bias) forward and backward
       auto fused = [&](const std::vector<Tensor>& in) { return bias_gelu(in[0], in[1], approx); };
       auto composed = [&](const std::vector<Tensor>& in) { return gelu(add(in[0], in[1]), approx); };
       const double tol = dt == DType::f64 ? 1e-12 : 1e-5;
-      CHECK(rel_diff(fused({x, b}), composed({x, b})) < tol);
+      CHECK(normwise_rel_err(fused({x, b}), composed({x, b})) < tol);
       const auto gf = grads_of(fused, {x, b}, w), gc = grads_of(composed, {x, b}, w);
-      CHECK(rel_diff(gf[0], gc[0]) < tol);
-      CHECK(rel_diff(gf[1], gc[1]) < tol);
+      CHECK(normwise_rel_err(gf[0], gc[0]) < tol);
+      CHECK(normwise_rel_err(gf[1], gc[1]) < tol);
       Tensor xl = x.detach().clone().requires_grad_();
       Tensor y = bias_gelu(xl, b.detach().clone().requires_grad_(), approx);
       REQUIRE(y.grad_fn() != nullptr);
@@ -115,10 +105,10 @@ TEST_CASE("cross_entropy (fused) matches log_softmax + gather and float64 centra
     };
     auto fused = [&](const std::vector<Tensor>& in) { return cross_entropy(in[0], targets); };
     const double tol = dt == DType::f64 ? 1e-12 : 1e-5;
-    CHECK(rel_diff(fused({logits}), composed({logits})) < tol);
+    CHECK(normwise_rel_err(fused({logits}), composed({logits})) < tol);
     Tensor w = Tensor::ones({}, dt == DType::f64 ? DType::f64 : DType::f32);
     const auto gf = grads_of(fused, {logits}, w), gc = grads_of(composed, {logits}, w.to(dt));
-    CHECK(rel_diff(gf[0], gc[0]) < tol);
+    CHECK(normwise_rel_err(gf[0], gc[0]) < tol);
     Tensor loss = cross_entropy(logits.detach().clone().requires_grad_(), targets);
     CHECK(loss.dtype() == (dt == DType::f64 ? DType::f64 : DType::f32));
     REQUIRE(loss.grad_fn() != nullptr);
@@ -145,9 +135,9 @@ TEST_CASE("layer_norm is one node and matches its composed form and central diff
     Tensor var = mean(mul(centred, centred), {-1}, true);
     return add(mul(mul(centred, rsqrt(add(var, 1e-5))), in[1]), in[2]);
   };
-  CHECK(rel_diff(fused({x, wt, b}), composed({x, wt, b})) < 1e-12);
+  CHECK(normwise_rel_err(fused({x, wt, b}), composed({x, wt, b})) < 1e-12);
   const auto gf = grads_of(fused, {x, wt, b}, w), gc = grads_of(composed, {x, wt, b}, w);
-  for (size_t i = 0; i < 3; ++i) CHECK(rel_diff(gf[i], gc[i]) < 1e-11);
+  for (size_t i = 0; i < 3; ++i) CHECK(normwise_rel_err(gf[i], gc[i]) < 1e-11);
   Tensor y = layer_norm(x.detach().clone().requires_grad_(), wt.detach().clone().requires_grad_(),
                         b.detach().clone().requires_grad_());
   CHECK(y.grad_fn()->op_name == "layer_norm");
@@ -213,17 +203,17 @@ TEST_CASE("bf16 matmul on the CPU: bf16-rounded operands, f32 math, f32 gradient
         yref[i * N + j] += ar[i * K + k] * br[k * N + j];
         daref[i * K + k] += gr[i * N + j] * br[k * N + j];
       }
-  CHECK(rel_diff(y, Tensor::from_vector(yref, {M, N})) < 1e-6);
-  CHECK(rel_diff(al.grad(), Tensor::from_vector(daref, {M, K})) < 1e-6);
+  CHECK(normwise_rel_err(y, Tensor::from_vector(yref, {M, N})) < 1e-6);
+  CHECK(normwise_rel_err(al.grad(), Tensor::from_vector(daref, {M, K})) < 1e-6);
   // The rounding happened: the f32 product differs at bf16's scale.
-  const double vs_f32 = rel_diff(y, matmul(a, b));
+  const double vs_f32 = normwise_rel_err(y, matmul(a, b));
   CHECK(vs_f32 > 1e-5);
   CHECK(vs_f32 < 2e-2);
   // f64 operands are never lowered.
   const Tensor f32_product = matmul(a, b).to(DType::f64);
   AutocastScope bf16(Precision::bf16);
   Tensor a64 = a.to(DType::f64), b64 = b.to(DType::f64);
-  CHECK(rel_diff(matmul(a64, b64), f32_product) < 1e-6);
+  CHECK(normwise_rel_err(matmul(a64, b64), f32_product) < 1e-6);
   CHECK(matmul(a64, b64).dtype() == DType::f64);
 }
 
@@ -242,7 +232,7 @@ TEST_CASE("a bf16 matmul keeps its bf16 operand copies for backward, not the f32
   h = Tensor();
   CHECK(h_storage.expired());  // the graph holds the bf16 copy only
   sum(y).backward();
-  CHECK(rel_diff(w.grad(), matmul(h_rounded.transpose(0, 1), Tensor::ones({4, 5}))) < 1e-6);
+  CHECK(normwise_rel_err(w.grad(), matmul(h_rounded.transpose(0, 1), Tensor::ones({4, 5}))) < 1e-6);
   REQUIRE(x.grad().defined());
   CHECK(x.grad().dtype() == DType::f32);
 }
@@ -265,7 +255,7 @@ TEST_CASE("bf16 multihead attention on the CPU stays close to f32 and gives ever
     sum(mul(y, y)).backward();
   }
   CHECK(y.dtype() == DType::f32);
-  const double diff = rel_diff(y, ref);
+  const double diff = normwise_rel_err(y, ref);
   CHECK(diff > 0.0);
   CHECK(diff < 3e-2);
   for (const auto& [name, p] : mha.named_parameters()) {
@@ -306,7 +296,7 @@ TEST_CASE("AdamW and SGD update bf16 parameters through f32 state, matching a fl
   CHECK(adamw.state().at("p.exp_avg").dtype() == DType::f32);
   const std::vector<double> got = p.to_vector();
   for (int64_t i = 0; i < n; ++i) CHECK(got[i] == doctest::Approx(ref[i]).epsilon(1e-2).scale(1e-2));
-  CHECK(rel_diff(p, Tensor::from_vector(p0, {n})) > 1e-3);  // it moved
+  CHECK(normwise_rel_err(p, Tensor::from_vector(p0, {n})) > 1e-3);  // it moved
 
   Tensor q = Tensor::randn({n}).to(DType::bf16);
   const std::vector<double> q0 = q.to_vector();

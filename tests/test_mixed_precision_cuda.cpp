@@ -14,27 +14,18 @@
 #include "nn/data.h"
 #include "nn/optim.h"
 #include "nn/trainer.h"
+#include "support/device_parity.h"
 #include "support/test_utils.h"
 #include "tensor/device_checks.h"
 #include "tensor/ops.h"
 #include "tensor/precision.h"
 
 using namespace longtape;
+using testing::normwise_rel_err;
 
 namespace {
 
 const Device kGpu = Device::cuda(0);
-
-double rel_diff(const Tensor& a, const Tensor& b) {
-  const std::vector<double> x = a.to_vector(), y = b.to_vector();
-  REQUIRE(x.size() == y.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    num += (x[i] - y[i]) * (x[i] - y[i]);
-    den += y[i] * y[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
 
 nn::RecallTaskConfig recall_1024() {
   return {.seq_len = 1024, .num_keys = 16, .num_values = 8, .num_filler = 8, .num_pairs = 4, .num_queries = 4,
@@ -43,13 +34,8 @@ nn::RecallTaskConfig recall_1024() {
 
 // A small causal LM whose attention the fused CUDA kernels can run (head_dim 32).
 models::LanguageModelConfig small_model(int64_t vocab, int64_t seq_len) {
-  models::LanguageModelConfig c;
-  c.vocab_size = vocab;
-  c.max_seq_len = seq_len;
-  c.embed_dim = 128;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.attention = "dilated";
+  models::LanguageModelConfig c{
+      .vocab_size = vocab, .max_seq_len = seq_len, .embed_dim = 128, .num_layers = 2, .num_heads = 4, .attention = "dilated"};
   c.attention_config.segment_lengths = {256, seq_len};
   c.attention_config.dilation_rates = {1, 2};
   return c;
@@ -66,11 +52,8 @@ Run train_on_gpu(Precision precision, int64_t steps) {
   nn::RecallTask task(recall_1024());
   models::LanguageModel model(small_model(task.vocab_size(), task.seq_len()));
   model.to(kGpu);
-  nn::AdamWOptions o;
-  o.lr = 3e-3;
-  o.weight_decay = 0.01;
-  o.decays = nn::decay_matrices_only;
-  nn::AdamW optimizer(model.named_parameters(), o);
+  nn::AdamW optimizer(model.named_parameters(),
+                      {.lr = 3e-3, .weight_decay = 0.01, .decays = nn::decay_matrices_only});
   nn::TrainerOptions to;
   to.steps = steps;
   to.batch_size = 8;
@@ -139,10 +122,10 @@ TEST_CASE("cuda: bf16 matmul reads bf16 operands, accumulates and writes f32, an
   CHECK(yg.dtype() == DType::f32);
   CHECK(ag.grad().dtype() == DType::f32);
   CHECK(bg.grad().dtype() == DType::f32);
-  CHECK(rel_diff(yg, yc) < 1e-5);
-  CHECK(rel_diff(ag.grad(), ac.grad()) < 1e-5);
-  CHECK(rel_diff(bg.grad(), bc.grad()) < 1e-5);
-  CHECK(rel_diff(yg, matmul(a, b)) > 1e-5);  // rounded: not the f32 product
+  CHECK(normwise_rel_err(yg, yc) < 1e-5);
+  CHECK(normwise_rel_err(ag.grad(), ac.grad()) < 1e-5);
+  CHECK(normwise_rel_err(bg.grad(), bc.grad()) < 1e-5);
+  CHECK(normwise_rel_err(yg, matmul(a, b)) > 1e-5);  // rounded: not the f32 product
 }
 
 TEST_CASE("cuda: tf32 precision keeps f32 products near f32, and only inside its scope" *
@@ -156,7 +139,7 @@ TEST_CASE("cuda: tf32 precision keeps f32 products near f32, and only inside its
     AutocastScope scope(Precision::tf32);
     tf32 = matmul(ag, bg);
   }
-  const double tf32_err = rel_diff(tf32, ref), f32_err = rel_diff(matmul(ag, bg), ref);
+  const double tf32_err = normwise_rel_err(tf32, ref), f32_err = normwise_rel_err(matmul(ag, bg), ref);
   INFO("tf32 " << tf32_err << ", f32 " << f32_err);
   CHECK(tf32_err < 5e-3);
   CHECK(f32_err < 1e-5);
@@ -202,5 +185,5 @@ TEST_CASE("cuda: fused cross_entropy on bf16 logits returns an f32 loss and bf16
   loss_c.backward();
   loss_g.backward();
   CHECK(lg.grad().dtype() == DType::bf16);
-  CHECK(rel_diff(lg.grad(), lc.grad()) < 3e-2);
+  CHECK(normwise_rel_err(lg.grad(), lc.grad()) < 3e-2);
 }

@@ -1,7 +1,9 @@
 // The op table: one row per op case (name, the op as a lambda, input shapes, input domain), used
-// three ways: its backward against float64 central differences (gradcheck), its CUDA forward and
-// backward against the CPU's (skipped without a GPU), and a perf mode that times every row
-// (LONGTAPE_OP_PERF=<scale>, off by default). Plus tests showing that the checker itself can fail.
+// three ways: its backward against float64 central differences (gradcheck); its CUDA forward and
+// backward against the CPU's (skipped without a GPU), in float64 and in f32 and bf16 against a
+// float64 reference, at the table's shapes and at larger ones that reach the kernels' other paths;
+// and a perf mode that times every row (LONGTAPE_OP_PERF=<scale>, off by default). Plus tests
+// showing that the checker itself can fail.
 //
 //   LONGTAPE_OP_PERF=32 build-cpu/bin/test_op_table -tc="op table: time*"
 #include <doctest/doctest.h>
@@ -18,11 +20,14 @@
 #include "autograd/grad_mode.h"
 #include "autograd/gradcheck.h"
 #include "autograd/node.h"
+#include "support/device_parity.h"
 #include "tensor/ops.h"
 
 using namespace longtape;
 using autograd::GradcheckOptions;
 using autograd::GradcheckResult;
+using testing::check_normwise_close;
+using testing::dtype_tolerance;
 using Ts = std::vector<Tensor>;
 
 namespace {
@@ -41,6 +46,7 @@ struct OpCase {
   std::vector<Shape> shapes;  // one f64 input requiring grad per shape
   Inputs inputs = Inputs::normal;
   GradcheckOptions options = {};
+  bool draws_in_dtype = false;  // random draws depend on the dtype (dropout): float64 parity only
 };
 
 // For ops whose result passes through f32 rounding: a larger step and tolerances to match.
@@ -181,6 +187,9 @@ std::vector<OpCase> op_table() {
     {"where",                  [](const Ts& x) { return where(fixed_mask({3, 4}, 11), x[0], x[1]); }, {{3, 4}, {3, 4}}},
     {"where broadcast (3,1),(4)", [](const Ts& x) { return where(fixed_mask({3, 4}, 12), x[0], x[1]); }, {{3, 1}, {4}}},
     {"where mask (4), (),(3,4)", [](const Ts& x) { return where(fixed_mask({4}, 13), x[0], x[1]); }, {{}, {3, 4}}},
+    {"gt as a where mask",     [](const Ts& x) { return where(gt(x[0], x[1]), x[0], x[1]); }, {{3, 1, 5}, {4, 5}}, D},
+    {"lt as a where mask",     [](const Ts& x) { return where(lt(x[0], x[1]), x[0], x[1]); }, {{3, 1, 5}, {4, 5}}, D},
+    {"eq as a where mask",     [](const Ts& x) { return where(eq(x[0], maximum(x[0], x[1])), x[1], x[0]); }, {{3, 1, 5}, {4, 5}}, D},
     {"masked_fill",            [](const Ts& x) { return masked_fill(x[0], fixed_mask({3, 4}, 14), -2.5); }, {{3, 4}}},
     {"masked_fill broadcast mask (4)", [](const Ts& x) { return masked_fill(x[0], fixed_mask({4}, 15), 7.0); }, {{3, 4}}},
     {"cast f64->f32->f64",     [](const Ts& x) { return cast(cast(x[0], DType::f32), DType::f64); }, {{3, 4}}, N, kLoose},
@@ -200,6 +209,7 @@ std::vector<OpCase> op_table() {
     {"amax dim 1",             [](const Ts& x) { return amax(x[0], {1}); }, {{2, 3, 4}}, D},
     {"amax dim -1 keepdim",    [](const Ts& x) { return amax(x[0], {-1}, true); }, {{2, 3, 4}}, D},
     {"amax dims {0,2}",        [](const Ts& x) { return amax(x[0], {0, 2}); }, {{2, 3, 4}}, D},
+    {"amax dim 0",             [](const Ts& x) { return amax(x[0], {0}); }, {{4, 3}}, D},
     {"logsumexp dim -1",       [](const Ts& x) { return logsumexp(x[0], {-1}); }, {{2, 3, 4}}},
     {"logsumexp dim 0 keepdim", [](const Ts& x) { return logsumexp(x[0], {0}, true); }, {{2, 3, 4}}},
     {"logsumexp dims {0,2}",   [](const Ts& x) { return logsumexp(x[0], {0, 2}); }, {{2, 3, 4}}},
@@ -258,8 +268,8 @@ std::vector<OpCase> op_table() {
     {"cross_entropy (B,T,C) ignore 2", [](const Ts& x) { return cross_entropy(x[0], i64({0, 2, 3, 1, 2, 4}, {2, 3}), 2); }, {{2, 3, 5}}},
     {"bias_gelu erf",          [](const Ts& x) { return bias_gelu(x[0], x[1]); }, {{2, 3, 6}, {6}}},
     {"bias_gelu tanh",         [](const Ts& x) { return bias_gelu(x[0], x[1], GeluApprox::tanh); }, {{4, 5}, {5}}},
-    {"dropout seed",           [](const Ts& x) { return dropout(x[0], 0.3, true, 1234); }, {{4, 5}}},
-    {"dropout default generator", [](const Ts& x) { manual_seed(77); return dropout(x[0], 0.5); }, {{4, 5}}},
+    {"dropout seed",           [](const Ts& x) { return dropout(x[0], 0.3, true, 1234); }, {{4, 5}}, N, {}, true},
+    {"dropout default generator", [](const Ts& x) { manual_seed(77); return dropout(x[0], 0.5); }, {{4, 5}}, N, {}, true},
     {"dropout eval is identity", [](const Ts& x) { return dropout(x[0], 0.5, false); }, {{4, 5}}},
     // ---- joining and indexing ----
     {"cat dim 1",              [](const Ts& x) { return cat({x[0], x[1], x[2]}, 1); }, {{2, 3}, {2, 1}, {2, 4}}},
@@ -318,20 +328,22 @@ TEST_CASE("gradcheck: every op of the table matches central differences") {
 
 namespace {
 
-// Output and input gradients of one row on `device` (inputs copied there): the gradients of
-// sum(out * w) for a fixed random w, as gradcheck scalarises.
+// Output and input gradients of one row on `device` in `dtype` (inputs converted there): the
+// gradients of sum(out * w) for a fixed random w, as gradcheck scalarises. w is drawn in float64
+// and rounded to `w_dtype`, so that a float64 reference can use the weights of a low-precision run.
 struct RowRun {
   Tensor out;
   std::vector<Tensor> grads;
 };
-RowRun run_row(const OpCase& c, const std::vector<Tensor>& inputs, Device device) {
+RowRun run_row(const OpCase& c, const std::vector<Tensor>& inputs, Device device, DType dtype = DType::f64,
+               DType w_dtype = DType::f64) {
   case_device() = device;
   std::vector<Tensor> xs;
-  for (const Tensor& x : inputs) xs.push_back(x.detach().to(device).requires_grad_());
+  for (const Tensor& x : inputs) xs.push_back(x.detach().to(device).to(dtype).requires_grad_());
   RowRun r;
   r.out = c.fn(xs);
   manual_seed(seed_of(c.name) ^ 0x5eed);
-  Tensor w = Tensor::randn(r.out.shape(), r.out.dtype()).to(device);
+  Tensor w = Tensor::randn(r.out.shape(), DType::f64).to(w_dtype).to(r.out.dtype()).to(device);
   sum(mul(r.out, w)).backward();
   for (const Tensor& x : xs) r.grads.push_back(x.grad().defined() ? x.grad().to(Device::cpu()) : Tensor());
   r.out = r.out.detach().to(Device::cpu());
@@ -365,7 +377,141 @@ std::vector<Shape> scaled_shapes(const std::vector<Shape>& shapes, int64_t facto
   }
 }
 
+// Larger inputs for rows whose function takes any shape, chosen to reach the CUDA kernels' other
+// paths: several warps per row, long rows and long columns split into chunks, LayerNorm rows of a
+// warp (up to 1024 columns) and of a block (longer; dx alone, or with the parameter gradients over
+// several chunks of rows), the LayerNorm backward's many row chunks. Parity only; gradcheck at
+// these sizes would take minutes.
+struct LargeShapes {
+  std::string row;
+  std::vector<Shape> shapes;
+  int64_t len;  // most terms summed into one output or gradient element: sets the f32 tolerance
+};
+std::vector<LargeShapes> large_shapes() {
+  return {
+      {"sum all", {{1 << 20}}, 1 << 20},
+      {"sum all", {{6, 37, 129}}, 6 * 37 * 129},
+      {"sum dim 0", {{40000, 5}}, 40000},
+      {"sum dim 0", {{6, 37, 129}}, 6},
+      {"sum dim -1 keepdim", {{3, 70001}}, 70001},
+      {"sum dims {0,2}", {{6, 37, 129}}, 6 * 129},
+      {"sum of a permuted view", {{16, 40, 300}}, 16},
+      {"mean dim 1", {{16, 300, 40}}, 300},
+      {"amax dim 0", {{20000, 3}}, 1},
+      {"amax dim -1 keepdim", {{6, 37, 129}}, 1},
+      {"logsumexp dim -1", {{6, 37, 129}}, 129},
+      {"logsumexp dims {0,2}", {{6, 37, 129}}, 6 * 129},
+      {"softmax dim -1", {{13, 1000}}, 1000},
+      {"softmax dim -1", {{13, 5000}}, 5000},
+      {"softmax dim 0", {{50, 6}}, 50},
+      {"log_softmax dim -1", {{13, 1000}}, 1000},
+      {"log_softmax dim -1", {{13, 5000}}, 5000},
+      {"layer_norm weight+bias", {{300, 768}, {768}, {768}}, 768},
+      {"layer_norm weight+bias", {{3000, 384}, {384}, {384}}, 3000},
+      {"layer_norm weight+bias", {{1, 5000}, {5000}, {5000}}, 5000},
+      {"layer_norm weight+bias", {{40, 1500}, {1500}, {1500}}, 1500},
+      {"layer_norm weight+bias", {{70000, 12}, {12}, {12}}, 70000},
+      {"layer_norm no affine", {{7, 5, 33}}, 33},
+      {"layer_norm no affine", {{3, 2000}}, 2000},
+      {"bias_gelu erf", {{7, 33}, {33}}, 7},
+      {"matmul 2-d", {{37, 53}, {53, 29}}, 53},
+      {"matmul batched", {{4, 37, 53}, {4, 53, 29}}, 53},
+      {"matmul broadcast batch (2,1,3,4)@(3,4,2)", {{2, 1, 5, 7}, {3, 7, 4}}, 15},
+      {"matmul 1-d @ 2-d", {{53}, {53, 29}}, 53},
+      {"matmul 2-d @ 1-d", {{29, 53}, {53}}, 53},
+      {"matmul transposed operand", {{53, 37}, {53, 29}}, 53},
+      {"exp of a transposed view", {{9, 20}}, 1},
+      {"gelu of a strided slice", {{8, 20}}, 1},
+  };
+}
+
+const OpCase& row_named(const std::vector<OpCase>& table, const std::string& name) {
+  for (const OpCase& c : table)
+    if (c.name == name) return c;
+  throw Error("op table: no row named " + name);
+}
+
+// One row in `dt` on `device` against float64 on the CPU from the same rounded inputs and upstream
+// weights: forward and input gradients, to a normwise tolerance from dt and `len` terms per
+// element (0: as many as the largest input has elements).
+void check_row_in_dtype(const OpCase& row, const std::vector<Shape>& shapes, Device device, DType dt,
+                        int64_t len = 0) {
+  OpCase c = row;
+  c.shapes = shapes;
+  CAPTURE(c.name);
+  INFO(dtype_name(dt) << " on " << device.str() << ", input shapes: " << shapes_str(shapes));
+  std::vector<Tensor> rounded;
+  int64_t largest = 1;
+  for (const Tensor& x : make_inputs(c, seed_of(c.name))) {
+    rounded.push_back(x.detach().to(dt).to(DType::f64));
+    largest = std::max(largest, x.numel());
+  }
+  if (len == 0) len = largest;
+  const double tolerance = dtype_tolerance(dt, len);
+  try {
+    const RowRun ref = run_row(c, rounded, Device::cpu(), DType::f64, dt);
+    const RowRun got = run_row(c, rounded, device, dt, dt);
+    check_normwise_close(got.out, ref.out, tolerance, "forward");
+    REQUIRE(got.grads.size() == ref.grads.size());
+    for (size_t i = 0; i < ref.grads.size(); ++i) {
+      REQUIRE(got.grads[i].defined() == ref.grads[i].defined());
+      if (ref.grads[i].defined())
+        check_normwise_close(got.grads[i], ref.grads[i], tolerance, "gradient of input " + std::to_string(i));
+    }
+  } catch (const std::exception& e) {
+    case_device() = Device::cpu();
+    FAIL_CHECK("threw: " << e.what());
+  }
+}
+
+// Every row (but those drawing random numbers in their dtype) in each of `dtypes` on `device`.
+int check_table_in_low_precision(Device device, const std::vector<DType>& dtypes) {
+  int checked = 0;
+  for (const DType dt : dtypes)
+    for (const OpCase& c : op_table()) {
+      if (c.draws_in_dtype) continue;
+      check_row_in_dtype(c, c.shapes, device, dt);
+      ++checked;
+    }
+  return checked;
+}
+
 }  // namespace
+
+// The CPU computes in f32 and f64 only (it stores bf16 but does not compute in it).
+TEST_CASE("op table: every row in f32 on the CPU stays within the dtype's tolerance of float64") {
+  CHECK(check_table_in_low_precision(Device::cpu(), {DType::f32}) >= 140);
+}
+
+TEST_CASE("op table: the CUDA forward and backward of every row match the CPU in f32 and bf16" *
+          doctest::skip(!cuda_available())) {
+  testing::poison_gpu_pool();
+  const std::vector<OpCase> table = op_table();
+  const auto rows = std::count_if(table.begin(), table.end(), [](const OpCase& c) { return !c.draws_in_dtype; });
+  CHECK(check_table_in_low_precision(Device::cuda(), {DType::f32, DType::bf16}) == 2 * rows);
+}
+
+TEST_CASE("op table: the CUDA forward and backward match the CPU in f32 and bf16 at larger shapes" *
+          doctest::skip(!cuda_available())) {
+  testing::poison_gpu_pool();
+  const std::vector<OpCase> table = op_table();
+  int checked = 0;
+  for (const DType dt : {DType::f32, DType::bf16})
+    for (const LargeShapes& large : large_shapes()) {
+      check_row_in_dtype(row_named(table, large.row), large.shapes, Device::cuda(), dt, large.len);
+      ++checked;
+    }
+  CHECK(checked == 2 * static_cast<int>(large_shapes().size()));
+}
+
+TEST_CASE("op table: every larger shape names a row of the table") {
+  const std::vector<OpCase> table = op_table();
+  for (const LargeShapes& large : large_shapes()) {
+    CAPTURE(large.row);
+    CHECK_NOTHROW(row_named(table, large.row));
+    CHECK(row_named(table, large.row).shapes.size() == large.shapes.size());
+  }
+}
 
 TEST_CASE("op table: the CUDA forward and backward of every row match the CPU in float64" *
           doctest::skip(!cuda_available())) {

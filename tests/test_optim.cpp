@@ -30,11 +30,7 @@ void check_close(const std::vector<double>& got, const std::vector<double>& want
 TEST_CASE("SGD with momentum and weight decay matches hand-computed steps") {
   manual_seed(11);
   Tensor w = leaf({3, 4}), b = leaf({4});
-  SGDOptions o;
-  o.lr = 0.1;
-  o.momentum = 0.9;
-  o.dampening = 0.1;
-  o.weight_decay = 0.01;
+  const SGDOptions o{.lr = 0.1, .momentum = 0.9, .dampening = 0.1, .weight_decay = 0.01};
   SGD sgd({{"w", w}, {"b", b}}, o);
   std::vector<std::vector<double>> p = {w.to_vector(), b.to_vector()}, buf(2);
   for (int step = 0; step < 3; ++step) {
@@ -91,13 +87,9 @@ TEST_CASE("SGD nesterov and plain steps") {
 TEST_CASE("AdamW with decoupled weight decay and bias correction matches float64 by hand") {
   manual_seed(13);
   Tensor w = leaf({4, 3}), b = leaf({3});
-  AdamWOptions o;
-  o.lr = 0.01;
-  o.beta1 = 0.8;
-  o.beta2 = 0.95;
-  o.eps = 1e-6;
-  o.weight_decay = 0.1;
-  o.decays = decay_matrices_only;  // w decays, b does not
+  // w decays, b does not.
+  const AdamWOptions o{.lr = 0.01, .beta1 = 0.8, .beta2 = 0.95, .eps = 1e-6, .weight_decay = 0.1,
+                       .decays = decay_matrices_only};
   AdamW adam({{"w", w}, {"b", b}}, o);
   std::vector<std::vector<double>> p = {w.to_vector(), b.to_vector()};
   std::vector<std::vector<double>> m = {std::vector<double>(12), std::vector<double>(3)}, v = m;

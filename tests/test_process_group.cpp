@@ -401,6 +401,18 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// Runs `prefix longtape train <model> <flags>` in `dir` (log `name`.log) and returns its metrics.
+nlohmann::json train_metrics(const std::filesystem::path& dir, const std::string& prefix, const std::string& model,
+                             const std::string& flags, const std::string& name) {
+  const auto r = testing::run_command(prefix + bin() + " train" + model + flags + " --metrics " +
+                                          (dir / (name + ".json")).string(),
+                                      dir / (name + ".log"));
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  std::ifstream in(dir / (name + ".json"));
+  return nlohmann::json::parse(in);
+}
+
 }  // namespace
 
 TEST_CASE("longtape launch: every process gets the torchrun environment" *
@@ -511,13 +523,7 @@ TEST_CASE("train --parallel data: 2 ranks at batch B train exactly like 1 proces
   const std::string model = " --device cpu --layers 1 --width 16 --heads 2 --seq-len 32 --segments 16,32 "
                             "--dilations 1,2 --eval-every 2 --eval-batches 1 --warmup 1 --lr 1e-2 --seed 7";
   auto train = [&](const std::string& prefix, const std::string& flags, const std::string& name) {
-    const auto r = testing::run_command(prefix + bin() + " train" + model + flags + " --metrics " +
-                                            (dir / (name + ".json")).string(),
-                                        dir / (name + ".log"));
-    INFO(r.output);
-    REQUIRE(r.code == 0);
-    std::ifstream in(dir / (name + ".json"));
-    return nlohmann::json::parse(in);
+    return train_metrics(dir, prefix, model, flags, name);
   };
   const std::string launch2 = bin() + " launch --nproc 2 --timeout 60 -- ";
   const auto single = train("", " --steps 4 --batch 4 --checkpoint " + (dir / "single.safetensors").string(), "single");
@@ -585,13 +591,7 @@ TEST_CASE("NCCL: collectives, data parallel equivalence and a hung rank on 2 GPU
   const std::string model = " --device cuda --layers 2 --width 64 --heads 4 --seq-len 1024 --segments 256,1024 "
                             "--dilations 1,2 --eval-every 0 --eval-batches 2 --steps 4 --warmup 1 --seed 3";
   auto train = [&](const std::string& prefix, const std::string& flags, const std::string& name) {
-    const auto r = testing::run_command(prefix + bin() + " train" + model + flags + " --metrics " +
-                                            (dir / (name + ".json")).string(),
-                                        dir / (name + ".log"));
-    INFO(r.output);
-    REQUIRE(r.code == 0);
-    std::ifstream in(dir / (name + ".json"));
-    return nlohmann::json::parse(in);
+    return train_metrics(dir, prefix, model, flags, name);
   };
   const auto single = train("", " --batch 4", "single");
   const auto data2 = train(launch2, " --batch 2 --parallel data", "data2");

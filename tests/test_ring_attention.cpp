@@ -79,6 +79,18 @@ Inputs random_inputs(int64_t b, int64_t n, int64_t h, int64_t d, DType dtype = D
           Tensor::randn({b, n, h, d}, dtype), Tensor::randn({b, h, n}, dtype == DType::f64 ? DType::f64 : DType::f32)};
 }
 
+// `wrapper` ("ring", "head_parallel") around `inner` against `inner` alone, on the same inputs of
+// h heads of dim d, split over p ranks.
+void check_wrapper_matches_inner(const std::string& wrapper, const Inner& inner, const Inputs& in, int64_t h,
+                                 int64_t d, bool causal, int64_t p) {
+  const AttentionConfig config = make_config(inner, h, d, causal, p);
+  auto reference = make_attention(inner.name, config);
+  auto wrapped = make_attention(wrapper, config);
+  const Result want = run(*reference, in.q, in.k, in.v, in.dout, in.dlse);
+  const Result got = run(*wrapped, in.q, in.k, in.v, in.dout, in.dlse);
+  check_same(got, want, 1e-12, label(wrapper, inner, in.q.size(1), causal, p));
+}
+
 // Runs `variant` rank-locally: each of p ranks gets its token chunk, calls the module (which picks
 // up the rank's communicator) and runs backward with its chunk of the gradients.
 Result run_rank_local(const std::string& variant, const AttentionConfig& config, const Inputs& in, int p) {
@@ -138,13 +150,7 @@ TEST_CASE("ring equals the single-device variant forward and backward, P = 1..4 
       for (const bool causal : {false, true}) {
         for (const Inner& inner : inners) {
           manual_seed(1000 + checked);
-          Inputs in = random_inputs(b, n, h, d);
-          AttentionConfig config = make_config(inner, h, d, causal, p);
-          auto reference = make_attention(inner.name, config);
-          auto ring = make_attention("ring", config);
-          Result want = run(*reference, in.q, in.k, in.v, in.dout, in.dlse);
-          Result got = run(*ring, in.q, in.k, in.v, in.dout, in.dlse);
-          check_same(got, want, 1e-12, label("ring", inner, n, causal, p));
+          check_wrapper_matches_inner("ring", inner, random_inputs(b, n, h, d), h, d, causal, p);
           ++checked;
         }
       }
@@ -293,13 +299,7 @@ TEST_CASE("head_parallel equals the single-device variant with global head indic
     for (const bool causal : {false, true}) {
       for (const Inner& inner : inners) {
         manual_seed(2000 + p * 10 + (causal ? 1 : 0));
-        Inputs in = random_inputs(1, n, h, d);
-        AttentionConfig config = make_config(inner, h, d, causal, p);
-        auto reference = make_attention(inner.name, config);
-        auto parallel = make_attention("head_parallel", config);
-        Result want = run(*reference, in.q, in.k, in.v, in.dout, in.dlse);
-        Result got = run(*parallel, in.q, in.k, in.v, in.dout, in.dlse);
-        check_same(got, want, 1e-12, label("head_parallel", inner, n, causal, p));
+        check_wrapper_matches_inner("head_parallel", inner, random_inputs(1, n, h, d), h, d, causal, p);
       }
     }
   }

@@ -35,13 +35,8 @@ RecallTaskConfig recall_config() {
 }
 
 LanguageModelConfig model_config(int64_t vocab, int64_t seq_len) {
-  LanguageModelConfig c;
-  c.vocab_size = vocab;
-  c.max_seq_len = seq_len;
-  c.embed_dim = 32;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.attention = "dilated";
+  // Dilated attention (the default).
+  LanguageModelConfig c{.vocab_size = vocab, .max_seq_len = seq_len, .embed_dim = 32, .num_layers = 2, .num_heads = 4};
   c.attention_config.segment_lengths = {16, 64};
   c.attention_config.dilation_rates = {1, 2};
   return c;

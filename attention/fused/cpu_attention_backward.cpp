@@ -281,34 +281,23 @@ void backward_impl(const BackwardProblem& bp) {
   // Branches one after another: each adds its share, so the sums are in a fixed order.
   for (int i = 0; i < spec.num_branches; ++i) {
     const Branch branch(spec, i, n);
-    const StreamItems key_items(branch, kKeyTile);
-    parallel_items<Real>(c.B * c.H * key_items.groups, D, [&](int64_t item, Scratch<Real>& sc) {
-      key_items.for_each_stream(spec, i, branch, c.H, item, kKeyTile,
-                                [&](int64_t b, int64_t h, int64_t offset, int64_t t, int64_t skip) {
-        const Run<Real> keys = branch.stream<Real>(t, offset, c.Nk);
-        const int64_t cols = std::min(kKeyTile, keys.count - skip);
-        if (cols <= 0) return;
-        set_key_tile(sc, keys.first + skip * keys.step, keys.step, cols);
-        Run<Real> queries = branch.stream<Real>(t, offset, c.Nq);
-        if (c.causal) keep_from(queries, sc.col_pos[0]);
-        sc.runs.assign(1, queries);
-        key_tile_grad(c, g, b, h, cols, sc);
-      });
-    });
-    const StreamItems query_items(branch, kQueryTile);
-    parallel_items<Real>(c.B * c.H * query_items.groups, D, [&](int64_t item, Scratch<Real>& sc) {
-      query_items.for_each_stream(spec, i, branch, c.H, item, kQueryTile,
-                                  [&](int64_t b, int64_t h, int64_t offset, int64_t t, int64_t skip) {
-        const Run<Real> queries = branch.stream<Real>(t, offset, c.Nq);
-        const int64_t rows = std::min(kQueryTile, queries.count - skip);
-        if (rows <= 0) return;
-        load_query_tile(c, b, h, queries.first + skip * queries.step, queries.step, rows, sc);
-        Run<Real> keys = branch.stream<Real>(t, offset, c.Nk);
-        if (c.causal) keep_until(keys, sc.row_pos[rows - 1]);
-        sc.runs.assign(1, keys);
-        query_tile_grad(c, g, b, h, rows, false, sc);
-      });
-    });
+    parallel_stream_tiles(c, spec, i, branch, kKeyTile,
+                          [&](int64_t b, int64_t h, int64_t offset, int64_t t, int64_t skip, Scratch<Real>& sc) {
+                            const Run<Real> keys = branch.stream<Real>(t, offset, c.Nk);
+                            const int64_t cols = std::min(kKeyTile, keys.count - skip);
+                            if (cols <= 0) return;
+                            set_key_tile(sc, keys.first + skip * keys.step, keys.step, cols);
+                            Run<Real> queries = branch.stream<Real>(t, offset, c.Nq);
+                            if (c.causal) keep_from(queries, sc.col_pos[0]);
+                            sc.runs.assign(1, queries);
+                            key_tile_grad(c, g, b, h, cols, sc);
+                          });
+    parallel_stream_tiles(c, spec, i, branch, kQueryTile,
+                          [&](int64_t b, int64_t h, int64_t offset, int64_t t, int64_t skip, Scratch<Real>& sc) {
+                            const int64_t rows = load_stream_query_tile(c, branch, b, h, offset, t, skip, sc);
+                            if (rows <= 0) return;
+                            query_tile_grad(c, g, b, h, rows, false, sc);
+                          });
   }
 }
 

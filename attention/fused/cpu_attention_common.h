@@ -516,6 +516,19 @@ struct StreamItems {
   }
 };
 
+// Runs fn(b, h, offset, t, skip, scratch) for every tile of `tile_size` stream rows of branch
+// `index`, over all (batch, head) pairs, as parallel work items.
+template <typename Real, typename Fn>
+void parallel_stream_tiles(const Context<Real>& c, const DilatedSpec& spec, int index, const Branch& branch,
+                           int64_t tile_size, const Fn& fn) {
+  const StreamItems items(branch, tile_size);
+  parallel_items<Real>(c.B * c.H * items.groups, c.D, [&](int64_t item, Scratch<Real>& sc) {
+    items.for_each_stream(
+        spec, index, branch, c.H, item, tile_size,
+        [&](int64_t b, int64_t h, int64_t offset, int64_t t, int64_t skip) { fn(b, h, offset, t, skip, sc); });
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Query tiles and block runs (forward and dQ)
 
@@ -529,6 +542,22 @@ void load_query_tile(const Context<Real>& c, int64_t b, int64_t h, int64_t first
   for (int64_t r = 0; r < rows; ++r) sc.row_pos[r] = first + r * step;
   row_pointers(c.q, b, h, sc.row_pos.data(), rows, sc.a_rows.data());
   transpose_rows(sc.a_rows.data(), rows, round_up(rows, Simd<Real>::lanes), c.D, c.scale, sc.t0.data(), sc.ld());
+}
+
+// Makes the query tile `skip` rows into stream t (at `offset`) of a dilated branch current, with
+// the stream's keys, causal-clipped, as the one key run. Returns the tile's rows; none (<= 0) when
+// the stream has no rows left at `skip`.
+template <typename Real>
+int64_t load_stream_query_tile(const Context<Real>& c, const Branch& branch, int64_t b, int64_t h, int64_t offset,
+                               int64_t t, int64_t skip, Scratch<Real>& sc) {
+  const Run<Real> queries = branch.stream<Real>(t, offset, c.Nq);
+  const int64_t rows = std::min(kQueryTile, queries.count - skip);
+  if (rows <= 0) return rows;
+  load_query_tile(c, b, h, queries.first + skip * queries.step, queries.step, rows, sc);
+  Run<Real> keys = branch.stream<Real>(t, offset, c.Nk);
+  if (c.causal) keep_until(keys, sc.row_pos[rows - 1]);
+  sc.runs.assign(1, keys);
+  return rows;
 }
 
 // The key runs of one query block I of a block problem (tag J, bias of (I, J)), causal-clipped.

@@ -181,24 +181,16 @@ void forward_impl(const Problem& p) {
   const int64_t n = std::max(c.Nq, c.Nk);
   for (int i = 0; i < spec.num_branches; ++i) {
     const Branch branch(spec, i, n);
-    const StreamItems items(branch, kQueryTile);
-    parallel_items<Real>(c.B * c.H * items.groups, D, [&](int64_t item, Scratch<Real>& sc) {
-      items.for_each_stream(spec, i, branch, c.H, item, kQueryTile,
-                            [&](int64_t b, int64_t h, int64_t offset, int64_t t, int64_t skip) {
-        const Run<Real> queries = branch.stream<Real>(t, offset, c.Nq);
-        const int64_t rows = std::min(kQueryTile, queries.count - skip);
-        if (rows <= 0) return;
-        load_query_tile(c, b, h, queries.first + skip * queries.step, queries.step, rows, sc);
-        Run<Real> keys = branch.stream<Real>(t, offset, c.Nk);
-        if (c.causal) keep_until(keys, sc.row_pos[rows - 1]);
-        sc.runs.assign(1, keys);
-        attend(c, b, h, rows, sc);
-        if (merge)
-          merge_rows(c, out, lse, b, h, rows, sc);
-        else
-          write_rows(c, out, lse, b, h, rows, out_scale, sc);
-      });
-    });
+    parallel_stream_tiles(c, spec, i, branch, kQueryTile,
+                          [&](int64_t b, int64_t h, int64_t offset, int64_t t, int64_t skip, Scratch<Real>& sc) {
+                            const int64_t rows = load_stream_query_tile(c, branch, b, h, offset, t, skip, sc);
+                            if (rows <= 0) return;
+                            attend(c, b, h, rows, sc);
+                            if (merge)
+                              merge_rows(c, out, lse, b, h, rows, sc);
+                            else
+                              write_rows(c, out, lse, b, h, rows, out_scale, sc);
+                          });
   }
 }
 

@@ -96,6 +96,21 @@ inline void check_close(const Tensor& got, const Tensor& expected, double rtol, 
   CHECK(worst <= rtol * scale + atol);
 }
 
+// Tolerances (rtol, atol) of a Result comparison: the output, the lse and the three gradients.
+struct ResultTolerances {
+  double out_rtol, out_atol, lse_rtol, lse_atol, grad_rtol, grad_atol;
+};
+
+// check_close of every field of `got` against `want`, labelled "<what> out" and so on.
+inline void check_results_close(const Result& got, const Result& want, const ResultTolerances& tol,
+                                const std::string& what) {
+  check_close(got.out, want.out, tol.out_rtol, tol.out_atol, what + " out");
+  check_close(got.lse, want.lse, tol.lse_rtol, tol.lse_atol, what + " lse");
+  check_close(got.dq, want.dq, tol.grad_rtol, tol.grad_atol, what + " dq");
+  check_close(got.dk, want.dk, tol.grad_rtol, tol.grad_atol, what + " dk");
+  check_close(got.dv, want.dv, tol.grad_rtol, tol.grad_atol, what + " dv");
+}
+
 // ------------------------------------------------------------------------------------------------
 // Finite differences
 
