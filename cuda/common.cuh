@@ -2,6 +2,7 @@
 // Pieces shared by the CUDA kernel files (cuda/*.cu): element types and their compute types,
 // a device guard, launch geometry, strided N-d indexing and deterministic block reductions.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -28,6 +29,7 @@ __device__ __forceinline__ float m_erf(float x) { return erff(x); }
 __device__ __forceinline__ double m_erf(double x) { return erf(x); }
 
 using bf16 = __nv_bfloat16;
+using f16 = __half;
 using kernels::kMaxDims;
 
 inline cudaStream_t stream() { return static_cast<cudaStream_t>(current_stream()); }
@@ -101,7 +103,7 @@ __device__ __forceinline__ int64_t global_tid() {
 }
 __device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
-// ---- element types: bf16 is stored as bf16 and computed in f32; integers compute in f64,
+// ---- element types: bf16 and f16 are stored as such and computed in f32; integers compute in f64,
 // like the CPU backend (exact below 2^53) ----
 template <typename T>
 struct Elem {
@@ -114,6 +116,12 @@ struct Elem<bf16> {
   using C = float;
   __device__ __forceinline__ static C load(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
   __device__ __forceinline__ static void store(bf16* p, int64_t i, C v) { p[i] = __float2bfloat16_rn(v); }
+};
+template <>
+struct Elem<f16> {
+  using C = float;
+  __device__ __forceinline__ static C load(const f16* p, int64_t i) { return __half2float(p[i]); }
+  __device__ __forceinline__ static void store(f16* p, int64_t i, C v) { p[i] = __float2half_rn(v); }
 };
 template <>
 struct Elem<int32_t> {
@@ -129,12 +137,13 @@ struct Elem<int64_t> {
 };
 
 // Loads and stores through a dtype known only at run time (casts, where's condition). The
-// conversions match tensor/cpu/elementwise.cpp: through double, bf16 via float.
+// conversions match tensor/cpu/elementwise.cpp: through double, bf16 and f16 via float.
 __device__ __forceinline__ double load_any(DType t, const void* p, int64_t i) {
   switch (t) {
     case DType::f32: return static_cast<const float*>(p)[i];
     case DType::f64: return static_cast<const double*>(p)[i];
     case DType::bf16: return __bfloat162float(static_cast<const bf16*>(p)[i]);
+    case DType::f16: return __half2float(static_cast<const f16*>(p)[i]);
     case DType::i32: return static_cast<double>(static_cast<const int32_t*>(p)[i]);
     case DType::i64: return static_cast<double>(static_cast<const int64_t*>(p)[i]);
   }
@@ -145,6 +154,7 @@ __device__ __forceinline__ void store_any(DType t, void* p, int64_t i, double v)
     case DType::f32: static_cast<float*>(p)[i] = static_cast<float>(v); return;
     case DType::f64: static_cast<double*>(p)[i] = v; return;
     case DType::bf16: static_cast<bf16*>(p)[i] = __float2bfloat16_rn(static_cast<float>(v)); return;
+    case DType::f16: static_cast<f16*>(p)[i] = __float2half_rn(static_cast<float>(v)); return;
     case DType::i32: static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v); return;
     case DType::i64: static_cast<int64_t*>(p)[i] = static_cast<int64_t>(v); return;
   }

@@ -1,5 +1,5 @@
 // Index kernels on contiguous data viewed as (outer, dim, inner): index_select, gather (any
-// dtype: they move bits) and index_add, scatter_add (f32, f64, bf16).
+// dtype: they move bits) and index_add, scatter_add (f32, f64, bf16, f16).
 //
 // The two accumulating kernels are deterministic without float atomics: the destinations are
 // sorted with a stable radix sort (cub::DeviceRadixSort, values = source positions in
@@ -144,8 +144,9 @@ void dispatch_accumulate(DType t, const char* op, Body&& body) {
     case DType::f32: body(Tag<float>{}); return;
     case DType::f64: body(Tag<double>{}); return;
     case DType::bf16: body(Tag<bf16>{}); return;
+    case DType::f16: body(Tag<f16>{}); return;
     default:
-      throw Error(detail::concat(op, ": the CUDA backend accumulates f32, f64 or bf16, got ", dtype_name(t)));
+      throw Error(detail::concat(op, ": the CUDA backend accumulates f32, f64, bf16 or f16, got ", dtype_name(t)));
   }
 }
 
