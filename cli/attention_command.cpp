@@ -217,8 +217,7 @@ int run_attention(const AttentionArgs& a) {
            "--q ", shape_str(q_file.shape()), " and --k ", shape_str(k_file.shape()),
            " must agree in batch, heads and head_dim");
   const DType dtype = a.dtype.empty() ? q_file.dtype() : dtype_from_name(a.dtype);
-  LT_CHECK(dtype == DType::f32 || dtype == DType::f64 || dtype == DType::bf16, "--dtype must be f32, f64 or bf16, got ",
-           a.dtype);
+  LT_CHECK(is_floating(dtype), "--dtype must be f32, f64, bf16 or f16, got ", dtype_name(dtype));
   const DType out_dtype = dtype == DType::f64 ? DType::f64 : DType::f32;
   const bool backward = !a.dout.empty();
   Tensor dout_file;
@@ -266,7 +265,7 @@ const RegisterCommand attention_command(
       sub.add_option("--variant", args->variant, "registered attention variant (dense, dilated, ...)")->required();
       add_config_flags(sub, args->flags);
       sub.add_option("--device", args->device, "cpu or cuda[:N] (default cpu)");
-      sub.add_option("--dtype", args->dtype, "compute dtype: f32, f64 or bf16 (default: the dtype of q.npy)");
+      sub.add_option("--dtype", args->dtype, "compute dtype: f32, f64, bf16 or f16 (default: the dtype of q.npy)");
       sub.add_option("--q", args->q, "queries, .npy (B, N, H, D) float32/float64")->required();
       sub.add_option("--k", args->k, "keys, .npy (B, N, H, D)")->required();
       sub.add_option("--v", args->v, "values, .npy (B, N, H, D)")->required();

@@ -121,7 +121,7 @@ Grid build_grid(const BenchArgs& a) {
            ": no CUDA device is available (or longtape was built without CUDA)");
   for (const std::string& name : split_list(a.dtypes, ',')) {
     const DType t = dtype_from_name(name);
-    LT_CHECK(is_floating(t), "--dtype: expected floating dtypes (f32, bf16, f64), got ", name);
+    LT_CHECK(is_floating(t), "--dtype: expected floating dtypes (f32, bf16, f16, f64), got ", name);
     g.dtypes.push_back(t);
   }
   LT_CHECK(!g.dtypes.empty(), "--dtype: no dtype given");

@@ -7,12 +7,12 @@
 namespace longtape::cuda::attn {
 
 struct FwdParams {
-  const bf16 *q, *k, *v;
+  const elem16 *q, *k, *v;
   RowStrides qs, ks, vs;
-  // write mode: out (dtype bf16) and lse; merge mode: f32 accumulator out_acc (contiguous
+  // write mode: out (the inputs' format) and lse; merge mode: f32 accumulator out_acc (contiguous
   // (B, Nq, H, D)) and lse are read, merged by log-sum-exp and written back.
-  bf16* out;
-  bf16* out_residual;  // optional: out_f32 - out
+  elem16* out;
+  elem16* out_residual;  // optional: out_f32 - out
   RowStrides os;
   float* out_acc;
   float* lse;  // (B, H, lse_stride): row pos of (b, h) at (b * H + h) * lse_stride + pos
@@ -89,8 +89,9 @@ __device__ __forceinline__ void online_softmax_tile(const S& s, const O& o, floa
 
 // Writes (or merges) the two rows a thread holds of an accumulator in mma layout: o(d, e) is
 // element e of output n-tile d (e < 2: row row_of(0), else row_of(1)), m_run / l_run the running
-// max (log2 units, scaled) and this thread's partial row sums. Call with the whole warp.
-template <int D, class OAt, class RowOf>
+// max (log2 units, scaled) and this thread's partial row sums, out in format F. Call with the
+// whole warp.
+template <class F, int D, class OAt, class RowOf>
 __device__ __forceinline__ void store_forward_rows(const FwdParams& p, const OAt& o, const float (&m_run)[2],
                                                    const float (&l_run)[2], const StreamRows& s, int b, int h,
                                                    const RowOf& row_of) {
@@ -119,17 +120,17 @@ __device__ __forceinline__ void store_forward_rows(const FwdParams& p, const OAt
     const int64_t pos = s.first_q + row * s.step;
     float* lse_ptr = p.lse + lse_base + pos;
     if (!p.merge) {
-      bf16* dst = p.out + b * p.os.batch + h * p.os.head + pos * p.os.row;
+      elem16* dst = p.out + b * p.os.batch + h * p.os.head + pos * p.os.row;
       const float f = inv[hf] * p.out_scale;
 #pragma unroll
       for (int d = 0; d < kDT; ++d) {
         const float x = o(d, 2 * hf) * f, y = o(d, 2 * hf + 1) * f;
-        const uint32_t packed = pack_bf16(x, y);
+        const uint32_t packed = F::pack(x, y);
         *reinterpret_cast<uint32_t*>(dst + d * 8 + col_in_quad) = packed;
         if (p.out_residual) {
-          const __nv_bfloat162 rounded = *reinterpret_cast<const __nv_bfloat162*>(&packed);
+          const float2 rounded = F::unpack(packed);
           *reinterpret_cast<uint32_t*>(p.out_residual + (dst - p.out) + d * 8 + col_in_quad) =
-              pack_bf16(x - __low2float(rounded), y - __high2float(rounded));
+              F::pack(x - rounded.x, y - rounded.y);
         }
       }
       if ((lane & 3) == 0) *lse_ptr = row_lse[hf];
@@ -156,7 +157,8 @@ __device__ __forceinline__ void store_forward_rows(const FwdParams& p, const OAt
 }
 
 // The sm_90a forward (cuda/sm90a/attention_hopper_fwd.cu) over one launch's streams; head_dim 64
-// or 128. Only call it where hopper_forward_usable() says so.
+// or 128, inputs in format F. Only call it where hopper_forward_usable() says so.
+template <class F>
 void launch_forward_hopper(const FwdParams& params, const Streams& streams, int64_t batch, int head_dim);
 
 }  // namespace longtape::cuda::attn

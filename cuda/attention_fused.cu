@@ -35,30 +35,32 @@ __global__ void fill_lse_kernel(float* lse, int64_t n) {
   for (int64_t i = impl::global_tid(); i < n; i += impl::grid_stride()) lse[i] = -INFINITY;
 }
 
-// Zeroes (batch, rows, heads, dim) through strides, `width` bf16 at a time (8 = one 16-byte store
-// when dim, the strides and dst allow it; the index arithmetic is per store, not per element).
+// Zeroes (batch, rows, heads, dim) through strides, `width` elements at a time (8 = one 16-byte
+// store when dim, the strides and dst allow it; the index arithmetic is per store, not per
+// element). +0 has all bits clear in both 16-bit formats.
 template <int width>
-__global__ void zero_rows_kernel(bf16* dst, RowStrides s, int64_t rows, int64_t heads, int64_t dim, int64_t n) {
+__global__ void zero_rows_kernel(elem16* dst, RowStrides s, int64_t rows, int64_t heads, int64_t dim, int64_t n) {
   const int64_t per_row = dim / width;
   for (int64_t i = impl::global_tid(); i < n / width; i += impl::grid_stride()) {
     const int64_t d = (i % per_row) * width, head_row = i / per_row;
     const int64_t h = head_row % heads, r = (head_row / heads) % rows, b = head_row / heads / rows;
-    bf16* at = dst + b * s.batch + r * s.row + h * s.head + d;
+    elem16* at = dst + b * s.batch + r * s.row + h * s.head + d;
     if constexpr (width == 8)
       *reinterpret_cast<uint4*>(at) = make_uint4(0, 0, 0, 0);
     else
-      *at = __float2bfloat16_rn(0.f);
+      *at = 0;
   }
 }
 
-__global__ void store_accumulator_kernel(bf16* dst, bf16* residual, RowStrides s, const float* acc, int64_t rows,
+template <class F>
+__global__ void store_accumulator_kernel(elem16* dst, elem16* residual, RowStrides s, const float* acc, int64_t rows,
                                          int64_t heads, int64_t dim, int64_t n) {
   for (int64_t i = impl::global_tid(); i < n; i += impl::grid_stride()) {
     const int64_t d = i % dim, h = (i / dim) % heads, r = (i / dim / heads) % rows, b = i / dim / heads / rows;
     const int64_t at = b * s.batch + r * s.row + h * s.head + d;
-    const bf16 rounded = __float2bfloat16_rn(acc[i]);
+    const elem16 rounded = F::from_float(acc[i]);
     dst[at] = rounded;
-    if (residual) residual[at] = __float2bfloat16_rn(acc[i] - __bfloat162float(rounded));
+    if (residual) residual[at] = F::from_float(acc[i] - F::to_float(rounded));
   }
 }
 
@@ -178,10 +180,10 @@ void zero_rows(void* dst, const attention::fused::Strides& s, const attention::f
                     reinterpret_cast<uintptr_t>(dst) % 16 == 0;
   if (wide)
     zero_rows_kernel<8><<<impl::grid_for(n / 8), impl::kThreads, 0, impl::stream()>>>(
-        static_cast<bf16*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
+        static_cast<elem16*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
   else
     zero_rows_kernel<1><<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(
-        static_cast<bf16*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
+        static_cast<elem16*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -189,10 +191,12 @@ void store_accumulator(void* dst, const attention::fused::Strides& s, const floa
                        const attention::fused::Problem& p, int64_t rows, void* residual) {
   const int64_t n = p.batch * rows * p.heads * p.head_dim;
   if (n == 0) return;
-  store_accumulator_kernel<<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(
-      static_cast<bf16*>(dst), static_cast<bf16*>(residual), {s.batch, s.row, s.head}, acc, rows, p.heads,
-      p.head_dim, n);
-  CUDA_CHECK_LAUNCH();
+  with_format(p.dtype, [&](auto format) {
+    store_accumulator_kernel<decltype(format)><<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(
+        static_cast<elem16*>(dst), static_cast<elem16*>(residual), {s.batch, s.row, s.head}, acc, rows, p.heads,
+        p.head_dim, n);
+    CUDA_CHECK_LAUNCH();
+  });
 }
 
 }  // namespace longtape::cuda::attn

@@ -1,13 +1,15 @@
 #pragma once
 // Shared pieces of the fused attention kernels (attention_fused_fwd.cu, attention_fused_bwd.cu):
-// the per-launch parameters, the stream/tile geometry every kernel uses, and the warp-level
-// tensor-core primitives (ldmatrix, mma.sync m16n8k16 bf16 with f32 accumulation, cp.async).
+// the per-launch parameters, the stream/tile geometry every kernel uses, the two 16-bit input
+// formats (bf16, f16) and the warp-level tensor-core primitives (ldmatrix, mma.sync m16n8k16 with
+// f32 accumulation, cp.async).
 //
 // Work decomposition: a launch covers one set of (head -> dilated branch, offset) assignments.
 // A stream is a strided run of rows (first, first + step, ...) of one (batch, head); a CTA owns
 // one 64-row tile of one stream. Dense attention is one stream of step 1; block-sparse attention
 // is one stream whose key tiles come from block lists.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -16,7 +18,9 @@
 
 namespace longtape::cuda::attn {
 
-using bf16 = __nv_bfloat16;
+// An input element: tiles move 16-bit elements as raw bits (cp.async, ldmatrix); the format
+// (Bf16Format, F16Format) decides only the tensor-core product and the f32 conversions.
+using elem16 = uint16_t;
 using attention::fused::kMaxBranches;
 using attention::fused::kMaxHeads;
 
@@ -72,7 +76,7 @@ __device__ __forceinline__ StreamRows stream_rows(const Streams& st, int br, int
 
 // Where the kernels of one stream read q, k and v: the stream's first row, and the step between rows.
 struct StreamInputs {
-  const bf16 *q, *k, *v;
+  const elem16 *q, *k, *v;
   int64_t q_step, k_step, v_step;
 };
 template <class Params>
@@ -110,41 +114,75 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(p)));
 }
 
-// c (16x8 f32) += a (16x16 bf16, row) * b (16x8 bf16, col).
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// bf16 inputs: 8-bit mantissa, f32's exponent range.
+struct Bf16Format {
+  static constexpr bool kIsF16 = false;
+  // c (16x8 f32) += a (16x16, row) * b (16x8, col).
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // Two f32 values rounded to nearest even, lo in the low half.
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ __forceinline__ static float2 unpack(uint32_t packed) {
+    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&packed);
+    return make_float2(__low2float(h), __high2float(h));
+  }
+  __device__ __forceinline__ static float to_float(elem16 x) { return __bfloat162float(__ushort_as_bfloat16(x)); }
+  __device__ __forceinline__ static elem16 from_float(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+};
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
+// f16 (IEEE half) inputs: 11-bit mantissa, largest finite 65504.
+struct F16Format {
+  static constexpr bool kIsF16 = true;
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ __forceinline__ static float2 unpack(uint32_t packed) {
+    const __half2 h = *reinterpret_cast<const __half2*>(&packed);
+    return make_float2(__low2float(h), __high2float(h));
+  }
+  __device__ __forceinline__ static float to_float(elem16 x) { return __half2float(__ushort_as_half(x)); }
+  __device__ __forceinline__ static elem16 from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
+};
 
-// The A fragment (16 rows x 16 k, bf16) made of two adjacent accumulator n-tiles f0, f1.
+// The A fragment (16 rows x 16 k, format F) made of two adjacent accumulator n-tiles f0, f1.
+template <class F>
 __device__ __forceinline__ void a_fragment(uint32_t (&a)[4], const float (&f0)[4], const float (&f1)[4]) {
-  a[0] = pack_bf16(f0[0], f0[1]);
-  a[1] = pack_bf16(f0[2], f0[3]);
-  a[2] = pack_bf16(f1[0], f1[1]);
-  a[3] = pack_bf16(f1[2], f1[3]);
+  a[0] = F::pack(f0[0], f0[1]);
+  a[1] = F::pack(f0[2], f0[3]);
+  a[2] = F::pack(f1[0], f1[1]);
+  a[3] = F::pack(f1[2], f1[3]);
 }
-// The same as bf16 hi + lo parts: hi + lo carries ~16 bits, for products whose terms cancel
-// (dS = P (dP - delta) feeding dQ and dK), where one bf16 rounding per term shows in the result.
+// The same as hi + lo parts: hi + lo carries about twice the format's bits, for products whose
+// terms cancel (dS = P (dP - delta) feeding dQ and dK), where one rounding per term shows.
+template <class F>
 __device__ __forceinline__ void a_fragment_split(uint32_t (&hi)[4], uint32_t (&lo)[4], const float (&f0)[4],
                                                  const float (&f1)[4]) {
-  a_fragment(hi, f0, f1);
+  a_fragment<F>(hi, f0, f1);
   const float vals[8] = {f0[0], f0[1], f0[2], f0[3], f1[0], f1[1], f1[2], f1[3]};
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi[r]);
-    lo[r] = pack_bf16(vals[2 * r] - __low2float(h), vals[2 * r + 1] - __high2float(h));
+    const float2 h = F::unpack(hi[r]);
+    lo[r] = F::pack(vals[2 * r] - h.x, vals[2 * r + 1] - h.y);
   }
 }
 
-// Shared-memory tile of kTile rows x D bf16, rows padded by 16 bytes so ldmatrix is conflict-free.
+// Shared-memory tile of kTile rows x D 16-bit elements, rows padded by 16 bytes so ldmatrix is conflict-free.
 template <int D>
 struct TileLayout {
   static constexpr int kLd = D + 8;
@@ -156,17 +194,17 @@ struct TileLayout {
 // Starts the copy of rows [row0, row0 + kTile) of one stream into a shared tile; rows at or beyond
 // `len` are zero-filled. `base` points at the stream's first row, `step` is the row step in elements.
 template <int D>
-__device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* base, int64_t step, int64_t row0,
+__device__ __forceinline__ void load_tile_async(elem16* tile, const elem16* base, int64_t step, int64_t row0,
                                                 int64_t len) {
   using L = TileLayout<D>;
   constexpr int kRowsPerPass = kThreads / L::kChunksPerRow;
   // This thread copies rows r, r + kRowsPerPass, ... at one 16-byte column: one 64-bit multiply
   // per tile, then pointer increments.
   const int r = threadIdx.x / L::kChunksPerRow, col = (threadIdx.x % L::kChunksPerRow) * 8;
-  const bf16* src = base + (row0 + r) * step + col;
+  const elem16* src = base + (row0 + r) * step + col;
   const int64_t pass_step = kRowsPerPass * step;
   const int64_t rows_left = len - row0 - r;  // rows of this thread's column still inside the stream
-  bf16* dst = tile + r * L::kLd + col;
+  elem16* dst = tile + r * L::kLd + col;
 #pragma unroll
   for (int i = 0; i < L::kChunksPerThread; ++i) {
     const bool valid = i * kRowsPerPass < rows_left;
@@ -177,19 +215,19 @@ __device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* base, in
 
 // A fragments (16 rows x 16 k) of rows [row0, row0 + 16) of a shared tile, k block kk.
 template <int D>
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* tile, int row0, int kk) {
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const elem16* tile, int row0, int kk) {
   const int lane = threadIdx.x & 31;
   ldmatrix_x4(a, tile + (row0 + (lane & 15)) * TileLayout<D>::kLd + kk * 16 + (lane >> 4) * 8);
 }
 // B fragments for two n-tiles (n0..n0+15) where the tile stores B as [n][k] (k contiguous).
 template <int D>
-__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const bf16* tile, int n0, int kk) {
+__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const elem16* tile, int n0, int kk) {
   const int lane = threadIdx.x & 31;
   ldmatrix_x4(b, tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * TileLayout<D>::kLd + kk * 16 + ((lane >> 3) & 1) * 8);
 }
 // B fragments for two n-tiles (n0..n0+15) where the tile stores B as [k][n] (n contiguous).
 template <int D>
-__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const bf16* tile, int n0, int kk) {
+__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const elem16* tile, int n0, int kk) {
   const int lane = threadIdx.x & 31;
   ldmatrix_x4_trans(b, tile + (kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3)) * TileLayout<D>::kLd + n0 +
                            ((lane >> 4) << 3));

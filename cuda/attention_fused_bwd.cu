@@ -19,7 +19,8 @@ namespace longtape::cuda::attn {
 namespace {
 
 
-__global__ void delta_kernel(float* delta, const bf16* out, const bf16* residual, RowStrides os, const bf16* dout,
+template <class F>
+__global__ void delta_kernel(float* delta, const elem16* out, const elem16* residual, RowStrides os, const elem16* dout,
                              RowStrides ds,
                              const float* dlse, int64_t batch, int64_t heads, int64_t rows,
                              int dim) {
@@ -27,31 +28,32 @@ __global__ void delta_kernel(float* delta, const bf16* out, const bf16* residual
   const int lane = threadIdx.x & 31;
   if (warp_id >= batch * heads * rows) return;
   const int64_t r = warp_id % rows, h = (warp_id / rows) % heads, b = warp_id / rows / heads;
-  const bf16* o = out + b * os.batch + h * os.head + r * os.row;
-  const bf16* g = dout + b * ds.batch + h * ds.head + r * ds.row;
+  const elem16* o = out + b * os.batch + h * os.head + r * os.row;
+  const elem16* g = dout + b * ds.batch + h * ds.head + r * ds.row;
   float acc = 0.f;
-  const bf16* lo = residual ? residual + (o - out) : nullptr;
+  const elem16* lo = residual ? residual + (o - out) : nullptr;
   for (int d = lane; d < dim; d += 32)
-    acc += (__bfloat162float(o[d]) + (lo ? __bfloat162float(lo[d]) : 0.f)) * __bfloat162float(g[d]);
+    acc += (F::to_float(o[d]) + (lo ? F::to_float(lo[d]) : 0.f)) * F::to_float(g[d]);
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) delta[warp_id] = acc - (dlse ? dlse[warp_id] : 0.f);
 }
 
 // kFuseDq: the CTA also adds its dQ = dS K share into the f32 dq_acc with atomics (dS^T goes
 // through shared memory so that warps split dQ by query rows), saving the dQ kernel's recompute.
-// Three resident CTAs per SM for D <= 64 in the deterministic form (its registers fit in 170).
-template <int D, bool kFuseDq>
-__global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
+// Three resident CTAs per SM for D <= 64 in the deterministic form with bf16 (its registers fit in
+// 170); the f16 form needs more registers (half <-> f32 conversions) and takes two, without spills.
+template <class F, int D, bool kFuseDq>
+__global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2 : 3) : 1)
     attention_backward_dkdv_kernel(const BwdParams p) {
   using L = TileLayout<D>;
   constexpr int kNT = kTile / 8, kDT = D / 8;
   constexpr int kLdS = kTile + 8;  // dS^T tile [key][query], padded like the others
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_raw);
-  bf16* sV = sK + L::kElems;
-  bf16* sQ = sV + L::kElems;         // 2 stages
-  bf16* sdO = sQ + 2 * L::kElems;    // 2 stages
-  bf16* sdS = sdO + 2 * L::kElems;   // kTile x kLdS (kFuseDq only)
+  elem16* sK = reinterpret_cast<elem16*>(smem_raw);
+  elem16* sV = sK + L::kElems;
+  elem16* sQ = sV + L::kElems;         // 2 stages
+  elem16* sdO = sQ + 2 * L::kElems;    // 2 stages
+  elem16* sdS = sdO + 2 * L::kElems;   // kTile x kLdS (kFuseDq only)
   float* sLse = reinterpret_cast<float*>(sdS + (kFuseDq ? kTile * kLdS : 0));  // 2 x kTile
   float* sDelta = sLse + 2 * kTile;
   __shared__ float bias_part[kWarps];
@@ -125,8 +127,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const bf16* tQ = sQ + stage * L::kElems;
-    const bf16* tG = sdO + stage * L::kElems;
+    const elem16* tQ = sQ + stage * L::kElems;
+    const elem16* tG = sdO + stage * L::kElems;
     const float* tLse = sLse + stage * kTile;
     const float* tDelta = sDelta + stage * kTile;
 
@@ -147,10 +149,10 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
         uint32_t bq[4], bg[4];
         load_b_nk<D>(bq, tQ, np * 16, kk);
         load_b_nk<D>(bg, tG, np * 16, kk);
-        mma_bf16(st[2 * np], ak, bq[0], bq[1]);
-        mma_bf16(st[2 * np + 1], ak, bq[2], bq[3]);
-        mma_bf16(dpt[2 * np], av, bg[0], bg[1]);
-        mma_bf16(dpt[2 * np + 1], av, bg[2], bg[3]);
+        F::mma(st[2 * np], ak, bq[0], bq[1]);
+        F::mma(st[2 * np + 1], ak, bq[2], bq[3]);
+        F::mma(dpt[2 * np], av, bg[0], bg[1]);
+        F::mma(dpt[2 * np + 1], av, bg[2], bg[3]);
       }
     }
     const float bias =
@@ -197,34 +199,34 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
                           p.lists.nkb + block_col] = bias_part[0] + bias_part[1] + bias_part[2] + bias_part[3];
     }
     if constexpr (kFuseDq) {
-      // dS^T (this warp's 16 keys x 64 queries) to shared memory as bf16.
+      // dS^T (this warp's 16 keys x 64 queries) to shared memory in format F.
 #pragma unroll
       for (int j = 0; j < kNT; ++j)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf)
           *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + hf * 8 + (lane >> 2)) * kLdS + j * 8 + col_in_quad) =
-              pack_bf16(dpt[j][2 * hf], dpt[j][2 * hf + 1]);
+              F::pack(dpt[j][2 * hf], dpt[j][2 * hf + 1]);
     }
-    // dV += P^T dO, dK += dS^T Q (k = queries); P and dS as bf16 hi + lo parts (dO and Q terms
+    // dV += P^T dO, dK += dS^T Q (k = queries); P and dS as hi + lo parts (dO and Q terms
     // of either sign cancel in both sums).
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
       uint32_t ap[4], ap_lo[4], as[4], as_lo[4];
-      a_fragment_split(ap, ap_lo, st[2 * kk], st[2 * kk + 1]);
-      a_fragment_split(as, as_lo, dpt[2 * kk], dpt[2 * kk + 1]);
+      a_fragment_split<F>(ap, ap_lo, st[2 * kk], st[2 * kk + 1]);
+      a_fragment_split<F>(as, as_lo, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t bg[4], bq[4];
         load_b_kn<D>(bg, tG, dp * 16, kk);
         load_b_kn<D>(bq, tQ, dp * 16, kk);
-        mma_bf16(dv[2 * dp], ap, bg[0], bg[1]);
-        mma_bf16(dv[2 * dp + 1], ap, bg[2], bg[3]);
-        mma_bf16(dv[2 * dp], ap_lo, bg[0], bg[1]);
-        mma_bf16(dv[2 * dp + 1], ap_lo, bg[2], bg[3]);
-        mma_bf16(dk[2 * dp], as, bq[0], bq[1]);
-        mma_bf16(dk[2 * dp + 1], as, bq[2], bq[3]);
-        mma_bf16(dk[2 * dp], as_lo, bq[0], bq[1]);
-        mma_bf16(dk[2 * dp + 1], as_lo, bq[2], bq[3]);
+        F::mma(dv[2 * dp], ap, bg[0], bg[1]);
+        F::mma(dv[2 * dp + 1], ap, bg[2], bg[3]);
+        F::mma(dv[2 * dp], ap_lo, bg[0], bg[1]);
+        F::mma(dv[2 * dp + 1], ap_lo, bg[2], bg[3]);
+        F::mma(dk[2 * dp], as, bq[0], bq[1]);
+        F::mma(dk[2 * dp + 1], as, bq[2], bq[3]);
+        F::mma(dk[2 * dp], as_lo, bq[0], bq[1]);
+        F::mma(dk[2 * dp + 1], as_lo, bq[2], bq[3]);
       }
     }
     if constexpr (kFuseDq) {
@@ -242,8 +244,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
         for (int dp = 0; dp < kDT / 2; ++dp) {
           uint32_t bk[4];
           load_b_kn<D>(bk, sK, dp * 16, kk);
-          mma_bf16(dq[2 * dp], a, bk[0], bk[1]);
-          mma_bf16(dq[2 * dp + 1], a, bk[2], bk[3]);
+          F::mma(dq[2 * dp], a, bk[0], bk[1]);
+          F::mma(dq[2 * dp + 1], a, bk[2], bk[3]);
         }
       }
 #pragma unroll
@@ -264,20 +266,20 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? 3 : 1)
   }
   cp_async_wait<0>();
   const int64_t nk = p.st.seq_k;
-  store_rows<D>([&](int d, int e) { return dk[d][e]; }, p.scale, key_a, s.len_k, s, p.accumulate, p.dk, p.dks, p.dk_acc, b, h, p.heads, nk);
-  store_rows<D>([&](int d, int e) { return dv[d][e]; }, p.do_scale, key_a, s.len_k, s, p.accumulate, p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
+  store_rows<F, D>([&](int d, int e) { return dk[d][e]; }, p.scale, key_a, s.len_k, s, p.accumulate, p.dk, p.dks, p.dk_acc, b, h, p.heads, nk);
+  store_rows<F, D>([&](int d, int e) { return dv[d][e]; }, p.do_scale, key_a, s.len_k, s, p.accumulate, p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
 }
 
 // Three resident CTAs per SM for D <= 64 (the registers fit without spilling).
-template <int D>
+template <class F, int D>
 __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_dq_kernel(const BwdParams p) {
   using L = TileLayout<D>;
   constexpr int kNT = kTile / 8, kDT = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
-  bf16* sdO = sQ + L::kElems;
-  bf16* sK = sdO + L::kElems;  // 2 stages
-  bf16* sV = sK + 2 * L::kElems;  // 2 stages
+  elem16* sQ = reinterpret_cast<elem16*>(smem_raw);
+  elem16* sdO = sQ + L::kElems;
+  elem16* sK = sdO + L::kElems;  // 2 stages
+  elem16* sV = sK + 2 * L::kElems;  // 2 stages
 
   const int h = blockIdx.y, b = blockIdx.z;
   int64_t qt;
@@ -345,8 +347,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const bf16* tK = sK + stage * L::kElems;
-    const bf16* tV = sV + stage * L::kElems;
+    const elem16* tK = sK + stage * L::kElems;
+    const elem16* tV = sV + stage * L::kElems;
 
     float sc[kNT][4], dp[kNT][4];
 #pragma unroll
@@ -363,10 +365,10 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
         uint32_t bk[4], bv[4];
         load_b_nk<D>(bk, tK, np * 16, kk);
         load_b_nk<D>(bv, tV, np * 16, kk);
-        mma_bf16(sc[2 * np], aq, bk[0], bk[1]);
-        mma_bf16(sc[2 * np + 1], aq, bk[2], bk[3]);
-        mma_bf16(dp[2 * np], ag, bv[0], bv[1]);
-        mma_bf16(dp[2 * np + 1], ag, bv[2], bv[3]);
+        F::mma(sc[2 * np], aq, bk[0], bk[1]);
+        F::mma(sc[2 * np + 1], aq, bk[2], bk[3]);
+        F::mma(dp[2 * np], ag, bv[0], bv[1]);
+        F::mma(dp[2 * np + 1], ag, bv[2], bv[3]);
       }
     }
     const float bias =
@@ -401,15 +403,15 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
       uint32_t as[4], as_lo[4];
-      a_fragment_split(as, as_lo, sc[2 * kk], sc[2 * kk + 1]);
+      a_fragment_split<F>(as, as_lo, sc[2 * kk], sc[2 * kk + 1]);
 #pragma unroll
       for (int dpair = 0; dpair < kDT / 2; ++dpair) {
         uint32_t bk[4];
         load_b_kn<D>(bk, tK, dpair * 16, kk);
-        mma_bf16(dq[2 * dpair], as, bk[0], bk[1]);
-        mma_bf16(dq[2 * dpair + 1], as, bk[2], bk[3]);
-        mma_bf16(dq[2 * dpair], as_lo, bk[0], bk[1]);
-        mma_bf16(dq[2 * dpair + 1], as_lo, bk[2], bk[3]);
+        F::mma(dq[2 * dpair], as, bk[0], bk[1]);
+        F::mma(dq[2 * dpair + 1], as, bk[2], bk[3]);
+        F::mma(dq[2 * dpair], as_lo, bk[0], bk[1]);
+        F::mma(dq[2 * dpair + 1], as_lo, bk[2], bk[3]);
       }
     }
     stage ^= 1;
@@ -418,38 +420,38 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
   cp_async_wait<0>();
   StreamRows qs_rows = s;
   qs_rows.first_k = s.first_q;
-  store_rows<D>([&](int d, int e) { return dq[d][e]; }, p.scale, row_a, s.len_q, qs_rows, p.accumulate, p.dq, p.dqs, p.dq_acc, b, h, p.heads,
+  store_rows<F, D>([&](int d, int e) { return dq[d][e]; }, p.scale, row_a, s.len_q, qs_rows, p.accumulate, p.dq, p.dqs, p.dq_acc, b, h, p.heads,
                 p.st.seq_q);
 }
 
-template <int D, bool kFuseDq>
+template <class F, int D, bool kFuseDq>
 void launch_dkdv(const BwdParams& params, const dim3 grid) {
   using L = TileLayout<D>;
-  const size_t smem = 6 * L::kElems * sizeof(bf16) + (kFuseDq ? kTile * (kTile + 8) * sizeof(bf16) : 0) +
+  const size_t smem = 6 * L::kElems * sizeof(elem16) + (kFuseDq ? kTile * (kTile + 8) * sizeof(elem16) : 0) +
                       4 * kTile * sizeof(float);
   static bool configured = false;  // the attribute is per function; setting it again is harmless
   if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dkdv_kernel<D, kFuseDq>,
+    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dkdv_kernel<F, D, kFuseDq>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     configured = true;
   }
-  attention_backward_dkdv_kernel<D, kFuseDq><<<grid, kThreads, smem, impl::stream()>>>(params);
+  attention_backward_dkdv_kernel<F, D, kFuseDq><<<grid, kThreads, smem, impl::stream()>>>(params);
   CUDA_CHECK_LAUNCH();
 }
 
-template <int D>
+template <class F, int D>
 void launch_backward(const BwdParams& params, int64_t max_tiles, int64_t batch, bool deterministic) {
   const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(params.heads), static_cast<unsigned>(batch));
-  if (!deterministic) return launch_dkdv<D, true>(params, grid);
-  launch_dkdv<D, false>(params, grid);
-  const size_t smem_dq = 6 * TileLayout<D>::kElems * sizeof(bf16);
+  if (!deterministic) return launch_dkdv<F, D, true>(params, grid);
+  launch_dkdv<F, D, false>(params, grid);
+  const size_t smem_dq = 6 * TileLayout<D>::kElems * sizeof(elem16);
   static bool configured = false;
   if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dq_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dq_kernel<F, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem_dq)));
     configured = true;
   }
-  attention_backward_dq_kernel<D><<<grid, kThreads, smem_dq, impl::stream()>>>(params);
+  attention_backward_dq_kernel<F, D><<<grid, kThreads, smem_dq, impl::stream()>>>(params);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -482,18 +484,18 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
   const attention::fused::Problem& f = bp.forward;
   const cudaStream_t stream = impl::stream();
   BwdParams p{};
-  p.q = static_cast<const bf16*>(f.q);
-  p.k = static_cast<const bf16*>(f.k);
-  p.v = static_cast<const bf16*>(f.v);
-  p.dout = static_cast<const bf16*>(bp.dout);
+  p.q = static_cast<const elem16*>(f.q);
+  p.k = static_cast<const elem16*>(f.k);
+  p.v = static_cast<const elem16*>(f.v);
+  p.dout = static_cast<const elem16*>(bp.dout);
   p.qs = strides_of(f.q_stride);
   p.ks = strides_of(f.k_stride);
   p.vs = strides_of(f.v_stride);
   p.dos = strides_of(bp.dout_stride);
   p.lse = static_cast<const float*>(f.lse);
-  p.dq = static_cast<bf16*>(bp.dq);
-  p.dk = static_cast<bf16*>(bp.dk);
-  p.dv = static_cast<bf16*>(bp.dv);
+  p.dq = static_cast<elem16*>(bp.dq);
+  p.dk = static_cast<elem16*>(bp.dk);
+  p.dv = static_cast<elem16*>(bp.dv);
   p.dqs = strides_of(bp.dq_stride);
   p.dks = strides_of(bp.dk_stride);
   p.dvs = strides_of(bp.dv_stride);
@@ -510,11 +512,13 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
   p.delta = static_cast<const float*>(delta->data);
   if (rows_q > 0) {
     const int64_t threads = rows_q * 32;
-    delta_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
-        static_cast<float*>(delta->data), static_cast<const bf16*>(f.out), static_cast<const bf16*>(f.out_residual),
-        strides_of(f.out_stride), p.dout, p.dos,
-        static_cast<const float*>(bp.dlse), f.batch, f.heads, f.seq_q, static_cast<int>(f.head_dim));
-    CUDA_CHECK_LAUNCH();
+    with_format(f.dtype, [&](auto format) {
+      delta_kernel<decltype(format)><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
+          static_cast<float*>(delta->data), static_cast<const elem16*>(f.out),
+          static_cast<const elem16*>(f.out_residual), strides_of(f.out_stride), p.dout, p.dos,
+          static_cast<const float*>(bp.dlse), f.batch, f.heads, f.seq_q, static_cast<int>(f.head_dim));
+      CUDA_CHECK_LAUNCH();
+    });
   }
   if (p.lists.dbias) {
     const size_t n = static_cast<size_t>(f.batch * f.heads * plan.lists.nqb * plan.lists.nkb);
@@ -566,16 +570,16 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
       int64_t max_tiles = 0;
       for (int br = 0; br < kMaxBranches; ++br) max_tiles = std::max(max_tiles, launch.num_tiles[br]);
       if (max_tiles == 0) continue;
-      if (hopper) {
-        launch_backward_hopper(pc, launch, f.batch, static_cast<int>(f.head_dim));
-        continue;
-      }
-      switch (f.head_dim) {
-        case 32: launch_backward<32>(pc, max_tiles, f.batch, !fuse_dq); break;
-        case 64: launch_backward<64>(pc, max_tiles, f.batch, !fuse_dq); break;
-        case 128: launch_backward<128>(pc, max_tiles, f.batch, !fuse_dq); break;
-        default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", f.head_dim);
-      }
+      with_format(f.dtype, [&](auto format) {
+        using F = decltype(format);
+        if (hopper) return launch_backward_hopper<F>(pc, launch, f.batch, static_cast<int>(f.head_dim));
+        switch (f.head_dim) {
+          case 32: launch_backward<F, 32>(pc, max_tiles, f.batch, !fuse_dq); break;
+          case 64: launch_backward<F, 64>(pc, max_tiles, f.batch, !fuse_dq); break;
+          case 128: launch_backward<F, 128>(pc, max_tiles, f.batch, !fuse_dq); break;
+          default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", f.head_dim);
+        }
+      });
     }
     if (p.accumulate || fuse_dq) store_accumulator(pc.dq, bp.dq_stride, pc.dq_acc, fc, fc.seq_q);
     if (p.accumulate) {

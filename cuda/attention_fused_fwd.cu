@@ -1,4 +1,4 @@
-// Fused attention forward on tensor cores (bf16 inputs, f32 accumulation, online softmax), and the
+// Fused attention forward on tensor cores (bf16 or f16 inputs, f32 accumulation, online softmax), and the
 // host side that turns an attention::fused::Problem into launches. Every key set (dense, dilated
 // branches, block lists) runs through the one kernel: a CTA owns 64 query rows of one stream and
 // loops over 64-key tiles, reading strided (dilated) rows in place.
@@ -21,11 +21,11 @@ namespace {
 // kStages-deep cp.async pipeline (one barrier per key tile). Per key tile each warp computes S = Q K^T (16 x 64), the online
 // softmax on unscaled scores (one FFMA + one MUFU per element: exp2(s * scale_log2 + bias - max)),
 // and O += P V. Masking runs (behind a warp-uniform branch) only on ragged or causal-diagonal tiles.
-// kSplitP: P enters P V as bf16 hi + lo parts, so O is accurate to ~16 bits (used when a block bias
-// needs its gradient, whose rowsum(dO * O) must not carry bf16 rounding of P).
+// kSplitP: P enters P V as hi + lo parts in format F, so O is accurate to about twice F's bits
+// (used when a block bias needs its gradient, whose rowsum(dO * O) must not carry P's rounding).
 // kStages: K/V tiles in flight. Three resident CTAs per SM for D <= 64 (168 registers, no spills;
 // D = 128 needs ~240).
-template <int D, bool kSplitP, int kStages>
+template <class F, int D, bool kSplitP, int kStages>
 __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_kernel(const FwdParams p) {
   using L = TileLayout<D>;
   constexpr int kNT = kTile / 8;  // key n-tiles per step
@@ -33,9 +33,9 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
   constexpr int kKD = D / 16;     // k-steps of Q K^T
   constexpr bool kQInRegisters = D <= 64;  // D = 128 would need 32 more registers
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
-  bf16* sK = sQ + L::kElems;  // kStages stages
-  bf16* sV = sK + kStages * L::kElems;
+  elem16* sQ = reinterpret_cast<elem16*>(smem_raw);
+  elem16* sK = sQ + L::kElems;  // kStages stages
+  elem16* sV = sK + kStages * L::kElems;
 
   const int h = blockIdx.y, b = blockIdx.z;
   int64_t tile;
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
 
   // One key tile: scores, online softmax, P V. masked: the tile holds padded keys or the causal
   // diagonal; lim[hf] is then the last visible key offset of the half-row.
-  auto step = [&](const bf16* tK, const bf16* tV, float bias, bool masked, const int (&lim)[2]) {
+  auto step = [&](const elem16* tK, const elem16* tV, float bias, bool masked, const int (&lim)[2]) {
     float sc[kNT][4];
 #pragma unroll
     for (int j = 0; j < kNT; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
@@ -125,30 +125,30 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t bb[4];
         load_b_nk<D>(bb, tK, np * 16, kk);
-        mma_bf16(sc[2 * np], a, bb[0], bb[1]);
-        mma_bf16(sc[2 * np + 1], a, bb[2], bb[3]);
+        F::mma(sc[2 * np], a, bb[0], bb[1]);
+        F::mma(sc[2 * np + 1], a, bb[2], bb[3]);
       }
     }
     online_softmax_tile<kNT, kDT>([&](int j, int e) -> float& { return sc[j][e]; },
                                   [&](int d, int e) -> float& { return o[d][e]; }, m_run, l_run, bias, p.scale_log2,
                                   p.lazy_rescale, masked, lim, [](int) {});
-    // O += P V: P from registers as A fragments (bf16, or hi + lo), V tile [key][d].
+    // O += P V: P from registers as A fragments (format F, or hi + lo), V tile [key][d].
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
       uint32_t a[4], a_lo[4];
       if constexpr (kSplitP)
-        a_fragment_split(a, a_lo, sc[2 * kk], sc[2 * kk + 1]);
+        a_fragment_split<F>(a, a_lo, sc[2 * kk], sc[2 * kk + 1]);
       else
-        a_fragment(a, sc[2 * kk], sc[2 * kk + 1]);
+        a_fragment<F>(a, sc[2 * kk], sc[2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t bb[4];
         load_b_kn<D>(bb, tV, dp * 16, kk);
-        mma_bf16(o[2 * dp], a, bb[0], bb[1]);
-        mma_bf16(o[2 * dp + 1], a, bb[2], bb[3]);
+        F::mma(o[2 * dp], a, bb[0], bb[1]);
+        F::mma(o[2 * dp + 1], a, bb[2], bb[3]);
         if constexpr (kSplitP) {
-          mma_bf16(o[2 * dp], a_lo, bb[0], bb[1]);
-          mma_bf16(o[2 * dp + 1], a_lo, bb[2], bb[3]);
+          F::mma(o[2 * dp], a_lo, bb[0], bb[1]);
+          F::mma(o[2 * dp + 1], a_lo, bb[2], bb[3]);
         }
       }
     }
@@ -165,8 +165,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
     fetch = next_visible(fetch + 1);
     const float bias = bias_row ? bias_row[kt / p.lists.block_tiles] * kLog2e : 0.f;
     const int k0 = kt * kTile;
-    const bf16* tK = sK + stage * L::kElems;
-    const bf16* tV = sV + stage * L::kElems;
+    const elem16* tK = sK + stage * L::kElems;
+    const elem16* tV = sV + stage * L::kElems;
     const bool masked = k0 + kTile > len_k || (p.causal && k0 + kTile - 1 > q0);
     int lim[2];
 #pragma unroll
@@ -176,40 +176,45 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
   }
   cp_async_wait<0>();
 
-  store_forward_rows<D>(p, [&](int d, int e) { return o[d][e]; }, m_run, l_run, s, b, h, [&](int hf) { return row_of(hf); });
+  store_forward_rows<F, D>(p, [&](int d, int e) { return o[d][e]; }, m_run, l_run, s, b, h, [&](int hf) { return row_of(hf); });
 }
 
-template <int D, bool kSplitP, int kStages>
+template <class F, int D, bool kSplitP, int kStages>
 void launch_forward_variant(const FwdParams& params, int64_t max_tiles, int64_t batch) {
-  const size_t smem = (1 + 2 * kStages) * TileLayout<D>::kElems * sizeof(bf16);
+  const size_t smem = (1 + 2 * kStages) * TileLayout<D>::kElems * sizeof(elem16);
   static bool configured = false;  // the attribute is per function; setting it again is harmless
   if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<D, kSplitP, kStages>,
+    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<F, D, kSplitP, kStages>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(params.heads), static_cast<unsigned>(batch));
-  attention_forward_kernel<D, kSplitP, kStages><<<grid, kThreads, smem, impl::stream()>>>(params);
+  attention_forward_kernel<F, D, kSplitP, kStages><<<grid, kThreads, smem, impl::stream()>>>(params);
   CUDA_CHECK_LAUNCH();
 }
 
 // Split P only when a block bias needs its gradient. 128-row query tiles (two m-tiles per warp)
 // measured 5-10% slower on the H200 (benchmarks/lab/NOTES.md, v2).
-template <int D>
+template <class F, int D>
 void launch_forward(const FwdParams& params, const Streams& streams, int64_t batch, bool split_p) {
   int64_t max_tiles = 0;
   for (int br = 0; br < kMaxBranches; ++br) max_tiles = std::max(max_tiles, streams.num_tiles[br]);
   if (max_tiles == 0) return;
   FwdParams p = params;
   p.st = streams;
-  // Three stages only where three CTAs still fit in shared memory (D <= 64).
-  int stages = kernel_tuning().forward_stages;
-  if (stages < 0 || D > 64) stages = D <= 64 ? 3 : 2;
-  if (split_p)
-    return launch_forward_variant<D, true, 2>(p, max_tiles, batch);
-  if constexpr (D <= 64)
-    if (stages == 3) return launch_forward_variant<D, false, 3>(p, max_tiles, batch);
-  launch_forward_variant<D, false, 2>(p, max_tiles, batch);
+  if (split_p) return launch_forward_variant<F, D, true, 2>(p, max_tiles, batch);
+  // Three stages only where three CTAs still fit in shared memory (D <= 64). The lab's stage
+  // choice applies to bf16; f16 builds only the default, which keeps the instantiations few.
+  if constexpr (D > 64) {
+    launch_forward_variant<F, D, false, 2>(p, max_tiles, batch);
+  } else if constexpr (F::kIsF16) {
+    launch_forward_variant<F, D, false, 3>(p, max_tiles, batch);
+  } else {
+    if (kernel_tuning().forward_stages == 2)
+      launch_forward_variant<F, D, false, 2>(p, max_tiles, batch);
+    else
+      launch_forward_variant<F, D, false, 3>(p, max_tiles, batch);
+  }
 }
 
 // The sm_90a forward runs where it was built, the GPU is compute capability 9.0 (sm_90a code runs
@@ -237,14 +242,14 @@ const char* last_forward_kernel() { return g_last_forward_kernel; }
 
 void run_forward(const attention::fused::Problem& pr, const LaunchPlan& plan) {
   FwdParams p{};
-  p.q = static_cast<const bf16*>(pr.q);
-  p.k = static_cast<const bf16*>(pr.k);
-  p.v = static_cast<const bf16*>(pr.v);
+  p.q = static_cast<const elem16*>(pr.q);
+  p.k = static_cast<const elem16*>(pr.k);
+  p.v = static_cast<const elem16*>(pr.v);
   p.qs = {pr.q_stride.batch, pr.q_stride.row, pr.q_stride.head};
   p.ks = {pr.k_stride.batch, pr.k_stride.row, pr.k_stride.head};
   p.vs = {pr.v_stride.batch, pr.v_stride.row, pr.v_stride.head};
-  p.out = static_cast<bf16*>(pr.out);
-  p.out_residual = static_cast<bf16*>(pr.out_residual);
+  p.out = static_cast<elem16*>(pr.out);
+  p.out_residual = static_cast<elem16*>(pr.out_residual);
   p.os = {pr.out_stride.batch, pr.out_stride.row, pr.out_stride.head};
   p.lse = static_cast<float*>(pr.lse);
   p.heads = pr.heads;
@@ -280,16 +285,16 @@ void run_forward(const attention::fused::Problem& pr, const LaunchPlan& plan) {
     for (const Streams& launch : chunk_plan.launches) {
       pc.merge = plan.merge;
       pc.out_scale = plan.out_scale;
-      if (hopper) {
-        launch_forward_hopper(pc, launch, pr.batch, static_cast<int>(pr.head_dim));
-        continue;
-      }
-      switch (pr.head_dim) {
-        case 32: launch_forward<32>(pc, launch, pr.batch, split_p); break;
-        case 64: launch_forward<64>(pc, launch, pr.batch, split_p); break;
-        case 128: launch_forward<128>(pc, launch, pr.batch, split_p); break;
-        default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", pr.head_dim);
-      }
+      with_format(pr.dtype, [&](auto format) {
+        using F = decltype(format);
+        if (hopper) return launch_forward_hopper<F>(pc, launch, pr.batch, static_cast<int>(pr.head_dim));
+        switch (pr.head_dim) {
+          case 32: launch_forward<F, 32>(pc, launch, pr.batch, split_p); break;
+          case 64: launch_forward<F, 64>(pc, launch, pr.batch, split_p); break;
+          case 128: launch_forward<F, 128>(pc, launch, pr.batch, split_p); break;
+          default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", pr.head_dim);
+        }
+      });
     }
     if (plan.merge)
       store_accumulator(pc.out, pr.out_stride, pc.out_acc, pc_problem, pc_problem.seq_q, pc.out_residual);

@@ -19,6 +19,17 @@ struct LaunchPlan {
 
 LaunchPlan plan_launches(const attention::fused::Problem& problem);
 
+// Runs body(Bf16Format{}) or body(F16Format{}): the 16-bit format of the inputs' dtype.
+template <class Body>
+void with_format(DType dtype, Body&& body) {
+  LT_CHECK(dtype == DType::bf16 || dtype == DType::f16,
+           "fused attention (CUDA): the 16-bit kernels take bf16 or f16 inputs, got ", dtype_name(dtype));
+  if (dtype == DType::f16)
+    body(F16Format{});
+  else
+    body(Bf16Format{});
+}
+
 // Rows [start, start + rows) of the sequence, run as a problem of their own.
 struct SequenceChunk {
   int64_t start, rows;
@@ -33,11 +44,11 @@ std::vector<SequenceChunk> merge_chunks(const attention::fused::Problem& problem
 attention::fused::Problem chunk_problem(const attention::fused::Problem& problem, const SequenceChunk& chunk);
 // out = 0 and lse = -inf everywhere.
 void fill_outputs(const attention::fused::Problem& problem);
-// dst (B, rows, H, D) bf16 with strides = 0.
+// dst (B, rows, H, D) (16-bit elements) with strides = 0.
 void zero_rows(void* dst, const attention::fused::Strides& strides, const attention::fused::Problem& problem,
                int64_t rows);
-// dst (B, N, H, D) bf16 with strides = acc (contiguous f32 (B, N, H, D)).
-// `residual`, when set, receives acc - dst (bf16, dst's strides).
+// dst (B, N, H, D) in the problem's dtype (bf16 or f16) with strides = acc (contiguous f32
+// (B, N, H, D)). `residual`, when set, receives acc - dst (same dtype, dst's strides).
 void store_accumulator(void* dst, const attention::fused::Strides& strides, const float* acc,
                        const attention::fused::Problem& problem, int64_t rows, void* residual = nullptr);
 // Whether the current device is compute capability 9.0 (where sm_90a code runs); asked once per device.

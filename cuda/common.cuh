@@ -3,6 +3,7 @@
 // a device guard, launch geometry, dtype dispatch and strided N-d indexing. Block reductions
 // are in cuda/block_reduce.cuh.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -29,6 +30,7 @@ __device__ __forceinline__ float m_erf(float x) { return erff(x); }
 __device__ __forceinline__ double m_erf(double x) { return erf(x); }
 
 using bf16 = __nv_bfloat16;
+using f16 = __half;
 using kernels::kMaxDims;
 
 inline cudaStream_t stream() { return static_cast<cudaStream_t>(current_stream()); }
@@ -91,16 +93,23 @@ struct SizeTag {
   static constexpr int value = B;
 };
 
-// Calls body(Tag<T>{}) for the floating dtypes the kernels compute in; `op` names the caller in
-// the error for any other dtype.
-template <typename Body>
+// Calls body(Tag<T>{}) for the floating dtypes the kernels compute in (f16 too where kWithF16);
+// `op` names the caller in the error for any other dtype.
+template <bool kWithF16 = false, typename Body>
 void dispatch_floating(DType t, const char* op, Body&& body) {
   switch (t) {
     case DType::f32: body(Tag<float>{}); return;
     case DType::f64: body(Tag<double>{}); return;
     case DType::bf16: body(Tag<bf16>{}); return;
+    case DType::f16:
+      if constexpr (kWithF16) {
+        body(Tag<f16>{});
+        return;
+      }
+      [[fallthrough]];
     default:
-      throw Error(detail::concat(op, ": the CUDA backend computes in f32, f64 or bf16, got ", dtype_name(t)));
+      throw Error(detail::concat(op, ": the CUDA backend computes in f32, f64, bf16",
+                                 kWithF16 ? " or f16" : "", ", got ", dtype_name(t)));
   }
 }
 
@@ -115,7 +124,7 @@ __device__ __forceinline__ int64_t global_tid() {
 }
 __device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
-// ---- element types: bf16 is stored as bf16 and computed in f32; integers compute in f64,
+// ---- element types: bf16 and f16 are stored as such and computed in f32; integers compute in f64,
 // like the CPU backend (exact below 2^53) ----
 template <typename T>
 struct Elem {
@@ -128,6 +137,12 @@ struct Elem<bf16> {
   using C = float;
   __device__ __forceinline__ static C load(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
   __device__ __forceinline__ static void store(bf16* p, int64_t i, C v) { p[i] = __float2bfloat16_rn(v); }
+};
+template <>
+struct Elem<f16> {
+  using C = float;
+  __device__ __forceinline__ static C load(const f16* p, int64_t i) { return __half2float(p[i]); }
+  __device__ __forceinline__ static void store(f16* p, int64_t i, C v) { p[i] = __float2half_rn(v); }
 };
 template <>
 struct Elem<int32_t> {
@@ -143,12 +158,13 @@ struct Elem<int64_t> {
 };
 
 // Loads and stores through a dtype known only at run time (casts, where's condition). The
-// conversions match tensor/cpu/elementwise.cpp: through double, bf16 via float.
+// conversions match tensor/cpu/elementwise.cpp: through double, bf16 and f16 via float.
 __device__ __forceinline__ double load_any(DType t, const void* p, int64_t i) {
   switch (t) {
     case DType::f32: return static_cast<const float*>(p)[i];
     case DType::f64: return static_cast<const double*>(p)[i];
     case DType::bf16: return __bfloat162float(static_cast<const bf16*>(p)[i]);
+    case DType::f16: return __half2float(static_cast<const f16*>(p)[i]);
     case DType::i32: return static_cast<double>(static_cast<const int32_t*>(p)[i]);
     case DType::i64: return static_cast<double>(static_cast<const int64_t*>(p)[i]);
   }
@@ -159,6 +175,7 @@ __device__ __forceinline__ void store_any(DType t, void* p, int64_t i, double v)
     case DType::f32: static_cast<float*>(p)[i] = static_cast<float>(v); return;
     case DType::f64: static_cast<double*>(p)[i] = v; return;
     case DType::bf16: static_cast<bf16*>(p)[i] = __float2bfloat16_rn(static_cast<float>(v)); return;
+    case DType::f16: static_cast<f16*>(p)[i] = __float2half_rn(static_cast<float>(v)); return;
     case DType::i32: static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v); return;
     case DType::i64: static_cast<int64_t*>(p)[i] = static_cast<int64_t>(v); return;
   }

@@ -1,6 +1,6 @@
 // Elementwise kernels: unary, binary, where, copy (with dtype conversion) and fill, over strided
 // N-d views (broadcast = stride 0). A view set that walks memory linearly takes a fast path
-// with no index arithmetic. bf16 is stored as bf16 and computed in f32.
+// with no index arithmetic. bf16 and f16 are stored as such and computed in f32.
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "tensor/elementwise_math.h"
@@ -81,7 +81,7 @@ __global__ void copy_bits_kernel(Strided<2> s, void* dst, const void* src, int64
   }
 }
 
-// Conversions go through double (bf16 through float), exactly like the CPU backend.
+// Conversions go through double (bf16 and f16 through float), exactly like the CPU backend.
 __global__ void convert_kernel(Strided<2> s, bool linear, void* dst, DType dst_dtype, const void* src,
                                DType src_dtype, int64_t n) {
   for (int64_t i = global_tid(); i < n; i += grid_stride()) {
@@ -139,7 +139,7 @@ void unary(UnaryOp op, const View& out, const View& in, double alpha) {
   const Strided<2> s = make_strided(views);
   const bool linear = is_linear(s);
   const unsigned grid = grid_for(n);
-  dispatch_floating(out.dtype, "unary op", [&](auto tag) {
+  dispatch_floating<true>(out.dtype, "unary op", [&](auto tag) {
     using T = typename decltype(tag)::type;
     unary_kernel<T><<<grid, kThreads, 0, stream()>>>(op, s, linear, static_cast<T*>(out.data),
                                                      static_cast<const T*>(in.data),
@@ -169,6 +169,7 @@ void binary(BinaryOp op, const View& out, const View& a, const View& b) {
     case DType::f32: launch(Tag<float>{}); break;
     case DType::f64: launch(Tag<double>{}); break;
     case DType::bf16: launch(Tag<bf16>{}); break;
+    case DType::f16: launch(Tag<f16>{}); break;
     case DType::i32: launch(Tag<int32_t>{}); break;
     case DType::i64: launch(Tag<int64_t>{}); break;
   }
@@ -243,6 +244,7 @@ void fill(const View& dst, double value) {
     case DType::f32: { float f = static_cast<float>(value); std::memcpy(&bits, &f, 4); break; }
     case DType::f64: std::memcpy(&bits, &value, 8); break;
     case DType::bf16: bits = bfloat16(static_cast<float>(value)).bits; break;
+    case DType::f16: bits = float16(static_cast<float>(value)).bits; break;
     case DType::i32: { int32_t v = static_cast<int32_t>(value); uint32_t u; std::memcpy(&u, &v, 4); bits = u; break; }
     case DType::i64: { int64_t v = static_cast<int64_t>(value); std::memcpy(&bits, &v, 8); break; }
   }

@@ -1,5 +1,5 @@
 // Index kernels on contiguous data viewed as (outer, dim, inner): index_select, gather (any
-// dtype: they move bits) and index_add, scatter_add (f32, f64, bf16).
+// dtype: they move bits) and index_add, scatter_add (f32, f64, bf16, f16).
 //
 // The two accumulating kernels are deterministic without float atomics: the destinations are
 // sorted with a stable radix sort (cub::DeviceRadixSort, values = source positions in
@@ -175,7 +175,7 @@ void index_add(void* out, const void* src, const int64_t* index, DType dtype, in
                int64_t n, int64_t inner) {
   if (outer * n * inner == 0) return;
   DeviceGuard guard(device_of(out));
-  dispatch_floating(dtype, "index_add", [&](auto tag) {
+  dispatch_floating<true>(dtype, "index_add", [&](auto tag) {
     using T = typename decltype(tag)::type;
     // Indices lie in [0, out_dim) (or are skipped below: their check is raised later), so their
     // bits sort as unsigned keys.
@@ -194,7 +194,7 @@ void scatter_add(void* out, const void* src, const int64_t* index, DType dtype, 
   const int64_t total = outer * n * inner;
   if (total == 0) return;
   DeviceGuard guard(device_of(out));
-  dispatch_floating(dtype, "scatter_add", [&](auto tag) {
+  dispatch_floating<true>(dtype, "scatter_add", [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto keys = scratch(static_cast<size_t>(total) * sizeof(uint64_t));
     scatter_keys_kernel<<<grid_for(total), kThreads, 0, stream()>>>(static_cast<uint64_t*>(keys->data), index, total,

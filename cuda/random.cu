@@ -73,8 +73,11 @@ void launch_random(const View& out, uint64_t seed, uint64_t offset, double a, do
     case DType::bf16:
       random_kernel<bf16, Normal><<<grid, kThreads, 0, stream()>>>(s, linear, static_cast<bf16*>(out.data), seed, offset, a, b, n);
       break;
+    case DType::f16:
+      random_kernel<f16, Normal><<<grid, kThreads, 0, stream()>>>(s, linear, static_cast<f16*>(out.data), seed, offset, a, b, n);
+      break;
     default:
-      throw Error(detail::concat(op, ": expected a floating dtype (f32, f64, bf16), got ", dtype_name(out.dtype)));
+      throw Error(detail::concat(op, ": expected a floating dtype (f32, f64, bf16, f16), got ", dtype_name(out.dtype)));
   }
   CUDA_CHECK_LAUNCH();
 }

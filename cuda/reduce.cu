@@ -1,7 +1,7 @@
 // Reductions (sum / max / min) over the trailing dims of a strided view, bitwise reproducible:
 // every output is computed by a fixed set of threads in a fixed order (strided per-thread
 // accumulation, then a fixed shuffle tree), with no atomics, so the result depends only on the
-// shapes and strides. f32 and bf16 accumulate in f32, f64 in f64.
+// shapes and strides. f32, bf16 and f16 accumulate in f32, f64 in f64.
 //
 // Two layouts, chosen from the strides:
 //  - rows: a warp (short rows) or a 256-thread block (long rows) per output row; used when the
@@ -145,6 +145,9 @@ void dispatch_pass(bool columns, ReduceOp op, const ReduceDesc& d, const void* i
   else if (in_t == DType::f32 && out_t == DType::bf16) launch_pass<float, bf16>(columns, op, d, in, out, chunk_len, nchunks, group);
   else if (in_t == DType::bf16 && out_t == DType::bf16) launch_pass<bf16, bf16>(columns, op, d, in, out, chunk_len, nchunks, group);
   else if (in_t == DType::bf16 && out_t == DType::f32) launch_pass<bf16, float>(columns, op, d, in, out, chunk_len, nchunks, group);
+  else if (in_t == DType::f32 && out_t == DType::f16) launch_pass<float, f16>(columns, op, d, in, out, chunk_len, nchunks, group);
+  else if (in_t == DType::f16 && out_t == DType::f16) launch_pass<f16, f16>(columns, op, d, in, out, chunk_len, nchunks, group);
+  else if (in_t == DType::f16 && out_t == DType::f32) launch_pass<f16, float>(columns, op, d, in, out, chunk_len, nchunks, group);
   else if (in_t == DType::f64 && out_t == DType::f64) launch_pass<double, double>(columns, op, d, in, out, chunk_len, nchunks, group);
   else LT_ASSERT(false, "reduce: unexpected dtype pair");
 }
@@ -206,8 +209,8 @@ void run_reduce(ReduceOp op, const ReduceDesc& d, const void* in, DType in_t, vo
 
 void reduce(ReduceOp op, const View& out, const View& in, int nreduce) {
   LT_CHECK(in.device.is_cuda(), "reduce: expected a CUDA tensor, got one on ", in.device.str());
-  LT_CHECK(in.dtype == DType::f32 || in.dtype == DType::f64 || in.dtype == DType::bf16,
-           "reduce: the CUDA backend reduces f32, f64 or bf16, got ", dtype_name(in.dtype));
+  LT_CHECK(in.dtype == DType::f32 || in.dtype == DType::f64 || is_half_precision(in.dtype),
+           "reduce: the CUDA backend reduces f32, f64, bf16 or f16, got ", dtype_name(in.dtype));
   LT_CHECK(out.dtype == in.dtype, "reduce: output dtype ", dtype_name(out.dtype), " differs from input ",
            dtype_name(in.dtype));
   LT_CHECK(nreduce >= 0 && nreduce <= in.ndim, "reduce: cannot reduce ", nreduce, " dims of a ", in.ndim, "-d view");

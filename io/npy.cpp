@@ -214,7 +214,7 @@ class LiteralParser {
   size_t pos_ = 0;
 };
 
-// descr string -> dtype; rejects big-endian and everything but f4 f8 i4 i8.
+// descr string -> dtype; rejects big-endian and everything but f2 f4 f8 i4 i8.
 DType dtype_from_descr(const std::string& descr, const std::string& source) {
   LT_CHECK(!descr.empty(), source, ": npy header: expected a dtype descr like '<f4', got ''");
   char order = descr[0];
@@ -222,6 +222,7 @@ DType dtype_from_descr(const std::string& descr, const std::string& source) {
   if (order == '<' || order == '>' || order == '|' || order == '=') code = descr.substr(1);
   bool big_endian = order == '>';
   std::optional<DType> dtype;
+  if (code == "f2") dtype = DType::f16;
   if (code == "f4") dtype = DType::f32;
   if (code == "f8") dtype = DType::f64;
   if (code == "i4") dtype = DType::i32;
@@ -231,7 +232,7 @@ DType dtype_from_descr(const std::string& descr, const std::string& source) {
            "') is not supported; expected little-endian ('<", shown_code, "'), e.g. save with arr.astype('<",
            shown_code, "')");
   LT_CHECK(dtype.has_value(), source, ": unsupported npy dtype '", shown,
-           "'; supported are '<f4' (float32), '<f8' (float64), '<i4' (int32), '<i8' (int64)");
+           "'; supported are '<f2' (float16), '<f4' (float32), '<f8' (float64), '<i4' (int32), '<i8' (int64)");
   LT_CHECK(order != '|', source, ": npy dtype '", shown, "' has no byte order; expected '<", shown_code,
            "'");
   return *dtype;
@@ -245,6 +246,7 @@ uint32_t read_le(const uint8_t* p, size_t n) {
 
 const char* descr_of(DType dtype) {
   switch (dtype) {
+    case DType::f16: return "<f2";
     case DType::f32: return "<f4";
     case DType::f64: return "<f8";
     case DType::i32: return "<i4";
@@ -380,7 +382,7 @@ RawArray read_npy(const std::string& path) {
 std::vector<uint8_t> serialize_npy(const RawArray& array) {
   const char* descr = descr_of(array.dtype);
   LT_CHECK(descr != nullptr, "write_npy: npy has no ", dtype_name(array.dtype),
-           " dtype (numpy lacks bfloat16); expected f32, f64, i32 or i64: convert to f32 first or "
+           " dtype (numpy lacks bfloat16); expected f16, f32, f64, i32 or i64: convert to f32 first or "
            "use safetensors");
   check_raw_array(array, "write_npy");
 

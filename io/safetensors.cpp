@@ -73,13 +73,14 @@ std::optional<DType> dtype_from_safetensors_name(const std::string& name) {
   if (name == "F32") return DType::f32;
   if (name == "F64") return DType::f64;
   if (name == "BF16") return DType::bf16;
+  if (name == "F16") return DType::f16;
   if (name == "I32") return DType::i32;
   if (name == "I64") return DType::i64;
   return std::nullopt;
 }
 
 bool is_known_unsupported_dtype(const std::string& name) {
-  static const std::set<std::string> known = {"BOOL", "U8", "I8", "U16", "I16", "F16", "U32",
+  static const std::set<std::string> known = {"BOOL", "U8", "I8", "U16", "I16", "U32",
                                               "U64", "C64", "F8_E4M3", "F8_E5M2", "F8_E8M0",
                                               "F4", "F6_E2M3", "F6_E3M2", "E8M0"};
   return known.count(name) > 0;
@@ -150,9 +151,9 @@ TensorEntry parse_tensor_entry(const std::string& name, const Json& info, const 
   const std::string dtype_text = dtype.get<std::string>();
   std::optional<DType> parsed = dtype_from_safetensors_name(dtype_text);
   LT_CHECK(parsed || !is_known_unsupported_dtype(dtype_text), source, ": ", where,
-           ": unsupported dtype ", printable(dtype_text), "; supported are F32, F64, BF16, I32, I64");
+           ": unsupported dtype ", printable(dtype_text), "; supported are F32, F64, BF16, F16, I32, I64");
   LT_CHECK(parsed.has_value(), source, ": ", where, ": unknown dtype '", printable(dtype_text),
-           "'; supported are F32, F64, BF16, I32, I64");
+           "'; supported are F32, F64, BF16, F16, I32, I64");
   entry.dtype = *parsed;
 
   const Json& shape = info["shape"];
@@ -187,6 +188,7 @@ const char* safetensors_dtype_name(DType dtype) {
     case DType::f32: return "F32";
     case DType::f64: return "F64";
     case DType::bf16: return "BF16";
+    case DType::f16: return "F16";
     case DType::i32: return "I32";
     case DType::i64: return "I64";
   }

@@ -3,7 +3,7 @@
 //   u64 little-endian N | N bytes of UTF-8 JSON header, space-padded to a multiple of 8 | data
 // Header: {"__metadata__": {str: str}, "<name>": {"dtype": "F32", "shape": [..],
 // "data_offsets": [begin, end]}, ...} with offsets relative to the data buffer start; the tensors
-// tile the data buffer exactly. Supported dtypes: F32 F64 BF16 I32 I64.
+// tile the data buffer exactly. Supported dtypes: F32 F64 BF16 F16 I32 I64.
 #include <cstdint>
 #include <map>
 #include <string>

@@ -47,7 +47,7 @@ void Optimizer::set_step_count(int64_t steps) {
   step_count_ = steps;
 }
 
-static DType state_dtype(DType parameter) { return parameter == DType::bf16 ? DType::f32 : parameter; }
+static DType state_dtype(DType parameter) { return is_half_precision(parameter) ? DType::f32 : parameter; }
 
 Tensor& Optimizer::slot(size_t i, const std::string& name) {
   auto& slots = slots_[i];
@@ -279,7 +279,7 @@ Tensor grad_norm_tensor(const std::vector<Tensor>& parameters) {
   for (const Tensor& p : parameters) {
     Tensor g = p.grad();
     if (!g.defined() || g.numel() == 0) continue;
-    Tensor gs = g.dtype() == DType::bf16 ? cast(g, DType::f32) : g;
+    Tensor gs = is_half_precision(g.dtype()) ? cast(g, DType::f32) : g;
     Tensor s = sum(mul(gs, gs));
     if (!total.defined()) {
       total = s;

@@ -157,9 +157,10 @@ DType dtype_from_name(const std::string& name) {
   if (name == "f32" || name == "float32" || name == "float") return DType::f32;
   if (name == "f64" || name == "float64" || name == "double") return DType::f64;
   if (name == "bf16" || name == "bfloat16") return DType::bf16;
+  if (name == "f16" || name == "float16" || name == "half") return DType::f16;
   if (name == "i32" || name == "int32") return DType::i32;
   if (name == "i64" || name == "int64") return DType::i64;
-  throw Error("dtype: expected one of f32, f64, bf16, i32, i64, got '" + name + "'");
+  throw Error("dtype: expected one of f32, f64, bf16, f16, i32, i64, got '" + name + "'");
 }
 
 }  // namespace longtape

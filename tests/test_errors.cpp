@@ -81,12 +81,12 @@ TEST_CASE("dtype mismatch") {
 
 TEST_CASE("integer tensors into floating ops") {
   Tensor ints = i64({1, 2, 3, 4}, {2, 2});
-  CHECK_THROWS_WITH_AS(exp(ints), Contains("exp: expected a floating tensor (f32, f64, bf16), got i64"), Error);
+  CHECK_THROWS_WITH_AS(exp(ints), Contains("exp: expected a floating tensor (f32, f64, bf16, f16), got i64"), Error);
   CHECK_THROWS_WITH_AS(tanh(Tensor::from_vector(std::vector<int32_t>{1, 2}, {2})),
-                       Contains("tanh: expected a floating tensor (f32, f64, bf16), got i32"), Error);
+                       Contains("tanh: expected a floating tensor (f32, f64, bf16, f16), got i32"), Error);
   CHECK_THROWS_WITH_AS(sum(ints), Contains("sum: expected a floating tensor, got i64"), Error);
   CHECK_THROWS_WITH_AS(matmul(ints, ints), Contains("matmul: expected floating operands, got i64"), Error);
-  CHECK_THROWS_WITH_AS(softmax(ints), Contains("softmax: input must be a floating tensor (f32, f64, bf16), got i64"),
+  CHECK_THROWS_WITH_AS(softmax(ints), Contains("softmax: input must be a floating tensor (f32, f64, bf16, f16), got i64"),
                        Error);
   CHECK_THROWS_WITH_AS(Tensor::randn({2}, DType::i64), Contains("randn: expected a floating dtype, got i64"), Error);
 }

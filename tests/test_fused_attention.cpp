@@ -144,6 +144,56 @@ TEST_CASE("select_core picks the fused CPU kernels for f32 and f64 problems on t
   }
 }
 
+TEST_CASE("the selector's answers for f16 and f32: CUDA kernels take bf16 and f16, the CPU kernels f32 and f64") {
+  fused::Problem p;
+  p.batch = 2;
+  p.heads = 3;
+  p.head_dim = 64;
+  p.seq_q = p.seq_k = 200;
+  p.scale = 0.125;
+  p.q_stride = p.k_stride = p.v_stride = p.out_stride = {200 * 3 * 64, 3 * 64, 64};
+  for (DType dtype : {DType::bf16, DType::f16}) {
+    INFO("dtype " << dtype_name(dtype));
+    p.dtype = dtype;
+    CHECK(fused::cuda_unsupported_reason(p) == "");
+    // The CPU kernels compute in f32 or f64 only: a 16-bit problem on the CPU runs composed, and says so.
+    const fused::Selection cpu = fused::select_backend(p, Device::cpu(), 0.0);
+    CHECK(cpu.backend == fused::Backend::composed);
+    CHECK(cpu.reason.find("f32 or f64") != std::string::npos);
+    CHECK(cpu.reason.find(dtype_name(dtype)) != std::string::npos);
+    // The same problem with what the CUDA kernels refuse: the reason names the limit.
+    fused::Problem odd = p;
+    odd.head_dim = 48;
+    CHECK(fused::cuda_unsupported_reason(odd).find("head_dim 32, 64 or 128, got 48") != std::string::npos);
+    CHECK(compute_precision(fused::Backend::cuda_fused, dtype) ==
+          std::string(dtype_name(dtype)) + " tensor cores, f32 accumulation");
+    CHECK(compute_precision(fused::Backend::composed, dtype) ==
+          std::string("f32 (") + dtype_name(dtype) + " inputs upcast)");
+  }
+  for (DType dtype : {DType::f32, DType::f64}) {
+    INFO("dtype " << dtype_name(dtype));
+    p.dtype = dtype;
+    const std::string reason = fused::cuda_unsupported_reason(p);
+    CHECK(reason == std::string("the fused CUDA kernels take bf16 or f16 inputs, got ") + dtype_name(dtype));
+    CHECK(fused::select_backend(p, Device::cpu(), 0.0).backend == fused::Backend::cpu_fused);
+  }
+  // Without a GPU build the selector says so for every dtype; with one, the CUDA answer is the
+  // kernels' own (f16 runs fused, f32 does not).
+  p.dtype = DType::f16;
+  const fused::Selection gpu = fused::select_backend(p, Device::cuda(0), 0.0);
+#ifdef LONGTAPE_WITH_CUDA
+  CHECK(gpu.backend == fused::Backend::cuda_fused);
+  CHECK(gpu.reason.empty());
+  p.dtype = DType::f32;
+  CHECK(fused::select_backend(p, Device::cuda(0), 0.0).reason.find("bf16 or f16") != std::string::npos);
+#else
+  CHECK(gpu.backend == fused::Backend::composed);
+  CHECK(gpu.reason.find("without CUDA") != std::string::npos);
+#endif
+  // Dropout goes to the composed path whatever the dtype.
+  CHECK(fused::select_backend(p, Device::cuda(0), 0.1).reason.find("dropout") != std::string::npos);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Dense
 

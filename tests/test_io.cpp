@@ -82,6 +82,12 @@ RawArray random_array(DType dtype, const Shape& shape, std::vector<double>* refe
         value = static_cast<float>(v);
         break;
       }
+      case DType::f16: {
+        float16 v(static_cast<float>(normal(rng())));
+        std::memcpy(dst, &v.bits, 2);
+        value = static_cast<float>(v);
+        break;
+      }
       case DType::i32: {
         int32_t v = any_i32(rng());
         std::memcpy(dst, &v, 4);
@@ -107,6 +113,7 @@ double element(const RawArray& a, size_t i) {
     case DType::f32: { float v; std::memcpy(&v, p, 4); return v; }
     case DType::f64: { double v; std::memcpy(&v, p, 8); return v; }
     case DType::bf16: { bfloat16 v; std::memcpy(&v.bits, p, 2); return static_cast<float>(v); }
+    case DType::f16: { float16 v; std::memcpy(&v.bits, p, 2); return static_cast<float>(v); }
     case DType::i32: { int32_t v; std::memcpy(&v, p, 4); return v; }
     case DType::i64: { int64_t v; std::memcpy(&v, p, 8); return static_cast<double>(v); }
   }
@@ -168,7 +175,7 @@ const std::vector<Shape> kShapes = {{}, {0}, {1}, {7}, {3, 4}, {2, 0, 3}, {2, 3,
 
 TEST_CASE("npy round trip: every dtype, 0-d, empty and n-d shapes") {
   TempDir dir;
-  for (DType dtype : {DType::f32, DType::f64, DType::i32, DType::i64}) {
+  for (DType dtype : {DType::f16, DType::f32, DType::f64, DType::i32, DType::i64}) {
     for (const Shape& shape : kShapes) {
       CAPTURE(dtype_name(dtype));
       CAPTURE(shape_text(shape));
@@ -218,6 +225,11 @@ TEST_CASE("npy writer produces numpy's exact bytes") {
   std::vector<uint8_t> scalar = serialize_npy(random_array(DType::f64, {}));
   CHECK(std::string(scalar.begin(), scalar.end()).find("{'descr': '<f8', 'fortran_order': False, 'shape': (), }") != std::string::npos);
   CHECK(scalar.size() == 128 + 8);  // 10 + 55 + 1 header bytes do not fit in 64
+  // f16 is numpy's '<f2'.
+  std::vector<uint8_t> half = serialize_npy(random_array(DType::f16, {4}));
+  CHECK(std::string(half.begin(), half.end()).find("{'descr': '<f2', 'fortran_order': False, 'shape': (4,), }") !=
+        std::string::npos);
+  CHECK(half.size() == 128 + 8);
 }
 
 TEST_CASE("npy reader accepts hand-built files: versions, key orders, spacing, trailing commas") {
@@ -314,8 +326,8 @@ TEST_CASE("npy rejects malformed and unsupported input with clear errors") {
               {"big-endian"});
   check_error(parse(npy_by_hand(1, "{'descr': '|u1', 'fortran_order': False, 'shape': (24,), }", data)),
               {"unsupported npy dtype '|u1'", "'<f4'"});
-  check_error(parse(npy_by_hand(1, "{'descr': '<f2', 'fortran_order': False, 'shape': (12,), }", data)),
-              {"unsupported npy dtype '<f2'"});
+  check_error(parse(npy_by_hand(1, "{'descr': '<c8', 'fortran_order': False, 'shape': (3,), }", data)),
+              {"unsupported npy dtype '<c8'", "'<f2' (float16)"});
   check_error(parse(npy_by_hand(1, "{'descr': '|b1', 'fortran_order': False, 'shape': (24,), }", data)),
               {"unsupported"});
   check_error(parse(npy_by_hand(1, "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (6,), }", data)),
@@ -431,7 +443,7 @@ TEST_CASE("safetensors round trip: every dtype, 0-d and empty tensors, metadata,
   file.metadata = {{"format", "pt"}, {"note", "unicode \xc3\xa9\xe2\x82\xac"}};
   std::vector<std::vector<double>> references;
   int index = 0;
-  for (DType dtype : {DType::f32, DType::f64, DType::bf16, DType::i32, DType::i64}) {
+  for (DType dtype : {DType::f32, DType::f64, DType::bf16, DType::f16, DType::i32, DType::i64}) {
     for (const Shape& shape : kShapes) {
       references.emplace_back();
       // Names in non-sorted order, to check that write order is kept.
@@ -618,8 +630,8 @@ TEST_CASE("safetensors rejects malformed and unsupported input with clear errors
   check_error(parse(one(R"({"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 16]})")),
               {"overflow"});
   check_error(parse(one(R"({"dtype": "F32", "shape": 4, "data_offsets": [0, 16]})")), {"shape to be an array"});
-  check_error(parse(one(R"({"dtype": "F16", "shape": [8], "data_offsets": [0, 16]})")),
-              {"tensor 'x'", "unsupported dtype F16", "F32, F64, BF16, I32, I64"});
+  check_error(parse(one(R"({"dtype": "I16", "shape": [8], "data_offsets": [0, 16]})")),
+              {"tensor 'x'", "unsupported dtype I16", "F32, F64, BF16, F16, I32, I64"});
   check_error(parse(one(R"({"dtype": "U8", "shape": [16], "data_offsets": [0, 16]})")), {"unsupported dtype U8"});
   check_error(parse(one(R"({"dtype": "BOOL", "shape": [16], "data_offsets": [0, 16]})")), {"unsupported dtype BOOL"});
   check_error(parse(one(R"({"dtype": "Q4", "shape": [16], "data_offsets": [0, 16]})")), {"unknown dtype 'Q4'"});

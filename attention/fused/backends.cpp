@@ -24,8 +24,8 @@ const char* backend_name(Backend backend) {
 
 std::string cuda_unsupported_reason(const Problem& p) {
   using detail::concat;
-  if (p.dtype != DType::bf16)
-    return concat("the fused CUDA kernels take bf16 inputs, got ", dtype_name(p.dtype));
+  if (!is_half_precision(p.dtype))
+    return concat("the fused CUDA kernels take bf16 or f16 inputs, got ", dtype_name(p.dtype));
   if (p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 128)
     return concat("the fused CUDA kernels take head_dim 32, 64 or 128, got ", p.head_dim);
   if (!(p.scale > 0.0))  // the kernels take row maxima of unscaled scores

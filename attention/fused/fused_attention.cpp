@@ -211,8 +211,8 @@ CoreOptions core_options(const AttentionConfig& config, bool training) {
 
 std::string compute_precision(fused::Backend backend, DType dtype) {
   if (dtype == DType::f64) return "f64";
-  if (backend == fused::Backend::cuda_fused) return "bf16 tensor cores, f32 accumulation";
-  if (dtype == DType::bf16) return "f32 (bf16 inputs upcast)";
+  if (backend == fused::Backend::cuda_fused) return detail::concat(dtype_name(dtype), " tensor cores, f32 accumulation");
+  if (is_half_precision(dtype)) return detail::concat("f32 (", dtype_name(dtype), " inputs upcast)");
   if (backend == fused::Backend::composed && allow_tf32()) return "tf32 matmuls, f32 softmax";
   return "f32";
 }
@@ -277,9 +277,9 @@ AttentionOutput fused_attention(const Tensor& q_in, const Tensor& k_in, const Te
   const bool bias_needs_grad = keys.block_bias.defined() && keys.block_bias.requires_grad();
   if (bias_needs_grad) inputs.push_back(keys.block_bias);
   const bool recording = autograd::any_requires_grad(inputs);
-  // bf16 outputs keep their rounding residual for the backward's rowsum(dO * O).
+  // bf16 and f16 outputs keep their rounding residual for the backward's rowsum(dO * O).
   Tensor residual;
-  if (recording && q.dtype() == DType::bf16) {
+  if (recording && is_half_precision(q.dtype())) {
     residual = Tensor::empty(out.shape(), out.dtype(), device);
     p.out_residual = residual.raw_data();
   }

@@ -85,8 +85,8 @@ struct Problem {
   void* out = nullptr;
   Strides out_stride;
   void* lse = nullptr;  // (B, H, Nq) float (double for f64)
-  // Optional (bf16 only): out's rounding residual, out_f32 - out, in bf16 with out's strides. The
-  // backward's delta = rowsum(dO * O) then sees O to about 16 bits instead of bf16's 8.
+  // Optional (bf16 and f16 only): out's rounding residual, out_f32 - out, in out's dtype and
+  // strides. The backward's delta = rowsum(dO * O) then sees O to about twice the format's bits.
   void* out_residual = nullptr;
 };
 

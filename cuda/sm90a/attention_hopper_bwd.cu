@@ -5,7 +5,7 @@
 //   dK/dV: a CTA owns kWG x 64 keys of one stream (64 per warpgroup) and walks the query tiles
 //          that see them: S^T = K Q^T and dP^T = V dO^T on wgmma from shared memory, P^T and
 //          dS^T = P^T (dP^T - delta) in registers, then dV += P^T dO and dK += dS^T Q with P^T and
-//          dS^T as register A operands (bf16 hi + lo parts, as the portable kernels) and dO, Q
+//          dS^T as register A operands (hi + lo parts, as the portable kernels) and dO, Q
 //          read transposed from shared memory;
 //   dQ:    a CTA owns kWG x 64 queries and walks its key tiles: S = Q K^T, dP = dO V^T,
 //          dS, and dQ += dS K.
@@ -63,7 +63,7 @@ __device__ __forceinline__ uint64_t n_major(uint32_t base, int slab_bytes, int k
 
 // dK and dV of the key tile of CTA index `cta`. kLists: the query tiles come from the key block's
 // column list (kWG = 1, so that a CTA's 64 keys lie in one block), with the block bias if any.
-template <int D, int kWG, bool kSplit, bool kLists>
+template <class F, int D, int kWG, bool kSplit, bool kLists>
 __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* smem, int64_t cta) {
   using Shape = BwdShape<D, kWG>;
   unsigned char* sK = smem;
@@ -164,8 +164,8 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        mma_ss<kStep>(st, k_major(k_addr, Shape::kOwnSlab, kk), k_major(q_addr, Shape::kStepSlab, kk), kk > 0);
-        mma_ss<kStep>(dpt, k_major(v_addr, Shape::kOwnSlab, kk), k_major(g_addr, Shape::kStepSlab, kk), kk > 0);
+        mma_ss<F, kStep>(st, k_major(k_addr, Shape::kOwnSlab, kk), k_major(q_addr, Shape::kStepSlab, kk), kk > 0);
+        mma_ss<F, kStep>(dpt, k_major(v_addr, Shape::kOwnSlab, kk), k_major(g_addr, Shape::kStepSlab, kk), kk > 0);
       }
       wgmma::commit();
       wgmma::wait<0>();
@@ -196,12 +196,12 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
 #pragma unroll
       for (int kk = 0; kk < kStep / 16; ++kk) {
         uint32_t hi[4], lo[4];
-        a_fragment_split_at<kStep / 2>(hi, lo, st, kk);
-        mma_rs_nmajor<D>(dv, hi, n_major(g_addr, Shape::kStepSlab, kk));
-        if constexpr (kSplit) mma_rs_nmajor<D>(dv, lo, n_major(g_addr, Shape::kStepSlab, kk));
-        a_fragment_split_at<kStep / 2>(hi, lo, dpt, kk);
-        mma_rs_nmajor<D>(dk, hi, n_major(q_addr, Shape::kStepSlab, kk));
-        if constexpr (kSplit) mma_rs_nmajor<D>(dk, lo, n_major(q_addr, Shape::kStepSlab, kk));
+        a_fragment_split_at<F, kStep / 2>(hi, lo, st, kk);
+        mma_rs_nmajor<F, D>(dv, hi, n_major(g_addr, Shape::kStepSlab, kk));
+        if constexpr (kSplit) mma_rs_nmajor<F, D>(dv, lo, n_major(g_addr, Shape::kStepSlab, kk));
+        a_fragment_split_at<F, kStep / 2>(hi, lo, dpt, kk);
+        mma_rs_nmajor<F, D>(dk, hi, n_major(q_addr, Shape::kStepSlab, kk));
+        if constexpr (kSplit) mma_rs_nmajor<F, D>(dk, lo, n_major(q_addr, Shape::kStepSlab, kk));
       }
       wgmma::commit();
       wgmma::wait<0>();
@@ -215,15 +215,15 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
   }
   cp_async_wait<0>();
   const int64_t nk = p.st.seq_k;
-  store_rows<D>([&](int d, int e) { return dk[4 * d + e]; }, p.scale, key_a, s.len_k, s, p.accumulate, p.dk, p.dks,
+  store_rows<F, D>([&](int d, int e) { return dk[4 * d + e]; }, p.scale, key_a, s.len_k, s, p.accumulate, p.dk, p.dks,
                 p.dk_acc, b, h, p.heads, nk);
-  store_rows<D>([&](int d, int e) { return dv[4 * d + e]; }, p.do_scale, key_a, s.len_k, s, p.accumulate, p.dv,
+  store_rows<F, D>([&](int d, int e) { return dv[4 * d + e]; }, p.do_scale, key_a, s.len_k, s, p.accumulate, p.dv,
                 p.dvs, p.dv_acc, b, h, p.heads, nk);
 }
 
 // dQ of the query tile of CTA index `cta`. kLists: the key tiles come from the query block's row
 // list (kWG = 1), with the block bias if any.
-template <int D, int kWG, bool kSplit, bool kLists>
+template <class F, int D, int kWG, bool kSplit, bool kLists>
 __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem, int64_t cta) {
   using Shape = BwdShape<D, kWG>;
   unsigned char* sQ = smem;
@@ -315,8 +315,8 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        mma_ss<kStep>(sc, k_major(q_addr, Shape::kOwnSlab, kk), k_major(k_addr, Shape::kStepSlab, kk), kk > 0);
-        mma_ss<kStep>(dp, k_major(g_addr, Shape::kOwnSlab, kk), k_major(v_addr, Shape::kStepSlab, kk), kk > 0);
+        mma_ss<F, kStep>(sc, k_major(q_addr, Shape::kOwnSlab, kk), k_major(k_addr, Shape::kStepSlab, kk), kk > 0);
+        mma_ss<F, kStep>(dp, k_major(g_addr, Shape::kOwnSlab, kk), k_major(v_addr, Shape::kStepSlab, kk), kk > 0);
       }
       wgmma::commit();
       wgmma::wait<0>();
@@ -343,9 +343,9 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
 #pragma unroll
       for (int kk = 0; kk < kStep / 16; ++kk) {
         uint32_t hi[4], lo[4];
-        a_fragment_split_at<kStep / 2>(hi, lo, sc, kk);
-        mma_rs_nmajor<D>(dq, hi, n_major(k_addr, Shape::kStepSlab, kk));
-        if constexpr (kSplit) mma_rs_nmajor<D>(dq, lo, n_major(k_addr, Shape::kStepSlab, kk));
+        a_fragment_split_at<F, kStep / 2>(hi, lo, sc, kk);
+        mma_rs_nmajor<F, D>(dq, hi, n_major(k_addr, Shape::kStepSlab, kk));
+        if constexpr (kSplit) mma_rs_nmajor<F, D>(dq, lo, n_major(k_addr, Shape::kStepSlab, kk));
       }
       wgmma::commit();
       wgmma::wait<0>();
@@ -358,23 +358,23 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
   cp_async_wait<0>();
   StreamRows q_rows = s;
   q_rows.first_k = s.first_q;
-  store_rows<D>([&](int d, int e) { return dq[4 * d + e]; }, p.scale, row_a, s.len_q, q_rows, p.accumulate, p.dq,
+  store_rows<F, D>([&](int d, int e) { return dq[4 * d + e]; }, p.scale, row_a, s.len_q, q_rows, p.accumulate, p.dq,
                 p.dqs, p.dq_acc, b, h, p.heads, p.st.seq_q);
 }
 
 // One launch runs both kinds of CTA, so that neither waits for the other's last wave: x in
 // [0, tiles) computes dK/dV of key tile x, x in [tiles, 2 tiles) dQ of query tile x - tiles.
 // kCtasPerSm bounds the registers (65536 / (128 kCtasPerSm) per thread at kWG = 1).
-template <int D, int kWG, bool kSplit, bool kLists, int kCtasPerSm>
+template <class F, int D, int kWG, bool kSplit, bool kLists, int kCtasPerSm>
 __global__ void __launch_bounds__(kWG * 128, kCtasPerSm)
     hopper_backward_kernel(const BwdParams p, int64_t tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
   if (blockIdx.x < tiles)
-    dkdv_tile<D, kWG, kSplit, kLists>(p, smem, blockIdx.x);
+    dkdv_tile<F, D, kWG, kSplit, kLists>(p, smem, blockIdx.x);
   else
-    dq_tile<D, kWG, kSplit, kLists>(p, smem, blockIdx.x - tiles);
+    dq_tile<F, D, kWG, kSplit, kLists>(p, smem, blockIdx.x - tiles);
 #endif
 }
 
@@ -394,14 +394,14 @@ int64_t retile(Streams& st, int64_t rows) {
   return max_tiles;
 }
 
-template <int D, int kWG, bool kSplit, bool kLists = false, int kCtasPerSm = kWG == 1 ? 2 : 1>
+template <class F, int D, int kWG, bool kSplit, bool kLists = false, int kCtasPerSm = kWG == 1 ? 2 : 1>
 void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
   using Shape = BwdShape<D, kWG>;
   BwdParams p = params;
   p.st = streams;
   const int64_t max_tiles = retile(p.st, Shape::kRows);
   if (max_tiles == 0) return;
-  auto kernel = hopper_backward_kernel<D, kWG, kSplit, kLists, kCtasPerSm>;
+  auto kernel = hopper_backward_kernel<F, D, kWG, kSplit, kLists, kCtasPerSm>;
   static bool configured = false;
   if (!configured) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSmem)));
@@ -414,16 +414,23 @@ void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
 
 }  // namespace
 
+template <class F>
 void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
   // Block lists: one warpgroup per CTA, so that its 64 keys (or queries) lie in one block.
   if (params.lists.row_begin)
-    return head_dim == 128 ? launch<128, 1, true, true>(params, streams, batch)
-                           : launch<64, 1, true, true>(params, streams, batch);
-  if (head_dim == 128) return launch<128, 1, true>(params, streams, batch);
-  // One warpgroup per CTA measured 15-20% faster than two (benchmarks/lab/NOTES.md, v11).
-  if (kernel_tuning().hopper_backward_warpgroups == 2) return launch<64, 2, true>(params, streams, batch);
-  if (kernel_tuning().hopper_backward_ctas_per_sm == 3) return launch<64, 1, true, false, 3>(params, streams, batch);
-  launch<64, 1, true, false, 2>(params, streams, batch);
+    return head_dim == 128 ? launch<F, 128, 1, true, true>(params, streams, batch)
+                           : launch<F, 64, 1, true, true>(params, streams, batch);
+  if (head_dim == 128) return launch<F, 128, 1, true>(params, streams, batch);
+  // One warpgroup per CTA measured 15-20% faster than two (benchmarks/lab/NOTES.md, v11). The
+  // lab's choices (two warpgroups, three CTAs per SM) apply to bf16; f16 builds only the default.
+  if constexpr (!F::kIsF16) {
+    if (kernel_tuning().hopper_backward_warpgroups == 2) return launch<F, 64, 2, true>(params, streams, batch);
+    if (kernel_tuning().hopper_backward_ctas_per_sm == 3) return launch<F, 64, 1, true, false, 3>(params, streams, batch);
+  }
+  launch<F, 64, 1, true, false, 2>(params, streams, batch);
 }
+
+template void launch_backward_hopper<Bf16Format>(const BwdParams&, const Streams&, int64_t, int);
+template void launch_backward_hopper<F16Format>(const BwdParams&, const Streams&, int64_t, int);
 
 }  // namespace longtape::cuda::attn

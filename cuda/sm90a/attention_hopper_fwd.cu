@@ -31,7 +31,7 @@ struct HopperShape {
   static constexpr size_t kSmem = 1024 + kQBytes + 2 * kStages * kKVBytes;
 };
 
-template <int D, int kWG, int kBN, int kStages, bool kLists>
+template <class F, int D, int kWG, int kBN, int kStages, bool kLists>
 __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64 ? 2 : 1)) hopper_forward_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = HopperShape<D, kWG, kBN, kStages>;
@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
         const uint32_t within = (kk % 4) * 32;  // k16 step inside a 128-byte row
         const uint64_t da = wgmma::descriptor(q_addr + (kk / 4) * Shape::kQSlab + within, 16, 1024);
         const uint64_t db = wgmma::descriptor(k_addr + (kk / 4) * Shape::kKVSlab + within, 16, 1024);
-        mma_ss<kBN>(sc, da, db, kk > 0);
+        mma_ss<F, kBN>(sc, da, db, kk > 0);
       }
       wgmma::commit();
       wgmma::wait<0>();
@@ -151,15 +151,15 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
       online_softmax_tile<kNT, D / 8>(
           [&](int j, int e) -> float& { return sc[4 * j + e]; }, [&](int d, int e) -> float& { return o[4 * d + e]; },
           m_run, l_run, bias, p.scale_log2, p.lazy_rescale, masked, lim, [&](int j) {
-            pa[j / 2][(j % 2) * 2] = pack_bf16(sc[4 * j], sc[4 * j + 1]);
-            pa[j / 2][(j % 2) * 2 + 1] = pack_bf16(sc[4 * j + 2], sc[4 * j + 3]);
+            pa[j / 2][(j % 2) * 2] = F::pack(sc[4 * j], sc[4 * j + 1]);
+            pa[j / 2][(j % 2) * 2 + 1] = F::pack(sc[4 * j + 2], sc[4 * j + 3]);
           });
       // O += P V: V tile [key][d] is the N-major B operand.
       wgmma::fence_registers(o);
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk)
-        mma_rs_nmajor<D>(o, pa[kk], wgmma::descriptor(v_addr + kk * 16 * 128, Shape::kKVSlab, 1024));
+        mma_rs_nmajor<F, D>(o, pa[kk], wgmma::descriptor(v_addr + kk * 16 * 128, Shape::kKVSlab, 1024));
       wgmma::commit();
       wgmma::wait<0>();
       wgmma::fence_registers(o);
@@ -167,13 +167,13 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
     stage = stage + 1 == kStages ? 0 : stage + 1;
   }
   cp_async_wait<0>();
-  store_forward_rows<D>(p, [&](int d, int e) { return o[4 * d + e]; }, m_run, l_run, s, b, h, row_of);
+  store_forward_rows<F, D>(p, [&](int d, int e) { return o[4 * d + e]; }, m_run, l_run, s, b, h, row_of);
 #endif
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <int D, int kWG, int kBN, int kStages, bool kLists = false>
+template <class F, int D, int kWG, int kBN, int kStages, bool kLists = false>
 void launch(const FwdParams& params, const Streams& streams, int64_t batch) {
   using Shape = HopperShape<D, kWG, kBN, kStages>;
   FwdParams p = params;
@@ -189,7 +189,7 @@ void launch(const FwdParams& params, const Streams& streams, int64_t batch) {
     max_tiles = std::max(max_tiles, p.st.num_tiles[br]);
   }
   if (max_tiles == 0) return;
-  auto kernel = hopper_forward_kernel<D, kWG, kBN, kStages, kLists>;
+  auto kernel = hopper_forward_kernel<F, D, kWG, kBN, kStages, kLists>;
   static bool configured = false;  // the attribute is per function; setting it again is harmless
   if (!configured) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSmem)));
@@ -202,24 +202,29 @@ void launch(const FwdParams& params, const Streams& streams, int64_t batch) {
 
 }  // namespace
 
+template <class F>
 void launch_forward_hopper(const FwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
   if (params.lists.row_begin) {
     // Block lists: one query block per CTA, 64-key tiles.
     const bool two = params.lists.block_tiles == 2;
     LT_CHECK(params.lists.block_tiles == 1 || two, "fused attention (Hopper): block size must be 64 or 128");
     if (head_dim == 64)
-      return two ? launch<64, 2, 64, 3, true>(params, streams, batch) : launch<64, 1, 64, 3, true>(params, streams, batch);
+      return two ? launch<F, 64, 2, 64, 3, true>(params, streams, batch) : launch<F, 64, 1, 64, 3, true>(params, streams, batch);
     if (head_dim == 128)
-      return two ? launch<128, 2, 64, 2, true>(params, streams, batch)
-                 : launch<128, 1, 64, 2, true>(params, streams, batch);
+      return two ? launch<F, 128, 2, 64, 2, true>(params, streams, batch)
+                 : launch<F, 128, 1, 64, 2, true>(params, streams, batch);
   }
-  const int warpgroups = kernel_tuning().hopper_warpgroups;
+  // The lab's warpgroup choice applies to bf16; f16 builds only the default.
   if (head_dim == 64) {
-    if (warpgroups == 3) return launch<64, 3, 128, 2>(params, streams, batch);
-    return launch<64, 2, 128, 3>(params, streams, batch);
+    if constexpr (!F::kIsF16)
+      if (kernel_tuning().hopper_warpgroups == 3) return launch<F, 64, 3, 128, 2>(params, streams, batch);
+    return launch<F, 64, 2, 128, 3>(params, streams, batch);
   }
-  if (head_dim == 128) return launch<128, 2, 128, 2>(params, streams, batch);
+  if (head_dim == 128) return launch<F, 128, 2, 128, 2>(params, streams, batch);
   LT_CHECK(false, "fused attention (Hopper): head_dim must be 64 or 128, got ", head_dim);
 }
+
+template void launch_forward_hopper<Bf16Format>(const FwdParams&, const Streams&, int64_t, int);
+template void launch_forward_hopper<F16Format>(const FwdParams&, const Streams&, int64_t, int);
 
 }  // namespace longtape::cuda::attn

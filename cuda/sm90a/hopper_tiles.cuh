@@ -9,14 +9,14 @@ namespace longtape::cuda::attn {
 // Starts copying rows [row0, row0 + kRows) of a stream into a swizzled tile (D / 64 slabs of
 // kRows x 128 bytes); rows at or beyond `len` are zero-filled. Every thread of the CTA takes part.
 template <int D, int kRows, int kThreadsAll>
-__device__ __forceinline__ void load_swizzled_async(unsigned char* tile, const bf16* base, int64_t step, int64_t row0,
+__device__ __forceinline__ void load_swizzled_async(unsigned char* tile, const elem16* base, int64_t step, int64_t row0,
                                                     int64_t len) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int kRowsPerPass = kThreadsAll / kChunks;
   constexpr int kPasses = (kRows + kRowsPerPass - 1) / kRowsPerPass;
   const int r = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
   unsigned char* slab = tile + (c / 8) * (kRows * 128);
-  const bf16* src = base + (row0 + r) * step + c * 8;
+  const elem16* src = base + (row0 + r) * step + c * 8;
   const int64_t rows_left = len - row0 - r;
   const int64_t pass_step = kRowsPerPass * step;
 #pragma unroll
@@ -30,31 +30,32 @@ __device__ __forceinline__ void load_swizzled_async(unsigned char* tile, const b
   }
 }
 
-template <int N>
+// Products on inputs of format F (Bf16Format, F16Format).
+template <class F, int N>
 __device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
   if constexpr (N == 64)
-    wgmma::wgmma_ss_n64(d, a, b, accumulate);
+    wgmma::wgmma_ss_n64<F::kIsF16>(d, a, b, accumulate);
   else
-    wgmma::wgmma_ss_n128(d, a, b, accumulate);
+    wgmma::wgmma_ss_n128<F::kIsF16>(d, a, b, accumulate);
 }
-template <int N>
+template <class F, int N>
 __device__ __forceinline__ void mma_rs_nmajor(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {
   if constexpr (N == 64)
-    wgmma::wgmma_rs_n64_tb(d, a, b);
+    wgmma::wgmma_rs_n64_tb<F::kIsF16>(d, a, b);
   else
-    wgmma::wgmma_rs_n128_tb(d, a, b);
+    wgmma::wgmma_rs_n128_tb<F::kIsF16>(d, a, b);
 }
 
-// The A fragment (bf16 hi, and lo = rest) of k-block kk of a 64 x N accumulator in wgmma layout:
-// n-tiles 2 kk and 2 kk + 1 (elements 8 kk .. 8 kk + 7 of the flat accumulator).
-template <int N>
+// The A fragment (hi in format F, and lo = rest) of k-block kk of a 64 x N accumulator in wgmma
+// layout: n-tiles 2 kk and 2 kk + 1 (elements 8 kk .. 8 kk + 7 of the flat accumulator).
+template <class F, int N>
 __device__ __forceinline__ void a_fragment_split_at(uint32_t (&hi)[4], uint32_t (&lo)[4], const float (&acc)[N], int kk) {
   const float* f = acc + 8 * kk;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    hi[r] = pack_bf16(f[2 * r], f[2 * r + 1]);
-    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi[r]);
-    lo[r] = pack_bf16(f[2 * r] - __low2float(h), f[2 * r + 1] - __high2float(h));
+    hi[r] = F::pack(f[2 * r], f[2 * r + 1]);
+    const float2 h = F::unpack(hi[r]);
+    lo[r] = F::pack(f[2 * r] - h.x, f[2 * r + 1] - h.y);
   }
 }
 

@@ -44,6 +44,7 @@ double load(const View& v, int64_t off) {
     case DType::i32: return load_as_double<int32_t>(v, off);
     case DType::i64: return load_as_double<int64_t>(v, off);
     case DType::bf16: return static_cast<float>(static_cast<const bfloat16*>(v.data)[off]);
+    case DType::f16: return static_cast<float>(static_cast<const float16*>(v.data)[off]);
   }
   return 0;
 }
@@ -55,6 +56,7 @@ void store(const View& v, int64_t off, double x) {
     case DType::i32: static_cast<int32_t*>(v.data)[off] = static_cast<int32_t>(x); return;
     case DType::i64: static_cast<int64_t*>(v.data)[off] = static_cast<int64_t>(x); return;
     case DType::bf16: static_cast<bfloat16*>(v.data)[off] = bfloat16(static_cast<float>(x)); return;
+    case DType::f16: static_cast<float16*>(v.data)[off] = float16(static_cast<float>(x)); return;
   }
 }
 
@@ -152,7 +154,7 @@ void binary(BinaryOp op, const View& out, const View& a, const View& b) {
 
 void where(const View& out, const View& cond, const View& a, const View& b) {
   const View* views[4] = {&out, &cond, &a, &b};
-  if (is_floating(out.dtype) && out.dtype != DType::bf16 && cond.dtype == out.dtype && a.dtype == out.dtype &&
+  if (is_floating(out.dtype) && !is_half_precision(out.dtype) && cond.dtype == out.dtype && a.dtype == out.dtype &&
       b.dtype == out.dtype) {
     dispatch_float(out.dtype, "where", [&]<typename T>() {
       T* o = static_cast<T*>(out.data);

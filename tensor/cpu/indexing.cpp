@@ -15,6 +15,7 @@ void dispatch_any(DType t, Body&& body) {
     case DType::i32: body.template operator()<int32_t>(); return;
     case DType::i64: body.template operator()<int64_t>(); return;
     case DType::bf16: body.template operator()<uint16_t>(); return;
+    case DType::f16: body.template operator()<uint16_t>(); return;
   }
 }
 }  // namespace

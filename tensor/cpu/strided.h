@@ -156,7 +156,7 @@ void dispatch_float(DType t, const char* op, Body&& body) {
     case DType::f64: body.template operator()<double>(); return;
     default:
       throw Error(detail::concat(op, ": the CPU backend computes in f32 or f64, got ", dtype_name(t),
-                                 " (cast first; bf16 is a storage type on the CPU)"));
+                                 " (cast first; bf16 and f16 are storage types on the CPU)"));
   }
 }
 

@@ -17,7 +17,7 @@ using autograd::record;
 
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
   LT_CHECK(logits.defined(), "cross_entropy: logits is an undefined tensor");
-  LT_CHECK(is_floating(logits.dtype()), "cross_entropy: logits must be a floating tensor (f32, f64, bf16), got ",
+  LT_CHECK(is_floating(logits.dtype()), "cross_entropy: logits must be a floating tensor (f32, f64, bf16, f16), got ",
            dtype_name(logits.dtype()));
   LT_CHECK(logits.dim() == 2 || logits.dim() == 3, "cross_entropy: logits must be (N, C) or (B, T, C), got shape ",
            shape_str(logits.shape()));

@@ -37,7 +37,7 @@ void check_same_device_dtype(const Tensor& a, const Tensor& b, const char* op) {
 
 void check_floating(const Tensor& a, const char* op) {
   LT_CHECK(a.defined(), op, ": got an undefined tensor");
-  LT_CHECK(is_floating(a.dtype()), op, ": expected a floating tensor (f32, f64, bf16), got ",
+  LT_CHECK(is_floating(a.dtype()), op, ": expected a floating tensor (f32, f64, bf16, f16), got ",
            dtype_name(a.dtype()));
 }
 

@@ -19,7 +19,7 @@ namespace {
 
 void check_floating(const Tensor& a, const char* op, const char* what) {
   LT_CHECK(a.defined(), op, ": ", what, " is an undefined tensor");
-  LT_CHECK(is_floating(a.dtype()), op, ": ", what, " must be a floating tensor (f32, f64, bf16), got ",
+  LT_CHECK(is_floating(a.dtype()), op, ": ", what, " must be a floating tensor (f32, f64, bf16, f16), got ",
            dtype_name(a.dtype()));
 }
 
