@@ -147,15 +147,7 @@ void fused_block_backward(const Tensor& q5, const Tensor& k5, const Tensor& v5, 
   bp.dout = dout.raw_data();
   bp.dout_stride = strides_of(dout);
   bp.dlse = dlse.raw_data();
-  Tensor dq = Tensor::empty({p.batch, p.seq_q, p.heads, p.head_dim}, q.dtype(), q.device());
-  Tensor dk = Tensor::empty({p.batch, p.seq_k, p.heads, p.head_dim}, q.dtype(), q.device());
-  Tensor dv = Tensor::empty({p.batch, p.seq_k, p.heads, p.head_dim}, q.dtype(), q.device());
-  bp.dq = dq.raw_data();
-  bp.dk = dk.raw_data();
-  bp.dv = dv.raw_data();
-  bp.dq_stride = strides_of(dq);
-  bp.dk_stride = strides_of(dk);
-  bp.dv_stride = strides_of(dv);
+  const auto [dq, dk, dv] = attach_gradient_outputs(bp, q.dtype(), q.device());
   if (run_on_cuda(p, q.device()))
     fused::cuda_backward(bp);
   else
@@ -222,15 +214,7 @@ bool fused_pair_backward(const ChunkStreams& streams, const Tensor& q, const Ten
   bp.dout = dout.raw_data();
   bp.dout_stride = strides_of(dout);
   bp.dlse = dlse.raw_data();
-  Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device());
-  Tensor dk = Tensor::empty(k.shape(), q.dtype(), q.device());
-  Tensor dv = Tensor::empty(v.shape(), q.dtype(), q.device());
-  bp.dq = dq.raw_data();
-  bp.dk = dk.raw_data();
-  bp.dv = dv.raw_data();
-  bp.dq_stride = strides_of(dq);
-  bp.dk_stride = strides_of(dk);
-  bp.dv_stride = strides_of(dv);
+  const auto [dq, dk, dv] = attach_gradient_outputs(bp, q.dtype(), q.device());
   if (selection.backend == fused::Backend::cuda_fused)
     fused::cuda_backward(bp);
   else

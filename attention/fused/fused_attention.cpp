@@ -15,6 +15,20 @@ namespace longtape::attention {
 
 fused::Strides strides_of(const Tensor& x) { return {x.strides()[0], x.strides()[1], x.strides()[2]}; }
 
+GradientOutputs attach_gradient_outputs(fused::BackwardProblem& bp, DType dtype, Device device) {
+  const fused::Problem& p = bp.forward;
+  GradientOutputs g{Tensor::empty({p.batch, p.seq_q, p.heads, p.head_dim}, dtype, device),
+                    Tensor::empty({p.batch, p.seq_k, p.heads, p.head_dim}, dtype, device),
+                    Tensor::empty({p.batch, p.seq_k, p.heads, p.head_dim}, dtype, device)};
+  bp.dq = g.dq.raw_data();
+  bp.dk = g.dk.raw_data();
+  bp.dv = g.dv.raw_data();
+  bp.dq_stride = strides_of(g.dq);
+  bp.dk_stride = strides_of(g.dk);
+  bp.dv_stride = strides_of(g.dv);
+  return g;
+}
+
 namespace {
 
 using fused::BackwardProblem;
@@ -302,15 +316,7 @@ AttentionOutput fused_attention(const Tensor& q_in, const Tensor& k_in, const Te
           bp.dout = dout.raw_data();
           bp.dout_stride = strides_of(dout);
           bp.dlse = dlse.defined() ? dlse.raw_data() : nullptr;
-          Tensor dq = Tensor::empty(qd.shape(), qd.dtype(), qd.device());
-          Tensor dk = Tensor::empty(kd.shape(), kd.dtype(), kd.device());
-          Tensor dv = Tensor::empty(vd.shape(), vd.dtype(), vd.device());
-          bp.dq = dq.raw_data();
-          bp.dk = dk.raw_data();
-          bp.dv = dv.raw_data();
-          bp.dq_stride = strides_of(dq);
-          bp.dk_stride = strides_of(dk);
-          bp.dv_stride = strides_of(dv);
+          auto [dq, dk, dv] = attach_gradient_outputs(bp, qd.dtype(), qd.device());
           Tensor dbias;
           if (bias_needs_grad) {
             dbias = Tensor::empty(bias.shape(), bias.dtype(), bias.device());

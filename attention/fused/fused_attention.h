@@ -69,6 +69,13 @@ fused::Problem describe_problem(const Tensor& q, const Tensor& k, const Tensor& 
 // Batch, row and head strides of a (B, N, H, D) tensor, as the kernels take them.
 fused::Strides strides_of(const Tensor& x);
 
+// dq (B, Nq, H, D) and dk, dv (B, Nk, H, D) of bp.forward's sizes, in `dtype` on `device`, allocated
+// and entered in bp (pointers and strides).
+struct GradientOutputs {
+  Tensor dq, dk, dv;
+};
+GradientOutputs attach_gradient_outputs(fused::BackwardProblem& bp, DType dtype, Device device);
+
 // The fused op itself (no fallback): q (B, Nq, H, D), k, v (B, Nk, H, D), one floating dtype, one
 // device. Returns out (B, Nq, H, D) in q's dtype and lse (B, H, Nq) (f32; f64 for f64 inputs).
 // Throws the selector's reason when the fused kernels cannot run the problem.
