@@ -118,8 +118,8 @@ Tensor MultiheadAttention::smear(const Tensor& k) const {
 Tensor MultiheadAttention::attend(const Tensor& q, const Tensor& k_unshifted, const Tensor& v) {
   const int64_t h = options_.num_heads;
   const Tensor k = smear(k_unshifted);
-  // Under bf16 precision the core reads bf16 q, k, v (on CUDA: the fused bf16 kernels) and its
-  // output returns to f32; the casts' backward hands f32 gradients to the projections.
+  // Under bf16 precision the core reads bf16 q, k, v (on CUDA: the fused bf16 kernels); the casts'
+  // backward hands f32 gradients to the projections.
   const bool low = lowers_to_bf16(autocast_precision(), q.dtype());
   auto heads = [&](const Tensor& t) {
     const Tensor operand = low ? bf16_operand(t) : t;
@@ -129,7 +129,9 @@ Tensor MultiheadAttention::attend(const Tensor& q, const Tensor& k_unshifted, co
   {
     profiler::Scope scope("attention core forward", 4 * q.numel() * static_cast<int64_t>(dtype_size(q.dtype())));
     o = core_->forward(heads(q), heads(k), heads(v));
-    if (low) o = f32_activation(o);
+    // A bf16 output enters the output projection as it is (matmul lowers only w_out), so no f32
+    // copy is made and the product saves the core's own output tensor.
+    if (low && (options_.sub_layernorm || o.dtype() != DType::bf16)) o = f32_activation(o);
   }
   Tensor merged = o.reshape({o.size(0), o.size(1), options_.embed_dim});
   if (options_.sub_layernorm) merged = layer_norm(merged, ln_weight, ln_bias, options_.layer_norm_eps);

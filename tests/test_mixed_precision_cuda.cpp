@@ -128,6 +128,69 @@ TEST_CASE("cuda: bf16 matmul reads bf16 operands, accumulates and writes f32, an
   CHECK(normwise_rel_err(yg, matmul(a, b)) > 1e-5);  // rounded: not the f32 product
 }
 
+TEST_CASE("cuda: a bf16 operand meets an f32 one under bf16: f32 result, the bf16 input's gradient in bf16" *
+          doctest::skip(!cuda_available())) {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  Tensor a = Tensor::randn({40, 96}).to(DType::bf16), b = Tensor::randn({96, 24}), go = Tensor::randn({40, 24});
+  Tensor ac = a.clone().requires_grad_(), bc = b.clone().requires_grad_();
+  Tensor ag = a.to(kGpu).detach().requires_grad_(), bg = b.to(kGpu).detach().requires_grad_();
+  Tensor yc, yg;
+  {
+    AutocastScope scope(Precision::bf16);
+    yc = matmul(ac, bc);
+    yg = matmul(ag, bg);
+  }
+  yc.backward(go);
+  yg.backward(go.to(kGpu));
+  CHECK(yg.dtype() == DType::f32);
+  CHECK(ag.grad().dtype() == DType::bf16);
+  CHECK(bg.grad().dtype() == DType::f32);
+  CHECK(normwise_rel_err(yg, yc) < 1e-5);
+  // The CPU rounds its f32 gradient to bf16 afterwards, CUDA writes bf16 from the f32 accumulator.
+  CHECK(normwise_rel_err(ag.grad(), ac.grad()) < 1e-2);
+  CHECK(normwise_rel_err(bg.grad(), bc.grad()) < 1e-5);
+}
+
+TEST_CASE("cuda: gelu_mlp matches the composed MLP on the GPU (f32 and bf16) and the CPU" *
+          doctest::skip(!cuda_available())) {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  const int64_t rows = 333, E = 64, H = 256;
+  Tensor x = Tensor::randn({rows, E}), w1 = mul(Tensor::randn({H, E}), 0.1), b1 = Tensor::randn({H}),
+         w2 = mul(Tensor::randn({E, H}), 0.1), go = Tensor::randn({rows, E});
+  auto composed = [](const std::vector<Tensor>& in) {
+    return matmul(bias_gelu(matmul(in[0], in[1].transpose(0, 1)), in[2]), in[3].transpose(0, 1));
+  };
+  auto fused = [](const std::vector<Tensor>& in) { return gelu_mlp(in[0], in[1], in[2], in[3], GeluApprox::erf, 100); };
+  auto run = [&](auto&& f, Device device, Precision precision) {
+    std::vector<Tensor> in;
+    for (const Tensor& t : {x, w1, b1, w2}) in.push_back(t.to(device).detach().requires_grad_());
+    Tensor y;
+    {
+      AutocastScope scope(precision);
+      y = f(in);
+    }
+    y.backward(go.to(device));
+    std::vector<Tensor> out{y.to(Device::cpu())};
+    for (const Tensor& t : in) out.push_back(t.grad().to(Device::cpu()));
+    return out;
+  };
+  for (Precision p : {Precision::f32, Precision::bf16}) {
+    CAPTURE(precision_name(p));
+    const auto gpu_fused = run(fused, kGpu, p), gpu_composed = run(composed, kGpu, p), cpu = run(composed, Device::cpu(), p);
+    const double tol = p == Precision::f32 ? 1e-5 : 2e-3;
+    for (size_t i = 0; i < gpu_fused.size(); ++i) {
+      CAPTURE(i);
+      CHECK(gpu_fused[i].dtype() == DType::f32);
+      CHECK(normwise_rel_err(gpu_fused[i], gpu_composed[i]) < tol);
+      CHECK(normwise_rel_err(gpu_fused[i], cpu[i]) < tol);
+    }
+  }
+}
+
 TEST_CASE("cuda: tf32 precision keeps f32 products near f32, and only inside its scope" *
           doctest::skip(!cuda_available())) {
   manual_seed(testing::fresh_seed());
