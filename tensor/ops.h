@@ -66,9 +66,11 @@ Tensor logsumexp(const Tensor& a, const std::vector<int64_t>& dims, bool keepdim
 // ---- linear algebra (tensor/ops/matmul.cpp) ----
 // (..., M, K) @ (..., K, N) with broadcast batch dims; 1-D operands as in NumPy.
 Tensor matmul(const Tensor& a, const Tensor& b);
-// a @ b for 2-D operands already in the dtype a product reads (f32, f64, or bf16/f16 with an f32
+// a @ b for 2-D operands already in the dtype a product reads (f32, f64, or bf16 with an f32
 // result on CUDA); transposed views enter without a copy. Not recorded (for fused ops' own nodes).
-Tensor matmul_operands(const Tensor& a, const Tensor& b);
+// With `accumulate` (a contiguous tensor of the result's shape and dtype) the product is added
+// into it in the same GEMM, and it is returned.
+Tensor matmul_operands(const Tensor& a, const Tensor& b, const Tensor& accumulate = Tensor());
 // gelu(x @ w1^T + b1) @ w2^T (weights as Linear stores them: (hidden, E), (E_out, hidden)) as one
 // node that saves only x's product operand and recomputes the hidden activations, in row chunks,
 // in backward: the (..., hidden) tensors are never kept between forward and backward

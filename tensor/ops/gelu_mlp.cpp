@@ -27,14 +27,16 @@ struct MlpOperands {
 
   Tensor operand(const Tensor& t) const { return low ? bf16_operand(t) : t.contiguous(); }
 
-  // pre = x W1^T (f32/f64, bias not added) and the activation gelu(pre + b1) as a product reads it.
+  // pre = x W1^T (f32/f64, bias not added) and the activation gelu(pre + b1) as a product reads it
+  // (on CUDA under bf16 the kernel writes it in bf16 directly).
   std::pair<Tensor, Tensor> hidden(const Tensor& x_rows) const {
     Tensor pre = matmul_operands(x_rows, w1.transpose(0, 1));
-    Tensor act = Tensor::empty(pre.shape(), pre.dtype(), pre.device());
+    const bool direct = !low || pre.device().is_cuda();
+    Tensor act = Tensor::empty(pre.shape(), low && direct ? DType::bf16 : pre.dtype(), pre.device());
     if (act.numel() > 0)
-      kernels::bias_gelu(act.raw_data(), pre.raw_data(), b1.raw_data(), pre.dtype(), pre.size(0), pre.size(1),
-                         approx == GeluApprox::tanh, pre.device());
-    return {pre, operand(act)};
+      kernels::bias_gelu(act.raw_data(), act.dtype(), pre.raw_data(), b1.raw_data(), pre.dtype(), pre.size(0),
+                         pre.size(1), approx == GeluApprox::tanh, pre.device());
+    return {pre, direct ? act : operand(act)};
   }
 };
 
@@ -74,10 +76,10 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
     ops.b1 = b1.detach().contiguous();
     x_op = ops.operand(x.detach().reshape({-1, e}));
     const int64_t rows = x_op.size(0);
-    y = Tensor::empty({rows, e_out}, x.dtype(), x.device());
+    y = Tensor::zeros({rows, e_out}, x.dtype(), x.device());  // each chunk's product lands in its rows
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
       const int64_t n = std::min(chunk, rows - r0);
-      y.narrow(0, r0, n).copy_(matmul_operands(ops.hidden(x_op.narrow(0, r0, n)).second, ops.w2.transpose(0, 1)));
+      matmul_operands(ops.hidden(x_op.narrow(0, r0, n)).second, ops.w2.transpose(0, 1), y.narrow(0, r0, n));
     }
     y = y.reshape(out_shape);
   }
@@ -88,13 +90,16 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
            AutocastScope scope(precision);
            const int64_t rows = x_op.size(0);
            const Tensor dy = ops.operand(g[0].reshape({rows, e_out}));
-           Tensor dx = Tensor::empty({rows, x_op.size(1)}, g[0].dtype(), g[0].device());
-           Tensor dw1, db1, dw2;
+           Tensor dx = Tensor::zeros({rows, x_op.size(1)}, g[0].dtype(), g[0].device());
+           // Parameter gradients accumulate chunk by chunk inside the products (beta = 1).
+           Tensor dw1 = Tensor::zeros(ops.w1.shape(), dx.dtype(), dx.device());
+           Tensor dw2 = Tensor::zeros(ops.w2.shape(), dx.dtype(), dx.device());
+           Tensor db1;
            for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
              const int64_t n = std::min(chunk, rows - r0);
              const Tensor xc = x_op.narrow(0, r0, n), dyc = dy.narrow(0, r0, n);
              auto [pre, act] = ops.hidden(xc);
-             dw2 = accumulate(dw2, matmul_operands(dyc.transpose(0, 1), act));
+             matmul_operands(dyc.transpose(0, 1), act, dw2);
              act = Tensor();
              // d(pre) = (dy W2) * gelu'(pre + b1), in place in dy W2's buffer.
              Tensor dpre = matmul_operands(dyc, ops.w2);
@@ -104,14 +109,10 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
              db1 = accumulate(db1, sum(dpre, {0}));
              const Tensor dpre_op = ops.operand(dpre);
              dpre = Tensor();
-             dw1 = accumulate(dw1, matmul_operands(dpre_op.transpose(0, 1), xc));
-             dx.narrow(0, r0, n).copy_(matmul_operands(dpre_op, ops.w1));
+             matmul_operands(dpre_op.transpose(0, 1), xc, dw1);
+             matmul_operands(dpre_op, ops.w1, dx.narrow(0, r0, n));
            }
-           if (rows == 0) {  // no rows: zero parameter gradients
-             dw1 = Tensor::zeros(ops.w1.shape(), dx.dtype(), dx.device());
-             db1 = Tensor::zeros(ops.b1.shape(), dx.dtype(), dx.device());
-             dw2 = Tensor::zeros(ops.w2.shape(), dx.dtype(), dx.device());
-           }
+           if (rows == 0) db1 = Tensor::zeros(ops.b1.shape(), dx.dtype(), dx.device());
            return {dx.reshape(x_shape), dw1, db1, dw2};
          },
          saved);

@@ -65,7 +65,7 @@ Operand lowered(Operand o) {
 
 }  // namespace
 
-Tensor matmul_operands(const Tensor& a, const Tensor& b) {
+Tensor matmul_operands(const Tensor& a, const Tensor& b, const Tensor& accumulate) {
   LT_CHECK(a.defined() && b.defined() && a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
            "matmul_operands: expected (M, K) and (K, N) operands, got ",
            a.defined() ? shape_str(a.shape()) : std::string("undefined"), " and ",
@@ -75,7 +75,19 @@ Tensor matmul_operands(const Tensor& a, const Tensor& b) {
   NoGradGuard guard;
   const Operand oa = as_operand(a.detach()), ob = as_operand(b.detach());
   const bool f32_out = is_half_precision(a.dtype()) && a.device().is_cuda();
-  return bmm_raw(oa.stored, ob.stored, oa.transposed, ob.transposed, f32_out);
+  if (!accumulate.defined()) return bmm_raw(oa.stored, ob.stored, oa.transposed, ob.transposed, f32_out);
+  const DType out_dtype = f32_out ? DType::f32 : a.dtype();
+  LT_CHECK(accumulate.shape() == Shape({a.size(0), b.size(1)}) && accumulate.dtype() == out_dtype &&
+               accumulate.device() == a.device() && accumulate.is_contiguous(),
+           "matmul_operands: accumulate must be a contiguous ", dtype_name(out_dtype), " [", a.size(0), ", ", b.size(1),
+           "] on ", a.device().str(), ", got ", dtype_name(accumulate.dtype()), " ", shape_str(accumulate.shape()));
+  const int64_t m = a.size(0), n = b.size(1), k = a.size(1);
+  if (m == 0 || n == 0 || k == 0) return accumulate;
+  kernels::GemmArgs g{accumulate.raw_data(), oa.stored.raw_data(), ob.stored.raw_data(), oa.stored.dtype(), 1, m, n, k,
+                      m * k, k * n, m * n, oa.transposed, ob.transposed, 1.0, 1.0, a.device(), f32_out};
+  kernels::gemm(g);
+  accumulate.bump_version();
+  return accumulate;
 }
 
 Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
