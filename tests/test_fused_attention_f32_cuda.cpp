@@ -104,9 +104,68 @@ AttendFn through_unaligned_rows(const CoreKeys& keys, double scale, bool causal)
   };
 }
 
-struct DilatedSetup {
-  std::vector<int64_t> segments, dilations;
+// A dense case: nq queries over nk keys (causal only when nq == nk). unaligned: the op on views
+// whose rows are not 16-byte aligned.
+struct DenseCase {
+  int64_t nq, nk, head_dim;
+  bool causal, unaligned;
 };
+
+void check_dense(const DenseCase& c, uint64_t seed) {
+  const Dims dims{2, c.nq, c.nk, 3, c.head_dim};
+  const AttentionConfig config = core_config(dims.H, dims.D, c.causal);
+  const oracle::MultiplicityMask mask =
+      c.nq == c.nk ? oracle::dense_mask(c.nq, c.causal) : rectangular_dense_mask(c.nq, c.nk);
+  std::vector<Labeled> fused;
+  if (c.unaligned) {
+    fused.push_back({"op, unaligned rows", through_unaligned_rows(CoreKeys{}, config.scale(), c.causal)});
+  } else {
+    fused.push_back({"op", through_op(CoreKeys{}, config.scale(), c.causal, kCudaFused)});
+    if (c.nq == c.nk) fused.push_back({"variant", through_variant("dense", config, kCudaFused)});
+  }
+  const std::string what = "dense Nq " + std::to_string(c.nq) + " Nk " + std::to_string(c.nk) + " D " +
+                           std::to_string(c.head_dim) + (c.causal ? " causal" : "");
+  check_case(what, f32_inputs(dims, seed + static_cast<uint64_t>(31 * c.nq + c.nk + c.head_dim)),
+             {oracle::repeat_heads(mask, dims.H), config.scale(), 1.0}, fused,
+             through_variant("dense", config, kComposed));
+}
+
+// A dilated case on N tokens; unaligned as for DenseCase (through the op only).
+struct DilatedCase {
+  std::vector<int64_t> segments, dilations;
+  int64_t n, heads, head_dim;
+  Mixing mixing;
+  bool causal, unaligned;
+};
+
+void check_dilated(const DilatedCase& c, uint64_t seed) {
+  const std::vector<DilatedBranch> branches = branches_of(c.segments, c.dilations);
+  const Dims dims{c.n > 500 ? 1 : 2, c.n, c.n, c.heads, c.head_dim};
+  AttentionConfig config = core_config(dims.H, dims.D, c.causal);
+  config.segment_lengths = c.segments;
+  config.dilation_rates = c.dilations;
+  config.mixing = c.mixing;
+  const bool groups = c.mixing == Mixing::head_groups;
+  CoreKeys core;
+  core.kind = fused::KeySet::dilated;
+  core.branches = branches;
+  core.mixing = groups ? fused::BranchMixing::head_groups : fused::BranchMixing::lse;
+  std::vector<Labeled> fused;
+  if (c.unaligned) {
+    fused.push_back({"op, unaligned rows", through_unaligned_rows(core, config.scale(), c.causal)});
+  } else {
+    fused.push_back({"variant", through_variant("dilated", config, kCudaFused)});
+    fused.push_back({"op", through_op(core, config.scale(), c.causal, kCudaFused)});
+  }
+  const KeyMasks keys{groups ? oracle::dilated_head_groups_mask(c.n, dims.H, branches, c.causal)
+                             : oracle::dilated_lse_mask(c.n, dims.H, branches, c.causal),
+                      config.scale(), groups ? oracle::head_groups_out_scale(branches) : 1.0};
+  const std::string what = "dilated " + mixing_name(c.mixing) + " w.." + std::to_string(c.segments.back()) + " r.." +
+                           std::to_string(c.dilations.back()) + " N " + std::to_string(c.n) + " H " +
+                           std::to_string(c.heads) + " D " + std::to_string(c.head_dim) + (c.causal ? " causal" : "");
+  check_case(what, f32_inputs(dims, seed + static_cast<uint64_t>(c.n + 7 * c.heads + c.segments.back())), keys,
+             fused, through_variant("dilated", config, kComposed));
+}
 
 }  // namespace
 
@@ -118,28 +177,13 @@ TEST_CASE("fused CUDA f32 dense attention: N not a multiple of 64, Nq != Nk, hea
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   const F32Scope scope(true);
-  for (int64_t n : {200, 333})
-    for (int64_t head_dim : {32, 64, 128})
-      for (bool causal : {false, true}) {
-        const Dims dims{2, n, n, 3, head_dim};
-        const AttentionConfig config = core_config(dims.H, dims.D, causal);
-        const KeyMasks keys{oracle::repeat_heads(oracle::dense_mask(n, causal), dims.H), config.scale(), 1.0};
-        const std::string what =
-            "dense N " + std::to_string(n) + " D " + std::to_string(head_dim) + (causal ? " causal" : "");
-        check_case(what, f32_inputs(dims, seed + static_cast<uint64_t>(n + head_dim)), keys,
-                   {{"variant", through_variant("dense", config, kCudaFused)},
-                    {"op", through_op(CoreKeys{}, config.scale(), causal, kCudaFused)}},
-                   through_variant("dense", config, kComposed));
-      }
-  for (const auto& [nq, nk] : {std::pair<int64_t, int64_t>{200, 333}, {333, 200}}) {
-    const Dims dims{2, nq, nk, 2, 64};
-    const AttentionConfig config = core_config(dims.H, dims.D, false);
-    const KeyMasks keys{oracle::repeat_heads(rectangular_dense_mask(nq, nk), dims.H), config.scale(), 1.0};
-    check_case("dense Nq " + std::to_string(nq) + " Nk " + std::to_string(nk),
-               f32_inputs(dims, seed + 7 * static_cast<uint64_t>(nq)), keys,
-               {{"op", through_op(CoreKeys{}, config.scale(), false, kCudaFused)}},
-               through_variant("dense", config, kComposed));
-  }
+  std::vector<DenseCase> cases{{200, 333, 64, false, false}, {333, 200, 64, false, false}};
+  for (int64_t head_dim : {32, 64, 128})
+    for (int64_t n : {200, 333}) {
+      cases.push_back({n, n, head_dim, false, false});
+      cases.push_back({n, n, head_dim, true, false});
+    }
+  for (const DenseCase& c : cases) check_dense(c, seed);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -150,46 +194,19 @@ TEST_CASE("fused CUDA f32 dilated attention: lse and head_groups, ragged segment
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   const F32Scope scope(true);
-  // N = 300: ragged last segments of every branch; {64, 128, 512} x {1, 2, 3}: w > N and w % r != 0.
-  const std::vector<DilatedSetup> setups{{{64, 128, 256}, {1, 2, 4}}, {{64, 128, 512}, {1, 2, 3}}};
-  for (const DilatedSetup& setup : setups)
-    for (int64_t heads : {6, 5})
-      for (Mixing mixing : {Mixing::lse, Mixing::head_groups})
-        for (bool causal : {false, true}) {
-          const std::vector<DilatedBranch> branches = branches_of(setup.segments, setup.dilations);
-          const Dims dims{2, 300, 300, heads, 64};
-          AttentionConfig config = core_config(dims.H, dims.D, causal);
-          config.segment_lengths = setup.segments;
-          config.dilation_rates = setup.dilations;
-          config.mixing = mixing;
-          const bool groups = mixing == Mixing::head_groups;
-          const KeyMasks keys{groups ? oracle::dilated_head_groups_mask(dims.Nq, dims.H, branches, causal)
-                                     : oracle::dilated_lse_mask(dims.Nq, dims.H, branches, causal),
-                              config.scale(), groups ? oracle::head_groups_out_scale(branches) : 1.0};
-          CoreKeys core;
-          core.kind = fused::KeySet::dilated;
-          core.branches = branches;
-          core.mixing = groups ? fused::BranchMixing::head_groups : fused::BranchMixing::lse;
-          const std::string what = "dilated " + mixing_name(mixing) + " w " + std::to_string(setup.segments.back()) +
-                                   " H " + std::to_string(heads) + (causal ? " causal" : "");
-          check_case(what, f32_inputs(dims, seed + static_cast<uint64_t>(heads + setup.segments.back())), keys,
-                     {{"variant", through_variant("dilated", config, kCudaFused)},
-                      {"op", through_op(core, config.scale(), causal, kCudaFused)}},
-                     through_variant("dilated", config, kComposed));
-        }
-  // Head dims 32 and 128 and a longer sequence (many segments, a ragged last one).
-  for (int64_t head_dim : {32, 128}) {
-    const Dims dims{1, 1000, 1000, 5, head_dim};
-    const std::vector<DilatedBranch> branches = branches_of({64, 128, 256}, {1, 2, 4});
-    AttentionConfig config = core_config(dims.H, dims.D, true);
-    config.segment_lengths = {64, 128, 256};
-    config.dilation_rates = {1, 2, 4};
-    const KeyMasks keys{oracle::dilated_lse_mask(dims.Nq, dims.H, branches, true), config.scale(), 1.0};
-    check_case("dilated lse N 1000 causal D " + std::to_string(head_dim),
-               f32_inputs(dims, seed + static_cast<uint64_t>(head_dim)), keys,
-               {{"variant", through_variant("dilated", config, kCudaFused)}},
-               through_variant("dilated", config, kComposed));
-  }
+  // N = 300: ragged last segments of every branch; {64, 128, 512} x {1, 2, 3}: w > N and w % r != 0;
+  // 5 heads over 3 branches: H % G != 0.
+  const std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> branch_sets{
+      {{64, 128, 256}, {1, 2, 4}}, {{64, 128, 512}, {1, 2, 3}}};
+  std::vector<DilatedCase> cases;
+  for (const auto& [segments, dilations] : branch_sets)
+    for (Mixing mixing : {Mixing::lse, Mixing::head_groups})
+      for (bool causal : {false, true})
+        for (int64_t heads : {6, 5}) cases.push_back({segments, dilations, 300, heads, 64, mixing, causal, false});
+  // Head dims 32 and 128 on a longer sequence (many segments, a ragged last one).
+  for (int64_t head_dim : {32, 128})
+    cases.push_back({{64, 128, 256}, {1, 2, 4}, 1000, 5, head_dim, Mixing::lse, true, false});
+  for (const DilatedCase& c : cases) check_dilated(c, seed);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -241,28 +258,12 @@ TEST_CASE("fused CUDA f32 attention on rows that are not 16-byte aligned (scalar
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   const F32Scope scope(true);
-  for (int64_t head_dim : {32, 64})
-    for (bool causal : {false, true}) {
-      const Dims dims{2, 200, 200, 3, head_dim};
-      const AttentionConfig config = core_config(dims.H, dims.D, causal);
-      const KeyMasks keys{oracle::repeat_heads(oracle::dense_mask(dims.Nq, causal), dims.H), config.scale(), 1.0};
-      check_case("dense unaligned D " + std::to_string(head_dim) + (causal ? " causal" : ""),
-                 f32_inputs(dims, seed + static_cast<uint64_t>(head_dim)), keys,
-                 {{"op", through_unaligned_rows(CoreKeys{}, config.scale(), causal)}},
-                 through_variant("dense", config, kComposed));
-    }
-  const Dims dims{2, 300, 300, 5, 64};
-  const std::vector<DilatedBranch> branches = branches_of({64, 128, 256}, {1, 2, 4});
-  AttentionConfig config = core_config(dims.H, dims.D, false);
-  config.segment_lengths = {64, 128, 256};
-  config.dilation_rates = {1, 2, 4};
-  CoreKeys core;
-  core.kind = fused::KeySet::dilated;
-  core.branches = branches;
-  const KeyMasks keys{oracle::dilated_lse_mask(dims.Nq, dims.H, branches, false), config.scale(), 1.0};
-  check_case("dilated lse unaligned", f32_inputs(dims, seed + 99), keys,
-             {{"op", through_unaligned_rows(core, config.scale(), false)}},
-             through_variant("dilated", config, kComposed));
+  for (int64_t head_dim : {32, 64}) {
+    check_dense({200, 200, head_dim, true, true}, seed);
+    check_dense({200, 333, head_dim, false, true}, seed);
+  }
+  check_dilated({{64, 128, 256}, {1, 2, 4}, 300, 5, 64, Mixing::lse, false, true}, seed);
+  check_dilated({{64, 128, 256}, {1, 2, 4}, 300, 5, 64, Mixing::head_groups, true, true}, seed);
 }
 
 TEST_CASE("fused CUDA f32 backward: dQ by atomics matches the oracle; deterministic mode is bitwise repeatable" *
