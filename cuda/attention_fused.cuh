@@ -1,5 +1,6 @@
 #pragma once
-// Shared pieces of the fused attention kernels (attention_fused_fwd.cu, attention_fused_bwd.cu):
+// Shared pieces of the fused attention kernels (attention_fused_fwd.cu, attention_fused_bwd.cu; the
+// stream geometry and block lists also serve the f32 kernels, cuda/attention_f32.cuh):
 // the per-launch parameters, the stream/tile geometry every kernel uses, the two 16-bit input
 // formats (bf16, f16) and the warp-level tensor-core primitives (ldmatrix, mma.sync m16n8k16 with
 // f32 accumulation, cp.async).
