@@ -30,19 +30,22 @@ constexpr int kBwdRows = BwdGrid::kRows;
 // unrolled, which keeps the registers below 255 without spills at every head dim.
 constexpr int kBwdUnroll = 1;
 
-// delta[b, h, r] = sum_d dO * O - dlse: one warp per row.
+// delta[i] = sum_d dO * O - dlse for row i = (b, h, r) of the (B, H, N) statistics: a half warp per
+// row, each thread summing every 16th column.
 __global__ void delta_f32_kernel(float* delta, const float* out, RowStrides os, const float* dout, RowStrides ds,
-                                 const float* dlse, int64_t batch, int64_t heads, int64_t rows, int dim) {
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  if (row >= batch * heads * rows) return;
-  const int lane = threadIdx.x & 31;
-  const int64_t r = row % rows, h = (row / rows) % heads, b = row / rows / heads;
-  const float* o = out + b * os.batch + h * os.head + r * os.row;
-  const float* g = dout + b * ds.batch + h * ds.head + r * ds.row;
+                                 const float* dlse, int64_t heads, int64_t rows, int64_t total, int dim) {
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kTx;
+  const int part = static_cast<int>(threadIdx.x % kTx);
   float sum = 0.f;
-  for (int d = lane; d < dim; d += 32) sum = fmaf(o[d], g[d], sum);
-  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (lane == 0) delta[row] = sum - (dlse ? dlse[row] : 0.f);
+  if (i < total) {
+    const int64_t bh = i / rows, pos = i % rows;
+    const int64_t b = bh / heads, h = bh % heads;
+    const float* o_row = out + b * os.batch + h * os.head + pos * os.row;
+    const float* g_row = dout + b * ds.batch + h * ds.head + pos * ds.row;
+    for (int d = part; d < dim; d += kTx) sum = fmaf(o_row[d], g_row[d], sum);
+  }
+  sum = row_sum(sum);  // every lane takes part in the shuffles
+  if (i < total && part == 0) delta[i] = sum - (dlse ? dlse[i] : 0.f);
 }
 
 // The block-bias entry of (query tile qt, key block) in log2 units, 0 without a bias.
@@ -357,10 +360,10 @@ void run_backward_f32(const attention::fused::BackwardProblem& bp, const LaunchP
   auto delta = impl::scratch(static_cast<size_t>(rows_q) * sizeof(float));
   p.delta = static_cast<const float*>(delta->data);
   if (rows_q > 0) {
-    const int64_t threads = rows_q * 32;
+    const int64_t threads = rows_q * kTx;
     delta_f32_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
         static_cast<float*>(delta->data), static_cast<const float*>(f.out), row_strides(f.out_stride), p.dout, p.dos,
-        static_cast<const float*>(bp.dlse), f.batch, f.heads, f.seq_q, static_cast<int>(f.head_dim));
+        static_cast<const float*>(bp.dlse), f.heads, f.seq_q, rows_q, static_cast<int>(f.head_dim));
     CUDA_CHECK_LAUNCH();
   }
   if (p.lists.dbias) {
