@@ -474,10 +474,9 @@ bool hopper_backward_usable(const attention::fused::BackwardProblem& bp) {
 #endif
 }
 
-const char* g_last_backward_kernel = "none";
-
 }  // namespace
 
+const char* g_last_backward_kernel = "none";
 const char* last_backward_kernel() { return g_last_backward_kernel; }
 
 void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan& plan) {

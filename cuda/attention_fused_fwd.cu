@@ -234,10 +234,9 @@ bool hopper_forward_usable(const attention::fused::Problem& pr, bool split_p) {
 #endif
 }
 
-const char* g_last_forward_kernel = "none";
-
 }  // namespace
 
+const char* g_last_forward_kernel = "none";
 const char* last_forward_kernel() { return g_last_forward_kernel; }
 
 void run_forward(const attention::fused::Problem& pr, const LaunchPlan& plan) {

@@ -144,7 +144,7 @@ TEST_CASE("select_core picks the fused CPU kernels for f32 and f64 problems on t
   }
 }
 
-TEST_CASE("the selector's answers for f16 and f32: CUDA kernels take bf16 and f16, the CPU kernels f32 and f64") {
+TEST_CASE("the selector's answers per dtype: CUDA kernels take bf16, f16 and f32, the CPU kernels f32 and f64") {
   fused::Problem p;
   p.batch = 2;
   p.heads = 3;
@@ -174,18 +174,37 @@ TEST_CASE("the selector's answers for f16 and f32: CUDA kernels take bf16 and f1
     INFO("dtype " << dtype_name(dtype));
     p.dtype = dtype;
     const std::string reason = fused::cuda_unsupported_reason(p);
-    CHECK(reason == std::string("the fused CUDA kernels take bf16 or f16 inputs, got ") + dtype_name(dtype));
+    if (dtype == DType::f32)
+      CHECK(reason == "");  // exact f32 on the CUDA cores
+    else
+      CHECK(reason == std::string("the fused CUDA kernels take bf16, f16 or f32 inputs, got ") + dtype_name(dtype));
     CHECK(fused::select_backend(p, Device::cpu(), 0.0).backend == fused::Backend::cpu_fused);
   }
+  // f32 on CUDA: the precision says exact f32, and the f32 kernels take rows at any stride (odd
+  // strides and unaligned pointers fall back to scalar loads); the other limits still apply.
+  {
+    fused::Problem f = p;
+    f.dtype = DType::f32;
+    CHECK(compute_precision(fused::Backend::cuda_fused, DType::f32) == "f32 exact (CUDA-core FMA, no TF32)");
+    f.q_stride = {200 * 3 * 65, 3 * 65, 65};
+    CHECK(fused::cuda_unsupported_reason(f) == "");
+    fused::Problem half = f;
+    half.dtype = DType::bf16;  // the 16-bit kernels move 16-byte chunks only
+    CHECK(fused::cuda_unsupported_reason(half).find("multiples of 8") != std::string::npos);
+    f.head_dim = 48;
+    CHECK(fused::cuda_unsupported_reason(f).find("head_dim 32, 64 or 128, got 48") != std::string::npos);
+  }
   // Without a GPU build the selector says so for every dtype; with one, the CUDA answer is the
-  // kernels' own (f16 runs fused, f32 does not).
+  // kernels' own (f16 and f32 run fused, f64 does not).
   p.dtype = DType::f16;
   const fused::Selection gpu = fused::select_backend(p, Device::cuda(0), 0.0);
 #ifdef LONGTAPE_WITH_CUDA
   CHECK(gpu.backend == fused::Backend::cuda_fused);
   CHECK(gpu.reason.empty());
   p.dtype = DType::f32;
-  CHECK(fused::select_backend(p, Device::cuda(0), 0.0).reason.find("bf16 or f16") != std::string::npos);
+  CHECK(fused::select_backend(p, Device::cuda(0), 0.0).backend == fused::Backend::cuda_fused);
+  p.dtype = DType::f64;
+  CHECK(fused::select_backend(p, Device::cuda(0), 0.0).reason.find("bf16, f16 or f32") != std::string::npos);
 #else
   CHECK(gpu.backend == fused::Backend::composed);
   CHECK(gpu.reason.find("without CUDA") != std::string::npos);

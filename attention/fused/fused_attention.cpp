@@ -225,6 +225,7 @@ CoreOptions core_options(const AttentionConfig& config, bool training) {
 
 std::string compute_precision(fused::Backend backend, DType dtype) {
   if (dtype == DType::f64) return "f64";
+  if (backend == fused::Backend::cuda_fused && dtype == DType::f32) return "f32 exact (CUDA-core FMA, no TF32)";
   if (backend == fused::Backend::cuda_fused) return detail::concat(dtype_name(dtype), " tensor cores, f32 accumulation");
   if (is_half_precision(dtype)) return detail::concat("f32 (", dtype_name(dtype), " inputs upcast)");
   if (backend == fused::Backend::composed && allow_tf32()) return "tf32 matmuls, f32 softmax";
