@@ -32,13 +32,7 @@ void attend(const Context<Real>& c, int64_t b, int64_t h, int64_t rows, Scratch<
   std::fill_n(row_sum, lanes, Real(0));
   std::fill_n(out, rows * D, Real(0));
   Cursor cursor;
-  while (true) {
-    const int64_t cols = take(sc.runs, cursor, kKeyTile, sc.col_pos.data(), sc.col_bias.data(), sc.col_run.data());
-    if (cols == 0) break;
-    pack_rows(c.k, b, h, sc.col_pos.data(), cols, D, sc.p0.data());
-    pack_rows(c.v, b, h, sc.col_pos.data(), cols, D, sc.p1.data());
-    // Scores key-major: s[j * kQueryTile + r].
-    gemm<Real, false>(cols, lanes, D, by_rows(sc.p0_rows.data()), sc.t0_rows.data(), sc.s.data(), kQueryTile, false);
+  while (const int64_t cols = next_key_tile(c, b, h, lanes, cursor, sc)) {
     for (int64_t j = 0; j < cols; ++j) {
       Real* __restrict s = sc.s.data() + j * kQueryTile;
       if (c.has_bias) {
