@@ -15,6 +15,17 @@ namespace longtape::attention {
 
 fused::Strides strides_of(const Tensor& x) { return {x.strides()[0], x.strides()[1], x.strides()[2]}; }
 
+DType fused_lse_dtype(DType input) { return input == DType::f64 ? DType::f64 : DType::f32; }
+
+AttentionOutput attach_forward_outputs(fused::Problem& p, Device device) {
+  AttentionOutput r{Tensor::empty({p.batch, p.seq_q, p.heads, p.head_dim}, p.dtype, device),
+                    Tensor::empty({p.batch, p.heads, p.seq_q}, fused_lse_dtype(p.dtype), device)};
+  p.out = r.out.raw_data();
+  p.out_stride = strides_of(r.out);
+  p.lse = r.lse.raw_data();
+  return r;
+}
+
 GradientOutputs attach_gradient_outputs(fused::BackwardProblem& bp, DType dtype, Device device) {
   const fused::Problem& p = bp.forward;
   GradientOutputs g{Tensor::empty({p.batch, p.seq_q, p.heads, p.head_dim}, dtype, device),
@@ -36,8 +47,6 @@ using fused::Problem;
 
 // The kernels read rows with a contiguous last dim; anything else is copied once.
 Tensor rows_ready(const Tensor& x) { return x.strides().back() == 1 ? x : x.contiguous(); }
-
-DType lse_dtype(DType input) { return input == DType::f64 ? DType::f64 : DType::f32; }
 
 // Block lists in CSR form (forward lists and their transpose), int32, on the inputs' device.
 struct BlockCsr {
@@ -271,17 +280,14 @@ AttentionOutput fused_attention(const Tensor& q_in, const Tensor& k_in, const Te
       LT_CHECK(keys.block_bias.shape() == want && keys.block_bias.device() == device,
                "fused attention: block_bias must be (B, H, nq_blocks, nk_blocks) = ", shape_str(want), " on ",
                device.str(), ", got ", describe_tensor(keys.block_bias));
-      bias = keys.block_bias.detach().to(lse_dtype(q.dtype())).contiguous();
+      bias = keys.block_bias.detach().to(fused_lse_dtype(q.dtype())).contiguous();
       p.blocks.bias = bias.raw_data();
     }
   }
   const fused::Selection selection = fused::select_backend(p, device, options.dropout);
   LT_CHECK(selection.fused(), "fused attention cannot run this problem: ", selection.reason);
 
-  Tensor out = Tensor::empty({p.batch, p.seq_q, p.heads, p.head_dim}, q.dtype(), device);
-  Tensor lse = Tensor::empty({p.batch, p.heads, p.seq_q}, lse_dtype(q.dtype()), device);
-  p.out = out.raw_data();
-  p.lse = lse.raw_data();
+  const auto [out, lse] = attach_forward_outputs(p, device);
   const bool on_cuda = selection.backend == fused::Backend::cuda_fused;
   std::vector<Tensor> inputs{q_in, k_in, v_in};
   const bool bias_needs_grad = keys.block_bias.defined() && keys.block_bias.requires_grad();
