@@ -220,18 +220,12 @@ void backward_impl(const BackwardProblem& bp) {
   if (p.key_set == KeySet::blocks) {
     const BlockSpec& bs = p.blocks;
     const int64_t nqb = bs.num_query_blocks, nkb = bs.num_key_blocks;
-    const int64_t key_sub = (bs.block_size + kKeyTile - 1) / kKeyTile;
-    parallel_items<Real>(c.B * c.H * nkb * key_sub, D, [&](int64_t item, Scratch<Real>& sc) {
-      const int64_t part = item % key_sub, block = item / key_sub % nkb, bh = item / key_sub / nkb;
-      const int64_t b = bh / c.H, h = bh % c.H;
-      const int64_t block_end = std::min(c.Nk, (block + 1) * bs.block_size);
-      const int64_t first = block * bs.block_size + part * kKeyTile;
-      const int64_t cols = std::min(kKeyTile, block_end - first);
-      if (cols <= 0) return;
-      set_key_tile(sc, first, 1, cols);
-      block_query_runs(c, b, h, block, first, sc.runs);
-      key_tile_grad(c, g, b, h, cols, sc);
-    });
+    parallel_block_tiles(c, nkb, bs.block_size, c.Nk, kKeyTile,
+                         [&](int64_t b, int64_t h, int64_t block, int64_t first, int64_t cols, Scratch<Real>& sc) {
+                           set_key_tile(sc, first, 1, cols);
+                           block_query_runs(c, b, h, block, first, sc.runs);
+                           key_tile_grad(c, g, b, h, cols, sc);
+                         });
     // dbias[b, h, I, :] is owned by one item per query block, which walks all its query tiles.
     const bool with_dbias = g.dbias != nullptr;
     const int64_t query_sub = (bs.block_size + kQueryTile - 1) / kQueryTile;

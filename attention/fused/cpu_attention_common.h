@@ -529,6 +529,22 @@ void parallel_stream_tiles(const Context<Real>& c, const DilatedSpec& spec, int 
   });
 }
 
+// Runs fn(b, h, block, first, count, scratch) for every tile of up to `tile_size` positions
+// (first, first + 1, ...) of every one of `blocks` blocks of block_size positions over a sequence
+// of `length`, over all (batch, head) pairs, as parallel work items.
+template <typename Real, typename Fn>
+void parallel_block_tiles(const Context<Real>& c, int64_t blocks, int64_t block_size, int64_t length, int64_t tile_size,
+                          const Fn& fn) {
+  const int64_t tiles = (block_size + tile_size - 1) / tile_size;  // per block
+  parallel_items<Real>(c.B * c.H * blocks * tiles, c.D, [&](int64_t item, Scratch<Real>& sc) {
+    const int64_t part = item % tiles, block = item / tiles % blocks, bh = item / tiles / blocks;
+    const int64_t block_end = std::min(length, (block + 1) * block_size);
+    const int64_t first = block * block_size + part * tile_size;
+    const int64_t count = std::min(tile_size, block_end - first);
+    if (count > 0) fn(bh / c.H, bh % c.H, block, first, count, sc);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Query tiles and block runs (forward and dQ)
 

@@ -149,20 +149,13 @@ void forward_impl(const Problem& p) {
 
   if (p.key_set == KeySet::blocks) {
     const BlockSpec& bs = p.blocks;
-    const int64_t sub = (bs.block_size + kQueryTile - 1) / kQueryTile;
-    const int64_t nqb = bs.num_query_blocks;
-    parallel_items<Real>(c.B * c.H * nqb * sub, D, [&](int64_t item, Scratch<Real>& sc) {
-      const int64_t part = item % sub, block = item / sub % nqb, bh = item / sub / nqb;
-      const int64_t b = bh / c.H, h = bh % c.H;
-      const int64_t block_end = std::min(c.Nq, (block + 1) * bs.block_size);
-      const int64_t first = block * bs.block_size + part * kQueryTile;
-      const int64_t rows = std::min(kQueryTile, block_end - first);
-      if (rows <= 0) return;
-      load_query_tile(c, b, h, first, 1, rows, sc);
-      block_key_runs(c, b, h, block, first + rows - 1, sc.runs);
-      attend(c, b, h, rows, sc);
-      write_rows(c, out, lse, b, h, rows, Real(1), sc);
-    });
+    parallel_block_tiles(c, bs.num_query_blocks, bs.block_size, c.Nq, kQueryTile,
+                         [&](int64_t b, int64_t h, int64_t block, int64_t first, int64_t rows, Scratch<Real>& sc) {
+                           load_query_tile(c, b, h, first, 1, rows, sc);
+                           block_key_runs(c, b, h, block, first + rows - 1, sc.runs);
+                           attend(c, b, h, rows, sc);
+                           write_rows(c, out, lse, b, h, rows, Real(1), sc);
+                         });
     return;
   }
 
