@@ -6,11 +6,11 @@ namespace longtape::attention {
 
 void Attention::check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) const {
   const std::string who = "attention '" + variant_name() + "'";
-  LT_CHECK(q.defined() && k.defined() && v.defined(), who, ": q, k and v must be defined tensors, got q ", describe_tensor(q),
-           ", k ", describe_tensor(k), ", v ", describe_tensor(v));
+  LT_CHECK(q.defined() && k.defined() && v.defined(), who, ": q, k and v must be defined tensors, got q ",
+           describe_tensor(q), ", k ", describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, who,
-           ": q, k and v must be 4-d (batch, sequence, heads, head_dim), got q ", describe_tensor(q), ", k ", describe_tensor(k),
-           ", v ", describe_tensor(v));
+           ": q, k and v must be 4-d (batch, sequence, heads, head_dim), got q ", describe_tensor(q), ", k ",
+           describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(is_floating(q.dtype()), who, ": q, k and v must be floating tensors (f32, f64, bf16, f16), got ",
            dtype_name(q.dtype()));
   LT_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype(), who, ": q, k and v must share one dtype, got q ",

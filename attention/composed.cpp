@@ -71,25 +71,25 @@ void validate_core_config(const AttentionConfig& config, const std::string& vari
 DType compute_dtype(DType input) { return input == DType::f64 ? DType::f64 : DType::f32; }
 
 OutLse attend_rows(const Tensor& q, const Tensor& k, const Tensor& v, const StreamOptions& options) {
-  LT_CHECK(q.defined() && k.defined() && v.defined(), "attend_rows: q, k, v must be defined, got q ", describe_tensor(q),
-           ", k ", describe_tensor(k), ", v ", describe_tensor(v));
+  LT_CHECK(q.defined() && k.defined() && v.defined(), "attend_rows: q, k, v must be defined, got q ",
+           describe_tensor(q), ", k ", describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(q.dim() >= 2 && k.dim() == q.dim() && v.dim() == q.dim(),
            "attend_rows: q, k, v must be (..., L, D) with the same number of dims, got q ", describe_tensor(q), ", k ",
            describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(is_floating(q.dtype()) && k.dtype() == q.dtype() && v.dtype() == q.dtype(),
-           "attend_rows: q, k, v must share one floating dtype, got q ", describe_tensor(q), ", k ", describe_tensor(k), ", v ",
-           describe_tensor(v));
+           "attend_rows: q, k, v must share one floating dtype, got q ", describe_tensor(q), ", k ", describe_tensor(k),
+           ", v ", describe_tensor(v));
   LT_CHECK(k.device() == q.device() && v.device() == q.device(), "attend_rows: q, k, v must be on one device, got q ",
            describe_tensor(q), ", k ", describe_tensor(k), ", v ", describe_tensor(v));
   const int64_t nd = q.dim();
   const Shape lead(q.shape().begin(), q.shape().end() - 2);
-  LT_CHECK(Shape(k.shape().begin(), k.shape().end() - 2) == lead &&
-               Shape(v.shape().begin(), v.shape().end() - 2) == lead,
-           "attend_rows: q, k, v must have equal leading dims, got q ", describe_tensor(q), ", k ", describe_tensor(k), ", v ",
-           describe_tensor(v));
+  LT_CHECK(
+      Shape(k.shape().begin(), k.shape().end() - 2) == lead && Shape(v.shape().begin(), v.shape().end() - 2) == lead,
+      "attend_rows: q, k, v must have equal leading dims, got q ", describe_tensor(q), ", k ", describe_tensor(k),
+      ", v ", describe_tensor(v));
   const int64_t lq = q.size(nd - 2), lk = k.size(nd - 2), dim = q.size(nd - 1), dv = v.size(nd - 1);
-  LT_CHECK(k.size(nd - 1) == dim, "attend_rows: q and k must have the same head dim, got q ", describe_tensor(q), ", k ",
-           describe_tensor(k));
+  LT_CHECK(k.size(nd - 1) == dim, "attend_rows: q and k must have the same head dim, got q ", describe_tensor(q),
+           ", k ", describe_tensor(k));
   LT_CHECK(v.size(nd - 2) == lk, "attend_rows: k and v must have the same length, got k ", describe_tensor(k), ", v ",
            describe_tensor(v));
   LT_CHECK(!options.causal || lq == lk, "attend_rows: causal attention needs as many queries as keys, got q ",
@@ -211,7 +211,8 @@ OutLse merge_rows_by_lse(const std::vector<OutLse>& parts) {
   for (size_t i = 0; i < parts.size(); ++i) {
     const OutLse& p = parts[i];
     LT_CHECK(p.out.defined() && p.lse.defined() && p.out.dim() >= 1, "merge_by_lse: part ", i,
-             " needs a defined out (..., D) and lse (...), got out ", describe_tensor(p.out), ", lse ", describe_tensor(p.lse));
+             " needs a defined out (..., D) and lse (...), got out ", describe_tensor(p.out), ", lse ",
+             describe_tensor(p.lse));
     LT_CHECK(Shape(p.out.shape().begin(), p.out.shape().end() - 1) == p.lse.shape(), "merge_by_lse: part ", i,
              ": lse must have out's shape without the last dim, got out ", describe_tensor(p.out), ", lse ",
              describe_tensor(p.lse));
@@ -261,8 +262,8 @@ AttentionOutput merge_by_lse(const std::vector<AttentionOutput>& parts) {
     const AttentionOutput& p = parts[i];
     LT_CHECK(p.out.defined() && p.lse.defined() && p.out.dim() == 4 && p.lse.dim() == 3 &&
                  p.lse.shape() == Shape({p.out.size(0), p.out.size(2), p.out.size(1)}),
-             "merge_by_lse: part ", i, " must have out (B, N, H, D) and lse (B, H, N), got out ", describe_tensor(p.out),
-             ", lse ", describe_tensor(p.lse));
+             "merge_by_lse: part ", i, " must have out (B, N, H, D) and lse (B, H, N), got out ",
+             describe_tensor(p.out), ", lse ", describe_tensor(p.lse));
     rows.push_back({p.out.to(p.lse.dtype()), p.lse.permute({0, 2, 1})});
   }
   OutLse merged = merge_rows_by_lse(rows);

@@ -585,8 +585,8 @@ void paired_block_runs(const Context<Real>& c, int64_t b, int64_t h, int64_t blo
                        std::vector<Run<Real>>& runs) {
   const BlockSpec& bs = c.problem->blocks;
   const int64_t list = list_of(bs, b, h, c.H, c.B);
-  const int32_t* begin = key_runs ? bs.row_begin + list * (bs.num_query_blocks + 1)
-                                  : bs.col_begin + list * (bs.num_key_blocks + 1);
+  const int32_t* begin =
+      key_runs ? bs.row_begin + list * (bs.num_query_blocks + 1) : bs.col_begin + list * (bs.num_key_blocks + 1);
   const int32_t* paired = key_runs ? bs.col_index : bs.row_index;
   const int64_t length = key_runs ? c.Nk : c.Nq;
   const Real* bias = static_cast<const Real*>(bs.bias);
@@ -618,8 +618,7 @@ void block_key_runs(const Context<Real>& c, int64_t b, int64_t h, int64_t block,
 // writes the unscaled scores key-major into s (s[j * kQueryTile + r], r < lanes). Returns its
 // columns; 0 once the runs are done.
 template <typename Real>
-int64_t next_key_tile(const Context<Real>& c, int64_t b, int64_t h, int64_t lanes, Cursor& cursor,
-                      Scratch<Real>& sc) {
+int64_t next_key_tile(const Context<Real>& c, int64_t b, int64_t h, int64_t lanes, Cursor& cursor, Scratch<Real>& sc) {
   const int64_t cols = take(sc.runs, cursor, kKeyTile, sc.col_pos.data(), sc.col_bias.data(), sc.col_run.data());
   if (cols == 0) return 0;
   pack_rows(c.k, b, h, sc.col_pos.data(), cols, c.D, sc.p0.data());

@@ -131,11 +131,11 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
            "fused attention: q, k, v must be 4-d (batch, length, heads, head_dim), got q ", describe_tensor(q), ", k ",
            describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(is_floating(q.dtype()) && k.dtype() == q.dtype() && v.dtype() == q.dtype(),
-           "fused attention: q, k, v must share one floating dtype, got q ", describe_tensor(q), ", k ", describe_tensor(k), ", v ",
-           describe_tensor(v));
+           "fused attention: q, k, v must share one floating dtype, got q ", describe_tensor(q), ", k ",
+           describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(k.device() == q.device() && v.device() == q.device(),
-           "fused attention: q, k, v must be on one device, got q ", describe_tensor(q), ", k ", describe_tensor(k), ", v ",
-           describe_tensor(v));
+           "fused attention: q, k, v must be on one device, got q ", describe_tensor(q), ", k ", describe_tensor(k),
+           ", v ", describe_tensor(v));
   LT_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(2) == q.size(2) && v.size(2) == q.size(2) &&
                k.size(3) == q.size(3) && v.size(3) == q.size(3) && v.size(1) == k.size(1),
            "fused attention: q (B, Nq, H, D), k and v (B, Nk, H, D) must agree, got q ", describe_tensor(q), ", k ",

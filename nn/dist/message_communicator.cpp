@@ -30,8 +30,8 @@ std::vector<Tensor> MessageCommunicator::all_gather(const Tensor& tensor) {
   post_to_others(tag, tensor, "all_gather");
   std::vector<Tensor> result(static_cast<size_t>(size()));
   for (int s = 0; s < size(); ++s)
-    result[static_cast<size_t>(s)] = s == rank_ ? own_copy(tensor)
-                                                : arrive(expect_like(s, tag, "all_gather", tensor).tensor, tensor.device());
+    result[static_cast<size_t>(s)] =
+        s == rank_ ? own_copy(tensor) : arrive(expect_like(s, tag, "all_gather", tensor).tensor, tensor.device());
   return result;
 }
 
@@ -46,8 +46,8 @@ std::vector<Tensor> MessageCommunicator::all_to_all(const std::vector<Tensor>& t
   const Device device = to_each[static_cast<size_t>(rank_)].device();
   std::vector<Tensor> result(static_cast<size_t>(size()));
   for (int s = 0; s < size(); ++s)
-    result[static_cast<size_t>(s)] = s == rank_ ? own_copy(to_each[static_cast<size_t>(s)])
-                                                : arrive(expect(s, tag, "all_to_all").tensor, device);
+    result[static_cast<size_t>(s)] =
+        s == rank_ ? own_copy(to_each[static_cast<size_t>(s)]) : arrive(expect(s, tag, "all_to_all").tensor, device);
   return result;
 }
 
@@ -121,8 +121,8 @@ Message MessageCommunicator::expect(int src, int64_t tag, const char* op) {
 
 Message MessageCommunicator::expect_like(int src, int64_t tag, const char* op, const Tensor& like) {
   Message m = expect(src, tag, op);
-  LT_CHECK(m.tensor.shape() == like.shape() && m.tensor.dtype() == like.dtype(), "dist ", op, ": rank ", rank_,
-           " has ", describe_tensor(like), " but rank ", src, " sent ", describe_tensor(m.tensor),
+  LT_CHECK(m.tensor.shape() == like.shape() && m.tensor.dtype() == like.dtype(), "dist ", op, ": rank ", rank_, " has ",
+           describe_tensor(like), " but rank ", src, " sent ", describe_tensor(m.tensor),
            " (every rank must contribute the same shape and dtype)");
   return m;
 }

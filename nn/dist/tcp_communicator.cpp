@@ -155,8 +155,8 @@ class TcpCommunicator final : public detail::MessageCommunicator {
                                                int new_rank) override {
     std::vector<int> members;
     for (int r : ranks) members.push_back(members_[static_cast<size_t>(r)]);
-    const int64_t id = static_cast<int64_t>(mix(mix(static_cast<uint64_t>(group_id_) ^ static_cast<uint64_t>(tag)) ^
-                                                static_cast<uint64_t>(color)));
+    const int64_t id = static_cast<int64_t>(
+        mix(mix(static_cast<uint64_t>(group_id_) ^ static_cast<uint64_t>(tag)) ^ static_cast<uint64_t>(color)));
     return std::make_shared<TcpCommunicator>(mesh_, members, id, new_rank);
   }
 
