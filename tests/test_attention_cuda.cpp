@@ -12,6 +12,7 @@ using namespace longtape::attention;
 
 using testing::check_close;
 using testing::check_results_close;
+using testing::fresh_seed;
 using testing::Result;
 using testing::run_on;
 

@@ -25,6 +25,7 @@ using namespace longtape;
 using namespace longtape::attention;
 using namespace longtape::testing::fused_cases;
 
+using testing::fresh_seed;
 
 namespace {
 
