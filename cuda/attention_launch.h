@@ -53,6 +53,9 @@ void store_accumulator(void* dst, const attention::fused::Strides& strides, cons
                        const attention::fused::Problem& problem, int64_t rows, void* residual = nullptr);
 // Whether the current device is compute capability 9.0 (where sm_90a code runs); asked once per device.
 bool current_device_is_sm90();
+// Whether the sm_90a kernels were built, run on the current device and cover the problem's
+// shape: head dim 64 or 128, block lists of 64- or 128-key blocks (each pass adds its own terms).
+bool hopper_kernels_cover(const attention::fused::Problem& problem);
 void run_forward(const attention::fused::Problem& problem, const LaunchPlan& plan);
 void run_backward(const attention::fused::BackwardProblem& problem, const LaunchPlan& plan);
 // The same for f32 inputs: exact f32 on the CUDA cores (cuda/attention_f32_fwd.cu, attention_f32_bwd.cu).

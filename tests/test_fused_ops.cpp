@@ -49,8 +49,7 @@ std::vector<double> bf16_rounded(const std::vector<double>& v) {
 }  // namespace
 
 TEST_CASE("bias_gelu is one node and matches gelu(x + bias) forward and backward (f32, f64, both approximations)") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   for (DType dt : {DType::f64, DType::f32})
     for (GeluApprox approx : {GeluApprox::erf, GeluApprox::tanh}) {
@@ -80,8 +79,7 @@ TEST_CASE("bias_gelu is one node and matches gelu(x + bias) forward and backward
 }
 
 TEST_CASE("cross_entropy (fused) matches log_softmax + gather and float64 central differences, ignored rows too") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   std::mt19937_64 rng(seed);
   const int64_t rows = 29, classes = 13;
@@ -124,8 +122,7 @@ TEST_CASE("cross_entropy (fused) matches log_softmax + gather and float64 centra
 }
 
 TEST_CASE("layer_norm is one node and matches its composed form and central differences") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   Tensor x = add(mul(randn64({3, 4, 19}), 1.5), 0.7), wt = randn64({19}), b = randn64({19});
   Tensor w = randn64({3, 4, 19});
@@ -257,8 +254,7 @@ TEST_CASE("MLP with and without hidden recomputation gives the same outputs and 
 }
 
 TEST_CASE("bf16 matmul on the CPU: bf16-rounded operands, f32 math, f32 gradients of the rounded products") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   const int64_t M = 9, K = 40, N = 7;
   Tensor a = Tensor::randn({M, K}), b = Tensor::randn({K, N}), go = Tensor::randn({M, N});
@@ -334,8 +330,7 @@ TEST_CASE("a bf16 matmul keeps its bf16 operand copies for backward, not the f32
 }
 
 TEST_CASE("bf16 multihead attention on the CPU stays close to f32 and gives every f32 parameter an f32 gradient") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   attention::AttentionConfig config;
   config.segment_lengths = {8, 16};
@@ -363,8 +358,7 @@ TEST_CASE("bf16 multihead attention on the CPU stays close to f32 and gives ever
 }
 
 TEST_CASE("AdamW and SGD update bf16 parameters through f32 state, matching a float64 reference") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   const int64_t n = 257;
   Tensor p32 = Tensor::randn({n});

@@ -105,8 +105,7 @@ TEST_CASE("cuda: bf16 vs f32, 300 steps on the recall task (N=1024): final loss 
 
 TEST_CASE("cuda: bf16 matmul reads bf16 operands, accumulates and writes f32, and returns f32 gradients" *
           doctest::skip(!cuda_available())) {
-  const uint64_t seed = testing::fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   Tensor a = Tensor::randn({64, 300}), b = Tensor::randn({300, 48}), go = Tensor::randn({64, 48});
   // The CPU under bf16 multiplies the same rounded values in f32: the reference.
@@ -233,8 +232,7 @@ TEST_CASE("cuda: an out-of-range target or token id is raised at the next read, 
 
 TEST_CASE("cuda: fused cross_entropy on bf16 logits returns an f32 loss and bf16 gradients near the f64 CPU" *
           doctest::skip(!cuda_available())) {
-  const uint64_t seed = testing::fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   std::mt19937_64 rng(seed);
   Tensor logits = mul(Tensor::randn({300, 50}, DType::f64), 2.0);
