@@ -196,6 +196,7 @@ struct Bits<8> { using type = uint64_t; };
 template <int K>
 struct Strided {
   int ndim = 0;
+  bool index32 = false;  // every element index fits 32 bits: offsets come from 32-bit divisions
   int64_t shape[kMaxDims] = {};
   int64_t strides[K][kMaxDims] = {};
 };
@@ -221,6 +222,9 @@ Strided<K> make_strided(const kernels::View* const (&views)[K]) {
       s.ndim = nd + 1;
     }
   }
+  int64_t numel = 1;
+  for (int d = 0; d < v0.ndim; ++d) numel *= v0.shape[d];
+  s.index32 = numel < (int64_t{1} << 31);
   return s;
 }
 
@@ -245,6 +249,21 @@ __device__ __forceinline__ void strided_offsets(const Strided<K>& s, int64_t i, 
   }
 #pragma unroll
   for (int k = 0; k < K; ++k) off[k] = 0;
+  if (s.index32) {  // a 64-bit division costs several times a 32-bit one
+    uint32_t j = static_cast<uint32_t>(i);
+#pragma unroll
+    for (int d = kMaxDims - 1; d >= 0; --d) {
+      if (d < s.ndim) {
+        const uint32_t size = static_cast<uint32_t>(s.shape[d]);
+        const uint32_t q = j / size;
+        const int64_t idx = j - q * size;
+        j = q;
+#pragma unroll
+        for (int k = 0; k < K; ++k) off[k] += idx * s.strides[k][d];
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int d = kMaxDims - 1; d >= 0; --d) {
     if (d < s.ndim) {

@@ -6,9 +6,9 @@
 // Two layouts, chosen from the strides:
 //  - rows: a warp (short rows) or a 256-thread block (long rows) per output row; used when the
 //    reduced elements are contiguous, or whenever the outputs are not adjacent in memory.
-//  - columns: one thread per output, walking its reduced elements in order; used when adjacent
-//    outputs are adjacent in memory and the reduced dims are strided (e.g. sum over the batch
-//    dim of a (B, C) tensor), so a warp's loads are coalesced.
+//  - columns: 8 threads per output, each walking every 8th reduced element in order, then combined
+//    in lane order; used when adjacent outputs are adjacent in memory and the reduced dims are
+//    strided (e.g. sum over the batch dim of a (B, C) tensor), so a warp's loads are coalesced.
 // Few long reductions are split into fixed-size chunks whose partial results (in the
 // accumulation type) are reduced again by a second pass of the same code.
 #include "cuda/block_reduce.cuh"
@@ -103,20 +103,31 @@ __global__ void reduce_rows_kernel(ReduceOp op, ReduceDesc d, const Tin* in, Tou
   }
 }
 
-// One thread per (chunk, output): walks the chunk in order; result to out[chunk * outer + row].
+// Columns: a block covers 32 adjacent outputs (threadIdx.x) with kColumnLanes threads each
+// (threadIdx.y): lane y combines rows y, y + kColumnLanes, ... of its chunk in order, then lane 0
+// combines the lanes' results in lane order. Result to out[chunk * outer + output], chunk = blockIdx.y.
+constexpr int kColumnLanes = 8;
+
 template <typename Tin, typename Tout, typename A>
-__global__ void reduce_cols_kernel(ReduceOp op, ReduceDesc d, const Tin* in, Tout* out, int64_t chunk_len,
-                                   int64_t nchunks) {
-  const int64_t total = d.outer * nchunks;
-  for (int64_t t = global_tid(); t < total; t += grid_stride()) {
-    const int64_t chunk = t / d.outer, row = t % d.outer;
+__global__ void reduce_cols_kernel(ReduceOp op, ReduceDesc d, const Tin* in, Tout* out, int64_t chunk_len) {
+  __shared__ A lanes[kColumnLanes][32];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  const int64_t chunk = blockIdx.y;
+  A acc = identity_of<A>(op);
+  if (row < d.outer) {
     const int64_t base = dims_offset(d.keep_ndim, d.keep_shape, d.keep_stride, row);
     const int64_t begin = chunk * chunk_len, end = min(d.len, begin + chunk_len);
-    A acc = identity_of<A>(op);
-#pragma unroll 8
-    for (int64_t e = begin; e < end; ++e)
+#pragma unroll 4
+    for (int64_t e = begin + threadIdx.y; e < end; e += kColumnLanes)
       acc = combine(op, acc, static_cast<A>(Elem<Tin>::load(in, base + dims_offset(d.red_ndim, d.red_shape, d.red_stride, e))));
-    Elem<Tout>::store(out, t, static_cast<typename Elem<Tout>::C>(acc));
+  }
+  lanes[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && row < d.outer) {
+    A total = lanes[0][threadIdx.x];
+#pragma unroll
+    for (int y = 1; y < kColumnLanes; ++y) total = combine(op, total, lanes[y][threadIdx.x]);
+    Elem<Tout>::store(out, chunk * d.outer + row, static_cast<typename Elem<Tout>::C>(total));
   }
 }
 
@@ -128,8 +139,9 @@ void launch_pass(bool columns, ReduceOp op, const ReduceDesc& d, const void* in,
   using A = AccT<Tin>;
   const int64_t total = d.outer * nchunks;
   if (columns) {
-    reduce_cols_kernel<Tin, Tout, A><<<grid_for(total), kThreads, 0, stream()>>>(
-        op, d, static_cast<const Tin*>(in), static_cast<Tout*>(out), chunk_len, nchunks);
+    const dim3 grid(static_cast<unsigned>((d.outer + 31) / 32), static_cast<unsigned>(nchunks));
+    reduce_cols_kernel<Tin, Tout, A><<<grid, dim3(32, kColumnLanes), 0, stream()>>>(
+        op, d, static_cast<const Tin*>(in), static_cast<Tout*>(out), chunk_len);
   } else {
     const int per_block = kThreads / group;
     const unsigned grid = static_cast<unsigned>(std::clamp<int64_t>((total + per_block - 1) / per_block, 1, 65536));
@@ -154,8 +166,9 @@ void dispatch_pass(bool columns, ReduceOp op, const ReduceDesc& d, const void* i
 
 // Thresholds of the layout choice. They depend on nothing but the problem's shape, so the
 // same shapes always take the same path (and give the same bits) on any GPU.
-constexpr int64_t kColumnThreadsTarget = 1 << 16;  // columns: split until this many threads
+constexpr int64_t kColumnOutputsTarget = 1 << 15;  // columns: split until this many (output, chunk) pairs
 constexpr int64_t kMinColumnChunk = 32;
+constexpr int64_t kMaxColumnChunks = 65535;         // grid y
 constexpr int64_t kRowSplitLen = 1 << 14;          // rows longer than this may be split ...
 constexpr int64_t kRowGroupsTarget = 1024;         // ... until there are this many groups
 constexpr int64_t kMinRowChunk = 4096;
@@ -167,10 +180,11 @@ void run_reduce(ReduceOp op, const ReduceDesc& d, const void* in, DType in_t, vo
   int64_t nchunks = 1;
   int group = 32;
   if (columns) {
-    if (d.outer < kColumnThreadsTarget) {
-      const int64_t want = (kColumnThreadsTarget + d.outer - 1) / d.outer;
+    if (d.outer < kColumnOutputsTarget) {
+      const int64_t want = (kColumnOutputsTarget + d.outer - 1) / d.outer;
       nchunks = std::max<int64_t>(1, std::min(want, d.len / kMinColumnChunk));
     }
+    nchunks = std::min(nchunks, kMaxColumnChunks);
   } else {
     group = d.len > 256 ? kThreads : 32;
     if (d.len > kRowSplitLen && d.outer < kRowGroupsTarget) {
