@@ -38,4 +38,17 @@ struct AdamWHyper {
 void fused_adamw(const AdamWTensor* tensors, const AdamWChunk* chunks, int64_t num_chunks, int64_t chunk_size,
                  const AdamWHyper& hyper);
 
+// One gradient of a fused norm or scale: `numel` f32 values of device memory.
+struct GradientRef {
+  float* data;
+  int64_t numel;
+};
+
+// Gradient clipping (cuda/grad_clip.cu), one launch each on the current longtape stream:
+// partials[c] = sum of g^2 over chunk c (a fixed order per chunk), and g *= scale in place.
+void fused_sum_squares(const GradientRef* tensors, const AdamWChunk* chunks, int64_t num_chunks, int64_t chunk_size,
+                       float* partials);
+void fused_scale(const GradientRef* tensors, const AdamWChunk* chunks, int64_t num_chunks, int64_t chunk_size,
+                 float scale);
+
 }  // namespace longtape::cuda

@@ -271,8 +271,79 @@ void AdamW::step() {
 
 // ---------------------------------------------------------------- clipping
 
+#ifdef LONGTAPE_WITH_CUDA
+namespace {
+// The gradients of `parameters` as a device table for the fused clipping kernels, when all of
+// them are contiguous f32 on one CUDA device (else the composed ops run).
+struct GradientTable {
+  Tensor tensors, chunks;  // i64 tensors used as raw device memory
+  int64_t num_chunks = 0;
+  Device device;
+  std::vector<Tensor> gradients;
+};
+constexpr int64_t kClipChunk = 16384;
+
+bool fused_gradient_table(const std::vector<Tensor>& parameters, GradientTable& table) {
+  std::vector<cuda::GradientRef> refs;
+  std::vector<cuda::AdamWChunk> chunks;
+  for (const Tensor& p : parameters) {
+    Tensor g = p.grad();
+    if (!g.defined() || g.numel() == 0) continue;
+    if (!g.device().is_cuda() || g.dtype() != DType::f32 || !g.is_contiguous() ||
+        (!table.gradients.empty() && g.device() != table.device))
+      return false;
+    table.device = g.device();
+    table.gradients.push_back(g);
+    const int64_t index = static_cast<int64_t>(refs.size());
+    refs.push_back({g.data<float>(), g.numel()});
+    for (int64_t start = 0; start < g.numel(); start += kClipChunk) chunks.push_back({index, start});
+  }
+  if (refs.empty()) return false;
+  // A copy to the device waits for the stream, so the last table is kept and reused while the
+  // gradients stay where they were (the pool hands the same blocks back step after step).
+  struct Cached {
+    std::vector<cuda::GradientRef> refs;
+    std::vector<cuda::AdamWChunk> chunks;
+    Tensor tensors, chunks_device;
+  };
+  // Never destroyed: freeing device memory at process exit would race the CUDA runtime's teardown.
+  thread_local Cached& cached = *new Cached;
+  const bool same = cached.tensors.defined() && cached.tensors.device() == table.device &&
+                    cached.refs.size() == refs.size() && cached.chunks.size() == chunks.size() &&
+                    std::memcmp(cached.refs.data(), refs.data(), refs.size() * sizeof(refs[0])) == 0 &&
+                    std::memcmp(cached.chunks.data(), chunks.data(), chunks.size() * sizeof(chunks[0])) == 0;
+  if (!same) {
+    auto upload = [&](const auto& host) {
+      const size_t bytes = host.size() * sizeof(host[0]);
+      Tensor device = Tensor::empty({static_cast<int64_t>((bytes + 7) / 8)}, DType::i64, table.device);
+      copy_bytes(device.raw_data(), table.device, host.data(), Device::cpu(), bytes);
+      return device;
+    };
+    cached.tensors = upload(refs);
+    cached.chunks_device = upload(chunks);
+    cached.refs = std::move(refs);
+    cached.chunks = std::move(chunks);
+  }
+  table.tensors = cached.tensors;
+  table.chunks = cached.chunks_device;
+  table.num_chunks = static_cast<int64_t>(cached.chunks.size());
+  return true;
+}
+}  // namespace
+#endif
+
 Tensor grad_norm_tensor(const std::vector<Tensor>& parameters) {
   NoGradGuard guard;
+#ifdef LONGTAPE_WITH_CUDA
+  // One launch for every gradient's chunk sums of squares, then one reduction over the chunks.
+  if (GradientTable table; fused_gradient_table(parameters, table)) {
+    Tensor partials = Tensor::empty({table.num_chunks}, DType::f32, table.device);
+    cuda::fused_sum_squares(static_cast<const cuda::GradientRef*>(table.tensors.raw_data()),
+                            static_cast<const cuda::AdamWChunk*>(table.chunks.raw_data()), table.num_chunks,
+                            kClipChunk, partials.data<float>());
+    return sqrt(sum(partials));
+  }
+#endif
   // Sum of squares per gradient in f32 (f64 when a gradient is f64), added up on the first
   // gradient's device, so nothing is read back here.
   Tensor total;
@@ -297,6 +368,15 @@ void scale_grads_to_norm(const std::vector<Tensor>& parameters, double norm, dou
   if (!std::isfinite(norm) || norm <= max_norm) return;
   NoGradGuard guard;
   const double coef = max_norm / (norm + 1e-6);
+#ifdef LONGTAPE_WITH_CUDA
+  if (GradientTable table; fused_gradient_table(parameters, table)) {
+    cuda::fused_scale(static_cast<const cuda::GradientRef*>(table.tensors.raw_data()),
+                      static_cast<const cuda::AdamWChunk*>(table.chunks.raw_data()), table.num_chunks, kClipChunk,
+                      static_cast<float>(coef));
+    for (const Tensor& g : table.gradients) g.bump_version();
+    return;
+  }
+#endif
   for (const Tensor& p : parameters) {
     Tensor g = p.grad();
     if (g.defined()) g.copy_(mul(g, coef));

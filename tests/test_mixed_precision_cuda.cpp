@@ -191,6 +191,38 @@ TEST_CASE("cuda: gelu_mlp matches the composed MLP on the GPU (f32 and bf16) and
   }
 }
 
+TEST_CASE("cuda: gradient norm and clipping over many parameters (two launches) match the CPU" *
+          doctest::skip(!cuda_available())) {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  std::vector<Tensor> cpu_params, gpu_params;
+  for (int64_t n : {1, 7, 16384, 16385, 40000, 3}) {  // chunk edges and a gradient-less parameter
+    Tensor p = Tensor::randn({n}), g = Tensor::randn({n});
+    Tensor pc = p.clone().requires_grad_(), pg = p.to(kGpu).detach().requires_grad_();
+    if (n != 3) {
+      pc.set_grad(g.clone());
+      pg.set_grad(g.to(kGpu));
+    }
+    cpu_params.push_back(pc);
+    gpu_params.push_back(pg);
+  }
+  const double cpu_norm = nn::grad_norm_tensor(cpu_params).item();
+  const double gpu_norm = nn::grad_norm_tensor(gpu_params).item();
+  CHECK(cpu_norm > 100.0);
+  CHECK(std::abs(gpu_norm - cpu_norm) <= 1e-5 * cpu_norm);
+  CHECK(nn::grad_norm_tensor(gpu_params).item() == gpu_norm);  // the same bits again
+  nn::scale_grads_to_norm(cpu_params, cpu_norm, 1.0);
+  nn::scale_grads_to_norm(gpu_params, gpu_norm, 1.0);
+  for (size_t i = 0; i < cpu_params.size(); ++i) {
+    CAPTURE(i);
+    CHECK(cpu_params[i].grad().defined() == gpu_params[i].grad().defined());
+    if (cpu_params[i].grad().defined())
+      CHECK(normwise_rel_err(gpu_params[i].grad().to(Device::cpu()), cpu_params[i].grad()) < 1e-5);
+  }
+  CHECK(std::abs(nn::grad_norm_tensor(gpu_params).item() - 1.0) < 1e-4);
+}
+
 TEST_CASE("cuda: tf32 precision keeps f32 products near f32, and only inside its scope" *
           doctest::skip(!cuda_available())) {
   manual_seed(testing::fresh_seed());
