@@ -92,8 +92,7 @@ MLP::MLP(int64_t dim, int64_t hidden, double dropout_p, bool recompute) : recomp
 Tensor MLP::forward(const Tensor& x) {
   const bool dropout_active = is_training() && drop->p() > 0;
   if (recompute_hidden && fc1->bias.defined() && !dropout_active && (x.dtype() == DType::f32 || x.dtype() == DType::f64)) {
-    Tensor y = gelu_mlp(x, fc1->weight, fc1->bias, fc2->weight, act->approx());
-    return fc2->bias.defined() ? add(y, fc2->bias) : y;
+    return gelu_mlp(x, fc1->weight, fc1->bias, fc2->weight, fc2->bias, act->approx());
   }
   Tensor h = fc1->bias.defined() ? bias_gelu(fc1->project(x), fc1->bias, act->approx()) : act->forward(fc1->forward(x));
   return fc2->forward(drop->forward(h));

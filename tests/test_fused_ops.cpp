@@ -185,16 +185,16 @@ TEST_CASE("gelu_mlp is one node equal to fc1 -> bias_gelu -> fc2, recomputing it
     for (int64_t chunk : {0, 3, 10}) {
       CAPTURE(chunk);
       Tensor x = randn64({2, 5, E}).to(dt), w1 = randn64({H, E}).to(dt), b1 = randn64({H}).to(dt),
-             w2 = randn64({Eo, H}).to(dt), w = randn64({2, 5, Eo}).to(dt);
+             w2 = randn64({Eo, H}).to(dt), b2 = randn64({Eo}).to(dt), w = randn64({2, 5, Eo}).to(dt);
       auto fused = [&](const std::vector<Tensor>& in) {
-        return gelu_mlp(in[0], in[1], in[2], in[3], GeluApprox::erf, chunk);
+        return gelu_mlp(in[0], in[1], in[2], in[3], in[4], GeluApprox::erf, chunk);
       };
       auto composed = [&](const std::vector<Tensor>& in) {
-        return matmul(bias_gelu(matmul(in[0], in[1].transpose(0, 1)), in[2]), in[3].transpose(0, 1));
+        return add(matmul(bias_gelu(matmul(in[0], in[1].transpose(0, 1)), in[2]), in[3].transpose(0, 1)), in[4]);
       };
       const double tol = dt == DType::f64 ? 1e-12 : 1e-5;
-      CHECK(normwise_rel_err(fused({x, w1, b1, w2}), composed({x, w1, b1, w2})) < tol);
-      const auto gf = grads_of(fused, {x, w1, b1, w2}, w), gc = grads_of(composed, {x, w1, b1, w2}, w);
+      CHECK(normwise_rel_err(fused({x, w1, b1, w2, b2}), composed({x, w1, b1, w2, b2})) < tol);
+      const auto gf = grads_of(fused, {x, w1, b1, w2, b2}, w), gc = grads_of(composed, {x, w1, b1, w2, b2}, w);
       for (size_t i = 0; i < gf.size(); ++i) {
         CAPTURE(i);
         REQUIRE(gf[i].defined());
@@ -205,16 +205,19 @@ TEST_CASE("gelu_mlp is one node equal to fc1 -> bias_gelu -> fc2, recomputing it
       // products round, so it still matches them, and differs from f32 at bf16's scale.
       if (dt == DType::f32) {
         AutocastScope bf16(Precision::bf16);
-        CHECK(normwise_rel_err(fused({x, w1, b1, w2}), composed({x, w1, b1, w2})) < 1e-5);
-        const auto lf = grads_of(fused, {x, w1, b1, w2}, w), lc = grads_of(composed, {x, w1, b1, w2}, w);
+        CHECK(normwise_rel_err(fused({x, w1, b1, w2, b2}), composed({x, w1, b1, w2, b2})) < 1e-5);
+        const auto lf = grads_of(fused, {x, w1, b1, w2, b2}, w), lc = grads_of(composed, {x, w1, b1, w2, b2}, w);
         for (size_t i = 0; i < lf.size(); ++i) CHECK(normwise_rel_err(lf[i], lc[i]) < 1e-5);
         CHECK(normwise_rel_err(lf[0], gf[0]) > 1e-5);
       }
     }
   Tensor x = randn64({7, 3}).requires_grad_(), w1 = randn64({8, 3}).requires_grad_(),
-         b1 = randn64({8}).requires_grad_(), w2 = randn64({4, 8}).requires_grad_();
+         b1 = randn64({8}).requires_grad_(), w2 = randn64({4, 8}).requires_grad_(), b2 = randn64({4}).requires_grad_();
   autograd::check_gradcheck(
-      [](const std::vector<Tensor>& in) { return gelu_mlp(in[0], in[1], in[2], in[3], GeluApprox::tanh, 2); },
+      [](const std::vector<Tensor>& in) { return gelu_mlp(in[0], in[1], in[2], in[3], in[4], GeluApprox::tanh, 2); },
+      {x, w1, b1, w2, b2});
+  autograd::check_gradcheck(
+      [](const std::vector<Tensor>& in) { return gelu_mlp(in[0], in[1], in[2], in[3], Tensor(), GeluApprox::erf, 3); },
       {x, w1, b1, w2});
   Tensor y = gelu_mlp(x, w1, b1, w2);
   REQUIRE(y.grad_fn() != nullptr);
@@ -226,8 +229,10 @@ TEST_CASE("gelu_mlp is one node equal to fc1 -> bias_gelu -> fc2, recomputing it
                        Error);
   CHECK_THROWS_WITH_AS(gelu_mlp(Tensor::randn({7, 3}), randn64({8, 3}), randn64({8}), randn64({4, 8})),
                        doctest::Contains("gelu_mlp: weights must be f32"), Error);
-  CHECK_THROWS_WITH_AS(gelu_mlp(randn64({7, 3}), randn64({8, 3}), randn64({8}), randn64({4, 8}), GeluApprox::erf, -1),
+  CHECK_THROWS_WITH_AS(gelu_mlp(randn64({7, 3}), randn64({8, 3}), randn64({8}), randn64({4, 8}), Tensor(), GeluApprox::erf, -1),
                        doctest::Contains("chunk_rows must be >= 0"), Error);
+  CHECK_THROWS_WITH_AS(gelu_mlp(randn64({7, 3}), randn64({8, 3}), randn64({8}), randn64({4, 8}), randn64({5})),
+                       doctest::Contains("gelu_mlp: b2 must be (4,) or undefined, got [5]"), Error);
 }
 
 TEST_CASE("MLP with and without hidden recomputation gives the same outputs and gradients") {

@@ -164,7 +164,9 @@ TEST_CASE("cuda: gelu_mlp matches the composed MLP on the GPU (f32 and bf16) and
   auto composed = [](const std::vector<Tensor>& in) {
     return matmul(bias_gelu(matmul(in[0], in[1].transpose(0, 1)), in[2]), in[3].transpose(0, 1));
   };
-  auto fused = [](const std::vector<Tensor>& in) { return gelu_mlp(in[0], in[1], in[2], in[3], GeluApprox::erf, 100); };
+  auto fused = [](const std::vector<Tensor>& in) {
+    return gelu_mlp(in[0], in[1], in[2], in[3], Tensor(), GeluApprox::erf, 100);
+  };
   auto run = [&](auto&& f, Device device, Precision precision) {
     std::vector<Tensor> in;
     for (const Tensor& t : {x, w1, b1, w2}) in.push_back(t.to(device).detach().requires_grad_());

@@ -1,4 +1,4 @@
-// The transformer MLP gelu(x W1^T + b1) W2^T as one node. The hidden activations are 4x wider
+// The transformer MLP gelu(x W1^T + b1) W2^T + b2 as one node. The hidden activations are 4x wider
 // than the residual stream, so keeping them for backward (the pre-activation for gelu' and the
 // activation for W2's gradient) is most of a block's activation memory. This node keeps only x's
 // product operand (bf16 under bf16 precision) and recomputes x W1^T + b1 in backward, at the cost
@@ -44,12 +44,13 @@ Tensor accumulate(const Tensor& total, const Tensor& part) { return total.define
 
 }  // namespace
 
-Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, GeluApprox approx,
-                int64_t chunk_rows) {
+Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                GeluApprox approx, int64_t chunk_rows) {
   LT_CHECK(x.defined() && w1.defined() && b1.defined() && w2.defined(), "gelu_mlp: got an undefined tensor");
   LT_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64, "gelu_mlp: expected f32 or f64 x, got ",
            dtype_name(x.dtype()));
-  for (const Tensor* t : {&w1, &b1, &w2})
+  for (const Tensor* t : {&w1, &b1, &w2, &b2})
+    if (t->defined())
     LT_CHECK(t->dtype() == x.dtype() && t->device() == x.device(), "gelu_mlp: weights must be ",
              dtype_name(x.dtype()), " on ", x.device().str(), " like x, got ", dtype_name(t->dtype()), " on ",
              t->device().str());
@@ -57,6 +58,8 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
                b1.size(0) == w1.size(0) && w2.size(1) == w1.size(0),
            "gelu_mlp: expected x (..., E), w1 (H, E), b1 (H,), w2 (E_out, H), got x ", shape_str(x.shape()), ", w1 ",
            shape_str(w1.shape()), ", b1 ", shape_str(b1.shape()), ", w2 ", shape_str(w2.shape()));
+  LT_CHECK(!b2.defined() || (b2.dim() == 1 && b2.size(0) == w2.size(0)), "gelu_mlp: b2 must be (", w2.size(0),
+           ",) or undefined, got ", b2.defined() ? shape_str(b2.shape()) : std::string());
   LT_CHECK(chunk_rows >= 0, "gelu_mlp: chunk_rows must be >= 0 (0 = automatic), got ", chunk_rows);
   const int64_t e = x.shape().back(), hidden = w1.size(0), e_out = w2.size(0);
   const int64_t chunk =
@@ -76,7 +79,10 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
     ops.b1 = b1.detach().contiguous();
     x_op = ops.operand(x.detach().reshape({-1, e}));
     const int64_t rows = x_op.size(0);
-    y = Tensor::zeros({rows, e_out}, x.dtype(), x.device());  // each chunk's product lands in its rows
+    // Each chunk's product is added to its rows, which start as b2 (or zero).
+    y = Tensor::empty({rows, e_out}, x.dtype(), x.device());
+    if (b2.defined()) y.copy_(b2.detach());
+    else y.zero_();
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
       const int64_t n = std::min(chunk, rows - r0);
       matmul_operands(ops.hidden(x_op.narrow(0, r0, n)).second, ops.w2.transpose(0, 1), y.narrow(0, r0, n));
@@ -85,8 +91,11 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
   }
   // Lowered weights are private copies; unlowered, the backward reads the parameters themselves.
   const std::vector<Tensor> saved = ops.low ? std::vector<Tensor>{b1} : std::vector<Tensor>{x, w1, b1, w2};
-  record("gelu_mlp", {x, w1, b1, w2}, {y},
-         [ops, x_op, precision, x_shape = x.shape(), e_out, hidden, chunk](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+  std::vector<Tensor> inputs{x, w1, b1, w2};
+  if (b2.defined()) inputs.push_back(b2);
+  record("gelu_mlp", inputs, {y},
+         [ops, x_op, precision, x_shape = x.shape(), e_out, hidden, chunk, with_b2 = b2.defined()](
+             const std::vector<Tensor>& g) -> std::vector<Tensor> {
            AutocastScope scope(precision);
            const int64_t rows = x_op.size(0);
            const Tensor dy = ops.operand(g[0].reshape({rows, e_out}));
@@ -113,7 +122,9 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
              matmul_operands(dpre_op, ops.w1, dx.narrow(0, r0, n));
            }
            if (rows == 0) db1 = Tensor::zeros(ops.b1.shape(), dx.dtype(), dx.device());
-           return {dx.reshape(x_shape), dw1, db1, dw2};
+           std::vector<Tensor> grads{dx.reshape(x_shape), dw1, db1, dw2};
+           if (with_b2) grads.push_back(sum(g[0].reshape({rows, e_out}), {0}));
+           return grads;
          },
          saved);
   return y;
