@@ -126,6 +126,57 @@ TEST_CASE("all_gather, all_to_all, all_reduce, broadcast equal their definitions
   }
 }
 
+TEST_CASE("start_all_to_all: several under way at once, beside blocking collectives, land in place, P = 1..4") {
+  for (int p = 1; p <= 4; ++p) {
+    manual_seed(700 + p);
+    // first[s][d] (s + 1, 2) and second[s][d] (3, d + 1): what rank s sends rank d in each exchange.
+    std::vector<std::vector<Tensor>> first(static_cast<size_t>(p)), second(static_cast<size_t>(p));
+    for (int s = 0; s < p; ++s)
+      for (int d = 0; d < p; ++d) {
+        first[static_cast<size_t>(s)].push_back(Tensor::randn({s + 1, 2}, DType::f64));
+        second[static_cast<size_t>(s)].push_back(Tensor::randn({3, d + 1}, DType::f32));
+      }
+    std::vector<Tensor> rows(static_cast<size_t>(p)), cols(static_cast<size_t>(p)), sums(static_cast<size_t>(p));
+    dist::run_ranks(p, [&](Communicator& comm) {
+      const int r = comm.rank();
+      // Rank s's piece of the first lands in rows [s(s+1)/2, ...) of one buffer; of the second, in
+      // columns [s(r+1), ...) of another, transposed (a strided target).
+      Tensor row_buffer = Tensor::zeros({p * (p + 1) / 2, 2}, DType::f64);
+      Tensor col_buffer = Tensor::zeros({r + 1, 3 * p}, DType::f32);
+      std::vector<Tensor> row_slots, col_slots;
+      for (int s = 0; s < p; ++s) {
+        row_slots.push_back(row_buffer.narrow(0, s * (s + 1) / 2, s + 1));
+        col_slots.push_back(col_buffer.narrow(1, 3 * s, 3).permute({1, 0}));
+      }
+      auto a = comm.start_all_to_all(first[static_cast<size_t>(r)], row_slots);
+      auto b = comm.start_all_to_all(second[static_cast<size_t>(r)], col_slots);
+      sums[static_cast<size_t>(r)] = comm.all_reduce(Tensor::ones({2}, DType::f64));  // a collective in between
+      b->wait();
+      a->wait();
+      a->wait();  // a second wait changes nothing
+      rows[static_cast<size_t>(r)] = row_buffer;
+      cols[static_cast<size_t>(r)] = col_buffer;
+    }, short_timeout());
+    for (int r = 0; r < p; ++r) {
+      CHECK(max_abs_diff(sums[static_cast<size_t>(r)], Tensor::full({2}, p, DType::f64)) == 0.0);
+      for (int s = 0; s < p; ++s) {
+        CHECK(max_abs_diff(rows[static_cast<size_t>(r)].narrow(0, s * (s + 1) / 2, s + 1),
+                           first[static_cast<size_t>(s)][static_cast<size_t>(r)]) == 0.0);
+        CHECK(max_abs_diff(cols[static_cast<size_t>(r)].narrow(1, 3 * s, 3).permute({1, 0}),
+                           second[static_cast<size_t>(s)][static_cast<size_t>(r)]) == 0.0);
+      }
+    }
+  }
+  // A target of the wrong shape, or the wrong number of targets: clear errors.
+  CHECK_THROWS_WITH_AS(dist::run_ranks(2, [](Communicator& comm) {
+    comm.start_all_to_all({Tensor::randn({2, 3}), Tensor::randn({2, 3})}, {Tensor::zeros({2, 3}), Tensor::zeros({3, 2})})
+        ->wait();
+  }, short_timeout()), doctest::Contains("expected [3, 2] f32 from rank 1, got [2, 3] f32"), Error);
+  CHECK_THROWS_WITH_AS(dist::run_ranks(2, [](Communicator& comm) {
+    comm.start_all_to_all({Tensor::randn({1}), Tensor::randn({1})}, {Tensor::zeros({1})});
+  }, short_timeout()), doctest::Contains("one to receive into per rank (2)"), Error);
+}
+
 TEST_CASE("barrier: no rank passes it before every rank has reached it") {
   const int p = 4;
   std::atomic<int> arrived{0};

@@ -396,6 +396,36 @@ class TcpCommunicator final : public Communicator {
     return result;
   }
 
+  // Sends now (on each peer's sender thread) and receives in wait(): the transfer overlaps the
+  // caller's work in between.
+  std::unique_ptr<PendingAllToAll> start_all_to_all(const std::vector<Tensor>& to_each,
+                                                    const std::vector<Tensor>& into) override {
+    check_all_to_all_into(to_each, into);
+    const int64_t tag = next_collective("all_to_all");
+    for (int d = 0; d < size(); ++d)
+      if (d != rank_) post(d, tag, to_each[static_cast<size_t>(d)], "all_to_all", name("all_to_all", tag));
+    receive_into(to_each[static_cast<size_t>(rank_)], into[static_cast<size_t>(rank_)], rank_);
+    class Receiving final : public PendingAllToAll {
+     public:
+      Receiving(std::shared_ptr<TcpCommunicator> comm, int64_t tag, std::vector<Tensor> into)
+          : comm_(std::move(comm)), tag_(tag), into_(std::move(into)) {}
+      void wait() override {
+        for (int s = 0; s < comm_->size() && !done_; ++s)
+          if (s != comm_->rank_)
+            comm_->receive_into(arrive(comm_->expect(s, tag_, "all_to_all").tensor, into_[static_cast<size_t>(s)].device()),
+                                into_[static_cast<size_t>(s)], s);
+        done_ = true;
+      }
+
+     private:
+      std::shared_ptr<TcpCommunicator> comm_;
+      int64_t tag_;
+      std::vector<Tensor> into_;
+      bool done_ = false;
+    };
+    return std::make_unique<Receiving>(std::static_pointer_cast<TcpCommunicator>(shared_from_this()), tag, into);
+  }
+
   Tensor all_reduce(const Tensor& tensor, ReduceOp op) override {
     LT_CHECK(tensor.defined(), "dist all_reduce: rank ", rank_, " was given an undefined tensor");
     LT_CHECK(op == ReduceOp::sum || is_floating(tensor.dtype()), "dist all_reduce: mean needs a floating tensor, got ",
