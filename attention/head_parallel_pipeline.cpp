@@ -142,9 +142,8 @@ std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& do
   };
 
   std::vector<Tensor> param_grads;
-  start_there(0);
+  for (size_t g = 0; g < count; ++g) start_there(g);
   for (size_t g = 0; g < count; ++g) {
-    if (g + 1 < count) start_there(g + 1);
     for (Pending& p : there[g]) p->wait();
     const GroupGraph& graph = st.graphs[g];
     std::vector<Tensor> roots, root_grads;
@@ -231,9 +230,8 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
 
   Tensor out, lse;
   st->graphs.resize(count);
-  start_there(0);
+  for (size_t g = 0; g < count; ++g) start_there(g);
   for (size_t g = 0; g < count; ++g) {
-    if (g + 1 < count) start_there(g + 1);
     for (Pending& p : there[g]) p->wait();
     GroupGraph& graph = st->graphs[g];
     if (record) {

@@ -1,10 +1,12 @@
 #pragma once
 // The rank-local step of head_parallel (attention/head_parallel.h) as a pipeline over groups of
-// the rank's heads: the all-to-all that brings group g+1's q, k, v (full sequence, its heads of
-// every rank) is under way (Communicator::start_all_to_all) while the core runs group g, and group
-// g's out and lse travel back while the core runs group g+1. The backward is the same pipeline the
-// other way: dO and the lse gradient there, dq, dk, dv back, around each group's core backward.
-// With one group nothing overlaps (every all-to-all is waited for before the core needs it).
+// the rank's heads. The all-to-alls that bring every group's q, k, v (full sequence, the group's
+// heads of every rank) are started at once (Communicator::start_all_to_all; on NCCL they queue on
+// the communication stream), so group g+1's are in flight while the core runs group g, which
+// waits only for its own; group g's out and lse start back as soon as its core is queued and
+// travel while the core runs group g+1. The backward is the same pipeline the other way: dO and
+// the lse gradient there, dq, dk, dv back, around each group's core backward. With one group
+// nothing overlaps (every all-to-all is waited for before the core needs it).
 //
 // Each tensor is packed for sending with at most one strided copy per group, and what arrives is
 // written into place with at most one more; the host never waits inside the pipeline.

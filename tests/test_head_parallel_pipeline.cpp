@@ -130,17 +130,16 @@ class Recording final : public dist::Communicator {
   dist::Communicator& inner_;
 };
 
-// The log the pipeline of `groups` groups must write: group g+1's transfers start before group
-// g's are waited for (so they travel while group g computes), and the returns are waited for only
-// after the last group has started. `there`/`back`: all-to-alls per group each way.
+// The log the pipeline of `groups` groups must write: every group's transfers there start before
+// group 0's are waited for (so group g+1's travel while group g computes), each group's return
+// starts right after its core, and the returns are waited for only after the last group's core.
+// `there`/`back`: all-to-alls per group each way.
 std::string expected_log(int64_t groups, int there, int back) {
   const std::string start_there(static_cast<size_t>(there), 'S'), wait_there(static_cast<size_t>(there), 'W'),
       start_back(static_cast<size_t>(back), 'S'), wait_back(static_cast<size_t>(back), 'W');
-  std::string log = start_there;
-  for (int64_t g = 0; g < groups; ++g) {
-    if (g + 1 < groups) log += start_there;
-    log += wait_there + start_back;
-  }
+  std::string log;
+  for (int64_t g = 0; g < groups; ++g) log += start_there;
+  for (int64_t g = 0; g < groups; ++g) log += wait_there + start_back;
   for (int64_t g = 0; g < groups; ++g) log += wait_back;
   return log;
 }
@@ -201,7 +200,7 @@ TEST_CASE("pipelined head_parallel equals one device bit for bit for every group
   }
 }
 
-TEST_CASE("the pipeline starts group g+1's all-to-alls before waiting for group g's, forward and backward") {
+TEST_CASE("the pipeline starts every group's all-to-alls before waiting for group 0's, forward and backward") {
   const testing::InnerVariant inner{"dilated", Mixing::lse, {4, 8}, {1, 2}};
   manual_seed(8200);
   const Inputs in = random_inputs(1, 12, 6, 4);

@@ -268,8 +268,11 @@ class InProcessCommunicator final : public Communicator {
     for (int d = 0; d < size(); ++d)
       if (d != rank_) group_->post(rank_, d, tag, {private_copy(to_each[static_cast<size_t>(d)]), "all_to_all"}, what);
     receive_into(to_each[static_cast<size_t>(rank_)], into[static_cast<size_t>(rank_)], rank_);
-    return std::make_unique<ReceivingAllToAll>(
-        std::static_pointer_cast<InProcessCommunicator>(shared_from_this()), tag, what, into);
+    return receive_later(
+        [this, tag, what, into](int s) {
+          return arrive(expect(s, tag, "all_to_all", what).tensor, into[static_cast<size_t>(s)].device());
+        },
+        into);
   }
 
   Tensor all_reduce(const Tensor& tensor, ReduceOp op) override {
@@ -375,29 +378,6 @@ class InProcessCommunicator final : public Communicator {
     return m;
   }
 
-  class ReceivingAllToAll final : public PendingAllToAll {
-   public:
-    ReceivingAllToAll(std::shared_ptr<InProcessCommunicator> comm, int64_t tag, std::string what,
-                      std::vector<Tensor> into)
-        : comm_(std::move(comm)), tag_(tag), what_(std::move(what)), into_(std::move(into)) {}
-    void wait() override {
-      if (done_) return;
-      done_ = true;
-      for (int s = 0; s < comm_->size(); ++s) {
-        if (s == comm_->rank_) continue;
-        const Tensor& into = into_[static_cast<size_t>(s)];
-        comm_->receive_into(arrive(comm_->expect(s, tag_, "all_to_all", what_).tensor, into.device()), into, s);
-      }
-    }
-
-   private:
-    std::shared_ptr<InProcessCommunicator> comm_;
-    int64_t tag_;
-    std::string what_;
-    std::vector<Tensor> into_;
-    bool done_ = false;
-  };
-
   // The received copy as a tensor this rank owns, on `device`.
   static Tensor arrive(const Tensor& message, Device device) {
     NoGradGuard no_grad;
@@ -447,38 +427,6 @@ class ReducedNow final : public Communicator::PendingReduce {
 
 std::unique_ptr<Communicator::PendingReduce> Communicator::start_all_reduce(const Tensor& tensor, ReduceOp op) {
   return std::make_unique<ReducedNow>(all_reduce(tensor, op));
-}
-
-namespace {
-class ExchangedNow final : public Communicator::PendingAllToAll {
- public:
-  void wait() override {}
-};
-}  // namespace
-
-void Communicator::check_all_to_all_into(const std::vector<Tensor>& to_each, const std::vector<Tensor>& into) const {
-  LT_CHECK(static_cast<int>(to_each.size()) == size() && static_cast<int>(into.size()) == size(),
-           "dist start_all_to_all: rank ", rank(), " must give one tensor to send and one to receive into per rank (",
-           size(), "), got ", to_each.size(), " to send and ", into.size(), " to receive into");
-  for (size_t d = 0; d < to_each.size(); ++d)
-    LT_CHECK(to_each[d].defined() && into[d].defined(), "dist start_all_to_all: rank ", rank(),
-             " gave an undefined tensor ", to_each[d].defined() ? "to receive into from" : "to send to", " rank ", d);
-}
-
-void Communicator::receive_into(const Tensor& arrived, const Tensor& into, int src) const {
-  LT_CHECK(arrived.shape() == into.shape() && arrived.dtype() == into.dtype(), "dist start_all_to_all: rank ", rank(),
-           " expected ", describe(into), " from rank ", src, ", got ", describe(arrived));
-  NoGradGuard no_grad;
-  Tensor target = into;
-  target.copy_(arrived);
-}
-
-std::unique_ptr<Communicator::PendingAllToAll> Communicator::start_all_to_all(const std::vector<Tensor>& to_each,
-                                                                             const std::vector<Tensor>& into) {
-  check_all_to_all_into(to_each, into);
-  const std::vector<Tensor> received = all_to_all(to_each);
-  for (size_t s = 0; s < received.size(); ++s) receive_into(received[s], into[s], static_cast<int>(s));
-  return std::make_unique<ExchangedNow>();
 }
 
 std::unique_ptr<Communicator::PendingRecv> Communicator::exchange(const Tensor& tensor, int dst, const Shape& shape,

@@ -125,6 +125,9 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   void check_all_to_all_into(const std::vector<Tensor>& to_each, const std::vector<Tensor>& into) const;
   // Copies what rank `src` sent into `into`, after checking its shape and dtype.
   void receive_into(const Tensor& arrived, const Tensor& into, int src) const;
+  // The PendingAllToAll of a backend that has sent already: wait() copies receive(s) into into[s]
+  // for every other rank s (this rank's piece is the caller's to place), once.
+  std::unique_ptr<PendingAllToAll> receive_later(std::function<Tensor(int src)> receive, std::vector<Tensor> into);
 };
 
 // ---- the in-process group ----

@@ -405,25 +405,11 @@ class TcpCommunicator final : public Communicator {
     for (int d = 0; d < size(); ++d)
       if (d != rank_) post(d, tag, to_each[static_cast<size_t>(d)], "all_to_all", name("all_to_all", tag));
     receive_into(to_each[static_cast<size_t>(rank_)], into[static_cast<size_t>(rank_)], rank_);
-    class Receiving final : public PendingAllToAll {
-     public:
-      Receiving(std::shared_ptr<TcpCommunicator> comm, int64_t tag, std::vector<Tensor> into)
-          : comm_(std::move(comm)), tag_(tag), into_(std::move(into)) {}
-      void wait() override {
-        for (int s = 0; s < comm_->size() && !done_; ++s)
-          if (s != comm_->rank_)
-            comm_->receive_into(arrive(comm_->expect(s, tag_, "all_to_all").tensor, into_[static_cast<size_t>(s)].device()),
-                                into_[static_cast<size_t>(s)], s);
-        done_ = true;
-      }
-
-     private:
-      std::shared_ptr<TcpCommunicator> comm_;
-      int64_t tag_;
-      std::vector<Tensor> into_;
-      bool done_ = false;
-    };
-    return std::make_unique<Receiving>(std::static_pointer_cast<TcpCommunicator>(shared_from_this()), tag, into);
+    return receive_later(
+        [this, tag, into](int s) {
+          return arrive(expect(s, tag, "all_to_all").tensor, into[static_cast<size_t>(s)].device());
+        },
+        into);
   }
 
   Tensor all_reduce(const Tensor& tensor, ReduceOp op) override {
