@@ -100,8 +100,7 @@ Tensor empty_heads_buffer(const Geometry& geo, const HeadGroup& g, DType dtype) 
   return Tensor::empty({geo.ranks, geo.batch, geo.local_tokens, g.count, geo.dim}, dtype, geo.device);
 }
 
-// Group g's all-to-alls of the backward's input (dO there) and output (dq, dk, dv back), and what
-// its core's forward left for the backward.
+// What group g's core left for the backward.
 struct GroupGraph {
   std::vector<Tensor> inputs;   // the core's q, k, v (B, N, count, D): leaves of its graph
   AttentionOutput result;       // the core's out and lse, with their graph

@@ -87,10 +87,10 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // Starts all_to_all(to_each), in the collective order of this call, receiving rank s's tensor
   // into into[s]: a tensor or a view of one on this rank's device, of the shape and dtype rank s
   // sends (the receiver names them, so no shapes travel first and NCCL needs no host round trip;
-  // NCCL can only check the byte count). Backends that can move the data beside compute do so
-  // until wait(): NCCL on its communication stream after the work queued so far, the thread and
-  // TCP groups send now and receive in wait(); this default exchanges now. Neither to_each nor
-  // into may be changed, nor into read, before wait().
+  // the thread and TCP groups check them, NCCL cannot: run a program there first). Backends that
+  // can move the data beside compute do so until wait(): NCCL on its communication stream after
+  // the work queued so far, the thread and TCP groups send now and receive in wait(); this
+  // default exchanges now. Neither to_each nor into may be changed, nor into read, before wait().
   virtual std::unique_ptr<PendingAllToAll> start_all_to_all(const std::vector<Tensor>& to_each,
                                                             const std::vector<Tensor>& into);
   // Elementwise sum (or mean) over ranks; every rank gets the same values (summed in rank order).
