@@ -171,7 +171,7 @@ TEST_CASE("start_all_to_all: several under way at once, beside blocking collecti
   CHECK_THROWS_WITH_AS(dist::run_ranks(2, [](Communicator& comm) {
     comm.start_all_to_all({Tensor::randn({2, 3}), Tensor::randn({2, 3})}, {Tensor::zeros({2, 3}), Tensor::zeros({3, 2})})
         ->wait();
-  }, short_timeout()), doctest::Contains("expected [3, 2] f32 from rank 1, got [2, 3] f32"), Error);
+  }, short_timeout()), doctest::Contains("expected [3, 2] f32 on cpu from rank 1, got [2, 3] f32 on cpu"), Error);
   CHECK_THROWS_WITH_AS(dist::run_ranks(2, [](Communicator& comm) {
     comm.start_all_to_all({Tensor::randn({1}), Tensor::randn({1})}, {Tensor::zeros({1})});
   }, short_timeout()), doctest::Contains("one to receive into per rank (2)"), Error);
