@@ -490,11 +490,20 @@ TEST_CASE("CUDA tensors travel between ranks sharing one GPU (CPU/CUDA parity)")
   manual_seed(600);
   std::vector<Tensor> xs;
   for (int r = 0; r < p; ++r) xs.push_back(Tensor::randn({64, 33}));
-  std::vector<Tensor> sums(p), gathered(p), grads(p);
+  std::vector<Tensor> sums(p), gathered(p), grads(p), started(p);
   dist::run_ranks(p, [&](Communicator& comm) {
     const size_t r = static_cast<size_t>(comm.rank());
     Tensor x = xs[r].to(Device::cuda()).requires_grad_();
     sums[r] = comm.all_reduce(x).cpu();
+    // start_all_to_all into strided CUDA views: rank s's columns [11 r, 11 r + 11) land in rows [11 s, ...).
+    Tensor into = Tensor::zeros({33, 64}, DType::f32, Device::cuda());
+    std::vector<Tensor> to_each, slots;
+    for (int d = 0; d < p; ++d) {
+      to_each.push_back(x.detach().narrow(1, 11 * d, 11));
+      slots.push_back(into.narrow(0, 11 * d, 11).permute({1, 0}));
+    }
+    comm.start_all_to_all(to_each, slots)->wait();
+    started[r] = into.cpu();
     Tensor y = dist::all_to_all(comm, x, 1, 0, {11, 11, 11});
     gathered[r] = y.detach().cpu();
     sum(mul(y, y)).backward();
@@ -507,6 +516,9 @@ TEST_CASE("CUDA tensors travel between ranks sharing one GPU (CPU/CUDA parity)")
       CHECK(max_abs_diff(gathered[static_cast<size_t>(r)].narrow(0, 64 * s, 64),
                          xs[static_cast<size_t>(s)].narrow(1, 11 * r, 11)) == 0.0);
     CHECK(max_abs_diff(grads[static_cast<size_t>(r)], mul(xs[static_cast<size_t>(r)], 2.0)) < 1e-5);
+    for (int s = 0; s < p; ++s)
+      CHECK(max_abs_diff(started[static_cast<size_t>(r)].narrow(0, 11 * s, 11).permute({1, 0}),
+                         xs[static_cast<size_t>(s)].narrow(1, 11 * r, 11)) == 0.0);
   }
 }
 
