@@ -27,11 +27,6 @@ constexpr double kSeesEverything = 1e31;
 // f32 holds every integer position exactly up to 2^24.
 constexpr int64_t kMaxExactF32Position = int64_t{1} << 24;
 
-std::string describe(const Tensor& t) {
-  if (!t.defined()) return "undefined";
-  return shape_str(t.shape()) + " " + dtype_name(t.dtype()) + " on " + t.device().str();
-}
-
 Tensor scalar_like(double value, const Tensor& like) { return Tensor::full({}, value, like.dtype(), like.device()); }
 
 Tensor index_tensor(const std::vector<int64_t>& values, Device device) {
@@ -95,23 +90,24 @@ AttentionOutput block_sparse_attention(const Tensor& q, const Tensor& k, const T
                                        const Tensor& block_bias) {
   const std::string who = "block_sparse_attention";
   LT_CHECK(q.defined() && k.defined() && v.defined() && q.dim() == 4 && k.dim() == 4 && v.dim() == 4, who,
-           ": q, k, v must be 4-d (batch, sequence, heads, head_dim), got q ", describe(q), ", k ", describe(k),
-           ", v ", describe(v));
+           ": q, k, v must be 4-d (batch, sequence, heads, head_dim), got q ", describe_tensor(q), ", k ",
+           describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(is_floating(q.dtype()) && k.dtype() == q.dtype() && v.dtype() == q.dtype(), who,
-           ": q, k, v must share one floating dtype, got q ", describe(q), ", k ", describe(k), ", v ", describe(v));
+           ": q, k, v must share one floating dtype, got q ", describe_tensor(q), ", k ", describe_tensor(k), ", v ",
+           describe_tensor(v));
   LT_CHECK(k.device() == q.device() && v.device() == q.device(), who, ": q, k, v must be on one device, got q ",
-           describe(q), ", k ", describe(k), ", v ", describe(v));
+           describe_tensor(q), ", k ", describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(k.shape() == v.shape() && k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3), who,
-           ": k and v must be (B, Nk, H, D) with q's B, H and D, got q ", describe(q), ", k ", describe(k), ", v ",
-           describe(v));
+           ": k and v must be (B, Nk, H, D) with q's B, H and D, got q ", describe_tensor(q), ", k ",
+           describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(options.block_size > 0, who, ": block_size must be > 0, got ", options.block_size);
   LT_CHECK(std::isfinite(options.scale), who, ": scale must be finite, got ", options.scale);
   LT_CHECK(options.dropout >= 0.0 && options.dropout < 1.0, who, ": dropout must be in [0, 1), got ",
            options.dropout);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), Nk = k.size(1);
   const int64_t bs = options.block_size;
-  LT_CHECK(!options.causal || N == Nk, who, ": causal attention needs as many queries as keys, got q ", describe(q),
-           ", k ", describe(k));
+  LT_CHECK(!options.causal || N == Nk, who, ": causal attention needs as many queries as keys, got q ",
+           describe_tensor(q), ", k ", describe_tensor(k));
   const DType work = compute_dtype(q.dtype());
   LT_CHECK(work == DType::f64 || std::max(N, Nk) + bs <= kMaxExactF32Position, who,
            ": sequences longer than 2^24 tokens need f64 inputs (positions are compared in f32), got N = ", N,
@@ -148,10 +144,11 @@ AttentionOutput block_sparse_attention(const Tensor& q, const Tensor& k, const T
 
   Tensor bias_flat;
   if (block_bias.defined()) {
-    LT_CHECK(block_bias.shape() == Shape({B, H, nq, nk}), who, ": block_bias must be (B, H, nq_blocks, nk_blocks) = ",
-             shape_str({B, H, nq, nk}), ", got ", describe(block_bias));
+    LT_CHECK(block_bias.shape() == Shape({B, H, nq, nk}), who,
+             ": block_bias must be (B, H, nq_blocks, nk_blocks) = ", shape_str({B, H, nq, nk}), ", got ",
+             describe_tensor(block_bias));
     LT_CHECK(is_floating(block_bias.dtype()) && block_bias.device() == q.device(), who,
-             ": block_bias must be a floating tensor on ", q.device().str(), ", got ", describe(block_bias));
+             ": block_bias must be a floating tensor on ", q.device().str(), ", got ", describe_tensor(block_bias));
     bias_flat = block_bias.to(work).reshape({BH * nq * nk});
   }
 
@@ -330,8 +327,9 @@ std::vector<BlockLists> BlockSparseAttention::head_patterns(int64_t n) const {
 
 AttentionOutput BlockSparseAttention::forward_with_lse(const Tensor& q, const Tensor& k, const Tensor& v) {
   check_inputs(q, k, v);
-  LT_CHECK(q.size(1) == k.size(1), "attention 'block_sparse': block patterns are defined on one sequence, so q and "
-           "k need the same length, got q ", describe(q), ", k ", describe(k));
+  LT_CHECK(q.size(1) == k.size(1),
+           "attention 'block_sparse': block patterns are defined on one sequence, so q and k need the same length, "
+           "got q ", describe_tensor(q), ", k ", describe_tensor(k));
   // The pattern depends only on the length: built once per length, shared with the core.
   if (!cached_patterns_ || cached_length_ != q.size(1)) {
     cached_patterns_ = make_block_lists(head_patterns(q.size(1)));
@@ -370,15 +368,16 @@ Tensor adaptive_block_scores(const Tensor& q, const Tensor& k, const Tensor& sco
   const std::string who = "adaptive_block_scores";
   LT_CHECK(q.defined() && k.defined() && q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) &&
                q.size(2) == k.size(2) && q.size(3) == k.size(3),
-           who, ": q and k must be (B, N, H, D) with equal B, H, D, got q ", describe(q), ", k ", describe(k));
+           who, ": q and k must be (B, N, H, D) with equal B, H, D, got q ", describe_tensor(q), ", k ",
+           describe_tensor(k));
   LT_CHECK(block_size > 0, who, ": block_size must be > 0, got ", block_size);
-  LT_CHECK(q.size(1) > 0 && k.size(1) > 0, who, ": q and k need at least one token, got q ", describe(q), ", k ",
-           describe(k));
+  LT_CHECK(q.size(1) > 0 && k.size(1) > 0, who, ": q and k need at least one token, got q ", describe_tensor(q), ", k ",
+           describe_tensor(k));
   const int64_t D = q.size(3);
   LT_CHECK(scorer_q.defined() && scorer_k.defined() && scorer_q.dim() == 2 && scorer_q.shape() == scorer_k.shape() &&
                scorer_q.size(0) == D && scorer_q.size(1) > 0,
-           who, ": scorer weights must both be (head_dim = ", D, ", r) with r > 0, got ", describe(scorer_q), " and ",
-           describe(scorer_k));
+           who, ": scorer weights must both be (head_dim = ", D, ", r) with r > 0, got ", describe_tensor(scorer_q),
+           " and ", describe_tensor(scorer_k));
   LT_CHECK(scorer_q.device() == q.device() && scorer_k.device() == q.device() && k.device() == q.device(), who,
            ": q, k and the scorer weights must be on one device, got q on ", q.device().str(), ", scorer on ",
            scorer_q.device().str(), " (move the module with .to(device))");
@@ -391,7 +390,7 @@ Tensor adaptive_block_scores(const Tensor& q, const Tensor& k, const Tensor& sco
 
 std::vector<BlockLists> select_top_blocks(const Tensor& scores, int64_t keep, bool causal) {
   LT_CHECK(scores.defined() && scores.dim() == 4, "select_top_blocks: scores must be (B, H, nq, nk), got ",
-           describe(scores));
+           describe_tensor(scores));
   LT_CHECK(keep >= 1, "select_top_blocks: keep must be >= 1, got ", keep);
   const int64_t BH = scores.size(0) * scores.size(1), nq = scores.size(2), nk = scores.size(3);
   std::vector<double> values;
@@ -450,15 +449,16 @@ int64_t AdaptiveBlockSparseAttention::blocks_kept(int64_t nk) const {
 }
 
 std::vector<BlockLists> AdaptiveBlockSparseAttention::select(const Tensor& scores) const {
-  LT_CHECK(scores.defined() && scores.dim() == 4, "attention 'block_sparse_adaptive': scores must be (B, H, nq, nk), "
-           "got ", describe(scores));
+  LT_CHECK(scores.defined() && scores.dim() == 4,
+           "attention 'block_sparse_adaptive': scores must be (B, H, nq, nk), got ", describe_tensor(scores));
   return select_top_blocks(scores, random_blocks_per_row(scores.size(3), config_.density), config_.causal);
 }
 
 AttentionOutput AdaptiveBlockSparseAttention::forward_with_lse(const Tensor& q, const Tensor& k, const Tensor& v) {
   check_inputs(q, k, v);
-  LT_CHECK(q.size(1) == k.size(1), "attention 'block_sparse_adaptive': block patterns are defined on one sequence, "
-           "so q and k need the same length, got q ", describe(q), ", k ", describe(k));
+  LT_CHECK(q.size(1) == k.size(1),
+           "attention 'block_sparse_adaptive': block patterns are defined on one sequence, so q and k need the same "
+           "length, got q ", describe_tensor(q), ", k ", describe_tensor(k));
   if (q.size(1) == 0) return block_sparse_attention(q, k, v, {BlockLists{}}, sparse_options(config_, is_training()));
   Tensor scores = block_scores(q, k);
   last_pattern_ = select(scores);

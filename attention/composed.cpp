@@ -41,11 +41,6 @@ Tensor row_argmax(const Tensor& scores) {
   return cast(amax(mul(hit, pos), {-1}, true), DType::i64);
 }
 
-std::string describe(const Tensor& t) {
-  if (!t.defined()) return "undefined";
-  return shape_str(t.shape()) + " " + dtype_name(t.dtype()) + " on " + t.device().str();
-}
-
 Tensor index_tensor(const std::vector<int64_t>& values, Device device) {
   return Tensor::from_vector(values, {static_cast<int64_t>(values.size())}, device);
 }
@@ -76,29 +71,29 @@ void validate_core_config(const AttentionConfig& config, const std::string& vari
 DType compute_dtype(DType input) { return input == DType::f64 ? DType::f64 : DType::f32; }
 
 OutLse attend_rows(const Tensor& q, const Tensor& k, const Tensor& v, const StreamOptions& options) {
-  LT_CHECK(q.defined() && k.defined() && v.defined(), "attend_rows: q, k, v must be defined, got q ", describe(q),
-           ", k ", describe(k), ", v ", describe(v));
+  LT_CHECK(q.defined() && k.defined() && v.defined(), "attend_rows: q, k, v must be defined, got q ",
+           describe_tensor(q), ", k ", describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(q.dim() >= 2 && k.dim() == q.dim() && v.dim() == q.dim(),
-           "attend_rows: q, k, v must be (..., L, D) with the same number of dims, got q ", describe(q), ", k ",
-           describe(k), ", v ", describe(v));
+           "attend_rows: q, k, v must be (..., L, D) with the same number of dims, got q ", describe_tensor(q), ", k ",
+           describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(is_floating(q.dtype()) && k.dtype() == q.dtype() && v.dtype() == q.dtype(),
-           "attend_rows: q, k, v must share one floating dtype, got q ", describe(q), ", k ", describe(k), ", v ",
-           describe(v));
+           "attend_rows: q, k, v must share one floating dtype, got q ", describe_tensor(q), ", k ", describe_tensor(k),
+           ", v ", describe_tensor(v));
   LT_CHECK(k.device() == q.device() && v.device() == q.device(), "attend_rows: q, k, v must be on one device, got q ",
-           describe(q), ", k ", describe(k), ", v ", describe(v));
+           describe_tensor(q), ", k ", describe_tensor(k), ", v ", describe_tensor(v));
   const int64_t nd = q.dim();
   const Shape lead(q.shape().begin(), q.shape().end() - 2);
-  LT_CHECK(Shape(k.shape().begin(), k.shape().end() - 2) == lead &&
-               Shape(v.shape().begin(), v.shape().end() - 2) == lead,
-           "attend_rows: q, k, v must have equal leading dims, got q ", describe(q), ", k ", describe(k), ", v ",
-           describe(v));
+  LT_CHECK(
+      Shape(k.shape().begin(), k.shape().end() - 2) == lead && Shape(v.shape().begin(), v.shape().end() - 2) == lead,
+      "attend_rows: q, k, v must have equal leading dims, got q ", describe_tensor(q), ", k ", describe_tensor(k),
+      ", v ", describe_tensor(v));
   const int64_t lq = q.size(nd - 2), lk = k.size(nd - 2), dim = q.size(nd - 1), dv = v.size(nd - 1);
-  LT_CHECK(k.size(nd - 1) == dim, "attend_rows: q and k must have the same head dim, got q ", describe(q), ", k ",
-           describe(k));
-  LT_CHECK(v.size(nd - 2) == lk, "attend_rows: k and v must have the same length, got k ", describe(k), ", v ",
-           describe(v));
+  LT_CHECK(k.size(nd - 1) == dim, "attend_rows: q and k must have the same head dim, got q ", describe_tensor(q),
+           ", k ", describe_tensor(k));
+  LT_CHECK(v.size(nd - 2) == lk, "attend_rows: k and v must have the same length, got k ", describe_tensor(k), ", v ",
+           describe_tensor(v));
   LT_CHECK(!options.causal || lq == lk, "attend_rows: causal attention needs as many queries as keys, got q ",
-           describe(q), ", k ", describe(k));
+           describe_tensor(q), ", k ", describe_tensor(k));
   LT_CHECK(std::isfinite(options.scale), "attend_rows: scale must be finite, got ", options.scale);
   LT_CHECK(options.dropout >= 0.0 && options.dropout < 1.0, "attend_rows: dropout must be in [0, 1), got ",
            options.dropout);
@@ -154,14 +149,14 @@ OutLse attend_rows(const Tensor& q, const Tensor& k, const Tensor& v, const Stre
 
 AttentionOutput stream_attention(const Tensor& q, const Tensor& k, const Tensor& v, const StreamOptions& options) {
   LT_CHECK(q.defined() && k.defined() && v.defined() && q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-           "stream_attention: q, k, v must be 4-d (batch, length, heads, head_dim), got q ", describe(q), ", k ",
-           describe(k), ", v ", describe(v));
+           "stream_attention: q, k, v must be 4-d (batch, length, heads, head_dim), got q ", describe_tensor(q), ", k ",
+           describe_tensor(k), ", v ", describe_tensor(v));
   OutLse rows = attend_rows(q.permute({0, 2, 1, 3}), k.permute({0, 2, 1, 3}), v.permute({0, 2, 1, 3}), options);
   return {rows.out.permute({0, 2, 1, 3}).contiguous(), rows.lse};
 }
 
 Tensor gather_rows(const Tensor& x, int64_t dim, const std::vector<int64_t>& positions) {
-  LT_CHECK(x.defined() && x.dim() >= 1, "gather_rows: expected a tensor with at least 1 dim, got ", describe(x));
+  LT_CHECK(x.defined() && x.dim() >= 1, "gather_rows: expected a tensor with at least 1 dim, got ", describe_tensor(x));
   const int64_t d = normalize_dim(dim, x.dim(), "gather_rows");
   const int64_t n = x.size(d);
   if (!positions.empty() && positions[0] >= 0 && positions[0] + static_cast<int64_t>(positions.size()) <= n &&
@@ -175,12 +170,12 @@ Tensor scatter_rows(const std::vector<Tensor>& pieces, int64_t dim, const std::v
   LT_CHECK(!pieces.empty(), "scatter_rows: expected at least one piece, got none");
   const Tensor& first = pieces[0];
   LT_CHECK(first.defined() && first.dim() >= 1, "scatter_rows: pieces must have at least 1 dim, got ",
-           describe(first));
+           describe_tensor(first));
   const int64_t d = normalize_dim(dim, first.dim(), "scatter_rows");
   int64_t rows = 0;
   for (const Tensor& p : pieces) {
     LT_CHECK(p.defined() && p.dim() == first.dim(), "scatter_rows: pieces must have the same rank, got ",
-             describe(first), " and ", describe(p));
+             describe_tensor(first), " and ", describe_tensor(p));
     rows += p.size(d);
   }
   LT_CHECK(rows == static_cast<int64_t>(positions.size()), "scatter_rows: the pieces hold ", rows,
@@ -216,15 +211,16 @@ OutLse merge_rows_by_lse(const std::vector<OutLse>& parts) {
   for (size_t i = 0; i < parts.size(); ++i) {
     const OutLse& p = parts[i];
     LT_CHECK(p.out.defined() && p.lse.defined() && p.out.dim() >= 1, "merge_by_lse: part ", i,
-             " needs a defined out (..., D) and lse (...), got out ", describe(p.out), ", lse ", describe(p.lse));
+             " needs a defined out (..., D) and lse (...), got out ", describe_tensor(p.out), ", lse ",
+             describe_tensor(p.lse));
     LT_CHECK(Shape(p.out.shape().begin(), p.out.shape().end() - 1) == p.lse.shape(), "merge_by_lse: part ", i,
-             ": lse must have out's shape without the last dim, got out ", describe(p.out), ", lse ",
-             describe(p.lse));
+             ": lse must have out's shape without the last dim, got out ", describe_tensor(p.out), ", lse ",
+             describe_tensor(p.lse));
     LT_CHECK(p.out.shape() == first.out.shape() && p.out.dtype() == first.out.dtype() &&
                  p.lse.dtype() == first.out.dtype() && p.out.device() == first.out.device() &&
                  p.lse.device() == first.out.device(),
-             "merge_by_lse: every part must match part 0 (out ", describe(first.out), "), part ", i, " has out ",
-             describe(p.out), ", lse ", describe(p.lse));
+             "merge_by_lse: every part must match part 0 (out ", describe_tensor(first.out), "), part ", i, " has out ",
+             describe_tensor(p.out), ", lse ", describe_tensor(p.lse));
   }
   if (parts.size() == 1) return first;
 
@@ -266,8 +262,8 @@ AttentionOutput merge_by_lse(const std::vector<AttentionOutput>& parts) {
     const AttentionOutput& p = parts[i];
     LT_CHECK(p.out.defined() && p.lse.defined() && p.out.dim() == 4 && p.lse.dim() == 3 &&
                  p.lse.shape() == Shape({p.out.size(0), p.out.size(2), p.out.size(1)}),
-             "merge_by_lse: part ", i, " must have out (B, N, H, D) and lse (B, H, N), got out ", describe(p.out),
-             ", lse ", describe(p.lse));
+             "merge_by_lse: part ", i, " must have out (B, N, H, D) and lse (B, H, N), got out ",
+             describe_tensor(p.out), ", lse ", describe_tensor(p.lse));
     rows.push_back({p.out.to(p.lse.dtype()), p.lse.permute({0, 2, 1})});
   }
   OutLse merged = merge_rows_by_lse(rows);

@@ -118,18 +118,20 @@ Tensor MultiheadAttention::smear(const Tensor& k) const {
 Tensor MultiheadAttention::attend(const Tensor& q, const Tensor& k_unshifted, const Tensor& v) {
   const int64_t h = options_.num_heads;
   const Tensor k = smear(k_unshifted);
-  // Under bf16 precision the core reads bf16 q, k, v (on CUDA: the fused bf16 kernels) and its
-  // output returns to f32; the casts' backward hands f32 gradients to the projections.
-  const bool low = lowers_to_bf16(autocast_precision(), q.dtype());
+  // Under bf16 precision the core reads bf16 q, k, v (on CUDA: the fused bf16 kernels); the casts'
+  // backward hands f32 gradients to the projections.
+  const bool low = autocast_precision() == Precision::bf16 && (q.dtype() == DType::f32 || q.dtype() == DType::bf16);
   auto heads = [&](const Tensor& t) {
-    const Tensor operand = low ? bf16_operand(t) : t;
+    const Tensor operand = low && t.dtype() == DType::f32 ? bf16_operand(t) : t;
     return operand.reshape({t.size(0), t.size(1), h, head_dim_});
   };
   Tensor o;
   {
     profiler::Scope scope("attention core forward", 4 * q.numel() * static_cast<int64_t>(dtype_size(q.dtype())));
     o = core_->forward(heads(q), heads(k), heads(v));
-    if (low) o = f32_activation(o);
+    // A bf16 output enters the output projection as it is (matmul lowers only w_out), so no f32
+    // copy is made and the product saves the core's own output tensor.
+    if (low && (options_.sub_layernorm || o.dtype() != DType::bf16)) o = f32_activation(o);
   }
   Tensor merged = o.reshape({o.size(0), o.size(1), options_.embed_dim});
   if (options_.sub_layernorm) merged = layer_norm(merged, ln_weight, ln_bias, options_.layer_norm_eps);
@@ -143,8 +145,11 @@ Tensor MultiheadAttention::forward(const Tensor& x) {
     // One (E, 3E) product for all three projections.
     Tensor qkv = matmul(x, w_qkv);
     if (b_qkv.defined()) qkv = add(qkv, b_qkv);
-    const int64_t e = options_.embed_dim;
-    return attend(qkv.narrow(2, 0, e), qkv.narrow(2, e, e), qkv.narrow(2, 2 * e, e));
+    // Under bf16 (without smeared keys, which mix k in f32) q, k and v are lowered in one cast and
+    // enter the core as strided views of it; split's backward gathers their gradients in one buffer.
+    if (lowers_to_bf16(autocast_precision(), qkv.dtype()) && !key_shift.defined()) qkv = bf16_operand(qkv);
+    const std::vector<Tensor> parts = split(qkv, options_.embed_dim, 2);
+    return attend(parts[0], parts[1], parts[2]);
   }
   return attend(project(x, 0), project(x, 1), project(x, 2));
 }

@@ -11,15 +11,6 @@
 
 namespace longtape::attention {
 
-namespace {
-
-std::string describe(const Tensor& t) {
-  if (!t.defined()) return "undefined";
-  return shape_str(t.shape()) + " " + dtype_name(t.dtype()) + " on " + t.device().str();
-}
-
-}  // namespace
-
 RingLayout parse_ring_layout(const std::string& text) {
   if (text == "contiguous") return RingLayout::contiguous;
   if (text == "zigzag") return RingLayout::zigzag;
@@ -70,7 +61,7 @@ Tensor ring_unshard(const std::vector<Tensor>& shards, int64_t dim, RingLayout l
   int64_t n = 0;
   for (const Tensor& s : shards) {
     LT_CHECK(s.defined() && s.dim() == shards[0].dim(), "ring_unshard: every shard must be defined with ",
-             shards[0].dim(), " dims, got ", describe(s));
+             shards[0].dim(), " dims, got ", describe_tensor(s));
     n += s.size(d);
   }
   std::vector<std::pair<int64_t, Tensor>> pieces;  // (first token, rows)

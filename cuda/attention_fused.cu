@@ -1,5 +1,6 @@
 // Entry points of the fused CUDA attention kernels: the launch plan of a Problem (which streams
-// each launch covers), output fills and the f32 accumulator store shared by forward and backward.
+// each launch covers, shared by the 16-bit and the f32 kernels), output fills and the f32
+// accumulator store shared by forward and backward.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -35,21 +36,36 @@ __global__ void fill_lse_kernel(float* lse, int64_t n) {
   for (int64_t i = impl::global_tid(); i < n; i += impl::grid_stride()) lse[i] = -INFINITY;
 }
 
-// Zeroes (batch, rows, heads, dim) through strides, `width` elements at a time (8 = one 16-byte
-// store when dim, the strides and dst allow it; the index arithmetic is per store, not per
-// element). +0 has all bits clear in both 16-bit formats.
-template <int width>
-__global__ void zero_rows_kernel(elem16* dst, RowStrides s, int64_t rows, int64_t heads, int64_t dim, int64_t n) {
+// Zeroes (batch, rows, heads, dim) elements of type T through strides, `width` elements at a time
+// (16 bytes when dim, the strides and dst allow it; the index arithmetic is per store, not per
+// element). +0 has all bits clear in bf16, f16 and f32.
+template <class T, int width>
+__global__ void zero_rows_kernel(T* dst, RowStrides s, int64_t rows, int64_t heads, int64_t dim, int64_t n) {
   const int64_t per_row = dim / width;
   for (int64_t i = impl::global_tid(); i < n / width; i += impl::grid_stride()) {
     const int64_t d = (i % per_row) * width, head_row = i / per_row;
     const int64_t h = head_row % heads, r = (head_row / heads) % rows, b = head_row / heads / rows;
-    elem16* at = dst + b * s.batch + r * s.row + h * s.head + d;
-    if constexpr (width == 8)
+    T* at = dst + b * s.batch + r * s.row + h * s.head + d;
+    if constexpr (width * sizeof(T) == 16)
       *reinterpret_cast<uint4*>(at) = make_uint4(0, 0, 0, 0);
     else
-      *at = 0;
+      *at = T{};
   }
+}
+
+template <class T>
+void launch_zero_rows(void* dst, const attention::fused::Strides& s, const attention::fused::Problem& p, int64_t rows,
+                      int64_t n) {
+  constexpr int kWide = 16 / sizeof(T);
+  const bool wide = p.head_dim % kWide == 0 && s.batch % kWide == 0 && s.row % kWide == 0 && s.head % kWide == 0 &&
+                    reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+  if (wide)
+    zero_rows_kernel<T, kWide><<<impl::grid_for(n / kWide), impl::kThreads, 0, impl::stream()>>>(
+        static_cast<T*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
+  else
+    zero_rows_kernel<T, 1><<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(
+        static_cast<T*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
+  CUDA_CHECK_LAUNCH();
 }
 
 template <class F>
@@ -176,15 +192,10 @@ void fill_outputs(const attention::fused::Problem& p) {
 void zero_rows(void* dst, const attention::fused::Strides& s, const attention::fused::Problem& p, int64_t rows) {
   const int64_t n = p.batch * rows * p.heads * p.head_dim;
   if (n == 0) return;
-  const bool wide = p.head_dim % 8 == 0 && s.batch % 8 == 0 && s.row % 8 == 0 && s.head % 8 == 0 &&
-                    reinterpret_cast<uintptr_t>(dst) % 16 == 0;
-  if (wide)
-    zero_rows_kernel<8><<<impl::grid_for(n / 8), impl::kThreads, 0, impl::stream()>>>(
-        static_cast<elem16*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
+  if (p.dtype == DType::f32)
+    launch_zero_rows<float>(dst, s, p, rows, n);
   else
-    zero_rows_kernel<1><<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(
-        static_cast<elem16*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
-  CUDA_CHECK_LAUNCH();
+    launch_zero_rows<elem16>(dst, s, p, rows, n);
 }
 
 void store_accumulator(void* dst, const attention::fused::Strides& s, const float* acc,
@@ -214,7 +225,10 @@ void cuda_forward(const Problem& problem) {
   check_supported(problem);
   if (problem.batch == 0 || problem.seq_q == 0 || problem.heads == 0) return;
   cuda::impl::DeviceGuard guard(cuda::impl::device_of(problem.q));
-  cuda::attn::run_forward(problem, cuda::attn::plan_launches(problem));
+  if (problem.dtype == DType::f32)
+    cuda::attn::run_forward_f32(problem, cuda::attn::plan_launches(problem));
+  else
+    cuda::attn::run_forward(problem, cuda::attn::plan_launches(problem));
 }
 
 void cuda_backward(const BackwardProblem& problem) {
@@ -222,7 +236,10 @@ void cuda_backward(const BackwardProblem& problem) {
   const Problem& f = problem.forward;
   if (f.batch == 0 || f.heads == 0 || (f.seq_q == 0 && f.seq_k == 0)) return;
   cuda::impl::DeviceGuard guard(cuda::impl::device_of(f.q));
-  cuda::attn::run_backward(problem, cuda::attn::plan_launches(f));
+  if (f.dtype == DType::f32)
+    cuda::attn::run_backward_f32(problem, cuda::attn::plan_launches(f));
+  else
+    cuda::attn::run_backward(problem, cuda::attn::plan_launches(f));
 }
 
 }  // namespace longtape::attention::fused

@@ -1,5 +1,6 @@
 #pragma once
-// Shared pieces of the fused attention kernels (attention_fused_fwd.cu, attention_fused_bwd.cu):
+// Shared pieces of the fused attention kernels (attention_fused_fwd.cu, attention_fused_bwd.cu; the
+// stream geometry and block lists also serve the f32 kernels, cuda/attention_f32.cuh):
 // the per-launch parameters, the stream/tile geometry every kernel uses, the two 16-bit input
 // formats (bf16, f16) and the warp-level tensor-core primitives (ldmatrix, mma.sync m16n8k16 with
 // f32 accumulation, cp.async).
@@ -13,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attention/fused/problem.h"
 
@@ -75,13 +77,17 @@ __device__ __forceinline__ StreamRows stream_rows(const Streams& st, int br, int
 }
 
 // Where the kernels of one stream read q, k and v: the stream's first row, and the step between rows.
-struct StreamInputs {
-  const elem16 *q, *k, *v;
+// The element type is that of the parameters' pointers (elem16, or float for the f32 kernels).
+template <class T>
+struct StreamInputsOf {
+  const T *q, *k, *v;
   int64_t q_step, k_step, v_step;
 };
+using StreamInputs = StreamInputsOf<elem16>;
 template <class Params>
-__device__ __forceinline__ StreamInputs stream_inputs(const Params& p, const StreamRows& s, int b, int h) {
-  return {p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row,
+__device__ __forceinline__ auto stream_inputs(const Params& p, const StreamRows& s, int b, int h) {
+  using T = std::remove_cv_t<std::remove_pointer_t<decltype(p.q)>>;
+  return StreamInputsOf<T>{p.q + b * p.qs.batch + h * p.qs.head + s.first_q * p.qs.row,
           p.k + b * p.ks.batch + h * p.ks.head + s.first_k * p.ks.row,
           p.v + b * p.vs.batch + h * p.vs.head + s.first_k * p.vs.row, s.step * p.qs.row, s.step * p.ks.row,
           s.step * p.vs.row};
@@ -299,13 +305,14 @@ __device__ __forceinline__ KeyTiles key_block_queries(const Lists& lists, int64_
 
 // A CTA's block list goes to shared memory (when it has at most kListCache entries) so that the
 // tile loop does not wait on a dependent global load per tile. Call with every thread of the
-// CTA; a __syncthreads() must follow before the list is read.
+// CTA (kCtaThreads of them); a __syncthreads() must follow before the list is read.
 constexpr int kListCache = 512;
+template <int kCtaThreads = kThreads>
 __device__ __forceinline__ void cache_block_list(KeyTiles& tiles, int32_t* cache) {
   if (!tiles.list) return;
   const int entries = tiles.count / tiles.block_tiles;
   if (entries > kListCache) return;
-  for (int i = threadIdx.x; i < entries; i += kThreads) cache[i] = tiles.list[i];
+  for (int i = threadIdx.x; i < entries; i += kCtaThreads) cache[i] = tiles.list[i];
   tiles.list = cache;
 }
 

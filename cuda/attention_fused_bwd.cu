@@ -457,27 +457,19 @@ void launch_backward(const BwdParams& params, int64_t max_tiles, int64_t batch, 
 
 RowStrides strides_of(const attention::fused::Strides& s) { return {s.batch, s.row, s.head}; }
 
-// The sm_90a backward runs where it was built and the GPU is compute capability 9.0, for
-// deterministic D = 64 and 128 problems; block lists of 64- or 128-key blocks unless the block
-// bias needs its gradient (that stays on the portable kernels).
+// The sm_90a backward runs where the lab has not turned it off and the sm_90a kernels cover the
+// problem (hopper_kernels_cover), for deterministic problems, unless a block bias needs its
+// gradient (that stays on the portable kernels).
 bool hopper_backward_usable(const attention::fused::BackwardProblem& bp) {
-#if defined(LONGTAPE_WITH_HOPPER)
   const attention::fused::Problem& f = bp.forward;
-  if (!kernel_tuning().hopper_backward || !bp.deterministic || (f.head_dim != 64 && f.head_dim != 128)) return false;
-  if (f.key_set == attention::fused::KeySet::blocks &&
-      (bp.dbias != nullptr || (f.blocks.block_size != 64 && f.blocks.block_size != 128)))
-    return false;
-  return current_device_is_sm90();
-#else
-  (void)bp;
-  return false;
-#endif
+  if (!kernel_tuning().hopper_backward || !bp.deterministic) return false;
+  if (f.key_set == attention::fused::KeySet::blocks && bp.dbias != nullptr) return false;
+  return hopper_kernels_cover(f);
 }
-
-const char* g_last_backward_kernel = "none";
 
 }  // namespace
 
+const char* g_last_backward_kernel = "none";
 const char* last_backward_kernel() { return g_last_backward_kernel; }
 
 void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan& plan) {

@@ -217,28 +217,29 @@ void launch_forward(const FwdParams& params, const Streams& streams, int64_t bat
   }
 }
 
-// The sm_90a forward runs where it was built, the GPU is compute capability 9.0 (sm_90a code runs
-// on nothing else), the lab has not turned it off, and the problem is one it covers: dense or
-// any key set (block lists of 64- or 128-key blocks), head dims 64 and 128, no P split.
+// The sm_90a forward runs where the lab has not turned it off and the sm_90a kernels cover the
+// problem (hopper_kernels_cover: any key set), without a P split.
 bool hopper_forward_usable(const attention::fused::Problem& pr, bool split_p) {
+  return kernel_tuning().hopper_forward && !split_p && hopper_kernels_cover(pr);
+}
+
+}  // namespace
+
+const char* g_last_forward_kernel = "none";
+const char* last_forward_kernel() { return g_last_forward_kernel; }
+
+// sm_90a code runs on compute capability 9.0 and nothing else.
+bool hopper_kernels_cover(const attention::fused::Problem& pr) {
 #if defined(LONGTAPE_WITH_HOPPER)
-  if (!kernel_tuning().hopper_forward || split_p) return false;
   if (pr.head_dim != 64 && pr.head_dim != 128) return false;
   if (pr.key_set == attention::fused::KeySet::blocks && pr.blocks.block_size != 64 && pr.blocks.block_size != 128)
     return false;
   return current_device_is_sm90();
 #else
   (void)pr;
-  (void)split_p;
   return false;
 #endif
 }
-
-const char* g_last_forward_kernel = "none";
-
-}  // namespace
-
-const char* last_forward_kernel() { return g_last_forward_kernel; }
 
 void run_forward(const attention::fused::Problem& pr, const LaunchPlan& plan) {
   FwdParams p{};

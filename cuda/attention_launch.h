@@ -44,7 +44,7 @@ std::vector<SequenceChunk> merge_chunks(const attention::fused::Problem& problem
 attention::fused::Problem chunk_problem(const attention::fused::Problem& problem, const SequenceChunk& chunk);
 // out = 0 and lse = -inf everywhere.
 void fill_outputs(const attention::fused::Problem& problem);
-// dst (B, rows, H, D) (16-bit elements) with strides = 0.
+// dst (B, rows, H, D) (elements of the problem's dtype: bf16, f16 or f32) with strides = 0.
 void zero_rows(void* dst, const attention::fused::Strides& strides, const attention::fused::Problem& problem,
                int64_t rows);
 // dst (B, N, H, D) in the problem's dtype (bf16 or f16) with strides = acc (contiguous f32
@@ -53,7 +53,16 @@ void store_accumulator(void* dst, const attention::fused::Strides& strides, cons
                        const attention::fused::Problem& problem, int64_t rows, void* residual = nullptr);
 // Whether the current device is compute capability 9.0 (where sm_90a code runs); asked once per device.
 bool current_device_is_sm90();
+// Whether the sm_90a kernels were built, run on the current device and cover the problem's
+// shape: head dim 64 or 128, block lists of 64- or 128-key blocks (each pass adds its own terms).
+bool hopper_kernels_cover(const attention::fused::Problem& problem);
 void run_forward(const attention::fused::Problem& problem, const LaunchPlan& plan);
 void run_backward(const attention::fused::BackwardProblem& problem, const LaunchPlan& plan);
+// The same for f32 inputs: exact f32 on the CUDA cores (cuda/attention_f32_fwd.cu, attention_f32_bwd.cu).
+void run_forward_f32(const attention::fused::Problem& problem, const LaunchPlan& plan);
+void run_backward_f32(const attention::fused::BackwardProblem& problem, const LaunchPlan& plan);
+// What last_forward_kernel() / last_backward_kernel() report; each driver sets them.
+extern const char* g_last_forward_kernel;
+extern const char* g_last_backward_kernel;
 
 }  // namespace longtape::cuda::attn

@@ -48,7 +48,12 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 // d (64 x N f32, accumulate ? d + : ) = A (64 x 16, K-major descriptor) * B (16 x N, K-major).
 // d (64 x N f32) += A (64 x 16 from registers) * B (16 x N, N-major descriptor).
 // The instruction text names the input type, so each product is written once for "bf16" and
-// "f16" through a macro.
+// "f16" through a macro, and each wrapper picks the text for its kF16 with LT_WGMMA_FOR_TYPE.
+#define LT_WGMMA_FOR_TYPE(INSTRUCTION) \
+  if constexpr (kF16)                   \
+    INSTRUCTION("f16");                 \
+  else                                  \
+    INSTRUCTION("bf16")
 #define LT_WGMMA_SS_N64(T) \
   asm volatile( \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
@@ -57,10 +62,7 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
       : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 template <bool kF16>
 __device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  if constexpr (kF16)
-    LT_WGMMA_SS_N64("f16");
-  else
-    LT_WGMMA_SS_N64("bf16");
+  LT_WGMMA_FOR_TYPE(LT_WGMMA_SS_N64);
 }
 #undef LT_WGMMA_SS_N64
 
@@ -72,10 +74,7 @@ __device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], uint64_t desc_a, ui
       : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 template <bool kF16>
 __device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  if constexpr (kF16)
-    LT_WGMMA_SS_N128("f16");
-  else
-    LT_WGMMA_SS_N128("bf16");
+  LT_WGMMA_FOR_TYPE(LT_WGMMA_SS_N128);
 }
 #undef LT_WGMMA_SS_N128
 
@@ -87,10 +86,7 @@ __device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], uint64_t desc_a, u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
 template <bool kF16>
 __device__ __forceinline__ void wgmma_rs_n64_tb(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
-  if constexpr (kF16)
-    LT_WGMMA_RS_N64_TB("f16");
-  else
-    LT_WGMMA_RS_N64_TB("bf16");
+  LT_WGMMA_FOR_TYPE(LT_WGMMA_RS_N64_TB);
 }
 #undef LT_WGMMA_RS_N64_TB
 
@@ -102,11 +98,9 @@ __device__ __forceinline__ void wgmma_rs_n64_tb(float (&d)[32], const uint32_t (
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
 template <bool kF16>
 __device__ __forceinline__ void wgmma_rs_n128_tb(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
-  if constexpr (kF16)
-    LT_WGMMA_RS_N128_TB("f16");
-  else
-    LT_WGMMA_RS_N128_TB("bf16");
+  LT_WGMMA_FOR_TYPE(LT_WGMMA_RS_N128_TB);
 }
 #undef LT_WGMMA_RS_N128_TB
+#undef LT_WGMMA_FOR_TYPE
 
 }  // namespace longtape::cuda::attn::wgmma

@@ -129,13 +129,18 @@ SortedRuns sort_destinations(const uint64_t* keys_in, int64_t n, uint64_t max_ke
   return out;
 }
 
-template <typename Body>
-void dispatch_bits(DType t, Body&& body) {
-  switch (dtype_size(t)) {
-    case 2: body(SizeTag<2>{}); return;
-    case 4: body(SizeTag<4>{}); return;
-    default: body(SizeTag<8>{}); return;
+// Launches a bit-moving kernel over `total` outputs on out's device: launch(SizeTag<bytes>) for
+// dtype's element size. Nothing to do when total is 0.
+template <typename Launch>
+void launch_moving_bits(void* out, DType dtype, int64_t total, Launch&& launch) {
+  if (total == 0) return;
+  DeviceGuard guard(device_of(out));
+  switch (dtype_size(dtype)) {
+    case 2: launch(SizeTag<2>{}); break;
+    case 4: launch(SizeTag<4>{}); break;
+    default: launch(SizeTag<8>{}); break;
   }
+  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
@@ -150,25 +155,19 @@ void flag_bad_indices(int64_t* first_bad, const int64_t* index, int64_t n, int64
 void index_select(void* out, const void* in, const int64_t* index, DType dtype, int64_t outer, int64_t in_dim,
                   int64_t n, int64_t inner) {
   const int64_t total = outer * n * inner;
-  if (total == 0) return;
-  DeviceGuard guard(device_of(out));
-  dispatch_bits(dtype, [&](auto tag) {
-    constexpr int B = decltype(tag)::value;
-    index_select_kernel<B><<<grid_for(total), kThreads, 0, stream()>>>(out, in, index, outer, in_dim, n, inner);
+  launch_moving_bits(out, dtype, total, [&](auto tag) {
+    index_select_kernel<decltype(tag)::value>
+        <<<grid_for(total), kThreads, 0, stream()>>>(out, in, index, outer, in_dim, n, inner);
   });
-  CUDA_CHECK_LAUNCH();
 }
 
 void gather(void* out, const void* in, const int64_t* index, DType dtype, int64_t outer, int64_t in_dim, int64_t n,
             int64_t inner) {
   const int64_t total = outer * n * inner;
-  if (total == 0) return;
-  DeviceGuard guard(device_of(out));
-  dispatch_bits(dtype, [&](auto tag) {
-    constexpr int B = decltype(tag)::value;
-    gather_kernel<B><<<grid_for(total), kThreads, 0, stream()>>>(out, in, index, outer, in_dim, n, inner);
+  launch_moving_bits(out, dtype, total, [&](auto tag) {
+    gather_kernel<decltype(tag)::value><<<grid_for(total), kThreads, 0, stream()>>>(out, in, index, outer, in_dim, n,
+                                                                                    inner);
   });
-  CUDA_CHECK_LAUNCH();
 }
 
 void index_add(void* out, const void* src, const int64_t* index, DType dtype, int64_t outer, int64_t out_dim,

@@ -4,13 +4,14 @@
 //   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
 //                           [--fwd-stages 2|3] [--eager-rescale] [--portable] [--hopper-wg 2|3]
 //                           [--no-chunks] [--portable-bwd] [--hopper-bwd-wg 1|2]
-//                           [--hopper-bwd-ctas 2|3]
+//                           [--hopper-bwd-ctas 2|3] [--dtype bf16|f16|f32]
 // (--only runs the cases whose label contains TEXT, e.g. for a profiler run of one case;
 // --fwd-stages picks the forward kernel's K/V pipeline depth, default: per head dim;
 // --eager-rescale rescales the forward accumulator on every key tile; --portable keeps forward and
 // backward on the sm_80 kernels on a Hopper GPU (--portable-bwd the backward only); --hopper-wg
 // and --hopper-bwd-wg set the sm_90a kernels' warpgroups at D = 64; --no-chunks runs lse mixing
-// over the whole sequence at once, with accumulators of every row.)
+// over the whole sequence at once, with accumulators of every row; --dtype sets the inputs' dtype,
+// default bf16: f32 runs the exact-f32 kernels on the CUDA cores.)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -90,15 +91,15 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-void run(const Case& cs, const std::string& impl, int repeats) {
+void run(const Case& cs, const std::string& impl, int repeats, DType dtype) {
   AttentionConfig config = cs.config;
   config.impl = impl;
   auto layer = attention::make_attention(cs.variant, config);
   const Device gpu = Device::cuda(0);
   const Shape shape{1, cs.n, cs.heads, cs.dim};
-  auto input = [&] { return Tensor::randn(shape, DType::f32, gpu).to(DType::bf16).detach().requires_grad_(); };
+  auto input = [&] { return Tensor::randn(shape, DType::f32, gpu).to(dtype).detach().requires_grad_(); };
   Tensor q = input(), k = input(), v = input();
-  Tensor dout = Tensor::randn(shape, DType::f32, gpu).to(DType::bf16).detach();
+  Tensor dout = Tensor::randn(shape, DType::f32, gpu).to(dtype).detach();
   cuda::DeviceTimer timer(0);
   std::vector<double> fwd, both;
   cuda::synchronize(0);
@@ -146,11 +147,20 @@ int main(int argc, char** argv) {
   std::string impl = "fused";
   bool quick = false;
   std::string only;
+  DType dtype = DType::bf16;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--impl") && i + 1 < argc) impl = argv[++i];
     else if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--atomic-dq")) set_deterministic_algorithms(false);
     else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+    else if (!std::strcmp(argv[i], "--dtype") && i + 1 < argc) {
+      const std::string name = argv[++i];
+      if (name != "bf16" && name != "f16" && name != "f32") {
+        std::cerr << "attention_lab: --dtype takes bf16, f16 or f32, got '" << name << "'\n";
+        return 2;
+      }
+      dtype = dtype_from_name(name);
+    }
     else if (!std::strcmp(argv[i], "--fwd-stages") && i + 1 < argc)
       cuda::attn::kernel_tuning().forward_stages = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--eager-rescale"))
@@ -189,7 +199,7 @@ int main(int argc, char** argv) {
                                                    : std::vector<std::string>{impl}) {
       if (which == "composed" && cs.variant == "dense" && cs.n > 8192) continue;  // N x N scores
       try {
-        run(cs, which, quick ? 3 : 10);
+        run(cs, which, quick ? 3 : 10, dtype);
       } catch (const std::exception& e) {
         std::printf("| %s | %s | error: %s |\n", cs.label.c_str(), which.c_str(), e.what());
       }

@@ -79,7 +79,7 @@ Tensor Dropout::forward(const Tensor& x) { return dropout(x, p_, is_training());
 
 // ---------------------------------------------------------------- MLP
 
-MLP::MLP(int64_t dim, int64_t hidden, double dropout_p) {
+MLP::MLP(int64_t dim, int64_t hidden, double dropout_p, bool recompute) : recompute_hidden(recompute) {
   LT_CHECK(hidden >= 0, "MLP: hidden must be >= 0 (0 = 4 * dim), got ", hidden);
   LT_CHECK(dim >= 1, "MLP: dim must be >= 1, got ", dim);
   const int64_t h = hidden == 0 ? checked::mul(4, dim, "MLP: hidden size 4 * dim") : hidden;
@@ -90,6 +90,11 @@ MLP::MLP(int64_t dim, int64_t hidden, double dropout_p) {
 }
 
 Tensor MLP::forward(const Tensor& x) {
+  const bool dropout_active = is_training() && drop->p() > 0;
+  if (recompute_hidden && fc1->bias.defined() && !dropout_active && (x.dtype() == DType::f32 || x.dtype() == DType::f64)) {
+    Tensor y = gelu_mlp(x, fc1->weight, fc1->bias, fc2->weight, act->approx());
+    return fc2->bias.defined() ? add(y, fc2->bias) : y;
+  }
   Tensor h = fc1->bias.defined() ? bias_gelu(fc1->project(x), fc1->bias, act->approx()) : act->forward(fc1->forward(x));
   return fc2->forward(drop->forward(h));
 }

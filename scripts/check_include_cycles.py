@@ -7,7 +7,9 @@ as nn/dist/ belongs to its top-level folder). Folder A depends on folder B when 
 must form a directed acyclic graph, so that each one can be read, built and tested on top of the
 ones it includes. Exits 1 and prints every cycle (with one include that makes each step) otherwise.
 
-Usage: check_include_cycles.py [REPO_ROOT]   (default: the folder above this script)
+Usage: check_include_cycles.py [--all] [REPO_ROOT]   (default: the folder above this script)
+  --all  also lists the cycles that the declared lower-layer callbacks close (informational: exits 0
+         unless an undeclared cycle is found).
 """
 import os
 import re
@@ -81,8 +83,17 @@ def cycles(nodes, edges):
     return found
 
 
+def print_cycle(component, edges):
+    for (a, b), where in sorted(edges.items()):
+        if a in component and b in component:
+            print(f"  {a}/ -> {b}/  ({where})")
+
+
 def main():
-    root = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), ".."))
+    args = sys.argv[1:]
+    show_all = "--all" in args
+    args = [a for a in args if a != "--all"]
+    root = os.path.abspath(args[0] if args else os.path.join(os.path.dirname(__file__), ".."))
     edges = folder_edges(root)
     ok = True
     for edge, reason in LOWER_LAYER_CALLBACKS.items():
@@ -95,9 +106,11 @@ def main():
     for component in cycles(nodes, checked):
         ok = False
         print("include check: these folders include each other in a cycle: " + ", ".join(component))
-        for (a, b), where in sorted(checked.items()):
-            if a in component and b in component:
-                print(f"  {a}/ -> {b}/  ({where})")
+        print_cycle(component, checked)
+    if show_all:
+        for component in cycles(nodes, edges):
+            print("include check (--all, declared callbacks included): a cycle among " + ", ".join(component))
+            print_cycle(component, edges)
     if ok:
         print(f"include check: {len(nodes)} folders, {len(checked)} dependencies, no cycle "
               f"(besides {len(LOWER_LAYER_CALLBACKS)} declared lower-layer callbacks)")

@@ -108,6 +108,9 @@ if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ]; then
   sanitize "op table racecheck" racecheck 200 test_op_table racecheck_op_table.log -tc="*at larger shapes*"
   sanitize "fused attention memcheck" memcheck 300 test_fused_attention_cuda memcheck_fused.log
   sanitize "fused attention racecheck" racecheck 300 test_fused_attention_cuda racecheck_fused.log
+  sanitize "fused f32 attention memcheck" memcheck 300 test_fused_attention_f32_cuda memcheck_fused_f32.log
+  sanitize "fused f32 attention racecheck" racecheck 300 test_fused_attention_f32_cuda racecheck_fused_f32.log \
+    -tc="*backward*"
 fi
 
 echo "== SUMMARY"

@@ -9,13 +9,24 @@ namespace longtape {
 
 enum class DType : uint8_t { f32, f64, bf16, i32, i64, f16 };
 
+// The IEEE binary32 bits of a float, and back (what the half-precision conversions work on).
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float float_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 // bfloat16 storage type: the upper 16 bits of an IEEE float, round-to-nearest-even on conversion.
 struct bfloat16 {
   uint16_t bits = 0;
   bfloat16() = default;
   explicit bfloat16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
+    uint32_t u = float_bits(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a quiet NaN
       bits = static_cast<uint16_t>((u >> 16) | 0x40);
     } else {
@@ -23,12 +34,7 @@ struct bfloat16 {
       bits = static_cast<uint16_t>(u >> 16);
     }
   }
-  explicit operator float() const {
-    uint32_t u = static_cast<uint32_t>(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
+  explicit operator float() const { return float_from_bits(static_cast<uint32_t>(bits) << 16); }
 };
 
 // IEEE binary16 storage type (1 sign, 5 exponent, 10 mantissa bits): round-to-nearest-even on
@@ -37,8 +43,7 @@ struct float16 {
   uint16_t bits = 0;
   float16() = default;
   explicit float16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
+    const uint32_t u = float_bits(f);
     const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
     const uint32_t a = u & 0x7fffffffu;
     if (a > 0x7f800000u) {  // NaN: quiet, top payload bits kept
@@ -77,9 +82,7 @@ struct float16 {
       }
       u = sign | ((113u - static_cast<uint32_t>(e)) << 23) | ((m & 0x3ffu) << 13);
     }
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
+    return float_from_bits(u);
   }
 };
 

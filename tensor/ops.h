@@ -66,6 +66,18 @@ Tensor logsumexp(const Tensor& a, const std::vector<int64_t>& dims, bool keepdim
 // ---- linear algebra (tensor/ops/matmul.cpp) ----
 // (..., M, K) @ (..., K, N) with broadcast batch dims; 1-D operands as in NumPy.
 Tensor matmul(const Tensor& a, const Tensor& b);
+// a @ b for 2-D operands already in the dtype a product reads (f32, f64, or bf16 with an f32
+// result on CUDA); transposed views enter without a copy. Not recorded (for fused ops' own nodes).
+// With `accumulate` (a contiguous tensor of the result's shape and dtype) the product is added
+// into it in the same GEMM, and it is returned.
+Tensor matmul_operands(const Tensor& a, const Tensor& b, const Tensor& accumulate = Tensor());
+// gelu(x @ w1^T + b1) @ w2^T (weights as Linear stores them: (hidden, E), (E_out, hidden)) as one
+// node that saves only x's product operand and recomputes the hidden activations, in row chunks,
+// in backward: the (..., hidden) tensors are never kept between forward and backward
+// (tensor/ops/gelu_mlp.cpp). Follows the autocast precision like matmul. f32 and f64.
+// chunk_rows: rows per chunk, 0 = hidden temporaries of at most 8M elements.
+Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                GeluApprox approx = GeluApprox::erf, int64_t chunk_rows = 0);
 
 // ---- neural-network functions (tensor/ops/nn_functional.cpp) ----
 Tensor softmax(const Tensor& a, int64_t dim = -1);

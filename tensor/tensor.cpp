@@ -20,6 +20,11 @@ std::string shape_str(const Shape& s) {
   return out + "]";
 }
 
+std::string describe_tensor(const Tensor& t) {
+  if (!t.defined()) return "undefined";
+  return shape_str(t.shape()) + " " + dtype_name(t.dtype()) + " on " + t.device().str();
+}
+
 int64_t shape_numel(const Shape& s) {
   // Fast path for the common small shapes; anything unusual goes through the full checks, which
   // refuse negative dims and overflow of the non-zero dims' product (even beside a zero dim).
@@ -133,20 +138,28 @@ uint64_t derive_stream_seed(uint64_t seed, uint64_t offset, uint64_t stream) {
   return mix(mix(mix(seed) ^ offset) ^ stream);
 }
 
-Tensor Tensor::rand(const Shape& shape, DType dtype, Device device) {
-  LT_CHECK(is_floating(dtype), "rand: expected a floating dtype, got ", dtype_name(dtype));
-  Tensor t = empty(shape, dtype, device);
-  PhiloxState s = next_philox(static_cast<uint64_t>(t.numel() + 3) / 4 + 1);
-  kernels::uniform(kernels::make_view(t), s.seed, s.offset, 0.0, 1.0);
+// A new floating tensor filled by fill(view, seed, offset) from fresh Philox counter blocks: one
+// block per `per_block` values, and one more.
+template <typename Fill>
+static Tensor random_tensor(const char* op, const Shape& shape, DType dtype, Device device, int64_t per_block,
+                            Fill fill) {
+  LT_CHECK(is_floating(dtype), op, ": expected a floating dtype, got ", dtype_name(dtype));
+  Tensor t = Tensor::empty(shape, dtype, device);
+  PhiloxState s = next_philox(static_cast<uint64_t>(t.numel() + per_block - 1) / per_block + 1);
+  fill(kernels::make_view(t), s.seed, s.offset);
   return t;
 }
 
+Tensor Tensor::rand(const Shape& shape, DType dtype, Device device) {
+  return random_tensor("rand", shape, dtype, device, 4, [](const auto& view, uint64_t seed, uint64_t offset) {
+    kernels::uniform(view, seed, offset, 0.0, 1.0);
+  });
+}
+
 Tensor Tensor::randn(const Shape& shape, DType dtype, Device device) {
-  LT_CHECK(is_floating(dtype), "randn: expected a floating dtype, got ", dtype_name(dtype));
-  Tensor t = empty(shape, dtype, device);
-  PhiloxState s = next_philox(static_cast<uint64_t>(t.numel() + 1) / 2 + 1);
-  kernels::normal(kernels::make_view(t), s.seed, s.offset, 0.0, 1.0);
-  return t;
+  return random_tensor("randn", shape, dtype, device, 2, [](const auto& view, uint64_t seed, uint64_t offset) {
+    kernels::normal(view, seed, offset, 0.0, 1.0);
+  });
 }
 
 template <typename T>

@@ -187,4 +187,7 @@ uint64_t derive_stream_seed(uint64_t seed, uint64_t offset, uint64_t stream);
 Tensor make_view(const Tensor& base, const Shape& shape, const Shape& strides, int64_t offset);
 int64_t normalize_dim(int64_t dim, int64_t ndim, const char* op);
 
+// "[2, 3] f32 on cpu", or "undefined": how error messages name a tensor they were given.
+std::string describe_tensor(const Tensor& t);
+
 }  // namespace longtape

@@ -27,8 +27,7 @@ AttentionConfig make_config(Mixing mixing, bool causal) {
 }  // namespace
 
 TEST_CASE("CUDA parity: dense and dilated, f32 and bf16 against CPU f64" * doctest::skip(!cuda_available())) {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   const int64_t B = 2, N = 90, H = 5, D = 32;
   struct Case {
@@ -55,8 +54,7 @@ TEST_CASE("CUDA parity: dense and dilated, f32 and bf16 against CPU f64" * docte
 }
 
 TEST_CASE("CUDA parity: multihead layer forward and parameter gradients" * doctest::skip(!cuda_available())) {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   AttentionConfig c = make_config(Mixing::lse, true);
   MultiheadAttention cpu_layer(64, 4, "dilated", c, true, true, 1.0, true);

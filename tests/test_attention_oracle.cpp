@@ -102,8 +102,7 @@ int64_t grid_distance(int64_t a, int64_t b, int64_t width) {
 // Forward
 
 TEST_CASE("oracle dense forward equals a naive double loop") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   const Problem p = make_problem(2, 9, 3, 5, seed);
   const double scale = 0.7;
   for (bool causal : {false, true}) {
@@ -138,8 +137,7 @@ TEST_CASE("oracle dense forward equals a naive double loop") {
 TEST_CASE("oracle multiplicity counts weigh keys like repeated keys") {
   // A key seen twice must weigh as two copies of it: compare M = 2 on key j against a problem
   // where key j is literally duplicated (N + 1 keys, mask 1).
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   const Problem p = make_problem(1, 4, 1, 3, seed);
   MultiplicityMask twice = dense_mask(4, false);
   for (int64_t i = 0; i < 4; ++i) twice.at(i, 2) = 2;
@@ -161,8 +159,7 @@ TEST_CASE("oracle multiplicity counts weigh keys like repeated keys") {
 }
 
 TEST_CASE("lse mixing with w = [N], r = [1] equals dense, and head_groups with one branch too") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   const Problem p = make_problem(2, 10, 3, 4, seed);
   for (bool causal : {false, true}) {
     CAPTURE(causal);
@@ -183,8 +180,7 @@ TEST_CASE("lse mixing with w = [N], r = [1] equals dense, and head_groups with o
 
 TEST_CASE("lse mixing equals the per-branch merge O = sum_i exp(lse_i - lse) O_i") {
   // O = sum_i exp(lse_i - lse) O_i with lse = logsumexp_i lse_i, each branch on its own streams.
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   const Problem p = make_problem(2, 13, 3, 4, seed);
   const std::vector<DilatedBranch> branches{{5, 2}, {7, 3}, {20, 4}};
   for (bool causal : {false, true}) {
@@ -245,8 +241,7 @@ TEST_CASE("causal masks never let a query see a later key; leak test on the orac
       CHECK(mask.empty_rows() < n);
     }
   // Changing K, V at positions > p leaves O[<= p] bit-identical.
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   Problem p = make_problem(1, n, heads, 3, seed);
   const int64_t cut = 8;
   for (const auto& masks : all) {
@@ -273,8 +268,7 @@ TEST_CASE("causal masks never let a query see a later key; leak test on the orac
 // Backward
 
 TEST_CASE("oracle backward matches central differences") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
 
   SUBCASE("dense") {
     const Problem p = make_problem(2, 7, 2, 3, seed);
@@ -342,8 +336,7 @@ TEST_CASE("oracle backward matches central differences") {
 }
 
 TEST_CASE("oracle with a block bias: shift invariance and bias gradient") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   const Problem p = make_problem(1, 8, 2, 3, seed);
   const int64_t block_size = 3, blocks = num_blocks_for(p.N, block_size);
   BlockPatternOptions options;
@@ -386,8 +379,7 @@ TEST_CASE("oracle with a block bias: shift invariance and bias gradient") {
 }
 
 TEST_CASE("dense non-causal attention is permutation-equivariant under Hilbert ordering") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   const Problem p = make_problem(2, 12, 2, 3, seed);
   const std::vector<int64_t> perm = hilbert_permutation(3, 4);
   const int64_t inner = p.H * p.D;

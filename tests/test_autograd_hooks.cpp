@@ -34,8 +34,7 @@ double max_abs_diff(const Tensor& a, const Tensor& b) {
 }  // namespace
 
 TEST_CASE("post-accumulate grad hook: once per backward with the final gradient, also for a leaf used several times") {
-  const uint64_t seed = testing::fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   Tensor w = Tensor::randn({4, 3}).requires_grad_();
   Tensor b = Tensor::randn({4, 3}).requires_grad_();
@@ -69,8 +68,7 @@ TEST_CASE("post-accumulate grad hook: once per backward with the final gradient,
 }
 
 TEST_CASE("post-accumulate grad hook: runs as soon as the leaf is final, before the rest of the backward") {
-  const uint64_t seed = testing::fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   Tensor early = Tensor::randn({5}).requires_grad_();  // used first in the forward: final last
   Tensor late = Tensor::randn({5}).requires_grad_();   // used only by the last op: final first

@@ -59,8 +59,7 @@ oracle::HeadMasks masks_of(const std::vector<BlockLists>& lists, int64_t block_s
 }  // namespace
 
 TEST_CASE("every fixed pattern equals the dense oracle with its block mask (f64, causal and not, ragged)") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   for (int64_t n : {24, 22}) {
     for (bool causal : {false, true}) {
       for (BlockPattern pattern : all_block_patterns()) {
@@ -104,8 +103,7 @@ TEST_CASE("the patterns differ from one another, so the oracle comparison tests 
 }
 
 TEST_CASE("pattern all equals dense attention (f32 and f64, causal and not)") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   for (DType dtype : {DType::f64, DType::f32}) {
     for (bool causal : {false, true}) {
       INFO("dtype " << std::string(dtype_name(dtype)) << " causal " << causal);
@@ -125,8 +123,7 @@ TEST_CASE("pattern all equals dense attention (f32 and f64, causal and not)") {
 }
 
 TEST_CASE("density changes the random pattern and the output; the seed fixes the draw") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   Problem p = make_problem(1, 64, 2, 4, seed);
   AttentionConfig sparse = small_config("random", false);
   sparse.density = 0.25;
@@ -147,8 +144,7 @@ TEST_CASE("density changes the random pattern and the output; the seed fixes the
 }
 
 TEST_CASE("rows without keys give 0 and lse -inf, with no NaN in the forward or backward") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   // 5 blocks of 4 tokens (N = 18: the last block holds 2). Causal: block 0 lists only the later
   // block 1 (every row masked), block 1 lists nothing, block 3 lists blocks 2 and 4 (row-wise mix:
   // its first rows see block 2 only), block 4 sees blocks 0 and 4.
@@ -200,8 +196,7 @@ TEST_CASE("a pattern with no key block at all gives zeros and -inf") {
 }
 
 TEST_CASE("chunking the query blocks (small score budget) does not change the result") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   Problem p = make_problem(2, 30, 2, 4, seed);
   AttentionConfig config = small_config("global_local", true);
   BlockSparseAttention attention(config);
@@ -245,8 +240,7 @@ TEST_CASE("memory grows with the active block pairs, not N^2 (local_window and g
 }
 
 TEST_CASE("block_bias enters the logits of the active pairs; its gradient is the oracle's dS summed per block") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   const int64_t B = 2, N = 14, H = 2, D = 3, bs = 4, nb = 4;
   Problem p = make_problem(B, N, H, D, seed);
   const std::vector<double> bias_values = oracle::random_values(static_cast<size_t>(B * H * nb * nb), seed + 9);
@@ -286,8 +280,7 @@ TEST_CASE("block_bias enters the logits of the active pairs; its gradient is the
 }
 
 TEST_CASE("adaptive: output equals the oracle with the scorer's scores as block bias") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   for (bool causal : {false, true}) {
     INFO("causal " << causal);
     const int64_t B = 2, N = 22, H = 2, D = 4, bs = 4;
@@ -343,8 +336,7 @@ TEST_CASE("adaptive: the top-k choice keeps the best-scoring blocks") {
 }
 
 TEST_CASE("adaptive: the scorer parameters receive a nonzero gradient from the task loss") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   Problem p = make_problem(2, 32, 2, 8, seed);
   AttentionConfig config = small_config("adaptive", false);
   config.head_dim = 8;
@@ -372,8 +364,7 @@ TEST_CASE("adaptive: the scorer parameters receive a nonzero gradient from the t
 }
 
 TEST_CASE("adaptive: a few SGD steps on a task loss change the selected pattern") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   const int64_t B = 1, N = 32, H = 2, D = 8;
   Problem p = make_problem(B, N, H, D, seed);
   AttentionConfig config = small_config("adaptive", false);
@@ -436,8 +427,7 @@ TEST_CASE("adaptive: a few SGD steps on a task loss change the selected pattern"
 }
 
 TEST_CASE("hilbert schedule gives the same output as the natural schedule, bit for bit") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   for (DType dtype : {DType::f64, DType::f32}) {
     for (bool causal : {false, true}) {
       for (const char* name : {"all", "local_window", "dilated", "global_local", "random", "adaptive"}) {
@@ -490,8 +480,7 @@ TEST_CASE("hilbert schedule gives the same output as the natural schedule, bit f
 }
 
 TEST_CASE("the schedule setting of the module selects the Hilbert schedule and keeps the output") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   Problem p = make_problem(1, 40, 2, 4, seed);
   AttentionConfig config = small_config("random", true);
   BlockSparseAttention natural(config);
@@ -501,8 +490,7 @@ TEST_CASE("the schedule setting of the module selects the Hilbert schedule and k
 }
 
 TEST_CASE("gradcheck of block-sparse attention in f64 (fixed and adaptive patterns)") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   Problem p = make_problem(1, 10, 2, 3, seed);
   BlockSparseOptions options;
   options.block_size = 3;
@@ -601,8 +589,7 @@ TEST_CASE("block_sparse and block_sparse_adaptive are registered variants") {
 
 TEST_CASE("block_sparse: one layer called with several lengths gives what a fresh layer gives at each") {
   // The layer keeps the pattern of the last length it saw; a different length must rebuild it.
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   for (const char* pattern : {"local_window", "random"}) {
     const AttentionConfig config = small_config(pattern, false);

@@ -41,8 +41,7 @@ AttentionConfig make_config(const std::string& pattern, bool causal) {
 
 TEST_CASE("CUDA parity: block_sparse patterns, adaptive and the Hilbert schedule, f32 against CPU f64" *
           doctest::skip(!cuda_available())) {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   const auto [q, k, v, dout] = random_qkv_dout(2, 100, 3, 32);
   for (bool causal : {false, true}) {
@@ -78,8 +77,7 @@ TEST_CASE("CUDA parity: block_sparse patterns, adaptive and the Hilbert schedule
 
 TEST_CASE("CUDA: the Hilbert schedule gives the same block-sparse output as the natural one" *
           doctest::skip(!cuda_available())) {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   const int64_t B = 2, N = 100, H = 3, D = 32;
   Tensor q = Tensor::randn({B, N, H, D}).to(Device::cuda()), k = Tensor::randn({B, N, H, D}).to(Device::cuda()),
@@ -98,8 +96,7 @@ TEST_CASE("CUDA: the Hilbert schedule gives the same block-sparse output as the 
 }
 
 TEST_CASE("CUDA parity: Hilbert token ordering around block_sparse and dense" * doctest::skip(!cuda_available())) {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   const auto [q, k, v, dout] = random_qkv_dout(1, 96, 3, 32);
   for (const char* variant : {"block_sparse", "dense"}) {

@@ -3,8 +3,8 @@
 // f16 tensors on the CPU: casts, printing, and clear errors where the CPU has no f16 arithmetic.
 #include <doctest/doctest.h>
 
+#include <bit>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <random>
 #include <sstream>
@@ -15,16 +15,8 @@ using namespace longtape;
 
 namespace {
 
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+uint32_t bits_of(float f) { return std::bit_cast<uint32_t>(f); }
+float float_of(uint32_t u) { return std::bit_cast<float>(u); }
 uint16_t half_bits(float f) { return float16(f).bits; }
 float from_half_bits(uint16_t bits) {
   float16 h;
@@ -33,17 +25,8 @@ float from_half_bits(uint16_t bits) {
 }
 
 #ifdef __FLT16_MAX__
-uint16_t reference_bits(float f) {
-  const _Float16 h = static_cast<_Float16>(f);
-  uint16_t b;
-  std::memcpy(&b, &h, 2);
-  return b;
-}
-float reference_value(uint16_t bits) {
-  _Float16 h;
-  std::memcpy(&h, &bits, 2);
-  return static_cast<float>(h);
-}
+uint16_t reference_bits(float f) { return std::bit_cast<uint16_t>(static_cast<_Float16>(f)); }
+float reference_value(uint16_t bits) { return static_cast<float>(std::bit_cast<_Float16>(bits)); }
 #endif
 
 }  // namespace

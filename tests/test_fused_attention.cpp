@@ -117,8 +117,7 @@ TEST_CASE("parse_impl reads auto, fused and composed and rejects anything else")
 }
 
 TEST_CASE("select_core picks the fused CPU kernels for f32 and f64 problems on the CPU") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   for (DType dtype : {DType::f32, DType::f64}) {
     INFO("dtype " << dtype_name(dtype));
@@ -144,7 +143,7 @@ TEST_CASE("select_core picks the fused CPU kernels for f32 and f64 problems on t
   }
 }
 
-TEST_CASE("the selector's answers for f16 and f32: CUDA kernels take bf16 and f16, the CPU kernels f32 and f64") {
+TEST_CASE("the selector's answers per dtype: CUDA kernels take bf16, f16 and f32, the CPU kernels f32 and f64") {
   fused::Problem p;
   p.batch = 2;
   p.heads = 3;
@@ -174,18 +173,37 @@ TEST_CASE("the selector's answers for f16 and f32: CUDA kernels take bf16 and f1
     INFO("dtype " << dtype_name(dtype));
     p.dtype = dtype;
     const std::string reason = fused::cuda_unsupported_reason(p);
-    CHECK(reason == std::string("the fused CUDA kernels take bf16 or f16 inputs, got ") + dtype_name(dtype));
+    if (dtype == DType::f32)
+      CHECK(reason == "");  // exact f32 on the CUDA cores
+    else
+      CHECK(reason == std::string("the fused CUDA kernels take bf16, f16 or f32 inputs, got ") + dtype_name(dtype));
     CHECK(fused::select_backend(p, Device::cpu(), 0.0).backend == fused::Backend::cpu_fused);
   }
+  // f32 on CUDA: the precision says exact f32, and the f32 kernels take rows at any stride (odd
+  // strides and unaligned pointers fall back to scalar loads); the other limits still apply.
+  {
+    fused::Problem f = p;
+    f.dtype = DType::f32;
+    CHECK(compute_precision(fused::Backend::cuda_fused, DType::f32) == "f32 exact (CUDA-core FMA, no TF32)");
+    f.q_stride = {200 * 3 * 65, 3 * 65, 65};
+    CHECK(fused::cuda_unsupported_reason(f) == "");
+    fused::Problem half = f;
+    half.dtype = DType::bf16;  // the 16-bit kernels move 16-byte chunks only
+    CHECK(fused::cuda_unsupported_reason(half).find("multiples of 8") != std::string::npos);
+    f.head_dim = 48;
+    CHECK(fused::cuda_unsupported_reason(f).find("head_dim 32, 64 or 128, got 48") != std::string::npos);
+  }
   // Without a GPU build the selector says so for every dtype; with one, the CUDA answer is the
-  // kernels' own (f16 runs fused, f32 does not).
+  // kernels' own (f16 and f32 run fused, f64 does not).
   p.dtype = DType::f16;
   const fused::Selection gpu = fused::select_backend(p, Device::cuda(0), 0.0);
 #ifdef LONGTAPE_WITH_CUDA
   CHECK(gpu.backend == fused::Backend::cuda_fused);
   CHECK(gpu.reason.empty());
   p.dtype = DType::f32;
-  CHECK(fused::select_backend(p, Device::cuda(0), 0.0).reason.find("bf16 or f16") != std::string::npos);
+  CHECK(fused::select_backend(p, Device::cuda(0), 0.0).backend == fused::Backend::cuda_fused);
+  p.dtype = DType::f64;
+  CHECK(fused::select_backend(p, Device::cuda(0), 0.0).reason.find("bf16, f16 or f32") != std::string::npos);
 #else
   CHECK(gpu.backend == fused::Backend::composed);
   CHECK(gpu.reason.find("without CUDA") != std::string::npos);
@@ -198,8 +216,7 @@ TEST_CASE("the selector's answers for f16 and f32: CUDA kernels take bf16 and f1
 // Dense
 
 TEST_CASE("fused dense attention on the CPU matches the oracle: non-causal, causal, Nq != Nk") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   for (bool causal : {false, true}) {
     const Dims dims{2, 19, 19, 3, 8};
     const AttentionConfig config = core_config(dims.H, dims.D, causal);
@@ -232,8 +249,7 @@ TEST_CASE("fused dense attention on the CPU matches the oracle: non-causal, caus
 // Dilated
 
 TEST_CASE("fused dilated attention, lse mixing: ragged segments, w % r != 0, w > N, uncovered rows") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   struct Setup {
     std::vector<int64_t> segments, dilations;
     int64_t n;
@@ -263,8 +279,7 @@ TEST_CASE("fused dilated attention, lse mixing: ragged segments, w % r != 0, w >
 }
 
 TEST_CASE("fused dilated attention, head_groups mixing: H % G != 0, empty streams, head slices") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   const std::vector<int64_t> segments{8, 16, 64}, dilations{1, 2, 3};
   const std::vector<DilatedBranch> branches = branches_of(segments, dilations);
   for (int64_t n : {37, 33})
@@ -327,8 +342,7 @@ BlockPatternOptions block_options(bool causal, uint64_t pattern_seed) {
 }  // namespace
 
 TEST_CASE("fused block-sparse attention: every fixed pattern, ragged last block, causal and not") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   const Dims dims{2, 45, 45, 3, 8};
   for (bool causal : {false, true})
     for (BlockPattern pattern : all_block_patterns()) {
@@ -355,8 +369,7 @@ TEST_CASE("fused block-sparse attention: every fixed pattern, ragged last block,
 }
 
 TEST_CASE("fused block-sparse op: shared, per-head and per-(batch, head) lists with a block bias") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   const Dims dims{2, 45, 45, 3, 8};
   const int64_t block_size = 8, blocks = num_blocks_for(dims.Nq, block_size);
   for (bool causal : {false, true})
@@ -386,8 +399,7 @@ TEST_CASE("fused block-sparse op: shared, per-head and per-(batch, head) lists w
 }
 
 TEST_CASE("fused block-sparse op: rows that see no key give out 0, lse -inf and finite gradients") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   // 4 blocks of 5 tokens, the last one 3 tokens (N = 18). Query block 1 has no key block; under
   // causal masking query block 2 only sees a later block, so its rows are empty too.
   const Dims dims{2, 18, 18, 2, 8};
@@ -428,8 +440,7 @@ TEST_CASE("fused block-sparse op: rows that see no key give out 0, lse -inf and 
 }
 
 TEST_CASE("fused adaptive block-sparse: output, input and scorer gradients match the composed path") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   const Dims dims{2, 45, 45, 3, 8};
   for (DType dtype : {DType::f64, DType::f32})
     for (bool causal : {false, true}) {
@@ -492,8 +503,7 @@ TEST_CASE("fused adaptive block-sparse: output, input and scorer gradients match
 // impl and dropout
 
 TEST_CASE("impl = fused with dropout in training mode throws why; auto falls back to composed") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   const Dims dims{1, 24, 24, 3, 8};
   Tensor q = Tensor::randn(dims.q_shape()), k = Tensor::randn(dims.k_shape()), v = Tensor::randn(dims.k_shape());
@@ -544,8 +554,7 @@ TEST_CASE("impl = fused with dropout in training mode throws why; auto falls bac
 // Long sequences
 
 TEST_CASE("fused dense f32 at N = 4096: no N x N memory, rows agree with the composed path") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   const int64_t B = 1, N = 4096, H = 2, D = 32;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
@@ -618,8 +627,7 @@ TEST_CASE("fused dense f32 at N = 4096: no N x N memory, rows agree with the com
 }
 
 TEST_CASE("dilated attention with more branches than the fused kernels take falls back under auto, throws under fused") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   // One branch more than fused::kMaxBranches.
   AttentionConfig config{.num_heads = 2, .head_dim = 4, .segment_lengths = {2, 3, 4, 5, 6, 7, 8, 9, 10},
@@ -635,8 +643,7 @@ TEST_CASE("dilated attention with more branches than the fused kernels take fall
 }
 
 TEST_CASE("wrapper variants report what ran their core: hilbert and head_parallel their inner's, ring its blocks'") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   AttentionConfig config{
       .num_heads = 4, .head_dim = 8, .segment_lengths = {8, 16}, .dilation_rates = {1, 2}, .grid = "4x4", .ranks = 2};

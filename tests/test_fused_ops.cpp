@@ -13,6 +13,7 @@
 #include "attention/multihead.h"
 #include "autograd/gradcheck.h"
 #include "autograd/node.h"
+#include "nn/layers.h"
 #include "nn/optim.h"
 #include "support/device_parity.h"
 #include "support/test_utils.h"
@@ -48,8 +49,7 @@ std::vector<double> bf16_rounded(const std::vector<double>& v) {
 }  // namespace
 
 TEST_CASE("bias_gelu is one node and matches gelu(x + bias) forward and backward (f32, f64, both approximations)") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   for (DType dt : {DType::f64, DType::f32})
     for (GeluApprox approx : {GeluApprox::erf, GeluApprox::tanh}) {
@@ -79,8 +79,7 @@ TEST_CASE("bias_gelu is one node and matches gelu(x + bias) forward and backward
 }
 
 TEST_CASE("cross_entropy (fused) matches log_softmax + gather and float64 central differences, ignored rows too") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   std::mt19937_64 rng(seed);
   const int64_t rows = 29, classes = 13;
@@ -123,8 +122,7 @@ TEST_CASE("cross_entropy (fused) matches log_softmax + gather and float64 centra
 }
 
 TEST_CASE("layer_norm is one node and matches its composed form and central differences") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   Tensor x = add(mul(randn64({3, 4, 19}), 1.5), 0.7), wt = randn64({19}), b = randn64({19});
   Tensor w = randn64({3, 4, 19});
@@ -178,9 +176,85 @@ TEST_CASE("precision names parse strictly; AutocastScope nests and restores") {
   CHECK(autocast_precision() == Precision::f32);
 }
 
-TEST_CASE("bf16 matmul on the CPU: bf16-rounded operands, f32 math, f32 gradients of the rounded products") {
+TEST_CASE("gelu_mlp is one node equal to fc1 -> bias_gelu -> fc2, recomputing its hidden rows in chunks") {
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
+  manual_seed(seed);
+  const int64_t E = 6, H = 16, Eo = 5;
+  for (DType dt : {DType::f64, DType::f32})
+    for (int64_t chunk : {0, 3, 10}) {
+      CAPTURE(chunk);
+      Tensor x = randn64({2, 5, E}).to(dt), w1 = randn64({H, E}).to(dt), b1 = randn64({H}).to(dt),
+             w2 = randn64({Eo, H}).to(dt), w = randn64({2, 5, Eo}).to(dt);
+      auto fused = [&](const std::vector<Tensor>& in) {
+        return gelu_mlp(in[0], in[1], in[2], in[3], GeluApprox::erf, chunk);
+      };
+      auto composed = [&](const std::vector<Tensor>& in) {
+        return matmul(bias_gelu(matmul(in[0], in[1].transpose(0, 1)), in[2]), in[3].transpose(0, 1));
+      };
+      const double tol = dt == DType::f64 ? 1e-12 : 1e-5;
+      CHECK(normwise_rel_err(fused({x, w1, b1, w2}), composed({x, w1, b1, w2})) < tol);
+      const auto gf = grads_of(fused, {x, w1, b1, w2}, w), gc = grads_of(composed, {x, w1, b1, w2}, w);
+      for (size_t i = 0; i < gf.size(); ++i) {
+        CAPTURE(i);
+        REQUIRE(gf[i].defined());
+        CHECK(gf[i].shape() == gc[i].shape());
+        CHECK(normwise_rel_err(gf[i], gc[i]) < tol);
+      }
+      // Under bf16 (CPU: bf16-rounded operands) the fused node rounds exactly what the composed
+      // products round, so it still matches them, and differs from f32 at bf16's scale.
+      if (dt == DType::f32) {
+        AutocastScope bf16(Precision::bf16);
+        CHECK(normwise_rel_err(fused({x, w1, b1, w2}), composed({x, w1, b1, w2})) < 1e-5);
+        const auto lf = grads_of(fused, {x, w1, b1, w2}, w), lc = grads_of(composed, {x, w1, b1, w2}, w);
+        for (size_t i = 0; i < lf.size(); ++i) CHECK(normwise_rel_err(lf[i], lc[i]) < 1e-5);
+        CHECK(normwise_rel_err(lf[0], gf[0]) > 1e-5);
+      }
+    }
+  Tensor x = randn64({7, 3}).requires_grad_(), w1 = randn64({8, 3}).requires_grad_(),
+         b1 = randn64({8}).requires_grad_(), w2 = randn64({4, 8}).requires_grad_();
+  autograd::check_gradcheck(
+      [](const std::vector<Tensor>& in) { return gelu_mlp(in[0], in[1], in[2], in[3], GeluApprox::tanh, 2); },
+      {x, w1, b1, w2});
+  Tensor y = gelu_mlp(x, w1, b1, w2);
+  REQUIRE(y.grad_fn() != nullptr);
+  CHECK(y.grad_fn()->op_name == "gelu_mlp");
+  for (const auto& edge : y.grad_fn()->next_edges)  // straight to the leaves: one node
+    CHECK(dynamic_cast<autograd::AccumulateGrad*>(edge.node.get()) != nullptr);
+  CHECK_THROWS_WITH_AS(gelu_mlp(randn64({7, 3}), randn64({8, 4}), randn64({8}), randn64({4, 8})),
+                       doctest::Contains("gelu_mlp: expected x (..., E), w1 (H, E), b1 (H,), w2 (E_out, H), got x [7, 3]"),
+                       Error);
+  CHECK_THROWS_WITH_AS(gelu_mlp(Tensor::randn({7, 3}), randn64({8, 3}), randn64({8}), randn64({4, 8})),
+                       doctest::Contains("gelu_mlp: weights must be f32"), Error);
+  CHECK_THROWS_WITH_AS(gelu_mlp(randn64({7, 3}), randn64({8, 3}), randn64({8}), randn64({4, 8}), GeluApprox::erf, -1),
+                       doctest::Contains("chunk_rows must be >= 0"), Error);
+}
+
+TEST_CASE("MLP with and without hidden recomputation gives the same outputs and gradients") {
+  manual_seed(fresh_seed());
+  nn::MLP mlp(6, 20);
+  mlp.to(DType::f64);
+  Tensor x = randn64({3, 4, 6}), w = randn64({3, 4, 6});
+  std::vector<std::vector<Tensor>> grads;
+  std::vector<Tensor> outputs;
+  for (bool recompute : {true, false}) {
+    mlp.recompute_hidden = recompute;
+    mlp.zero_grad();
+    Tensor xl = x.clone().requires_grad_();
+    Tensor y = mlp.forward(xl);
+    sum(mul(y, w)).backward();
+    outputs.push_back(y.detach());
+    std::vector<Tensor> g{xl.grad()};
+    for (auto& [name, p] : mlp.named_parameters()) g.push_back(p.grad().clone());
+    grads.push_back(g);
+  }
+  CHECK(normwise_rel_err(outputs[0], outputs[1]) < 1e-12);
+  REQUIRE(grads[0].size() == 5);
+  for (size_t i = 0; i < grads[0].size(); ++i) CHECK(normwise_rel_err(grads[0][i], grads[1][i]) < 1e-12);
+}
+
+TEST_CASE("bf16 matmul on the CPU: bf16-rounded operands, f32 math, f32 gradients of the rounded products") {
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   const int64_t M = 9, K = 40, N = 7;
   Tensor a = Tensor::randn({M, K}), b = Tensor::randn({K, N}), go = Tensor::randn({M, N});
@@ -217,6 +291,24 @@ TEST_CASE("bf16 matmul on the CPU: bf16-rounded operands, f32 math, f32 gradient
   CHECK(matmul(a64, b64).dtype() == DType::f64);
 }
 
+TEST_CASE("under bf16 a bf16 operand meets an f32 one (CPU): the f32 one is rounded, the bf16 one's gradient is bf16") {
+  manual_seed(fresh_seed());
+  Tensor a = Tensor::randn({5, 12}).to(DType::bf16).requires_grad_(), b = Tensor::randn({12, 3}).requires_grad_();
+  CHECK_THROWS_WITH_AS(matmul(a, b), doctest::Contains("matmul: operand dtypes differ: bf16 and f32"), Error);
+  Tensor y;
+  {
+    AutocastScope bf16(Precision::bf16);
+    y = matmul(a, b);
+  }
+  CHECK(y.dtype() == DType::f32);
+  const Tensor ref = matmul(a.detach().to(DType::f32), b.detach().to(DType::bf16).to(DType::f32));
+  CHECK(normwise_rel_err(y, ref) < 1e-6);
+  y.backward(Tensor::ones({5, 3}));
+  CHECK(a.grad().dtype() == DType::bf16);
+  CHECK(b.grad().dtype() == DType::f32);
+  CHECK(normwise_rel_err(b.grad(), matmul(a.detach().to(DType::f32).transpose(0, 1), Tensor::ones({5, 3}))) < 1e-6);
+}
+
 TEST_CASE("a bf16 matmul keeps its bf16 operand copies for backward, not the f32 inputs") {
   manual_seed(fresh_seed());
   Tensor w = Tensor::randn({6, 5}).requires_grad_();
@@ -238,8 +330,7 @@ TEST_CASE("a bf16 matmul keeps its bf16 operand copies for backward, not the f32
 }
 
 TEST_CASE("bf16 multihead attention on the CPU stays close to f32 and gives every f32 parameter an f32 gradient") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   attention::AttentionConfig config;
   config.segment_lengths = {8, 16};
@@ -267,8 +358,7 @@ TEST_CASE("bf16 multihead attention on the CPU stays close to f32 and gives ever
 }
 
 TEST_CASE("AdamW and SGD update bf16 parameters through f32 state, matching a float64 reference") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   const int64_t n = 257;
   Tensor p32 = Tensor::randn({n});

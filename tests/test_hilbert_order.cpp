@@ -64,8 +64,7 @@ AttentionConfig base_config() {
 }  // namespace
 
 TEST_CASE("hilbert-ordered dense non-causal attention equals dense attention (square and HxW grids)") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   for (const auto& [n, grid] : std::vector<std::pair<int64_t, std::string>>{{16, ""}, {15, "3x5"}, {36, "4x9"}}) {
     INFO("N " << n << " grid '" << grid << "'");
     Problem p = make_problem(2, n, 2, 4, seed + static_cast<uint64_t>(n));
@@ -98,8 +97,7 @@ TEST_CASE("hilbert-ordered dense non-causal attention equals dense attention (sq
 }
 
 TEST_CASE("hilbert-ordered causal dense attention is a different function (causal on the curve order)") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   Problem p = make_problem(1, 16, 2, 4, seed);
   AttentionConfig config = base_config();
   config.causal = true;
@@ -115,8 +113,7 @@ TEST_CASE("hilbert-ordered causal dense attention is a different function (causa
 }
 
 TEST_CASE("hilbert-ordered dilated attention equals the oracle on permuted tokens") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   for (bool causal : {false, true}) {
     for (const std::string grid : {"", "2x8"}) {
       INFO("causal " << causal << " grid '" << grid << "'");
@@ -139,8 +136,7 @@ TEST_CASE("hilbert-ordered dilated attention equals the oracle on permuted token
 }
 
 TEST_CASE("hilbert-ordered block-sparse attention equals the oracle on permuted tokens; inner parameters are visible") {
-  const uint64_t seed = fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   Problem p = make_problem(1, 36, 2, 4, seed);
   AttentionConfig config = base_config();
   config.pattern = "local_window";

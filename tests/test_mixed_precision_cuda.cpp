@@ -82,13 +82,14 @@ double tail_mean(const std::vector<double>& v, size_t n) {
 
 }  // namespace
 
-TEST_CASE("cuda: bf16 training routes attention through the fused kernels; f32 runs composed" *
+TEST_CASE("cuda: bf16 and f32 training route attention through the fused kernels" *
           doctest::skip(!cuda_available())) {
   const Run bf16 = train_on_gpu(Precision::bf16, 2);
   CHECK(bf16.backend == "fused-cuda");
   const Run f32 = train_on_gpu(Precision::f32, 2);
-  CHECK(f32.backend == "composed");
+  CHECK(f32.backend == "fused-cuda");  // the exact-f32 kernels
   for (double l : bf16.losses) CHECK(std::isfinite(l));
+  for (double l : f32.losses) CHECK(std::isfinite(l));
 }
 
 TEST_CASE("cuda: bf16 vs f32, 300 steps on the recall task (N=1024): final loss within 3%" *
@@ -104,8 +105,7 @@ TEST_CASE("cuda: bf16 vs f32, 300 steps on the recall task (N=1024): final loss 
 
 TEST_CASE("cuda: bf16 matmul reads bf16 operands, accumulates and writes f32, and returns f32 gradients" *
           doctest::skip(!cuda_available())) {
-  const uint64_t seed = testing::fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   Tensor a = Tensor::randn({64, 300}), b = Tensor::randn({300, 48}), go = Tensor::randn({64, 48});
   // The CPU under bf16 multiplies the same rounded values in f32: the reference.
@@ -126,6 +126,69 @@ TEST_CASE("cuda: bf16 matmul reads bf16 operands, accumulates and writes f32, an
   CHECK(normwise_rel_err(ag.grad(), ac.grad()) < 1e-5);
   CHECK(normwise_rel_err(bg.grad(), bc.grad()) < 1e-5);
   CHECK(normwise_rel_err(yg, matmul(a, b)) > 1e-5);  // rounded: not the f32 product
+}
+
+TEST_CASE("cuda: a bf16 operand meets an f32 one under bf16: f32 result, the bf16 input's gradient in bf16" *
+          doctest::skip(!cuda_available())) {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  Tensor a = Tensor::randn({40, 96}).to(DType::bf16), b = Tensor::randn({96, 24}), go = Tensor::randn({40, 24});
+  Tensor ac = a.clone().requires_grad_(), bc = b.clone().requires_grad_();
+  Tensor ag = a.to(kGpu).detach().requires_grad_(), bg = b.to(kGpu).detach().requires_grad_();
+  Tensor yc, yg;
+  {
+    AutocastScope scope(Precision::bf16);
+    yc = matmul(ac, bc);
+    yg = matmul(ag, bg);
+  }
+  yc.backward(go);
+  yg.backward(go.to(kGpu));
+  CHECK(yg.dtype() == DType::f32);
+  CHECK(ag.grad().dtype() == DType::bf16);
+  CHECK(bg.grad().dtype() == DType::f32);
+  CHECK(normwise_rel_err(yg, yc) < 1e-5);
+  // The CPU rounds its f32 gradient to bf16 afterwards, CUDA writes bf16 from the f32 accumulator.
+  CHECK(normwise_rel_err(ag.grad(), ac.grad()) < 1e-2);
+  CHECK(normwise_rel_err(bg.grad(), bc.grad()) < 1e-5);
+}
+
+TEST_CASE("cuda: gelu_mlp matches the composed MLP on the GPU (f32 and bf16) and the CPU" *
+          doctest::skip(!cuda_available())) {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  const int64_t rows = 333, E = 64, H = 256;
+  Tensor x = Tensor::randn({rows, E}), w1 = mul(Tensor::randn({H, E}), 0.1), b1 = Tensor::randn({H}),
+         w2 = mul(Tensor::randn({E, H}), 0.1), go = Tensor::randn({rows, E});
+  auto composed = [](const std::vector<Tensor>& in) {
+    return matmul(bias_gelu(matmul(in[0], in[1].transpose(0, 1)), in[2]), in[3].transpose(0, 1));
+  };
+  auto fused = [](const std::vector<Tensor>& in) { return gelu_mlp(in[0], in[1], in[2], in[3], GeluApprox::erf, 100); };
+  auto run = [&](auto&& f, Device device, Precision precision) {
+    std::vector<Tensor> in;
+    for (const Tensor& t : {x, w1, b1, w2}) in.push_back(t.to(device).detach().requires_grad_());
+    Tensor y;
+    {
+      AutocastScope scope(precision);
+      y = f(in);
+    }
+    y.backward(go.to(device));
+    std::vector<Tensor> out{y.to(Device::cpu())};
+    for (const Tensor& t : in) out.push_back(t.grad().to(Device::cpu()));
+    return out;
+  };
+  for (Precision p : {Precision::f32, Precision::bf16}) {
+    CAPTURE(precision_name(p));
+    const auto gpu_fused = run(fused, kGpu, p), gpu_composed = run(composed, kGpu, p), cpu = run(composed, Device::cpu(), p);
+    const double tol = p == Precision::f32 ? 1e-5 : 2e-3;
+    for (size_t i = 0; i < gpu_fused.size(); ++i) {
+      CAPTURE(i);
+      CHECK(gpu_fused[i].dtype() == DType::f32);
+      CHECK(normwise_rel_err(gpu_fused[i], gpu_composed[i]) < tol);
+      CHECK(normwise_rel_err(gpu_fused[i], cpu[i]) < tol);
+    }
+  }
 }
 
 TEST_CASE("cuda: tf32 precision keeps f32 products near f32, and only inside its scope" *
@@ -169,8 +232,7 @@ TEST_CASE("cuda: an out-of-range target or token id is raised at the next read, 
 
 TEST_CASE("cuda: fused cross_entropy on bf16 logits returns an f32 loss and bf16 gradients near the f64 CPU" *
           doctest::skip(!cuda_available())) {
-  const uint64_t seed = testing::fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   std::mt19937_64 rng(seed);
   Tensor logits = mul(Tensor::randn({300, 50}, DType::f64), 2.0);

@@ -24,8 +24,9 @@ const char* backend_name(Backend backend) {
 
 std::string cuda_unsupported_reason(const Problem& p) {
   using detail::concat;
-  if (!is_half_precision(p.dtype))
-    return concat("the fused CUDA kernels take bf16 or f16 inputs, got ", dtype_name(p.dtype));
+  // bf16 and f16 run on tensor cores; f32 runs exact on the CUDA cores (no TF32); f64 runs composed.
+  if (!is_half_precision(p.dtype) && p.dtype != DType::f32)
+    return concat("the fused CUDA kernels take bf16, f16 or f32 inputs, got ", dtype_name(p.dtype));
   if (p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 128)
     return concat("the fused CUDA kernels take head_dim 32, 64 or 128, got ", p.head_dim);
   if (!(p.scale > 0.0))  // the kernels take row maxima of unscaled scores
@@ -51,6 +52,7 @@ std::string cuda_unsupported_reason(const Problem& p) {
     if (p.seq_q != p.seq_k)
       return concat("block-sparse attention needs as many queries as keys, got ", p.seq_q, " and ", p.seq_k);
   }
+  if (p.dtype == DType::f32) return "";  // the f32 kernels fall back to scalar loads for unaligned rows
   if (!strides_vectorisable(p.q_stride) || !strides_vectorisable(p.k_stride) || !strides_vectorisable(p.v_stride) ||
       !strides_vectorisable(p.out_stride))
     return "the fused CUDA kernels need batch, row and head strides that are multiples of 8 elements";

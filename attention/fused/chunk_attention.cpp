@@ -23,8 +23,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a
 
 Tensor scalar_like(double value, const Tensor& like) { return Tensor::full({}, value, like.dtype(), like.device()); }
 
-DType lse_dtype(DType input) { return input == DType::f64 ? DType::f64 : DType::f32; }
-
 void add_into(Tensor view, const Tensor& value) { view.copy_(add(view, value.to(view.dtype()))); }
 
 // The rows of block b in a token-major chunk x (B, n, H, D) that starts at token chunk_start: the
@@ -90,6 +88,32 @@ void merge_block(Tensor acc_out, Tensor acc_lse, const Tensor& out, const Tensor
 
 // ---- fused path ----
 
+// Makes p the backward of a given delta: the kernel's delta is rowsum(dO * O) - dlse, so with O
+// one zero row (read with zero strides) and dlse = -delta it is exactly the given delta. Returns
+// the zero row, which must outlive the kernel call.
+Tensor zero_output(fused::Problem& p, DType dtype, Device device) {
+  Tensor zero_row = Tensor::zeros({p.head_dim}, dtype, device);
+  p.out = zero_row.raw_data();
+  p.out_stride = {0, 0, 0};
+  return zero_row;
+}
+
+// The fused backward of p (lse and out set) with dout and dlse: dq, dk and dv.
+GradientOutputs run_backward(const fused::Problem& p, const Tensor& dout, const Tensor& dlse, bool on_cuda) {
+  fused::BackwardProblem bp;
+  bp.forward = p;
+  bp.deterministic = deterministic_algorithms();
+  bp.dout = dout.raw_data();
+  bp.dout_stride = strides_of(dout);
+  bp.dlse = dlse.raw_data();
+  GradientOutputs grads = attach_gradient_outputs(bp, p.dtype, dout.device());
+  if (on_cuda)
+    fused::cuda_backward(bp);
+  else
+    fused::cpu_backward(bp);
+  return grads;
+}
+
 // Forward of one block on views (B, S, L, H', D) with the fused kernel, merged into acc views.
 void fused_block_forward(const Tensor& q5, const Tensor& k5, const Tensor& v5, double scale, bool causal,
                          Tensor acc_out, Tensor acc_lse) {
@@ -101,11 +125,7 @@ void fused_block_forward(const Tensor& q5, const Tensor& k5, const Tensor& v5, d
     return;
   }
   fused::Problem p = block_problem(q, k, v, scale, causal);
-  Tensor out = Tensor::empty({p.batch, p.seq_q, p.heads, p.head_dim}, q.dtype(), q.device());
-  Tensor lse = Tensor::empty({p.batch, p.heads, p.seq_q}, lse_dtype(q.dtype()), q.device());
-  p.out = out.raw_data();
-  p.out_stride = strides_of(out);
-  p.lse = lse.raw_data();
+  const auto [out, lse] = attach_forward_outputs(p, q.device());
   if (run_on_cuda(p, q.device()))
     fused::cuda_forward(p);
   else
@@ -116,8 +136,7 @@ void fused_block_forward(const Tensor& q5, const Tensor& k5, const Tensor& v5, d
 }
 
 // Backward of one block with the fused kernel. lse5, delta5: (B, S, Lq, H') views of the final
-// lse and of delta. The kernel's delta is rowsum(dO * O) - dlse: with O = 0 (one zero row, read
-// with zero strides) and dlse = -delta it is exactly the given delta.
+// lse and of delta (see zero_output).
 void fused_block_backward(const Tensor& q5, const Tensor& k5, const Tensor& v5, const Tensor& do5,
                           const Tensor& lse5, const Tensor& delta5, double scale, bool causal, Tensor acc_dq,
                           Tensor acc_dk, Tensor acc_dv) {
@@ -131,27 +150,15 @@ void fused_block_backward(const Tensor& q5, const Tensor& k5, const Tensor& v5, 
   }
   fused::Problem p = block_problem(q, k, v, scale, causal);
   const int64_t B = q5.size(0), S = q5.size(1);
-  const DType stat = lse_dtype(q.dtype());
+  const DType stat = fused_lse_dtype(q.dtype());
   // (B, S, L, H') -> contiguous (B', H', L), as the kernels read row statistics.
   auto stats = [&](const Tensor& x) {
     return x.permute({0, 1, 3, 2}).to(stat).contiguous().view({p.batch, p.heads, p.seq_q});
   };
   const Tensor lse = stats(lse5), dlse = stats(neg(delta5));
-  const Tensor zero_row = Tensor::zeros({p.head_dim}, q.dtype(), q.device());
+  const Tensor zero_row = zero_output(p, q.dtype(), q.device());
   p.lse = lse.raw_data();
-  p.out = zero_row.raw_data();
-  p.out_stride = {0, 0, 0};
-  fused::BackwardProblem bp;
-  bp.forward = p;
-  bp.deterministic = deterministic_algorithms();
-  bp.dout = dout.raw_data();
-  bp.dout_stride = strides_of(dout);
-  bp.dlse = dlse.raw_data();
-  const auto [dq, dk, dv] = attach_gradient_outputs(bp, q.dtype(), q.device());
-  if (run_on_cuda(p, q.device()))
-    fused::cuda_backward(bp);
-  else
-    fused::cpu_backward(bp);
+  const auto [dq, dk, dv] = run_backward(p, dout, dlse, run_on_cuda(p, q.device()));
   add_into(acc_dq, dq.view({B, S, p.seq_q, p.heads, p.head_dim}));
   add_into(acc_dk, dk.view({B, S, p.seq_k, p.heads, p.head_dim}));
   add_into(acc_dv, dv.view({B, S, p.seq_k, p.heads, p.head_dim}));
@@ -178,11 +185,7 @@ fused::Problem pair_problem(const ChunkStreams& streams, const Tensor& q, const 
 bool fused_pair_forward(const ChunkStreams& streams, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& acc_out, const Tensor& acc_lse) {
   fused::Problem p = pair_problem(streams, q, k, v);
-  Tensor out = Tensor::empty({p.batch, p.seq_q, p.heads, p.head_dim}, q.dtype(), q.device());
-  Tensor lse = Tensor::empty({p.batch, p.heads, p.seq_q}, lse_dtype(q.dtype()), q.device());
-  p.out = out.raw_data();
-  p.out_stride = strides_of(out);
-  p.lse = lse.raw_data();
+  const auto [out, lse] = attach_forward_outputs(p, q.device());
   const fused::Selection selection = fused::select_backend(p, q.device(), 0.0);
   if (!selection.fused()) return false;
   if (selection.backend == fused::Backend::cuda_fused)
@@ -195,30 +198,18 @@ bool fused_pair_forward(const ChunkStreams& streams, const Tensor& q, const Tens
 }
 
 // The backward of fused_pair_forward, added into the accumulators; false when it cannot run.
-// As for a block: out is one zero row and dlse = -delta, so the kernel's delta is the given one.
+// As for a block, the kernel is given delta through dlse (see zero_output).
 bool fused_pair_backward(const ChunkStreams& streams, const Tensor& q, const Tensor& k, const Tensor& v,
                          const Tensor& dout, const Tensor& lse, const Tensor& delta, const Tensor& acc_dq,
                          const Tensor& acc_dk, const Tensor& acc_dv) {
   fused::Problem p = pair_problem(streams, q, k, v);
-  const Tensor zero_row = Tensor::zeros({p.head_dim}, q.dtype(), q.device());
-  p.out = zero_row.raw_data();
-  p.out_stride = {0, 0, 0};
+  const Tensor zero_row = zero_output(p, q.dtype(), q.device());
   const fused::Selection selection = fused::select_backend(p, q.device(), 0.0);
   if (!selection.fused() || dout.strides().back() != 1) return false;
-  const DType stat = lse_dtype(q.dtype());
+  const DType stat = fused_lse_dtype(q.dtype());
   const Tensor lse_rows = lse.to(stat).contiguous(), dlse = neg(delta).to(stat).contiguous();
   p.lse = lse_rows.raw_data();
-  fused::BackwardProblem bp;
-  bp.forward = p;
-  bp.deterministic = deterministic_algorithms();
-  bp.dout = dout.raw_data();
-  bp.dout_stride = strides_of(dout);
-  bp.dlse = dlse.raw_data();
-  const auto [dq, dk, dv] = attach_gradient_outputs(bp, q.dtype(), q.device());
-  if (selection.backend == fused::Backend::cuda_fused)
-    fused::cuda_backward(bp);
-  else
-    fused::cpu_backward(bp);
+  const auto [dq, dk, dv] = run_backward(p, dout, dlse, selection.backend == fused::Backend::cuda_fused);
   add_into(acc_dq, dq);
   add_into(acc_dk, dk);
   add_into(acc_dv, dv);

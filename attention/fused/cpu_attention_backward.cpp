@@ -20,25 +20,15 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-// The query runs that see key block J of a block problem (tag I, bias of (I, J)), causal-clipped.
+// The query runs that see key block J of a block problem (tag I, bias of (I, J)), causal-clipped;
+// runs left empty are dropped.
 template <typename Real>
 void block_query_runs(const Context<Real>& c, int64_t b, int64_t h, int64_t block, int64_t first_key,
                       std::vector<Run<Real>>& runs) {
-  const BlockSpec& bs = c.problem->blocks;
-  const int64_t list = list_of(bs, b, h, c.H, c.B);
-  const int32_t* begin = bs.col_begin + list * (bs.num_key_blocks + 1);
-  const Real* bias = static_cast<const Real*>(bs.bias);
-  runs.clear();
-  for (int32_t e = begin[block]; e < begin[block + 1]; ++e) {
-    const int64_t I = bs.row_index[e];
-    Run<Real> run;
-    run.first = I * bs.block_size;
-    run.count = std::min(bs.block_size, c.Nq - run.first);
-    run.tag = I;
-    if (bias) run.bias = bias[((b * c.H + h) * bs.num_query_blocks + I) * bs.num_key_blocks + block];
-    if (c.causal) keep_from(run, first_key);
-    if (run.count > 0) runs.push_back(run);
-  }
+  paired_block_runs(c, b, h, block, false, runs);
+  if (c.causal)
+    for (Run<Real>& run : runs) keep_from(run, first_key);
+  std::erase_if(runs, [](const Run<Real>& run) { return run.count <= 0; });
 }
 
 template <typename Real>
@@ -132,12 +122,8 @@ void query_tile_grad(const Context<Real>& c, const Gradients<Real>& g, int64_t b
   const Real* __restrict lse = sc.row_lse.data();
   const Real* __restrict delta = sc.row_delta.data();
   Cursor cursor;
-  while (true) {
-    const int64_t cols = take(sc.runs, cursor, kKeyTile, sc.col_pos.data(), sc.col_bias.data(), sc.col_run.data());
-    if (cols == 0) break;
-    pack_rows(c.k, b, h, sc.col_pos.data(), cols, D, sc.p0.data());
-    pack_rows(c.v, b, h, sc.col_pos.data(), cols, D, sc.p1.data());
-    gemm<Real, false>(cols, lanes, D, by_rows(sc.p0_rows.data()), sc.t0_rows.data(), sc.s.data(), kQueryTile, false);
+  while (const int64_t cols = next_key_tile(c, b, h, lanes, cursor, sc)) {
+    // dP = V dout^T, key-major like the scores.
     gemm<Real, false>(cols, lanes, D, by_rows(sc.p1_rows.data()), sc.t1_rows.data(), sc.dp.data(), kQueryTile, false);
     for (int64_t j = 0; j < cols; ++j) {
       Real* __restrict s = sc.s.data() + j * kQueryTile;
@@ -234,18 +220,12 @@ void backward_impl(const BackwardProblem& bp) {
   if (p.key_set == KeySet::blocks) {
     const BlockSpec& bs = p.blocks;
     const int64_t nqb = bs.num_query_blocks, nkb = bs.num_key_blocks;
-    const int64_t key_sub = (bs.block_size + kKeyTile - 1) / kKeyTile;
-    parallel_items<Real>(c.B * c.H * nkb * key_sub, D, [&](int64_t item, Scratch<Real>& sc) {
-      const int64_t part = item % key_sub, block = item / key_sub % nkb, bh = item / key_sub / nkb;
-      const int64_t b = bh / c.H, h = bh % c.H;
-      const int64_t block_end = std::min(c.Nk, (block + 1) * bs.block_size);
-      const int64_t first = block * bs.block_size + part * kKeyTile;
-      const int64_t cols = std::min(kKeyTile, block_end - first);
-      if (cols <= 0) return;
-      set_key_tile(sc, first, 1, cols);
-      block_query_runs(c, b, h, block, first, sc.runs);
-      key_tile_grad(c, g, b, h, cols, sc);
-    });
+    parallel_block_tiles(c, nkb, bs.block_size, c.Nk, kKeyTile,
+                         [&](int64_t b, int64_t h, int64_t block, int64_t first, int64_t cols, Scratch<Real>& sc) {
+                           set_key_tile(sc, first, 1, cols);
+                           block_query_runs(c, b, h, block, first, sc.runs);
+                           key_tile_grad(c, g, b, h, cols, sc);
+                         });
     // dbias[b, h, I, :] is owned by one item per query block, which walks all its query tiles.
     const bool with_dbias = g.dbias != nullptr;
     const int64_t query_sub = (bs.block_size + kQueryTile - 1) / kQueryTile;

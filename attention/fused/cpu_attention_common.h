@@ -529,6 +529,22 @@ void parallel_stream_tiles(const Context<Real>& c, const DilatedSpec& spec, int 
   });
 }
 
+// Runs fn(b, h, block, first, count, scratch) for every tile of up to `tile_size` positions
+// (first, first + 1, ...) of every one of `blocks` blocks of block_size positions over a sequence
+// of `length`, over all (batch, head) pairs, as parallel work items.
+template <typename Real, typename Fn>
+void parallel_block_tiles(const Context<Real>& c, int64_t blocks, int64_t block_size, int64_t length, int64_t tile_size,
+                          const Fn& fn) {
+  const int64_t tiles = (block_size + tile_size - 1) / tile_size;  // per block
+  parallel_items<Real>(c.B * c.H * blocks * tiles, c.D, [&](int64_t item, Scratch<Real>& sc) {
+    const int64_t part = item % tiles, block = item / tiles % blocks, bh = item / tiles / blocks;
+    const int64_t block_end = std::min(length, (block + 1) * block_size);
+    const int64_t first = block * block_size + part * tile_size;
+    const int64_t count = std::min(tile_size, block_end - first);
+    if (count > 0) fn(bh / c.H, bh % c.H, block, first, count, sc);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Query tiles and block runs (forward and dQ)
 
@@ -560,25 +576,55 @@ int64_t load_stream_query_tile(const Context<Real>& c, const Branch& branch, int
   return rows;
 }
 
-// The key runs of one query block I of a block problem (tag J, bias of (I, J)), causal-clipped.
+// The blocks paired with block `block` in the lists of a block problem, as runs over the other
+// side's positions (tag: the paired block's index, bias: the pair's), unclipped. With `key_runs`,
+// the key blocks of query block `block` (forward and dQ); otherwise the query blocks of key block
+// `block` (dK and dV), from the transposed lists.
 template <typename Real>
-void block_key_runs(const Context<Real>& c, int64_t b, int64_t h, int64_t block, int64_t last_query,
-                    std::vector<Run<Real>>& runs) {
+void paired_block_runs(const Context<Real>& c, int64_t b, int64_t h, int64_t block, bool key_runs,
+                       std::vector<Run<Real>>& runs) {
   const BlockSpec& bs = c.problem->blocks;
   const int64_t list = list_of(bs, b, h, c.H, c.B);
-  const int32_t* begin = bs.row_begin + list * (bs.num_query_blocks + 1);
+  const int32_t* begin =
+      key_runs ? bs.row_begin + list * (bs.num_query_blocks + 1) : bs.col_begin + list * (bs.num_key_blocks + 1);
+  const int32_t* paired = key_runs ? bs.col_index : bs.row_index;
+  const int64_t length = key_runs ? c.Nk : c.Nq;
   const Real* bias = static_cast<const Real*>(bs.bias);
   runs.clear();
   for (int32_t e = begin[block]; e < begin[block + 1]; ++e) {
-    const int64_t J = bs.col_index[e];
+    const int64_t other = paired[e];
+    const int64_t I = key_runs ? block : other, J = key_runs ? other : block;
     Run<Real> run;
-    run.first = J * bs.block_size;
-    run.count = std::min(bs.block_size, c.Nk - run.first);
-    run.tag = J;
-    if (bias) run.bias = bias[((b * c.H + h) * bs.num_query_blocks + block) * bs.num_key_blocks + J];
-    if (c.causal) keep_until(run, last_query);
+    run.first = other * bs.block_size;
+    run.count = std::min(bs.block_size, length - run.first);
+    run.tag = other;
+    if (bias) run.bias = bias[((b * c.H + h) * bs.num_query_blocks + I) * bs.num_key_blocks + J];
     runs.push_back(run);
   }
+}
+
+// The key runs of one query block I of a block problem (tag J, bias of (I, J)), causal-clipped.
+// Runs left empty stay: scratch.run_sum is indexed by run.
+template <typename Real>
+void block_key_runs(const Context<Real>& c, int64_t b, int64_t h, int64_t block, int64_t last_query,
+                    std::vector<Run<Real>>& runs) {
+  paired_block_runs(c, b, h, block, true, runs);
+  if (c.causal)
+    for (Run<Real>& run : runs) keep_until(run, last_query);
+}
+
+// The next key tile of scratch.runs against the current query tile (see load_query_tile): takes
+// its positions (col_pos, col_bias, col_run), packs its keys into p0 and its values into p1, and
+// writes the unscaled scores key-major into s (s[j * kQueryTile + r], r < lanes). Returns its
+// columns; 0 once the runs are done.
+template <typename Real>
+int64_t next_key_tile(const Context<Real>& c, int64_t b, int64_t h, int64_t lanes, Cursor& cursor, Scratch<Real>& sc) {
+  const int64_t cols = take(sc.runs, cursor, kKeyTile, sc.col_pos.data(), sc.col_bias.data(), sc.col_run.data());
+  if (cols == 0) return 0;
+  pack_rows(c.k, b, h, sc.col_pos.data(), cols, c.D, sc.p0.data());
+  pack_rows(c.v, b, h, sc.col_pos.data(), cols, c.D, sc.p1.data());
+  gemm<Real, false>(cols, lanes, c.D, by_rows(sc.p0_rows.data()), sc.t0_rows.data(), sc.s.data(), kQueryTile, false);
+  return cols;
 }
 
 // ---------------------------------------------------------------------------------------------

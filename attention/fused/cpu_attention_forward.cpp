@@ -32,13 +32,7 @@ void attend(const Context<Real>& c, int64_t b, int64_t h, int64_t rows, Scratch<
   std::fill_n(row_sum, lanes, Real(0));
   std::fill_n(out, rows * D, Real(0));
   Cursor cursor;
-  while (true) {
-    const int64_t cols = take(sc.runs, cursor, kKeyTile, sc.col_pos.data(), sc.col_bias.data(), sc.col_run.data());
-    if (cols == 0) break;
-    pack_rows(c.k, b, h, sc.col_pos.data(), cols, D, sc.p0.data());
-    pack_rows(c.v, b, h, sc.col_pos.data(), cols, D, sc.p1.data());
-    // Scores key-major: s[j * kQueryTile + r].
-    gemm<Real, false>(cols, lanes, D, by_rows(sc.p0_rows.data()), sc.t0_rows.data(), sc.s.data(), kQueryTile, false);
+  while (const int64_t cols = next_key_tile(c, b, h, lanes, cursor, sc)) {
     for (int64_t j = 0; j < cols; ++j) {
       Real* __restrict s = sc.s.data() + j * kQueryTile;
       if (c.has_bias) {
@@ -155,20 +149,13 @@ void forward_impl(const Problem& p) {
 
   if (p.key_set == KeySet::blocks) {
     const BlockSpec& bs = p.blocks;
-    const int64_t sub = (bs.block_size + kQueryTile - 1) / kQueryTile;
-    const int64_t nqb = bs.num_query_blocks;
-    parallel_items<Real>(c.B * c.H * nqb * sub, D, [&](int64_t item, Scratch<Real>& sc) {
-      const int64_t part = item % sub, block = item / sub % nqb, bh = item / sub / nqb;
-      const int64_t b = bh / c.H, h = bh % c.H;
-      const int64_t block_end = std::min(c.Nq, (block + 1) * bs.block_size);
-      const int64_t first = block * bs.block_size + part * kQueryTile;
-      const int64_t rows = std::min(kQueryTile, block_end - first);
-      if (rows <= 0) return;
-      load_query_tile(c, b, h, first, 1, rows, sc);
-      block_key_runs(c, b, h, block, first + rows - 1, sc.runs);
-      attend(c, b, h, rows, sc);
-      write_rows(c, out, lse, b, h, rows, Real(1), sc);
-    });
+    parallel_block_tiles(c, bs.num_query_blocks, bs.block_size, c.Nq, kQueryTile,
+                         [&](int64_t b, int64_t h, int64_t block, int64_t first, int64_t rows, Scratch<Real>& sc) {
+                           load_query_tile(c, b, h, first, 1, rows, sc);
+                           block_key_runs(c, b, h, block, first + rows - 1, sc.runs);
+                           attend(c, b, h, rows, sc);
+                           write_rows(c, out, lse, b, h, rows, Real(1), sc);
+                         });
     return;
   }
 

@@ -15,6 +15,17 @@ namespace longtape::attention {
 
 fused::Strides strides_of(const Tensor& x) { return {x.strides()[0], x.strides()[1], x.strides()[2]}; }
 
+DType fused_lse_dtype(DType input) { return input == DType::f64 ? DType::f64 : DType::f32; }
+
+AttentionOutput attach_forward_outputs(fused::Problem& p, Device device) {
+  AttentionOutput r{Tensor::empty({p.batch, p.seq_q, p.heads, p.head_dim}, p.dtype, device),
+                    Tensor::empty({p.batch, p.heads, p.seq_q}, fused_lse_dtype(p.dtype), device)};
+  p.out = r.out.raw_data();
+  p.out_stride = strides_of(r.out);
+  p.lse = r.lse.raw_data();
+  return r;
+}
+
 GradientOutputs attach_gradient_outputs(fused::BackwardProblem& bp, DType dtype, Device device) {
   const fused::Problem& p = bp.forward;
   GradientOutputs g{Tensor::empty({p.batch, p.seq_q, p.heads, p.head_dim}, dtype, device),
@@ -34,14 +45,8 @@ namespace {
 using fused::BackwardProblem;
 using fused::Problem;
 
-std::string describe(const Tensor& t) {
-  return t.defined() ? shape_str(t.shape()) + " " + dtype_name(t.dtype()) + " on " + t.device().str() : "undefined";
-}
-
 // The kernels read rows with a contiguous last dim; anything else is copied once.
 Tensor rows_ready(const Tensor& x) { return x.strides().back() == 1 ? x : x.contiguous(); }
-
-DType lse_dtype(DType input) { return input == DType::f64 ? DType::f64 : DType::f32; }
 
 // Block lists in CSR form (forward lists and their transpose), int32, on the inputs' device.
 struct BlockCsr {
@@ -123,18 +128,18 @@ struct Inputs {
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
   LT_CHECK(q.defined() && k.defined() && v.defined() && q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-           "fused attention: q, k, v must be 4-d (batch, length, heads, head_dim), got q ", describe(q), ", k ",
-           describe(k), ", v ", describe(v));
+           "fused attention: q, k, v must be 4-d (batch, length, heads, head_dim), got q ", describe_tensor(q), ", k ",
+           describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(is_floating(q.dtype()) && k.dtype() == q.dtype() && v.dtype() == q.dtype(),
-           "fused attention: q, k, v must share one floating dtype, got q ", describe(q), ", k ", describe(k), ", v ",
-           describe(v));
+           "fused attention: q, k, v must share one floating dtype, got q ", describe_tensor(q), ", k ",
+           describe_tensor(k), ", v ", describe_tensor(v));
   LT_CHECK(k.device() == q.device() && v.device() == q.device(),
-           "fused attention: q, k, v must be on one device, got q ", describe(q), ", k ", describe(k), ", v ",
-           describe(v));
+           "fused attention: q, k, v must be on one device, got q ", describe_tensor(q), ", k ", describe_tensor(k),
+           ", v ", describe_tensor(v));
   LT_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(2) == q.size(2) && v.size(2) == q.size(2) &&
                k.size(3) == q.size(3) && v.size(3) == q.size(3) && v.size(1) == k.size(1),
-           "fused attention: q (B, Nq, H, D), k and v (B, Nk, H, D) must agree, got q ", describe(q), ", k ",
-           describe(k), ", v ", describe(v));
+           "fused attention: q (B, Nq, H, D), k and v (B, Nk, H, D) must agree, got q ", describe_tensor(q), ", k ",
+           describe_tensor(k), ", v ", describe_tensor(v));
 }
 
 }  // namespace
@@ -225,6 +230,7 @@ CoreOptions core_options(const AttentionConfig& config, bool training) {
 
 std::string compute_precision(fused::Backend backend, DType dtype) {
   if (dtype == DType::f64) return "f64";
+  if (backend == fused::Backend::cuda_fused && dtype == DType::f32) return "f32 exact (CUDA-core FMA, no TF32)";
   if (backend == fused::Backend::cuda_fused) return detail::concat(dtype_name(dtype), " tensor cores, f32 accumulation");
   if (is_half_precision(dtype)) return detail::concat("f32 (", dtype_name(dtype), " inputs upcast)");
   if (backend == fused::Backend::composed && allow_tf32()) return "tf32 matmuls, f32 softmax";
@@ -274,18 +280,15 @@ AttentionOutput fused_attention(const Tensor& q_in, const Tensor& k_in, const Te
       const Shape want{p.batch, p.heads, p.blocks.num_query_blocks, p.blocks.num_key_blocks};
       LT_CHECK(keys.block_bias.shape() == want && keys.block_bias.device() == device,
                "fused attention: block_bias must be (B, H, nq_blocks, nk_blocks) = ", shape_str(want), " on ",
-               device.str(), ", got ", describe(keys.block_bias));
-      bias = keys.block_bias.detach().to(lse_dtype(q.dtype())).contiguous();
+               device.str(), ", got ", describe_tensor(keys.block_bias));
+      bias = keys.block_bias.detach().to(fused_lse_dtype(q.dtype())).contiguous();
       p.blocks.bias = bias.raw_data();
     }
   }
   const fused::Selection selection = fused::select_backend(p, device, options.dropout);
   LT_CHECK(selection.fused(), "fused attention cannot run this problem: ", selection.reason);
 
-  Tensor out = Tensor::empty({p.batch, p.seq_q, p.heads, p.head_dim}, q.dtype(), device);
-  Tensor lse = Tensor::empty({p.batch, p.heads, p.seq_q}, lse_dtype(q.dtype()), device);
-  p.out = out.raw_data();
-  p.lse = lse.raw_data();
+  const auto [out, lse] = attach_forward_outputs(p, device);
   const bool on_cuda = selection.backend == fused::Backend::cuda_fused;
   std::vector<Tensor> inputs{q_in, k_in, v_in};
   const bool bias_needs_grad = keys.block_bias.defined() && keys.block_bias.requires_grad();

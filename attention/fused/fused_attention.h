@@ -69,6 +69,11 @@ fused::Problem describe_problem(const Tensor& q, const Tensor& k, const Tensor& 
 // Batch, row and head strides of a (B, N, H, D) tensor, as the kernels take them.
 fused::Strides strides_of(const Tensor& x);
 
+// The dtype of the lse the fused kernels write for inputs of `input`: f32, f64 for f64.
+DType fused_lse_dtype(DType input);
+// out (B, Nq, H, D) in p's dtype and lse (B, H, Nq) (fused_lse_dtype) of p's sizes on `device`,
+// allocated and entered in p (pointers and out strides).
+AttentionOutput attach_forward_outputs(fused::Problem& p, Device device);
 // dq (B, Nq, H, D) and dk, dv (B, Nk, H, D) of bp.forward's sizes, in `dtype` on `device`, allocated
 // and entered in bp (pointers and strides).
 struct GradientOutputs {

@@ -3,7 +3,8 @@
 # kernels' SASS (warpgroup MMA present, no spills), runs the fused CUDA tests against the float64
 # oracle, then times each kernel version with attention_lab. Results go to $OUT (or lab-out/).
 #   bash benchmarks/lab/run_lab.sh [LAB_ARGS...]    e.g. --quick, --only dense
-# LAB_VARIANTS (default: "default;--portable") lists the lab flag sets to time, ';'-separated.
+# LAB_VARIANTS (default: "default;--portable") lists the lab flag sets to time, ';'-separated
+# (e.g. "default;--dtype f32" adds the exact-f32 kernels).
 # LAB_TESTS=0 skips the tests.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,7 +17,7 @@ echo "== GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLONGTAPE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DCMAKE_CUDA_STANDARD=17 "${extra[@]}" >"$out/lab_configure.log" 2>&1 || { tail -30 "$out/lab_configure.log"; exit 1; }
 cmake --build build-gpu -j "${LAB_JOBS:-16}" --target attention_lab test_fused_attention_cuda \
-  test_fused_attention_determinism >"$out/lab_build.log" 2>&1 || { grep -E "error|FAILED" "$out/lab_build.log" | head -30; exit 1; }
+  test_fused_attention_f32_cuda test_fused_attention_determinism >"$out/lab_build.log" 2>&1 || { grep -E "error|FAILED" "$out/lab_build.log" | head -30; exit 1; }
 
 echo "== ptxas C7520 (wgmma serialized) warnings in this build: $(grep -c C7520 "$out/lab_build.log")"
 # SASS of the sm_90a objects: warpgroup MMA instructions and local-memory traffic per kernel.
@@ -26,7 +27,7 @@ for obj in $(find build-gpu -path '*longtape_sm90a.dir*' -name '*.o'); do
 done
 
 if [ "${LAB_TESTS:-1}" != 0 ]; then
-  for t in test_fused_attention_cuda test_fused_attention_determinism; do
+  for t in test_fused_attention_cuda test_fused_attention_f32_cuda test_fused_attention_determinism; do
     build-gpu/bin/$t >"$out/$t.log" 2>&1
     echo "== $t: exit $? $(grep -E '^\[doctest\] (test cases|assertions)' "$out/$t.log" | tr -s ' ' | tr '\n' ' ')"
     grep -E "ERROR|CHECK|seed|fused .*error" "$out/$t.log" | head -20

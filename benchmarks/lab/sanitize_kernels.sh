@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # compute-sanitizer on the fused attention kernels (after run_lab.sh has built build-gpu):
 # memcheck on the dense, dilated and block-bias cases of the fused CUDA test and on the
-# determinism test; racecheck on the determinism test and the block-bias case. The caching
+# determinism test; racecheck on the determinism test and the block-bias case; memcheck and
+# racecheck on the exact-f32 kernels' test. The caching
 # allocator is off so that memcheck sees every buffer's true bounds. Summaries go to $OUT/sanitizer.md.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,3 +30,8 @@ run memcheck_det compute-sanitizer --tool memcheck --error-exitcode 9 $bin/test_
 run racecheck_det compute-sanitizer --tool racecheck --error-exitcode 9 $bin/test_fused_attention_determinism
 run racecheck_bias compute-sanitizer --tool racecheck --error-exitcode 9 $bin/test_fused_attention_cuda \
   -tc="*block-sparse op*"
+# The exact-f32 kernels: memcheck on every case (the unaligned-row case covers the scalar loads),
+# racecheck on the backward-modes case.
+run memcheck_f32 compute-sanitizer --tool memcheck --error-exitcode 9 $bin/test_fused_attention_f32_cuda
+run racecheck_f32 compute-sanitizer --tool racecheck --error-exitcode 9 $bin/test_fused_attention_f32_cuda \
+  -tc="*backward*"

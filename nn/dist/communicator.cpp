@@ -16,6 +16,7 @@
 
 #include "autograd/grad_mode.h"
 #include "cuda/runtime.h"
+#include "nn/dist/message_communicator.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 
@@ -24,11 +25,6 @@ namespace longtape::dist {
 namespace {
 
 thread_local Communicator* g_current = nullptr;
-
-std::string describe(const Tensor& t) {
-  if (!t.defined()) return "undefined";
-  return shape_str(t.shape()) + " " + dtype_name(t.dtype()) + " on " + t.device().str();
-}
 
 double seconds(std::chrono::milliseconds d) { return static_cast<double>(d.count()) / 1000.0; }
 
@@ -51,10 +47,7 @@ Tensor private_copy(const Tensor& t) {
   return copy;
 }
 
-struct Message {
-  Tensor tensor;
-  std::string op;  // "send" or the collective's name, to detect ranks calling different collectives
-};
+using detail::Message;
 
 struct Group;
 
@@ -191,110 +184,23 @@ struct Group {
   }
 };
 
-class InProcessCommunicator final : public Communicator {
+class InProcessCommunicator final : public detail::MessageCommunicator {
  public:
-  InProcessCommunicator(std::shared_ptr<Group> group, int rank) : group_(std::move(group)), rank_(rank) {}
+  InProcessCommunicator(std::shared_ptr<Group> group, int rank) : MessageCommunicator(rank), group_(std::move(group)) {}
 
-  int rank() const override { return rank_; }
   int size() const override { return group_->size(); }
   const CommOptions& options() const override { return group_->options; }
-
-  void send(const Tensor& tensor, int dst, int tag) override {
-    check_peer(dst, "send", "destination");
-    LT_CHECK(tag >= 0, "dist send: tag must be >= 0, got ", tag);
-    LT_CHECK(tensor.defined(), "dist send: rank ", rank_, " was given an undefined tensor to send to rank ", dst);
-    group_->post(rank_, dst, tag, {private_copy(tensor), "send"}, "send to rank " + std::to_string(dst));
-  }
-
-  Tensor recv(const Shape& shape, DType dtype, Device device, int src, int tag) override {
-    check_peer(src, "recv", "source");
-    LT_CHECK(tag >= 0, "dist recv: tag must be >= 0, got ", tag);
-    const std::string what = "a message with tag " + std::to_string(tag);
-    Message m = group_->take(src, rank_, tag, what);
-    LT_CHECK(m.tensor.shape() == shape && m.tensor.dtype() == dtype, "dist recv: rank ", rank_, " expected ",
-             shape_str(shape), " ", dtype_name(dtype), " from rank ", src, " (tag ", tag, "), got ",
-             describe(m.tensor));
-    return arrive(m.tensor, device);
-  }
-
-  std::vector<Tensor> all_gather(const Tensor& tensor) override {
-    LT_CHECK(tensor.defined(), "dist all_gather: rank ", rank_, " was given an undefined tensor");
-    const int64_t tag = next_collective();
-    const std::string what = collective_name("all_gather", tag);
-    for (int d = 0; d < size(); ++d)
-      if (d != rank_) group_->post(rank_, d, tag, {private_copy(tensor), "all_gather"}, what);
-    std::vector<Tensor> result(static_cast<size_t>(size()));
-    for (int s = 0; s < size(); ++s) {
-      if (s == rank_) {
-        result[static_cast<size_t>(s)] = private_copy(tensor);
-        continue;
-      }
-      Message m = expect(s, tag, "all_gather", what);
-      LT_CHECK(m.tensor.shape() == tensor.shape() && m.tensor.dtype() == tensor.dtype(), "dist all_gather: rank ",
-               rank_, " has ", describe(tensor), " but rank ", s, " sent ", describe(m.tensor),
-               " (every rank must contribute the same shape and dtype)");
-      result[static_cast<size_t>(s)] = arrive(m.tensor, tensor.device());
-    }
-    return result;
-  }
-
-  std::vector<Tensor> all_to_all(const std::vector<Tensor>& to_each) override {
-    LT_CHECK(static_cast<int>(to_each.size()) == size(), "dist all_to_all: rank ", rank_,
-             " must give one tensor per rank (", size(), "), got ", to_each.size());
-    for (size_t d = 0; d < to_each.size(); ++d)
-      LT_CHECK(to_each[d].defined(), "dist all_to_all: rank ", rank_, " gave an undefined tensor for rank ", d);
-    const int64_t tag = next_collective();
-    const std::string what = collective_name("all_to_all", tag);
-    for (int d = 0; d < size(); ++d)
-      if (d != rank_) group_->post(rank_, d, tag, {private_copy(to_each[static_cast<size_t>(d)]), "all_to_all"}, what);
-    const Device device = to_each[static_cast<size_t>(rank_)].device();
-    std::vector<Tensor> result(static_cast<size_t>(size()));
-    for (int s = 0; s < size(); ++s) {
-      if (s == rank_) {
-        result[static_cast<size_t>(s)] = private_copy(to_each[static_cast<size_t>(s)]);
-        continue;
-      }
-      result[static_cast<size_t>(s)] = arrive(expect(s, tag, "all_to_all", what).tensor, device);
-    }
-    return result;
-  }
-
-  // Sends now (the mailboxes buffer), receives in wait(): the peers run on while this rank computes.
-  std::unique_ptr<PendingAllToAll> start_all_to_all(const std::vector<Tensor>& to_each,
-                                                    const std::vector<Tensor>& into) override {
-    check_all_to_all_into(to_each, into);
-    const int64_t tag = next_collective();
-    const std::string what = collective_name("all_to_all", tag);
-    for (int d = 0; d < size(); ++d)
-      if (d != rank_) group_->post(rank_, d, tag, {private_copy(to_each[static_cast<size_t>(d)]), "all_to_all"}, what);
-    receive_into(to_each[static_cast<size_t>(rank_)], into[static_cast<size_t>(rank_)], rank_);
-    return receive_later(
-        [this, tag, what, into](int s) {
-          return arrive(expect(s, tag, "all_to_all", what).tensor, into[static_cast<size_t>(s)].device());
-        },
-        into);
-  }
 
   Tensor all_reduce(const Tensor& tensor, ReduceOp op) override {
     LT_CHECK(tensor.defined(), "dist all_reduce: rank ", rank_, " was given an undefined tensor");
     LT_CHECK(op == ReduceOp::sum || is_floating(tensor.dtype()), "dist all_reduce: mean needs a floating tensor, got ",
-             describe(tensor));
-    const int64_t tag = next_collective();
-    const std::string what = collective_name("all_reduce", tag);
-    for (int d = 0; d < size(); ++d)
-      if (d != rank_) group_->post(rank_, d, tag, {private_copy(tensor), "all_reduce"}, what);
+             describe_tensor(tensor));
+    const int64_t tag = next_collective("all_reduce");
+    post_to_others(tag, tensor, "all_reduce");
     std::vector<Tensor> parts(static_cast<size_t>(size()));
-    for (int s = 0; s < size(); ++s) {
-      if (s == rank_) {
-        parts[static_cast<size_t>(s)] = tensor.detach();
-        continue;
-      }
-      Message m = expect(s, tag, "all_reduce", what);
-      LT_CHECK(m.tensor.shape() == tensor.shape() && m.tensor.dtype() == tensor.dtype(), "dist all_reduce: rank ",
-               rank_, " has ", describe(tensor), " but rank ", s, " sent ", describe(m.tensor),
-               " (every rank must contribute the same shape and dtype)");
-      parts[static_cast<size_t>(s)] = arrive(m.tensor, tensor.device());
-    }
+    for (int s = 0; s < size(); ++s)
+      parts[static_cast<size_t>(s)] =
+          s == rank_ ? tensor.detach() : arrive(expect_like(s, tag, "all_reduce", tensor).tensor, tensor.device());
     // The same order of additions on every rank, so every rank holds bitwise the same result.
     NoGradGuard no_grad;
     Tensor total = parts[0].clone();
@@ -303,83 +209,23 @@ class InProcessCommunicator final : public Communicator {
     return total;
   }
 
-  Tensor broadcast(const Tensor& tensor, int root) override {
-    check_peer(root, "broadcast", "root");
-    LT_CHECK(tensor.defined(), "dist broadcast: rank ", rank_, " was given an undefined tensor");
-    const int64_t tag = next_collective();
-    const std::string what = collective_name("broadcast", tag);
-    if (rank_ == root) {
-      for (int d = 0; d < size(); ++d)
-        if (d != rank_) group_->post(rank_, d, tag, {private_copy(tensor), "broadcast"}, what);
-      return private_copy(tensor);
-    }
-    Message m = expect(root, tag, "broadcast", what);
-    LT_CHECK(m.tensor.shape() == tensor.shape() && m.tensor.dtype() == tensor.dtype(), "dist broadcast: rank ", rank_,
-             " expected ", describe(tensor), " but root ", root, " sent ", describe(m.tensor));
-    return arrive(m.tensor, tensor.device());
-  }
-
-  void barrier() override {
-    const int64_t tag = next_collective();
-    const std::string what = collective_name("barrier", tag);
-    const Tensor token = Tensor::zeros({1});
-    for (int d = 0; d < size(); ++d)
-      if (d != rank_) group_->post(rank_, d, tag, {token, "barrier"}, what);
-    for (int s = 0; s < size(); ++s)
-      if (s != rank_) expect(s, tag, "barrier", what);
-  }
-
   void abort(const std::string& why) override { group_->world->fail(group_->global(rank_), why); }
 
-  std::shared_ptr<Communicator> split(int64_t color, int64_t key) override {
-    const int64_t seq = -1 - next_collective();
-    const std::string what = collective_name("split", -1 - seq);
-    const Tensor mine = Tensor::from_vector(std::vector<int64_t>{color, key}, {2});
-    for (int d = 0; d < size(); ++d)
-      if (d != rank_) group_->post(rank_, d, -1 - seq, {mine, "split"}, what);
-    // (key, rank) of every rank with my color, in the order of the new ranks.
-    std::vector<std::pair<int64_t, int>> same;
-    for (int s = 0; s < size(); ++s) {
-      const std::vector<int64_t> ck =
-          s == rank_ ? std::vector<int64_t>{color, key} : expect(s, -1 - seq, "split", what).tensor.to_vector_as<int64_t>();
-      if (ck[0] == color) same.emplace_back(ck[1], s);
-    }
-    std::sort(same.begin(), same.end());
-    std::vector<int> members;
-    int new_rank = 0;
-    for (size_t i = 0; i < same.size(); ++i) {
-      members.push_back(group_->global(same[i].second));
-      if (same[i].second == rank_) new_rank = static_cast<int>(i);
-    }
-    return std::make_shared<InProcessCommunicator>(group_->sub_group(seq, color, members), new_rank);
-  }
-
  private:
-  void check_peer(int peer, const char* op, const char* role) const {
-    LT_CHECK(peer >= 0 && peer < size(), "dist ", op, ": ", role, " rank must be in [0, ", size(), "), got ", peer);
+  void post(int dst, int64_t tag, const Tensor& tensor, const char* op, const std::string& what) override {
+    group_->post(rank_, dst, tag, {private_copy(tensor), op}, what);
   }
 
-  // Every collective starts here: even one with nothing to exchange (a single rank) fails when
-  // the group has failed or run_ranks has returned.
-  int64_t next_collective() {
-    const int64_t tag = -1 - collective_count_++;
-    group_->ensure_usable(rank_, "collective #" + std::to_string(-1 - tag));
-    return tag;
+  detail::Message take(int src, int64_t tag, const std::string& what) override {
+    return group_->take(src, rank_, tag, what);
   }
 
-  static std::string collective_name(const char* op, int64_t tag) {
-    return std::string(op) + " (collective #" + std::to_string(-1 - tag) + ")";
-  }
+  void ensure_usable(const std::string& what) override { group_->ensure_usable(rank_, what); }
 
-  Message expect(int src, int64_t tag, const char* op, const std::string& what) {
-    Message m = group_->take(src, rank_, tag, what);
-    LT_CHECK(m.op == op, "dist: collective mismatch: rank ", rank_, " called ", what, " but rank ", src,
-             " called ", m.op, " at the same position (every rank must call the same collectives in the same order)");
-    return m;
-  }
+  Tensor own_copy(const Tensor& tensor) override { return private_copy(tensor); }
 
   // The received copy as a tensor this rank owns, on `device`.
-  static Tensor arrive(const Tensor& message, Device device) {
+  Tensor arrive(const Tensor& message, Device device) override {
     NoGradGuard no_grad;
     if (message.device() == device && device.is_cpu()) return message;
     // A CUDA tensor is copied on this rank's own stream (same GPU) or across devices, and the
@@ -390,9 +236,15 @@ class InProcessCommunicator final : public Communicator {
     return out;
   }
 
+  // Sub-groups are keyed by the split's collective number, which every member shares.
+  std::shared_ptr<Communicator> make_sub_group(int64_t tag, int64_t color, const std::vector<int>& ranks,
+                                               int new_rank) override {
+    std::vector<int> members;
+    for (int r : ranks) members.push_back(group_->global(r));
+    return std::make_shared<InProcessCommunicator>(group_->sub_group(-1 - tag, color, members), new_rank);
+  }
+
   std::shared_ptr<Group> group_;
-  int rank_;
-  int64_t collective_count_ = 0;
 };
 
 }  // namespace
@@ -442,7 +294,7 @@ Tensor Communicator::all_to_all(const Tensor& tensor, int64_t split_dim, int64_t
   const int64_t cd = normalize_dim(concat_dim, tensor.dim(), "dist all_to_all (concat_dim)");
   std::vector<int64_t> sizes = split_sizes;
   if (sizes.empty()) {
-    LT_CHECK(tensor.size(sd) % size() == 0, "dist all_to_all: dim ", sd, " of ", describe(tensor),
+    LT_CHECK(tensor.size(sd) % size() == 0, "dist all_to_all: dim ", sd, " of ", describe_tensor(tensor),
              " must divide evenly into ", size(), " ranks, or split sizes must be given");
     sizes.assign(static_cast<size_t>(size()), tensor.size(sd) / size());
   }

@@ -9,11 +9,6 @@
 namespace longtape::dist {
 
 namespace {
-std::string describe(const Tensor& t) {
-  if (!t.defined()) return "undefined";
-  return shape_str(t.shape()) + " " + dtype_name(t.dtype()) + " on " + t.device().str();
-}
-
 class ExchangedNow final : public Communicator::PendingAllToAll {
  public:
   void wait() override {}
@@ -32,7 +27,7 @@ void Communicator::check_all_to_all_into(const std::vector<Tensor>& to_each, con
 
 void Communicator::receive_into(const Tensor& arrived, const Tensor& into, int src) const {
   LT_CHECK(arrived.shape() == into.shape() && arrived.dtype() == into.dtype(), "dist start_all_to_all: rank ", rank(),
-           " expected ", describe(into), " from rank ", src, ", got ", describe(arrived));
+           " expected ", describe_tensor(into), " from rank ", src, ", got ", describe_tensor(arrived));
   NoGradGuard no_grad;
   Tensor target = into;
   target.copy_(arrived);

@@ -117,12 +117,28 @@ std::vector<Tensor> split(const Tensor& a, const std::vector<int64_t>& sizes, in
   }
   LT_CHECK(total == a.shape()[d], "split: sizes ", shape_str(sizes), " sum to ", total, " but dim ", d,
            " of shape ", shape_str(a.shape()), " has size ", a.shape()[d]);
+  // One node for all parts: its backward writes every part's gradient into one buffer (no zero
+  // fill per part, no sum of part-sized gradients).
   std::vector<Tensor> parts;
-  int64_t start = 0;
-  for (int64_t s : sizes) {
-    parts.push_back(a.narrow(d, start, s));
-    start += s;
+  {
+    NoGradGuard guard;
+    int64_t start = 0;
+    for (int64_t s : sizes) {
+      parts.push_back(a.narrow(d, start, s));
+      start += s;
+    }
   }
+  autograd::record("split", {a}, parts,
+                   [sizes, d, shape = a.shape(), dtype = a.dtype(), device = a.device()](
+                       const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                     Tensor full = Tensor::empty(shape, dtype, device);
+                     int64_t start = 0;
+                     for (size_t i = 0; i < sizes.size(); ++i) {
+                       full.narrow(d, start, sizes[i]).copy_(g[i]);
+                       start += sizes[i];
+                     }
+                     return {full};
+                   });
   return parts;
 }
 

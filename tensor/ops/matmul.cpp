@@ -55,11 +55,40 @@ Operand as_operand(const Tensor& x) {
 // A stored operand as a bf16 product reads it (not recorded: the node saves the result).
 Operand lowered(Operand o) {
   NoGradGuard guard;
+  if (o.stored.dtype() == DType::bf16) {  // already bf16: as is on CUDA, its exact f32 values on the CPU
+    if (!o.stored.device().is_cuda()) o.stored = cast(o.stored, DType::f32);
+    return o;
+  }
   o.stored = bf16_operand(o.stored);
   return o;
 }
 
 }  // namespace
+
+Tensor matmul_operands(const Tensor& a, const Tensor& b, const Tensor& accumulate) {
+  LT_CHECK(a.defined() && b.defined() && a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
+           "matmul_operands: expected (M, K) and (K, N) operands, got ",
+           a.defined() ? shape_str(a.shape()) : std::string("undefined"), " and ",
+           b.defined() ? shape_str(b.shape()) : std::string("undefined"));
+  LT_CHECK(a.dtype() == b.dtype() && a.device() == b.device(), "matmul_operands: operands differ: ",
+           dtype_name(a.dtype()), " on ", a.device().str(), " and ", dtype_name(b.dtype()), " on ", b.device().str());
+  NoGradGuard guard;
+  const Operand oa = as_operand(a.detach()), ob = as_operand(b.detach());
+  const bool f32_out = is_half_precision(a.dtype()) && a.device().is_cuda();
+  if (!accumulate.defined()) return bmm_raw(oa.stored, ob.stored, oa.transposed, ob.transposed, f32_out);
+  const DType out_dtype = f32_out ? DType::f32 : a.dtype();
+  LT_CHECK(accumulate.shape() == Shape({a.size(0), b.size(1)}) && accumulate.dtype() == out_dtype &&
+               accumulate.device() == a.device() && accumulate.is_contiguous(),
+           "matmul_operands: accumulate must be a contiguous ", dtype_name(out_dtype), " [", a.size(0), ", ", b.size(1),
+           "] on ", a.device().str(), ", got ", dtype_name(accumulate.dtype()), " ", shape_str(accumulate.shape()));
+  const int64_t m = a.size(0), n = b.size(1), k = a.size(1);
+  if (m == 0 || n == 0 || k == 0) return accumulate;
+  kernels::GemmArgs g{accumulate.raw_data(), oa.stored.raw_data(), ob.stored.raw_data(), oa.stored.dtype(), 1, m, n, k,
+                      m * k, k * n, m * n, oa.transposed, ob.transposed, 1.0, 1.0, a.device(), f32_out};
+  kernels::gemm(g);
+  accumulate.bump_version();
+  return accumulate;
+}
 
 Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
   LT_CHECK(a_in.defined() && b_in.defined(), "matmul: got an undefined tensor");
@@ -67,8 +96,14 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
            shape_str(a_in.shape()), " and ", shape_str(b_in.shape()));
   LT_CHECK(a_in.device() == b_in.device(), "matmul: operands on ", a_in.device().str(), " and ",
            b_in.device().str());
-  LT_CHECK(a_in.dtype() == b_in.dtype(), "matmul: operand dtypes differ: ", dtype_name(a_in.dtype()), " and ",
-           dtype_name(b_in.dtype()));
+  const Precision precision = autocast_precision();
+  // Under bf16 precision a bf16 operand (e.g. the attention core's bf16 output) may meet an f32
+  // one: it is already what the product reads, so only the f32 operand is lowered.
+  const bool mixed_bf16 = precision == Precision::bf16 && a_in.dtype() != b_in.dtype() &&
+                          (a_in.dtype() == DType::bf16 || b_in.dtype() == DType::bf16) &&
+                          (a_in.dtype() == DType::f32 || b_in.dtype() == DType::f32);
+  LT_CHECK(a_in.dtype() == b_in.dtype() || mixed_bf16, "matmul: operand dtypes differ: ", dtype_name(a_in.dtype()),
+           " and ", dtype_name(b_in.dtype()), " (a bf16 and an f32 operand meet only under bf16 precision)");
   LT_CHECK(is_floating(a_in.dtype()), "matmul: expected floating operands, got ", dtype_name(a_in.dtype()));
   // 1-D operands as in NumPy: prepend / append a dim, removed again at the end.
   Tensor a = a_in.dim() == 1 ? a_in.unsqueeze(0) : a_in;
@@ -99,8 +134,7 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
   sb.push_back(kb);
   sb.push_back(b.shape()[b.dim() - 1]);
   Tensor ae = a.expand(sa), be = b.expand(sb);
-  const Precision precision = autocast_precision();
-  const bool low = lowers_to_bf16(precision, a_in.dtype());
+  const bool low = mixed_bf16 || lowers_to_bf16(precision, a_in.dtype());
   // bf16 tensors exist on CUDA only; the CPU multiplies the bf16-rounded values in f32.
   const bool f32_out = low && a_in.device().is_cuda();
   Tensor out;
@@ -119,7 +153,9 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
   // (for the in-place check) would keep every f32 activation that feeds a product alive until
   // backward, next to its copy.
   const std::vector<Tensor> saved = low ? std::vector<Tensor>{} : std::vector<Tensor>{ae.detach(), be.detach()};
-  record("matmul", {ae, be}, {out}, [oa, ob, precision, low, f32_out](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+  const DType a_dtype = a_in.dtype(), b_dtype = b_in.dtype();
+  record("matmul", {ae, be}, {out},
+         [oa, ob, precision, low, f32_out, a_dtype, b_dtype](const std::vector<Tensor>& g) -> std::vector<Tensor> {
     AutocastScope scope(precision);  // the backward products compute as the forward did (tf32)
     Tensor go = g[0].contiguous();
     if (low) {
@@ -127,8 +163,13 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
       go = bf16_operand(go);
     }
     // dA = dC B^T, dB = A^T dC
-    return {bmm_raw(go, ob.stored, false, !ob.transposed, f32_out),
-            bmm_raw(oa.stored, go, !oa.transposed, false, f32_out)};
+    // Each gradient in its input's dtype: a bf16 input's comes straight from the product on CUDA.
+    auto product = [&](const Tensor& x, const Tensor& y, bool tx, bool ty, DType want) {
+      const bool to_bf16 = want == DType::bf16 && x.dtype() == DType::bf16;
+      Tensor r = bmm_raw(x, y, tx, ty, f32_out && !to_bf16);
+      return r.dtype() == want ? r : cast(r, want);
+    };
+    return {product(go, ob.stored, false, !ob.transposed, a_dtype), product(oa.stored, go, !oa.transposed, false, b_dtype)};
   }, saved);
   if (a_in.dim() == 1) out = out.squeeze(-2);
   if (b_in.dim() == 1) out = out.squeeze(-1);

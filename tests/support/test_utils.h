@@ -26,6 +26,16 @@ inline uint64_t fresh_seed() {
   return (static_cast<uint64_t>(device()) << 32) ^ device();
 }
 
+}  // namespace longtape::testing
+
+// Declares `name`, a fresh seed, and reports it with any failure in the rest of the enclosing scope
+// (doctest's INFO), so that the run can be replayed with it.
+#define LT_FRESH_SEED(name)                                \
+  const uint64_t name = ::longtape::testing::fresh_seed(); \
+  INFO("seed " << name)
+
+namespace longtape::testing {
+
 // ------------------------------------------------------------------------------------------------
 // Attention against the float64 oracle
 
