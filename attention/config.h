@@ -41,6 +41,9 @@ struct AttentionConfig {
   // (chunks r and 2P-1-r of 2P: the same causal work on every rank).
   std::string ring_layout = "contiguous";
   std::string inner_variant = "dilated";  // the core variant a wrapper (hilbert, ring, head) runs
+  // head_parallel: into how many groups each rank splits its heads, so that the all-to-alls of one
+  // group travel while the core runs another (1 = no overlap; 0 = chosen from the head count).
+  int64_t pipeline_groups = 0;
   // A variant that runs on a slice of the heads (head_parallel gives each rank H/P of them) is told
   // the global index of its first head and the total head count, so that dilation offsets (h mod r)
   // and head groups follow the global head indices, exactly as on one device.

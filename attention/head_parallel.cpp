@@ -1,11 +1,13 @@
 #include "attention/head_parallel.h"
 
+#include <mutex>
+
 #include "attention/composed.h"
+#include "attention/head_parallel_pipeline.h"
 #include "attention/registry.h"
 #include "attention/ring_attention.h"
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
-#include "nn/dist/functional.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 
@@ -54,6 +56,24 @@ void check_shards(const AttentionConfig& config, const Tensor& q, const Tensor& 
   LT_CHECK(q.size(0) > 0 && q.size(1) > 0, who, ": batch and sequence must be non-empty, got q ", describe(q));
 }
 
+std::mutex g_last_run_mutex;
+HeadParallelRun g_last_run;
+
+// How many head groups the pipeline runs: config.pipeline_groups, or automatic for 0; one when the
+// inner variant has parameters (they are held per rank, for all of its heads).
+int64_t pipeline_group_count(const AttentionConfig& config, int64_t local_heads, bool inner_has_parameters) {
+  LT_CHECK(config.pipeline_groups >= 0 && config.pipeline_groups <= local_heads,
+           "attention 'head_parallel': pipeline_groups must be 0 (automatic) or 1 to the heads per rank (",
+           local_heads, "), got ", config.pipeline_groups);
+  if (inner_has_parameters) {
+    LT_CHECK(config.pipeline_groups <= 1, "attention 'head_parallel': the inner variant '", config.inner_variant,
+             "' has parameters (held per rank for all of its heads), so its heads run as one group; got "
+             "pipeline_groups = ", config.pipeline_groups);
+    return 1;
+  }
+  return config.pipeline_groups > 0 ? config.pipeline_groups : automatic_pipeline_groups(local_heads);
+}
+
 // The name under which HeadParallelAttention registers rank r's inner module.
 std::string inner_name(int64_t rank) { return "rank" + std::to_string(rank); }
 
@@ -92,27 +112,46 @@ AttentionOutput head_parallel_with(dist::Communicator& comm, const AttentionConf
   for (const Tensor& n : comm.all_gather(Tensor::from_vector(std::vector<int64_t>{q.size(1)}, {1})))
     lengths.push_back(static_cast<int64_t>(n.item()));
 
-  // One all-to-all there: q, k, v travel as one (B, n_r, 3, H, D) tensor; head group d goes to rank
-  // d, sequence chunks join in rank order, giving (B, N, 3, H/P, D). q, k, v are strided views of it.
-  const Tensor qkv = dist::all_to_all(comm, stack({q, k, v}, 2), 3, 1);
   if (!inner) inner = make_attention(config.inner_variant, inner_config(config, rank, ranks));
-  inner->train(training);
-  AttentionOutput full = inner->forward_with_lse(qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2));
-  if (run) *run = {inner->last_backend(), inner->last_precision()};
-  // Back: out in its own dtype (bf16 out would double its bytes if packed with the f32 lse, and so
-  // would its gradient on the way back) and the lse (B, H/P, N) on its own; sequence chunk s goes
-  // to rank s, head groups join in rank order.
-  const Tensor out = dist::all_to_all(comm, full.out, 1, 2, lengths);
-  const Tensor lse = dist::all_to_all(comm, full.lse, 2, 1, lengths);
-  return {out, lse};
+  const int64_t local = q.size(2) / ranks;
+  const int64_t groups = pipeline_group_count(config, local, !inner->parameters().empty());
+  // One group: this rank's module. Several: a module per group, told the group's global heads (the
+  // inner variant has no parameters, so a fresh one computes what the rank's module would).
+  std::vector<std::shared_ptr<Attention>> cores;
+  if (groups == 1) {
+    cores.push_back(inner);
+  } else {
+    for (const HeadGroup& g : split_heads(local, groups)) {
+      AttentionConfig group_config = inner_config(config, rank, ranks);
+      group_config.num_heads = g.count;
+      group_config.head_offset += g.first;
+      cores.push_back(make_attention(config.inner_variant, group_config));
+    }
+  }
+  for (const auto& core : cores) core->train(training);
+  AttentionOutput result = pipelined_head_parallel(comm, q, k, v, lengths, split_heads(local, groups), cores, run);
+  {
+    std::lock_guard<std::mutex> lock(g_last_run_mutex);
+    g_last_run = {groups};
+  }
+  return result;
 }
 
 }  // namespace
+
+HeadParallelRun last_head_parallel_run() {
+  std::lock_guard<std::mutex> lock(g_last_run_mutex);
+  return g_last_run;
+}
 
 HeadParallelAttention::HeadParallelAttention(AttentionConfig config) : Attention(std::move(config)) {
   validate_core_config(config_, "head_parallel");
   check_heads(config_.num_heads, config_.ranks, "attention 'head_parallel'");
   check_inner_name(config_);
+  const int64_t local_heads = config_.num_heads / config_.ranks;
+  LT_CHECK(config_.pipeline_groups >= 0 && config_.pipeline_groups <= local_heads,
+           "attention 'head_parallel': pipeline_groups must be 0 (automatic) or 1 to the heads per rank (",
+           local_heads, "), got ", config_.pipeline_groups);
   // One inner module per rank (their configs differ only in the head offset), registered as
   // submodules "rank0", "rank1", ...: variants with parameters (the adaptive scorer) keep them
   // across calls, train them, save and move them with this module. Each checks its own config.

@@ -1,15 +1,17 @@
 #pragma once
 // Head-parallel attention ("Ulysses"; docs/attention.md, parallel variants): the input is
-// sequence-sharded, rank r holding (B, n_r, H, D). One all-to-all (q, k and v stacked) turns it
-// into the full sequence for H/P heads, (B, N, H/P, D) with rank r holding the global heads
-// [r*H/P, (r+1)*H/P); the inner variant (config.inner_variant, default "dilated") runs on them with GLOBAL head indices
-// (config.head_offset = r*H/P and config.total_heads = H, so dilation offsets h mod r and head
-// groups are those of one device; its attention core runs the fused kernels where they apply); one
-// all-to-all (out and lse packed) brings the result back to the sequence sharding. Needs H % P == 0.
+// sequence-sharded, rank r holding (B, n_r, H, D). All-to-alls turn it into the full sequence for
+// H/P heads, (B, N, H/P, D) with rank r holding the global heads [r*H/P, (r+1)*H/P); the inner
+// variant (config.inner_variant, default "dilated") runs on them with GLOBAL head indices
+// (config.head_offset and config.total_heads = H, so dilation offsets h mod r and head groups are
+// those of one device; its attention core runs the fused kernels where they apply); all-to-alls
+// bring out and lse back to the sequence sharding. Needs H % P == 0.
 //
-// The all-to-alls are differentiable (dist::all_to_all), so the inner variant's own autograd gives
-// the backward. Inner variants whose result depends on the head index must honour head_offset and
-// total_heads (dense and dilated do).
+// The rank's heads run in config.pipeline_groups groups (attention/head_parallel_pipeline.h): the
+// all-to-alls of one group travel while the core computes another, forward and backward; one
+// group overlaps nothing. Each group's core is told its global heads, so any grouping gives the
+// one-device result. Inner variants whose result depends on the head index must honour
+// head_offset and total_heads (dense and dilated do); an inner variant with parameters runs as one group.
 #include <string>
 
 #include "attention/attention.h"
@@ -25,6 +27,13 @@ namespace longtape::attention {
 AttentionOutput head_parallel_attention(dist::Communicator& comm, const AttentionConfig& config, const Tensor& q,
                                         const Tensor& k, const Tensor& v, bool training = false,
                                         CoreRun* run = nullptr);
+
+// What the last head_parallel call of this process ran: its heads in `groups` pipelined groups
+// (1 = the all-to-alls do not overlap the core).
+struct HeadParallelRun {
+  int64_t groups = 0;
+};
+HeadParallelRun last_head_parallel_run();
 
 // The registered variant "head_parallel". Inside run_ranks, forward takes this rank's shards and
 // uses the rank's communicator. Anywhere else it takes the full (B, N, H, D) tensors and runs

@@ -52,9 +52,12 @@ struct Grads {
 
 }  // namespace
 
-void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t seed, int repeats, double tolerance) {
+void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t seed, int repeats, double tolerance,
+                              const std::vector<int64_t>& head_groups) {
   using attention::AttentionConfig;
   using attention::RingLayout;
+  for (int64_t groups : head_groups)
+    LT_CHECK(groups >= 0, "dist-check: --head-groups takes group counts >= 0 (0 = automatic), got ", groups);
   dist::Communicator& comm = group.comm();
   const Device device = group.device();
   const int ranks = comm.size(), rank = comm.rank();
@@ -89,11 +92,15 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
     };
     const double single_s = time_step(&comm, repeats, run_single);
 
-    for (const std::string kind : {"ring", "ring zigzag", "head_parallel"}) {
-      if (kind == "head_parallel" && 12 % ranks != 0) continue;
+    // Ring in both layouts, then head_parallel once per pipeline group count asked for.
+    std::vector<std::pair<std::string, int64_t>> cases{{"ring", 0}, {"ring zigzag", 0}};
+    if (12 % ranks == 0)
+      for (int64_t groups : head_groups) cases.emplace_back("head_parallel", groups);
+    for (const auto& [kind, groups] : cases) {
       const RingLayout layout = kind == "ring zigzag" ? RingLayout::zigzag : RingLayout::contiguous;
       AttentionConfig cfg = config;
       cfg.ring_layout = attention::ring_layout_name(layout);
+      cfg.pipeline_groups = groups;
       auto shard = [&](const Tensor& x) { return attention::ring_shard(x, 1, ranks, rank, layout); };
       const Tensor qs = shard(q), ks = shard(k), vs = shard(v), gs = shard(dout);
       Grads got;
@@ -112,7 +119,11 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
                                 relative_error(got.dk, shard(want.dk)), relative_error(got.dv, shard(want.dv))};
       const double worst = *std::max_element(std::begin(errors), std::end(errors));
       std::string path;
-      if (kind != "head_parallel") {
+      if (kind == "head_parallel") {
+        const int64_t ran = attention::last_head_parallel_run().groups;
+        path = ran > 1 ? " [pipelined: " + std::to_string(ran) + " head groups, all-to-alls overlap the core]"
+                       : std::string(" [not overlapped: 1 head group]");
+      } else {
         const attention::RingRun run = attention::last_ring_run();
         path = run.local ? " [local: one core call on each rank's tokens]"
                          : " [ring: " + std::to_string(run.up_steps) + " up, " + std::to_string(run.down_steps) +

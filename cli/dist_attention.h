@@ -1,6 +1,7 @@
 #pragma once
 // Ring and head-parallel attention over a real process group (`longtape dist-check --attention N`).
 #include <cstdint>
+#include <vector>
 
 #include "nn/dist/process_group.h"
 
@@ -12,7 +13,10 @@ namespace longtape::cli {
 // at N), and compares its shard of the output and of dq, dk, dv with the same variant run on the
 // whole sequence on its own device. Throws when a relative error exceeds `tolerance`. Rank 0
 // prints one line per case: errors, forward+backward time on one device and over the group
-// (median of `repeats` after two warm-ups), and their ratio.
-void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t seed, int repeats, double tolerance);
+// (median of `repeats` after two warm-ups), and their ratio. head_parallel runs once per entry of
+// `head_groups` (its config.pipeline_groups: 0 = automatic, 1 = no overlap), each line saying how
+// many groups ran.
+void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t seed, int repeats, double tolerance,
+                              const std::vector<int64_t>& head_groups = {0});
 
 }  // namespace longtape::cli

@@ -20,6 +20,7 @@
 #include <filesystem>
 #include <thread>
 
+#include "attention/config.h"
 #include "cli/command_registry.h"
 #include "cli/dist_attention.h"
 #include "cli/numeric_flags.h"
@@ -44,6 +45,7 @@ struct DistCheckArgs {
   std::string fail_how = "kill";
   int64_t attention_n = 0;
   int repeats = 5;
+  std::string head_groups = "0";
 };
 
 void bench_all_reduce(dist::ProcessGroup& group, double mebibytes) {
@@ -103,7 +105,8 @@ int run_dist_check(const DistCheckArgs& a) {
   if (a.bench_mb > 0) bench_all_reduce(*group, a.bench_mb);
   // bf16 attention on tensor cores: the group's result and one device's differ by rounding.
   if (a.attention_n > 0)
-    check_parallel_attention(*group, a.attention_n, a.seed, a.repeats, group->device().is_cuda() ? 3e-2 : 1e-4);
+    check_parallel_attention(*group, a.attention_n, a.seed, a.repeats, group->device().is_cuda() ? 3e-2 : 1e-4,
+                             attention::parse_int_list(a.head_groups, "--head-groups"));
 
   if (a.fail_rank >= 0) {
     if (comm.rank() == a.fail_rank) {
@@ -139,6 +142,10 @@ const RegisterCommand kDistCheckCommand{
           ->check(CLI::PositiveNumber);
       sub.add_option("--repeats", a->repeats, "timed repetitions of --attention")->capture_default_str()
           ->check(CLI::PositiveNumber);
+      sub.add_option("--head-groups", a->head_groups,
+                     "--attention: run head_parallel once per pipeline group count in this list (0 = automatic, "
+                     "1 = all-to-alls not overlapped), e.g. 1,0")
+          ->capture_default_str();
       sub.add_option("--fail-rank", a->fail_rank, "this rank fails after the checks (to test failure handling)")
           ->transform(integer_in<int>(0, 1 << 20));
       sub.add_option("--fail-how", a->fail_how, "kill (SIGKILL), exit (an error) or hang")->capture_default_str();

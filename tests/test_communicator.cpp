@@ -126,6 +126,57 @@ TEST_CASE("all_gather, all_to_all, all_reduce, broadcast equal their definitions
   }
 }
 
+TEST_CASE("start_all_to_all: several under way at once, beside blocking collectives, land in place, P = 1..4") {
+  for (int p = 1; p <= 4; ++p) {
+    manual_seed(700 + p);
+    // first[s][d] (s + 1, 2) and second[s][d] (3, d + 1): what rank s sends rank d in each exchange.
+    std::vector<std::vector<Tensor>> first(static_cast<size_t>(p)), second(static_cast<size_t>(p));
+    for (int s = 0; s < p; ++s)
+      for (int d = 0; d < p; ++d) {
+        first[static_cast<size_t>(s)].push_back(Tensor::randn({s + 1, 2}, DType::f64));
+        second[static_cast<size_t>(s)].push_back(Tensor::randn({3, d + 1}, DType::f32));
+      }
+    std::vector<Tensor> rows(static_cast<size_t>(p)), cols(static_cast<size_t>(p)), sums(static_cast<size_t>(p));
+    dist::run_ranks(p, [&](Communicator& comm) {
+      const int r = comm.rank();
+      // Rank s's piece of the first lands in rows [s(s+1)/2, ...) of one buffer; of the second, in
+      // columns [s(r+1), ...) of another, transposed (a strided target).
+      Tensor row_buffer = Tensor::zeros({p * (p + 1) / 2, 2}, DType::f64);
+      Tensor col_buffer = Tensor::zeros({r + 1, 3 * p}, DType::f32);
+      std::vector<Tensor> row_slots, col_slots;
+      for (int s = 0; s < p; ++s) {
+        row_slots.push_back(row_buffer.narrow(0, s * (s + 1) / 2, s + 1));
+        col_slots.push_back(col_buffer.narrow(1, 3 * s, 3).permute({1, 0}));
+      }
+      auto a = comm.start_all_to_all(first[static_cast<size_t>(r)], row_slots);
+      auto b = comm.start_all_to_all(second[static_cast<size_t>(r)], col_slots);
+      sums[static_cast<size_t>(r)] = comm.all_reduce(Tensor::ones({2}, DType::f64));  // a collective in between
+      b->wait();
+      a->wait();
+      a->wait();  // a second wait changes nothing
+      rows[static_cast<size_t>(r)] = row_buffer;
+      cols[static_cast<size_t>(r)] = col_buffer;
+    }, short_timeout());
+    for (int r = 0; r < p; ++r) {
+      CHECK(max_abs_diff(sums[static_cast<size_t>(r)], Tensor::full({2}, p, DType::f64)) == 0.0);
+      for (int s = 0; s < p; ++s) {
+        CHECK(max_abs_diff(rows[static_cast<size_t>(r)].narrow(0, s * (s + 1) / 2, s + 1),
+                           first[static_cast<size_t>(s)][static_cast<size_t>(r)]) == 0.0);
+        CHECK(max_abs_diff(cols[static_cast<size_t>(r)].narrow(1, 3 * s, 3).permute({1, 0}),
+                           second[static_cast<size_t>(s)][static_cast<size_t>(r)]) == 0.0);
+      }
+    }
+  }
+  // A target of the wrong shape, or the wrong number of targets: clear errors.
+  CHECK_THROWS_WITH_AS(dist::run_ranks(2, [](Communicator& comm) {
+    comm.start_all_to_all({Tensor::randn({2, 3}), Tensor::randn({2, 3})}, {Tensor::zeros({2, 3}), Tensor::zeros({3, 2})})
+        ->wait();
+  }, short_timeout()), doctest::Contains("expected [3, 2] f32 on cpu from rank 1, got [2, 3] f32 on cpu"), Error);
+  CHECK_THROWS_WITH_AS(dist::run_ranks(2, [](Communicator& comm) {
+    comm.start_all_to_all({Tensor::randn({1}), Tensor::randn({1})}, {Tensor::zeros({1})});
+  }, short_timeout()), doctest::Contains("one to receive into per rank (2)"), Error);
+}
+
 TEST_CASE("barrier: no rank passes it before every rank has reached it") {
   const int p = 4;
   std::atomic<int> arrived{0};
@@ -439,11 +490,20 @@ TEST_CASE("CUDA tensors travel between ranks sharing one GPU (CPU/CUDA parity)")
   manual_seed(600);
   std::vector<Tensor> xs;
   for (int r = 0; r < p; ++r) xs.push_back(Tensor::randn({64, 33}));
-  std::vector<Tensor> sums(p), gathered(p), grads(p);
+  std::vector<Tensor> sums(p), gathered(p), grads(p), started(p);
   dist::run_ranks(p, [&](Communicator& comm) {
     const size_t r = static_cast<size_t>(comm.rank());
     Tensor x = xs[r].to(Device::cuda()).requires_grad_();
     sums[r] = comm.all_reduce(x).cpu();
+    // start_all_to_all into strided CUDA views: rank s's columns [11 r, 11 r + 11) land in rows [11 s, ...).
+    Tensor into = Tensor::zeros({33, 64}, DType::f32, Device::cuda());
+    std::vector<Tensor> to_each, slots;
+    for (int d = 0; d < p; ++d) {
+      to_each.push_back(x.detach().narrow(1, 11 * d, 11));
+      slots.push_back(into.narrow(0, 11 * d, 11).permute({1, 0}));
+    }
+    comm.start_all_to_all(to_each, slots)->wait();
+    started[r] = into.cpu();
     Tensor y = dist::all_to_all(comm, x, 1, 0, {11, 11, 11});
     gathered[r] = y.detach().cpu();
     sum(mul(y, y)).backward();
@@ -456,6 +516,9 @@ TEST_CASE("CUDA tensors travel between ranks sharing one GPU (CPU/CUDA parity)")
       CHECK(max_abs_diff(gathered[static_cast<size_t>(r)].narrow(0, 64 * s, 64),
                          xs[static_cast<size_t>(s)].narrow(1, 11 * r, 11)) == 0.0);
     CHECK(max_abs_diff(grads[static_cast<size_t>(r)], mul(xs[static_cast<size_t>(r)], 2.0)) < 1e-5);
+    for (int s = 0; s < p; ++s)
+      CHECK(max_abs_diff(started[static_cast<size_t>(r)].narrow(0, 11 * s, 11).permute({1, 0}),
+                         xs[static_cast<size_t>(s)].narrow(1, 11 * r, 11)) == 0.0);
   }
 }
 

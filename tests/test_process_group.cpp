@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "attention/registry.h"
+#include "attention/ring_attention.h"
 #include "autograd/node.h"
 #include "io/safetensors.h"
 #include "io/tensor_io.h"
@@ -227,6 +228,82 @@ TEST_CASE("ring and head_parallel run unchanged over the TCP group and match the
       for (size_t i = 0; i < 4; ++i)
         check_bitwise_equal(over_tcp[static_cast<size_t>(r)][i], in_process[static_cast<size_t>(r)][i],
                             "rank " + std::to_string(r) + " result " + std::to_string(i));
+  }
+}
+
+TEST_CASE("head_parallel's pipelined all-to-alls over the TCP group (2 and 3 ranks) equal the in-process group and one "
+          "device") {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  const int64_t n = 14, heads = 6;  // 2 ranks: 7 + 7 tokens, 3 heads each; 3 ranks: 5 + 5 + 4 tokens, 2 heads each
+  const Tensor q = Tensor::randn({1, n, heads, 4}, DType::f64), k = Tensor::randn({1, n, heads, 4}, DType::f64),
+               v = Tensor::randn({1, n, heads, 4}, DType::f64), dout = Tensor::randn({1, n, heads, 4}, DType::f64);
+  struct Inner {
+    std::string name;
+    attention::Mixing mixing;
+  };
+  const std::vector<Inner> inners{{"dense", attention::Mixing::lse},
+                                  {"dilated", attention::Mixing::lse},
+                                  {"dilated", attention::Mixing::head_groups}};
+  auto config_of = [&](const Inner& inner, int64_t ranks, int64_t groups) {
+    attention::AttentionConfig config;
+    config.num_heads = heads;
+    config.head_dim = 4;
+    config.causal = inner.mixing == attention::Mixing::lse;
+    config.segment_lengths = {4, 8, 6};
+    config.dilation_rates = {1, 2, 3};
+    config.mixing = inner.mixing;
+    config.inner_variant = inner.name;
+    config.ranks = ranks;
+    config.pipeline_groups = groups;
+    return config;
+  };
+  for (const int ranks : {2, 3}) {
+    INFO(ranks << " ranks");
+    const std::vector<int64_t> starts = attention::sequence_chunk_starts(n, ranks);
+    std::vector<int64_t> group_counts;
+    for (int64_t g = 1; g <= heads / ranks; ++g) group_counts.push_back(g);
+    // Every rank: its tokens through head_parallel for every inner variant and group count, then backward.
+    auto rank_body = [&](Communicator& comm, std::vector<std::vector<Tensor>>& out) {
+      const size_t r = static_cast<size_t>(comm.rank());
+      for (const Inner& inner : inners)
+        for (int64_t groups : group_counts) {
+          auto mine = [&](const Tensor& x) { return x.narrow(1, starts[r], starts[r + 1] - starts[r]).contiguous(); };
+          Tensor ql = mine(q).requires_grad_(), kl = mine(k).requires_grad_(), vl = mine(v).requires_grad_();
+          auto module = attention::make_attention("head_parallel", config_of(inner, ranks, groups));
+          Tensor o = module->forward(ql, kl, vl);
+          autograd::run_backward({o}, {mine(dout)}, false);
+          for (const Tensor& t : {o.detach(), ql.grad(), kl.grad(), vl.grad()}) out[r].push_back(t);
+        }
+    };
+    std::vector<std::vector<Tensor>> in_process(static_cast<size_t>(ranks)), over_tcp(static_cast<size_t>(ranks));
+    run_ranks(ranks, [&](Communicator& comm) { rank_body(comm, in_process); });
+    run_tcp_ranks(ranks, [&](Communicator& comm) {
+      CommunicatorScope scope(comm);
+      rank_body(comm, over_tcp);
+    });
+    size_t at = 0;
+    for (const Inner& inner : inners) {
+      // One device: the whole sequence through the inner variant.
+      auto single = attention::make_attention(inner.name, config_of(inner, 1, 0));
+      Tensor ql = q.detach().requires_grad_(), kl = k.detach().requires_grad_(), vl = v.detach().requires_grad_();
+      Tensor o = single->forward(ql, kl, vl);
+      autograd::run_backward({o}, {dout}, false);
+      const std::vector<Tensor> want{o.detach(), ql.grad(), kl.grad(), vl.grad()};
+      for (int64_t groups : group_counts) {
+        for (size_t i = 0; i < 4; ++i, ++at) {
+          const std::string name = inner.name + " groups " + std::to_string(groups) + " result " + std::to_string(i);
+          std::vector<Tensor> pieces;
+          for (int r = 0; r < ranks; ++r) {
+            check_bitwise_equal(over_tcp[static_cast<size_t>(r)][at], in_process[static_cast<size_t>(r)][at],
+                                "rank " + std::to_string(r) + " " + name);
+            pieces.push_back(over_tcp[static_cast<size_t>(r)][at]);
+          }
+          check_bitwise_equal(cat(pieces, 1), want[i], "one device, " + name);
+        }
+      }
+    }
   }
 }
 
@@ -471,9 +548,10 @@ TEST_CASE("longtape launch: ring and head_parallel attention over 2 TCP processe
   const uint64_t seed = testing::fresh_seed() % 1000000;
   INFO("seed " << seed);
   const auto dir = testing::fresh_dir("launch_attention");
-  // N = 300: ragged chunks (and zigzag chunks of 75); dilated segments capped at N.
+  // N = 300: ragged chunks (and zigzag chunks of 75); dilated segments capped at N. head_parallel
+  // without overlap, pipelined in the automatic 3 groups of 2 heads, and in 4 groups of 6 heads.
   const auto r = testing::run_command(bin() + " launch --nproc 2 --timeout 60 -- longtape dist-check --backend tcp "
-                                                "--device cpu --attention 300 --repeats 1 --seed " +
+                                                "--device cpu --attention 300 --repeats 1 --head-groups 1,0,4 --seed " +
                                           std::to_string(seed),
                                       dir / "log");
   INFO(r.output);
@@ -481,6 +559,11 @@ TEST_CASE("longtape launch: ring and head_parallel attention over 2 TCP processe
   for (const char* line : {"ring          dense", "ring zigzag   dense", "head_parallel dense", "ring          dilated",
                            "ring zigzag   dilated", "head_parallel dilated"})
     CHECK(r.output.find(line) != std::string::npos);
+  for (const char* path : {"[not overlapped: 1 head group]", "[pipelined: 3 head groups", "[pipelined: 4 head groups"}) {
+    size_t count = 0;
+    for (size_t at = r.output.find(path); at != std::string::npos; at = r.output.find(path, at + 1)) ++count;
+    CHECK(count == 2);  // dense and dilated
+  }
 }
 
 TEST_CASE("longtape launch: a rank that dies, fails or hangs ends the job with an error naming it, never a hang" *

@@ -389,43 +389,47 @@ TEST_CASE("ring moves K/V and dK/dV only through Communicator::exchange, both la
   }
 }
 
-TEST_CASE("head_parallel takes three all-to-alls each way and runs its heads through the fused core") {
+TEST_CASE("head_parallel takes five all-to-alls per head group each way and runs its heads through the fused core") {
   const Inner inner{"dilated", Mixing::lse, {4, 8}, {1, 2}};
   manual_seed(7500);
   const Inputs in = random_inputs(2, 12, 4, 3, DType::f64);
   AttentionConfig config = make_config(inner, 4, 3, true, 2);
   auto reference = make_attention("dilated", config);
   const Result want = run(*reference, in);
-  std::vector<Result> parts(2);
-  std::vector<int> forward_calls(2), total_calls(2);
-  std::vector<std::string> backends(2);
-  const std::vector<int64_t> starts = sequence_chunk_starts(12, 2);
-  dist::run_ranks(2, [&](dist::Communicator& comm) {
-    const size_t r = static_cast<size_t>(comm.rank());
-    auto counting = std::make_shared<ExchangeOnly>(comm);
-    auto chunk = [&](const Tensor& x, int64_t dim) {
-      return x.narrow(dim, starts[r], starts[r + 1] - starts[r]).contiguous().detach();
-    };
-    Tensor q = chunk(in.q, 1).requires_grad_(), k = chunk(in.k, 1).requires_grad_(), v = chunk(in.v, 1).requires_grad_();
-    CoreRun core;
-    AttentionOutput res = head_parallel_attention(*counting, config, q, k, v, false, &core);
-    forward_calls[r] = counting->all_to_alls;
-    autograd::run_backward({res.out, res.lse}, {chunk(in.dout, 1), chunk(in.dlse, 2)}, false);
-    total_calls[r] = counting->all_to_alls;
-    backends[r] = core.backend;
-    parts[r] = {res.out.detach(), res.lse.detach(), q.grad(), k.grad(), v.grad(), ""};
-  });
-  // Forward: q, k, v as one tensor there; out (in its own dtype) and lse back. Backward: the same
-  // three the other way.
-  for (size_t r = 0; r < 2; ++r) {
-    CHECK(forward_calls[r] == 3);
-    CHECK(total_calls[r] == 6);
-    CHECK(backends[r] == "fused-cpu");
+  for (const int64_t groups : {1, 2}) {
+    config.pipeline_groups = groups;
+    std::vector<Result> parts(2);
+    std::vector<int> forward_calls(2), total_calls(2);
+    std::vector<std::string> backends(2);
+    const std::vector<int64_t> starts = sequence_chunk_starts(12, 2);
+    dist::run_ranks(2, [&](dist::Communicator& comm) {
+      const size_t r = static_cast<size_t>(comm.rank());
+      auto counting = std::make_shared<ExchangeOnly>(comm);
+      auto chunk = [&](const Tensor& x, int64_t dim) {
+        return x.narrow(dim, starts[r], starts[r + 1] - starts[r]).contiguous().detach();
+      };
+      Tensor q = chunk(in.q, 1).requires_grad_(), k = chunk(in.k, 1).requires_grad_(),
+             v = chunk(in.v, 1).requires_grad_();
+      CoreRun core;
+      AttentionOutput res = head_parallel_attention(*counting, config, q, k, v, false, &core);
+      forward_calls[r] = counting->all_to_alls;
+      autograd::run_backward({res.out, res.lse}, {chunk(in.dout, 1), chunk(in.dlse, 2)}, false);
+      total_calls[r] = counting->all_to_alls;
+      backends[r] = core.backend;
+      parts[r] = {res.out.detach(), res.lse.detach(), q.grad(), k.grad(), v.grad(), ""};
+    });
+    // Per head group, forward: q, k, v there; out (in its own dtype) and lse back. Backward: dO and
+    // the lse gradient there; dq, dk, dv back.
+    for (size_t r = 0; r < 2; ++r) {
+      CHECK(forward_calls[r] == 5 * groups);
+      CHECK(total_calls[r] == 10 * groups);
+      CHECK(backends[r] == "fused-cpu");
+    }
+    check_close({cat({parts[0].out, parts[1].out}, 1), cat({parts[0].lse, parts[1].lse}, 2),
+                 cat({parts[0].dq, parts[1].dq}, 1), cat({parts[0].dk, parts[1].dk}, 1),
+                 cat({parts[0].dv, parts[1].dv}, 1), ""},
+                want, 1e-12, "rank-local head_parallel, counted all-to-alls, " + std::to_string(groups) + " groups");
   }
-  check_close({cat({parts[0].out, parts[1].out}, 1), cat({parts[0].lse, parts[1].lse}, 2),
-               cat({parts[0].dq, parts[1].dq}, 1), cat({parts[0].dk, parts[1].dk}, 1), cat({parts[0].dv, parts[1].dv}, 1),
-               ""},
-              want, 1e-12, "rank-local head_parallel, counted all-to-alls");
 }
 
 TEST_CASE("ring and head_parallel on CUDA in bf16 run the fused kernels and match the f64 reference") {

@@ -76,6 +76,23 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // pieces), sends piece d to rank d and concatenates what arrives along concat_dim in rank order.
   Tensor all_to_all(const Tensor& tensor, int64_t split_dim, int64_t concat_dim,
                     const std::vector<int64_t>& split_sizes = {});
+  // An all_to_all under way (start_all_to_all); wait() makes what arrived available in `into` (on a
+  // GPU backend without blocking the host: later work on the calling thread's current stream is
+  // ordered after the transfer).
+  class PendingAllToAll {
+   public:
+    virtual ~PendingAllToAll() = default;
+    virtual void wait() = 0;
+  };
+  // Starts all_to_all(to_each), in the collective order of this call, receiving rank s's tensor
+  // into into[s]: a tensor or a view of one on this rank's device, of the shape and dtype rank s
+  // sends (the receiver names them, so no shapes travel first and NCCL needs no host round trip;
+  // the thread and TCP groups check them, NCCL cannot: run a program there first). Backends that
+  // can move the data beside compute do so until wait(): NCCL on its communication stream after
+  // the work queued so far, the thread and TCP groups send now and receive in wait(); this
+  // default exchanges now. Neither to_each nor into may be changed, nor into read, before wait().
+  virtual std::unique_ptr<PendingAllToAll> start_all_to_all(const std::vector<Tensor>& to_each,
+                                                            const std::vector<Tensor>& into);
   // Elementwise sum (or mean) over ranks; every rank gets the same values (summed in rank order).
   virtual Tensor all_reduce(const Tensor& tensor, ReduceOp op = ReduceOp::sum) = 0;
   // An all_reduce under way; wait() returns its result (on a GPU backend without blocking the host:
@@ -101,6 +118,16 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // MPI_Comm_split. Data and sequence parallel combine on a 2-D grid this way: split by row for
   // one and by column for the other. A failure in any group fails the whole run.
   virtual std::shared_ptr<Communicator> split(int64_t color, int64_t key) = 0;
+
+ protected:
+  // For start_all_to_all: throws unless there is one defined `into` tensor per rank and one
+  // defined tensor to send to each.
+  void check_all_to_all_into(const std::vector<Tensor>& to_each, const std::vector<Tensor>& into) const;
+  // Copies what rank `src` sent into `into`, after checking its shape and dtype.
+  void receive_into(const Tensor& arrived, const Tensor& into, int src) const;
+  // The PendingAllToAll of a backend that has sent already: wait() copies receive(s) into into[s]
+  // for every other rank s (this rank's piece is the caller's to place), once.
+  std::unique_ptr<PendingAllToAll> receive_later(std::function<Tensor(int src)> receive, std::vector<Tensor> into);
 };
 
 // ---- the in-process group ----

@@ -51,6 +51,20 @@ std::vector<Tensor> MessageCommunicator::all_to_all(const std::vector<Tensor>& t
   return result;
 }
 
+std::unique_ptr<Communicator::PendingAllToAll> MessageCommunicator::start_all_to_all(const std::vector<Tensor>& to_each,
+                                                                                    const std::vector<Tensor>& into) {
+  check_all_to_all_into(to_each, into);
+  const int64_t tag = next_collective("all_to_all");
+  for (int d = 0; d < size(); ++d)
+    if (d != rank_) post(d, tag, to_each[static_cast<size_t>(d)], "all_to_all", collective_name("all_to_all", tag));
+  receive_into(to_each[static_cast<size_t>(rank_)], into[static_cast<size_t>(rank_)], rank_);
+  return receive_later(
+      [this, tag, into](int s) {
+        return arrive(expect(s, tag, "all_to_all").tensor, into[static_cast<size_t>(s)].device());
+      },
+      into);
+}
+
 Tensor MessageCommunicator::broadcast(const Tensor& tensor, int root) {
   check_peer(root, "broadcast", "root");
   LT_CHECK(tensor.defined(), "dist broadcast: rank ", rank_, " was given an undefined tensor");

@@ -33,6 +33,10 @@ class MessageCommunicator : public Communicator {
   Tensor recv(const Shape& shape, DType dtype, Device device, int src, int tag) override;
   std::vector<Tensor> all_gather(const Tensor& tensor) override;
   std::vector<Tensor> all_to_all(const std::vector<Tensor>& to_each) override;
+  // Posts now (the transport buffers) and receives in wait(): the transfer overlaps the caller's
+  // work in between.
+  std::unique_ptr<PendingAllToAll> start_all_to_all(const std::vector<Tensor>& to_each,
+                                                    const std::vector<Tensor>& into) override;
   Tensor broadcast(const Tensor& tensor, int root) override;
   void barrier() override;
   std::shared_ptr<Communicator> split(int64_t color, int64_t key) override;

@@ -133,6 +133,42 @@ class NcclCommunicator final : public Communicator {
     return result;
   }
 
+  // One group of ncclSend/ncclRecv on the communication stream, after the compute stream's work so
+  // far; no shapes travel first (the caller names them) and the host never waits. Contiguous
+  // `into` tensors on this GPU receive directly, others through a buffer copied in wait().
+  std::unique_ptr<PendingAllToAll> start_all_to_all(const std::vector<Tensor>& to_each,
+                                                    const std::vector<Tensor>& into) override {
+    check_all_to_all_into(to_each, into);
+    std::vector<Tensor> ins, outs, keep;
+    std::vector<std::pair<Tensor, Tensor>> copy_after;  // (buffer, into)
+    for (int p = 0; p < size(); ++p) {
+      const Tensor& target = into[static_cast<size_t>(p)];
+      ins.push_back(on_gpu(to_each[static_cast<size_t>(p)]));
+      if (target.device() == gpu() && target.is_contiguous()) {
+        outs.push_back(target);
+      } else {
+        outs.push_back(Tensor::empty(target.shape(), target.dtype(), gpu()));
+        copy_after.emplace_back(outs.back(), target);
+      }
+    }
+    keep = ins;
+    keep.insert(keep.end(), outs.begin(), outs.end());
+    cudaEvent_t arrived = nullptr;
+    comm_->run("all_to_all", [&] {
+      for (int p = 0; p < size(); ++p) {
+        const Tensor& in = ins[static_cast<size_t>(p)];
+        const Tensor& out = outs[static_cast<size_t>(p)];
+        if (in.numel() > 0)
+          comm_->nccl_ok(ncclSend(in.raw_data(), static_cast<size_t>(in.numel()), nccl_type(in.dtype()), p,
+                                  comm_->comm(), comm_->stream()), "ncclSend");
+        if (out.numel() > 0)
+          comm_->nccl_ok(ncclRecv(out.raw_data(), static_cast<size_t>(out.numel()), nccl_type(out.dtype()), p,
+                                  comm_->comm(), comm_->stream()), "ncclRecv");
+      }
+    }, keep, &arrived);
+    return std::make_unique<ArrivingAllToAll>(arrived, std::move(copy_after));
+  }
+
   Tensor all_reduce(const Tensor& tensor, ReduceOp op) override {
     LT_CHECK(tensor.defined(), "dist all_reduce: rank ", rank(), " was given an undefined tensor");
     LT_CHECK(op == ReduceOp::sum || is_floating(tensor.dtype()), "dist all_reduce: mean needs a floating tensor, got ",
@@ -262,6 +298,26 @@ class NcclCommunicator final : public Communicator {
     Device device_;
     cudaEvent_t reduced_;
     double scale_;
+  };
+
+  class ArrivingAllToAll final : public PendingAllToAll {
+   public:
+    ArrivingAllToAll(cudaEvent_t arrived, std::vector<std::pair<Tensor, Tensor>> copy_after)
+        : arrived_(arrived), copy_after_(std::move(copy_after)) {}
+    ~ArrivingAllToAll() override { cudaEventDestroy(arrived_); }
+    ArrivingAllToAll(const ArrivingAllToAll&) = delete;
+    ArrivingAllToAll& operator=(const ArrivingAllToAll&) = delete;
+    void wait() override {
+      cuda_ok(cudaStreamWaitEvent(static_cast<cudaStream_t>(cuda::current_stream()), arrived_, 0),
+              "cudaStreamWaitEvent");
+      NoGradGuard no_grad;
+      for (auto& [buffer, into] : copy_after_) into.copy_(buffer);
+      copy_after_.clear();
+    }
+
+   private:
+    cudaEvent_t arrived_;
+    std::vector<std::pair<Tensor, Tensor>> copy_after_;
   };
 
   std::unique_ptr<PendingRecv> start_recv(const Shape& shape, DType dtype, Device device, int src, int tag,

@@ -112,6 +112,33 @@ std::vector<std::pair<std::string, Tensor>> check_collectives(Communicator& comm
     keep("all_to_all_" + std::to_string(s), received[static_cast<size_t>(s)]);
   }
 
+  // start_all_to_all: two under way at once, waited for in the other order. The first receives into
+  // contiguous rows of one buffer, the second into strided columns of another (transposed pieces).
+  std::vector<Tensor> rows_to_each, cols_to_each;
+  for (int d = 0; d < size; ++d) {
+    rows_to_each.push_back(mine(200 + d, {2, rank + 3}));
+    cols_to_each.push_back(mine(300 + d, {d + 1, 4}, DType::i64));
+  }
+  Tensor rows = Tensor::zeros({size * (size + 5)}, DType::f32, device);  // sum over s of 2 (s + 3)
+  Tensor cols = Tensor::zeros({4, size * (rank + 1)}, DType::i64, device);
+  std::vector<Tensor> rows_into, cols_into;
+  for (int s = 0, at = 0; s < size; at += 2 * (s + 3), ++s) {
+    rows_into.push_back(rows.narrow(0, at, 2 * (s + 3)).view({2, s + 3}));
+    cols_into.push_back(cols.narrow(1, s * (rank + 1), rank + 1).permute({1, 0}));
+  }
+  auto started_rows = comm.start_all_to_all(rows_to_each, rows_into);
+  auto started_cols = comm.start_all_to_all(cols_to_each, cols_into);
+  started_cols->wait();
+  started_rows->wait();
+  for (int s = 0; s < size; ++s) {
+    expect_exact(rows_into[static_cast<size_t>(s)], input(seed, s, 200 + rank, {2, s + 3}),
+                 "start_all_to_all (from rank " + std::to_string(s) + ")", rank);
+    expect_exact(cols_into[static_cast<size_t>(s)], input(seed, s, 300 + rank, {rank + 1, 4}, DType::i64),
+                 "start_all_to_all into strided views (from rank " + std::to_string(s) + ")", rank);
+  }
+  keep("start_all_to_all_rows", rows);
+  keep("start_all_to_all_cols", cols);
+
   // broadcast from the last rank.
   const int root = size - 1;
   const Tensor broadcasted = comm.broadcast(rank == root ? mine(5, {4, 9}) : Tensor::zeros({4, 9}, DType::f32, device),

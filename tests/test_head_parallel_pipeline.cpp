@@ -1,0 +1,272 @@
+// head_parallel's pipeline over head groups (attention/head_parallel_pipeline.h): every group count
+// gives the one-device result bit for bit, forward and gradients, dense and dilated (both mixings),
+// 2 and 3 ranks of the thread group, ragged and equal shards, group counts that do not divide the
+// heads; the all-to-alls of the next group start before the current group's are waited for; bad
+// group counts are refused.
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "attention/head_parallel.h"
+#include "attention/head_parallel_pipeline.h"
+#include "attention/registry.h"
+#include "attention/ring_attention.h"
+#include "autograd/node.h"
+#include "nn/dist/communicator.h"
+#include "support/parallel_configs.h"
+#include "tensor/error.h"
+#include "tensor/ops.h"
+
+using namespace longtape;
+using namespace longtape::attention;
+
+namespace {
+
+using testing::max_diff;
+
+struct Result {
+  Tensor out, lse, dq, dk, dv;
+};
+
+struct Inputs {
+  Tensor q, k, v, dout, dlse;
+};
+
+Inputs random_inputs(int64_t b, int64_t n, int64_t h, int64_t d) {
+  return {Tensor::randn({b, n, h, d}, DType::f64), Tensor::randn({b, n, h, d}, DType::f64),
+          Tensor::randn({b, n, h, d}, DType::f64), Tensor::randn({b, n, h, d}, DType::f64),
+          Tensor::randn({b, h, n}, DType::f64)};
+}
+
+// Forward, then backward with gradients for both out and lse.
+Result run(const std::function<AttentionOutput(const Tensor&, const Tensor&, const Tensor&)>& forward,
+           const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const Tensor& dlse) {
+  Tensor ql = q.detach().clone().requires_grad_(), kl = k.detach().clone().requires_grad_(),
+         vl = v.detach().clone().requires_grad_();
+  AttentionOutput res = forward(ql, kl, vl);
+  autograd::run_backward({res.out, res.lse}, {dout, dlse}, false);
+  return {res.out.detach(), res.lse.detach(), ql.grad(), kl.grad(), vl.grad()};
+}
+
+void check_bitwise(const Result& got, const Result& want, const std::string& what) {
+  INFO(what);
+  CHECK(max_diff(got.out, want.out) == 0.0);
+  CHECK(max_diff(got.lse, want.lse) == 0.0);
+  CHECK(max_diff(got.dq, want.dq) == 0.0);
+  CHECK(max_diff(got.dk, want.dk) == 0.0);
+  CHECK(max_diff(got.dv, want.dv) == 0.0);
+}
+
+// head_parallel_attention on each of p ranks' token chunks (sequence_chunk_starts), joined.
+Result run_ranks_local(const AttentionConfig& config, const Inputs& in, int p, std::vector<int64_t>* groups_ran) {
+  const std::vector<int64_t> starts = sequence_chunk_starts(in.q.size(1), p);
+  std::vector<Result> parts(static_cast<size_t>(p));
+  std::mutex mutex;
+  dist::run_ranks(p, [&](dist::Communicator& comm) {
+    const size_t r = static_cast<size_t>(comm.rank());
+    auto chunk = [&](const Tensor& x, int64_t dim) {
+      return x.narrow(dim, starts[r], starts[r + 1] - starts[r]).contiguous();
+    };
+    parts[r] = run([&](const Tensor& q, const Tensor& k, const Tensor& v) {
+      AttentionOutput res = head_parallel_attention(comm, config, q, k, v);
+      std::lock_guard<std::mutex> lock(mutex);
+      if (groups_ran) groups_ran->push_back(last_head_parallel_run().groups);
+      return res;
+    }, chunk(in.q, 1), chunk(in.k, 1), chunk(in.v, 1), chunk(in.dout, 1), chunk(in.dlse, 2));
+  });
+  auto join = [&](Tensor Result::*field, int64_t dim) {
+    std::vector<Tensor> pieces;
+    for (const Result& part : parts) pieces.push_back(part.*field);
+    return pieces.size() == 1 ? pieces[0] : cat(pieces, dim);
+  };
+  return {join(&Result::out, 1), join(&Result::lse, 2), join(&Result::dq, 1), join(&Result::dk, 1),
+          join(&Result::dv, 1)};
+}
+
+// Passes everything to `inner`, writing "S" for each start_all_to_all and "W" for each wait.
+class Recording final : public dist::Communicator {
+ public:
+  explicit Recording(dist::Communicator& inner) : inner_(inner) {}
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  const dist::CommOptions& options() const override { return inner_.options(); }
+  void send(const Tensor& t, int dst, int tag) override { inner_.send(t, dst, tag); }
+  Tensor recv(const Shape& shape, DType dtype, Device device, int src, int tag) override {
+    return inner_.recv(shape, dtype, device, src, tag);
+  }
+  std::vector<Tensor> all_gather(const Tensor& t) override { return inner_.all_gather(t); }
+  std::vector<Tensor> all_to_all(const std::vector<Tensor>& to_each) override {
+    log += "A";  // a blocking all-to-all: the pipeline takes none
+    return inner_.all_to_all(to_each);
+  }
+  std::unique_ptr<PendingAllToAll> start_all_to_all(const std::vector<Tensor>& to_each,
+                                                    const std::vector<Tensor>& into) override {
+    log += "S";
+    class Logged final : public PendingAllToAll {
+     public:
+      Logged(std::unique_ptr<PendingAllToAll> p, std::string& log) : pending_(std::move(p)), log_(log) {}
+      void wait() override {
+        log_ += "W";
+        pending_->wait();
+      }
+
+     private:
+      std::unique_ptr<PendingAllToAll> pending_;
+      std::string& log_;
+    };
+    return std::make_unique<Logged>(inner_.start_all_to_all(to_each, into), log);
+  }
+  Tensor all_reduce(const Tensor& t, dist::ReduceOp op) override { return inner_.all_reduce(t, op); }
+  Tensor broadcast(const Tensor& t, int root) override { return inner_.broadcast(t, root); }
+  void barrier() override { inner_.barrier(); }
+  void abort(const std::string& why) override { inner_.abort(why); }
+  std::shared_ptr<dist::Communicator> split(int64_t color, int64_t key) override { return inner_.split(color, key); }
+  std::string log;
+
+ private:
+  dist::Communicator& inner_;
+};
+
+// The log the pipeline of `groups` groups must write: every group's transfers there start before
+// group 0's are waited for (so group g+1's travel while group g computes), each group's return
+// starts right after its core, and the returns are waited for only after the last group's core.
+// `there`/`back`: all-to-alls per group each way.
+std::string expected_log(int64_t groups, int there, int back) {
+  const std::string start_there(static_cast<size_t>(there), 'S'), wait_there(static_cast<size_t>(there), 'W'),
+      start_back(static_cast<size_t>(back), 'S'), wait_back(static_cast<size_t>(back), 'W');
+  std::string log;
+  for (int64_t g = 0; g < groups; ++g) log += start_there;
+  for (int64_t g = 0; g < groups; ++g) log += wait_there + start_back;
+  for (int64_t g = 0; g < groups; ++g) log += wait_back;
+  return log;
+}
+
+}  // namespace
+
+TEST_CASE("split_heads and the automatic group count") {
+  const std::vector<HeadGroup> five = split_heads(5, 3);
+  REQUIRE(five.size() == 3);
+  CHECK((five[0].first == 0 && five[0].count == 2 && five[1].first == 2 && five[1].count == 2 && five[2].first == 4 &&
+         five[2].count == 1));
+  CHECK(split_heads(4, 1).size() == 1);
+  CHECK(automatic_pipeline_groups(6) == 3);
+  CHECK(automatic_pipeline_groups(8) == 4);
+  CHECK(automatic_pipeline_groups(5) == 4);
+  CHECK(automatic_pipeline_groups(1) == 1);
+  CHECK_THROWS_WITH_AS(split_heads(3, 4), doctest::Contains("cannot be split into 4 groups: expected 1 to 3"), Error);
+}
+
+TEST_CASE("pipelined head_parallel equals one device bit for bit for every group count, P = 2 and 3") {
+  const std::vector<testing::InnerVariant> inners = {
+      {"dense", Mixing::lse, {}, {}},
+      {"dilated", Mixing::lse, {4, 8, 6}, {1, 2, 3}},
+      {"dilated", Mixing::head_groups, {4, 8, 6}, {1, 3, 2}},
+  };
+  // P = 2: 10 heads (5 per rank), 11 tokens (ragged shards 6 + 5), batch 1. P = 3: 9 heads (3 per
+  // rank), 12 tokens (equal shards), batch 2. Group counts 2 and 3 do not divide 5, 2 not 3.
+  struct Case {
+    int p;
+    int64_t heads, tokens, batch;
+    std::vector<int64_t> groups;
+  };
+  for (const Case& c : {Case{2, 10, 11, 1, {1, 2, 3, 5, 0}}, Case{3, 9, 12, 2, {1, 2, 3, 0}}}) {
+    for (const testing::InnerVariant& inner : inners) {
+      const bool causal = inner.mixing == Mixing::lse;
+      manual_seed(8100 + static_cast<uint64_t>(c.p));
+      const Inputs in = random_inputs(c.batch, c.tokens, c.heads, 4);
+      AttentionConfig config = testing::parallel_config(inner, c.heads, 4, causal, c.p);
+      auto reference = make_attention(inner.name, config);
+      const Result want = run([&](const Tensor& q, const Tensor& k, const Tensor& v) {
+        return reference->forward_with_lse(q, k, v);
+      }, in.q, in.k, in.v, in.dout, in.dlse);
+      for (int64_t groups : c.groups) {
+        config.pipeline_groups = groups;
+        const std::string what = inner.name + (inner.mixing == Mixing::head_groups ? " (head_groups)" : "") +
+                                 ", P = " + std::to_string(c.p) + ", pipeline_groups = " + std::to_string(groups);
+        std::vector<int64_t> ran;
+        check_bitwise(run_ranks_local(config, in, c.p, &ran), want, "rank-local " + what);
+        const int64_t local = c.heads / c.p;
+        for (int64_t g : ran) CHECK(g == (groups > 0 ? groups : automatic_pipeline_groups(local)));
+        // The registered module outside a rank runs the ranks as threads, through the same pipeline.
+        auto simulated = make_attention("head_parallel", config);
+        check_bitwise(run([&](const Tensor& q, const Tensor& k, const Tensor& v) {
+          return simulated->forward_with_lse(q, k, v);
+        }, in.q, in.k, in.v, in.dout, in.dlse), want, "simulated " + what);
+      }
+    }
+  }
+}
+
+TEST_CASE("the pipeline starts every group's all-to-alls before waiting for group 0's, forward and backward") {
+  const testing::InnerVariant inner{"dilated", Mixing::lse, {4, 8}, {1, 2}};
+  manual_seed(8200);
+  const Inputs in = random_inputs(1, 12, 6, 4);
+  AttentionConfig config = testing::parallel_config(inner, 6, 4, true, 2);
+  auto reference = make_attention("dilated", config);
+  const Result want = run([&](const Tensor& q, const Tensor& k, const Tensor& v) {
+    return reference->forward_with_lse(q, k, v);
+  }, in.q, in.k, in.v, in.dout, in.dlse);
+  for (int64_t groups : {1, 2, 3}) {
+    config.pipeline_groups = groups;
+    std::vector<std::string> forward_logs(2), backward_logs(2);
+    std::vector<Result> parts(2);
+    dist::run_ranks(2, [&](dist::Communicator& comm) {
+      const size_t r = static_cast<size_t>(comm.rank());
+      auto recording = std::make_shared<Recording>(comm);
+      auto chunk = [&](const Tensor& x, int64_t dim) { return x.narrow(dim, 6 * static_cast<int64_t>(r), 6).contiguous(); };
+      Tensor q = chunk(in.q, 1).requires_grad_(), k = chunk(in.k, 1).requires_grad_(), v = chunk(in.v, 1).requires_grad_();
+      AttentionOutput res = head_parallel_attention(*recording, config, q, k, v);
+      forward_logs[r] = recording->log;
+      recording->log.clear();
+      autograd::run_backward({res.out, res.lse}, {chunk(in.dout, 1), chunk(in.dlse, 2)}, false);
+      backward_logs[r] = recording->log;
+      parts[r] = {res.out.detach(), res.lse.detach(), q.grad(), k.grad(), v.grad()};
+    });
+    INFO("pipeline_groups = " << groups);
+    for (size_t r = 0; r < 2; ++r) {
+      // Forward: q, k, v there, out and lse back. Backward: dO and the lse gradient there, dq, dk, dv back.
+      CHECK(forward_logs[r] == expected_log(groups, 3, 2));
+      CHECK(backward_logs[r] == expected_log(groups, 2, 3));
+    }
+    check_bitwise({cat({parts[0].out, parts[1].out}, 1), cat({parts[0].lse, parts[1].lse}, 2),
+                   cat({parts[0].dq, parts[1].dq}, 1), cat({parts[0].dk, parts[1].dk}, 1),
+                   cat({parts[0].dv, parts[1].dv}, 1)},
+                  want, "recorded pipeline");
+  }
+}
+
+TEST_CASE("pipeline_groups: out-of-range counts and several groups over an inner variant with parameters are refused") {
+  AttentionConfig config;
+  config.num_heads = 4;
+  config.head_dim = 4;
+  config.inner_variant = "dense";
+  config.ranks = 2;
+  config.pipeline_groups = 3;  // 2 heads per rank
+  CHECK_THROWS_WITH_AS(make_attention("head_parallel", config),
+                       doctest::Contains("pipeline_groups must be 0 (automatic) or 1 to the heads per rank (2), got 3"),
+                       Error);
+  config.pipeline_groups = -1;
+  CHECK_THROWS_WITH_AS(make_attention("head_parallel", config), doctest::Contains("got -1"), Error);
+  config.pipeline_groups = 2;
+  const Tensor x = Tensor::randn({1, 4, 4, 4});
+  CHECK_THROWS_WITH_AS(dist::run_ranks(1, [&](dist::Communicator& comm) {
+    AttentionConfig wide = config;
+    wide.pipeline_groups = 5;
+    head_parallel_attention(comm, wide, x, x, x);
+  }), doctest::Contains("heads per rank (4), got 5"), Error);
+
+  AttentionConfig adaptive = config;
+  adaptive.inner_variant = "block_sparse_adaptive";
+  adaptive.block_size = 2;
+  adaptive.density = 0.5;
+  CHECK_THROWS_WITH_AS(make_attention("head_parallel", adaptive)->forward(x, x, x),
+                       doctest::Contains("has parameters (held per rank for all of its heads), so its heads run as "
+                                         "one group; got pipeline_groups = 2"),
+                       Error);
+  adaptive.pipeline_groups = 0;  // automatic: one group
+  CHECK(make_attention("head_parallel", adaptive)->forward(x, x, x).shape() == x.shape());
+  CHECK(last_head_parallel_run().groups == 1);
+}
