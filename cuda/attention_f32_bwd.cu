@@ -317,7 +317,6 @@ void launch_backward_f32(const BwdParamsF32& p, int64_t max_tiles, int64_t batch
   CUDA_CHECK_LAUNCH();
 }
 
-RowStrides row_strides(const attention::fused::Strides& s) { return {s.batch, s.row, s.head}; }
 
 }  // namespace
 
@@ -325,29 +324,8 @@ void run_backward_f32(const attention::fused::BackwardProblem& bp, const LaunchP
   const attention::fused::Problem& f = bp.forward;
   const cudaStream_t stream = impl::stream();
   BwdParamsF32 p{};
-  p.q = static_cast<const float*>(f.q);
-  p.k = static_cast<const float*>(f.k);
-  p.v = static_cast<const float*>(f.v);
-  p.dout = static_cast<const float*>(bp.dout);
-  p.qs = row_strides(f.q_stride);
-  p.ks = row_strides(f.k_stride);
-  p.vs = row_strides(f.v_stride);
-  p.dos = row_strides(bp.dout_stride);
-  p.lse = static_cast<const float*>(f.lse);
-  p.dq = static_cast<float*>(bp.dq);
-  p.dk = static_cast<float*>(bp.dk);
-  p.dv = static_cast<float*>(bp.dv);
-  p.dqs = row_strides(bp.dq_stride);
-  p.dks = row_strides(bp.dk_stride);
-  p.dvs = row_strides(bp.dv_stride);
-  p.heads = f.heads;
-  p.scale = static_cast<float>(f.scale);
-  p.scale_log2 = p.scale * kLog2e;
-  p.do_scale = plan.out_scale;
-  p.causal = f.causal;
+  set_backward_inputs<float>(p, bp, plan);
   p.atomic_dq = !bp.deterministic;
-  p.lists = plan.lists;
-  p.lists.dbias = static_cast<float*>(bp.dbias);
   p.vec = f32::rows_aligned({{p.q, p.qs},
                              {p.k, p.ks},
                              {p.v, p.vs},
@@ -362,7 +340,7 @@ void run_backward_f32(const attention::fused::BackwardProblem& bp, const LaunchP
   if (rows_q > 0) {
     const int64_t threads = rows_q * kTx;
     delta_f32_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
-        static_cast<float*>(delta->data), static_cast<const float*>(f.out), row_strides(f.out_stride), p.dout, p.dos,
+        static_cast<float*>(delta->data), static_cast<const float*>(f.out), row_strides_of(f.out_stride), p.dout, p.dos,
         static_cast<const float*>(bp.dlse), f.heads, f.seq_q, rows_q, static_cast<int>(f.head_dim));
     CUDA_CHECK_LAUNCH();
   }

@@ -198,7 +198,6 @@ void launch_forward_f32(const FwdParamsF32& params, int64_t batch) {
   CUDA_CHECK_LAUNCH();
 }
 
-RowStrides row_strides(const attention::fused::Strides& s) { return {s.batch, s.row, s.head}; }
 
 }  // namespace
 
@@ -207,11 +206,11 @@ void run_forward_f32(const attention::fused::Problem& pr, const LaunchPlan& plan
   p.q = static_cast<const float*>(pr.q);
   p.k = static_cast<const float*>(pr.k);
   p.v = static_cast<const float*>(pr.v);
-  p.qs = row_strides(pr.q_stride);
-  p.ks = row_strides(pr.k_stride);
-  p.vs = row_strides(pr.v_stride);
+  p.qs = row_strides_of(pr.q_stride);
+  p.ks = row_strides_of(pr.k_stride);
+  p.vs = row_strides_of(pr.v_stride);
   p.out = static_cast<float*>(pr.out);
-  p.os = row_strides(pr.out_stride);
+  p.os = row_strides_of(pr.out_stride);
   p.lse = static_cast<float*>(pr.lse);
   p.heads = pr.heads;
   p.scale_log2 = static_cast<float>(pr.scale) * kLog2e;

@@ -455,7 +455,6 @@ void launch_backward(const BwdParams& params, int64_t max_tiles, int64_t batch, 
   CUDA_CHECK_LAUNCH();
 }
 
-RowStrides strides_of(const attention::fused::Strides& s) { return {s.batch, s.row, s.head}; }
 
 // The sm_90a backward runs where the lab has not turned it off and the sm_90a kernels cover the
 // problem (hopper_kernels_cover), for deterministic problems, unless a block bias needs its
@@ -476,28 +475,7 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
   const attention::fused::Problem& f = bp.forward;
   const cudaStream_t stream = impl::stream();
   BwdParams p{};
-  p.q = static_cast<const elem16*>(f.q);
-  p.k = static_cast<const elem16*>(f.k);
-  p.v = static_cast<const elem16*>(f.v);
-  p.dout = static_cast<const elem16*>(bp.dout);
-  p.qs = strides_of(f.q_stride);
-  p.ks = strides_of(f.k_stride);
-  p.vs = strides_of(f.v_stride);
-  p.dos = strides_of(bp.dout_stride);
-  p.lse = static_cast<const float*>(f.lse);
-  p.dq = static_cast<elem16*>(bp.dq);
-  p.dk = static_cast<elem16*>(bp.dk);
-  p.dv = static_cast<elem16*>(bp.dv);
-  p.dqs = strides_of(bp.dq_stride);
-  p.dks = strides_of(bp.dk_stride);
-  p.dvs = strides_of(bp.dv_stride);
-  p.heads = f.heads;
-  p.scale = static_cast<float>(f.scale);
-  p.scale_log2 = p.scale * kLog2e;
-  p.do_scale = plan.out_scale;
-  p.causal = f.causal;
-  p.lists = plan.lists;
-  p.lists.dbias = static_cast<float*>(bp.dbias);
+  set_backward_inputs<elem16>(p, bp, plan);
 
   const int64_t rows_q = f.batch * f.heads * f.seq_q;
   auto delta = impl::scratch(static_cast<size_t>(rows_q) * sizeof(float));
@@ -507,7 +485,7 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
     with_format(f.dtype, [&](auto format) {
       delta_kernel<decltype(format)><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
           static_cast<float*>(delta->data), static_cast<const elem16*>(f.out),
-          static_cast<const elem16*>(f.out_residual), strides_of(f.out_stride), p.dout, p.dos,
+          static_cast<const elem16*>(f.out_residual), row_strides_of(f.out_stride), p.dout, p.dos,
           static_cast<const float*>(bp.dlse), f.batch, f.heads, f.seq_q, static_cast<int>(f.head_dim));
       CUDA_CHECK_LAUNCH();
     });

@@ -65,4 +65,36 @@ void run_backward_f32(const attention::fused::BackwardProblem& problem, const La
 extern const char* g_last_forward_kernel;
 extern const char* g_last_backward_kernel;
 
+// A fused::Strides as the kernels' row strides.
+inline RowStrides row_strides_of(const attention::fused::Strides& s) { return {s.batch, s.row, s.head}; }
+
+// The inputs, gradient outputs, strides and scalars every backward's parameters share, as
+// elements of type E (the 16-bit formats' raw bits, or f32).
+template <typename E, typename Params>
+void set_backward_inputs(Params& p, const attention::fused::BackwardProblem& bp, const LaunchPlan& plan) {
+  const attention::fused::Problem& f = bp.forward;
+  p.q = static_cast<const E*>(f.q);
+  p.k = static_cast<const E*>(f.k);
+  p.v = static_cast<const E*>(f.v);
+  p.dout = static_cast<const E*>(bp.dout);
+  p.qs = row_strides_of(f.q_stride);
+  p.ks = row_strides_of(f.k_stride);
+  p.vs = row_strides_of(f.v_stride);
+  p.dos = row_strides_of(bp.dout_stride);
+  p.lse = static_cast<const float*>(f.lse);
+  p.dq = static_cast<E*>(bp.dq);
+  p.dk = static_cast<E*>(bp.dk);
+  p.dv = static_cast<E*>(bp.dv);
+  p.dqs = row_strides_of(bp.dq_stride);
+  p.dks = row_strides_of(bp.dk_stride);
+  p.dvs = row_strides_of(bp.dv_stride);
+  p.heads = f.heads;
+  p.scale = static_cast<float>(f.scale);
+  p.scale_log2 = p.scale * kLog2e;
+  p.do_scale = plan.out_scale;
+  p.causal = f.causal;
+  p.lists = plan.lists;
+  p.lists.dbias = static_cast<float*>(bp.dbias);
+}
+
 }  // namespace longtape::cuda::attn

@@ -103,60 +103,62 @@ TEST_CASE("cuda: bf16 vs f32, 300 steps on the recall task (N=1024): final loss 
   CHECK(std::abs(bf16.eval_loss - f32.eval_loss) <= 0.03 * f32.eval_loss);
 }
 
+namespace {
+
+// a @ b under bf16 on the CPU (the reference: the same rounded values in f32) and on the GPU, with
+// the gradients of sum(y * go).
+struct Bf16Products {
+  Tensor y_cpu, y_gpu, ga_cpu, ga_gpu, gb_cpu, gb_gpu;
+};
+Bf16Products bf16_products(const Tensor& a, const Tensor& b, const Tensor& go) {
+  Tensor ac = a.clone().requires_grad_(), bc = b.clone().requires_grad_();
+  Tensor ag = a.to(kGpu).detach().requires_grad_(), bg = b.to(kGpu).detach().requires_grad_();
+  Tensor yc, yg;
+  {
+    AutocastScope scope(Precision::bf16);
+    yc = matmul(ac, bc);
+    yg = matmul(ag, bg);
+  }
+  yc.backward(go);
+  yg.backward(go.to(kGpu));
+  return {yc, yg, ac.grad(), ag.grad(), bc.grad(), bg.grad()};
+}
+
+}  // namespace
+
 TEST_CASE("cuda: bf16 matmul reads bf16 operands, accumulates and writes f32, and returns f32 gradients" *
           doctest::skip(!cuda_available())) {
   LT_FRESH_SEED(seed);
   manual_seed(seed);
   Tensor a = Tensor::randn({64, 300}), b = Tensor::randn({300, 48}), go = Tensor::randn({64, 48});
-  // The CPU under bf16 multiplies the same rounded values in f32: the reference.
-  Tensor ac = a.clone().requires_grad_(), bc = b.clone().requires_grad_();
-  Tensor ag = a.to(kGpu).detach().requires_grad_(), bg = b.to(kGpu).detach().requires_grad_();
-  Tensor yc, yg;
-  {
-    AutocastScope scope(Precision::bf16);
-    yc = matmul(ac, bc);
-    yg = matmul(ag, bg);
-  }
-  yc.backward(go);
-  yg.backward(go.to(kGpu));
-  CHECK(yg.dtype() == DType::f32);
-  CHECK(ag.grad().dtype() == DType::f32);
-  CHECK(bg.grad().dtype() == DType::f32);
-  CHECK(normwise_rel_err(yg, yc) < 1e-5);
-  CHECK(normwise_rel_err(ag.grad(), ac.grad()) < 1e-5);
-  CHECK(normwise_rel_err(bg.grad(), bc.grad()) < 1e-5);
-  CHECK(normwise_rel_err(yg, matmul(a, b)) > 1e-5);  // rounded: not the f32 product
+  const Bf16Products r = bf16_products(a, b, go);
+  CHECK(r.y_gpu.dtype() == DType::f32);
+  CHECK(r.ga_gpu.dtype() == DType::f32);
+  CHECK(r.gb_gpu.dtype() == DType::f32);
+  CHECK(normwise_rel_err(r.y_gpu, r.y_cpu) < 1e-5);
+  CHECK(normwise_rel_err(r.ga_gpu, r.ga_cpu) < 1e-5);
+  CHECK(normwise_rel_err(r.gb_gpu, r.gb_cpu) < 1e-5);
+  CHECK(normwise_rel_err(r.y_gpu, matmul(a, b)) > 1e-5);  // rounded: not the f32 product
 }
 
 TEST_CASE("cuda: a bf16 operand meets an f32 one under bf16: f32 result, the bf16 input's gradient in bf16" *
           doctest::skip(!cuda_available())) {
-  const uint64_t seed = testing::fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
-  Tensor a = Tensor::randn({40, 96}).to(DType::bf16), b = Tensor::randn({96, 24}), go = Tensor::randn({40, 24});
-  Tensor ac = a.clone().requires_grad_(), bc = b.clone().requires_grad_();
-  Tensor ag = a.to(kGpu).detach().requires_grad_(), bg = b.to(kGpu).detach().requires_grad_();
-  Tensor yc, yg;
-  {
-    AutocastScope scope(Precision::bf16);
-    yc = matmul(ac, bc);
-    yg = matmul(ag, bg);
-  }
-  yc.backward(go);
-  yg.backward(go.to(kGpu));
-  CHECK(yg.dtype() == DType::f32);
-  CHECK(ag.grad().dtype() == DType::bf16);
-  CHECK(bg.grad().dtype() == DType::f32);
-  CHECK(normwise_rel_err(yg, yc) < 1e-5);
+  const Bf16Products r =
+      bf16_products(Tensor::randn({40, 96}).to(DType::bf16), Tensor::randn({96, 24}), Tensor::randn({40, 24}));
+  CHECK(r.y_gpu.dtype() == DType::f32);
+  CHECK(r.ga_gpu.dtype() == DType::bf16);
+  CHECK(r.gb_gpu.dtype() == DType::f32);
+  CHECK(normwise_rel_err(r.y_gpu, r.y_cpu) < 1e-5);
   // The CPU rounds its f32 gradient to bf16 afterwards, CUDA writes bf16 from the f32 accumulator.
-  CHECK(normwise_rel_err(ag.grad(), ac.grad()) < 1e-2);
-  CHECK(normwise_rel_err(bg.grad(), bc.grad()) < 1e-5);
+  CHECK(normwise_rel_err(r.ga_gpu, r.ga_cpu) < 1e-2);
+  CHECK(normwise_rel_err(r.gb_gpu, r.gb_cpu) < 1e-5);
 }
 
 TEST_CASE("cuda: gelu_mlp matches the composed MLP on the GPU (f32 and bf16) and the CPU" *
           doctest::skip(!cuda_available())) {
-  const uint64_t seed = testing::fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   const int64_t rows = 333, E = 64, H = 256;
   Tensor x = Tensor::randn({rows, E}), w1 = mul(Tensor::randn({H, E}), 0.1), b1 = Tensor::randn({H}),
@@ -195,8 +197,7 @@ TEST_CASE("cuda: gelu_mlp matches the composed MLP on the GPU (f32 and bf16) and
 
 TEST_CASE("cuda: gradient norm and clipping over many parameters (two launches) match the CPU" *
           doctest::skip(!cuda_available())) {
-  const uint64_t seed = testing::fresh_seed();
-  INFO("seed " << seed);
+  LT_FRESH_SEED(seed);
   manual_seed(seed);
   std::vector<Tensor> cpu_params, gpu_params;
   for (int64_t n : {1, 7, 16384, 16385, 40000, 3}) {  // chunk edges and a gradient-less parameter
