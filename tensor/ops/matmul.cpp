@@ -16,8 +16,10 @@ using autograd::record;
 namespace {
 
 // Batched product of (..., M, K) and (..., K, N) tensors with equal batch dims (both contiguous).
-// bf16 operands with f32_out give an f32 result (CUDA).
-Tensor bmm_raw(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool f32_out = false) {
+// bf16 operands with f32_out give an f32 result (CUDA). With `into` (contiguous, of the result's
+// shape and dtype) the product is added to it (beta = 1) and it is returned.
+Tensor bmm_raw(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool f32_out = false,
+               const Tensor& into = Tensor()) {
   const int64_t nd = a.dim();
   const int64_t m = trans_a ? a.shape()[nd - 1] : a.shape()[nd - 2];
   const int64_t k = trans_a ? a.shape()[nd - 2] : a.shape()[nd - 1];
@@ -26,14 +28,16 @@ Tensor bmm_raw(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, boo
   int64_t batch = shape_numel(out_shape);
   out_shape.push_back(m);
   out_shape.push_back(n);
-  Tensor out = Tensor::empty(out_shape, f32_out ? DType::f32 : a.dtype(), a.device());
+  const bool accumulate = into.defined();
+  Tensor out = accumulate ? into : Tensor::empty(out_shape, f32_out ? DType::f32 : a.dtype(), a.device());
   kernels::GemmArgs g{out.raw_data(), a.raw_data(), b.raw_data(), a.dtype(), batch, m, n, k,
                       a.shape()[nd - 1] * a.shape()[nd - 2], b.shape()[nd - 1] * b.shape()[nd - 2], m * n,
-                      trans_a, trans_b, 1.0, 0.0, a.device(), f32_out};
+                      trans_a, trans_b, 1.0, accumulate ? 1.0 : 0.0, a.device(), f32_out};
   if (out.numel() > 0) {
-    if (k == 0) out.zero_();
-    else kernels::gemm(g);
+    if (k > 0) kernels::gemm(g);
+    else if (!accumulate) out.zero_();
   }
+  if (accumulate) out.bump_version();
   return out;
 }
 
@@ -75,19 +79,15 @@ Tensor matmul_operands(const Tensor& a, const Tensor& b, const Tensor& accumulat
   NoGradGuard guard;
   const Operand oa = as_operand(a.detach()), ob = as_operand(b.detach());
   const bool f32_out = is_half_precision(a.dtype()) && a.device().is_cuda();
-  if (!accumulate.defined()) return bmm_raw(oa.stored, ob.stored, oa.transposed, ob.transposed, f32_out);
-  const DType out_dtype = f32_out ? DType::f32 : a.dtype();
-  LT_CHECK(accumulate.shape() == Shape({a.size(0), b.size(1)}) && accumulate.dtype() == out_dtype &&
-               accumulate.device() == a.device() && accumulate.is_contiguous(),
-           "matmul_operands: accumulate must be a contiguous ", dtype_name(out_dtype), " [", a.size(0), ", ", b.size(1),
-           "] on ", a.device().str(), ", got ", dtype_name(accumulate.dtype()), " ", shape_str(accumulate.shape()));
-  const int64_t m = a.size(0), n = b.size(1), k = a.size(1);
-  if (m == 0 || n == 0 || k == 0) return accumulate;
-  kernels::GemmArgs g{accumulate.raw_data(), oa.stored.raw_data(), ob.stored.raw_data(), oa.stored.dtype(), 1, m, n, k,
-                      m * k, k * n, m * n, oa.transposed, ob.transposed, 1.0, 1.0, a.device(), f32_out};
-  kernels::gemm(g);
-  accumulate.bump_version();
-  return accumulate;
+  if (accumulate.defined()) {
+    const DType out_dtype = f32_out ? DType::f32 : a.dtype();
+    LT_CHECK(accumulate.shape() == Shape({a.size(0), b.size(1)}) && accumulate.dtype() == out_dtype &&
+                 accumulate.device() == a.device() && accumulate.is_contiguous(),
+             "matmul_operands: accumulate must be a contiguous ", dtype_name(out_dtype), " [", a.size(0), ", ",
+             b.size(1), "] on ", a.device().str(), ", got ", dtype_name(accumulate.dtype()), " ",
+             shape_str(accumulate.shape()));
+  }
+  return bmm_raw(oa.stored, ob.stored, oa.transposed, ob.transposed, f32_out, accumulate);
 }
 
 Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
