@@ -50,10 +50,66 @@ struct Grads {
   Tensor out, dq, dk, dv;
 };
 
+struct HeadParallelParts {
+  double core_s = 0, exchange_s = 0;
+};
+
+// Where a head-parallel step's time goes: this rank's core alone (its H/P heads over the whole
+// sequence, forward + backward) and the exchanges alone (what the forward and backward send: q, k,
+// v and dO to the head layout, out and dq, dk, dv back), each timed like the whole step.
+HeadParallelParts time_head_parallel_parts(dist::Communicator& comm, const attention::AttentionConfig& config,
+                                           const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
+                                           int repeats) {
+  const int ranks = comm.size(), rank = comm.rank();
+  const int64_t heads = q.size(2) / ranks, n = q.size(1), n_r = n / ranks;
+  attention::AttentionConfig local = config;
+  local.num_heads = heads;
+  local.total_heads = q.size(2);
+  local.head_offset = rank * heads;
+  auto core = attention::make_attention(config.inner_variant, local);
+  auto mine = [&](const Tensor& x) { return x.narrow(2, rank * heads, heads).contiguous(); };
+  const Tensor qh = mine(q), kh = mine(k), vh = mine(v), gh = mine(dout);
+  HeadParallelParts parts;
+  parts.core_s = time_step(&comm, repeats, [&] {
+    Tensor ql = qh.detach().requires_grad_(), kl = kh.detach().requires_grad_(), vl = vh.detach().requires_grad_();
+    core->forward(ql, kl, vl).backward(gh);
+    (void)sum(vl.grad().narrow(1, 0, 1)).item();
+  });
+  // One exchange: every rank sends (B, n/P, H/P, D) pieces to every rank.
+  const Shape piece{q.size(0), n_r, heads, q.size(3)};
+  std::vector<Tensor> to_each, into;
+  for (int p = 0; p < ranks; ++p) {
+    to_each.push_back(Tensor::randn(piece, DType::f32, q.device()).to(q.dtype()));
+    into.push_back(Tensor::empty(piece, q.dtype(), q.device()));
+  }
+  parts.exchange_s = time_step(&comm, repeats, [&] {
+    std::vector<std::unique_ptr<dist::Communicator::PendingAllToAll>> pending;
+    for (int i = 0; i < 8; ++i) pending.push_back(comm.start_all_to_all(to_each, into));  // q k v out dO dq dk dv
+    for (auto& p : pending) p->wait();
+    (void)sum(into[0].narrow(1, 0, 1)).item();
+  });
+  return parts;
+}
+
 }  // namespace
 
+std::vector<std::string> split_names(const std::string& list, const char* flag) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= list.size()) {
+    const size_t end = std::min(list.find(',', start), list.size());
+    out.push_back(list.substr(start, end - start));
+    LT_CHECK(!out.back().empty(), flag, ": expected a comma-separated list of names, got \"", list, "\"");
+    start = end + 1;
+  }
+  return out;
+}
+
 void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t seed, int repeats, double tolerance,
-                              const std::vector<int64_t>& head_groups) {
+                              const std::vector<int64_t>& head_groups, const std::vector<std::string>& cores) {
+  for (const std::string& core : cores)
+    LT_CHECK(core == "dense" || core == "dilated", "dist-check: --attention-cores takes dense and dilated, got \"",
+             core, "\"");
   using attention::AttentionConfig;
   using attention::RingLayout;
   for (int64_t groups : head_groups)
@@ -67,7 +123,7 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
   auto input = [&] { return Tensor::randn(shape, DType::f32, device).to(dtype).detach(); };
   const Tensor q = input(), k = input(), v = input(), dout = input();
 
-  for (const std::string inner : {"dense", "dilated"}) {
+  for (const std::string& inner : cores) {
     AttentionConfig config;
     config.num_heads = 12;
     config.head_dim = 64;
@@ -139,6 +195,16 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
       }
       LT_CHECK(worst <= tolerance, "dist-check: ", kind, " ", inner, " attention on rank ", rank,
                " differs from one device by ", worst, " (relative), more than ", tolerance);
+    }
+    if (12 % ranks == 0 && ranks > 1) {
+      const HeadParallelParts parts = time_head_parallel_parts(comm, config, q, k, v, dout, repeats);
+      if (rank == 0) {
+        std::printf("head_parallel %-7s N=%lld %d ranks, its parts alone: core on %d heads f+b %.2f ms (%.2fx one "
+                    "device), the all-to-alls of a forward and backward %.2f ms\n",
+                    inner.c_str(), static_cast<long long>(n), ranks, 12 / ranks, parts.core_s * 1e3,
+                    parts.core_s / single_s, parts.exchange_s * 1e3);
+        std::fflush(stdout);
+      }
     }
   }
 }

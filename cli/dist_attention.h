@@ -1,6 +1,7 @@
 #pragma once
 // Ring and head-parallel attention over a real process group (`longtape dist-check --attention N`).
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "nn/dist/process_group.h"
@@ -15,8 +16,13 @@ namespace longtape::cli {
 // prints one line per case: errors, forward+backward time on one device and over the group
 // (median of `repeats` after two warm-ups), and their ratio. head_parallel runs once per entry of
 // `head_groups` (its config.pipeline_groups: 0 = automatic, 1 = no overlap), each line saying how
-// many groups ran.
+// many groups ran, then one line with head_parallel's parts timed alone. `cores` picks the inner
+// variants (dense, dilated).
 void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t seed, int repeats, double tolerance,
-                              const std::vector<int64_t>& head_groups = {0});
+                              const std::vector<int64_t>& head_groups = {0},
+                              const std::vector<std::string>& cores = {"dense", "dilated"});
+
+// The names of a comma-separated list (throws on an empty entry, naming `flag`).
+std::vector<std::string> split_names(const std::string& list, const char* flag);
 
 }  // namespace longtape::cli

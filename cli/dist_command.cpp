@@ -46,6 +46,7 @@ struct DistCheckArgs {
   int64_t attention_n = 0;
   int repeats = 5;
   std::string head_groups = "0";
+  std::string attention_cores = "dense,dilated";
 };
 
 void bench_all_reduce(dist::ProcessGroup& group, double mebibytes) {
@@ -106,7 +107,8 @@ int run_dist_check(const DistCheckArgs& a) {
   // bf16 attention on tensor cores: the group's result and one device's differ by rounding.
   if (a.attention_n > 0)
     check_parallel_attention(*group, a.attention_n, a.seed, a.repeats, group->device().is_cuda() ? 3e-2 : 1e-4,
-                             attention::parse_int_list(a.head_groups, "--head-groups"));
+                             attention::parse_int_list(a.head_groups, "--head-groups"),
+                             split_names(a.attention_cores, "--attention-cores"));
 
   if (a.fail_rank >= 0) {
     if (comm.rank() == a.fail_rank) {
@@ -145,6 +147,9 @@ const RegisterCommand kDistCheckCommand{
       sub.add_option("--head-groups", a->head_groups,
                      "--attention: run head_parallel once per pipeline group count in this list (0 = automatic, "
                      "1 = all-to-alls not overlapped), e.g. 1,0")
+          ->capture_default_str();
+      sub.add_option("--attention-cores", a->attention_cores,
+                     "--attention: the single-device variants to run inside ring and head_parallel (dense, dilated)")
           ->capture_default_str();
       sub.add_option("--fail-rank", a->fail_rank, "this rank fails after the checks (to test failure handling)")
           ->transform(integer_in<int>(0, 1 << 20));
