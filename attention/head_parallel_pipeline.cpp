@@ -47,11 +47,13 @@ Tensor heads_of_every_rank(const Tensor& shard, const Geometry& geo, const HeadG
       .permute({2, 0, 1, 3, 4});
 }
 
-// What goes to each rank from a (B, n_r, H, D) shard: group g's heads of rank d, one strided copy.
+// What goes to each rank from a (B, n_r, H, D) shard: group g's heads of rank d, a contiguous copy
+// for the others (the transfer reads it) and a view for this rank (copied straight into place).
 std::vector<Tensor> pack_heads(const Tensor& shard, const Geometry& geo, const HeadGroup& g) {
-  const Tensor packed = heads_of_every_rank(shard, geo, g).contiguous();
+  const Tensor every = heads_of_every_rank(shard, geo, g);
   std::vector<Tensor> out;
-  for (int64_t d = 0; d < geo.ranks; ++d) out.push_back(packed.select(0, d));
+  for (int64_t d = 0; d < geo.ranks; ++d)
+    out.push_back(d == geo.rank ? every.select(0, d) : every.select(0, d).contiguous());
   return out;
 }
 
@@ -89,15 +91,11 @@ std::vector<Tensor> token_slots(const Tensor& full, int64_t dim, const Geometry&
   return out;
 }
 
-// A (P, B, n_r, count, D) buffer that receives group g's heads from every rank, and its slots.
+// The slots of a (P, ...) tensor, one per rank.
 std::vector<Tensor> rank_slots(const Tensor& buffer) {
   std::vector<Tensor> out;
   for (int64_t s = 0; s < buffer.size(0); ++s) out.push_back(buffer.select(0, s));
   return out;
-}
-
-Tensor empty_heads_buffer(const Geometry& geo, const HeadGroup& g, DType dtype) {
-  return Tensor::empty({geo.ranks, geo.batch, geo.local_tokens, g.count, geo.dim}, dtype, geo.device);
 }
 
 // What group g's core left for the backward.
@@ -123,7 +121,13 @@ std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& do
   const size_t count = st.groups.size();
   std::vector<std::vector<Tensor>> arrived(count);  // per group: dO (B, N, c, D), dlse (B, c, N)
   std::vector<std::vector<Pending>> there(count), back(count);
-  std::vector<std::vector<Tensor>> returned(count);  // per group: dq, dk, dv as (P, B, n_r, c, D)
+  // dq, dk, dv of this rank's tokens: each group's heads arrive straight in place.
+  std::vector<Tensor> result;
+  {
+    NoGradGuard no_grad;
+    for (size_t i = 0; i < 3; ++i)
+      result.push_back(Tensor::empty({geo.batch, geo.local_tokens, geo.heads, geo.dim}, st.input_dtypes[i], geo.device));
+  }
 
   auto start_there = [&](size_t g) {
     NoGradGuard no_grad;
@@ -164,20 +168,15 @@ std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& do
     for (size_t i = 0; i < 3; ++i) {
       const Tensor& input = graph.inputs[i];
       if (!grads[i].defined()) grads[i] = Tensor::zeros(input.shape(), input.dtype(), input.device());
-      returned[g].push_back(empty_heads_buffer(geo, st.groups[g], grads[i].dtype()));
-      back[g].push_back(comm.start_all_to_all(pack_tokens(grads[i], 1, geo), rank_slots(returned[g].back())));
+      if (grads[i].dtype() != result[i].dtype()) grads[i] = grads[i].to(result[i].dtype());
+      back[g].push_back(comm.start_all_to_all(pack_tokens(grads[i], 1, geo),
+                                              rank_slots(heads_of_every_rank(result[i], geo, st.groups[g]))));
     }
     for (size_t i = 3; i < grads.size(); ++i) param_grads.push_back(grads[i]);
   }
 
-  NoGradGuard no_grad;
-  std::vector<Tensor> result;
-  for (size_t i = 0; i < 3; ++i)
-    result.push_back(Tensor::empty({geo.batch, geo.local_tokens, geo.heads, geo.dim}, st.input_dtypes[i], geo.device));
-  for (size_t g = 0; g < count; ++g) {
+  for (size_t g = 0; g < count; ++g)
     for (Pending& p : back[g]) p->wait();
-    for (size_t i = 0; i < 3; ++i) heads_of_every_rank(result[i], geo, st.groups[g]).copy_(returned[g][i]);
-  }
   result.insert(result.end(), param_grads.begin(), param_grads.end());
   return result;
 }
@@ -215,7 +214,6 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
   const size_t count = groups.size();
   std::vector<std::vector<Tensor>> arrived(count);  // per group: q, k, v (B, N, c, D)
   std::vector<std::vector<Pending>> there(count), back(count);
-  std::vector<Tensor> returned(count);  // per group: out as (P, B, n_r, c, D)
   const std::vector<Tensor> shards{q.detach(), k.detach(), v.detach()};
   auto start_there = [&](size_t g) {
     NoGradGuard no_grad;
@@ -249,10 +247,10 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
       out = Tensor::empty({geo.batch, geo.local_tokens, geo.heads, geo.dim}, group_out.dtype(), geo.device);
       lse = Tensor::empty({geo.batch, geo.heads, geo.local_tokens}, group_lse.dtype(), geo.device);
     }
-    // out back in its own dtype into a buffer (one copy into place below); the lse straight into
-    // place: rank s's heads of this group are lse[:, s*Hl + first : ..., :].
-    returned[g] = empty_heads_buffer(geo, groups[g], group_out.dtype());
-    back[g].push_back(comm.start_all_to_all(pack_tokens(group_out, 1, geo), rank_slots(returned[g])));
+    // out and lse straight into place: rank s's heads of this group are out[:, :, s*Hl + first : ...]
+    // and lse[:, s*Hl + first : ..., :].
+    back[g].push_back(comm.start_all_to_all(pack_tokens(group_out, 1, geo),
+                                            rank_slots(heads_of_every_rank(out, geo, groups[g]))));
     std::vector<Tensor> lse_slots;
     for (int64_t s = 0; s < geo.ranks; ++s)
       lse_slots.push_back(lse.narrow(1, s * geo.local_heads + groups[g].first, groups[g].count));
@@ -261,10 +259,8 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
   }
   {
     NoGradGuard no_grad;
-    for (size_t g = 0; g < count; ++g) {
+    for (size_t g = 0; g < count; ++g)
       for (Pending& p : back[g]) p->wait();
-      heads_of_every_rank(out, geo, groups[g]).copy_(returned[g]);
-    }
   }
   if (record) {
     st->comm = dist::keep_alive(comm);

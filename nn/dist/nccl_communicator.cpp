@@ -139,9 +139,19 @@ class NcclCommunicator final : public Communicator {
   std::unique_ptr<PendingAllToAll> start_all_to_all(const std::vector<Tensor>& to_each,
                                                     const std::vector<Tensor>& into) override {
     check_all_to_all_into(to_each, into);
+    // This rank's own piece is one copy on the compute stream (views of any layout on both sides),
+    // not a transfer through NCCL.
+    const Tensor& mine = to_each[static_cast<size_t>(rank())];
+    receive_into(mine.device() == gpu() ? mine.detach() : mine.detach().to(gpu()), into[static_cast<size_t>(rank())],
+                 rank());
     std::vector<Tensor> ins, outs, keep;
     std::vector<std::pair<Tensor, Tensor>> copy_after;  // (buffer, into)
     for (int p = 0; p < size(); ++p) {
+      if (p == rank()) {
+        ins.emplace_back();
+        outs.emplace_back();
+        continue;
+      }
       const Tensor& target = into[static_cast<size_t>(p)];
       ins.push_back(on_gpu(to_each[static_cast<size_t>(p)]));
       if (target.device() == gpu() && target.is_contiguous()) {
@@ -156,6 +166,7 @@ class NcclCommunicator final : public Communicator {
     cudaEvent_t arrived = nullptr;
     comm_->run("all_to_all", [&] {
       for (int p = 0; p < size(); ++p) {
+        if (p == rank()) continue;
         const Tensor& in = ins[static_cast<size_t>(p)];
         const Tensor& out = outs[static_cast<size_t>(p)];
         if (in.numel() > 0)
