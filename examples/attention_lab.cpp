@@ -73,16 +73,17 @@ Case dilated(int64_t n, attention::Mixing mixing, bool causal = false, int64_t d
           c, pairs};
 }
 
-Case block_sparse(int64_t n, int64_t window) {
+Case block_sparse(int64_t n, int64_t window, int64_t block = 64) {
   AttentionConfig c = base(12, 64);
   c.pattern = "local_window";
-  c.block_size = 64;
+  c.block_size = block;
   c.window = window;
-  const int64_t nb = n / 64, w = window / 64 / 2;
+  const int64_t nb = n / block, w = window / block / 2;
   double blocks = 0;
   for (int64_t i = 0; i < nb; ++i) blocks += static_cast<double>(std::min(nb - 1, i + w) - std::max<int64_t>(0, i - w) + 1);
-  Case k{"block_sparse local_window w=" + std::to_string(window), "block_sparse", n, 12, 64, c, blocks * 64 * 64};
-  return k;
+  const std::string label = "block_sparse local_window w=" + std::to_string(window) +
+                            (block == 64 ? std::string() : " block " + std::to_string(block));
+  return Case{label, "block_sparse", n, 12, 64, c, blocks * static_cast<double>(block * block)};
 }
 
 #ifdef LONGTAPE_WITH_CUDA
@@ -185,7 +186,7 @@ int main(int argc, char** argv) {
     }
   }
   std::vector<Case> cases{dense(16384, 64, false), dense(16384, 64, true), dense(16384, 128, false),
-                          block_sparse(16384, 4096), block_sparse(16384, 1536)};
+                          block_sparse(16384, 4096), block_sparse(16384, 1536), block_sparse(16384, 1536, 128)};
   for (int64_t n : {int64_t{32768}, int64_t{131072}})
     for (auto m : {attention::Mixing::lse, attention::Mixing::head_groups}) cases.push_back(dilated(n, m));
   // Causal dilated: balanced when it takes about half the non-causal time.
