@@ -24,6 +24,7 @@
 #include "nn/layers.h"
 #include "support/cli_runner.h"
 #include "support/test_utils.h"
+#include "support/test_utils.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 
@@ -165,6 +166,22 @@ TEST_CASE("TCP process group: a peer that goes away or stays silent makes the wa
                          comm.all_reduce(Tensor::randn({comm.rank() == 0 ? 10000 : 10001}));
                        }, 2s),
                        doctest::Contains("same shape"), Error);
+}
+
+TEST_CASE("TCP process group of one rank: sends to itself arrive, and every collective equals the in-process group's") {
+  LT_FRESH_SEED(seed);
+  manual_seed(seed);
+  const Tensor sent = Tensor::randn({5, 3});
+  Results got;
+  run_tcp_ranks(1, [&](Communicator& comm) {
+    comm.send(sent, 0, 4);
+    const Tensor back = comm.recv({5, 3}, DType::f32, Device::cpu(), 0, 4);
+    check_bitwise_equal(back, sent, "send to itself");
+    got = check_collectives(comm, Device::cpu(), 11);
+  }, 5s);
+  const Results want = in_process_results(1, 11);
+  REQUIRE(got.size() == want.size());
+  for (size_t i = 0; i < got.size(); ++i) check_bitwise_equal(got[i].second, want[i].second, got[i].first);
 }
 
 TEST_CASE("TCP process group: a ring of sends before any receive does not deadlock, and abort reaches every rank") {
