@@ -240,8 +240,10 @@ LtPlan& lt_plan(BlasContext& ctx, const GemmArgs& g, const GemmTypes& t) {
   cublasLtMatmulPreference_t pref = nullptr;
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   const uint64_t workspace = kWorkspaceBytes;
-  // Like CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION: split-k partial sums never in bf16.
-  const uint32_t reductions = CUBLASLT_REDUCTION_SCHEME_MASK & ~CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
+  // Like CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION: split-k partial sums of a bf16 result
+  // only in the compute type (the in-place and output-type schemes would sum in bf16).
+  const uint32_t reductions = t.result == CUDA_R_16BF ? static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE)
+                                                      : static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_MASK);
   const uint32_t alignments[4] = {static_cast<uint32_t>(align_a), static_cast<uint32_t>(align_b),
                                   static_cast<uint32_t>(align_c), static_cast<uint32_t>(align_d)};
   cublasLtMatmulHeuristicResult_t result{};
