@@ -4,6 +4,7 @@
 
 #include "autograd/grad_mode.h"
 #include "tensor/checked_math.h"
+#include "tensor/precision.h"
 
 namespace longtape::nn {
 
@@ -37,6 +38,12 @@ Tensor Linear::project(const Tensor& x) {
 }
 
 Tensor Linear::forward(const Tensor& x) {
+  // One node where linear() takes the input: the bias rides in the product's epilogue and its
+  // gradient in the weight-gradient product. A bf16 input (bf16 precision) gives an f32 result, as
+  // matmul does.
+  const bool bf16_input = x.defined() && x.dtype() == DType::bf16 && lowers_to_bf16(autocast_precision(), weight.dtype());
+  if (x.defined() && x.dim() >= 1 && x.shape().back() == in_features_ && (x.dtype() == weight.dtype() || bf16_input))
+    return linear(x, weight, bias, Tensor(), bf16_input ? DType::f32 : x.dtype());
   Tensor y = project(x);
   return bias.defined() ? add(y, bias) : y;
 }

@@ -53,15 +53,28 @@ enum class ReduceOp : uint8_t { sum, max, min };
 // C[b] = alpha * op(A[b]) @ op(B[b]) + beta * C[b] for b in [0, batch). Row-major, contiguous
 // matrices; batch strides in elements (0 broadcasts). op = transpose when trans_* is set.
 // A is (M,K) (or (K,M) when trans_a), B is (K,N) (or (N,K) when trans_b), C is (M,N).
+// The optional epilogue fields below default to off, so a plain product sets none of them.
 struct GemmArgs {
   void* c; const void* a; const void* b;
-  DType dtype;  // all three share it (f32, f64, or bf16 with f32 accumulation on CUDA)
+  DType dtype;  // A and B share it (f32, f64, or bf16 with f32 accumulation on CUDA)
   int64_t batch, m, n, k;
   int64_t stride_a, stride_b, stride_c;
   bool trans_a, trans_b;
   double alpha, beta;
   Device device;
-  bool f32_out = false;  // bf16 A and B, f32 C (CUDA): mixed-precision products write f32
+  // The result's dtype: bf16 A and B write f32 C when set (CUDA), else C has A's dtype.
+  bool f32_out = false;
+  // When set, beta scales this matrix instead of C: C[b] = alpha op(A) op(B) + beta * c_in[b].
+  // Same shape, strides and dtype as C; may equal c.
+  const void* c_in = nullptr;
+  // When set, bias[j] is added to every row of each C[b] (N values; f64 when dtype is f64, else f32).
+  const void* bias = nullptr;
+  // When set, a_sums[i] = sum over the reduction dim of op(A)[i][:] (M values, f64 for f64 operands,
+  // else f32): with A = dY^T and B = X this is the bias gradient next to dW = dY^T X. batch must be 1;
+  // not together with bias.
+  void* a_sums = nullptr;
+  DType out_dtype() const { return f32_out ? DType::f32 : dtype; }
+  DType vector_dtype() const { return dtype == DType::f64 ? DType::f64 : DType::f32; }  // bias / a_sums
 };
 
 // The kernels both backends implement, declared from the one list (tensor/kernel_list.inc, where

@@ -71,14 +71,24 @@ Tensor matmul(const Tensor& a, const Tensor& b);
 // With `accumulate` (a contiguous tensor of the result's shape and dtype) the product is added
 // into it in the same GEMM, and it is returned.
 Tensor matmul_operands(const Tensor& a, const Tensor& b, const Tensor& accumulate = Tensor());
+// residual + x @ weight^T + bias as one node (tensor/ops/linear.cpp); weight (out, in) as Linear
+// stores it, bias (out,) and residual (..., out) optional. The bias and residual enter the
+// product's epilogue; backward takes the bias gradient from the weight-gradient product and passes
+// the output gradient to the residual as is. f32 and f64; under bf16 precision the products read
+// bf16 (x may already be bf16 on CUDA; the f32 weight is lowered inside, its gradient is f32) and
+// accumulate in f32. The result is out_dtype (default x's dtype): f32 or bf16 under bf16 precision.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(), const Tensor& residual = Tensor(),
+              std::optional<DType> out_dtype = std::nullopt);
 // gelu(x @ w1^T + b1) @ w2^T + b2 (weights as Linear stores them: (hidden, E), (E_out, hidden);
 // b2 may be undefined) as one
 // node that saves only x's product operand and recomputes the hidden activations, in row chunks,
 // in backward: the (..., hidden) tensors are never kept between forward and backward
 // (tensor/ops/gelu_mlp.cpp). Follows the autocast precision like matmul. f32 and f64.
 // chunk_rows: rows per chunk, 0 = hidden temporaries of at most 8M elements.
+// With `residual` ((..., E_out), x's dtype) the result is residual + the MLP, the residual being
+// the products' starting value (no separate add); its gradient is the output gradient itself.
 Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2 = Tensor(),
-                GeluApprox approx = GeluApprox::erf, int64_t chunk_rows = 0);
+                GeluApprox approx = GeluApprox::erf, int64_t chunk_rows = 0, const Tensor& residual = Tensor());
 
 // ---- neural-network functions (tensor/ops/nn_functional.cpp) ----
 Tensor softmax(const Tensor& a, int64_t dim = -1);

@@ -49,14 +49,19 @@ void bias_gelu(void* out, DType out_dtype, const void* x, const void* bias, DTyp
       for (int64_t r = 0; r < rows; ++r) {
         const T* xr = xp + r * cols;
         T* yr = y + r * cols;
-        for (int64_t c = 0; c < cols; ++c) yr[c] = gelu_of<kTanh>(xr[c] + b[c]);
+        if (b)
+          for (int64_t c = 0; c < cols; ++c) yr[c] = gelu_of<kTanh>(xr[c] + b[c]);
+        else
+          for (int64_t c = 0; c < cols; ++c) yr[c] = gelu_of<kTanh>(xr[c]);
       }
     });
   });
 }
 
-void bias_gelu_backward(void* dx, const void* dy, const void* x, const void* bias, DType dtype, int64_t rows,
-                        int64_t cols, bool tanh_approx) {
+void bias_gelu_backward(void* dx, DType dx_dtype, const void* dy, const void* x, DType x_dtype, const void* bias,
+                        DType dtype, int64_t rows, int64_t cols, bool tanh_approx) {
+  LT_CHECK(dx_dtype == dtype && x_dtype == dtype, "bias_gelu_backward: the CPU backend reads and writes one dtype, got dx ",
+           dtype_name(dx_dtype), ", x ", dtype_name(x_dtype), ", dy ", dtype_name(dtype));
   dispatch_float(dtype, "bias_gelu_backward", [&]<typename T>() {
     const T* g = static_cast<const T*>(dy);
     const T* xp = static_cast<const T*>(x);
@@ -68,7 +73,10 @@ void bias_gelu_backward(void* dx, const void* dy, const void* x, const void* bia
         const T* gr = g + r * cols;
         const T* xr = xp + r * cols;
         T* dr = d + r * cols;
-        for (int64_t c = 0; c < cols; ++c) dr[c] = gr[c] * gelu_grad_of<kTanh>(xr[c] + b[c]);
+        if (b)
+          for (int64_t c = 0; c < cols; ++c) dr[c] = gr[c] * gelu_grad_of<kTanh>(xr[c] + b[c]);
+        else
+          for (int64_t c = 0; c < cols; ++c) dr[c] = gr[c] * gelu_grad_of<kTanh>(xr[c]);
       }
     });
   });

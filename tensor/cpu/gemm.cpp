@@ -33,7 +33,24 @@ int gemm_threads(double flops, int64_t max_parts) {
 
 void gemm(const GemmArgs& g) {
   LT_CHECK(!g.f32_out, "matmul: the CPU backend has no bf16 products (bf16 precision rounds f32 operands instead)");
+  LT_CHECK(!(g.bias && g.a_sums), "matmul: a product adds a bias or sums A's rows, not both");
+  LT_CHECK(!g.a_sums || g.batch == 1, "matmul: A's row sums are taken for one product, got batch ", g.batch);
+  LT_CHECK(!(g.bias || g.a_sums) || g.dtype == DType::f64 || g.dtype == DType::f32,
+           "matmul: the bias epilogues take f32 or f64 products, got ", dtype_name(g.dtype));
   dispatch_float(g.dtype, "matmul", [&]<typename T>() {
+    using Vec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+    // The vectors are f32 for f32 products and f64 for f64 ones, i.e. T.
+    if (g.a_sums) {
+      // Sums over the reduction dim in a fixed order (the product below does not touch A).
+      const T* a = static_cast<const T*>(g.a);
+      T* sums = static_cast<T*>(g.a_sums);
+      if (g.trans_a) {  // A is (K, M): column sums
+        Eigen::Map<Vec>(sums, g.m).setZero();
+        for (int64_t r = 0; r < g.k; ++r) Eigen::Map<Vec>(sums, g.m) += Eigen::Map<const Vec>(a + r * g.m, g.m);
+      } else {
+        for (int64_t i = 0; i < g.m; ++i) sums[i] = Eigen::Map<const Vec>(a + i * g.k, g.k).sum();
+      }
+    }
     using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     using MapC = Eigen::Map<Mat>;
     using MapA = Eigen::Map<const Mat>;
@@ -45,6 +62,8 @@ void gemm(const GemmArgs& g) {
       const T* a = static_cast<const T*>(g.a) + i * g.stride_a;
       const T* b = static_cast<const T*>(g.b) + i * g.stride_b;
       MapC c(static_cast<T*>(g.c) + i * g.stride_c + r0 * g.n, rows, g.n);
+      if (g.c_in && g.c_in != g.c && g.beta != 0)
+        c = Eigen::Map<const Mat>(static_cast<const T*>(g.c_in) + i * g.stride_c + r0 * g.n, rows, g.n);
       if (g.beta == 0) c.setZero();
       else if (g.beta != 1) c *= static_cast<T>(g.beta);
       const int64_t b_rows = g.trans_b ? g.n : g.k, b_cols = g.trans_b ? g.k : g.n;
@@ -59,6 +78,7 @@ void gemm(const GemmArgs& g) {
         if (g.trans_b) c.noalias() += alpha * (am * bm.transpose());
         else c.noalias() += alpha * (am * bm);
       }
+      if (g.bias) c.rowwise() += Eigen::Map<const Vec>(static_cast<const T*>(g.bias), g.n);
     };
     const double flops = static_cast<double>(g.batch) * static_cast<double>(g.m) * static_cast<double>(g.n) *
                          static_cast<double>(g.k);

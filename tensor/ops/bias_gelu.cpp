@@ -31,8 +31,8 @@ Tensor bias_gelu(const Tensor& x, const Tensor& bias, GeluApprox approx) {
            Tensor dy = g[0].detach().contiguous();
            Tensor dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
            if (dx.numel() > 0)
-             kernels::bias_gelu_backward(dx.raw_data(), dy.raw_data(), xc.raw_data(), bc.raw_data(), xc.dtype(), rows,
-                                         cols, tanh_approx, xc.device());
+             kernels::bias_gelu_backward(dx.raw_data(), dx.dtype(), dy.raw_data(), xc.raw_data(), xc.dtype(),
+                                         bc.raw_data(), xc.dtype(), rows, cols, tanh_approx, xc.device());
            return {dx, sum(dx.reshape({rows, cols}), {0})};
          }, {xc, bc});
   return out;

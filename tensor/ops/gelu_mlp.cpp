@@ -1,19 +1,28 @@
-// The transformer MLP gelu(x W1^T + b1) W2^T + b2 as one node. The hidden activations are 4x wider
-// than the residual stream, so keeping them for backward (the pre-activation for gelu' and the
-// activation for W2's gradient) is most of a block's activation memory. This node keeps only x's
-// product operand (bf16 under bf16 precision) and recomputes x W1^T + b1 in backward, at the cost
-// of one extra product. Both passes walk the rows in chunks so the hidden temporaries stay small.
+// The transformer MLP residual + gelu(x W1^T + b1) W2^T + b2 as one node. The hidden activations are
+// 4x wider than the residual stream, so keeping them for backward (the pre-activation for gelu' and
+// the activation for W2's gradient) is most of a block's activation memory. This node keeps only
+// x's product operand (bf16 under bf16 precision) and recomputes x W1^T + b1 in backward, at the
+// cost of one extra product. Both passes walk the rows in chunks so the hidden temporaries stay small.
+//
+// The biases and the residual ride in the products' epilogues (tensor/ops/gemm_product.h): b1 is
+// added by the first product (on CUDA under bf16 it writes the pre-activation in bf16), b2 and the
+// residual by the second, and the bias gradients are the column sums the weight-gradient products
+// take of their left operand. Each chunk's sums land in a row of a small (chunks, H) buffer, summed
+// once at the end; the first chunk writes the weight gradients (beta = 0) and the later ones add.
 #include <algorithm>
 
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
+#include "tensor/ops/gemm_product.h"
 #include "tensor/precision.h"
 
 namespace longtape {
 
 using autograd::record;
+using detail::gemm_product;
+using detail::ProductEpilogue;
 
 namespace {
 
@@ -21,31 +30,33 @@ namespace {
 constexpr int64_t kChunkElements = int64_t{1} << 23;
 
 struct MlpOperands {
-  Tensor w1, b1, w2;  // w1, w2 as the products read them; b1 as given
-  bool low = false;   // bf16 products (operands lowered with bf16_operand)
+  Tensor w1, b1, w2;   // w1, w2 as the products read them; b1 as given (contiguous)
+  bool low = false;    // bf16 products (operands lowered with bf16_operand)
+  bool cuda = false;
   GeluApprox approx = GeluApprox::erf;
 
-  Tensor operand(const Tensor& t) const { return low ? bf16_operand(t) : t.contiguous(); }
+  Tensor operand(const Tensor& t) const { return low ? bf16_operand(t.contiguous()) : t.contiguous(); }
+  // bf16 tensors between the products: CUDA under bf16 (the CPU rounds f32 values instead).
+  bool bf16_hidden() const { return low && cuda; }
 
-  // pre = x W1^T (f32/f64, bias not added) and the activation gelu(pre + b1) as a product reads it
-  // (on CUDA under bf16 the kernel writes it in bf16 directly).
+  // pre = x W1^T + b1 (bf16 on CUDA under bf16, else f32/f64) and the activation gelu(pre) as the
+  // second product reads it.
   std::pair<Tensor, Tensor> hidden(const Tensor& x_rows) const {
-    Tensor pre = matmul_operands(x_rows, w1.transpose(0, 1));
-    const bool direct = !low || pre.device().is_cuda();
-    Tensor act = Tensor::empty(pre.shape(), low && direct ? DType::bf16 : pre.dtype(), pre.device());
+    ProductEpilogue e;
+    e.bias = b1;
+    Tensor pre = gemm_product(x_rows, false, w1, true, e);
+    Tensor act = Tensor::empty(pre.shape(), pre.dtype(), pre.device());
     if (act.numel() > 0)
-      kernels::bias_gelu(act.raw_data(), act.dtype(), pre.raw_data(), b1.raw_data(), pre.dtype(), pre.size(0),
-                         pre.size(1), approx == GeluApprox::tanh, pre.device());
-    return {pre, direct ? act : operand(act)};
+      kernels::bias_gelu(act.raw_data(), act.dtype(), pre.raw_data(), nullptr, pre.dtype(), pre.size(0), pre.size(1),
+                         approx == GeluApprox::tanh, pre.device());
+    return {pre, low && !cuda ? operand(act) : act};
   }
 };
-
-Tensor accumulate(const Tensor& total, const Tensor& part) { return total.defined() ? add(total, part) : part; }
 
 }  // namespace
 
 Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
-                GeluApprox approx, int64_t chunk_rows) {
+                GeluApprox approx, int64_t chunk_rows, const Tensor& residual) {
   LT_CHECK(x.defined() && w1.defined() && b1.defined() && w2.defined(), "gelu_mlp: got an undefined tensor");
   LT_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64, "gelu_mlp: expected f32 or f64 x, got ",
            dtype_name(x.dtype()));
@@ -62,10 +73,16 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
            ",) or undefined, got ", b2.defined() ? shape_str(b2.shape()) : std::string());
   LT_CHECK(chunk_rows >= 0, "gelu_mlp: chunk_rows must be >= 0 (0 = automatic), got ", chunk_rows);
   const int64_t e = x.shape().back(), hidden = w1.size(0), e_out = w2.size(0);
-  const int64_t chunk =
-      chunk_rows > 0 ? chunk_rows : std::max<int64_t>(1, kChunkElements / std::max<int64_t>(hidden, 1));
   Shape out_shape = x.shape();
   out_shape.back() = e_out;
+  LT_CHECK(!residual.defined() || (residual.shape() == out_shape && residual.dtype() == x.dtype() &&
+                                   residual.device() == x.device()),
+           "gelu_mlp: residual must be ", dtype_name(x.dtype()), " ", shape_str(out_shape), " on ", x.device().str(),
+           ", got ", residual.defined() ? dtype_name(residual.dtype()) : "", " ",
+           residual.defined() ? shape_str(residual.shape()) : std::string(), " on ",
+           residual.defined() ? residual.device().str() : std::string());
+  const int64_t chunk =
+      chunk_rows > 0 ? chunk_rows : std::max<int64_t>(1, kChunkElements / std::max<int64_t>(hidden, 1));
   const Precision precision = autocast_precision();
   MlpOperands ops;
   Tensor x_op;
@@ -73,19 +90,25 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
   {
     NoGradGuard guard;
     ops.low = lowers_to_bf16(precision, x.dtype());
+    ops.cuda = x.device().is_cuda();
     ops.approx = approx;
     ops.w1 = ops.operand(w1.detach());
     ops.w2 = ops.operand(w2.detach());
     ops.b1 = b1.detach().contiguous();
     x_op = ops.operand(x.detach().reshape({-1, e}));
     const int64_t rows = x_op.size(0);
-    // Each chunk's product is added to its rows, which start as b2 (or zero).
+    // Each chunk writes its rows: residual + act W2^T + b2 in one product.
     y = Tensor::empty({rows, e_out}, x.dtype(), x.device());
-    if (b2.defined()) y.copy_(b2.detach());
-    else y.zero_();
+    const Tensor res = residual.defined() ? residual.detach().reshape({rows, e_out}).contiguous() : Tensor();
+    const Tensor bias2 = b2.defined() ? b2.detach().contiguous() : Tensor();
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
       const int64_t n = std::min(chunk, rows - r0);
-      matmul_operands(ops.hidden(x_op.narrow(0, r0, n)).second, ops.w2.transpose(0, 1), y.narrow(0, r0, n));
+      ProductEpilogue e2;
+      e2.f32_out = ops.bf16_hidden();
+      e2.bias = bias2;
+      e2.into = y.narrow(0, r0, n);
+      if (res.defined()) e2.c_in = res.narrow(0, r0, n);
+      gemm_product(ops.hidden(x_op.narrow(0, r0, n)).second, false, ops.w2, true, e2);
     }
     y = y.reshape(out_shape);
   }
@@ -93,37 +116,67 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
   const std::vector<Tensor> saved = ops.low ? std::vector<Tensor>{b1} : std::vector<Tensor>{x, w1, b1, w2};
   std::vector<Tensor> inputs{x, w1, b1, w2};
   if (b2.defined()) inputs.push_back(b2);
+  if (residual.defined()) inputs.push_back(residual);
   record("gelu_mlp", inputs, {y},
-         [ops, x_op, precision, x_shape = x.shape(), e_out, hidden, chunk, with_b2 = b2.defined()](
-             const std::vector<Tensor>& g) -> std::vector<Tensor> {
+         [ops, x_op, precision, x_shape = x.shape(), e_out, hidden, chunk, with_b2 = b2.defined(),
+          with_residual = residual.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
            AutocastScope scope(precision);
+           NoGradGuard guard;
            const int64_t rows = x_op.size(0);
            const Tensor dy = ops.operand(g[0].reshape({rows, e_out}));
-           Tensor dx = Tensor::zeros({rows, x_op.size(1)}, g[0].dtype(), g[0].device());
-           // Parameter gradients accumulate chunk by chunk inside the products (beta = 1).
-           Tensor dw1 = Tensor::zeros(ops.w1.shape(), dx.dtype(), dx.device());
-           Tensor dw2 = Tensor::zeros(ops.w2.shape(), dx.dtype(), dx.device());
-           Tensor db1;
-           for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+           const Device device = g[0].device();
+           const DType dtype = g[0].dtype();
+           // The bias gradients are the sums of the products' left operands (dy, then d(pre)), except
+           // on the CPU under bf16, which sums the f32 values before they are rounded for the products.
+           const bool sums_in_products = !(ops.low && !ops.cuda);
+           const int64_t chunks = std::max<int64_t>(1, (rows + chunk - 1) / chunk);
+           Tensor dx = Tensor::empty({rows, x_op.size(1)}, dtype, device);
+           Tensor dw1 = Tensor::empty(ops.w1.shape(), dtype, device);
+           Tensor dw2 = Tensor::empty(ops.w2.shape(), dtype, device);
+           Tensor db1_parts = Tensor::empty({chunks, hidden}, dtype, device);
+           Tensor db2_parts = Tensor::empty({chunks, e_out}, dtype, device);
+           if (rows == 0) {
+             for (Tensor* t : {&dw1, &dw2, &db1_parts, &db2_parts}) t->zero_();
+           }
+           for (int64_t r0 = 0, c = 0; r0 < rows; r0 += chunk, ++c) {
              const int64_t n = std::min(chunk, rows - r0);
              const Tensor xc = x_op.narrow(0, r0, n), dyc = dy.narrow(0, r0, n);
              auto [pre, act] = ops.hidden(xc);
-             matmul_operands(dyc.transpose(0, 1), act, dw2);
+             ProductEpilogue ew2;
+             ew2.f32_out = ops.bf16_hidden();
+             ew2.into = dw2;
+             ew2.accumulate = r0 > 0;
+             if (with_b2) {
+               if (sums_in_products) ew2.a_sums = db2_parts.select(0, c);
+               else db2_parts.select(0, c).copy_(sum(g[0].reshape({rows, e_out}).narrow(0, r0, n), {0}));
+             }
+             gemm_product(dyc, true, act, false, ew2);
              act = Tensor();
-             // d(pre) = (dy W2) * gelu'(pre + b1), in place in dy W2's buffer.
-             Tensor dpre = matmul_operands(dyc, ops.w2);
-             kernels::bias_gelu_backward(dpre.raw_data(), dpre.raw_data(), pre.raw_data(), ops.b1.raw_data(),
-                                         dpre.dtype(), n, hidden, ops.approx == GeluApprox::tanh, dpre.device());
+             // d(pre) = (dy W2) * gelu'(pre), written as the next products read it.
+             ProductEpilogue eh;
+             eh.f32_out = ops.bf16_hidden();
+             const Tensor dh = gemm_product(dyc, false, ops.w2, false, eh);
+             Tensor dpre = Tensor::empty(dh.shape(), ops.bf16_hidden() ? DType::bf16 : dtype, device);
+             kernels::bias_gelu_backward(dpre.raw_data(), dpre.dtype(), dh.raw_data(), pre.raw_data(), pre.dtype(),
+                                         nullptr, dh.dtype(), n, hidden, ops.approx == GeluApprox::tanh, device);
              pre = Tensor();
-             db1 = accumulate(db1, sum(dpre, {0}));
-             const Tensor dpre_op = ops.operand(dpre);
-             dpre = Tensor();
-             matmul_operands(dpre_op.transpose(0, 1), xc, dw1);
-             matmul_operands(dpre_op, ops.w1, dx.narrow(0, r0, n));
+             if (!sums_in_products) db1_parts.select(0, c).copy_(sum(dpre, {0}));
+             if (ops.low && !ops.cuda) dpre = bf16_operand(dpre);
+             ProductEpilogue ew1;
+             ew1.f32_out = ops.bf16_hidden();
+             ew1.into = dw1;
+             ew1.accumulate = r0 > 0;
+             if (sums_in_products) ew1.a_sums = db1_parts.select(0, c);
+             gemm_product(dpre, true, xc, false, ew1);
+             ProductEpilogue ex;
+             ex.f32_out = ops.bf16_hidden();
+             ex.into = dx.narrow(0, r0, n);
+             gemm_product(dpre, false, ops.w1, false, ex);
            }
-           if (rows == 0) db1 = Tensor::zeros(ops.b1.shape(), dx.dtype(), dx.device());
-           std::vector<Tensor> grads{dx.reshape(x_shape), dw1, db1, dw2};
-           if (with_b2) grads.push_back(sum(g[0].reshape({rows, e_out}), {0}));
+           auto total = [&](const Tensor& parts) { return chunks == 1 ? parts.select(0, 0) : sum(parts, {0}); };
+           std::vector<Tensor> grads{dx.reshape(x_shape), dw1, total(db1_parts), dw2};
+           if (with_b2) grads.push_back(total(db2_parts));
+           if (with_residual) grads.push_back(g[0]);
            return grads;
          },
          saved);

@@ -7,6 +7,7 @@
 #include "autograd/node.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
+#include "tensor/ops/gemm_product.h"
 #include "tensor/precision.h"
 
 namespace longtape {
@@ -68,6 +69,57 @@ Operand lowered(Operand o) {
 }
 
 }  // namespace
+
+namespace detail {
+
+Tensor gemm_product(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const ProductEpilogue& e) {
+  LT_CHECK(a.defined() && b.defined() && a.dim() == 2 && b.dim() == 2 && (a.is_contiguous() || a.numel() == 0) &&
+               (b.is_contiguous() || b.numel() == 0),
+           "gemm_product: expected contiguous 2-D operands");
+  const int64_t m = trans_a ? a.size(1) : a.size(0), k = trans_a ? a.size(0) : a.size(1);
+  const int64_t kb = trans_b ? b.size(1) : b.size(0), n = trans_b ? b.size(0) : b.size(1);
+  LT_CHECK(k == kb && a.dtype() == b.dtype() && a.device() == b.device(), "gemm_product: operands ",
+           shape_str(a.shape()), " ", dtype_name(a.dtype()), " and ", shape_str(b.shape()), " ", dtype_name(b.dtype()),
+           " do not multiply");
+  const DType out_dtype = e.f32_out ? DType::f32 : a.dtype();
+  const DType vector_dtype = a.dtype() == DType::f64 ? DType::f64 : DType::f32;
+  auto check_tensor = [&](const Tensor& t, const Shape& shape, DType dtype, const char* what) {
+    LT_CHECK(!t.defined() || (t.shape() == shape && t.dtype() == dtype && t.device() == a.device() &&
+                              t.is_contiguous()),
+             "gemm_product: ", what, " must be a contiguous ", dtype_name(dtype), " ", shape_str(shape), " on ",
+             a.device().str(), ", got ", t.defined() ? dtype_name(t.dtype()) : "undefined", " ",
+             t.defined() ? shape_str(t.shape()) : std::string());
+  };
+  check_tensor(e.bias, {n}, vector_dtype, "bias");
+  check_tensor(e.c_in, {m, n}, out_dtype, "c_in");
+  check_tensor(e.into, {m, n}, out_dtype, "into");
+  check_tensor(e.a_sums, {m}, vector_dtype, "a_sums");
+  LT_CHECK(!(e.accumulate && e.c_in.defined()), "gemm_product: accumulate and c_in exclude each other");
+  NoGradGuard guard;
+  Tensor out = e.into.defined() ? e.into : Tensor::empty({m, n}, out_dtype, a.device());
+  const bool accumulate = e.into.defined() && e.accumulate;
+  if (k == 0) {  // an empty sum: only the epilogue's terms
+    if (e.c_in.defined()) out.copy_(e.c_in);
+    else if (!accumulate) out.zero_();
+    if (e.bias.defined() && out.numel() > 0) out.copy_(add(out, e.bias.to(out_dtype)));
+    if (e.a_sums.defined()) Tensor(e.a_sums).zero_();
+  } else {
+    // A bias and A's row sums never come together in one GEMM: the bias is then added after it.
+    const bool both = e.bias.defined() && e.a_sums.defined();
+    kernels::GemmArgs g{out.raw_data(), a.raw_data(), b.raw_data(), a.dtype(), 1, m, n, k, 0, 0, 0,
+                        trans_a, trans_b, 1.0, (accumulate || e.c_in.defined()) ? 1.0 : 0.0, a.device(), e.f32_out};
+    g.c_in = e.c_in.defined() ? e.c_in.raw_data() : nullptr;
+    g.bias = e.bias.defined() && !both ? e.bias.raw_data() : nullptr;
+    g.a_sums = e.a_sums.defined() ? e.a_sums.raw_data() : nullptr;
+    kernels::gemm(g);
+    if (both && out.numel() > 0) out.copy_(add(out, e.bias.to(out_dtype)));
+  }
+  out.bump_version();
+  if (e.a_sums.defined()) e.a_sums.bump_version();
+  return out;
+}
+
+}  // namespace detail
 
 Tensor matmul_operands(const Tensor& a, const Tensor& b, const Tensor& accumulate) {
   LT_CHECK(a.defined() && b.defined() && a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
