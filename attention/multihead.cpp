@@ -34,6 +34,15 @@ MultiheadAttentionOptions make_options(int64_t embed_dim, int64_t num_heads, std
   return o;
 }
 
+// residual + x w + b for an x w weight (fan_in, fan_out): one linear node (bias and residual in the
+// product's epilogue) for f32/f64 weights; separate ops otherwise.
+Tensor project_rows(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& residual, DType out_dtype) {
+  if (w.dtype() == DType::f32 || w.dtype() == DType::f64) return linear(x, w.transpose(0, 1), b, residual, out_dtype);
+  Tensor y = matmul(x, w);
+  if (b.defined()) y = add(y, b);
+  return residual.defined() ? add(residual, y) : y;
+}
+
 }  // namespace
 
 MultiheadAttention::MultiheadAttention(int64_t embed_dim, int64_t num_heads, std::string variant,
@@ -103,8 +112,7 @@ Tensor MultiheadAttention::project(const Tensor& x, int which) const {
     w = which == 0 ? w_q : which == 1 ? w_k : w_v;
     b = which == 0 ? b_q : which == 1 ? b_k : b_v;
   }
-  Tensor y = matmul(x, w);
-  return b.defined() ? add(y, b) : y;
+  return project_rows(x, w, b, Tensor(), w.dtype());
 }
 
 Tensor MultiheadAttention::smear(const Tensor& k) const {
@@ -115,7 +123,7 @@ Tensor MultiheadAttention::smear(const Tensor& k) const {
   return add(k, mul(sigmoid(key_shift), sub(previous, k)));
 }
 
-Tensor MultiheadAttention::attend(const Tensor& q, const Tensor& k_unshifted, const Tensor& v) {
+Tensor MultiheadAttention::attend(const Tensor& q, const Tensor& k_unshifted, const Tensor& v, const Tensor& residual) {
   const int64_t h = options_.num_heads;
   const Tensor k = smear(k_unshifted);
   // Under bf16 precision the core reads bf16 q, k, v (on CUDA: the fused bf16 kernels); the casts'
@@ -135,23 +143,23 @@ Tensor MultiheadAttention::attend(const Tensor& q, const Tensor& k_unshifted, co
   }
   Tensor merged = o.reshape({o.size(0), o.size(1), options_.embed_dim});
   if (options_.sub_layernorm) merged = layer_norm(merged, ln_weight, ln_bias, options_.layer_norm_eps);
-  Tensor y = matmul(merged, w_out);
-  return b_out.defined() ? add(y, b_out) : y;
+  return project_rows(merged, w_out, b_out, residual, w_out.dtype());
 }
 
-Tensor MultiheadAttention::forward(const Tensor& x) {
+Tensor MultiheadAttention::forward(const Tensor& x) { return forward_residual(x, Tensor()); }
+
+Tensor MultiheadAttention::forward_residual(const Tensor& x, const Tensor& residual) {
   check_input(x, "x");
   if (options_.fused_qkv) {
-    // One (E, 3E) product for all three projections.
-    Tensor qkv = matmul(x, w_qkv);
-    if (b_qkv.defined()) qkv = add(qkv, b_qkv);
-    // Under bf16 (without smeared keys, which mix k in f32) q, k and v are lowered in one cast and
-    // enter the core as strided views of it; split's backward gathers their gradients in one buffer.
-    if (lowers_to_bf16(autocast_precision(), qkv.dtype()) && !key_shift.defined()) qkv = bf16_operand(qkv);
+    // One (E, 3E) product for all three projections, the bias in its epilogue. Under bf16 (without
+    // smeared keys, which mix k in f32) it writes q, k and v in bf16, which enter the core as
+    // strided views; split's backward gathers their gradients in one buffer.
+    const bool low_qkv = lowers_to_bf16(autocast_precision(), w_qkv.dtype()) && !key_shift.defined();
+    const Tensor qkv = project_rows(x, w_qkv, b_qkv, Tensor(), low_qkv ? DType::bf16 : w_qkv.dtype());
     const std::vector<Tensor> parts = split(qkv, options_.embed_dim, 2);
-    return attend(parts[0], parts[1], parts[2]);
+    return attend(parts[0], parts[1], parts[2], residual);
   }
-  return attend(project(x, 0), project(x, 1), project(x, 2));
+  return attend(project(x, 0), project(x, 1), project(x, 2), residual);
 }
 
 Tensor MultiheadAttention::forward(const Tensor& query, const Tensor& key, const Tensor& value) {

@@ -44,6 +44,8 @@ class MultiheadAttention : public nn::TokenMixer {
 
   // Self-attention: x (B, N, E) -> (B, N, E).
   Tensor forward(const Tensor& x) override;
+  // residual + forward(x), the residual entering the output projection's product.
+  Tensor forward_residual(const Tensor& x, const Tensor& residual) override;
   // Cross-attention: query (B, Nq, E), key and value (B, Nk, E) -> (B, Nq, E). The core variant
   // decides which Nq, Nk it accepts (dense: any; dilated: Nq == Nk).
   Tensor forward(const Tensor& query, const Tensor& key, const Tensor& value);
@@ -61,7 +63,7 @@ class MultiheadAttention : public nn::TokenMixer {
 
  private:
   Tensor project(const Tensor& x, int which) const;  // which: 0 = q, 1 = k, 2 = v
-  Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v);
+  Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& residual = Tensor());
   Tensor smear(const Tensor& k) const;  // k (B, N, E) with the key_shift gate applied
   void check_input(const Tensor& x, const char* what) const;
 

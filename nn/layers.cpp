@@ -96,11 +96,25 @@ MLP::MLP(int64_t dim, int64_t hidden, double dropout_p, bool recompute) : recomp
   drop = register_module("drop", std::make_shared<Dropout>(dropout_p));
 }
 
+namespace {
+// Whether the MLP runs as one gelu_mlp node (recomputing its hidden activations in backward).
+bool mlp_is_one_node(const MLP& m, const Tensor& x) {
+  const bool dropout_active = m.is_training() && m.drop->p() > 0;
+  const bool operand_ok = x.dtype() == m.fc1->weight.dtype() ||
+                          (x.dtype() == DType::bf16 && lowers_to_bf16(autocast_precision(), m.fc1->weight.dtype()));
+  return m.recompute_hidden && m.fc1->bias.defined() && !dropout_active && operand_ok &&
+         (m.fc1->weight.dtype() == DType::f32 || m.fc1->weight.dtype() == DType::f64);
+}
+}  // namespace
+
+Tensor MLP::forward_residual(const Tensor& x, const Tensor& residual) {
+  if (mlp_is_one_node(*this, x) && residual.dtype() == fc2->weight.dtype())
+    return gelu_mlp(x, fc1->weight, fc1->bias, fc2->weight, fc2->bias, act->approx(), 0, residual);
+  return add(residual, forward(x));
+}
+
 Tensor MLP::forward(const Tensor& x) {
-  const bool dropout_active = is_training() && drop->p() > 0;
-  if (recompute_hidden && fc1->bias.defined() && !dropout_active && (x.dtype() == DType::f32 || x.dtype() == DType::f64)) {
-    return gelu_mlp(x, fc1->weight, fc1->bias, fc2->weight, fc2->bias, act->approx());
-  }
+  if (mlp_is_one_node(*this, x)) return gelu_mlp(x, fc1->weight, fc1->bias, fc2->weight, fc2->bias, act->approx());
   Tensor h = fc1->bias.defined() ? bias_gelu(fc1->project(x), fc1->bias, act->approx()) : act->forward(fc1->forward(x));
   return fc2->forward(drop->forward(h));
 }
@@ -127,8 +141,13 @@ TransformerBlock::TransformerBlock(const TransformerBlockConfig& config, std::sh
 Tensor TransformerBlock::forward(const Tensor& x) {
   LT_CHECK(x.defined() && x.dim() == 3, "TransformerBlock: input must be (B, N, E), got ",
            x.defined() ? shape_str(x.shape()) : std::string("undefined"));
-  Tensor h = add(x, drop->forward(attn->forward(ln1->forward(x))));
-  return add(h, drop->forward(mlp->forward(ln2->forward(h))));
+  if (is_training() && drop->p() > 0) {
+    Tensor h = add(x, drop->forward(attn->forward(ln1->forward(x))));
+    return add(h, drop->forward(mlp->forward(ln2->forward(h))));
+  }
+  // Without dropout each branch's last product starts from the residual stream.
+  Tensor h = attn->forward_residual(ln1->forward(x), x);
+  return mlp->forward_residual(ln2->forward(h), h);
 }
 
 }  // namespace longtape::nn

@@ -93,6 +93,8 @@ class MLP : public Module {
  public:
   explicit MLP(int64_t dim, int64_t hidden = 0, double dropout = 0.0, bool recompute_hidden = true);
   Tensor forward(const Tensor& x);
+  // residual + forward(x), the residual being the output's starting value when the MLP is one node.
+  Tensor forward_residual(const Tensor& x, const Tensor& residual);
   std::string type_name() const override { return "MLP"; }
   bool recompute_hidden = true;
 
@@ -129,6 +131,9 @@ class ModuleList : public Module {
 class TokenMixer : public Module {
  public:
   virtual Tensor forward(const Tensor& x) = 0;
+  // residual + forward(x); a mixer whose last product can start from the residual overrides it
+  // (no separate add, forward or backward).
+  virtual Tensor forward_residual(const Tensor& x, const Tensor& residual) { return add(residual, forward(x)); }
 };
 
 struct TransformerBlockConfig {

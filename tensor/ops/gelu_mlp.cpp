@@ -35,7 +35,12 @@ struct MlpOperands {
   bool cuda = false;
   GeluApprox approx = GeluApprox::erf;
 
-  Tensor operand(const Tensor& t) const { return low ? bf16_operand(t.contiguous()) : t.contiguous(); }
+  Tensor operand(const Tensor& t) const {
+    if (!low) return t.contiguous();
+    // An input already in bf16 is read as it is (the CPU, which has no bf16 arithmetic, widens it).
+    if (t.dtype() == DType::bf16) return cuda ? t.contiguous() : cast(t, DType::f32);
+    return bf16_operand(t.contiguous());
+  }
   // bf16 tensors between the products: CUDA under bf16 (the CPU rounds f32 values instead).
   bool bf16_hidden() const { return low && cuda; }
 
@@ -58,12 +63,17 @@ struct MlpOperands {
 Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
                 GeluApprox approx, int64_t chunk_rows, const Tensor& residual) {
   LT_CHECK(x.defined() && w1.defined() && b1.defined() && w2.defined(), "gelu_mlp: got an undefined tensor");
-  LT_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64, "gelu_mlp: expected f32 or f64 x, got ",
-           dtype_name(x.dtype()));
+  // The weights' dtype is the result's; x may also be bf16 when the products run in bf16.
+  const DType wd = w1.dtype();
+  LT_CHECK(wd == DType::f32 || wd == DType::f64, "gelu_mlp: expected f32 or f64 weights, got ", dtype_name(wd));
+  const Precision precision = autocast_precision();
+  const bool low = lowers_to_bf16(precision, wd);
+  LT_CHECK(x.dtype() == wd || (low && x.dtype() == DType::bf16), "gelu_mlp: x must be ", dtype_name(wd),
+           low ? " or bf16" : "", " like the weights, got ", dtype_name(x.dtype()));
   for (const Tensor* t : {&w1, &b1, &w2, &b2})
     if (t->defined())
-    LT_CHECK(t->dtype() == x.dtype() && t->device() == x.device(), "gelu_mlp: weights must be ",
-             dtype_name(x.dtype()), " on ", x.device().str(), " like x, got ", dtype_name(t->dtype()), " on ",
+    LT_CHECK(t->dtype() == wd && t->device() == x.device(), "gelu_mlp: weights must be ",
+             dtype_name(wd), " on ", x.device().str(), " like w1, got ", dtype_name(t->dtype()), " on ",
              t->device().str());
   LT_CHECK(x.dim() >= 1 && w1.dim() == 2 && w2.dim() == 2 && b1.dim() == 1 && w1.size(1) == x.shape().back() &&
                b1.size(0) == w1.size(0) && w2.size(1) == w1.size(0),
@@ -75,21 +85,20 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
   const int64_t e = x.shape().back(), hidden = w1.size(0), e_out = w2.size(0);
   Shape out_shape = x.shape();
   out_shape.back() = e_out;
-  LT_CHECK(!residual.defined() || (residual.shape() == out_shape && residual.dtype() == x.dtype() &&
+  LT_CHECK(!residual.defined() || (residual.shape() == out_shape && residual.dtype() == wd &&
                                    residual.device() == x.device()),
-           "gelu_mlp: residual must be ", dtype_name(x.dtype()), " ", shape_str(out_shape), " on ", x.device().str(),
+           "gelu_mlp: residual must be ", dtype_name(wd), " ", shape_str(out_shape), " on ", x.device().str(),
            ", got ", residual.defined() ? dtype_name(residual.dtype()) : "", " ",
            residual.defined() ? shape_str(residual.shape()) : std::string(), " on ",
            residual.defined() ? residual.device().str() : std::string());
   const int64_t chunk =
       chunk_rows > 0 ? chunk_rows : std::max<int64_t>(1, kChunkElements / std::max<int64_t>(hidden, 1));
-  const Precision precision = autocast_precision();
   MlpOperands ops;
   Tensor x_op;
   Tensor y;
   {
     NoGradGuard guard;
-    ops.low = lowers_to_bf16(precision, x.dtype());
+    ops.low = low;
     ops.cuda = x.device().is_cuda();
     ops.approx = approx;
     ops.w1 = ops.operand(w1.detach());
@@ -98,7 +107,7 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
     x_op = ops.operand(x.detach().reshape({-1, e}));
     const int64_t rows = x_op.size(0);
     // Each chunk writes its rows: residual + act W2^T + b2 in one product.
-    y = Tensor::empty({rows, e_out}, x.dtype(), x.device());
+    y = Tensor::empty({rows, e_out}, wd, x.device());
     const Tensor res = residual.defined() ? residual.detach().reshape({rows, e_out}).contiguous() : Tensor();
     const Tensor bias2 = b2.defined() ? b2.detach().contiguous() : Tensor();
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
@@ -118,7 +127,7 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
   if (b2.defined()) inputs.push_back(b2);
   if (residual.defined()) inputs.push_back(residual);
   record("gelu_mlp", inputs, {y},
-         [ops, x_op, precision, x_shape = x.shape(), e_out, hidden, chunk, with_b2 = b2.defined(),
+         [ops, x_op, precision, x_shape = x.shape(), x_dtype = x.dtype(), e_out, hidden, chunk, with_b2 = b2.defined(),
           with_residual = residual.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
            AutocastScope scope(precision);
            NoGradGuard guard;
@@ -130,7 +139,7 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
            // on the CPU under bf16, which sums the f32 values before they are rounded for the products.
            const bool sums_in_products = !(ops.low && !ops.cuda);
            const int64_t chunks = std::max<int64_t>(1, (rows + chunk - 1) / chunk);
-           Tensor dx = Tensor::empty({rows, x_op.size(1)}, dtype, device);
+           Tensor dx = Tensor::empty({rows, x_op.size(1)}, x_dtype, device);
            Tensor dw1 = Tensor::empty(ops.w1.shape(), dtype, device);
            Tensor dw2 = Tensor::empty(ops.w2.shape(), dtype, device);
            Tensor db1_parts = Tensor::empty({chunks, hidden}, dtype, device);
@@ -169,9 +178,11 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
              if (sums_in_products) ew1.a_sums = db1_parts.select(0, c);
              gemm_product(dpre, true, xc, false, ew1);
              ProductEpilogue ex;
-             ex.f32_out = ops.bf16_hidden();
+             ex.f32_out = ops.bf16_hidden() && x_dtype == DType::f32;
              ex.into = dx.narrow(0, r0, n);
-             gemm_product(dpre, false, ops.w1, false, ex);
+             if (ops.low && !ops.cuda && x_dtype == DType::bf16) ex.into = Tensor();  // rounded below
+             const Tensor dxc = gemm_product(dpre, false, ops.w1, false, ex);
+             if (!ex.into.defined()) dx.narrow(0, r0, n).copy_(cast(dxc, DType::bf16));
            }
            auto total = [&](const Tensor& parts) { return chunks == 1 ? parts.select(0, 0) : sum(parts, {0}); };
            std::vector<Tensor> grads{dx.reshape(x_shape), dw1, total(db1_parts), dw2};
