@@ -377,7 +377,6 @@ void softmax_backward(void* dx, const void* y, const void* dy, DType dtype, int6
   CUDA_CHECK_LAUNCH();
 }
 
-
 void layer_norm(void* y, DType out_dtype, void* mean, void* rstd, const void* x, const void* weight, const void* bias,
                 DType dtype, int64_t rows, int64_t cols, double eps) {
   if (rows == 0) return;
