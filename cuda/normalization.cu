@@ -3,7 +3,8 @@
 // use the fixed block-reduction tree of cuda/block_reduce.cuh, and the LayerNorm parameter gradients
 // are column sums in a fixed order (per-chunk partial sums in row order, then the chunks in
 // order, inside the one backward launch), so every result is bitwise reproducible. f32/bf16
-// accumulate in f32, f64 in f64.
+// accumulate in f32, f64 in f64. f32 rows may write a bf16 result and read a bf16 gradient (the
+// type of the output Y and of the gradient G are template parameters, T's by default).
 #include "cuda/block_reduce.cuh"
 #include "cuda/kernels.h"
 
@@ -57,8 +58,8 @@ __global__ void softmax_backward_kernel(T* dx, const T* y, const T* dy, int64_t 
 }
 
 // mean and rstd are AccT<T> (f32, or f64 for f64 data).
-template <typename T>
-__global__ void layer_norm_kernel(T* y, AccT<T>* mean, AccT<T>* rstd, const T* x, const T* weight, const T* bias,
+template <typename T, typename Y>
+__global__ void layer_norm_kernel(Y* y, AccT<T>* mean, AccT<T>* rstd, const T* x, const T* weight, const T* bias,
                                   int64_t rows, int64_t cols, double eps) {
   using A = AccT<T>;
   using E = Elem<T>;
@@ -83,21 +84,22 @@ __global__ void layer_norm_kernel(T* y, AccT<T>* mean, AccT<T>* rstd, const T* x
       A h = (static_cast<A>(E::load(xr, c)) - mu) * rs;
       if (weight) h *= static_cast<A>(E::load(weight, c));
       if (bias) h += static_cast<A>(E::load(bias, c));
-      E::store(y, r * cols + c, h);
+      Elem<Y>::store(y, r * cols + c, h);
     }
   }
 }
 
 // dx of one LayerNorm row: rstd * (g - mean(g) - h * mean(g * h)) with g = dy * weight and h the
-// normalized input. Every thread of the block must call it for the same row.
-template <typename T>
-__device__ void layer_norm_row_dx(T* dxr, const T* gr, const T* xr, AccT<T> mu, AccT<T> rs, const T* weight,
-                                  int64_t cols, AccT<T>* shared) {
+// normalized input, plus addr (the row's dx_addend) when not null. Every thread of the block must
+// call it for the same row.
+template <typename T, typename G>
+__device__ void layer_norm_row_dx(T* dxr, const G* gr, const T* addr, const T* xr, AccT<T> mu, AccT<T> rs,
+                                  const T* weight, int64_t cols, AccT<T>* shared) {
   using A = AccT<T>;
   using E = Elem<T>;
   A sg = 0, sgh = 0;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    A gh = E::load(gr, c);
+    A gh = Elem<G>::load(gr, c);
     if (weight) gh *= static_cast<A>(E::load(weight, c));
     const A h = (static_cast<A>(E::load(xr, c)) - mu) * rs;
     sg += gh;
@@ -106,27 +108,30 @@ __device__ void layer_norm_row_dx(T* dxr, const T* gr, const T* xr, AccT<T> mu, 
   sg = block_reduce(sg, SumOp{}, A(0), shared) / static_cast<A>(cols);
   sgh = block_reduce(sgh, SumOp{}, A(0), shared) / static_cast<A>(cols);
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    A gh = E::load(gr, c);
+    A gh = Elem<G>::load(gr, c);
     if (weight) gh *= static_cast<A>(E::load(weight, c));
     const A h = (static_cast<A>(E::load(xr, c)) - mu) * rs;
-    E::store(dxr, c, rs * (gh - sg - h * sgh));
+    A d = rs * (gh - sg - h * sgh);
+    if (addr) d += static_cast<A>(E::load(addr, c));
+    E::store(dxr, c, d);
   }
 }
 
-template <typename T>
-__global__ void layer_norm_backward_dx_kernel(T* dx, const T* dy, const T* x, const AccT<T>* mean,
+template <typename T, typename G>
+__global__ void layer_norm_backward_dx_kernel(T* dx, const G* dy, const T* dx_addend, const T* x, const AccT<T>* mean,
                                               const AccT<T>* rstd, const T* weight, int64_t rows, int64_t cols) {
   __shared__ AccT<T> shared[32];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x)
-    layer_norm_row_dx(dx + r * cols, dy + r * cols, x + r * cols, mean[r], rstd[r], weight, cols, shared);
+    layer_norm_row_dx(dx + r * cols, dy + r * cols, dx_addend ? dx_addend + r * cols : nullptr, x + r * cols,
+                      mean[r], rstd[r], weight, cols, shared);
 }
 
 // The whole backward in one launch: block k takes chunk k of rows, writes dx row by row and adds
 // each row's dweight/dbias terms to its chunk's partial sums (each thread owns its columns, so the
 // sums run in row order without atomics); the last block to finish adds the chunks in chunk order.
-template <typename T>
+template <typename T, typename G>
 __global__ void layer_norm_backward_fused_kernel(T* dx, T* dw, T* db, AccT<T>* pw, AccT<T>* pb,
-                                                 unsigned* blocks_done, const T* dy, const T* x,
+                                                 unsigned* blocks_done, const G* dy, const T* dx_addend, const T* x,
                                                  const AccT<T>* mean, const AccT<T>* rstd, const T* weight,
                                                  int64_t rows, int64_t cols, int64_t chunk_rows) {
   using A = AccT<T>;
@@ -142,12 +147,14 @@ __global__ void layer_norm_backward_fused_kernel(T* dx, T* dw, T* db, AccT<T>* p
   }
   const int64_t begin = chunk * chunk_rows, end = min(rows, begin + chunk_rows);
   for (int64_t r = begin; r < end; ++r) {
-    const T* gr = dy + r * cols;
+    const G* gr = dy + r * cols;
     const T* xr = x + r * cols;
     const A mu = mean[r], rs = rstd[r];
-    if (dx) layer_norm_row_dx(dx + r * cols, gr, xr, mu, rs, weight, cols, shared);
+    if (dx)
+      layer_norm_row_dx(dx + r * cols, gr, dx_addend ? dx_addend + r * cols : nullptr, xr, mu, rs, weight, cols,
+                        shared);
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-      const A g = E::load(gr, c);
+      const A g = Elem<G>::load(gr, c);
       if (pwc) pwc[c] += g * ((static_cast<A>(E::load(xr, c)) - mu) * rs);
       if (pbc) pbc[c] += g;
     }
@@ -176,9 +183,9 @@ __global__ void layer_norm_backward_fused_kernel(T* dx, T* dw, T* db, AccT<T>* p
 
 constexpr int kNormWarps = 8;  // warps (rows in flight) per block
 
-template <typename T, int kPer>
+template <typename T, typename Y, int kPer>
 __global__ void __launch_bounds__(kNormWarps * 32)
-    layer_norm_warp_kernel(T* y, AccT<T>* mean, AccT<T>* rstd, const T* x, const T* weight, const T* bias,
+    layer_norm_warp_kernel(Y* y, AccT<T>* mean, AccT<T>* rstd, const T* x, const T* weight, const T* bias,
                            int64_t rows, int64_t cols, double eps) {
   using A = AccT<T>;
   using E = Elem<T>;
@@ -211,7 +218,7 @@ __global__ void __launch_bounds__(kNormWarps * 32)
       A h = (v[i] - mu) * rs;
       if (weight) h *= static_cast<A>(E::load(weight, c));
       if (bias) h += static_cast<A>(E::load(bias, c));
-      E::store(y, r * cols + c, h);
+      Elem<Y>::store(y, r * cols + c, h);
     }
   }
 }
@@ -220,11 +227,11 @@ __global__ void __launch_bounds__(kNormWarps * 32)
 // each lane keeps its columns' dweight/dbias terms in registers, the warps add theirs into shared
 // memory in warp order, and the block writes its chunk's sums (layer_norm_chunk_sums_kernel then
 // adds the chunks). Fixed order throughout, no atomics.
-template <typename T, int kPer>
+template <typename T, typename G, int kPer>
 __global__ void __launch_bounds__(kNormWarps * 32)
-    layer_norm_backward_warp_kernel(T* dx, AccT<T>* pw, AccT<T>* pb, const T* dy, const T* x, const AccT<T>* mean,
-                                    const AccT<T>* rstd, const T* weight, int64_t rows, int64_t cols,
-                                    int64_t chunk_rows) {
+    layer_norm_backward_warp_kernel(T* dx, AccT<T>* pw, AccT<T>* pb, const G* dy, const T* dx_addend, const T* x,
+                                    const AccT<T>* mean, const AccT<T>* rstd, const T* weight, int64_t rows,
+                                    int64_t cols, int64_t chunk_rows) {
   using A = AccT<T>;
   using E = Elem<T>;
   __shared__ A sum_w[32 * kPer], sum_b[32 * kPer];
@@ -238,7 +245,7 @@ __global__ void __launch_bounds__(kNormWarps * 32)
   }
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk_rows, end = min(rows, begin + chunk_rows);
   for (int64_t r = begin + warp; r < end; r += kNormWarps) {
-    const T* gr = dy + r * cols;
+    const G* gr = dy + r * cols;
     const T* xr = x + r * cols;
     const A mu = mean[r], rs = rstd[r];
     A g[kPer], h[kPer];
@@ -247,7 +254,7 @@ __global__ void __launch_bounds__(kNormWarps * 32)
     for (int i = 0; i < kPer; ++i) {
       const int64_t c = lane + 32 * i;
       const bool in = c < cols;
-      g[i] = in ? static_cast<A>(E::load(gr, c)) : A(0);
+      g[i] = in ? static_cast<A>(Elem<G>::load(gr, c)) : A(0);
       h[i] = in ? (static_cast<A>(E::load(xr, c)) - mu) * rs : A(0);
       sg += g[i] * wt[i];
       sgh += g[i] * wt[i] * h[i];
@@ -260,7 +267,10 @@ __global__ void __launch_bounds__(kNormWarps * 32)
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int64_t c = lane + 32 * i;
-      if (c < cols) E::store(dx, r * cols + c, rs * (g[i] * wt[i] - sg - h[i] * sgh));
+      if (c >= cols) continue;
+      A d = rs * (g[i] * wt[i] - sg - h[i] * sgh);
+      if (dx_addend) d += static_cast<A>(E::load(dx_addend, r * cols + c));
+      E::store(dx, r * cols + c, d);
     }
   }
   if (!pw && !pb) return;
@@ -330,6 +340,19 @@ unsigned warp_row_grid(int64_t rows) {
   return static_cast<unsigned>(std::clamp<int64_t>((rows + kNormWarps - 1) / kNormWarps, 1, 65536));
 }
 
+// Runs body(Tag<T>{}, Tag<Other>{}) with T the data type and Other = T, or bf16 when `other` is bf16
+// and the data f32 (a bf16 result written, or a bf16 gradient read, by the f32 kernels).
+template <typename Body>
+void dispatch_with_bf16_side(DType dtype, DType other, const char* op, const char* what, Body&& body) {
+  if (other != dtype) {
+    LT_CHECK(dtype == DType::f32 && other == DType::bf16, op, ": ", what, " must be the data's dtype ",
+             dtype_name(dtype), " or bf16 with f32 data, got ", dtype_name(other));
+    body(Tag<float>{}, Tag<bf16>{});
+    return;
+  }
+  dispatch_floating(dtype, op, [&](auto tag) { body(tag, tag); });
+}
+
 }  // namespace
 
 void softmax(void* out, const void* in, DType dtype, int64_t rows, int64_t cols, bool log) {
@@ -354,34 +377,39 @@ void softmax_backward(void* dx, const void* y, const void* dy, DType dtype, int6
   CUDA_CHECK_LAUNCH();
 }
 
-void layer_norm(void* y, void* mean, void* rstd, const void* x, const void* weight, const void* bias, DType dtype,
-                int64_t rows, int64_t cols, double eps) {
+void layer_norm(void* y, DType out_dtype, void* mean, void* rstd, const void* x, const void* weight, const void* bias,
+                DType dtype, int64_t rows, int64_t cols, double eps) {
   if (rows == 0) return;
   LT_CHECK(cols > 0, "layer_norm: normalizing over an empty last dim");
   DeviceGuard guard(device_of(y));
-  dispatch_floating(dtype, "layer_norm", [&](auto tag) {
+  dispatch_with_bf16_side(dtype, out_dtype, "layer_norm", "the output", [&](auto tag, auto out_tag) {
     using T = typename decltype(tag)::type;
+    using Y = typename decltype(out_tag)::type;
     using A = AccT<T>;
     const bool short_rows = with_values_per_lane<T>(cols, [&](auto per) {
-      layer_norm_warp_kernel<T, decltype(per)::value><<<warp_row_grid(rows), kNormWarps * 32, 0, stream()>>>(
-          static_cast<T*>(y), static_cast<A*>(mean), static_cast<A*>(rstd), static_cast<const T*>(x),
+      layer_norm_warp_kernel<T, Y, decltype(per)::value><<<warp_row_grid(rows), kNormWarps * 32, 0, stream()>>>(
+          static_cast<Y*>(y), static_cast<A*>(mean), static_cast<A*>(rstd), static_cast<const T*>(x),
           static_cast<const T*>(weight), static_cast<const T*>(bias), rows, cols, eps);
     });
     if (!short_rows)
-      layer_norm_kernel<T><<<row_grid(rows), row_block_size(cols), 0, stream()>>>(
-          static_cast<T*>(y), static_cast<A*>(mean), static_cast<A*>(rstd), static_cast<const T*>(x),
+      layer_norm_kernel<T, Y><<<row_grid(rows), row_block_size(cols), 0, stream()>>>(
+          static_cast<Y*>(y), static_cast<A*>(mean), static_cast<A*>(rstd), static_cast<const T*>(x),
           static_cast<const T*>(weight), static_cast<const T*>(bias), rows, cols, eps);
   });
   CUDA_CHECK_LAUNCH();
 }
 
-void layer_norm_backward(void* dx, void* dweight, void* dbias, const void* dy, const void* x, const void* mean,
-                         const void* rstd, const void* weight, DType dtype, int64_t rows, int64_t cols) {
+void layer_norm_backward(void* dx, void* dweight, void* dbias, const void* dy, DType dy_dtype, const void* dx_addend,
+                         const void* x, const void* mean, const void* rstd, const void* weight, DType dtype,
+                         int64_t rows, int64_t cols) {
   if (cols == 0) return;
   DeviceGuard guard(device_of(dx ? dx : dy));
-  dispatch_floating(dtype, "layer_norm_backward", [&](auto tag) {
+  dispatch_with_bf16_side(dtype, dy_dtype, "layer_norm_backward", "the gradient dy", [&](auto tag, auto grad_tag) {
     using T = typename decltype(tag)::type;
+    using G = typename decltype(grad_tag)::type;
     using A = AccT<T>;
+    const G* dy_data = static_cast<const G*>(dy);
+    const T* addend = static_cast<const T*>(dx_addend);
     if (rows > 0 && cols <= kWarpRowCols<T>) {
       // Chunks of rows (one block each): a function of `rows` alone, so the summation order never
       // changes; up to 512 of them (enough blocks to fill the GPU, few sums for the second kernel).
@@ -392,9 +420,9 @@ void layer_norm_backward(void* dx, void* dweight, void* dbias, const void* dy, c
       A* pw_data = pw ? static_cast<A*>(pw->data) : nullptr;
       A* pb_data = pb ? static_cast<A*>(pb->data) : nullptr;
       with_values_per_lane<T>(cols, [&](auto per) {
-        layer_norm_backward_warp_kernel<T, decltype(per)::value>
+        layer_norm_backward_warp_kernel<T, G, decltype(per)::value>
             <<<static_cast<unsigned>(nchunks), kNormWarps * 32, 0, stream()>>>(
-                static_cast<T*>(dx), pw_data, pb_data, static_cast<const T*>(dy), static_cast<const T*>(x),
+                static_cast<T*>(dx), pw_data, pb_data, dy_data, addend, static_cast<const T*>(x),
                 static_cast<const A*>(mean), static_cast<const A*>(rstd), static_cast<const T*>(weight), rows, cols,
                 chunk_rows);
       });
@@ -406,8 +434,8 @@ void layer_norm_backward(void* dx, void* dweight, void* dbias, const void* dy, c
       return;
     }
     if (rows > 0 && dx && !dweight && !dbias) {
-      layer_norm_backward_dx_kernel<T><<<row_grid(rows), row_block_size(cols), 0, stream()>>>(
-          static_cast<T*>(dx), static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const A*>(mean),
+      layer_norm_backward_dx_kernel<T, G><<<row_grid(rows), row_block_size(cols), 0, stream()>>>(
+          static_cast<T*>(dx), dy_data, addend, static_cast<const T*>(x), static_cast<const A*>(mean),
           static_cast<const A*>(rstd), static_cast<const T*>(weight), rows, cols);
       CUDA_CHECK_LAUNCH();
     }
@@ -420,10 +448,10 @@ void layer_norm_backward(void* dx, void* dweight, void* dbias, const void* dy, c
     auto pb = dbias ? scratch(static_cast<size_t>(nchunks * cols) * sizeof(A)) : nullptr;
     auto done = scratch(sizeof(unsigned));
     CUDA_CHECK(cudaMemsetAsync(done->data, 0, sizeof(unsigned), stream()));
-    layer_norm_backward_fused_kernel<T><<<static_cast<unsigned>(nchunks), row_block_size(cols), 0, stream()>>>(
+    layer_norm_backward_fused_kernel<T, G><<<static_cast<unsigned>(nchunks), row_block_size(cols), 0, stream()>>>(
         static_cast<T*>(dx), static_cast<T*>(dweight), static_cast<T*>(dbias),
         pw ? static_cast<A*>(pw->data) : nullptr, pb ? static_cast<A*>(pb->data) : nullptr,
-        static_cast<unsigned*>(done->data), static_cast<const T*>(dy), static_cast<const T*>(x),
+        static_cast<unsigned*>(done->data), dy_data, addend, static_cast<const T*>(x),
         static_cast<const A*>(mean), static_cast<const A*>(rstd), static_cast<const T*>(weight), rows, cols,
         chunk_rows);
     CUDA_CHECK_LAUNCH();

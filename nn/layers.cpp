@@ -59,10 +59,24 @@ LayerNorm::LayerNorm(int64_t dim, double eps, bool affine) : dim_(dim), eps_(eps
   }
 }
 
-Tensor LayerNorm::forward(const Tensor& x) {
+void LayerNorm::check_input(const Tensor& x) const {
   LT_CHECK(x.defined() && x.dim() >= 1 && x.shape().back() == dim_, "LayerNorm: input must be (..., ", dim_,
            "), got ", x.defined() ? shape_str(x.shape()) : std::string("undefined"));
+}
+
+Tensor LayerNorm::forward(const Tensor& x) {
+  check_input(x);
   return layer_norm(x, weight, bias, eps_);
+}
+
+Tensor LayerNorm::forward(const Tensor& x, DType out_dtype) {
+  check_input(x);
+  return layer_norm(x, weight, bias, eps_, out_dtype);
+}
+
+std::pair<Tensor, Tensor> LayerNorm::forward_residual(const Tensor& x, std::optional<DType> out_dtype) {
+  check_input(x);
+  return layer_norm_residual(x, weight, bias, eps_, out_dtype);
 }
 
 // ---------------------------------------------------------------- Embedding

@@ -6,7 +6,9 @@
 // (manual_seed).
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "nn/module.h"
@@ -37,12 +39,19 @@ class LayerNorm : public Module {
  public:
   explicit LayerNorm(int64_t dim, double eps = 1e-5, bool affine = true);
   Tensor forward(const Tensor& x);
+  // The result in out_dtype: x's dtype, or bf16 from f32 x (the operand of a bf16 product).
+  Tensor forward(const Tensor& x, DType out_dtype);
+  // {residual, normalised} of layer_norm_residual: x handed on (no copy) for a pre-LN residual
+  // block, whose gradient the layer-norm backward adds in its own pass.
+  std::pair<Tensor, Tensor> forward_residual(const Tensor& x, std::optional<DType> out_dtype = std::nullopt);
   std::string type_name() const override { return "LayerNorm"; }
 
   Tensor weight;  // undefined when !affine
   Tensor bias;
 
  private:
+  void check_input(const Tensor& x) const;
+
   int64_t dim_;
   double eps_;
 };

@@ -4,6 +4,7 @@
 // f64 on the CPU, f32 and bf16 on CUDA. Bad input throws longtape::Error naming the op, what
 // it expected and what it was given.
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "autograd/grad_mode.h"
@@ -90,11 +91,24 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor
 Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2 = Tensor(),
                 GeluApprox approx = GeluApprox::erf, int64_t chunk_rows = 0, const Tensor& residual = Tensor());
 
+// ---- layer norm (tensor/ops/layer_norm.cpp) ----
+// Normalises over the last dim; weight and bias (shape (C,)) may be undefined. Row statistics in
+// f32 (f64 for f64). out_dtype (default: x's dtype) may be bf16 for f32 x: the same kernel writes
+// the result in bf16, as a bf16 product reads its operand; the backward reads a bf16 gradient as
+// such and returns gradients in x's dtype.
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5,
+                  std::optional<DType> out_dtype = std::nullopt);
+// {residual, normalised} = {x, layer_norm(x, weight, bias, eps, out_dtype)} as one tape node, for a
+// pre-LN residual block (h = residual + f(normalised)). residual shares x's storage (no copy); the
+// backward adds the residual's gradient to x's inside the layer-norm backward kernel, so the
+// residual stream's gradient costs no separate sum. Modifying residual in place makes the backward
+// refuse (it reads x).
+std::pair<Tensor, Tensor> layer_norm_residual(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                              double eps = 1e-5, std::optional<DType> out_dtype = std::nullopt);
+
 // ---- neural-network functions (tensor/ops/nn_functional.cpp) ----
 Tensor softmax(const Tensor& a, int64_t dim = -1);
 Tensor log_softmax(const Tensor& a, int64_t dim = -1);
-// Normalises over the last dim; weight and bias (shape (C,)) may be undefined.
-Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5);
 // weight (V, E), indices i32/i64 of any shape -> (..., E).
 Tensor embedding(const Tensor& weight, const Tensor& indices);
 // logits (N, C) or (B, T, C); targets i32/i64 of the leading shape; mean over non-ignored targets

@@ -1,5 +1,5 @@
-// Neural-network functions: softmax, log_softmax, layer_norm, embedding, dropout (cross_entropy:
-// tensor/ops/cross_entropy.cpp).
+// Neural-network functions: softmax, log_softmax, embedding, dropout (cross_entropy:
+// tensor/ops/cross_entropy.cpp, layer norm: tensor/ops/layer_norm.cpp).
 // Each runs its forward through the row kernels of tensor/kernels.h and records one node whose
 // backward calls the matching backward kernel, so the tape stays short and the gradients are
 // computed in one pass.
@@ -90,53 +90,6 @@ Tensor softmax_impl(const Tensor& a, int64_t dim, bool log, const char* op) {
 Tensor softmax(const Tensor& a, int64_t dim) { return softmax_impl(a, dim, false, "softmax"); }
 
 Tensor log_softmax(const Tensor& a, int64_t dim) { return softmax_impl(a, dim, true, "log_softmax"); }
-
-Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
-  check_floating(x, "layer_norm", "input");
-  LT_CHECK(x.dim() >= 1, "layer_norm: input must have at least 1 dim, got a 0-d tensor");
-  LT_CHECK(eps >= 0, "layer_norm: eps must be >= 0, got ", eps);
-  const int64_t cols = x.shape().back();
-  LT_CHECK(cols > 0, "layer_norm: the normalised (last) dim must be non-empty, got shape ", shape_str(x.shape()));
-  const int64_t rows = x.numel() / cols;
-  auto check_param = [&](const Tensor& p, const char* what) {
-    if (!p.defined()) return;
-    LT_CHECK(p.shape() == Shape{cols}, "layer_norm: ", what, " must have shape [", cols, "] to match input ",
-             shape_str(x.shape()), ", got ", shape_str(p.shape()));
-    LT_CHECK(p.dtype() == x.dtype(), "layer_norm: ", what, " must have dtype ", dtype_name(x.dtype()), ", got ",
-             dtype_name(p.dtype()));
-    LT_CHECK(p.device() == x.device(), "layer_norm: ", what, " must be on ", x.device().str(), ", got ",
-             p.device().str());
-  };
-  check_param(weight, "weight");
-  check_param(bias, "bias");
-
-  Tensor xc = x.detach().contiguous();
-  Tensor wc = weight.defined() ? weight.detach().contiguous() : Tensor();
-  Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();
-  // Row statistics are kept in f32 (f64 for f64 input), as the kernel interface specifies.
-  const DType stat_dtype = x.dtype() == DType::f64 ? DType::f64 : DType::f32;
-  Tensor mean_rows = Tensor::empty({rows}, stat_dtype, x.device());
-  Tensor rstd_rows = Tensor::empty({rows}, stat_dtype, x.device());
-  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  kernels::layer_norm(out.raw_data(), mean_rows.raw_data(), rstd_rows.raw_data(), xc.raw_data(),
-                      wc.defined() ? wc.raw_data() : nullptr, bc.defined() ? bc.raw_data() : nullptr, x.dtype(),
-                      rows, cols, eps, x.device());
-
-  record("layer_norm", {x, weight, bias}, {out},
-         [xc, wc, bc, mean_rows, rstd_rows, rows, cols](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-           Tensor dy = g[0].detach().contiguous();
-           Tensor dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
-           Tensor dw = wc.defined() ? Tensor::empty({cols}, xc.dtype(), xc.device()) : Tensor();
-           Tensor db = bc.defined() ? Tensor::empty({cols}, xc.dtype(), xc.device()) : Tensor();
-           kernels::layer_norm_backward(dx.raw_data(), dw.defined() ? dw.raw_data() : nullptr,
-                                        db.defined() ? db.raw_data() : nullptr, dy.raw_data(), xc.raw_data(),
-                                        mean_rows.raw_data(), rstd_rows.raw_data(),
-                                        wc.defined() ? wc.raw_data() : nullptr, xc.dtype(), rows, cols,
-                                        xc.device());
-           return {dx, dw, db};
-         }, {xc, wc, bc});
-  return out;
-}
 
 Tensor embedding(const Tensor& weight, const Tensor& indices) {
   check_floating(weight, "embedding", "weight");
