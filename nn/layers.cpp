@@ -159,9 +159,15 @@ Tensor TransformerBlock::forward(const Tensor& x) {
     Tensor h = add(x, drop->forward(attn->forward(ln1->forward(x))));
     return add(h, drop->forward(mlp->forward(ln2->forward(h))));
   }
-  // Without dropout each branch's last product starts from the residual stream.
-  Tensor h = attn->forward_residual(ln1->forward(x), x);
-  return mlp->forward_residual(ln2->forward(h), h);
+  // Without dropout each branch's last product starts from the residual stream, and each layer
+  // norm hands the stream on (its backward adds the stream's gradient in the same pass). Under bf16
+  // the norms write the products' bf16 operands directly.
+  const bool low = lowers_to_bf16(autocast_precision(), x.dtype());
+  const std::optional<DType> operand = low ? std::optional<DType>(DType::bf16) : std::nullopt;
+  auto [x_stream, y1] = ln1->forward_residual(x, attn->reads_bf16_under_autocast() ? operand : std::nullopt);
+  Tensor h = attn->forward_residual(y1, x_stream);
+  auto [h_stream, y2] = ln2->forward_residual(h, operand);
+  return mlp->forward_residual(y2, h_stream);
 }
 
 }  // namespace longtape::nn

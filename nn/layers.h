@@ -143,6 +143,9 @@ class TokenMixer : public Module {
   // residual + forward(x); a mixer whose last product can start from the residual overrides it
   // (no separate add, forward or backward).
   virtual Tensor forward_residual(const Tensor& x, const Tensor& residual) { return add(residual, forward(x)); }
+  // Whether forward takes a bf16 x under bf16 precision (its products lower x anyway), so the
+  // layer norm before it may write bf16.
+  virtual bool reads_bf16_under_autocast() const { return false; }
 };
 
 struct TransformerBlockConfig {

@@ -228,7 +228,7 @@ TEST_CASE("gelu_mlp is one node equal to fc1 -> bias_gelu -> fc2, recomputing it
                        doctest::Contains("gelu_mlp: expected x (..., E), w1 (H, E), b1 (H,), w2 (E_out, H), got x [7, 3]"),
                        Error);
   CHECK_THROWS_WITH_AS(gelu_mlp(Tensor::randn({7, 3}), randn64({8, 3}), randn64({8}), randn64({4, 8})),
-                       doctest::Contains("gelu_mlp: weights must be f32"), Error);
+                       doctest::Contains("gelu_mlp: x must be f64"), Error);
   CHECK_THROWS_WITH_AS(gelu_mlp(randn64({7, 3}), randn64({8, 3}), randn64({8}), randn64({4, 8}), Tensor(), GeluApprox::erf, -1),
                        doctest::Contains("chunk_rows must be >= 0"), Error);
   CHECK_THROWS_WITH_AS(gelu_mlp(randn64({7, 3}), randn64({8, 3}), randn64({8}), randn64({4, 8}), randn64({5})),
