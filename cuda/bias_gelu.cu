@@ -1,6 +1,7 @@
 // Bias + GELU: one elementwise kernel forward (gelu(x + bias)), one backward (dy * gelu'(x + bias));
-// the formulas of cuda/elementwise.cu's gelu. bf16 is stored as bf16 and computed in f32. The bias
-// may be null: a bf16 pre-activation from a product's bias epilogue already holds it.
+// the formulas of cuda/elementwise.cu's gelu. bf16 is stored as bf16 and computed in f32; a bf16
+// pre-activation comes with an f32 bias. The bias may be null (x already holds it). Rows whose
+// length is a multiple of 8 move 16 bytes of bf16 (and 2 x 16 of f32) per thread and access.
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 
@@ -51,11 +52,92 @@ __device__ __forceinline__ typename Elem<T>::C bias_at(const T* bias, int64_t c)
   return bias ? Elem<T>::load(bias, c) : typename Elem<T>::C(0);
 }
 
-template <typename T, typename O>
-__global__ void bias_gelu_kernel(O* out, const T* x, const T* bias, int64_t rows, int64_t cols, bool tanh_approx) {
+// x is X, out O, the bias B (X = B, or bf16 pre-activations with an f32 bias).
+template <typename X, typename B, typename O>
+__global__ void bias_gelu_kernel(O* out, const X* x, const B* bias, int64_t rows, int64_t cols, bool tanh_approx) {
+  using C = typename Elem<B>::C;
   for_each_row_column(rows, cols, [&](int64_t i, int64_t c) {
-    Elem<O>::store(out, i, gelu_of(Elem<T>::load(x, i) + bias_at(bias, c), tanh_approx));
+    Elem<O>::store(out, i, gelu_of(static_cast<C>(Elem<X>::load(x, i)) + bias_at(bias, c), tanh_approx));
   });
+}
+
+// Eight consecutive f32 or bf16 values as f32, and back (16-byte aligned pointers).
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const bf16* p, float (&v)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(pairs[j]);
+    v[2 * j] = f.x, v[2 * j + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(bf16* p, const float (&v)[8]) {
+  uint4 raw;
+  auto* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
+  for (int j = 0; j < 4; ++j) pairs[j] = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// f32 math, eight elements of a row per thread: cols % 8 == 0, every pointer 16-byte aligned,
+// rows * cols / 8 < 2^31. `f(x, bias, i)` returns element i's result from its pre-activation.
+template <typename O, typename Inputs>
+__global__ void gelu_rows_vec8_kernel(O* out, Inputs in, int32_t groups, int32_t groups_per_row) {
+  for (int32_t g = blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += gridDim.x * blockDim.x) {
+    const int64_t i = static_cast<int64_t>(g) * 8;
+    const int32_t c = (g % groups_per_row) * 8;
+    float v[8];
+    in(i, c, v);
+    store8(out + i, v);
+  }
+}
+
+template <typename X>
+struct GeluForward8 {
+  const X* x;
+  const float* bias;
+  bool tanh_approx;
+  __device__ __forceinline__ void operator()(int64_t i, int32_t c, float (&v)[8]) const {
+    float b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    load8(x + i, v);
+    if (bias) load8(bias + c, b);
+    for (int j = 0; j < 8; ++j) v[j] = gelu_of(v[j] + b[j], tanh_approx);
+  }
+};
+
+template <typename X>
+struct GeluBackward8 {
+  const float* dy;
+  const X* x;
+  const float* bias;
+  bool tanh_approx;
+  __device__ __forceinline__ void operator()(int64_t i, int32_t c, float (&v)[8]) const {
+    float b[8] = {0, 0, 0, 0, 0, 0, 0, 0}, g[8];
+    load8(x + i, v);
+    load8(dy + i, g);
+    if (bias) load8(bias + c, b);
+    for (int j = 0; j < 8; ++j) v[j] = g[j] * gelu_grad_of(v[j] + b[j], tanh_approx);
+  }
+};
+
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Launches the eight-wide kernel when the shape and pointers allow it; false otherwise.
+template <typename O, typename Inputs>
+bool launch_vec8(O* out, const Inputs& in, int64_t rows, int64_t cols, std::initializer_list<const void*> pointers) {
+  if (cols % 8 != 0 || rows * cols / 8 >= (int64_t{1} << 31) || !aligned16(out)) return false;
+  for (const void* p : pointers)
+    if (!aligned16(p)) return false;
+  const int64_t groups = rows * cols / 8;
+  gelu_rows_vec8_kernel<O, Inputs><<<grid_for(groups), kThreads, 0, stream()>>>(
+      out, in, static_cast<int32_t>(groups), static_cast<int32_t>(cols / 8));
+  return true;
 }
 
 // dy and bias are T; x is X and dx D (T, or bf16 pre-activations and gradients with f32 dy).
@@ -71,20 +153,31 @@ __global__ void bias_gelu_backward_kernel(D* dx, const T* dy, const X* x, const 
 
 }  // namespace
 
-void bias_gelu(void* out, DType out_dtype, const void* x, const void* bias, DType dtype, int64_t rows, int64_t cols,
-               bool tanh_approx) {
+void bias_gelu(void* out, DType out_dtype, const void* x, DType x_dtype, const void* bias, DType dtype, int64_t rows,
+               int64_t cols, bool tanh_approx) {
   if (rows * cols == 0) return;
-  LT_CHECK(out_dtype == dtype || (out_dtype == DType::bf16 && dtype == DType::f32),
-           "bias_gelu: writes the input's dtype or bf16 from f32, got ", dtype_name(dtype), " -> ", dtype_name(out_dtype));
+  const bool same = out_dtype == dtype && x_dtype == dtype;
+  const bool to_bf16 = dtype == DType::f32 && out_dtype == DType::bf16 && (x_dtype == DType::f32 || x_dtype == DType::bf16);
+  LT_CHECK(same || to_bf16,
+           "bias_gelu: reads x and the bias and writes one dtype, or f32 or bf16 x with an f32 bias into bf16; got x ",
+           dtype_name(x_dtype), ", bias ", dtype_name(dtype), ", out ", dtype_name(out_dtype));
   DeviceGuard guard(device_of(out));
   const dim3 grid = row_column_grid(rows, cols);
-  if (out_dtype != dtype) {
-    bias_gelu_kernel<float, bf16><<<grid, kThreads, 0, stream()>>>(
-        static_cast<bf16*>(out), static_cast<const float*>(x), static_cast<const float*>(bias), rows, cols, tanh_approx);
+  const auto* bp = static_cast<const float*>(bias);
+  if (to_bf16 && x_dtype == DType::bf16) {
+    auto* o = static_cast<bf16*>(out);
+    const auto* xp = static_cast<const bf16*>(x);
+    if (!launch_vec8(o, GeluForward8<bf16>{xp, bp, tanh_approx}, rows, cols, {xp, bp}))
+      bias_gelu_kernel<bf16, float, bf16><<<grid, kThreads, 0, stream()>>>(o, xp, bp, rows, cols, tanh_approx);
+  } else if (to_bf16) {
+    auto* o = static_cast<bf16*>(out);
+    const auto* xp = static_cast<const float*>(x);
+    if (!launch_vec8(o, GeluForward8<float>{xp, bp, tanh_approx}, rows, cols, {xp, bp}))
+      bias_gelu_kernel<float, float, bf16><<<grid, kThreads, 0, stream()>>>(o, xp, bp, rows, cols, tanh_approx);
   } else {
     dispatch_floating(dtype, "bias_gelu", [&](auto tag) {
       using T = typename decltype(tag)::type;
-      bias_gelu_kernel<T, T><<<grid, kThreads, 0, stream()>>>(
+      bias_gelu_kernel<T, T, T><<<grid, kThreads, 0, stream()>>>(
           static_cast<T*>(out), static_cast<const T*>(x), static_cast<const T*>(bias), rows, cols, tanh_approx);
     });
   }
@@ -105,12 +198,18 @@ void bias_gelu_backward(void* dx, DType dx_dtype, const void* dy, const void* x,
     const auto* dyp = static_cast<const float*>(dy);
     const auto* xp = static_cast<const bf16*>(x);
     const auto* bp = static_cast<const float*>(bias);
-    if (dx_dtype == DType::bf16)
-      bias_gelu_backward_kernel<float, bf16, bf16><<<grid, kThreads, 0, stream()>>>(static_cast<bf16*>(dx), dyp, xp, bp,
-                                                                                    rows, cols, tanh_approx);
-    else
-      bias_gelu_backward_kernel<float, bf16, float><<<grid, kThreads, 0, stream()>>>(static_cast<float*>(dx), dyp, xp,
-                                                                                     bp, rows, cols, tanh_approx);
+    const GeluBackward8<bf16> in{dyp, xp, bp, tanh_approx};
+    if (dx_dtype == DType::bf16) {
+      auto* d = static_cast<bf16*>(dx);
+      if (!launch_vec8(d, in, rows, cols, {dyp, xp, bp}))
+        bias_gelu_backward_kernel<float, bf16, bf16><<<grid, kThreads, 0, stream()>>>(d, dyp, xp, bp, rows, cols,
+                                                                                      tanh_approx);
+    } else {
+      auto* d = static_cast<float*>(dx);
+      if (!launch_vec8(d, in, rows, cols, {dyp, xp, bp}))
+        bias_gelu_backward_kernel<float, bf16, float><<<grid, kThreads, 0, stream()>>>(d, dyp, xp, bp, rows, cols,
+                                                                                       tanh_approx);
+    }
   } else {
     dispatch_floating(dtype, "bias_gelu_backward", [&](auto tag) {
       using T = typename decltype(tag)::type;

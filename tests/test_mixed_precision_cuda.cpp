@@ -182,15 +182,36 @@ TEST_CASE("cuda: gelu_mlp matches the composed MLP on the GPU (f32 and bf16) and
     for (const Tensor& t : in) out.push_back(t.grad().to(Device::cpu()));
     return out;
   };
+  // f32: fused, composed and the CPU agree to rounding. bf16: the fused node writes its
+  // pre-activation in bf16 (one more rounding than the composed ops), so both are measured against
+  // an f64 reference and the fused error may be at most twice the composed one.
+  std::vector<Tensor> reference;
+  {
+    std::vector<Tensor> in;
+    for (const Tensor& t : {x, w1, b1, w2}) in.push_back(t.to(DType::f64).detach().requires_grad_());
+    Tensor y = composed(in);
+    y.backward(go.to(DType::f64));
+    reference.push_back(y);
+    for (const Tensor& t : in) reference.push_back(t.grad());
+  }
   for (Precision p : {Precision::f32, Precision::bf16}) {
     CAPTURE(precision_name(p));
     const auto gpu_fused = run(fused, kGpu, p), gpu_composed = run(composed, kGpu, p), cpu = run(composed, Device::cpu(), p);
-    const double tol = p == Precision::f32 ? 1e-5 : 2e-3;
     for (size_t i = 0; i < gpu_fused.size(); ++i) {
       CAPTURE(i);
       CHECK(gpu_fused[i].dtype() == DType::f32);
-      CHECK(normwise_rel_err(gpu_fused[i], gpu_composed[i]) < tol);
-      CHECK(normwise_rel_err(gpu_fused[i], cpu[i]) < tol);
+      if (p == Precision::f32) {
+        CHECK(normwise_rel_err(gpu_fused[i], gpu_composed[i]) < 1e-5);
+        CHECK(normwise_rel_err(gpu_fused[i], cpu[i]) < 1e-5);
+      } else {
+        const Tensor want = reference[i].to(DType::f32);
+        const double fused_err = normwise_rel_err(gpu_fused[i], want), composed_err = normwise_rel_err(gpu_composed[i], want);
+        CAPTURE(fused_err);
+        CAPTURE(composed_err);
+        CHECK(composed_err > 0.0);
+        CHECK(fused_err <= 2.0 * composed_err);
+        CHECK(normwise_rel_err(cpu[i], want) <= 2.0 * composed_err);
+      }
     }
   }
 }

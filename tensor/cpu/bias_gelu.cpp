@@ -36,10 +36,10 @@ void with_approx(bool tanh_approx, F&& f) {
 }
 }  // namespace
 
-void bias_gelu(void* out, DType out_dtype, const void* x, const void* bias, DType dtype, int64_t rows, int64_t cols,
-               bool tanh_approx) {
-  LT_CHECK(out_dtype == dtype, "bias_gelu: the CPU backend writes the input's dtype ", dtype_name(dtype), ", asked for ",
-           dtype_name(out_dtype));
+void bias_gelu(void* out, DType out_dtype, const void* x, DType x_dtype, const void* bias, DType dtype, int64_t rows,
+               int64_t cols, bool tanh_approx) {
+  LT_CHECK(out_dtype == dtype && x_dtype == dtype, "bias_gelu: the CPU backend reads and writes one dtype, got x ",
+           dtype_name(x_dtype), ", bias ", dtype_name(dtype), ", out ", dtype_name(out_dtype));
   dispatch_float(dtype, "bias_gelu", [&]<typename T>() {
     const T* xp = static_cast<const T*>(x);
     const T* b = static_cast<const T*>(bias);

@@ -25,7 +25,8 @@ Tensor bias_gelu(const Tensor& x, const Tensor& bias, GeluApprox approx) {
   Tensor bc = bias.detach().contiguous();
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
   if (out.numel() > 0)
-    kernels::bias_gelu(out.raw_data(), x.dtype(), xc.raw_data(), bc.raw_data(), x.dtype(), rows, cols, tanh_approx, x.device());
+    kernels::bias_gelu(out.raw_data(), x.dtype(), xc.raw_data(), x.dtype(), bc.raw_data(), x.dtype(), rows, cols,
+                       tanh_approx, x.device());
   record("bias_gelu", {x, bias}, {out},
          [xc, bc, rows, cols, tanh_approx](const std::vector<Tensor>& g) -> std::vector<Tensor> {
            Tensor dy = g[0].detach().contiguous();

@@ -44,16 +44,16 @@ struct MlpOperands {
   // bf16 tensors between the products: CUDA under bf16 (the CPU rounds f32 values instead).
   bool bf16_hidden() const { return low && cuda; }
 
-  // pre = x W1^T + b1 (bf16 on CUDA under bf16, else f32/f64) and the activation gelu(pre) as the
-  // second product reads it.
+  // pre = x W1^T (bf16 on CUDA under bf16, else f32/f64; b1 is added by the GELU kernels, which
+  // read pre anyway) and the activation gelu(pre + b1) as the second product reads it.
   std::pair<Tensor, Tensor> hidden(const Tensor& x_rows) const {
     ProductEpilogue e;
-    e.bias = b1;
+    e.f32_out = false;
     Tensor pre = gemm_product(x_rows, false, w1, true, e);
     Tensor act = Tensor::empty(pre.shape(), pre.dtype(), pre.device());
     if (act.numel() > 0)
-      kernels::bias_gelu(act.raw_data(), act.dtype(), pre.raw_data(), nullptr, pre.dtype(), pre.size(0), pre.size(1),
-                         approx == GeluApprox::tanh, pre.device());
+      kernels::bias_gelu(act.raw_data(), act.dtype(), pre.raw_data(), pre.dtype(), b1.raw_data(), b1.dtype(),
+                         pre.size(0), pre.size(1), approx == GeluApprox::tanh, pre.device());
     return {pre, low && !cuda ? operand(act) : act};
   }
 };
@@ -167,7 +167,8 @@ Tensor gelu_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tenso
              const Tensor dh = gemm_product(dyc, false, ops.w2, false, eh);
              Tensor dpre = Tensor::empty(dh.shape(), ops.bf16_hidden() ? DType::bf16 : dtype, device);
              kernels::bias_gelu_backward(dpre.raw_data(), dpre.dtype(), dh.raw_data(), pre.raw_data(), pre.dtype(),
-                                         nullptr, dh.dtype(), n, hidden, ops.approx == GeluApprox::tanh, device);
+                                         ops.b1.raw_data(), dh.dtype(), n, hidden, ops.approx == GeluApprox::tanh,
+                                         device);
              pre = Tensor();
              if (!sums_in_products) db1_parts.select(0, c).copy_(sum(dpre, {0}));
              if (ops.low && !ops.cuda) dpre = bf16_operand(dpre);
