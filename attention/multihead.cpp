@@ -142,7 +142,10 @@ Tensor MultiheadAttention::attend(const Tensor& q, const Tensor& k_unshifted, co
     if (low && (options_.sub_layernorm || o.dtype() != DType::bf16)) o = f32_activation(o);
   }
   Tensor merged = o.reshape({o.size(0), o.size(1), options_.embed_dim});
-  if (options_.sub_layernorm) merged = layer_norm(merged, ln_weight, ln_bias, options_.layer_norm_eps);
+  // Under bf16 the sub-LayerNorm writes the output projection's bf16 operand directly.
+  if (options_.sub_layernorm)
+    merged = layer_norm(merged, ln_weight, ln_bias, options_.layer_norm_eps,
+                        low && merged.dtype() == DType::f32 ? std::optional<DType>(DType::bf16) : std::nullopt);
   return project_rows(merged, w_out, b_out, residual, w_out.dtype());
 }
 
@@ -150,16 +153,16 @@ Tensor MultiheadAttention::forward(const Tensor& x) { return forward_residual(x,
 
 Tensor MultiheadAttention::forward_residual(const Tensor& x, const Tensor& residual) {
   check_input(x, "x");
-  if (options_.fused_qkv) {
-    // One (E, 3E) product for all three projections, the bias in its epilogue. Under bf16 (without
-    // smeared keys, which mix k in f32) it writes q, k and v in bf16, which enter the core as
-    // strided views; split's backward gathers their gradients in one buffer.
-    const bool low_qkv = lowers_to_bf16(autocast_precision(), w_qkv.dtype()) && !key_shift.defined();
-    const Tensor qkv = project_rows(x, w_qkv, b_qkv, Tensor(), low_qkv ? DType::bf16 : w_qkv.dtype());
-    const std::vector<Tensor> parts = split(qkv, options_.embed_dim, 2);
-    return attend(parts[0], parts[1], parts[2], residual);
-  }
-  return attend(project(x, 0), project(x, 1), project(x, 2), residual);
+  // One (E, 3E) product for all three projections (separate weights are joined for it: x is read
+  // once and has one gradient), the bias in its epilogue. Under bf16 (without smeared keys, which
+  // mix k in f32) it writes q, k and v in bf16, which enter the core as strided views; split's
+  // backward gathers their gradients in one buffer.
+  const Tensor w = options_.fused_qkv ? w_qkv : cat({w_q, w_k, w_v}, 1);
+  const Tensor b = options_.fused_qkv ? b_qkv : b_q.defined() ? cat({b_q, b_k, b_v}, 0) : Tensor();
+  const bool low_qkv = lowers_to_bf16(autocast_precision(), w.dtype()) && !key_shift.defined();
+  const Tensor qkv = project_rows(x, w, b, Tensor(), low_qkv ? DType::bf16 : w.dtype());
+  const std::vector<Tensor> parts = split(qkv, options_.embed_dim, 2);
+  return attend(parts[0], parts[1], parts[2], residual);
 }
 
 Tensor MultiheadAttention::forward(const Tensor& query, const Tensor& key, const Tensor& value) {

@@ -46,8 +46,8 @@ class MultiheadAttention : public nn::TokenMixer {
   Tensor forward(const Tensor& x) override;
   // residual + forward(x), the residual entering the output projection's product.
   Tensor forward_residual(const Tensor& x, const Tensor& residual) override;
-  // With one fused q/k/v product x has one use (three would sum three bf16 gradients).
-  bool reads_bf16_under_autocast() const override { return options_.fused_qkv; }
+  // Self-attention reads x in one q/k/v product, so x has one use and one gradient.
+  bool reads_bf16_under_autocast() const override { return true; }
   // Cross-attention: query (B, Nq, E), key and value (B, Nk, E) -> (B, Nq, E). The core variant
   // decides which Nq, Nk it accepts (dense: any; dilated: Nq == Nk).
   Tensor forward(const Tensor& query, const Tensor& key, const Tensor& value);
