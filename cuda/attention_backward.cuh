@@ -54,16 +54,7 @@ __device__ __forceinline__ void warp_product_pair(float (&c1)[kTile / 8][4], flo
     uint32_t x1[4], x2[4];
     load_a<D>(x1, a1, row0, kk);
     load_a<D>(x2, a2, row0, kk);
-#pragma unroll
-    for (int np = 0; np < kNT / 2; ++np) {
-      uint32_t y1[4], y2[4];
-      load_b_nk<D>(y1, b1, np * 16, kk);
-      load_b_nk<D>(y2, b2, np * 16, kk);
-      F::mma(c1[2 * np], x1, y1[0], y1[1]);
-      F::mma(c1[2 * np + 1], x1, y1[2], y1[3]);
-      F::mma(c2[2 * np], x2, y2[0], y2[1]);
-      F::mma(c2[2 * np + 1], x2, y2[2], y2[3]);
-    }
+    mma_tile_b_pair<F, D, false, false>(c1, x1, x1, b1, c2, x2, x2, b2, kk);
   }
 }
 

@@ -270,25 +270,51 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const elem16* tile, 
                            ((lane >> 4) << 3));
 }
 
-// c (16 x 8 kN) += a * B for k block kk of a shared B tile stored [n][k] (load_b_nk) or, with
-// kKN, [k][n] (load_b_kn); with kSplit also += a_lo * B (A as hi + lo parts, a_fragment_split;
-// a_lo is not read otherwise).
+// B fragments for two n-tiles (n0..n0+15) of a tile stored [n][k] (load_b_nk) or, with kKN, [k][n]
+// (load_b_kn).
+template <int D, bool kKN>
+__device__ __forceinline__ void load_b(uint32_t (&b)[4], const elem16* tile, int n0, int kk) {
+  if constexpr (kKN)
+    load_b_kn<D>(b, tile, n0, kk);
+  else
+    load_b_nk<D>(b, tile, n0, kk);
+}
+// n-tiles 2 np and 2 np + 1 of c += a * b; with kSplit also += a_lo * b (A as hi + lo parts,
+// a_fragment_split; a_lo is not read otherwise).
+template <class F, bool kSplit, int kN>
+__device__ __forceinline__ void mma_b_pair(float (&c)[kN][4], int np, const uint32_t (&a)[4], const uint32_t (&a_lo)[4],
+                                           const uint32_t (&b)[4]) {
+  F::mma(c[2 * np], a, b[0], b[1]);
+  F::mma(c[2 * np + 1], a, b[2], b[3]);
+  if constexpr (kSplit) {
+    F::mma(c[2 * np], a_lo, b[0], b[1]);
+    F::mma(c[2 * np + 1], a_lo, b[2], b[3]);
+  }
+}
+// c (16 x 8 kN) += a * B for k block kk of a shared B tile (load_b), with kSplit also a_lo * B.
 template <class F, int D, bool kKN, bool kSplit = false, int kN>
 __device__ __forceinline__ void mma_tile_b(float (&c)[kN][4], const uint32_t (&a)[4], const uint32_t (&a_lo)[4],
                                            const elem16* tile, int kk) {
 #pragma unroll
   for (int np = 0; np < kN / 2; ++np) {
     uint32_t bb[4];
-    if constexpr (kKN)
-      load_b_kn<D>(bb, tile, np * 16, kk);
-    else
-      load_b_nk<D>(bb, tile, np * 16, kk);
-    F::mma(c[2 * np], a, bb[0], bb[1]);
-    F::mma(c[2 * np + 1], a, bb[2], bb[3]);
-    if constexpr (kSplit) {
-      F::mma(c[2 * np], a_lo, bb[0], bb[1]);
-      F::mma(c[2 * np + 1], a_lo, bb[2], bb[3]);
-    }
+    load_b<D, kKN>(bb, tile, np * 16, kk);
+    mma_b_pair<F, kSplit>(c, np, a, a_lo, bb);
+  }
+}
+// Two such products sharing k block kk, c1 += a1 * B1 and c2 += a2 * B2, with both B fragments of an
+// n-tile pair loaded before its products (the order the backward kernels' registers are sized for).
+template <class F, int D, bool kKN, bool kSplit, int kN>
+__device__ __forceinline__ void mma_tile_b_pair(float (&c1)[kN][4], const uint32_t (&a1)[4], const uint32_t (&a1_lo)[4],
+                                                const elem16* b1, float (&c2)[kN][4], const uint32_t (&a2)[4],
+                                                const uint32_t (&a2_lo)[4], const elem16* b2, int kk) {
+#pragma unroll
+  for (int np = 0; np < kN / 2; ++np) {
+    uint32_t y1[4], y2[4];
+    load_b<D, kKN>(y1, b1, np * 16, kk);
+    load_b<D, kKN>(y2, b2, np * 16, kk);
+    mma_b_pair<F, kSplit>(c1, np, a1, a1_lo, y1);
+    mma_b_pair<F, kSplit>(c2, np, a2, a2_lo, y2);
   }
 }
 

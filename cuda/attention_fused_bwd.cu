@@ -58,12 +58,34 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2
   float* sDelta = sLse + 2 * kTile;
   __shared__ float bias_part[kWarps];
 
-  __shared__ int32_t list_cache[kListCache];
-  CtaTile t;  // t.tiles: the query tiles that see this key tile
-  if (!cta_tile<false>(p, list_cache, t)) return;
-  const StreamRows& s = t.s;
-  const int b = t.b, h = t.h, k0 = t.row0, len_q = static_cast<int>(s.len_q), block_col = t.block;
+  // Written out rather than through cta_tile: that form costs this kernel registers and spills.
+  const int h = blockIdx.y, b = blockIdx.z;
+  int64_t kt;
+  StreamRows s;
+  int br;
+  if (!tile_of_cta(p.st, h, kt, s, br)) return;
+  const int k0 = static_cast<int>(kt) * kTile;
+  if (k0 >= s.len_k) return;
+  const int len_q = static_cast<int>(s.len_q);
+
   const BackwardInputs in = backward_inputs(p, s, b, h);
+
+  // Query tiles that see this key tile.
+  KeyTiles queries{0, nullptr, 1};
+  int block_col = 0;
+  if (p.lists.row_begin) {
+    const int64_t list = p.lists.num_lists == 1 ? 0 : (p.lists.num_lists == p.heads ? h : b * p.heads + h);
+    block_col = static_cast<int>(kt) / p.lists.block_tiles;
+    const int32_t* cb = p.lists.col_begin + list * (p.lists.nkb + 1);
+    queries.list = p.lists.row_index + cb[block_col];
+    queries.block_tiles = p.lists.block_tiles;
+    queries.count = (cb[block_col + 1] - cb[block_col]) * p.lists.block_tiles;
+  } else {
+    queries.count = (len_q + kTile - 1) / kTile;
+  }
+  __shared__ int32_t list_cache[kListCache];
+  cache_block_list(queries, list_cache);
+  __syncthreads();
   // Causal: query tiles before this key tile see none of its keys.
   auto visible = [&](int qt) { return qt * kTile < len_q && (!p.causal || qt * kTile + kTile - 1 >= k0); };
 
@@ -86,8 +108,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2
     }
   };
   int i = 0;
-  while (i < t.tiles.count && !visible(t.tiles.tile(i))) ++i;
-  if (i < t.tiles.count) load_query_tile(0, t.tiles.tile(i));
+  while (i < queries.count && !visible(queries.tile(i))) ++i;
+  if (i < queries.count) load_query_tile(0, queries.tile(i));
   cp_async_commit();
 
   float dk[kDT][4], dv[kDT][4];
@@ -97,12 +119,12 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2
     for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.f;
 
   int stage = 0;
-  while (i < t.tiles.count) {
-    const int qt = t.tiles.tile(i);
+  while (i < queries.count) {
+    const int qt = queries.tile(i);
     int after = i + 1;
-    while (after < t.tiles.count && !visible(t.tiles.tile(after))) ++after;
+    while (after < queries.count && !visible(queries.tile(after))) ++after;
     __syncthreads();  // the other stage is free (its last readers finished)
-    if (after < t.tiles.count) load_query_tile(stage ^ 1, t.tiles.tile(after));
+    if (after < queries.count) load_query_tile(stage ^ 1, queries.tile(after));
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -171,8 +193,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2
       uint32_t ap[4], ap_lo[4], as[4], as_lo[4];
       a_fragment_split<F>(ap, ap_lo, st[2 * kk], st[2 * kk + 1]);
       a_fragment_split<F>(as, as_lo, dpt[2 * kk], dpt[2 * kk + 1]);
-      mma_tile_b<F, D, true, true>(dv, ap, ap_lo, tG, kk);
-      mma_tile_b<F, D, true, true>(dk, as, as_lo, tQ, kk);
+      mma_tile_b_pair<F, D, true, true>(dv, ap, ap_lo, tG, dk, as, as_lo, tQ, kk);
     }
     if constexpr (kFuseDq) {
       __syncthreads();  // every warp's dS^T rows are in shared memory
