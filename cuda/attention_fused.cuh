@@ -435,17 +435,20 @@ __device__ __forceinline__ bool cta_tile(const Params& p, int32_t* cache, CtaTil
   t.tile = static_cast<int>(tile);
   t.row0 = t.tile * kTile;
   if (t.row0 >= (kQueryRows ? t.s.len_q : t.s.len_k)) return false;
-  const Lists& lists = p.lists;
-  t.block = lists.row_begin ? t.tile / lists.block_tiles : 0;
-  if (lists.row_begin) {
-    t.tiles = kQueryRows ? query_block_keys(lists, p.heads, t.b, t.h, t.block)
-                         : key_block_queries(lists, p.heads, t.b, t.h, t.block);
+  t.tiles = {0, nullptr, 1};
+  t.block = 0;
+  if (p.lists.row_begin) {
+    t.block = t.tile / p.lists.block_tiles;
+    if constexpr (kQueryRows)
+      t.tiles = query_block_keys(p.lists, p.heads, t.b, t.h, t.block);
+    else
+      t.tiles = key_block_queries(p.lists, p.heads, t.b, t.h, t.block);
   } else if constexpr (kQueryRows) {
     const int len_k = static_cast<int>(t.s.len_k), k_tiles = (len_k + kTile - 1) / kTile;
-    t.tiles = {p.causal ? min(k_tiles, t.tile + 1) : k_tiles, nullptr, 1};
+    t.tiles.count = p.causal ? min(k_tiles, t.tile + 1) : k_tiles;
   } else {
     const int len_q = static_cast<int>(t.s.len_q);
-    t.tiles = {(len_q + kTile - 1) / kTile, nullptr, 1};
+    t.tiles.count = (len_q + kTile - 1) / kTile;
   }
   cache_block_list<kCtaThreads>(t.tiles, cache);
   __syncthreads();
