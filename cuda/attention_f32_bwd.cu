@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_backward_dkdv_f32_ke
     // S^T = K Q^T and dP^T = V dO^T: this thread's keys row0 + r, queries tx + 16 j.
     float st[kBwdRows][kCols], dpt[kBwdRows][kCols];
     rows_dot_cols_pair<D>(st, dpt, sK, sQ, sV, sdO, row0, tx);
-    const float bias = bias_log2(p, b, h, qt, block_col);
+    const float bias = bias_log2(p, b, h, qt / p.lists.block_tiles, block_col);
     float ds_sum = 0.f;
 #pragma unroll
     for (int r = 0; r < kBwdRows; ++r) {
@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_backward_dq_f32_kern
     // S = Q K^T and dP = dO V^T: this thread's queries row0 + r, keys tx + 16 j.
     float sc[kBwdRows][kCols], dp[kBwdRows][kCols];
     rows_dot_cols_pair<D>(sc, dp, sQ, sK, sdO, sV, row0, tx);
-    const float bias = bias_log2(p, b, h, qt, kt / p.lists.block_tiles);
+    const float bias = bias_log2(p, b, h, qt / p.lists.block_tiles, kt / p.lists.block_tiles);
 #pragma unroll
     for (int r = 0; r < kBwdRows; ++r) {
       const int q = q0 + row0 + r;

@@ -388,11 +388,11 @@ template <class Params>
 __device__ __forceinline__ int64_t block_pair(const Params& p, int b, int h, int block_row, int block_col) {
   return ((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb + block_col;
 }
-// The block bias of query tile qt and key block block_col in log2 units, 0 without a bias.
+// The block bias of (query block, key block) in log2 units, 0 without a bias.
 template <class Params>
-__device__ __forceinline__ float bias_log2(const Params& p, int b, int h, int qt, int block_col) {
+__device__ __forceinline__ float bias_log2(const Params& p, int b, int h, int block_row, int block_col) {
   if (!p.lists.bias) return 0.f;
-  return p.lists.bias[block_pair(p, b, h, qt / p.lists.block_tiles, block_col)] * kLog2e;
+  return p.lists.bias[block_pair(p, b, h, block_row, block_col)] * kLog2e;
 }
 // The block bias row of query block block_row (indexed by key block), null without a bias.
 template <class Params>

@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2
     float st[kNT][4];
     float dpt[kNT][4];
     warp_product_pair<F, D>(st, dpt, sK, sV, warp * 16, tQ, tG);
-    const float bias = bias_log2(p, b, h, qt, block_col);
+    const float bias = bias_log2(p, b, h, qt / p.lists.block_tiles, block_col);
     const int q0 = qt * kTile;
     // P^T = exp2(S^T * scale_log2 + bias - lse) and dS^T = P^T (dP^T * do_scale - delta) in place;
     // one FFMA + one MUFU per probability, lse and delta read as pairs of columns.
@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
     // S = Q K^T and dP = dO V^T: 16 queries of this warp x 64 keys.
     float sc[kNT][4], dp[kNT][4];
     warp_product_pair<F, D>(sc, dp, sQ, sdO, warp * 16, tK, tV);
-    const float bias = bias_log2(p, b, h, qt, kt / p.lists.block_tiles);
+    const float bias = bias_log2(p, b, h, qt / p.lists.block_tiles, kt / p.lists.block_tiles);
     const int k0 = kt * kTile;
     const float shift[2] = {bias - lse_a, bias - lse_b};
 #pragma unroll

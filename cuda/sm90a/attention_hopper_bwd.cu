@@ -150,7 +150,7 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
     const int qt = tile_at(i);
     const int q0 = qt * kStep;
     const float bias =
-        kLists ? bias_log2(p, b, h, qt, block_col) : 0.f;
+        kLists ? bias_log2(p, b, h, qt / p.lists.block_tiles, block_col) : 0.f;
     // A warpgroup whose keys all follow the tile's last query (causal) has nothing to add.
     if (!(p.causal && wg_key0 > q0 + kStep - 1)) {
       const uint32_t q_addr = smem_addr(sQ + stage * Shape::kStepBytes);
