@@ -256,16 +256,14 @@ AttentionOutput block_sparse_attention(const Tensor& q, const Tensor& k, const T
 }
 
 BlockPatternOptions block_pattern_options(const AttentionConfig& config) {
-  BlockPatternOptions options;
-  options.block_size = config.block_size;
-  options.window = config.window;
-  options.global_blocks = config.global_blocks;
-  options.density = config.density;
-  options.seed = config.seed;
-  options.causal = config.causal;
   // Block distances only matter to `dilated`; other patterns must not fail on a token-level setting.
-  options.dilation_rates = config.pattern == "dilated" ? config.dilation_rates : std::vector<int64_t>{};
-  return options;
+  return {.block_size = config.block_size,
+          .window = config.window,
+          .dilation_rates = config.pattern == "dilated" ? config.dilation_rates : std::vector<int64_t>{},
+          .global_blocks = config.global_blocks,
+          .density = config.density,
+          .seed = config.seed,
+          .causal = config.causal};
 }
 
 namespace {

@@ -20,6 +20,11 @@ std::string describe(const Tensor& t) {
   return shape_str(t.shape()) + " " + dtype_name(t.dtype()) + " on " + t.device().str();
 }
 
+// The ranks' pieces (rank order) of a head-parallel result joined along `dim` (the sequence).
+Tensor join_ranks(const std::vector<Tensor>& pieces, int64_t dim) {
+  return pieces.size() == 1 ? pieces[0] : cat(pieces, dim);
+}
+
 void check_heads(int64_t num_heads, int64_t ranks, const char* who) {
   LT_CHECK(ranks >= 1, who, ": ranks must be >= 1, got ", ranks);
   LT_CHECK(num_heads % ranks == 0, who, ": num_heads (", num_heads, ") must be divisible by the number of ranks (",
@@ -45,12 +50,7 @@ void check_inner_name(const AttentionConfig& config) {
 }
 
 void check_shards(const AttentionConfig& config, const Tensor& q, const Tensor& k, const Tensor& v, const char* who) {
-  LT_CHECK(q.defined() && k.defined() && v.defined() && q.dim() == 4, who,
-           ": q, k and v must be defined 4-d (batch, sequence, heads, head_dim) tensors, got q ", describe(q), ", k ",
-           describe(k), ", v ", describe(v));
-  LT_CHECK(k.shape() == q.shape() && v.shape() == q.shape(), who,
-           ": q, k and v must have one shape (self-attention over one sharded sequence), got q ", describe(q), ", k ",
-           describe(k), ", v ", describe(v));
+  check_qkv_shards(q, k, v, who);
   LT_CHECK(q.size(2) == config.num_heads && q.size(3) == config.head_dim, who, ": expected ", config.num_heads,
            " heads of dim ", config.head_dim, " (config), got q ", describe(q));
   LT_CHECK(q.size(0) > 0 && q.size(1) > 0, who, ": batch and sequence must be non-empty, got q ", describe(q));
@@ -216,13 +216,8 @@ AttentionOutput HeadParallelAttention::forward_with_lse(const Tensor& q, const T
   Tensor out, lse;
   {
     NoGradGuard no_grad;
-    std::vector<Tensor> outs, lses;
-    for (const AttentionOutput& p : parts) {
-      outs.push_back(p.out);
-      lses.push_back(p.lse);
-    }
-    out = ranks == 1 ? outs[0] : cat(outs, 1);
-    lse = ranks == 1 ? lses[0] : cat(lses, 2);
+    out = join_ranks(each_rank(parts, &AttentionOutput::out), 1);
+    lse = join_ranks(each_rank(parts, &AttentionOutput::lse), 2);
   }
   std::vector<Tensor> inputs{q, k, v}, saved{qd, kd, vd};
   for (const auto& ps : params)
@@ -257,7 +252,7 @@ AttentionOutput HeadParallelAttention::forward_with_lse(const Tensor& q, const T
           for (size_t i = 0; i < 3; ++i) {
             std::vector<Tensor> pieces;
             for (const auto& d : grads) pieces.push_back(d[i]);
-            result.push_back(pieces.size() == 1 ? pieces[0] : cat(pieces, 1));
+            result.push_back(join_ranks(pieces, 1));
           }
           // Then each rank's parameter gradients, in the order of `inputs` (undefined = none).
           for (const auto& d : grads)

@@ -307,12 +307,7 @@ Grads ring_backward(dist::Communicator& comm, const RingPlan& plan, const Chunk&
 
 void check_ring_inputs(const AttentionConfig& config, const Tensor& q, const Tensor& k, const Tensor& v,
                        const char* who) {
-  LT_CHECK(q.defined() && k.defined() && v.defined() && q.dim() == 4, who,
-           ": q, k and v must be defined 4-d (batch, sequence, heads, head_dim) tensors, got q ", describe(q), ", k ",
-           describe(k), ", v ", describe(v));
-  LT_CHECK(k.shape() == q.shape() && v.shape() == q.shape(), who,
-           ": q, k and v must have one shape (self-attention over one sharded sequence), got q ", describe(q), ", k ",
-           describe(k), ", v ", describe(v));
+  check_qkv_shards(q, k, v, who);
   LT_CHECK(is_floating(q.dtype()) && k.dtype() == q.dtype() && v.dtype() == q.dtype(), who,
            ": q, k and v must share one floating dtype, got q ", describe(q), ", k ", describe(k), ", v ",
            describe(v));
@@ -406,6 +401,15 @@ std::optional<AttentionOutput> local_attention(const RingPlan& plan, const Atten
 }
 
 }  // namespace
+
+void check_qkv_shards(const Tensor& q, const Tensor& k, const Tensor& v, const char* who) {
+  LT_CHECK(q.defined() && k.defined() && v.defined() && q.dim() == 4, who,
+           ": q, k and v must be defined 4-d (batch, sequence, heads, head_dim) tensors, got q ", describe(q), ", k ",
+           describe(k), ", v ", describe(v));
+  LT_CHECK(k.shape() == q.shape() && v.shape() == q.shape(), who,
+           ": q, k and v must have one shape (self-attention over one sharded sequence), got q ", describe(q), ", k ",
+           describe(k), ", v ", describe(v));
+}
 
 RingRun last_ring_run() {
   std::lock_guard<std::mutex> lock(g_last_run_mutex);
@@ -520,13 +524,8 @@ AttentionOutput RingAttention::forward_with_lse(const Tensor& q, const Tensor& k
   Tensor u, lse;
   {
     NoGradGuard no_grad;
-    std::vector<Tensor> us, lses;
-    for (const Partial& part : parts) {
-      us.push_back(part.u);
-      lses.push_back(part.lse);
-    }
-    u = ring_unshard(us, 1, layout);
-    lse = ring_unshard(lses, 2, layout);
+    u = ring_unshard(each_rank(parts, &Partial::u), 1, layout);
+    lse = ring_unshard(each_rank(parts, &Partial::lse), 2, layout);
   }
   Tensor out = output_of(*plan, u, in_dtype);
   Tensor lse_out = lse.detach();
@@ -543,9 +542,7 @@ AttentionOutput RingAttention::forward_with_lse(const Tensor& q, const Tensor& k
                               shard(lse, r, 2), shard(delta, r, 2), compute);
           });
           auto join = [&](Tensor Grads::*field) {
-            std::vector<Tensor> parts;
-            for (const Grads& d : grads) parts.push_back(d.*field);
-            return ring_unshard(parts, 1, layout).to(in_dtype);
+            return ring_unshard(each_rank(grads, field), 1, layout).to(in_dtype);
           };
           return std::vector<Tensor>{join(&Grads::dq), join(&Grads::dk), join(&Grads::dv)};
         });

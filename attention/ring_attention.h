@@ -58,6 +58,19 @@ Tensor ring_shard(const Tensor& x, int64_t dim, int64_t ranks, int64_t rank, Rin
 // The inverse: the full sequence from every rank's shard (rank order) along `dim`.
 Tensor ring_unshard(const std::vector<Tensor>& shards, int64_t dim, RingLayout layout);
 
+// Throws (naming `who`) unless q, k and v are defined 4-d (batch, sequence, heads, head_dim)
+// tensors of one shape: the shards of one sequence that the parallel variants take.
+void check_qkv_shards(const Tensor& q, const Tensor& k, const Tensor& v, const char* who);
+
+// `field` of every rank's part, in rank order (the shards ring_unshard or a concatenation joins).
+template <class Part>
+std::vector<Tensor> each_rank(const std::vector<Part>& parts, Tensor Part::*field) {
+  std::vector<Tensor> shards;
+  shards.reserve(parts.size());
+  for (const Part& part : parts) shards.push_back(part.*field);
+  return shards;
+}
+
 // What a ring call ran. local: no query met a key of another rank's piece and every piece held
 // whole segments of every branch, so no chunk travelled and each rank ran the attention core once
 // on its tokens with the sequence's key set (key_set: dilated for a dilated inner variant; out

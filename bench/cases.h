@@ -17,8 +17,6 @@
 
 namespace longtape::bench {
 
-using Json = nlohmann::ordered_json;
-
 struct CaseOptions {
   int warmup = 3;
   int repeats = 10;

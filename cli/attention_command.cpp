@@ -31,6 +31,7 @@
 #include "cli/impl_flag.h"
 #include "cli/numeric_flags.h"
 #include "cli/size_limits.h"
+#include "cli/variant_flags.h"
 #include "io/tensor_io.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
@@ -39,28 +40,18 @@ namespace longtape::cli {
 
 namespace {
 
-// Options that become AttentionConfig fields. A variant that needs more settings adds its flags
-// in add_config_flags and turns them into config fields in to_config.
-struct ConfigFlags {
+// Options that become AttentionConfig fields: the variant settings every command shares
+// (VariantFlags, registered here with this command's own help and aliases) and the dilated
+// branches, mixing, scale and kernels. A variant that needs more settings adds its flags in
+// add_config_flags and turns them into config fields in to_config.
+struct ConfigFlags : VariantFlags {
   std::string segments;
   std::string dilations;
   std::string mixing = "lse";
   bool causal = false;
   std::optional<double> scale;
-  int64_t ranks = 1;
   std::string parallel = "none";  // none | ring | head (deprecated spelling of --variant ring|head_parallel)
-  std::string inner = "dilated";  // the core variant of hilbert, ring, head_parallel
-  std::string ring_layout = "contiguous";  // ring: contiguous | zigzag
-  // block_sparse and token ordering
-  std::string pattern = "local_window";
-  int64_t block_size = 64;
-  double density = 0.25;
-  int64_t window = 256;
-  int64_t global_blocks = 1;
-  uint64_t seed = 0;
-  std::string order = "natural";
-  std::string grid;
-  std::string schedule = "natural";
+  std::string grid;               // token grid of the Hilbert order
   std::string impl = "auto";
 };
 
@@ -123,17 +114,8 @@ attention::AttentionConfig to_config(const ConfigFlags& f, int64_t num_heads, in
            "--parallel must be none, ring or head, got \"", f.parallel, "\"");
   LT_CHECK(f.ranks >= 1, "--ranks must be >= 1, got ", f.ranks);
   config.parallel = f.parallel;
-  config.ranks = f.ranks;
-  config.ring_layout = f.ring_layout;
-  config.pattern = f.pattern;
-  config.block_size = f.block_size;
-  config.density = f.density;
-  config.window = f.window;
-  config.global_blocks = f.global_blocks;
-  config.seed = f.seed;
-  config.order = f.order;
+  apply_variant_flags(f, config);  // its inner variant is variant_to_run's to set
   config.grid = f.grid;
-  config.schedule = f.schedule;
   config.impl = checked_impl(f.impl);
   return config;
 }

@@ -80,12 +80,9 @@ struct BenchArgs {
   bool no_plots = false;
   uint64_t seed = 0;
   bool quality = false;
-  int64_t quality_steps = 200;
-  int64_t quality_seq_len = 256;
-  int64_t quality_batch = 16;
+  bench::QualityOptions quality_options;  // steps, seq_len, batch, precision (the rest from other flags)
   std::string quality_segments = "64,256";
   std::string quality_dilations = "1,4";
-  std::string quality_precision = "auto";
   std::string command_line;
 };
 
@@ -143,7 +140,8 @@ Grid build_grid(const BenchArgs& a) {
   for (DType t : g.dtypes) dtype_bytes = std::max(dtype_bytes, dtype_size(t));
   check_input_sizes(g.batches, g.seq_lens, g.heads, g.head_dims, dtype_bytes);
   if (a.quality)
-    check_count("tokens per training step", {{"--quality-batch", a.quality_batch}, {"--quality-seq-len", a.quality_seq_len}});
+    check_count("tokens per training step",
+                {{"--quality-batch", a.quality_options.batch}, {"--quality-seq-len", a.quality_options.seq_len}});
 
   const std::vector<std::string> segment_sets = split_list(a.segments, ';');
   const std::vector<std::string> dilation_sets = split_list(a.dilations, ';');
@@ -190,8 +188,8 @@ AttentionConfig quality_attention_config(const BenchArgs& a) {
   LT_CHECK(c.segment_lengths.size() == c.dilation_rates.size(), "--quality-dilations: expected ",
            c.segment_lengths.size(), " rates (one per --quality-segments length), got ", c.dilation_rates.size());
   // Blocks and windows scaled to the short training sequence, so block_sparse stays sparse.
-  c.block_size = std::max<int64_t>(1, std::min(c.block_size, a.quality_seq_len / 8));
-  c.window = std::max<int64_t>(c.block_size, std::min(c.window, a.quality_seq_len / 4));
+  c.block_size = std::max<int64_t>(1, std::min(c.block_size, a.quality_options.seq_len / 8));
+  c.window = std::max<int64_t>(c.block_size, std::min(c.window, a.quality_options.seq_len / 4));
   c.causal = true;  // the language model is causal
   c.impl = parse_impl_list(a.impls).front();
   return c;
@@ -235,12 +233,13 @@ Json options_json(const BenchArgs& a, const Grid& g) {
   o["max_len_cap"] = a.max_len_cap;
   o["max_len_granule"] = a.max_len_granule;
   o["quality"] = a.quality;
-  o["quality_steps"] = a.quality_steps;
-  o["quality_seq_len"] = a.quality_seq_len;
-  o["quality_batch"] = a.quality_batch;
+  const bench::QualityOptions& quality = a.quality_options;
+  o["quality_steps"] = quality.steps;
+  o["quality_seq_len"] = quality.seq_len;
+  o["quality_batch"] = quality.batch;
   o["quality_segments"] = a.quality_segments;
   o["quality_dilations"] = a.quality_dilations;
-  o["quality_precision"] = a.quality_precision;
+  o["quality_precision"] = quality.precision;
   o["timing"] = g.device.is_cuda() ? "CUDA events on the current stream, median of the timed runs"
                                    : "steady_clock, median of the timed runs";
   o["flops"] = "forward 4 * attended_pairs * head_dim; forward_backward 3.5x forward (backward 2.5x)";
@@ -263,9 +262,12 @@ int run_bench(const BenchArgs& a) {
   run.max_len_search = a.max_len_budget_gib > 0;
   run.max_len_dtypes = split_list(a.max_len_dtypes, ',');
   run.quality = a.quality;
-  if (a.quality)
-    run.quality_options = {a.quality_steps, a.quality_seq_len, a.quality_batch, a.seed, quality_attention_config(a),
-                           checked_precision(a.quality_precision, "--quality-precision")};
+  if (a.quality) {
+    run.quality_options = a.quality_options;
+    run.quality_options.seed = a.seed;
+    run.quality_options.attention = quality_attention_config(a);
+    run.quality_options.precision = checked_precision(a.quality_options.precision, "--quality-precision");
+  }
   run.time_budget = a.time_budget;
 
   Json doc = bench::run_benchmark(run, options_json(a, run.grid));
@@ -347,17 +349,20 @@ const RegisterCommand bench_command(
       sub.add_option("--seed", a->seed, "seed of the random inputs (default 0)")
           ->transform(integer_in<uint64_t>());
       sub.add_flag("--quality", a->quality, "also train a small model per variant on the recall task");
-      auto* quality_steps = sub.add_option("--quality-steps", a->quality_steps, "training steps per variant (default 200)")
+      auto* quality_steps = sub.add_option("--quality-steps", a->quality_options.steps,
+                                           "training steps per variant (default 200)")
           ->transform(count_in<int64_t>(1));
-      auto* quality_len = sub.add_option("--quality-seq-len", a->quality_seq_len, "recall sequence length (default 256)")
+      auto* quality_len = sub.add_option("--quality-seq-len", a->quality_options.seq_len,
+                                         "recall sequence length (default 256)")
           ->transform(count_in<int64_t>(1));
-      auto* quality_batch = sub.add_option("--quality-batch", a->quality_batch, "training batch size (default 16)")
+      auto* quality_batch = sub.add_option("--quality-batch", a->quality_options.batch,
+                                           "training batch size (default 16)")
           ->transform(count_in<int64_t>(1));
       auto* quality_segments = sub.add_option("--quality-segments", a->quality_segments,
                                               "dilated segments of the quality model (default 64,256)");
       auto* quality_dilations = sub.add_option("--quality-dilations", a->quality_dilations,
                                                "dilation rates of the quality model (default 1,4)");
-      sub.add_option("--quality-precision", a->quality_precision, precision_help());
+      sub.add_option("--quality-precision", a->quality_options.precision, precision_help());
       return [a, &sub, seq_lens, heads, head_dim, segments, dilations, warmup, repeats, budget, cap, limit, quality_steps,
               quality_len, quality_batch, quality_segments, quality_dilations] {
         BenchArgs args = *a;
@@ -376,9 +381,9 @@ const RegisterCommand bench_command(
           if (unset(budget)) args.max_len_budget_gib = 0.0625;
           if (unset(cap)) args.max_len_cap = 16384;
           if (unset(limit)) args.case_time_limit = 10.0;
-          if (unset(quality_steps)) args.quality_steps = 40;
-          if (unset(quality_len)) args.quality_seq_len = 128;
-          if (unset(quality_batch)) args.quality_batch = 8;
+          if (unset(quality_steps)) args.quality_options.steps = 40;
+          if (unset(quality_len)) args.quality_options.seq_len = 128;
+          if (unset(quality_batch)) args.quality_options.batch = 8;
           if (unset(quality_segments)) args.quality_segments = "32,128";
           if (unset(quality_dilations)) args.quality_dilations = "1,4";
         } else if (unset(seq_lens)) {

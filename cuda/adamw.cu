@@ -10,9 +10,9 @@ namespace longtape::cuda {
 
 namespace {
 
-__global__ void fused_adamw_kernel(const AdamWTensor* __restrict__ tensors, const AdamWChunk* __restrict__ chunks,
+__global__ void fused_adamw_kernel(const AdamWTensor* __restrict__ tensors, const TensorChunk* __restrict__ chunks,
                                    int64_t chunk_size, AdamWHyper h) {
-  const AdamWChunk chunk = chunks[blockIdx.x];
+  const TensorChunk chunk = chunks[blockIdx.x];
   const AdamWTensor t = tensors[chunk.tensor];
   const int64_t end = min(chunk.start + chunk_size, t.numel);
   const float decay = 1.0f - h.lr * t.weight_decay;
@@ -30,7 +30,7 @@ __global__ void fused_adamw_kernel(const AdamWTensor* __restrict__ tensors, cons
 
 }  // namespace
 
-void fused_adamw(const AdamWTensor* tensors, const AdamWChunk* chunks, int64_t num_chunks, int64_t chunk_size,
+void fused_adamw(const AdamWTensor* tensors, const TensorChunk* chunks, int64_t num_chunks, int64_t chunk_size,
                  const AdamWHyper& hyper) {
   if (num_chunks == 0) return;
   LT_CHECK(num_chunks < (int64_t{1} << 31), "fused_adamw: too many chunks (", num_chunks, ")");

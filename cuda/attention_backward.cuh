@@ -1,39 +1,33 @@
 #pragma once
 // The backward kernels' parameters and shared pieces (cuda/attention_fused_bwd.cu on any sm_80+
-// GPU, cuda/sm90a/attention_hopper_bwd.cu on sm_90a): the CTA -> stream tile mapping, lse in
-// log2 units, and how finished gradient rows are written or accumulated.
+// GPU, cuda/sm90a/attention_hopper_bwd.cu on sm_90a; the stream inputs and lse in log2 units
+// also serve the f32 kernels): the CTA -> stream tile mapping, lse in log2 units, and how
+// finished gradient rows are written or accumulated.
 #include "cuda/attention_fused.cuh"
 
 namespace longtape::cuda::attn {
 
-struct BwdParams {
-  const elem16 *q, *k, *v, *dout;
-  RowStrides qs, ks, vs, dos;
-  const float* lse;    // (B, H, lse_stride), natural log
-  const float* delta;  // (B, H, lse_stride)
-  int64_t lse_stride;
-  // write mode: gradients in the inputs' format with strides; accumulate mode: contiguous f32
-  // (B, N, H, D) buffers
-  elem16 *dq, *dk, *dv;
-  RowStrides dqs, dks, dvs;
+// The 16-bit backward. Write mode: gradients in the inputs' format with strides; accumulate mode:
+// contiguous f32 (B, N, H, D) buffers.
+struct BwdParams : BackwardParams<elem16> {
   float *dq_acc, *dk_acc, *dv_acc;
   bool accumulate;
-  int64_t heads;
-  float scale, scale_log2, do_scale;
-  bool causal;
-  Streams st;
-  Lists lists;
 };
 
 // The backward's inputs of one stream: q, k, v and dO at the stream's first row with their row
-// steps, and the index of its first row in lse and delta.
-struct BackwardInputs : StreamInputs {
-  const elem16* dout;
+// steps, and the index of its first row in lse and delta (elements of the parameters' pointers:
+// elem16, or float for the f32 kernels).
+template <class T>
+struct BackwardInputsOf : StreamInputsOf<T> {
+  const T* dout;
   int64_t g_step, lse_row0;
 };
-__device__ __forceinline__ BackwardInputs backward_inputs(const BwdParams& p, const StreamRows& s, int b, int h) {
-  BackwardInputs in;
-  static_cast<StreamInputs&>(in) = stream_inputs(p, s, b, h);
+using BackwardInputs = BackwardInputsOf<elem16>;
+template <class Params>
+__device__ __forceinline__ auto backward_inputs(const Params& p, const StreamRows& s, int b, int h) {
+  using T = std::remove_cv_t<std::remove_pointer_t<decltype(p.q)>>;
+  BackwardInputsOf<T> in;
+  static_cast<StreamInputsOf<T>&>(in) = stream_inputs(p, s, b, h);
   in.dout = p.dout + b * p.dos.batch + h * p.dos.head + s.first_q * p.dos.row;
   in.g_step = s.step * p.dos.row;
   in.lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.lse_stride + s.first_q;
@@ -42,6 +36,27 @@ __device__ __forceinline__ BackwardInputs backward_inputs(const BwdParams& p, co
 
 // lse in log2 units; rows that saw no key get +inf so that their P is 0.
 __device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// The two score-shaped products of a backward tile for one warp's 16 rows (row0 of the A tiles)
+// against kTile columns: c1 = A1 B1^T and c2 = A2 B2^T, the B tiles stored [n][k]
+// (S = Q K^T with dP = dO V^T, or S^T = K Q^T with dP^T = V dO^T).
+template <class F, int D>
+__device__ __forceinline__ void warp_product_pair(float (&c1)[kTile / 8][4], float (&c2)[kTile / 8][4],
+                                                  const elem16* a1, const elem16* a2, int row0, const elem16* b1,
+                                                  const elem16* b2) {
+  constexpr int kNT = kTile / 8;
+#pragma unroll
+  for (int j = 0; j < kNT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c1[j][e] = c2[j][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t x1[4], x2[4];
+    load_a<D>(x1, a1, row0, kk);
+    load_a<D>(x2, a2, row0, kk);
+    mma_tile_b_pair<F, D, false, false>(c1, x1, x1, b1, c2, x2, x2, b2, kk);
+  }
+}
 
 // Stores a 16 x D accumulator row pair of one warp: a write in format F or an f32 accumulate.
 // acc(d, e): element e of output n-tile d (e < 2: row row_a, else row_a + 8).

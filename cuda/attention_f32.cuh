@@ -178,34 +178,19 @@ __device__ __forceinline__ void blend_row(float* dst, const float (&x)[RowTile<D
 
 // The parameters of the f32 forward (write or lse-merge mode; the merge reads and rewrites out
 // and lse in place, which are f32 already).
-struct FwdParamsF32 {
-  const float *q, *k, *v;
-  RowStrides qs, ks, vs;
+struct FwdParamsF32 : InputParams<float> {
   float* out;
   RowStrides os;
   float* lse;  // (B, H, Nq)
-  int64_t heads;
-  float scale_log2, out_scale;
-  bool causal, merge;
+  float out_scale;
+  bool merge;
   bool vec;  // q, k, v rows 16-byte aligned: cp.async tile loads and float4 stores
-  Streams st;
-  Lists lists;
 };
 
 // The parameters of the f32 backward. dq, dk, dv are zeroed first and every kernel adds into them
 // through their strides (launches of several branches add in a fixed order).
-struct BwdParamsF32 {
-  const float *q, *k, *v, *dout;
-  RowStrides qs, ks, vs, dos;
-  const float* lse;    // (B, H, Nq), natural log
-  const float* delta;  // (B, H, Nq)
-  float *dq, *dk, *dv;
-  RowStrides dqs, dks, dvs;
-  int64_t heads;
-  float scale, scale_log2, do_scale;
-  bool causal, vec, atomic_dq;
-  Streams st;
-  Lists lists;
+struct BwdParamsF32 : BackwardParams<float> {
+  bool vec, atomic_dq;
 };
 
 // Whether every row the kernels touch is 16-byte aligned (pointers and strides).

@@ -48,57 +48,48 @@ __global__ void delta_f32_kernel(float* delta, const float* out, RowStrides os, 
   if (i < total && part == 0) delta[i] = sum - (dlse ? dlse[i] : 0.f);
 }
 
-// The block-bias entry of (query tile qt, key block) in log2 units, 0 without a bias.
-__device__ __forceinline__ float bias_log2(const BwdParamsF32& p, int b, int h, int qt, int block_col) {
-  if (!p.lists.bias) return 0.f;
-  return p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + qt / p.lists.block_tiles) *
-                          p.lists.nkb + block_col] * kLog2e;
+// The two score-shaped products of a backward tile, c1 = A1 B1^T and c2 = A2 B2^T, for this
+// thread's rows row0 + r of the A tiles and columns tx + 16 j of the B tiles.
+template <int D>
+__device__ __forceinline__ void rows_dot_cols_pair(float (&c1)[kBwdRows][kCols], float (&c2)[kBwdRows][kCols],
+                                                   const float* a1, const float* b1, const float* a2,
+                                                   const float* b2, int row0, int tx) {
+#pragma unroll
+  for (int r = 0; r < kBwdRows; ++r)
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) c1[r][j] = c2[r][j] = 0.f;
+  rows_dot_cols<D, kBwdRows, kBwdUnroll>(c1, a1, b1, row0, tx);
+  rows_dot_cols<D, kBwdRows, kBwdUnroll>(c2, a2, b2, row0, tx);
 }
 
-// Where stream rows of dO start, and the step between them.
-__device__ __forceinline__ const float* dout_of(const BwdParamsF32& p, const StreamRows& s, int b, int h) {
-  return p.dout + b * p.dos.batch + h * p.dos.head + s.first_q * p.dos.row;
+// Both kernels' input tiles (RowTile<D> each) at the start of the dynamic shared memory: Q, dO, K,
+// V. Returns what follows them.
+template <int D>
+__device__ __forceinline__ float* input_tiles(float*& q, float*& dout, float*& k, float*& v) {
+  extern __shared__ __align__(16) float smem_f32[];
+  q = smem_f32;
+  dout = q + RowTile<D>::kFloats;
+  k = dout + RowTile<D>::kFloats;
+  v = k + RowTile<D>::kFloats;
+  return v + RowTile<D>::kFloats;
 }
 
 template <int D>
 __global__ void __launch_bounds__(kBwdThreads, 1) attention_backward_dkdv_f32_kernel(const BwdParamsF32 p) {
   using T = RowTile<D>;
-  constexpr int kRM = kBwdRows;
-  extern __shared__ __align__(16) float smem_f32[];
-  float* sK = smem_f32;
-  float* sV = sK + T::kFloats;
-  float* sQ = sV + T::kFloats;
-  float* sdO = sQ + T::kFloats;
-  float* sPt = sdO + T::kFloats;    // P^T [key][query], kLdP a row
+  float *sQ, *sdO, *sK, *sV;
+  float* sPt = input_tiles<D>(sQ, sdO, sK, sV);  // then P^T [key][query], kLdP a row
   float* sdSt = sPt + kTile * kLdP;  // dS^T [key][query]
   float* sLse = sdSt + kTile * kLdP;  // this query tile's lse (log2 units) and delta
   float* sDelta = sLse + kTile;
   __shared__ float bias_part[kBwdThreads / 32];
 
-  const int h = blockIdx.y, b = blockIdx.z;
-  int64_t kt;
-  StreamRows s;
-  int br;
-  if (!tile_of_cta(p.st, h, kt, s, br)) return;
-  const int k0 = static_cast<int>(kt) * kTile;
-  if (k0 >= s.len_k) return;
-  const int len_q = static_cast<int>(s.len_q);
-  const auto in = stream_inputs(p, s, b, h);
-  const float* dout = dout_of(p, s, b, h);
-  const int64_t g_step = s.step * p.dos.row;
-  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.st.seq_q + s.first_q;
-
-  KeyTiles queries{0, nullptr, 1};
-  int block_col = 0;
-  if (p.lists.row_begin) {
-    block_col = static_cast<int>(kt) / p.lists.block_tiles;
-    queries = key_block_queries(p.lists, p.heads, b, h, block_col);
-  } else {
-    queries.count = (len_q + kTile - 1) / kTile;
-  }
   __shared__ int32_t list_cache[kListCache];
-  cache_block_list<kBwdThreads>(queries, list_cache);
-  __syncthreads();
+  CtaTile t;  // t.tiles: the query tiles that see this key tile
+  if (!cta_tile<false, kBwdThreads>(p, list_cache, t)) return;
+  const StreamRows& s = t.s;
+  const int b = t.b, h = t.h, k0 = t.row0, len_q = static_cast<int>(s.len_q), block_col = t.block;
+  const auto in = backward_inputs(p, s, b, h);
   // Causal: query tiles before this key tile see none of its keys.
   auto visible = [&](int qt) { return qt * kTile < len_q && (!p.causal || qt * kTile + kTile - 1 >= k0); };
 
@@ -107,40 +98,35 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_backward_dkdv_f32_ke
   load_rows<D, kBwdThreads>(sV, in.v, in.v_step, k0, s.len_k, p.vec);
   cp_async_commit();
 
-  float dk[kRM][T::kDC], dv[kRM][T::kDC];
+  float dk[kBwdRows][T::kDC], dv[kBwdRows][T::kDC];
 #pragma unroll
-  for (int r = 0; r < kRM; ++r)
+  for (int r = 0; r < kBwdRows; ++r)
 #pragma unroll
     for (int c = 0; c < T::kDC; ++c) dk[r][c] = dv[r][c] = 0.f;
 
-  for (int i = 0; i < queries.count; ++i) {
-    const int qt = queries.tile(i);
+  for (int i = 0; i < t.tiles.count; ++i) {
+    const int qt = t.tiles.tile(i);
     if (!visible(qt)) continue;
     const int q0 = qt * kTile;
     load_rows<D, kBwdThreads>(sQ, in.q, in.q_step, q0, len_q, p.vec);
-    load_rows<D, kBwdThreads>(sdO, dout, g_step, q0, len_q, p.vec);
+    load_rows<D, kBwdThreads>(sdO, in.dout, in.g_step, q0, len_q, p.vec);
     if (threadIdx.x < kTile) {
       const int row = q0 + threadIdx.x;
       const bool valid = row < len_q;
-      sLse[threadIdx.x] = valid ? lse_log2(p.lse[lse_row0 + row * s.step]) : INFINITY;
-      sDelta[threadIdx.x] = valid ? p.delta[lse_row0 + row * s.step] : 0.f;
+      sLse[threadIdx.x] = valid ? lse_log2(p.lse[in.lse_row0 + row * s.step]) : INFINITY;
+      sDelta[threadIdx.x] = valid ? p.delta[in.lse_row0 + row * s.step] : 0.f;
     }
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
 
     // S^T = K Q^T and dP^T = V dO^T: this thread's keys row0 + r, queries tx + 16 j.
-    float st[kRM][kCols], dpt[kRM][kCols];
-#pragma unroll
-    for (int r = 0; r < kRM; ++r)
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) st[r][j] = dpt[r][j] = 0.f;
-    rows_dot_cols<D, kRM, kBwdUnroll>(st, sK, sQ, row0, tx);
-    rows_dot_cols<D, kRM, kBwdUnroll>(dpt, sV, sdO, row0, tx);
-    const float bias = bias_log2(p, b, h, qt, block_col);
+    float st[kBwdRows][kCols], dpt[kBwdRows][kCols];
+    rows_dot_cols_pair<D>(st, dpt, sK, sQ, sV, sdO, row0, tx);
+    const float bias = bias_log2(p, b, h, qt / p.lists.block_tiles, block_col);
     float ds_sum = 0.f;
 #pragma unroll
-    for (int r = 0; r < kRM; ++r) {
+    for (int r = 0; r < kBwdRows; ++r) {
       const int key = k0 + row0 + r;
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
@@ -162,22 +148,21 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_backward_dkdv_f32_ke
     if (p.lists.dbias && threadIdx.x == 0) {
       float total = 0.f;
       for (int w = 0; w < kBwdThreads / 32; ++w) total += bias_part[w];
-      p.lists.dbias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + qt / p.lists.block_tiles) *
-                        p.lists.nkb + block_col] = total;
+      p.lists.dbias[block_pair(p, b, h, qt / p.lists.block_tiles, block_col)] = total;
     }
     // dV += P^T dO, dK += dS^T Q (scaled at the end).
-    rows_times_tile<D, kRM, false, kBwdUnroll>(dv, sPt, sdO, row0, tx);
-    rows_times_tile<D, kRM, false, kBwdUnroll>(dk, sdSt, sQ, row0, tx);
+    rows_times_tile<D, kBwdRows, false, kBwdUnroll>(dv, sPt, sdO, row0, tx);
+    rows_times_tile<D, kBwdRows, false, kBwdUnroll>(dk, sdSt, sQ, row0, tx);
     if (p.atomic_dq) {
       // dQ (queries row0 + r of this tile) += dS K over this CTA's keys: dS read from dS^T.
-      float dq[kRM][T::kDC];
+      float dq[kBwdRows][T::kDC];
 #pragma unroll
-      for (int r = 0; r < kRM; ++r)
+      for (int r = 0; r < kBwdRows; ++r)
 #pragma unroll
         for (int c = 0; c < T::kDC; ++c) dq[r][c] = 0.f;
-      rows_times_tile<D, kRM, true, kBwdUnroll>(dq, sdSt, sK, row0, tx);
+      rows_times_tile<D, kBwdRows, true, kBwdUnroll>(dq, sdSt, sK, row0, tx);
 #pragma unroll
-      for (int r = 0; r < kRM; ++r) {
+      for (int r = 0; r < kBwdRows; ++r) {
         const int64_t row = q0 + row0 + r;
         if (row >= len_q) continue;
         float* dst = p.dq + b * p.dqs.batch + h * p.dqs.head + (s.first_q + row * s.step) * p.dqs.row;
@@ -189,7 +174,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_backward_dkdv_f32_ke
   }
   cp_async_wait<0>();
 #pragma unroll
-  for (int r = 0; r < kRM; ++r) {
+  for (int r = 0; r < kBwdRows; ++r) {
     const int64_t key = k0 + row0 + r;
     if (key >= s.len_k) continue;
     const int64_t pos = s.first_k + key * s.step;
@@ -201,57 +186,37 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_backward_dkdv_f32_ke
 template <int D>
 __global__ void __launch_bounds__(kBwdThreads, 1) attention_backward_dq_f32_kernel(const BwdParamsF32 p) {
   using T = RowTile<D>;
-  constexpr int kRM = kBwdRows;
-  extern __shared__ __align__(16) float smem_f32[];
-  float* sQ = smem_f32;
-  float* sdO = sQ + T::kFloats;
-  float* sK = sdO + T::kFloats;
-  float* sV = sK + T::kFloats;
-  float* sdS = sV + T::kFloats;  // dS [query][key], kLdP a row
+  float *sQ, *sdO, *sK, *sV;
+  float* sdS = input_tiles<D>(sQ, sdO, sK, sV);  // then dS [query][key], kLdP a row
 
-  const int h = blockIdx.y, b = blockIdx.z;
-  int64_t qt;
-  StreamRows s;
-  int br;
-  if (!tile_of_cta(p.st, h, qt, s, br)) return;
-  const int q0 = static_cast<int>(qt) * kTile;
-  if (q0 >= s.len_q) return;
-  const int len_k = static_cast<int>(s.len_k);
-  const auto in = stream_inputs(p, s, b, h);
-  const int64_t lse_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.st.seq_q + s.first_q;
-
-  KeyTiles keys{0, nullptr, 1};
-  if (p.lists.row_begin) {
-    keys = query_block_keys(p.lists, p.heads, b, h, static_cast<int>(qt) / p.lists.block_tiles);
-  } else {
-    const int k_tiles = (len_k + kTile - 1) / kTile;
-    keys.count = p.causal ? min(k_tiles, static_cast<int>(qt) + 1) : k_tiles;
-  }
   __shared__ int32_t list_cache[kListCache];
-  cache_block_list<kBwdThreads>(keys, list_cache);
-  __syncthreads();
+  CtaTile t;  // t.tiles: the key tiles of this query tile
+  if (!cta_tile<true, kBwdThreads>(p, list_cache, t)) return;
+  const StreamRows& s = t.s;
+  const int b = t.b, h = t.h, qt = t.tile, q0 = t.row0, len_k = static_cast<int>(s.len_k);
+  const auto in = backward_inputs(p, s, b, h);
   auto visible = [&](int kt) { return kt * kTile < len_k && (!p.causal || kt * kTile <= q0 + kTile - 1); };
 
   const int tx = BwdGrid::tx(), row0 = BwdGrid::row0();
-  float lse2[kRM], delta[kRM];
+  float lse2[kBwdRows], delta[kBwdRows];
 #pragma unroll
-  for (int r = 0; r < kRM; ++r) {
+  for (int r = 0; r < kBwdRows; ++r) {
     const int row = q0 + row0 + r;
-    lse2[r] = row < s.len_q ? lse_log2(p.lse[lse_row0 + row * s.step]) : INFINITY;
-    delta[r] = row < s.len_q ? p.delta[lse_row0 + row * s.step] : 0.f;
+    lse2[r] = row < s.len_q ? lse_log2(p.lse[in.lse_row0 + row * s.step]) : INFINITY;
+    delta[r] = row < s.len_q ? p.delta[in.lse_row0 + row * s.step] : 0.f;
   }
   load_rows<D, kBwdThreads>(sQ, in.q, in.q_step, q0, s.len_q, p.vec);
-  load_rows<D, kBwdThreads>(sdO, dout_of(p, s, b, h), s.step * p.dos.row, q0, s.len_q, p.vec);
+  load_rows<D, kBwdThreads>(sdO, in.dout, in.g_step, q0, s.len_q, p.vec);
   cp_async_commit();
 
-  float dq[kRM][T::kDC];
+  float dq[kBwdRows][T::kDC];
 #pragma unroll
-  for (int r = 0; r < kRM; ++r)
+  for (int r = 0; r < kBwdRows; ++r)
 #pragma unroll
     for (int c = 0; c < T::kDC; ++c) dq[r][c] = 0.f;
 
-  for (int i = 0; i < keys.count; ++i) {
-    const int kt = keys.tile(i);
+  for (int i = 0; i < t.tiles.count; ++i) {
+    const int kt = t.tiles.tile(i);
     if (!visible(kt)) continue;
     const int k0 = kt * kTile;
     load_rows<D, kBwdThreads>(sK, in.k, in.k_step, k0, len_k, p.vec);
@@ -260,16 +225,11 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_backward_dq_f32_kern
     cp_async_wait<0>();
     __syncthreads();
     // S = Q K^T and dP = dO V^T: this thread's queries row0 + r, keys tx + 16 j.
-    float sc[kRM][kCols], dp[kRM][kCols];
+    float sc[kBwdRows][kCols], dp[kBwdRows][kCols];
+    rows_dot_cols_pair<D>(sc, dp, sQ, sK, sdO, sV, row0, tx);
+    const float bias = bias_log2(p, b, h, qt / p.lists.block_tiles, kt / p.lists.block_tiles);
 #pragma unroll
-    for (int r = 0; r < kRM; ++r)
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) sc[r][j] = dp[r][j] = 0.f;
-    rows_dot_cols<D, kRM, kBwdUnroll>(sc, sQ, sK, row0, tx);
-    rows_dot_cols<D, kRM, kBwdUnroll>(dp, sdO, sV, row0, tx);
-    const float bias = bias_log2(p, b, h, static_cast<int>(qt), kt / p.lists.block_tiles);
-#pragma unroll
-    for (int r = 0; r < kRM; ++r) {
+    for (int r = 0; r < kBwdRows; ++r) {
       const int q = q0 + row0 + r;
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
@@ -280,12 +240,12 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_backward_dq_f32_kern
       }
     }
     __syncthreads();  // dS is complete
-    rows_times_tile<D, kRM, false, kBwdUnroll>(dq, sdS, sK, row0, tx);
+    rows_times_tile<D, kBwdRows, false, kBwdUnroll>(dq, sdS, sK, row0, tx);
     __syncthreads();  // every thread is done with sK and sdS
   }
   cp_async_wait<0>();
 #pragma unroll
-  for (int r = 0; r < kRM; ++r) {
+  for (int r = 0; r < kBwdRows; ++r) {
     const int64_t row = q0 + row0 + r;
     if (row >= s.len_q) continue;
     blend_row<D>(p.dq + b * p.dqs.batch + h * p.dqs.head + (s.first_q + row * s.step) * p.dqs.row, dq[r], p.scale,
@@ -293,28 +253,14 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attention_backward_dq_f32_kern
   }
 }
 
-// The dynamic shared memory of `kernel`, set once per kernel.
-template <class Kernel>
-void allow_shared(Kernel kernel, size_t bytes, bool& configured) {
-  if (configured) return;
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  configured = true;
-}
-
 template <int D>
 void launch_backward_f32(const BwdParamsF32& p, int64_t max_tiles, int64_t batch) {
-  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(p.heads), static_cast<unsigned>(batch));
+  const dim3 grid = cta_grid(max_tiles, p.heads, batch);
   const size_t smem_dkdv = (4 * RowTile<D>::kFloats + 2 * kTile * kLdP + 2 * kTile) * sizeof(float);
-  static bool dkdv_configured = false;
-  allow_shared(attention_backward_dkdv_f32_kernel<D>, smem_dkdv, dkdv_configured);
-  attention_backward_dkdv_f32_kernel<D><<<grid, kBwdThreads, smem_dkdv, impl::stream()>>>(p);
-  CUDA_CHECK_LAUNCH();
+  launch_with_shared<attention_backward_dkdv_f32_kernel<D>>(grid, kBwdThreads, smem_dkdv, p);
   if (p.atomic_dq) return;
   const size_t smem_dq = (4 * RowTile<D>::kFloats + kTile * kLdP) * sizeof(float);
-  static bool dq_configured = false;
-  allow_shared(attention_backward_dq_f32_kernel<D>, smem_dq, dq_configured);
-  attention_backward_dq_f32_kernel<D><<<grid, kBwdThreads, smem_dq, impl::stream()>>>(p);
-  CUDA_CHECK_LAUNCH();
+  launch_with_shared<attention_backward_dq_f32_kernel<D>>(grid, kBwdThreads, smem_dq, p);
 }
 
 
@@ -344,25 +290,16 @@ void run_backward_f32(const attention::fused::BackwardProblem& bp, const LaunchP
         static_cast<const float*>(bp.dlse), f.heads, f.seq_q, rows_q, static_cast<int>(f.head_dim));
     CUDA_CHECK_LAUNCH();
   }
-  if (p.lists.dbias) {
-    const size_t n = static_cast<size_t>(f.batch * f.heads * plan.lists.nqb * plan.lists.nkb);
-    CUDA_CHECK(cudaMemsetAsync(p.lists.dbias, 0, n * sizeof(float), stream));
-  }
+  zero_block_bias_grad(bp, plan);
   zero_rows(bp.dq, bp.dq_stride, f, f.seq_q);
   zero_rows(bp.dk, bp.dk_stride, f, f.seq_k);
   zero_rows(bp.dv, bp.dv_stride, f, f.seq_k);
   g_last_backward_kernel = "f32-simt";
   for (const Streams& launch : plan.launches) {
     p.st = launch;
-    int64_t max_tiles = 0;
-    for (int br = 0; br < kMaxBranches; ++br) max_tiles = std::max(max_tiles, launch.num_tiles[br]);
+    const int64_t max_tiles = max_tiles_of(launch);
     if (max_tiles == 0) continue;
-    switch (f.head_dim) {
-      case 32: launch_backward_f32<32>(p, max_tiles, f.batch); break;
-      case 64: launch_backward_f32<64>(p, max_tiles, f.batch); break;
-      case 128: launch_backward_f32<128>(p, max_tiles, f.batch); break;
-      default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", f.head_dim);
-    }
+    with_head_dim(f.head_dim, [&](auto dim) { launch_backward_f32<decltype(dim)::value>(p, max_tiles, f.batch); });
   }
 }
 

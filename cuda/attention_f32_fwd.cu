@@ -76,35 +76,17 @@ __global__ void __launch_bounds__(FwdGrid<D>::kThreads, D <= 64 ? 3 : 1)
   float* sV = sK + T::kFloats;
   float* sP = sV + T::kFloats;  // kTile x kLdP probabilities
 
-  const int h = blockIdx.y, b = blockIdx.z;
-  int64_t tile;
-  StreamRows s;
-  int br;
-  if (!tile_of_cta(p.st, h, tile, s, br)) return;
-  const int qt = static_cast<int>(tile), q0 = qt * kTile;
-  if (q0 >= s.len_q) return;
-  const int len_k = static_cast<int>(s.len_k);
-  const auto in = stream_inputs(p, s, b, h);
-
-  KeyTiles keys{0, nullptr, 1};
-  int block_row = 0;
-  if (p.lists.row_begin) {
-    block_row = qt / p.lists.block_tiles;
-    keys = query_block_keys(p.lists, p.heads, b, h, block_row);
-  } else {
-    const int k_tiles = (len_k + kTile - 1) / kTile;
-    keys.count = p.causal ? min(k_tiles, qt + 1) : k_tiles;
-  }
   __shared__ int32_t list_cache[kListCache];
-  cache_block_list<kThreadsCta>(keys, list_cache);
-  __syncthreads();
-  const float* bias_row =
-      p.lists.bias ? p.lists.bias + ((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb
-                   : nullptr;
+  CtaTile t;  // t.tiles: the key tiles of this query tile
+  if (!cta_tile<true, kThreadsCta>(p, list_cache, t)) return;
+  const StreamRows& s = t.s;
+  const int b = t.b, h = t.h, q0 = t.row0, len_k = static_cast<int>(s.len_k);
+  const auto in = stream_inputs(p, s, b, h);
+  const float* bias_row = bias_row_of(p, b, h, t.block);
   // The next key tile at or after i that holds a key of the stream some row of this tile sees.
   auto next_visible = [&](int i) {
-    while (i < keys.count &&
-           (keys.tile(i) * kTile >= len_k || (p.causal && keys.tile(i) * kTile > q0 + kTile - 1)))
+    while (i < t.tiles.count &&
+           (t.tiles.tile(i) * kTile >= len_k || (p.causal && t.tiles.tile(i) * kTile > q0 + kTile - 1)))
       ++i;
     return i;
   };
@@ -112,9 +94,9 @@ __global__ void __launch_bounds__(FwdGrid<D>::kThreads, D <= 64 ? 3 : 1)
   const int tx = FwdGrid<D>::tx(), row0 = FwdGrid<D>::row0();
   int i = next_visible(0);
   load_rows<D, kThreadsCta>(sQ, in.q, in.q_step, q0, s.len_q, p.vec);
-  if (i < keys.count) load_rows<D, kThreadsCta>(sK, in.k, in.k_step, keys.tile(i) * kTile, len_k, p.vec);
+  if (i < t.tiles.count) load_rows<D, kThreadsCta>(sK, in.k, in.k_step, t.tiles.tile(i) * kTile, len_k, p.vec);
   cp_async_commit();
-  if (i < keys.count) load_rows<D, kThreadsCta>(sV, in.v, in.v_step, keys.tile(i) * kTile, len_k, p.vec);
+  if (i < t.tiles.count) load_rows<D, kThreadsCta>(sV, in.v, in.v_step, t.tiles.tile(i) * kTile, len_k, p.vec);
   cp_async_commit();
 
   float o[kRM][T::kDC], m_run[kRM], l_run[kRM];
@@ -126,8 +108,8 @@ __global__ void __launch_bounds__(FwdGrid<D>::kThreads, D <= 64 ? 3 : 1)
     for (int c = 0; c < T::kDC; ++c) o[r][c] = 0.f;
   }
 
-  while (i < keys.count) {
-    const int kt = keys.tile(i), k0 = kt * kTile;
+  while (i < t.tiles.count) {
+    const int kt = t.tiles.tile(i), k0 = kt * kTile;
     const int next = next_visible(i + 1);
     cp_async_wait<1>();  // Q and this K tile (this V tile may still be in flight)
     __syncthreads();
@@ -138,7 +120,7 @@ __global__ void __launch_bounds__(FwdGrid<D>::kThreads, D <= 64 ? 3 : 1)
       for (int j = 0; j < kCols; ++j) sc[r][j] = 0.f;
     rows_dot_cols<D, kRM>(sc, sQ, sK, row0, tx);
     __syncthreads();  // every thread is done with sK
-    if (next < keys.count) load_rows<D, kThreadsCta>(sK, in.k, in.k_step, keys.tile(next) * kTile, len_k, p.vec);
+    if (next < t.tiles.count) load_rows<D, kThreadsCta>(sK, in.k, in.k_step, t.tiles.tile(next) * kTile, len_k, p.vec);
     cp_async_commit();
 
     const float bias = bias_row ? bias_row[kt / p.lists.block_tiles] * kLog2e : 0.f;
@@ -173,7 +155,7 @@ __global__ void __launch_bounds__(FwdGrid<D>::kThreads, D <= 64 ? 3 : 1)
     __syncthreads();     // and every row of P
     rows_times_tile<D, kRM, false>(o, sP, sV, row0, tx);
     __syncthreads();  // every thread is done with sV and sP
-    if (next < keys.count) load_rows<D, kThreadsCta>(sV, in.v, in.v_step, keys.tile(next) * kTile, len_k, p.vec);
+    if (next < t.tiles.count) load_rows<D, kThreadsCta>(sV, in.v, in.v_step, t.tiles.tile(next) * kTile, len_k, p.vec);
     cp_async_commit();
     i = next;
   }
@@ -183,19 +165,11 @@ __global__ void __launch_bounds__(FwdGrid<D>::kThreads, D <= 64 ? 3 : 1)
 
 template <int D>
 void launch_forward_f32(const FwdParamsF32& params, int64_t batch) {
-  int64_t max_tiles = 0;
-  for (int br = 0; br < kMaxBranches; ++br) max_tiles = std::max(max_tiles, params.st.num_tiles[br]);
+  const int64_t max_tiles = max_tiles_of(params.st);
   if (max_tiles == 0) return;
   const size_t smem = (3 * RowTile<D>::kFloats + kTile * kLdP) * sizeof(float);
-  static bool configured = false;  // the attribute is per function; setting it again is harmless
-  if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_f32_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)));
-    configured = true;
-  }
-  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(params.heads), static_cast<unsigned>(batch));
-  attention_forward_f32_kernel<D><<<grid, FwdGrid<D>::kThreads, smem, impl::stream()>>>(params);
-  CUDA_CHECK_LAUNCH();
+  launch_with_shared<attention_forward_f32_kernel<D>>(cta_grid(max_tiles, params.heads, batch), FwdGrid<D>::kThreads,
+                                                      smem, params);
 }
 
 
@@ -203,19 +177,10 @@ void launch_forward_f32(const FwdParamsF32& params, int64_t batch) {
 
 void run_forward_f32(const attention::fused::Problem& pr, const LaunchPlan& plan) {
   FwdParamsF32 p{};
-  p.q = static_cast<const float*>(pr.q);
-  p.k = static_cast<const float*>(pr.k);
-  p.v = static_cast<const float*>(pr.v);
-  p.qs = row_strides_of(pr.q_stride);
-  p.ks = row_strides_of(pr.k_stride);
-  p.vs = row_strides_of(pr.v_stride);
+  set_inputs<float>(p, pr, plan);
   p.out = static_cast<float*>(pr.out);
   p.os = row_strides_of(pr.out_stride);
   p.lse = static_cast<float*>(pr.lse);
-  p.heads = pr.heads;
-  p.scale_log2 = static_cast<float>(pr.scale) * kLog2e;
-  p.causal = pr.causal;
-  p.lists = plan.lists;
   p.merge = plan.merge;
   p.out_scale = plan.out_scale;
   p.vec = f32::rows_aligned({{p.q, p.qs}, {p.k, p.ks}, {p.v, p.vs}, {p.out, p.os}});
@@ -223,12 +188,7 @@ void run_forward_f32(const attention::fused::Problem& pr, const LaunchPlan& plan
   g_last_forward_kernel = "f32-simt";
   for (const Streams& launch : plan.launches) {
     p.st = launch;
-    switch (pr.head_dim) {
-      case 32: launch_forward_f32<32>(p, pr.batch); break;
-      case 64: launch_forward_f32<64>(p, pr.batch); break;
-      case 128: launch_forward_f32<128>(p, pr.batch); break;
-      default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", pr.head_dim);
-    }
+    with_head_dim(pr.head_dim, [&](auto dim) { launch_forward_f32<decltype(dim)::value>(p, pr.batch); });
   }
 }
 

@@ -6,9 +6,7 @@
 
 namespace longtape::cuda::attn {
 
-struct FwdParams {
-  const elem16 *q, *k, *v;
-  RowStrides qs, ks, vs;
+struct FwdParams : InputParams<elem16> {
   // write mode: out (the inputs' format) and lse; merge mode: f32 accumulator out_acc (contiguous
   // (B, Nq, H, D)) and lse are read, merged by log-sum-exp and written back.
   elem16* out;
@@ -17,14 +15,26 @@ struct FwdParams {
   float* out_acc;
   float* lse;  // (B, H, lse_stride): row pos of (b, h) at (b * H + h) * lse_stride + pos
   int64_t lse_stride;
-  int64_t heads;
-  float scale_log2;  // softmax scale * log2(e)
   float out_scale;
-  bool causal, merge;
+  bool merge;
   bool lazy_rescale;  // skip the O rescale of a tile when no row's max grew
-  Streams st;
-  Lists lists;
 };
+
+// Starts the K/V copies of the first kStages - 1 visible key tiles (fetch_tile(stage, i) commits one
+// cp.async group per stage; next_visible(i): the first visible tile at or after i). Returns the
+// first visible tile; `fetch` is then the next tile to fetch.
+template <int kStages, class NextVisible, class FetchTile>
+__device__ __forceinline__ int prefetch_stages(const NextVisible& next_visible, const FetchTile& fetch_tile,
+                                               int& fetch) {
+  const int first = next_visible(0);
+  fetch = first;
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    fetch_tile(st, fetch);
+    fetch = next_visible(fetch + 1);
+  }
+  return first;
+}
 
 // One key tile of the online softmax on the two rows a thread holds of an mma-layout score tile:
 // masks scores past lim[hf] (key offset within the tile) when `masked`, raises the running max

@@ -198,6 +198,19 @@ void zero_rows(void* dst, const attention::fused::Strides& s, const attention::f
     launch_zero_rows<elem16>(dst, s, p, rows, n);
 }
 
+float* ChunkAccumulator::zeroed(size_t elems) {
+  if (!storage_) storage_ = impl::scratch(elems * sizeof(float));
+  CUDA_CHECK(cudaMemsetAsync(storage_->data, 0, elems * sizeof(float), impl::stream()));
+  return static_cast<float*>(storage_->data);
+}
+
+void zero_block_bias_grad(const attention::fused::BackwardProblem& bp, const LaunchPlan& plan) {
+  if (!bp.dbias) return;
+  const attention::fused::Problem& f = bp.forward;
+  const size_t n = static_cast<size_t>(f.batch * f.heads * plan.lists.nqb * plan.lists.nkb);
+  CUDA_CHECK(cudaMemsetAsync(bp.dbias, 0, n * sizeof(float), impl::stream()));
+}
+
 void store_accumulator(void* dst, const attention::fused::Strides& s, const float* acc,
                        const attention::fused::Problem& p, int64_t rows, void* residual) {
   const int64_t n = p.batch * rows * p.heads * p.head_dim;

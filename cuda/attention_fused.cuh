@@ -58,6 +58,34 @@ struct Lists {
   float* dbias = nullptr;
 };
 
+// What the parameters of every attention kernel hold (forward and backward, 16-bit and f32 inputs
+// of element type T): q, k, v with their (batch, row, head) strides, the heads, the softmax
+// scale in log2 units, the mask, and the launch's streams and block lists.
+template <class T>
+struct InputParams {
+  const T *q, *k, *v;
+  RowStrides qs, ks, vs;
+  int64_t heads;
+  float scale_log2;  // softmax scale * log2(e)
+  bool causal;
+  Streams st;
+  Lists lists;
+};
+
+// What every backward's parameters hold besides the inputs (elements T): dO, lse and delta, and
+// the gradients dq, dk, dv with their strides.
+template <class T>
+struct BackwardParams : InputParams<T> {
+  const T* dout;
+  RowStrides dos;
+  const float* lse;    // (B, H, lse_stride), natural log
+  const float* delta;  // (B, H, lse_stride)
+  int64_t lse_stride;
+  T *dq, *dk, *dv;
+  RowStrides dqs, dks, dvs;
+  float scale, do_scale;
+};
+
 // One stream of one (batch, head): rows first, first + step, ... (length rows) of q (or k).
 struct StreamRows {
   int64_t first_q, first_k, step, len_q, len_k;
@@ -120,51 +148,54 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(p)));
 }
 
-// bf16 inputs: 8-bit mantissa, f32's exponent range.
-struct Bf16Format {
-  static constexpr bool kIsF16 = false;
+// The 16-bit input formats: Bf16Format (8-bit mantissa, f32's exponent range) and F16Format
+// (IEEE half: 11-bit mantissa, largest finite 65504). The instruction text of the product names
+// the input type, so it is written once for "bf16" and "f16" through a macro.
+#define LT_MMA_M16N8K16(T)                                                                               \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." T "." T ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, " \
+               "{%0,%1,%2,%3};\n"                                                                        \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                           \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+template <bool kF16>
+struct Format16 {
+  static constexpr bool kIsF16 = kF16;
+  using Pair = std::conditional_t<kF16, __half2, __nv_bfloat162>;
   // c (16x8 f32) += a (16x16, row) * b (16x8, col).
   __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (kF16)
+      LT_MMA_M16N8K16("f16");
+    else
+      LT_MMA_M16N8K16("bf16");
   }
   // Two f32 values rounded to nearest even, lo in the low half.
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    Pair v;
+    if constexpr (kF16)
+      v = __floats2half2_rn(lo, hi);
+    else
+      v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
   __device__ __forceinline__ static float2 unpack(uint32_t packed) {
-    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&packed);
+    const Pair h = *reinterpret_cast<const Pair*>(&packed);
     return make_float2(__low2float(h), __high2float(h));
   }
-  __device__ __forceinline__ static float to_float(elem16 x) { return __bfloat162float(__ushort_as_bfloat16(x)); }
-  __device__ __forceinline__ static elem16 from_float(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+  __device__ __forceinline__ static float to_float(elem16 x) {
+    if constexpr (kF16)
+      return __half2float(__ushort_as_half(x));
+    else
+      return __bfloat162float(__ushort_as_bfloat16(x));
+  }
+  __device__ __forceinline__ static elem16 from_float(float x) {
+    if constexpr (kF16)
+      return __half_as_ushort(__float2half_rn(x));
+    else
+      return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
 };
-
-// f16 (IEEE half) inputs: 11-bit mantissa, largest finite 65504.
-struct F16Format {
-  static constexpr bool kIsF16 = true;
-  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  __device__ __forceinline__ static float2 unpack(uint32_t packed) {
-    const __half2 h = *reinterpret_cast<const __half2*>(&packed);
-    return make_float2(__low2float(h), __high2float(h));
-  }
-  __device__ __forceinline__ static float to_float(elem16 x) { return __half2float(__ushort_as_half(x)); }
-  __device__ __forceinline__ static elem16 from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
-};
+#undef LT_MMA_M16N8K16
+using Bf16Format = Format16<false>;
+using F16Format = Format16<true>;
 
 // The A fragment (16 rows x 16 k, format F) made of two adjacent accumulator n-tiles f0, f1.
 template <class F>
@@ -239,6 +270,54 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const elem16* tile, 
                            ((lane >> 4) << 3));
 }
 
+// B fragments for two n-tiles (n0..n0+15) of a tile stored [n][k] (load_b_nk) or, with kKN, [k][n]
+// (load_b_kn).
+template <int D, bool kKN>
+__device__ __forceinline__ void load_b(uint32_t (&b)[4], const elem16* tile, int n0, int kk) {
+  if constexpr (kKN)
+    load_b_kn<D>(b, tile, n0, kk);
+  else
+    load_b_nk<D>(b, tile, n0, kk);
+}
+// n-tiles 2 np and 2 np + 1 of c += a * b; with kSplit also += a_lo * b (A as hi + lo parts,
+// a_fragment_split; a_lo is not read otherwise).
+template <class F, bool kSplit, int kN>
+__device__ __forceinline__ void mma_b_pair(float (&c)[kN][4], int np, const uint32_t (&a)[4], const uint32_t (&a_lo)[4],
+                                           const uint32_t (&b)[4]) {
+  F::mma(c[2 * np], a, b[0], b[1]);
+  F::mma(c[2 * np + 1], a, b[2], b[3]);
+  if constexpr (kSplit) {
+    F::mma(c[2 * np], a_lo, b[0], b[1]);
+    F::mma(c[2 * np + 1], a_lo, b[2], b[3]);
+  }
+}
+// c (16 x 8 kN) += a * B for k block kk of a shared B tile (load_b), with kSplit also a_lo * B.
+template <class F, int D, bool kKN, bool kSplit = false, int kN>
+__device__ __forceinline__ void mma_tile_b(float (&c)[kN][4], const uint32_t (&a)[4], const uint32_t (&a_lo)[4],
+                                           const elem16* tile, int kk) {
+#pragma unroll
+  for (int np = 0; np < kN / 2; ++np) {
+    uint32_t bb[4];
+    load_b<D, kKN>(bb, tile, np * 16, kk);
+    mma_b_pair<F, kSplit>(c, np, a, a_lo, bb);
+  }
+}
+// Two such products sharing k block kk, c1 += a1 * B1 and c2 += a2 * B2, with both B fragments of an
+// n-tile pair loaded before its products (the order the backward kernels' registers are sized for).
+template <class F, int D, bool kKN, bool kSplit, int kN>
+__device__ __forceinline__ void mma_tile_b_pair(float (&c1)[kN][4], const uint32_t (&a1)[4], const uint32_t (&a1_lo)[4],
+                                                const elem16* b1, float (&c2)[kN][4], const uint32_t (&a2)[4],
+                                                const uint32_t (&a2_lo)[4], const elem16* b2, int kk) {
+#pragma unroll
+  for (int np = 0; np < kN / 2; ++np) {
+    uint32_t y1[4], y2[4];
+    load_b<D, kKN>(y1, b1, np * 16, kk);
+    load_b<D, kKN>(y2, b2, np * 16, kk);
+    mma_b_pair<F, kSplit>(c1, np, a1, a1_lo, y1);
+    mma_b_pair<F, kSplit>(c2, np, a2, a2_lo, y2);
+  }
+}
+
 // 2^x in one MUFU instruction (flushes denormal results to 0, which a probability can afford).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -303,6 +382,24 @@ __device__ __forceinline__ KeyTiles key_block_queries(const Lists& lists, int64_
   return {(cb[block_col + 1] - cb[block_col]) * lists.block_tiles, lists.row_index + cb[block_col], lists.block_tiles};
 }
 
+// Index of the (query block, key block) pair of batch b, head h in the (B, H, nqb, nkb) block
+// bias and its gradient.
+template <class Params>
+__device__ __forceinline__ int64_t block_pair(const Params& p, int b, int h, int block_row, int block_col) {
+  return ((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb + block_col;
+}
+// The block bias of (query block, key block) in log2 units, 0 without a bias.
+template <class Params>
+__device__ __forceinline__ float bias_log2(const Params& p, int b, int h, int block_row, int block_col) {
+  if (!p.lists.bias) return 0.f;
+  return p.lists.bias[block_pair(p, b, h, block_row, block_col)] * kLog2e;
+}
+// The block bias row of query block block_row (indexed by key block), null without a bias.
+template <class Params>
+__device__ __forceinline__ const float* bias_row_of(const Params& p, int b, int h, int block_row) {
+  return p.lists.bias ? p.lists.bias + block_pair(p, b, h, block_row, 0) : nullptr;
+}
+
 // A CTA's block list goes to shared memory (when it has at most kListCache entries) so that the
 // tile loop does not wait on a dependent global load per tile. Call with every thread of the
 // CTA (kCtaThreads of them); a __syncthreads() must follow before the list is read.
@@ -314,6 +411,48 @@ __device__ __forceinline__ void cache_block_list(KeyTiles& tiles, int32_t* cache
   if (entries > kListCache) return;
   for (int i = threadIdx.x; i < entries; i += kCtaThreads) cache[i] = tiles.list[i];
   tiles.list = cache;
+}
+
+// The work of a CTA of the portable kernels: batch b, head h, its stream s and its kTile-row tile
+// there (query rows, or key rows for the dK/dV kernels), and the tiles of the other side it visits
+// (key tiles cut at the causal diagonal, or the query tiles that see its keys; from the block
+// lists when there are any). block: the tile's query (key) block, 0 without lists.
+struct CtaTile {
+  int b, h;
+  StreamRows s;
+  int tile, row0, block;
+  KeyTiles tiles;
+};
+// Fills `t` and caches its block list in `cache` (kListCache entries); false when the CTA has no
+// tile (for the whole CTA). Every thread of the CTA (kCtaThreads of them) calls it.
+template <bool kQueryRows, int kCtaThreads = kThreads, class Params>
+__device__ __forceinline__ bool cta_tile(const Params& p, int32_t* cache, CtaTile& t) {
+  t.h = blockIdx.y;
+  t.b = blockIdx.z;
+  int64_t tile;
+  int br;
+  if (!tile_of_cta(p.st, t.h, tile, t.s, br)) return false;
+  t.tile = static_cast<int>(tile);
+  t.row0 = t.tile * kTile;
+  if (t.row0 >= (kQueryRows ? t.s.len_q : t.s.len_k)) return false;
+  t.tiles = {0, nullptr, 1};
+  t.block = 0;
+  if (p.lists.row_begin) {
+    t.block = t.tile / p.lists.block_tiles;
+    if constexpr (kQueryRows)
+      t.tiles = query_block_keys(p.lists, p.heads, t.b, t.h, t.block);
+    else
+      t.tiles = key_block_queries(p.lists, p.heads, t.b, t.h, t.block);
+  } else if constexpr (kQueryRows) {
+    const int len_k = static_cast<int>(t.s.len_k), k_tiles = (len_k + kTile - 1) / kTile;
+    t.tiles.count = p.causal ? min(k_tiles, t.tile + 1) : k_tiles;
+  } else {
+    const int len_q = static_cast<int>(t.s.len_q);
+    t.tiles.count = (len_q + kTile - 1) / kTile;
+  }
+  cache_block_list<kCtaThreads>(t.tiles, cache);
+  __syncthreads();
+  return true;
 }
 
 }  // namespace longtape::cuda::attn

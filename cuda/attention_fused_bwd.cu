@@ -58,6 +58,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2
   float* sDelta = sLse + 2 * kTile;
   __shared__ float bias_part[kWarps];
 
+  // Written out rather than through cta_tile: that form costs this kernel registers and spills.
   const int h = blockIdx.y, b = blockIdx.z;
   int64_t kt;
   StreamRows s;
@@ -132,33 +133,11 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2
     const float* tLse = sLse + stage * kTile;
     const float* tDelta = sDelta + stage * kTile;
 
-    // S^T = K Q^T: 16 keys of this warp x 64 queries.
+    // S^T = K Q^T and dP^T = V dO^T: 16 keys of this warp x 64 queries.
     float st[kNT][4];
     float dpt[kNT][4];
-#pragma unroll
-    for (int j = 0; j < kNT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t ak[4], av[4];
-      load_a<D>(ak, sK, warp * 16, kk);
-      load_a<D>(av, sV, warp * 16, kk);
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        uint32_t bq[4], bg[4];
-        load_b_nk<D>(bq, tQ, np * 16, kk);
-        load_b_nk<D>(bg, tG, np * 16, kk);
-        F::mma(st[2 * np], ak, bq[0], bq[1]);
-        F::mma(st[2 * np + 1], ak, bq[2], bq[3]);
-        F::mma(dpt[2 * np], av, bg[0], bg[1]);
-        F::mma(dpt[2 * np + 1], av, bg[2], bg[3]);
-      }
-    }
-    const float bias =
-        p.lists.bias ? p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + qt / p.lists.block_tiles) *
-                                        p.lists.nkb + block_col] * kLog2e
-                     : 0.f;
+    warp_product_pair<F, D>(st, dpt, sK, sV, warp * 16, tQ, tG);
+    const float bias = bias_log2(p, b, h, qt / p.lists.block_tiles, block_col);
     const int q0 = qt * kTile;
     // P^T = exp2(S^T * scale_log2 + bias - lse) and dS^T = P^T (dP^T * do_scale - delta) in place;
     // one FFMA + one MUFU per probability, lse and delta read as pairs of columns.
@@ -195,8 +174,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2
       if (lane == 0) bias_part[warp] = ds_sum;
       __syncthreads();
       if (threadIdx.x == 0)
-        p.lists.dbias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + qt / p.lists.block_tiles) *
-                          p.lists.nkb + block_col] = bias_part[0] + bias_part[1] + bias_part[2] + bias_part[3];
+        p.lists.dbias[block_pair(p, b, h, qt / p.lists.block_tiles, block_col)] =
+            bias_part[0] + bias_part[1] + bias_part[2] + bias_part[3];
     }
     if constexpr (kFuseDq) {
       // dS^T (this warp's 16 keys x 64 queries) to shared memory in format F.
@@ -214,20 +193,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2
       uint32_t ap[4], ap_lo[4], as[4], as_lo[4];
       a_fragment_split<F>(ap, ap_lo, st[2 * kk], st[2 * kk + 1]);
       a_fragment_split<F>(as, as_lo, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-      for (int dp = 0; dp < kDT / 2; ++dp) {
-        uint32_t bg[4], bq[4];
-        load_b_kn<D>(bg, tG, dp * 16, kk);
-        load_b_kn<D>(bq, tQ, dp * 16, kk);
-        F::mma(dv[2 * dp], ap, bg[0], bg[1]);
-        F::mma(dv[2 * dp + 1], ap, bg[2], bg[3]);
-        F::mma(dv[2 * dp], ap_lo, bg[0], bg[1]);
-        F::mma(dv[2 * dp + 1], ap_lo, bg[2], bg[3]);
-        F::mma(dk[2 * dp], as, bq[0], bq[1]);
-        F::mma(dk[2 * dp + 1], as, bq[2], bq[3]);
-        F::mma(dk[2 * dp], as_lo, bq[0], bq[1]);
-        F::mma(dk[2 * dp + 1], as_lo, bq[2], bq[3]);
-      }
+      mma_tile_b_pair<F, D, true, true>(dv, ap, ap_lo, tG, dk, as, as_lo, tQ, kk);
     }
     if constexpr (kFuseDq) {
       __syncthreads();  // every warp's dS^T rows are in shared memory
@@ -240,13 +206,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2
         uint32_t a[4];
         ldmatrix_x4_trans(a, sdS + (kk * 16 + (lane & 7) + ((lane >> 4) << 3)) * kLdS + warp * 16 +
                                  (((lane >> 3) & 1) << 3));
-#pragma unroll
-        for (int dp = 0; dp < kDT / 2; ++dp) {
-          uint32_t bk[4];
-          load_b_kn<D>(bk, sK, dp * 16, kk);
-          F::mma(dq[2 * dp], a, bk[0], bk[1]);
-          F::mma(dq[2 * dp + 1], a, bk[2], bk[3]);
-        }
+        mma_tile_b<F, D, true>(dq, a, a, sK, kk);
       }
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
@@ -281,34 +241,12 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
   elem16* sK = sdO + L::kElems;  // 2 stages
   elem16* sV = sK + 2 * L::kElems;  // 2 stages
 
-  const int h = blockIdx.y, b = blockIdx.z;
-  int64_t qt;
-  StreamRows s;
-  int br;
-  if (!tile_of_cta(p.st, h, qt, s, br)) return;
-  const int q0 = static_cast<int>(qt) * kTile;
-  if (q0 >= s.len_q) return;
-  const int len_k = static_cast<int>(s.len_k);
-
-  const BackwardInputs in = backward_inputs(p, s, b, h);
-
-  KeyTiles keys{0, nullptr, 1};
-  int block_row = 0;
-  int64_t list = 0;
-  if (p.lists.row_begin) {
-    list = p.lists.num_lists == 1 ? 0 : (p.lists.num_lists == p.heads ? h : b * p.heads + h);
-    block_row = static_cast<int>(qt) / p.lists.block_tiles;
-    const int32_t* rb = p.lists.row_begin + list * (p.lists.nqb + 1);
-    keys.list = p.lists.col_index + rb[block_row];
-    keys.block_tiles = p.lists.block_tiles;
-    keys.count = (rb[block_row + 1] - rb[block_row]) * p.lists.block_tiles;
-  } else {
-    const int k_tiles = (len_k + kTile - 1) / kTile;
-    keys.count = p.causal ? min(k_tiles, static_cast<int>(qt) + 1) : k_tiles;
-  }
   __shared__ int32_t list_cache[kListCache];
-  cache_block_list(keys, list_cache);
-  __syncthreads();
+  CtaTile t;  // t.tiles: the key tiles of this query tile
+  if (!cta_tile<true>(p, list_cache, t)) return;
+  const StreamRows& s = t.s;
+  const int b = t.b, h = t.h, qt = t.tile, q0 = t.row0, len_k = static_cast<int>(s.len_k);
+  const BackwardInputs in = backward_inputs(p, s, b, h);
   auto visible = [&](int kt) { return kt * kTile < len_k && (!p.causal || kt * kTile <= q0 + kTile - 1); };
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -322,10 +260,10 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
   load_tile_async<D>(sQ, in.q, in.q_step, q0, s.len_q);
   load_tile_async<D>(sdO, in.dout, in.g_step, q0, s.len_q);
   int i = 0;
-  while (i < keys.count && !visible(keys.tile(i))) ++i;
-  if (i < keys.count) {
-    load_tile_async<D>(sK, in.k, in.k_step, static_cast<int64_t>(keys.tile(i)) * kTile, len_k);
-    load_tile_async<D>(sV, in.v, in.v_step, static_cast<int64_t>(keys.tile(i)) * kTile, len_k);
+  while (i < t.tiles.count && !visible(t.tiles.tile(i))) ++i;
+  if (i < t.tiles.count) {
+    load_tile_async<D>(sK, in.k, in.k_step, static_cast<int64_t>(t.tiles.tile(i)) * kTile, len_k);
+    load_tile_async<D>(sV, in.v, in.v_step, static_cast<int64_t>(t.tiles.tile(i)) * kTile, len_k);
   }
   cp_async_commit();
 
@@ -334,13 +272,13 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
   for (int d = 0; d < kDT; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
 
   int stage = 0;
-  while (i < keys.count) {
-    const int kt = keys.tile(i);
+  while (i < t.tiles.count) {
+    const int kt = t.tiles.tile(i);
     int after = i + 1;
-    while (after < keys.count && !visible(keys.tile(after))) ++after;
+    while (after < t.tiles.count && !visible(t.tiles.tile(after))) ++after;
     __syncthreads();
-    if (after < keys.count) {
-      const int64_t nk0 = static_cast<int64_t>(keys.tile(after)) * kTile;
+    if (after < t.tiles.count) {
+      const int64_t nk0 = static_cast<int64_t>(t.tiles.tile(after)) * kTile;
       load_tile_async<D>(sK + (stage ^ 1) * L::kElems, in.k, in.k_step, nk0, len_k);
       load_tile_async<D>(sV + (stage ^ 1) * L::kElems, in.v, in.v_step, nk0, len_k);
     }
@@ -350,32 +288,10 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
     const elem16* tK = sK + stage * L::kElems;
     const elem16* tV = sV + stage * L::kElems;
 
+    // S = Q K^T and dP = dO V^T: 16 queries of this warp x 64 keys.
     float sc[kNT][4], dp[kNT][4];
-#pragma unroll
-    for (int j = 0; j < kNT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sc[j][e] = dp[j][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t aq[4], ag[4];
-      load_a<D>(aq, sQ, warp * 16, kk);
-      load_a<D>(ag, sdO, warp * 16, kk);
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        uint32_t bk[4], bv[4];
-        load_b_nk<D>(bk, tK, np * 16, kk);
-        load_b_nk<D>(bv, tV, np * 16, kk);
-        F::mma(sc[2 * np], aq, bk[0], bk[1]);
-        F::mma(sc[2 * np + 1], aq, bk[2], bk[3]);
-        F::mma(dp[2 * np], ag, bv[0], bv[1]);
-        F::mma(dp[2 * np + 1], ag, bv[2], bv[3]);
-      }
-    }
-    const float bias =
-        p.lists.bias
-            ? p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb +
-                           kt / p.lists.block_tiles] * kLog2e
-            : 0.f;
+    warp_product_pair<F, D>(sc, dp, sQ, sdO, warp * 16, tK, tV);
+    const float bias = bias_log2(p, b, h, qt / p.lists.block_tiles, kt / p.lists.block_tiles);
     const int k0 = kt * kTile;
     const float shift[2] = {bias - lse_a, bias - lse_b};
 #pragma unroll
@@ -404,15 +320,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
     for (int kk = 0; kk < kTile / 16; ++kk) {
       uint32_t as[4], as_lo[4];
       a_fragment_split<F>(as, as_lo, sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-      for (int dpair = 0; dpair < kDT / 2; ++dpair) {
-        uint32_t bk[4];
-        load_b_kn<D>(bk, tK, dpair * 16, kk);
-        F::mma(dq[2 * dpair], as, bk[0], bk[1]);
-        F::mma(dq[2 * dpair + 1], as, bk[2], bk[3]);
-        F::mma(dq[2 * dpair], as_lo, bk[0], bk[1]);
-        F::mma(dq[2 * dpair + 1], as_lo, bk[2], bk[3]);
-      }
+      mma_tile_b<F, D, true, true>(dq, as, as_lo, tK, kk);
     }
     stage ^= 1;
     i = after;
@@ -429,30 +337,16 @@ void launch_dkdv(const BwdParams& params, const dim3 grid) {
   using L = TileLayout<D>;
   const size_t smem = 6 * L::kElems * sizeof(elem16) + (kFuseDq ? kTile * (kTile + 8) * sizeof(elem16) : 0) +
                       4 * kTile * sizeof(float);
-  static bool configured = false;  // the attribute is per function; setting it again is harmless
-  if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dkdv_kernel<F, D, kFuseDq>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    configured = true;
-  }
-  attention_backward_dkdv_kernel<F, D, kFuseDq><<<grid, kThreads, smem, impl::stream()>>>(params);
-  CUDA_CHECK_LAUNCH();
+  launch_with_shared<attention_backward_dkdv_kernel<F, D, kFuseDq>>(grid, kThreads, smem, params);
 }
 
 template <class F, int D>
 void launch_backward(const BwdParams& params, int64_t max_tiles, int64_t batch, bool deterministic) {
-  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(params.heads), static_cast<unsigned>(batch));
+  const dim3 grid = cta_grid(max_tiles, params.heads, batch);
   if (!deterministic) return launch_dkdv<F, D, true>(params, grid);
   launch_dkdv<F, D, false>(params, grid);
   const size_t smem_dq = 6 * TileLayout<D>::kElems * sizeof(elem16);
-  static bool configured = false;
-  if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dq_kernel<F, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem_dq)));
-    configured = true;
-  }
-  attention_backward_dq_kernel<F, D><<<grid, kThreads, smem_dq, impl::stream()>>>(params);
-  CUDA_CHECK_LAUNCH();
+  launch_with_shared<attention_backward_dq_kernel<F, D>>(grid, kThreads, smem_dq, params);
 }
 
 
@@ -490,12 +384,8 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
       CUDA_CHECK_LAUNCH();
     });
   }
-  if (p.lists.dbias) {
-    const size_t n = static_cast<size_t>(f.batch * f.heads * plan.lists.nqb * plan.lists.nkb);
-    CUDA_CHECK(cudaMemsetAsync(p.lists.dbias, 0, n * sizeof(float), stream));
-  }
+  zero_block_bias_grad(bp, plan);
 
-  p.lse_stride = f.seq_q;
   // Several lse branches add into f32 accumulators; otherwise each row is written once (rows that
   // no stream reaches are zeroed first). Without the deterministic switch dQ always gathers in an
   // f32 accumulator through atomics from the dK/dV kernel.
@@ -509,16 +399,10 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
   const bool hopper = hopper_backward_usable(bp);
   g_last_backward_kernel = hopper ? "sm90a-wgmma" : "sm80-mma";
   // With accumulators, runs chunk by chunk (merge_chunks): they then hold one chunk's rows.
-  std::shared_ptr<Storage> acc;
-  for (const SequenceChunk& chunk : merge_chunks(f, plan, kernel_tuning().backward_chunk_row_heads)) {
-    const attention::fused::Problem fc = chunk_problem(f, chunk);
-    const LaunchPlan chunk_plan = chunk.start == 0 && chunk.rows == f.seq_q ? plan : plan_launches(fc);
-    BwdParams pc = p;
-    pc.q += chunk.start * p.qs.row;
-    pc.k += chunk.start * p.ks.row;
-    pc.v += chunk.start * p.vs.row;
+  for_each_chunk(f, plan, kernel_tuning().backward_chunk_row_heads, p,
+                 [&](const SequenceChunk& chunk, const auto& fc, const LaunchPlan& plan_of_chunk, BwdParams pc,
+                     ChunkAccumulator& acc) {
     pc.dout += chunk.start * p.dos.row;
-    pc.lse += chunk.start;
     pc.delta += chunk.start;
     pc.dq += chunk.start * p.dqs.row;
     pc.dk += chunk.start * p.dks.row;
@@ -526,29 +410,21 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
     const size_t per_q = static_cast<size_t>(fc.batch * fc.seq_q * fc.heads * fc.head_dim);
     const size_t per_k = static_cast<size_t>(fc.batch * fc.seq_k * fc.heads * fc.head_dim);
     const size_t acc_elems = (p.accumulate || fuse_dq ? per_q : 0) + (p.accumulate ? 2 * per_k : 0);
-    if (acc_elems > 0) {
-      if (!acc) acc = impl::scratch(acc_elems * sizeof(float));  // the first chunk is the largest
-      CUDA_CHECK(cudaMemsetAsync(acc->data, 0, acc_elems * sizeof(float), stream));
-      pc.dq_acc = static_cast<float*>(acc->data);
-    }
+    if (acc_elems > 0) pc.dq_acc = acc.zeroed(acc_elems);
     if (p.accumulate) {
       pc.dk_acc = pc.dq_acc + per_q;
       pc.dv_acc = pc.dk_acc + per_k;
     }
-    for (const Streams& launch : chunk_plan.launches) {
+    for (const Streams& launch : plan_of_chunk.launches) {
       pc.st = launch;
-      int64_t max_tiles = 0;
-      for (int br = 0; br < kMaxBranches; ++br) max_tiles = std::max(max_tiles, launch.num_tiles[br]);
+      const int64_t max_tiles = max_tiles_of(launch);
       if (max_tiles == 0) continue;
       with_format(f.dtype, [&](auto format) {
         using F = decltype(format);
         if (hopper) return launch_backward_hopper<F>(pc, launch, f.batch, static_cast<int>(f.head_dim));
-        switch (f.head_dim) {
-          case 32: launch_backward<F, 32>(pc, max_tiles, f.batch, !fuse_dq); break;
-          case 64: launch_backward<F, 64>(pc, max_tiles, f.batch, !fuse_dq); break;
-          case 128: launch_backward<F, 128>(pc, max_tiles, f.batch, !fuse_dq); break;
-          default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", f.head_dim);
-        }
+        with_head_dim(f.head_dim, [&](auto dim) {
+          launch_backward<F, decltype(dim)::value>(pc, max_tiles, f.batch, !fuse_dq);
+        });
       });
     }
     if (p.accumulate || fuse_dq) store_accumulator(pc.dq, bp.dq_stride, pc.dq_acc, fc, fc.seq_q);
@@ -556,7 +432,7 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
       store_accumulator(pc.dk, bp.dk_stride, pc.dk_acc, fc, fc.seq_k);
       store_accumulator(pc.dv, bp.dv_stride, pc.dv_acc, fc, fc.seq_k);
     }
-  }
+  });
 }
 
 }  // namespace longtape::cuda::attn

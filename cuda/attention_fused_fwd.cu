@@ -37,34 +37,13 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
   elem16* sK = sQ + L::kElems;  // kStages stages
   elem16* sV = sK + kStages * L::kElems;
 
-  const int h = blockIdx.y, b = blockIdx.z;
-  int64_t tile;
-  StreamRows s;
-  int br;
-  if (!tile_of_cta(p.st, h, tile, s, br)) return;
-  const int qt = static_cast<int>(tile);
-  const int q0 = qt * kTile;
-  if (q0 >= s.len_q) return;
-  const int len_k = static_cast<int>(s.len_k);
-
-  const StreamInputs in = stream_inputs(p, s, b, h);
-
-  // Key tiles of this query tile.
-  KeyTiles keys{0, nullptr, 1};
-  int block_row = 0;
-  if (p.lists.row_begin) {
-    block_row = qt / p.lists.block_tiles;
-    keys = query_block_keys(p.lists, p.heads, b, h, block_row);
-  } else {
-    const int k_tiles = (len_k + kTile - 1) / kTile;
-    keys.count = p.causal ? min(k_tiles, qt + 1) : k_tiles;
-  }
   __shared__ int32_t list_cache[kListCache];
-  cache_block_list(keys, list_cache);
-  __syncthreads();
-  const float* bias_row =
-      p.lists.bias ? p.lists.bias + ((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb
-                   : nullptr;
+  CtaTile t;  // t.tiles: the key tiles of this query tile
+  if (!cta_tile<true>(p, list_cache, t)) return;
+  const StreamRows& s = t.s;
+  const int b = t.b, h = t.h, q0 = t.row0, len_k = static_cast<int>(s.len_k);
+  const StreamInputs in = stream_inputs(p, s, b, h);
+  const float* bias_row = bias_row_of(p, b, h, t.block);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row_in_warp = lane >> 2, col_in_quad = (lane & 3) * 2;
@@ -82,25 +61,20 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
 
   // Skip key tiles that lie entirely in the causal future of every row of this query tile.
   auto next_visible = [&](int i) {
-    while (p.causal && i < keys.count && keys.tile(i) * kTile > q0 + kTile - 1) ++i;
+    while (p.causal && i < t.tiles.count && t.tiles.tile(i) * kTile > q0 + kTile - 1) ++i;
     return i;
   };
   // One cp.async group per stage, empty past the last tile, so that group counts stay fixed.
   auto fetch_tile = [&](int stage, int i) {
-    if (i < keys.count) {
-      const int64_t k0 = static_cast<int64_t>(keys.tile(i)) * kTile;
+    if (i < t.tiles.count) {
+      const int64_t k0 = static_cast<int64_t>(t.tiles.tile(i)) * kTile;
       load_tile_async<D>(sK + stage * L::kElems, in.k, in.k_step, k0, len_k);
       load_tile_async<D>(sV + stage * L::kElems, in.v, in.v_step, k0, len_k);
     }
     cp_async_commit();
   };
-  const int first = next_visible(0);
-  int fetch = first;
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    fetch_tile(st, fetch);
-    fetch = next_visible(fetch + 1);
-  }
+  int fetch;
+  const int first = prefetch_stages<kStages>(next_visible, fetch_tile, fetch);
 
   uint32_t qf[kQInRegisters ? kKD : 1][4];
   if constexpr (kQInRegisters) {
@@ -121,13 +95,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
       uint32_t a_smem[4];
       if constexpr (!kQInRegisters) load_a<D>(a_smem, sQ, warp_row0, kk);
       const uint32_t(&a)[4] = kQInRegisters ? qf[kk] : a_smem;
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        uint32_t bb[4];
-        load_b_nk<D>(bb, tK, np * 16, kk);
-        F::mma(sc[2 * np], a, bb[0], bb[1]);
-        F::mma(sc[2 * np + 1], a, bb[2], bb[3]);
-      }
+      mma_tile_b<F, D, false>(sc, a, a, tK, kk);
     }
     online_softmax_tile<kNT, kDT>([&](int j, int e) -> float& { return sc[j][e]; },
                                   [&](int d, int e) -> float& { return o[d][e]; }, m_run, l_run, bias, p.scale_log2,
@@ -140,23 +108,13 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
         a_fragment_split<F>(a, a_lo, sc[2 * kk], sc[2 * kk + 1]);
       else
         a_fragment<F>(a, sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-      for (int dp = 0; dp < kDT / 2; ++dp) {
-        uint32_t bb[4];
-        load_b_kn<D>(bb, tV, dp * 16, kk);
-        F::mma(o[2 * dp], a, bb[0], bb[1]);
-        F::mma(o[2 * dp + 1], a, bb[2], bb[3]);
-        if constexpr (kSplitP) {
-          F::mma(o[2 * dp], a_lo, bb[0], bb[1]);
-          F::mma(o[2 * dp + 1], a_lo, bb[2], bb[3]);
-        }
-      }
+      mma_tile_b<F, D, true, kSplitP>(o, a, a_lo, tV, kk);
     }
   };
 
   int stage = 0;
-  for (int i = first; i < keys.count; i = next_visible(i + 1)) {
-    const int kt = keys.tile(i);
+  for (int i = first; i < t.tiles.count; i = next_visible(i + 1)) {
+    const int kt = t.tiles.tile(i);
     // Tile i has landed for every thread, and every thread is done with the stage it read in the
     // previous iteration, which the next fetch overwrites.
     cp_async_wait<kStages - 2>();
@@ -182,23 +140,15 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_forward_k
 template <class F, int D, bool kSplitP, int kStages>
 void launch_forward_variant(const FwdParams& params, int64_t max_tiles, int64_t batch) {
   const size_t smem = (1 + 2 * kStages) * TileLayout<D>::kElems * sizeof(elem16);
-  static bool configured = false;  // the attribute is per function; setting it again is harmless
-  if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<F, D, kSplitP, kStages>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    configured = true;
-  }
-  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(params.heads), static_cast<unsigned>(batch));
-  attention_forward_kernel<F, D, kSplitP, kStages><<<grid, kThreads, smem, impl::stream()>>>(params);
-  CUDA_CHECK_LAUNCH();
+  launch_with_shared<attention_forward_kernel<F, D, kSplitP, kStages>>(cta_grid(max_tiles, params.heads, batch),
+                                                                        kThreads, smem, params);
 }
 
 // Split P only when a block bias needs its gradient. 128-row query tiles (two m-tiles per warp)
 // measured 5-10% slower on the H200 (benchmarks/lab/NOTES.md, v2).
 template <class F, int D>
 void launch_forward(const FwdParams& params, const Streams& streams, int64_t batch, bool split_p) {
-  int64_t max_tiles = 0;
-  for (int br = 0; br < kMaxBranches; ++br) max_tiles = std::max(max_tiles, streams.num_tiles[br]);
+  const int64_t max_tiles = max_tiles_of(streams);
   if (max_tiles == 0) return;
   FwdParams p = params;
   p.st = streams;
@@ -243,21 +193,12 @@ bool hopper_kernels_cover(const attention::fused::Problem& pr) {
 
 void run_forward(const attention::fused::Problem& pr, const LaunchPlan& plan) {
   FwdParams p{};
-  p.q = static_cast<const elem16*>(pr.q);
-  p.k = static_cast<const elem16*>(pr.k);
-  p.v = static_cast<const elem16*>(pr.v);
-  p.qs = {pr.q_stride.batch, pr.q_stride.row, pr.q_stride.head};
-  p.ks = {pr.k_stride.batch, pr.k_stride.row, pr.k_stride.head};
-  p.vs = {pr.v_stride.batch, pr.v_stride.row, pr.v_stride.head};
+  set_inputs<elem16>(p, pr, plan);
   p.out = static_cast<elem16*>(pr.out);
   p.out_residual = static_cast<elem16*>(pr.out_residual);
-  p.os = {pr.out_stride.batch, pr.out_stride.row, pr.out_stride.head};
+  p.os = row_strides_of(pr.out_stride);
   p.lse = static_cast<float*>(pr.lse);
-  p.heads = pr.heads;
-  p.scale_log2 = static_cast<float>(pr.scale) * kLog2e;
-  p.causal = pr.causal;
   p.lazy_rescale = kernel_tuning().lazy_rescale;
-  p.lists = plan.lists;
 
   p.lse_stride = pr.seq_q;
   if (plan.prefill) fill_outputs(pr);
@@ -266,40 +207,28 @@ void run_forward(const attention::fused::Problem& pr, const LaunchPlan& plan) {
   g_last_forward_kernel = hopper ? "sm90a-wgmma" : "sm80-mma";
   // lse mixing with several branches merges into an f32 accumulator, then converts once; it runs
   // chunk by chunk (merge_chunks), so the accumulator holds one chunk's rows.
-  std::shared_ptr<Storage> acc;
-  for (const SequenceChunk& chunk : merge_chunks(pr, plan, kernel_tuning().forward_chunk_row_heads)) {
-    const attention::fused::Problem pc_problem = chunk_problem(pr, chunk);
-    const LaunchPlan chunk_plan = chunk.start == 0 && chunk.rows == pr.seq_q ? plan : plan_launches(pc_problem);
-    FwdParams pc = p;
-    pc.q += chunk.start * p.qs.row;
-    pc.k += chunk.start * p.ks.row;
-    pc.v += chunk.start * p.vs.row;
+  for_each_chunk(pr, plan, kernel_tuning().forward_chunk_row_heads, p,
+                 [&](const SequenceChunk& chunk, const auto& pc_problem, const LaunchPlan& plan_of_chunk,
+                     FwdParams pc, ChunkAccumulator& acc) {
     pc.out += chunk.start * p.os.row;
     if (pc.out_residual) pc.out_residual += chunk.start * p.os.row;
-    pc.lse += chunk.start;
-    if (plan.merge) {
-      const size_t n = static_cast<size_t>(pc_problem.batch * pc_problem.seq_q * pc_problem.heads * pc_problem.head_dim);
-      if (!acc) acc = impl::scratch(n * sizeof(float));  // the first chunk is the largest
-      CUDA_CHECK(cudaMemsetAsync(acc->data, 0, n * sizeof(float), impl::stream()));
-      pc.out_acc = static_cast<float*>(acc->data);
-    }
-    for (const Streams& launch : chunk_plan.launches) {
+    if (plan.merge)
+      pc.out_acc = acc.zeroed(static_cast<size_t>(pc_problem.batch * pc_problem.seq_q * pc_problem.heads *
+                                                  pc_problem.head_dim));
+    for (const Streams& launch : plan_of_chunk.launches) {
       pc.merge = plan.merge;
       pc.out_scale = plan.out_scale;
       with_format(pr.dtype, [&](auto format) {
         using F = decltype(format);
         if (hopper) return launch_forward_hopper<F>(pc, launch, pr.batch, static_cast<int>(pr.head_dim));
-        switch (pr.head_dim) {
-          case 32: launch_forward<F, 32>(pc, launch, pr.batch, split_p); break;
-          case 64: launch_forward<F, 64>(pc, launch, pr.batch, split_p); break;
-          case 128: launch_forward<F, 128>(pc, launch, pr.batch, split_p); break;
-          default: LT_CHECK(false, "fused attention (CUDA): head_dim must be 32, 64 or 128, got ", pr.head_dim);
-        }
+        with_head_dim(pr.head_dim, [&](auto dim) {
+          launch_forward<F, decltype(dim)::value>(pc, launch, pr.batch, split_p);
+        });
       });
     }
     if (plan.merge)
       store_accumulator(pc.out, pr.out_stride, pc.out_acc, pc_problem, pc_problem.seq_q, pc.out_residual);
-  }
+  });
 }
 
 }  // namespace longtape::cuda::attn

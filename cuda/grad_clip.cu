@@ -14,10 +14,10 @@ namespace {
 
 constexpr int kClipThreads = 256;
 
-__global__ void sum_squares_kernel(const GradientRef* __restrict__ tensors, const AdamWChunk* __restrict__ chunks,
+__global__ void sum_squares_kernel(const GradientRef* __restrict__ tensors, const TensorChunk* __restrict__ chunks,
                                    int64_t chunk_size, float* __restrict__ partials) {
   __shared__ float shared[32];
-  const AdamWChunk chunk = chunks[blockIdx.x];
+  const TensorChunk chunk = chunks[blockIdx.x];
   const GradientRef t = tensors[chunk.tensor];
   const int64_t end = min(chunk.start + chunk_size, t.numel);
   float acc = 0.0f;
@@ -29,9 +29,9 @@ __global__ void sum_squares_kernel(const GradientRef* __restrict__ tensors, cons
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
-__global__ void scale_kernel(const GradientRef* __restrict__ tensors, const AdamWChunk* __restrict__ chunks,
+__global__ void scale_kernel(const GradientRef* __restrict__ tensors, const TensorChunk* __restrict__ chunks,
                              int64_t chunk_size, float scale) {
-  const AdamWChunk chunk = chunks[blockIdx.x];
+  const TensorChunk chunk = chunks[blockIdx.x];
   const GradientRef t = tensors[chunk.tensor];
   const int64_t end = min(chunk.start + chunk_size, t.numel);
   for (int64_t i = chunk.start + threadIdx.x; i < end; i += blockDim.x) t.data[i] *= scale;
@@ -39,7 +39,7 @@ __global__ void scale_kernel(const GradientRef* __restrict__ tensors, const Adam
 
 }  // namespace
 
-void fused_sum_squares(const GradientRef* tensors, const AdamWChunk* chunks, int64_t num_chunks, int64_t chunk_size,
+void fused_sum_squares(const GradientRef* tensors, const TensorChunk* chunks, int64_t num_chunks, int64_t chunk_size,
                        float* partials) {
   if (num_chunks == 0) return;
   LT_CHECK(num_chunks < (int64_t{1} << 31), "fused_sum_squares: too many chunks (", num_chunks, ")");
@@ -48,7 +48,7 @@ void fused_sum_squares(const GradientRef* tensors, const AdamWChunk* chunks, int
   CUDA_CHECK_LAUNCH();
 }
 
-void fused_scale(const GradientRef* tensors, const AdamWChunk* chunks, int64_t num_chunks, int64_t chunk_size,
+void fused_scale(const GradientRef* tensors, const TensorChunk* chunks, int64_t num_chunks, int64_t chunk_size,
                  float scale) {
   if (num_chunks == 0) return;
   LT_CHECK(num_chunks < (int64_t{1} << 31), "fused_scale: too many chunks (", num_chunks, ")");

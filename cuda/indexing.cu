@@ -19,27 +19,24 @@ using namespace impl;
 
 namespace {
 
-template <int Bytes>
-__global__ void index_select_kernel(void* out, const void* in, const int64_t* index, int64_t outer, int64_t in_dim,
-                                    int64_t n, int64_t inner) {
-  using U = typename Bits<Bytes>::type;
-  const int64_t total = outer * n * inner;
-  for (int64_t p = global_tid(); p < total; p += grid_stride()) {
-    const int64_t i = p % inner, j = (p / inner) % n, o = p / (inner * n);
-    const int64_t row = index[j];
-    // An out-of-range index (its check is raised later, tensor/device_checks.h) reads nothing.
-    static_cast<U*>(out)[p] = row >= 0 && row < in_dim ? static_cast<const U*>(in)[(o * in_dim + row) * inner + i] : U(0);
-  }
-}
-
-template <int Bytes>
-__global__ void gather_kernel(void* out, const void* in, const int64_t* index, int64_t outer, int64_t in_dim,
-                              int64_t n, int64_t inner) {
+// out (outer, n, inner) takes rows of in (outer, in_dim, inner): index_select (kPerElement false)
+// reads row index[j] for every element at position j of the dim, gather (kPerElement) reads row
+// index[p] for output element p.
+template <int Bytes, bool kPerElement>
+__global__ void take_rows_kernel(void* out, const void* in, const int64_t* index, int64_t outer, int64_t in_dim,
+                                 int64_t n, int64_t inner) {
   using U = typename Bits<Bytes>::type;
   const int64_t total = outer * n * inner;
   for (int64_t p = global_tid(); p < total; p += grid_stride()) {
     const int64_t i = p % inner, o = p / (inner * n);
-    static_cast<U*>(out)[p] = static_cast<const U*>(in)[(o * in_dim + index[p]) * inner + i];
+    if constexpr (kPerElement) {
+      static_cast<U*>(out)[p] = static_cast<const U*>(in)[(o * in_dim + index[p]) * inner + i];
+    } else {
+      const int64_t row = index[(p / inner) % n];
+      // An out-of-range index (its check is raised later, tensor/device_checks.h) reads nothing.
+      static_cast<U*>(out)[p] =
+          row >= 0 && row < in_dim ? static_cast<const U*>(in)[(o * in_dim + row) * inner + i] : U(0);
+    }
   }
 }
 
@@ -143,6 +140,16 @@ void launch_moving_bits(void* out, DType dtype, int64_t total, Launch&& launch) 
   CUDA_CHECK_LAUNCH();
 }
 
+template <bool kPerElement>
+void take_rows(void* out, const void* in, const int64_t* index, DType dtype, int64_t outer, int64_t in_dim, int64_t n,
+               int64_t inner) {
+  const int64_t total = outer * n * inner;
+  launch_moving_bits(out, dtype, total, [&](auto tag) {
+    take_rows_kernel<decltype(tag)::value, kPerElement>
+        <<<grid_for(total), kThreads, 0, stream()>>>(out, in, index, outer, in_dim, n, inner);
+  });
+}
+
 }  // namespace
 
 void flag_bad_indices(int64_t* first_bad, const int64_t* index, int64_t n, int64_t limit, int64_t allowed) {
@@ -154,20 +161,12 @@ void flag_bad_indices(int64_t* first_bad, const int64_t* index, int64_t n, int64
 
 void index_select(void* out, const void* in, const int64_t* index, DType dtype, int64_t outer, int64_t in_dim,
                   int64_t n, int64_t inner) {
-  const int64_t total = outer * n * inner;
-  launch_moving_bits(out, dtype, total, [&](auto tag) {
-    index_select_kernel<decltype(tag)::value>
-        <<<grid_for(total), kThreads, 0, stream()>>>(out, in, index, outer, in_dim, n, inner);
-  });
+  take_rows<false>(out, in, index, dtype, outer, in_dim, n, inner);
 }
 
 void gather(void* out, const void* in, const int64_t* index, DType dtype, int64_t outer, int64_t in_dim, int64_t n,
             int64_t inner) {
-  const int64_t total = outer * n * inner;
-  launch_moving_bits(out, dtype, total, [&](auto tag) {
-    gather_kernel<decltype(tag)::value><<<grid_for(total), kThreads, 0, stream()>>>(out, in, index, outer, in_dim, n,
-                                                                                    inner);
-  });
+  take_rows<true>(out, in, index, dtype, outer, in_dim, n, inner);
 }
 
 void index_add(void* out, const void* src, const int64_t* index, DType dtype, int64_t outer, int64_t out_dim,

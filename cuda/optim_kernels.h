@@ -16,8 +16,9 @@ struct AdamWTensor {
   float pad_ = 0.0f;
 };
 
-// The work of one thread block: elements [start, min(start + chunk, numel)) of tensor `tensor`.
-struct AdamWChunk {
+// The work of one thread block of a fused kernel over a tensor list (AdamW, gradient clipping):
+// elements [start, min(start + chunk, numel)) of list entry `tensor`.
+struct TensorChunk {
   int64_t tensor;
   int64_t start;
 };
@@ -35,7 +36,7 @@ struct AdamWHyper {
 //   p *= 1 - lr * wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
 //   p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
 // `tensors` and `chunks` are device arrays; each chunk covers `chunk_size` elements.
-void fused_adamw(const AdamWTensor* tensors, const AdamWChunk* chunks, int64_t num_chunks, int64_t chunk_size,
+void fused_adamw(const AdamWTensor* tensors, const TensorChunk* chunks, int64_t num_chunks, int64_t chunk_size,
                  const AdamWHyper& hyper);
 
 // One gradient of a fused norm or scale: `numel` f32 values of device memory.
@@ -46,9 +47,9 @@ struct GradientRef {
 
 // Gradient clipping (cuda/grad_clip.cu), one launch each on the current longtape stream:
 // partials[c] = sum of g^2 over chunk c (a fixed order per chunk), and g *= scale in place.
-void fused_sum_squares(const GradientRef* tensors, const AdamWChunk* chunks, int64_t num_chunks, int64_t chunk_size,
+void fused_sum_squares(const GradientRef* tensors, const TensorChunk* chunks, int64_t num_chunks, int64_t chunk_size,
                        float* partials);
-void fused_scale(const GradientRef* tensors, const AdamWChunk* chunks, int64_t num_chunks, int64_t chunk_size,
+void fused_scale(const GradientRef* tensors, const TensorChunk* chunks, int64_t num_chunks, int64_t chunk_size,
                  float scale);
 
 }  // namespace longtape::cuda

@@ -156,11 +156,31 @@ void SGD::step() {
 bool decay_matrices_only(const std::string&, const Tensor& parameter) { return parameter.dim() >= 2; }
 
 #ifdef LONGTAPE_WITH_CUDA
-// Device copies of the tensor list and chunk table; rebuilt only when a pointer or size changes.
+namespace {
+// A table of kernel arguments with its device copy. A copy to the device waits for the stream, so
+// the copy is redone only when an entry changes (the pool hands the same blocks back step after
+// step, so pointers and sizes rarely do).
+template <class Item>
+struct DeviceTable {
+  std::vector<Item> host;
+  Tensor device;  // an i64 tensor used as raw device memory
+
+  void update(const std::vector<Item>& fresh, Device on) {
+    const size_t bytes = fresh.size() * sizeof(Item);
+    const bool same = host.size() == fresh.size() && device.defined() && device.device() == on &&
+                      std::memcmp(host.data(), fresh.data(), bytes) == 0;
+    if (same) return;
+    host = fresh;
+    device = Tensor::empty({static_cast<int64_t>((bytes + 7) / 8)}, DType::i64, on);
+    copy_bytes(device.raw_data(), on, fresh.data(), Device::cpu(), bytes);
+  }
+  const Item* data() const { return static_cast<const Item*>(device.raw_data()); }
+};
+}  // namespace
+
 struct AdamW::FusedTable {
-  std::vector<cuda::AdamWTensor> host_tensors;
-  std::vector<cuda::AdamWChunk> host_chunks;
-  Tensor device_tensors, device_chunks;  // i64 tensors used as raw device memory
+  DeviceTable<cuda::AdamWTensor> tensors;
+  DeviceTable<cuda::TensorChunk> chunks;
 };
 #else
 struct AdamW::FusedTable {};
@@ -225,7 +245,7 @@ void AdamW::step() {
     constexpr int64_t kChunk = 4096;
     if (!fused_table_) fused_table_ = std::make_unique<FusedTable>();
     std::vector<cuda::AdamWTensor> tensors;
-    std::vector<cuda::AdamWChunk> chunks;
+    std::vector<cuda::TensorChunk> chunks;
     std::vector<Tensor> keep_alive;  // gradients made contiguous for this step
     for (size_t i : fused) {
       Tensor& p = parameters_[i].second;
@@ -239,24 +259,12 @@ void AdamW::step() {
       for (int64_t start = 0; start < p.numel(); start += kChunk) chunks.push_back({index, start});
     }
     FusedTable& table = *fused_table_;
-    auto upload = [&](auto& host, const auto& fresh, Tensor& device) {
-      using Item = typename std::decay_t<decltype(fresh)>::value_type;
-      const size_t bytes = fresh.size() * sizeof(Item);
-      const bool same = host.size() == fresh.size() && device.defined() && device.device() == fused_device &&
-                        std::memcmp(host.data(), fresh.data(), bytes) == 0;
-      if (same) return;
-      host = fresh;
-      device = Tensor::empty({static_cast<int64_t>((bytes + 7) / 8)}, DType::i64, fused_device);
-      copy_bytes(device.raw_data(), fused_device, fresh.data(), Device::cpu(), bytes);
-    };
-    upload(table.host_tensors, tensors, table.device_tensors);
-    upload(table.host_chunks, chunks, table.device_chunks);
+    table.tensors.update(tensors, fused_device);
+    table.chunks.update(chunks, fused_device);
     cuda::AdamWHyper hyper{static_cast<float>(lr_),   static_cast<float>(options_.beta1),
                            static_cast<float>(options_.beta2), static_cast<float>(options_.eps),
                            static_cast<float>(bias1), static_cast<float>(std::sqrt(bias2))};
-    cuda::fused_adamw(static_cast<const cuda::AdamWTensor*>(table.device_tensors.raw_data()),
-                      static_cast<const cuda::AdamWChunk*>(table.device_chunks.raw_data()),
-                      static_cast<int64_t>(chunks.size()), kChunk, hyper);
+    cuda::fused_adamw(table.tensors.data(), table.chunks.data(), static_cast<int64_t>(chunks.size()), kChunk, hyper);
     // The kernel wrote the parameters in place: graphs that saved them must see it.
     for (size_t i : fused) parameters_[i].second.bump_version();
     ++fused_steps_;
@@ -276,7 +284,8 @@ namespace {
 // The gradients of `parameters` as a device table for the fused clipping kernels, when all of
 // them are contiguous f32 on one CUDA device (else the composed ops run).
 struct GradientTable {
-  Tensor tensors, chunks;  // i64 tensors used as raw device memory
+  const cuda::GradientRef* tensors = nullptr;  // device memory
+  const cuda::TensorChunk* chunks = nullptr;
   int64_t num_chunks = 0;
   Device device;
   std::vector<Tensor> gradients;
@@ -285,7 +294,7 @@ constexpr int64_t kClipChunk = 16384;
 
 bool fused_gradient_table(const std::vector<Tensor>& parameters, GradientTable& table) {
   std::vector<cuda::GradientRef> refs;
-  std::vector<cuda::AdamWChunk> chunks;
+  std::vector<cuda::TensorChunk> chunks;
   for (const Tensor& p : parameters) {
     Tensor g = p.grad();
     if (!g.defined() || g.numel() == 0) continue;
@@ -299,34 +308,18 @@ bool fused_gradient_table(const std::vector<Tensor>& parameters, GradientTable& 
     for (int64_t start = 0; start < g.numel(); start += kClipChunk) chunks.push_back({index, start});
   }
   if (refs.empty()) return false;
-  // A copy to the device waits for the stream, so the last table is kept and reused while the
-  // gradients stay where they were (the pool hands the same blocks back step after step).
+  // The last table is kept and reused while the gradients stay where they were.
   struct Cached {
-    std::vector<cuda::GradientRef> refs;
-    std::vector<cuda::AdamWChunk> chunks;
-    Tensor tensors, chunks_device;
+    DeviceTable<cuda::GradientRef> refs;
+    DeviceTable<cuda::TensorChunk> chunks;
   };
   // Never destroyed: freeing device memory at process exit would race the CUDA runtime's teardown.
   thread_local Cached& cached = *new Cached;
-  const bool same = cached.tensors.defined() && cached.tensors.device() == table.device &&
-                    cached.refs.size() == refs.size() && cached.chunks.size() == chunks.size() &&
-                    std::memcmp(cached.refs.data(), refs.data(), refs.size() * sizeof(refs[0])) == 0 &&
-                    std::memcmp(cached.chunks.data(), chunks.data(), chunks.size() * sizeof(chunks[0])) == 0;
-  if (!same) {
-    auto upload = [&](const auto& host) {
-      const size_t bytes = host.size() * sizeof(host[0]);
-      Tensor device = Tensor::empty({static_cast<int64_t>((bytes + 7) / 8)}, DType::i64, table.device);
-      copy_bytes(device.raw_data(), table.device, host.data(), Device::cpu(), bytes);
-      return device;
-    };
-    cached.tensors = upload(refs);
-    cached.chunks_device = upload(chunks);
-    cached.refs = std::move(refs);
-    cached.chunks = std::move(chunks);
-  }
-  table.tensors = cached.tensors;
-  table.chunks = cached.chunks_device;
-  table.num_chunks = static_cast<int64_t>(cached.chunks.size());
+  cached.refs.update(refs, table.device);
+  cached.chunks.update(chunks, table.device);
+  table.tensors = cached.refs.data();
+  table.chunks = cached.chunks.data();
+  table.num_chunks = static_cast<int64_t>(cached.chunks.host.size());
   return true;
 }
 }  // namespace
@@ -338,9 +331,7 @@ Tensor grad_norm_tensor(const std::vector<Tensor>& parameters) {
   // One launch for every gradient's chunk sums of squares, then one reduction over the chunks.
   if (GradientTable table; fused_gradient_table(parameters, table)) {
     Tensor partials = Tensor::empty({table.num_chunks}, DType::f32, table.device);
-    cuda::fused_sum_squares(static_cast<const cuda::GradientRef*>(table.tensors.raw_data()),
-                            static_cast<const cuda::AdamWChunk*>(table.chunks.raw_data()), table.num_chunks,
-                            kClipChunk, partials.data<float>());
+    cuda::fused_sum_squares(table.tensors, table.chunks, table.num_chunks, kClipChunk, partials.data<float>());
     return sqrt(sum(partials));
   }
 #endif
@@ -370,9 +361,7 @@ void scale_grads_to_norm(const std::vector<Tensor>& parameters, double norm, dou
   const double coef = max_norm / (norm + 1e-6);
 #ifdef LONGTAPE_WITH_CUDA
   if (GradientTable table; fused_gradient_table(parameters, table)) {
-    cuda::fused_scale(static_cast<const cuda::GradientRef*>(table.tensors.raw_data()),
-                      static_cast<const cuda::AdamWChunk*>(table.chunks.raw_data()), table.num_chunks, kClipChunk,
-                      static_cast<float>(coef));
+    cuda::fused_scale(table.tensors, table.chunks, table.num_chunks, kClipChunk, static_cast<float>(coef));
     for (const Tensor& g : table.gradients) g.bump_version();
     return;
   }

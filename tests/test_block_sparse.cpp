@@ -19,11 +19,7 @@
 
 using namespace longtape;
 using namespace longtape::attention;
-
-using testing::fresh_seed;
-using testing::make_problem;
-using testing::max_scaled_error;
-using testing::Problem;
+using namespace longtape::testing;
 
 namespace {
 

@@ -199,20 +199,19 @@ TEST_CASE("sizes whose products overflow are refused up front, naming the flags"
 TEST_CASE("longtape bench fails when no case could run, still writing its report" *
           doctest::skip(testing::longtape_binary_missing())) {
   const fs::path dir = fresh_dir("bench_none");
+  // One tiny case per variant, its report in dir/out_name.
+  auto bench = [&](const std::string& flags, const char* out_name) {
+    return run_longtape("bench " + flags + " --seq-lens 8 --heads 1 --head-dim 2 --warmup 0 --repeats 1 --no-plots "
+                        "--out-dir " + quoted(dir / out_name), dir);
+  };
   // block_sparse rejects an unknown pattern: its only case is skipped.
-  const CommandResult r = run_longtape("bench --variants block_sparse --pattern nosuch --seq-lens 8 --heads 1 "
-                                       "--head-dim 2 --warmup 0 --repeats 1 --no-plots --out-dir " +
-                                           quoted(dir / "out"),
-                                       dir);
+  const CommandResult r = bench("--variants block_sparse --pattern nosuch", "out");
   INFO(r.output);
   CHECK(r.code == 1);
   CHECK(contains(r.output, "no case could run"));
   CHECK(fs::exists(dir / "out" / "bench.json"));
   // One case that runs: success.
-  const CommandResult ok = run_longtape("bench --variants dense --seq-lens 8 --heads 1 --head-dim 2 --segments 8 "
-                                        "--dilations 1 --warmup 0 --repeats 1 --no-plots --out-dir " +
-                                            quoted(dir / "ok"),
-                                        dir);
+  const CommandResult ok = bench("--variants dense --segments 8 --dilations 1", "ok");
   INFO(ok.output);
   CHECK(ok.code == 0);
   fs::remove_all(dir);

@@ -25,8 +25,6 @@ using namespace longtape;
 using namespace longtape::attention;
 using namespace longtape::testing::fused_cases;
 
-using testing::fresh_seed;
-
 namespace {
 
 constexpr fused::Backend kCpuFused = fused::Backend::cpu_fused;

@@ -19,20 +19,12 @@
 #include "support/fused_attention_cases.h"
 #include "support/test_utils.h"
 #include "tensor/ops.h"
-#ifdef LONGTAPE_WITH_CUDA
-#include "cuda/attention_tuning.h"
-#endif
 
 using namespace longtape;
 using namespace longtape::attention;
 using namespace longtape::testing::fused_cases;
 
-using testing::fresh_seed;
-
 namespace {
-
-const Device kGpu = Device::cuda(0);
-constexpr fused::Backend kCudaFused = fused::Backend::cuda_fused;
 
 // The 16-bit input formats the kernels take; every case runs in each.
 const DType kHalfTypes[] = {DType::bf16, DType::f16};

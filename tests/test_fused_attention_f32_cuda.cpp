@@ -20,20 +20,13 @@
 #include "support/test_utils.h"
 #include "tensor/backend_options.h"
 #include "tensor/ops.h"
-#ifdef LONGTAPE_WITH_CUDA
-#include "cuda/attention_tuning.h"
-#endif
 
 using namespace longtape;
 using namespace longtape::attention;
 using namespace longtape::testing::fused_cases;
 
-using testing::fresh_seed;
-
 namespace {
 
-const Device kGpu = Device::cuda(0);
-constexpr fused::Backend kCudaFused = fused::Backend::cuda_fused;
 // The floor keeps two tiny errors from flaking; a composed error above 1e-3 would make the
 // comparison meaningless.
 constexpr ErrorBounds kF32Bounds{1e-6, 1e-3};

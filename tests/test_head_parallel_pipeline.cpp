@@ -22,68 +22,30 @@
 
 using namespace longtape;
 using namespace longtape::attention;
+using namespace longtape::testing::parallel_cases;
 
 namespace {
 
-using testing::max_diff;
-
-struct Result {
-  Tensor out, lse, dq, dk, dv;
-};
-
-struct Inputs {
-  Tensor q, k, v, dout, dlse;
-};
-
-Inputs random_inputs(int64_t b, int64_t n, int64_t h, int64_t d) {
-  return {Tensor::randn({b, n, h, d}, DType::f64), Tensor::randn({b, n, h, d}, DType::f64),
-          Tensor::randn({b, n, h, d}, DType::f64), Tensor::randn({b, n, h, d}, DType::f64),
-          Tensor::randn({b, h, n}, DType::f64)};
-}
-
-// Forward, then backward with gradients for both out and lse.
-Result run(const std::function<AttentionOutput(const Tensor&, const Tensor&, const Tensor&)>& forward,
-           const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const Tensor& dlse) {
-  Tensor ql = q.detach().clone().requires_grad_(), kl = k.detach().clone().requires_grad_(),
-         vl = v.detach().clone().requires_grad_();
-  AttentionOutput res = forward(ql, kl, vl);
-  autograd::run_backward({res.out, res.lse}, {dout, dlse}, false);
-  return {res.out.detach(), res.lse.detach(), ql.grad(), kl.grad(), vl.grad()};
-}
-
-void check_bitwise(const Result& got, const Result& want, const std::string& what) {
-  INFO(what);
-  CHECK(max_diff(got.out, want.out) == 0.0);
-  CHECK(max_diff(got.lse, want.lse) == 0.0);
-  CHECK(max_diff(got.dq, want.dq) == 0.0);
-  CHECK(max_diff(got.dk, want.dk) == 0.0);
-  CHECK(max_diff(got.dv, want.dv) == 0.0);
-}
 
 // head_parallel_attention on each of p ranks' token chunks (sequence_chunk_starts), joined.
-Result run_ranks_local(const AttentionConfig& config, const Inputs& in, int p, std::vector<int64_t>* groups_ran) {
+AttentionResults run_ranks_local(const AttentionConfig& config, const AttentionInputs& in, int p,
+                                 std::vector<int64_t>* groups_ran) {
   const std::vector<int64_t> starts = sequence_chunk_starts(in.q.size(1), p);
-  std::vector<Result> parts(static_cast<size_t>(p));
+  std::vector<AttentionResults> parts(static_cast<size_t>(p));
   std::mutex mutex;
   dist::run_ranks(p, [&](dist::Communicator& comm) {
     const size_t r = static_cast<size_t>(comm.rank());
     auto chunk = [&](const Tensor& x, int64_t dim) {
       return x.narrow(dim, starts[r], starts[r + 1] - starts[r]).contiguous();
     };
-    parts[r] = run([&](const Tensor& q, const Tensor& k, const Tensor& v) {
+    parts[r] = run_with_gradients([&](const Tensor& q, const Tensor& k, const Tensor& v) {
       AttentionOutput res = head_parallel_attention(comm, config, q, k, v);
       std::lock_guard<std::mutex> lock(mutex);
       if (groups_ran) groups_ran->push_back(last_head_parallel_run().groups);
       return res;
     }, chunk(in.q, 1), chunk(in.k, 1), chunk(in.v, 1), chunk(in.dout, 1), chunk(in.dlse, 2));
   });
-  auto join = [&](Tensor Result::*field, int64_t dim) {
-    std::vector<Tensor> pieces;
-    for (const Result& part : parts) pieces.push_back(part.*field);
-    return pieces.size() == 1 ? pieces[0] : cat(pieces, dim);
-  };
-  return {join(&Result::out, 1), join(&Result::lse, 2), join(&Result::dq, 1), join(&Result::dk, 1),
-          join(&Result::dv, 1)};
+  return join_rank_chunks(parts);
 }
 
 // Passes everything to `inner`, writing "S" for each start_all_to_all and "W" for each wait.
@@ -176,25 +138,22 @@ TEST_CASE("pipelined head_parallel equals one device bit for bit for every group
     for (const testing::InnerVariant& inner : inners) {
       const bool causal = inner.mixing == Mixing::lse;
       manual_seed(8100 + static_cast<uint64_t>(c.p));
-      const Inputs in = random_inputs(c.batch, c.tokens, c.heads, 4);
+      const AttentionInputs in = random_attention_inputs(c.batch, c.tokens, c.heads, 4);
       AttentionConfig config = testing::parallel_config(inner, c.heads, 4, causal, c.p);
       auto reference = make_attention(inner.name, config);
-      const Result want = run([&](const Tensor& q, const Tensor& k, const Tensor& v) {
-        return reference->forward_with_lse(q, k, v);
-      }, in.q, in.k, in.v, in.dout, in.dlse);
+      const AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
       for (int64_t groups : c.groups) {
         config.pipeline_groups = groups;
         const std::string what = inner.name + (inner.mixing == Mixing::head_groups ? " (head_groups)" : "") +
                                  ", P = " + std::to_string(c.p) + ", pipeline_groups = " + std::to_string(groups);
         std::vector<int64_t> ran;
-        check_bitwise(run_ranks_local(config, in, c.p, &ran), want, "rank-local " + what);
+        check_results(run_ranks_local(config, in, c.p, &ran), want, 0.0, "rank-local " + what);
         const int64_t local = c.heads / c.p;
         for (int64_t g : ran) CHECK(g == (groups > 0 ? groups : automatic_pipeline_groups(local)));
         // The registered module outside a rank runs the ranks as threads, through the same pipeline.
         auto simulated = make_attention("head_parallel", config);
-        check_bitwise(run([&](const Tensor& q, const Tensor& k, const Tensor& v) {
-          return simulated->forward_with_lse(q, k, v);
-        }, in.q, in.k, in.v, in.dout, in.dlse), want, "simulated " + what);
+        check_results(run_with_gradients(*simulated, in.q, in.k, in.v, in.dout, in.dlse), want, 0.0,
+                      "simulated " + what);
       }
     }
   }
@@ -203,16 +162,14 @@ TEST_CASE("pipelined head_parallel equals one device bit for bit for every group
 TEST_CASE("the pipeline starts every group's all-to-alls before waiting for group 0's, forward and backward") {
   const testing::InnerVariant inner{"dilated", Mixing::lse, {4, 8}, {1, 2}};
   manual_seed(8200);
-  const Inputs in = random_inputs(1, 12, 6, 4);
+  const AttentionInputs in = random_attention_inputs(1, 12, 6, 4);
   AttentionConfig config = testing::parallel_config(inner, 6, 4, true, 2);
   auto reference = make_attention("dilated", config);
-  const Result want = run([&](const Tensor& q, const Tensor& k, const Tensor& v) {
-    return reference->forward_with_lse(q, k, v);
-  }, in.q, in.k, in.v, in.dout, in.dlse);
+  const AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
   for (int64_t groups : {1, 2, 3}) {
     config.pipeline_groups = groups;
     std::vector<std::string> forward_logs(2), backward_logs(2);
-    std::vector<Result> parts(2);
+    std::vector<AttentionResults> parts(2);
     dist::run_ranks(2, [&](dist::Communicator& comm) {
       const size_t r = static_cast<size_t>(comm.rank());
       auto recording = std::make_shared<Recording>(comm);
@@ -231,10 +188,7 @@ TEST_CASE("the pipeline starts every group's all-to-alls before waiting for grou
       CHECK(forward_logs[r] == expected_log(groups, 3, 2));
       CHECK(backward_logs[r] == expected_log(groups, 2, 3));
     }
-    check_bitwise({cat({parts[0].out, parts[1].out}, 1), cat({parts[0].lse, parts[1].lse}, 2),
-                   cat({parts[0].dq, parts[1].dq}, 1), cat({parts[0].dk, parts[1].dk}, 1),
-                   cat({parts[0].dv, parts[1].dv}, 1)},
-                  want, "recorded pipeline");
+    check_results(join_rank_chunks(parts), want, 0.0, "recorded pipeline");
   }
 }
 

@@ -31,33 +31,11 @@
 
 using namespace longtape;
 using namespace longtape::attention;
+using namespace longtape::testing::parallel_cases;
 
 namespace {
 
 using testing::max_diff;
-
-struct Result {
-  Tensor out, lse, dq, dk, dv;
-};
-
-// Forward, then backward with the given gradients of out and lse (so the lse path is checked too).
-Result run(Attention& attention, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
-           const Tensor& dlse) {
-  Tensor ql = q.detach().clone().requires_grad_(), kl = k.detach().clone().requires_grad_(),
-         vl = v.detach().clone().requires_grad_();
-  AttentionOutput res = attention.forward_with_lse(ql, kl, vl);
-  autograd::run_backward({res.out, res.lse}, {dout, dlse}, false);
-  return {res.out.detach(), res.lse.detach(), ql.grad(), kl.grad(), vl.grad()};
-}
-
-void check_same(const Result& got, const Result& want, double tol, const std::string& what) {
-  INFO(what);
-  CHECK(max_diff(got.out, want.out) < tol);
-  CHECK(max_diff(got.lse, want.lse) < tol);
-  CHECK(max_diff(got.dq, want.dq) < tol);
-  CHECK(max_diff(got.dk, want.dk) < tol);
-  CHECK(max_diff(got.dv, want.dv) < tol);
-}
 
 using Inner = testing::InnerVariant;
 
@@ -70,47 +48,34 @@ std::string label(const std::string& variant, const Inner& inner, int64_t n, boo
          ", N = " + std::to_string(n) + (causal ? ", causal" : "") + ", P = " + std::to_string(p);
 }
 
-struct Inputs {
-  Tensor q, k, v, dout, dlse;
-};
-
-Inputs random_inputs(int64_t b, int64_t n, int64_t h, int64_t d, DType dtype = DType::f64) {
-  return {Tensor::randn({b, n, h, d}, dtype), Tensor::randn({b, n, h, d}, dtype), Tensor::randn({b, n, h, d}, dtype),
-          Tensor::randn({b, n, h, d}, dtype), Tensor::randn({b, h, n}, dtype == DType::f64 ? DType::f64 : DType::f32)};
-}
-
 // `wrapper` ("ring", "head_parallel") around `inner` against `inner` alone, on the same inputs of
 // h heads of dim d, split over p ranks.
-void check_wrapper_matches_inner(const std::string& wrapper, const Inner& inner, const Inputs& in, int64_t h,
+void check_wrapper_matches_inner(const std::string& wrapper, const Inner& inner, const AttentionInputs& in, int64_t h,
                                  int64_t d, bool causal, int64_t p) {
   const AttentionConfig config = make_config(inner, h, d, causal, p);
   auto reference = make_attention(inner.name, config);
   auto wrapped = make_attention(wrapper, config);
-  const Result want = run(*reference, in.q, in.k, in.v, in.dout, in.dlse);
-  const Result got = run(*wrapped, in.q, in.k, in.v, in.dout, in.dlse);
-  check_same(got, want, 1e-12, label(wrapper, inner, in.q.size(1), causal, p));
+  const AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
+  const AttentionResults got = run_with_gradients(*wrapped, in.q, in.k, in.v, in.dout, in.dlse);
+  check_results(got, want, 1e-12, label(wrapper, inner, in.q.size(1), causal, p));
 }
 
 // Runs `variant` rank-locally: each of p ranks gets its token chunk, calls the module (which picks
 // up the rank's communicator) and runs backward with its chunk of the gradients.
-Result run_rank_local(const std::string& variant, const AttentionConfig& config, const Inputs& in, int p) {
+AttentionResults run_rank_local(const std::string& variant, const AttentionConfig& config, const AttentionInputs& in,
+                                int p) {
   const std::vector<int64_t> starts = sequence_chunk_starts(in.q.size(1), p);
-  std::vector<Result> parts(static_cast<size_t>(p));
+  std::vector<AttentionResults> parts(static_cast<size_t>(p));
   dist::CommOptions options;
   options.timeout = std::chrono::milliseconds(20000);
   dist::run_ranks(p, [&](dist::Communicator& comm) {
     const size_t r = static_cast<size_t>(comm.rank());
     auto chunk = [&](const Tensor& x, int64_t dim) { return x.narrow(dim, starts[r], starts[r + 1] - starts[r]).contiguous(); };
     auto attention = make_attention(variant, config);
-    parts[r] = run(*attention, chunk(in.q, 1), chunk(in.k, 1), chunk(in.v, 1), chunk(in.dout, 1), chunk(in.dlse, 2));
+    parts[r] = run_with_gradients(*attention, chunk(in.q, 1), chunk(in.k, 1), chunk(in.v, 1), chunk(in.dout, 1),
+                                  chunk(in.dlse, 2));
   }, options);
-  auto join = [&](Tensor Result::*field, int64_t dim) {
-    std::vector<Tensor> pieces;
-    for (const Result& part : parts) pieces.push_back(part.*field);
-    return pieces.size() == 1 ? pieces[0] : cat(pieces, dim);
-  };
-  return {join(&Result::out, 1), join(&Result::lse, 2), join(&Result::dq, 1), join(&Result::dk, 1),
-          join(&Result::dv, 1)};
+  return join_rank_chunks(parts);
 }
 
 }  // namespace
@@ -150,7 +115,7 @@ TEST_CASE("ring equals the single-device variant forward and backward, P = 1..4 
       for (const bool causal : {false, true}) {
         for (const Inner& inner : inners) {
           manual_seed(1000 + checked);
-          check_wrapper_matches_inner("ring", inner, random_inputs(b, n, h, d), h, d, causal, p);
+          check_wrapper_matches_inner("ring", inner, random_attention_inputs(b, n, h, d), h, d, causal, p);
           ++checked;
         }
       }
@@ -165,15 +130,15 @@ TEST_CASE("ring computes large blocks in pieces with the same result (tiny score
   for (const Inner& inner : inners) {
     for (const bool causal : {false, true}) {
       manual_seed(causal ? 55 : 56);
-      Inputs in = random_inputs(2, 13, 2, 3);
+      AttentionInputs in = random_attention_inputs(2, 13, 2, 3);
       AttentionConfig config = make_config(inner, 2, 3, causal, 2);
       auto reference = make_attention(inner.name, config);
       config.impl = "composed";  // the fused kernels form no scores: the budget is the composed path's
       auto ring = make_attention("ring", config);
-      Result want = run(*reference, in.q, in.k, in.v, in.dout, in.dlse);
-      Result got = run(*ring, in.q, in.k, in.v, in.dout, in.dlse);
+      AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
+      AttentionResults got = run_with_gradients(*ring, in.q, in.k, in.v, in.dout, in.dlse);
       CHECK(ring->last_backend() == "composed");
-      check_same(got, want, 1e-12, label("ring, budget 7", inner, 13, causal, 2));
+      check_results(got, want, 1e-12, label("ring, budget 7", inner, 13, causal, 2));
     }
   }
   CHECK(set_ring_score_budget(previous) == 7);
@@ -237,13 +202,13 @@ TEST_CASE("ring moves K/V only as far as some segment reaches: local aligned bra
   };
   for (const Case& c : cases) {
     manual_seed(c.n + c.p);
-    Inputs in = random_inputs(1, c.n, 2, 4);
+    AttentionInputs in = random_attention_inputs(1, c.n, 2, 4);
     AttentionConfig config = make_config(c.inner, 2, 4, c.causal, c.p);
     auto reference = make_attention(c.inner.name, config);
-    Result want = run(*reference, in.q, in.k, in.v, in.dout, in.dlse);
+    AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
     const std::vector<int64_t> starts = sequence_chunk_starts(c.n, c.p);
     std::vector<int> sends(static_cast<size_t>(c.p));
-    std::vector<Result> parts(static_cast<size_t>(c.p));
+    std::vector<AttentionResults> parts(static_cast<size_t>(c.p));
     dist::run_ranks(c.p, [&](dist::Communicator& comm) {
       const size_t r = static_cast<size_t>(comm.rank());
       auto counting = std::make_shared<CountingCommunicator>(comm);
@@ -259,14 +224,7 @@ TEST_CASE("ring moves K/V only as far as some segment reaches: local aligned bra
     const std::string what = label("ring send count", c.inner, c.n, c.causal, c.p);
     INFO(what);
     for (int r = 0; r < c.p; ++r) CHECK(sends[static_cast<size_t>(r)] == c.expected_sends);
-    auto join = [&](Tensor Result::*field, int64_t dim) {
-      std::vector<Tensor> pieces;
-      for (const Result& part : parts) pieces.push_back(part.*field);
-      return cat(pieces, dim);
-    };
-    check_same({join(&Result::out, 1), join(&Result::lse, 2), join(&Result::dq, 1), join(&Result::dk, 1),
-                join(&Result::dv, 1)},
-               want, 1e-12, what);
+    check_results(join_rank_chunks(parts), want, 1e-12, what);
   }
 }
 
@@ -276,12 +234,12 @@ TEST_CASE("ring rank-local inside run_ranks equals the single-device variant, un
   for (const Inner& inner : {dense, dilated}) {
     for (const bool causal : {false, true}) {
       manual_seed(causal ? 77 : 78);
-      Inputs in = random_inputs(1, 11, 3, 4);
+      AttentionInputs in = random_attention_inputs(1, 11, 3, 4);
       AttentionConfig config = make_config(inner, 3, 4, causal, 3);
       auto reference = make_attention(inner.name, config);
-      Result want = run(*reference, in.q, in.k, in.v, in.dout, in.dlse);
-      Result got = run_rank_local("ring", config, in, 3);
-      check_same(got, want, 1e-12, label("rank-local ring", inner, 11, causal, 3));
+      AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
+      AttentionResults got = run_rank_local("ring", config, in, 3);
+      check_results(got, want, 1e-12, label("rank-local ring", inner, 11, causal, 3));
     }
   }
 }
@@ -299,7 +257,7 @@ TEST_CASE("head_parallel equals the single-device variant with global head indic
     for (const bool causal : {false, true}) {
       for (const Inner& inner : inners) {
         manual_seed(2000 + p * 10 + (causal ? 1 : 0));
-        check_wrapper_matches_inner("head_parallel", inner, random_inputs(1, n, h, d), h, d, causal, p);
+        check_wrapper_matches_inner("head_parallel", inner, random_attention_inputs(1, n, h, d), h, d, causal, p);
       }
     }
   }
@@ -309,26 +267,26 @@ TEST_CASE("head_parallel rank-local inside run_ranks, head groups of unequal siz
   // 10 heads in 3 groups (4, 3, 3), 2 ranks of 5 heads: group 1 spans both ranks.
   const Inner inner{"dilated", Mixing::head_groups, {4, 8, 2}, {2, 1, 2}};
   manual_seed(91);
-  Inputs in = random_inputs(2, 8, 10, 4);
+  AttentionInputs in = random_attention_inputs(2, 8, 10, 4);
   AttentionConfig config = make_config(inner, 10, 4, true, 2);
   auto reference = make_attention("dilated", config);
-  Result want = run(*reference, in.q, in.k, in.v, in.dout, in.dlse);
-  Result got = run_rank_local("head_parallel", config, in, 2);
-  check_same(got, want, 1e-12, "rank-local head_parallel, head_groups 10 heads / 3 groups, P = 2");
+  AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
+  AttentionResults got = run_rank_local("head_parallel", config, in, 2);
+  check_results(got, want, 1e-12, "rank-local head_parallel, head_groups 10 heads / 3 groups, P = 2");
 }
 
 TEST_CASE("ring and head_parallel in f32 agree with the f32 single-device variant") {
   const Inner inner{"dilated", Mixing::lse, {4, 8}, {1, 2}};
   manual_seed(5);
-  Inputs in = random_inputs(2, 16, 4, 8, DType::f32);
+  AttentionInputs in = random_attention_inputs(2, 16, 4, 8, DType::f32);
   for (const std::string variant : {"ring", "head_parallel"}) {
     AttentionConfig config = make_config(inner, 4, 8, true, 4);
     auto reference = make_attention("dilated", config);
     auto parallel = make_attention(variant, config);
-    Result want = run(*reference, in.q, in.k, in.v, in.dout, in.dlse);
-    Result got = run(*parallel, in.q, in.k, in.v, in.dout, in.dlse);
+    AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
+    AttentionResults got = run_with_gradients(*parallel, in.q, in.k, in.v, in.dout, in.dlse);
     CHECK(got.out.dtype() == DType::f32);
-    check_same(got, want, 2e-5, variant + " f32");
+    check_results(got, want, 2e-5, variant + " f32");
   }
 }
 
@@ -464,16 +422,17 @@ TEST_CASE("ring and head_parallel on CUDA match the CPU (CPU/CUDA parity)") {
   }
   const Inner inner{"dilated", Mixing::lse, {8, 32}, {1, 4}};
   manual_seed(9);
-  Inputs in = random_inputs(2, 32, 4, 16, DType::f32);
+  AttentionInputs in = random_attention_inputs(2, 32, 4, 16, DType::f32);
   for (const std::string variant : {"ring", "head_parallel"}) {
     AttentionConfig config = make_config(inner, 4, 16, true, 4);
     auto cpu = make_attention(variant, config);
     auto gpu = make_attention(variant, config);
-    Result want = run(*cpu, in.q, in.k, in.v, in.dout, in.dlse);
+    AttentionResults want = run_with_gradients(*cpu, in.q, in.k, in.v, in.dout, in.dlse);
     const Device cuda = Device::cuda();
-    Result got = run(*gpu, in.q.to(cuda), in.k.to(cuda), in.v.to(cuda), in.dout.to(cuda), in.dlse.to(cuda));
+    AttentionResults got =
+        run_with_gradients(*gpu, in.q.to(cuda), in.k.to(cuda), in.v.to(cuda), in.dout.to(cuda), in.dlse.to(cuda));
     CHECK(got.out.device() == cuda);
-    check_same({got.out.cpu(), got.lse.cpu(), got.dq.cpu(), got.dk.cpu(), got.dv.cpu()}, want, 1e-4,
+    check_results({got.out.cpu(), got.lse.cpu(), got.dq.cpu(), got.dk.cpu(), got.dv.cpu()}, want, 1e-4,
                variant + " on CUDA");
   }
 }
@@ -491,7 +450,7 @@ TEST_CASE("command line: `longtape attention --variant ring|head_parallel --inne
   std::filesystem::create_directories(dir);
   auto at = [&](const std::string& name) { return (dir / name).string(); };
   manual_seed(31);
-  Inputs in = random_inputs(2, 10, 4, 4);
+  AttentionInputs in = random_attention_inputs(2, 10, 4, 4);
   io::save_npy(at("q.npy"), in.q);
   io::save_npy(at("k.npy"), in.k);
   io::save_npy(at("v.npy"), in.v);

@@ -25,9 +25,7 @@ namespace {
 template <typename Real>
 void block_query_runs(const Context<Real>& c, int64_t b, int64_t h, int64_t block, int64_t first_key,
                       std::vector<Run<Real>>& runs) {
-  paired_block_runs(c, b, h, block, false, runs);
-  if (c.causal)
-    for (Run<Real>& run : runs) keep_from(run, first_key);
+  paired_block_runs(c, b, h, block, false, first_key, runs);
   std::erase_if(runs, [](const Run<Real>& run) { return run.count <= 0; });
 }
 

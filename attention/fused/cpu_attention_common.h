@@ -394,12 +394,13 @@ int64_t load_stream_query_tile(const Context<Real>& c, const Branch& branch, int
 }
 
 // The blocks paired with block `block` in the lists of a block problem, as runs over the other
-// side's positions (tag: the paired block's index, bias: the pair's), unclipped. With `key_runs`,
-// the key blocks of query block `block` (forward and dQ); otherwise the query blocks of key block
-// `block` (dK and dV), from the transposed lists.
+// side's positions (tag: the paired block's index, bias: the pair's). With `key_runs`, the key
+// blocks of query block `block` (forward and dQ), causal-clipped to keys up to `causal_bound` (the
+// block's last query); otherwise the query blocks of key block `block` (dK and dV), from the
+// transposed lists, causal-clipped to queries from `causal_bound` (the block's first key).
 template <typename Real>
 void paired_block_runs(const Context<Real>& c, int64_t b, int64_t h, int64_t block, bool key_runs,
-                       std::vector<Run<Real>>& runs) {
+                       int64_t causal_bound, std::vector<Run<Real>>& runs) {
   const BlockSpec& bs = c.problem->blocks;
   const int64_t list = list_of(bs, b, h, c.H, c.B);
   const int32_t* begin =
@@ -416,6 +417,12 @@ void paired_block_runs(const Context<Real>& c, int64_t b, int64_t h, int64_t blo
     run.count = std::min(bs.block_size, length - run.first);
     run.tag = other;
     if (bias) run.bias = bias[((b * c.H + h) * bs.num_query_blocks + I) * bs.num_key_blocks + J];
+    if (c.causal) {
+      if (key_runs)
+        keep_until(run, causal_bound);
+      else
+        keep_from(run, causal_bound);
+    }
     runs.push_back(run);
   }
 }
@@ -425,9 +432,7 @@ void paired_block_runs(const Context<Real>& c, int64_t b, int64_t h, int64_t blo
 template <typename Real>
 void block_key_runs(const Context<Real>& c, int64_t b, int64_t h, int64_t block, int64_t last_query,
                     std::vector<Run<Real>>& runs) {
-  paired_block_runs(c, b, h, block, true, runs);
-  if (c.causal)
-    for (Run<Real>& run : runs) keep_until(run, last_query);
+  paired_block_runs(c, b, h, block, true, last_query, runs);
 }
 
 // The next key tile of scratch.runs against the current query tile (see load_query_tile): takes

@@ -150,10 +150,7 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
     const int qt = tile_at(i);
     const int q0 = qt * kStep;
     const float bias =
-        kLists && p.lists.bias
-            ? p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + qt / p.lists.block_tiles) *
-                               p.lists.nkb + block_col] * kLog2e
-            : 0.f;
+        kLists ? bias_log2(p, b, h, qt / p.lists.block_tiles, block_col) : 0.f;
     // A warpgroup whose keys all follow the tile's last query (causal) has nothing to add.
     if (!(p.causal && wg_key0 > q0 + kStep - 1)) {
       const uint32_t q_addr = smem_addr(sQ + stage * Shape::kStepBytes);
@@ -265,11 +262,9 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
   load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sQ, in.q, in.q_step, q0, s.len_q);
   load_swizzled_async<D, Shape::kRows, Shape::kThreads>(sG, in.dout, in.g_step, q0, s.len_q);
   auto fetch = [&](int stage, int i) {
-    if (i < keys.count) {
-      const int64_t k0 = static_cast<int64_t>(tile_at(i)) * kStep;
-      load_swizzled_async<D, kStep, Shape::kThreads>(sK + stage * Shape::kStepBytes, in.k, in.k_step, k0, len_k);
-      load_swizzled_async<D, kStep, Shape::kThreads>(sV + stage * Shape::kStepBytes, in.v, in.v_step, k0, len_k);
-    }
+    if (i < keys.count)
+      load_kv_swizzled_async<D, kStep, Shape::kThreads>(sK + stage * Shape::kStepBytes, sV + stage * Shape::kStepBytes,
+                                                        in, static_cast<int64_t>(tile_at(i)) * kStep, len_k);
     cp_async_commit();
   };
   const int first = next_visible(0);
@@ -302,10 +297,7 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
     const int kt = tile_at(i);
     const int k0 = kt * kStep;
     const float bias =
-        kLists && p.lists.bias
-            ? p.lists.bias[((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb +
-                           kt / p.lists.block_tiles] * kLog2e
-            : 0.f;
+        kLists && p.lists.bias ? p.lists.bias[block_pair(p, b, h, block_row, kt / p.lists.block_tiles)] * kLog2e : 0.f;
     if (!(p.causal && k0 > wg_row0 + 63)) {
       const uint32_t k_addr = smem_addr(sK + stage * Shape::kStepBytes);
       const uint32_t v_addr = smem_addr(sV + stage * Shape::kStepBytes);
@@ -378,22 +370,6 @@ __global__ void __launch_bounds__(kWG * 128, kCtasPerSm)
 #endif
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The launch's streams with tiles of `rows` rows; returns the most tiles of any branch.
-int64_t retile(Streams& st, int64_t rows) {
-  const int64_t n = std::max(st.seq_q, st.seq_k);
-  int64_t max_tiles = 0;
-  for (int br = 0; br < kMaxBranches; ++br) {
-    if (st.num_tiles[br] == 0) continue;
-    const int64_t w = st.segment[br], r = st.dilation[br];
-    st.tiles_per_stream[br] = ceil_div(ceil_div(std::min(w, n), r), rows);
-    st.num_tiles[br] = ceil_div(n, w) * st.tiles_per_stream[br];
-    max_tiles = std::max(max_tiles, st.num_tiles[br]);
-  }
-  return max_tiles;
-}
-
 template <class F, int D, int kWG, bool kSplit, bool kLists = false, int kCtasPerSm = kWG == 1 ? 2 : 1>
 void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
   using Shape = BwdShape<D, kWG>;
@@ -401,15 +377,9 @@ void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
   p.st = streams;
   const int64_t max_tiles = retile(p.st, Shape::kRows);
   if (max_tiles == 0) return;
-  auto kernel = hopper_backward_kernel<F, D, kWG, kSplit, kLists, kCtasPerSm>;
-  static bool configured = false;
-  if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSmem)));
-    configured = true;
-  }
-  const dim3 grid(static_cast<unsigned>(2 * max_tiles), static_cast<unsigned>(p.heads), static_cast<unsigned>(batch));
-  kernel<<<grid, Shape::kThreads, Shape::kSmem, impl::stream()>>>(p, max_tiles);
-  CUDA_CHECK_LAUNCH();
+  // Two kinds of CTA along x: the dK/dV tiles, then the dQ tiles.
+  launch_with_shared<hopper_backward_kernel<F, D, kWG, kSplit, kLists, kCtasPerSm>>(
+      cta_grid(2 * max_tiles, p.heads, batch), Shape::kThreads, Shape::kSmem, p, max_tiles);
 }
 
 }  // namespace

@@ -69,9 +69,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
     cache_block_list(keys, list_cache);
     __syncthreads();
   }
-  const float* bias_row =
-      kLists && p.lists.bias ? p.lists.bias + ((static_cast<int64_t>(b) * p.heads + h) * p.lists.nqb + block_row) * p.lists.nkb
-                   : nullptr;
+  const float* bias_row = kLists ? bias_row_of(p, b, h, block_row) : nullptr;
   auto tile_of = [&](int i) { return kLists ? keys.tile(i) : i; };
   // Skip key tiles that lie entirely in the causal future of every row of this query tile.
   auto next_visible = [&](int i) {
@@ -83,20 +81,13 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
   cp_async_commit();
   // One cp.async group per stage, empty past the last tile, so that group counts stay fixed.
   auto fetch_tile = [&](int stage, int i) {
-    if (i < keys.count) {
-      const int64_t k0 = static_cast<int64_t>(tile_of(i)) * kBN;
-      load_swizzled_async<D, kBN, Shape::kThreads>(sK + stage * Shape::kKVBytes, in.k, in.k_step, k0, len_k);
-      load_swizzled_async<D, kBN, Shape::kThreads>(sV + stage * Shape::kKVBytes, in.v, in.v_step, k0, len_k);
-    }
+    if (i < keys.count)
+      load_kv_swizzled_async<D, kBN, Shape::kThreads>(sK + stage * Shape::kKVBytes, sV + stage * Shape::kKVBytes, in,
+                                                      static_cast<int64_t>(tile_of(i)) * kBN, len_k);
     cp_async_commit();
   };
-  const int first = next_visible(0);
-  int fetch = first;
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    fetch_tile(st, fetch);
-    fetch = next_visible(fetch + 1);
-  }
+  int fetch;
+  const int first = prefetch_stages<kStages>(next_visible, fetch_tile, fetch);
 
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int wg_row0 = q0 + wg * 64;
@@ -171,33 +162,16 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
 #endif
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 template <class F, int D, int kWG, int kBN, int kStages, bool kLists = false>
 void launch(const FwdParams& params, const Streams& streams, int64_t batch) {
   using Shape = HopperShape<D, kWG, kBN, kStages>;
   FwdParams p = params;
   p.st = streams;
   // Query tiles of kBM rows instead of the portable kernel's 64.
-  const int64_t n = std::max(streams.seq_q, streams.seq_k);
-  int64_t max_tiles = 0;
-  for (int br = 0; br < kMaxBranches; ++br) {
-    if (streams.num_tiles[br] == 0) continue;
-    const int64_t w = streams.segment[br], r = streams.dilation[br];
-    p.st.tiles_per_stream[br] = ceil_div(ceil_div(std::min(w, n), r), Shape::kBM);
-    p.st.num_tiles[br] = ceil_div(n, w) * p.st.tiles_per_stream[br];
-    max_tiles = std::max(max_tiles, p.st.num_tiles[br]);
-  }
+  const int64_t max_tiles = retile(p.st, Shape::kBM);
   if (max_tiles == 0) return;
-  auto kernel = hopper_forward_kernel<F, D, kWG, kBN, kStages, kLists>;
-  static bool configured = false;  // the attribute is per function; setting it again is harmless
-  if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSmem)));
-    configured = true;
-  }
-  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(p.heads), static_cast<unsigned>(batch));
-  kernel<<<grid, Shape::kThreads, Shape::kSmem, impl::stream()>>>(p);
-  CUDA_CHECK_LAUNCH();
+  launch_with_shared<hopper_forward_kernel<F, D, kWG, kBN, kStages, kLists>>(cta_grid(max_tiles, p.heads, batch),
+                                                                              Shape::kThreads, Shape::kSmem, p);
 }
 
 }  // namespace

@@ -30,20 +30,23 @@ __device__ __forceinline__ void load_swizzled_async(unsigned char* tile, const e
   }
 }
 
+// Starts copying the K and V rows [k0, k0 + kRows) of a stream into one pipeline stage (k_tile,
+// v_tile); rows at or beyond len_k are zero-filled. Every thread of the CTA takes part.
+template <int D, int kRows, int kThreadsAll>
+__device__ __forceinline__ void load_kv_swizzled_async(unsigned char* k_tile, unsigned char* v_tile,
+                                                       const StreamInputs& in, int64_t k0, int64_t len_k) {
+  load_swizzled_async<D, kRows, kThreadsAll>(k_tile, in.k, in.k_step, k0, len_k);
+  load_swizzled_async<D, kRows, kThreadsAll>(v_tile, in.v, in.v_step, k0, len_k);
+}
+
 // Products on inputs of format F (Bf16Format, F16Format).
 template <class F, int N>
 __device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
-  if constexpr (N == 64)
-    wgmma::wgmma_ss_n64<F::kIsF16>(d, a, b, accumulate);
-  else
-    wgmma::wgmma_ss_n128<F::kIsF16>(d, a, b, accumulate);
+  wgmma::wgmma_ss<N, F::kIsF16>(d, a, b, accumulate);
 }
 template <class F, int N>
 __device__ __forceinline__ void mma_rs_nmajor(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {
-  if constexpr (N == 64)
-    wgmma::wgmma_rs_n64_tb<F::kIsF16>(d, a, b);
-  else
-    wgmma::wgmma_rs_n128_tb<F::kIsF16>(d, a, b);
+  wgmma::wgmma_rs_tb<N, F::kIsF16>(d, a, b);
 }
 
 // The A fragment (hi in format F, and lo = rest) of k-block kk of a 64 x N accumulator in wgmma

@@ -19,14 +19,23 @@
 #include "attention/registry.h"
 #include "autograd/grad_mode.h"
 #include "support/attention_oracle.h"
+#include "support/test_utils.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 #include "tensor/tensor.h"
+#ifdef LONGTAPE_WITH_CUDA
+#include "cuda/attention_tuning.h"  // the CUDA tests pick kernels and ask which ran
+#endif
 
 namespace longtape::testing::fused_cases {
 
+using testing::fresh_seed;
+
 inline constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 inline constexpr attention::fused::Backend kComposed = attention::fused::Backend::composed;
+// The fused CUDA kernels and the GPU they run on (the CUDA tests).
+inline constexpr attention::fused::Backend kCudaFused = attention::fused::Backend::cuda_fused;
+inline const Device kGpu = Device::cuda(0);
 
 // ------------------------------------------------------------------------------------------------
 // Inputs and the float64 reference
