@@ -113,7 +113,20 @@ class NcclCommunicator final : public Communicator {
       const int64_t* row = theirs.data() + kDesc * p;
       outs.push_back(Tensor::empty(Shape(row + 2, row + 2 + row[1]), static_cast<DType>(row[0]), gpu()));
     }
-    send_and_receive_each(ins, outs, nullptr);
+    std::vector<Tensor> keep = ins;
+    keep.insert(keep.end(), outs.begin(), outs.end());
+    comm_->run("all_to_all", [&] {
+      for (int p = 0; p < size(); ++p) {
+        const Tensor& in = ins[static_cast<size_t>(p)];
+        const Tensor& out = outs[static_cast<size_t>(p)];
+        if (in.numel() > 0)
+          comm_->nccl_ok(ncclSend(in.raw_data(), static_cast<size_t>(in.numel()), nccl_type(in.dtype()), p,
+                                  comm_->comm(), comm_->stream()), "ncclSend");
+        if (out.numel() > 0)
+          comm_->nccl_ok(ncclRecv(out.raw_data(), static_cast<size_t>(out.numel()), nccl_type(out.dtype()), p,
+                                  comm_->comm(), comm_->stream()), "ncclRecv");
+      }
+    }, keep);
     const Device device = to_each[static_cast<size_t>(rank())].device();
     std::vector<Tensor> result;
     for (const Tensor& out : outs) result.push_back(back(out, device));
@@ -131,7 +144,7 @@ class NcclCommunicator final : public Communicator {
     const Tensor& mine = to_each[static_cast<size_t>(rank())];
     receive_into(mine.device() == gpu() ? mine.detach() : mine.detach().to(gpu()), into[static_cast<size_t>(rank())],
                  rank());
-    std::vector<Tensor> ins, outs;
+    std::vector<Tensor> ins, outs, keep;
     std::vector<std::pair<Tensor, Tensor>> copy_after;  // (buffer, into)
     for (int p = 0; p < size(); ++p) {
       if (p == rank()) {
@@ -148,13 +161,35 @@ class NcclCommunicator final : public Communicator {
         copy_after.emplace_back(outs.back(), target);
       }
     }
+    keep = ins;
+    keep.insert(keep.end(), outs.begin(), outs.end());
     cudaEvent_t arrived = nullptr;
-    send_and_receive_each(ins, outs, &arrived);
+    comm_->run("all_to_all", [&] {
+      for (int p = 0; p < size(); ++p) {
+        if (p == rank()) continue;
+        const Tensor& in = ins[static_cast<size_t>(p)];
+        const Tensor& out = outs[static_cast<size_t>(p)];
+        if (in.numel() > 0)
+          comm_->nccl_ok(ncclSend(in.raw_data(), static_cast<size_t>(in.numel()), nccl_type(in.dtype()), p,
+                                  comm_->comm(), comm_->stream()), "ncclSend");
+        if (out.numel() > 0)
+          comm_->nccl_ok(ncclRecv(out.raw_data(), static_cast<size_t>(out.numel()), nccl_type(out.dtype()), p,
+                                  comm_->comm(), comm_->stream()), "ncclRecv");
+      }
+    }, keep, &arrived);
     return std::make_unique<ArrivingAllToAll>(arrived, std::move(copy_after));
   }
 
   Tensor all_reduce(const Tensor& tensor, ReduceOp op) override {
-    Tensor out = sum_on_stream(tensor, op, nullptr);
+    LT_CHECK(tensor.defined(), "dist all_reduce: rank ", rank(), " was given an undefined tensor");
+    LT_CHECK(op == ReduceOp::sum || is_floating(tensor.dtype()), "dist all_reduce: mean needs a floating tensor, got ",
+             describe(tensor));
+    const Tensor in = on_gpu(tensor);
+    Tensor out = Tensor::empty(tensor.shape(), tensor.dtype(), gpu());
+    comm_->run("all_reduce", [&] {
+      comm_->nccl_ok(ncclAllReduce(in.raw_data(), out.raw_data(), static_cast<size_t>(in.numel()),
+                                   nccl_type(in.dtype()), ncclSum, comm_->comm(), comm_->stream()), "ncclAllReduce");
+    }, {in, out});
     NoGradGuard no_grad;
     if (op == ReduceOp::mean) out = mul(out, 1.0 / size());
     return back(out, tensor.device());
@@ -163,8 +198,16 @@ class NcclCommunicator final : public Communicator {
   // The reduction runs on the communication stream; wait() orders the compute stream after it and
   // applies the mean's scale there.
   std::unique_ptr<PendingReduce> start_all_reduce(const Tensor& tensor, ReduceOp op) override {
+    LT_CHECK(tensor.defined(), "dist all_reduce: rank ", rank(), " was given an undefined tensor");
+    LT_CHECK(op == ReduceOp::sum || is_floating(tensor.dtype()), "dist all_reduce: mean needs a floating tensor, got ",
+             describe(tensor));
+    const Tensor in = on_gpu(tensor);
+    Tensor out = Tensor::empty(tensor.shape(), tensor.dtype(), gpu());
     cudaEvent_t reduced = nullptr;
-    const Tensor out = sum_on_stream(tensor, op, &reduced);
+    comm_->run("all_reduce", [&] {
+      comm_->nccl_ok(ncclAllReduce(in.raw_data(), out.raw_data(), static_cast<size_t>(in.numel()),
+                                   nccl_type(in.dtype()), ncclSum, comm_->comm(), comm_->stream()), "ncclAllReduce");
+    }, {in, out}, &reduced);
     return std::make_unique<Reducing>(out, tensor.device(), reduced, op == ReduceOp::mean ? 1.0 / size() : 1.0);
   }
 
@@ -208,42 +251,6 @@ class NcclCommunicator final : public Communicator {
   static void check_tag(int tag, const char* op) {
     // NCCL matches messages between two ranks in order; tags only separate streams in other backends.
     LT_CHECK(tag >= 0, "dist ", op, ": tag must be >= 0, got ", tag);
-  }
-
-  // ncclSend of ins[p] to and ncclRecv of outs[p] from every rank p (empty ones skipped), one group
-  // on the communication stream; `arrived` as for NcclComm::run (null: no event).
-  void send_and_receive_each(const std::vector<Tensor>& ins, const std::vector<Tensor>& outs, cudaEvent_t* arrived) {
-    std::vector<Tensor> keep;
-    for (const auto* list : {&ins, &outs})
-      for (const Tensor& t : *list)
-        if (t.defined()) keep.push_back(t);
-    comm_->run("all_to_all", [&] {
-      for (int p = 0; p < size(); ++p) {
-        const Tensor& in = ins[static_cast<size_t>(p)];
-        const Tensor& out = outs[static_cast<size_t>(p)];
-        if (in.defined() && in.numel() > 0)  // undefined: nothing to send (this rank's own piece)
-          comm_->nccl_ok(ncclSend(in.raw_data(), static_cast<size_t>(in.numel()), nccl_type(in.dtype()), p,
-                                  comm_->comm(), comm_->stream()), "ncclSend");
-        if (out.defined() && out.numel() > 0)
-          comm_->nccl_ok(ncclRecv(out.raw_data(), static_cast<size_t>(out.numel()), nccl_type(out.dtype()), p,
-                                  comm_->comm(), comm_->stream()), "ncclRecv");
-      }
-    }, keep, arrived);
-  }
-
-  // The sum of `tensor` over all ranks on this GPU (op only checked: the caller scales a mean),
-  // enqueued on the communication stream; `reduced` as for NcclComm::run (null: no event).
-  Tensor sum_on_stream(const Tensor& tensor, ReduceOp op, cudaEvent_t* reduced) {
-    LT_CHECK(tensor.defined(), "dist all_reduce: rank ", rank(), " was given an undefined tensor");
-    LT_CHECK(op == ReduceOp::sum || is_floating(tensor.dtype()), "dist all_reduce: mean needs a floating tensor, got ",
-             describe(tensor));
-    const Tensor in = on_gpu(tensor);
-    Tensor out = Tensor::empty(tensor.shape(), tensor.dtype(), gpu());
-    comm_->run("all_reduce", [&] {
-      comm_->nccl_ok(ncclAllReduce(in.raw_data(), out.raw_data(), static_cast<size_t>(in.numel()),
-                                   nccl_type(in.dtype()), ncclSum, comm_->comm(), comm_->stream()), "ncclAllReduce");
-    }, {in, out}, reduced);
-    return out;
   }
 
   // A contiguous copy on this rank's GPU that nobody else writes (inputs of the transfer).
