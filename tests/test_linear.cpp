@@ -36,6 +36,38 @@ std::vector<Tensor> grads_of(const std::function<Tensor(const std::vector<Tensor
   return out;
 }
 
+using Fn = std::function<Tensor(const std::vector<Tensor>&)>;
+
+// The gradients of the inputs under f32/f64 math and, for f32 inputs, under bf16 autocast (empty
+// for f64).
+struct Gradients {
+  std::vector<Tensor> exact, low;
+};
+
+// fused equals composed (output and every input's gradient, in the inputs' dtypes) to `tol`, and
+// for f32 inputs again under bf16 autocast, where the CPU rounds the same operands for both.
+Gradients check_same_as_composed(const Fn& fused, const Fn& composed, const std::vector<Tensor>& inputs,
+                                 const Tensor& wo, double tol) {
+  Gradients out;
+  CHECK(normwise_rel_err(fused(inputs), composed(inputs)) < tol);
+  out.exact = grads_of(fused, inputs, wo);
+  const auto gc = grads_of(composed, inputs, wo);
+  for (size_t i = 0; i < out.exact.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(out.exact[i].defined());
+    CHECK(out.exact[i].dtype() == inputs[i].dtype());
+    CHECK(normwise_rel_err(out.exact[i], gc[i]) < tol);
+  }
+  if (inputs[0].dtype() == DType::f32) {
+    AutocastScope bf16(Precision::bf16);
+    CHECK(normwise_rel_err(fused(inputs), composed(inputs)) < 1e-5);
+    out.low = grads_of(fused, inputs, wo);
+    const auto lc = grads_of(composed, inputs, wo);
+    for (size_t i = 0; i < out.low.size(); ++i) CHECK(normwise_rel_err(out.low[i], lc[i]) < 1e-5);
+  }
+  return out;
+}
+
 Tensor composed_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& r) {
   Tensor y = matmul(x, w.transpose(0, 1));
   if (b.defined()) y = add(y, b);
@@ -125,24 +157,9 @@ TEST_CASE("linear is one node equal to matmul + bias + residual, forward and bac
         Tensor bb = pick(in, with_bias, at);
         return composed_linear(in[0], in[1], bb, pick(in, with_residual, at));
       };
-      const double tol = dt == DType::f64 ? 1e-13 : 1e-5;
-      CHECK(normwise_rel_err(fused(inputs), composed(inputs)) < tol);
-      const auto gf = grads_of(fused, inputs, wo), gc = grads_of(composed, inputs, wo);
-      for (size_t i = 0; i < gf.size(); ++i) {
-        CAPTURE(i);
-        REQUIRE(gf[i].defined());
-        CHECK(gf[i].dtype() == inputs[i].dtype());
-        CHECK(normwise_rel_err(gf[i], gc[i]) < tol);
-      }
-      if (dt == DType::f32) {
-        // Under bf16 the CPU rounds the same operands as the composed products: still equal to
-        // them, and away from f32 at bf16's scale.
-        AutocastScope bf16(Precision::bf16);
-        CHECK(normwise_rel_err(fused(inputs), composed(inputs)) < 1e-5);
-        const auto lf = grads_of(fused, inputs, wo), lc = grads_of(composed, inputs, wo);
-        for (size_t i = 0; i < lf.size(); ++i) CHECK(normwise_rel_err(lf[i], lc[i]) < 1e-5);
-        CHECK(normwise_rel_err(lf[1], gf[1]) > 1e-5);
-      }
+      const Gradients g = check_same_as_composed(fused, composed, inputs, wo, dt == DType::f64 ? 1e-13 : 1e-5);
+      // Under bf16 the weight's gradient moves away from f32's at bf16's scale.
+      if (dt == DType::f32) CHECK(normwise_rel_err(g.low[1], g.exact[1]) > 1e-5);
     }
   Tensor x = randn64({5, 4}).requires_grad_(), w = randn64({3, 4}).requires_grad_(), b = randn64({3}).requires_grad_(),
          r = randn64({5, 3}).requires_grad_();
@@ -185,20 +202,7 @@ TEST_CASE("gelu_mlp's residual is the output's starting value and receives the o
                               in[4]));
       };
       const std::vector<Tensor> inputs{x, w1, b1, w2, b2, r};
-      const double tol = dt == DType::f64 ? 1e-12 : 1e-5;
-      CHECK(normwise_rel_err(fused(inputs), composed(inputs)) < tol);
-      const auto gf = grads_of(fused, inputs, wo), gc = grads_of(composed, inputs, wo);
-      for (size_t i = 0; i < gf.size(); ++i) {
-        CAPTURE(i);
-        REQUIRE(gf[i].defined());
-        CHECK(normwise_rel_err(gf[i], gc[i]) < tol);
-      }
-      if (dt == DType::f32) {
-        AutocastScope bf16(Precision::bf16);
-        CHECK(normwise_rel_err(fused(inputs), composed(inputs)) < 1e-5);
-        const auto lf = grads_of(fused, inputs, wo), lc = grads_of(composed, inputs, wo);
-        for (size_t i = 0; i < lf.size(); ++i) CHECK(normwise_rel_err(lf[i], lc[i]) < 1e-5);
-      }
+      check_same_as_composed(fused, composed, inputs, wo, dt == DType::f64 ? 1e-12 : 1e-5);
     }
   Tensor x = randn64({7, 3}).requires_grad_(), w1 = randn64({8, 3}).requires_grad_(),
          b1 = randn64({8}).requires_grad_(), w2 = randn64({4, 8}).requires_grad_(), r = randn64({7, 4}).requires_grad_();
