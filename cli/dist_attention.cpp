@@ -93,20 +93,9 @@ HeadParallelParts time_head_parallel_parts(dist::Communicator& comm, const atten
 
 }  // namespace
 
-std::vector<std::string> split_names(const std::string& list, const char* flag) {
-  std::vector<std::string> out;
-  size_t start = 0;
-  while (start <= list.size()) {
-    const size_t end = std::min(list.find(',', start), list.size());
-    out.push_back(list.substr(start, end - start));
-    LT_CHECK(!out.back().empty(), flag, ": expected a comma-separated list of names, got \"", list, "\"");
-    start = end + 1;
-  }
-  return out;
-}
-
 void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t seed, int repeats, double tolerance,
                               const std::vector<int64_t>& head_groups, const std::vector<std::string>& cores) {
+  LT_CHECK(!cores.empty(), "dist-check: --attention-cores needs at least one of dense, dilated");
   for (const std::string& core : cores)
     LT_CHECK(core == "dense" || core == "dilated", "dist-check: --attention-cores takes dense and dilated, got \"",
              core, "\"");

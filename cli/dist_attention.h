@@ -22,7 +22,5 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
                               const std::vector<int64_t>& head_groups = {0},
                               const std::vector<std::string>& cores = {"dense", "dilated"});
 
-// The names of a comma-separated list (throws on an empty entry, naming `flag`).
-std::vector<std::string> split_names(const std::string& list, const char* flag);
 
 }  // namespace longtape::cli

@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "attention/config.h"
+#include "attention/config_text.h"
 #include "cli/command_registry.h"
 #include "cli/dist_attention.h"
 #include "cli/numeric_flags.h"
@@ -108,7 +109,7 @@ int run_dist_check(const DistCheckArgs& a) {
   if (a.attention_n > 0)
     check_parallel_attention(*group, a.attention_n, a.seed, a.repeats, group->device().is_cuda() ? 3e-2 : 1e-4,
                              attention::parse_int_list(a.head_groups, "--head-groups"),
-                             split_names(a.attention_cores, "--attention-cores"));
+                             attention::split_list(a.attention_cores, ','));
 
   if (a.fail_rank >= 0) {
     if (comm.rank() == a.fail_rank) {

@@ -67,11 +67,6 @@ Tensor logsumexp(const Tensor& a, const std::vector<int64_t>& dims, bool keepdim
 // ---- linear algebra (tensor/ops/matmul.cpp) ----
 // (..., M, K) @ (..., K, N) with broadcast batch dims; 1-D operands as in NumPy.
 Tensor matmul(const Tensor& a, const Tensor& b);
-// a @ b for 2-D operands already in the dtype a product reads (f32, f64, or bf16 with an f32
-// result on CUDA); transposed views enter without a copy. Not recorded (for fused ops' own nodes).
-// With `accumulate` (a contiguous tensor of the result's shape and dtype) the product is added
-// into it in the same GEMM, and it is returned.
-Tensor matmul_operands(const Tensor& a, const Tensor& b, const Tensor& accumulate = Tensor());
 // residual + x @ weight^T + bias as one node (tensor/ops/linear.cpp); weight (out, in) as Linear
 // stores it, bias (out,) and residual (..., out) optional. The bias and residual enter the
 // product's epilogue; backward takes the bias gradient from the weight-gradient product and passes

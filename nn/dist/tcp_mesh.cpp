@@ -46,16 +46,21 @@ void Mesh::connect(TcpStore& store, const std::string& prefix) {
   }
 }
 
+void Mesh::deliver(const TcpHeader& h, int src, Tensor tensor) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    mailbox_[{h.group, src, h.tag}].push_back({std::move(tensor), std::string(h.op, strnlen(h.op, sizeof h.op))});
+  }
+  changed_.notify_all();
+}
+
 void Mesh::post(int dst, TcpOutgoing message, const std::string& what) {
   if (dst == rank()) {  // a message to this process goes straight to its mailbox (there is no socket to itself)
     {
       std::lock_guard<std::mutex> lock(mutex_);
       check_usable(what);
-      const TcpHeader& h = message.header;
-      mailbox_[{h.group, dst, h.tag}].push_back(
-          {std::move(message.tensor), std::string(h.op, strnlen(h.op, sizeof h.op))});
     }
-    changed_.notify_all();
+    deliver(message.header, dst, std::move(message.tensor));
     return;
   }
   Peer& peer = peers_[static_cast<size_t>(dst)];
@@ -195,11 +200,7 @@ void Mesh::receive_loop(int p) {
       Tensor t = Tensor::empty(shape, static_cast<DType>(h.dtype));
       LT_CHECK(t.nbytes() == h.nbytes, "dist: ", what, ": a message's size does not match its shape");
       if (h.nbytes > 0) net::recv_all(peer.socket, t.raw_data(), h.nbytes, net::Clock::time_point::max(), what);
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        mailbox_[{h.group, p, h.tag}].push_back({std::move(t), std::string(h.op, strnlen(h.op, sizeof h.op))});
-      }
-      changed_.notify_all();
+      deliver(h, p, std::move(t));
     }
   } catch (const std::exception& e) {
     reason = e.what();

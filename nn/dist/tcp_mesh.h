@@ -84,6 +84,8 @@ class Mesh {
   };
 
   void check_usable(const std::string& what) const;  // caller holds mutex_
+  // Puts a message from rank `src` into the mailbox and wakes the waiting takers.
+  void deliver(const TcpHeader& h, int src, Tensor tensor);
   void mark_closed(int p, const std::string& reason);
   void send_loop(int p);
   void receive_loop(int p);

@@ -35,21 +35,14 @@ struct MlpOperands {
   bool cuda = false;
   GeluApprox approx = GeluApprox::erf;
 
-  Tensor operand(const Tensor& t) const {
-    if (!low) return t.contiguous();
-    // An input already in bf16 is read as it is (the CPU, which has no bf16 arithmetic, widens it).
-    if (t.dtype() == DType::bf16) return cuda ? t.contiguous() : cast(t, DType::f32);
-    return bf16_operand(t.contiguous());
-  }
+  Tensor operand(const Tensor& t) const { return detail::product_operand(t, low); }
   // bf16 tensors between the products: CUDA under bf16 (the CPU rounds f32 values instead).
   bool bf16_hidden() const { return low && cuda; }
 
   // pre = x W1^T (bf16 on CUDA under bf16, else f32/f64; b1 is added by the GELU kernels, which
   // read pre anyway) and the activation gelu(pre + b1) as the second product reads it.
   std::pair<Tensor, Tensor> hidden(const Tensor& x_rows) const {
-    ProductEpilogue e;
-    e.f32_out = false;
-    Tensor pre = gemm_product(x_rows, false, w1, true, e);
+    Tensor pre = gemm_product(x_rows, false, w1, true);
     Tensor act = Tensor::empty(pre.shape(), pre.dtype(), pre.device());
     if (act.numel() > 0)
       kernels::bias_gelu(act.raw_data(), act.dtype(), pre.raw_data(), pre.dtype(), b1.raw_data(), b1.dtype(),

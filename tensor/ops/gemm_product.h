@@ -19,4 +19,9 @@ struct ProductEpilogue {
 // the flag is set. Returns the result (`into` when given).
 Tensor gemm_product(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const ProductEpilogue& epilogue = {});
 
+// `t` (f32, f64 or bf16) as a product of this precision reads it, contiguous: with `low` (bf16
+// products) a bf16 tensor on CUDA and bf16-rounded f32 on the CPU (which has no bf16 arithmetic);
+// otherwise itself.
+Tensor product_operand(const Tensor& t, bool low);
+
 }  // namespace longtape::detail

@@ -14,18 +14,10 @@ namespace longtape {
 
 using autograd::record;
 using detail::gemm_product;
+using detail::product_operand;
 using detail::ProductEpilogue;
 
 namespace {
-
-// `t` (f32, f64 or bf16) as a product of this precision reads it: under bf16 a bf16 tensor on CUDA
-// and bf16-rounded f32 on the CPU (which has no bf16 arithmetic); otherwise itself. Contiguous.
-Tensor product_operand(const Tensor& t, bool low) {
-  NoGradGuard guard;
-  if (!low) return t.contiguous();
-  if (t.dtype() == DType::bf16) return t.device().is_cuda() ? t.contiguous() : cast(t, DType::f32);
-  return bf16_operand(t.contiguous());
-}
 
 // A product's result (f32 or f64) in `want`: bf16 on the CPU is the rounded values stored as bf16.
 Tensor as_dtype(const Tensor& t, DType want) {

@@ -17,10 +17,8 @@ using autograd::record;
 namespace {
 
 // Batched product of (..., M, K) and (..., K, N) tensors with equal batch dims (both contiguous).
-// bf16 operands with f32_out give an f32 result (CUDA). With `into` (contiguous, of the result's
-// shape and dtype) the product is added to it (beta = 1) and it is returned.
-Tensor bmm_raw(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool f32_out = false,
-               const Tensor& into = Tensor()) {
+// bf16 operands with f32_out give an f32 result (CUDA).
+Tensor bmm_raw(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool f32_out = false) {
   const int64_t nd = a.dim();
   const int64_t m = trans_a ? a.shape()[nd - 1] : a.shape()[nd - 2];
   const int64_t k = trans_a ? a.shape()[nd - 2] : a.shape()[nd - 1];
@@ -29,16 +27,14 @@ Tensor bmm_raw(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, boo
   int64_t batch = shape_numel(out_shape);
   out_shape.push_back(m);
   out_shape.push_back(n);
-  const bool accumulate = into.defined();
-  Tensor out = accumulate ? into : Tensor::empty(out_shape, f32_out ? DType::f32 : a.dtype(), a.device());
+  Tensor out = Tensor::empty(out_shape, f32_out ? DType::f32 : a.dtype(), a.device());
   kernels::GemmArgs g{out.raw_data(), a.raw_data(), b.raw_data(), a.dtype(), batch, m, n, k,
                       a.shape()[nd - 1] * a.shape()[nd - 2], b.shape()[nd - 1] * b.shape()[nd - 2], m * n,
-                      trans_a, trans_b, 1.0, accumulate ? 1.0 : 0.0, a.device(), f32_out};
+                      trans_a, trans_b, 1.0, 0.0, a.device(), f32_out};
   if (out.numel() > 0) {
     if (k > 0) kernels::gemm(g);
-    else if (!accumulate) out.zero_();
+    else out.zero_();
   }
-  if (accumulate) out.bump_version();
   return out;
 }
 
@@ -119,28 +115,14 @@ Tensor gemm_product(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b
   return out;
 }
 
-}  // namespace detail
-
-Tensor matmul_operands(const Tensor& a, const Tensor& b, const Tensor& accumulate) {
-  LT_CHECK(a.defined() && b.defined() && a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
-           "matmul_operands: expected (M, K) and (K, N) operands, got ",
-           a.defined() ? shape_str(a.shape()) : std::string("undefined"), " and ",
-           b.defined() ? shape_str(b.shape()) : std::string("undefined"));
-  LT_CHECK(a.dtype() == b.dtype() && a.device() == b.device(), "matmul_operands: operands differ: ",
-           dtype_name(a.dtype()), " on ", a.device().str(), " and ", dtype_name(b.dtype()), " on ", b.device().str());
+Tensor product_operand(const Tensor& t, bool low) {
   NoGradGuard guard;
-  const Operand oa = as_operand(a.detach()), ob = as_operand(b.detach());
-  const bool f32_out = is_half_precision(a.dtype()) && a.device().is_cuda();
-  if (accumulate.defined()) {
-    const DType out_dtype = f32_out ? DType::f32 : a.dtype();
-    LT_CHECK(accumulate.shape() == Shape({a.size(0), b.size(1)}) && accumulate.dtype() == out_dtype &&
-                 accumulate.device() == a.device() && accumulate.is_contiguous(),
-             "matmul_operands: accumulate must be a contiguous ", dtype_name(out_dtype), " [", a.size(0), ", ",
-             b.size(1), "] on ", a.device().str(), ", got ", dtype_name(accumulate.dtype()), " ",
-             shape_str(accumulate.shape()));
-  }
-  return bmm_raw(oa.stored, ob.stored, oa.transposed, ob.transposed, f32_out, accumulate);
+  if (!low) return t.contiguous();
+  if (t.dtype() == DType::bf16) return t.device().is_cuda() ? t.contiguous() : cast(t, DType::f32);
+  return bf16_operand(t.contiguous());
 }
+
+}  // namespace detail
 
 Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
   LT_CHECK(a_in.defined() && b_in.defined(), "matmul: got an undefined tensor");
