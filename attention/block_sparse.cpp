@@ -9,7 +9,7 @@
 #include <numeric>
 
 #include "attention/composed.h"
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <limits>
 
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 

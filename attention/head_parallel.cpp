@@ -6,8 +6,8 @@
 #include "attention/head_parallel_pipeline.h"
 #include "attention/registry.h"
 #include "attention/ring_attention.h"
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 

@@ -2,8 +2,8 @@
 
 #include <algorithm>
 
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 

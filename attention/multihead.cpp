@@ -3,7 +3,7 @@
 #include <cmath>
 
 #include "attention/registry.h"
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 #include "tensor/precision.h"

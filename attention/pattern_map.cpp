@@ -6,7 +6,7 @@
 #include "attention/block_sparse.h"
 #include "attention/patterns.h"
 #include "attention/registry.h"
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "tensor/error.h"
 
 namespace longtape::attention {

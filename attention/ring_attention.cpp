@@ -10,8 +10,8 @@
 #include "attention/composed.h"
 #include "attention/fused/chunk_attention.h"
 #include "attention/fused/fused_attention.h"
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 

@@ -5,7 +5,7 @@
 #include "attention/config_text.h"
 #include "attention/pattern_map.h"
 #include "attention/registry.h"
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "bench/timing.h"
 #include "tensor/allocator.h"
 #include "tensor/error.h"

@@ -14,7 +14,7 @@
 #endif
 
 #ifdef LONGTAPE_WITH_CUDA
-#include "cuda/timer.h"
+#include "tensor/cuda/timer.h"
 #endif
 
 namespace longtape::bench {

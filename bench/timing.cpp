@@ -7,8 +7,8 @@
 #include "tensor/allocator.h"
 #include "tensor/error.h"
 #ifdef LONGTAPE_WITH_CUDA
-#include "cuda/runtime.h"
-#include "cuda/timer.h"
+#include "tensor/cuda/runtime.h"
+#include "tensor/cuda/timer.h"
 #endif
 
 namespace longtape::bench {

@@ -57,7 +57,7 @@
 #include "attention/config.h"
 #include "attention/multihead.h"
 #include "attention/registry.h"
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "cli/command_registry.h"
 #include "cli/impl_flag.h"
 #include "cli/numeric_flags.h"

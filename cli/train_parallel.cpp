@@ -1,6 +1,6 @@
 #include "cli/train_parallel.h"
 
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 

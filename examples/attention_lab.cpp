@@ -4,12 +4,13 @@
 //   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
 //                           [--fwd-stages 2|3] [--eager-rescale] [--portable] [--hopper-wg 2|3]
 //                           [--no-chunks] [--portable-bwd] [--hopper-bwd-wg 1|2]
-//                           [--hopper-bwd-ctas 2|3] [--dtype bf16|f16|f32]
+//                           [--hopper-bwd-ctas 2|3] [--hopper-bwd-split] [--dtype bf16|f16|f32]
 // (--only runs the cases whose label contains TEXT, e.g. for a profiler run of one case;
 // --fwd-stages picks the forward kernel's K/V pipeline depth, default: per head dim;
 // --eager-rescale rescales the forward accumulator on every key tile; --portable keeps forward and
 // backward on the sm_80 kernels on a Hopper GPU (--portable-bwd the backward only); --hopper-wg
-// and --hopper-bwd-wg set the sm_90a kernels' warpgroups at D = 64; --no-chunks runs lse mixing
+// and --hopper-bwd-wg set the sm_90a kernels' warpgroups at D = 64; --hopper-bwd-split keeps bf16
+// backward products in bf16 with P and dS as hi + lo parts instead of rescaled f16; --no-chunks runs lse mixing
 // over the whole sequence at once, with accumulators of every row; --dtype sets the inputs' dtype,
 // default bf16: f32 runs the exact-f32 kernels on the CUDA cores.)
 #include <algorithm>
@@ -24,10 +25,10 @@
 #include "tensor/backend_options.h"
 #include "tensor/ops.h"
 #ifdef LONGTAPE_WITH_CUDA
-#include "cuda/attention_tuning.h"
-#include "cuda/memory_pool.h"
-#include "cuda/runtime.h"
-#include "cuda/timer.h"
+#include "attention/fused/cuda/attention_tuning.h"
+#include "tensor/cuda/memory_pool.h"
+#include "tensor/cuda/runtime.h"
+#include "tensor/cuda/timer.h"
 #endif
 
 using namespace longtape;
@@ -173,6 +174,8 @@ int main(int argc, char** argv) {
       cuda::attn::kernel_tuning().hopper_backward = false;
     else if (!std::strcmp(argv[i], "--hopper-bwd-wg") && i + 1 < argc)
       cuda::attn::kernel_tuning().hopper_backward_warpgroups = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--hopper-bwd-split"))
+      cuda::attn::kernel_tuning().hopper_backward_rescaled = false;
     else if (!std::strcmp(argv[i], "--hopper-bwd-ctas") && i + 1 < argc)
       cuda::attn::kernel_tuning().hopper_backward_ctas_per_sm = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--no-chunks")) {
@@ -186,7 +189,9 @@ int main(int argc, char** argv) {
     }
   }
   std::vector<Case> cases{dense(16384, 64, false), dense(16384, 64, true), dense(16384, 128, false),
-                          block_sparse(16384, 4096), block_sparse(16384, 1536), block_sparse(16384, 1536, 128)};
+                          block_sparse(16384, 4096), block_sparse(16384, 1536), block_sparse(16384, 1536, 128),
+                          // 10% of the blocks at a length where block-sparse attention is used.
+                          dense(65536, 64, false), block_sparse(65536, 6144)};
   for (int64_t n : {int64_t{32768}, int64_t{131072}})
     for (auto m : {attention::Mixing::lse, attention::Mixing::head_groups}) cases.push_back(dilated(n, m));
   // Causal dilated: balanced when it takes about half the non-causal time.

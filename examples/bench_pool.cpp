@@ -20,8 +20,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "cuda/caching_allocator.h"
-#include "cuda/memory_pool.h"
+#include "tensor/cuda/caching_allocator.h"
+#include "tensor/cuda/memory_pool.h"
 #include "tensor/error.h"
 
 namespace {

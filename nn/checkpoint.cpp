@@ -4,7 +4,7 @@
 #include <cstring>
 #include <set>
 
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "io/safetensors.h"
 #include "io/tensor_io.h"
 

@@ -6,7 +6,7 @@
 #include <new>
 #include <stdexcept>
 
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "io/atomic_file.h"
 #include "io/regular_file.h"
 #include "tensor/checked_math.h"

@@ -2,7 +2,7 @@
 
 #include <set>
 
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "tensor/ops.h"
 
 namespace longtape::nn {

@@ -6,11 +6,11 @@
 #include <set>
 #include <type_traits>
 
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "tensor/ops.h"
 
 #ifdef LONGTAPE_WITH_CUDA
-#include "cuda/optim_kernels.h"
+#include "tensor/cuda/optim_kernels.h"
 #endif
 
 namespace longtape::nn {

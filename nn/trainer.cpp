@@ -5,7 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "io/atomic_file.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"

@@ -3,25 +3,15 @@
 
 A folder is a top-level folder of the repository (tensor/, nn/, attention/, ...; a subfolder such
 as nn/dist/ belongs to its top-level folder). Folder A depends on folder B when a file under A has
-`#include "B/..."`. With the few dependencies listed in LOWER_LAYER_CALLBACKS left out, the folders
-must form a directed acyclic graph, so that each one can be read, built and tested on top of the
-ones it includes. Exits 1 and prints every cycle (with one include that makes each step) otherwise.
+`#include "B/..."`. The folders must form a directed acyclic graph, so that each one can be read,
+built and tested on top of the ones it includes. Exits 1 and prints every cycle (with one include
+that makes each step) otherwise.
 
-Usage: check_include_cycles.py [--all] [REPO_ROOT]   (default: the folder above this script)
-  --all  also lists the cycles that the declared lower-layer callbacks close (informational: exits 0
-         unless an undeclared cycle is found).
+Usage: check_include_cycles.py [REPO_ROOT]   (default: the folder above this script)
 """
 import os
 import re
 import sys
-
-# Dependencies that go back down by design, each with its reason. A cycle through any other edge
-# fails the check; so does an entry here that no longer exists (the list only shrinks).
-LOWER_LAYER_CALLBACKS = {
-    ("tensor", "autograd"): "tensor ops record their backward nodes on the tape, which is made of tensors",
-    ("tensor", "cuda"): "tensor kernels dispatch to the CUDA backend, whose kernels take tensors",
-    ("cuda", "attention"): "the fused CUDA attention kernels read the problem description of attention/fused",
-}
 
 SOURCE_SUFFIXES = (".h", ".hpp", ".cpp", ".cu", ".cuh", ".inc")
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
@@ -91,29 +81,16 @@ def print_cycle(component, edges):
 
 def main():
     args = sys.argv[1:]
-    show_all = "--all" in args
-    args = [a for a in args if a != "--all"]
     root = os.path.abspath(args[0] if args else os.path.join(os.path.dirname(__file__), ".."))
     edges = folder_edges(root)
-    ok = True
-    for edge, reason in LOWER_LAYER_CALLBACKS.items():
-        if edge not in edges:
-            print(f"include check: {edge[0]}/ no longer includes {edge[1]}/; remove that entry "
-                  f"({reason}) from LOWER_LAYER_CALLBACKS")
-            ok = False
-    checked = {e: where for e, where in edges.items() if e not in LOWER_LAYER_CALLBACKS}
     nodes = {a for a, _ in edges} | {b for _, b in edges}
-    for component in cycles(nodes, checked):
+    ok = True
+    for component in cycles(nodes, edges):
         ok = False
         print("include check: these folders include each other in a cycle: " + ", ".join(component))
-        print_cycle(component, checked)
-    if show_all:
-        for component in cycles(nodes, edges):
-            print("include check (--all, declared callbacks included): a cycle among " + ", ".join(component))
-            print_cycle(component, edges)
+        print_cycle(component, edges)
     if ok:
-        print(f"include check: {len(nodes)} folders, {len(checked)} dependencies, no cycle "
-              f"(besides {len(LOWER_LAYER_CALLBACKS)} declared lower-layer callbacks)")
+        print(f"include check: {len(nodes)} folders, {len(edges)} dependencies, no cycle")
     return 0 if ok else 1
 
 

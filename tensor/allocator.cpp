@@ -13,8 +13,8 @@
 #include "tensor/error.h"
 #include "tensor/host_cache.h"
 #ifdef LONGTAPE_WITH_CUDA
-#include "cuda/memory_pool.h"
-#include "cuda/runtime.h"
+#include "tensor/cuda/memory_pool.h"
+#include "tensor/cuda/runtime.h"
 #endif
 
 namespace longtape {

@@ -1,7 +1,7 @@
 #pragma once
 // Storage: one reference-counted block of device or host memory. Allocation goes through
 // allocate_storage(), which uses an aligned, counted host allocator on the CPU and the
-// caching memory pool (cuda/memory_pool.h) on CUDA devices; host blocks go through the host
+// caching memory pool (tensor/cuda/memory_pool.h) on CUDA devices; host blocks go through the host
 // cache (tensor/host_cache.h).
 #include <atomic>
 #include <cstddef>

@@ -3,7 +3,7 @@
 #include "tensor/profiler.h"
 #include "tensor/tensor.h"
 #ifdef LONGTAPE_WITH_CUDA
-#include "cuda/kernels.h"
+#include "tensor/cuda/kernels.h"
 #endif
 
 namespace longtape::kernels {

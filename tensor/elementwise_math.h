@@ -1,11 +1,11 @@
 #pragma once
 // Per-element math written once for host and device: the formulas of every UnaryOp and BinaryOp
 // (GELU and its derivative, sigmoid, comparisons, ...), used by the CPU kernels
-// (tensor/cpu/elementwise.cpp) and the CUDA kernels (cuda/elementwise.cu).
+// (tensor/cpu/elementwise.cpp) and the CUDA kernels (tensor/cuda/elementwise.cu).
 //
 // `M` supplies the transcendental primitives for the element type T, so each backend keeps its
 // fast forms: the CPU's vectorised exp/erf (tensor/cpu/vector_math.h), CUDA's intrinsics
-// (cuda/common.cuh). M needs static exp, log, sqrt, tanh, erf, pow and abs taking T.
+// (tensor/cuda/common.cuh). M needs static exp, log, sqrt, tanh, erf, pow and abs taking T.
 #include "tensor/kernels.h"
 
 #if defined(__CUDACC__)

@@ -1,5 +1,5 @@
 #pragma once
-// The kernel interface both backends implement (tensor/cpu/*.cpp and cuda/*.cu). Plain C++ only:
+// The kernel interface both backends implement (tensor/cpu/*.cpp and tensor/cuda/*.cu). Plain C++ only:
 // no CUDA headers, so CPU-only code builds with a host compiler. Kernels take outputs first,
 // then inputs, then sizes. Views carry their own strides (in elements; 0 = broadcast) and a
 // data pointer that already includes the element offset. dispatch.cpp routes each call to the

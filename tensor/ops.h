@@ -7,7 +7,7 @@
 #include <utility>
 #include <vector>
 
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "tensor/tensor.h"
 
 namespace longtape {

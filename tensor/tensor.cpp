@@ -5,8 +5,8 @@
 #include <mutex>
 #include <sstream>
 
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/checked_math.h"
 #include "tensor/device_checks.h"
 #include "tensor/kernels.h"

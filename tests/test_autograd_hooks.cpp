@@ -4,7 +4,7 @@
 
 #include <vector>
 
-#include "autograd/node.h"
+#include "tensor/autograd/node.h"
 #include "support/test_utils.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "attention/fused/fused_attention.h"
-#include "autograd/node.h"
+#include "tensor/autograd/node.h"
 #include "nn/layers.h"
 #include "nn/optim.h"
 #include "tensor/ops.h"

@@ -11,8 +11,8 @@
 #include <thread>
 #include <vector>
 
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "nn/dist/communicator.h"
 #include "nn/dist/data_parallel.h"
 #include "nn/dist/functional.h"

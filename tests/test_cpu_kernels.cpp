@@ -10,8 +10,8 @@
 #include <omp.h>
 #endif
 
-#include "autograd/gradcheck.h"
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/gradcheck.h"
+#include "tensor/autograd/grad_mode.h"
 #include "tensor/allocator.h"
 #include "tensor/host_cache.h"
 #include "tensor/ops.h"

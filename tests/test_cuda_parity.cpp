@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "support/device_parity.h"
 #include "tensor/backend_options.h"
 #include "tensor/kernels.h"

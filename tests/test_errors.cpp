@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "autograd/node.h"
+#include "tensor/autograd/node.h"
 #include "nn/data.h"
 #include "models/language_model.h"
 #include "tensor/checked_math.h"

@@ -81,13 +81,18 @@ BlockPatternOptions block_options(int64_t block_size, bool causal, uint64_t patt
 // sm_80 kernels that other GPUs run; both must pass every case.
 // Chunked: lse mixing runs in sequence chunks of one segment-length period (256 rows here, so
 // N = 300 and N = 1000 end in a ragged chunk), as it does at long N with the default size.
+// hi + lo: the sm_90a backward keeps bf16 products with P and dS as hi + lo parts instead of
+// rescaling bf16 inputs into f16 copies (its default).
 struct ForwardKernels {
   std::string label;
   bool hopper;
   bool chunked;
+  bool split_backward = false;
 };
-const std::vector<ForwardKernels> kForwardKernels{
-    {"", true, false}, {" [portable kernels]", false, false}, {" [chunked]", true, true}};
+const std::vector<ForwardKernels> kForwardKernels{{"", true, false},
+                                                  {" [portable kernels]", false, false},
+                                                  {" [chunked]", true, true},
+                                                  {" [hi + lo backward]", true, false, true}};
 
 class ForwardKernelScope {
  public:
@@ -96,6 +101,7 @@ class ForwardKernelScope {
     previous_ = cuda::attn::kernel_tuning();
     cuda::attn::kernel_tuning().hopper_forward = kernels.hopper;
     cuda::attn::kernel_tuning().hopper_backward = kernels.hopper;
+    cuda::attn::kernel_tuning().hopper_backward_rescaled = !kernels.split_backward;
     if (kernels.chunked) cuda::attn::kernel_tuning().forward_chunk_row_heads = 1;
     if (kernels.chunked) cuda::attn::kernel_tuning().backward_chunk_row_heads = 1;
 #else
@@ -194,6 +200,54 @@ TEST_CASE("fused CUDA dilated attention (bf16, f16): lse and head_groups, ragged
         check_case(what, dtype, inputs, keys,
                    {{"variant", through_variant("dilated", config, kCudaFused)},
                     {"op", through_op(core, config.scale(), causal, kCudaFused)}},
+                   through_variant("dilated", config, kComposed));
+      }
+  }
+}
+
+// bf16 inputs far from unit scale (the sm_90a backward rescales them by powers of two into f16
+// copies; any wrong factor shows here): q x 8, k / 8, v x 64, dO and dlse x 256, so that every
+// gradient is well above the error floor. Dense and dilated lse (gradients through accumulators).
+TEST_CASE("fused CUDA attention (bf16): inputs far from unit scale" * doctest::skip(!cuda_available())) {
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  const std::vector<int64_t> segments{64, 128, 256}, dilations{1, 2, 4};
+  const std::vector<DilatedBranch> branches = branches_of(segments, dilations);
+  auto scaled = [](std::vector<double> values, double by) {
+    for (double& x : values) x *= by;
+    return round_to(values, DType::bf16);
+  };
+  for (const ForwardKernels& kernels : kForwardKernels) {
+    if (kernels.chunked) continue;
+    const ForwardKernelScope scope(kernels);
+    for (int64_t head_dim : {64, 128})
+      for (bool dilated : {false, true}) {
+        const Dims dims{2, 300, 300, 4, head_dim};
+        Inputs inputs = random_half_inputs(dims, DType::bf16, seed + static_cast<uint64_t>(head_dim) + dilated);
+        inputs.q = scaled(inputs.q, 8.0);
+        inputs.k = scaled(inputs.k, 1.0 / 8.0);
+        inputs.v = scaled(inputs.v, 64.0);
+        inputs.g = scaled(inputs.g, 256.0);
+        inputs.h = scaled(inputs.h, 256.0);
+        AttentionConfig config = core_config(dims.H, dims.D, false);
+        std::string what = std::string(dilated ? "dilated lse" : "dense") + " D " + std::to_string(head_dim) +
+                           " scaled inputs" + kernels.label;
+        if (!dilated) {
+          const KeyMasks keys{oracle::repeat_heads(oracle::dense_mask(dims.Nq, false), dims.H), config.scale(), 1.0};
+          check_case(what, DType::bf16, inputs, keys,
+                     {{"op", through_op(CoreKeys{}, config.scale(), false, kCudaFused)}},
+                     through_variant("dense", config, kComposed));
+          continue;
+        }
+        config.segment_lengths = segments;
+        config.dilation_rates = dilations;
+        config.mixing = Mixing::lse;
+        const KeyMasks keys{oracle::dilated_lse_mask(dims.Nq, dims.H, branches, false), config.scale(), 1.0};
+        CoreKeys core;
+        core.kind = fused::KeySet::dilated;
+        core.branches = branches;
+        core.mixing = fused::BranchMixing::lse;
+        check_case(what, DType::bf16, inputs, keys, {{"op", through_op(core, config.scale(), false, kCudaFused)}},
                    through_variant("dilated", config, kComposed));
       }
   }

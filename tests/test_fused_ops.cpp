@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "attention/multihead.h"
-#include "autograd/gradcheck.h"
-#include "autograd/node.h"
+#include "tensor/autograd/gradcheck.h"
+#include "tensor/autograd/node.h"
 #include "nn/layers.h"
 #include "nn/optim.h"
 #include "support/device_parity.h"

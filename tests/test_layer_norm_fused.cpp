@@ -9,8 +9,8 @@
 #include <limits>
 #include <vector>
 
-#include "autograd/gradcheck.h"
-#include "autograd/node.h"
+#include "tensor/autograd/gradcheck.h"
+#include "tensor/autograd/node.h"
 #include "nn/layers.h"
 #include "support/device_parity.h"
 #include "support/test_utils.h"

@@ -7,8 +7,8 @@
 #include <functional>
 #include <vector>
 
-#include "autograd/gradcheck.h"
-#include "autograd/node.h"
+#include "tensor/autograd/gradcheck.h"
+#include "tensor/autograd/node.h"
 #include "support/device_parity.h"
 #include "support/test_utils.h"
 #include "tensor/ops.h"

@@ -13,13 +13,13 @@
 #include <thread>
 #include <vector>
 
-#include "cuda/caching_allocator.h"
+#include "tensor/cuda/caching_allocator.h"
 #include "tensor/error.h"
 
 #ifdef LONGTAPE_WITH_CUDA
 #include <cuda_runtime.h>
 
-#include "cuda/memory_pool.h"
+#include "tensor/cuda/memory_pool.h"
 #include "tensor/device.h"
 #endif
 

@@ -8,7 +8,7 @@
 #include <set>
 
 #include "attention/multihead.h"
-#include "autograd/gradcheck.h"
+#include "tensor/autograd/gradcheck.h"
 #include "nn/data.h"
 #include "models/language_model.h"
 #include "nn/layers.h"

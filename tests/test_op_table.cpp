@@ -17,9 +17,9 @@
 #include <string>
 #include <vector>
 
-#include "autograd/grad_mode.h"
-#include "autograd/gradcheck.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/gradcheck.h"
+#include "tensor/autograd/node.h"
 #include "support/device_parity.h"
 #include "tensor/ops.h"
 

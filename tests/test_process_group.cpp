@@ -12,7 +12,7 @@
 
 #include "attention/registry.h"
 #include "attention/ring_attention.h"
-#include "autograd/node.h"
+#include "tensor/autograd/node.h"
 #include "io/safetensors.h"
 #include "io/tensor_io.h"
 #include "nn/dist/data_parallel.h"

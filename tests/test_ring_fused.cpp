@@ -14,7 +14,7 @@
 #include "attention/head_parallel.h"
 #include "attention/registry.h"
 #include "attention/ring_attention.h"
-#include "autograd/node.h"
+#include "tensor/autograd/node.h"
 #include "nn/dist/communicator.h"
 #include "support/parallel_configs.h"
 #include "tensor/ops.h"

@@ -5,7 +5,7 @@
 
 #include "attention/composed.h"
 #include "attention/patterns.h"
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "tensor/backend_options.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"

@@ -5,8 +5,8 @@
 #include <limits>
 #include <mutex>
 
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/backend_options.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"

@@ -14,8 +14,8 @@
 #include <omp.h>
 #endif
 
-#include "autograd/grad_mode.h"
-#include "cuda/runtime.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/cuda/runtime.h"
 #include "nn/dist/message_communicator.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"

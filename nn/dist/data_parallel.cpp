@@ -3,8 +3,8 @@
 #include <map>
 #include <tuple>
 
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 

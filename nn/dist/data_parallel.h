@@ -18,7 +18,7 @@ void average_gradients(Communicator& comm, nn::Module& module);
 // training loop that calls average() after every backward. The model structure is compared once,
 // here (every rank must construct it with the same model). Buckets follow the parameters in
 // reverse order (the order backward finishes them). Each parameter gets a post-accumulate
-// gradient hook (autograd/node.h): as soon as every gradient of a bucket is final, backward starts
+// gradient hook (tensor/autograd/node.h): as soon as every gradient of a bucket is final, backward starts
 // that bucket's all-reduce (start_all_reduce: on the NCCL group it runs on the communication
 // stream beside the rest of the backward; the other groups reduce it there and then). Buckets
 // start in bucket order on every rank, so the collectives match even when a rank's backward

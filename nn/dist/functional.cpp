@@ -1,7 +1,7 @@
 #include "nn/dist/functional.h"
 
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 

@@ -19,7 +19,7 @@
 #include <thread>
 #include <vector>
 
-#include "cuda/runtime.h"
+#include "tensor/cuda/runtime.h"
 #include "nn/dist/communicator.h"
 #include "tensor/error.h"
 

@@ -5,7 +5,7 @@
 #ifdef LONGTAPE_WITH_NCCL
 #include <cstring>
 
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "nn/dist/nccl_comm.h"
 #include "tensor/ops.h"
 #endif

@@ -3,7 +3,7 @@
 #include <cmath>
 #include <cstdlib>
 
-#include "cuda/runtime.h"
+#include "tensor/cuda/runtime.h"
 #include "nn/dist/nccl_communicator.h"
 #include "nn/dist/tcp_communicator.h"
 #include "tensor/error.h"

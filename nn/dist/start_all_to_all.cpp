@@ -3,7 +3,7 @@
 // pending exchange of the backends that send at once and receive in wait().
 #include "nn/dist/communicator.h"
 
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "tensor/error.h"
 
 namespace longtape::dist {

@@ -3,7 +3,7 @@
 #include <cstring>
 #include <utility>
 
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "nn/dist/message_communicator.h"
 #include "nn/dist/tcp_mesh.h"
 #include "tensor/error.h"

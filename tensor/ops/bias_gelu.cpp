@@ -1,8 +1,8 @@
 // gelu(x + bias) as one op: one kernel forward, one backward kernel for the pre-activation
 // gradient, whose column sum is the bias gradient. One tape node instead of two (add, gelu), and
 // x + bias is never stored: the backward recomputes it.
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
 

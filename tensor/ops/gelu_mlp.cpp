@@ -11,8 +11,8 @@
 // once at the end; the first chunk writes the weight gradients (beta = 0) and the later ones add.
 #include <algorithm>
 
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
 #include "tensor/ops/gemm_product.h"

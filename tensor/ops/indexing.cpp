@@ -3,8 +3,8 @@
 // bring their operands to that layout and check every index before a kernel sees it.
 #include <algorithm>
 
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
 

@@ -3,8 +3,8 @@
 // kernel (no separate pass over the residual stream's gradient). Each is one tape node running one
 // kernel each way; the result may be written in bf16 from f32 input (the operand of the next bf16
 // product, no cast kernel), and a bf16 incoming gradient is read as such.
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
 

@@ -4,8 +4,8 @@
 // gradient and lowers dY to bf16 once for both of its products.
 #include <optional>
 
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/ops.h"
 #include "tensor/ops/gemm_product.h"
 #include "tensor/precision.h"

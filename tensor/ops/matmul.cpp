@@ -3,8 +3,8 @@
 // accumulates and writes f32; the node saves the rounded operands and its backward rounds the
 // incoming gradient the same way, so every product of the pass reads bf16 and every gradient that
 // leaves the node is f32.
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
 #include "tensor/ops/gemm_product.h"

@@ -5,8 +5,8 @@
 // computed in one pass.
 #include <cstring>
 
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/device_checks.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"

@@ -3,8 +3,8 @@
 #include <cmath>
 #include <limits>
 
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"
 

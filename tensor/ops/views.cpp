@@ -1,6 +1,6 @@
 // View operations (share storage) and the copies contiguous/clone/to, each with its backward.
-#include "autograd/grad_mode.h"
-#include "autograd/node.h"
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/autograd/node.h"
 #include "tensor/checked_math.h"
 #include "tensor/kernels.h"
 #include "tensor/ops.h"

@@ -17,14 +17,14 @@
 #include "attention/composed.h"
 #include "attention/fused/fused_attention.h"
 #include "attention/registry.h"
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "support/attention_oracle.h"
 #include "support/test_utils.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 #include "tensor/tensor.h"
 #ifdef LONGTAPE_WITH_CUDA
-#include "cuda/attention_tuning.h"  // the CUDA tests pick kernels and ask which ran
+#include "attention/fused/cuda/attention_tuning.h"  // the CUDA tests pick kernels and ask which ran
 #endif
 
 namespace longtape::testing::fused_cases {

@@ -13,7 +13,7 @@
 
 #include "attention/attention.h"
 #include "attention/config.h"
-#include "autograd/node.h"
+#include "tensor/autograd/node.h"
 #include "tensor/ops.h"
 #include "tensor/tensor.h"
 

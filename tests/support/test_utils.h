@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "attention/attention.h"
-#include "autograd/grad_mode.h"
+#include "tensor/autograd/grad_mode.h"
 #include "support/attention_oracle.h"
 #include "tensor/ops.h"
 #include "tensor/tensor.h"

@@ -1,0 +1,42 @@
+// Fused AdamW: one launch updates all parameters (multi-tensor apply). Each block takes one chunk
+// of one tensor from a host-built chunk table, so tensors of any size share the launch.
+#include <cuda_runtime.h>
+
+#include "tensor/cuda/check.cuh"
+#include "tensor/cuda/optim_kernels.h"
+#include "tensor/cuda/runtime.h"
+
+namespace longtape::cuda {
+
+namespace {
+
+__global__ void fused_adamw_kernel(const AdamWTensor* __restrict__ tensors, const TensorChunk* __restrict__ chunks,
+                                   int64_t chunk_size, AdamWHyper h) {
+  const TensorChunk chunk = chunks[blockIdx.x];
+  const AdamWTensor t = tensors[chunk.tensor];
+  const int64_t end = min(chunk.start + chunk_size, t.numel);
+  const float decay = 1.0f - h.lr * t.weight_decay;
+  const float step_size = h.lr / h.bias_correction1;
+  for (int64_t i = chunk.start + threadIdx.x; i < end; i += blockDim.x) {
+    const float g = t.grad[i];
+    const float m = h.beta1 * t.exp_avg[i] + (1.0f - h.beta1) * g;
+    const float v = h.beta2 * t.exp_avg_sq[i] + (1.0f - h.beta2) * g * g;
+    t.exp_avg[i] = m;
+    t.exp_avg_sq[i] = v;
+    const float denom = sqrtf(v) / h.bias_correction2_sqrt + h.eps;
+    t.param[i] = t.param[i] * decay - step_size * (m / denom);
+  }
+}
+
+}  // namespace
+
+void fused_adamw(const AdamWTensor* tensors, const TensorChunk* chunks, int64_t num_chunks, int64_t chunk_size,
+                 const AdamWHyper& hyper) {
+  if (num_chunks == 0) return;
+  LT_CHECK(num_chunks < (int64_t{1} << 31), "fused_adamw: too many chunks (", num_chunks, ")");
+  cudaStream_t stream = static_cast<cudaStream_t>(current_stream());
+  fused_adamw_kernel<<<static_cast<unsigned>(num_chunks), 256, 0, stream>>>(tensors, chunks, chunk_size, hyper);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace longtape::cuda
