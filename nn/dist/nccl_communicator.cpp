@@ -98,14 +98,13 @@ class NcclCommunicator final : public Communicator {
     }
     const Tensor desc_in = Tensor::from_vector(mine, {size(), kDesc}).to(gpu());
     Tensor desc_out = Tensor::empty({size(), kDesc}, DType::i64, gpu());
-    comm_->run("all_to_all (shapes)", [&] {
-      for (int p = 0; p < size(); ++p) {
-        comm_->nccl_ok(ncclSend(desc_in.select(0, p).raw_data(), kDesc, ncclInt64, p, comm_->comm(), comm_->stream()),
-                       "ncclSend");
-        comm_->nccl_ok(ncclRecv(desc_out.select(0, p).raw_data(), kDesc, ncclInt64, p, comm_->comm(), comm_->stream()),
-                       "ncclRecv");
-      }
-    }, {desc_in, desc_out});
+    std::vector<Tensor> desc_rows_in, desc_rows_out;  // row p goes to and comes from rank p
+    for (int p = 0; p < size(); ++p) {
+      desc_rows_in.push_back(desc_in.select(0, p));
+      desc_rows_out.push_back(desc_out.select(0, p));
+    }
+    comm_->run("all_to_all (shapes)", [&] { send_and_receive_each(desc_rows_in, desc_rows_out, -1); },
+               {desc_in, desc_out});
     const std::vector<int64_t> theirs = desc_out.to(Device::cpu()).to_vector_as<int64_t>();  // waits for it
     std::vector<Tensor> ins, outs;
     for (int p = 0; p < size(); ++p) {
@@ -115,18 +114,7 @@ class NcclCommunicator final : public Communicator {
     }
     std::vector<Tensor> keep = ins;
     keep.insert(keep.end(), outs.begin(), outs.end());
-    comm_->run("all_to_all", [&] {
-      for (int p = 0; p < size(); ++p) {
-        const Tensor& in = ins[static_cast<size_t>(p)];
-        const Tensor& out = outs[static_cast<size_t>(p)];
-        if (in.numel() > 0)
-          comm_->nccl_ok(ncclSend(in.raw_data(), static_cast<size_t>(in.numel()), nccl_type(in.dtype()), p,
-                                  comm_->comm(), comm_->stream()), "ncclSend");
-        if (out.numel() > 0)
-          comm_->nccl_ok(ncclRecv(out.raw_data(), static_cast<size_t>(out.numel()), nccl_type(out.dtype()), p,
-                                  comm_->comm(), comm_->stream()), "ncclRecv");
-      }
-    }, keep);
+    comm_->run("all_to_all", [&] { send_and_receive_each(ins, outs, -1); }, keep);
     const Device device = to_each[static_cast<size_t>(rank())].device();
     std::vector<Tensor> result;
     for (const Tensor& out : outs) result.push_back(back(out, device));
@@ -164,19 +152,7 @@ class NcclCommunicator final : public Communicator {
     keep = ins;
     keep.insert(keep.end(), outs.begin(), outs.end());
     cudaEvent_t arrived = nullptr;
-    comm_->run("all_to_all", [&] {
-      for (int p = 0; p < size(); ++p) {
-        if (p == rank()) continue;
-        const Tensor& in = ins[static_cast<size_t>(p)];
-        const Tensor& out = outs[static_cast<size_t>(p)];
-        if (in.numel() > 0)
-          comm_->nccl_ok(ncclSend(in.raw_data(), static_cast<size_t>(in.numel()), nccl_type(in.dtype()), p,
-                                  comm_->comm(), comm_->stream()), "ncclSend");
-        if (out.numel() > 0)
-          comm_->nccl_ok(ncclRecv(out.raw_data(), static_cast<size_t>(out.numel()), nccl_type(out.dtype()), p,
-                                  comm_->comm(), comm_->stream()), "ncclRecv");
-      }
-    }, keep, &arrived);
+    comm_->run("all_to_all", [&] { send_and_receive_each(ins, outs, rank()); }, keep, &arrived);
     return std::make_unique<ArrivingAllToAll>(arrived, std::move(copy_after));
   }
 
@@ -268,6 +244,22 @@ class NcclCommunicator final : public Communicator {
   static Tensor back(const Tensor& t, Device device) {
     NoGradGuard no_grad;
     return t.device() == device ? t : t.to(device);
+  }
+
+  // Inside run()'s group: for every rank p but `skip` (-1: none), the send of ins[p] to p, then the
+  // receive of outs[p] from p, both on the communication stream; an empty tensor is not sent.
+  void send_and_receive_each(const std::vector<Tensor>& ins, const std::vector<Tensor>& outs, int skip) {
+    for (int p = 0; p < size(); ++p) {
+      if (p == skip) continue;
+      const Tensor& in = ins[static_cast<size_t>(p)];
+      const Tensor& out = outs[static_cast<size_t>(p)];
+      if (in.numel() > 0)
+        comm_->nccl_ok(ncclSend(in.raw_data(), static_cast<size_t>(in.numel()), nccl_type(in.dtype()), p,
+                                comm_->comm(), comm_->stream()), "ncclSend");
+      if (out.numel() > 0)
+        comm_->nccl_ok(ncclRecv(out.raw_data(), static_cast<size_t>(out.numel()), nccl_type(out.dtype()), p,
+                                comm_->comm(), comm_->stream()), "ncclRecv");
+    }
   }
 
   // The receive of exchange()/recv(): wait() orders the calling thread's compute stream after the
