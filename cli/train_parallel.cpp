@@ -13,6 +13,7 @@
 #include "cli/numeric_flags.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
+#include "tensor/profiler.h"
 
 namespace longtape::cli {
 
@@ -71,6 +72,7 @@ class RowsAhead {
   };
 
   Tensor make(const Key& key) const {
+    profiler::Scope scope("global batch rows");  // the host work that grows with the ranks
     NoGradGuard no_grad;
     const nn::Batch global = data_(key.batch_size * ranks_, key.index, key.split);
     return stack({global.inputs.narrow(0, at_, key.batch_size), global.targets.narrow(0, at_, key.batch_size)}, 0);
