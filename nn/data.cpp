@@ -59,11 +59,12 @@ uint64_t machine_memory_bytes() {
 }
 
 // The inputs (all `input_fill`) and targets (all `target_fill`) of batch_size sequences of seq_len
-// tokens, in one CPU tensor (2, batch_size, seq_len) from the host cache (a step's batch reuses
-// the pages of an earlier one instead of faulting in fresh ones, and goes to a device in one
-// upload): the product is overflow-checked, a buffer larger than the machine's memory is refused
-// before it is requested (it could only be filled by swapping or the out-of-memory killer), and an
-// allocation failure is longtape::OutOfMemoryError.
+// tokens, in one CPU tensor (2, batch_size, seq_len) from the host cache: a step's batch reuses
+// the pages of an earlier one (a malloc of 1 MiB or more is a fresh mmap to fault in every time,
+// tensor/allocator.cpp) and goes to a device in one upload. The product is overflow-checked, a
+// buffer larger than the machine's memory is refused before it is requested (it could only be
+// filled by swapping or the out-of-memory killer), and an allocation failure is
+// longtape::OutOfMemoryError.
 Tensor token_pair(int64_t batch_size, int64_t seq_len, int64_t input_fill, int64_t target_fill, const char* op) {
   const int64_t n = checked::mul(batch_size, seq_len, std::string(op) + ": batch_size * seq_len");
   const int64_t bytes = checked::mul(checked::mul(n, int64_t{2}, std::string(op) + ": inputs and targets"),
