@@ -131,6 +131,7 @@ struct TrainArgs {
   int threads = 0;
   bool profile = false;
   std::string parallel = "none";
+  std::string bucket_mb = "1,25";  // --parallel data: gradient buckets, first then the rest (MiB)
   std::set<std::string> given;  // flags given on the command line (the rest may take device defaults)
 };
 
@@ -181,6 +182,8 @@ int run_train(const TrainArgs& args) {
   TrainArgs a = args;
   if (a.parallel != "none" && a.parallel != "data")
     throw FlagError("--parallel must be none or data, got \"" + a.parallel + "\"");
+  if (a.given.count("--bucket-mb") && a.parallel != "data") throw FlagError("--bucket-mb needs --parallel data");
+  parse_bucket_mb(a.bucket_mb);  // a bad value is refused before the process group forms
   Device device = pick_device(a.device);
   std::unique_ptr<DataParallelRun> dp;
   if (a.parallel == "data") {
@@ -351,11 +354,12 @@ int run_train(const TrainArgs& args) {
     LT_CHECK(start_step <= a.steps, "train: the checkpoint is at step ", start_step, ", beyond --steps ", a.steps);
   }
   if (dp) {
-    dp->prepare(model, a.seed, start_step);
+    dp->prepare(model, a.seed, start_step, a.bucket_mb);
     trainer.on_gradients = [&] { dp->average_gradients(); };
     trainer.reduce_loss = [&](const Tensor& loss) { return dp->mean(loss); };
-    std::printf("data parallel: %lld ranks (%s), %lld sequences per rank\n", static_cast<long long>(ranks),
-                dp->backend().c_str(), static_cast<long long>(a.batch));
+    std::printf("data parallel: %lld ranks (%s), %lld sequences per rank, %zu gradient buckets (--bucket-mb %s)\n",
+                static_cast<long long>(ranks), dp->backend().c_str(), static_cast<long long>(a.batch),
+                dp->bucket_count(), a.bucket_mb.c_str());
   }
   std::printf("training %s: %s parameters, %s attention (%s), %lld layers, width %lld, %lld heads, seq %lld, "
               "batch %lld, %lld steps on %s, precision %s%s\n",
@@ -540,6 +544,10 @@ const RegisterCommand kTrainCommand{
       sub.add_option("--parallel", a->parallel,
                      "none, or data: one replica per process of `longtape launch` (gradients averaged; --batch per "
                      "rank)")
+          ->capture_default_str();
+      sub.add_option("--bucket-mb", a->bucket_mb,
+                     "with --parallel data: gradient bucket sizes in MiB, the first (reduced during the last "
+                     "layers' backward) then the rest, FIRST,REST or one size")
           ->capture_default_str();
       sub.add_flag("--profile", a->profile,
                    "print a per-op table (calls, self and total time, bytes) of one training step after warm-up");

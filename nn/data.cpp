@@ -58,26 +58,27 @@ uint64_t machine_memory_bytes() {
   return pages > 0 && page_size > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size) : 0;
 }
 
-// batch_size * seq_len tokens, all `fill`: the product is overflow-checked, a buffer larger than
-// the machine's memory is refused before it is requested (it could only be filled by swapping or
-// the out-of-memory killer), and an allocation failure becomes longtape::OutOfMemoryError naming
-// both sizes.
-std::vector<int64_t> token_buffer(int64_t batch_size, int64_t seq_len, int64_t fill, const char* op) {
+// The inputs (all `input_fill`) and targets (all `target_fill`) of batch_size sequences of seq_len
+// tokens, in one CPU tensor (2, batch_size, seq_len) from the host cache: a step's batch reuses
+// the pages of an earlier one (a malloc of 1 MiB or more is a fresh mmap to fault in every time,
+// tensor/allocator.cpp) and goes to a device in one upload. The product is overflow-checked, a
+// buffer larger than the machine's memory is refused before it is requested (it could only be
+// filled by swapping or the out-of-memory killer), and an allocation failure is
+// longtape::OutOfMemoryError.
+Tensor token_pair(int64_t batch_size, int64_t seq_len, int64_t input_fill, int64_t target_fill, const char* op) {
   const int64_t n = checked::mul(batch_size, seq_len, std::string(op) + ": batch_size * seq_len");
-  const int64_t bytes =
-      checked::mul(n, static_cast<int64_t>(sizeof(int64_t)), std::string(op) + ": bytes of batch_size * seq_len tokens");
+  const int64_t bytes = checked::mul(checked::mul(n, int64_t{2}, std::string(op) + ": inputs and targets"),
+                                     static_cast<int64_t>(sizeof(int64_t)),
+                                     std::string(op) + ": bytes of the batch_size * seq_len inputs and targets");
   const uint64_t memory = machine_memory_bytes();
   if (memory > 0 && static_cast<uint64_t>(bytes) > memory)
-    throw OutOfMemoryError(detail::concat(op, ": cannot allocate ", n, " tokens (batch_size ", batch_size, " * seq_len ",
-                                          seq_len, "): ", bytes, " bytes, more than this machine's memory of ", memory,
-                                          " bytes"));
-  try {
-    return std::vector<int64_t>(static_cast<size_t>(n), fill);
-  } catch (const std::bad_alloc&) {
-  } catch (const std::length_error&) {
-  }
-  throw OutOfMemoryError(detail::concat(op, ": cannot allocate ", n, " tokens (batch_size ", batch_size,
-                                        " * seq_len ", seq_len, ")"));
+    throw OutOfMemoryError(detail::concat(op, ": cannot allocate ", n, " tokens and targets (batch_size ", batch_size,
+                                          " * seq_len ", seq_len, "): ", bytes,
+                                          " bytes, more than this machine's memory of ", memory, " bytes"));
+  Tensor both = Tensor::empty({2, batch_size, seq_len}, DType::i64, Device::cpu());
+  std::fill_n(both.data<int64_t>(), n, input_fill);
+  std::fill_n(both.data<int64_t>() + n, n, target_fill);
+  return both;
 }
 }  // namespace
 
@@ -111,12 +112,10 @@ RecallTask::RecallTask(RecallTaskConfig config) : config_(config) {
 int64_t RecallTask::vocab_size() const { return config_.num_keys + config_.num_values + config_.num_filler + 1; }
 
 namespace {
-// Inputs and targets in one upload (a copy to the device waits for it), viewed as two tensors.
-Batch batch_on(std::vector<int64_t>& inputs, const std::vector<int64_t>& targets, int64_t batch_size, int64_t T,
-               Device device) {
-  inputs.insert(inputs.end(), targets.begin(), targets.end());
-  Tensor both = Tensor::from_vector(inputs, {2, batch_size, T}, device);
-  return {both.select(0, 0), both.select(0, 1)};
+// token_pair's inputs and targets in one upload (a copy to the device waits for it), viewed as two tensors.
+Batch batch_on(const Tensor& both, Device device) {
+  const Tensor there = both.device() == device ? both : both.to(device);
+  return {there.select(0, 0), there.select(0, 1)};
 }
 }  // namespace
 
@@ -127,13 +126,14 @@ Batch RecallTask::batch(int64_t batch_size, int64_t index, Split split, Device d
   const int64_t T = c.seq_len, K = c.num_pairs, Q = c.num_queries;
   const int64_t context = T - 1 - 2 * Q;
   const int64_t value_base = c.num_keys, filler_base = c.num_keys + c.num_values;
-  std::vector<int64_t> inputs = token_buffer(batch_size, T, 0, "RecallTask::batch");
-  std::vector<int64_t> targets = token_buffer(batch_size, T, kIgnoreIndex, "RecallTask::batch");
+  const Tensor both = token_pair(batch_size, T, 0, kIgnoreIndex, "RecallTask::batch");
+  int64_t* const inputs = both.data<int64_t>();
+  int64_t* const targets = inputs + batch_size * T;
   DataRng rng(DataRng::mix(c.seed, stream_of(split), static_cast<uint64_t>(index)));
   std::vector<int64_t> keys(c.num_keys), slots(context - K), starts(K), values(K), order(K);
   for (int64_t b = 0; b < batch_size; ++b) {
-    int64_t* in = inputs.data() + b * T;
-    int64_t* tg = targets.data() + b * T;
+    int64_t* in = inputs + b * T;
+    int64_t* tg = targets + b * T;
     for (int64_t t = 0; t < context; ++t) in[t] = filler_base + static_cast<int64_t>(rng.below(c.num_filler ? c.num_filler : 1));
     // K distinct keys: a partial Fisher-Yates shuffle of all keys.
     for (int64_t k = 0; k < c.num_keys; ++k) keys[k] = k;
@@ -163,7 +163,7 @@ Batch RecallTask::batch(int64_t batch_size, int64_t index, Split split, Device d
       t += 2;
     }
   }
-  return batch_on(inputs, targets, batch_size, T, device);
+  return batch_on(both, device);
 }
 
 // ---------------------------------------------------------------- CharTextDataset
@@ -207,8 +207,9 @@ Batch CharTextDataset::batch(int64_t batch_size, int64_t index, Split split, Dev
   }
   const uint64_t starts = end - begin - static_cast<size_t>(T);  // number of valid window starts
   DataRng rng(DataRng::mix(seed_, stream_of(split), static_cast<uint64_t>(index)));
-  std::vector<int64_t> inputs = token_buffer(batch_size, T, 0, "CharTextDataset::batch");
-  std::vector<int64_t> targets = token_buffer(batch_size, T, 0, "CharTextDataset::batch");
+  const Tensor both = token_pair(batch_size, T, 0, 0, "CharTextDataset::batch");
+  int64_t* const inputs = both.data<int64_t>();
+  int64_t* const targets = inputs + batch_size * T;
   for (int64_t b = 0; b < batch_size; ++b) {
     const size_t start = begin + rng.below(starts);
     for (int64_t t = 0; t < T; ++t) {
@@ -216,7 +217,7 @@ Batch CharTextDataset::batch(int64_t batch_size, int64_t index, Split split, Dev
       targets[b * T + t] = bytes_[start + t + 1];
     }
   }
-  return batch_on(inputs, targets, batch_size, T, device);
+  return batch_on(both, device);
 }
 
 // ---------------------------------------------------------------- accuracy

@@ -125,6 +125,17 @@ TEST_CASE("every numeric flag of every command refuses empty, garbage and non-fi
   fs::remove_all(dir);
 }
 
+TEST_CASE("train --bucket-mb: sizes in MiB above 0, at most two, and only with --parallel data" *
+          doctest::skip(testing::longtape_binary_missing())) {
+  const fs::path dir = fresh_dir("bucket_mb");
+  check_usage_error(run_longtape("train --parallel data --bucket-mb 0", dir), {"--bucket-mb '0' is out of range"});
+  check_usage_error(run_longtape("train --parallel data --bucket-mb 1,2,3", dir), {"--bucket-mb", "FIRST,REST"});
+  check_usage_error(run_longtape("train --parallel data --bucket-mb 1,x", dir), {"--bucket-mb", "not a decimal"});
+  check_usage_error(run_longtape("train --bucket-mb 1,25", dir), {"--bucket-mb needs --parallel data"});
+  CHECK(entries(dir) == 0);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("out-of-range integers are refused, not clamped or wrapped, and the message shows the range" *
           doctest::skip(testing::longtape_binary_missing())) {
   const fs::path dir = fresh_dir("range");

@@ -480,6 +480,49 @@ TEST_CASE("GradientReducer: buckets started by backward's gradient hooks give th
   }
 }
 
+TEST_CASE("GradientReducer: the first bucket has its own size, and its buckets average like one exchange") {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  // Backward order: second.bias (12 bytes), second.weight (60), first.bias (20), first.weight (140).
+  std::vector<size_t> counts(2), defaults(2), capped(2), started(2);
+  std::vector<std::vector<Tensor>> got(2), want(2);
+  run_ranks(2, [&](Communicator& comm) {
+    const size_t r = static_cast<size_t>(comm.rank());
+    manual_seed(seed);
+    TwoLayers model;
+    manual_seed(seed);
+    TwoLayers replica;
+    defaults[r] = GradientReducer(comm, model).bucket_count();  // 232 bytes: under the 1 MiB first bucket
+    // The first bucket is never larger than the others.
+    capped[r] = GradientReducer(comm, model, /*bucket_bytes=*/64, /*first_bucket_bytes=*/size_t{1} << 20).bucket_count();
+    GradientReducer reducer(comm, model, /*bucket_bytes=*/size_t{1} << 20, /*first_bucket_bytes=*/12);
+    counts[r] = reducer.bucket_count();
+    manual_seed(seed + 1 + r);
+    const Tensor x = Tensor::randn({4, 7}), y = Tensor::randn({4, 3});
+    for (TwoLayers* m : {&model, &replica}) sum(mul(m->forward(x), y)).backward();
+    reducer.average();
+    started[r] = reducer.buckets_started_in_backward();
+    average_gradients(comm, replica);
+    for (const Tensor& p : model.parameters()) got[r].push_back(p.grad().clone());
+    for (const Tensor& p : replica.parameters()) want[r].push_back(p.grad().clone());
+  });
+  CHECK(defaults[0] == 1);
+  CHECK(capped[0] == 4);  // 64-byte buckets throughout, as without a first size
+  CHECK(counts[0] == 2);  // second.bias alone, then the rest
+  CHECK(started[0] == 2);
+  for (size_t r = 0; r < 2; ++r)
+    for (size_t i = 0; i < got[r].size(); ++i) {
+      INFO("rank " << r << " parameter " << i);
+      check_bitwise_equal(got[r][i], want[r][i], "two buckets vs one exchange after backward");
+    }
+  CHECK(amax(maximum(got[0][0], neg(got[0][0]))).item() > 0.0);
+  CHECK_THROWS_WITH_AS(run_ranks(1, [&](Communicator& comm) {
+                         TwoLayers model;
+                         GradientReducer reducer(comm, model, size_t{1} << 20, 0);
+                       }),
+                       doctest::Contains("bucket sizes must be > 0 bytes, got 1048576 (first bucket 0)"), Error);
+}
+
 TEST_CASE("NCCL process group: the factory says clearly when the build has none" * doctest::skip(nccl_built())) {
   TcpStore store("127.0.0.1", 0, true, 2s);
   CHECK_THROWS_WITH_AS(make_nccl_process_group(store, 0, 1, 0, CommOptions{}), doctest::Contains("no NCCL"), Error);

@@ -1,5 +1,6 @@
 #include "nn/dist/data_parallel.h"
 
+#include <algorithm>
 #include <map>
 #include <tuple>
 
@@ -41,17 +42,22 @@ void check_same_structure(Communicator& comm, const std::vector<std::pair<std::s
 
 }  // namespace
 
-GradientReducer::GradientReducer(Communicator& comm, nn::Module& module, size_t bucket_bytes) : comm_(comm) {
-  LT_CHECK(bucket_bytes > 0, "GradientReducer: the bucket size must be > 0 bytes");
+GradientReducer::GradientReducer(Communicator& comm, nn::Module& module, size_t bucket_bytes,
+                                 size_t first_bucket_bytes)
+    : comm_(comm) {
+  LT_CHECK(bucket_bytes > 0 && first_bucket_bytes > 0, "GradientReducer: bucket sizes must be > 0 bytes, got ",
+           bucket_bytes, " (first bucket ", first_bucket_bytes, ")");
   const auto named = module.named_parameters();
   check_same_structure(comm, named, "GradientReducer");
   for (const auto& [name, p] : named) params_.push_back(p);
-  // Reverse order, one (dtype, device) per bucket, cut when it would pass bucket_bytes.
+  // Reverse order, one (dtype, device) per bucket, cut when it would pass its size (the first's
+  // own, at most bucket_bytes).
   size_t bytes = 0;
   bucket_of_.resize(params_.size());
   for (size_t k = params_.size(); k-- > 0;) {
     const Tensor& p = params_[k];
-    const bool fits = !buckets_.empty() && bytes + p.nbytes() <= bucket_bytes &&
+    const size_t cap = buckets_.size() == 1 ? std::min(first_bucket_bytes, bucket_bytes) : bucket_bytes;
+    const bool fits = !buckets_.empty() && bytes + p.nbytes() <= cap &&
                       params_[buckets_.back().front()].dtype() == p.dtype() &&
                       params_[buckets_.back().front()].device() == p.device();
     if (!fits) {

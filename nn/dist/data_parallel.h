@@ -17,7 +17,10 @@ void average_gradients(Communicator& comm, nn::Module& module);
 // Averages the gradients of `module` over the ranks in buckets of about `bucket_bytes`, for a
 // training loop that calls average() after every backward. The model structure is compared once,
 // here (every rank must construct it with the same model). Buckets follow the parameters in
-// reverse order (the order backward finishes them). Each parameter gets a post-accumulate
+// reverse order (the order backward finishes them); the first holds at most `first_bucket_bytes`
+// (as PyTorch's DDP: the first reduction starts after the last layers' backward instead of
+// waiting for a whole bucket's worth of layers, and a model smaller than one bucket still
+// overlaps some of its reduction with its backward). Each parameter gets a post-accumulate
 // gradient hook (tensor/autograd/node.h): as soon as every gradient of a bucket is final, backward starts
 // that bucket's all-reduce (start_all_reduce: on the NCCL group it runs on the communication
 // stream beside the rest of the backward; the other groups reduce it there and then). Buckets
@@ -29,7 +32,9 @@ void average_gradients(Communicator& comm, nn::Module& module);
 // again from the accumulated gradients.
 class GradientReducer {
  public:
-  GradientReducer(Communicator& comm, nn::Module& module, size_t bucket_bytes = size_t{25} << 20);
+  static constexpr size_t kDefaultBucketBytes = size_t{25} << 20, kDefaultFirstBucketBytes = size_t{1} << 20;
+  GradientReducer(Communicator& comm, nn::Module& module, size_t bucket_bytes = kDefaultBucketBytes,
+                  size_t first_bucket_bytes = kDefaultFirstBucketBytes);
   ~GradientReducer();  // removes its hooks
   GradientReducer(const GradientReducer&) = delete;
   GradientReducer& operator=(const GradientReducer&) = delete;

@@ -210,11 +210,14 @@ class NcclComm {
     throw Error(message);
   }
 
-  // Waits until a non-blocking NCCL call has completed its host side (at most the timeout).
+  // Waits until a non-blocking NCCL call has completed its host side (at most the timeout). A
+  // collective's launch takes microseconds: the first polls only yield, so a step's collectives
+  // do not each cost the caller a sleep's timer slack; a long wait (connecting) then sleeps.
   void settle(ncclResult_t r, const std::string& what) {
     nccl_ok(r, what);
     if (comm_ == nullptr) return;
     const auto deadline = Clock::now() + options_.timeout;
+    const auto spin_until = Clock::now() + std::chrono::microseconds(500);
     ncclResult_t state = ncclInProgress;
     while (true) {
       if (failed_) {
@@ -231,7 +234,8 @@ class NcclComm {
         abort_comm();
         throw Error(message);
       }
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      if (Clock::now() < spin_until) std::this_thread::yield();
+      else std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
     nccl_ok(state, what);
   }

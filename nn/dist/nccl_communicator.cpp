@@ -98,14 +98,13 @@ class NcclCommunicator final : public Communicator {
     }
     const Tensor desc_in = Tensor::from_vector(mine, {size(), kDesc}).to(gpu());
     Tensor desc_out = Tensor::empty({size(), kDesc}, DType::i64, gpu());
-    comm_->run("all_to_all (shapes)", [&] {
-      for (int p = 0; p < size(); ++p) {
-        comm_->nccl_ok(ncclSend(desc_in.select(0, p).raw_data(), kDesc, ncclInt64, p, comm_->comm(), comm_->stream()),
-                       "ncclSend");
-        comm_->nccl_ok(ncclRecv(desc_out.select(0, p).raw_data(), kDesc, ncclInt64, p, comm_->comm(), comm_->stream()),
-                       "ncclRecv");
-      }
-    }, {desc_in, desc_out});
+    std::vector<Tensor> desc_rows_in, desc_rows_out;  // row p goes to and comes from rank p
+    for (int p = 0; p < size(); ++p) {
+      desc_rows_in.push_back(desc_in.select(0, p));
+      desc_rows_out.push_back(desc_out.select(0, p));
+    }
+    comm_->run("all_to_all (shapes)", [&] { send_and_receive_each(desc_rows_in, desc_rows_out, -1); },
+               {desc_in, desc_out});
     const std::vector<int64_t> theirs = desc_out.to(Device::cpu()).to_vector_as<int64_t>();  // waits for it
     std::vector<Tensor> ins, outs;
     for (int p = 0; p < size(); ++p) {
@@ -115,18 +114,7 @@ class NcclCommunicator final : public Communicator {
     }
     std::vector<Tensor> keep = ins;
     keep.insert(keep.end(), outs.begin(), outs.end());
-    comm_->run("all_to_all", [&] {
-      for (int p = 0; p < size(); ++p) {
-        const Tensor& in = ins[static_cast<size_t>(p)];
-        const Tensor& out = outs[static_cast<size_t>(p)];
-        if (in.numel() > 0)
-          comm_->nccl_ok(ncclSend(in.raw_data(), static_cast<size_t>(in.numel()), nccl_type(in.dtype()), p,
-                                  comm_->comm(), comm_->stream()), "ncclSend");
-        if (out.numel() > 0)
-          comm_->nccl_ok(ncclRecv(out.raw_data(), static_cast<size_t>(out.numel()), nccl_type(out.dtype()), p,
-                                  comm_->comm(), comm_->stream()), "ncclRecv");
-      }
-    }, keep);
+    comm_->run("all_to_all", [&] { send_and_receive_each(ins, outs, -1); }, keep);
     const Device device = to_each[static_cast<size_t>(rank())].device();
     std::vector<Tensor> result;
     for (const Tensor& out : outs) result.push_back(back(out, device));
@@ -164,32 +152,12 @@ class NcclCommunicator final : public Communicator {
     keep = ins;
     keep.insert(keep.end(), outs.begin(), outs.end());
     cudaEvent_t arrived = nullptr;
-    comm_->run("all_to_all", [&] {
-      for (int p = 0; p < size(); ++p) {
-        if (p == rank()) continue;
-        const Tensor& in = ins[static_cast<size_t>(p)];
-        const Tensor& out = outs[static_cast<size_t>(p)];
-        if (in.numel() > 0)
-          comm_->nccl_ok(ncclSend(in.raw_data(), static_cast<size_t>(in.numel()), nccl_type(in.dtype()), p,
-                                  comm_->comm(), comm_->stream()), "ncclSend");
-        if (out.numel() > 0)
-          comm_->nccl_ok(ncclRecv(out.raw_data(), static_cast<size_t>(out.numel()), nccl_type(out.dtype()), p,
-                                  comm_->comm(), comm_->stream()), "ncclRecv");
-      }
-    }, keep, &arrived);
+    comm_->run("all_to_all", [&] { send_and_receive_each(ins, outs, rank()); }, keep, &arrived);
     return std::make_unique<ArrivingAllToAll>(arrived, std::move(copy_after));
   }
 
   Tensor all_reduce(const Tensor& tensor, ReduceOp op) override {
-    LT_CHECK(tensor.defined(), "dist all_reduce: rank ", rank(), " was given an undefined tensor");
-    LT_CHECK(op == ReduceOp::sum || is_floating(tensor.dtype()), "dist all_reduce: mean needs a floating tensor, got ",
-             describe(tensor));
-    const Tensor in = on_gpu(tensor);
-    Tensor out = Tensor::empty(tensor.shape(), tensor.dtype(), gpu());
-    comm_->run("all_reduce", [&] {
-      comm_->nccl_ok(ncclAllReduce(in.raw_data(), out.raw_data(), static_cast<size_t>(in.numel()),
-                                   nccl_type(in.dtype()), ncclSum, comm_->comm(), comm_->stream()), "ncclAllReduce");
-    }, {in, out});
+    Tensor out = sum_over_ranks(tensor, op, nullptr);
     NoGradGuard no_grad;
     if (op == ReduceOp::mean) out = mul(out, 1.0 / size());
     return back(out, tensor.device());
@@ -198,16 +166,8 @@ class NcclCommunicator final : public Communicator {
   // The reduction runs on the communication stream; wait() orders the compute stream after it and
   // applies the mean's scale there.
   std::unique_ptr<PendingReduce> start_all_reduce(const Tensor& tensor, ReduceOp op) override {
-    LT_CHECK(tensor.defined(), "dist all_reduce: rank ", rank(), " was given an undefined tensor");
-    LT_CHECK(op == ReduceOp::sum || is_floating(tensor.dtype()), "dist all_reduce: mean needs a floating tensor, got ",
-             describe(tensor));
-    const Tensor in = on_gpu(tensor);
-    Tensor out = Tensor::empty(tensor.shape(), tensor.dtype(), gpu());
     cudaEvent_t reduced = nullptr;
-    comm_->run("all_reduce", [&] {
-      comm_->nccl_ok(ncclAllReduce(in.raw_data(), out.raw_data(), static_cast<size_t>(in.numel()),
-                                   nccl_type(in.dtype()), ncclSum, comm_->comm(), comm_->stream()), "ncclAllReduce");
-    }, {in, out}, &reduced);
+    Tensor out = sum_over_ranks(tensor, op, &reduced);
     return std::make_unique<Reducing>(out, tensor.device(), reduced, op == ReduceOp::mean ? 1.0 / size() : 1.0);
   }
 
@@ -270,36 +230,76 @@ class NcclCommunicator final : public Communicator {
     return t.device() == device ? t : t.to(device);
   }
 
+  // The sum of `tensor` over the ranks into a new tensor on this GPU, by one ncclAllReduce through
+  // run() (`deferred` as there); `op` is only checked here, the callers apply the mean's scale.
+  Tensor sum_over_ranks(const Tensor& tensor, ReduceOp op, cudaEvent_t* deferred) {
+    LT_CHECK(tensor.defined(), "dist all_reduce: rank ", rank(), " was given an undefined tensor");
+    LT_CHECK(op == ReduceOp::sum || is_floating(tensor.dtype()), "dist all_reduce: mean needs a floating tensor, got ",
+             describe(tensor));
+    const Tensor in = on_gpu(tensor);
+    Tensor out = Tensor::empty(tensor.shape(), tensor.dtype(), gpu());
+    comm_->run("all_reduce", [&] {
+      comm_->nccl_ok(ncclAllReduce(in.raw_data(), out.raw_data(), static_cast<size_t>(in.numel()),
+                                   nccl_type(in.dtype()), ncclSum, comm_->comm(), comm_->stream()), "ncclAllReduce");
+    }, {in, out}, deferred);
+    return out;
+  }
+
+  // Inside run()'s group: for every rank p but `skip` (-1: none), the send of ins[p] to p, then the
+  // receive of outs[p] from p, both on the communication stream; an empty tensor is not sent.
+  void send_and_receive_each(const std::vector<Tensor>& ins, const std::vector<Tensor>& outs, int skip) {
+    for (int p = 0; p < size(); ++p) {
+      if (p == skip) continue;
+      const Tensor& in = ins[static_cast<size_t>(p)];
+      const Tensor& out = outs[static_cast<size_t>(p)];
+      if (in.numel() > 0)
+        comm_->nccl_ok(ncclSend(in.raw_data(), static_cast<size_t>(in.numel()), nccl_type(in.dtype()), p,
+                                comm_->comm(), comm_->stream()), "ncclSend");
+      if (out.numel() > 0)
+        comm_->nccl_ok(ncclRecv(out.raw_data(), static_cast<size_t>(out.numel()), nccl_type(out.dtype()), p,
+                                comm_->comm(), comm_->stream()), "ncclRecv");
+    }
+  }
+
+  // The event run() records after a deferred transfer (owned): the calling thread's compute stream
+  // waits for it in the pending operation's wait(), with no host sync.
+  class TransferDone {
+   public:
+    explicit TransferDone(cudaEvent_t event) : event_(event) {}
+    ~TransferDone() { cudaEventDestroy(event_); }
+    TransferDone(const TransferDone&) = delete;
+    TransferDone& operator=(const TransferDone&) = delete;
+    void order_current_stream() const {
+      cuda_ok(cudaStreamWaitEvent(static_cast<cudaStream_t>(cuda::current_stream()), event_, 0),
+              "cudaStreamWaitEvent");
+    }
+
+   private:
+    cudaEvent_t event_;
+  };
+
   // The receive of exchange()/recv(): wait() orders the calling thread's compute stream after the
   // transfer (an event, no host sync), so work queued between exchange() and wait() overlaps it.
   class Pending final : public PendingRecv {
    public:
     Pending(Tensor out, Device device, cudaEvent_t arrived) : out_(std::move(out)), device_(device), arrived_(arrived) {}
-    ~Pending() override { cudaEventDestroy(arrived_); }
-    Pending(const Pending&) = delete;
-    Pending& operator=(const Pending&) = delete;
     Tensor wait() override {
-      cuda_ok(cudaStreamWaitEvent(static_cast<cudaStream_t>(cuda::current_stream()), arrived_, 0),
-              "cudaStreamWaitEvent");
+      arrived_.order_current_stream();
       return back(out_, device_);
     }
 
    private:
     Tensor out_;
     Device device_;
-    cudaEvent_t arrived_;
+    TransferDone arrived_;
   };
 
   class Reducing final : public PendingReduce {
    public:
     Reducing(Tensor out, Device device, cudaEvent_t reduced, double scale)
         : out_(std::move(out)), device_(device), reduced_(reduced), scale_(scale) {}
-    ~Reducing() override { cudaEventDestroy(reduced_); }
-    Reducing(const Reducing&) = delete;
-    Reducing& operator=(const Reducing&) = delete;
     Tensor wait() override {
-      cuda_ok(cudaStreamWaitEvent(static_cast<cudaStream_t>(cuda::current_stream()), reduced_, 0),
-              "cudaStreamWaitEvent");
+      reduced_.order_current_stream();
       NoGradGuard no_grad;
       return back(scale_ == 1.0 ? out_ : mul(out_, scale_), device_);
     }
@@ -307,7 +307,7 @@ class NcclCommunicator final : public Communicator {
    private:
     Tensor out_;
     Device device_;
-    cudaEvent_t reduced_;
+    TransferDone reduced_;
     double scale_;
   };
 
@@ -315,19 +315,15 @@ class NcclCommunicator final : public Communicator {
    public:
     ArrivingAllToAll(cudaEvent_t arrived, std::vector<std::pair<Tensor, Tensor>> copy_after)
         : arrived_(arrived), copy_after_(std::move(copy_after)) {}
-    ~ArrivingAllToAll() override { cudaEventDestroy(arrived_); }
-    ArrivingAllToAll(const ArrivingAllToAll&) = delete;
-    ArrivingAllToAll& operator=(const ArrivingAllToAll&) = delete;
     void wait() override {
-      cuda_ok(cudaStreamWaitEvent(static_cast<cudaStream_t>(cuda::current_stream()), arrived_, 0),
-              "cudaStreamWaitEvent");
+      arrived_.order_current_stream();
       NoGradGuard no_grad;
       for (auto& [buffer, into] : copy_after_) into.copy_(buffer);
       copy_after_.clear();
     }
 
    private:
-    cudaEvent_t arrived_;
+    TransferDone arrived_;
     std::vector<std::pair<Tensor, Tensor>> copy_after_;
   };
 
