@@ -180,8 +180,6 @@ Device pick_device(const std::string& name) {
 
 // What a captured training step (nn/trainer.h, cuda_graph) cannot hold, refused before anything runs.
 void check_cuda_graph_flags(const TrainArgs& a, const Device& device) {
-  if (!device.is_cuda())
-    throw FlagError("--cuda-graph needs a CUDA device, got --device " + a.device + " (" + device.str() + ")");
   if (a.parallel != "none")
     throw FlagError("--cuda-graph cannot be combined with --parallel " + a.parallel +
                     " (the gradient exchange runs on the host between backward and the update)");
@@ -190,6 +188,8 @@ void check_cuda_graph_flags(const TrainArgs& a, const Device& device) {
   if (a.dropout != 0)
     throw FlagError("--cuda-graph needs --dropout 0, got " + format_real(a.dropout) +
                     " (every replay would repeat the captured step's dropout mask)");
+  if (!device.is_cuda())
+    throw FlagError("--cuda-graph needs a CUDA device, got --device " + a.device + " (" + device.str() + ")");
 }
 
 int run_train(const TrainArgs& args) {

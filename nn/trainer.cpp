@@ -7,6 +7,7 @@
 
 #include "autograd/grad_mode.h"
 #include "io/atomic_file.h"
+#include "tensor/allocator.h"
 #include "tensor/device_checks.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
@@ -179,13 +180,11 @@ StepResult Trainer::run_graph_step(const Batch& batch, int64_t index, const std:
   check_graph_options();  // throws: no CUDA backend
   return run_eager_step(batch, index, before_read, true);
 #else
-  check_graph_options();
   LT_CHECK(!on_gradients && !reduce_loss, "Trainer: cuda_graph cannot capture data-parallel training (the ",
            on_gradients ? "on_gradients" : "reduce_loss", " hook communicates with other ranks on the host); ",
            "train without the CUDA graph");
   LT_CHECK(batch.inputs.defined() && batch.targets.defined(), "Trainer: expected a batch with inputs and targets");
   GraphStep* g = graph_.get();
-  const Device device = model_.parameters().front().device();
   if (g && (g->input_shape != batch.inputs.shape() || g->target_shape != batch.targets.shape() ||
             g->input_dtype != batch.inputs.dtype() || g->target_dtype != batch.targets.dtype())) {
     graph_.reset();  // another shape (a curriculum's next length): warm up and capture again
@@ -208,6 +207,8 @@ StepResult Trainer::run_graph_step(const Batch& batch, int64_t index, const std:
   const auto t0 = Clock::now();
   auto& adamw = dynamic_cast<AdamW&>(optimizer_);
   if (!g->graph) {
+    check_graph_options();
+    const Device device = model_.parameters().front().device();
     const std::string blocker = adamw.fused_blocker();
     LT_CHECK(blocker.empty(), "Trainer: cuda_graph needs every parameter on the fused AdamW kernel, but ", blocker);
     adamw.use_device_scalars(true);
@@ -216,6 +217,9 @@ StepResult Trainer::run_graph_step(const Batch& batch, int64_t index, const std:
     g->inputs.copy_(batch.inputs);
     g->targets.copy_(batch.targets);
     raise_device_checks();  // the warm-up's, so that only the captured step's are taken below
+    // The warm-up's free blocks go back to the device: the graph's pool holds the step's
+    // temporaries from now on, and the stream's cache would only double the reserved memory.
+    empty_cache(device);
     const PhiloxState rng_before = next_philox(0);
     const int64_t steps_before = optimizer_.step_count();
     g->graph = std::make_unique<cuda::Graph>(device.index);
