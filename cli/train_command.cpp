@@ -188,6 +188,9 @@ void check_cuda_graph_flags(const TrainArgs& a, const Device& device) {
   if (a.dropout != 0)
     throw FlagError("--cuda-graph needs --dropout 0, got " + format_real(a.dropout) +
                     " (every replay would repeat the captured step's dropout mask)");
+  if (a.variant == "ring" || a.variant == "head_parallel")
+    throw FlagError("--cuda-graph cannot capture --variant " + a.variant +
+                    " (its ranks run on threads of their own, whose work a graph of this thread's stream misses)");
   if (!device.is_cuda())
     throw FlagError("--cuda-graph needs a CUDA device, got --device " + a.device + " (" + device.str() + ")");
 }

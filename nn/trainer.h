@@ -24,8 +24,9 @@
 // step to step (zeroed in place). Not capturable, each refused with a longtape::Error naming it:
 // a model off CUDA, an optimizer other than fused AdamW on contiguous f32 parameters, a profiled
 // step, data-parallel hooks (on_gradients, reduce_loss), random numbers drawn by the step
-// (dropout > 0), and ops that copy between host and device inside the step. Evaluation runs
-// without the graph.
+// (dropout > 0), and ops that copy between host and device inside the step. Work that other
+// threads queue for the step (the ranks of ring and head_parallel attention) is not captured:
+// such models must not use the graph (`train` refuses them). Evaluation runs without the graph.
 #include <cstdint>
 #include <functional>
 #include <map>

@@ -20,6 +20,10 @@
 #include "support/cli_runner.h"
 #include "tensor/ops.h"
 
+#ifdef LONGTAPE_WITH_CUDA
+#include "cuda/graph.h"
+#endif
+
 using namespace longtape;
 using namespace longtape::models;
 using namespace longtape::nn;
@@ -123,6 +127,7 @@ TEST_CASE("longtape train --cuda-graph: what cannot be captured exits 2 naming t
       {"--device cpu --profile", "--cuda-graph cannot be combined with --profile"},
       {"--device cpu --parallel data", "--cuda-graph cannot be combined with --parallel data"},
       {"--device cpu --dropout 0.1", "--cuda-graph needs --dropout 0, got 0.1"},
+      {"--device cpu --variant ring --inner dense --ranks 2", "--cuda-graph cannot capture --variant ring"},
   };
   for (const Case& c : cases) {
     const auto r = testing::run_command("cd '" + dir.string() + "' && OMP_NUM_THREADS=1 timeout 60 " + bin +
@@ -316,3 +321,52 @@ TEST_CASE("GPU: cuda_graph refuses an optimizer, a profile, hooks, dropout and h
     CHECK(std::isfinite(r.loss));
   }
 }
+
+#ifdef LONGTAPE_WITH_CUDA
+TEST_CASE("GPU: cuda::Graph replays captured ops on new inputs, and its pool's blocks stay its own" *
+          doctest::skip(!cuda_available())) {
+  const Device gpu = Device::cuda(0);
+  const std::vector<double> first = random_values(5000, 21), second = random_values(5000, 22);
+  Tensor x = Tensor::from_vector(first, {5000}, gpu).to(DType::f32);
+  Tensor y;
+  cuda::Graph graph(0);
+  graph.begin_capture();
+  {
+    const Tensor doubled = mul(x, 2.0);  // a temporary, freed inside the capture
+    y = add(doubled, 1.0);
+  }
+  graph.end_capture();
+  REQUIRE(graph.ready());
+  graph.replay();
+  std::vector<double> got = y.to_vector();
+  for (size_t i = 0; i < got.size(); ++i)
+    REQUIRE(got[i] == doctest::Approx(2.0 * static_cast<float>(first[i]) + 1.0).epsilon(1e-6));
+  // Ordinary work after the capture never receives the temporary's block: if it did, the next
+  // replay would overwrite it.
+  std::vector<Tensor> outside;
+  for (int i = 0; i < 4; ++i) outside.push_back(Tensor::full({5000}, 5.0 + i, DType::f32, gpu));
+  x.copy_(Tensor::from_vector(second, {5000}, gpu));
+  graph.replay();
+  got = y.to_vector();
+  for (size_t i = 0; i < got.size(); ++i)
+    REQUIRE(got[i] == doctest::Approx(2.0 * static_cast<float>(second[i]) + 1.0).epsilon(1e-6));
+  for (int i = 0; i < 4; ++i)
+    for (double v : outside[static_cast<size_t>(i)].to_vector()) REQUIRE(v == 5.0 + i);
+}
+
+TEST_CASE("GPU: a host copy inside a capture raises a clear error and the stream works afterwards" *
+          doctest::skip(!cuda_available())) {
+  const Device gpu = Device::cuda(0);
+  cuda::Graph graph(0);
+  graph.begin_capture();
+  CHECK(cuda::stream_capturing());
+  CHECK_THROWS_WITH_AS(Tensor::from_vector(random_values(8, 3), {8}, gpu),
+                       doctest::Contains("expected no copy between host and device inside the captured step"), Error);
+  graph.abort_capture();
+  CHECK_FALSE(cuda::stream_capturing());
+  CHECK_FALSE(graph.ready());
+  CHECK_THROWS_WITH_AS(graph.replay(), doctest::Contains("not captured"), Error);
+  const std::vector<double> values = random_values(8, 4);
+  CHECK(Tensor::from_vector(values, {8}, gpu).to_vector() == values);
+}
+#endif
