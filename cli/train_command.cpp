@@ -570,7 +570,7 @@ const RegisterCommand kTrainCommand{
                    "print a per-op table (calls, self and total time, bytes) of one training step after warm-up");
       sub.add_flag("--cuda-graph", a->cuda_graph,
                    "capture the training step into a CUDA graph after a warm-up step and replay it (CUDA only; "
-                   "not with --profile, --parallel data or --dropout > 0)");
+                   "not with --profile, --parallel data, --variant ring|head_parallel or --dropout > 0)");
       return [a, &sub] {
         for (const CLI::Option* o : sub.get_options())
           if (o->count() > 0) a->given.insert(o->get_name());

@@ -2,7 +2,8 @@
 // on the CPU, the refusals with their messages and the in-place gradients the graph relies on; with
 // a GPU (skipped without one), graph-replayed training against the same run without the graph
 // (bitwise: the same kernels run on the same values), a diverged replay that leaves the weights
-// and the optimizer as they were, and the steps that cannot be captured.
+// and the optimizer as they were, the steps that cannot be captured, and cuda::Graph itself (its
+// replay on new inputs, its private pool, a host copy inside a capture).
 #include <doctest/doctest.h>
 
 #include <cmath>
