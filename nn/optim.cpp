@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "autograd/grad_mode.h"
+#include "tensor/capture_retain.h"
 #include "tensor/ops.h"
 
 #ifdef LONGTAPE_WITH_CUDA
@@ -265,6 +266,8 @@ void AdamW::step() {
     FusedTable& table = *fused_table_;
     table.tensors.update(tensors, fused_device);
     table.chunks.update(chunks, fused_device);
+    retain_during_capture(table.tensors.device);
+    retain_during_capture(table.chunks.device);
     cuda::AdamWHyper hyper{static_cast<float>(lr_),   static_cast<float>(options_.beta1),
                            static_cast<float>(options_.beta2), static_cast<float>(options_.eps),
                            static_cast<float>(bias1), static_cast<float>(std::sqrt(bias2))};
@@ -381,6 +384,8 @@ bool fused_gradient_table(const std::vector<Tensor>& parameters, GradientTable& 
   thread_local Cached& cached = *new Cached;
   cached.refs.update(refs, table.device);
   cached.chunks.update(chunks, table.device);
+  retain_during_capture(cached.refs.device);  // a graph captured now reads them after the cache moved on
+  retain_during_capture(cached.chunks.device);
   table.tensors = cached.refs.data();
   table.chunks = cached.chunks.data();
   table.num_chunks = static_cast<int64_t>(cached.chunks.host.size());

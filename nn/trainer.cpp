@@ -8,6 +8,7 @@
 #include "autograd/grad_mode.h"
 #include "io/atomic_file.h"
 #include "tensor/allocator.h"
+#include "tensor/capture_retain.h"
 #include "tensor/device_checks.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
@@ -147,6 +148,7 @@ struct Trainer::GraphStep {
   Tensor inputs, targets;  // fixed device buffers the graph reads the batch from
   Tensor loss, norm;       // written by every replay
   std::shared_ptr<const DeviceCheckList> checks;
+  std::vector<Tensor> retained;  // cached tensors the graph reads (tensor/capture_retain.h)
   std::unique_ptr<cuda::Graph> graph;  // declared last: destroyed (after its replays finish) first
 };
 #else
@@ -225,6 +227,7 @@ StepResult Trainer::run_graph_step(const Batch& batch, int64_t index, const std:
     g->graph = std::make_unique<cuda::Graph>(device.index);
     g->graph->begin_capture();
     try {
+      RetainDuringCapture retain(g->retained);
       Tensor loss;
       {
         AutocastScope precision(options_.precision);

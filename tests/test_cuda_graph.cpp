@@ -19,6 +19,7 @@
 #include "nn/optim.h"
 #include "nn/trainer.h"
 #include "support/cli_runner.h"
+#include "tensor/capture_retain.h"
 #include "tensor/ops.h"
 
 #ifdef LONGTAPE_WITH_CUDA
@@ -91,6 +92,30 @@ TEST_CASE("AccumulateInPlaceGuard adds into the existing gradient's memory; zero
   for (double v : w.grad().to_vector()) CHECK(v == 0.0);
   sgd.zero_grad();
   CHECK_FALSE(w.grad().defined());
+}
+
+TEST_CASE("RetainDuringCapture keeps what caches hand it for as long as its list lives, and nothing outside") {
+  const Tensor a = Tensor::from_vector(random_values(4, 7), {4});
+  const Tensor b = Tensor::from_vector(random_values(4, 8), {4});
+  retain_during_capture(a);  // no scope: nothing kept
+  CHECK(a.storage().use_count() == 1);
+  std::vector<Tensor> outer, inner;
+  {
+    RetainDuringCapture keep(outer);
+    retain_during_capture(a);
+    {
+      RetainDuringCapture nested(inner);
+      retain_during_capture(b);
+      retain_during_capture(Tensor());  // undefined: ignored
+    }
+    retain_during_capture(b);
+  }
+  retain_during_capture(a);
+  REQUIRE(outer.size() == 2);
+  REQUIRE(inner.size() == 1);
+  CHECK(outer[0].raw_data() == a.raw_data());
+  CHECK(outer[1].raw_data() == b.raw_data());
+  CHECK(inner[0].raw_data() == b.raw_data());
 }
 
 TEST_CASE("cuda_graph refuses a model on the CPU, and AdamW's device scalars refuse CPU parameters") {
