@@ -8,7 +8,7 @@
 //       [--position-init sinusoidal|normal|none]
 //       [--metrics run.csv|run.json]
 //       [--checkpoint PATH] [--checkpoint-every K] [--resume PATH [--fresh-optimizer]] [--seed S] [--threads T]
-//       [--profile] [--parallel none|data]
+//       [--profile] [--parallel none|data] [--cuda-graph]
 //       [--text FILE]
 //
 // The defaults are the README's main job on the CPU: a 2-layer, width-64 model with causal dilated
@@ -130,6 +130,7 @@ struct TrainArgs {
   uint64_t seed = 0;
   int threads = 0;
   bool profile = false;
+  bool cuda_graph = false;
   std::string parallel = "none";
   std::string bucket_mb = "1,25";  // --parallel data: gradient buckets, first then the rest (MiB)
   std::set<std::string> given;  // flags given on the command line (the rest may take device defaults)
@@ -178,6 +179,23 @@ Device pick_device(const std::string& name) {
   return d;
 }
 
+// What a captured training step (nn/trainer.h, cuda_graph) cannot hold, refused before anything runs.
+void check_cuda_graph_flags(const TrainArgs& a, const Device& device) {
+  if (a.parallel != "none")
+    throw FlagError("--cuda-graph cannot be combined with --parallel " + a.parallel +
+                    " (the gradient exchange runs on the host between backward and the update)");
+  if (a.profile)
+    throw FlagError("--cuda-graph cannot be combined with --profile (a replayed step runs no host code to time)");
+  if (a.dropout != 0)
+    throw FlagError("--cuda-graph needs --dropout 0, got " + format_real(a.dropout) +
+                    " (every replay would repeat the captured step's dropout mask)");
+  if (a.variant == "ring" || a.variant == "head_parallel")
+    throw FlagError("--cuda-graph cannot capture --variant " + a.variant +
+                    " (its ranks run on threads of their own, whose work a graph of this thread's stream misses)");
+  if (!device.is_cuda())
+    throw FlagError("--cuda-graph needs a CUDA device, got --device " + a.device + " (" + device.str() + ")");
+}
+
 int run_train(const TrainArgs& args) {
   TrainArgs a = args;
   if (a.parallel != "none" && a.parallel != "data")
@@ -185,6 +203,7 @@ int run_train(const TrainArgs& args) {
   if (a.given.count("--bucket-mb") && a.parallel != "data") throw FlagError("--bucket-mb needs --parallel data");
   parse_bucket_mb(a.bucket_mb);  // a bad value is refused before the process group forms
   Device device = pick_device(a.device);
+  if (a.cuda_graph) check_cuda_graph_flags(a, device);
   std::unique_ptr<DataParallelRun> dp;
   if (a.parallel == "data") {
     dp = std::make_unique<DataParallelRun>(device);
@@ -315,6 +334,7 @@ int run_train(const TrainArgs& args) {
   run["impl"] = a.impl;  // not part of "model": a checkpoint resumes under any implementation
   run["precision"] = precision_name(precision);  // nor is this: master weights are f32 in every precision
   run["compute_precision"] = precision_compute_label(precision, device);
+  if (a.cuda_graph) run["cuda_graph"] = true;
 
   nn::TrainerOptions to;
   to.steps = a.steps;
@@ -327,6 +347,7 @@ int run_train(const TrainArgs& args) {
   to.checkpoint_every = writer ? a.checkpoint_every : 0;
   to.checkpoint_metadata = {{"train_run", run.dump()}};
   to.precision = precision;
+  to.cuda_graph = a.cuda_graph;
   nn::Trainer trainer(model, optimizer, schedule, to);
 
   int64_t start_step = 0;
@@ -446,6 +467,10 @@ int run_train(const TrainArgs& args) {
   std::printf("peak memory on %s: allocated %s, reserved %s\n", device.str().c_str(),
               human_bytes(mem.peak_allocated_bytes).c_str(), human_bytes(mem.peak_reserved_bytes).c_str());
   if (!attention_ran.empty()) std::printf("attention in training: %s\n", attention_ran.c_str());
+  if (a.cuda_graph)
+    std::printf("cuda graph: %lld capture(s), %lld of %lld steps replayed\n",
+                static_cast<long long>(trainer.graph_captures()), static_cast<long long>(trainer.graph_replays()),
+                static_cast<long long>(a.steps - start_step));
   if (!a.checkpoint.empty()) std::printf("checkpoint written to %s\n", a.checkpoint.c_str());
   if (!a.metrics.empty() && writer) {
     if (!attention_json.is_null()) run["attention"] = attention_json;
@@ -551,6 +576,9 @@ const RegisterCommand kTrainCommand{
           ->capture_default_str();
       sub.add_flag("--profile", a->profile,
                    "print a per-op table (calls, self and total time, bytes) of one training step after warm-up");
+      sub.add_flag("--cuda-graph", a->cuda_graph,
+                   "capture the training step into a CUDA graph after a warm-up step and replay it (CUDA only; "
+                   "not with --profile, --parallel data, --variant ring|head_parallel or --dropout > 0)");
       return [a, &sub] {
         for (const CLI::Option* o : sub.get_options())
           if (o->count() > 0) a->given.insert(o->get_name());

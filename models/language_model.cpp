@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "tensor/capture_retain.h"
 #include "tensor/checked_math.h"
 #include "tensor/ops.h"
 
@@ -94,6 +95,7 @@ Tensor LanguageModel::forward(const Tensor& tokens) {
   if (pos_emb) {
     if (!positions_.defined() || positions_.numel() != T || positions_.device() != tokens.device())
       positions_ = Tensor::arange(0, static_cast<double>(T), 1.0, DType::i64, tokens.device());
+    retain_during_capture(positions_);  // a captured step reads it after a call of another length replaced it
     x = add(x, pos_emb->forward(positions_));  // (T, E) broadcast over the batch
   }
   x = drop->forward(x);

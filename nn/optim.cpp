@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "tensor/autograd/grad_mode.h"
+#include "tensor/capture_retain.h"
 #include "tensor/ops.h"
 
 #ifdef LONGTAPE_WITH_CUDA
@@ -33,8 +34,12 @@ Optimizer::Optimizer(NamedTensors parameters, double lr) : parameters_(std::move
   slots_.resize(parameters_.size());
 }
 
-void Optimizer::zero_grad() {
-  for (auto& [name, p] : parameters_) p.set_grad(Tensor());
+void Optimizer::zero_grad(bool set_to_none) {
+  NoGradGuard guard;
+  for (auto& [name, p] : parameters_) {
+    if (set_to_none || !p.grad().defined()) p.set_grad(Tensor());
+    else p.grad().zero_();
+  }
 }
 
 void Optimizer::set_lr(double lr) {
@@ -261,9 +266,22 @@ void AdamW::step() {
     FusedTable& table = *fused_table_;
     table.tensors.update(tensors, fused_device);
     table.chunks.update(chunks, fused_device);
+    retain_during_capture(table.tensors.device);
+    retain_during_capture(table.chunks.device);
     cuda::AdamWHyper hyper{static_cast<float>(lr_),   static_cast<float>(options_.beta1),
                            static_cast<float>(options_.beta2), static_cast<float>(options_.eps),
                            static_cast<float>(bias1), static_cast<float>(std::sqrt(bias2))};
+    if (device_scalars_on_) {
+      LT_CHECK(composed.empty() && device_scalars_.device() == fused_device, "AdamW: device scalars need every ",
+               "parameter on the fused kernel (", fused_blocker(), ")");
+      hyper.device_scalars = device_scalars_.data<float>();
+    }
+    if (skip_gate_.defined()) {
+      LT_CHECK(skip_gate_.device() == fused_device && skip_gate_.dtype() == DType::f32 && skip_gate_.numel() == 1,
+               "AdamW: the skip gate must be one f32 value on ", fused_device.str(), ", got ",
+               dtype_name(skip_gate_.dtype()), " ", shape_str(skip_gate_.shape()), " on ", skip_gate_.device().str());
+      hyper.skip_unless_finite = skip_gate_.data<float>();
+    }
     cuda::fused_adamw(table.tensors.data(), table.chunks.data(), static_cast<int64_t>(chunks.size()), kChunk, hyper);
     // The kernel wrote the parameters in place: graphs that saved them must see it.
     for (size_t i : fused) parameters_[i].second.bump_version();
@@ -273,8 +291,57 @@ void AdamW::step() {
   for (size_t i = 0; i < parameters_.size(); ++i)
     if (parameters_[i].second.grad().defined()) composed.push_back(i);
 #endif
+  LT_CHECK(composed.empty() || (!device_scalars_on_ && !skip_gate_.defined()),
+           "AdamW: device scalars and the skip gate need every parameter on the fused kernel (", fused_blocker(), ")");
   step_with_ops(composed, bias1, bias2);
   ++step_count_;
+}
+
+std::string AdamW::fused_blocker() const {
+#ifdef LONGTAPE_WITH_CUDA
+  if (!options_.fused) return "AdamWOptions::fused is off";
+  Device first;
+  bool any = false;
+  for (const auto& [name, p] : parameters_) {
+    if (!p.grad().defined()) continue;
+    if (!p.device().is_cuda() || p.dtype() != DType::f32 || !p.is_contiguous())
+      return detail::concat("parameter '", name, "' is ", dtype_name(p.dtype()), p.is_contiguous() ? "" : " strided",
+                            " on ", p.device().str(), ", the fused kernel takes contiguous f32 on CUDA");
+    if (any && p.device() != first)
+      return detail::concat("parameter '", name, "' is on ", p.device().str(), ", the others on ", first.str());
+    first = p.device();
+    any = true;
+  }
+  return "";
+#else
+  return "this build has no CUDA backend";
+#endif
+}
+
+void AdamW::use_device_scalars(bool on) {
+  if (!on) {
+    device_scalars_on_ = false;
+    return;
+  }
+  const std::string blocker = fused_blocker();
+  LT_CHECK(blocker.empty(), "AdamW: device scalars need every parameter on the fused CUDA kernel, but ", blocker);
+  LT_CHECK(!parameters_.empty(), "AdamW: device scalars need parameters");
+  const Device device = parameters_.front().second.device();
+  if (!device_scalars_.defined() || device_scalars_.device() != device)
+    device_scalars_ = Tensor::zeros({3}, DType::f32, device);
+  device_scalars_on_ = true;
+}
+
+void AdamW::stage_device_scalars() {
+  LT_CHECK(device_scalars_.defined(), "AdamW::stage_device_scalars: device scalars are off (use_device_scalars)");
+#ifdef LONGTAPE_WITH_CUDA
+  const int64_t t = step_count_ + 1;
+  const double bias1 = 1.0 - std::pow(options_.beta1, static_cast<double>(t));
+  const double bias2 = 1.0 - std::pow(options_.beta2, static_cast<double>(t));
+  cuda::set_adamw_scalars(device_scalars_.data<float>(), static_cast<float>(lr_), static_cast<float>(bias1),
+                          static_cast<float>(std::sqrt(bias2)));
+  device_scalars_.bump_version();
+#endif
 }
 
 // ---------------------------------------------------------------- clipping
@@ -317,6 +384,8 @@ bool fused_gradient_table(const std::vector<Tensor>& parameters, GradientTable& 
   thread_local Cached& cached = *new Cached;
   cached.refs.update(refs, table.device);
   cached.chunks.update(chunks, table.device);
+  retain_during_capture(cached.refs.device);  // a graph captured now reads them after the cache moved on
+  retain_during_capture(cached.chunks.device);
   table.tensors = cached.refs.data();
   table.chunks = cached.chunks.data();
   table.num_chunks = static_cast<int64_t>(cached.chunks.host.size());
@@ -370,6 +439,26 @@ void scale_grads_to_norm(const std::vector<Tensor>& parameters, double norm, dou
     Tensor g = p.grad();
     if (g.defined()) g.copy_(mul(g, coef));
   }
+}
+
+void clip_grads_on_device(const std::vector<Tensor>& parameters, const Tensor& norm, double max_norm) {
+  LT_CHECK(max_norm > 0, "clip_grads_on_device: max_norm must be > 0, got ", max_norm);
+  LT_CHECK(norm.defined() && norm.numel() == 1 && norm.dtype() == DType::f32 && norm.device().is_cuda(),
+           "clip_grads_on_device: expected the norm as one f32 value on a CUDA device, got ",
+           norm.defined() ? dtype_name(norm.dtype()) + std::string(" ") + shape_str(norm.shape()) + " on " +
+                                norm.device().str()
+                          : std::string("an undefined tensor"));
+  NoGradGuard guard;
+#ifdef LONGTAPE_WITH_CUDA
+  GradientTable table;
+  LT_CHECK(fused_gradient_table(parameters, table) && table.device == norm.device(),
+           "clip_grads_on_device: expected every gradient contiguous f32 on ", norm.device().str(),
+           " (the fused clipping kernel), got another layout, dtype or device");
+  cuda::fused_clip_to_norm(table.tensors, table.chunks, table.num_chunks, kClipChunk, norm.data<float>(), max_norm);
+  for (const Tensor& g : table.gradients) g.bump_version();
+#else
+  LT_CHECK(false, "clip_grads_on_device: this build has no CUDA backend");
+#endif
 }
 
 double grad_norm(const std::vector<Tensor>& parameters) {

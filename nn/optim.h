@@ -28,7 +28,10 @@ class Optimizer {
 
   // One update from the parameters' current .grad (parameters without a gradient are skipped).
   virtual void step() = 0;
-  void zero_grad();  // clears every parameter's .grad
+  // Clears every parameter's .grad; with set_to_none = false, gradients that exist are zeroed in
+  // place instead (they keep their memory, as a captured CUDA graph needs; backward then adds into
+  // them under autograd's AccumulateInPlaceGuard).
+  void zero_grad(bool set_to_none = true);
 
   double lr() const { return lr_; }
   void set_lr(double lr);
@@ -116,6 +119,19 @@ class AdamW : public Optimizer {
   // Number of step() calls that used the fused CUDA kernel (for tests and logs).
   int64_t fused_steps() const { return fused_steps_; }
 
+  // CUDA graphs (TrainerOptions::cuda_graph). Empty when every parameter with a gradient takes
+  // the fused kernel (contiguous f32 on one CUDA device, options().fused), else why not.
+  std::string fused_blocker() const;
+  // With device scalars on, step() launches the fused kernel reading its learning rate and bias
+  // corrections from device memory, which stage_device_scalars() fills (asynchronously, on the
+  // current stream) for step step_count() + 1 at lr(): a step captured while they are on replays
+  // with each step's values. Turning them off keeps the memory (a captured graph still reads it).
+  void use_device_scalars(bool on);
+  void stage_device_scalars();
+  // With a gate (a 0-d f32 tensor on the parameters' device, such as the gradient norm), the
+  // fused update is skipped on the device when the gate's value is not finite. Undefined = none.
+  void set_skip_gate(const Tensor& gate) { skip_gate_ = gate; }
+
  private:
   void step_with_ops(const std::vector<size_t>& which, double bias1, double bias2);
   bool decays(size_t i) const;
@@ -124,6 +140,9 @@ class AdamW : public Optimizer {
   int64_t fused_steps_ = 0;
   struct FusedTable;
   std::unique_ptr<FusedTable> fused_table_;  // device-side parameter list, reused while unchanged
+  Tensor device_scalars_;  // f32 (lr, 1 - b1^t, sqrt(1 - b2^t)) on the device, once used
+  bool device_scalars_on_ = false;
+  Tensor skip_gate_;
 };
 
 // Scales all gradients so their global L2 norm is at most max_norm (when it is larger) and returns
@@ -137,6 +156,10 @@ double grad_norm(const std::vector<Tensor>& parameters);
 // a norm read elsewhere.
 Tensor grad_norm_tensor(const std::vector<Tensor>& parameters);
 void scale_grads_to_norm(const std::vector<Tensor>& parameters, double norm, double max_norm);
+// The clipping rule on the device, for a norm that stays there (CUDA graphs): the gradients are
+// scaled by max_norm / (norm + 1e-6) when `norm` (from grad_norm_tensor) is finite and above
+// max_norm. Needs every gradient contiguous f32 on one CUDA device (throws otherwise).
+void clip_grads_on_device(const std::vector<Tensor>& parameters, const Tensor& norm, double max_norm);
 
 // Linear warmup from lr/warmup to lr over `warmup_steps`, then cosine decay to `min_lr` at
 // `total_steps`; constant min_lr afterwards. lr_at(step) for step = 0, 1, ...

@@ -7,9 +7,16 @@
 
 #include "tensor/autograd/grad_mode.h"
 #include "io/atomic_file.h"
+#include "tensor/allocator.h"
+#include "tensor/capture_retain.h"
+#include "tensor/device_checks.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 #include "tensor/profiler.h"
+
+#ifdef LONGTAPE_WITH_CUDA
+#include "tensor/cuda/graph.h"
+#endif
 
 namespace longtape::nn {
 
@@ -42,9 +49,22 @@ Trainer::Trainer(Module& model, Logits logits, Optimizer& optimizer, CosineSched
            options_.eval_batches);
   LT_CHECK(options_.checkpoint_every == 0 || !options_.checkpoint.empty(),
            "Trainer: checkpoint_every needs a checkpoint path");
+  if (options_.cuda_graph) check_graph_options();
+}
+
+void Trainer::set_profile_step(int64_t index) {
+  LT_CHECK(!options_.cuda_graph || index < 0, "Trainer: cuda_graph cannot profile step ", index + 1,
+           " (a replayed graph runs no host code to record); profile without the CUDA graph");
+  options_.profile_step = index;
 }
 
 StepResult Trainer::run_step(const Batch& batch, int64_t index, const std::function<void()>& before_read) {
+  if (options_.cuda_graph) return run_graph_step(batch, index, before_read);
+  return run_eager_step(batch, index, before_read, false);
+}
+
+StepResult Trainer::run_eager_step(const Batch& batch, int64_t index, const std::function<void()>& before_read,
+                                   bool in_place_grads) {
   const auto t0 = Clock::now();
   Tensor loss;
   {
@@ -54,7 +74,9 @@ StepResult Trainer::run_step(const Batch& batch, int64_t index, const std::funct
       loss = cross_entropy(logits_(batch.inputs), batch.targets, kIgnoreIndex);
     }
     profiler::Scope scope("backward");
-    optimizer_.zero_grad();
+    optimizer_.zero_grad(!in_place_grads);
+    std::optional<autograd::AccumulateInPlaceGuard> in_place;
+    if (in_place_grads) in_place.emplace();
     loss.backward();
   }
   if (on_gradients) {
@@ -91,18 +113,177 @@ StepResult Trainer::run_step(const Batch& batch, int64_t index, const std::funct
     schedule_.apply(optimizer_, index);
     optimizer_.step();
   }
+  StepResult r = finish_step(index, loss_value, norm);
+  r.seconds = seconds_since(t0);
+  return r;
+}
+
+StepResult Trainer::finish_step(int64_t index, double loss_value, double norm) {
+  if (options_.stop_on_non_finite && !std::isfinite(norm)) {
+    if (on_diverged) on_diverged();
+    LT_CHECK(false, "train: the gradient norm became ", norm, " at step ", index + 1, " (loss ", loss_value,
+             "); stopped without saving a checkpoint (", options_.divergence_hint, ")");
+  }
   StepResult r;
   r.step = index + 1;
   r.loss = loss_value;
   r.lr = optimizer_.lr();
   r.grad_norm = norm;
-  r.seconds = seconds_since(t0);
   if (options_.stop_on_non_finite && !std::isfinite(r.loss)) {
     if (on_diverged) on_diverged();
     LT_CHECK(false, "train: the loss became ", r.loss, " at step ", index + 1,
              "; stopped without saving a checkpoint (", options_.divergence_hint, ")");
   }
   return r;
+}
+
+// ---------------------------------------------------------------- CUDA graph of the step
+
+#ifdef LONGTAPE_WITH_CUDA
+struct Trainer::GraphStep {
+  Shape input_shape, target_shape;  // the batch shape it was captured for
+  DType input_dtype = DType::i64, target_dtype = DType::i64;
+  Device input_device, target_device;
+  int64_t warm_steps = 0;  // eager steps run at this shape
+  Tensor inputs, targets;  // fixed device buffers the graph reads the batch from
+  Tensor loss, norm;       // written by every replay
+  std::shared_ptr<const DeviceCheckList> checks;
+  std::vector<Tensor> retained;  // cached tensors the graph reads (tensor/capture_retain.h)
+  std::unique_ptr<cuda::Graph> graph;  // declared last: destroyed (after its replays finish) first
+};
+#else
+struct Trainer::GraphStep {};
+#endif
+
+Trainer::~Trainer() = default;
+
+void Trainer::check_graph_options() const {
+  const auto parameters = model_.named_parameters();
+  LT_CHECK(!parameters.empty(), "Trainer: cuda_graph needs a model with parameters");
+  for (const auto& [name, p] : parameters)
+    LT_CHECK(p.device().is_cuda(), "Trainer: cuda_graph needs the model on a CUDA device, got parameter '", name,
+             "' on ", p.device().str());
+#ifndef LONGTAPE_WITH_CUDA
+  LT_CHECK(false, "Trainer: cuda_graph needs the CUDA backend, but this build has none");
+#endif
+  const auto* adamw = dynamic_cast<const AdamW*>(&optimizer_);
+  LT_CHECK(adamw, "Trainer: cuda_graph needs the fused AdamW optimizer, got ", optimizer_.type_name());
+  LT_CHECK(adamw->options().fused, "Trainer: cuda_graph needs the fused AdamW kernel, got AdamWOptions::fused = false");
+  for (const auto& [name, p] : optimizer_.named_parameters())
+    LT_CHECK(p.dtype() == DType::f32 && p.is_contiguous(), "Trainer: cuda_graph needs contiguous f32 parameters "
+             "(the fused AdamW kernel), got '", name, "' as ", dtype_name(p.dtype()),
+             p.is_contiguous() ? "" : " (strided)");
+  LT_CHECK(options_.profile_step < 0, "Trainer: cuda_graph cannot profile step ", options_.profile_step + 1,
+           " (a replayed graph runs no host code to record); profile without the CUDA graph");
+}
+
+StepResult Trainer::run_graph_step(const Batch& batch, int64_t index, const std::function<void()>& before_read) {
+#ifndef LONGTAPE_WITH_CUDA
+  check_graph_options();  // throws: no CUDA backend
+  return run_eager_step(batch, index, before_read, true);
+#else
+  LT_CHECK(!on_gradients && !reduce_loss, "Trainer: cuda_graph cannot capture data-parallel training (the ",
+           on_gradients ? "on_gradients" : "reduce_loss", " hook communicates with other ranks on the host); ",
+           "train without the CUDA graph");
+  LT_CHECK(batch.inputs.defined() && batch.targets.defined(), "Trainer: expected a batch with inputs and targets");
+  GraphStep* g = graph_.get();
+  if (g && (g->input_shape != batch.inputs.shape() || g->target_shape != batch.targets.shape() ||
+            g->input_dtype != batch.inputs.dtype() || g->target_dtype != batch.targets.dtype())) {
+    graph_.reset();  // another shape (a curriculum's next length): warm up and capture again
+    g = nullptr;
+  }
+  if (!g) {
+    graph_ = std::make_unique<GraphStep>();
+    g = graph_.get();
+    g->input_shape = batch.inputs.shape();
+    g->target_shape = batch.targets.shape();
+    g->input_dtype = batch.inputs.dtype();
+    g->target_dtype = batch.targets.dtype();
+  }
+  // Warm-up: one eager step at this shape allocates the gradients, the optimizer's state and its
+  // device tables, cuBLAS's handles and every cache an op fills on first use, outside the graph.
+  if (!g->graph && g->warm_steps < 1) {
+    ++g->warm_steps;
+    return run_eager_step(batch, index, before_read, true);
+  }
+  const auto t0 = Clock::now();
+  auto& adamw = dynamic_cast<AdamW&>(optimizer_);
+  if (!g->graph) {
+    check_graph_options();
+    const Device device = model_.parameters().front().device();
+    const std::string blocker = adamw.fused_blocker();
+    LT_CHECK(blocker.empty(), "Trainer: cuda_graph needs every parameter on the fused AdamW kernel, but ", blocker);
+    adamw.use_device_scalars(true);
+    g->inputs = Tensor::empty(batch.inputs.shape(), batch.inputs.dtype(), device);
+    g->targets = Tensor::empty(batch.targets.shape(), batch.targets.dtype(), device);
+    g->inputs.copy_(batch.inputs);
+    g->targets.copy_(batch.targets);
+    raise_device_checks();  // the warm-up's, so that only the captured step's are taken below
+    // The warm-up's free blocks go back to the device: the graph's pool holds the step's
+    // temporaries from now on, and the stream's cache would only double the reserved memory.
+    empty_cache(device);
+    const PhiloxState rng_before = next_philox(0);
+    const int64_t steps_before = optimizer_.step_count();
+    g->graph = std::make_unique<cuda::Graph>(device.index);
+    g->graph->begin_capture();
+    try {
+      RetainDuringCapture retain(g->retained);
+      Tensor loss;
+      {
+        AutocastScope precision(options_.precision);
+        loss = cross_entropy(logits_(g->inputs), g->targets, kIgnoreIndex);
+        optimizer_.zero_grad(false);
+        autograd::AccumulateInPlaceGuard in_place;
+        loss.backward();
+      }
+      NoGradGuard no_grad;
+      const std::vector<Tensor> parameters = model_.parameters();
+      g->norm = grad_norm_tensor(parameters);
+      g->loss = loss.detach();
+      LT_CHECK(g->norm.defined(), "Trainer: cuda_graph: no parameter received a gradient");
+      if (options_.clip > 0) clip_grads_on_device(parameters, g->norm, options_.clip);
+      adamw.set_skip_gate(options_.stop_on_non_finite ? g->norm : Tensor());
+      optimizer_.step();
+      adamw.set_skip_gate(Tensor());
+      adamw.use_device_scalars(false);
+      g->graph->end_capture();
+    } catch (const std::exception& error) {
+      g->graph->abort_capture();
+      adamw.set_skip_gate(Tensor());
+      adamw.use_device_scalars(false);
+      take_device_checks();
+      optimizer_.set_step_count(steps_before);
+      graph_.reset();
+      throw Error(detail::concat("Trainer: cuda_graph could not capture step ", index + 1, ": ", error.what()));
+    }
+    g->checks = take_device_checks();
+    optimizer_.set_step_count(steps_before);  // the capture ran nothing; the replays count
+    const PhiloxState rng_after = next_philox(0);
+    if (rng_after.seed != rng_before.seed || rng_after.offset != rng_before.offset) {
+      graph_.reset();
+      LT_CHECK(false, "Trainer: cuda_graph cannot capture a step that draws random numbers (dropout > 0 or another ",
+               "random op: every replay would repeat the first step's numbers); train with dropout 0 or without "
+               "the CUDA graph");
+    }
+    ++graph_captures_;
+  } else {
+    g->inputs.copy_(batch.inputs);  // outside the graph: the upload may come from host memory
+    g->targets.copy_(batch.targets);
+  }
+  schedule_.apply(optimizer_, index);
+  adamw.stage_device_scalars();
+  g->graph->replay();
+  ++graph_replays_;
+  requeue_device_checks(*g->checks);
+  if (before_read) before_read();
+  const std::vector<double> read = read_together(g->loss, g->norm);
+  const double loss_value = read[0], norm = read[1];
+  // The device skipped a diverged update; the host counts only the updates that ran.
+  if (!options_.stop_on_non_finite || std::isfinite(norm)) optimizer_.set_step_count(optimizer_.step_count() + 1);
+  StepResult r = finish_step(index, loss_value, norm);
+  r.seconds = seconds_since(t0);
+  return r;
+#endif
 }
 
 void Trainer::fit(const BatchSource& data, int64_t first_step) {
@@ -170,6 +351,7 @@ void Trainer::save_checkpoint(int64_t step) const {
 }
 
 CheckpointInfo Trainer::load_checkpoint(const std::string& path, bool fresh_optimizer) {
+  graph_.reset();  // the optimizer's state tensors are replaced: a captured step would use the old ones
   return nn::load_checkpoint(path, model_, fresh_optimizer ? nullptr : &optimizer_);
 }
 

@@ -12,9 +12,25 @@
 // run does from s on. With stop_on_non_finite, a non-finite gradient norm stops the run before the
 // step changes the weights, and a non-finite loss right after it; either throws and no checkpoint
 // is written (the last one saved stays as it was).
+//
+// With cuda_graph, the step (forward, loss, backward, gradient norm and clipping, AdamW update) is
+// captured into one CUDA graph after a warm-up step and replayed for every later step at the same
+// batch shape; a step of another shape (a curriculum's next length) runs one warm-up step at that
+// shape and captures again. Inside the graph nothing waits for the host: the learning rate and
+// AdamW's bias corrections are written to device memory before each replay, the clipping factor
+// is computed on the device, and a non-finite gradient norm skips the update on the device (the
+// moments too), after which the step's one read sees it and throws as without the graph. The
+// batch is copied into fixed device buffers before each replay. Gradients keep their memory from
+// step to step (zeroed in place). Not capturable, each refused with a longtape::Error naming it:
+// a model off CUDA, an optimizer other than fused AdamW on contiguous f32 parameters, a profiled
+// step, data-parallel hooks (on_gradients, reduce_loss), random numbers drawn by the step
+// (dropout > 0), and ops that copy between host and device inside the step. Work that other
+// threads queue for the step (the ranks of ring and head_parallel attention) is not captured:
+// such models must not use the graph (`train` refuses them). Evaluation runs without the graph.
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -56,6 +72,7 @@ struct TrainerOptions {
   std::map<std::string, std::string> checkpoint_metadata;  // extra pairs of every checkpoint
   int64_t profile_step = -1;         // 0-based index of a step to record with tensor/profiler.h; -1 = none
   Precision precision = Precision::f32;  // in force over every forward, loss and backward (tensor/precision.h)
+  bool cuda_graph = false;           // capture the step into a CUDA graph and replay it (see the top)
 };
 
 // One finished optimizer step.
@@ -83,6 +100,9 @@ class Trainer {
   Trainer(Model& model, Optimizer& optimizer, CosineSchedule schedule, TrainerOptions options)
       : Trainer(static_cast<Module&>(model), [&model](const Tensor& tokens) { return model.forward(tokens); },
                 optimizer, schedule, std::move(options)) {}
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
 
   // Called after backward, before the gradient norm is measured (data parallel training averages
   // the gradients over the ranks here, so the norm, the clipping and the step agree everywhere).
@@ -117,19 +137,34 @@ class Trainer {
 
   const TrainerOptions& options() const { return options_; }
   // Which step to profile, once the first step is known (after a resume).
-  void set_profile_step(int64_t index) { options_.profile_step = index; }
+  void set_profile_step(int64_t index);
+  // With cuda_graph: how many steps replayed a captured graph, and how many captures were made.
+  int64_t graph_replays() const { return graph_replays_; }
+  int64_t graph_captures() const { return graph_captures_; }
 
  private:
   // One step; `before_read` runs after backward and the gradient exchange are queued, just before
   // the step's device read (fit() fetches the next batch there, while the device finishes the
   // step, so that the next step's upload does not wait for an idle device).
   StepResult run_step(const Batch& batch, int64_t index, const std::function<void()>& before_read);
+  // The step without a graph; `in_place_grads` keeps the gradients' memory (graph warm-up).
+  StepResult run_eager_step(const Batch& batch, int64_t index, const std::function<void()>& before_read,
+                            bool in_place_grads);
+  // The step with cuda_graph: warm-up, capture or replay.
+  StepResult run_graph_step(const Batch& batch, int64_t index, const std::function<void()>& before_read);
+  // The loss and norm of a finished step, checked for non-finite values.
+  StepResult finish_step(int64_t index, double loss_value, double norm);
+  void check_graph_options() const;
 
   Module& model_;
   Logits logits_;
   Optimizer& optimizer_;
   CosineSchedule schedule_;
   TrainerOptions options_;
+  struct GraphStep;
+  std::unique_ptr<GraphStep> graph_;  // with cuda_graph: the captured step of the current shape
+  int64_t graph_replays_ = 0;
+  int64_t graph_captures_ = 0;
 };
 
 // One row of a run's metrics file.

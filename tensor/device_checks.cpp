@@ -60,4 +60,19 @@ void raise_device_checks() {
 
 size_t pending_device_checks() { return t_pending.size(); }
 
+struct DeviceCheckList {
+  std::deque<PendingCheck> checks;
+};
+
+std::shared_ptr<const DeviceCheckList> take_device_checks() {
+  auto list = std::make_shared<DeviceCheckList>();
+  list->checks.swap(t_pending);
+  return list;
+}
+
+void requeue_device_checks(const DeviceCheckList& list) {
+  for (const PendingCheck& c : list.checks) t_pending.push_back(c);
+  if (t_pending.size() > kMaxPending) raise_device_checks();
+}
+
 }  // namespace longtape

@@ -8,6 +8,7 @@
 // bounds before the error is raised; results computed from a batch with a bad index are not used.
 // On the CPU the check is immediate.
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "tensor/tensor.h"
@@ -26,5 +27,12 @@ void raise_device_checks();
 
 // Number of checks pending on this thread (for tests).
 size_t pending_device_checks();
+
+// CUDA graphs: the checks queued while a step was captured are taken off this thread's list and
+// queued again after each replay (the replay refills their device words), so the read after every
+// replayed step raises them as it does for an ordinary step.
+struct DeviceCheckList;
+std::shared_ptr<const DeviceCheckList> take_device_checks();
+void requeue_device_checks(const DeviceCheckList& checks);
 
 }  // namespace longtape

@@ -817,6 +817,90 @@ TEST_CASE("destroying the allocator returns every segment to the device") {
 
 #ifdef LONGTAPE_WITH_CUDA
 
+TEST_CASE("a private pool serves only its own key, reuses its frees inside itself and keeps its segments") {
+  FakeDevice device(64 * MiB);
+  CachingAllocator pool(device);
+  constexpr uintptr_t kStream = 7, kGraph = 1001;
+  std::map<void*, size_t> live;
+  // A block freed on the stream before the capture is not taken by the private pool.
+  void* before = pool.allocate(300 * KiB, kStream);
+  pool.free(before);
+  pool.begin_private_pool(kGraph);
+  CHECK(pool.is_private_pool(kGraph));
+  CHECK_THROWS_WITH_AS(pool.begin_private_pool(kGraph), doctest::Contains("not yet private"), longtape::Error);
+  void* a = pool.allocate(300 * KiB, kGraph);
+  void* big = pool.allocate(5 * MiB, kGraph);
+  CHECK(a != before);
+  // Freed inside the capture: reused by the next private request of a size it fits.
+  pool.free(a);
+  void* b = pool.allocate(200 * KiB, kGraph);
+  CHECK(b == a);
+  live[b] = 200 * KiB;
+  live[big] = 5 * MiB;
+  // Ordinary requests of the stream never see the private pool's free blocks.
+  void* outside = pool.allocate(100 * KiB, kStream);
+  live[outside] = 100 * KiB;
+  CHECK(outside == before);
+  pool.free(big);
+  live.erase(big);
+  void* outside_big = pool.allocate(5 * MiB, kStream);
+  live[outside_big] = 5 * MiB;
+  CHECK(outside_big != big);
+  // empty_cache leaves the live graph's free segment alone.
+  const int64_t frees_before = pool.stats().device_frees;
+  pool.empty_cache();
+  CHECK(pool.stats().device_frees == frees_before);
+  check_invariants(pool, device, live);
+  for (const auto& segment : pool.snapshot())
+    if (segment.address <= address_of(b) && address_of(b) < segment.address + segment.size)
+      CHECK(segment.stream == kGraph);
+
+  // Released: the wholly free large segment goes back to the device, the segment with the block
+  // still in use (a graph output) joins the owner stream's cache.
+  pool.release_private_pool(kGraph, kStream);
+  CHECK_FALSE(pool.is_private_pool(kGraph));
+  CHECK(pool.stats().device_frees == frees_before + 1);
+  check_invariants(pool, device, live);
+  int owned_by_stream = 0, still_private = 0;
+  for (const auto& segment : pool.snapshot()) {
+    owned_by_stream += segment.stream == kStream;
+    still_private += segment.stream == kGraph;
+  }
+  CHECK(still_private == 0);
+  CHECK(owned_by_stream == 3);  // the small one with `outside`, the one with `b`, `outside_big`'s
+  pool.free(b);
+  live.erase(b);
+  // Three 1 MiB requests fit without a device malloc only if the old private segment serves the stream.
+  const int mallocs = device.malloc_calls;
+  for (int i = 0; i < 3; ++i) {
+    void* ptr = pool.allocate(MiB, kStream);
+    live[ptr] = MiB;
+  }
+  CHECK(device.malloc_calls == mallocs);
+  check_invariants(pool, device, live);
+  for (auto& [ptr, size] : live) pool.free(ptr);
+  CHECK_THROWS_WITH_AS(pool.release_private_pool(kGraph, kStream), doctest::Contains("private pool's key"),
+                       longtape::Error);
+}
+
+TEST_CASE("a private pool that runs out of device memory throws without releasing the cache") {
+  FakeDevice device(8 * MiB);
+  CachingAllocator pool(device);
+  constexpr uintptr_t kStream = 3, kGraph = 77;
+  std::vector<void*> blocks;
+  for (int i = 0; i < 8; ++i) blocks.push_back(pool.allocate(MiB, kStream));
+  for (void* ptr : blocks) pool.free(ptr);
+  pool.begin_private_pool(kGraph);
+  // Releasing the stream's cache would free device memory in the middle of a capture.
+  CHECK_THROWS_AS(pool.allocate(6 * MiB, kGraph), longtape::OutOfMemoryError);
+  CHECK(pool.stats().device_frees == 0);
+  CHECK(pool.stats().retries == 0);
+  pool.release_private_pool(kGraph, kStream);
+  void* large = pool.allocate(6 * MiB, kStream);  // an ordinary request still may
+  CHECK(pool.stats().retries == 1);
+  pool.free(large);
+}
+
 TEST_CASE("GPU pool: asking for more than the GPU has throws OutOfMemoryError and the pool recovers") {
   if (!longtape::cuda_available()) {
     MESSAGE("skipped: no CUDA device is visible");

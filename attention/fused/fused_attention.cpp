@@ -8,6 +8,7 @@
 #include "tensor/autograd/grad_mode.h"
 #include "tensor/autograd/node.h"
 #include "tensor/backend_options.h"
+#include "tensor/capture_retain.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
 
@@ -108,18 +109,23 @@ BlockCsr device_csr(const std::shared_ptr<const std::vector<BlockLists>>& lists,
   // Most recent first; never destroyed, so no device tensor outlives the CUDA runtime at exit.
   static auto& cache = *new std::deque<Entry>();
   std::lock_guard<std::mutex> lock(mutex);
+  // A graph captured now reads these tables on every replay, after the cache may have dropped them.
+  const auto retained = [](const BlockCsr& csr) {
+    for (const Tensor* t : {&csr.row_begin, &csr.col_index, &csr.col_begin, &csr.row_index}) retain_during_capture(*t);
+    return csr;
+  };
   for (auto it = cache.begin(); it != cache.end(); ++it) {
     if (it->device == device && it->csr.nqb == nqb && it->csr.nkb == nkb && it->lists.lock() == lists) {
       Entry hit = std::move(*it);
       cache.erase(it);
       cache.push_front(std::move(hit));
-      return cache.front().csr;
+      return retained(cache.front().csr);
     }
   }
   BlockCsr csr = upload(host_csr(*lists, nqb, nkb), nqb, nkb, device);
   cache.push_front({device, lists, csr});
   if (cache.size() > kEntries) cache.pop_back();
-  return csr;
+  return retained(csr);
 }
 
 struct Inputs {

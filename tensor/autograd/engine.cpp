@@ -21,6 +21,12 @@ thread_local bool g_draining = false;
 bool grad_enabled() { return g_grad_enabled; }
 void set_grad_enabled(bool on) { g_grad_enabled = on; }
 
+namespace {
+thread_local bool g_accumulate_in_place = false;
+}
+bool accumulate_in_place() { return g_accumulate_in_place; }
+void set_accumulate_in_place(bool on) { g_accumulate_in_place = on; }
+
 Node::Node() : sequence_nr(g_next_sequence_nr.fetch_add(1)) {}
 
 Node::~Node() {
@@ -77,7 +83,11 @@ std::vector<Tensor> AccumulateGrad::apply(const std::vector<Tensor>& grad_output
     leaf->grad = g.detach().clone().impl_ptr();
   } else {
     Tensor acc(leaf->grad);
-    leaf->grad = add(acc, g).impl_ptr();
+    if (g_accumulate_in_place && acc.is_contiguous() && acc.shape() == g.shape() && acc.dtype() == g.dtype() &&
+        acc.device() == g.device())
+      acc.copy_(add(acc, g));
+    else
+      leaf->grad = add(acc, g).impl_ptr();
   }
   return {};
 }

@@ -110,7 +110,8 @@ void* CachingAllocator::allocate(size_t nbytes, uintptr_t stream) {
   std::lock_guard lock(mutex_);
   if (nbytes > kLargestRequest) throw_out_of_memory(nbytes, nbytes);
   if (options_.bypass_cache) return bypass_allocate(nbytes);
-  process_pending_frees();
+  const bool private_pool = private_pools_.count(stream) > 0;
+  if (!private_pool) process_pending_frees();
 
   const size_t size = round_size(nbytes);
   const bool small = size <= kSmallRequest;
@@ -120,7 +121,7 @@ void* CachingAllocator::allocate(size_t nbytes, uintptr_t stream) {
   if (block) {
     ++stats_.cache_hits;
   } else {
-    block = new_segment(size, small, stream, nbytes);
+    block = new_segment(size, small, stream, nbytes, /*may_release=*/!private_pool);
   }
 
   const size_t remaining = block->size - size;
@@ -165,9 +166,9 @@ CachingAllocator::Block* CachingAllocator::take_shared_segment(FreeBlocks& pool,
 }
 
 CachingAllocator::Block* CachingAllocator::new_segment(size_t rounded, bool small, uintptr_t stream,
-                                                       size_t requested) {
+                                                       size_t requested, bool may_release) {
   const size_t bytes = segment_size(rounded);
-  auto* base = static_cast<char*>(device_malloc_with_retry(bytes, requested));
+  auto* base = static_cast<char*>(device_malloc_with_retry(bytes, requested, may_release));
   auto* segment = new Segment{base, bytes, stream, small, nullptr};
   auto* block = new Block{stream, bytes, base, false, segment, nullptr, nullptr};
   segment->head = block;
@@ -176,8 +177,9 @@ CachingAllocator::Block* CachingAllocator::new_segment(size_t rounded, bool smal
   return block;
 }
 
-void* CachingAllocator::device_malloc_with_retry(size_t nbytes, size_t requested) {
+void* CachingAllocator::device_malloc_with_retry(size_t nbytes, size_t requested, bool may_release) {
   void* ptr = device_.malloc(nbytes);
+  if (!ptr && !may_release) throw_out_of_memory(requested, nbytes);
   if (!ptr) {
     // Cached segments of other sizes or streams may be what fills the device.
     release_unused_segments();
@@ -313,6 +315,40 @@ void CachingAllocator::retire_stream(uintptr_t stream) {
   }
 }
 
+void CachingAllocator::begin_private_pool(uintptr_t key) {
+  std::lock_guard lock(mutex_);
+  LT_CHECK(key != kSharedStream, "begin_private_pool: the shared key ", kSharedStream, " cannot be private");
+  LT_CHECK(private_pools_.insert(key).second, "begin_private_pool: expected a key not yet private, got ", key);
+}
+
+bool CachingAllocator::is_private_pool(uintptr_t key) const {
+  std::lock_guard lock(mutex_);
+  return private_pools_.count(key) > 0;
+}
+
+void CachingAllocator::release_private_pool(uintptr_t key, uintptr_t owner) {
+  std::lock_guard lock(mutex_);
+  LT_CHECK(private_pools_.count(key), "release_private_pool: expected a private pool's key, got ", key);
+  LT_CHECK(!private_pools_.count(owner), "release_private_pool: the owner ", owner, " is itself a private pool");
+  std::vector<Block*> unused;
+  for (auto& [base, segment] : segments_) {
+    if (segment->stream != key) continue;
+    if (!segment->head->allocated && !segment->head->next) {
+      unused.push_back(segment->head);
+      continue;
+    }
+    FreeBlocks& pool = pool_of(*segment);
+    for (Block* block = segment->head; block; block = block->next) {
+      if (!block->allocated) pool.erase(block);
+      block->stream = owner;
+      if (!block->allocated) pool.insert(block);
+    }
+    segment->stream = owner;
+  }
+  private_pools_.erase(key);
+  for (Block* head : unused) release_segment(head);
+}
+
 void CachingAllocator::release_segment(Block* head) {
   Segment* segment = head->segment;
   device_.free(segment->base);  // first, so a throwing device leaves the bookkeeping intact
@@ -328,8 +364,8 @@ void CachingAllocator::release_unused_segments() {
   // After merging, a segment with nothing in use is a single free block covering all of it.
   for (FreeBlocks* pool : {&small_free_, &large_free_}) {
     std::vector<Block*> unused;
-    for (Block* block : *pool)
-      if (!block->prev && !block->next) unused.push_back(block);
+    for (Block* block : *pool)  // a live graph's pool keeps its segments (its replays use them)
+      if (!block->prev && !block->next && !private_pools_.count(block->stream)) unused.push_back(block);
     for (Block* block : unused) release_segment(block);
   }
 }

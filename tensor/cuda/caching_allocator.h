@@ -77,7 +77,7 @@ class CachingAllocator {
   MemoryStats stats() const;
   // Peaks restart from the current values.
   void reset_peak();
-  // Returns every cached segment that has no block in use to the device.
+  // Returns every cached segment that has no block in use to the device (a private pool's stay).
   void empty_cache();
   bool bypass_cache() const { return options_.bypass_cache; }
 
@@ -99,6 +99,18 @@ class CachingAllocator {
   // stranded until empty_cache. A segment with a block still in use keeps the key (the block may
   // be freed by a thread whose stream is still using it).
   void retire_stream(uintptr_t stream);
+
+  // Private pools (CUDA graphs): a request under a registered private key is served only from
+  // segments of that key, which no other key ever takes, so blocks a captured graph reads or
+  // writes are never handed to work outside it. While a key is private, its requests do not
+  // process pending frees and do not release cached segments on a failed device malloc (both
+  // would call the device in the middle of a capture). Throws for a key already registered.
+  void begin_private_pool(uintptr_t key);
+  // The graph is gone: wholly free segments of `key` go back to the device, segments with a block
+  // still in use (a graph output still referenced) join the cache of `owner` (the stream the
+  // graph ran on, so stream order keeps them safe). Throws for a key that is not private.
+  void release_private_pool(uintptr_t key, uintptr_t owner);
+  bool is_private_pool(uintptr_t key) const;
 
   // Size of the block behind a pointer handed out by allocate() (>= the rounded request).
   size_t allocation_size(void* ptr) const;
@@ -161,8 +173,9 @@ class CachingAllocator {
   Block* take_shared_segment(FreeBlocks& pool, uintptr_t stream, size_t size);
   void release_block(Block* block);  // back to its stream's free list, merged with free neighbours
   void process_pending_frees();
-  Block* new_segment(size_t rounded, bool small, uintptr_t stream, size_t requested);
-  void* device_malloc_with_retry(size_t nbytes, size_t requested);
+  Block* new_segment(size_t rounded, bool small, uintptr_t stream, size_t requested, bool may_release);
+  // `may_release`: a failed malloc may return cached segments to the device and try again.
+  void* device_malloc_with_retry(size_t nbytes, size_t requested, bool may_release);
   [[noreturn]] void throw_out_of_memory(size_t requested, size_t device_request);
   static bool worth_splitting(bool small, size_t remaining);
   void release_unused_segments();
@@ -181,6 +194,7 @@ class CachingAllocator {
   std::unordered_map<char*, Segment*> segments_;          // by base address
   std::unordered_map<void*, size_t> bypass_allocations_;  // bypass mode: pointer -> size
   std::vector<PendingFree> pending_;
+  std::set<uintptr_t> private_pools_;
   MemoryStats stats_;
 };
 

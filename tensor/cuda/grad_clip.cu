@@ -37,7 +37,28 @@ __global__ void scale_kernel(const GradientRef* __restrict__ tensors, const Tens
   for (int64_t i = chunk.start + threadIdx.x; i < end; i += blockDim.x) t.data[i] *= scale;
 }
 
+// The host's rule (nn/optim.cpp scale_grads_to_norm) on a norm that stays on the device.
+__global__ void clip_to_norm_kernel(const GradientRef* __restrict__ tensors, const TensorChunk* __restrict__ chunks,
+                                    int64_t chunk_size, const float* __restrict__ norm, double max_norm) {
+  const double n = static_cast<double>(*norm);
+  if (!isfinite(n) || n <= max_norm) return;
+  const float scale = static_cast<float>(max_norm / (n + 1e-6));
+  const TensorChunk chunk = chunks[blockIdx.x];
+  const GradientRef t = tensors[chunk.tensor];
+  const int64_t end = min(chunk.start + chunk_size, t.numel);
+  for (int64_t i = chunk.start + threadIdx.x; i < end; i += blockDim.x) t.data[i] *= scale;
+}
+
 }  // namespace
+
+void fused_clip_to_norm(const GradientRef* tensors, const TensorChunk* chunks, int64_t num_chunks, int64_t chunk_size,
+                        const float* norm, double max_norm) {
+  if (num_chunks == 0) return;
+  LT_CHECK(num_chunks < (int64_t{1} << 31), "fused_clip_to_norm: too many chunks (", num_chunks, ")");
+  clip_to_norm_kernel<<<static_cast<unsigned>(num_chunks), kClipThreads, 0,
+                        static_cast<cudaStream_t>(current_stream())>>>(tensors, chunks, chunk_size, norm, max_norm);
+  CUDA_CHECK_LAUNCH();
+}
 
 void fused_sum_squares(const GradientRef* tensors, const TensorChunk* chunks, int64_t num_chunks, int64_t chunk_size,
                        float* partials) {

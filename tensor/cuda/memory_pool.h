@@ -3,6 +3,7 @@
 // callers need no CUDA headers. Setting LONGTAPE_NO_CACHING_ALLOCATOR=1 in the environment sends
 // every allocation straight to cudaMalloc/cudaFree (for compute-sanitizer); the stats still count.
 #include <cstddef>
+#include <cstdint>
 
 #include "tensor/allocator.h"
 
@@ -30,5 +31,18 @@ void pool_reset_peak(int device);
 void pool_empty_cache(int device);
 // True when LONGTAPE_NO_CACHING_ALLOCATOR turned the cache off.
 bool pool_bypasses_cache();
+
+// Graph-private pools (tensor/cuda/graph.h). pool_begin_private creates a pool on `device` and sends
+// every allocation of the calling thread on that device to it until pool_end_private; its blocks
+// are reused only by later allocations routed to the same pool, never by other work, so memory a
+// captured graph uses stays its own while the graph lives. Returns the pool's id. Throws in
+// bypass mode (LONGTAPE_NO_CACHING_ALLOCATOR=1 frees to the device, which a capture forbids) and
+// when the thread already routes to a pool.
+uintptr_t pool_begin_private(int device);
+// The calling thread's allocations go to its stream's cache again.
+void pool_end_private(int device);
+// The graph that used pool `id` is destroyed: its free segments return to the device, the rest
+// (blocks still referenced) join the cache of the thread that created the pool.
+void pool_release_private(int device, uintptr_t id);
 
 }  // namespace longtape::cuda

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <set>
 
@@ -52,6 +53,10 @@ class DeviceScope {
   bool switched_ = false;
 };
 
+// The private pool the calling thread's allocations go to (0 = none) and its device.
+thread_local uintptr_t t_private_key = 0;
+thread_local int t_private_device = -1;
+
 class CudaDeviceMemory final : public DeviceMemory {
  public:
   explicit CudaDeviceMemory(int device) : device_(device) {}
@@ -59,7 +64,12 @@ class CudaDeviceMemory final : public DeviceMemory {
   void* malloc(size_t nbytes) override {
     DeviceScope scope(device_);
     void* ptr = nullptr;
+    // A graph's pool grows during its capture: cudaMalloc is not captured (the block outlives the
+    // graph's replays), so this thread's capture mode is relaxed for the one call.
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    if (t_private_key != 0) check_cuda(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode");
     const cudaError_t status = cudaMalloc(&ptr, nbytes);
+    if (t_private_key != 0) cudaThreadExchangeStreamCaptureMode(&mode);
     if (status == cudaErrorMemoryAllocation) {
       cudaGetLastError();  // clear it, so later error checks do not report this handled failure
       return nullptr;
@@ -239,8 +249,19 @@ uintptr_t CudaDeviceMemory::record_event(uintptr_t key) {
   return reinterpret_cast<uintptr_t>(event);
 }
 
+// Private pools: the key of a pool and the thread key of its creator.
+std::mutex& private_mutex() {
+  static auto* m = new std::mutex();
+  return *m;
+}
+std::map<uintptr_t, uintptr_t>& private_owners() {
+  static auto* owners = new std::map<uintptr_t, uintptr_t>();
+  return *owners;
+}
+
 void* pool_allocate(int device, size_t nbytes) {
   CachingAllocator& pool = pool_for(device);
+  if (t_private_key != 0 && device == t_private_device) return pool.allocate(nbytes, t_private_key);
   void* stream = current_stream();
   if (stream == static_cast<void*>(cudaStreamPerThread) && !pool.bypass_cache()) retire_at_thread_exit(device, pool);
   return pool.allocate(nbytes, stream_key(stream));
@@ -278,6 +299,47 @@ void pool_reset_peak(int device) {
 
 void pool_empty_cache(int device) {
   if (CachingAllocator* pool = existing_pool(device)) pool->empty_cache();
+}
+
+uintptr_t pool_begin_private(int device) {
+  LT_CHECK(t_private_key == 0, "memory pool: this thread already allocates from a graph's private pool on cuda:",
+           t_private_device, "; captures do not nest");
+  CachingAllocator& pool = pool_for(device);
+  LT_CHECK(!pool.bypass_cache(), "memory pool: a CUDA graph needs the caching pool, but "
+           "LONGTAPE_NO_CACHING_ALLOCATOR is set (it frees straight to the device, which a capture forbids)");
+  // The key: the address of a byte that lives as long as the pool, so it can never equal another
+  // pool's key, a thread's key or a stream handle.
+  const uintptr_t key = reinterpret_cast<uintptr_t>(new char);
+  pool.begin_private_pool(key);
+  {
+    std::lock_guard lock(private_mutex());
+    private_owners()[key] = this_thread_key();
+  }
+  retire_at_thread_exit(device, pool);
+  t_private_key = key;
+  t_private_device = device;
+  return key;
+}
+
+void pool_end_private(int device) {
+  if (device != t_private_device) return;
+  t_private_key = 0;
+  t_private_device = -1;
+}
+
+void pool_release_private(int device, uintptr_t id) {
+  CachingAllocator* pool = existing_pool(device);
+  LT_CHECK(pool, "pool_release_private: cuda:", device, " has no pool");
+  uintptr_t owner = 0;
+  {
+    std::lock_guard lock(private_mutex());
+    auto it = private_owners().find(id);
+    LT_CHECK(it != private_owners().end(), "pool_release_private: expected a private pool's id, got ", id);
+    owner = it->second;
+    private_owners().erase(it);
+  }
+  pool->release_private_pool(id, owner);
+  delete reinterpret_cast<char*>(id);
 }
 
 bool pool_bypasses_cache() {

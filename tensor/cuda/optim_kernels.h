@@ -30,7 +30,17 @@ struct AdamWHyper {
   float eps;
   float bias_correction1;       // 1 - beta1^t
   float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  // CUDA graphs: when set, lr, bias_correction1 and bias_correction2_sqrt are read from these
+  // three device floats (written before each replay by set_adamw_scalars) instead of the fields.
+  const float* device_scalars = nullptr;
+  // When set, the whole update (moments included) is skipped if this device float is not finite
+  // (the gradient norm of the step: a diverged step leaves the weights as they were).
+  const float* skip_unless_finite = nullptr;
 };
+
+// Writes (lr, bias_correction1, bias_correction2_sqrt) to `device_scalars` with one tiny kernel on
+// the current stream (no host synchronisation; outside a graph, before its replay).
+void set_adamw_scalars(float* device_scalars, float lr, float bias_correction1, float bias_correction2_sqrt);
 
 // Updates every listed parameter in ONE kernel launch on the current longtape stream:
 //   p *= 1 - lr * wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
@@ -51,5 +61,10 @@ void fused_sum_squares(const GradientRef* tensors, const TensorChunk* chunks, in
                        float* partials);
 void fused_scale(const GradientRef* tensors, const TensorChunk* chunks, int64_t num_chunks, int64_t chunk_size,
                  float scale);
+// The clipping rule on the device, for CUDA graphs: with n = *norm (the global norm), when n is
+// finite and n > max_norm every gradient is scaled by float(max_norm / (n + 1e-6)) (computed in
+// double, as the host does), else nothing changes.
+void fused_clip_to_norm(const GradientRef* tensors, const TensorChunk* chunks, int64_t num_chunks, int64_t chunk_size,
+                        const float* norm, double max_norm);
 
 }  // namespace longtape::cuda

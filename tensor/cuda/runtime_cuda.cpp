@@ -22,6 +22,13 @@ void memcpy_any(void* dst, bool dst_on_device, const void* src, bool src_on_devi
   cudaMemcpyKind kind = dst_on_device ? (src_on_device ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice)
                                       : (src_on_device ? cudaMemcpyDeviceToHost : cudaMemcpyHostToHost);
   cudaStream_t stream = static_cast<cudaStream_t>(current_stream());
+  // A copy that waits for the host cannot be part of a graph: say so instead of CUDA's generic
+  // "operation not permitted when stream is capturing" (which also invalidates the capture).
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  LT_CHECK(capture == cudaStreamCaptureStatusNone, "CUDA graph capture: expected no copy between host and device "
+           "inside the captured step, got one of ", nbytes, " bytes (", src_on_device ? "device" : "host", " to ",
+           dst_on_device ? "device" : "host", "; a value read back or a table uploaded by an op)");
   CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, kind, stream));
   CUDA_CHECK(cudaStreamSynchronize(stream));
 }
