@@ -44,6 +44,11 @@ struct AttentionConfig {
   // head_parallel: into how many groups each rank splits its heads, so that the all-to-alls of one
   // group travel while the core runs another (1 = no overlap; 0 = chosen from the head count).
   int64_t pipeline_groups = 0;
+  // head_parallel: into how many token chunks each rank cuts its tokens instead, for patterns whose
+  // segments never cross a chunk (each step then runs all of the rank's heads on chunk g of every
+  // rank): 0 = automatic (token chunks where the pattern allows and pipeline_groups is 0, else head
+  // groups), 1 = never, K >= 2 = K chunks where the pattern allows (else head groups).
+  int64_t token_chunks = 0;
   // A variant that runs on a slice of the heads (head_parallel gives each rank H/P of them) is told
   // the global index of its first head and the total head count, so that dilation offsets (h mod r)
   // and head groups follow the global head indices, exactly as on one device.

@@ -1,9 +1,11 @@
 #include "attention/head_parallel.h"
 
+#include <algorithm>
 #include <mutex>
 
 #include "attention/composed.h"
 #include "attention/head_parallel_pipeline.h"
+#include "attention/patterns.h"
 #include "attention/registry.h"
 #include "attention/ring_attention.h"
 #include "tensor/autograd/grad_mode.h"
@@ -59,12 +61,22 @@ void check_shards(const AttentionConfig& config, const Tensor& q, const Tensor& 
 std::mutex g_last_run_mutex;
 HeadParallelRun g_last_run;
 
-// How many head groups the pipeline runs: config.pipeline_groups, or automatic for 0; one when the
-// inner variant has parameters (they are held per rank, for all of its heads).
-int64_t pipeline_group_count(const AttentionConfig& config, int64_t local_heads, bool inner_has_parameters) {
+// Throws unless pipeline_groups and token_chunks are in range and name at most one pipeline axis.
+void check_pipeline_config(const AttentionConfig& config, int64_t local_heads) {
   LT_CHECK(config.pipeline_groups >= 0 && config.pipeline_groups <= local_heads,
            "attention 'head_parallel': pipeline_groups must be 0 (automatic) or 1 to the heads per rank (",
            local_heads, "), got ", config.pipeline_groups);
+  LT_CHECK(config.token_chunks >= 0, "attention 'head_parallel': token_chunks must be 0 (automatic), 1 (none) or a "
+           "chunk count >= 2, got ", config.token_chunks);
+  LT_CHECK(config.token_chunks < 2 || config.pipeline_groups < 2, "attention 'head_parallel': the pipeline runs "
+           "over head groups or over token chunks, not both; got pipeline_groups = ", config.pipeline_groups,
+           " and token_chunks = ", config.token_chunks);
+}
+
+// How many head groups the pipeline runs: config.pipeline_groups, or automatic for 0; one when the
+// inner variant has parameters (they are held per rank, for all of its heads).
+int64_t pipeline_group_count(const AttentionConfig& config, int64_t local_heads, bool inner_has_parameters) {
+  check_pipeline_config(config, local_heads);
   if (inner_has_parameters) {
     LT_CHECK(config.pipeline_groups <= 1, "attention 'head_parallel': the inner variant '", config.inner_variant,
              "' has parameters (held per rank for all of its heads), so its heads run as one group; got "
@@ -72,6 +84,63 @@ int64_t pipeline_group_count(const AttentionConfig& config, int64_t local_heads,
     return 1;
   }
   return config.pipeline_groups > 0 ? config.pipeline_groups : automatic_pipeline_groups(local_heads);
+}
+
+// Whether the core on chunk g of every rank's tokens (every rank holding `length` tokens, cut into
+// `chunks` equal chunks of c) gives exactly those rows of the one-device result. Only the dilated
+// variant's result depends on positions alone through its segments: segments start at multiples
+// of their length and dilation offsets, causal masks and head groups are relative to a segment or
+// follow the (global) head indices. So it does when every chunk holds whole segments of every
+// branch, both in the sequence (no segment crosses a chunk) and in the core's sequence of P * c
+// tokens (each rank's chunk starts a segment there too); then c is a multiple of every segment,
+// so both sequences cut their branches into the same segment length. Attention dropout in
+// training would draw differently, so it never does.
+bool chunks_hold_whole_segments(const AttentionConfig& config, int64_t ranks, int64_t length, int64_t chunks,
+                                bool training) {
+  if (config.inner_variant != "dilated" || (training && config.dropout > 0.0)) return false;
+  if (chunks < 2 || length % chunks != 0) return false;
+  const int64_t c = length / chunks;
+  const int64_t heads = config.total_heads > 0 ? config.total_heads : config.num_heads;
+  AttentionConfig every_head = config;  // every branch's segments, whichever heads this rank holds
+  every_head.num_heads = heads;
+  every_head.total_heads = heads;
+  every_head.head_offset = 0;
+  std::vector<TokenRange> in_sequence, in_core;
+  for (int64_t r = 0; r < ranks; ++r) {
+    in_core.push_back({r * c, c});
+    for (int64_t g = 0; g < chunks; ++g) in_sequence.push_back({r * length + g * c, c});
+  }
+  return holds_whole_segments(every_head, heads, ranks * length, in_sequence) &&
+         holds_whole_segments(every_head, heads, ranks * c, in_core);
+}
+
+}  // namespace
+
+int64_t automatic_token_chunks(const AttentionConfig& config, int64_t ranks, int64_t length, bool training) {
+  constexpr int64_t kMost = 4, kSegmentsPerChunk = 2;
+  if (config.segment_lengths.empty()) return 1;
+  const int64_t widest = effective_segment(
+      ranks * length, *std::max_element(config.segment_lengths.begin(), config.segment_lengths.end()));
+  for (int64_t chunks = kMost; chunks >= 2; --chunks)
+    if (length % chunks == 0 && length / chunks >= kSegmentsPerChunk * widest &&
+        chunks_hold_whole_segments(config, ranks, length, chunks, training))
+      return chunks;
+  return 1;
+}
+
+namespace {
+
+// The token chunks the pipeline runs on these shards (1 = it runs over head groups): see
+// AttentionConfig::token_chunks. Every rank decides alike (from the config and every rank's length).
+int64_t token_chunk_count(const AttentionConfig& config, const std::vector<int64_t>& lengths, bool training,
+                          bool inner_has_parameters) {
+  if (config.token_chunks == 1 || (config.token_chunks == 0 && config.pipeline_groups > 0) || inner_has_parameters)
+    return 1;
+  const int64_t length = lengths[0];
+  if (!std::all_of(lengths.begin(), lengths.end(), [&](int64_t n) { return n == length; })) return 1;
+  const int64_t ranks = static_cast<int64_t>(lengths.size());
+  if (config.token_chunks == 0) return automatic_token_chunks(config, ranks, length, training);
+  return chunks_hold_whole_segments(config, ranks, length, config.token_chunks, training) ? config.token_chunks : 1;
 }
 
 // The name under which HeadParallelAttention registers rank r's inner module.
@@ -114,25 +183,35 @@ AttentionOutput head_parallel_with(dist::Communicator& comm, const AttentionConf
 
   if (!inner) inner = make_attention(config.inner_variant, inner_config(config, rank, ranks));
   const int64_t local = q.size(2) / ranks;
-  const int64_t groups = pipeline_group_count(config, local, !inner->parameters().empty());
-  // One group: this rank's module. Several: a module per group, told the group's global heads (the
-  // inner variant has no parameters, so a fresh one computes what the rank's module would).
+  const bool has_parameters = !inner->parameters().empty();
+  const int64_t groups = pipeline_group_count(config, local, has_parameters);
+  const int64_t chunks = token_chunk_count(config, lengths, training, has_parameters);
+  // Token chunks or one group: this rank's module, on every step. Several groups: a module per
+  // group, told the group's global heads (the inner variant has no parameters, so a fresh one
+  // computes what the rank's module would).
+  std::vector<PipelineStep> steps;
   std::vector<std::shared_ptr<Attention>> cores;
-  if (groups == 1) {
-    cores.push_back(inner);
+  if (chunks > 1) {
+    steps = token_chunk_steps(local, ranks, lengths[0], chunks);
+    cores.assign(steps.size(), inner);
   } else {
-    for (const HeadGroup& g : split_heads(local, groups)) {
-      AttentionConfig group_config = inner_config(config, rank, ranks);
-      group_config.num_heads = g.count;
-      group_config.head_offset += g.first;
-      cores.push_back(make_attention(config.inner_variant, group_config));
+    steps = head_group_steps(split_heads(local, groups), lengths);
+    if (groups == 1) {
+      cores.push_back(inner);
+    } else {
+      for (const PipelineStep& step : steps) {
+        AttentionConfig group_config = inner_config(config, rank, ranks);
+        group_config.num_heads = step.heads.count;
+        group_config.head_offset += step.heads.first;
+        cores.push_back(make_attention(config.inner_variant, group_config));
+      }
     }
   }
   for (const auto& core : cores) core->train(training);
-  AttentionOutput result = pipelined_head_parallel(comm, q, k, v, lengths, split_heads(local, groups), cores, run);
+  AttentionOutput result = pipelined_head_parallel(comm, q, k, v, steps, cores, run);
   {
     std::lock_guard<std::mutex> lock(g_last_run_mutex);
-    g_last_run = {groups};
+    g_last_run = chunks > 1 ? HeadParallelRun{1, chunks} : HeadParallelRun{groups, 1};
   }
   return result;
 }
@@ -148,10 +227,7 @@ HeadParallelAttention::HeadParallelAttention(AttentionConfig config) : Attention
   validate_core_config(config_, "head_parallel");
   check_heads(config_.num_heads, config_.ranks, "attention 'head_parallel'");
   check_inner_name(config_);
-  const int64_t local_heads = config_.num_heads / config_.ranks;
-  LT_CHECK(config_.pipeline_groups >= 0 && config_.pipeline_groups <= local_heads,
-           "attention 'head_parallel': pipeline_groups must be 0 (automatic) or 1 to the heads per rank (",
-           local_heads, "), got ", config_.pipeline_groups);
+  check_pipeline_config(config_, config_.num_heads / config_.ranks);
   // One inner module per rank (their configs differ only in the head offset), registered as
   // submodules "rank0", "rank1", ...: variants with parameters (the adaptive scorer) keep them
   // across calls, train them, save and move them with this module. Each checks its own config.

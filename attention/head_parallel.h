@@ -7,11 +7,21 @@
 // those of one device; its attention core runs the fused kernels where they apply); all-to-alls
 // bring out and lse back to the sequence sharding. Needs H % P == 0.
 //
-// The rank's heads run in config.pipeline_groups groups (attention/head_parallel_pipeline.h): the
-// all-to-alls of one group travel while the core computes another, forward and backward; one
-// group overlaps nothing. Each group's core is told its global heads, so any grouping gives the
-// one-device result. Inner variants whose result depends on the head index must honour
-// head_offset and total_heads (dense and dilated do); an inner variant with parameters runs as one group.
+// The exchanges and the core run as a pipeline (attention/head_parallel_pipeline.h): the
+// all-to-alls of one step travel while the core computes another, forward and backward. Its steps
+// are either token chunks or head groups (AttentionConfig::token_chunks, pipeline_groups):
+//   token chunks  each rank cuts its tokens into K equal chunks; step g runs the core on chunk g of
+//                 every rank (P n_r / K tokens, all H/P heads). Only for dilated attention whose
+//                 segments never cross a chunk (every segment length divides the chunk, equal
+//                 shards, no attention dropout in training), where those tokens alone give exactly
+//                 their rows of the full result; automatic where that holds (4 chunks or fewer, of
+//                 at least 2 of the widest segments).
+//   head groups   step g runs the core on group g of the rank's heads over the whole sequence; any
+//                 pattern. Each group's core is told its global heads, so any grouping gives the
+//                 one-device result. Inner variants whose result depends on the head index must
+//                 honour head_offset and total_heads (dense and dilated do); an inner variant with
+//                 parameters runs as one group.
+// One step overlaps nothing.
 #include <string>
 
 #include "attention/attention.h"
@@ -28,12 +38,19 @@ AttentionOutput head_parallel_attention(dist::Communicator& comm, const Attentio
                                         const Tensor& k, const Tensor& v, bool training = false,
                                         CoreRun* run = nullptr);
 
-// What the last head_parallel call of this process ran: its heads in `groups` pipelined groups
-// (1 = the all-to-alls do not overlap the core).
+// What the last head_parallel call of this process ran: its heads in `groups` pipelined groups,
+// or its tokens in `token_chunks` pipelined chunks (then groups = 1); both 1: the all-to-alls do
+// not overlap the core.
 struct HeadParallelRun {
   int64_t groups = 0;
+  int64_t token_chunks = 1;
 };
 HeadParallelRun last_head_parallel_run();
+
+// The token chunk count that config.token_chunks = 0 picks for `ranks` ranks of `length` tokens
+// each: the most chunks up to 4 that are at least 2 of the widest segments long and hold whole
+// segments (see above); 1 when none does. `training` as for the call (attention dropout).
+int64_t automatic_token_chunks(const AttentionConfig& config, int64_t ranks, int64_t length, bool training = false);
 
 // The registered variant "head_parallel". Inside run_ranks, forward takes this rank's shards and
 // uses the rank's communicator. Anywhere else it takes the full (B, N, H, D) tensors and runs

@@ -29,51 +29,112 @@ int64_t automatic_pipeline_groups(int64_t local_heads) {
   return std::max<int64_t>(1, std::min(local_heads, kMost));
 }
 
+std::vector<PipelineStep> head_group_steps(const std::vector<HeadGroup>& groups, const std::vector<int64_t>& lengths) {
+  std::vector<PipelineStep> steps;
+  for (const HeadGroup& g : groups) steps.push_back({g, 0, lengths});
+  return steps;
+}
+
+std::vector<PipelineStep> token_chunk_steps(int64_t local_heads, int64_t ranks, int64_t length, int64_t chunks) {
+  LT_CHECK(chunks >= 1 && length % chunks == 0, "head_parallel: ", length, " tokens per rank cannot be cut into ",
+           chunks, " equal token chunks");
+  const int64_t c = length / chunks;
+  std::vector<PipelineStep> steps;
+  for (int64_t g = 0; g < chunks; ++g)
+    steps.push_back({{0, local_heads}, g * c, std::vector<int64_t>(static_cast<size_t>(ranks), c)});
+  return steps;
+}
+
 namespace {
 
 using Pending = std::unique_ptr<dist::Communicator::PendingAllToAll>;
 
-// The sizes of one rank's step: P ranks, batch B, this rank's n_r tokens of N, H = P * Hl heads of dim D.
+// The sizes of one rank's step: P ranks, batch B, this rank's n_r tokens, H = P * Hl heads of dim D.
 struct Geometry {
-  int64_t ranks = 1, rank = 0, batch = 1, local_tokens = 0, tokens = 0, heads = 0, local_heads = 0, dim = 0;
-  std::vector<int64_t> lengths, starts;  // per rank; starts has P + 1 entries
+  int64_t ranks = 1, rank = 0, batch = 1, local_tokens = 0, heads = 0, local_heads = 0, dim = 0;
   Device device = Device::cpu();
 };
 
-// Group g's heads of every rank in a (B, n_r, H, D) shard, as a (P, B, n_r, count, D) view.
-Tensor heads_of_every_rank(const Tensor& shard, const Geometry& geo, const HeadGroup& g) {
-  return shard.reshape({geo.batch, geo.local_tokens, geo.ranks, geo.local_heads, geo.dim})
-      .narrow(3, g.first, g.count)
+// Where each rank's piece of a step lies in the core's sequence: starts has P + 1 entries.
+struct StepLayout {
+  std::vector<int64_t> lengths, starts;
+  int64_t tokens = 0;      // the core's sequence
+  int64_t first = 0;       // this rank's first token of the step in its shard
+  int64_t mine = 0;        // and how many
+  HeadGroup heads;
+};
+
+StepLayout layout_of(const PipelineStep& step, const Geometry& geo) {
+  LT_CHECK(static_cast<int64_t>(step.lengths.size()) == geo.ranks, "head_parallel: a pipeline step names ",
+           step.lengths.size(), " ranks' tokens, the group has ", geo.ranks, " ranks");
+  StepLayout s;
+  s.lengths = step.lengths;
+  s.starts = {0};
+  for (int64_t n : step.lengths) s.starts.push_back(s.starts.back() + n);
+  s.tokens = s.starts.back();
+  s.first = step.token_first;
+  s.mine = step.lengths[static_cast<size_t>(geo.rank)];
+  s.heads = step.heads;
+  LT_CHECK(s.first >= 0 && s.first + s.mine <= geo.local_tokens && s.heads.first >= 0 && s.heads.count >= 1 &&
+               s.heads.first + s.heads.count <= geo.local_heads,
+           "head_parallel: a pipeline step takes tokens [", s.first, ", ", s.first + s.mine, ") and local heads [",
+           s.heads.first, ", ", s.heads.first + s.heads.count, ") of a shard of ", geo.local_tokens, " tokens and ",
+           geo.local_heads, " heads per rank");
+  return s;
+}
+
+// The step's heads of every rank in the step's tokens of a (B, n_r, H, D) shard, as a
+// (P, B, n, count, D) tensor: a view where the strides allow (always for this pipeline's own
+// contiguous buffers, which it writes into), else a copy (a caller's strided input, only read).
+Tensor heads_of_every_rank(const Tensor& shard, const Geometry& geo, const StepLayout& s) {
+  return shard.narrow(1, s.first, s.mine)
+      .reshape({geo.batch, s.mine, geo.ranks, geo.local_heads, geo.dim})
+      .narrow(3, s.heads.first, s.heads.count)
       .permute({2, 0, 1, 3, 4});
 }
 
-// What goes to each rank from a (B, n_r, H, D) shard: group g's heads of rank d, a contiguous copy
-// for the others (the transfer reads it) and a view for this rank (copied straight into place).
-std::vector<Tensor> pack_heads(const Tensor& shard, const Geometry& geo, const HeadGroup& g) {
-  const Tensor every = heads_of_every_rank(shard, geo, g);
+// The slots of a (P, ...) tensor, one per rank.
+std::vector<Tensor> rank_slots(const Tensor& buffer) {
+  std::vector<Tensor> out;
+  for (int64_t r = 0; r < buffer.size(0); ++r) out.push_back(buffer.select(0, r));
+  return out;
+}
+
+// Where the step's rows of a (B, n_r, H, D) tensor of this pipeline receive each rank's heads.
+std::vector<Tensor> head_slots(const Tensor& local, const Geometry& geo, const StepLayout& s) {
+  return rank_slots(local.narrow(1, s.first, s.mine)
+                        .view({geo.batch, s.mine, geo.ranks, geo.local_heads, geo.dim})
+                        .narrow(3, s.heads.first, s.heads.count)
+                        .permute({2, 0, 1, 3, 4}));
+}
+
+// What goes to each rank from a (B, n_r, H, D) shard: the step's heads of rank d, a contiguous
+// copy for the others (the transfer reads it) and a view for this rank (copied straight into place).
+std::vector<Tensor> pack_heads(const Tensor& shard, const Geometry& geo, const StepLayout& s) {
+  const Tensor every = heads_of_every_rank(shard, geo, s);
   std::vector<Tensor> out;
   for (int64_t d = 0; d < geo.ranks; ++d)
     out.push_back(d == geo.rank ? every.select(0, d) : every.select(0, d).contiguous());
   return out;
 }
 
-// What goes to each rank from a full-sequence tensor: its tokens along `dim`. Views where they are
-// contiguous (batch 1), else one strided copy (equal lengths) or one copy per rank.
-std::vector<Tensor> pack_tokens(const Tensor& full, int64_t dim, const Geometry& geo) {
+// What goes to each rank from a tensor over the core's sequence: its tokens along `dim`. Views where
+// they are contiguous (batch 1), else one strided copy (equal lengths) or one copy per rank.
+std::vector<Tensor> pack_tokens(const Tensor& full, int64_t dim, const Geometry& geo, const StepLayout& s) {
   std::vector<Tensor> out;
   bool contiguous = true;
   for (int64_t d = 0; d < geo.ranks; ++d) {
-    out.push_back(full.narrow(dim, geo.starts[static_cast<size_t>(d)], geo.lengths[static_cast<size_t>(d)]));
+    out.push_back(full.narrow(dim, s.starts[static_cast<size_t>(d)], s.lengths[static_cast<size_t>(d)]));
     contiguous = contiguous && out.back().is_contiguous();
   }
   if (contiguous) return out;
-  const bool equal = std::all_of(geo.lengths.begin(), geo.lengths.end(), [&](int64_t n) { return n == geo.lengths[0]; });
+  const bool equal = std::all_of(s.lengths.begin(), s.lengths.end(), [&](int64_t n) { return n == s.lengths[0]; });
   if (!equal) {
     for (Tensor& piece : out) piece = piece.contiguous();
     return out;
   }
   Shape split = full.shape();
-  split[static_cast<size_t>(dim)] = geo.lengths[0];
+  split[static_cast<size_t>(dim)] = s.lengths[0];
   split.insert(split.begin() + dim, geo.ranks);
   std::vector<int64_t> order{dim};
   for (int64_t i = 0; i < static_cast<int64_t>(split.size()); ++i)
@@ -83,24 +144,32 @@ std::vector<Tensor> pack_tokens(const Tensor& full, int64_t dim, const Geometry&
   return out;
 }
 
-// Where each rank's tokens land in a full-sequence tensor (along `dim`).
-std::vector<Tensor> token_slots(const Tensor& full, int64_t dim, const Geometry& geo) {
+// Where each rank's tokens land in a tensor over the core's sequence (along `dim`).
+std::vector<Tensor> token_slots(const Tensor& full, int64_t dim, const Geometry& geo, const StepLayout& s) {
   std::vector<Tensor> out;
-  for (int64_t s = 0; s < geo.ranks; ++s)
-    out.push_back(full.narrow(dim, geo.starts[static_cast<size_t>(s)], geo.lengths[static_cast<size_t>(s)]));
+  for (int64_t r = 0; r < geo.ranks; ++r)
+    out.push_back(full.narrow(dim, s.starts[static_cast<size_t>(r)], s.lengths[static_cast<size_t>(r)]));
   return out;
 }
 
-// The slots of a (P, ...) tensor, one per rank.
-std::vector<Tensor> rank_slots(const Tensor& buffer) {
-  std::vector<Tensor> out;
-  for (int64_t s = 0; s < buffer.size(0); ++s) out.push_back(buffer.select(0, s));
-  return out;
+// Starts the all-to-all of to_each into `into` without this rank's own piece, then copies that
+// piece into place: the transfer (on NCCL queued after the work so far) does not wait for the
+// copy, which runs beside it.
+Pending start_exchange(dist::Communicator& comm, std::vector<Tensor> to_each, std::vector<Tensor> into) {
+  NoGradGuard no_grad;
+  const size_t self = static_cast<size_t>(comm.rank());
+  const Tensor mine = to_each[self];
+  Tensor slot = into[self];
+  to_each[self] = mine.narrow(0, 0, 0);  // nothing of its own travels
+  into[self] = slot.narrow(0, 0, 0);
+  Pending pending = comm.start_all_to_all(to_each, into);
+  slot.copy_(mine);
+  return pending;
 }
 
-// What group g's core left for the backward.
-struct GroupGraph {
-  std::vector<Tensor> inputs;   // the core's q, k, v (B, N, count, D): leaves of its graph
+// What step g's core left for the backward.
+struct StepGraph {
+  std::vector<Tensor> inputs;   // the core's q, k, v (B, T, count, D): leaves of its graph
   AttentionOutput result;       // the core's out and lse, with their graph
   std::vector<Tensor> params;   // the core's trainable parameters
 };
@@ -108,20 +177,20 @@ struct GroupGraph {
 struct PipelineState {
   std::shared_ptr<dist::Communicator> comm;
   Geometry geo;
-  std::vector<HeadGroup> groups;
-  std::vector<GroupGraph> graphs;
+  std::vector<StepLayout> steps;
+  std::vector<StepGraph> graphs;
   std::vector<DType> input_dtypes;  // of q, k, v
 };
 
-// The backward: dO (B, n_r, H, D) and dlse (B, H, n_r) there per group, the core's backward,
+// The backward: dO (B, n_r, H, D) and dlse (B, H, n_r) there per step, the core's backward,
 // dq, dk, dv back; then the parameters' gradients.
 std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& dout, const Tensor& dlse) {
   dist::Communicator& comm = *st.comm;
   const Geometry& geo = st.geo;
-  const size_t count = st.groups.size();
-  std::vector<std::vector<Tensor>> arrived(count);  // per group: dO (B, N, c, D), dlse (B, c, N)
+  const size_t count = st.steps.size();
+  std::vector<std::vector<Tensor>> arrived(count);  // per step: dO (B, T, c, D), dlse (B, c, T)
   std::vector<std::vector<Pending>> there(count), back(count);
-  // dq, dk, dv of this rank's tokens: each group's heads arrive straight in place.
+  // dq, dk, dv of this rank's tokens: each step's heads arrive straight in place.
   std::vector<Tensor> result;
   {
     NoGradGuard no_grad;
@@ -131,16 +200,17 @@ std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& do
 
   auto start_there = [&](size_t g) {
     NoGradGuard no_grad;
-    const HeadGroup& group = st.groups[g];
-    Tensor d_out = Tensor::empty({geo.batch, geo.tokens, group.count, geo.dim}, dout.dtype(), geo.device);
-    there[g].push_back(comm.start_all_to_all(pack_heads(dout, geo, group), token_slots(d_out, 1, geo)));
-    // dlse (B, H, n_r) viewed as (B, P, Hl, n_r): group g's heads of rank d go to rank d.
-    const Tensor d_lse_packed = dlse.reshape({geo.batch, geo.ranks, geo.local_heads, geo.local_tokens})
-                                    .narrow(2, group.first, group.count)
+    const StepLayout& s = st.steps[g];
+    Tensor d_out = Tensor::empty({geo.batch, s.tokens, s.heads.count, geo.dim}, dout.dtype(), geo.device);
+    there[g].push_back(start_exchange(comm, pack_heads(dout, geo, s), token_slots(d_out, 1, geo, s)));
+    // The step's rows of dlse (B, H, n_r) viewed as (B, P, Hl, n): its heads of rank d go to rank d.
+    const Tensor d_lse_packed = dlse.narrow(2, s.first, s.mine)
+                                    .reshape({geo.batch, geo.ranks, geo.local_heads, s.mine})
+                                    .narrow(2, s.heads.first, s.heads.count)
                                     .permute({1, 0, 2, 3})
                                     .contiguous();
-    Tensor d_lse = Tensor::empty({geo.batch, group.count, geo.tokens}, dlse.dtype(), geo.device);
-    there[g].push_back(comm.start_all_to_all(rank_slots(d_lse_packed), token_slots(d_lse, 2, geo)));
+    Tensor d_lse = Tensor::empty({geo.batch, s.heads.count, s.tokens}, dlse.dtype(), geo.device);
+    there[g].push_back(start_exchange(comm, rank_slots(d_lse_packed), token_slots(d_lse, 2, geo, s)));
     arrived[g] = {d_out, d_lse};
   };
 
@@ -148,7 +218,7 @@ std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& do
   for (size_t g = 0; g < count; ++g) start_there(g);
   for (size_t g = 0; g < count; ++g) {
     for (Pending& p : there[g]) p->wait();
-    const GroupGraph& graph = st.graphs[g];
+    const StepGraph& graph = st.graphs[g];
     std::vector<Tensor> roots, root_grads;
     if (graph.result.out.requires_grad()) {
       roots.push_back(graph.result.out);
@@ -167,10 +237,11 @@ std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& do
     NoGradGuard no_grad;
     for (size_t i = 0; i < 3; ++i) {
       const Tensor& input = graph.inputs[i];
+      // Only a core that ignores an input (none of the registered variants) leaves its gradient undefined.
       if (!grads[i].defined()) grads[i] = Tensor::zeros(input.shape(), input.dtype(), input.device());
       if (grads[i].dtype() != result[i].dtype()) grads[i] = grads[i].to(result[i].dtype());
-      back[g].push_back(comm.start_all_to_all(pack_tokens(grads[i], 1, geo),
-                                              rank_slots(heads_of_every_rank(result[i], geo, st.groups[g]))));
+      back[g].push_back(
+          start_exchange(comm, pack_tokens(grads[i], 1, geo, st.steps[g]), head_slots(result[i], geo, st.steps[g])));
     }
     for (size_t i = 3; i < grads.size(); ++i) param_grads.push_back(grads[i]);
   }
@@ -184,10 +255,10 @@ std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& do
 }  // namespace
 
 AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& q, const Tensor& k, const Tensor& v,
-                                        const std::vector<int64_t>& lengths, const std::vector<HeadGroup>& groups,
+                                        const std::vector<PipelineStep>& steps,
                                         const std::vector<std::shared_ptr<Attention>>& cores, CoreRun* run) {
-  LT_CHECK(!groups.empty() && groups.size() == cores.size(), "head_parallel: expected one core per head group, got ",
-           cores.size(), " cores for ", groups.size(), " groups");
+  LT_CHECK(!steps.empty() && steps.size() == cores.size(), "head_parallel: expected one core per pipeline step, got ",
+           cores.size(), " cores for ", steps.size(), " steps");
   auto st = std::make_shared<PipelineState>();
   Geometry& geo = st->geo;
   geo.ranks = comm.size();
@@ -198,11 +269,7 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
   geo.local_heads = geo.heads / geo.ranks;
   geo.dim = q.size(3);
   geo.device = q.device();
-  geo.lengths = lengths;
-  geo.starts = {0};
-  for (int64_t n : lengths) geo.starts.push_back(geo.starts.back() + n);
-  geo.tokens = geo.starts.back();
-  st->groups = groups;
+  for (const PipelineStep& step : steps) st->steps.push_back(layout_of(step, geo));
   st->input_dtypes = {q.dtype(), k.dtype(), v.dtype()};
 
   std::vector<Tensor> inputs{q, k, v};
@@ -211,16 +278,16 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
       if (p.requires_grad()) inputs.push_back(p);
   const bool record = autograd::any_requires_grad(inputs);
 
-  const size_t count = groups.size();
-  std::vector<std::vector<Tensor>> arrived(count);  // per group: q, k, v (B, N, c, D)
+  const size_t count = steps.size();
+  std::vector<std::vector<Tensor>> arrived(count);  // per step: q, k, v (B, T, c, D)
   std::vector<std::vector<Pending>> there(count), back(count);
   const std::vector<Tensor> shards{q.detach(), k.detach(), v.detach()};
   auto start_there = [&](size_t g) {
     NoGradGuard no_grad;
-    const HeadGroup& group = groups[g];
+    const StepLayout& s = st->steps[g];
     for (const Tensor& x : shards) {
-      Tensor full = Tensor::empty({geo.batch, geo.tokens, group.count, geo.dim}, x.dtype(), geo.device);
-      there[g].push_back(comm.start_all_to_all(pack_heads(x, geo, group), token_slots(full, 1, geo)));
+      Tensor full = Tensor::empty({geo.batch, s.tokens, s.heads.count, geo.dim}, x.dtype(), geo.device);
+      there[g].push_back(start_exchange(comm, pack_heads(x, geo, s), token_slots(full, 1, geo, s)));
       arrived[g].push_back(full);
     }
   };
@@ -230,7 +297,7 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
   for (size_t g = 0; g < count; ++g) start_there(g);
   for (size_t g = 0; g < count; ++g) {
     for (Pending& p : there[g]) p->wait();
-    GroupGraph& graph = st->graphs[g];
+    StepGraph& graph = st->graphs[g];
     if (record) {
       for (const Tensor& x : arrived[g]) graph.inputs.push_back(x.detach().requires_grad_());
       for (const Tensor& p : cores[g]->parameters())
@@ -242,20 +309,20 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
     graph.result = cores[g]->forward_with_lse(graph.inputs[0], graph.inputs[1], graph.inputs[2]);
     if (g == 0 && run) *run = {cores[0]->last_backend(), cores[0]->last_precision()};
     NoGradGuard no_grad;
-    const Tensor group_out = graph.result.out.detach(), group_lse = graph.result.lse.detach();
+    const StepLayout& s = st->steps[g];
+    const Tensor step_out = graph.result.out.detach(), step_lse = graph.result.lse.detach();
     if (g == 0) {
-      out = Tensor::empty({geo.batch, geo.local_tokens, geo.heads, geo.dim}, group_out.dtype(), geo.device);
-      lse = Tensor::empty({geo.batch, geo.heads, geo.local_tokens}, group_lse.dtype(), geo.device);
+      out = Tensor::empty({geo.batch, geo.local_tokens, geo.heads, geo.dim}, step_out.dtype(), geo.device);
+      lse = Tensor::empty({geo.batch, geo.heads, geo.local_tokens}, step_lse.dtype(), geo.device);
     }
-    // out and lse straight into place: rank s's heads of this group are out[:, :, s*Hl + first : ...]
-    // and lse[:, s*Hl + first : ..., :].
-    back[g].push_back(comm.start_all_to_all(pack_tokens(group_out, 1, geo),
-                                            rank_slots(heads_of_every_rank(out, geo, groups[g]))));
+    // out and lse straight into place: rank r's heads of this step are
+    // out[:, first : first + mine, r*Hl + heads.first : ...] and lse[:, r*Hl + heads.first : ..., first : ...].
+    back[g].push_back(start_exchange(comm, pack_tokens(step_out, 1, geo, s), head_slots(out, geo, s)));
     std::vector<Tensor> lse_slots;
-    for (int64_t s = 0; s < geo.ranks; ++s)
-      lse_slots.push_back(lse.narrow(1, s * geo.local_heads + groups[g].first, groups[g].count));
-    back[g].push_back(comm.start_all_to_all(pack_tokens(group_lse, 2, geo), lse_slots));
-    if (!record) graph = GroupGraph{};  // nothing to keep for a backward
+    for (int64_t r = 0; r < geo.ranks; ++r)
+      lse_slots.push_back(lse.narrow(2, s.first, s.mine).narrow(1, r * geo.local_heads + s.heads.first, s.heads.count));
+    back[g].push_back(start_exchange(comm, pack_tokens(step_lse, 2, geo, s), lse_slots));
+    if (!record) graph = StepGraph{};  // nothing to keep for a backward
   }
   {
     NoGradGuard no_grad;

@@ -1,15 +1,22 @@
 #pragma once
-// The rank-local step of head_parallel (attention/head_parallel.h) as a pipeline over groups of
-// the rank's heads. The all-to-alls that bring every group's q, k, v (full sequence, the group's
-// heads of every rank) are started at once (Communicator::start_all_to_all; on NCCL they queue on
-// the communication stream), so group g+1's are in flight while the core runs group g, which
-// waits only for its own; group g's out and lse start back as soon as its core is queued and
-// travel while the core runs group g+1. The backward is the same pipeline the other way: dO and
-// the lse gradient there, dq, dk, dv back, around each group's core backward. With one group
-// nothing overlaps (every all-to-all is waited for before the core needs it).
+// The rank-local step of head_parallel (attention/head_parallel.h) as a pipeline of steps. A step
+// is a group of the rank's heads over a run of every rank's tokens: the all-to-alls that bring its
+// q, k, v (those tokens of every rank, one after another, for this rank's heads of the group) are
+// started at once (Communicator::start_all_to_all; on NCCL they queue on the communication
+// stream), so step g+1's are in flight while the core runs step g, which waits only for its own;
+// step g's out and lse start back as soon as its core is queued and travel while the core runs
+// step g+1. The backward is the same pipeline the other way: dO and the lse gradient there, dq,
+// dk, dv back, around each step's core backward. With one step nothing overlaps (every all-to-all
+// is waited for before the core needs it).
 //
-// Each tensor is packed for sending with at most one strided copy per group, and what arrives is
-// written into place with at most one more; the host never waits inside the pipeline.
+// Two kinds of steps: head groups (each a group of the heads over all tokens; any pattern) and
+// token chunks (all heads over chunk g of every rank's tokens; only where no segment of the
+// pattern crosses a chunk, so the core on the chunks of every rank gives their rows of the
+// full-sequence result: head_parallel.h decides).
+//
+// Each tensor is packed for sending with at most one strided copy per step, and what arrives is
+// written into place with at most one more; this rank's own piece is copied into place after the
+// transfer has started, so that the two overlap; the host never waits inside the pipeline.
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -34,13 +41,29 @@ std::vector<HeadGroup> split_heads(int64_t local_heads, int64_t groups);
 // (so the groups are equal), else min(local_heads, 4).
 int64_t automatic_pipeline_groups(int64_t local_heads);
 
-// Runs the pipeline on this rank's shards q, k, v (B, n_r, H, D) with H = P * local heads.
-// `lengths` are every rank's sequence lengths; cores[g] computes group g's heads (told their
-// global indices) on (B, N, count, D). Returns this rank's out (B, n_r, H, D) and lse (B, H, n_r),
-// differentiable with respect to q, k, v and the cores' trainable parameters (every rank must run
-// the backward). `run`, when given, receives what ran group 0's core.
+// One step of the pipeline: the local heads `heads` of every rank, over the tokens
+// [token_first, token_first + lengths[s]) of every rank s's shard. Its core runs on those tokens
+// of every rank in rank order (sum of lengths tokens) for those heads.
+struct PipelineStep {
+  HeadGroup heads;
+  int64_t token_first = 0;
+  std::vector<int64_t> lengths;  // per rank
+};
+
+// Head groups: group g's heads over all of every rank's `lengths` tokens.
+std::vector<PipelineStep> head_group_steps(const std::vector<HeadGroup>& groups, const std::vector<int64_t>& lengths);
+// Token chunks: all `local_heads` heads over chunk g of `chunks` equal chunks of each of `ranks`
+// ranks' `length` tokens. Needs length % chunks == 0.
+std::vector<PipelineStep> token_chunk_steps(int64_t local_heads, int64_t ranks, int64_t length, int64_t chunks);
+
+// Runs the pipeline on this rank's shards q, k, v (B, n_r, H, D) with H = P * local heads; every
+// rank passes the same steps, whose tokens and heads cover the shards exactly once. cores[g]
+// computes step g (told its heads' global indices) on (B, sum of lengths, count, D). Returns this
+// rank's out (B, n_r, H, D) and lse (B, H, n_r), differentiable with respect to q, k, v and the
+// cores' trainable parameters (every rank must run the backward). `run`, when given, receives what
+// ran step 0's core.
 AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& q, const Tensor& k, const Tensor& v,
-                                        const std::vector<int64_t>& lengths, const std::vector<HeadGroup>& groups,
+                                        const std::vector<PipelineStep>& steps,
                                         const std::vector<std::shared_ptr<Attention>>& cores, CoreRun* run);
 
 }  // namespace longtape::attention

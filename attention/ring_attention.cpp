@@ -62,7 +62,8 @@ void validate_inner(const AttentionConfig& config, int64_t num_heads, const std:
              branches.size(), " branches");
 }
 
-// The key set of the inner variant, as the attention core takes it.
+}  // namespace
+
 CoreKeys ring_keys(const AttentionConfig& config) {
   CoreKeys keys;
   if (config.inner_variant == "dense") return keys;
@@ -74,6 +75,16 @@ CoreKeys ring_keys(const AttentionConfig& config) {
   keys.total_heads = config.total_heads;
   return keys;
 }
+
+bool holds_whole_segments(const AttentionConfig& config, int64_t num_heads, int64_t sequence,
+                          const std::vector<TokenRange>& ranges) {
+  const ChunkStreams streams(ring_keys(config), core_options(config, false), num_heads, sequence);
+  for (const TokenRange& range : ranges)
+    if (!streams.holds_whole_segments(range.start, range.length)) return false;
+  return true;
+}
+
+namespace {
 
 // A range of the sequence held by a rank: tokens [start, start + length) at row `local` of its tensors.
 struct Piece {

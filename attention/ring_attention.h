@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "attention/attention.h"
+#include "attention/fused/fused_attention.h"
 #include "attention/fused/problem.h"
 #include "tensor/tensor.h"
 #include "nn/dist/communicator.h"
@@ -61,6 +62,17 @@ Tensor ring_unshard(const std::vector<Tensor>& shards, int64_t dim, RingLayout l
 // Throws (naming `who`) unless q, k and v are defined 4-d (batch, sequence, heads, head_dim)
 // tensors of one shape: the shards of one sequence that the parallel variants take.
 void check_qkv_shards(const Tensor& q, const Tensor& k, const Tensor& v, const char* who);
+
+// The key set of a dense or dilated variant's config (its heads head_offset.. of total_heads), as
+// the attention core takes it.
+CoreKeys ring_keys(const AttentionConfig& config);
+
+// Whether each of `ranges` of a sequence of `sequence` tokens holds whole segments of every branch
+// of that key set for `num_heads` heads (dense: only the whole sequence; ChunkStreams::
+// holds_whole_segments): then its queries meet no key outside it, and the key set run on its
+// tokens alone gives exactly its rows of the sequence's result. The ring's local path rests on it.
+bool holds_whole_segments(const AttentionConfig& config, int64_t num_heads, int64_t sequence,
+                          const std::vector<TokenRange>& ranges);
 
 // `field` of every rank's part, in rank order (the shards ring_unshard or a concatenation joins).
 template <class Part>

@@ -52,11 +52,14 @@ struct Grads {
 
 struct HeadParallelParts {
   double core_s = 0, exchange_s = 0;
+  int64_t chunks = 1;       // the automatic token chunk count (1: the pattern allows none)
+  double chunk_core_s = 0;  // the core on one token chunk of every rank, times `chunks`
 };
 
 // Where a head-parallel step's time goes: this rank's core alone (its H/P heads over the whole
-// sequence, forward + backward) and the exchanges alone (what the forward and backward send: q, k,
-// v and dO to the head layout, out and dq, dk, dv back), each timed like the whole step.
+// sequence, forward + backward), the exchanges alone (what the forward and backward send: q, k,
+// v and dO to the head layout, out and dq, dk, dv back) and, where the pattern allows token
+// chunks, the core on one chunk's N/K tokens times K, each timed like the whole step.
 HeadParallelParts time_head_parallel_parts(dist::Communicator& comm, const attention::AttentionConfig& config,
                                            const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
                                            int repeats) {
@@ -70,11 +73,17 @@ HeadParallelParts time_head_parallel_parts(dist::Communicator& comm, const atten
   auto mine = [&](const Tensor& x) { return x.narrow(2, rank * heads, heads).contiguous(); };
   const Tensor qh = mine(q), kh = mine(k), vh = mine(v), gh = mine(dout);
   HeadParallelParts parts;
-  parts.core_s = time_step(&comm, repeats, [&] {
-    Tensor ql = qh.detach().requires_grad_(), kl = kh.detach().requires_grad_(), vl = vh.detach().requires_grad_();
-    core->forward(ql, kl, vl).backward(gh);
-    (void)sum(vl.grad().narrow(1, 0, 1)).item();
-  });
+  auto core_step = [&](int64_t tokens) {
+    return [&, tokens] {
+      auto rows = [&](const Tensor& x) { return x.narrow(1, 0, tokens).detach(); };
+      Tensor ql = rows(qh).requires_grad_(), kl = rows(kh).requires_grad_(), vl = rows(vh).requires_grad_();
+      core->forward(ql, kl, vl).backward(rows(gh));
+      (void)sum(vl.grad().narrow(1, 0, 1)).item();
+    };
+  };
+  parts.core_s = time_step(&comm, repeats, core_step(n));
+  parts.chunks = attention::automatic_token_chunks(config, ranks, n_r);
+  if (parts.chunks > 1) parts.chunk_core_s = parts.chunks * time_step(&comm, repeats, core_step(n / parts.chunks));
   // One exchange: every rank sends (B, n/P, H/P, D) pieces to every rank.
   const Shape piece{q.size(0), n_r, heads, q.size(3)};
   std::vector<Tensor> to_each, into;
@@ -94,7 +103,8 @@ HeadParallelParts time_head_parallel_parts(dist::Communicator& comm, const atten
 }  // namespace
 
 void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t seed, int repeats, double tolerance,
-                              const std::vector<int64_t>& head_groups, const std::vector<std::string>& cores) {
+                              const std::vector<int64_t>& head_groups, const std::vector<std::string>& cores,
+                              const std::vector<int64_t>& token_chunks) {
   LT_CHECK(!cores.empty(), "dist-check: --attention-cores needs at least one of dense, dilated");
   for (const std::string& core : cores)
     LT_CHECK(core == "dense" || core == "dilated", "dist-check: --attention-cores takes dense and dilated, got \"",
@@ -103,6 +113,8 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
   using attention::RingLayout;
   for (int64_t groups : head_groups)
     LT_CHECK(groups >= 0, "dist-check: --head-groups takes group counts >= 0 (0 = automatic), got ", groups);
+  for (int64_t chunks : token_chunks)
+    LT_CHECK(chunks >= 0, "dist-check: --token-chunks takes chunk counts >= 0 (0 = automatic), got ", chunks);
   dist::Communicator& comm = group.comm();
   const Device device = group.device();
   const int ranks = comm.size(), rank = comm.rank();
@@ -137,15 +149,24 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
     };
     const double single_s = time_step(&comm, repeats, run_single);
 
-    // Ring in both layouts, then head_parallel once per pipeline group count asked for.
-    std::vector<std::pair<std::string, int64_t>> cases{{"ring", 0}, {"ring zigzag", 0}};
-    if (12 % ranks == 0)
-      for (int64_t groups : head_groups) cases.emplace_back("head_parallel", groups);
-    for (const auto& [kind, groups] : cases) {
+    // Ring in both layouts, then head_parallel once per head group count asked for (never token
+    // chunks) and once per token chunk count (head groups where the pattern allows none).
+    struct Case {
+      std::string kind;
+      int64_t groups = 0, chunks = 1;
+    };
+    std::vector<Case> cases{{"ring"}, {"ring zigzag"}};
+    if (12 % ranks == 0) {
+      for (int64_t groups : head_groups) cases.push_back({"head_parallel", groups, 1});
+      for (int64_t chunks : token_chunks) cases.push_back({"head_parallel", 0, chunks});
+    }
+    for (const Case& c : cases) {
+      const std::string& kind = c.kind;
       const RingLayout layout = kind == "ring zigzag" ? RingLayout::zigzag : RingLayout::contiguous;
       AttentionConfig cfg = config;
       cfg.ring_layout = attention::ring_layout_name(layout);
-      cfg.pipeline_groups = groups;
+      cfg.pipeline_groups = c.groups;
+      cfg.token_chunks = c.chunks;
       auto shard = [&](const Tensor& x) { return attention::ring_shard(x, 1, ranks, rank, layout); };
       const Tensor qs = shard(q), ks = shard(k), vs = shard(v), gs = shard(dout);
       Grads got;
@@ -165,9 +186,18 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
       const double worst = *std::max_element(std::begin(errors), std::end(errors));
       std::string path;
       if (kind == "head_parallel") {
-        const int64_t ran = attention::last_head_parallel_run().groups;
-        path = ran > 1 ? " [pipelined: " + std::to_string(ran) + " head groups, all-to-alls overlap the core]"
-                       : std::string(" [not overlapped: 1 head group]");
+        const attention::HeadParallelRun ran = attention::last_head_parallel_run();
+        const std::string asked = " (asked: " + (c.chunks == 1 ? "head groups " + std::to_string(c.groups)
+                                                              : "token chunks " + std::to_string(c.chunks)) +
+                                  ", 0 = automatic)";
+        if (ran.token_chunks > 1)
+          path = " [pipelined: " + std::to_string(ran.token_chunks) + " token chunks of " +
+                 std::to_string(n / ran.token_chunks) + " tokens, all-to-alls overlap the core]";
+        else if (ran.groups > 1)
+          path = " [pipelined: " + std::to_string(ran.groups) + " head groups, all-to-alls overlap the core]";
+        else
+          path = " [not overlapped: 1 head group]";
+        path += asked;
       } else {
         const attention::RingRun run = attention::last_ring_run();
         path = run.local ? " [local: one core call on each rank's tokens]"
@@ -188,10 +218,14 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
     if (12 % ranks == 0 && ranks > 1) {
       const HeadParallelParts parts = time_head_parallel_parts(comm, config, q, k, v, dout, repeats);
       if (rank == 0) {
+        std::string chunked;
+        if (parts.chunks > 1)
+          chunked = "; core on " + std::to_string(n / parts.chunks) + " tokens (one token chunk of every rank) x " +
+                    std::to_string(parts.chunks) + " f+b " + std::to_string(parts.chunk_core_s * 1e3) + " ms";
         std::printf("head_parallel %-7s N=%lld %d ranks, its parts alone: core on %d heads f+b %.2f ms (%.2fx one "
-                    "device), the all-to-alls of a forward and backward %.2f ms\n",
+                    "device), the all-to-alls of a forward and backward %.2f ms%s\n",
                     inner.c_str(), static_cast<long long>(n), ranks, 12 / ranks, parts.core_s * 1e3,
-                    parts.core_s / single_s, parts.exchange_s * 1e3);
+                    parts.core_s / single_s, parts.exchange_s * 1e3, chunked.c_str());
         std::fflush(stdout);
       }
     }

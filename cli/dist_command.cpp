@@ -1,7 +1,8 @@
 // `longtape dist-check`: checks the process group of a job started by `longtape launch`.
 //
 //   longtape launch --nproc 2 -- longtape dist-check [--backend auto|tcp|nccl] [--device auto|cpu|cuda]
-//       [--seed S] [--out DIR] [--bench-mb M] [--attention N [--repeats R]]
+//       [--seed S] [--out DIR] [--bench-mb M]
+//       [--attention N [--repeats R] [--head-groups G,..] [--token-chunks K,..] [--attention-cores C,..]]
 //       [--fail-rank R --fail-how kill|exit|hang]
 //
 // Every rank runs every operation of the Communicator interface and compares the results with
@@ -47,6 +48,7 @@ struct DistCheckArgs {
   int64_t attention_n = 0;
   int repeats = 5;
   std::string head_groups = "0";
+  std::string token_chunks = "0";
   std::string attention_cores = "dense,dilated";
 };
 
@@ -109,7 +111,9 @@ int run_dist_check(const DistCheckArgs& a) {
   if (a.attention_n > 0)
     check_parallel_attention(*group, a.attention_n, a.seed, a.repeats, group->device().is_cuda() ? 3e-2 : 1e-4,
                              attention::parse_int_list(a.head_groups, "--head-groups"),
-                             attention::split_list(a.attention_cores, ','));
+                             attention::split_list(a.attention_cores, ','),
+                             a.token_chunks.empty() ? std::vector<int64_t>{}
+                                                    : attention::parse_int_list(a.token_chunks, "--token-chunks"));
 
   if (a.fail_rank >= 0) {
     if (comm.rank() == a.fail_rank) {
@@ -148,6 +152,10 @@ const RegisterCommand kDistCheckCommand{
       sub.add_option("--head-groups", a->head_groups,
                      "--attention: run head_parallel once per pipeline group count in this list (0 = automatic, "
                      "1 = all-to-alls not overlapped), e.g. 1,0")
+          ->capture_default_str();
+      sub.add_option("--token-chunks", a->token_chunks,
+                     "--attention: then run head_parallel once per token chunk count in this list (0 = automatic; "
+                     "head groups where the pattern allows no token chunks; empty = none), e.g. 0,2")
           ->capture_default_str();
       sub.add_option("--attention-cores", a->attention_cores,
                      "--attention: the single-device variants to run inside ring and head_parallel (dense, dilated)")

@@ -4,14 +4,14 @@
 #   1. runs test_process_group (TCP group, launcher, data parallel on CPU; NCCL collectives
 #      against the in-process group, data-parallel equivalence on 2 GPUs, a hung rank's timeout),
 #   2. `longtape dist-check --backend nccl` with an all_reduce bandwidth measurement,
-#   3. ring (contiguous, zigzag) and head_parallel (not overlapped and pipelined) attention over NCCL
-#      against one GPU at N=256K,
+#   3. ring (contiguous, zigzag) and head_parallel (not overlapped, pipelined over head groups and
+#      over token chunks) attention over NCCL against one GPU at N=256K,
 #   4. data-parallel training throughput (tokens/s) on 1 and on 2 GPUs, same per-rank batch.
 # DIST_NPROCS (default "2") lists the process counts of steps 3 and 4, e.g. "2 4" on a 4-GPU host.
 # Environment: CUDA_ARCH (default 90), DIST_STEPS (default 30), DIST_BATCH (per rank, default 8),
 # DIST_SEQ (default 8192), DIST_ATTENTION_N (default 262144), DIST_HEAD_GROUPS (head_parallel's pipeline
-# group counts of step 3, default "1,0": not overlapped, then automatic); results and logs go to $OUT
-# (default build-gpu/dist).
+# group counts of step 3, default "1,0": not overlapped, then automatic), DIST_TOKEN_CHUNKS (its token
+# chunk counts, default "0": automatic); results and logs go to $OUT (default build-gpu/dist).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build_dir=build-gpu
@@ -43,7 +43,8 @@ nprocs=${DIST_NPROCS:-2}
 for p in $nprocs; do
   echo "== 3. ring and head_parallel attention over NCCL on $p GPUs against one (N=${DIST_ATTENTION_N:-262144}, bf16)"
   timeout 300 "$bin/longtape" launch --nproc "$p" --timeout 120 -- longtape dist-check --backend nccl --device cuda \
-    --attention "${DIST_ATTENTION_N:-262144}" --repeats 3 --head-groups "${DIST_HEAD_GROUPS:-1,0}" 2>&1 \
+    --attention "${DIST_ATTENTION_N:-262144}" --repeats 3 --head-groups "${DIST_HEAD_GROUPS:-1,0}" \
+    --token-chunks "${DIST_TOKEN_CHUNKS:-0}" 2>&1 \
     | tee "$out/attention_$p.log" || status=1
 done
 

@@ -99,6 +99,33 @@ TEST_CASE("cuda: casts and copies agree bit for bit with the CPU, including bf16
   }
 }
 
+TEST_CASE("cuda: strided copies of whole 16-byte rows (head slices, permuted rows) equal the CPU's bit for bit" *
+          doctest::skip(!cuda_available())) {
+  poison_gpu_pool();
+  manual_seed(104);
+  for (DType dt : {DType::bf16, DType::f32, DType::f64}) {
+    INFO(dtype_name(dt));
+    // (B, N, H, D) with heads split over 2 ranks: rows of 3 heads x 8 values, 16-byte multiples.
+    const Tensor x = Tensor::randn({2, 10, 6, 8}).to(dt), xg = x.to(kGpu);
+    auto heads = [](const Tensor& t, int64_t first, int64_t count) {
+      return t.reshape({2, 10, 2, 3, 8}).narrow(3, first, count).permute({2, 0, 1, 3, 4});
+    };
+    CHECK(bitwise_equal(heads(xg, 0, 3).contiguous(), heads(x, 0, 3).contiguous()));
+    CHECK(bitwise_equal(heads(xg, 1, 2).contiguous(), heads(x, 1, 2).contiguous()));
+    CHECK(bitwise_equal(xg.narrow(1, 3, 5).contiguous(), x.narrow(1, 3, 5).contiguous()));  // batch 2: 3-d rows
+    // Into strided destinations: one rank's heads of a chunk of tokens.
+    Tensor dst = Tensor::zeros({2, 10, 6, 8}, dt), dst_g = Tensor::zeros({2, 10, 6, 8}, dt, kGpu);
+    const Tensor piece = Tensor::randn({2, 4, 3, 8}).to(dt);
+    dst.narrow(1, 2, 4).narrow(2, 3, 3).copy_(piece);
+    dst_g.narrow(1, 2, 4).narrow(2, 3, 3).copy_(piece.to(kGpu));
+    CHECK(bitwise_equal(dst_g, dst));
+    // Rows that start off a 16-byte boundary or are not whole 16-byte units: the element path.
+    CHECK(bitwise_equal(xg.narrow(3, 1, 7).contiguous(), x.narrow(3, 1, 7).contiguous()));
+    CHECK(bitwise_equal(xg.narrow(3, 0, 3).contiguous(), x.narrow(3, 0, 3).contiguous()));
+    CHECK(bitwise_equal(xg.permute({0, 2, 1, 3}).contiguous(), x.permute({0, 2, 1, 3}).contiguous()));
+  }
+}
+
 TEST_CASE("cuda: reduce kernels (sum, max, min) match the CPU and propagate NaN" * doctest::skip(!cuda_available())) {
   poison_gpu_pool();
   manual_seed(105);

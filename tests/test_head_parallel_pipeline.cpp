@@ -92,10 +92,10 @@ class Recording final : public dist::Communicator {
   dist::Communicator& inner_;
 };
 
-// The log the pipeline of `groups` groups must write: every group's transfers there start before
-// group 0's are waited for (so group g+1's travel while group g computes), each group's return
-// starts right after its core, and the returns are waited for only after the last group's core.
-// `there`/`back`: all-to-alls per group each way.
+// The log the pipeline of `groups` steps (head groups or token chunks) must write: every step's
+// transfers there start before step 0's are waited for (so step g+1's travel while step g
+// computes), each step's return starts right after its core, and the returns are waited for only
+// after the last step's core. `there`/`back`: all-to-alls per step each way.
 std::string expected_log(int64_t groups, int there, int back) {
   const std::string start_there(static_cast<size_t>(there), 'S'), wait_there(static_cast<size_t>(there), 'W'),
       start_back(static_cast<size_t>(back), 'S'), wait_back(static_cast<size_t>(back), 'W');
@@ -159,34 +159,46 @@ TEST_CASE("pipelined head_parallel equals one device bit for bit for every group
   }
 }
 
-TEST_CASE("the pipeline starts every group's all-to-alls before waiting for group 0's, forward and backward") {
+TEST_CASE("the pipeline starts every step's all-to-alls before waiting for step 0's, forward and backward") {
   const testing::InnerVariant inner{"dilated", Mixing::lse, {4, 8}, {1, 2}};
-  manual_seed(8200);
-  const AttentionInputs in = random_attention_inputs(1, 12, 6, 4);
-  AttentionConfig config = testing::parallel_config(inner, 6, 4, true, 2);
-  auto reference = make_attention("dilated", config);
-  const AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
-  for (int64_t groups : {1, 2, 3}) {
-    config.pipeline_groups = groups;
+  // Head groups on 12 tokens (6 per rank), token chunks of 8 on 32 (16 per rank).
+  struct Case {
+    int64_t tokens, pipeline_groups, token_chunks, steps;
+  };
+  for (const Case& c : {Case{12, 1, 0, 1}, Case{12, 2, 0, 2}, Case{12, 3, 0, 3}, Case{32, 0, 2, 2}}) {
+    manual_seed(8200);
+    const AttentionInputs in = random_attention_inputs(1, c.tokens, 6, 4);
+    AttentionConfig config = testing::parallel_config(inner, 6, 4, true, 2);
+    auto reference = make_attention("dilated", config);
+    const AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
+    config.pipeline_groups = c.pipeline_groups;
+    config.token_chunks = c.token_chunks;
+    const int64_t half = c.tokens / 2;
     std::vector<std::string> forward_logs(2), backward_logs(2);
     std::vector<AttentionResults> parts(2);
+    std::vector<HeadParallelRun> ran(2);
     dist::run_ranks(2, [&](dist::Communicator& comm) {
       const size_t r = static_cast<size_t>(comm.rank());
       auto recording = std::make_shared<Recording>(comm);
-      auto chunk = [&](const Tensor& x, int64_t dim) { return x.narrow(dim, 6 * static_cast<int64_t>(r), 6).contiguous(); };
+      auto chunk = [&](const Tensor& x, int64_t dim) {
+        return x.narrow(dim, half * static_cast<int64_t>(r), half).contiguous();
+      };
       Tensor q = chunk(in.q, 1).requires_grad_(), k = chunk(in.k, 1).requires_grad_(), v = chunk(in.v, 1).requires_grad_();
       AttentionOutput res = head_parallel_attention(*recording, config, q, k, v);
+      ran[r] = last_head_parallel_run();
       forward_logs[r] = recording->log;
       recording->log.clear();
       autograd::run_backward({res.out, res.lse}, {chunk(in.dout, 1), chunk(in.dlse, 2)}, false);
       backward_logs[r] = recording->log;
       parts[r] = {res.out.detach(), res.lse.detach(), q.grad(), k.grad(), v.grad()};
     });
-    INFO("pipeline_groups = " << groups);
+    INFO("pipeline_groups = " << c.pipeline_groups << ", token_chunks = " << c.token_chunks);
     for (size_t r = 0; r < 2; ++r) {
+      CHECK(ran[r].groups * ran[r].token_chunks == c.steps);
+      CHECK(ran[r].token_chunks == (c.token_chunks > 1 ? c.token_chunks : 1));
       // Forward: q, k, v there, out and lse back. Backward: dO and the lse gradient there, dq, dk, dv back.
-      CHECK(forward_logs[r] == expected_log(groups, 3, 2));
-      CHECK(backward_logs[r] == expected_log(groups, 2, 3));
+      CHECK(forward_logs[r] == expected_log(c.steps, 3, 2));
+      CHECK(backward_logs[r] == expected_log(c.steps, 2, 3));
     }
     check_results(join_rank_chunks(parts), want, 0.0, "recorded pipeline");
   }

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "attention/head_parallel.h"
 #include "attention/registry.h"
 #include "attention/ring_attention.h"
 #include "tensor/autograd/node.h"
@@ -324,6 +325,49 @@ TEST_CASE("head_parallel's pipelined all-to-alls over the TCP group (2 and 3 ran
   }
 }
 
+TEST_CASE("head_parallel's token chunks over the TCP group equal the in-process group and one device") {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  manual_seed(seed);
+  const int64_t n = 32, heads = 4, half = n / 2;  // 2 ranks of 16 tokens: 2 chunks of 8, segments 4 and 8
+  auto input = [&] { return Tensor::randn({2, n, heads, 4}, DType::f64); };
+  const Tensor q = input(), k = input(), v = input(), dout = input();
+  attention::AttentionConfig config;
+  config.num_heads = heads;
+  config.head_dim = 4;
+  config.causal = true;
+  config.segment_lengths = {4, 8};
+  config.dilation_rates = {1, 2};
+  config.ranks = 2;
+  config.token_chunks = 2;
+  std::vector<int64_t> chunks_ran(2);
+  auto rank_body = [&](Communicator& comm, std::vector<std::vector<Tensor>>& out) {
+    const size_t r = static_cast<size_t>(comm.rank());
+    auto mine = [&](const Tensor& x) { return x.narrow(1, half * comm.rank(), half).contiguous(); };
+    Tensor ql = mine(q).requires_grad_(), kl = mine(k).requires_grad_(), vl = mine(v).requires_grad_();
+    Tensor o = attention::make_attention("head_parallel", config)->forward(ql, kl, vl);
+    chunks_ran[r] = attention::last_head_parallel_run().token_chunks;
+    autograd::run_backward({o}, {mine(dout)}, false);
+    out[r] = {o.detach(), ql.grad(), kl.grad(), vl.grad()};
+  };
+  std::vector<std::vector<Tensor>> in_process(2), over_tcp(2);
+  run_ranks(2, [&](Communicator& comm) { rank_body(comm, in_process); });
+  run_tcp_ranks(2, [&](Communicator& comm) {
+    CommunicatorScope scope(comm);
+    rank_body(comm, over_tcp);
+  });
+  CHECK(chunks_ran == std::vector<int64_t>{2, 2});
+  Tensor ql = q.detach().requires_grad_(), kl = k.detach().requires_grad_(), vl = v.detach().requires_grad_();
+  Tensor o = attention::make_attention("dilated", config)->forward(ql, kl, vl);
+  autograd::run_backward({o}, {dout}, false);
+  const std::vector<Tensor> want{o.detach(), ql.grad(), kl.grad(), vl.grad()};
+  for (size_t i = 0; i < 4; ++i) {
+    for (size_t r = 0; r < 2; ++r)
+      check_bitwise_equal(over_tcp[r][i], in_process[r][i], "rank " + std::to_string(r) + " result " + std::to_string(i));
+    check_bitwise_equal(cat({over_tcp[0][i], over_tcp[1][i]}, 1), want[i], "one device, result " + std::to_string(i));
+  }
+}
+
 TEST_CASE("set_process_communicator: current for every thread without one of its own, until cleared") {
   CHECK(current_communicator() == nullptr);
   run_tcp_ranks(1, [&](Communicator& comm) {
@@ -609,9 +653,11 @@ TEST_CASE("longtape launch: ring and head_parallel attention over 2 TCP processe
   INFO("seed " << seed);
   const auto dir = testing::fresh_dir("launch_attention");
   // N = 300: ragged chunks (and zigzag chunks of 75); dilated segments capped at N. head_parallel
-  // without overlap, pipelined in the automatic 3 groups of 2 heads, and in 4 groups of 6 heads.
+  // without overlap, pipelined in the automatic 3 groups of 2 heads, and in 4 groups of 6 heads;
+  // automatic token chunks find none (a segment is the whole sequence) and run 3 head groups.
   const auto r = testing::run_command(bin() + " launch --nproc 2 --timeout 60 -- longtape dist-check --backend tcp "
-                                                "--device cpu --attention 300 --repeats 1 --head-groups 1,0,4 --seed " +
+                                                "--device cpu --attention 300 --repeats 1 --head-groups 1,0,4 "
+                                                "--token-chunks 0 --seed " +
                                           std::to_string(seed),
                                       dir / "log");
   INFO(r.output);
@@ -619,11 +665,16 @@ TEST_CASE("longtape launch: ring and head_parallel attention over 2 TCP processe
   for (const char* line : {"ring          dense", "ring zigzag   dense", "head_parallel dense", "ring          dilated",
                            "ring zigzag   dilated", "head_parallel dilated"})
     CHECK(r.output.find(line) != std::string::npos);
-  for (const char* path : {"[not overlapped: 1 head group]", "[pipelined: 3 head groups", "[pipelined: 4 head groups"}) {
-    size_t count = 0;
-    for (size_t at = r.output.find(path); at != std::string::npos; at = r.output.find(path, at + 1)) ++count;
-    CHECK(count == 2);  // dense and dilated
-  }
+  auto count = [&](const std::string& text) {
+    size_t n = 0;
+    for (size_t at = r.output.find(text); at != std::string::npos; at = r.output.find(text, at + 1)) ++n;
+    return n;
+  };
+  // Each twice: dense and dilated.
+  CHECK(count("[not overlapped: 1 head group] (asked: head groups 1") == 2);
+  CHECK(count("[pipelined: 3 head groups, all-to-alls overlap the core] (asked: head groups 0") == 2);
+  CHECK(count("[pipelined: 4 head groups, all-to-alls overlap the core] (asked: head groups 4") == 2);
+  CHECK(count("[pipelined: 3 head groups, all-to-alls overlap the core] (asked: token chunks 0") == 2);
 }
 
 TEST_CASE("longtape launch: a rank that dies, fails or hangs ends the job with an error naming it, never a hang" *

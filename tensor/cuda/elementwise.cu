@@ -81,6 +81,23 @@ __global__ void copy_bits_kernel(Strided<2> s, void* dst, const void* src, int64
   }
 }
 
+// Same-dtype copies whose innermost dim is contiguous in both views and whole 16-byte units long
+// (head slices of (B, N, H, D) tensors, permuted rows): 16 bytes a thread, the row's start found
+// from the outer dims once per unit, instead of one element and a full index a thread.
+__global__ void copy_rows_kernel(Strided<2> rows, int64_t element_bytes, int64_t row_units, void* dst,
+                                 const void* src, int64_t units) {
+  const bool index32 = units < (int64_t{1} << 31);  // a 64-bit division costs several times a 32-bit one
+  for (int64_t i = global_tid(); i < units; i += grid_stride()) {
+    const int64_t row = index32 ? static_cast<int64_t>(static_cast<uint32_t>(i) / static_cast<uint32_t>(row_units))
+                                : i / row_units;
+    const int64_t unit = i - row * row_units;
+    int64_t off[2];
+    strided_offsets(rows, row, off);
+    reinterpret_cast<uint4*>(static_cast<char*>(dst) + off[0] * element_bytes)[unit] =
+        reinterpret_cast<const uint4*>(static_cast<const char*>(src) + off[1] * element_bytes)[unit];
+  }
+}
+
 // Conversions go through double (bf16 and f16 through float), exactly like the CPU backend.
 __global__ void convert_kernel(Strided<2> s, bool linear, void* dst, DType dst_dtype, const void* src,
                                DType src_dtype, int64_t n) {
@@ -125,6 +142,29 @@ bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast<uintpt
 
 void check_cuda_view(const View& v, const char* op) {
   LT_CHECK(v.device.is_cuda(), op, ": expected a CUDA tensor, got one on ", v.device.str());
+}
+
+// The rows of a strided same-dtype copy for copy_rows_kernel (its dims but the innermost), or false
+// when the innermost dim is strided in a view or the rows do not start on 16-byte boundaries.
+bool copy_rows(const Strided<2>& s, size_t element_bytes, const void* dst, const void* src, Strided<2>& rows,
+               int64_t& row_units) {
+  if (s.ndim < 2 || !aligned_to(dst, 16) || !aligned_to(src, 16)) return false;
+  const int last = s.ndim - 1;
+  const int64_t bytes = static_cast<int64_t>(element_bytes);
+  if (s.strides[0][last] != 1 || s.strides[1][last] != 1 || (s.shape[last] * bytes) % 16 != 0) return false;
+  int64_t count = 1;
+  rows.ndim = last;
+  for (int d = 0; d < last; ++d) {
+    for (int k = 0; k < 2; ++k) {
+      if ((s.strides[k][d] * bytes) % 16 != 0) return false;
+      rows.strides[k][d] = s.strides[k][d];
+    }
+    rows.shape[d] = s.shape[d];
+    count *= s.shape[d];
+  }
+  rows.index32 = count < (int64_t{1} << 31);
+  row_units = s.shape[last] * bytes / 16;
+  return true;
 }
 
 }  // namespace
@@ -212,6 +252,15 @@ void copy(const View& dst, const View& src) {
     const size_t es = dtype_size(dst.dtype);
     if (linear) {
       CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, static_cast<size_t>(n) * es, cudaMemcpyDeviceToDevice, stream()));
+      return;
+    }
+    Strided<2> rows;
+    int64_t row_units = 0;
+    if (copy_rows(s, es, dst.data, src.data, rows, row_units)) {
+      const int64_t units = n * static_cast<int64_t>(es) / 16;
+      copy_rows_kernel<<<grid_for(units), kThreads, 0, stream()>>>(rows, static_cast<int64_t>(es), row_units, dst.data,
+                                                                   src.data, units);
+      CUDA_CHECK_LAUNCH();
       return;
     }
     switch (es) {

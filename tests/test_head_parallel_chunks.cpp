@@ -1,0 +1,186 @@
+// head_parallel's pipeline over token chunks (attention/head_parallel.h): where every segment of
+// the dilated pattern stays inside a chunk, each step runs the core on chunk g of every rank, and
+// the result equals one device bit for bit, forward and gradients (out and lse), both mixings,
+// causal or not, batch 1 and 2, 2 and 3 ranks, several chunk counts; the automatic choice; the
+// cases that must run head groups instead (ragged shards, chunks that cut a segment, dense, dropout
+// in training, an explicit head group count); conflicting settings are refused.
+#include <doctest/doctest.h>
+
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "attention/head_parallel.h"
+#include "attention/head_parallel_pipeline.h"
+#include "attention/registry.h"
+#include "attention/ring_attention.h"
+#include "nn/dist/communicator.h"
+#include "support/parallel_configs.h"
+#include "tensor/error.h"
+#include "tensor/ops.h"
+
+using namespace longtape;
+using namespace longtape::attention;
+using namespace longtape::testing::parallel_cases;
+
+namespace {
+
+// head_parallel_attention on each of p ranks' token chunks (sequence_chunk_starts), joined; `ran`
+// receives every rank's last_head_parallel_run().
+AttentionResults run_ranks_local(const AttentionConfig& config, const AttentionInputs& in, int p,
+                                 std::vector<HeadParallelRun>* ran, bool training = false) {
+  const std::vector<int64_t> starts = sequence_chunk_starts(in.q.size(1), p);
+  std::vector<AttentionResults> parts(static_cast<size_t>(p));
+  std::mutex mutex;
+  dist::run_ranks(p, [&](dist::Communicator& comm) {
+    const size_t r = static_cast<size_t>(comm.rank());
+    auto chunk = [&](const Tensor& x, int64_t dim) {
+      return x.narrow(dim, starts[r], starts[r + 1] - starts[r]).contiguous();
+    };
+    parts[r] = run_with_gradients([&](const Tensor& q, const Tensor& k, const Tensor& v) {
+      AttentionOutput res = head_parallel_attention(comm, config, q, k, v, training);
+      std::lock_guard<std::mutex> lock(mutex);
+      if (ran) ran->push_back(last_head_parallel_run());
+      return res;
+    }, chunk(in.q, 1), chunk(in.k, 1), chunk(in.v, 1), chunk(in.dout, 1), chunk(in.dlse, 2));
+  });
+  return join_rank_chunks(parts);
+}
+
+// Every rank ran `chunks` token chunks (1: head groups, `groups` of them).
+void check_ran(const std::vector<HeadParallelRun>& ran, int64_t chunks, int64_t groups, const std::string& what) {
+  INFO(what);
+  REQUIRE(!ran.empty());
+  for (const HeadParallelRun& r : ran) {
+    CHECK(r.token_chunks == chunks);
+    CHECK(r.groups == (chunks > 1 ? 1 : groups));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("automatic_token_chunks: 4 chunks or fewer, of at least 2 of the widest segments, whole segments only") {
+  AttentionConfig config;
+  config.num_heads = 12;
+  config.segment_lengths = {2048, 4096, 8192};
+  config.dilation_rates = {1, 2, 4};
+  CHECK(automatic_token_chunks(config, 2, 131072) == 4);  // N = 262144 on 2 ranks: chunks of 32768
+  CHECK(automatic_token_chunks(config, 4, 65536) == 4);   // on 4 ranks: chunks of 16384
+  CHECK(automatic_token_chunks(config, 2, 16384 * 3) == 3);
+  CHECK(automatic_token_chunks(config, 2, 32768) == 2);
+  CHECK(automatic_token_chunks(config, 2, 16384) == 1);  // one chunk would hold a single widest segment
+  CHECK(automatic_token_chunks(config, 2, 16384 + 8192) == 1);
+  config.segment_lengths = {2048, 4096, 6144};  // chunks must be multiples of 12288 as well
+  CHECK(automatic_token_chunks(config, 2, 4 * 12288) == 4);
+  CHECK(automatic_token_chunks(config, 2, 4 * 8192) == 1);
+  config.dropout = 0.1;
+  CHECK(automatic_token_chunks(config, 2, 4 * 12288, /*training=*/false) == 4);
+  CHECK(automatic_token_chunks(config, 2, 4 * 12288, /*training=*/true) == 1);  // dropout would draw differently
+  config.dropout = 0.0;
+  config.inner_variant = "dense";
+  CHECK(automatic_token_chunks(config, 2, 4 * 12288) == 1);
+}
+
+TEST_CASE("token chunks: head_parallel equals one device bit for bit for every chunk count, both mixings, causal or "
+          "not, P = 2 and 3") {
+  // Segments 4, 8, 2: a chunk must be a multiple of 8 tokens. P = 2: 32 tokens per rank, batch 2;
+  // P = 3: 16 per rank, batch 1. 0 = automatic (chunks of at least 16 tokens).
+  struct Case {
+    int p;
+    int64_t heads, tokens, batch;
+    std::vector<std::pair<int64_t, int64_t>> chunks;  // (token_chunks, the chunk count that runs)
+  };
+  const std::vector<Case> cases{{2, 6, 64, 2, {{2, 2}, {4, 4}, {0, 2}}}, {3, 6, 48, 1, {{2, 2}, {0, 1}}}};
+  for (const Case& c : cases)
+    for (const Mixing mixing : {Mixing::lse, Mixing::head_groups})
+      for (const bool causal : {false, true}) {
+        const testing::InnerVariant inner{"dilated", mixing, {4, 8, 2}, {2, 4, 1}};
+        manual_seed(8300 + static_cast<uint64_t>(c.p) * 4 + (causal ? 2 : 0) + (mixing == Mixing::lse ? 1 : 0));
+        const AttentionInputs in = random_attention_inputs(c.batch, c.tokens, c.heads, 4);
+        AttentionConfig config = testing::parallel_config(inner, c.heads, 4, causal, c.p);
+        auto reference = make_attention("dilated", config);
+        const AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
+        for (const auto& [asked, runs] : c.chunks) {
+          config.token_chunks = asked;
+          const std::string what = std::string(mixing == Mixing::lse ? "lse" : "head_groups") +
+                                   (causal ? ", causal" : "") + ", P = " + std::to_string(c.p) +
+                                   ", token_chunks = " + std::to_string(asked);
+          std::vector<HeadParallelRun> ran;
+          check_results(run_ranks_local(config, in, c.p, &ran), want, 0.0, "rank-local " + what);
+          check_ran(ran, runs, automatic_pipeline_groups(c.heads / c.p), what);
+          // The registered module outside a rank runs the ranks as threads, through the same pipeline.
+          auto simulated = make_attention("head_parallel", config);
+          check_results(run_with_gradients(*simulated, in.q, in.k, in.v, in.dout, in.dlse), want, 0.0,
+                        "simulated " + what);
+          CHECK(last_head_parallel_run().token_chunks == runs);
+        }
+      }
+}
+
+TEST_CASE("token chunks: where a segment would cross a chunk or the shards differ, head groups run instead, with the "
+          "one-device result") {
+  const testing::InnerVariant dilated{"dilated", Mixing::lse, {4, 8}, {1, 2}};
+  struct Case {
+    std::string what;
+    testing::InnerVariant inner;
+    int64_t tokens;
+    int64_t token_chunks, pipeline_groups, groups_run;
+  };
+  const std::vector<Case> cases{
+      {"ragged shards (17 + 16 tokens)", dilated, 33, 0, 0, 2},
+      {"2 chunks of 12 tokens cut segments of 8", dilated, 48, 2, 0, 2},
+      {"3 chunks of 8 tokens hold whole segments, but 5 chunks do not divide 24", dilated, 48, 5, 0, 2},
+      {"dense attention has one segment: the sequence", {"dense", Mixing::lse, {}, {}}, 48, 0, 0, 2},
+      {"an explicit head group count with token_chunks automatic", dilated, 48, 0, 1, 1},
+      {"token_chunks = 1", dilated, 48, 1, 0, 2},
+  };
+  for (const Case& c : cases) {
+    manual_seed(8400);
+    const AttentionInputs in = random_attention_inputs(2, c.tokens, 4, 4);
+    AttentionConfig config = testing::parallel_config(c.inner, 4, 4, true, 2);
+    auto reference = make_attention(c.inner.name, config);
+    const AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
+    config.token_chunks = c.token_chunks;
+    config.pipeline_groups = c.pipeline_groups;
+    std::vector<HeadParallelRun> ran;
+    check_results(run_ranks_local(config, in, 2, &ran), want, 0.0, c.what);
+    check_ran(ran, 1, c.groups_run, c.what);
+  }
+  // 3 chunks of 8 tokens do hold whole segments of 4 and 8.
+  manual_seed(8401);
+  const AttentionInputs in = random_attention_inputs(1, 48, 4, 4);
+  AttentionConfig config = testing::parallel_config(dilated, 4, 4, true, 2);
+  const AttentionResults want = run_with_gradients(*make_attention("dilated", config), in.q, in.k, in.v, in.dout, in.dlse);
+  config.token_chunks = 3;
+  std::vector<HeadParallelRun> ran;
+  check_results(run_ranks_local(config, in, 2, &ran), want, 0.0, "3 chunks of 8 tokens");
+  check_ran(ran, 3, 1, "3 chunks of 8 tokens");
+  // Attention dropout in training draws per call: head groups, whatever token_chunks says.
+  config.dropout = 0.25;
+  ran.clear();
+  run_ranks_local(config, in, 2, &ran, /*training=*/true);
+  check_ran(ran, 1, 2, "dropout in training");
+}
+
+TEST_CASE("token_chunks: negative counts and both pipeline axes at once are refused") {
+  AttentionConfig config;
+  config.num_heads = 4;
+  config.head_dim = 4;
+  config.segment_lengths = {4};
+  config.dilation_rates = {1};
+  config.ranks = 2;
+  config.token_chunks = -1;
+  CHECK_THROWS_WITH_AS(make_attention("head_parallel", config),
+                       doctest::Contains("token_chunks must be 0 (automatic), 1 (none) or a chunk count >= 2, got -1"),
+                       Error);
+  config.token_chunks = 2;
+  config.pipeline_groups = 2;
+  CHECK_THROWS_WITH_AS(make_attention("head_parallel", config),
+                       doctest::Contains("over head groups or over token chunks, not both; got pipeline_groups = 2 "
+                                         "and token_chunks = 2"),
+                       Error);
+  const Tensor x = Tensor::randn({1, 8, 4, 4});
+  CHECK_THROWS_WITH_AS(dist::run_ranks(2, [&](dist::Communicator& comm) {
+    head_parallel_attention(comm, config, x, x, x);
+  }), doctest::Contains("not both"), Error);
+}
