@@ -8,7 +8,7 @@
 # -C bench-out/base`), that tree's build as it is ("base"). Prints ms/step, tokens/s and the scaling against one GPU of the same mode (median of
 # the per-step differences of elapsed_s over steps 6..DP_STEPS), then rank 0's profile of one step
 # on 1 and on the most GPUs (host time of the phases; the read in 'grad norm + clip' waits for the GPU).
-#   bash benchmarks/dp_scaling.sh [--build-only]   (DP_NPROCS="1 2 4", DP_STEPS=30, DP_BATCH=8,
+#   bash benchmarks/dp_scaling.sh [--build-only]   (DP_NPROCS="1 2 4", DP_MODES="now earlier small", DP_STEPS=30, DP_BATCH=8,
 #                                                   DP_SEQ=8192; builds build-gpu/bin/longtape and
 #                                                   BASE_TREE/build-gpu/bin/longtape when missing)
 # Results: $OUT/dp (or bench-out/dp): dp_<nproc>_<mode>.{json,log}, profile_<nproc>.log, summary.md.
@@ -28,7 +28,7 @@ build() {
     || { tail -30 "$out/configure_$2.log" "$out/build_$2.log"; exit 1; }
 }
 build . now
-modes=(now earlier small)
+read -ra modes <<<"${DP_MODES:-now earlier small}"
 if [ -n "${BASE_TREE:-}" ]; then
   build "$BASE_TREE" base
   modes=(base "${modes[@]}")
