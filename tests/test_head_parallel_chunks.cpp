@@ -15,6 +15,7 @@
 #include "attention/registry.h"
 #include "attention/ring_attention.h"
 #include "nn/dist/communicator.h"
+#include "support/head_parallel_ranks.h"
 #include "support/parallel_configs.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
@@ -24,28 +25,6 @@ using namespace longtape::attention;
 using namespace longtape::testing::parallel_cases;
 
 namespace {
-
-// head_parallel_attention on each of p ranks' token chunks (sequence_chunk_starts), joined; `ran`
-// receives every rank's last_head_parallel_run().
-AttentionResults run_ranks_local(const AttentionConfig& config, const AttentionInputs& in, int p,
-                                 std::vector<HeadParallelRun>* ran, bool training = false) {
-  const std::vector<int64_t> starts = sequence_chunk_starts(in.q.size(1), p);
-  std::vector<AttentionResults> parts(static_cast<size_t>(p));
-  std::mutex mutex;
-  dist::run_ranks(p, [&](dist::Communicator& comm) {
-    const size_t r = static_cast<size_t>(comm.rank());
-    auto chunk = [&](const Tensor& x, int64_t dim) {
-      return x.narrow(dim, starts[r], starts[r + 1] - starts[r]).contiguous();
-    };
-    parts[r] = run_with_gradients([&](const Tensor& q, const Tensor& k, const Tensor& v) {
-      AttentionOutput res = head_parallel_attention(comm, config, q, k, v, training);
-      std::lock_guard<std::mutex> lock(mutex);
-      if (ran) ran->push_back(last_head_parallel_run());
-      return res;
-    }, chunk(in.q, 1), chunk(in.k, 1), chunk(in.v, 1), chunk(in.dout, 1), chunk(in.dlse, 2));
-  });
-  return join_rank_chunks(parts);
-}
 
 // Every rank ran `chunks` token chunks (1: head groups, `groups` of them).
 void check_ran(const std::vector<HeadParallelRun>& ran, int64_t chunks, int64_t groups, const std::string& what) {
@@ -106,7 +85,7 @@ TEST_CASE("token chunks: head_parallel equals one device bit for bit for every c
                                    (causal ? ", causal" : "") + ", P = " + std::to_string(c.p) +
                                    ", token_chunks = " + std::to_string(asked);
           std::vector<HeadParallelRun> ran;
-          check_results(run_ranks_local(config, in, c.p, &ran), want, 0.0, "rank-local " + what);
+          check_results(run_head_parallel_ranks(config, in, c.p, &ran), want, 0.0, "rank-local " + what);
           check_ran(ran, runs, automatic_pipeline_groups(c.heads / c.p), what);
           // The registered module outside a rank runs the ranks as threads, through the same pipeline.
           auto simulated = make_attention("head_parallel", config);
@@ -143,7 +122,7 @@ TEST_CASE("token chunks: where a segment would cross a chunk or the shards diffe
     config.token_chunks = c.token_chunks;
     config.pipeline_groups = c.pipeline_groups;
     std::vector<HeadParallelRun> ran;
-    check_results(run_ranks_local(config, in, 2, &ran), want, 0.0, c.what);
+    check_results(run_head_parallel_ranks(config, in, 2, &ran), want, 0.0, c.what);
     check_ran(ran, 1, c.groups_run, c.what);
   }
   // 3 chunks of 8 tokens do hold whole segments of 4 and 8.
@@ -153,12 +132,12 @@ TEST_CASE("token chunks: where a segment would cross a chunk or the shards diffe
   const AttentionResults want = run_with_gradients(*make_attention("dilated", config), in.q, in.k, in.v, in.dout, in.dlse);
   config.token_chunks = 3;
   std::vector<HeadParallelRun> ran;
-  check_results(run_ranks_local(config, in, 2, &ran), want, 0.0, "3 chunks of 8 tokens");
+  check_results(run_head_parallel_ranks(config, in, 2, &ran), want, 0.0, "3 chunks of 8 tokens");
   check_ran(ran, 3, 1, "3 chunks of 8 tokens");
   // Attention dropout in training draws per call: head groups, whatever token_chunks says.
   config.dropout = 0.25;
   ran.clear();
-  run_ranks_local(config, in, 2, &ran, /*training=*/true);
+  run_head_parallel_ranks(config, in, 2, &ran, /*training=*/true);
   check_ran(ran, 1, 2, "dropout in training");
 }
 

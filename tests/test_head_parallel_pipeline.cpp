@@ -16,6 +16,7 @@
 #include "attention/ring_attention.h"
 #include "tensor/autograd/node.h"
 #include "nn/dist/communicator.h"
+#include "support/head_parallel_ranks.h"
 #include "support/parallel_configs.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
@@ -25,28 +26,6 @@ using namespace longtape::attention;
 using namespace longtape::testing::parallel_cases;
 
 namespace {
-
-
-// head_parallel_attention on each of p ranks' token chunks (sequence_chunk_starts), joined.
-AttentionResults run_ranks_local(const AttentionConfig& config, const AttentionInputs& in, int p,
-                                 std::vector<int64_t>* groups_ran) {
-  const std::vector<int64_t> starts = sequence_chunk_starts(in.q.size(1), p);
-  std::vector<AttentionResults> parts(static_cast<size_t>(p));
-  std::mutex mutex;
-  dist::run_ranks(p, [&](dist::Communicator& comm) {
-    const size_t r = static_cast<size_t>(comm.rank());
-    auto chunk = [&](const Tensor& x, int64_t dim) {
-      return x.narrow(dim, starts[r], starts[r + 1] - starts[r]).contiguous();
-    };
-    parts[r] = run_with_gradients([&](const Tensor& q, const Tensor& k, const Tensor& v) {
-      AttentionOutput res = head_parallel_attention(comm, config, q, k, v);
-      std::lock_guard<std::mutex> lock(mutex);
-      if (groups_ran) groups_ran->push_back(last_head_parallel_run().groups);
-      return res;
-    }, chunk(in.q, 1), chunk(in.k, 1), chunk(in.v, 1), chunk(in.dout, 1), chunk(in.dlse, 2));
-  });
-  return join_rank_chunks(parts);
-}
 
 // Passes everything to `inner`, writing "S" for each start_all_to_all and "W" for each wait.
 class Recording final : public dist::Communicator {
@@ -146,10 +125,10 @@ TEST_CASE("pipelined head_parallel equals one device bit for bit for every group
         config.pipeline_groups = groups;
         const std::string what = inner.name + (inner.mixing == Mixing::head_groups ? " (head_groups)" : "") +
                                  ", P = " + std::to_string(c.p) + ", pipeline_groups = " + std::to_string(groups);
-        std::vector<int64_t> ran;
-        check_results(run_ranks_local(config, in, c.p, &ran), want, 0.0, "rank-local " + what);
+        std::vector<HeadParallelRun> ran;
+        check_results(run_head_parallel_ranks(config, in, c.p, &ran), want, 0.0, "rank-local " + what);
         const int64_t local = c.heads / c.p;
-        for (int64_t g : ran) CHECK(g == (groups > 0 ? groups : automatic_pipeline_groups(local)));
+        for (const HeadParallelRun& run : ran) CHECK(run.groups == (groups > 0 ? groups : automatic_pipeline_groups(local)));
         // The registered module outside a rank runs the ranks as threads, through the same pipeline.
         auto simulated = make_attention("head_parallel", config);
         check_results(run_with_gradients(*simulated, in.q, in.k, in.v, in.dout, in.dlse), want, 0.0,
