@@ -103,11 +103,7 @@ StepResult Trainer::run_eager_step(const Batch& batch, int64_t index, const std:
     if (options_.clip > 0) scale_grads_to_norm(parameters, norm, options_.clip);
   }
   // A diverged step stops the run before it changes the weights.
-  if (options_.stop_on_non_finite && !std::isfinite(norm)) {
-    if (on_diverged) on_diverged();
-    LT_CHECK(false, "train: the gradient norm became ", norm, " at step ", index + 1, " (loss ", loss_value,
-             "); stopped without saving a checkpoint (", options_.divergence_hint, ")");
-  }
+  stop_if_norm_diverged(index, loss_value, norm);
   {
     profiler::Scope scope("optimizer step");
     schedule_.apply(optimizer_, index);
@@ -118,12 +114,15 @@ StepResult Trainer::run_eager_step(const Batch& batch, int64_t index, const std:
   return r;
 }
 
+void Trainer::stop_if_norm_diverged(int64_t index, double loss_value, double norm) {
+  if (!options_.stop_on_non_finite || std::isfinite(norm)) return;
+  if (on_diverged) on_diverged();
+  LT_CHECK(false, "train: the gradient norm became ", norm, " at step ", index + 1, " (loss ", loss_value,
+           "); stopped without saving a checkpoint (", options_.divergence_hint, ")");
+}
+
 StepResult Trainer::finish_step(int64_t index, double loss_value, double norm) {
-  if (options_.stop_on_non_finite && !std::isfinite(norm)) {
-    if (on_diverged) on_diverged();
-    LT_CHECK(false, "train: the gradient norm became ", norm, " at step ", index + 1, " (loss ", loss_value,
-             "); stopped without saving a checkpoint (", options_.divergence_hint, ")");
-  }
+  stop_if_norm_diverged(index, loss_value, norm);  // a replayed graph reaches here with it
   StepResult r;
   r.step = index + 1;
   r.loss = loss_value;

@@ -152,6 +152,8 @@ class Trainer {
                             bool in_place_grads);
   // The step with cuda_graph: warm-up, capture or replay.
   StepResult run_graph_step(const Batch& batch, int64_t index, const std::function<void()>& before_read);
+  // Throws (after on_diverged) when stop_on_non_finite and the gradient norm is not finite.
+  void stop_if_norm_diverged(int64_t index, double loss_value, double norm);
   // The loss and norm of a finished step, checked for non-finite values.
   StepResult finish_step(int64_t index, double loss_value, double norm);
   void check_graph_options() const;

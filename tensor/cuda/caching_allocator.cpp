@@ -304,15 +304,19 @@ void CachingAllocator::retire_stream(uintptr_t stream) {
     bool in_use = false;
     for (Block* block = segment->head; block; block = block->next) in_use = in_use || block->allocated;
     if (in_use) continue;
-    FreeBlocks& pool = pool_of(*segment);
-    // The free lists are ordered by stream first: re-key each free block outside the set.
-    for (Block* block = segment->head; block; block = block->next) {
-      if (!block->allocated) pool.erase(block);
-      block->stream = kSharedStream;
-      if (!block->allocated) pool.insert(block);
-    }
-    segment->stream = kSharedStream;
+    rekey_segment(*segment, kSharedStream);
   }
+}
+
+void CachingAllocator::rekey_segment(Segment& segment, uintptr_t key) {
+  FreeBlocks& pool = pool_of(segment);
+  // The free lists are ordered by stream first: re-key each free block outside the set.
+  for (Block* block = segment.head; block; block = block->next) {
+    if (!block->allocated) pool.erase(block);
+    block->stream = key;
+    if (!block->allocated) pool.insert(block);
+  }
+  segment.stream = key;
 }
 
 void CachingAllocator::begin_private_pool(uintptr_t key) {
@@ -337,13 +341,7 @@ void CachingAllocator::release_private_pool(uintptr_t key, uintptr_t owner) {
       unused.push_back(segment->head);
       continue;
     }
-    FreeBlocks& pool = pool_of(*segment);
-    for (Block* block = segment->head; block; block = block->next) {
-      if (!block->allocated) pool.erase(block);
-      block->stream = owner;
-      if (!block->allocated) pool.insert(block);
-    }
-    segment->stream = owner;
+    rekey_segment(*segment, owner);
   }
   private_pools_.erase(key);
   for (Block* head : unused) release_segment(head);

@@ -180,6 +180,7 @@ class CachingAllocator {
   static bool worth_splitting(bool small, size_t remaining);
   void release_unused_segments();
   void release_segment(Block* head);
+  void rekey_segment(Segment& segment, uintptr_t key);  // every block of it to another stream key
   void* bypass_allocate(size_t nbytes);
   void bypass_free(void* ptr);
   void count_allocated(int64_t delta);
