@@ -108,14 +108,10 @@ std::vector<Tensor> head_slots(const Tensor& local, const Geometry& geo, const S
                         .permute({2, 0, 1, 3, 4}));
 }
 
-// What goes to each rank from a (B, n_r, H, D) shard: the step's heads of rank d, a contiguous
-// copy for the others (the transfer reads it) and a view for this rank (copied straight into place).
+// What goes to each rank from a (B, n_r, H, D) shard: views of the step's heads of rank d (the
+// copy engines read rows at a pitch; NCCL's sends make their own contiguous copies).
 std::vector<Tensor> pack_heads(const Tensor& shard, const Geometry& geo, const StepLayout& s) {
-  const Tensor every = heads_of_every_rank(shard, geo, s);
-  std::vector<Tensor> out;
-  for (int64_t d = 0; d < geo.ranks; ++d)
-    out.push_back(d == geo.rank ? every.select(0, d) : every.select(0, d).contiguous());
-  return out;
+  return rank_slots(heads_of_every_rank(shard, geo, s));
 }
 
 // What goes to each rank from a tensor over the core's sequence: its tokens along `dim`. Views where
@@ -152,19 +148,11 @@ std::vector<Tensor> token_slots(const Tensor& full, int64_t dim, const Geometry&
   return out;
 }
 
-// Starts the all-to-all of to_each into `into` without this rank's own piece, then copies that
-// piece into place: the transfer (on NCCL queued after the work so far) does not wait for the
-// copy, which runs beside it.
-Pending start_exchange(dist::Communicator& comm, std::vector<Tensor> to_each, std::vector<Tensor> into) {
+// Starts the all-to-all of to_each into `into` (the backends place this rank's own piece without
+// delaying the transfers: NCCL queues its copy after them, the copy engines run it beside them).
+Pending start_exchange(dist::Communicator& comm, const std::vector<Tensor>& to_each, const std::vector<Tensor>& into) {
   NoGradGuard no_grad;
-  const size_t self = static_cast<size_t>(comm.rank());
-  const Tensor mine = to_each[self];
-  Tensor slot = into[self];
-  to_each[self] = mine.narrow(0, 0, 0);  // nothing of its own travels
-  into[self] = slot.narrow(0, 0, 0);
-  Pending pending = comm.start_all_to_all(to_each, into);
-  slot.copy_(mine);
-  return pending;
+  return comm.start_all_to_all(to_each, into);
 }
 
 // What step g's core left for the backward.

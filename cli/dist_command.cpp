@@ -102,8 +102,10 @@ int run_dist_check(const DistCheckArgs& a) {
                           file);
   }
   if (comm.rank() == 0) {
-    std::printf("dist-check: %zu results on each of %d ranks match their float64 references (backend %s, %s, %.3f s)\n",
-                results.size(), comm.size(), group->backend().c_str(), group->device().str().c_str(), seconds);
+    std::printf("dist-check: %zu results on each of %d ranks match their float64 references (backend %s, %s, %.3f s; "
+                "start_all_to_all over %s)\n",
+                results.size(), comm.size(), group->backend().c_str(), group->device().str().c_str(), seconds,
+                comm.all_to_all_transport().c_str());
     std::fflush(stdout);
   }
   if (a.bench_mb > 0) bench_all_reduce(*group, a.bench_mb);

@@ -4,6 +4,10 @@
 // or missing option, a flag value that is not a number in the flag's range, sizes too large to
 // run (cli/numeric_flags.h, cli/size_limits.h); 1 an error while running. Errors are one line on
 // stderr.
+#include <execinfo.h>
+#include <signal.h>
+#include <unistd.h>
+
 #include <cstring>
 #include <iostream>
 
@@ -18,8 +22,22 @@ std::vector<Command>& commands() {
 }
 }  // namespace longtape::cli
 
+namespace {
+// A fatal signal writes the call stack to stderr (binary offsets: `addr2line -C -f -e longtape`)
+// before the process dies of it as it would have, so a crash report says where.
+void report_fatal_signal(int sig) {
+  const char head[] = "longtape: fatal signal; call stack:\n";
+  (void)!write(STDERR_FILENO, head, sizeof head - 1);
+  void* frames[64];
+  backtrace_symbols_fd(frames, backtrace(frames, 64), STDERR_FILENO);
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+}  // namespace
+
 int main(int argc, char** argv) {
   using namespace longtape::cli;
+  for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL}) signal(sig, report_fatal_signal);
   CLI::App app{"longtape: dilated-attention variants, training and benchmarks"};
   app.require_subcommand(1);
   std::function<int()> run;

@@ -770,17 +770,27 @@ TEST_CASE("NCCL: collectives, data parallel equivalence and a hung rank on 2 GPU
   INFO(check.output);
   REQUIRE(check.code == 0);
   CHECK(check.output.find("(backend nccl, cuda:0") != std::string::npos);
+  // On one host start_all_to_all moves its data on the copy engines; LONGTAPE_PEER_COPY=0 keeps NCCL.
+  CHECK(check.output.find("start_all_to_all over copy engines") != std::string::npos);
+  const auto check_nccl = testing::run_command("LONGTAPE_PEER_COPY=0 " + launch2 +
+                                                   "longtape dist-check --backend nccl --device cuda --seed " +
+                                                   std::to_string(seed) + " --out " + (dir / "out_nccl").string(),
+                                               dir / "check_nccl.log");
+  INFO(check_nccl.output);
+  REQUIRE(check_nccl.code == 0);
+  CHECK(check_nccl.output.find("start_all_to_all over NCCL send/recv") != std::string::npos);
   // Two ranks: a + b = b + a, so even the sums equal the in-process group's bits.
   const Results want = in_process_results(2, seed);
-  for (int rank = 0; rank < 2; ++rank) {
-    const io::SafetensorsFile file =
-        io::read_safetensors((dir / "out" / ("rank" + std::to_string(rank) + ".safetensors")).string());
-    for (const auto& [name, t] : want) {
-      const std::string prefix = "rank" + std::to_string(rank) + "/";
-      if (name.rfind(prefix, 0) != 0) continue;
-      check_bitwise_equal(io::tensor_from_raw(file.at(name.substr(prefix.size()))), t, name);
+  for (const char* out : {"out", "out_nccl"})
+    for (int rank = 0; rank < 2; ++rank) {
+      const io::SafetensorsFile file =
+          io::read_safetensors((dir / out / ("rank" + std::to_string(rank) + ".safetensors")).string());
+      for (const auto& [name, t] : want) {
+        const std::string prefix = "rank" + std::to_string(rank) + "/";
+        if (name.rfind(prefix, 0) != 0) continue;
+        check_bitwise_equal(io::tensor_from_raw(file.at(name.substr(prefix.size()))), t, std::string(out) + " " + name);
+      }
     }
-  }
 
   const std::string model = " --device cuda --layers 2 --width 64 --heads 4 --seq-len 1024 --segments 256,1024 "
                             "--dilations 1,2 --eval-every 0 --eval-batches 2 --steps 4 --warmup 1 --seed 3";

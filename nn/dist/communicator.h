@@ -93,6 +93,8 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // default exchanges now. Neither to_each nor into may be changed, nor into read, before wait().
   virtual std::unique_ptr<PendingAllToAll> start_all_to_all(const std::vector<Tensor>& to_each,
                                                             const std::vector<Tensor>& into);
+  // How start_all_to_all moves the data, for reports.
+  virtual std::string all_to_all_transport() const { return "this backend's messages"; }
   // Elementwise sum (or mean) over ranks; every rank gets the same values (summed in rank order).
   virtual Tensor all_reduce(const Tensor& tensor, ReduceOp op = ReduceOp::sum) = 0;
   // An all_reduce under way; wait() returns its result (on a GPU backend without blocking the host:

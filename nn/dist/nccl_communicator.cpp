@@ -7,6 +7,7 @@
 
 #include "tensor/autograd/grad_mode.h"
 #include "nn/dist/nccl_comm.h"
+#include "nn/dist/peer_copy.h"
 #include "tensor/ops.h"
 #endif
 
@@ -32,7 +33,8 @@ using namespace nccl_detail;
 
 class NcclCommunicator final : public Communicator {
  public:
-  explicit NcclCommunicator(std::unique_ptr<NcclComm> comm) : comm_(std::move(comm)) {}
+  NcclCommunicator(std::unique_ptr<NcclComm> comm, std::unique_ptr<PeerCopyExchange> peer_copy)
+      : comm_(std::move(comm)), peer_copy_(std::move(peer_copy)) {}
   ~NcclCommunicator() override {
     if (comm_->has_pending_sends() && std::uncaught_exceptions() == 0) {
       try {
@@ -121,17 +123,18 @@ class NcclCommunicator final : public Communicator {
     return result;
   }
 
-  // One group of ncclSend/ncclRecv on the communication stream, after the compute stream's work so
+  std::string all_to_all_transport() const override {
+    return peer_copy_ ? "copy engines (CUDA IPC, no SM)" : "NCCL send/recv";
+  }
+
+  // On one host, the copy engines (nn/dist/peer_copy.h). Otherwise one group of ncclSend/ncclRecv
+  // on the communication stream, after the compute stream's work so
   // far; no shapes travel first (the caller names them) and the host never waits. Contiguous
   // `into` tensors on this GPU receive directly, others through a buffer copied in wait().
   std::unique_ptr<PendingAllToAll> start_all_to_all(const std::vector<Tensor>& to_each,
                                                     const std::vector<Tensor>& into) override {
     check_all_to_all_into(to_each, into);
-    // This rank's own piece is one copy on the compute stream (views of any layout on both sides),
-    // not a transfer through NCCL.
-    const Tensor& mine = to_each[static_cast<size_t>(rank())];
-    receive_into(mine.device() == gpu() ? mine.detach() : mine.detach().to(gpu()), into[static_cast<size_t>(rank())],
-                 rank());
+    if (peer_copy_) return peer_copy_->start(to_each, into);
     std::vector<Tensor> ins, outs, keep;
     std::vector<std::pair<Tensor, Tensor>> copy_after;  // (buffer, into)
     for (int p = 0; p < size(); ++p) {
@@ -153,6 +156,11 @@ class NcclCommunicator final : public Communicator {
     keep.insert(keep.end(), outs.begin(), outs.end());
     cudaEvent_t arrived = nullptr;
     comm_->run("all_to_all", [&] { send_and_receive_each(ins, outs, rank()); }, keep, &arrived);
+    // This rank's own piece is one copy on the compute stream (views of any layout on both sides),
+    // not a transfer through NCCL; queued after the transfer, which therefore does not wait for it.
+    const Tensor& mine = to_each[static_cast<size_t>(rank())];
+    receive_into(mine.device() == gpu() ? mine.detach() : mine.detach().to(gpu()), into[static_cast<size_t>(rank())],
+                 rank());
     return std::make_unique<ArrivingAllToAll>(arrived, std::move(copy_after));
   }
 
@@ -199,7 +207,7 @@ class NcclCommunicator final : public Communicator {
              "be in [0, 2^31) and key a 32-bit integer, got color ", color, " and key ", key);
     auto child = std::make_unique<NcclComm>(rank(), size(), comm_->device(), options());
     child->init(nullptr, comm_.get(), static_cast<int>(color), static_cast<int>(key));
-    return std::make_shared<NcclCommunicator>(std::move(child));
+    return std::make_shared<NcclCommunicator>(std::move(child), nullptr);
   }
 
  private:
@@ -354,6 +362,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   std::unique_ptr<NcclComm> comm_;
+  std::unique_ptr<PeerCopyExchange> peer_copy_;  // null: NCCL moves start_all_to_all's data too
 };
 
 }  // namespace
@@ -389,7 +398,8 @@ std::shared_ptr<Communicator> make_nccl_process_group(TcpStore& store, int rank,
   }
   auto comm = std::make_unique<NcclComm>(rank, size, device, options);
   comm->init(&id, nullptr, 0, 0);
-  return std::make_shared<NcclCommunicator>(std::move(comm));
+  return std::make_shared<NcclCommunicator>(std::move(comm),
+                                            PeerCopyExchange::connect(store, rank, size, device, prefix + "/peer"));
 }
 
 #endif  // LONGTAPE_WITH_NCCL

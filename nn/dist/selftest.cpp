@@ -139,6 +139,43 @@ std::vector<std::pair<std::string, Tensor>> check_collectives(Communicator& comm
   keep("start_all_to_all_rows", rows);
   keep("start_all_to_all_cols", cols);
 
+  // Head slices, as head_parallel moves them: rank s sends rank d heads 2d, 2d + 1 of its (5, 2P, 3)
+  // tensor, received into the same heads of a (5, 2P, 3) buffer (rows at a pitch on both sides).
+  const Tensor heads_full = mine(400, {5, 2 * size, 3});
+  Tensor heads = Tensor::zeros({5, 2 * size, 3}, DType::f32, device);
+  std::vector<Tensor> heads_to_each, heads_into;
+  for (int d = 0; d < size; ++d) {
+    heads_to_each.push_back(heads_full.narrow(1, 2 * d, 2));
+    heads_into.push_back(heads.narrow(1, 2 * d, 2));
+  }
+  comm.start_all_to_all(heads_to_each, heads_into)->wait();
+  for (int s = 0; s < size; ++s)
+    expect_exact(heads_into[static_cast<size_t>(s)], input(seed, s, 400, {5, 2 * size, 3}).narrow(1, 2 * rank, 2),
+                 "start_all_to_all of head slices (from rank " + std::to_string(s) + ")", rank);
+  keep("start_all_to_all_heads", heads);
+  // Many in a row, two under way at a time (backends may reuse what an exchange holds).
+  for (int i = 0; i < 40; ++i) {
+    std::vector<Tensor> a_to_each, b_to_each, a_into, b_into;
+    for (int d = 0; d < size; ++d) {
+      a_to_each.push_back(mine(500 + i, {d + 2}));
+      b_to_each.push_back(mine(600 + i, {3, d + 1}));
+      a_into.push_back(Tensor::empty({rank + 2}, DType::f32, device));
+      b_into.push_back(Tensor::empty({3, rank + 1}, DType::f32, device));
+    }
+    auto a = comm.start_all_to_all(a_to_each, a_into);
+    auto b = comm.start_all_to_all(b_to_each, b_into);
+    a->wait();
+    b->wait();
+    if (i % 13 != 0) continue;
+    for (int s = 0; s < size; ++s) {
+      expect_exact(a_into[static_cast<size_t>(s)], input(seed, s, 500 + i, {rank + 2}),
+                   "start_all_to_all number " + std::to_string(2 * i) + " (from rank " + std::to_string(s) + ")", rank);
+      expect_exact(b_into[static_cast<size_t>(s)], input(seed, s, 600 + i, {3, rank + 1}),
+                   "start_all_to_all number " + std::to_string(2 * i + 1) + " (from rank " + std::to_string(s) + ")",
+                   rank);
+    }
+  }
+
   // broadcast from the last rank.
   const int root = size - 1;
   const Tensor broadcasted = comm.broadcast(rank == root ? mine(5, {4, 9}) : Tensor::zeros({4, 9}, DType::f32, device),

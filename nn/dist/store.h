@@ -30,6 +30,8 @@ class TcpStore {
   int64_t add(const std::string& key, int64_t delta);
 
   int port() const { return port_; }
+  // The address this client connected to (what another client of the same store connects to).
+  const std::string& host() const { return host_; }
   // This process's address as the server sees it (the interface other hosts reach it by).
   std::string local_address() const;
   std::chrono::milliseconds timeout() const { return timeout_; }

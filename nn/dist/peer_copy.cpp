@@ -1,0 +1,459 @@
+#include "nn/dist/peer_copy.h"
+
+#ifdef LONGTAPE_WITH_NCCL
+#include <cuda.h>  // CUdeviceptr, CUresult: cuMemGetAddressRange through the runtime's entry point
+#include <cuda_runtime.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "tensor/autograd/grad_mode.h"
+#include "tensor/cuda/runtime.h"
+#include "tensor/error.h"
+
+namespace longtape::dist {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+void cuda_ok(cudaError_t status, const char* what) {
+  LT_CHECK(status == cudaSuccess, "dist (copy engines): ", what, " failed: ", cudaGetErrorString(status));
+}
+
+// A tensor's bytes as `rows` runs of `row_bytes` contiguous bytes, `pitch` bytes apart.
+struct RowLayout {
+  int64_t rows = 0, row_bytes = 0, pitch = 0;
+};
+
+// nullopt when no such pattern describes `t` (or its rows would be single elements, which copy
+// engines move slowly).
+std::optional<RowLayout> row_layout(const Tensor& t) {
+  const int64_t element = static_cast<int64_t>(dtype_size(t.dtype()));
+  if (t.numel() == 0) return RowLayout{};
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (size, stride) of the dims that matter
+  for (int64_t i = 0; i < t.dim(); ++i)
+    if (t.shape()[static_cast<size_t>(i)] != 1)
+      dims.emplace_back(t.shape()[static_cast<size_t>(i)], t.strides()[static_cast<size_t>(i)]);
+  int64_t inner = 1;
+  size_t outer = dims.size();
+  while (outer > 0 && dims[outer - 1].second == inner) inner *= dims[--outer].first;
+  if (outer == 0) return RowLayout{1, inner * element, inner * element};
+  if (inner == 1) return std::nullopt;
+  int64_t rows = dims[outer - 1].first;
+  const int64_t pitch = dims[outer - 1].second;
+  for (size_t j = outer - 1; j > 0; --j) {
+    if (dims[j - 1].second != dims[j].second * dims[j].first) return std::nullopt;
+    rows *= dims[j - 1].first;
+  }
+  if (pitch < inner) return std::nullopt;
+  return RowLayout{rows, inner * element, pitch * element};
+}
+
+// One row pattern for both sides of a copy of equal bytes (a contiguous side takes the other's
+// rows); nullopt when both have rows of different lengths.
+std::optional<std::pair<RowLayout, RowLayout>> matching_rows(std::optional<RowLayout> from, RowLayout to) {
+  if (!from) return std::nullopt;
+  if (from->rows == to.rows && from->row_bytes == to.row_bytes) return std::make_pair(*from, to);
+  if (from->rows == 1) return std::make_pair(RowLayout{to.rows, to.row_bytes, to.row_bytes}, to);
+  if (to.rows == 1) return std::make_pair(*from, RowLayout{from->rows, from->row_bytes, from->row_bytes});
+  return std::nullopt;
+}
+
+int64_t bytes_of(const Tensor& t) { return t.numel() * static_cast<int64_t>(dtype_size(t.dtype())); }
+
+// The start of the cudaMalloc allocation that holds `p` (IPC handles name whole allocations).
+char* allocation_base(const void* p) {
+  using AddressRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+  static const AddressRange address_range = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    cuda_ok(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault, &found),
+            "cudaGetDriverEntryPointByVersion(cuMemGetAddressRange)");
+    LT_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
+             "dist (copy engines): the driver has no cuMemGetAddressRange");
+    return reinterpret_cast<AddressRange>(fn);
+  }();
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  LT_CHECK(address_range(&base, &size, reinterpret_cast<CUdeviceptr>(p)) == CUDA_SUCCESS,
+           "dist (copy engines): cuMemGetAddressRange failed for a tensor's memory");
+  return reinterpret_cast<char*>(base);
+}
+
+// What a receiver posts for each sender: where the piece goes (an allocation by IPC handle, an
+// offset into it) and its layout there.
+struct Destination {
+  cudaIpcMemHandle_t handle{};
+  int64_t offset = 0, bytes = 0, rows = 0, row_bytes = 0, pitch = 0;
+};
+
+template <typename T>
+void append(std::string& out, const T& value) {
+  out.append(reinterpret_cast<const char*>(&value), sizeof value);
+}
+
+template <typename T>
+T read_at(const std::string& in, size_t at) {
+  LT_CHECK(at + sizeof(T) <= in.size(), "dist (copy engines): a malformed store entry (", in.size(), " bytes)");
+  T value;
+  std::memcpy(&value, in.data() + at, sizeof value);
+  return value;
+}
+
+bool env_disabled() {
+  const char* v = std::getenv("LONGTAPE_PEER_COPY");
+  return v != nullptr && std::string(v) == "0";
+}
+
+}  // namespace
+
+struct PeerCopyExchange::State {
+  int rank = 0, size = 0, device = 0;
+  std::string prefix;
+  std::unique_ptr<TcpStore> store;  // this exchange's own connection
+  std::vector<cudaEvent_t> ready, sent;                          // [slot], interprocess
+  std::vector<std::vector<cudaEvent_t>> peer_ready, peer_sent;   // [rank][slot], opened
+  std::vector<cudaStream_t> copy_streams;                        // [peer]
+  std::vector<cudaEvent_t> copy_done;                            // [peer]
+  cudaStream_t signal_stream = nullptr;
+  cudaEvent_t sources_ready = nullptr;
+  std::map<std::string, char*> opened;  // IPC handle bytes -> this process's mapping
+  int64_t next_seq = 0;
+  std::deque<int64_t> unwaited;
+  std::mutex mutex;
+
+  ~State() {
+    cudaSetDevice(device);
+    for (cudaStream_t s : copy_streams)
+      if (s) cudaStreamSynchronize(s);
+    if (signal_stream) cudaStreamSynchronize(signal_stream);
+    for (auto& [key, base] : opened) cudaIpcCloseMemHandle(base);
+    for (auto& events : peer_ready)
+      for (cudaEvent_t e : events) cudaEventDestroy(e);
+    for (auto& events : peer_sent)
+      for (cudaEvent_t e : events) cudaEventDestroy(e);
+    for (cudaEvent_t e : ready) cudaEventDestroy(e);
+    for (cudaEvent_t e : sent) cudaEventDestroy(e);
+    for (cudaEvent_t e : copy_done) cudaEventDestroy(e);
+    if (sources_ready) cudaEventDestroy(sources_ready);
+    for (cudaStream_t s : copy_streams)
+      if (s) cudaStreamDestroy(s);
+    if (signal_stream) cudaStreamDestroy(signal_stream);
+  }
+
+  std::string key(const char* what, int64_t slot, int r) const {
+    return prefix + "/" + what + "/" + std::to_string(slot) + "/" + std::to_string(r);
+  }
+
+  // The value rank r posted under `name` for exchange `seq` (slots are reused: an older
+  // exchange's value may still be there until r gets to this one).
+  std::string read_fresh(const char* name, int64_t seq, int r) {
+    const std::string k = key(name, seq % kSlots, r);
+    const auto deadline = Clock::now() + store->timeout();
+    while (true) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      const std::string value = store->get(k, std::max(left, std::chrono::milliseconds(1)));
+      const int64_t posted = read_at<int64_t>(value, 0);
+      if (posted == seq) return value;
+      LT_CHECK(posted < seq, "dist (copy engines): rank ", r, " posted exchange ", posted, " where rank ", rank,
+               " expected ", seq, ": the ranks called start_all_to_all a different number of times");
+      LT_CHECK(Clock::now() < deadline, "dist (copy engines): rank ", rank, " timed out after ",
+               store->timeout().count() / 1000.0, " s waiting for rank ", r, " to reach all-to-all ", seq);
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+
+  // Waits until every rank has waited for the exchange that used `slot` before exchange `seq`.
+  void wait_slot_free(int64_t seq) {
+    const int64_t round = seq / kSlots;
+    if (round == 0) return;
+    const std::string k = prefix + "/done/" + std::to_string(seq % kSlots);
+    const auto deadline = Clock::now() + store->timeout();
+    while (store->add(k, 0) < size * round) {
+      LT_CHECK(Clock::now() < deadline, "dist (copy engines): rank ", rank, " timed out after ",
+               store->timeout().count() / 1000.0, " s waiting for every rank to finish all-to-all ", seq - kSlots);
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+
+  // This process's mapping of a peer's allocation. Allocations come from the peers' caching pools,
+  // so there are few; past kMaxOpened (a pool without caching) every mapping is closed once the
+  // copies in flight are done.
+  char* open(const cudaIpcMemHandle_t& handle) {
+    constexpr size_t kMaxOpened = 512;
+    const std::string k(reinterpret_cast<const char*>(&handle), sizeof handle);
+    auto it = opened.find(k);
+    if (it != opened.end()) return it->second;
+    if (opened.size() >= kMaxOpened) {
+      for (cudaStream_t s : copy_streams) cuda_ok(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+      for (auto& [unused, base] : opened) cudaIpcCloseMemHandle(base);
+      opened.clear();
+    }
+    void* base = nullptr;
+    cuda_ok(cudaIpcOpenMemHandle(&base, handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+    opened.emplace(k, static_cast<char*>(base));
+    return static_cast<char*>(base);
+  }
+};
+
+namespace {
+
+class PeerCopyPending final : public Communicator::PendingAllToAll {
+ public:
+  PeerCopyPending(std::shared_ptr<PeerCopyExchange::State> state, int64_t seq, std::vector<Tensor> keep,
+                  std::vector<std::pair<Tensor, Tensor>> copy_after)
+      : state_(std::move(state)), seq_(seq), keep_(std::move(keep)), copy_after_(std::move(copy_after)) {}
+  ~PeerCopyPending() override {
+    if (done_) return;
+    try {
+      wait();
+    } catch (const std::exception&) {
+    }
+  }
+
+  void wait() override {
+    if (done_) return;
+    done_ = true;
+    PeerCopyExchange::State& s = *state_;
+    std::lock_guard<std::mutex> lock(s.mutex);
+    cudaStream_t compute = static_cast<cudaStream_t>(cuda::current_stream());
+    const int64_t slot = seq_ % PeerCopyExchange::kSlots;
+    for (int p = 0; p < s.size; ++p) {
+      if (p == s.rank) continue;
+      s.read_fresh("sent", seq_, p);
+      cuda_ok(cudaStreamWaitEvent(compute, s.peer_sent[static_cast<size_t>(p)][static_cast<size_t>(slot)], 0),
+              "cudaStreamWaitEvent (a peer's copies)");
+    }
+    // This rank's copies read its sources: they are released after this point of the stream.
+    cuda_ok(cudaStreamWaitEvent(compute, s.sent[static_cast<size_t>(slot)], 0), "cudaStreamWaitEvent (own copies)");
+    {
+      NoGradGuard no_grad;
+      for (auto& [buffer, into] : copy_after_) into.copy_(buffer);
+    }
+    copy_after_.clear();
+    keep_.clear();
+    s.store->add(s.prefix + "/done/" + std::to_string(slot), 1);
+    auto it = std::find(s.unwaited.begin(), s.unwaited.end(), seq_);
+    if (it != s.unwaited.end()) s.unwaited.erase(it);
+  }
+
+ private:
+  std::shared_ptr<PeerCopyExchange::State> state_;
+  int64_t seq_;
+  std::vector<Tensor> keep_;
+  std::vector<std::pair<Tensor, Tensor>> copy_after_;  // (buffer, into)
+  bool done_ = false;
+};
+
+}  // namespace
+
+PeerCopyExchange::PeerCopyExchange(std::shared_ptr<State> state) : state_(std::move(state)) {}
+PeerCopyExchange::~PeerCopyExchange() = default;
+
+std::unique_ptr<PeerCopyExchange> PeerCopyExchange::connect(const TcpStore& store, int rank, int size, int device,
+                                                            const std::string& prefix) {
+  auto state = std::make_shared<State>();
+  state->rank = rank;
+  state->size = size;
+  state->device = device;
+  state->prefix = prefix;
+  state->store = std::make_unique<TcpStore>(store.host(), store.port(), false, store.timeout());
+  cuda::set_device(device);
+  // Round 1: what each rank is (host, GPU) and, when it can take part, its events.
+  bool able = size > 1 && !env_disabled();
+  std::string mine;
+  char host[256] = {};
+  gethostname(host, sizeof host - 1);
+  char bus[64] = {};
+  if (able) able = cudaDeviceGetPCIBusId(bus, sizeof bus - 1, device) == cudaSuccess;
+  for (int s = 0; able && s < kSlots; ++s) {
+    cudaEvent_t r = nullptr, t = nullptr;
+    able = cudaEventCreateWithFlags(&r, cudaEventInterprocess | cudaEventDisableTiming) == cudaSuccess &&
+           cudaEventCreateWithFlags(&t, cudaEventInterprocess | cudaEventDisableTiming) == cudaSuccess;
+    if (r) state->ready.push_back(r);
+    if (t) state->sent.push_back(t);
+  }
+  append(mine, static_cast<int64_t>(able));
+  mine.append(host, sizeof host);
+  mine.append(bus, sizeof bus);
+  for (int s = 0; able && s < kSlots; ++s) {
+    cudaIpcEventHandle_t hr{}, ht{};
+    able = cudaIpcGetEventHandle(&hr, state->ready[static_cast<size_t>(s)]) == cudaSuccess &&
+           cudaIpcGetEventHandle(&ht, state->sent[static_cast<size_t>(s)]) == cudaSuccess;
+    append(mine, hr);
+    append(mine, ht);
+  }
+  state->store->set(prefix + "/who/" + std::to_string(rank), mine);
+  // Round 2: every rank says whether it reaches every other; all must.
+  bool reach = able;
+  state->peer_ready.assign(static_cast<size_t>(size), {});
+  state->peer_sent.assign(static_cast<size_t>(size), {});
+  const size_t events_at = sizeof(int64_t) + sizeof host + sizeof bus;
+  for (int p = 0; p < size; ++p) {
+    const std::string theirs = state->store->get(prefix + "/who/" + std::to_string(p));
+    if (p == rank || !reach) continue;
+    reach = read_at<int64_t>(theirs, 0) != 0 && std::strncmp(theirs.data() + sizeof(int64_t), host, sizeof host) == 0;
+    int their_device = -1, can = 0;
+    if (reach) {
+      std::string their_bus(theirs.data() + sizeof(int64_t) + sizeof host, sizeof bus);
+      reach = cudaDeviceGetByPCIBusId(&their_device, their_bus.c_str()) == cudaSuccess;
+    }
+    if (reach && their_device != device)
+      reach = cudaDeviceCanAccessPeer(&can, device, their_device) == cudaSuccess && can != 0;
+    for (int s = 0; reach && s < kSlots; ++s) {
+      const size_t at = events_at + static_cast<size_t>(s) * 2 * sizeof(cudaIpcEventHandle_t);
+      cudaEvent_t r = nullptr, t = nullptr;
+      reach = cudaIpcOpenEventHandle(&r, read_at<cudaIpcEventHandle_t>(theirs, at)) == cudaSuccess &&
+              cudaIpcOpenEventHandle(&t, read_at<cudaIpcEventHandle_t>(theirs, at + sizeof(cudaIpcEventHandle_t))) ==
+                  cudaSuccess;
+      if (r) state->peer_ready[static_cast<size_t>(p)].push_back(r);
+      if (t) state->peer_sent[static_cast<size_t>(p)].push_back(t);
+    }
+  }
+  cudaGetLastError();  // a failed probe above leaves its error behind
+  state->store->set(prefix + "/reach/" + std::to_string(rank), std::string(1, reach ? '1' : '0'));
+  bool all = true;
+  for (int p = 0; p < size; ++p) all = state->store->get(prefix + "/reach/" + std::to_string(p)) == "1" && all;
+  if (!all) return nullptr;
+  state->copy_streams.assign(static_cast<size_t>(size), nullptr);
+  state->copy_done.assign(static_cast<size_t>(size), nullptr);
+  for (int p = 0; p < size; ++p) {
+    cuda_ok(cudaStreamCreateWithFlags(&state->copy_streams[static_cast<size_t>(p)], cudaStreamNonBlocking),
+            "cudaStreamCreate");
+    cuda_ok(cudaEventCreateWithFlags(&state->copy_done[static_cast<size_t>(p)], cudaEventDisableTiming),
+            "cudaEventCreate");
+  }
+  cuda_ok(cudaStreamCreateWithFlags(&state->signal_stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  cuda_ok(cudaEventCreateWithFlags(&state->sources_ready, cudaEventDisableTiming), "cudaEventCreate");
+  return std::unique_ptr<PeerCopyExchange>(new PeerCopyExchange(std::move(state)));
+}
+
+std::unique_ptr<Communicator::PendingAllToAll> PeerCopyExchange::start(const std::vector<Tensor>& to_each,
+                                                                       const std::vector<Tensor>& into) {
+  State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  const Device gpu = Device::cuda(s.device);
+  const int64_t seq = s.next_seq;
+  LT_CHECK(s.unwaited.empty() || seq - s.unwaited.front() < kSlots, "dist start_all_to_all (copy engines): rank ",
+           s.rank, " has ", kSlots, " exchanges under way; wait() for the oldest (number ", s.unwaited.front(),
+           ") before starting another");
+  s.wait_slot_free(seq);
+  ++s.next_seq;
+  const size_t slot = static_cast<size_t>(seq % kSlots);
+  cudaStream_t compute = static_cast<cudaStream_t>(cuda::current_stream());
+  NoGradGuard no_grad;
+
+  // Where each piece goes: into[p] itself when a row pattern on this GPU describes it, else a
+  // contiguous buffer copied into it in wait().
+  std::vector<Tensor> keep;
+  std::vector<std::pair<Tensor, Tensor>> copy_after;
+  std::string post;
+  append(post, seq);
+  for (int p = 0; p < s.size; ++p) {
+    Destination d;
+    const Tensor& target = into[static_cast<size_t>(p)];
+    d.bytes = bytes_of(target);
+    if (p != s.rank && d.bytes > 0) {
+      Tensor dst = target;
+      std::optional<RowLayout> layout = dst.device() == gpu ? row_layout(dst) : std::nullopt;
+      if (!layout) {
+        dst = Tensor::empty(target.shape(), target.dtype(), gpu);
+        layout = RowLayout{1, d.bytes, d.bytes};
+        copy_after.emplace_back(dst, target);
+      }
+      keep.push_back(dst);
+      char* base = allocation_base(dst.raw_data());
+      cuda_ok(cudaIpcGetMemHandle(&d.handle, base), "cudaIpcGetMemHandle");
+      d.offset = static_cast<char*>(dst.raw_data()) - base;
+      d.rows = layout->rows;
+      d.row_bytes = layout->row_bytes;
+      d.pitch = layout->pitch;
+    }
+    append(post, d);
+  }
+  cuda_ok(cudaEventRecord(s.ready[slot], compute), "cudaEventRecord");
+  s.store->set(s.key("where", static_cast<int64_t>(slot), s.rank), post);
+
+  // This rank's pieces, copied into the places their receivers posted.
+  struct Copy {
+    int peer;
+    const char* src;
+    RowLayout from;
+    char* dst;
+    RowLayout to;
+  };
+  std::vector<Copy> copies;
+  // Its own piece on a copy engine too where both sides are rows on this GPU, else on the stream.
+  const Tensor& own_from = to_each[static_cast<size_t>(s.rank)];
+  const Tensor& own_to = into[static_cast<size_t>(s.rank)];
+  LT_CHECK(bytes_of(own_from) == bytes_of(own_to), "dist start_all_to_all: rank ", s.rank, " keeps ",
+           shape_str(own_from.shape()), " ", dtype_name(own_from.dtype()), " of its own but receives ",
+           shape_str(own_to.shape()), " ", dtype_name(own_to.dtype()), " from itself");
+  if (own_to.numel() > 0) {
+    const std::optional<RowLayout> own_rows = own_to.device() == gpu ? row_layout(own_to) : std::nullopt;
+    const auto rows = own_rows && own_from.device() == gpu ? matching_rows(row_layout(own_from), *own_rows)
+                                                           : std::nullopt;
+    if (rows) {
+      keep.push_back(own_from);
+      copies.push_back({s.rank, static_cast<const char*>(own_from.raw_data()), rows->first,
+                        static_cast<char*>(own_to.raw_data()), rows->second});
+    } else {
+      Tensor own = own_to;
+      own.copy_(own_from);
+    }
+  }
+  for (int p = 0; p < s.size; ++p) {
+    if (p == s.rank) continue;
+    const std::string theirs = s.read_fresh("where", seq, p);
+    const Destination d = read_at<Destination>(theirs, sizeof(int64_t) + static_cast<size_t>(s.rank) * sizeof(Destination));
+    const Tensor& piece = to_each[static_cast<size_t>(p)];
+    LT_CHECK(d.bytes == bytes_of(piece), "dist start_all_to_all: rank ", s.rank, " sends rank ", p, " ",
+             bytes_of(piece), " bytes (", shape_str(piece.shape()), " ", dtype_name(piece.dtype()), ") but rank ", p,
+             " receives ", d.bytes, " bytes from it");
+    if (d.bytes == 0) continue;
+    const RowLayout to{d.rows, d.row_bytes, d.pitch};
+    Tensor src = piece.device() == gpu ? piece.detach() : piece.detach().to(gpu);
+    auto rows = matching_rows(row_layout(src), to);
+    if (!rows) {
+      src = src.contiguous();
+      rows = matching_rows(row_layout(src), to);
+    }
+    keep.push_back(src);
+    copies.push_back({p, static_cast<const char*>(src.raw_data()), rows->first, s.open(d.handle) + d.offset,
+                      rows->second});
+  }
+  cuda_ok(cudaEventRecord(s.sources_ready, compute), "cudaEventRecord");
+  cuda_ok(cudaStreamWaitEvent(s.signal_stream, s.sources_ready, 0), "cudaStreamWaitEvent");
+  for (const Copy& c : copies) {
+    cudaStream_t stream = s.copy_streams[static_cast<size_t>(c.peer)];
+    cuda_ok(cudaStreamWaitEvent(stream, s.sources_ready, 0), "cudaStreamWaitEvent");
+    if (c.peer != s.rank)
+      cuda_ok(cudaStreamWaitEvent(stream, s.peer_ready[static_cast<size_t>(c.peer)][slot], 0),
+              "cudaStreamWaitEvent (the receiver's tensors)");
+    cuda_ok(cudaMemcpy2DAsync(c.dst, static_cast<size_t>(c.to.pitch), c.src, static_cast<size_t>(c.from.pitch),
+                              static_cast<size_t>(c.to.row_bytes), static_cast<size_t>(c.to.rows), cudaMemcpyDefault,
+                              stream),
+            "cudaMemcpy2DAsync");
+    cuda_ok(cudaEventRecord(s.copy_done[static_cast<size_t>(c.peer)], stream), "cudaEventRecord");
+    cuda_ok(cudaStreamWaitEvent(s.signal_stream, s.copy_done[static_cast<size_t>(c.peer)], 0), "cudaStreamWaitEvent");
+  }
+  cuda_ok(cudaEventRecord(s.sent[slot], s.signal_stream), "cudaEventRecord");
+  std::string sent;
+  append(sent, seq);
+  s.store->set(s.key("sent", static_cast<int64_t>(slot), s.rank), sent);
+  s.unwaited.push_back(seq);
+  for (const Tensor& t : into) keep.push_back(t);
+  return std::make_unique<PeerCopyPending>(state_, seq, std::move(keep), std::move(copy_after));
+}
+
+}  // namespace longtape::dist
+#endif  // LONGTAPE_WITH_NCCL

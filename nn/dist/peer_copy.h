@@ -1,0 +1,53 @@
+#pragma once
+// All-to-all between the processes of one host on the GPUs' copy engines. Each rank copies its
+// pieces straight into the receivers' tensors, which the receivers' processes share through CUDA
+// IPC, with cudaMemcpy2DAsync (rows of bytes at a pitch, so head slices travel without packing).
+// No SM does the moving, so the attention core beside it runs at full speed; NCCL's kernels need
+// SMs, which a compute-bound kernel holds, and so run several times slower beside one.
+//
+// Each exchange is ordered by two interprocess events per rank (the receiver's "its tensors are
+// ready", the sender's "its copies are done") and named through the job's TCP store: a rank posts
+// where each piece goes, reads where its own go, and after its copies posts that they are queued.
+// The host waits only for peers to reach the same call (bounded by the store's timeout); the GPU
+// streams wait on the events. Events are reused in kSlots slots; a slot is taken again only once
+// every rank has waited for the exchange that used it last.
+//
+// Only for builds with NCCL (the NCCL process group uses it when every rank can reach every other
+// GPU through CUDA IPC; LONGTAPE_PEER_COPY=0 turns it off).
+#ifdef LONGTAPE_WITH_NCCL
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "nn/dist/communicator.h"
+#include "nn/dist/store.h"
+
+namespace longtape::dist {
+
+class PeerCopyExchange {
+ public:
+  static constexpr int kSlots = 32;
+
+  // Collective over the `size` ranks of `store`: connects when every rank runs on this host, can
+  // map every other rank's GPU memory and LONGTAPE_PEER_COPY is not "0" on any rank; otherwise
+  // every rank gets nullptr (and keeps NCCL).
+  static std::unique_ptr<PeerCopyExchange> connect(const TcpStore& store, int rank, int size, int device,
+                                                   const std::string& prefix);
+  ~PeerCopyExchange();
+  PeerCopyExchange(const PeerCopyExchange&) = delete;
+  PeerCopyExchange& operator=(const PeerCopyExchange&) = delete;
+
+  // Communicator::start_all_to_all's contract; pieces of any layout (copied through a contiguous
+  // buffer where no row pattern describes them) and on any device.
+  std::unique_ptr<Communicator::PendingAllToAll> start(const std::vector<Tensor>& to_each,
+                                                       const std::vector<Tensor>& into);
+
+  struct State;  // shared with the exchanges under way
+
+ private:
+  explicit PeerCopyExchange(std::shared_ptr<State> state);
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace longtape::dist
+#endif
