@@ -51,7 +51,7 @@ struct Grads {
 };
 
 struct HeadParallelParts {
-  double core_s = 0, exchange_s = 0;
+  double core_s = 0, exchange_s = 0, both_s = 0;
   int64_t chunks = 1;       // the automatic token chunk count (1: the pattern allows none)
   double chunk_core_s = 0;  // the core on one token chunk of every rank, times `chunks`
 };
@@ -91,12 +91,19 @@ HeadParallelParts time_head_parallel_parts(dist::Communicator& comm, const atten
     to_each.push_back(Tensor::randn(piece, DType::f32, q.device()).to(q.dtype()));
     into.push_back(Tensor::empty(piece, q.dtype(), q.device()));
   }
-  parts.exchange_s = time_step(&comm, repeats, [&] {
-    std::vector<std::unique_ptr<dist::Communicator::PendingAllToAll>> pending;
-    for (int i = 0; i < 8; ++i) pending.push_back(comm.start_all_to_all(to_each, into));  // q k v out dO dq dk dv
-    for (auto& p : pending) p->wait();
-    (void)sum(into[0].narrow(1, 0, 1)).item();
-  });
+  auto exchanges = [&](bool with_core) {
+    return [&, with_core] {
+      std::vector<std::unique_ptr<dist::Communicator::PendingAllToAll>> pending;
+      for (int i = 0; i < 8; ++i) pending.push_back(comm.start_all_to_all(to_each, into));  // q k v out dO dq dk dv
+      if (with_core) core_step(n)();
+      for (auto& p : pending) p->wait();
+      (void)sum(into[0].narrow(1, 0, 1)).item();
+    };
+  };
+  parts.exchange_s = time_step(&comm, repeats, exchanges(false));
+  // The same exchanges with the core queued beside them (nothing waits for them): how much each
+  // slows the other.
+  parts.both_s = time_step(&comm, repeats, exchanges(true));
   return parts;
 }
 
@@ -170,7 +177,9 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
       auto shard = [&](const Tensor& x) { return attention::ring_shard(x, 1, ranks, rank, layout); };
       const Tensor qs = shard(q), ks = shard(k), vs = shard(v), gs = shard(dout);
       Grads got;
+      std::vector<double> enqueue_s;  // host time of each step up to its final wait
       auto run_parallel = [&] {
+        const auto t0 = std::chrono::steady_clock::now();
         Tensor ql = qs.detach().requires_grad_(), kl = ks.detach().requires_grad_(), vl = vs.detach().requires_grad_();
         got.out = kind == "head_parallel" ? attention::head_parallel_attention(comm, cfg, ql, kl, vl).out
                                           : attention::ring_attention(comm, cfg, ql, kl, vl).out;
@@ -178,9 +187,11 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
         got.dq = ql.grad();
         got.dk = kl.grad();
         got.dv = vl.grad();
+        enqueue_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         (void)sum(got.dv.narrow(1, 0, 1)).item();
       };
       const double parallel_s = time_step(&comm, repeats, run_parallel);
+      enqueue_s.erase(enqueue_s.begin(), enqueue_s.begin() + std::min<size_t>(2, enqueue_s.size()));
       const double errors[4] = {relative_error(got.out, shard(want.out)), relative_error(got.dq, shard(want.dq)),
                                 relative_error(got.dk, shard(want.dk)), relative_error(got.dv, shard(want.dv))};
       const double worst = *std::max_element(std::begin(errors), std::end(errors));
@@ -198,6 +209,8 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
         else
           path = " [not overlapped: 1 head group]";
         path += asked;
+        if (!enqueue_s.empty())
+          path += " [host: " + std::to_string(median(enqueue_s) * 1e3).substr(0, 5) + " ms to queue the step]";
       } else {
         const attention::RingRun run = attention::last_ring_run();
         path = run.local ? " [local: one core call on each rank's tokens]"
@@ -223,9 +236,9 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
           chunked = "; core on " + std::to_string(n / parts.chunks) + " tokens (one token chunk of every rank) x " +
                     std::to_string(parts.chunks) + " f+b " + std::to_string(parts.chunk_core_s * 1e3) + " ms";
         std::printf("head_parallel %-7s N=%lld %d ranks, its parts alone: core on %d heads f+b %.2f ms (%.2fx one "
-                    "device), the all-to-alls of a forward and backward %.2f ms%s\n",
+                    "device), the all-to-alls of a forward and backward %.2f ms, both at once %.2f ms%s\n",
                     inner.c_str(), static_cast<long long>(n), ranks, 12 / ranks, parts.core_s * 1e3,
-                    parts.core_s / single_s, parts.exchange_s * 1e3, chunked.c_str());
+                    parts.core_s / single_s, parts.exchange_s * 1e3, parts.both_s * 1e3, chunked.c_str());
         std::fflush(stdout);
       }
     }

@@ -1,16 +1,20 @@
 #pragma once
 // All-to-all between the processes of one host on the GPUs' copy engines. Each rank copies its
 // pieces straight into the receivers' tensors, which the receivers' processes share through CUDA
-// IPC, with cudaMemcpy2DAsync (rows of bytes at a pitch, so head slices travel without packing).
+// IPC, with cudaMemcpy2DAsync (rows of bytes at a pitch, so head slices leave without packing).
 // No SM does the moving, so the attention core beside it runs at full speed; NCCL's kernels need
 // SMs, which a compute-bound kernel holds, and so run several times slower beside one.
 //
 // Each exchange is ordered by two interprocess events per rank (the receiver's "its tensors are
 // ready", the sender's "its copies are done") and named through the job's TCP store: a rank posts
 // where each piece goes, reads where its own go, and after its copies posts that they are queued.
-// The host waits only for peers to reach the same call (bounded by the store's timeout); the GPU
-// streams wait on the events. Events are reused in kSlots slots; a slot is taken again only once
-// every rank has waited for the exchange that used it last.
+// The store round trips (~50 us each, several per exchange) and the queuing of the copies run on a
+// worker thread, so the caller's thread goes on queuing compute meanwhile: start() only records an
+// event and hands the exchange over; wait() blocks the host only until peers have queued their
+// copies (bounded by the store's timeout); the GPU streams wait on the events. Events are reused
+// in kSlots slots; a slot is taken again only once every rank has waited for the exchange that used
+// it last. Pieces travel as they are when contiguous or rows at a pitch (head slices); a receiving
+// tensor that is not contiguous gets a contiguous buffer, copied into it in wait().
 //
 // Only for builds with NCCL (the NCCL process group uses it when every rank can reach every other
 // GPU through CUDA IPC; LONGTAPE_PEER_COPY=0 turns it off).
