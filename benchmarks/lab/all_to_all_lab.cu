@@ -10,6 +10,9 @@
 //   ipc-copy      cudaMemcpyAsync of each piece straight into the peer's receive buffer (opened
 //                 through CUDA IPC), one stream per peer: the copy engines, no SM; the time is the
 //                 sender's (the receiver would wait on a flag the sender writes after its copies)
+//   ipc-copy2d    the same through cudaMemcpy2DAsync as one row
+//   ipc-rows      cudaMemcpy2DAsync of 768-byte rows (6 heads of 64 bf16) at a 1536-byte pitch on
+//                 both sides (head slices): half the piece's bytes move
 // For each: the time of one exchange alone, and a bf16 GEMM loop alone and with 8 exchanges beside it.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -84,14 +87,20 @@ void enqueue(const Exchange& x, int rank, int ranks, size_t piece, cudaStream_t 
       CHECK_NCCL(ncclRecv(x.recv + p * piece, piece, ncclInt8, p, x.comm, s));
     }
     CHECK_NCCL(ncclGroupEnd());
-  } else if (x.name == "ipc-copy") {
+  } else if (x.name.rfind("ipc-", 0) == 0) {
     cudaEvent_t start = x.peer_done[rank];
     CHECK_CUDA(cudaEventRecord(start, s));
     for (int p = 0; p < ranks; ++p) {
       if (p == rank) continue;
       CHECK_CUDA(cudaStreamWaitEvent(x.peer_streams[p], start, 0));
-      CHECK_CUDA(cudaMemcpyAsync(x.peer_recv[p] + rank * piece, x.send + p * piece, piece, cudaMemcpyDeviceToDevice,
-                                 x.peer_streams[p]));
+      char* dst = x.peer_recv[p] + rank * piece;
+      const char* src = x.send + p * piece;
+      if (x.name == "ipc-copy")
+        CHECK_CUDA(cudaMemcpyAsync(dst, src, piece, cudaMemcpyDeviceToDevice, x.peer_streams[p]));
+      else if (x.name == "ipc-copy2d")
+        CHECK_CUDA(cudaMemcpy2DAsync(dst, piece, src, piece, piece, 1, cudaMemcpyDefault, x.peer_streams[p]));
+      else
+        CHECK_CUDA(cudaMemcpy2DAsync(dst, 1536, src, 1536, 768, piece / 1536, cudaMemcpyDefault, x.peer_streams[p]));
       CHECK_CUDA(cudaEventRecord(x.peer_done[p], x.peer_streams[p]));
       CHECK_CUDA(cudaStreamWaitEvent(s, x.peer_done[p], 0));
     }
@@ -145,7 +154,7 @@ int run_rank(const Options& o, int rank) {
   CHECK_CUDA(cudaStreamCreateWithPriority(&comm_stream, cudaStreamNonBlocking, greatest));
 
   std::vector<Exchange> ways;
-  for (const char* name : {"sendrecv", "alltoall", "alltoall-zero", "ipc-copy"}) {
+  for (const char* name : {"sendrecv", "alltoall", "alltoall-zero", "ipc-copy", "ipc-copy2d", "ipc-rows"}) {
     Exchange x;
     x.name = name;
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
@@ -161,10 +170,10 @@ int run_rank(const Options& o, int rank) {
       CHECK_CUDA(cudaMalloc(&x.send, bytes));
       CHECK_CUDA(cudaMalloc(&x.recv, bytes));
     }
-    if (x.name == "ipc-copy") {
+    if (x.name.rfind("ipc-", 0) == 0) {
       cudaIpcMemHandle_t mine;
       CHECK_CUDA(cudaIpcGetMemHandle(&mine, x.recv));
-      const std::vector<cudaIpcMemHandle_t> all = publish_all(o.id_file + ".ipc", rank, o.ranks, mine);
+      const std::vector<cudaIpcMemHandle_t> all = publish_all(o.id_file + ".ipc" + x.name, rank, o.ranks, mine);
       x.peer_recv.assign(o.ranks, nullptr);
       x.peer_streams.assign(o.ranks, nullptr);
       x.peer_done.assign(o.ranks, nullptr);
@@ -180,7 +189,7 @@ int run_rank(const Options& o, int rank) {
     ways.push_back(x);
     // Each communicator needs its own id after the first: derive by re-reading is not possible, so
     // rank 0 publishes a fresh id for the next one.
-    if (ways.size() < 4) {
+    if (ways.size() < 6) {
       CHECK_CUDA(cudaDeviceSynchronize());
       const std::string next = o.id_file + "." + std::to_string(ways.size());
       if (rank == 0) {
@@ -303,8 +312,9 @@ int main(int argc, char** argv) {
   }
   o.id_file += "." + std::to_string(getpid());
   auto remove_files = [&] {
-    for (int i = 0; i < 4; ++i) std::remove((o.id_file + (i ? "." + std::to_string(i) : "")).c_str());
-    for (int r = 0; r < o.ranks; ++r) std::remove((o.id_file + ".ipc." + std::to_string(r)).c_str());
+    for (int i = 0; i < 6; ++i) std::remove((o.id_file + (i ? "." + std::to_string(i) : "")).c_str());
+    for (const char* w : {"ipc-copy", "ipc-copy2d", "ipc-rows"})
+      for (int r = 0; r < o.ranks; ++r) std::remove((o.id_file + ".ipc" + w + "." + std::to_string(r)).c_str());
   };
   remove_files();
   if (getenv("NCCL_NVLS_ENABLE") == nullptr) setenv("NCCL_NVLS_ENABLE", "0", 1);
