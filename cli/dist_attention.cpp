@@ -126,14 +126,17 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
   const Device device = group.device();
   const int ranks = comm.size(), rank = comm.rank();
   const DType dtype = device.is_cuda() ? DType::bf16 : DType::f32;
-  const Shape shape{1, n, 12, 64};
+  // 12 heads (the benchmark's), or the next multiple of the rank count so that head_parallel runs
+  // on any number of ranks (16 on 8).
+  const int64_t heads = 12 % ranks == 0 ? 12 : ranks * ((12 + ranks - 1) / ranks);
+  const Shape shape{1, n, heads, 64};
   manual_seed(seed);  // the same inputs on every rank
   auto input = [&] { return Tensor::randn(shape, DType::f32, device).to(dtype).detach(); };
   const Tensor q = input(), k = input(), v = input(), dout = input();
 
   for (const std::string& inner : cores) {
     AttentionConfig config;
-    config.num_heads = 12;
+    config.num_heads = heads;
     config.head_dim = 64;
     config.inner_variant = inner;
     if (inner == "dilated") {
@@ -163,10 +166,8 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
       int64_t groups = 0, chunks = 1;
     };
     std::vector<Case> cases{{"ring"}, {"ring zigzag"}};
-    if (12 % ranks == 0) {
-      for (int64_t groups : head_groups) cases.push_back({"head_parallel", groups, 1});
-      for (int64_t chunks : token_chunks) cases.push_back({"head_parallel", 0, chunks});
-    }
+    for (int64_t groups : head_groups) cases.push_back({"head_parallel", groups, 1});
+    for (int64_t chunks : token_chunks) cases.push_back({"head_parallel", 0, chunks});
     for (const Case& c : cases) {
       const std::string& kind = c.kind;
       const RingLayout layout = kind == "ring zigzag" ? RingLayout::zigzag : RingLayout::contiguous;
@@ -228,7 +229,7 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
       LT_CHECK(worst <= tolerance, "dist-check: ", kind, " ", inner, " attention on rank ", rank,
                " differs from one device by ", worst, " (relative), more than ", tolerance);
     }
-    if (12 % ranks == 0 && ranks > 1) {
+    if (ranks > 1) {
       const HeadParallelParts parts = time_head_parallel_parts(comm, config, q, k, v, dout, repeats);
       if (rank == 0) {
         std::string chunked;
@@ -237,7 +238,7 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
                     std::to_string(parts.chunks) + " f+b " + std::to_string(parts.chunk_core_s * 1e3) + " ms";
         std::printf("head_parallel %-7s N=%lld %d ranks, its parts alone: core on %d heads f+b %.2f ms (%.2fx one "
                     "device), the all-to-alls of a forward and backward %.2f ms, both at once %.2f ms%s\n",
-                    inner.c_str(), static_cast<long long>(n), ranks, 12 / ranks, parts.core_s * 1e3,
+                    inner.c_str(), static_cast<long long>(n), ranks, static_cast<int>(heads / ranks), parts.core_s * 1e3,
                     parts.core_s / single_s, parts.exchange_s * 1e3, parts.both_s * 1e3, chunked.c_str());
         std::fflush(stdout);
       }

@@ -756,6 +756,66 @@ TEST_CASE("train --parallel data: 2 ranks at batch B train exactly like 1 proces
   CHECK(refused.output.find("same number of ranks") != std::string::npos);
 }
 
+// Eight-GPU code paths on the CPU: every rank count the launcher, the groups and the parallel
+// variants take must work, eight included (the largest host the GPU runs target).
+TEST_CASE("longtape launch: 8 processes over TCP: collectives bit for bit, ring and head_parallel attention, "
+          "data parallel" * doctest::skip(testing::longtape_binary_missing())) {
+  const uint64_t seed = testing::fresh_seed() % 1000000;
+  INFO("seed " << seed);
+  const auto dir = testing::fresh_dir("launch8");
+  const std::string launch8 = bin() + " launch --nproc 8 --timeout 120 -- ";
+  const auto check = testing::run_command(launch8 + "longtape dist-check --backend tcp --device cpu --seed " +
+                                              std::to_string(seed) + " --out " + (dir / "out").string(),
+                                          dir / "check.log");
+  INFO(check.output);
+  REQUIRE(check.code == 0);
+  const Results want = in_process_results(8, seed);
+  size_t compared = 0;
+  for (int rank = 0; rank < 8; ++rank) {
+    const io::SafetensorsFile file =
+        io::read_safetensors((dir / "out" / ("rank" + std::to_string(rank) + ".safetensors")).string());
+    CHECK(file.metadata.at("world_size") == "8");
+    for (const auto& [name, t] : want) {
+      const std::string prefix = "rank" + std::to_string(rank) + "/";
+      if (name.rfind(prefix, 0) != 0) continue;
+      check_bitwise_equal(io::tensor_from_raw(file.at(name.substr(prefix.size()))), t, name);
+      ++compared;
+    }
+  }
+  CHECK(compared == want.size());
+
+  // N = 512 on 8 ranks (64 tokens each, 16 heads: 2 per rank); the dilated segments span every
+  // rank, so the ring passes K/V around. Every result is checked against one process inside
+  // dist-check (float64 reference, relative tolerance).
+  const auto attention = testing::run_command(launch8 + "longtape dist-check --backend tcp --device cpu "
+                                                        "--attention 512 --repeats 1 --head-groups 1,2 "
+                                                        "--token-chunks 0 --seed " + std::to_string(seed),
+                                              dir / "attention.log");
+  INFO(attention.output);
+  REQUIRE(attention.code == 0);
+  for (const char* line : {"ring          dense   N=512 8 ranks", "ring zigzag   dense   N=512 8 ranks",
+                           "head_parallel dense   N=512 8 ranks", "ring          dilated N=512 8 ranks",
+                           "ring zigzag   dilated N=512 8 ranks", "head_parallel dilated N=512 8 ranks"})
+    CHECK(attention.output.find(line) != std::string::npos);
+  CHECK(attention.output.find("[pipelined: 2 head groups") != std::string::npos);
+
+  // Data parallel: 8 ranks at batch 1 train like 1 process at batch 8.
+  const std::string model = " --device cpu --layers 1 --width 16 --heads 2 --seq-len 32 --segments 16,32 "
+                            "--dilations 1,2 --eval-every 0 --eval-batches 1 --warmup 1 --lr 1e-2 --seed 11 --steps 3";
+  const auto single = train_metrics(dir, "", model, " --batch 8", "single");
+  const auto data8 = train_metrics(dir, launch8, model, " --batch 1 --parallel data", "data8");
+  CHECK(data8["parallel"]["ranks"] == 8);
+  REQUIRE(single["rows"].size() == 3);
+  REQUIRE(data8["rows"].size() == 3);
+  for (size_t i = 0; i < 3; ++i) {
+    INFO("step " << i + 1);
+    const double a = single["rows"][i]["loss"], b = data8["rows"][i]["loss"];
+    CHECK(std::abs(a - b) <= 1e-5 * std::abs(a));
+    const double ga = single["rows"][i]["grad_norm"], gb = data8["rows"][i]["grad_norm"];
+    CHECK(std::abs(ga - gb) <= 1e-4 * std::abs(ga));
+  }
+}
+
 // ---- GPUs: skipped unless this machine has two ----
 
 TEST_CASE("NCCL: collectives, data parallel equivalence and a hung rank on 2 GPUs" *
