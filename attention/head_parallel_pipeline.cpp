@@ -149,7 +149,7 @@ std::vector<Tensor> token_slots(const Tensor& full, int64_t dim, const Geometry&
 }
 
 // Starts the all-to-all of to_each into `into` (the backends place this rank's own piece without
-// delaying the transfers: NCCL queues its copy after them, the copy engines run it beside them).
+// delaying the transfers: its copy is queued on the compute stream after the point they wait for).
 Pending start_exchange(dist::Communicator& comm, const std::vector<Tensor>& to_each, const std::vector<Tensor>& into) {
   NoGradGuard no_grad;
   return comm.start_all_to_all(to_each, into);

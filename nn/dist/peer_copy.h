@@ -2,8 +2,9 @@
 // All-to-all between the processes of one host on the GPUs' copy engines. Each rank copies its
 // pieces straight into the receivers' tensors, which the receivers' processes share through CUDA
 // IPC, with cudaMemcpy2DAsync (rows of bytes at a pitch, so head slices leave without packing).
-// No SM does the moving, so the attention core beside it runs at full speed; NCCL's kernels need
-// SMs, which a compute-bound kernel holds, and so run several times slower beside one.
+// No SM does the moving, so compute beside it keeps every SM (a GEMM beside it runs at full speed;
+// the dilated attention core loses ~9% to the memory traffic); NCCL's kernels need SMs, which a
+// compute-bound kernel holds, and so run several times slower beside one.
 //
 // Each exchange is ordered by two interprocess events per rank (the receiver's "its tensors are
 // ready", the sender's "its copies are done") and named through the job's TCP store: a rank posts
