@@ -1,16 +1,19 @@
 // Kernel lab for the attention core: times each attention configuration of interest with the
 // fused kernels and (optionally) the composed path, checks fused against composed on the same
 // inputs, and prints one markdown row per case. GPU only.
-//   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
+//   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT] [--n N] [--dim D]
 //                           [--fwd-stages 2|3] [--eager-rescale] [--portable] [--hopper-wg 2|3]
 //                           [--no-chunks] [--portable-bwd] [--hopper-bwd-wg 1|2]
-//                           [--hopper-bwd-ctas 2|3] [--hopper-bwd-split] [--dtype bf16|f16|f32]
-// (--only runs the cases whose label contains TEXT, e.g. for a profiler run of one case;
+//                           [--hopper-bwd-ctas 2|3] [--hopper-bwd-split] [--hopper-fused-dq]
+//                           [--dtype bf16|f16|f32]
+// (--only runs the cases whose label contains TEXT, or is TEXT after a leading '=', --n and --dim
+// those of that sequence length and head dim, e.g. for a profiler run of one case;
 // --fwd-stages picks the forward kernel's K/V pipeline depth, default: per head dim;
 // --eager-rescale rescales the forward accumulator on every key tile; --portable keeps forward and
 // backward on the sm_80 kernels on a Hopper GPU (--portable-bwd the backward only); --hopper-wg
 // and --hopper-bwd-wg set the sm_90a kernels' warpgroups at D = 64; --hopper-bwd-split keeps bf16
-// backward products in bf16 with P and dS as hi + lo parts instead of rescaled f16; --no-chunks runs lse mixing
+// backward products in bf16 with P and dS as hi + lo parts instead of rescaled f16;
+// --hopper-fused-dq runs the sm_90a backward with dQ by atomics (NOTES v18); --no-chunks runs lse mixing
 // over the whole sequence at once, with accumulators of every row; --dtype sets the inputs' dtype,
 // default bf16: f32 runs the exact-f32 kernels on the CUDA cores.)
 #include <algorithm>
@@ -149,12 +152,19 @@ int main(int argc, char** argv) {
   std::string impl = "fused";
   bool quick = false;
   std::string only;
+  int64_t only_n = 0, only_dim = 0;
   DType dtype = DType::bf16;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--impl") && i + 1 < argc) impl = argv[++i];
     else if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--atomic-dq")) set_deterministic_algorithms(false);
+    else if (!std::strcmp(argv[i], "--hopper-fused-dq")) {
+      set_deterministic_algorithms(false);
+      cuda::attn::kernel_tuning().hopper_backward_fused_dq = true;
+    }
     else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+    else if (!std::strcmp(argv[i], "--n") && i + 1 < argc) only_n = std::atoll(argv[++i]);
+    else if (!std::strcmp(argv[i], "--dim") && i + 1 < argc) only_dim = std::atoll(argv[++i]);
     else if (!std::strcmp(argv[i], "--dtype") && i + 1 < argc) {
       const std::string name = argv[++i];
       if (name != "bf16" && name != "f16" && name != "f32") {
@@ -200,7 +210,9 @@ int main(int argc, char** argv) {
   std::printf("| case | impl | precision | N | D | fwd ms | fwd+bwd ms | fwd TFLOP/s | f+b TFLOP/s | peak MiB |\n");
   std::printf("|---|---|---|--:|--:|--:|--:|--:|--:|--:|\n");
   for (const Case& cs : cases) {
-    if (!only.empty() && cs.label.find(only) == std::string::npos) continue;
+    if (!only.empty() && (only[0] == '=' ? cs.label != only.substr(1) : cs.label.find(only) == std::string::npos))
+      continue;
+    if ((only_n != 0 && cs.n != only_n) || (only_dim != 0 && cs.dim != only_dim)) continue;
     for (const std::string& which : impl == "both" ? std::vector<std::string>{"fused", "composed"}
                                                    : std::vector<std::string>{impl}) {
       if (which == "composed" && cs.variant == "dense" && cs.n > 8192) continue;  // N x N scores

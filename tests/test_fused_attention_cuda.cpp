@@ -15,6 +15,7 @@
 #include "attention/composed.h"
 #include "attention/fused/fused_attention.h"
 #include "attention/registry.h"
+#include "tensor/backend_options.h"
 #include "support/attention_oracle.h"
 #include "support/fused_attention_cases.h"
 #include "support/test_utils.h"
@@ -83,22 +84,33 @@ BlockPatternOptions block_options(int64_t block_size, bool causal, uint64_t patt
 // N = 300 and N = 1000 end in a ragged chunk), as it does at long N with the default size.
 // hi + lo: the sm_90a backward keeps bf16 products with P and dS as hi + lo parts instead of
 // rescaling bf16 inputs into f16 copies (its default).
+// atomic dQ: set_deterministic_algorithms(false) with the sm_90a backward's fused-dQ form (dQ
+// added with atomics by the dK/dV CTAs).
 struct ForwardKernels {
   std::string label;
   bool hopper;
   bool chunked;
   bool split_backward = false;
+  bool atomic_dq = false;
 };
 const std::vector<ForwardKernels> kForwardKernels{{"", true, false},
                                                   {" [portable kernels]", false, false},
                                                   {" [chunked]", true, true},
-                                                  {" [hi + lo backward]", true, false, true}};
+                                                  {" [hi + lo backward]", true, false, true},
+                                                  {" [atomic dQ]", true, false, false, true},
+                                                  {" [atomic dQ, hi + lo, chunked]", true, true, true, true}};
+
+// Block lists: the default kernels and the sm_90a fused-dQ form.
+const std::vector<ForwardKernels> kBlockListKernels{{"", true, false}, {" [atomic dQ]", true, false, false, true}};
 
 class ForwardKernelScope {
  public:
   explicit ForwardKernelScope(const ForwardKernels& kernels) {
 #ifdef LONGTAPE_WITH_CUDA
     previous_ = cuda::attn::kernel_tuning();
+    previous_deterministic_ = deterministic_algorithms();
+    set_deterministic_algorithms(!kernels.atomic_dq);
+    cuda::attn::kernel_tuning().hopper_backward_fused_dq = kernels.atomic_dq;
     cuda::attn::kernel_tuning().hopper_forward = kernels.hopper;
     cuda::attn::kernel_tuning().hopper_backward = kernels.hopper;
     cuda::attn::kernel_tuning().hopper_backward_rescaled = !kernels.split_backward;
@@ -111,12 +123,14 @@ class ForwardKernelScope {
   ~ForwardKernelScope() {
 #ifdef LONGTAPE_WITH_CUDA
     cuda::attn::kernel_tuning() = previous_;
+    set_deterministic_algorithms(previous_deterministic_);
 #endif
   }
 
  private:
 #ifdef LONGTAPE_WITH_CUDA
   cuda::attn::KernelTuning previous_;
+  bool previous_deterministic_ = true;
 #endif
 };
 
@@ -280,10 +294,13 @@ TEST_CASE("fused CUDA block-sparse attention (bf16, f16): local_window, random, 
         std::vector<BlockLists> per_head;
         for (int64_t h = 0; h < dims.H; ++h) per_head.push_back(block_pattern(pattern, blocks, options, h));
         core.block_lists = make_block_lists(std::move(per_head));
-        check_case(what, dtype, inputs, keys,
-                   {{"variant", through_variant("block_sparse", config, kCudaFused)},
-                    {"op", through_op(core, config.scale(), causal, kCudaFused)}},
-                   through_variant("block_sparse", config, kComposed));
+        for (const ForwardKernels& kernels : kBlockListKernels) {
+          const ForwardKernelScope scope(kernels);
+          check_case(what + kernels.label, dtype, inputs, keys,
+                     {{"variant", through_variant("block_sparse", config, kCudaFused)},
+                      {"op", through_op(core, config.scale(), causal, kCudaFused)}},
+                     through_variant("block_sparse", config, kComposed));
+        }
       }
 }
 
@@ -316,8 +333,11 @@ TEST_CASE("fused CUDA block-sparse op (bf16, f16) with a block bias, per-(batch,
         core.block_size = block_size;
         core.block_lists = make_block_lists(lists);
         const std::string what = "blocks, " + label + (biased ? ", bias" : "") + (causal ? ", causal" : "");
-        check_case(what, dtype, inputs, keys, {{"op", through_op(core, scale, causal, kCudaFused)}},
-                   composed_blocks(lists, block_size, scale, causal));
+        for (const ForwardKernels& kernels : kBlockListKernels) {
+          const ForwardKernelScope scope(kernels);
+          check_case(what + kernels.label, dtype, inputs, keys, {{"op", through_op(core, scale, causal, kCudaFused)}},
+                     composed_blocks(lists, block_size, scale, causal));
+        }
       }
   }
 }

@@ -1,6 +1,8 @@
 // The fused CUDA attention backward in its two modes: the deterministic default (a dQ kernel of
-// its own, no atomics) and set_deterministic_algorithms(false) (dQ gathered with atomics inside the
-// dK/dV kernel). Deterministic runs must be bitwise equal; both modes must agree to bf16 rounding.
+// its own, no atomics) and set_deterministic_algorithms(false) (on the portable kernels, dQ
+// gathered with atomics inside the dK/dV kernel; the sm_90a backward keeps its dQ CTAs unless the
+// lab asks otherwise). Deterministic runs must be bitwise equal; both modes must agree to bf16
+// rounding.
 #include <doctest/doctest.h>
 
 #include "attention/fused/fused_attention.h"

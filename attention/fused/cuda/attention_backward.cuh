@@ -107,12 +107,14 @@ __device__ __forceinline__ void store_rows(const AccAt& acc, float factor, int64
 }
 
 
-// The sm_90a backward (dK/dV and dQ kernels) over one launch's streams: D = 64 or 128,
-// deterministic, inputs in format F. Only call it where hopper_backward_usable()
-// (attention_fused_bwd.cu) says so.
+// The sm_90a backward over one launch's streams: D = 64 or 128, inputs in format F; fuse_dq adds
+// dQ into params.dq_acc with atomics from the dK/dV CTAs (not deterministic), otherwise dQ CTAs
+// write it. Only call it where hopper_backward_usable() (attention_fused_bwd.cu) says so.
 template <class F>
-void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim);
+void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim,
+                            bool fuse_dq);
 // The same for bf16 problems whose q, k, v and dO were rescaled into f16 copies (params.rescale set).
-void launch_backward_hopper_rescaled(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim);
+void launch_backward_hopper_rescaled(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim,
+                                     bool fuse_dq);
 
 }  // namespace longtape::cuda::attn

@@ -36,17 +36,13 @@ __global__ void fill_lse_kernel(float* lse, int64_t n) {
   for (int64_t i = impl::global_tid(); i < n; i += impl::grid_stride()) lse[i] = -INFINITY;
 }
 
-// Zeroes (batch, rows, heads, dim) elements of type T through strides, `width` elements at a time
-// (16 bytes when dim, the strides and dst allow it; the index arithmetic is per store, not per
-// element). +0 has all bits clear in bf16, f16 and f32.
-template <class T, int width>
-__global__ void zero_rows_kernel(T* dst, RowStrides s, int64_t rows, int64_t heads, int64_t dim, int64_t n) {
-  const int64_t per_row = dim / width;
-  for (int64_t i = impl::global_tid(); i < n / width; i += impl::grid_stride()) {
-    const int64_t d = (i % per_row) * width, head_row = i / per_row;
-    const int64_t h = head_row % heads, r = (head_row / heads) % rows, b = head_row / heads / rows;
-    T* at = dst + b * s.batch + r * s.row + h * s.head + d;
-    if constexpr (width * sizeof(T) == 16)
+// Zeroes the chunks of a (batch, rows, heads, dim) view of type T (16 bytes per store where the
+// view allows). +0 has all bits clear in bf16, f16 and f32.
+template <class T, class I>
+__global__ void zero_rows_kernel(T* dst, HeadRowChunks c) {
+  for (I i = static_cast<I>(impl::global_tid()); i < static_cast<I>(c.chunks); i += static_cast<I>(impl::grid_stride())) {
+    T* at = dst + c.offset(i);
+    if (c.width > 1)
       *reinterpret_cast<uint4*>(at) = make_uint4(0, 0, 0, 0);
     else
       *at = T{};
@@ -54,29 +50,36 @@ __global__ void zero_rows_kernel(T* dst, RowStrides s, int64_t rows, int64_t hea
 }
 
 template <class T>
-void launch_zero_rows(void* dst, const attention::fused::Strides& s, const attention::fused::Problem& p, int64_t rows,
-                      int64_t n) {
-  constexpr int kWide = 16 / sizeof(T);
-  const bool wide = p.head_dim % kWide == 0 && s.batch % kWide == 0 && s.row % kWide == 0 && s.head % kWide == 0 &&
-                    reinterpret_cast<uintptr_t>(dst) % 16 == 0;
-  if (wide)
-    zero_rows_kernel<T, kWide><<<impl::grid_for(n / kWide), impl::kThreads, 0, impl::stream()>>>(
-        static_cast<T*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
-  else
-    zero_rows_kernel<T, 1><<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(
-        static_cast<T*>(dst), {s.batch, s.row, s.head}, rows, p.heads, p.head_dim, n);
-  CUDA_CHECK_LAUNCH();
+void launch_zero_rows(void* dst, const attention::fused::Strides& s, const attention::fused::Problem& p, int64_t rows) {
+  const HeadRowChunks c = chunk_walk(dst, sizeof(T), row_strides_of(s), p.batch, 0, rows, p.heads, p.head_dim,
+                                     16 / sizeof(T));
+  with_chunk_index(c, [&](auto index) {
+    zero_rows_kernel<T, decltype(index)><<<impl::grid_for(c.chunks), impl::kThreads, 0, impl::stream()>>>(
+        static_cast<T*>(dst), c);
+    CUDA_CHECK_LAUNCH();
+  });
 }
 
-template <class F>
-__global__ void store_accumulator_kernel(elem16* dst, elem16* residual, RowStrides s, const float* acc, int64_t rows,
-                                         int64_t heads, int64_t dim, int64_t n) {
-  for (int64_t i = impl::global_tid(); i < n; i += impl::grid_stride()) {
-    const int64_t d = i % dim, h = (i / dim) % heads, r = (i / dim / heads) % rows, b = i / dim / heads / rows;
-    const int64_t at = b * s.batch + r * s.row + h * s.head + d;
-    const elem16 rounded = F::from_float(acc[i]);
-    dst[at] = rounded;
-    if (residual) residual[at] = F::from_float(acc[i] - F::to_float(rounded));
+// The f32 accumulator (contiguous (batch, rows, heads, dim)) rounded into the strided output,
+// 4 elements per step where the view allows; the rounding's rest into `residual` if given.
+template <class F, class I>
+__global__ void store_accumulator_kernel(elem16* dst, elem16* residual, HeadRowChunks c, const float* acc) {
+  for (I i = static_cast<I>(impl::global_tid()); i < static_cast<I>(c.chunks); i += static_cast<I>(impl::grid_stride())) {
+    const int64_t at = c.offset(i);
+    const float* from = acc + static_cast<int64_t>(i) * c.width;
+    if (c.width == 4) {
+      const float4 v = *reinterpret_cast<const float4*>(from);
+      const uint2 rounded{F::pack(v.x, v.y), F::pack(v.z, v.w)};
+      *reinterpret_cast<uint2*>(dst + at) = rounded;
+      if (residual) {
+        const float2 a = F::unpack(rounded.x), b = F::unpack(rounded.y);
+        *reinterpret_cast<uint2*>(residual + at) = uint2{F::pack(v.x - a.x, v.y - a.y), F::pack(v.z - b.x, v.w - b.y)};
+      }
+    } else {
+      const elem16 rounded = F::from_float(*from);
+      dst[at] = rounded;
+      if (residual) residual[at] = F::from_float(*from - F::to_float(rounded));
+    }
   }
 }
 
@@ -193,9 +196,9 @@ void zero_rows(void* dst, const attention::fused::Strides& s, const attention::f
   const int64_t n = p.batch * rows * p.heads * p.head_dim;
   if (n == 0) return;
   if (p.dtype == DType::f32)
-    launch_zero_rows<float>(dst, s, p, rows, n);
+    launch_zero_rows<float>(dst, s, p, rows);
   else
-    launch_zero_rows<elem16>(dst, s, p, rows, n);
+    launch_zero_rows<elem16>(dst, s, p, rows);
 }
 
 float* ChunkAccumulator::zeroed(size_t elems) {
@@ -215,11 +218,17 @@ void store_accumulator(void* dst, const attention::fused::Strides& s, const floa
                        const attention::fused::Problem& p, int64_t rows, void* residual) {
   const int64_t n = p.batch * rows * p.heads * p.head_dim;
   if (n == 0) return;
+  HeadRowChunks c = chunk_walk(dst, sizeof(elem16), row_strides_of(s), p.batch, 0, rows, p.heads, p.head_dim, 4);
+  if (residual && c.width == 4 &&
+      chunk_walk(residual, sizeof(elem16), row_strides_of(s), p.batch, 0, rows, p.heads, p.head_dim, 4).width != 4)
+    c = chunk_walk(dst, sizeof(elem16), row_strides_of(s), p.batch, 0, rows, p.heads, p.head_dim, 1);
   with_format(p.dtype, [&](auto format) {
-    store_accumulator_kernel<decltype(format)><<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(
-        static_cast<elem16*>(dst), static_cast<elem16*>(residual), {s.batch, s.row, s.head}, acc, rows, p.heads,
-        p.head_dim, n);
-    CUDA_CHECK_LAUNCH();
+    with_chunk_index(c, [&](auto index) {
+      store_accumulator_kernel<decltype(format), decltype(index)><<<impl::grid_for(c.chunks), impl::kThreads, 0,
+                                                                    impl::stream()>>>(
+          static_cast<elem16*>(dst), static_cast<elem16*>(residual), c, acc);
+      CUDA_CHECK_LAUNCH();
+    });
   });
 }
 

@@ -35,6 +35,26 @@ struct RowStrides {
   int64_t batch, row, head;
 };
 
+// The memory-bound passes over a (batch, rows, heads, dim) view (zeroing, rescaled copies, maxima,
+// f32 accumulator stores) walk it in chunks of `width` consecutive elements along dim, numbered
+// batch-major with rows from `start`. Index I: uint32_t where the chunk count fits (three 32-bit
+// divisions per chunk instead of 64-bit ones), else uint64_t; chunk_walk() (attention_launch.h)
+// builds it.
+struct HeadRowChunks {
+  RowStrides s;
+  int64_t start;
+  int64_t chunks;                      // batch * rows * heads * per_row
+  uint32_t per_row, heads, rows, width;  // per_row = dim / width
+  template <class I>
+  __device__ __forceinline__ int64_t offset(I i) const {
+    const I head_row = i / per_row, d = (i - head_row * per_row) * width;
+    const I row_all = head_row / heads, h = head_row - row_all * heads;
+    const I b = row_all / rows, r = row_all - b * rows;
+    return static_cast<int64_t>(b) * s.batch + (start + static_cast<int64_t>(r)) * s.row +
+           static_cast<int64_t>(h) * s.head + static_cast<int64_t>(d);
+  }
+};
+
 // The (head -> branch) table and stream geometry of one launch.
 struct Streams {
   int64_t segment[kMaxBranches];   // tokens per segment

@@ -19,11 +19,11 @@ namespace longtape::cuda::attn {
 namespace {
 
 
+// delta = rowsum(dO * O) - dlse per (batch, head, row), in that order. Generic form: a warp per
+// row, an element per lane.
 template <class F>
 __global__ void delta_kernel(float* delta, const elem16* out, const elem16* residual, RowStrides os, const elem16* dout,
-                             RowStrides ds,
-                             const float* dlse, int64_t batch, int64_t heads, int64_t rows,
-                             int dim) {
+                             RowStrides ds, const float* dlse, int64_t batch, int64_t heads, int64_t rows, int dim) {
   const int64_t warp_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
   if (warp_id >= batch * heads * rows) return;
@@ -36,6 +36,34 @@ __global__ void delta_kernel(float* delta, const elem16* out, const elem16* resi
     acc += (F::to_float(o[d]) + (lo ? F::to_float(lo[d]) : 0.f)) * F::to_float(g[d]);
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) delta[warp_id] = acc - (dlse ? dlse[warp_id] : 0.f);
+}
+
+// The same with 16-byte loads: kLanes = dim / 8 lanes per row (a lane per 8 elements), so that a
+// warp reads 32 / kLanes rows at once.
+template <class F, int kLanes>
+__global__ void delta_wide_kernel(float* delta, const elem16* out, const elem16* residual, RowStrides os,
+                                  const elem16* dout, RowStrides ds, const float* dlse, int64_t batch, int64_t heads,
+                                  int64_t rows) {
+  const int64_t row_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
+  const int part = threadIdx.x % kLanes;
+  const bool live = row_id < batch * heads * rows;
+  float acc = 0.f;
+  if (live) {
+    const int64_t r = row_id % rows, h = (row_id / rows) % heads, b = row_id / rows / heads;
+    const int64_t o_at = b * os.batch + h * os.head + r * os.row + part * 8;
+    const uint4 o = *reinterpret_cast<const uint4*>(out + o_at);
+    const uint4 g = *reinterpret_cast<const uint4*>(dout + b * ds.batch + h * ds.head + r * ds.row + part * 8);
+    const uint4 lo = residual ? *reinterpret_cast<const uint4*>(residual + o_at) : make_uint4(0, 0, 0, 0);
+    const uint32_t op[4] = {o.x, o.y, o.z, o.w}, gp[4] = {g.x, g.y, g.z, g.w}, lp[4] = {lo.x, lo.y, lo.z, lo.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 of = F::unpack(op[e]), gf = F::unpack(gp[e]), lf = F::unpack(lp[e]);
+      acc += (of.x + lf.x) * gf.x + (of.y + lf.y) * gf.y;
+    }
+  }
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (live && part == 0) delta[row_id] = acc - (dlse ? dlse[row_id] : 0.f);
 }
 
 // kFuseDq: the CTA also adds its dQ = dS K share into the f32 dq_acc with atomics (dS^T goes
@@ -351,11 +379,11 @@ void launch_backward(const BwdParams& params, int64_t max_tiles, int64_t batch, 
 
 
 // The sm_90a backward runs where the lab has not turned it off and the sm_90a kernels cover the
-// problem (hopper_kernels_cover), for deterministic problems, unless a block bias needs its
-// gradient (that stays on the portable kernels).
+// problem (hopper_kernels_cover), unless a block bias needs its gradient (that stays on the
+// portable kernels).
 bool hopper_backward_usable(const attention::fused::BackwardProblem& bp) {
   const attention::fused::Problem& f = bp.forward;
-  if (!kernel_tuning().hopper_backward || !bp.deterministic) return false;
+  if (!kernel_tuning().hopper_backward) return false;
   if (f.key_set == attention::fused::KeySet::blocks && bp.dbias != nullptr) return false;
   return hopper_kernels_cover(f);
 }
@@ -376,27 +404,51 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
   p.delta = static_cast<const float*>(delta->data);
   if (rows_q > 0) {
     const int64_t threads = rows_q * 32;
+    const RowStrides os = row_strides_of(f.out_stride);
+    auto aligned = [](const void* ptr, RowStrides s) {
+      return ptr == nullptr ||
+             (reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && s.batch % 8 == 0 && s.row % 8 == 0 && s.head % 8 == 0);
+    };
+    const bool wide = (f.head_dim == 32 || f.head_dim == 64 || f.head_dim == 128) && aligned(f.out, os) &&
+                      aligned(f.out_residual, os) && aligned(p.dout, p.dos);
     with_format(f.dtype, [&](auto format) {
-      delta_kernel<decltype(format)><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
-          static_cast<float*>(delta->data), static_cast<const elem16*>(f.out),
-          static_cast<const elem16*>(f.out_residual), row_strides_of(f.out_stride), p.dout, p.dos,
-          static_cast<const float*>(bp.dlse), f.batch, f.heads, f.seq_q, static_cast<int>(f.head_dim));
+      using F = decltype(format);
+      const auto* out = static_cast<const elem16*>(f.out);
+      const auto* residual = static_cast<const elem16*>(f.out_residual);
+      auto* d = static_cast<float*>(delta->data);
+      const auto* dlse = static_cast<const float*>(bp.dlse);
+      auto launch_wide = [&](auto lanes) {
+        constexpr int kLanes = decltype(lanes)::value;
+        const unsigned blocks = static_cast<unsigned>((rows_q * kLanes + 255) / 256);
+        delta_wide_kernel<F, kLanes><<<blocks, 256, 0, stream>>>(d, out, residual, os, p.dout, p.dos, dlse, f.batch,
+                                                                 f.heads, f.seq_q);
+      };
+      if (wide && f.head_dim == 32)
+        launch_wide(std::integral_constant<int, 4>{});
+      else if (wide && f.head_dim == 64)
+        launch_wide(std::integral_constant<int, 8>{});
+      else if (wide)
+        launch_wide(std::integral_constant<int, 16>{});
+      else
+        delta_kernel<F><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
+            d, out, residual, os, p.dout, p.dos, dlse, f.batch, f.heads, f.seq_q, static_cast<int>(f.head_dim));
       CUDA_CHECK_LAUNCH();
     });
   }
   zero_block_bias_grad(bp, plan);
 
   // Several lse branches add into f32 accumulators; otherwise each row is written once (rows that
-  // no stream reaches are zeroed first). Without the deterministic switch dQ always gathers in an
-  // f32 accumulator through atomics from the dK/dV kernel.
+  // no stream reaches are zeroed first). Without the deterministic switch the portable kernels
+  // gather dQ in an f32 accumulator through atomics from the dK/dV kernel; the sm_90a backward
+  // does so only where the lab asks (hopper_backward_fused_dq: slower than its dQ CTAs).
   p.accumulate = plan.merge;
-  const bool fuse_dq = !bp.deterministic;
+  const bool hopper = hopper_backward_usable(bp);
+  const bool fuse_dq = !bp.deterministic && (!hopper || kernel_tuning().hopper_backward_fused_dq);
   if (!p.accumulate) {
     if (!fuse_dq) zero_rows(bp.dq, bp.dq_stride, f, f.seq_q);
     zero_rows(bp.dk, bp.dk_stride, f, f.seq_k);
     zero_rows(bp.dv, bp.dv_stride, f, f.seq_k);
   }
-  const bool hopper = hopper_backward_usable(bp);
   // The rescaled f16 copies cost four (B, rows, H, D) buffers: dense problems take them whole, lse
   // mixing per chunk of its accumulators; the other dilated problems and block lists keep bf16
   // products (chunks of their own cost them more than the copies save).
@@ -453,7 +505,7 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
       if (max_tiles == 0) continue;
       with_format(f.dtype, [&](auto format) {
         using F = decltype(format);
-        if (hopper) return launch_backward_hopper<F>(pc, launch, f.batch, static_cast<int>(f.head_dim));
+        if (hopper) return launch_backward_hopper<F>(pc, launch, f.batch, static_cast<int>(f.head_dim), fuse_dq);
         with_head_dim(f.head_dim, [&](auto dim) {
           launch_backward<F, decltype(dim)::value>(pc, max_tiles, f.batch, !fuse_dq);
         });

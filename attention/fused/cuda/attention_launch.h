@@ -181,6 +181,39 @@ RescaledRows rescale_rows_to_f16(const float* factors, int which, const void* sr
 // A fused::Strides as the kernels' row strides.
 inline RowStrides row_strides_of(const attention::fused::Strides& s) { return {s.batch, s.row, s.head}; }
 
+// The chunks of a (batch, rows from start, heads, dim) view at `base` with strides s: `wide`
+// elements (16 bytes) at a time when dim, the strides and the address allow, else one.
+inline HeadRowChunks chunk_walk(const void* base, size_t elem_bytes, RowStrides s, int64_t batch, int64_t start,
+                                int64_t rows, int64_t heads, int64_t dim, int wide) {
+  const auto at = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(start * s.row) * elem_bytes;
+  const bool take_wide = dim % wide == 0 && s.batch % wide == 0 && s.row % wide == 0 && s.head % wide == 0 &&
+                         at % (wide * elem_bytes) == 0;
+  const int64_t width = take_wide ? wide : 1;
+  HeadRowChunks c;
+  c.s = s;
+  c.start = start;
+  c.width = static_cast<uint32_t>(width);
+  c.per_row = static_cast<uint32_t>(dim / width);
+  c.heads = static_cast<uint32_t>(heads);
+  c.rows = static_cast<uint32_t>(rows);
+  c.chunks = batch * rows * heads * (dim / width);
+  return c;
+}
+// Runs launch(index) with the narrowest index type that numbers every chunk (and a grid stride
+// past the last one).
+template <class Launch>
+void with_chunk_index(const HeadRowChunks& c, const Launch& launch) {
+  if (c.chunks < (int64_t{1} << 31))
+    launch(uint32_t{});
+  else
+    launch(uint64_t{});
+}
+// Blocks for a grid-stride pass over n items: enough to fill the GPU, few enough that a block
+// reduction's one atomic per block stays cheap.
+inline unsigned reduction_grid(int64_t n) {
+  return static_cast<unsigned>(std::clamp<int64_t>((n + 255) / 256, 1, 1024));
+}
+
 // The inputs, their strides and the scalars every kernel's parameters share (forward and
 // backward), as elements of type E (the 16-bit formats' raw bits, or f32).
 template <typename E, typename Params>

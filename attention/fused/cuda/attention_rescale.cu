@@ -33,46 +33,43 @@ enum Slot : int {
   kSlots
 };
 
-// The widest load that divides the rows: 8 elements (16 bytes) when dim, the strides and the
-// pointer allow, else 1.
-bool rows_take_16_bytes(const void* p, RowStrides s, int64_t dim) {
-  return dim % 8 == 0 && s.batch % 8 == 0 && s.row % 8 == 0 && s.head % 8 == 0 &&
-         reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
+// The maxima of up to five bf16 views in one launch (blockIdx.y picks the view): a grid-stride
+// pass, a block reduction, then one atomicMax per block (an atomic per warp on one address
+// serialized the pass).
+struct AbsmaxViews {
+  const elem16* src[5];
+  HeadRowChunks at[5];
+  unsigned* max_bits[5];
+};
 
-// Element i (of W) of a (batch, rows, heads, dim) view: its offset through the strides, rows
-// counted from `start`.
-__device__ __forceinline__ int64_t strided_offset(int64_t i, RowStrides s, int64_t start, int64_t rows, int64_t heads,
-                                                  int64_t dim, int W) {
-  const int64_t per_row = dim / W;
-  const int64_t d = (i % per_row) * W, head_row = i / per_row;
-  const int64_t h = head_row % heads, r = (head_row / heads) % rows, b = head_row / heads / rows;
-  return b * s.batch + (start + r) * s.row + h * s.head + d;
-}
-
-template <int W>
-__global__ void bf16_absmax_kernel(unsigned* max_bits, const elem16* src, RowStrides s, int64_t rows, int64_t heads,
-                                   int64_t dim, int64_t n) {
+template <class I>
+__global__ void bf16_absmax_kernel(AbsmaxViews views) {
+  __shared__ float partial[32];
+  const elem16* src = views.src[blockIdx.y];
+  const HeadRowChunks& c = views.at[blockIdx.y];
   float m = 0.f;
-  for (int64_t i = impl::global_tid(); i < n / W; i += impl::grid_stride()) {
-    const elem16* at = src + strided_offset(i, s, 0, rows, heads, dim, W);
-    elem16 x[W];
-    if constexpr (W == 8)
-      *reinterpret_cast<uint4*>(x) = *reinterpret_cast<const uint4*>(at);
-    else
-      x[0] = *at;
-#pragma unroll
-    for (int e = 0; e < W; ++e) m = fmaxf(m, fabsf(Bf16Format::to_float(x[e])));
+  for (I i = static_cast<I>(impl::global_tid()); i < static_cast<I>(c.chunks); i += static_cast<I>(impl::grid_stride())) {
+    const elem16* at = src + c.offset(i);
+    if (c.width == 8) {
+      const uint4 x = *reinterpret_cast<const uint4*>(at);
+      for (const uint32_t pair : {x.x, x.y, x.z, x.w}) {
+        const float2 f = Bf16Format::unpack(pair);
+        m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
+      }
+    } else {
+      m = fmaxf(m, fabsf(Bf16Format::to_float(*at)));
+    }
   }
-  m = impl::warp_reduce(m, impl::MaxOp{});
-  if ((threadIdx.x & 31) == 0) atomicMax(max_bits, __float_as_uint(m));
+  m = impl::block_reduce(m, [](float a, float b) { return fmaxf(a, b); }, 0.f, partial);
+  if (threadIdx.x == 0) atomicMax(views.max_bits[blockIdx.y], __float_as_uint(m));
 }
 
 __global__ void f32_absmax_kernel(unsigned* max_bits, const float* src, int64_t n) {
+  __shared__ float partial[32];
   float m = 0.f;
   for (int64_t i = impl::global_tid(); i < n; i += impl::grid_stride()) m = fmaxf(m, fabsf(src[i]));
-  m = impl::warp_reduce(m, impl::MaxOp{});
-  if ((threadIdx.x & 31) == 0) atomicMax(max_bits, __float_as_uint(m));
+  m = impl::block_reduce(m, [](float a, float b) { return fmaxf(a, b); }, 0.f, partial);
+  if (threadIdx.x == 0) atomicMax(max_bits, __float_as_uint(m));
 }
 
 // The exponent e with m 2^e <= 2^14 (within f16's 2^15.99), kept to [-60, 60] so that sums of
@@ -108,39 +105,23 @@ __global__ void rescale_factors_kernel(float* f, float scale, float do_scale, in
   f[kFactorDout] = pow2(eg);
 }
 
-template <int W>
-__global__ void rescale_rows_kernel(elem16* dst, const elem16* src, RowStrides s, int64_t start, int64_t rows,
-                                    int64_t heads, int64_t dim, int64_t n, const float* factor) {
+// Rows [start, start + rows) of a bf16 view times *factor into a contiguous f16 copy.
+template <class I>
+__global__ void rescale_rows_kernel(elem16* dst, const elem16* src, HeadRowChunks c, const float* factor) {
   const float by = *factor;
-  for (int64_t i = impl::global_tid(); i < n / W; i += impl::grid_stride()) {
-    const elem16* at = src + strided_offset(i, s, start, rows, heads, dim, W);
-    elem16 x[W];
-    if constexpr (W == 8)
-      *reinterpret_cast<uint4*>(x) = *reinterpret_cast<const uint4*>(at);
-    else
-      x[0] = *at;
-#pragma unroll
-    for (int e = 0; e < W; ++e) x[e] = F16Format::from_float(Bf16Format::to_float(x[e]) * by);
-    if constexpr (W == 8)
-      *reinterpret_cast<uint4*>(dst + i * W) = *reinterpret_cast<const uint4*>(x);
-    else
-      dst[i] = x[0];
+  for (I i = static_cast<I>(impl::global_tid()); i < static_cast<I>(c.chunks); i += static_cast<I>(impl::grid_stride())) {
+    const elem16* at = src + c.offset(i);
+    if (c.width == 8) {
+      uint4 x = *reinterpret_cast<const uint4*>(at);
+      for (uint32_t* pair : {&x.x, &x.y, &x.z, &x.w}) {
+        const float2 f = Bf16Format::unpack(*pair);
+        *pair = F16Format::pack(f.x * by, f.y * by);
+      }
+      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(i) * 8) = x;
+    } else {
+      dst[i] = F16Format::from_float(Bf16Format::to_float(*at) * by);
+    }
   }
-}
-
-void launch_absmax(unsigned* max_bits, const void* src, const attention::fused::Strides& strides, int64_t batch,
-                   int64_t rows, int64_t heads, int64_t dim) {
-  const int64_t n = batch * rows * heads * dim;
-  if (n == 0) return;
-  const RowStrides s = row_strides_of(strides);
-  const auto* p = static_cast<const elem16*>(src);
-  if (rows_take_16_bytes(p, s, dim))
-    bf16_absmax_kernel<8><<<impl::grid_for(n / 8), impl::kThreads, 0, impl::stream()>>>(max_bits, p, s, rows, heads,
-                                                                                         dim, n);
-  else
-    bf16_absmax_kernel<1><<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(max_bits, p, s, rows, heads, dim,
-                                                                                    n);
-  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
@@ -151,14 +132,30 @@ std::shared_ptr<Storage> bf16_rescale_factors(const attention::fused::BackwardPr
   float* factors = static_cast<float*>(buffer->data);
   unsigned* max_bits = reinterpret_cast<unsigned*>(factors);
   CUDA_CHECK(cudaMemsetAsync(max_bits + kMaxQ, 0, (kSlots - kMaxQ) * sizeof(unsigned), impl::stream()));
-  launch_absmax(max_bits + kMaxQ, f.q, f.q_stride, f.batch, f.seq_q, f.heads, f.head_dim);
-  launch_absmax(max_bits + kMaxK, f.k, f.k_stride, f.batch, f.seq_k, f.heads, f.head_dim);
-  launch_absmax(max_bits + kMaxV, f.v, f.v_stride, f.batch, f.seq_k, f.heads, f.head_dim);
-  launch_absmax(max_bits + kMaxDout, bp.dout, bp.dout_stride, f.batch, f.seq_q, f.heads, f.head_dim);
-  launch_absmax(max_bits + kMaxOut, f.out, f.out_stride, f.batch, f.seq_q, f.heads, f.head_dim);
+  AbsmaxViews views{};
+  const void* sources[] = {f.q, f.k, f.v, bp.dout, f.out};
+  const attention::fused::Strides* strides[] = {&f.q_stride, &f.k_stride, &f.v_stride, &bp.dout_stride, &f.out_stride};
+  const int slots[] = {kMaxQ, kMaxK, kMaxV, kMaxDout, kMaxOut};
+  int64_t most = 0;
+  for (int which = 0; which < 5; ++which) {
+    const int64_t rows = which == 1 || which == 2 ? f.seq_k : f.seq_q;
+    views.src[which] = static_cast<const elem16*>(sources[which]);
+    views.at[which] = chunk_walk(sources[which], sizeof(elem16), row_strides_of(*strides[which]), f.batch, 0, rows,
+                                 f.heads, f.head_dim, 8);
+    views.max_bits[which] = max_bits + slots[which];
+    if (views.at[which].chunks > most) most = views.at[which].chunks;
+  }
+  if (most > 0) {
+    HeadRowChunks largest = views.at[0];
+    largest.chunks = most;
+    with_chunk_index(largest, [&](auto index) {
+      bf16_absmax_kernel<decltype(index)><<<dim3(reduction_grid(most), 5), impl::kThreads, 0, impl::stream()>>>(views);
+      CUDA_CHECK_LAUNCH();
+    });
+  }
   if (bp.dlse) {
     const int64_t n = f.batch * f.heads * f.seq_q;
-    f32_absmax_kernel<<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(
+    f32_absmax_kernel<<<reduction_grid(n), impl::kThreads, 0, impl::stream()>>>(
         max_bits + kMaxDlse, static_cast<const float*>(bp.dlse), n);
     CUDA_CHECK_LAUNCH();
   }
@@ -178,17 +175,13 @@ RescaledRows rescale_rows_to_f16(const float* factors, int which, const void* sr
   out.rows = static_cast<const elem16*>(out.storage->data);
   out.strides = {rows * heads * dim, heads * dim, dim};
   if (n == 0) return out;
-  const RowStrides s = row_strides_of(strides);
-  const auto* p = static_cast<const elem16*>(src);
-  auto* dst = static_cast<elem16*>(out.storage->data);
+  const HeadRowChunks c = chunk_walk(src, sizeof(elem16), row_strides_of(strides), batch, start, rows, heads, dim, 8);
   const float* factor = factors + kFactorQ + which;
-  if (rows_take_16_bytes(p + start * s.row, s, dim))
-    rescale_rows_kernel<8><<<impl::grid_for(n / 8), impl::kThreads, 0, impl::stream()>>>(dst, p, s, start, rows, heads,
-                                                                                         dim, n, factor);
-  else
-    rescale_rows_kernel<1><<<impl::grid_for(n), impl::kThreads, 0, impl::stream()>>>(dst, p, s, start, rows, heads, dim,
-                                                                                     n, factor);
-  CUDA_CHECK_LAUNCH();
+  with_chunk_index(c, [&](auto index) {
+    rescale_rows_kernel<decltype(index)><<<impl::grid_for(c.chunks), impl::kThreads, 0, impl::stream()>>>(
+        static_cast<elem16*>(out.storage->data), static_cast<const elem16*>(src), c, factor);
+    CUDA_CHECK_LAUNCH();
+  });
   return out;
 }
 

@@ -13,8 +13,12 @@ struct KernelTuning {
   bool hopper_forward = true;
   // Warpgroups (64 query rows each) per CTA of the Hopper forward at D = 64: 2 or 3.
   int hopper_warpgroups = 2;
-  // Backward on sm_90a warpgroup MMA where usable (D = 64 or 128, deterministic, no block lists).
+  // Backward on sm_90a warpgroup MMA where usable (D = 64 or 128; not for a block-bias gradient).
   bool hopper_backward = true;
+  // Without the deterministic switch: dQ added with atomics by the sm_90a dK/dV CTAs (no dQ
+  // CTAs). Off: measured slower than the deterministic kernel on every lab case (NOTES v18), so
+  // that kernel serves both modes.
+  bool hopper_backward_fused_dq = false;
   // Warpgroups (64 keys or queries each) per CTA of the Hopper backward kernels at D = 64: 1 or 2.
   int hopper_backward_warpgroups = 1;
   // CTAs per SM the one-warpgroup Hopper backward at D = 64 is compiled for: 2 (up to 255

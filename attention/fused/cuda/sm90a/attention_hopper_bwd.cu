@@ -1,7 +1,6 @@
-// Fused attention backward for Hopper (sm_90a), deterministic, D = 64 and 128, dense / causal / dilated
-// streams of both mixings, block lists (with a fixed bias; a bias gradient keeps the portable
-// kernels). Flash-style, two kinds of CTA
-// in one launch:
+// Fused attention backward for Hopper (sm_90a), D = 64 and 128, dense / causal / dilated streams of
+// both mixings, block lists (with a fixed bias; a bias gradient keeps the portable kernels).
+// Flash-style. Deterministic (the default): two kinds of CTA in one launch,
 //   dK/dV: a CTA owns kWG x 64 keys of one stream (64 per warpgroup) and walks the query tiles
 //          that see them: S^T = K Q^T and dP^T = V dO^T on wgmma from shared memory, P^T and
 //          dS^T = P^T (dP^T - delta) in registers, then dV += P^T dO and dK += dS^T Q with P^T and
@@ -9,6 +8,10 @@
 //          read transposed from shared memory;
 //   dQ:    a CTA owns kWG x 64 queries and walks its key tiles: S = Q K^T, dP = dO V^T,
 //          dS, and dQ += dS K.
+// Fused dQ (a lab form, kernel_tuning().hopper_backward_fused_dq, not deterministic): only the
+// dK/dV CTAs run; each also writes dS^T of its tile to shared memory and adds dQ = dS K (dS read
+// transposed) into an f32 accumulator with atomics, 5 products per tile instead of 7. Its atomic
+// traffic (16 KB per 64 x 64 tile) makes it slower than the dQ CTAs (benchmarks/lab/NOTES.md v18).
 // Tiles arrive through cp.async into 128-byte-swizzled shared memory (strided rows in place).
 // Products run in one of two modes (Plain, RescaledF16 below): the inputs' format with P and dS as
 // hi + lo parts, or bf16 inputs rescaled into f16 copies with P and dS as one f16 part each.
@@ -58,7 +61,8 @@ __device__ __forceinline__ ProductScales product_scales(const BwdParams& p) {
   }
 }
 
-template <int D, int kWG>
+// kDsTiles: shared tiles for dS^T (fused dQ: 1, or 2 for hi + lo parts).
+template <int D, int kWG, int kDsTiles = 0>
 struct BwdShape {
   static constexpr int kRows = kWG * 64;  // keys (dK/dV) or queries (dQ) per CTA
   static constexpr int kThreads = kWG * 128;
@@ -66,8 +70,11 @@ struct BwdShape {
   static constexpr int kStepBytes = kStep * D * 2;  // one streamed tile
   static constexpr int kOwnSlab = kRows * 128;
   static constexpr int kStepSlab = kStep * 128;
-  // Two resident tiles, two stages of two streamed tiles, lse and delta per stage; 1024 slack.
-  static constexpr size_t kSmem = 1024 + 2 * kOwnBytes + 4 * kStepBytes + 4 * kStep * sizeof(float);
+  static constexpr int kDsBytes = kStep * 64 * 2;  // dS^T: 64 keys x kStep queries
+  // Two resident tiles, two stages of two streamed tiles, the dS^T tiles, lse and delta per stage;
+  // 1024 slack.
+  static constexpr size_t kSmem =
+      1024 + 2 * kOwnBytes + 4 * kStepBytes + kDsTiles * kDsBytes + 4 * kStep * sizeof(float);
 };
 
 // The same value in every thread, said so to the compiler: a wgmma under a branch it cannot prove
@@ -95,17 +102,80 @@ __device__ __forceinline__ uint64_t n_major(uint32_t base, int slab_bytes, int k
   return wgmma::descriptor(base + kk * 16 * 128, slab_bytes, 1024);
 }
 
+// Fused dQ, step 1: dS^T of a 64 x 64 tile (wgmma accumulator layout: this thread's keys
+// key_a = 16 warp + lane / 4 and key_a + 8) into a swizzled shared tile [key][query] in the
+// products' format (and the rest as a second tile for hi + lo parts). Padded keys get 0: their P
+// is not bounded by 1, and K's zero rows must not meet an infinity.
+template <class M>
+__device__ __forceinline__ void write_ds_tile(unsigned char* tile, const float (&ds)[kStep / 2], bool key_a_valid,
+                                              bool key_b_valid) {
+  using F = typename M::Compute;
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < kStep / 8; ++j)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const bool valid = half ? key_b_valid : key_a_valid;
+      const float x = valid ? ds[4 * j + 2 * half] : 0.f, y = valid ? ds[4 * j + 2 * half + 1] : 0.f;
+      const uint32_t offset = wgmma::swizzled_offset(warp * 16 + half * 8 + (lane >> 2), j) + (lane & 3) * 4;
+      const uint32_t hi = F::pack(x, y);
+      *reinterpret_cast<uint32_t*>(tile + offset) = hi;
+      if constexpr (M::kSplit) {
+        const float2 h = F::unpack(hi);
+        *reinterpret_cast<uint32_t*>(tile + kStep * 128 + offset) = F::pack(x - h.x, y - h.y);
+      }
+    }
+}
+
+// Fused dQ, step 2: dq (64 queries x columns 64 c .. 64 c + 63) = dS K, A = dS read transposed
+// from the dS^T tile, B = the CTA's K tile read N-major. Issues the products; the caller commits.
+template <class M, class Shape>
+__device__ __forceinline__ void dq_product(float (&dq)[32], uint32_t ds_addr, uint32_t k_addr, int c) {
+  using F = typename M::Compute;
+#pragma unroll
+  for (int kk = 0; kk < kStep / 16; ++kk) {
+    const uint64_t k_desc = n_major(k_addr + c * Shape::kOwnSlab, Shape::kOwnSlab, kk);
+    wgmma::wgmma_ss<64, F::kIsF16, true>(dq, n_major(ds_addr, kStep * 128, kk), k_desc, kk > 0);
+    if constexpr (M::kSplit)
+      wgmma::wgmma_ss<64, F::kIsF16, true>(dq, n_major(ds_addr + kStep * 128, kStep * 128, kk), k_desc, 1);
+  }
+}
+
+// Fused dQ, step 3: adds dq (columns 64 c ..) times `factor` into the f32 accumulator rows of
+// this thread's queries row_a and row_a + 8 of the stream (float2 atomics).
+template <int D>
+__device__ __forceinline__ void add_dq_rows(const BwdParams& p, const float (&dq)[32], float factor, int row_a,
+                                            int len_q, const StreamRows& s, int b, int h, int c) {
+  const int col = (threadIdx.x & 3) * 2 + c * 64;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row_a + half * 8;
+    if (row >= len_q) continue;
+    const int64_t pos = s.first_q + static_cast<int64_t>(row) * s.step;
+    float* dst = p.dq_acc + ((static_cast<int64_t>(b) * p.st.seq_q + pos) * p.heads + h) * D + col;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      atomicAdd(reinterpret_cast<float2*>(dst + 8 * j),
+                make_float2(dq[4 * j + 2 * half] * factor, dq[4 * j + 2 * half + 1] * factor));
+  }
+}
+
 // dK and dV of the key tile of CTA index `cta`. kLists: the query tiles come from the key block's
 // column list (kWG = 1, so that a CTA's 64 keys lie in one block), with the block bias if any.
-template <class M, int D, int kWG, bool kLists>
+// kFuseDq (kWG = 1): also adds each tile's dQ = dS K into p.dq_acc with atomics.
+template <class M, int D, int kWG, bool kLists, bool kFuseDq>
 __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* smem, int64_t cta) {
   using F = typename M::Compute;
-  using Shape = BwdShape<D, kWG>;
+  constexpr int kDsTiles = kFuseDq ? (M::kSplit ? 2 : 1) : 0;
+  using Shape = BwdShape<D, kWG, kDsTiles>;
+  static_assert(!kFuseDq || kWG == 1, "fused dQ: one warpgroup per CTA");
+  constexpr bool kDqWithDkDv = D == 64;
   unsigned char* sK = smem;
   unsigned char* sV = sK + Shape::kOwnBytes;
   unsigned char* sQ = sV + Shape::kOwnBytes;     // 2 stages
   unsigned char* sG = sQ + 2 * Shape::kStepBytes;  // dO, 2 stages
-  float* sLse = reinterpret_cast<float*>(sG + 2 * Shape::kStepBytes);  // 2 x kStep
+  unsigned char* sDs = sG + 2 * Shape::kStepBytes;  // dS^T [key][query], hi (and lo) parts
+  float* sLse = reinterpret_cast<float*>(sDs + kDsTiles * Shape::kDsBytes);  // 2 x kStep
   float* sDelta = sLse + 2 * kStep;
 
   const int h = blockIdx.y, b = blockIdx.z;
@@ -222,6 +292,12 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
           dpt[4 * j + e] = prob * fmaf(dpt[4 * j + e], sc.dp, -((e & 1) ? d2.y : d2.x));
         }
       }
+      const uint32_t ds_addr = smem_addr(sDs);
+      if constexpr (kFuseDq) {
+        write_ds_tile<M>(sDs, dpt, key_a < s.len_k, key_a + 8 < s.len_k);
+        wgmma::fence_proxy_async();
+        __syncthreads();  // the whole dS^T tile is in shared memory before the dQ product reads it
+      }
       // dV += P^T dO and dK += dS^T Q (k = the tile's queries), hi + lo parts each.
       wgmma::fence_registers(dv);
       wgmma::fence_registers(dk);
@@ -236,10 +312,29 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
         mma_rs_nmajor<F, D>(dk, hi, n_major(q_addr, Shape::kStepSlab, kk));
         if constexpr (M::kSplit) mma_rs_nmajor<F, D>(dk, lo, n_major(q_addr, Shape::kStepSlab, kk));
       }
+      // dQ of the tile's queries, 64 columns at a time: at D = 64 in the same group as dK and dV;
+      // at D = 128 after it (both accumulators and a dQ half would not fit the registers).
+      // (Declared here so that it is not live across tiles; zeroed so that no product reads an
+      // undefined register.)
+      float dq[kFuseDq ? 32 : 1] = {};
+      if constexpr (kFuseDq && kDqWithDkDv) dq_product<M, Shape>(dq, ds_addr, k_addr, 0);
       wgmma::commit();
       wgmma::wait<0>();
       wgmma::fence_registers(dv);
       wgmma::fence_registers(dk);
+      if constexpr (kFuseDq) {
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c) {
+          if constexpr (!kDqWithDkDv) {
+            wgmma::fence();
+            dq_product<M, Shape>(dq, ds_addr, k_addr, c);
+            wgmma::commit();
+            wgmma::wait<0>();
+          }
+          wgmma::fence_registers(dq);
+          add_dq_rows<D>(p, dq, sc.dq, q0 + warp * 16 + (lane >> 2), len_q, s, b, h, c);
+        }
+      }
     }
     // Every warpgroup is done with this stage before the next iteration's fetch overwrites it.
     __syncthreads();
@@ -393,42 +488,54 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
                                  p.accumulate, p.dq, p.dqs, p.dq_acc, b, h, p.heads, p.st.seq_q);
 }
 
-// One launch runs both kinds of CTA, so that neither waits for the other's last wave: x in
-// [0, tiles) computes dK/dV of key tile x, x in [tiles, 2 tiles) dQ of query tile x - tiles.
+// Deterministic: one launch runs both kinds of CTA, so that neither waits for the other's last
+// wave: x in [0, tiles) computes dK/dV of key tile x, x in [tiles, 2 tiles) dQ of query tile
+// x - tiles. kFuseDq: x in [0, tiles), dK/dV with dQ by atomics.
 // kCtasPerSm bounds the registers (65536 / (128 kCtasPerSm) per thread at kWG = 1).
-template <class M, int D, int kWG, bool kLists, int kCtasPerSm>
+template <class M, int D, int kWG, bool kLists, int kCtasPerSm, bool kFuseDq>
 __global__ void __launch_bounds__(kWG * 128, kCtasPerSm)
     hopper_backward_kernel(const BwdParams p, int64_t tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
-  if (blockIdx.x < tiles)
-    dkdv_tile<M, D, kWG, kLists>(p, smem, blockIdx.x);
+  if (kFuseDq || blockIdx.x < tiles)
+    dkdv_tile<M, D, kWG, kLists, kFuseDq>(p, smem, blockIdx.x);
   else
     dq_tile<M, D, kWG, kLists>(p, smem, blockIdx.x - tiles);
 #endif
 }
 
-template <class M, int D, int kWG, bool kLists = false, int kCtasPerSm = kWG == 1 ? 2 : 1>
+template <class M, int D, int kWG, bool kLists = false, int kCtasPerSm = kWG == 1 ? 2 : 1, bool kFuseDq = false>
 void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
-  using Shape = BwdShape<D, kWG>;
+  using Shape = BwdShape<D, kWG, kFuseDq ? (M::kSplit ? 2 : 1) : 0>;
   BwdParams p = params;
   p.st = streams;
   const int64_t max_tiles = retile(p.st, Shape::kRows);
   if (max_tiles == 0) return;
-  // Two kinds of CTA along x: the dK/dV tiles, then the dQ tiles.
-  launch_with_shared<hopper_backward_kernel<M, D, kWG, kLists, kCtasPerSm>>(
-      cta_grid(2 * max_tiles, p.heads, batch), Shape::kThreads, Shape::kSmem, p, max_tiles);
+  launch_with_shared<hopper_backward_kernel<M, D, kWG, kLists, kCtasPerSm, kFuseDq>>(
+      cta_grid(kFuseDq ? max_tiles : 2 * max_tiles, p.heads, batch), Shape::kThreads, Shape::kSmem, p, max_tiles);
+}
+
+// The fused-dQ form (one warpgroup per CTA) for each key set and head dim.
+template <class M, int kCtasPerSm64>
+void launch_fused_dq(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
+  if (params.lists.row_begin)
+    return head_dim == 128 ? launch<M, 128, 1, true, 1, true>(params, streams, batch)
+                           : launch<M, 64, 1, true, 2, true>(params, streams, batch);
+  if (head_dim == 128) return launch<M, 128, 1, false, 1, true>(params, streams, batch);
+  launch<M, 64, 1, false, kCtasPerSm64, true>(params, streams, batch);
 }
 
 }  // namespace
 
 template <class F>
-void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
+void launch_backward_hopper(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim,
+                            bool fuse_dq) {
   if (params.rescale) {
-    if constexpr (!F::kIsF16) return launch_backward_hopper_rescaled(params, streams, batch, head_dim);
+    if constexpr (!F::kIsF16) return launch_backward_hopper_rescaled(params, streams, batch, head_dim, fuse_dq);
   }
   using M = Plain<F>;
+  if (fuse_dq) return launch_fused_dq<M, 2>(params, streams, batch, head_dim);
   // Block lists: one warpgroup per CTA, so that its 64 keys (or queries) lie in one block.
   if (params.lists.row_begin)
     return head_dim == 128 ? launch<M, 128, 1, true>(params, streams, batch) : launch<M, 64, 1, true>(params, streams, batch);
@@ -442,8 +549,15 @@ void launch_backward_hopper(const BwdParams& params, const Streams& streams, int
   launch<M, 64, 1, false, 2>(params, streams, batch);
 }
 
-void launch_backward_hopper_rescaled(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
+void launch_backward_hopper_rescaled(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim,
+                                     bool fuse_dq) {
   using M = RescaledF16;
+  // With fused dQ the D = 64 kernel needs 172 registers (20 bytes spill at three CTAs per SM):
+  // two CTAs per SM unless the lab asks for three.
+  if (fuse_dq) {
+    if (kernel_tuning().hopper_backward_ctas_per_sm == 3) return launch_fused_dq<M, 3>(params, streams, batch, head_dim);
+    return launch_fused_dq<M, 2>(params, streams, batch, head_dim);
+  }
   if (params.lists.row_begin)
     return head_dim == 128 ? launch<M, 128, 1, true>(params, streams, batch) : launch<M, 64, 1, true>(params, streams, batch);
   if (head_dim == 128) return launch<M, 128, 1>(params, streams, batch);
@@ -452,7 +566,7 @@ void launch_backward_hopper_rescaled(const BwdParams& params, const Streams& str
   launch<M, 64, 1, false, 3>(params, streams, batch);
 }
 
-template void launch_backward_hopper<Bf16Format>(const BwdParams&, const Streams&, int64_t, int);
-template void launch_backward_hopper<F16Format>(const BwdParams&, const Streams&, int64_t, int);
+template void launch_backward_hopper<Bf16Format>(const BwdParams&, const Streams&, int64_t, int, bool);
+template void launch_backward_hopper<F16Format>(const BwdParams&, const Streams&, int64_t, int, bool);
 
 }  // namespace longtape::cuda::attn
