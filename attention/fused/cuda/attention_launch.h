@@ -182,7 +182,8 @@ RescaledRows rescale_rows_to_f16(const float* factors, int which, const void* sr
 inline RowStrides row_strides_of(const attention::fused::Strides& s) { return {s.batch, s.row, s.head}; }
 
 // The chunks of a (batch, rows from start, heads, dim) view at `base` with strides s: `wide`
-// elements (16 bytes) at a time when dim, the strides and the address allow, else one.
+// elements at a time (one vector load or store) when dim, the strides and the address allow, else
+// one.
 inline HeadRowChunks chunk_walk(const void* base, size_t elem_bytes, RowStrides s, int64_t batch, int64_t start,
                                 int64_t rows, int64_t heads, int64_t dim, int wide) {
   const auto at = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(start * s.row) * elem_bytes;
