@@ -1,8 +1,8 @@
 // Kernel lab for the attention core: times each attention configuration of interest with the
 // fused kernels and (optionally) the composed path, checks fused against composed on the same
 // inputs, and prints one markdown row per case. GPU only.
-//   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT] [--n N] [--dim D]
-//                           [--fwd-stages 2|3] [--eager-rescale] [--portable] [--hopper-wg 2|3]
+//   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
+//                           [--n N] [--dim D] [--fwd-stages 2|3] [--eager-rescale] [--portable] [--hopper-wg 2|3]
 //                           [--no-chunks] [--portable-bwd] [--hopper-bwd-wg 1|2]
 //                           [--hopper-bwd-ctas 2|3] [--hopper-bwd-split] [--hopper-fused-dq]
 //                           [--dtype bf16|f16|f32]
@@ -13,9 +13,9 @@
 // backward on the sm_80 kernels on a Hopper GPU (--portable-bwd the backward only); --hopper-wg
 // and --hopper-bwd-wg set the sm_90a kernels' warpgroups at D = 64; --hopper-bwd-split keeps bf16
 // backward products in bf16 with P and dS as hi + lo parts instead of rescaled f16;
-// --hopper-fused-dq runs the sm_90a backward with dQ by atomics (NOTES v18); --no-chunks runs lse mixing
-// over the whole sequence at once, with accumulators of every row; --dtype sets the inputs' dtype,
-// default bf16: f32 runs the exact-f32 kernels on the CUDA cores.)
+// --hopper-fused-dq runs the sm_90a backward with dQ by atomics (NOTES v18); --no-chunks runs lse
+// mixing over the whole sequence at once, with accumulators of every row; --dtype sets the inputs'
+// dtype, default bf16: f32 runs the exact-f32 kernels on the CUDA cores.)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
