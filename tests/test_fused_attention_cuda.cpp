@@ -92,6 +92,7 @@ struct ForwardKernels {
   bool chunked;
   bool split_backward = false;
   bool atomic_dq = false;
+  bool list_pairs = true;
 };
 const std::vector<ForwardKernels> kForwardKernels{{"", true, false},
                                                   {" [portable kernels]", false, false},
@@ -100,8 +101,11 @@ const std::vector<ForwardKernels> kForwardKernels{{"", true, false},
                                                   {" [atomic dQ]", true, false, false, true},
                                                   {" [atomic dQ, hi + lo, chunked]", true, true, true, true}};
 
-// Block lists: the default kernels and the sm_90a fused-dQ form.
-const std::vector<ForwardKernels> kBlockListKernels{{"", true, false}, {" [atomic dQ]", true, false, false, true}};
+// Block lists: the default kernels, the sm_90a fused-dQ form, and the sm_90a forward at one
+// 64-key list tile per step (by default it takes two at a time where nothing is causal or biased).
+const std::vector<ForwardKernels> kBlockListKernels{{"", true, false},
+                                                    {" [atomic dQ]", true, false, false, true},
+                                                    {" [64-key list tiles]", true, false, false, false, false}};
 
 class ForwardKernelScope {
  public:
@@ -114,6 +118,7 @@ class ForwardKernelScope {
     cuda::attn::kernel_tuning().hopper_forward = kernels.hopper;
     cuda::attn::kernel_tuning().hopper_backward = kernels.hopper;
     cuda::attn::kernel_tuning().hopper_backward_rescaled = !kernels.split_backward;
+    cuda::attn::kernel_tuning().hopper_forward_list_pairs = kernels.list_pairs;
     if (kernels.chunked) cuda::attn::kernel_tuning().forward_chunk_row_heads = 1;
     if (kernels.chunked) cuda::attn::kernel_tuning().backward_chunk_row_heads = 1;
 #else
@@ -219,9 +224,10 @@ TEST_CASE("fused CUDA dilated attention (bf16, f16): lse and head_groups, ragged
   }
 }
 
-// bf16 inputs far from unit scale (the sm_90a backward rescales them by powers of two into f16
-// copies; any wrong factor shows here): q x 8, k / 8, v x 64, dO and dlse x 256, so that every
-// gradient is well above the error floor. Dense and dilated lse (gradients through accumulators).
+// bf16 inputs far from unit scale (the sm_90a backward rescales dense and lse-mixed problems by
+// powers of two into f16 copies; any wrong factor shows here): q x 8, k / 8, v x 64, dO and dlse
+// x 256, so that every gradient is well above the error floor. Dense, dilated lse (gradients
+// through accumulators) and head_groups (bf16 products).
 TEST_CASE("fused CUDA attention (bf16): inputs far from unit scale" * doctest::skip(!cuda_available())) {
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
@@ -235,16 +241,18 @@ TEST_CASE("fused CUDA attention (bf16): inputs far from unit scale" * doctest::s
     if (kernels.chunked) continue;
     const ForwardKernelScope scope(kernels);
     for (int64_t head_dim : {64, 128})
-      for (bool dilated : {false, true}) {
+      for (int kind = 0; kind < 3; ++kind) {  // dense, dilated lse, dilated head_groups
+        const bool dilated = kind > 0, groups = kind == 2;
         const Dims dims{2, 300, 300, 4, head_dim};
-        Inputs inputs = random_half_inputs(dims, DType::bf16, seed + static_cast<uint64_t>(head_dim) + dilated);
+        Inputs inputs = random_half_inputs(dims, DType::bf16, seed + static_cast<uint64_t>(head_dim + kind));
         inputs.q = scaled(inputs.q, 8.0);
         inputs.k = scaled(inputs.k, 1.0 / 8.0);
         inputs.v = scaled(inputs.v, 64.0);
         inputs.g = scaled(inputs.g, 256.0);
         inputs.h = scaled(inputs.h, 256.0);
         AttentionConfig config = core_config(dims.H, dims.D, false);
-        std::string what = std::string(dilated ? "dilated lse" : "dense") + " D " + std::to_string(head_dim) +
+        std::string what = std::string(groups ? "dilated head_groups" : dilated ? "dilated lse" : "dense") + " D " +
+                           std::to_string(head_dim) +
                            " scaled inputs" + kernels.label;
         if (!dilated) {
           const KeyMasks keys{oracle::repeat_heads(oracle::dense_mask(dims.Nq, false), dims.H), config.scale(), 1.0};
@@ -255,12 +263,14 @@ TEST_CASE("fused CUDA attention (bf16): inputs far from unit scale" * doctest::s
         }
         config.segment_lengths = segments;
         config.dilation_rates = dilations;
-        config.mixing = Mixing::lse;
-        const KeyMasks keys{oracle::dilated_lse_mask(dims.Nq, dims.H, branches, false), config.scale(), 1.0};
+        config.mixing = groups ? Mixing::head_groups : Mixing::lse;
+        const KeyMasks keys{groups ? oracle::dilated_head_groups_mask(dims.Nq, dims.H, branches, false)
+                                   : oracle::dilated_lse_mask(dims.Nq, dims.H, branches, false),
+                            config.scale(), groups ? oracle::head_groups_out_scale(branches) : 1.0};
         CoreKeys core;
         core.kind = fused::KeySet::dilated;
         core.branches = branches;
-        core.mixing = fused::BranchMixing::lse;
+        core.mixing = groups ? fused::BranchMixing::head_groups : fused::BranchMixing::lse;
         check_case(what, DType::bf16, inputs, keys, {{"op", through_op(core, config.scale(), false, kCudaFused)}},
                    through_variant("dilated", config, kComposed));
       }

@@ -13,6 +13,9 @@ struct KernelTuning {
   bool hopper_forward = true;
   // Warpgroups (64 query rows each) per CTA of the Hopper forward at D = 64: 2 or 3.
   int hopper_warpgroups = 2;
+  // Hopper forward on block lists of 64-token blocks at D = 64 without causal masking or a bias:
+  // list tiles two at a time into 128-key tiles (false: one 64-key tile per step).
+  bool hopper_forward_list_pairs = true;
   // Backward on sm_90a warpgroup MMA where usable (D = 64 or 128; not for a block-bias gradient).
   bool hopper_backward = true;
   // Without the deterministic switch: dQ added with atomics by the sm_90a dK/dV CTAs (no dQ

@@ -5,7 +5,9 @@
 // S = Q K^T with wgmma from shared memory, the online softmax in registers, and O += P V with P as
 // the register A operand and V read transposed from shared memory. K/V tiles of kBN keys arrive
 // through a kStages-deep cp.async pipeline into 128-byte-swizzled tiles (strided dilated rows are
-// read in place). Built only for sm_90a; the host picks it by compute capability.
+// read in place). Block lists of 64-token blocks without causal masking or a bias take their
+// 64-key list tiles two at a time into 128-key tiles (kPairs: m64n128 products and half the tile
+// steps). Built only for sm_90a; the host picks it by compute capability.
 #include <algorithm>
 #include <cmath>
 
@@ -31,8 +33,9 @@ struct HopperShape {
   static constexpr size_t kSmem = 1024 + kQBytes + 2 * kStages * kKVBytes;
 };
 
-template <class F, int D, int kWG, int kBN, int kStages, bool kLists>
+template <class F, int D, int kWG, int kBN, int kStages, bool kLists, bool kPairs>
 __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64 ? 2 : 1)) hopper_forward_kernel(const FwdParams p) {
+  static_assert(!kPairs || (kLists && kBN == 128), "paired list tiles: 128-key tiles of a block list");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = HopperShape<D, kWG, kBN, kStages>;
   constexpr int kBM = Shape::kBM;
@@ -71,19 +74,36 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
   }
   const float* bias_row = kLists ? bias_row_of(p, b, h, block_row) : nullptr;
   auto tile_of = [&](int i) { return kLists ? keys.tile(i) : i; };
-  // Skip key tiles that lie entirely in the causal future of every row of this query tile.
+  // Skip key tiles that lie entirely in the causal future of every row of this query tile (paired
+  // tiles only run without causal masking).
   auto next_visible = [&](int i) {
-    while (kLists && p.causal && i < keys.count && keys.tile(i) * kBN > q0 + kBM - 1) ++i;
+    while (kLists && !kPairs && p.causal && i < keys.count && keys.tile(i) * kBN > q0 + kBM - 1) ++i;
     return i;
   };
+  // Steps of the key loop: tiles, or pairs of 64-key list tiles (the last one may be alone).
+  const int steps = kPairs ? (keys.count + 1) / 2 : keys.count;
 
   load_swizzled_async<D, kBM, Shape::kThreads>(sQ, in.q, in.q_step, q0, s.len_q);
   cp_async_commit();
   // One cp.async group per stage, empty past the last tile, so that group counts stay fixed.
   auto fetch_tile = [&](int stage, int i) {
-    if (i < keys.count)
+    if constexpr (kPairs) {
+      // List tiles 2i and 2i + 1 into rows 0-63 and 64-127 (zeros past a lone last tile).
+      if (i < steps) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int t = 2 * i + half;
+          const int64_t k0 = t < keys.count ? static_cast<int64_t>(tile_of(t)) * 64 : len_k;
+          load_swizzled_async<D, 64, Shape::kThreads, kBN>(sK + stage * Shape::kKVBytes + half * 64 * 128, in.k,
+                                                           in.k_step, k0, len_k);
+          load_swizzled_async<D, 64, Shape::kThreads, kBN>(sV + stage * Shape::kKVBytes + half * 64 * 128, in.v,
+                                                           in.v_step, k0, len_k);
+        }
+      }
+    } else if (i < keys.count) {
       load_kv_swizzled_async<D, kBN, Shape::kThreads>(sK + stage * Shape::kKVBytes, sV + stage * Shape::kKVBytes, in,
                                                       static_cast<int64_t>(tile_of(i)) * kBN, len_k);
+    }
     cp_async_commit();
   };
   int fetch;
@@ -104,7 +124,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
   int stage = 0;
-  for (int i = first; i < keys.count; i = next_visible(i + 1)) {
+  for (int i = first; i < steps; i = next_visible(i + 1)) {
     // Tile i has landed for every thread (and is visible to the tensor cores), and every
     // warpgroup is done with the stage the next fetch overwrites.
     cp_async_wait<kStages - 2>();
@@ -112,9 +132,9 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
     __syncthreads();
     fetch_tile((stage + kStages - 1) % kStages, fetch);
     fetch = next_visible(fetch + 1);
-    const int kt = tile_of(i);
-    const int k0 = kt * kBN;
-    const float bias = kLists && bias_row ? bias_row[kt / p.lists.block_tiles] * kLog2e : 0.f;
+    const int kt = tile_of(kPairs ? 2 * i : i);
+    const int k0 = kt * (kPairs ? 64 : kBN);
+    const float bias = kLists && !kPairs && bias_row ? bias_row[kt / p.lists.block_tiles] * kLog2e : 0.f;
     // A warpgroup whose rows all precede the tile (causal) has nothing to do with it.
     if (!(p.causal && k0 > wg_row0 + 63)) {
       const uint32_t k_addr = smem_addr(sK + stage * Shape::kKVBytes);
@@ -133,10 +153,26 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
       wgmma::wait<0>();
       wgmma::fence_registers(sc);
 
-      const bool masked = k0 + kBN > len_k || (p.causal && k0 + kBN - 1 > wg_row0);
+      bool masked = k0 + kBN > len_k || (p.causal && k0 + kBN - 1 > wg_row0);
       int lim[2];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) lim[hf] = min(len_k - k0, p.causal ? row_of(hf) - k0 + 1 : kBN) - 1;
+      if constexpr (kPairs) {
+        // Keys of each half past the sequence's end (a lone last tile: the whole second half).
+        const int k1 = 2 * i + 1 < keys.count ? tile_of(2 * i + 1) * 64 : len_k;
+        const int valid0 = min(64, len_k - k0), valid1 = min(64, len_k - k1);
+        masked = false;
+        if (valid0 < 64 || valid1 < 64) {
+          const int col_in_quad = (lane & 3) * 2;
+#pragma unroll
+          for (int j = 0; j < kNT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int col = j * 8 + col_in_quad + (e & 1);
+              if (col - (col < 64 ? 0 : 64) >= (col < 64 ? valid0 : valid1)) sc[4 * j + e] = -INFINITY;
+            }
+        }
+      }
       // Two adjacent 8-key n-tiles make one 16-key A fragment of P V.
       uint32_t pa[kBN / 16][4];
       online_softmax_tile<kNT, D / 8>(
@@ -162,7 +198,7 @@ __global__ void __launch_bounds__(kWG * 128, kWG == 1 ? 3 : (kWG == 2 && D == 64
 #endif
 }
 
-template <class F, int D, int kWG, int kBN, int kStages, bool kLists = false>
+template <class F, int D, int kWG, int kBN, int kStages, bool kLists = false, bool kPairs = false>
 void launch(const FwdParams& params, const Streams& streams, int64_t batch) {
   using Shape = HopperShape<D, kWG, kBN, kStages>;
   FwdParams p = params;
@@ -170,8 +206,8 @@ void launch(const FwdParams& params, const Streams& streams, int64_t batch) {
   // Query tiles of kBM rows instead of the portable kernel's 64.
   const int64_t max_tiles = retile(p.st, Shape::kBM);
   if (max_tiles == 0) return;
-  launch_with_shared<hopper_forward_kernel<F, D, kWG, kBN, kStages, kLists>>(cta_grid(max_tiles, p.heads, batch),
-                                                                              Shape::kThreads, Shape::kSmem, p);
+  launch_with_shared<hopper_forward_kernel<F, D, kWG, kBN, kStages, kLists, kPairs>>(
+      cta_grid(max_tiles, p.heads, batch), Shape::kThreads, Shape::kSmem, p);
 }
 
 }  // namespace
@@ -179,9 +215,13 @@ void launch(const FwdParams& params, const Streams& streams, int64_t batch) {
 template <class F>
 void launch_forward_hopper(const FwdParams& params, const Streams& streams, int64_t batch, int head_dim) {
   if (params.lists.row_begin) {
-    // Block lists: one query block per CTA, 64-key tiles.
+    // Block lists: one query block per CTA, 64-key tiles. 64-token blocks at D = 64 take them two
+    // at a time where no causal mask or bias depends on the key block (1.2x; 128-token blocks
+    // measured slower with 128-key tiles, benchmarks/lab/NOTES.md v22).
     const bool two = params.lists.block_tiles == 2;
     LT_CHECK(params.lists.block_tiles == 1 || two, "fused attention (Hopper): block size must be 64 or 128");
+    if (kernel_tuning().hopper_forward_list_pairs && !two && head_dim == 64 && !params.causal && !params.lists.bias)
+      return launch<F, 64, 1, 128, 2, true, true>(params, streams, batch);
     if (head_dim == 64)
       return two ? launch<F, 64, 2, 64, 3, true>(params, streams, batch) : launch<F, 64, 1, 64, 3, true>(params, streams, batch);
     if (head_dim == 128)

@@ -7,15 +7,17 @@
 namespace longtape::cuda::attn {
 
 // Starts copying rows [row0, row0 + kRows) of a stream into a swizzled tile (D / 64 slabs of
-// kRows x 128 bytes); rows at or beyond `len` are zero-filled. Every thread of the CTA takes part.
-template <int D, int kRows, int kThreadsAll>
+// kSlabRows x 128 bytes; kSlabRows > kRows fills the first rows of a taller tile, `tile` then
+// points at the first row to fill); rows at or beyond `len` are zero-filled. Every thread of the
+// CTA takes part.
+template <int D, int kRows, int kThreadsAll, int kSlabRows = kRows>
 __device__ __forceinline__ void load_swizzled_async(unsigned char* tile, const elem16* base, int64_t step, int64_t row0,
                                                     int64_t len) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int kRowsPerPass = kThreadsAll / kChunks;
   constexpr int kPasses = (kRows + kRowsPerPass - 1) / kRowsPerPass;
   const int r = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
-  unsigned char* slab = tile + (c / 8) * (kRows * 128);
+  unsigned char* slab = tile + (c / 8) * (kSlabRows * 128);
   const elem16* src = base + (row0 + r) * step + c * 8;
   const int64_t rows_left = len - row0 - r;
   const int64_t pass_step = kRowsPerPass * step;
