@@ -4,6 +4,7 @@
 //   build/bin/attention_lab [--impl fused|composed|both] [--quick] [--atomic-dq] [--only TEXT]
 //                           [--n N] [--dim D] [--fwd-stages 2|3] [--eager-rescale] [--portable] [--hopper-wg 2|3]
 //                           [--no-chunks] [--portable-bwd] [--hopper-bwd-wg 1|2] [--list-tiles-64]
+//                           [--acc-zeroed]
 //                           [--hopper-bwd-ctas 2|3] [--hopper-bwd-split] [--hopper-fused-dq]
 //                           [--dtype bf16|f16|f32]
 // (--only runs the cases whose label contains TEXT, or is TEXT after a leading '=', --n and --dim
@@ -14,6 +15,7 @@
 // and --hopper-bwd-wg set the sm_90a kernels' warpgroups at D = 64; --hopper-bwd-split keeps bf16
 // backward products in bf16 with P and dS as hi + lo parts instead of rescaled f16;
 // --list-tiles-64 keeps the sm_90a forward on block lists at one 64-key list tile per step;
+// --acc-zeroed has every lse branch's backward add into zeroed accumulators (no first writer);
 // --hopper-fused-dq runs the sm_90a backward with dQ by atomics (NOTES v18); --no-chunks runs lse
 // mixing over the whole sequence at once, with accumulators of every row; --dtype sets the inputs'
 // dtype, default bf16: f32 runs the exact-f32 kernels on the CUDA cores.)
@@ -187,6 +189,8 @@ int main(int argc, char** argv) {
       cuda::attn::kernel_tuning().hopper_backward_warpgroups = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--hopper-bwd-split"))
       cuda::attn::kernel_tuning().hopper_backward_rescaled = false;
+    else if (!std::strcmp(argv[i], "--acc-zeroed"))
+      cuda::attn::kernel_tuning().backward_first_launch_writes = false;
     else if (!std::strcmp(argv[i], "--list-tiles-64"))
       cuda::attn::kernel_tuning().hopper_forward_list_pairs = false;
     else if (!std::strcmp(argv[i], "--hopper-bwd-ctas") && i + 1 < argc)

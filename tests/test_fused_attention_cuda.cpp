@@ -85,7 +85,8 @@ BlockPatternOptions block_options(int64_t block_size, bool causal, uint64_t patt
 // hi + lo: the sm_90a backward keeps bf16 products with P and dS as hi + lo parts instead of
 // rescaling bf16 inputs into f16 copies (its default).
 // atomic dQ: set_deterministic_algorithms(false) with the sm_90a backward's fused-dQ form (dQ
-// added with atomics by the dK/dV CTAs).
+// added with atomics by the dK/dV CTAs). accumulators zeroed: every lse branch's backward adds
+// into zeroed f32 accumulators (by default the dilation-1 branch runs first and writes them).
 struct ForwardKernels {
   std::string label;
   bool hopper;
@@ -93,13 +94,15 @@ struct ForwardKernels {
   bool split_backward = false;
   bool atomic_dq = false;
   bool list_pairs = true;
+  bool first_launch_writes = true;
 };
 const std::vector<ForwardKernels> kForwardKernels{{"", true, false},
                                                   {" [portable kernels]", false, false},
                                                   {" [chunked]", true, true},
                                                   {" [hi + lo backward]", true, false, true},
                                                   {" [atomic dQ]", true, false, false, true},
-                                                  {" [atomic dQ, hi + lo, chunked]", true, true, true, true}};
+                                                  {" [atomic dQ, hi + lo, chunked]", true, true, true, true},
+                                                  {" [accumulators zeroed]", true, false, false, false, true, false}};
 
 // Block lists: the default kernels, the sm_90a fused-dQ form, and the sm_90a forward at one
 // 64-key list tile per step (by default it takes two at a time where nothing is causal or biased).
@@ -119,6 +122,7 @@ class ForwardKernelScope {
     cuda::attn::kernel_tuning().hopper_backward = kernels.hopper;
     cuda::attn::kernel_tuning().hopper_backward_rescaled = !kernels.split_backward;
     cuda::attn::kernel_tuning().hopper_forward_list_pairs = kernels.list_pairs;
+    cuda::attn::kernel_tuning().backward_first_launch_writes = kernels.first_launch_writes;
     if (kernels.chunked) cuda::attn::kernel_tuning().forward_chunk_row_heads = 1;
     if (kernels.chunked) cuda::attn::kernel_tuning().backward_chunk_row_heads = 1;
 #else

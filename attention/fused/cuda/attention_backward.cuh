@@ -12,6 +12,9 @@ namespace longtape::cuda::attn {
 struct BwdParams : BackwardParams<elem16> {
   float *dq_acc, *dk_acc, *dv_acc;
   bool accumulate;
+  // Accumulate mode: this launch covers every row and writes the f32 buffers instead of adding
+  // into them (the first of a merge's launches; the buffers are not zeroed then).
+  bool accumulate_first;
   // Set for bf16 inputs rescaled into f16 copies (the sm_90a backward's RescaledF16 mode): the
   // product scalars on the device, indexed by BwdRescale; null otherwise.
   const float* rescale;
@@ -74,12 +77,14 @@ __device__ __forceinline__ void warp_product_pair(float (&c1)[kTile / 8][4], flo
   }
 }
 
-// Stores a 16 x D accumulator row pair of one warp: a write in format F or an f32 accumulate.
+// Stores a 16 x D accumulator row pair of one warp: a write in format F, or into f32 rows (added,
+// or written where `first`).
 // acc(d, e): element e of output n-tile d (e < 2: row row_a, else row_a + 8).
 template <class F, int D, class AccAt>
 __device__ __forceinline__ void store_rows(const AccAt& acc, float factor, int64_t row_a, int64_t len,
-                                           const StreamRows& s, bool accumulate, elem16* dst, RowStrides ds,
-                                           float* dst_acc, int64_t b, int64_t h, int64_t heads, int64_t seq) {
+                                           const StreamRows& s, bool accumulate, bool first, elem16* dst,
+                                           RowStrides ds, float* dst_acc, int64_t b, int64_t h, int64_t heads,
+                                           int64_t seq) {
   const int col = ((threadIdx.x & 31) & 3) * 2;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -97,10 +102,13 @@ __device__ __forceinline__ void store_rows(const AccAt& acc, float factor, int64
 #pragma unroll
       for (int d = 0; d < D / 8; ++d) {
         float2* cell = reinterpret_cast<float2*>(out + d * 8 + col);
-        float2 v = *cell;
-        v.x += acc(d, 2 * half) * factor;
-        v.y += acc(d, 2 * half + 1) * factor;
-        *cell = v;
+        const float2 add{acc(d, 2 * half) * factor, acc(d, 2 * half + 1) * factor};
+        if (first) {
+          *cell = add;
+        } else {
+          const float2 v = *cell;
+          *cell = make_float2(v.x + add.x, v.y + add.y);
+        }
       }
     }
   }

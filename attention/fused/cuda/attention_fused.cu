@@ -201,10 +201,15 @@ void zero_rows(void* dst, const attention::fused::Strides& s, const attention::f
     launch_zero_rows<elem16>(dst, s, p, rows);
 }
 
-float* ChunkAccumulator::zeroed(size_t elems) {
+float* ChunkAccumulator::uninitialized(size_t elems) {
   if (!storage_) storage_ = impl::scratch(elems * sizeof(float));
-  CUDA_CHECK(cudaMemsetAsync(storage_->data, 0, elems * sizeof(float), impl::stream()));
   return static_cast<float*>(storage_->data);
+}
+
+float* ChunkAccumulator::zeroed(size_t elems) {
+  float* data = uninitialized(elems);
+  CUDA_CHECK(cudaMemsetAsync(data, 0, elems * sizeof(float), impl::stream()));
+  return data;
 }
 
 void zero_block_bias_grad(const attention::fused::BackwardProblem& bp, const LaunchPlan& plan) {

@@ -6,7 +6,9 @@
 //           gradient) come from a second kernel in which a CTA owns 64 queries
 // P is recomputed from the saved lse; dK/dV rows are written by exactly one CTA per launch, and
 // launches of several dilated branches accumulate in f32 in a fixed order.
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "attention/fused/backends.h"
 #include "attention/fused/cuda/attention_backward.cuh"
@@ -254,8 +256,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2
   }
   cp_async_wait<0>();
   const int64_t nk = p.st.seq_k;
-  store_rows<F, D>([&](int d, int e) { return dk[d][e]; }, p.scale, key_a, s.len_k, s, p.accumulate, p.dk, p.dks, p.dk_acc, b, h, p.heads, nk);
-  store_rows<F, D>([&](int d, int e) { return dv[d][e]; }, p.do_scale, key_a, s.len_k, s, p.accumulate, p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
+  store_rows<F, D>([&](int d, int e) { return dk[d][e]; }, p.scale, key_a, s.len_k, s, p.accumulate, p.accumulate_first, p.dk, p.dks, p.dk_acc, b, h, p.heads, nk);
+  store_rows<F, D>([&](int d, int e) { return dv[d][e]; }, p.do_scale, key_a, s.len_k, s, p.accumulate, p.accumulate_first, p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
 }
 
 // Three resident CTAs per SM for D <= 64 (the registers fit without spilling).
@@ -356,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
   cp_async_wait<0>();
   StreamRows qs_rows = s;
   qs_rows.first_k = s.first_q;
-  store_rows<F, D>([&](int d, int e) { return dq[d][e]; }, p.scale, row_a, s.len_q, qs_rows, p.accumulate, p.dq, p.dqs, p.dq_acc, b, h, p.heads,
+  store_rows<F, D>([&](int d, int e) { return dq[d][e]; }, p.scale, row_a, s.len_q, qs_rows, p.accumulate, p.accumulate_first, p.dq, p.dqs, p.dq_acc, b, h, p.heads,
                 p.st.seq_q);
 }
 
@@ -381,6 +383,16 @@ void launch_backward(const BwdParams& params, int64_t max_tiles, int64_t batch, 
 // The sm_90a backward runs where the lab has not turned it off and the sm_90a kernels cover the
 // problem (hopper_kernels_cover), unless a block bias needs its gradient (that stays on the
 // portable kernels).
+// Whether a launch reaches every query and key row of every head (a dilation-1 branch on all heads).
+bool covers_every_row(const Streams& st, int64_t heads) {
+  if (st.seq_q != st.seq_k) return false;
+  for (int64_t h = 0; h < heads; ++h) {
+    const int br = st.branch_of_head[h];
+    if (br < 0 || st.dilation[br] != 1 || st.offset_of_head[h] != 0) return false;
+  }
+  return true;
+}
+
 bool hopper_backward_usable(const attention::fused::BackwardProblem& bp) {
   const attention::fused::Problem& f = bp.forward;
   if (!kernel_tuning().hopper_backward) return false;
@@ -473,7 +485,15 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
     const size_t per_q = static_cast<size_t>(fc.batch * fc.seq_q * fc.heads * fc.head_dim);
     const size_t per_k = static_cast<size_t>(fc.batch * fc.seq_k * fc.heads * fc.head_dim);
     const size_t acc_elems = (p.accumulate || fuse_dq ? per_q : 0) + (p.accumulate ? 2 * per_k : 0);
-    if (acc_elems > 0) pc.dq_acc = acc.zeroed(acc_elems);
+    // A launch that covers every row goes first and writes the accumulators instead of adding
+    // into zeros (no zeroing pass, no reads; dQ by atomics still needs zeros).
+    std::vector<Streams> launches = plan_of_chunk.launches;
+    const auto full = std::find_if(launches.begin(), launches.end(),
+                                   [&](const Streams& st) { return covers_every_row(st, f.heads); });
+    const bool first_writes = p.accumulate && !fuse_dq && kernel_tuning().backward_first_launch_writes &&
+                              full != launches.end() && max_tiles_of(*full) > 0;
+    if (first_writes) std::rotate(launches.begin(), full, full + 1);
+    if (acc_elems > 0) pc.dq_acc = first_writes ? acc.uninitialized(acc_elems) : acc.zeroed(acc_elems);
     if (p.accumulate) {
       pc.dk_acc = pc.dq_acc + per_q;
       pc.dv_acc = pc.dk_acc + per_k;
@@ -499,8 +519,10 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
       pc.dout = copies[3].rows;
       pc.dos = copies[3].strides;
     }
-    for (const Streams& launch : plan_of_chunk.launches) {
+    for (size_t l = 0; l < launches.size(); ++l) {
+      const Streams& launch = launches[l];
       pc.st = launch;
+      pc.accumulate_first = first_writes && l == 0;
       const int64_t max_tiles = max_tiles_of(launch);
       if (max_tiles == 0) continue;
       with_format(f.dtype, [&](auto format) {

@@ -111,10 +111,12 @@ Params params_from_row(const Params& p, int64_t start) {
 }
 
 // The f32 accumulator of a chunked driver: zeroed(n) gives n zeroed floats on the current stream,
-// allocated for the first chunk (merge_chunks gives the largest first) and reused by the others.
+// uninitialized(n) n floats to be written whole first; allocated for the first chunk
+// (merge_chunks gives the largest first) and reused by the others.
 class ChunkAccumulator {
  public:
   float* zeroed(size_t elems);
+  float* uninitialized(size_t elems);
 
  private:
   std::shared_ptr<Storage> storage_;

@@ -31,6 +31,9 @@ struct KernelTuning {
   // bf16 dense and lse-mixed problems on the Hopper backward: q, k, v, dO rescaled into f16
   // copies, P and dS as one f16 part each (false: bf16 products with hi + lo parts).
   bool hopper_backward_rescaled = true;
+  // lse mixing's backward: the launch of a branch that covers every row (dilation 1) runs first
+  // and writes the f32 accumulators instead of adding into zeroed ones.
+  bool backward_first_launch_writes = true;
   // lse mixing runs in sequence chunks of at least this many rows x batch x heads
   // (attention/fused/cuda/attention_launch.h): backward (three f32 accumulators, the peak of a training step)
   // and forward (one accumulator; smaller chunks there cost speed and save no peak memory).

@@ -344,9 +344,9 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
   cp_async_wait<0>();
   const int64_t nk = p.st.seq_k;
   store_rows<typename M::Out, D>([&](int d, int e) { return dk[4 * d + e]; }, sc.dk, key_a, s.len_k, s, p.accumulate,
-                                 p.dk, p.dks, p.dk_acc, b, h, p.heads, nk);
+                                 p.accumulate_first, p.dk, p.dks, p.dk_acc, b, h, p.heads, nk);
   store_rows<typename M::Out, D>([&](int d, int e) { return dv[4 * d + e]; }, sc.dv, key_a, s.len_k, s, p.accumulate,
-                                 p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
+                                 p.accumulate_first, p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
 }
 
 // dQ of the query tile of CTA index `cta`. kLists: the key tiles come from the query block's row
@@ -485,7 +485,7 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
   StreamRows q_rows = s;
   q_rows.first_k = s.first_q;
   store_rows<typename M::Out, D>([&](int d, int e) { return dq[4 * d + e]; }, scales.dq, row_a, s.len_q, q_rows,
-                                 p.accumulate, p.dq, p.dqs, p.dq_acc, b, h, p.heads, p.st.seq_q);
+                                 p.accumulate, p.accumulate_first, p.dq, p.dqs, p.dq_acc, b, h, p.heads, p.st.seq_q);
 }
 
 // Deterministic: one launch runs both kinds of CTA, so that neither waits for the other's last
