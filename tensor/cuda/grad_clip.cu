@@ -29,12 +29,19 @@ __global__ void sum_squares_kernel(const GradientRef* __restrict__ tensors, cons
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
-__global__ void scale_kernel(const GradientRef* __restrict__ tensors, const TensorChunk* __restrict__ chunks,
-                             int64_t chunk_size, float scale) {
+// Scales this block's chunk of gradient in place.
+__device__ __forceinline__ void scale_block_chunk(const GradientRef* __restrict__ tensors,
+                                                  const TensorChunk* __restrict__ chunks, int64_t chunk_size,
+                                                  float scale) {
   const TensorChunk chunk = chunks[blockIdx.x];
   const GradientRef t = tensors[chunk.tensor];
   const int64_t end = min(chunk.start + chunk_size, t.numel);
   for (int64_t i = chunk.start + threadIdx.x; i < end; i += blockDim.x) t.data[i] *= scale;
+}
+
+__global__ void scale_kernel(const GradientRef* __restrict__ tensors, const TensorChunk* __restrict__ chunks,
+                             int64_t chunk_size, float scale) {
+  scale_block_chunk(tensors, chunks, chunk_size, scale);
 }
 
 // The host's rule (nn/optim.cpp scale_grads_to_norm) on a norm that stays on the device.
@@ -42,11 +49,7 @@ __global__ void clip_to_norm_kernel(const GradientRef* __restrict__ tensors, con
                                     int64_t chunk_size, const float* __restrict__ norm, double max_norm) {
   const double n = static_cast<double>(*norm);
   if (!isfinite(n) || n <= max_norm) return;
-  const float scale = static_cast<float>(max_norm / (n + 1e-6));
-  const TensorChunk chunk = chunks[blockIdx.x];
-  const GradientRef t = tensors[chunk.tensor];
-  const int64_t end = min(chunk.start + chunk_size, t.numel);
-  for (int64_t i = chunk.start + threadIdx.x; i < end; i += blockDim.x) t.data[i] *= scale;
+  scale_block_chunk(tensors, chunks, chunk_size, static_cast<float>(max_norm / (n + 1e-6)));
 }
 
 }  // namespace

@@ -53,7 +53,7 @@ template <class T>
 void launch_zero_rows(void* dst, const attention::fused::Strides& s, const attention::fused::Problem& p, int64_t rows) {
   const HeadRowChunks c = chunk_walk(dst, sizeof(T), row_strides_of(s), p.batch, 0, rows, p.heads, p.head_dim,
                                      16 / sizeof(T));
-  with_chunk_index(c, [&](auto index) {
+  with_chunk_index(c.chunks, [&](auto index) {
     zero_rows_kernel<T, decltype(index)><<<impl::grid_for(c.chunks), impl::kThreads, 0, impl::stream()>>>(
         static_cast<T*>(dst), c);
     CUDA_CHECK_LAUNCH();
@@ -228,7 +228,7 @@ void store_accumulator(void* dst, const attention::fused::Strides& s, const floa
       chunk_walk(residual, sizeof(elem16), row_strides_of(s), p.batch, 0, rows, p.heads, p.head_dim, 4).width != 4)
     c = chunk_walk(dst, sizeof(elem16), row_strides_of(s), p.batch, 0, rows, p.heads, p.head_dim, 1);
   with_format(p.dtype, [&](auto format) {
-    with_chunk_index(c, [&](auto index) {
+    with_chunk_index(c.chunks, [&](auto index) {
       store_accumulator_kernel<decltype(format), decltype(index)><<<impl::grid_for(c.chunks), impl::kThreads, 0,
                                                                     impl::stream()>>>(
           static_cast<elem16*>(dst), static_cast<elem16*>(residual), c, acc);

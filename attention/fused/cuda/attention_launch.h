@@ -202,11 +202,11 @@ inline HeadRowChunks chunk_walk(const void* base, size_t elem_bytes, RowStrides 
   c.chunks = batch * rows * heads * (dim / width);
   return c;
 }
-// Runs launch(index) with the narrowest index type that numbers every chunk (and a grid stride
-// past the last one).
+// Runs launch(index) with the narrowest index type that numbers `chunks` chunks (and a grid
+// stride past the last one).
 template <class Launch>
-void with_chunk_index(const HeadRowChunks& c, const Launch& launch) {
-  if (c.chunks < (int64_t{1} << 31))
+void with_chunk_index(int64_t chunks, const Launch& launch) {
+  if (chunks < (int64_t{1} << 31))
     launch(uint32_t{});
   else
     launch(uint64_t{});

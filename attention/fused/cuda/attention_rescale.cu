@@ -146,9 +146,7 @@ std::shared_ptr<Storage> bf16_rescale_factors(const attention::fused::BackwardPr
     if (views.at[which].chunks > most) most = views.at[which].chunks;
   }
   if (most > 0) {
-    HeadRowChunks largest = views.at[0];
-    largest.chunks = most;
-    with_chunk_index(largest, [&](auto index) {
+    with_chunk_index(most, [&](auto index) {
       bf16_absmax_kernel<decltype(index)><<<dim3(reduction_grid(most), 5), impl::kThreads, 0, impl::stream()>>>(views);
       CUDA_CHECK_LAUNCH();
     });
@@ -177,7 +175,7 @@ RescaledRows rescale_rows_to_f16(const float* factors, int which, const void* sr
   if (n == 0) return out;
   const HeadRowChunks c = chunk_walk(src, sizeof(elem16), row_strides_of(strides), batch, start, rows, heads, dim, 8);
   const float* factor = factors + kFactorQ + which;
-  with_chunk_index(c, [&](auto index) {
+  with_chunk_index(c.chunks, [&](auto index) {
     rescale_rows_kernel<decltype(index)><<<impl::grid_for(c.chunks), impl::kThreads, 0, impl::stream()>>>(
         static_cast<elem16*>(out.storage->data), static_cast<const elem16*>(src), c, factor);
     CUDA_CHECK_LAUNCH();
