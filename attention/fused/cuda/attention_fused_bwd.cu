@@ -256,8 +256,10 @@ __global__ void __launch_bounds__(kThreads, D <= 64 && !kFuseDq ? (F::kIsF16 ? 2
   }
   cp_async_wait<0>();
   const int64_t nk = p.st.seq_k;
-  store_rows<F, D>([&](int d, int e) { return dk[d][e]; }, p.scale, key_a, s.len_k, s, p.accumulate, p.accumulate_first, p.dk, p.dks, p.dk_acc, b, h, p.heads, nk);
-  store_rows<F, D>([&](int d, int e) { return dv[d][e]; }, p.do_scale, key_a, s.len_k, s, p.accumulate, p.accumulate_first, p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
+  store_rows<F, D>([&](int d, int e) { return dk[d][e]; }, p.scale, key_a, s.len_k, s, p.accumulate,
+                   p.accumulate_first, p.dk, p.dks, p.dk_acc, b, h, p.heads, nk);
+  store_rows<F, D>([&](int d, int e) { return dv[d][e]; }, p.do_scale, key_a, s.len_k, s, p.accumulate,
+                   p.accumulate_first, p.dv, p.dvs, p.dv_acc, b, h, p.heads, nk);
 }
 
 // Three resident CTAs per SM for D <= 64 (the registers fit without spilling).
@@ -358,8 +360,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 1) attention_backward_
   cp_async_wait<0>();
   StreamRows qs_rows = s;
   qs_rows.first_k = s.first_q;
-  store_rows<F, D>([&](int d, int e) { return dq[d][e]; }, p.scale, row_a, s.len_q, qs_rows, p.accumulate, p.accumulate_first, p.dq, p.dqs, p.dq_acc, b, h, p.heads,
-                p.st.seq_q);
+  store_rows<F, D>([&](int d, int e) { return dq[d][e]; }, p.scale, row_a, s.len_q, qs_rows, p.accumulate,
+                   p.accumulate_first, p.dq, p.dqs, p.dq_acc, b, h, p.heads, p.st.seq_q);
 }
 
 template <class F, int D, bool kFuseDq>
@@ -380,9 +382,6 @@ void launch_backward(const BwdParams& params, int64_t max_tiles, int64_t batch, 
 }
 
 
-// The sm_90a backward runs where the lab has not turned it off and the sm_90a kernels cover the
-// problem (hopper_kernels_cover), unless a block bias needs its gradient (that stays on the
-// portable kernels).
 // Whether a launch reaches every query and key row of every head (a dilation-1 branch on all heads).
 bool covers_every_row(const Streams& st, int64_t heads) {
   if (st.seq_q != st.seq_k) return false;
@@ -393,6 +392,9 @@ bool covers_every_row(const Streams& st, int64_t heads) {
   return true;
 }
 
+// The sm_90a backward runs where the lab has not turned it off and the sm_90a kernels cover the
+// problem (hopper_kernels_cover), unless a block bias needs its gradient (that stays on the
+// portable kernels).
 bool hopper_backward_usable(const attention::fused::BackwardProblem& bp) {
   const attention::fused::Problem& f = bp.forward;
   if (!kernel_tuning().hopper_backward) return false;
