@@ -60,7 +60,7 @@ __global__ void bf16_absmax_kernel(AbsmaxViews views) {
       m = fmaxf(m, fabsf(Bf16Format::to_float(*at)));
     }
   }
-  m = impl::block_reduce(m, [](float a, float b) { return fmaxf(a, b); }, 0.f, partial);
+  m = impl::block_reduce(m, impl::MaxOp{}, 0.f, partial);
   if (threadIdx.x == 0) atomicMax(views.max_bits[blockIdx.y], __float_as_uint(m));
 }
 
@@ -68,7 +68,7 @@ __global__ void f32_absmax_kernel(unsigned* max_bits, const float* src, int64_t 
   __shared__ float partial[32];
   float m = 0.f;
   for (int64_t i = impl::global_tid(); i < n; i += impl::grid_stride()) m = fmaxf(m, fabsf(src[i]));
-  m = impl::block_reduce(m, [](float a, float b) { return fmaxf(a, b); }, 0.f, partial);
+  m = impl::block_reduce(m, impl::MaxOp{}, 0.f, partial);
   if (threadIdx.x == 0) atomicMax(max_bits, __float_as_uint(m));
 }
 
