@@ -5,7 +5,8 @@
 //                           [--n N] [--dim D] [--fwd-stages 2|3] [--eager-rescale] [--portable] [--hopper-wg 2|3]
 //                           [--no-chunks] [--portable-bwd] [--hopper-bwd-wg 1|2] [--list-tiles-64]
 //                           [--acc-zeroed]
-//                           [--hopper-bwd-ctas 2|3] [--hopper-bwd-split] [--hopper-fused-dq]
+//                           [--hopper-bwd-ctas 2|3] [--hopper-bwd-split] [--hopper-bwd-waited]
+//                           [--hopper-fused-dq]
 //                           [--dtype bf16|f16|f32]
 // (--only runs the cases whose label contains TEXT, or is TEXT after a leading '=', --n and --dim
 // those of that sequence length and head dim, e.g. for a profiler run of one case;
@@ -14,6 +15,8 @@
 // backward on the sm_80 kernels on a Hopper GPU (--portable-bwd the backward only); --hopper-wg
 // and --hopper-bwd-wg set the sm_90a kernels' warpgroups at D = 64; --hopper-bwd-split keeps bf16
 // backward products in bf16 with P and dS as hi + lo parts instead of rescaled f16;
+// --hopper-bwd-waited waits for each tile's last backward products before the next tile (D = 64;
+// by default they run on into it);
 // --list-tiles-64 keeps the sm_90a forward on block lists at one 64-key list tile per step;
 // --acc-zeroed has every lse branch's backward add into zeroed accumulators (no first writer);
 // --hopper-fused-dq runs the sm_90a backward with dQ by atomics (NOTES v18); --no-chunks runs lse
@@ -187,6 +190,8 @@ int main(int argc, char** argv) {
       cuda::attn::kernel_tuning().hopper_backward = false;
     else if (!std::strcmp(argv[i], "--hopper-bwd-wg") && i + 1 < argc)
       cuda::attn::kernel_tuning().hopper_backward_warpgroups = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--hopper-bwd-waited"))
+      cuda::attn::kernel_tuning().hopper_backward_async = false;
     else if (!std::strcmp(argv[i], "--hopper-bwd-split"))
       cuda::attn::kernel_tuning().hopper_backward_rescaled = false;
     else if (!std::strcmp(argv[i], "--acc-zeroed"))

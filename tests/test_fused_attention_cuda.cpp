@@ -87,6 +87,8 @@ BlockPatternOptions block_options(int64_t block_size, bool causal, uint64_t patt
 // atomic dQ: set_deterministic_algorithms(false) with the sm_90a backward's fused-dQ form (dQ
 // added with atomics by the dK/dV CTAs). accumulators zeroed: every lse branch's backward adds
 // into zeroed f32 accumulators (by default the dilation-1 branch runs first and writes them).
+// products waited: the sm_90a backward at D = 64 waits for each tile's last products before the
+// next tile starts (by default they run on while it starts; three stages).
 struct ForwardKernels {
   std::string label;
   bool hopper;
@@ -95,6 +97,7 @@ struct ForwardKernels {
   bool atomic_dq = false;
   bool list_pairs = true;
   bool first_launch_writes = true;
+  bool async_backward = true;
 };
 const std::vector<ForwardKernels> kForwardKernels{{"", true, false},
                                                   {" [portable kernels]", false, false},
@@ -102,7 +105,9 @@ const std::vector<ForwardKernels> kForwardKernels{{"", true, false},
                                                   {" [hi + lo backward]", true, false, true},
                                                   {" [atomic dQ]", true, false, false, true},
                                                   {" [atomic dQ, hi + lo, chunked]", true, true, true, true},
-                                                  {" [accumulators zeroed]", true, false, false, false, true, false}};
+                                                  {" [accumulators zeroed]", true, false, false, false, true, false},
+                                                  {" [products waited]", true, false, false, false, true, true, false},
+                                                  {" [products waited, hi + lo, chunked]", true, true, true, false, true, true, false}};
 
 // Block lists: the default kernels, the sm_90a fused-dQ form, and the sm_90a forward at one
 // 64-key list tile per step (by default it takes two at a time where nothing is causal or biased).
@@ -123,6 +128,7 @@ class ForwardKernelScope {
     cuda::attn::kernel_tuning().hopper_backward_rescaled = !kernels.split_backward;
     cuda::attn::kernel_tuning().hopper_forward_list_pairs = kernels.list_pairs;
     cuda::attn::kernel_tuning().backward_first_launch_writes = kernels.first_launch_writes;
+    cuda::attn::kernel_tuning().hopper_backward_async = kernels.async_backward;
     if (kernels.chunked) cuda::attn::kernel_tuning().forward_chunk_row_heads = 1;
     if (kernels.chunked) cuda::attn::kernel_tuning().backward_chunk_row_heads = 1;
 #else

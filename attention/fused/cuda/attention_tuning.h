@@ -22,6 +22,9 @@ struct KernelTuning {
   // CTAs). Off: measured slower than the deterministic kernel on every lab case (NOTES v18), so
   // that kernel serves both modes.
   bool hopper_backward_fused_dq = false;
+  // Hopper backward at D = 64 without block lists: each tile's last product group runs on while
+  // the CTA waits for the next tile (three stages of streamed tiles; false: waited for at once).
+  bool hopper_backward_async = true;
   // Warpgroups (64 keys or queries each) per CTA of the Hopper backward kernels at D = 64: 1 or 2.
   int hopper_backward_warpgroups = 1;
   // CTAs per SM the one-warpgroup Hopper backward at D = 64 is compiled for: 2 (up to 255

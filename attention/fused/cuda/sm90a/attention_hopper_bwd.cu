@@ -12,7 +12,9 @@
 // dK/dV CTAs run; each also writes dS^T of its tile to shared memory and adds dQ = dS K (dS read
 // transposed) into an f32 accumulator with atomics, 5 products per tile instead of 7. Its atomic
 // traffic (16 KB per 64 x 64 tile) makes it slower than the dQ CTAs (benchmarks/lab/NOTES.md v18).
-// Tiles arrive through cp.async into 128-byte-swizzled shared memory (strided rows in place).
+// Tiles arrive through cp.async into 128-byte-swizzled shared memory (strided rows in place). At
+// D = 64 without block lists (kAsync) a tile's last product group is not waited for: it runs while
+// the CTA waits for the next tile's copies, in three stages of streamed tiles.
 // Products run in one of two modes (Plain, RescaledF16 below): the inputs' format with P and dS as
 // hi + lo parts, or bf16 inputs rescaled into f16 copies with P and dS as one f16 part each.
 #include <algorithm>
@@ -61,8 +63,9 @@ __device__ __forceinline__ ProductScales product_scales(const BwdParams& p) {
   }
 }
 
-// kDsTiles: shared tiles for dS^T (fused dQ: 1, or 2 for hi + lo parts).
-template <int D, int kWG, int kDsTiles = 0>
+// kDsTiles: shared tiles for dS^T (fused dQ: 1, or 2 for hi + lo parts); kStages: stages of the
+// streamed tiles (3 where the second product group of a tile runs on while the next tile starts).
+template <int D, int kWG, int kDsTiles = 0, int kStages = 2>
 struct BwdShape {
   static constexpr int kRows = kWG * 64;  // keys (dK/dV) or queries (dQ) per CTA
   static constexpr int kThreads = kWG * 128;
@@ -71,10 +74,10 @@ struct BwdShape {
   static constexpr int kOwnSlab = kRows * 128;
   static constexpr int kStepSlab = kStep * 128;
   static constexpr int kDsBytes = kStep * 64 * 2;  // dS^T: 64 keys x kStep queries
-  // Two resident tiles, two stages of two streamed tiles, the dS^T tiles, lse and delta per stage;
-  // 1024 slack.
-  static constexpr size_t kSmem =
-      1024 + 2 * kOwnBytes + 4 * kStepBytes + kDsTiles * kDsBytes + 4 * kStep * sizeof(float);
+  // Two resident tiles, kStages stages of two streamed tiles, the dS^T tiles, lse and delta per
+  // stage; 1024 slack.
+  static constexpr size_t kSmem = 1024 + 2 * kOwnBytes + 2 * kStages * kStepBytes + kDsTiles * kDsBytes +
+                                  2 * kStages * kStep * sizeof(float);
 };
 
 // The same value in every thread, said so to the compiler: a wgmma under a branch it cannot prove
@@ -163,20 +166,26 @@ __device__ __forceinline__ void add_dq_rows(const BwdParams& p, const float (&dq
 // dK and dV of the key tile of CTA index `cta`. kLists: the query tiles come from the key block's
 // column list (kWG = 1, so that a CTA's 64 keys lie in one block), with the block bias if any.
 // kFuseDq (kWG = 1): also adds each tile's dQ = dS K into p.dq_acc with atomics.
-template <class M, int D, int kWG, bool kLists, bool kFuseDq>
+// kAsync: a tile's dV and dK products are not waited for; they run while the CTA waits for the
+// next tile's copies and barrier, and complete before its S^T and dP^T are issued (their A
+// fragments and the next products' accumulators are not live at once). Three stages, since the
+// stage of the tile before is still being read when the next copy starts.
+template <class M, int D, int kWG, bool kLists, bool kFuseDq, bool kAsync>
 __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* smem, int64_t cta) {
   using F = typename M::Compute;
   constexpr int kDsTiles = kFuseDq ? (M::kSplit ? 2 : 1) : 0;
-  using Shape = BwdShape<D, kWG, kDsTiles>;
+  constexpr int kStages = kAsync ? 3 : 2;
+  using Shape = BwdShape<D, kWG, kDsTiles, kStages>;
   static_assert(!kFuseDq || kWG == 1, "fused dQ: one warpgroup per CTA");
+  static_assert(!(kFuseDq && kAsync), "fused dQ waits for its products");
   constexpr bool kDqWithDkDv = D == 64;
   unsigned char* sK = smem;
   unsigned char* sV = sK + Shape::kOwnBytes;
-  unsigned char* sQ = sV + Shape::kOwnBytes;     // 2 stages
-  unsigned char* sG = sQ + 2 * Shape::kStepBytes;  // dO, 2 stages
-  unsigned char* sDs = sG + 2 * Shape::kStepBytes;  // dS^T [key][query], hi (and lo) parts
-  float* sLse = reinterpret_cast<float*>(sDs + kDsTiles * Shape::kDsBytes);  // 2 x kStep
-  float* sDelta = sLse + 2 * kStep;
+  unsigned char* sQ = sV + Shape::kOwnBytes;     // kStages stages
+  unsigned char* sG = sQ + kStages * Shape::kStepBytes;  // dO, kStages stages
+  unsigned char* sDs = sG + kStages * Shape::kStepBytes;  // dS^T [key][query], hi (and lo) parts
+  float* sLse = reinterpret_cast<float*>(sDs + kDsTiles * Shape::kDsBytes);  // kStages x kStep
+  float* sDelta = sLse + kStages * kStep;
 
   const int h = blockIdx.y, b = blockIdx.z;
   int64_t kt;
@@ -249,14 +258,25 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
   int stage = 0;
   for (int i = first; i < queries.count;) {
     const int next = next_visible(i + 1);
-    fetch(stage ^ 1, next);
-    cp_async_wait<1>();
-    wgmma::fence_proxy_async();
-    __syncthreads();
+    const int next_stage = stage + 1 == kStages ? 0 : stage + 1;
+    if constexpr (kAsync) {
+      cp_async_wait<0>();
+      wgmma::fence_proxy_async();
+      __syncthreads();
+      // The tile before this one may still be read by its dV and dK products; the one before
+      // that is done in every warp (each waited for its products before this barrier).
+      fetch(next_stage, next);
+    } else {
+      fetch(next_stage, next);
+      cp_async_wait<1>();
+      wgmma::fence_proxy_async();
+      __syncthreads();
+    }
     const int qt = tile_at(i);
     const int q0 = qt * kStep;
     const float bias =
         (kLists ? bias_log2(p, b, h, qt / p.lists.block_tiles, block_col) : 0.f) + sc.p_log2;
+    if constexpr (kAsync) wgmma::wait<0>();  // the tile before's dV and dK
     // A warpgroup whose keys all follow the tile's last query (causal) has nothing to add.
     if (!(p.causal && wg_key0 > q0 + kStep - 1)) {
       const uint32_t q_addr = smem_addr(sQ + stage * Shape::kStepBytes);
@@ -319,9 +339,11 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
       float dq[kFuseDq ? 32 : 1] = {};
       if constexpr (kFuseDq && kDqWithDkDv) dq_product<M, Shape>(dq, ds_addr, k_addr, 0);
       wgmma::commit();
-      wgmma::wait<0>();
-      wgmma::fence_registers(dv);
-      wgmma::fence_registers(dk);
+      if constexpr (!kAsync) {
+        wgmma::wait<0>();
+        wgmma::fence_registers(dv);
+        wgmma::fence_registers(dk);
+      }
       if constexpr (kFuseDq) {
 #pragma unroll
         for (int c = 0; c < D / 64; ++c) {
@@ -336,12 +358,18 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
         }
       }
     }
-    // Every warpgroup is done with this stage before the next iteration's fetch overwrites it.
-    __syncthreads();
-    stage ^= 1;
+    // Every warpgroup is done with this stage before the next iteration's fetch overwrites it
+    // (kAsync: the next iteration's barrier covers the stage it overwrites).
+    if constexpr (!kAsync) __syncthreads();
+    stage = next_stage;
     i = next;
   }
   cp_async_wait<0>();
+  if constexpr (kAsync) {
+    wgmma::wait<0>();
+    wgmma::fence_registers(dv);
+    wgmma::fence_registers(dk);
+  }
   const int64_t nk = p.st.seq_k;
   store_rows<typename M::Out, D>([&](int d, int e) { return dk[4 * d + e]; }, sc.dk, key_a, s.len_k, s, p.accumulate,
                                  p.accumulate_first, p.dk, p.dks, p.dk_acc, b, h, p.heads, nk);
@@ -350,15 +378,16 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
 }
 
 // dQ of the query tile of CTA index `cta`. kLists: the key tiles come from the query block's row
-// list (kWG = 1), with the block bias if any.
-template <class M, int D, int kWG, bool kLists>
+// list (kWG = 1), with the block bias if any. kAsync: as in dkdv_tile, for the dQ product.
+template <class M, int D, int kWG, bool kLists, bool kAsync>
 __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem, int64_t cta) {
   using F = typename M::Compute;
-  using Shape = BwdShape<D, kWG>;
+  constexpr int kStages = kAsync ? 3 : 2;
+  using Shape = BwdShape<D, kWG, 0, kStages>;
   unsigned char* sQ = smem;
   unsigned char* sG = sQ + Shape::kOwnBytes;
-  unsigned char* sK = sG + Shape::kOwnBytes;     // 2 stages
-  unsigned char* sV = sK + 2 * Shape::kStepBytes;  // 2 stages
+  unsigned char* sK = sG + Shape::kOwnBytes;     // kStages stages
+  unsigned char* sV = sK + kStages * Shape::kStepBytes;  // kStages stages
 
   const int h = blockIdx.y, b = blockIdx.z;
   int64_t qt;
@@ -423,15 +452,24 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
   int stage = 0;
   for (int i = first; i < keys.count;) {
     const int next = next_visible(i + 1);
-    fetch(stage ^ 1, next);
-    cp_async_wait<1>();
-    wgmma::fence_proxy_async();
-    __syncthreads();
+    const int next_stage = stage + 1 == kStages ? 0 : stage + 1;
+    if constexpr (kAsync) {
+      cp_async_wait<0>();
+      wgmma::fence_proxy_async();
+      __syncthreads();
+      fetch(next_stage, next);  // that stage's dQ product is done in every warp
+    } else {
+      fetch(next_stage, next);
+      cp_async_wait<1>();
+      wgmma::fence_proxy_async();
+      __syncthreads();
+    }
     const int kt = tile_at(i);
     const int k0 = kt * kStep;
     const float bias =
         (kLists && p.lists.bias ? p.lists.bias[block_pair(p, b, h, block_row, kt / p.lists.block_tiles)] * kLog2e : 0.f) +
         scales.p_log2;
+    if constexpr (kAsync) wgmma::wait<0>();  // the tile before's dQ product
     if (!(p.causal && k0 > wg_row0 + 63)) {
       const uint32_t k_addr = smem_addr(sK + stage * Shape::kStepBytes);
       const uint32_t v_addr = smem_addr(sV + stage * Shape::kStepBytes);
@@ -474,14 +512,20 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
         if constexpr (M::kSplit) mma_rs_nmajor<F, D>(dq, lo, n_major(k_addr, Shape::kStepSlab, kk));
       }
       wgmma::commit();
-      wgmma::wait<0>();
-      wgmma::fence_registers(dq);
+      if constexpr (!kAsync) {
+        wgmma::wait<0>();
+        wgmma::fence_registers(dq);
+      }
     }
-    __syncthreads();
-    stage ^= 1;
+    if constexpr (!kAsync) __syncthreads();
+    stage = next_stage;
     i = next;
   }
   cp_async_wait<0>();
+  if constexpr (kAsync) {
+    wgmma::wait<0>();
+    wgmma::fence_registers(dq);
+  }
   StreamRows q_rows = s;
   q_rows.first_k = s.first_q;
   store_rows<typename M::Out, D>([&](int d, int e) { return dq[4 * d + e]; }, scales.dq, row_a, s.len_q, q_rows,
@@ -492,27 +536,28 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
 // wave: x in [0, tiles) computes dK/dV of key tile x, x in [tiles, 2 tiles) dQ of query tile
 // x - tiles. kFuseDq: x in [0, tiles), dK/dV with dQ by atomics.
 // kCtasPerSm bounds the registers (65536 / (128 kCtasPerSm) per thread at kWG = 1).
-template <class M, int D, int kWG, bool kLists, int kCtasPerSm, bool kFuseDq>
+template <class M, int D, int kWG, bool kLists, int kCtasPerSm, bool kFuseDq, bool kAsync>
 __global__ void __launch_bounds__(kWG * 128, kCtasPerSm)
     hopper_backward_kernel(const BwdParams p, int64_t tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
   if (kFuseDq || blockIdx.x < tiles)
-    dkdv_tile<M, D, kWG, kLists, kFuseDq>(p, smem, blockIdx.x);
+    dkdv_tile<M, D, kWG, kLists, kFuseDq, kAsync>(p, smem, blockIdx.x);
   else
-    dq_tile<M, D, kWG, kLists>(p, smem, blockIdx.x - tiles);
+    dq_tile<M, D, kWG, kLists, kAsync>(p, smem, blockIdx.x - tiles);
 #endif
 }
 
-template <class M, int D, int kWG, bool kLists = false, int kCtasPerSm = kWG == 1 ? 2 : 1, bool kFuseDq = false>
+template <class M, int D, int kWG, bool kLists = false, int kCtasPerSm = kWG == 1 ? 2 : 1, bool kFuseDq = false,
+          bool kAsync = false>
 void launch(const BwdParams& params, const Streams& streams, int64_t batch) {
-  using Shape = BwdShape<D, kWG, kFuseDq ? (M::kSplit ? 2 : 1) : 0>;
+  using Shape = BwdShape<D, kWG, kFuseDq ? (M::kSplit ? 2 : 1) : 0, kAsync ? 3 : 2>;
   BwdParams p = params;
   p.st = streams;
   const int64_t max_tiles = retile(p.st, Shape::kRows);
   if (max_tiles == 0) return;
-  launch_with_shared<hopper_backward_kernel<M, D, kWG, kLists, kCtasPerSm, kFuseDq>>(
+  launch_with_shared<hopper_backward_kernel<M, D, kWG, kLists, kCtasPerSm, kFuseDq, kAsync>>(
       cta_grid(kFuseDq ? max_tiles : 2 * max_tiles, p.heads, batch), Shape::kThreads, Shape::kSmem, p, max_tiles);
 }
 
@@ -546,6 +591,7 @@ void launch_backward_hopper(const BwdParams& params, const Streams& streams, int
     if (kernel_tuning().hopper_backward_warpgroups == 2) return launch<M, 64, 2>(params, streams, batch);
     if (kernel_tuning().hopper_backward_ctas_per_sm == 3) return launch<M, 64, 1, false, 3>(params, streams, batch);
   }
+  if (kernel_tuning().hopper_backward_async) return launch<M, 64, 1, false, 2, false, true>(params, streams, batch);
   launch<M, 64, 1, false, 2>(params, streams, batch);
 }
 
@@ -563,6 +609,7 @@ void launch_backward_hopper_rescaled(const BwdParams& params, const Streams& str
   if (head_dim == 128) return launch<M, 128, 1>(params, streams, batch);
   // Without the lo parts the D = 64 kernel fits 168 registers: three CTAs per SM, no spill.
   if (kernel_tuning().hopper_backward_ctas_per_sm == 2) return launch<M, 64, 1, false, 2>(params, streams, batch);
+  if (kernel_tuning().hopper_backward_async) return launch<M, 64, 1, false, 3, false, true>(params, streams, batch);
   launch<M, 64, 1, false, 3>(params, streams, batch);
 }
 
