@@ -105,6 +105,19 @@ __device__ __forceinline__ uint64_t n_major(uint32_t base, int slab_bytes, int k
   return wgmma::descriptor(base + kk * 16 * 128, slab_bytes, 1024);
 }
 
+// Makes this iteration's tile visible to every thread and the tensor cores, and starts copying
+// the next one into `next_stage`: before the wait (two stages: the tile in flight is the only
+// other), or with kAsync after the barrier (three stages: that stage's last readers, the products
+// of two tiles ago, are done in every warp once all have passed it).
+template <bool kAsync, class Fetch>
+__device__ __forceinline__ void next_tile_ready(const Fetch& fetch, int next_stage, int next) {
+  if constexpr (!kAsync) fetch(next_stage, next);
+  cp_async_wait<kAsync ? 0 : 1>();
+  wgmma::fence_proxy_async();
+  __syncthreads();
+  if constexpr (kAsync) fetch(next_stage, next);
+}
+
 // Fused dQ, step 1: dS^T of a 64 x 64 tile (wgmma accumulator layout: this thread's keys
 // key_a = 16 warp + lane / 4 and key_a + 8) into a swizzled shared tile [key][query] in the
 // products' format (and the rest as a second tile for hi + lo parts). Padded keys get 0: their P
@@ -259,19 +272,9 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
   for (int i = first; i < queries.count;) {
     const int next = next_visible(i + 1);
     const int next_stage = stage + 1 == kStages ? 0 : stage + 1;
-    if constexpr (kAsync) {
-      cp_async_wait<0>();
-      wgmma::fence_proxy_async();
-      __syncthreads();
-      // The tile before this one may still be read by its dV and dK products; the one before
-      // that is done in every warp (each waited for its products before this barrier).
-      fetch(next_stage, next);
-    } else {
-      fetch(next_stage, next);
-      cp_async_wait<1>();
-      wgmma::fence_proxy_async();
-      __syncthreads();
-    }
+    // kAsync: the tile before this one may still be read by its dV and dK products; the one
+    // before that is done in every warp (each waited for its products before this barrier).
+    next_tile_ready<kAsync>(fetch, next_stage, next);
     const int qt = tile_at(i);
     const int q0 = qt * kStep;
     const float bias =
@@ -453,17 +456,7 @@ __device__ __forceinline__ void dq_tile(const BwdParams& p, unsigned char* smem,
   for (int i = first; i < keys.count;) {
     const int next = next_visible(i + 1);
     const int next_stage = stage + 1 == kStages ? 0 : stage + 1;
-    if constexpr (kAsync) {
-      cp_async_wait<0>();
-      wgmma::fence_proxy_async();
-      __syncthreads();
-      fetch(next_stage, next);  // that stage's dQ product is done in every warp
-    } else {
-      fetch(next_stage, next);
-      cp_async_wait<1>();
-      wgmma::fence_proxy_async();
-      __syncthreads();
-    }
+    next_tile_ready<kAsync>(fetch, next_stage, next);
     const int kt = tile_at(i);
     const int k0 = kt * kStep;
     const float bias =
