@@ -91,29 +91,29 @@ BlockPatternOptions block_options(int64_t block_size, bool causal, uint64_t patt
 // next tile starts (by default they run on while it starts; three stages).
 struct ForwardKernels {
   std::string label;
-  bool hopper;
-  bool chunked;
+  bool hopper = true;
+  bool chunked = false;
   bool split_backward = false;
   bool atomic_dq = false;
   bool list_pairs = true;
   bool first_launch_writes = true;
   bool async_backward = true;
 };
-const std::vector<ForwardKernels> kForwardKernels{{"", true, false},
-                                                  {" [portable kernels]", false, false},
-                                                  {" [chunked]", true, true},
-                                                  {" [hi + lo backward]", true, false, true},
-                                                  {" [atomic dQ]", true, false, false, true},
-                                                  {" [atomic dQ, hi + lo, chunked]", true, true, true, true},
-                                                  {" [accumulators zeroed]", true, false, false, false, true, false},
-                                                  {" [products waited]", true, false, false, false, true, true, false},
-                                                  {" [products waited, hi + lo, chunked]", true, true, true, false, true, true, false}};
+const std::vector<ForwardKernels> kForwardKernels{
+    {.label = ""},
+    {.label = " [portable kernels]", .hopper = false},
+    {.label = " [chunked]", .chunked = true},
+    {.label = " [hi + lo backward]", .split_backward = true},
+    {.label = " [atomic dQ]", .atomic_dq = true},
+    {.label = " [atomic dQ, hi + lo, chunked]", .chunked = true, .split_backward = true, .atomic_dq = true},
+    {.label = " [accumulators zeroed]", .first_launch_writes = false},
+    {.label = " [products waited]", .async_backward = false},
+    {.label = " [products waited, hi + lo, chunked]", .chunked = true, .split_backward = true, .async_backward = false}};
 
 // Block lists: the default kernels, the sm_90a fused-dQ form, and the sm_90a forward at one
 // 64-key list tile per step (by default it takes two at a time where nothing is causal or biased).
-const std::vector<ForwardKernels> kBlockListKernels{{"", true, false},
-                                                    {" [atomic dQ]", true, false, false, true},
-                                                    {" [64-key list tiles]", true, false, false, false, false}};
+const std::vector<ForwardKernels> kBlockListKernels{
+    {.label = ""}, {.label = " [atomic dQ]", .atomic_dq = true}, {.label = " [64-key list tiles]", .list_pairs = false}};
 
 class ForwardKernelScope {
  public:
