@@ -6,7 +6,7 @@
 //                           [--no-chunks] [--portable-bwd] [--hopper-bwd-wg 1|2] [--list-tiles-64]
 //                           [--acc-zeroed]
 //                           [--hopper-bwd-ctas 2|3] [--hopper-bwd-split] [--hopper-bwd-waited]
-//                           [--hopper-fused-dq]
+//                           [--hopper-fused-dq] [--hopper-bwd-ws]
 //                           [--dtype bf16|f16|f32]
 // (--only runs the cases whose label contains TEXT, or is TEXT after a leading '=', --n and --dim
 // those of that sequence length and head dim, e.g. for a profiler run of one case;
@@ -19,7 +19,8 @@
 // by default they run on into it);
 // --list-tiles-64 keeps the sm_90a forward on block lists at one 64-key list tile per step;
 // --acc-zeroed has every lse branch's backward add into zeroed accumulators (no first writer);
-// --hopper-fused-dq runs the sm_90a backward with dQ by atomics (NOTES v18); --no-chunks runs lse
+// --hopper-fused-dq runs the sm_90a backward with dQ by atomics (NOTES v18); --hopper-bwd-ws runs
+// the warp-specialized sm_90a backward, dQ by bulk reductions (NOTES v28); --no-chunks runs lse
 // mixing over the whole sequence at once, with accumulators of every row; --dtype sets the inputs'
 // dtype, default bf16: f32 runs the exact-f32 kernels on the CUDA cores.)
 #include <algorithm>
@@ -167,6 +168,10 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--hopper-fused-dq")) {
       set_deterministic_algorithms(false);
       cuda::attn::kernel_tuning().hopper_backward_fused_dq = true;
+    }
+    else if (!std::strcmp(argv[i], "--hopper-bwd-ws")) {
+      set_deterministic_algorithms(false);
+      cuda::attn::kernel_tuning().hopper_backward_warp_specialized = true;
     }
     else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
     else if (!std::strcmp(argv[i], "--n") && i + 1 < argc) only_n = std::atoll(argv[++i]);

@@ -87,6 +87,8 @@ BlockPatternOptions block_options(int64_t block_size, bool causal, uint64_t patt
 // atomic dQ: set_deterministic_algorithms(false) with the sm_90a backward's fused-dQ form (dQ
 // added with atomics by the dK/dV CTAs). accumulators zeroed: every lse branch's backward adds
 // into zeroed f32 accumulators (by default the dilation-1 branch runs first and writes them).
+// warp-specialized: set_deterministic_algorithms(false) with the warp-specialized sm_90a backward
+// (rescaled bf16 at D = 64 without block lists; elsewhere the atomic-dQ kernels above).
 // products waited: the sm_90a backward at D = 64 waits for each tile's last products before the
 // next tile starts (by default they run on while it starts; three stages).
 struct ForwardKernels {
@@ -98,6 +100,7 @@ struct ForwardKernels {
   bool list_pairs = true;
   bool first_launch_writes = true;
   bool async_backward = true;
+  bool warp_specialized = false;
 };
 const std::vector<ForwardKernels> kForwardKernels{
     {.label = ""},
@@ -108,7 +111,9 @@ const std::vector<ForwardKernels> kForwardKernels{
     {.label = " [atomic dQ, hi + lo, chunked]", .chunked = true, .split_backward = true, .atomic_dq = true},
     {.label = " [accumulators zeroed]", .first_launch_writes = false},
     {.label = " [products waited]", .async_backward = false},
-    {.label = " [products waited, hi + lo, chunked]", .chunked = true, .split_backward = true, .async_backward = false}};
+    {.label = " [products waited, hi + lo, chunked]", .chunked = true, .split_backward = true, .async_backward = false},
+    {.label = " [warp-specialized]", .atomic_dq = true, .warp_specialized = true},
+    {.label = " [warp-specialized, chunked]", .chunked = true, .atomic_dq = true, .warp_specialized = true}};
 
 // Block lists: the default kernels, the sm_90a fused-dQ form, and the sm_90a forward at one
 // 64-key list tile per step (by default it takes two at a time where nothing is causal or biased).
@@ -122,7 +127,8 @@ class ForwardKernelScope {
     previous_ = cuda::attn::kernel_tuning();
     previous_deterministic_ = deterministic_algorithms();
     set_deterministic_algorithms(!kernels.atomic_dq);
-    cuda::attn::kernel_tuning().hopper_backward_fused_dq = kernels.atomic_dq;
+    cuda::attn::kernel_tuning().hopper_backward_fused_dq = kernels.atomic_dq && !kernels.warp_specialized;
+    cuda::attn::kernel_tuning().hopper_backward_warp_specialized = kernels.warp_specialized;
     cuda::attn::kernel_tuning().hopper_forward = kernels.hopper;
     cuda::attn::kernel_tuning().hopper_backward = kernels.hopper;
     cuda::attn::kernel_tuning().hopper_backward_rescaled = !kernels.split_backward;
@@ -175,6 +181,12 @@ TEST_CASE("fused CUDA dense attention (bf16, f16): N not a multiple of 64, head 
                    {{"variant", through_variant("dense", config, kCudaFused)},
                     {"op", through_op(CoreKeys{}, config.scale(), causal, kCudaFused)}},
                    through_variant("dense", config, kComposed));
+#ifdef LONGTAPE_WITH_CUDA
+        // On a Hopper GPU (its forward ran) the row's backward is the one it names.
+        if (kernels.warp_specialized && dtype == DType::bf16 && head_dim == 64 &&
+            std::string(cuda::attn::last_forward_kernel()).starts_with("sm90a"))
+          CHECK(std::string(cuda::attn::last_backward_kernel()) == "sm90a-wgmma-f16-ws");
+#endif
       }
   // Fewer queries than keys and the other way round (non-causal).
   for (const auto& [nq, nk] : {std::pair<int64_t, int64_t>{200, 333}, {333, 200}}) {

@@ -3,6 +3,8 @@
 // GPU, attention/fused/cuda/sm90a/attention_hopper_bwd.cu on sm_90a; the stream inputs and lse in log2 units
 // also serve the f32 kernels): the CTA -> stream tile mapping, lse in log2 units, and how
 // finished gradient rows are written or accumulated.
+#include <vector>
+
 #include "attention/fused/cuda/attention_fused.cuh"
 
 namespace longtape::cuda::attn {
@@ -124,5 +126,13 @@ void launch_backward_hopper(const BwdParams& params, const Streams& streams, int
 // The same for bf16 problems whose q, k, v and dO were rescaled into f16 copies (params.rescale set).
 void launch_backward_hopper_rescaled(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim,
                                      bool fuse_dq);
+// The warp-specialized sm_90a backward (attention_hopper_bwd_ws.cu) for rescaled bf16 problems
+// where hopper_backward_ws_covers(): dK and dV written (or accumulated) as the kernels above, dQ
+// added into params.dq_acc (zeroed f32) with bulk reductions, so not deterministic. Its dQ boxes
+// reach up to hopper_backward_ws_dq_padding() elements past the accumulator's end (zeros are
+// added there), so the accumulator is allocated that much longer.
+bool hopper_backward_ws_covers(int64_t head_dim, bool lists);
+int64_t hopper_backward_ws_dq_padding(const std::vector<Streams>& launches, int64_t heads);
+void launch_backward_hopper_ws(const BwdParams& params, const Streams& streams, int64_t batch);
 
 }  // namespace longtape::cuda::attn

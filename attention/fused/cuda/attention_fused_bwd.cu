@@ -454,21 +454,29 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
   // Several lse branches add into f32 accumulators; otherwise each row is written once (rows that
   // no stream reaches are zeroed first). Without the deterministic switch the portable kernels
   // gather dQ in an f32 accumulator through atomics from the dK/dV kernel; the sm_90a backward
-  // does so only where the lab asks (hopper_backward_fused_dq: slower than its dQ CTAs).
+  // does so in its warp-specialized form (hopper_backward_warp_specialized) or where the lab asks
+  // (hopper_backward_fused_dq: slower than its dQ CTAs).
   p.accumulate = plan.merge;
   const bool hopper = hopper_backward_usable(bp);
-  const bool fuse_dq = !bp.deterministic && (!hopper || kernel_tuning().hopper_backward_fused_dq);
-  if (!p.accumulate) {
-    if (!fuse_dq) zero_rows(bp.dq, bp.dq_stride, f, f.seq_q);
-    zero_rows(bp.dk, bp.dk_stride, f, f.seq_k);
-    zero_rows(bp.dv, bp.dv_stride, f, f.seq_k);
-  }
   // The rescaled f16 copies cost four (B, rows, H, D) buffers: dense problems take them whole, lse
   // mixing per chunk of its accumulators; the other dilated problems and block lists keep bf16
   // products (chunks of their own cost them more than the copies save).
   const bool rescaled = hopper && f.dtype == DType::bf16 && kernel_tuning().hopper_backward_rescaled &&
                         (f.key_set == attention::fused::KeySet::dense || plan.merge);
-  g_last_backward_kernel = rescaled ? "sm90a-wgmma-f16" : hopper ? "sm90a-wgmma" : "sm80-mma";
+  const bool warp_specialized = rescaled && !bp.deterministic && kernel_tuning().hopper_backward_warp_specialized &&
+                                !kernel_tuning().hopper_backward_fused_dq &&
+                                hopper_backward_ws_covers(f.head_dim, f.key_set == attention::fused::KeySet::blocks);
+  const bool fuse_dq =
+      !bp.deterministic && (!hopper || kernel_tuning().hopper_backward_fused_dq || warp_specialized);
+  if (!p.accumulate) {
+    if (!fuse_dq) zero_rows(bp.dq, bp.dq_stride, f, f.seq_q);
+    zero_rows(bp.dk, bp.dk_stride, f, f.seq_k);
+    zero_rows(bp.dv, bp.dv_stride, f, f.seq_k);
+  }
+  g_last_backward_kernel = warp_specialized ? "sm90a-wgmma-f16-ws"
+                           : rescaled       ? "sm90a-wgmma-f16"
+                           : hopper         ? "sm90a-wgmma"
+                                            : "sm80-mma";
   std::shared_ptr<Storage> factors;
   if (rescaled) {
     factors = bf16_rescale_factors(bp, p.do_scale);
@@ -486,7 +494,10 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
     pc.dv += chunk.start * p.dvs.row;
     const size_t per_q = static_cast<size_t>(fc.batch * fc.seq_q * fc.heads * fc.head_dim);
     const size_t per_k = static_cast<size_t>(fc.batch * fc.seq_k * fc.heads * fc.head_dim);
-    const size_t acc_elems = (p.accumulate || fuse_dq ? per_q : 0) + (p.accumulate ? 2 * per_k : 0);
+    const size_t dq_padding =
+        warp_specialized ? static_cast<size_t>(hopper_backward_ws_dq_padding(plan_of_chunk.launches, fc.heads)) : 0;
+    const size_t acc_elems =
+        (p.accumulate || fuse_dq ? per_q + dq_padding : 0) + (p.accumulate ? 2 * per_k : 0);
     // A launch that covers every row goes first and writes the accumulators instead of adding
     // into zeros (no zeroing pass, no reads; dQ by atomics still needs zeros).
     std::vector<Streams> launches = plan_of_chunk.launches;
@@ -497,7 +508,7 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
     if (first_writes) std::rotate(launches.begin(), full, full + 1);
     if (acc_elems > 0) pc.dq_acc = first_writes ? acc.uninitialized(acc_elems) : acc.zeroed(acc_elems);
     if (p.accumulate) {
-      pc.dk_acc = pc.dq_acc + per_q;
+      pc.dk_acc = pc.dq_acc + per_q + dq_padding;
       pc.dv_acc = pc.dk_acc + per_k;
     }
     // The chunk's rows of q, k, v and dO as rescaled f16 copies (freed in stream order).
@@ -529,6 +540,7 @@ void run_backward(const attention::fused::BackwardProblem& bp, const LaunchPlan&
       if (max_tiles == 0) continue;
       with_format(f.dtype, [&](auto format) {
         using F = decltype(format);
+        if (warp_specialized) return launch_backward_hopper_ws(pc, launch, f.batch);
         if (hopper) return launch_backward_hopper<F>(pc, launch, f.batch, static_cast<int>(f.head_dim), fuse_dq);
         with_head_dim(f.head_dim, [&](auto dim) {
           launch_backward<F, decltype(dim)::value>(pc, max_tiles, f.batch, !fuse_dq);

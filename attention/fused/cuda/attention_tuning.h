@@ -22,6 +22,11 @@ struct KernelTuning {
   // CTAs). Off: measured slower than the deterministic kernel on every lab case (NOTES v18), so
   // that kernel serves both modes.
   bool hopper_backward_fused_dq = false;
+  // Without the deterministic switch: rescaled bf16 problems at D = 64 without block lists run
+  // the warp-specialized sm_90a backward (a producer warp streams query tiles, two consumer
+  // warpgroups of 64 keys each, dQ added by bulk tensor reductions). Off: measured 1-17% slower
+  // than the dK/dV + dQ kernels (benchmarks/lab/NOTES.md v28).
+  bool hopper_backward_warp_specialized = false;
   // Hopper backward at D = 64 without block lists: each tile's last product group runs on while
   // the CTA waits for the next tile (three stages of streamed tiles; false: waited for at once).
   bool hopper_backward_async = true;
