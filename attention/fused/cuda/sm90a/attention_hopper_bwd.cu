@@ -153,6 +153,7 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
 
   const int wg = kWG == 1 ? 0 : warp_uniform(static_cast<int>(threadIdx.x >> 7));
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int col_in_quad = (lane & 3) * 2;
   const int wg_key0 = k0 + wg * 64;
   const int key_a = wg_key0 + warp * 16 + (lane >> 2);  // this thread's keys: key_a, key_a + 8
   const uint32_t k_addr = smem_addr(sK) + wg * 64 * 128, v_addr = smem_addr(sV) + wg * 64 * 128;
@@ -179,10 +180,37 @@ __device__ __forceinline__ void dkdv_tile(const BwdParams& p, unsigned char* sme
     if (!(p.causal && wg_key0 > q0 + kStep - 1)) {
       const uint32_t q_addr = smem_addr(sQ + stage * Shape::kStepBytes);
       const uint32_t g_addr = smem_addr(sG + stage * Shape::kStepBytes);
-      // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries per warpgroup), then P^T and dS^T.
-      scores_transposed<F, D>(st, dpt, k_addr, v_addr, Shape::kOwnSlab, q_addr, g_addr, Shape::kStepSlab);
-      probabilities_transposed(st, dpt, sLse + stage * kStep, sDelta + stage * kStep, sc, bias,
-                               p.causal && wg_key0 + 63 > q0, q0, key_a);
+      // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries per warpgroup).
+      wgmma::fence_registers(st);
+      wgmma::fence_registers(dpt);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        mma_ss<F, kStep>(st, k_major(k_addr, Shape::kOwnSlab, kk), k_major(q_addr, Shape::kStepSlab, kk), kk > 0);
+        mma_ss<F, kStep>(dpt, k_major(v_addr, Shape::kOwnSlab, kk), k_major(g_addr, Shape::kStepSlab, kk), kk > 0);
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::fence_registers(st);
+      wgmma::fence_registers(dpt);
+
+      const float* tLse = sLse + stage * kStep;
+      const float* tDelta = sDelta + stage * kStep;
+      // P^T = exp2(S^T scale_log2 - lse); causal-diagonal tiles: P = 0 where the query precedes
+      // the key. dS^T = P^T (dP^T do_scale - delta).
+      const bool diagonal = p.causal && wg_key0 + 63 > q0;
+#pragma unroll
+      for (int j = 0; j < kStep / 8; ++j) {
+        const float2 l2 = *reinterpret_cast<const float2*>(tLse + j * 8 + col_in_quad);
+        const float2 d2 = *reinterpret_cast<const float2*>(tDelta + j * 8 + col_in_quad);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float prob = fast_exp2(fmaf(st[4 * j + e], sc.scale_log2, bias - ((e & 1) ? l2.y : l2.x)));
+          if (diagonal && q0 + j * 8 + col_in_quad + (e & 1) < key_a + (e >> 1) * 8) prob = 0.f;
+          st[4 * j + e] = prob;
+          dpt[4 * j + e] = prob * fmaf(dpt[4 * j + e], sc.dp, -((e & 1) ? d2.y : d2.x));
+        }
+      }
       const uint32_t ds_addr = smem_addr(sDs);
       if constexpr (kFuseDq) {
         write_ds_tile<M>(sDs, dpt, key_a < s.len_k, key_a + 8 < s.len_k);
@@ -459,7 +487,7 @@ void launch_backward_hopper(const BwdParams& params, const Streams& streams, int
 void launch_backward_hopper_rescaled(const BwdParams& params, const Streams& streams, int64_t batch, int head_dim,
                                      bool fuse_dq) {
   using M = RescaledF16;
-  // With fused dQ the D = 64 kernel needs 172 registers (24 bytes spill at three CTAs per SM):
+  // With fused dQ the D = 64 kernel needs 172 registers (20 bytes spill at three CTAs per SM):
   // two CTAs per SM unless the lab asks for three.
   if (fuse_dq) {
     if (kernel_tuning().hopper_backward_ctas_per_sm == 3) return launch_fused_dq<M, 3>(params, streams, batch, head_dim);

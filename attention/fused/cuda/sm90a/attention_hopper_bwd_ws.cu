@@ -178,6 +178,7 @@ __device__ __forceinline__ void consume(const BwdParams& p, const CUtensorMap* d
                                        int count, int b, int h) {
   const ProductScales sc = product_scales<M>(p);
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int col_in_quad = (lane & 3) * 2;
   const int key_base = k0 + consumer * 64;
   const int key_a = key_base + warp * 16 + (lane >> 2);  // this thread's keys: key_a, key_a + 8
   const uint32_t k_all = smem_addr(smem + Layout::kK);
@@ -220,10 +221,37 @@ __device__ __forceinline__ void consume(const BwdParams& p, const CUtensorMap* d
     const uint32_t g_addr = smem_addr(smem + Layout::kG + stage * Layout::kTileBytes);
     if (!skip_me) {
       wgmma::fence_proxy_async();  // the copies landed through the generic proxy; wgmma reads them
-      // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries), then P^T and dS^T.
-      scores_transposed<F, kD>(st, dpt, k_addr, v_addr, kKeys * 128, q_addr, g_addr, kStep * 128);
-      probabilities_transposed(st, dpt, sLse + stage * kStep, sDelta + stage * kStep, sc, sc.p_log2,
-                               p.causal && key_base + 63 > q0, q0, key_a);
+      // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries).
+      wgmma::fence_registers(st);
+      wgmma::fence_registers(dpt);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        mma_ss<F, kStep>(st, k_major(k_addr, kKeys * 128, kk), k_major(q_addr, kStep * 128, kk), kk > 0);
+        mma_ss<F, kStep>(dpt, k_major(v_addr, kKeys * 128, kk), k_major(g_addr, kStep * 128, kk), kk > 0);
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::fence_registers(st);
+      wgmma::fence_registers(dpt);
+
+      const float* tLse = sLse + stage * kStep;
+      const float* tDelta = sDelta + stage * kStep;
+      // P^T = exp2(S^T scale_log2 - lse); causal-diagonal tiles: P = 0 where the query precedes
+      // the key. dS^T = P^T (dP^T dp - delta).
+      const bool diagonal = p.causal && key_base + 63 > q0;
+#pragma unroll
+      for (int j = 0; j < kStep / 8; ++j) {
+        const float2 l2 = *reinterpret_cast<const float2*>(tLse + j * 8 + col_in_quad);
+        const float2 d2 = *reinterpret_cast<const float2*>(tDelta + j * 8 + col_in_quad);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float prob = fast_exp2(fmaf(st[4 * j + e], sc.scale_log2, sc.p_log2 - ((e & 1) ? l2.y : l2.x)));
+          if (diagonal && q0 + j * 8 + col_in_quad + (e & 1) < key_a + (e >> 1) * 8) prob = 0.f;
+          st[4 * j + e] = prob;
+          dpt[4 * j + e] = prob * fmaf(dpt[4 * j + e], sc.dp, -((e & 1) ? d2.y : d2.x));
+        }
+      }
       // This warpgroup's 64 rows of the tile's dS^T (this buffer's last reader, the dQ product
       // of tile t - 2, is done: the wait above).
       write_ds_tile<M>(sDs + consumer * 64 * 128, dpt, key_a < s.len_k, key_a + 8 < s.len_k);

@@ -75,48 +75,6 @@ __device__ __forceinline__ uint64_t n_major(uint32_t base, int slab_bytes, int k
   return wgmma::descriptor(base + kk * 16 * 128, slab_bytes, 1024);
 }
 
-// S^T = K Q^T and dP^T = V dO^T for one warpgroup's 64 keys against a 64-query tile (waited for):
-// K and V rows in swizzled tiles of own_slab bytes per 64 columns, Q and dO in step_slab ones.
-template <class F, int D>
-__device__ __forceinline__ void scores_transposed(float (&st)[kStep / 2], float (&dpt)[kStep / 2], uint32_t k_addr,
-                                                  uint32_t v_addr, int own_slab, uint32_t q_addr, uint32_t g_addr,
-                                                  int step_slab) {
-  wgmma::fence_registers(st);
-  wgmma::fence_registers(dpt);
-  wgmma::fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    mma_ss<F, kStep>(st, k_major(k_addr, own_slab, kk), k_major(q_addr, step_slab, kk), kk > 0);
-    mma_ss<F, kStep>(dpt, k_major(v_addr, own_slab, kk), k_major(g_addr, step_slab, kk), kk > 0);
-  }
-  wgmma::commit();
-  wgmma::wait<0>();
-  wgmma::fence_registers(st);
-  wgmma::fence_registers(dpt);
-}
-
-// In place: st becomes P^T = exp2(S^T scale_log2 + bias - lse) and dpt dS^T = P^T (dP^T dp -
-// delta), with the tile's lse (log2 units) and delta from shared memory. On causal-diagonal tiles
-// P = 0 where the query (q0 + column) precedes the key (key_a, key_a + 8: this thread's rows).
-__device__ __forceinline__ void probabilities_transposed(float (&st)[kStep / 2], float (&dpt)[kStep / 2],
-                                                         const float* tile_lse, const float* tile_delta,
-                                                         const ProductScales& sc, float bias, bool diagonal, int q0,
-                                                         int key_a) {
-  const int col_in_quad = (threadIdx.x & 3) * 2;
-#pragma unroll
-  for (int j = 0; j < kStep / 8; ++j) {
-    const float2 l2 = *reinterpret_cast<const float2*>(tile_lse + j * 8 + col_in_quad);
-    const float2 d2 = *reinterpret_cast<const float2*>(tile_delta + j * 8 + col_in_quad);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float prob = fast_exp2(fmaf(st[4 * j + e], sc.scale_log2, bias - ((e & 1) ? l2.y : l2.x)));
-      if (diagonal && q0 + j * 8 + col_in_quad + (e & 1) < key_a + (e >> 1) * 8) prob = 0.f;
-      st[4 * j + e] = prob;
-      dpt[4 * j + e] = prob * fmaf(dpt[4 * j + e], sc.dp, -((e & 1) ? d2.y : d2.x));
-    }
-  }
-}
-
 // Fused dQ, step 1: dS^T of a 64 x 64 tile (wgmma accumulator layout: this thread's keys
 // key_a = 16 warp + lane / 4 and key_a + 8) into a swizzled shared tile [key][query] in the
 // products' format (and the rest as a second tile for hi + lo parts). Padded keys get 0: their P
