@@ -221,7 +221,8 @@ __device__ __forceinline__ void consume(const BwdParams& p, const CUtensorMap* d
     const uint32_t g_addr = smem_addr(smem + Layout::kG + stage * Layout::kTileBytes);
     if (!skip_me) {
       wgmma::fence_proxy_async();  // the copies landed through the generic proxy; wgmma reads them
-      // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries).
+      // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries). This and the P^T / dS^T step repeat
+      // dkdv_tile's: shared through one helper they cost that kernel 4-17% (NOTES v29).
       wgmma::fence_registers(st);
       wgmma::fence_registers(dpt);
       wgmma::fence();
