@@ -88,7 +88,7 @@ BlockPatternOptions block_options(int64_t block_size, bool causal, uint64_t patt
 // added with atomics by the dK/dV CTAs). accumulators zeroed: every lse branch's backward adds
 // into zeroed f32 accumulators (by default the dilation-1 branch runs first and writes them).
 // warp-specialized: set_deterministic_algorithms(false) with the warp-specialized sm_90a backward
-// (rescaled bf16 at D = 64 without block lists; elsewhere the atomic-dQ kernels above).
+// (rescaled bf16 at D = 64 without block lists; elsewhere the non-deterministic mode's kernels).
 // products waited: the sm_90a backward at D = 64 waits for each tile's last products before the
 // next tile starts (by default they run on while it starts; three stages).
 struct ForwardKernels {
