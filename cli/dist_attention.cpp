@@ -5,6 +5,8 @@
 #include <cmath>
 #include <chrono>
 #include <cstdio>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -52,8 +54,43 @@ struct Grads {
 
 struct HeadParallelParts {
   double core_s = 0, exchange_s = 0, both_s = 0;
+  double core_enqueue_s = 0;  // host time to queue the core's step (up to its final wait)
+  double core_alone_s = 0;    // the core on rank 0 while the other ranks wait (their GPUs idle)
   int64_t chunks = 1;       // the automatic token chunk count (1: the pattern allows none)
   double chunk_core_s = 0;  // the core on one token chunk of every rank, times `chunks`
+};
+
+// This rank's slice of the heads (as head_parallel's core sees them) and a step of the core on its
+// first `tokens` tokens, forward + backward, ending in a device read; `enqueue_s` collects the
+// host time to queue each step.
+struct HeadParallelCore {
+  HeadParallelCore(dist::Communicator& comm, const attention::AttentionConfig& config, const Tensor& q,
+                   const Tensor& k, const Tensor& v, const Tensor& dout) {
+    const int ranks = comm.size(), rank = comm.rank();
+    heads = q.size(2) / ranks;
+    attention::AttentionConfig local = config;
+    local.num_heads = heads;
+    local.total_heads = q.size(2);
+    local.head_offset = rank * heads;
+    core = attention::make_attention(config.inner_variant, local);
+    auto mine = [&](const Tensor& x) { return x.narrow(2, rank * heads, heads).contiguous(); };
+    qh = mine(q), kh = mine(k), vh = mine(v), gh = mine(dout);
+  }
+  std::function<void()> step(int64_t tokens) {
+    return [this, tokens] {
+      const auto t0 = std::chrono::steady_clock::now();
+      auto rows = [&](const Tensor& x) { return x.narrow(1, 0, tokens).detach(); };
+      Tensor ql = rows(qh).requires_grad_(), kl = rows(kh).requires_grad_(), vl = rows(vh).requires_grad_();
+      core->forward(ql, kl, vl).backward(rows(gh));
+      const Tensor last = sum(vl.grad().narrow(1, 0, 1));
+      enqueue_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      (void)last.item();
+    };
+  }
+  int64_t heads = 0;
+  std::shared_ptr<attention::Attention> core;
+  Tensor qh, kh, vh, gh;
+  std::vector<double> enqueue_s;
 };
 
 // Where a head-parallel step's time goes: this rank's core alone (its H/P heads over the whole
@@ -64,24 +101,18 @@ HeadParallelParts time_head_parallel_parts(dist::Communicator& comm, const atten
                                            const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
                                            int repeats) {
   const int ranks = comm.size(), rank = comm.rank();
-  const int64_t heads = q.size(2) / ranks, n = q.size(1), n_r = n / ranks;
-  attention::AttentionConfig local = config;
-  local.num_heads = heads;
-  local.total_heads = q.size(2);
-  local.head_offset = rank * heads;
-  auto core = attention::make_attention(config.inner_variant, local);
-  auto mine = [&](const Tensor& x) { return x.narrow(2, rank * heads, heads).contiguous(); };
-  const Tensor qh = mine(q), kh = mine(k), vh = mine(v), gh = mine(dout);
+  const int64_t n = q.size(1), n_r = n / ranks;
+  HeadParallelCore hc(comm, config, q, k, v, dout);
+  const int64_t heads = hc.heads;
+  auto core_step = [&](int64_t tokens) { return hc.step(tokens); };
   HeadParallelParts parts;
-  auto core_step = [&](int64_t tokens) {
-    return [&, tokens] {
-      auto rows = [&](const Tensor& x) { return x.narrow(1, 0, tokens).detach(); };
-      Tensor ql = rows(qh).requires_grad_(), kl = rows(kh).requires_grad_(), vl = rows(vh).requires_grad_();
-      core->forward(ql, kl, vl).backward(rows(gh));
-      (void)sum(vl.grad().narrow(1, 0, 1)).item();
-    };
-  };
   parts.core_s = time_step(&comm, repeats, core_step(n));
+  hc.enqueue_s.erase(hc.enqueue_s.begin(), hc.enqueue_s.begin() + std::min<size_t>(2, hc.enqueue_s.size()));
+  parts.core_enqueue_s = hc.enqueue_s.empty() ? 0 : median(hc.enqueue_s);
+  // Rank 0's core with the other GPUs idle: whether the ranks' concurrent work slows each other.
+  comm.barrier();
+  if (rank == 0) parts.core_alone_s = time_step(nullptr, repeats, core_step(n));
+  comm.barrier();
   parts.chunks = attention::automatic_token_chunks(config, ranks, n_r);
   if (parts.chunks > 1) parts.chunk_core_s = parts.chunks * time_step(&comm, repeats, core_step(n / parts.chunks));
   // One exchange: every rank sends (B, n/P, H/P, D) pieces to every rank.
@@ -158,6 +189,12 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
       (void)sum(want.dv.narrow(1, 0, 1)).item();  // waits for the device
     };
     const double single_s = time_step(&comm, repeats, run_single);
+    // head_parallel's core on this rank's heads before any exchange has run in this process.
+    double core_first_s = 0;
+    if (ranks > 1) {
+      HeadParallelCore hc(comm, config, q, k, v, dout);
+      core_first_s = time_step(&comm, repeats, hc.step(n));
+    }
 
     // Ring in both layouts, then head_parallel once per head group count asked for (never token
     // chunks) and once per token chunk count (head groups where the pattern allows none).
@@ -237,9 +274,11 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
           chunked = "; core on " + std::to_string(n / parts.chunks) + " tokens (one token chunk of every rank) x " +
                     std::to_string(parts.chunks) + " f+b " + std::to_string(parts.chunk_core_s * 1e3) + " ms";
         std::printf("head_parallel %-7s N=%lld %d ranks, its parts alone: core on %d heads f+b %.2f ms (%.2fx one "
-                    "device), the all-to-alls of a forward and backward %.2f ms, both at once %.2f ms%s\n",
+                    "device; %.2f ms to queue it; %.2f ms on rank 0 with the other GPUs idle; %.2f ms before the "
+                    "first exchange), the all-to-alls of a forward and backward %.2f ms, both at once %.2f ms%s\n",
                     inner.c_str(), static_cast<long long>(n), ranks, static_cast<int>(heads / ranks), parts.core_s * 1e3,
-                    parts.core_s / single_s, parts.exchange_s * 1e3, parts.both_s * 1e3, chunked.c_str());
+                    parts.core_s / single_s, parts.core_enqueue_s * 1e3, parts.core_alone_s * 1e3, core_first_s * 1e3,
+                    parts.exchange_s * 1e3, parts.both_s * 1e3, chunked.c_str());
         std::fflush(stdout);
       }
     }

@@ -7,7 +7,7 @@
 //                           [--acc-zeroed]
 //                           [--hopper-bwd-ctas 2|3] [--hopper-bwd-split] [--hopper-bwd-waited]
 //                           [--hopper-fused-dq] [--hopper-bwd-ws]
-//                           [--dtype bf16|f16|f32]
+//                           [--dtype bf16|f16|f32] [--heads H [--head-offset O --total-heads T]] [--profile]
 // (--only runs the cases whose label contains TEXT, or is TEXT after a leading '=', --n and --dim
 // those of that sequence length and head dim, e.g. for a profiler run of one case;
 // --fwd-stages picks the forward kernel's K/V pipeline depth, default: per head dim;
@@ -22,7 +22,11 @@
 // --hopper-fused-dq runs the sm_90a backward with dQ by atomics (NOTES v18); --hopper-bwd-ws runs
 // the warp-specialized sm_90a backward, dQ by bulk reductions (NOTES v28); --no-chunks runs lse
 // mixing over the whole sequence at once, with accumulators of every row; --dtype sets the inputs'
-// dtype, default bf16: f32 runs the exact-f32 kernels on the CUDA cores.)
+// dtype, default bf16: f32 runs the exact-f32 kernels on the CUDA cores; --heads runs the dilated
+// cases on H heads, heads O.. of T as a head_parallel rank holds them; --n with a length not in
+// the list adds the dilated cases at that length; --profile runs one more forward + backward per
+// case between cudaProfilerStart and cudaProfilerStop, for `nsys --capture-range=cudaProfilerApi`
+// or `ncu --profile-from-start off`.)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -39,6 +43,7 @@
 #include "tensor/cuda/memory_pool.h"
 #include "tensor/cuda/runtime.h"
 #include "tensor/cuda/timer.h"
+#include <cuda_profiler_api.h>
 #endif
 
 using namespace longtape;
@@ -103,7 +108,7 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-void run(const Case& cs, const std::string& impl, int repeats, DType dtype) {
+void run(const Case& cs, const std::string& impl, int repeats, DType dtype, bool profile) {
   AttentionConfig config = cs.config;
   config.impl = impl;
   auto layer = attention::make_attention(cs.variant, config);
@@ -136,6 +141,14 @@ void run(const Case& cs, const std::string& impl, int repeats, DType dtype) {
     if (i >= 3) both.push_back(timer.elapsed_ms());
   }
   const double peak_mib = static_cast<double>(cuda::pool_stats(0).peak_allocated_bytes) / 1048576.0;
+  if (profile) {  // one more forward + backward inside the profiler's capture range
+    cuda::synchronize(0);
+    cudaProfilerStart();
+    Tensor o = layer->forward(q, k, v);
+    o.backward(dout);
+    cuda::synchronize(0);
+    cudaProfilerStop();
+  }
   const double f = median(fwd), fb = median(both);
   const double flops_fwd = 4.0 * cs.pairs * cs.dim * cs.heads;  // QK^T and PV
   const std::string backend = layer->last_backend() == "composed"
@@ -157,13 +170,14 @@ int main(int argc, char** argv) {
   return 1;
 #else
   std::string impl = "fused";
-  bool quick = false;
+  bool quick = false, profile = false;
   std::string only;
-  int64_t only_n = 0, only_dim = 0;
+  int64_t only_n = 0, only_dim = 0, heads = 0, head_offset = 0, total_heads = 0;
   DType dtype = DType::bf16;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--impl") && i + 1 < argc) impl = argv[++i];
     else if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--profile")) profile = true;
     else if (!std::strcmp(argv[i], "--atomic-dq")) set_deterministic_algorithms(false);
     else if (!std::strcmp(argv[i], "--hopper-fused-dq")) {
       set_deterministic_algorithms(false);
@@ -176,6 +190,9 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
     else if (!std::strcmp(argv[i], "--n") && i + 1 < argc) only_n = std::atoll(argv[++i]);
     else if (!std::strcmp(argv[i], "--dim") && i + 1 < argc) only_dim = std::atoll(argv[++i]);
+    else if (!std::strcmp(argv[i], "--heads") && i + 1 < argc) heads = std::atoll(argv[++i]);
+    else if (!std::strcmp(argv[i], "--head-offset") && i + 1 < argc) head_offset = std::atoll(argv[++i]);
+    else if (!std::strcmp(argv[i], "--total-heads") && i + 1 < argc) total_heads = std::atoll(argv[++i]);
     else if (!std::strcmp(argv[i], "--dtype") && i + 1 < argc) {
       const std::string name = argv[++i];
       if (name != "bf16" && name != "f16" && name != "f32") {
@@ -224,6 +241,17 @@ int main(int argc, char** argv) {
   // Causal dilated: balanced when it takes about half the non-causal time.
   cases.push_back(dilated(32768, attention::Mixing::lse, true));
   cases.push_back(dilated(32768, attention::Mixing::lse, false, 128));
+  if (only_n != 0 && only_n != 32768 && only_n != 131072)
+    for (auto m : {attention::Mixing::lse, attention::Mixing::head_groups}) cases.push_back(dilated(only_n, m));
+  if (heads > 0)
+    for (Case& cs : cases) {
+      if (cs.variant != "dilated") continue;
+      cs.heads = cs.config.num_heads = heads;
+      cs.config.head_offset = head_offset;
+      cs.config.total_heads = total_heads;
+      cs.label += " heads " + std::to_string(head_offset) + ".." + std::to_string(head_offset + heads) + " of " +
+                  std::to_string(total_heads > 0 ? total_heads : heads);
+    }
   std::printf("| case | impl | precision | N | D | fwd ms | fwd+bwd ms | fwd TFLOP/s | f+b TFLOP/s | peak MiB |\n");
   std::printf("|---|---|---|--:|--:|--:|--:|--:|--:|--:|\n");
   for (const Case& cs : cases) {
@@ -234,7 +262,7 @@ int main(int argc, char** argv) {
                                                    : std::vector<std::string>{impl}) {
       if (which == "composed" && cs.variant == "dense" && cs.n > 8192) continue;  // N x N scores
       try {
-        run(cs, which, quick ? 3 : 10, dtype);
+        run(cs, which, quick ? 3 : 10, dtype, profile);
       } catch (const std::exception& e) {
         std::printf("| %s | %s | error: %s |\n", cs.label.c_str(), which.c_str(), e.what());
       }

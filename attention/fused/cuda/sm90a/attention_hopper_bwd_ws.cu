@@ -63,9 +63,10 @@ struct Layout {
   static constexpr size_t kSmem = 1024 + kEnd;
 };
 // Arrivals that complete a stage: each producer lane arrives once after its shared stores (lse,
-// delta) and once when its copies land; each consumer warp arrives once when done with a stage.
+// delta) and once when its copies land; each consumer thread arrives once when done with a stage
+// (its own reads then precede the producer's refill by the barrier alone, with no warp-level step).
 constexpr int kFullArrivals = 2 * 32;
-constexpr int kEmptyArrivals = 4 * kConsumers;
+constexpr int kEmptyArrivals = 128 * kConsumers;
 
 // The dQ accumulator (B, N, H, D f32) seen by one branch's tensor map, dimensions innermost first:
 // (d, head, pos mod step, pos / step, batch), so that the rows pos0, pos0 + step, ... of a
@@ -289,9 +290,8 @@ __device__ __forceinline__ void consume(const BwdParams& p, const CUtensorMap* d
       if (owner) wgmma::fence_registers(dq);
     }
     if (owner && t + 2 < tiles) consumers_arrive(kFreeBarrier + buffer);
-    // Q, dO, lse and delta of this stage are no longer read by this warp.
-    __syncwarp();
-    if (lane == 0) mbarrier_arrive(empty);
+    // Q, dO, lse and delta of this stage are no longer read by this thread.
+    mbarrier_arrive(empty);
 
     if (owner) {
       // dQ times its factor into the staged tile (two swizzled 64 x 32 halves, 128-byte rows),
