@@ -142,6 +142,9 @@ void run(const Case& cs, const std::string& impl, int repeats, DType dtype, bool
   }
   const double peak_mib = static_cast<double>(cuda::pool_stats(0).peak_allocated_bytes) / 1048576.0;
   if (profile) {  // one more forward + backward inside the profiler's capture range
+    q.zero_grad_();
+    k.zero_grad_();
+    v.zero_grad_();
     cuda::synchronize(0);
     cudaProfilerStart();
     Tensor o = layer->forward(q, k, v);

@@ -181,3 +181,52 @@ TEST_CASE("optimizers update parameters in place: versions move, training keeps 
   sgd.step();
   CHECK_THROWS_WITH_AS(loss.backward(), doctest::Contains(kModified), Error);
 }
+
+TEST_CASE("a leaf's first gradient is kept without a copy only when nothing else can see it") {
+  manual_seed(17);
+  const Shape shape{3, 5};
+  auto values = [](const Tensor& t) { return t.detach().to_vector(); };
+  // Fresh gradient of a scaled leaf: taken as .grad as it is (one allocation for the whole
+  // backward: the scaled gradient itself), and the next backward adds into it in place without
+  // touching the caller's tensors.
+  Tensor x = Tensor::randn(shape).requires_grad_();
+  const Tensor g = Tensor::randn(shape);
+  const std::vector<double> g_before = values(g);
+  Tensor y = mul(x, 1.5);
+  const int64_t before = memory_stats(Device::cpu()).num_allocs;
+  y.backward(g);
+  CHECK(memory_stats(Device::cpu()).num_allocs - before == 1);
+  const std::vector<double> first = values(x.grad()), want = values(mul(g, 1.5));
+  CHECK(first == want);
+  mul(x, 1.5).backward(g);
+  const std::vector<double> twice = values(x.grad());
+  for (size_t i = 0; i < twice.size(); ++i) CHECK(twice[i] == doctest::Approx(2 * want[i]).epsilon(1e-6));
+  CHECK(values(g) == g_before);
+
+  // One gradient reaching two leaves (add passes it to both): each leaf owns a separate copy.
+  Tensor a = Tensor::randn(shape).requires_grad_(), b = Tensor::randn(shape).requires_grad_();
+  add(a, b).backward(g);
+  CHECK(a.grad().storage() != b.grad().storage());
+  CHECK(a.grad().storage() != g.storage());
+  a.grad().fill_(0.0);
+  CHECK(values(b.grad()) == g_before);
+  CHECK(values(g) == g_before);
+
+  // A leaf root's gradient is the caller's tensor: copied, so the caller's later writes stay theirs.
+  Tensor root = Tensor::randn(shape).requires_grad_();
+  Tensor given = Tensor::randn(shape);
+  const std::vector<double> given_before = values(given);
+  root.backward(given);
+  CHECK(root.grad().storage() != given.storage());
+  given.fill_(3.0);
+  CHECK(values(root.grad()) == given_before);
+
+  // A gradient that is a view of the caller's tensor (reshape's backward) is copied too.
+  Tensor flat = Tensor::randn({15}).requires_grad_();
+  Tensor g2 = Tensor::randn(shape);
+  const std::vector<double> g2_before = values(g2);
+  flat.reshape(shape).backward(g2);
+  CHECK(flat.grad().storage() != g2.storage());
+  g2.fill_(-1.0);
+  CHECK(values(flat.grad()) == g2_before);
+}

@@ -79,8 +79,12 @@ AccumulateGrad::AccumulateGrad(std::shared_ptr<TensorImpl> l) : leaf(std::move(l
 std::vector<Tensor> AccumulateGrad::apply(const std::vector<Tensor>& grad_outputs) {
   const Tensor& g = grad_outputs[0];
   if (!leaf->grad) {
-    // Own a fresh contiguous buffer so later in-place accumulation never aliases.
-    leaf->grad = g.detach().clone().impl_ptr();
+    // A gradient nothing else can see (its only holder is the engine's slot, its storage is its
+    // own, contiguous from element 0) becomes .grad as it is, as PyTorch's AccumulateGrad steals
+    // it; anything else is cloned, so that later in-place accumulation never aliases.
+    const bool unshared = g.impl_ptr().use_count() == 1 && g.storage() && g.storage().use_count() == 1 &&
+                          g.impl().offset == 0 && g.is_contiguous() && !g.requires_grad() && !g.grad_fn();
+    leaf->grad = unshared ? g.detach().impl_ptr() : g.detach().clone().impl_ptr();
   } else {
     Tensor acc(leaf->grad);
     if (g_accumulate_in_place && acc.is_contiguous() && acc.shape() == g.shape() && acc.dtype() == g.dtype() &&
