@@ -1,11 +1,18 @@
 #include "attention/head_parallel_pipeline.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
 
 #include "tensor/autograd/grad_mode.h"
 #include "tensor/autograd/node.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
+#ifdef LONGTAPE_WITH_CUDA
+#include "tensor/cuda/timer.h"
+#endif
 
 namespace longtape::attention {
 
@@ -48,6 +55,43 @@ std::vector<PipelineStep> token_chunk_steps(int64_t local_heads, int64_t ranks, 
 namespace {
 
 using Pending = std::unique_ptr<dist::Communicator::PendingAllToAll>;
+
+// LONGTAPE_HEAD_PARALLEL_TIMELINE=1: each rank prints, after its backward, when its compute stream
+// passed each point of the step (GPU milliseconds after the forward's start): a point after a
+// wait for arrivals that lands later than the point before it is time the stream spent waiting.
+class Timeline {
+ public:
+  explicit Timeline(const Device& device) {
+#ifdef LONGTAPE_WITH_CUDA
+    const char* v = std::getenv("LONGTAPE_HEAD_PARALLEL_TIMELINE");
+    if (v && std::string(v) == "1" && device.is_cuda()) line_ = std::make_unique<cuda::DeviceTimeline>(device.index);
+#else
+    (void)device;
+#endif
+  }
+  void mark(const std::string& name) {
+#ifdef LONGTAPE_WITH_CUDA
+    if (line_) line_->mark(name);
+#else
+    (void)name;
+#endif
+  }
+  void print(int64_t rank) {
+#ifdef LONGTAPE_WITH_CUDA
+    if (!line_) return;
+    std::string text = "head_parallel timeline, rank " + std::to_string(rank) + " (ms):";
+    for (const auto& [name, ms] : line_->times()) text += " " + name + " " + std::to_string(ms).substr(0, 6);
+    std::fprintf(stderr, "%s\n", text.c_str());
+#else
+    (void)rank;
+#endif
+  }
+
+ private:
+#ifdef LONGTAPE_WITH_CUDA
+  std::unique_ptr<cuda::DeviceTimeline> line_;
+#endif
+};
 
 // The sizes of one rank's step: P ranks, batch B, this rank's n_r tokens, H = P * Hl heads of dim D.
 struct Geometry {
@@ -148,11 +192,13 @@ std::vector<Tensor> token_slots(const Tensor& full, int64_t dim, const Geometry&
   return out;
 }
 
-// Starts the all-to-all of to_each into `into` (the backends place this rank's own piece without
-// delaying the transfers: its copy is queued on the compute stream after the point they wait for).
-Pending start_exchange(dist::Communicator& comm, const std::vector<Tensor>& to_each, const std::vector<Tensor>& into) {
+// Starts the all-to-alls of to_each[i] into into[i] as one call (the copy engines' backend pays its
+// store round trips once for all; the backends place this rank's own pieces without delaying the
+// transfers: their copies are queued on the compute stream after the point the transfers wait for).
+Pending start_exchanges(dist::Communicator& comm, const std::vector<std::vector<Tensor>>& to_each,
+                        const std::vector<std::vector<Tensor>>& into) {
   NoGradGuard no_grad;
-  return comm.start_all_to_all(to_each, into);
+  return comm.start_all_to_all_many(to_each, into);
 }
 
 // What step g's core left for the backward.
@@ -164,6 +210,7 @@ struct StepGraph {
 
 struct PipelineState {
   std::shared_ptr<dist::Communicator> comm;
+  std::shared_ptr<Timeline> timeline;
   Geometry geo;
   std::vector<StepLayout> steps;
   std::vector<StepGraph> graphs;
@@ -190,7 +237,6 @@ std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& do
     NoGradGuard no_grad;
     const StepLayout& s = st.steps[g];
     Tensor d_out = Tensor::empty({geo.batch, s.tokens, s.heads.count, geo.dim}, dout.dtype(), geo.device);
-    there[g].push_back(start_exchange(comm, pack_heads(dout, geo, s), token_slots(d_out, 1, geo, s)));
     // The step's rows of dlse (B, H, n_r) viewed as (B, P, Hl, n): its heads of rank d go to rank d.
     const Tensor d_lse_packed = dlse.narrow(2, s.first, s.mine)
                                     .reshape({geo.batch, geo.ranks, geo.local_heads, s.mine})
@@ -198,14 +244,17 @@ std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& do
                                     .permute({1, 0, 2, 3})
                                     .contiguous();
     Tensor d_lse = Tensor::empty({geo.batch, s.heads.count, s.tokens}, dlse.dtype(), geo.device);
-    there[g].push_back(start_exchange(comm, rank_slots(d_lse_packed), token_slots(d_lse, 2, geo, s)));
+    there[g].push_back(start_exchanges(comm, {pack_heads(dout, geo, s), rank_slots(d_lse_packed)},
+                                       {token_slots(d_out, 1, geo, s), token_slots(d_lse, 2, geo, s)}));
     arrived[g] = {d_out, d_lse};
   };
 
   std::vector<Tensor> param_grads;
+  st.timeline->mark("bwd");
   for (size_t g = 0; g < count; ++g) start_there(g);
   for (size_t g = 0; g < count; ++g) {
     for (Pending& p : there[g]) p->wait();
+    st.timeline->mark("dO" + std::to_string(g));
     const StepGraph& graph = st.graphs[g];
     std::vector<Tensor> roots, root_grads;
     if (graph.result.out.requires_grad()) {
@@ -222,20 +271,25 @@ std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& do
     std::vector<Tensor> grads(wrt.size());
     // retain_graph: the graph lives as long as this node, so a retained outer graph can run again.
     if (!roots.empty()) grads = autograd::grad(roots, wrt, root_grads, /*retain_graph=*/true);
+    st.timeline->mark("core" + std::to_string(g));
     NoGradGuard no_grad;
+    std::vector<std::vector<Tensor>> sent, received;
     for (size_t i = 0; i < 3; ++i) {
       const Tensor& input = graph.inputs[i];
       // Only a core that ignores an input (none of the registered variants) leaves its gradient undefined.
       if (!grads[i].defined()) grads[i] = Tensor::zeros(input.shape(), input.dtype(), input.device());
       if (grads[i].dtype() != result[i].dtype()) grads[i] = grads[i].to(result[i].dtype());
-      back[g].push_back(
-          start_exchange(comm, pack_tokens(grads[i], 1, geo, st.steps[g]), head_slots(result[i], geo, st.steps[g])));
+      sent.push_back(pack_tokens(grads[i], 1, geo, st.steps[g]));
+      received.push_back(head_slots(result[i], geo, st.steps[g]));
     }
+    back[g].push_back(start_exchanges(comm, sent, received));
     for (size_t i = 3; i < grads.size(); ++i) param_grads.push_back(grads[i]);
   }
 
   for (size_t g = 0; g < count; ++g)
     for (Pending& p : back[g]) p->wait();
+  st.timeline->mark("back");
+  st.timeline->print(geo.rank);
   result.insert(result.end(), param_grads.begin(), param_grads.end());
   return result;
 }
@@ -273,18 +327,24 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
   auto start_there = [&](size_t g) {
     NoGradGuard no_grad;
     const StepLayout& s = st->steps[g];
+    std::vector<std::vector<Tensor>> sent, received;
     for (const Tensor& x : shards) {
       Tensor full = Tensor::empty({geo.batch, s.tokens, s.heads.count, geo.dim}, x.dtype(), geo.device);
-      there[g].push_back(start_exchange(comm, pack_heads(x, geo, s), token_slots(full, 1, geo, s)));
+      sent.push_back(pack_heads(x, geo, s));
+      received.push_back(token_slots(full, 1, geo, s));
       arrived[g].push_back(full);
     }
+    there[g].push_back(start_exchanges(comm, sent, received));
   };
 
   Tensor out, lse;
   st->graphs.resize(count);
+  st->timeline = std::make_shared<Timeline>(geo.device);
+  st->timeline->mark("fwd");
   for (size_t g = 0; g < count; ++g) start_there(g);
   for (size_t g = 0; g < count; ++g) {
     for (Pending& p : there[g]) p->wait();
+    st->timeline->mark("in" + std::to_string(g));
     StepGraph& graph = st->graphs[g];
     if (record) {
       for (const Tensor& x : arrived[g]) graph.inputs.push_back(x.detach().requires_grad_());
@@ -295,6 +355,7 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
     }
     arrived[g].clear();
     graph.result = cores[g]->forward_with_lse(graph.inputs[0], graph.inputs[1], graph.inputs[2]);
+    st->timeline->mark("core" + std::to_string(g));
     if (g == 0 && run) *run = {cores[0]->last_backend(), cores[0]->last_precision()};
     NoGradGuard no_grad;
     const StepLayout& s = st->steps[g];
@@ -305,11 +366,11 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
     }
     // out and lse straight into place: rank r's heads of this step are
     // out[:, first : first + mine, r*Hl + heads.first : ...] and lse[:, r*Hl + heads.first : ..., first : ...].
-    back[g].push_back(start_exchange(comm, pack_tokens(step_out, 1, geo, s), head_slots(out, geo, s)));
     std::vector<Tensor> lse_slots;
     for (int64_t r = 0; r < geo.ranks; ++r)
       lse_slots.push_back(lse.narrow(2, s.first, s.mine).narrow(1, r * geo.local_heads + s.heads.first, s.heads.count));
-    back[g].push_back(start_exchange(comm, pack_tokens(step_lse, 2, geo, s), lse_slots));
+    back[g].push_back(start_exchanges(comm, {pack_tokens(step_out, 1, geo, s), pack_tokens(step_lse, 2, geo, s)},
+                                      {head_slots(out, geo, s), lse_slots}));
     if (!record) graph = StepGraph{};  // nothing to keep for a backward
   }
   {
@@ -317,6 +378,7 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
     for (size_t g = 0; g < count; ++g)
       for (Pending& p : back[g]) p->wait();
   }
+  st->timeline->mark("out");
   if (record) {
     st->comm = dist::keep_alive(comm);
     // The cores' graphs (held by st) save what their backward reads; q, k, v themselves are not read.

@@ -15,6 +15,9 @@
 #include "attention/ring_attention.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
+#ifdef LONGTAPE_WITH_CUDA
+#include "tensor/cuda/timer.h"
+#endif
 
 namespace longtape::cli {
 
@@ -56,6 +59,7 @@ struct HeadParallelParts {
   double core_s = 0, exchange_s = 0, both_s = 0;
   double core_enqueue_s = 0;  // host time to queue the core's step (up to its final wait)
   double core_alone_s = 0;    // the core on rank 0 while the other ranks wait (their GPUs idle)
+  double both_core_end_ms = 0, both_all_end_ms = 0;  // both at once: when the core ended, when all had
   int64_t chunks = 1;       // the automatic token chunk count (1: the pattern allows none)
   double chunk_core_s = 0;  // the core on one token chunk of every rank, times `chunks`
 };
@@ -76,15 +80,16 @@ struct HeadParallelCore {
     auto mine = [&](const Tensor& x) { return x.narrow(2, rank * heads, heads).contiguous(); };
     qh = mine(q), kh = mine(k), vh = mine(v), gh = mine(dout);
   }
-  std::function<void()> step(int64_t tokens) {
-    return [this, tokens] {
+  // sync = false leaves the final device read out (the step only queues its work).
+  std::function<void()> step(int64_t tokens, bool sync = true) {
+    return [this, tokens, sync] {
       const auto t0 = std::chrono::steady_clock::now();
       auto rows = [&](const Tensor& x) { return x.narrow(1, 0, tokens).detach(); };
       Tensor ql = rows(qh).requires_grad_(), kl = rows(kh).requires_grad_(), vl = rows(vh).requires_grad_();
       core->forward(ql, kl, vl).backward(rows(gh));
       const Tensor last = sum(vl.grad().narrow(1, 0, 1));
       enqueue_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-      (void)last.item();
+      if (sync) (void)last.item();
     };
   }
   int64_t heads = 0;
@@ -122,19 +127,50 @@ HeadParallelParts time_head_parallel_parts(dist::Communicator& comm, const atten
     to_each.push_back(Tensor::randn(piece, DType::f32, q.device()).to(q.dtype()));
     into.push_back(Tensor::empty(piece, q.dtype(), q.device()));
   }
+  // With the core beside them, GPU events on the compute stream say when the core ended and when
+  // the last exchange had landed, both from the step's start: which of the two the other slowed.
+#ifdef LONGTAPE_WITH_CUDA
+  std::unique_ptr<cuda::DeviceTimer> until_core, until_all;
+  if (q.device().is_cuda()) {
+    until_core = std::make_unique<cuda::DeviceTimer>(q.device().index);
+    until_all = std::make_unique<cuda::DeviceTimer>(q.device().index);
+  }
+#endif
+  std::vector<double> core_end_ms, all_end_ms;
   auto exchanges = [&](bool with_core) {
     return [&, with_core] {
+#ifdef LONGTAPE_WITH_CUDA
+      const bool timed = with_core && until_core;
+      if (timed) until_core->start(), until_all->start();
+#endif
       std::vector<std::unique_ptr<dist::Communicator::PendingAllToAll>> pending;
       for (int i = 0; i < 8; ++i) pending.push_back(comm.start_all_to_all(to_each, into));  // q k v out dO dq dk dv
-      if (with_core) core_step(n)();
+      // The core only queued, as in the pipeline: with a device read here the host would sit in
+      // it while the copy engines' helper thread has copies to queue, and they would land after it.
+      if (with_core) hc.step(n, false)();
+#ifdef LONGTAPE_WITH_CUDA
+      if (timed) until_core->stop();
+#endif
       for (auto& p : pending) p->wait();
+#ifdef LONGTAPE_WITH_CUDA
+      if (timed) until_all->stop();
+#endif
       (void)sum(into[0].narrow(1, 0, 1)).item();
+#ifdef LONGTAPE_WITH_CUDA
+      if (timed) core_end_ms.push_back(until_core->elapsed_ms()), all_end_ms.push_back(until_all->elapsed_ms());
+#endif
     };
   };
   parts.exchange_s = time_step(&comm, repeats, exchanges(false));
   // The same exchanges with the core queued beside them (nothing waits for them): how much each
   // slows the other.
   parts.both_s = time_step(&comm, repeats, exchanges(true));
+  if (core_end_ms.size() > 2) {
+    core_end_ms.erase(core_end_ms.begin(), core_end_ms.begin() + 2);
+    all_end_ms.erase(all_end_ms.begin(), all_end_ms.begin() + 2);
+    parts.both_core_end_ms = median(core_end_ms);
+    parts.both_all_end_ms = median(all_end_ms);
+  }
   return parts;
 }
 
@@ -275,10 +311,12 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
                     std::to_string(parts.chunks) + " f+b " + std::to_string(parts.chunk_core_s * 1e3) + " ms";
         std::printf("head_parallel %-7s N=%lld %d ranks, its parts alone: core on %d heads f+b %.2f ms (%.2fx one "
                     "device; %.2f ms to queue it; %.2f ms on rank 0 with the other GPUs idle; %.2f ms before the "
-                    "first exchange), the all-to-alls of a forward and backward %.2f ms, both at once %.2f ms%s\n",
+                    "first exchange), the all-to-alls of a forward and backward %.2f ms, both at once %.2f ms (GPU "
+                    "events: the core ended at %.2f ms, the last exchange had landed at %.2f ms)%s\n",
                     inner.c_str(), static_cast<long long>(n), ranks, static_cast<int>(heads / ranks), parts.core_s * 1e3,
                     parts.core_s / single_s, parts.core_enqueue_s * 1e3, parts.core_alone_s * 1e3, core_first_s * 1e3,
-                    parts.exchange_s * 1e3, parts.both_s * 1e3, chunked.c_str());
+                    parts.exchange_s * 1e3, parts.both_s * 1e3, parts.both_core_end_ms, parts.both_all_end_ms,
+                    chunked.c_str());
         std::fflush(stdout);
       }
     }

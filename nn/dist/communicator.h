@@ -93,6 +93,12 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // default exchanges now. Neither to_each nor into may be changed, nor into read, before wait().
   virtual std::unique_ptr<PendingAllToAll> start_all_to_all(const std::vector<Tensor>& to_each,
                                                             const std::vector<Tensor>& into);
+  // Several start_all_to_all as one collective call: exchange i sends to_each[i] and receives into
+  // into[i], under the contract above; one wait() covers them all. Backends whose exchanges each
+  // cost host round trips (the copy engines') carry the whole group as one; this default starts
+  // them one by one.
+  virtual std::unique_ptr<PendingAllToAll> start_all_to_all_many(const std::vector<std::vector<Tensor>>& to_each,
+                                                                 const std::vector<std::vector<Tensor>>& into);
   // How start_all_to_all moves the data, for reports.
   virtual std::string all_to_all_transport() const { return "this backend's messages"; }
   // Elementwise sum (or mean) over ranks; every rank gets the same values (summed in rank order).
@@ -125,6 +131,9 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // For start_all_to_all: throws unless there is one defined `into` tensor per rank and one
   // defined tensor to send to each.
   void check_all_to_all_into(const std::vector<Tensor>& to_each, const std::vector<Tensor>& into) const;
+  // The same for each exchange of start_all_to_all_many, and as many lists to receive as to send.
+  void check_all_to_all_many(const std::vector<std::vector<Tensor>>& to_each,
+                             const std::vector<std::vector<Tensor>>& into) const;
   // Copies what rank `src` sent into `into`, after checking its shape and dtype.
   void receive_into(const Tensor& arrived, const Tensor& into, int src) const;
   // The PendingAllToAll of a backend that has sent already: wait() copies receive(s) into into[s]

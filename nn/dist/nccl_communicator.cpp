@@ -131,6 +131,13 @@ class NcclCommunicator final : public Communicator {
   // on the communication stream, after the compute stream's work so
   // far; no shapes travel first (the caller names them) and the host never waits. Contiguous
   // `into` tensors on this GPU receive directly, others through a buffer copied in wait().
+  std::unique_ptr<PendingAllToAll> start_all_to_all_many(const std::vector<std::vector<Tensor>>& to_each,
+                                                         const std::vector<std::vector<Tensor>>& into) override {
+    check_all_to_all_many(to_each, into);
+    if (peer_copy_) return peer_copy_->start_many(to_each, into);
+    return Communicator::start_all_to_all_many(to_each, into);
+  }
+
   std::unique_ptr<PendingAllToAll> start_all_to_all(const std::vector<Tensor>& to_each,
                                                     const std::vector<Tensor>& into) override {
     check_all_to_all_into(to_each, into);

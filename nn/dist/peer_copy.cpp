@@ -146,6 +146,7 @@ struct Job {
   std::string post;
   struct Piece {
     int peer;
+    int exchange;  // which exchange of the job (start_many)
     const char* src;
     RowLayout rows;
     int64_t bytes;
@@ -286,9 +287,13 @@ struct PeerCopyExchange::State {
     cuda_ok(cudaStreamWaitEvent(signal_stream, job.start, 0), "cudaStreamWaitEvent");
     cuda_ok(cudaEventRecord(ready[slot], signal_stream), "cudaEventRecord");
     store->set(key("where", static_cast<int64_t>(slot), rank), job.post);
+    std::map<int, std::string> where;  // what each peer posted for this job
     for (const Job::Piece& piece : job.pieces) {
-      const std::string theirs = read_fresh("where", seq, piece.peer);
-      const Destination d = read_at<Destination>(theirs, sizeof(int64_t) + static_cast<size_t>(rank) * sizeof(Destination));
+      auto it = where.find(piece.peer);
+      if (it == where.end()) it = where.emplace(piece.peer, read_fresh("where", seq, piece.peer)).first;
+      const Destination d = read_at<Destination>(
+          it->second, sizeof(int64_t) + (static_cast<size_t>(piece.exchange) * static_cast<size_t>(size) +
+                                         static_cast<size_t>(rank)) * sizeof(Destination));
       LT_CHECK(d.bytes == piece.bytes, "dist start_all_to_all: rank ", rank, " sends rank ", piece.peer, " ",
                piece.bytes, " bytes but rank ", piece.peer, " receives ", d.bytes, " bytes from it");
       if (d.bytes == 0) continue;
@@ -491,6 +496,11 @@ std::unique_ptr<PeerCopyExchange> PeerCopyExchange::connect(const TcpStore& stor
 
 std::unique_ptr<Communicator::PendingAllToAll> PeerCopyExchange::start(const std::vector<Tensor>& to_each,
                                                                        const std::vector<Tensor>& into) {
+  return start_many({to_each}, {into});
+}
+
+std::unique_ptr<Communicator::PendingAllToAll> PeerCopyExchange::start_many(
+    const std::vector<std::vector<Tensor>>& to_each_list, const std::vector<std::vector<Tensor>>& into_list) {
   State& s = *state_;
   std::lock_guard<std::mutex> lock(s.mutex);
   const auto t0 = Clock::now();
@@ -503,68 +513,81 @@ std::unique_ptr<Communicator::PendingAllToAll> PeerCopyExchange::start(const std
   LT_CHECK(s.unwaited.empty() || seq - s.unwaited.front() < kSlots, "dist start_all_to_all (copy engines): rank ",
            s.rank, " has ", kSlots, " exchanges under way; wait() for the oldest (number ", s.unwaited.front(),
            ") before starting another");
-  const Tensor& own_from = to_each[static_cast<size_t>(s.rank)];
-  const Tensor& own_to = into[static_cast<size_t>(s.rank)];
-  LT_CHECK(bytes_of(own_from) == bytes_of(own_to), "dist start_all_to_all: rank ", s.rank, " keeps ",
-           shape_str(own_from.shape()), " ", dtype_name(own_from.dtype()), " of its own but receives ",
-           shape_str(own_to.shape()), " ", dtype_name(own_to.dtype()), " from itself");
+  LT_CHECK(!to_each_list.empty() && to_each_list.size() == into_list.size(),
+           "dist start_all_to_all_many (copy engines): rank ", s.rank, " gave ", to_each_list.size(),
+           " lists to send and ", into_list.size(), " to receive into");
+  for (size_t e = 0; e < to_each_list.size(); ++e) {
+    const Tensor& own_from = to_each_list[e][static_cast<size_t>(s.rank)];
+    const Tensor& own_to = into_list[e][static_cast<size_t>(s.rank)];
+    LT_CHECK(bytes_of(own_from) == bytes_of(own_to), "dist start_all_to_all: rank ", s.rank, " keeps ",
+             shape_str(own_from.shape()), " ", dtype_name(own_from.dtype()), " of its own but receives ",
+             shape_str(own_to.shape()), " ", dtype_name(own_to.dtype()), " from itself");
+  }
   ++s.next_seq;
   cudaStream_t compute = static_cast<cudaStream_t>(cuda::current_stream());
   NoGradGuard no_grad;
 
-  // Where each piece goes: into[p] itself when it is contiguous on this GPU, else a contiguous
-  // buffer copied into it in wait() (so every sender's rows fit, whatever their length).
+  // Where each piece goes (exchange by exchange, rank by rank): into[p] itself when it is
+  // contiguous on this GPU, else a contiguous buffer copied into it in wait() (so every sender's
+  // rows fit, whatever their length).
   Job job;
   job.seq = seq;
   std::vector<Tensor> keep;
   std::vector<std::pair<Tensor, Tensor>> copy_after;
   append(job.post, seq);
-  for (int p = 0; p < s.size; ++p) {
-    Destination d;
-    const Tensor& target = into[static_cast<size_t>(p)];
-    d.bytes = bytes_of(target);
-    if (p != s.rank && d.bytes > 0) {
-      Tensor dst = target;
-      std::optional<RowLayout> layout;
-      if (dst.device() == gpu && dst.is_contiguous()) layout = RowLayout{1, d.bytes, d.bytes};
-      if (!layout) {
-        dst = Tensor::empty(target.shape(), target.dtype(), gpu);
-        layout = RowLayout{1, d.bytes, d.bytes};
-        copy_after.emplace_back(dst, target);
+  for (const std::vector<Tensor>& into : into_list) {
+    for (int p = 0; p < s.size; ++p) {
+      Destination d;
+      const Tensor& target = into[static_cast<size_t>(p)];
+      d.bytes = bytes_of(target);
+      if (p != s.rank && d.bytes > 0) {
+        Tensor dst = target;
+        std::optional<RowLayout> layout;
+        if (dst.device() == gpu && dst.is_contiguous()) layout = RowLayout{1, d.bytes, d.bytes};
+        if (!layout) {
+          dst = Tensor::empty(target.shape(), target.dtype(), gpu);
+          layout = RowLayout{1, d.bytes, d.bytes};
+          copy_after.emplace_back(dst, target);
+        }
+        keep.push_back(dst);
+        const auto [base, handle] = s.exported_handle(dst.raw_data());
+        d.handle = handle;
+        d.offset = static_cast<char*>(dst.raw_data()) - base;
+        d.rows = layout->rows;
+        d.row_bytes = layout->row_bytes;
+        d.pitch = layout->pitch;
       }
-      keep.push_back(dst);
-      const auto [base, handle] = s.exported_handle(dst.raw_data());
-      d.handle = handle;
-      d.offset = static_cast<char*>(dst.raw_data()) - base;
-      d.rows = layout->rows;
-      d.row_bytes = layout->row_bytes;
-      d.pitch = layout->pitch;
+      append(job.post, d);
     }
-    append(job.post, d);
   }
   // This rank's pieces: contiguous, or rows at a pitch (head slices) copied as they are.
-  for (int p = 0; p < s.size; ++p) {
-    const Tensor& piece = to_each[static_cast<size_t>(p)];
-    if (p == s.rank || piece.numel() == 0) {
-      if (p != s.rank) job.pieces.push_back({p, nullptr, RowLayout{}, 0});
-      continue;
+  for (size_t e = 0; e < to_each_list.size(); ++e) {
+    for (int p = 0; p < s.size; ++p) {
+      const Tensor& piece = to_each_list[e][static_cast<size_t>(p)];
+      if (p == s.rank || piece.numel() == 0) {
+        if (p != s.rank) job.pieces.push_back({p, static_cast<int>(e), nullptr, RowLayout{}, 0});
+        continue;
+      }
+      Tensor src = piece.device() == gpu ? piece.detach() : piece.detach().to(gpu);
+      std::optional<RowLayout> rows = row_layout(src);
+      if (!rows) {
+        src = src.contiguous();
+        rows = row_layout(src);
+      }
+      keep.push_back(src);
+      job.pieces.push_back({p, static_cast<int>(e), static_cast<const char*>(src.raw_data()), *rows, bytes_of(src)});
     }
-    Tensor src = piece.device() == gpu ? piece.detach() : piece.detach().to(gpu);
-    std::optional<RowLayout> rows = row_layout(src);
-    if (!rows) {
-      src = src.contiguous();
-      rows = row_layout(src);
-    }
-    keep.push_back(src);
-    job.pieces.push_back({p, static_cast<const char*>(src.raw_data()), *rows, bytes_of(src)});
   }
   cuda_ok(cudaEventCreateWithFlags(&job.start, cudaEventDisableTiming), "cudaEventCreate");
   cuda_ok(cudaEventRecord(job.start, compute), "cudaEventRecord");
-  // Its own piece on the compute stream: the transfers do not wait for it (an SM copy takes a
+  // Its own pieces on the compute stream: the transfers do not wait for them (an SM copy takes a
   // third of a copy engine's time for it).
-  if (own_to.numel() > 0) {
-    Tensor own = own_to;
-    own.copy_(own_from);
+  for (size_t e = 0; e < to_each_list.size(); ++e) {
+    const Tensor& own_to = into_list[e][static_cast<size_t>(s.rank)];
+    if (own_to.numel() > 0) {
+      Tensor own = own_to;
+      own.copy_(to_each_list[e][static_cast<size_t>(s.rank)]);
+    }
   }
   {
     std::lock_guard<std::mutex> jobs_lock(s.jobs_mutex);
@@ -572,7 +595,8 @@ std::unique_ptr<Communicator::PendingAllToAll> PeerCopyExchange::start(const std
   }
   s.jobs_changed.notify_all();
   s.unwaited.push_back(seq);
-  for (const Tensor& t : into) keep.push_back(t);
+  for (const std::vector<Tensor>& into : into_list)
+    for (const Tensor& t : into) keep.push_back(t);
   s.start_host_s += std::chrono::duration<double>(Clock::now() - t0).count();
   return std::make_unique<PeerCopyPending>(state_, seq, std::move(keep), std::move(copy_after));
 }

@@ -3,8 +3,9 @@
 // pieces straight into the receivers' tensors, which the receivers' processes share through CUDA
 // IPC, with cudaMemcpy2DAsync (rows of bytes at a pitch, so head slices leave without packing).
 // No SM does the moving, so compute beside it keeps every SM (a GEMM beside it runs at full speed;
-// the dilated attention core loses ~9% to the memory traffic); NCCL's kernels need SMs, which a
-// compute-bound kernel holds, and so run several times slower beside one.
+// the dilated attention core ends ~2% later with eight exchanges beside it, its own pieces' SM
+// copies included); NCCL's kernels need SMs, which a compute-bound kernel holds, and so run several
+// times slower beside one.
 //
 // Each exchange is ordered by two interprocess events per rank (the receiver's "its tensors are
 // ready", the sender's "its copies are done") and named through the job's TCP store: a rank posts
@@ -14,7 +15,7 @@
 // event and hands the exchange over; wait() blocks the host only until peers have queued their
 // copies (bounded by the store's timeout); the GPU streams wait on the events. Events are reused
 // in kSlots slots; a slot is taken again only once every rank has waited for the exchange that used
-// it last. Pieces travel as they are when contiguous or rows at a pitch (head slices); a receiving
+// it last. start_many carries several exchanges as one (one job, one slot, one set of round trips). Pieces travel as they are when contiguous or rows at a pitch (head slices); a receiving
 // tensor that is not contiguous gets a contiguous buffer, copied into it in wait().
 //
 // Only for builds with NCCL (the NCCL process group uses it when every rank can reach every other
@@ -46,6 +47,10 @@ class PeerCopyExchange {
   // buffer where no row pattern describes them) and on any device.
   std::unique_ptr<Communicator::PendingAllToAll> start(const std::vector<Tensor>& to_each,
                                                        const std::vector<Tensor>& into);
+  // Communicator::start_all_to_all_many's: every exchange of the group in one job (one set of
+  // store round trips and one slot for all of them).
+  std::unique_ptr<Communicator::PendingAllToAll> start_many(const std::vector<std::vector<Tensor>>& to_each,
+                                                            const std::vector<std::vector<Tensor>>& into);
 
   struct State;  // shared with the exchanges under way
 

@@ -139,6 +139,18 @@ std::vector<std::pair<std::string, Tensor>> check_collectives(Communicator& comm
   keep("start_all_to_all_rows", rows);
   keep("start_all_to_all_cols", cols);
 
+  // The same two exchanges as one start_all_to_all_many call, into fresh buffers.
+  Tensor rows2 = Tensor::zeros(rows.shape(), DType::f32, device);
+  Tensor cols2 = Tensor::zeros(cols.shape(), DType::i64, device);
+  std::vector<Tensor> rows2_into, cols2_into;
+  for (int s = 0, at = 0; s < size; at += 2 * (s + 3), ++s) {
+    rows2_into.push_back(rows2.narrow(0, at, 2 * (s + 3)).view({2, s + 3}));
+    cols2_into.push_back(cols2.narrow(1, s * (rank + 1), rank + 1).permute({1, 0}));
+  }
+  comm.start_all_to_all_many({rows_to_each, cols_to_each}, {rows2_into, cols2_into})->wait();
+  expect_exact(rows2, rows, "start_all_to_all_many (rows)", rank);
+  expect_exact(cols2, cols, "start_all_to_all_many (strided columns)", rank);
+
   // Head slices, as head_parallel moves them: rank s sends rank d heads 2d, 2d + 1 of its (5, 2P, 3)
   // tensor, received into the same heads of a (5, 2P, 3) buffer (rows at a pitch on both sides).
   const Tensor heads_full = mine(400, {5, 2 * size, 3});

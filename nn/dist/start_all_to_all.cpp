@@ -72,4 +72,33 @@ std::unique_ptr<Communicator::PendingAllToAll> Communicator::start_all_to_all(co
   return std::make_unique<ExchangedNow>();
 }
 
+namespace {
+class PendingGroup final : public Communicator::PendingAllToAll {
+ public:
+  explicit PendingGroup(std::vector<std::unique_ptr<Communicator::PendingAllToAll>> parts) : parts_(std::move(parts)) {}
+  void wait() override {
+    for (auto& p : parts_) p->wait();
+  }
+
+ private:
+  std::vector<std::unique_ptr<Communicator::PendingAllToAll>> parts_;
+};
+}  // namespace
+
+void Communicator::check_all_to_all_many(const std::vector<std::vector<Tensor>>& to_each,
+                                         const std::vector<std::vector<Tensor>>& into) const {
+  LT_CHECK(!to_each.empty() && to_each.size() == into.size(), "dist start_all_to_all_many: rank ", rank(),
+           " must give as many lists to receive into as lists to send (at least one), got ", to_each.size(),
+           " to send and ", into.size(), " to receive into");
+  for (size_t i = 0; i < to_each.size(); ++i) check_all_to_all_into(to_each[i], into[i]);
+}
+
+std::unique_ptr<Communicator::PendingAllToAll> Communicator::start_all_to_all_many(
+    const std::vector<std::vector<Tensor>>& to_each, const std::vector<std::vector<Tensor>>& into) {
+  check_all_to_all_many(to_each, into);
+  std::vector<std::unique_ptr<PendingAllToAll>> parts;
+  for (size_t i = 0; i < to_each.size(); ++i) parts.push_back(start_all_to_all(to_each[i], into[i]));
+  return std::make_unique<PendingGroup>(std::move(parts));
+}
+
 }  // namespace longtape::dist

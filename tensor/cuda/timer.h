@@ -4,6 +4,8 @@
 // their use with #ifdef LONGTAPE_WITH_CUDA.
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace longtape::cuda {
 
@@ -25,6 +27,24 @@ class DeviceTimer {
   int device_;
   void* start_ = nullptr;  // cudaEvent_t
   void* stop_ = nullptr;   // cudaEvent_t
+};
+
+// Points of one stream's timeline: mark() records an event on the current stream; times() waits
+// for the last and returns each mark's milliseconds after the first one. For finding where a
+// pipeline's stream waits (a mark after a wait on other streams lands late when it waited).
+class DeviceTimeline {
+ public:
+  explicit DeviceTimeline(int device) : device_(device) {}
+  ~DeviceTimeline();
+  DeviceTimeline(const DeviceTimeline&) = delete;
+  DeviceTimeline& operator=(const DeviceTimeline&) = delete;
+
+  void mark(std::string name);
+  std::vector<std::pair<std::string, double>> times();
+
+ private:
+  int device_;
+  std::vector<std::pair<std::string, void*>> marks_;  // cudaEvent_t
 };
 
 // What a benchmark reports about the GPU it ran on.

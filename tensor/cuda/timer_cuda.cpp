@@ -47,6 +47,31 @@ double DeviceTimer::elapsed_ms() {
   return static_cast<double>(ms);
 }
 
+DeviceTimeline::~DeviceTimeline() {
+  for (auto& [name, e] : marks_) cudaEventDestroy(event_of(e));
+}
+
+void DeviceTimeline::mark(std::string name) {
+  set_device(device_);
+  cudaEvent_t e = nullptr;
+  CUDA_CHECK(cudaEventCreate(&e));
+  marks_.emplace_back(std::move(name), e);
+  CUDA_CHECK(cudaEventRecord(e, stream()));
+}
+
+std::vector<std::pair<std::string, double>> DeviceTimeline::times() {
+  std::vector<std::pair<std::string, double>> out;
+  if (marks_.empty()) return out;
+  set_device(device_);
+  CUDA_CHECK(cudaEventSynchronize(event_of(marks_.back().second)));
+  for (auto& [name, e] : marks_) {
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, event_of(marks_.front().second), event_of(e)));
+    out.emplace_back(name, static_cast<double>(ms));
+  }
+  return out;
+}
+
 DeviceProperties device_properties(int device) {
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
