@@ -1,6 +1,9 @@
 #include "attention/head_parallel.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <mutex>
 
 #include "attention/composed.h"
@@ -177,9 +180,9 @@ AttentionOutput head_parallel_with(dist::Communicator& comm, const AttentionConf
   const int64_t ranks = comm.size(), rank = comm.rank();
   check_heads(q.size(2), ranks, "head_parallel_attention");
   // Sequence lengths of every rank: the sizes of the return all-to-all.
-  std::vector<int64_t> lengths;
-  for (const Tensor& n : comm.all_gather(Tensor::from_vector(std::vector<int64_t>{q.size(1)}, {1})))
-    lengths.push_back(static_cast<int64_t>(n.item()));
+  const auto entry = std::chrono::steady_clock::now();
+  const std::vector<int64_t> lengths = comm.all_gather_sizes(q.size(1));
+  const auto gathered = std::chrono::steady_clock::now();
 
   if (!inner) inner = make_attention(config.inner_variant, inner_config(config, rank, ranks));
   const int64_t local = q.size(2) / ranks;
@@ -208,6 +211,11 @@ AttentionOutput head_parallel_with(dist::Communicator& comm, const AttentionConf
     }
   }
   for (const auto& core : cores) core->train(training);
+  if (const char* v = std::getenv("LONGTAPE_HEAD_PARALLEL_TIMELINE"); v && std::string(v) == "1") {
+    auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
+    std::fprintf(stderr, "head_parallel rank %lld host ms: the lengths' all_gather %.3f, the steps and cores %.3f\n",
+                 static_cast<long long>(comm.rank()), ms(gathered - entry), ms(std::chrono::steady_clock::now() - gathered));
+  }
   AttentionOutput result = pipelined_head_parallel(comm, q, k, v, steps, cores, run);
   {
     std::lock_guard<std::mutex> lock(g_last_run_mutex);

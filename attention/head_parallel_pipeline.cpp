@@ -1,6 +1,7 @@
 #include "attention/head_parallel_pipeline.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -71,7 +72,9 @@ class Timeline {
   }
   void mark(const std::string& name) {
 #ifdef LONGTAPE_WITH_CUDA
-    if (line_) line_->mark(name);
+    if (!line_) return;
+    line_->mark(name);
+    host_ms_.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - host0_).count());
 #else
     (void)name;
 #endif
@@ -79,8 +82,11 @@ class Timeline {
   void print(int64_t rank) {
 #ifdef LONGTAPE_WITH_CUDA
     if (!line_) return;
-    std::string text = "head_parallel timeline, rank " + std::to_string(rank) + " (ms):";
-    for (const auto& [name, ms] : line_->times()) text += " " + name + " " + std::to_string(ms).substr(0, 6);
+    std::string text = "head_parallel timeline, rank " + std::to_string(rank) + " (GPU ms / host ms when queued):";
+    const auto times = line_->times();
+    for (size_t i = 0; i < times.size(); ++i)
+      text += " " + times[i].first + " " + std::to_string(times[i].second).substr(0, 6) + "/" +
+              std::to_string(host_ms_[i]).substr(0, 6);
     std::fprintf(stderr, "%s\n", text.c_str());
 #else
     (void)rank;
@@ -90,6 +96,8 @@ class Timeline {
  private:
 #ifdef LONGTAPE_WITH_CUDA
   std::unique_ptr<cuda::DeviceTimeline> line_;
+  std::chrono::steady_clock::time_point host0_ = std::chrono::steady_clock::now();
+  std::vector<double> host_ms_;
 #endif
 };
 

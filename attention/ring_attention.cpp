@@ -439,10 +439,10 @@ AttentionOutput ring_attention(dist::Communicator& comm, const AttentionConfig& 
   // Every rank learns every rank's length, so all of them agree on the plan.
   std::vector<int64_t> lengths;
   int64_t n = 0;
-  for (const Tensor& len : comm.all_gather(Tensor::from_vector(std::vector<int64_t>{q.size(1)}, {1}))) {
-    LT_CHECK(len.item() >= 1, "ring_attention: every rank needs at least one token");
-    lengths.push_back(static_cast<int64_t>(len.item()));
-    n += lengths.back();
+  for (const int64_t len : comm.all_gather_sizes(q.size(1))) {
+    LT_CHECK(len >= 1, "ring_attention: every rank needs at least one token");
+    lengths.push_back(len);
+    n += len;
   }
   std::vector<std::vector<Piece>> pieces;
   if (layout == RingLayout::contiguous) {

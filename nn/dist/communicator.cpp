@@ -388,4 +388,11 @@ void run_ranks(int size, const std::function<void(Communicator&)>& body, const C
   LT_CHECK(!world->failed, "run_ranks: rank ", world->failed_rank, " of ", size, " failed: ", world->failed_message);
 }
 
+std::vector<int64_t> Communicator::all_gather_sizes(int64_t value) {
+  std::vector<int64_t> out;
+  for (const Tensor& t : all_gather(Tensor::from_vector(std::vector<int64_t>{value}, {1})))
+    out.push_back(static_cast<int64_t>(t.item()));
+  return out;
+}
+
 }  // namespace longtape::dist

@@ -69,6 +69,9 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // ---- collectives: every rank calls them, in the same order ----
   // result[s] = rank s's tensor (all ranks' tensors must have one shape and dtype).
   virtual std::vector<Tensor> all_gather(const Tensor& tensor) = 0;
+  // result[s] = rank s's `value`, on the host (sizes a collective needs before it starts). This
+  // default goes through all_gather; backends with a faster host path use it.
+  virtual std::vector<int64_t> all_gather_sizes(int64_t value);
   // to_each[d] goes to rank d; result[s] = what rank s sent to this rank. Shapes may differ per
   // pair. result[s] lies on the device of to_each[rank()].
   virtual std::vector<Tensor> all_to_all(const std::vector<Tensor>& to_each) = 0;

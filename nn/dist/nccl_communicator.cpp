@@ -82,6 +82,11 @@ class NcclCommunicator final : public Communicator {
     return result;
   }
 
+  std::vector<int64_t> all_gather_sizes(int64_t value) override {
+    if (peer_copy_ && peer_copy_->posts_in_shared_memory()) return peer_copy_->all_gather_sizes(value);
+    return Communicator::all_gather_sizes(value);
+  }
+
   std::vector<Tensor> all_to_all(const std::vector<Tensor>& to_each) override {
     LT_CHECK(static_cast<int>(to_each.size()) == size(), "dist all_to_all: rank ", rank(),
              " must give one tensor per rank (", size(), "), got ", to_each.size());
@@ -124,7 +129,9 @@ class NcclCommunicator final : public Communicator {
   }
 
   std::string all_to_all_transport() const override {
-    return peer_copy_ ? "copy engines (CUDA IPC, no SM)" : "NCCL send/recv";
+    if (!peer_copy_) return "NCCL send/recv";
+    return peer_copy_->posts_in_shared_memory() ? "copy engines (CUDA IPC, no SM; posts in shared memory)"
+                                                : "copy engines (CUDA IPC, no SM; posts through the TCP store)";
   }
 
   // On one host, the copy engines (nn/dist/peer_copy.h). Otherwise one group of ncclSend/ncclRecv

@@ -18,6 +18,7 @@
 #include <optional>
 #include <thread>
 
+#include "nn/dist/shm_mailbox.h"
 #include "tensor/autograd/grad_mode.h"
 #include "tensor/cuda/runtime.h"
 #include "tensor/error.h"
@@ -131,6 +132,12 @@ T read_at(const std::string& in, size_t at) {
   return value;
 }
 
+// LONGTAPE_PEER_COPY_SHM=0: the protocol's posts go through the TCP store even on one host.
+bool env_shm_disabled() {
+  const char* v = std::getenv("LONGTAPE_PEER_COPY_SHM");
+  return v != nullptr && std::string(v) == "0";
+}
+
 bool env_disabled() {
   const char* v = std::getenv("LONGTAPE_PEER_COPY");
   return v != nullptr && std::string(v) == "0";
@@ -158,6 +165,8 @@ struct PeerCopyExchange::State {
   int rank = 0, size = 0, device = 0;
   std::string prefix;
   std::unique_ptr<TcpStore> store;  // this exchange's own connection (one request at a time)
+  // The posts, stamps and counters of the protocol below in shared memory (null: through the store).
+  std::unique_ptr<ShmMailbox> mailbox;
   std::vector<cudaEvent_t> ready, sent;                          // [slot], interprocess
   std::vector<std::vector<cudaEvent_t>> peer_ready, peer_sent;   // [rank][slot], opened
   std::vector<cudaStream_t> copy_streams;                        // [peer]
@@ -166,9 +175,11 @@ struct PeerCopyExchange::State {
   std::map<std::string, char*> opened;  // IPC handle bytes -> this process's mapping (worker only)
   std::map<uint64_t, std::pair<char*, cudaIpcMemHandle_t>> exported;  // allocation id -> (base, handle)
   int64_t next_seq = 0;
+  int64_t next_gather = 0;  // all_gather_sizes calls so far
   std::deque<int64_t> unwaited;
   std::mutex mutex;  // start() and wait()
   double start_host_s = 0, wait_host_s = 0;  // the caller's host time inside start() and wait()
+  double worker_s[4] = {0, 0, 0, 0};  // the worker's time per phase: slot free, where, copies queued, sent
 
   // The worker: the store round trips and the copies' queuing, off the caller's thread, so that
   // the caller queues its compute meanwhile (a round trip costs ~50 us, several per exchange).
@@ -191,8 +202,11 @@ struct PeerCopyExchange::State {
     }
     if (const char* v = std::getenv("LONGTAPE_PEER_COPY_STATS"); v && std::string(v) == "1" && next_seq > 0)
       std::fprintf(stderr, "peer copy rank %d: %lld exchanges, caller's host time %.1f us in start and %.1f us in wait "
-                   "each\n", rank, static_cast<long long>(next_seq), start_host_s / next_seq * 1e6,
-                   wait_host_s / next_seq * 1e6);
+                   "each; the helper thread's per exchange: %.1f us until the slot was free, %.1f us posting and "
+                   "reading where the pieces go, %.1f us queuing the copies, %.1f us posting that they are queued\n",
+                   rank, static_cast<long long>(next_seq), start_host_s / next_seq * 1e6, wait_host_s / next_seq * 1e6,
+                   worker_s[0] / next_seq * 1e6, worker_s[1] / next_seq * 1e6, worker_s[2] / next_seq * 1e6,
+                   worker_s[3] / next_seq * 1e6);
     cudaSetDevice(device);
     for (cudaStream_t s : copy_streams)
       if (s) cudaStreamSynchronize(s);
@@ -234,16 +248,46 @@ struct PeerCopyExchange::State {
     }
   }
 
+  // This rank's post of where its pieces of exchange `seq` go, and rank r's.
+  void post_where(int64_t seq, const std::string& post) {
+    if (mailbox) return mailbox->post(static_cast<int>(seq % kSlots), rank, seq, post);
+    store->set(key("where", seq % kSlots, rank), post);
+  }
+  std::string read_where(int64_t seq, int r) {
+    if (mailbox) return mailbox->read(static_cast<int>(seq % kSlots), r, seq, store->timeout(), "where its pieces go");
+    return read_fresh("where", seq, r);
+  }
+  // That this rank's copies of exchange `seq` are queued (after its "sent" event), and waiting for rank r's.
+  void post_sent(int64_t seq) {
+    if (mailbox) return mailbox->stamp(static_cast<int>(seq % kSlots), rank, seq);
+    std::string posted;
+    append(posted, seq);
+    store->set(key("sent", seq % kSlots, rank), posted);
+  }
+  void wait_sent(int64_t seq, int r) {
+    if (mailbox) return mailbox->wait_stamp(static_cast<int>(seq % kSlots), r, seq, store->timeout(), "its copies are queued");
+    read_fresh("sent", seq, r);
+  }
+  // This rank has waited for exchange `seq` (its slot's counter).
+  void add_done(int64_t seq) {
+    if (mailbox) {
+      mailbox->add(static_cast<int>(seq % kSlots), 1);
+      return;
+    }
+    store->add(prefix + "/done/" + std::to_string(seq % kSlots), 1);
+  }
+
   // Waits until every rank has waited for the exchange that used `slot` before exchange `seq`.
   void wait_slot_free(int64_t seq) {
     const int64_t round = seq / kSlots;
     if (round == 0) return;
     const std::string k = prefix + "/done/" + std::to_string(seq % kSlots);
     const auto deadline = Clock::now() + store->timeout();
-    while (store->add(k, 0) < size * round) {
+    auto done = [&] { return mailbox ? mailbox->count(static_cast<int>(seq % kSlots)) : store->add(k, 0); };
+    while (done() < size * round) {
       LT_CHECK(Clock::now() < deadline, "dist (copy engines): rank ", rank, " timed out after ",
                store->timeout().count() / 1000.0, " s waiting for every rank to finish all-to-all ", seq - kSlots);
-      std::this_thread::sleep_for(std::chrono::microseconds(20));
+      std::this_thread::sleep_for(std::chrono::microseconds(mailbox ? 2 : 20));
     }
   }
 
@@ -283,14 +327,18 @@ struct PeerCopyExchange::State {
   void carry_out(Job& job) {
     const int64_t seq = job.seq;
     const size_t slot = static_cast<size_t>(seq % kSlots);
+    const auto t0 = Clock::now();
     wait_slot_free(seq);
+    const auto t1 = Clock::now();
     cuda_ok(cudaStreamWaitEvent(signal_stream, job.start, 0), "cudaStreamWaitEvent");
     cuda_ok(cudaEventRecord(ready[slot], signal_stream), "cudaEventRecord");
-    store->set(key("where", static_cast<int64_t>(slot), rank), job.post);
+    post_where(seq, job.post);
     std::map<int, std::string> where;  // what each peer posted for this job
+    for (const Job::Piece& piece : job.pieces)
+      if (!where.count(piece.peer)) where.emplace(piece.peer, read_where(seq, piece.peer));
+    const auto t2 = Clock::now();
     for (const Job::Piece& piece : job.pieces) {
-      auto it = where.find(piece.peer);
-      if (it == where.end()) it = where.emplace(piece.peer, read_fresh("where", seq, piece.peer)).first;
+      const auto it = where.find(piece.peer);
       const Destination d = read_at<Destination>(
           it->second, sizeof(int64_t) + (static_cast<size_t>(piece.exchange) * static_cast<size_t>(size) +
                                          static_cast<size_t>(rank)) * sizeof(Destination));
@@ -314,9 +362,14 @@ struct PeerCopyExchange::State {
               "cudaStreamWaitEvent");
     }
     cuda_ok(cudaEventRecord(sent[slot], signal_stream), "cudaEventRecord");
-    std::string posted;
-    append(posted, seq);
-    store->set(key("sent", static_cast<int64_t>(slot), rank), posted);
+    const auto t3 = Clock::now();
+    post_sent(seq);
+    const auto t4 = Clock::now();
+    auto seconds = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
+    worker_s[0] += seconds(t1 - t0);
+    worker_s[1] += seconds(t2 - t1);
+    worker_s[2] += seconds(t3 - t2);
+    worker_s[3] += seconds(t4 - t3);
   }
 
   void work() {
@@ -384,7 +437,7 @@ class PeerCopyPending final : public Communicator::PendingAllToAll {
     const int64_t slot = seq_ % PeerCopyExchange::kSlots;
     for (int p = 0; p < s.size; ++p) {
       if (p == s.rank) continue;
-      s.read_fresh("sent", seq_, p);
+      s.wait_sent(seq_, p);
       cuda_ok(cudaStreamWaitEvent(compute, s.peer_sent[static_cast<size_t>(p)][static_cast<size_t>(slot)], 0),
               "cudaStreamWaitEvent (a peer's copies)");
     }
@@ -396,7 +449,7 @@ class PeerCopyPending final : public Communicator::PendingAllToAll {
     }
     copy_after_.clear();
     keep_.clear();
-    s.store->add(s.prefix + "/done/" + std::to_string(slot), 1);
+    s.add_done(seq_);
     auto it = std::find(s.unwaited.begin(), s.unwaited.end(), seq_);
     if (it != s.unwaited.end()) s.unwaited.erase(it);
     s.wait_host_s += std::chrono::duration<double>(Clock::now() - t0).count();
@@ -414,6 +467,15 @@ class PeerCopyPending final : public Communicator::PendingAllToAll {
 
 PeerCopyExchange::PeerCopyExchange(std::shared_ptr<State> state) : state_(std::move(state)) {}
 PeerCopyExchange::~PeerCopyExchange() = default;
+
+bool PeerCopyExchange::posts_in_shared_memory() const { return state_->mailbox != nullptr; }
+
+std::vector<int64_t> PeerCopyExchange::all_gather_sizes(int64_t value) {
+  State& s = *state_;
+  LT_CHECK(s.mailbox, "dist (copy engines): all_gather_sizes needs the shared-memory mailbox");
+  std::lock_guard<std::mutex> lock(s.mutex);
+  return s.mailbox->all_gather(s.next_gather++, value, s.store->timeout());
+}
 
 std::unique_ptr<PeerCopyExchange> PeerCopyExchange::connect(const TcpStore& store, int rank, int size, int device,
                                                             const std::string& prefix) {
@@ -480,6 +542,8 @@ std::unique_ptr<PeerCopyExchange> PeerCopyExchange::connect(const TcpStore& stor
   bool all = true;
   for (int p = 0; p < size; ++p) all = state->store->get(prefix + "/reach/" + std::to_string(p)) == "1" && all;
   if (!all) return nullptr;
+  // Every rank is on this host: the protocol's posts go through shared memory where it can be mapped.
+  if (!env_shm_disabled()) state->mailbox = ShmMailbox::connect(*state->store, prefix, rank, size, kSlots);
   state->copy_streams.assign(static_cast<size_t>(size), nullptr);
   state->copy_done.assign(static_cast<size_t>(size), nullptr);
   for (int p = 0; p < size; ++p) {

@@ -52,6 +52,12 @@ class PeerCopyExchange {
   std::unique_ptr<Communicator::PendingAllToAll> start_many(const std::vector<std::vector<Tensor>>& to_each,
                                                             const std::vector<std::vector<Tensor>>& into);
 
+  // Whether the protocol's posts go through shared memory (every rank on this host mapped it) rather
+  // than the TCP store.
+  bool posts_in_shared_memory() const;
+  // Communicator::all_gather_sizes through the shared memory (only where posts_in_shared_memory()).
+  std::vector<int64_t> all_gather_sizes(int64_t value);
+
   struct State;  // shared with the exchanges under way
 
  private:

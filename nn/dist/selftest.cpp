@@ -102,6 +102,17 @@ std::vector<std::pair<std::string, Tensor>> check_collectives(Communicator& comm
     keep("all_gather_" + std::to_string(s), gathered[static_cast<size_t>(s)]);
   }
 
+  // all_gather_sizes, three calls in a row (the shared-memory path takes turns between two slots).
+  for (int64_t call = 0; call < 3; ++call) {
+    const std::vector<int64_t> sizes = comm.all_gather_sizes(1000 * call + 7 * rank + 3);
+    LT_CHECK(static_cast<int>(sizes.size()) == size, "dist-check: all_gather_sizes on rank ", rank, " returned ",
+             sizes.size(), " values for ", size, " ranks");
+    for (int s = 0; s < size; ++s)
+      LT_CHECK(sizes[static_cast<size_t>(s)] == 1000 * call + 7 * s + 3, "dist-check: all_gather_sizes call ", call,
+               " on rank ", rank, " got ", sizes[static_cast<size_t>(s)], " from rank ", s, ", expected ",
+               1000 * call + 7 * s + 3);
+  }
+
   // all_to_all with a different shape per pair: rank s sends rank d a (s + 1, d + 2) tensor.
   std::vector<Tensor> to_each;
   for (int d = 0; d < size; ++d) to_each.push_back(mine(100 + d, {rank + 1, d + 2}));
