@@ -25,7 +25,7 @@ struct KernelTuning {
   // Without the deterministic switch: rescaled bf16 problems at D = 64 without block lists run
   // the warp-specialized sm_90a backward (a producer warp streams query tiles, two consumer
   // warpgroups of 64 keys each, dQ added by bulk tensor reductions). Off: measured 1-17% slower
-  // than the dK/dV + dQ kernels, and racecheck's report on it is still open (NOTES v28).
+  // than the dK/dV + dQ kernels (NOTES v28).
   bool hopper_backward_warp_specialized = false;
   // Hopper backward at D = 64 without block lists: each tile's last product group runs on while
   // the CTA waits for the next tile (three stages of streamed tiles; false: waited for at once).
