@@ -20,6 +20,7 @@
 #include "nn/dist/nccl_communicator.h"
 #include "nn/dist/process_group.h"
 #include "nn/dist/selftest.h"
+#include "nn/dist/shm_mailbox.h"
 #include "nn/dist/store.h"
 #include "nn/dist/tcp_communicator.h"
 #include "nn/layers.h"
@@ -89,6 +90,75 @@ struct TwoLayers : nn::Module {
 };
 
 }  // namespace
+
+TEST_CASE("shared-memory mailbox: posts, stamps, counters and all_gather across 3 ranks; a rank that opts out "
+          "leaves every rank on its store; wrong order and silence are errors") {
+  TcpStore server("127.0.0.1", 0, true, 5s);
+  constexpr int kRanks = 3, kSlots = 4;
+  // Each rank (a thread with its own store connection) connects, posts in slot 1 for exchange 5,
+  // reads every rank's post, stamps, waits for every stamp, adds to the counter, and gathers
+  // three values in a row.
+  std::vector<std::string> errors(kRanks);
+  std::vector<std::vector<std::string>> posts(kRanks);
+  std::vector<std::vector<int64_t>> gathered(kRanks);
+  std::vector<int64_t> counts(kRanks);
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < kRanks; ++r)
+    ranks.emplace_back([&, r] {
+      try {
+        TcpStore store("127.0.0.1", server.port(), false, 5s);
+        auto box = ShmMailbox::connect(store, "mb", r, kRanks, kSlots);
+        if (!box) throw std::runtime_error("no mailbox");
+        box->post(1, r, 5, "rank " + std::to_string(r) + std::string(1000, static_cast<char>('a' + r)));
+        for (int p = 0; p < kRanks; ++p) posts[r].push_back(box->read(1, p, 5, 5000ms, "a test post"));
+        box->stamp(1, r, 5);
+        for (int p = 0; p < kRanks; ++p) box->wait_stamp(1, p, 5, 5000ms, "a test stamp");
+        box->add(1, 1);
+        for (int64_t call = 0; call < 3; ++call) {
+          const std::vector<int64_t> v = box->all_gather(call, 100 * call + r, 5000ms);
+          gathered[r].insert(gathered[r].end(), v.begin(), v.end());
+        }
+        // Everyone has added by now (each rank's gathers need every rank past its add).
+        counts[r] = box->count(1);
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  for (auto& t : ranks) t.join();
+  for (int r = 0; r < kRanks; ++r) {
+    INFO("rank " << r);
+    CHECK(errors[r].empty());
+    REQUIRE(posts[r].size() == kRanks);
+    for (int p = 0; p < kRanks; ++p)
+      CHECK(posts[r][static_cast<size_t>(p)] ==
+            "rank " + std::to_string(p) + std::string(1000, static_cast<char>('a' + p)));
+    CHECK(gathered[r] == std::vector<int64_t>{0, 1, 2, 100, 101, 102, 200, 201, 202});
+    CHECK(counts[r] == kRanks);
+  }
+
+  // One rank opts out: every rank gets nullptr (and nobody waits forever).
+  std::vector<int> got(kRanks, -1);
+  ranks.clear();
+  for (int r = 0; r < kRanks; ++r)
+    ranks.emplace_back([&, r] {
+      TcpStore store("127.0.0.1", server.port(), false, 5s);
+      got[r] = ShmMailbox::connect(store, "mb2", r, kRanks, kSlots, /*wanted=*/r != 1) != nullptr;
+    });
+  for (auto& t : ranks) t.join();
+  CHECK(got == std::vector<int>{0, 0, 0});
+
+  // One rank alone: a later exchange's post where an earlier one is awaited, and a post that
+  // never comes, are errors naming what was expected.
+  TcpStore store("127.0.0.1", server.port(), false, 5s);
+  auto box = ShmMailbox::connect(store, "mb3", 0, 1, kSlots);
+  REQUIRE(box != nullptr);
+  box->post(2, 0, 7, "x");
+  CHECK_THROWS_WITH_AS(box->read(2, 0, 5, 100ms, "a test post"), doctest::Contains("posted exchange 7 where exchange 5"),
+                       Error);
+  CHECK_THROWS_WITH_AS(box->read(3, 0, 5, 50ms, "a test post"), doctest::Contains("timed out"), Error);
+  CHECK_THROWS_WITH_AS(box->post(0, 0, 1, std::string(ShmMailbox::kPostBytes + 1, 'z')),
+                       doctest::Contains("at most"), Error);
+}
 
 TEST_CASE("TCP store: set, get, add and wait across clients; a missing key times out naming it") {
   TcpStore server("127.0.0.1", 0, true, 5s);

@@ -542,8 +542,9 @@ std::unique_ptr<PeerCopyExchange> PeerCopyExchange::connect(const TcpStore& stor
   bool all = true;
   for (int p = 0; p < size; ++p) all = state->store->get(prefix + "/reach/" + std::to_string(p)) == "1" && all;
   if (!all) return nullptr;
-  // Every rank is on this host: the protocol's posts go through shared memory where it can be mapped.
-  if (!env_shm_disabled()) state->mailbox = ShmMailbox::connect(*state->store, prefix, rank, size, kSlots);
+  // Every rank is on this host: the protocol's posts go through shared memory where every rank
+  // maps it (and none has LONGTAPE_PEER_COPY_SHM=0).
+  state->mailbox = ShmMailbox::connect(*state->store, prefix, rank, size, kSlots, !env_shm_disabled());
   state->copy_streams.assign(static_cast<size_t>(size), nullptr);
   state->copy_done.assign(static_cast<size_t>(size), nullptr);
   for (int p = 0; p < size; ++p) {

@@ -61,13 +61,13 @@ ShmMailbox::Slot& ShmMailbox::slot_at(int slot) const {
 }
 
 std::unique_ptr<ShmMailbox> ShmMailbox::connect(TcpStore& store, const std::string& prefix, int rank, int size,
-                                                int slots) {
+                                                int slots, bool wanted) {
   const size_t bytes = static_cast<size_t>(slots + 2) * slot_bytes(size);  // + all_gather's two
   const std::string name_key = prefix + "/shm/name", ok_key = prefix + "/shm/ok/";
   std::string name;
   int fd = -1;
   if (rank == 0) {
-    if (size <= kMaxRanks) {
+    if (wanted && size <= kMaxRanks) {
       static std::atomic<int> counter{0};
       name = "/longtape-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
       fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
@@ -82,7 +82,7 @@ std::unique_ptr<ShmMailbox> ShmMailbox::connect(TcpStore& store, const std::stri
   } else {
     name = store.get(name_key);
     if (name == "-") name.clear();
-    if (!name.empty()) fd = shm_open(name.c_str(), O_RDWR, 0600);
+    if (wanted && !name.empty()) fd = shm_open(name.c_str(), O_RDWR, 0600);
   }
   void* base = MAP_FAILED;
   if (fd >= 0) {

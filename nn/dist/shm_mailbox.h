@@ -23,10 +23,11 @@ class ShmMailbox {
   static constexpr size_t kPostBytes = 16384;
 
   // Collective over the `size` ranks of `store` (one host): rank 0 creates the segment and names it
-  // under `prefix`; every rank maps it. nullptr on every rank when any rank cannot (more than
-  // kMaxRanks ranks, no POSIX shared memory), so the caller keeps its store.
+  // under `prefix`; every rank maps it. nullptr on every rank when any rank cannot or does not
+  // want to (`wanted` false; more than kMaxRanks ranks; no POSIX shared memory), so the caller
+  // keeps its store.
   static std::unique_ptr<ShmMailbox> connect(TcpStore& store, const std::string& prefix, int rank, int size,
-                                             int slots);
+                                             int slots, bool wanted = true);
   ~ShmMailbox();
   ShmMailbox(const ShmMailbox&) = delete;
   ShmMailbox& operator=(const ShmMailbox&) = delete;
