@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <mutex>
 
 #include "attention/composed.h"
@@ -211,7 +210,7 @@ AttentionOutput head_parallel_with(dist::Communicator& comm, const AttentionConf
     }
   }
   for (const auto& core : cores) core->train(training);
-  if (const char* v = std::getenv("LONGTAPE_HEAD_PARALLEL_TIMELINE"); v && std::string(v) == "1") {
+  if (head_parallel_timeline_enabled()) {
     auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
     std::fprintf(stderr, "head_parallel rank %lld host ms: the lengths' all_gather %.3f, the steps and cores %.3f\n",
                  static_cast<long long>(comm.rank()), ms(gathered - entry), ms(std::chrono::steady_clock::now() - gathered));

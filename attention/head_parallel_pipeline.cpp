@@ -53,6 +53,14 @@ std::vector<PipelineStep> token_chunk_steps(int64_t local_heads, int64_t ranks, 
   return steps;
 }
 
+bool head_parallel_timeline_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("LONGTAPE_HEAD_PARALLEL_TIMELINE");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return enabled;
+}
+
 namespace {
 
 using Pending = std::unique_ptr<dist::Communicator::PendingAllToAll>;
@@ -64,8 +72,8 @@ class Timeline {
  public:
   explicit Timeline(const Device& device) {
 #ifdef LONGTAPE_WITH_CUDA
-    const char* v = std::getenv("LONGTAPE_HEAD_PARALLEL_TIMELINE");
-    if (v && std::string(v) == "1" && device.is_cuda()) line_ = std::make_unique<cuda::DeviceTimeline>(device.index);
+    if (head_parallel_timeline_enabled() && device.is_cuda())
+      line_ = std::make_unique<cuda::DeviceTimeline>(device.index);
 #else
     (void)device;
 #endif

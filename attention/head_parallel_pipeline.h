@@ -56,6 +56,10 @@ std::vector<PipelineStep> head_group_steps(const std::vector<HeadGroup>& groups,
 // ranks' `length` tokens. Needs length % chunks == 0.
 std::vector<PipelineStep> token_chunk_steps(int64_t local_heads, int64_t ranks, int64_t length, int64_t chunks);
 
+// LONGTAPE_HEAD_PARALLEL_TIMELINE=1: head_parallel prints where each rank's step spends its time
+// (read once per process).
+bool head_parallel_timeline_enabled();
+
 // Runs the pipeline on this rank's shards q, k, v (B, n_r, H, D) with H = P * local heads; every
 // rank passes the same steps, whose tokens and heads cover the shards exactly once. cores[g]
 // computes step g (told its heads' global indices) on (B, sum of lengths, count, D). Returns this

@@ -29,9 +29,9 @@ void check_same_structure(Communicator& comm, const std::vector<std::pair<std::s
                           const char* who) {
   const Tensor structure = structure_of(params);
   // The lengths first (an all_gather needs equal shapes), then the shapes.
-  const auto lengths = comm.all_gather(Tensor::from_vector(std::vector<int64_t>{structure.numel()}, {1}));
+  const std::vector<int64_t> lengths = comm.all_gather_sizes(structure.numel());
   for (int s = 0; s < comm.size(); ++s)
-    LT_CHECK(lengths[static_cast<size_t>(s)].item() == static_cast<double>(structure.numel()), who, ": rank ",
+    LT_CHECK(lengths[static_cast<size_t>(s)] == structure.numel(), who, ": rank ",
              comm.rank(), " and rank ", s, " have models with different parameter lists (every rank needs the same model)");
   const auto structures = comm.all_gather(structure);
   const auto mine = structure.to_vector();
