@@ -44,11 +44,16 @@ struct AttentionConfig {
   // head_parallel: into how many groups each rank splits its heads, so that the all-to-alls of one
   // group travel while the core runs another (1 = no overlap; 0 = chosen from the head count).
   int64_t pipeline_groups = 0;
-  // head_parallel: into how many token chunks each rank cuts its tokens instead, for patterns whose
-  // segments never cross a chunk (each step then runs all of the rank's heads on chunk g of every
-  // rank): 0 = automatic (token chunks where the pattern allows and pipeline_groups is 0, else head
-  // groups), 1 = never, K >= 2 = K chunks where the pattern allows (else head groups).
+  // head_parallel: a pipeline over token chunks instead, for patterns whose segments never cross a
+  // chunk: K steps, each running all of the rank's heads on N / K tokens. 0 = automatic (token
+  // chunks where the pattern allows and pipeline_groups is 0, else head groups), 1 = never, K >= 2
+  // = K steps where the pattern allows (else head groups).
   int64_t token_chunks = 0;
+  // Their layout: "one_rank" (each step runs one rank's chunk, each rank's own chunks first and
+  // last, so the first core waits for no transfer and the last sends nothing back; K a multiple of
+  // the ranks P, or P + 1: one chunk per rank, its own taken in two halves of N / 2P tokens; else
+  // every_rank runs) or "every_rank" (step g runs chunk g of every rank).
+  std::string token_chunk_layout = "one_rank";
   // A variant that runs on a slice of the heads (head_parallel gives each rank H/P of them) is told
   // the global index of its first head and the total head count, so that dilation offsets (h mod r)
   // and head groups follow the global head indices, exactly as on one device.

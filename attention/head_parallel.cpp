@@ -73,6 +73,9 @@ void check_pipeline_config(const AttentionConfig& config, int64_t local_heads) {
   LT_CHECK(config.token_chunks < 2 || config.pipeline_groups < 2, "attention 'head_parallel': the pipeline runs "
            "over head groups or over token chunks, not both; got pipeline_groups = ", config.pipeline_groups,
            " and token_chunks = ", config.token_chunks);
+  LT_CHECK(config.token_chunk_layout == "one_rank" || config.token_chunk_layout == "every_rank",
+           "attention 'head_parallel': token_chunk_layout must be one_rank or every_rank, got \"",
+           config.token_chunk_layout, "\"");
 }
 
 // How many head groups the pipeline runs: config.pipeline_groups, or automatic for 0; one when the
@@ -88,20 +91,40 @@ int64_t pipeline_group_count(const AttentionConfig& config, int64_t local_heads,
   return config.pipeline_groups > 0 ? config.pipeline_groups : automatic_pipeline_groups(local_heads);
 }
 
-// Whether the core on chunk g of every rank's tokens (every rank holding `length` tokens, cut into
-// `chunks` equal chunks of c) gives exactly those rows of the one-device result. Only the dilated
-// variant's result depends on positions alone through its segments: segments start at multiples
-// of their length and dilation offsets, causal masks and head groups are relative to a segment or
-// follow the (global) head indices. So it does when every chunk holds whole segments of every
-// branch, both in the sequence (no segment crosses a chunk) and in the core's sequence of P * c
-// tokens (each rank's chunk starts a segment there too); then c is a multiple of every segment,
-// so both sequences cut their branches into the same segment length. Attention dropout in
-// training would draw differently, so it never does.
-bool chunks_hold_whole_segments(const AttentionConfig& config, int64_t ranks, int64_t length, int64_t chunks,
-                                bool training) {
+// Whether `steps` token chunk steps of `layout` (every rank holding `length` tokens) give exactly
+// those rows of the one-device result. Only the dilated variant's result depends on positions
+// alone through its segments: segments start at multiples of their length and dilation offsets,
+// causal masks and head groups are relative to a segment or follow the (global) head indices. So
+// it does when every chunk holds whole segments of every branch, both in the sequence (no segment
+// crosses a chunk) and in the core's sequence (each chunk in it starts a segment too); then the
+// chunk is a multiple of every segment, so both sequences cut their branches into the same
+// segment length. Attention dropout in training would draw differently, so it never does.
+//   every_rank: chunks of length / steps tokens; the core's sequence is chunk g of every rank.
+//   one_rank: chunks of length * ranks / steps tokens (steps a multiple of ranks), or steps =
+//             ranks + 1 (ranks >= 2): one chunk per rank, its own rank taking it in halves; the
+//             core's sequence is one chunk or half.
+struct ChunkCut {
+  int64_t chunks = 0;  // per rank (0: the layout cannot take this many steps)
+  bool halved = false;
+};
+
+ChunkCut chunk_cut(const std::string& layout, int64_t ranks, int64_t steps) {
+  if (layout != "one_rank") return {steps, false};
+  if (steps % ranks == 0) return {steps / ranks, false};
+  if (ranks >= 2 && steps == ranks + 1) return {1, true};
+  return {};
+}
+
+bool chunks_hold_whole_segments(const AttentionConfig& config, int64_t ranks, int64_t length, int64_t steps,
+                                const std::string& layout, bool training) {
   if (config.inner_variant != "dilated" || (training && config.dropout > 0.0)) return false;
-  if (chunks < 2 || length % chunks != 0) return false;
+  const ChunkCut cut = chunk_cut(layout, ranks, steps);
+  if (steps < 2 || cut.chunks == 0) return false;
+  // Halves hold whole segments exactly when two chunks per rank do.
+  const int64_t chunks = cut.halved ? 2 : cut.chunks;
+  if (length % chunks != 0) return false;
   const int64_t c = length / chunks;
+  const bool one_rank = layout == "one_rank";
   const int64_t heads = config.total_heads > 0 ? config.total_heads : config.num_heads;
   AttentionConfig every_head = config;  // every branch's segments, whichever heads this rank holds
   every_head.num_heads = heads;
@@ -109,11 +132,11 @@ bool chunks_hold_whole_segments(const AttentionConfig& config, int64_t ranks, in
   every_head.head_offset = 0;
   std::vector<TokenRange> in_sequence, in_core;
   for (int64_t r = 0; r < ranks; ++r) {
-    in_core.push_back({r * c, c});
+    if (!one_rank || r == 0) in_core.push_back({r * c, c});
     for (int64_t g = 0; g < chunks; ++g) in_sequence.push_back({r * length + g * c, c});
   }
   return holds_whole_segments(every_head, heads, ranks * length, in_sequence) &&
-         holds_whole_segments(every_head, heads, ranks * c, in_core);
+         holds_whole_segments(every_head, heads, one_rank ? c : ranks * c, in_core);
 }
 
 }  // namespace
@@ -123,26 +146,51 @@ int64_t automatic_token_chunks(const AttentionConfig& config, int64_t ranks, int
   if (config.segment_lengths.empty()) return 1;
   const int64_t widest = effective_segment(
       ranks * length, *std::max_element(config.segment_lengths.begin(), config.segment_lengths.end()));
-  for (int64_t chunks = kMost; chunks >= 2; --chunks)
-    if (length % chunks == 0 && length / chunks >= kSegmentsPerChunk * widest &&
-        chunks_hold_whole_segments(config, ranks, length, chunks, training))
-      return chunks;
+  // every_rank: 4, 3, 2 steps. one_rank: multiples of the ranks, the most chunks per rank up to
+  // kMost / P first; with one chunk per rank on 3 or more ranks, its own halves first (P + 1).
+  // Every run of one rank's tokens at least kSegmentsPerChunk of the widest segments.
+  std::vector<int64_t> candidates;
+  if (config.token_chunk_layout == "one_rank") {
+    for (int64_t m = std::max<int64_t>(1, kMost / ranks); m >= 1; --m) {
+      if (m == 1 && ranks >= 3) candidates.push_back(ranks + 1);
+      candidates.push_back(ranks * m);
+    }
+  } else {
+    for (int64_t steps = kMost; steps >= 2; --steps) candidates.push_back(steps);
+  }
+  for (int64_t steps : candidates) {
+    const ChunkCut cut = chunk_cut(config.token_chunk_layout, ranks, steps);
+    const int64_t pieces = cut.halved ? 2 : cut.chunks;
+    if (pieces > 0 && length % pieces == 0 && length / pieces >= kSegmentsPerChunk * widest &&
+        chunks_hold_whole_segments(config, ranks, length, steps, config.token_chunk_layout, training))
+      return steps;
+  }
   return 1;
 }
 
 namespace {
 
-// The token chunks the pipeline runs on these shards (1 = it runs over head groups): see
-// AttentionConfig::token_chunks. Every rank decides alike (from the config and every rank's length).
-int64_t token_chunk_count(const AttentionConfig& config, const std::vector<int64_t>& lengths, bool training,
-                          bool inner_has_parameters) {
+// The token chunk steps the pipeline runs on these shards and their layout (1 = it runs over head
+// groups): see AttentionConfig::token_chunks. Every rank decides alike (from the config and every
+// rank's length). one_rank falls back to every_rank where its chunks would not hold whole segments.
+HeadParallelRun token_chunk_plan(const AttentionConfig& config, const std::vector<int64_t>& lengths, bool training,
+                                 bool inner_has_parameters) {
+  const HeadParallelRun none{0, 1, ""};
   if (config.token_chunks == 1 || (config.token_chunks == 0 && config.pipeline_groups > 0) || inner_has_parameters)
-    return 1;
+    return none;
   const int64_t length = lengths[0];
-  if (!std::all_of(lengths.begin(), lengths.end(), [&](int64_t n) { return n == length; })) return 1;
+  if (!std::all_of(lengths.begin(), lengths.end(), [&](int64_t n) { return n == length; })) return none;
   const int64_t ranks = static_cast<int64_t>(lengths.size());
-  if (config.token_chunks == 0) return automatic_token_chunks(config, ranks, length, training);
-  return chunks_hold_whole_segments(config, ranks, length, config.token_chunks, training) ? config.token_chunks : 1;
+  for (const std::string& layout : std::vector<std::string>{config.token_chunk_layout, "every_rank"}) {
+    AttentionConfig asked = config;
+    asked.token_chunk_layout = layout;
+    const int64_t steps = config.token_chunks == 0 ? automatic_token_chunks(asked, ranks, length, training)
+                          : chunks_hold_whole_segments(asked, ranks, length, config.token_chunks, layout, training)
+                              ? config.token_chunks
+                              : 1;
+    if (steps > 1) return {1, steps, layout};
+  }
+  return none;
 }
 
 // The name under which HeadParallelAttention registers rank r's inner module.
@@ -187,14 +235,17 @@ AttentionOutput head_parallel_with(dist::Communicator& comm, const AttentionConf
   const int64_t local = q.size(2) / ranks;
   const bool has_parameters = !inner->parameters().empty();
   const int64_t groups = pipeline_group_count(config, local, has_parameters);
-  const int64_t chunks = token_chunk_count(config, lengths, training, has_parameters);
+  const HeadParallelRun chunking = token_chunk_plan(config, lengths, training, has_parameters);
+  const int64_t chunks = chunking.token_chunks;
   // Token chunks or one group: this rank's module, on every step. Several groups: a module per
   // group, told the group's global heads (the inner variant has no parameters, so a fresh one
   // computes what the rank's module would).
   std::vector<PipelineStep> steps;
   std::vector<std::shared_ptr<Attention>> cores;
   if (chunks > 1) {
-    steps = token_chunk_steps(local, ranks, lengths[0], chunks);
+    const ChunkCut cut = chunk_cut(chunking.chunk_layout, ranks, chunks);
+    steps = chunking.chunk_layout == "one_rank" ? one_rank_chunk_steps(local, ranks, lengths[0], cut.chunks, cut.halved)
+                                                : every_rank_chunk_steps(local, ranks, lengths[0], chunks);
     cores.assign(steps.size(), inner);
   } else {
     steps = head_group_steps(split_heads(local, groups), lengths);
@@ -218,7 +269,7 @@ AttentionOutput head_parallel_with(dist::Communicator& comm, const AttentionConf
   AttentionOutput result = pipelined_head_parallel(comm, q, k, v, steps, cores, run);
   {
     std::lock_guard<std::mutex> lock(g_last_run_mutex);
-    g_last_run = chunks > 1 ? HeadParallelRun{1, chunks} : HeadParallelRun{groups, 1};
+    g_last_run = chunks > 1 ? chunking : HeadParallelRun{groups, 1, ""};
   }
   return result;
 }

@@ -10,17 +10,23 @@
 // The exchanges and the core run as a pipeline (attention/head_parallel_pipeline.h): the
 // all-to-alls of one step travel while the core computes another, forward and backward. Its steps
 // are either token chunks or head groups (AttentionConfig::token_chunks, pipeline_groups):
-//   token chunks  each rank cuts its tokens into K equal chunks; step g runs the core on chunk g of
-//                 every rank (P n_r / K tokens, all H/P heads). Only for dilated attention whose
-//                 segments never cross a chunk (every segment length divides the chunk, equal
-//                 shards, no attention dropout in training), where those tokens alone give exactly
-//                 their rows of the full result; automatic where that holds (4 chunks or fewer, of
-//                 at least 2 of the widest segments).
-//   head groups   step g runs the core on group g of the rank's heads over the whole sequence; any
-//                 pattern. Each group's core is told its global heads, so any grouping gives the
-//                 one-device result. Inner variants whose result depends on the head index must
-//                 honour head_offset and total_heads (dense and dilated do); an inner variant with
-//                 parameters runs as one group.
+//   token chunks  K steps, each running the core on N / K tokens with all H/P heads, in one of two
+//                 layouts (AttentionConfig::token_chunk_layout):
+//                   one_rank    each rank cuts its tokens into K / P chunks; every step runs each
+//                               rank's core on one chunk of one rank, its own chunks first and
+//                               last (the first core waits for no transfer and reads its rows in
+//                               place, the last sends nothing back); K a multiple of P, or P + 1:
+//                               one chunk per rank, its own rank taking it in two halves (N / 2P
+//                               tokens), first and last;
+//                   every_rank  each rank cuts its tokens into K chunks; step g runs the core on
+//                               chunk g of every rank.
+//                 Only for dilated attention whose segments never cross a chunk (every segment
+//                 length divides the chunk, equal shards, no attention dropout in training), where
+//                 those tokens alone give exactly their rows of the full result; automatic where
+//                 that holds (every_rank: 4 steps or fewer; one_rank: P m steps with the most
+//                 chunks per rank m <= 4 / P, and P + 1 before P on 3 or more ranks; every run of
+//                 one rank's tokens at least 2 of the widest segments); one_rank falls back to
+//                 every_rank where it does not hold.
 // One step overlaps nothing.
 #include <string>
 
@@ -43,13 +49,15 @@ AttentionOutput head_parallel_attention(dist::Communicator& comm, const Attentio
 // not overlap the core.
 struct HeadParallelRun {
   int64_t groups = 0;
-  int64_t token_chunks = 1;
+  int64_t token_chunks = 1;     // the pipeline's steps over token chunks
+  std::string chunk_layout;     // theirs: one_rank or every_rank (empty without token chunks)
 };
 HeadParallelRun last_head_parallel_run();
 
-// The token chunk count that config.token_chunks = 0 picks for `ranks` ranks of `length` tokens
-// each: the most chunks up to 4 that are at least 2 of the widest segments long and hold whole
-// segments (see above); 1 when none does. `training` as for the call (attention dropout).
+// The token chunk steps that config.token_chunks = 0 picks in config.token_chunk_layout for `ranks`
+// ranks of `length` tokens each: the most steps up to 4 (for one_rank: the most multiples of the
+// ranks up to max(4, ranks)) whose cores of N / steps tokens are at least 2 of the widest segments
+// long and hold whole segments (see above); 1 when none does. `training` as for the call.
 int64_t automatic_token_chunks(const AttentionConfig& config, int64_t ranks, int64_t length, bool training = false);
 
 // The registered variant "head_parallel". Inside run_ranks, forward takes this rank's shards and

@@ -38,18 +38,56 @@ int64_t automatic_pipeline_groups(int64_t local_heads) {
 }
 
 std::vector<PipelineStep> head_group_steps(const std::vector<HeadGroup>& groups, const std::vector<int64_t>& lengths) {
+  std::vector<TokenPiece> all;
+  for (size_t r = 0; r < lengths.size(); ++r) all.push_back({static_cast<int64_t>(r), 0, lengths[r]});
   std::vector<PipelineStep> steps;
-  for (const HeadGroup& g : groups) steps.push_back({g, 0, lengths});
+  for (const HeadGroup& g : groups) steps.push_back({g, std::vector<std::vector<TokenPiece>>(lengths.size(), all)});
   return steps;
 }
 
-std::vector<PipelineStep> token_chunk_steps(int64_t local_heads, int64_t ranks, int64_t length, int64_t chunks) {
+namespace {
+
+int64_t chunk_length(int64_t length, int64_t chunks) {
   LT_CHECK(chunks >= 1 && length % chunks == 0, "head_parallel: ", length, " tokens per rank cannot be cut into ",
            chunks, " equal token chunks");
-  const int64_t c = length / chunks;
+  return length / chunks;
+}
+
+}  // namespace
+
+std::vector<PipelineStep> every_rank_chunk_steps(int64_t local_heads, int64_t ranks, int64_t length, int64_t chunks) {
+  const int64_t c = chunk_length(length, chunks);
   std::vector<PipelineStep> steps;
-  for (int64_t g = 0; g < chunks; ++g)
-    steps.push_back({{0, local_heads}, g * c, std::vector<int64_t>(static_cast<size_t>(ranks), c)});
+  for (int64_t g = 0; g < chunks; ++g) {
+    std::vector<TokenPiece> of_every_rank;
+    for (int64_t r = 0; r < ranks; ++r) of_every_rank.push_back({r, g * c, c});
+    steps.push_back({{0, local_heads}, std::vector<std::vector<TokenPiece>>(static_cast<size_t>(ranks), of_every_rank)});
+  }
+  return steps;
+}
+
+std::vector<PipelineStep> one_rank_chunk_steps(int64_t local_heads, int64_t ranks, int64_t length, int64_t chunks,
+                                               bool halve_own) {
+  const int64_t c = chunk_length(length, chunks);
+  LT_CHECK(!halve_own || (chunks == 1 && length % 2 == 0), "head_parallel: only one chunk per rank of an even length "
+           "can be taken in two halves by its own rank, got ", chunks, " chunks of ", c, " tokens");
+  // Per step: rank t takes [first, first + length) of rank (t + offset) mod P.
+  struct Take {
+    int64_t offset, first, length;
+  };
+  std::vector<Take> order{{0, 0, halve_own ? c / 2 : c}};
+  for (int64_t j = 0; j < chunks; ++j) {
+    for (int64_t d = 1; d < ranks; ++d) order.push_back({d, j * c, c});
+    if (j + 1 < chunks - 1) order.push_back({0, (j + 1) * c, c});
+  }
+  if (halve_own) order.push_back({0, c / 2, c / 2});
+  else if (chunks > 1) order.push_back({0, (chunks - 1) * c, c});
+  std::vector<PipelineStep> steps;
+  for (const Take& take : order) {
+    PipelineStep step{{0, local_heads}, {}};
+    for (int64_t t = 0; t < ranks; ++t) step.core.push_back({{(t + take.offset) % ranks, take.first, take.length}});
+    steps.push_back(step);
+  }
   return steps;
 }
 
@@ -115,106 +153,121 @@ struct Geometry {
   Device device = Device::cpu();
 };
 
-// Where each rank's piece of a step lies in the core's sequence: starts has P + 1 entries.
+// A run of tokens: [first, first + length).
+struct Span {
+  int64_t first = 0;
+  int64_t length = 0;
+};
+
+// One step as this rank sees it.
 struct StepLayout {
-  std::vector<int64_t> lengths, starts;
-  int64_t tokens = 0;      // the core's sequence
-  int64_t first = 0;       // this rank's first token of the step in its shard
-  int64_t mine = 0;        // and how many
+  std::vector<Span> from;  // per source rank s: where s's tokens lie in this rank's core sequence
+  std::vector<Span> to;    // per rank t: the tokens of this rank's shard that t's core runs on
+  int64_t tokens = 0;      // this rank's core sequence
+  bool local = true;       // every rank's core runs on its own tokens alone: nothing travels
   HeadGroup heads;
 };
 
 StepLayout layout_of(const PipelineStep& step, const Geometry& geo) {
-  LT_CHECK(static_cast<int64_t>(step.lengths.size()) == geo.ranks, "head_parallel: a pipeline step names ",
-           step.lengths.size(), " ranks' tokens, the group has ", geo.ranks, " ranks");
+  LT_CHECK(static_cast<int64_t>(step.core.size()) == geo.ranks, "head_parallel: a pipeline step names ",
+           step.core.size(), " ranks' cores, the group has ", geo.ranks, " ranks");
   StepLayout s;
-  s.lengths = step.lengths;
-  s.starts = {0};
-  for (int64_t n : step.lengths) s.starts.push_back(s.starts.back() + n);
-  s.tokens = s.starts.back();
-  s.first = step.token_first;
-  s.mine = step.lengths[static_cast<size_t>(geo.rank)];
   s.heads = step.heads;
-  LT_CHECK(s.first >= 0 && s.first + s.mine <= geo.local_tokens && s.heads.first >= 0 && s.heads.count >= 1 &&
-               s.heads.first + s.heads.count <= geo.local_heads,
-           "head_parallel: a pipeline step takes tokens [", s.first, ", ", s.first + s.mine, ") and local heads [",
-           s.heads.first, ", ", s.heads.first + s.heads.count, ") of a shard of ", geo.local_tokens, " tokens and ",
-           geo.local_heads, " heads per rank");
+  s.from.assign(static_cast<size_t>(geo.ranks), Span{});
+  s.to.assign(static_cast<size_t>(geo.ranks), Span{});
+  LT_CHECK(s.heads.first >= 0 && s.heads.count >= 1 && s.heads.first + s.heads.count <= geo.local_heads,
+           "head_parallel: a pipeline step takes local heads [", s.heads.first, ", ", s.heads.first + s.heads.count,
+           ") of ", geo.local_heads, " heads per rank");
+  for (int64_t t = 0; t < geo.ranks; ++t) {
+    std::vector<bool> seen(static_cast<size_t>(geo.ranks), false);
+    for (const TokenPiece& p : step.core[static_cast<size_t>(t)]) {
+      LT_CHECK(p.source >= 0 && p.source < geo.ranks && !seen[static_cast<size_t>(p.source)] && p.first >= 0 &&
+                   p.length >= 0,
+               "head_parallel: rank ", t, "'s core in a pipeline step names source rank ", p.source,
+               " twice or out of [0, ", geo.ranks, "), or a negative token range");
+      seen[static_cast<size_t>(p.source)] = true;
+      if (p.length > 0 && p.source != t) s.local = false;
+      if (t == geo.rank) {
+        s.from[static_cast<size_t>(p.source)] = {s.tokens, p.length};
+        s.tokens += p.length;
+      }
+      if (p.source == geo.rank) {
+        LT_CHECK(p.first + p.length <= geo.local_tokens, "head_parallel: a pipeline step takes tokens [", p.first,
+                 ", ", p.first + p.length, ") of a shard of ", geo.local_tokens, " tokens");
+        s.to[static_cast<size_t>(t)] = {p.first, p.length};
+      }
+    }
+  }
   return s;
 }
 
-// The step's heads of every rank in the step's tokens of a (B, n_r, H, D) shard, as a
-// (P, B, n, count, D) tensor: a view where the strides allow (always for this pipeline's own
-// contiguous buffers, which it writes into), else a copy (a caller's strided input, only read).
-Tensor heads_of_every_rank(const Tensor& shard, const Geometry& geo, const StepLayout& s) {
-  return shard.narrow(1, s.first, s.mine)
-      .reshape({geo.batch, s.mine, geo.ranks, geo.local_heads, geo.dim})
-      .narrow(3, s.heads.first, s.heads.count)
-      .permute({2, 0, 1, 3, 4});
+// Rank t's heads of the step in the tokens `span` of a (B, n_r, H, D) tensor: (B, length, count, D).
+// A view where the strides allow (always for this pipeline's own contiguous buffers, which it writes
+// into), else a copy (a caller's strided input, only read).
+Tensor heads_of(const Tensor& shard, int64_t t, Span span, const Geometry& geo, const StepLayout& s) {
+  return shard.narrow(1, span.first, span.length)
+      .reshape({geo.batch, span.length, geo.ranks, geo.local_heads, geo.dim})
+      .select(2, t)
+      .narrow(2, s.heads.first, s.heads.count);
 }
 
-// The slots of a (P, ...) tensor, one per rank.
-std::vector<Tensor> rank_slots(const Tensor& buffer) {
-  std::vector<Tensor> out;
-  for (int64_t r = 0; r < buffer.size(0); ++r) out.push_back(buffer.select(0, r));
-  return out;
-}
-
-// Where the step's rows of a (B, n_r, H, D) tensor of this pipeline receive each rank's heads.
-std::vector<Tensor> head_slots(const Tensor& local, const Geometry& geo, const StepLayout& s) {
-  return rank_slots(local.narrow(1, s.first, s.mine)
-                        .view({geo.batch, s.mine, geo.ranks, geo.local_heads, geo.dim})
-                        .narrow(3, s.heads.first, s.heads.count)
-                        .permute({2, 0, 1, 3, 4}));
-}
-
-// What goes to each rank from a (B, n_r, H, D) shard: views of the step's heads of rank d (the
-// copy engines read rows at a pitch; NCCL's sends make their own contiguous copies).
+// What goes to each rank t from a (B, n_r, H, D) shard: t's heads of the tokens its core takes from
+// this rank (views: the copy engines read rows at a pitch; NCCL's sends make their own copies).
 std::vector<Tensor> pack_heads(const Tensor& shard, const Geometry& geo, const StepLayout& s) {
-  return rank_slots(heads_of_every_rank(shard, geo, s));
-}
-
-// What goes to each rank from a tensor over the core's sequence: its tokens along `dim`. Views where
-// they are contiguous (batch 1), else one strided copy (equal lengths) or one copy per rank.
-std::vector<Tensor> pack_tokens(const Tensor& full, int64_t dim, const Geometry& geo, const StepLayout& s) {
   std::vector<Tensor> out;
-  bool contiguous = true;
-  for (int64_t d = 0; d < geo.ranks; ++d) {
-    out.push_back(full.narrow(dim, s.starts[static_cast<size_t>(d)], s.lengths[static_cast<size_t>(d)]));
-    contiguous = contiguous && out.back().is_contiguous();
-  }
-  if (contiguous) return out;
-  const bool equal = std::all_of(s.lengths.begin(), s.lengths.end(), [&](int64_t n) { return n == s.lengths[0]; });
-  if (!equal) {
-    for (Tensor& piece : out) piece = piece.contiguous();
-    return out;
-  }
-  Shape split = full.shape();
-  split[static_cast<size_t>(dim)] = s.lengths[0];
-  split.insert(split.begin() + dim, geo.ranks);
-  std::vector<int64_t> order{dim};
-  for (int64_t i = 0; i < static_cast<int64_t>(split.size()); ++i)
-    if (i != dim) order.push_back(i);
-  const Tensor packed = full.reshape(split).permute(order).contiguous();
-  for (int64_t d = 0; d < geo.ranks; ++d) out[static_cast<size_t>(d)] = packed.select(0, d);
+  for (int64_t t = 0; t < geo.ranks; ++t) out.push_back(heads_of(shard, t, s.to[static_cast<size_t>(t)], geo, s));
   return out;
 }
 
-// Where each rank's tokens land in a tensor over the core's sequence (along `dim`).
-std::vector<Tensor> token_slots(const Tensor& full, int64_t dim, const Geometry& geo, const StepLayout& s) {
+// Where the step's rows of a (B, n_r, H, D) tensor of this pipeline receive each rank t's heads.
+std::vector<Tensor> head_slots(const Tensor& local, const Geometry& geo, const StepLayout& s) {
   std::vector<Tensor> out;
-  for (int64_t r = 0; r < geo.ranks; ++r)
-    out.push_back(full.narrow(dim, s.starts[static_cast<size_t>(r)], s.lengths[static_cast<size_t>(r)]));
+  for (int64_t t = 0; t < geo.ranks; ++t) {
+    const Span span = s.to[static_cast<size_t>(t)];
+    out.push_back(local.narrow(1, span.first, span.length)
+                      .view({geo.batch, span.length, geo.ranks, geo.local_heads, geo.dim})
+                      .select(2, t)
+                      .narrow(2, s.heads.first, s.heads.count));
+  }
+  return out;
+}
+
+// Where each source rank's tokens lie in a tensor over this rank's core sequence (along `dim`).
+std::vector<Tensor> token_slots(const Tensor& full, int64_t dim, const StepLayout& s) {
+  std::vector<Tensor> out;
+  for (const Span& span : s.from) out.push_back(full.narrow(dim, span.first, span.length));
+  return out;
+}
+
+// What goes back to each source rank from a tensor over this rank's core sequence: its tokens
+// along `dim`, as views where they are contiguous (batch 1), else as copies.
+std::vector<Tensor> pack_tokens(const Tensor& full, int64_t dim, const StepLayout& s) {
+  std::vector<Tensor> out = token_slots(full, dim, s);
+  for (Tensor& piece : out)
+    if (!piece.is_contiguous()) piece = piece.contiguous();
   return out;
 }
 
 // Starts the all-to-alls of to_each[i] into into[i] as one call (the copy engines' backend pays its
 // store round trips once for all; the backends place this rank's own pieces without delaying the
 // transfers: their copies are queued on the compute stream after the point the transfers wait for).
-Pending start_exchanges(dist::Communicator& comm, const std::vector<std::vector<Tensor>>& to_each,
-                        const std::vector<std::vector<Tensor>>& into) {
+// A step in which nothing travels places this rank's own pieces and starts no collective (every
+// rank knows it from the steps, so none waits for the others); it returns null.
+Pending start_exchanges(dist::Communicator& comm, const StepLayout& s, int64_t rank,
+                        const std::vector<std::vector<Tensor>>& to_each, const std::vector<std::vector<Tensor>>& into) {
   NoGradGuard no_grad;
-  return comm.start_all_to_all_many(to_each, into);
+  if (!s.local) return comm.start_all_to_all_many(to_each, into);
+  for (size_t i = 0; i < to_each.size(); ++i) {
+    Tensor own = into[i][static_cast<size_t>(rank)];
+    if (own.numel() > 0) own.copy_(to_each[i][static_cast<size_t>(rank)]);
+  }
+  return nullptr;
+}
+
+// Rank t's heads of the lse (B, H, n_r) rows this rank's shard gives t's core: (B, count, length).
+Tensor lse_heads_of(const Tensor& lse, int64_t t, const Geometry& geo, const StepLayout& s) {
+  const Span span = s.to[static_cast<size_t>(t)];
+  return lse.narrow(2, span.first, span.length).narrow(1, t * geo.local_heads + s.heads.first, s.heads.count);
 }
 
 // What step g's core left for the backward.
@@ -252,23 +305,26 @@ std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& do
   auto start_there = [&](size_t g) {
     NoGradGuard no_grad;
     const StepLayout& s = st.steps[g];
+    if (s.local) {  // the core's backward reads this rank's own rows in place
+      const Span mine = s.to[static_cast<size_t>(geo.rank)];
+      arrived[g] = {heads_of(dout, geo.rank, mine, geo, s), lse_heads_of(dlse, geo.rank, geo, s)};
+      return;
+    }
     Tensor d_out = Tensor::empty({geo.batch, s.tokens, s.heads.count, geo.dim}, dout.dtype(), geo.device);
-    // The step's rows of dlse (B, H, n_r) viewed as (B, P, Hl, n): its heads of rank d go to rank d.
-    const Tensor d_lse_packed = dlse.narrow(2, s.first, s.mine)
-                                    .reshape({geo.batch, geo.ranks, geo.local_heads, s.mine})
-                                    .narrow(2, s.heads.first, s.heads.count)
-                                    .permute({1, 0, 2, 3})
-                                    .contiguous();
     Tensor d_lse = Tensor::empty({geo.batch, s.heads.count, s.tokens}, dlse.dtype(), geo.device);
-    there[g].push_back(start_exchanges(comm, {pack_heads(dout, geo, s), rank_slots(d_lse_packed)},
-                                       {token_slots(d_out, 1, geo, s), token_slots(d_lse, 2, geo, s)}));
+    std::vector<Tensor> d_lse_sent;
+    for (int64_t t = 0; t < geo.ranks; ++t) d_lse_sent.push_back(lse_heads_of(dlse, t, geo, s).contiguous());
+    Pending p = start_exchanges(comm, s, geo.rank, {pack_heads(dout, geo, s), d_lse_sent},
+                                {token_slots(d_out, 1, s), token_slots(d_lse, 2, s)});
+    if (p) there[g].push_back(std::move(p));
     arrived[g] = {d_out, d_lse};
   };
 
   std::vector<Tensor> param_grads;
   st.timeline->mark("bwd");
-  for (size_t g = 0; g < count; ++g) start_there(g);
-  for (size_t g = 0; g < count; ++g) {
+  // In reverse: the forward's last step (for one-rank chunks, this rank's own) first.
+  for (size_t g = count; g-- > 0;) start_there(g);
+  for (size_t g = count; g-- > 0;) {
     for (Pending& p : there[g]) p->wait();
     st.timeline->mark("dO" + std::to_string(g));
     const StepGraph& graph = st.graphs[g];
@@ -295,10 +351,12 @@ std::vector<Tensor> pipelined_backward(const PipelineState& st, const Tensor& do
       // Only a core that ignores an input (none of the registered variants) leaves its gradient undefined.
       if (!grads[i].defined()) grads[i] = Tensor::zeros(input.shape(), input.dtype(), input.device());
       if (grads[i].dtype() != result[i].dtype()) grads[i] = grads[i].to(result[i].dtype());
-      sent.push_back(pack_tokens(grads[i], 1, geo, st.steps[g]));
+      sent.push_back(pack_tokens(grads[i], 1, st.steps[g]));
       received.push_back(head_slots(result[i], geo, st.steps[g]));
     }
-    back[g].push_back(start_exchanges(comm, sent, received));
+    Pending p = start_exchanges(comm, st.steps[g], geo.rank, sent, received);
+    if (p) back[g].push_back(std::move(p));
+    st.timeline->mark("sent" + std::to_string(g));
     for (size_t i = 3; i < grads.size(); ++i) param_grads.push_back(grads[i]);
   }
 
@@ -343,22 +401,35 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
   auto start_there = [&](size_t g) {
     NoGradGuard no_grad;
     const StepLayout& s = st->steps[g];
+    if (s.local) {  // the core reads this rank's own rows in place (the kernels take rows at a pitch)
+      for (const Tensor& x : shards) arrived[g].push_back(heads_of(x, geo.rank, s.to[static_cast<size_t>(geo.rank)], geo, s));
+      return;
+    }
     std::vector<std::vector<Tensor>> sent, received;
     for (const Tensor& x : shards) {
       Tensor full = Tensor::empty({geo.batch, s.tokens, s.heads.count, geo.dim}, x.dtype(), geo.device);
       sent.push_back(pack_heads(x, geo, s));
-      received.push_back(token_slots(full, 1, geo, s));
+      received.push_back(token_slots(full, 1, s));
       arrived[g].push_back(full);
     }
-    there[g].push_back(start_exchanges(comm, sent, received));
+    Pending p = start_exchanges(comm, s, geo.rank, sent, received);
+    if (p) there[g].push_back(std::move(p));
   };
 
   Tensor out, lse;
   st->graphs.resize(count);
   st->timeline = std::make_shared<Timeline>(geo.device);
   st->timeline->mark("fwd");
-  for (size_t g = 0; g < count; ++g) start_there(g);
+  // A first step on this rank's own rows is queued once the next step's transfers have started;
+  // the host's time to start every step's would delay it. The later steps' transfers start after
+  // it is queued (so they follow it on the device, well before their cores need them).
+  size_t started = 0;
+  auto start_through = [&](size_t last) {
+    for (; started <= last && started < count; ++started) start_there(started);
+  };
+  start_through(st->steps[0].local ? 1 : count - 1);
   for (size_t g = 0; g < count; ++g) {
+    start_through(g);
     for (Pending& p : there[g]) p->wait();
     st->timeline->mark("in" + std::to_string(g));
     StepGraph& graph = st->graphs[g];
@@ -380,13 +451,15 @@ AttentionOutput pipelined_head_parallel(dist::Communicator& comm, const Tensor& 
       out = Tensor::empty({geo.batch, geo.local_tokens, geo.heads, geo.dim}, step_out.dtype(), geo.device);
       lse = Tensor::empty({geo.batch, geo.heads, geo.local_tokens}, step_lse.dtype(), geo.device);
     }
-    // out and lse straight into place: rank r's heads of this step are
-    // out[:, first : first + mine, r*Hl + heads.first : ...] and lse[:, r*Hl + heads.first : ..., first : ...].
+    // out and lse straight into place: what this rank's core computed for source s's tokens goes
+    // back to s, into its heads of those rows (head_slots and lse_heads_of on s's side).
     std::vector<Tensor> lse_slots;
-    for (int64_t r = 0; r < geo.ranks; ++r)
-      lse_slots.push_back(lse.narrow(2, s.first, s.mine).narrow(1, r * geo.local_heads + s.heads.first, s.heads.count));
-    back[g].push_back(start_exchanges(comm, {pack_tokens(step_out, 1, geo, s), pack_tokens(step_lse, 2, geo, s)},
-                                      {head_slots(out, geo, s), lse_slots}));
+    for (int64_t t = 0; t < geo.ranks; ++t) lse_slots.push_back(lse_heads_of(lse, t, geo, s));
+    Pending p = start_exchanges(comm, s, geo.rank, {pack_tokens(step_out, 1, s), pack_tokens(step_lse, 2, s)},
+                                {head_slots(out, geo, s), lse_slots});
+    if (p) back[g].push_back(std::move(p));
+    st->timeline->mark("sent" + std::to_string(g));
+    if (g == 0) start_through(count - 1);
     if (!record) graph = StepGraph{};  // nothing to keep for a backward
   }
   {

@@ -61,7 +61,7 @@ struct HeadParallelParts {
   double core_alone_s = 0;    // the core on rank 0 while the other ranks wait (their GPUs idle)
   double both_core_end_ms = 0, both_all_end_ms = 0;  // both at once: when the core ended, when all had
   int64_t chunks = 1;       // the automatic token chunk count (1: the pattern allows none)
-  double chunk_core_s = 0;  // the core on one token chunk of every rank, times `chunks`
+  double chunk_core_s = 0;  // the core on one token chunk step (N / chunks tokens), times `chunks`
 };
 
 // This rank's slice of the heads (as head_parallel's core sees them) and a step of the core on its
@@ -178,7 +178,8 @@ HeadParallelParts time_head_parallel_parts(dist::Communicator& comm, const atten
 
 void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t seed, int repeats, double tolerance,
                               const std::vector<int64_t>& head_groups, const std::vector<std::string>& cores,
-                              const std::vector<int64_t>& token_chunks) {
+                              const std::vector<int64_t>& token_chunks,
+                              const std::vector<std::string>& chunk_layouts) {
   LT_CHECK(!cores.empty(), "dist-check: --attention-cores needs at least one of dense, dilated");
   for (const std::string& core : cores)
     LT_CHECK(core == "dense" || core == "dilated", "dist-check: --attention-cores takes dense and dilated, got \"",
@@ -189,6 +190,9 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
     LT_CHECK(groups >= 0, "dist-check: --head-groups takes group counts >= 0 (0 = automatic), got ", groups);
   for (int64_t chunks : token_chunks)
     LT_CHECK(chunks >= 0, "dist-check: --token-chunks takes chunk counts >= 0 (0 = automatic), got ", chunks);
+  for (const std::string& layout : chunk_layouts)
+    LT_CHECK(layout == "one_rank" || layout == "every_rank",
+             "dist-check: --chunk-layouts takes one_rank and every_rank, got \"", layout, "\"");
   dist::Communicator& comm = group.comm();
   const Device device = group.device();
   const int ranks = comm.size(), rank = comm.rank();
@@ -237,10 +241,12 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
     struct Case {
       std::string kind;
       int64_t groups = 0, chunks = 1;
+      std::string layout = "one_rank";
     };
     std::vector<Case> cases{{"ring"}, {"ring zigzag"}};
     for (int64_t groups : head_groups) cases.push_back({"head_parallel", groups, 1});
-    for (int64_t chunks : token_chunks) cases.push_back({"head_parallel", 0, chunks});
+    for (int64_t chunks : token_chunks)
+      for (const std::string& layout : chunk_layouts) cases.push_back({"head_parallel", 0, chunks, layout});
     for (const Case& c : cases) {
       const std::string& kind = c.kind;
       const RingLayout layout = kind == "ring zigzag" ? RingLayout::zigzag : RingLayout::contiguous;
@@ -248,6 +254,7 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
       cfg.ring_layout = attention::ring_layout_name(layout);
       cfg.pipeline_groups = c.groups;
       cfg.token_chunks = c.chunks;
+      cfg.token_chunk_layout = c.layout;
       auto shard = [&](const Tensor& x) { return attention::ring_shard(x, 1, ranks, rank, layout); };
       const Tensor qs = shard(q), ks = shard(k), vs = shard(v), gs = shard(dout);
       Grads got;
@@ -273,11 +280,13 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
       if (kind == "head_parallel") {
         const attention::HeadParallelRun ran = attention::last_head_parallel_run();
         const std::string asked = " (asked: " + (c.chunks == 1 ? "head groups " + std::to_string(c.groups)
-                                                              : "token chunks " + std::to_string(c.chunks)) +
+                                                              : "token chunks " + std::to_string(c.chunks) + " " +
+                                                                    c.layout) +
                                   ", 0 = automatic)";
         if (ran.token_chunks > 1)
-          path = " [pipelined: " + std::to_string(ran.token_chunks) + " token chunks of " +
-                 std::to_string(n / ran.token_chunks) + " tokens, all-to-alls overlap the core]";
+          path = " [pipelined: " + std::to_string(ran.token_chunks) + " " + ran.chunk_layout +
+                 " token chunk steps of " + std::to_string(n / ran.token_chunks) +
+                 " tokens, all-to-alls overlap the core]";
         else if (ran.groups > 1)
           path = " [pipelined: " + std::to_string(ran.groups) + " head groups, all-to-alls overlap the core]";
         else
@@ -307,7 +316,7 @@ void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t see
       if (rank == 0) {
         std::string chunked;
         if (parts.chunks > 1)
-          chunked = "; core on " + std::to_string(n / parts.chunks) + " tokens (one token chunk of every rank) x " +
+          chunked = "; core on " + std::to_string(n / parts.chunks) + " tokens (one token chunk step) x " +
                     std::to_string(parts.chunks) + " f+b " + std::to_string(parts.chunk_core_s * 1e3) + " ms";
         std::printf("head_parallel %-7s N=%lld %d ranks, its parts alone: core on %d heads f+b %.2f ms (%.2fx one "
                     "device; %.2f ms to queue it; %.2f ms on rank 0 with the other GPUs idle; %.2f ms before the "

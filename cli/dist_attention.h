@@ -16,13 +16,15 @@ namespace longtape::cli {
 // prints one line per case: errors, forward+backward time on one device and over the group
 // (median of `repeats` after two warm-ups), and their ratio. head_parallel runs once per entry of
 // `head_groups` (its config.pipeline_groups: 0 = automatic, 1 = no overlap; token_chunks = 1) and
-// once per entry of `token_chunks` (config.token_chunks: 0 = automatic; head groups where the
-// pattern allows no token chunks), each line saying what ran, then one line with head_parallel's
-// parts timed alone. `cores` picks the inner variants (dense, dilated).
+// once per entry of `token_chunks` and of `chunk_layouts` (config.token_chunks: 0 = automatic; head
+// groups where the pattern allows no token chunks; config.token_chunk_layout), each line saying
+// what ran, then one line with head_parallel's parts timed alone. `cores` picks the inner variants
+// (dense, dilated).
 void check_parallel_attention(dist::ProcessGroup& group, int64_t n, uint64_t seed, int repeats, double tolerance,
                               const std::vector<int64_t>& head_groups = {0},
                               const std::vector<std::string>& cores = {"dense", "dilated"},
-                              const std::vector<int64_t>& token_chunks = {0});
+                              const std::vector<int64_t>& token_chunks = {0},
+                              const std::vector<std::string>& chunk_layouts = {"one_rank"});
 
 
 }  // namespace longtape::cli

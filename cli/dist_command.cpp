@@ -49,6 +49,7 @@ struct DistCheckArgs {
   int repeats = 5;
   std::string head_groups = "0";
   std::string token_chunks = "0";
+  std::string chunk_layouts = "one_rank";
   std::string attention_cores = "dense,dilated";
 };
 
@@ -115,7 +116,8 @@ int run_dist_check(const DistCheckArgs& a) {
                              attention::parse_int_list(a.head_groups, "--head-groups"),
                              attention::split_list(a.attention_cores, ','),
                              a.token_chunks.empty() ? std::vector<int64_t>{}
-                                                    : attention::parse_int_list(a.token_chunks, "--token-chunks"));
+                                                    : attention::parse_int_list(a.token_chunks, "--token-chunks"),
+                             attention::split_list(a.chunk_layouts, ','));
 
   if (a.fail_rank >= 0) {
     if (comm.rank() == a.fail_rank) {
@@ -158,6 +160,10 @@ const RegisterCommand kDistCheckCommand{
       sub.add_option("--token-chunks", a->token_chunks,
                      "--attention: then run head_parallel once per token chunk count in this list (0 = automatic; "
                      "head groups where the pattern allows no token chunks; empty = none), e.g. 0,2")
+          ->capture_default_str();
+      sub.add_option("--chunk-layouts", a->chunk_layouts,
+                     "--attention: run each --token-chunks entry once per token chunk layout in this list "
+                     "(one_rank, every_rank), e.g. one_rank,every_rank")
           ->capture_default_str();
       sub.add_option("--attention-cores", a->attention_cores,
                      "--attention: the single-device variants to run inside ring and head_parallel (dense, dilated)")

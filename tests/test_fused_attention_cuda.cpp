@@ -15,6 +15,7 @@
 #include "attention/composed.h"
 #include "attention/fused/fused_attention.h"
 #include "attention/registry.h"
+#include "tensor/autograd/node.h"
 #include "tensor/backend_options.h"
 #include "support/attention_oracle.h"
 #include "support/fused_attention_cases.h"
@@ -244,6 +245,52 @@ TEST_CASE("fused CUDA dilated attention (bf16, f16): lse and head_groups, ragged
                    through_variant("dilated", config, kComposed));
       }
   }
+}
+
+// q, k, v and dO as head slices of wider (B, N, 12, D) tensors (rows at a pitch, as head_parallel
+// passes a rank's own rows to its core) give exactly the results of their contiguous copies: the
+// kernels read every row at its stride, forward and backward. Dense and dilated lse, both formats,
+// the default kernels and the hi + lo backward.
+TEST_CASE("fused CUDA attention reads head slices in place: q, k, v and dO at a row pitch equal contiguous copies "
+          "bit for bit" * doctest::skip(!cuda_available())) {
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  for (DType dtype : kHalfTypes)
+    for (const ForwardKernels& kernels : {kForwardKernels[0], kForwardKernels[3]})
+      for (const std::string variant : {"dense", "dilated"}) {
+        const ForwardKernelScope scope(kernels);
+        AttentionConfig config = core_config(6, 64, variant == "dilated");
+        config.impl = "fused";
+        if (variant == "dilated") {
+          config.segment_lengths = {64, 128, 256};
+          config.dilation_rates = {1, 2, 4};
+          config.mixing = Mixing::lse;
+        }
+        manual_seed(seed);
+        auto wide = [&] { return Tensor::randn({2, 300, 12, 64}, DType::f32, kGpu).to(dtype); };
+        const Tensor qw = wide(), kw = wide(), vw = wide(), gw = wide();
+        const Tensor hw = Tensor::randn({2, 12, 300}, DType::f32, kGpu);
+        auto run = [&](bool in_place) {
+          auto pick = [&](const Tensor& w, int64_t dim) {
+            const Tensor slice = w.narrow(dim, 3, 6);
+            return in_place ? slice : slice.contiguous();
+          };
+          Tensor q = pick(qw, 2).detach().requires_grad_(), k = pick(kw, 2).detach().requires_grad_(),
+                 v = pick(vw, 2).detach().requires_grad_();
+          auto module = make_attention(variant, config);
+          const AttentionOutput r = module->forward_with_lse(q, k, v);
+          CHECK(module->last_backend() == fused::backend_name(kCudaFused));
+          autograd::run_backward({r.out, r.lse}, {pick(gw, 2), pick(hw, 1)}, false);
+          return std::vector<Tensor>{r.out.detach(), r.lse.detach(), q.grad(), k.grad(), v.grad()};
+        };
+        const std::vector<Tensor> sliced = run(true), copied = run(false);
+        const char* names[] = {"out", "lse", "dq", "dk", "dv"};
+        for (size_t i = 0; i < sliced.size(); ++i) {
+          INFO(variant << " " << dtype_name(dtype) << kernels.label << ": " << names[i]);
+          const Tensor difference = sub(sliced[i].to(DType::f64), copied[i].to(DType::f64));
+          CHECK(amax(maximum(difference, neg(difference))).item() == 0.0);
+        }
+      }
 }
 
 // bf16 inputs far from unit scale (the sm_90a backward rescales dense and lse-mixed problems by

@@ -71,17 +71,18 @@ class Recording final : public dist::Communicator {
   dist::Communicator& inner_;
 };
 
-// The log the pipeline of `groups` steps (head groups or token chunks) must write: every step's
-// transfers there start before step 0's are waited for (so step g+1's travel while step g
-// computes), each step's return starts right after its core, and the returns are waited for only
-// after the last step's core. `there`/`back`: all-to-alls per step each way.
-std::string expected_log(int64_t groups, int there, int back) {
+// The log the pipeline must write for steps taken in this order, each moving data between ranks
+// (remote) or not: every step's transfers there start before the first step's are waited for (so
+// step g+1's travel while step g computes), each step's return starts right after its core, and
+// the returns are waited for only after the last step's core. A step that moves nothing starts no
+// transfer. `there`/`back`: all-to-alls per step each way.
+std::string expected_log(const std::vector<bool>& remote, int there, int back) {
   const std::string start_there(static_cast<size_t>(there), 'S'), wait_there(static_cast<size_t>(there), 'W'),
       start_back(static_cast<size_t>(back), 'S'), wait_back(static_cast<size_t>(back), 'W');
   std::string log;
-  for (int64_t g = 0; g < groups; ++g) log += start_there;
-  for (int64_t g = 0; g < groups; ++g) log += wait_there + start_back;
-  for (int64_t g = 0; g < groups; ++g) log += wait_back;
+  for (bool r : remote) log += r ? start_there : "";
+  for (bool r : remote) log += r ? wait_there + start_back : "";
+  for (bool r : remote) log += r ? wait_back : "";
   return log;
 }
 
@@ -138,13 +139,24 @@ TEST_CASE("pipelined head_parallel equals one device bit for bit for every group
   }
 }
 
-TEST_CASE("the pipeline starts every step's all-to-alls before waiting for step 0's, forward and backward") {
+TEST_CASE("the pipeline starts every step's all-to-alls before waiting for step 0's, forward and backward; steps "
+          "that move nothing start none") {
   const testing::InnerVariant inner{"dilated", Mixing::lse, {4, 8}, {1, 2}};
-  // Head groups on 12 tokens (6 per rank), token chunks of 8 on 32 (16 per rank).
+  // Head groups on 12 tokens (6 per rank); token chunks on 32 (16 per rank). One-rank chunks: each
+  // rank's own chunks first and last, where nothing moves; the backward runs the steps in reverse.
   struct Case {
-    int64_t tokens, pipeline_groups, token_chunks, steps;
+    int64_t tokens, pipeline_groups, token_chunks;
+    std::string layout;
+    std::vector<bool> remote;  // per step, in the forward's order
   };
-  for (const Case& c : {Case{12, 1, 0, 1}, Case{12, 2, 0, 2}, Case{12, 3, 0, 3}, Case{32, 0, 2, 2}}) {
+  const std::vector<Case> cases{{12, 1, 0, "one_rank", {true}},
+                                {12, 2, 0, "one_rank", {true, true}},
+                                {12, 3, 0, "one_rank", {true, true, true}},
+                                {32, 0, 2, "every_rank", {true, true}},
+                                {32, 0, 2, "one_rank", {false, true}},
+                                {32, 0, 4, "one_rank", {false, true, true, false}},
+                                {32, 0, 3, "one_rank", {false, true, false}}};
+  for (const Case& c : cases) {
     manual_seed(8200);
     const AttentionInputs in = random_attention_inputs(1, c.tokens, 6, 4);
     AttentionConfig config = testing::parallel_config(inner, 6, 4, true, 2);
@@ -152,6 +164,7 @@ TEST_CASE("the pipeline starts every step's all-to-alls before waiting for step 
     const AttentionResults want = run_with_gradients(*reference, in.q, in.k, in.v, in.dout, in.dlse);
     config.pipeline_groups = c.pipeline_groups;
     config.token_chunks = c.token_chunks;
+    config.token_chunk_layout = c.layout;
     const int64_t half = c.tokens / 2;
     std::vector<std::string> forward_logs(2), backward_logs(2);
     std::vector<AttentionResults> parts(2);
@@ -171,16 +184,74 @@ TEST_CASE("the pipeline starts every step's all-to-alls before waiting for step 
       backward_logs[r] = recording->log;
       parts[r] = {res.out.detach(), res.lse.detach(), q.grad(), k.grad(), v.grad()};
     });
-    INFO("pipeline_groups = " << c.pipeline_groups << ", token_chunks = " << c.token_chunks);
+    INFO("pipeline_groups = " << c.pipeline_groups << ", token_chunks = " << c.token_chunks << " " << c.layout);
+    const std::vector<bool> reversed(c.remote.rbegin(), c.remote.rend());
     for (size_t r = 0; r < 2; ++r) {
-      CHECK(ran[r].groups * ran[r].token_chunks == c.steps);
+      CHECK(ran[r].groups * ran[r].token_chunks == static_cast<int64_t>(c.remote.size()));
       CHECK(ran[r].token_chunks == (c.token_chunks > 1 ? c.token_chunks : 1));
+      CHECK(ran[r].chunk_layout == (c.token_chunks > 1 ? c.layout : ""));
       // Forward: q, k, v there, out and lse back. Backward: dO and the lse gradient there, dq, dk, dv back.
-      CHECK(forward_logs[r] == expected_log(c.steps, 3, 2));
-      CHECK(backward_logs[r] == expected_log(c.steps, 2, 3));
+      CHECK(forward_logs[r] == expected_log(c.remote, 3, 2));
+      CHECK(backward_logs[r] == expected_log(reversed, 2, 3));
     }
     check_results(join_rank_chunks(parts), want, 0.0, "recorded pipeline");
   }
+}
+
+TEST_CASE("one_rank_chunk_steps: own chunks first and last, one sender and one receiver per rank and step") {
+  for (const int64_t ranks : {1, 2, 3, 4})
+    for (const int64_t chunks : {1, 2, 3}) {
+      INFO(ranks << " ranks, " << chunks << " chunks");
+      const int64_t length = 6 * chunks;
+      const std::vector<PipelineStep> steps = one_rank_chunk_steps(5, ranks, length, chunks);
+      REQUIRE(static_cast<int64_t>(steps.size()) == ranks * chunks);
+      // covered[s][j]: how many ranks' cores took chunk j of rank s (each of the other ranks' heads once).
+      std::vector<std::vector<int64_t>> covered(static_cast<size_t>(ranks), std::vector<int64_t>(static_cast<size_t>(chunks), 0));
+      for (size_t g = 0; g < steps.size(); ++g) {
+        const PipelineStep& step = steps[g];
+        CHECK((step.heads.first == 0 && step.heads.count == 5));
+        REQUIRE(static_cast<int64_t>(step.core.size()) == ranks);
+        std::vector<int64_t> receivers(static_cast<size_t>(ranks), 0);
+        for (int64_t t = 0; t < ranks; ++t) {
+          REQUIRE(step.core[static_cast<size_t>(t)].size() == 1);
+          const TokenPiece p = step.core[static_cast<size_t>(t)][0];
+          CHECK(p.length == 6);
+          CHECK(p.first % 6 == 0);
+          ++covered[static_cast<size_t>(p.source)][static_cast<size_t>(p.first / 6)];
+          ++receivers[static_cast<size_t>(p.source)];
+          if (g == 0 || g + 1 == steps.size())
+            CHECK((p.source == t || (g + 1 == steps.size() && chunks == 1)));
+        }
+        for (int64_t n : receivers) CHECK(n == 1);  // each rank's tokens go to one core per step
+      }
+      for (const auto& row : covered)
+        for (int64_t n : row) CHECK(n == ranks);  // every rank's heads of every chunk once
+    }
+}
+
+TEST_CASE("one_rank_chunk_steps with own halves: rank t takes its chunk's first half first and its second half last") {
+  for (const int64_t ranks : {2, 3, 4}) {
+    INFO(ranks << " ranks");
+    const std::vector<PipelineStep> steps = one_rank_chunk_steps(2, ranks, 12, 1, /*halve_own=*/true);
+    REQUIRE(static_cast<int64_t>(steps.size()) == ranks + 1);
+    std::vector<std::vector<int64_t>> tokens(static_cast<size_t>(ranks), std::vector<int64_t>(12, 0));
+    for (size_t g = 0; g < steps.size(); ++g) {
+      std::vector<int64_t> receivers(static_cast<size_t>(ranks), 0);
+      for (int64_t t = 0; t < ranks; ++t) {
+        REQUIRE(steps[g].core[static_cast<size_t>(t)].size() == 1);
+        const TokenPiece p = steps[g].core[static_cast<size_t>(t)][0];
+        ++receivers[static_cast<size_t>(p.source)];
+        for (int64_t i = p.first; i < p.first + p.length; ++i) ++tokens[static_cast<size_t>(p.source)][static_cast<size_t>(i)];
+        if (g == 0) CHECK((p.source == t && p.first == 0 && p.length == 6));
+        else if (g + 1 == steps.size()) CHECK((p.source == t && p.first == 6 && p.length == 6));
+        else CHECK((p.source != t && p.first == 0 && p.length == 12));
+      }
+      for (int64_t n : receivers) CHECK(n == 1);
+    }
+    for (const auto& row : tokens)
+      for (int64_t n : row) CHECK(n == ranks);  // every token of every rank reaches every rank's core once
+  }
+  CHECK_THROWS_WITH_AS(one_rank_chunk_steps(2, 2, 12, 2, true), doctest::Contains("only one chunk per rank"), Error);
 }
 
 TEST_CASE("pipeline_groups: out-of-range counts and several groups over an inner variant with parameters are refused") {

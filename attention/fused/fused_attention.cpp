@@ -320,7 +320,8 @@ AttentionOutput fused_attention(const Tensor& q_in, const Tensor& k_in, const Te
           BackwardProblem bp;
           bp.forward = p;
           bp.deterministic = deterministic_algorithms();
-          const Tensor dout = grads[0].defined() ? grads[0].contiguous() : Tensor::zeros(od.shape(), od.dtype(), od.device());
+          // dO is read at its row strides, as q, k and v are (a head slice needs no copy).
+          const Tensor dout = grads[0].defined() ? rows_ready(grads[0]) : Tensor::zeros(od.shape(), od.dtype(), od.device());
           const Tensor dlse = grads[1].defined() ? grads[1].contiguous() : Tensor();
           bp.dout = dout.raw_data();
           bp.dout_stride = strides_of(dout);

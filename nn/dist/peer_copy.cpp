@@ -15,6 +15,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <thread>
 
@@ -62,14 +63,28 @@ std::optional<RowLayout> row_layout(const Tensor& t) {
   return RowLayout{rows, inner * element, pitch * element};
 }
 
-// One row pattern for both sides of a copy of equal bytes (a contiguous side takes the other's
-// rows); nullopt when both have rows of different lengths.
-std::optional<std::pair<RowLayout, RowLayout>> matching_rows(std::optional<RowLayout> from, RowLayout to) {
-  if (!from) return std::nullopt;
-  if (from->rows == to.rows && from->row_bytes == to.row_bytes) return std::make_pair(*from, to);
-  if (from->rows == 1) return std::make_pair(RowLayout{to.rows, to.row_bytes, to.row_bytes}, to);
-  if (to.rows == 1) return std::make_pair(*from, RowLayout{from->rows, from->row_bytes, from->row_bytes});
-  return std::nullopt;
+// One 2-D copy: `height` rows of `width` bytes, read at src_pitch from src_offset and written at
+// dst_pitch from dst_offset.
+struct RowCopy {
+  int64_t src_offset, src_pitch, dst_offset, dst_pitch, width, height;
+};
+
+// The 2-D copies that move the bytes of `from`'s rows into `to`'s rows in order (equal totals). A
+// contiguous side takes the other's rows; rows of different lengths are both cut into rows of g =
+// gcd of the two lengths, and sub-row s travels in copy s mod lcm(kf, kt) (kf, kt: sub-rows per
+// row), which is uniform on both sides. Rows of one length (head slices) take one copy.
+std::vector<RowCopy> row_copies(RowLayout from, RowLayout to) {
+  if (from.rows == 1 && to.rows == 1) return {{0, from.row_bytes, 0, to.row_bytes, from.row_bytes, 1}};
+  if (from.rows == 1) from = {to.rows, to.row_bytes, to.row_bytes};
+  if (to.rows == 1) to = {from.rows, from.row_bytes, from.row_bytes};
+  const int64_t g = std::gcd(from.row_bytes, to.row_bytes);
+  const int64_t kf = from.row_bytes / g, kt = to.row_bytes / g, copies = std::lcm(kf, kt);
+  const int64_t height = from.rows * kf / copies;  // from.rows * kf = to.rows * kt, a multiple of both
+  std::vector<RowCopy> out;
+  for (int64_t j = 0; j < copies; ++j)
+    out.push_back({(j / kf) * from.pitch + (j % kf) * g, copies / kf * from.pitch, (j / kt) * to.pitch + (j % kt) * g,
+                   copies / kt * to.pitch, g, height});
+  return out;
 }
 
 int64_t bytes_of(const Tensor& t) { return t.numel() * static_cast<int64_t>(dtype_size(t.dtype())); }
@@ -345,18 +360,16 @@ struct PeerCopyExchange::State {
       LT_CHECK(d.bytes == piece.bytes, "dist start_all_to_all: rank ", rank, " sends rank ", piece.peer, " ",
                piece.bytes, " bytes but rank ", piece.peer, " receives ", d.bytes, " bytes from it");
       if (d.bytes == 0) continue;
-      const auto rows = matching_rows(piece.rows, RowLayout{d.rows, d.row_bytes, d.pitch});
-      LT_CHECK(rows.has_value(), "dist start_all_to_all (copy engines): rank ", piece.peer,
-               " posted a receiving layout of rows (", d.rows, " of ", d.row_bytes, " bytes) where one contiguous "
-               "range was expected");
       cudaStream_t stream = copy_streams[static_cast<size_t>(piece.peer)];
       cuda_ok(cudaStreamWaitEvent(stream, job.start, 0), "cudaStreamWaitEvent");
       cuda_ok(cudaStreamWaitEvent(stream, peer_ready[static_cast<size_t>(piece.peer)][slot], 0),
               "cudaStreamWaitEvent (the receiver's tensors)");
-      cuda_ok(cudaMemcpy2DAsync(open(d.handle) + d.offset, static_cast<size_t>(rows->second.pitch), piece.src,
-                                static_cast<size_t>(rows->first.pitch), static_cast<size_t>(rows->second.row_bytes),
-                                static_cast<size_t>(rows->second.rows), cudaMemcpyDefault, stream),
-              "cudaMemcpy2DAsync");
+      char* const dst = open(d.handle) + d.offset;
+      for (const RowCopy& c : row_copies(piece.rows, RowLayout{d.rows, d.row_bytes, d.pitch}))
+        cuda_ok(cudaMemcpy2DAsync(dst + c.dst_offset, static_cast<size_t>(c.dst_pitch), piece.src + c.src_offset,
+                                  static_cast<size_t>(c.src_pitch), static_cast<size_t>(c.width),
+                                  static_cast<size_t>(c.height), cudaMemcpyDefault, stream),
+                "cudaMemcpy2DAsync");
       cuda_ok(cudaEventRecord(copy_done[static_cast<size_t>(piece.peer)], stream), "cudaEventRecord");
       cuda_ok(cudaStreamWaitEvent(signal_stream, copy_done[static_cast<size_t>(piece.peer)], 0),
               "cudaStreamWaitEvent");
@@ -592,9 +605,9 @@ std::unique_ptr<Communicator::PendingAllToAll> PeerCopyExchange::start_many(
   cudaStream_t compute = static_cast<cudaStream_t>(cuda::current_stream());
   NoGradGuard no_grad;
 
-  // Where each piece goes (exchange by exchange, rank by rank): into[p] itself when it is
-  // contiguous on this GPU, else a contiguous buffer copied into it in wait() (so every sender's
-  // rows fit, whatever their length).
+  // Where each piece goes (exchange by exchange, rank by rank): into[p] itself when it is on this
+  // GPU as one range or rows at a pitch (head slices; a sender's rows of another length travel in
+  // several 2-D copies), else a contiguous buffer copied into it in wait().
   Job job;
   job.seq = seq;
   std::vector<Tensor> keep;
@@ -608,7 +621,7 @@ std::unique_ptr<Communicator::PendingAllToAll> PeerCopyExchange::start_many(
       if (p != s.rank && d.bytes > 0) {
         Tensor dst = target;
         std::optional<RowLayout> layout;
-        if (dst.device() == gpu && dst.is_contiguous()) layout = RowLayout{1, d.bytes, d.bytes};
+        if (dst.device() == gpu) layout = row_layout(dst);
         if (!layout) {
           dst = Tensor::empty(target.shape(), target.dtype(), gpu);
           layout = RowLayout{1, d.bytes, d.bytes};

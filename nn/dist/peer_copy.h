@@ -15,8 +15,10 @@
 // event and hands the exchange over; wait() blocks the host only until peers have queued their
 // copies (bounded by the store's timeout); the GPU streams wait on the events. Events are reused
 // in kSlots slots; a slot is taken again only once every rank has waited for the exchange that used
-// it last. start_many carries several exchanges as one (one job, one slot, one set of round trips). Pieces travel as they are when contiguous or rows at a pitch (head slices); a receiving
-// tensor that is not contiguous gets a contiguous buffer, copied into it in wait().
+// it last. start_many carries several exchanges as one (one job, one slot, one set of round trips).
+// Pieces travel as they are, on both sides, when contiguous or rows at a pitch (head slices; rows
+// of different lengths on the two sides take several 2-D copies); a receiving tensor that is
+// neither (single-element rows) gets a contiguous buffer, copied into it in wait().
 //
 // Only for builds with NCCL (the NCCL process group uses it when every rank can reach every other
 // GPU through CUDA IPC; LONGTAPE_PEER_COPY=0 turns it off).

@@ -176,6 +176,16 @@ std::vector<std::pair<std::string, Tensor>> check_collectives(Communicator& comm
     expect_exact(heads_into[static_cast<size_t>(s)], input(seed, s, 400, {5, 2 * size, 3}).narrow(1, 2 * rank, 2),
                  "start_all_to_all of head slices (from rank " + std::to_string(s) + ")", rank);
   keep("start_all_to_all_heads", heads);
+  // Rows of different lengths on the two sides: rank d's heads 2d, 2d + 1 (rows of 6 values) into a
+  // (5, 2, 3) view of a (5, 2, 4) buffer (rows of 3 values at a pitch of 4).
+  Tensor padded = Tensor::zeros({5, 2 * size, 4}, DType::f32, device);
+  std::vector<Tensor> padded_into;
+  for (int s = 0; s < size; ++s) padded_into.push_back(padded.narrow(1, 2 * s, 2).narrow(2, 0, 3));
+  comm.start_all_to_all_many({heads_to_each}, {padded_into})->wait();
+  for (int s = 0; s < size; ++s)
+    expect_exact(padded_into[static_cast<size_t>(s)], input(seed, s, 400, {5, 2 * size, 3}).narrow(1, 2 * rank, 2),
+                 "start_all_to_all_many into rows of another length (from rank " + std::to_string(s) + ")", rank);
+  keep("start_all_to_all_padded", padded);
   // Many in a row, two under way at a time (backends may reuse what an exchange holds).
   for (int i = 0; i < 40; ++i) {
     std::vector<Tensor> a_to_each, b_to_each, a_into, b_into;
