@@ -147,14 +147,11 @@ int64_t automatic_token_chunks(const AttentionConfig& config, int64_t ranks, int
   const int64_t widest = effective_segment(
       ranks * length, *std::max_element(config.segment_lengths.begin(), config.segment_lengths.end()));
   // every_rank: 4, 3, 2 steps. one_rank: multiples of the ranks, the most chunks per rank up to
-  // kMost / P first; with one chunk per rank on 3 or more ranks, its own halves first (P + 1).
-  // Every run of one rank's tokens at least kSegmentsPerChunk of the widest segments.
+  // kMost / P first (own halves, P + 1 steps, measured no faster on 4 GPUs: asked for only). Every
+  // run of one rank's tokens at least kSegmentsPerChunk of the widest segments.
   std::vector<int64_t> candidates;
   if (config.token_chunk_layout == "one_rank") {
-    for (int64_t m = std::max<int64_t>(1, kMost / ranks); m >= 1; --m) {
-      if (m == 1 && ranks >= 3) candidates.push_back(ranks + 1);
-      candidates.push_back(ranks * m);
-    }
+    for (int64_t m = std::max<int64_t>(1, kMost / ranks); m >= 1; --m) candidates.push_back(ranks * m);
   } else {
     for (int64_t steps = kMost; steps >= 2; --steps) candidates.push_back(steps);
   }

@@ -24,9 +24,8 @@
 //                 length divides the chunk, equal shards, no attention dropout in training), where
 //                 those tokens alone give exactly their rows of the full result; automatic where
 //                 that holds (every_rank: 4 steps or fewer; one_rank: P m steps with the most
-//                 chunks per rank m <= 4 / P, and P + 1 before P on 3 or more ranks; every run of
-//                 one rank's tokens at least 2 of the widest segments); one_rank falls back to
-//                 every_rank where it does not hold.
+//                 chunks per rank m <= max(1, 4 / P); every run of one rank's tokens at least 2 of
+//                 the widest segments); one_rank falls back to every_rank where it does not hold.
 // One step overlaps nothing.
 #include <string>
 
@@ -56,8 +55,8 @@ HeadParallelRun last_head_parallel_run();
 
 // The token chunk steps that config.token_chunks = 0 picks in config.token_chunk_layout for `ranks`
 // ranks of `length` tokens each: the most steps up to 4 (for one_rank: the most multiples of the
-// ranks up to max(4, ranks)) whose cores of N / steps tokens are at least 2 of the widest segments
-// long and hold whole segments (see above); 1 when none does. `training` as for the call.
+// ranks up to max(4, ranks)) whose chunks are at least 2 of the widest segments long and hold
+// whole segments (see above); 1 when none does. `training` as for the call.
 int64_t automatic_token_chunks(const AttentionConfig& config, int64_t ranks, int64_t length, bool training = false);
 
 // The registered variant "head_parallel". Inside run_ranks, forward takes this rank's shards and

@@ -59,13 +59,12 @@ TEST_CASE("automatic_token_chunks: 4 steps or fewer (one_rank: multiples of the 
     CHECK(automatic_token_chunks(config, 2, 4 * 12288) == 4);
     CHECK(automatic_token_chunks(config, 2, 4 * 8192) == 1);
   }
-  SUBCASE("one_rank: one chunk of one rank per step, P * chunks steps (P + 1 with own halves)") {
+  SUBCASE("one_rank: one chunk of one rank per step, P * chunks steps") {
     CHECK(config.token_chunk_layout == "one_rank");  // the default
     CHECK(automatic_token_chunks(config, 2, 131072) == 4);  // 2 chunks of 65536 per rank
-    CHECK(automatic_token_chunks(config, 4, 65536) == 5);   // 1 chunk per rank, its own in halves first and last
-    CHECK(automatic_token_chunks(config, 3, 32768) == 4);
-    CHECK(automatic_token_chunks(config, 3, 16384 + 8192) == 3);  // halves of 12288 would cut segments of 8192
-    CHECK(automatic_token_chunks(config, 8, 16384) == 8);         // halves of 8192: one widest segment each
+    CHECK(automatic_token_chunks(config, 4, 65536) == 4);  // 1 chunk per rank (own halves only when asked: 5)
+    CHECK(automatic_token_chunks(config, 3, 32768) == 3);
+    CHECK(automatic_token_chunks(config, 8, 16384) == 8);
     CHECK(automatic_token_chunks(config, 2, 16384 * 3) == 4);
     CHECK(automatic_token_chunks(config, 2, 32768) == 4);
     CHECK(automatic_token_chunks(config, 2, 16384) == 2);        // chunks of 8192 would hold one widest segment
