@@ -178,7 +178,9 @@ HeadParallelRun token_chunk_plan(const AttentionConfig& config, const std::vecto
   const int64_t length = lengths[0];
   if (!std::all_of(lengths.begin(), lengths.end(), [&](int64_t n) { return n == length; })) return none;
   const int64_t ranks = static_cast<int64_t>(lengths.size());
-  for (const std::string& layout : std::vector<std::string>{config.token_chunk_layout, "every_rank"}) {
+  std::vector<std::string> layouts{config.token_chunk_layout};
+  if (config.token_chunk_layout != "every_rank") layouts.push_back("every_rank");
+  for (const std::string& layout : layouts) {
     AttentionConfig asked = config;
     asked.token_chunk_layout = layout;
     const int64_t steps = config.token_chunks == 0 ? automatic_token_chunks(asked, ranks, length, training)
